@@ -1,0 +1,5 @@
+//! Integration tests: one binary, one shared harness (`harness`), a real PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+mod smoke;
