@@ -1,7 +1,23 @@
 //! pgward — a zero-trust data-protection proxy for PostgreSQL.
 //!
 //! See ARCHITECTURE.md for the flow of one query through these modules.
-#![warn(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::unimplemented)]
+#![warn(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::todo,
+    clippy::unimplemented
+)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod net;
 pub mod pgserver;
+pub mod protocol;
+pub mod proxy;
+pub mod tls;
+pub mod upstream;

@@ -1,0 +1,306 @@
+//! `pgward dev`: everything a first run needs, in one command.
+//!
+//! Starts a throwaway PostgreSQL (or uses `--upstream`), applies `migrations/`, creates the
+//! application role the demo services log in as, generates a dev signing key and a self-signed
+//! certificate under `.pgward/`, writes the configuration it runs with (`.pgward/pgward.toml`,
+//! reusable with `pgward serve`), and prints a ready-to-paste psql command per demo service.
+//! Ctrl-C stops the proxy and removes the throwaway server.
+
+use std::fs;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::auth::DevSigningKey;
+use crate::config::Config;
+use crate::pgserver::{self, EmbeddedOptions, EmbeddedPostgres};
+use crate::proxy::Proxy;
+
+/// Working directory of `pgward dev` and `pgward token mint`, under the current directory.
+pub const DEFAULT_DIR: &str = ".pgward";
+/// Audience of dev tokens.
+pub const DEV_AUDIENCE: &str = "pgward";
+/// Issuer of dev tokens.
+pub const DEV_ISSUER: &str = "pgward-dev";
+/// Database the demo schema goes into on the throwaway server.
+const DEMO_DATABASE: &str = "pgward_demo";
+/// Role the demo services log in as upstream.
+const APP_ROLE: &str = "pgward_app";
+
+/// The demo services and the claims of the tokens printed for them.
+const DEMO_SERVICES: [(&str, &[(&str, i64)]); 3] = [
+    ("billing", &[("tenant_id", 1)]),
+    ("support", &[("tenant_id", 1)]),
+    ("analytics", &[]),
+];
+
+/// `pgward dev`.
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Use this PostgreSQL server (a postgresql:// URL) instead of starting one.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// Address to accept clients on.
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    pub listen: SocketAddr,
+    /// Address of the admin endpoint (/metrics, /healthz).
+    #[arg(long, default_value = "127.0.0.1:9930")]
+    pub admin: SocketAddr,
+    /// Working directory for keys, certificate and configuration.
+    #[arg(long, default_value = DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Directory of SQL migrations to apply.
+    #[arg(long, default_value = "migrations")]
+    pub migrations: PathBuf,
+    /// Lifetime of the printed tokens.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
+}
+
+/// Where the demo's upstream is and how the services log in to it.
+struct Upstream {
+    host: String,
+    port: u16,
+    database: String,
+    user: String,
+    password: Option<String>,
+    /// Kept alive for the life of the demo; dropped (stopped and deleted) at exit.
+    _server: Option<EmbeddedPostgres>,
+}
+
+/// Run the demo until Ctrl-C or SIGTERM.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let dir = absolute(&args.dir)?;
+    create_private_dir(&dir)?;
+    let key = DevSigningKey::load_or_create(&dir).context("creating the dev signing key")?;
+    let (cert, tls_key) = ensure_certificate(&dir)?;
+    let upstream = match &args.upstream {
+        Some(url) => existing_upstream(url, &args.migrations).await?,
+        None => throwaway_upstream(&args.migrations).await?,
+    };
+    let config_path = dir.join("pgward.toml");
+    write_private(
+        &config_path,
+        &dev_config(&args, &dir, &cert, &tls_key, &upstream)?,
+    )?;
+    let config = Config::from_file(&config_path)?;
+    let proxy = Proxy::bind(config).await?;
+    let address = proxy.local_addr()?;
+    super::spawn_reload_on_sighup(&proxy)?;
+    print_banner(&args, &dir, &key, address, &upstream)?;
+    proxy.run(super::shutdown_signal()).await;
+    eprintln!(
+        "pgward dev: stopped{}",
+        if upstream._server.is_some() {
+            "; throwaway PostgreSQL removed"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(path)
+    })
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    Ok(())
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+fn ensure_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let cert = dir.join("tls-cert.pem");
+    let key = dir.join("tls-key.pem");
+    if !cert.exists() || !key.exists() {
+        crate::tls::write_self_signed(&cert, &key, &["localhost", "127.0.0.1"])?;
+    }
+    Ok((cert, key))
+}
+
+async fn throwaway_upstream(migrations: &Path) -> anyhow::Result<Upstream> {
+    eprintln!("pgward dev: starting a throwaway PostgreSQL ...");
+    let server =
+        tokio::task::spawn_blocking(|| EmbeddedPostgres::start(EmbeddedOptions::default()))
+            .await??;
+    let admin = server.client_config("postgres");
+    let (client, connection) = admin.connect(tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE DATABASE {DEMO_DATABASE}"))
+        .await?;
+    drop(client);
+    let _ = driver.await;
+    let applied = server.apply_migrations(DEMO_DATABASE, migrations).await?;
+    let password = pgserver::random_password();
+    let (client, connection) = server
+        .client_config(DEMO_DATABASE)
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    let driver = tokio::spawn(connection);
+    // The password is alphanumeric (random_password), so quoting it as a literal is safe.
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}';
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {APP_ROLE};
+             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {APP_ROLE};"
+        ))
+        .await?;
+    drop(client);
+    let _ = driver.await;
+    eprintln!(
+        "pgward dev: PostgreSQL on 127.0.0.1:{} (superuser postgres / {}), migrations applied: {}",
+        server.port(),
+        server.password(),
+        applied.join(", ")
+    );
+    Ok(Upstream {
+        host: "127.0.0.1".into(),
+        port: server.port(),
+        database: DEMO_DATABASE.into(),
+        user: APP_ROLE.into(),
+        password: Some(password),
+        _server: Some(server),
+    })
+}
+
+async fn existing_upstream(url: &str, migrations: &Path) -> anyhow::Result<Upstream> {
+    let config: tokio_postgres::Config = url.parse().context("parsing --upstream")?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "127.0.0.1".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let Some(user) = config.get_user().map(str::to_string) else {
+        bail!("--upstream needs a user name in the URL");
+    };
+    let database = config.get_dbname().unwrap_or(&user).to_string();
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let applied = pgserver::apply_migrations(&config, migrations).await?;
+    eprintln!(
+        "pgward dev: using {host}:{port}/{database} as {user}; migrations applied: {}",
+        applied.join(", ")
+    );
+    Ok(Upstream {
+        host,
+        port,
+        database,
+        user,
+        password,
+        _server: None,
+    })
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn dev_config(
+    args: &DevArgs,
+    dir: &Path,
+    cert: &Path,
+    key: &Path,
+    upstream: &Upstream,
+) -> anyhow::Result<String> {
+    let password_line = match &upstream.password {
+        Some(password) => {
+            let path = dir.join("upstream-password");
+            write_private(&path, password)?;
+            format!(
+                "upstream_password = {{ file = {} }}\n",
+                toml_string(&path.display().to_string())
+            )
+        }
+        None => String::new(),
+    };
+    let mut text = format!(
+        "# Written by `pgward dev`; usable as is with `pgward serve --config {config}`.\n\
+         [listen]\naddress = {listen}\ntls_cert_file = {cert}\ntls_key_file = {key}\n\
+         # Development only: plaintext clients are accepted from loopback addresses.\n\
+         allow_plaintext_loopback = true\n\n\
+         [upstream]\nhost = {host}\nport = {port}\n\n\
+         [auth]\njwks_file = {jwks}\nissuer = {issuer}\naudience = [{audience}]\nmax_token_lifetime = \"24h\"\n\n\
+         [admin]\naddress = {admin}\n",
+        config = dir.join("pgward.toml").display(),
+        listen = toml_string(&args.listen.to_string()),
+        cert = toml_string(&cert.display().to_string()),
+        key = toml_string(&key.display().to_string()),
+        host = toml_string(&upstream.host),
+        port = upstream.port,
+        jwks = toml_string(&DevSigningKey::jwks_path(dir).display().to_string()),
+        issuer = toml_string(DEV_ISSUER),
+        audience = toml_string(DEV_AUDIENCE),
+        admin = toml_string(&args.admin.to_string()),
+    );
+    for (service, _) in DEMO_SERVICES {
+        text.push_str(&format!(
+            "\n[services.{service}]\nupstream_user = {}\n{password_line}",
+            toml_string(&upstream.user)
+        ));
+    }
+    Ok(text)
+}
+
+fn print_banner(
+    args: &DevArgs,
+    dir: &Path,
+    key: &DevSigningKey,
+    address: SocketAddr,
+    upstream: &Upstream,
+) -> anyhow::Result<()> {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\npgward dev is running on {address} (TLS with a self-signed certificate; admin on http://{}/metrics)\n\
+         working files: {}  (config: pgward.toml, dev signing key, certificate)\n\n\
+         Connect as a demo service (tokens valid for {}):\n",
+        args.admin,
+        dir.display(),
+        humantime::format_duration(args.token_ttl)
+    ));
+    for (service, claims) in DEMO_SERVICES {
+        let claims: serde_json::Map<String, serde_json::Value> = claims
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+            .collect();
+        let token = key.mint(
+            service,
+            &claims,
+            args.token_ttl,
+            Some(DEV_AUDIENCE),
+            Some(DEV_ISSUER),
+        )?;
+        out.push_str(&format!(
+            "\n  # {service}{}\n  psql \"postgresql://{service}:{token}@{address}/{}?sslmode=require\"\n",
+            if claims.is_empty() { String::new() } else { format!(" ({})", serde_json::Value::Object(claims)) },
+            upstream.database
+        ));
+    }
+    out.push_str("\nMint more tokens with: cargo run -- token mint --service billing --claim tenant_id=2\nPress Ctrl-C to stop.\n");
+    println!("{out}");
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! The `pgward` command line.
+
+pub mod dev;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::DevSigningKey;
+use crate::config::Config;
+use crate::proxy::Proxy;
+
+/// pgward — a zero-trust data-protection proxy for PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "pgward", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info,pgward=debug`.
+    #[arg(long, global = true, env = "PGWARD_LOG", default_value = "info")]
+    pub log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy with a configuration file.
+    Serve(ServeArgs),
+    /// Run a complete local demo: throwaway PostgreSQL, demo schema, keys, certificate, proxy.
+    Dev(dev::DevArgs),
+    /// Development tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `pgward serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file.
+    #[arg(long, short, default_value = "pgward.toml")]
+    pub config: PathBuf,
+}
+
+/// `pgward token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a token with the dev signing key (the one `pgward dev` uses in this directory).
+    Mint(MintArgs),
+}
+
+/// `pgward token mint`.
+#[derive(Debug, Args)]
+pub struct MintArgs {
+    /// The service the token identifies (its `sub`).
+    #[arg(long)]
+    pub service: String,
+    /// Extra claims as key=value (numbers and true/false are typed; repeatable).
+    #[arg(long = "claim", value_parser = parse_claim)]
+    pub claims: Vec<(String, serde_json::Value)>,
+    /// Lifetime, e.g. 15m, 1h.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// Directory holding the dev key.
+    #[arg(long, default_value = dev::DEFAULT_DIR)]
+    pub dir: PathBuf,
+}
+
+/// `key=value` → a typed JSON claim: integers, floats and booleans keep their type.
+pub fn parse_claim(text: &str) -> Result<(String, serde_json::Value), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))?;
+    if key.is_empty() {
+        return Err("claim name is empty".into());
+    }
+    let typed = match value {
+        "true" => serde_json::Value::Bool(true),
+        "false" => serde_json::Value::Bool(false),
+        v => v
+            .parse::<i64>()
+            .map(serde_json::Value::from)
+            .or_else(|_| v.parse::<f64>().map(serde_json::Value::from))
+            .unwrap_or_else(|_| serde_json::Value::String(v.to_string())),
+    };
+    Ok((key.to_string(), typed))
+}
+
+/// Set up logging once.
+pub fn init_tracing(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Run the command line; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    init_tracing(&cli.log, cli.log_json);
+    match cli.command {
+        Command::Serve(args) => serve(args).await.map(|()| 0),
+        Command::Dev(args) => dev::run(args).await.map(|()| 0),
+        Command::Token(TokenCommand::Mint(args)) => {
+            println!("{}", mint(&args)?);
+            Ok(0)
+        }
+    }
+}
+
+fn mint(args: &MintArgs) -> anyhow::Result<String> {
+    let key = DevSigningKey::load_or_create(&args.dir)?;
+    let claims: serde_json::Map<String, serde_json::Value> = args.claims.iter().cloned().collect();
+    Ok(key.mint(
+        &args.service,
+        &claims,
+        args.ttl,
+        Some(dev::DEV_AUDIENCE),
+        Some(dev::DEV_ISSUER),
+    )?)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::from_file(&args.config)?;
+    let proxy = Proxy::bind(config).await?;
+    spawn_reload_on_sighup(&proxy)?;
+    proxy.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// SIGHUP re-reads key material (and, as they land, policies and keys).
+pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    let verifier = proxy.verifier();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match verifier.reload().await {
+                Ok(()) => tracing::info!("SIGHUP: token keys reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: reload failed, keeping the previous keys")
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_keep_their_types() {
+        assert_eq!(parse_claim("tenant_id=1").unwrap().1, serde_json::json!(1));
+        assert_eq!(
+            parse_claim("admin=true").unwrap().1,
+            serde_json::json!(true)
+        );
+        assert_eq!(parse_claim("name=a=b").unwrap().1, serde_json::json!("a=b"));
+        assert!(parse_claim("novalue").is_err());
+        assert!(parse_claim("=1").is_err());
+    }
+}

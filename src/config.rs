@@ -1,0 +1,285 @@
+//! `pgward.toml`: the configuration file, every key documented in the README.
+//!
+//! Secrets never appear in the file itself: they are named by file path or environment variable
+//! ([`SecretRef`]). Unknown keys are errors, so a typo never silently disables a protection.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::auth::AuthConfig;
+
+/// A configuration that could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: {error}")]
+    Parse {
+        path: PathBuf,
+        error: Box<toml::de::Error>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("secret {what}: {detail}")]
+    Secret { what: String, detail: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Upstream credentials (and options) per service, keyed by the token's service identity.
+    #[serde(default)]
+    pub services: BTreeMap<String, ServiceConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// Where and how clients connect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// Address to accept PostgreSQL clients on.
+    #[serde(default = "default_listen_address")]
+    pub address: SocketAddr,
+    /// PEM certificate chain; TLS is offered when this and `tls_key_file` are set.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of the certificate.
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA bundle that client certificates must chain to (enables mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+    /// Accept clients without TLS, but only from loopback addresses (development only).
+    #[serde(default)]
+    pub allow_plaintext_loopback: bool,
+    /// Most client connections at once; more get SQLSTATE 53300.
+    #[serde(default = "default_max_connections")]
+    pub max_client_connections: usize,
+    /// Largest message accepted from a client, in bytes; larger ones end that connection (08P01).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Time a client has from connecting to being authenticated.
+    #[serde(default = "default_startup_timeout", with = "humantime_serde")]
+    pub startup_timeout: Duration,
+    /// Close sessions idle (outside a transaction) for this long; 0 disables.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM, how long running statements may take before sessions are closed.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// The PostgreSQL server pgward protects.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Host name or IP address; a value starting with `/` is a unix-socket directory.
+    #[serde(default = "default_upstream_host")]
+    pub host: String,
+    #[serde(default = "default_upstream_port")]
+    pub port: u16,
+    /// `disable`, `require` (encrypt, no verification) or `verify-full`.
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// CA bundle for `verify-full` (the system's web roots otherwise).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Name the server certificate must carry (defaults to `host`).
+    pub tls_server_name: Option<String>,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// TLS towards the upstream server.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    #[default]
+    Disable,
+    Require,
+    VerifyFull,
+}
+
+/// What pgward does for one service once its token is verified.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// The PostgreSQL role pgward logs in as for this service.
+    pub upstream_user: String,
+    /// The role's password (absent for trust authentication).
+    pub upstream_password: Option<SecretRef>,
+    /// Not bound by a row policy (still authenticated and audited).
+    #[serde(default)]
+    pub unrestricted: bool,
+}
+
+/// A secret, by file or environment variable — never inline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum SecretRef {
+    /// Read from this file (a trailing newline is ignored).
+    File(PathBuf),
+    /// Read from this environment variable.
+    Env(String),
+}
+
+impl SecretRef {
+    /// Resolve the secret's value.
+    pub fn resolve(&self) -> Result<String, ConfigError> {
+        match self {
+            SecretRef::File(path) => std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| ConfigError::Secret {
+                    what: path.display().to_string(),
+                    detail: e.to_string(),
+                }),
+            SecretRef::Env(name) => std::env::var(name).map_err(|_| ConfigError::Secret {
+                what: format!("${name}"),
+                detail: "environment variable not set".into(),
+            }),
+        }
+    }
+}
+
+/// The admin HTTP endpoint (`/metrics`, `/healthz`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to serve on; no admin endpoint when absent.
+    pub address: Option<SocketAddr>,
+}
+
+fn default_listen_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6432))
+}
+fn default_max_connections() -> usize {
+    1000
+}
+fn default_max_message_bytes() -> usize {
+    128 * 1024 * 1024
+}
+fn default_startup_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_upstream_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_upstream_port() -> u16 {
+    5432
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Config {
+    /// Load and validate a configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            error: Box::new(error),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks that span several keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.listen;
+        if l.tls_cert_file.is_some() != l.tls_key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "listen.tls_cert_file and listen.tls_key_file must be set together".into(),
+            ));
+        }
+        if l.client_ca_file.is_some() && l.tls_cert_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "listen.client_ca_file needs TLS (listen.tls_cert_file)".into(),
+            ));
+        }
+        if l.tls_cert_file.is_none() && !l.allow_plaintext_loopback {
+            return Err(ConfigError::Invalid(
+                "no TLS certificate configured: tokens must travel over TLS; set listen.tls_cert_file/tls_key_file (or allow_plaintext_loopback = true for development)".into(),
+            ));
+        }
+        if l.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "listen.max_message_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.upstream.tls == UpstreamTls::Disable && self.upstream.tls_ca_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "upstream.tls_ca_file is set but upstream.tls is \"disable\"".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The upstream settings of a service, if it is configured.
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.get(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [listen]
+        allow_plaintext_loopback = true
+        [upstream]
+        port = 5433
+        [services.billing]
+        upstream_user = "app"
+        upstream_password = { env = "APP_PW" }
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config: Config = toml::from_str(MINIMAL).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.listen.address.port(), 6432);
+        assert_eq!(config.upstream.port, 5433);
+        assert_eq!(config.listen.startup_timeout, Duration::from_secs(15));
+        assert!(matches!(
+            config.service("billing").unwrap().upstream_password,
+            Some(SecretRef::Env(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let text = MINIMAL.replace("port = 5433", "port = 5433\nprot = 1");
+        assert!(toml::from_str::<Config>(&text).is_err());
+    }
+
+    #[test]
+    fn plaintext_without_the_explicit_switch_is_refused() {
+        let text = MINIMAL.replace("allow_plaintext_loopback = true", "");
+        let config: Config = toml::from_str(&text).unwrap();
+        assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        let text = MINIMAL.replace("[upstream]", "idle_timeout = \"5m\"\n[upstream]");
+        let config: Config = toml::from_str(&text).unwrap();
+        assert_eq!(config.listen.idle_timeout, Duration::from_secs(300));
+    }
+}

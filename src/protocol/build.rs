@@ -1,0 +1,183 @@
+//! Builders for the messages pgward itself sends.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Severity of an ErrorResponse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The statement failed; the session goes on.
+    Error,
+    /// The session ends after this message.
+    Fatal,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+        }
+    }
+}
+
+/// Start a tagged message; finish with [`finish`].
+fn begin(tag: u8, capacity: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(capacity + 5);
+    buf.put_u8(tag);
+    buf.put_i32(0);
+    buf
+}
+
+/// Fill in the length of a message started with [`begin`].
+fn finish(mut buf: BytesMut) -> Bytes {
+    let len = (buf.len() - 1) as i32;
+    buf[1..5].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+fn put_cstr(buf: &mut BytesMut, s: &str) {
+    // A NUL inside would end the field early; drop it rather than corrupt the framing.
+    buf.extend(s.bytes().filter(|&b| b != 0));
+    buf.put_u8(0);
+}
+
+/// ErrorResponse (or NoticeResponse fields) with severity, SQLSTATE, message and optional detail/hint.
+pub fn error_response(
+    severity: Severity,
+    sqlstate: &str,
+    message: &str,
+    detail: Option<&str>,
+    hint: Option<&str>,
+) -> Bytes {
+    let mut buf = begin(b'E', 32 + message.len());
+    for (field, value) in [
+        (b'S', Some(severity.as_str())),
+        (b'V', Some(severity.as_str())),
+        (b'C', Some(sqlstate)),
+        (b'M', Some(message)),
+        (b'D', detail),
+        (b'H', hint),
+    ] {
+        if let Some(value) = value {
+            buf.put_u8(field);
+            put_cstr(&mut buf, value);
+        }
+    }
+    buf.put_u8(0);
+    finish(buf)
+}
+
+/// AuthenticationOk.
+pub fn authentication_ok() -> Bytes {
+    let mut buf = begin(b'R', 4);
+    buf.put_i32(0);
+    finish(buf)
+}
+
+/// AuthenticationCleartextPassword: the client answers with its token.
+pub fn authentication_cleartext_password() -> Bytes {
+    let mut buf = begin(b'R', 4);
+    buf.put_i32(3);
+    finish(buf)
+}
+
+/// BackendKeyData with pgward's own key for this session.
+pub fn backend_key_data(process_id: u32, secret_key: u32) -> Bytes {
+    let mut buf = begin(b'K', 8);
+    buf.put_u32(process_id);
+    buf.put_u32(secret_key);
+    finish(buf)
+}
+
+/// ParameterStatus.
+pub fn parameter_status(name: &str, value: &str) -> Bytes {
+    let mut buf = begin(b'S', name.len() + value.len() + 2);
+    put_cstr(&mut buf, name);
+    put_cstr(&mut buf, value);
+    finish(buf)
+}
+
+/// ReadyForQuery with a transaction status byte (`I`, `T` or `E`).
+pub fn ready_for_query(status: u8) -> Bytes {
+    let mut buf = begin(b'Z', 1);
+    buf.put_u8(status);
+    finish(buf)
+}
+
+/// NegotiateProtocolVersion: we speak 3.0 and none of the `_pq_.` options asked for.
+pub fn negotiate_protocol_version(newest_minor: u32, unrecognized: &[&str]) -> Bytes {
+    let mut buf = begin(b'v', 8);
+    buf.put_u32(newest_minor);
+    buf.put_u32(unrecognized.len() as u32);
+    for option in unrecognized {
+        put_cstr(&mut buf, option);
+    }
+    finish(buf)
+}
+
+/// Query (simple protocol).
+pub fn query(sql: &str) -> Bytes {
+    let mut buf = begin(b'Q', sql.len() + 1);
+    put_cstr(&mut buf, sql);
+    finish(buf)
+}
+
+/// Parse of `sql` as statement `name`, with no declared parameter types.
+pub fn parse(name: &str, sql: &str) -> Bytes {
+    let mut buf = begin(b'P', name.len() + sql.len() + 4);
+    put_cstr(&mut buf, name);
+    put_cstr(&mut buf, sql);
+    buf.put_i16(0);
+    finish(buf)
+}
+
+/// Terminate.
+pub fn terminate() -> Bytes {
+    finish(begin(b'X', 0))
+}
+
+/// A CancelRequest packet (untagged).
+pub fn cancel_request(process_id: u32, secret_key: u32) -> Bytes {
+    let mut buf = BytesMut::with_capacity(16);
+    buf.put_i32(16);
+    buf.put_u32(super::codes::CANCEL_REQUEST);
+    buf.put_u32(process_id);
+    buf.put_u32(secret_key);
+    buf.freeze()
+}
+
+/// An SSLRequest packet (untagged), sent to a TLS upstream.
+pub fn ssl_request() -> Bytes {
+    let mut buf = BytesMut::with_capacity(8);
+    buf.put_i32(8);
+    buf.put_u32(super::codes::SSL_REQUEST);
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::fields::ErrorFields;
+    use crate::protocol::Message;
+
+    #[test]
+    fn error_response_round_trips_through_the_field_reader() {
+        let raw = error_response(Severity::Fatal, "28P01", "bad\0token", Some("d"), None);
+        let msg = Message::from_raw(raw).unwrap();
+        let fields = ErrorFields::parse(msg.body()).unwrap();
+        assert_eq!(fields.code.as_deref(), Some("28P01"));
+        assert_eq!(fields.message.as_deref(), Some("badtoken"));
+        assert_eq!(fields.severity.as_deref(), Some("FATAL"));
+    }
+
+    #[test]
+    fn lengths_are_filled_in() {
+        let raw = ready_for_query(b'I');
+        assert_eq!(&raw[..], &[b'Z', 0, 0, 0, 5, b'I']);
+        let raw = query("select 1");
+        assert_eq!(
+            i32::from_be_bytes([raw[1], raw[2], raw[3], raw[4]]) as usize,
+            raw.len() - 1
+        );
+    }
+}

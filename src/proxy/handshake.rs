@@ -1,0 +1,571 @@
+//! From an accepted TCP connection to an authenticated client: encryption negotiation, the
+//! startup packet, startup-parameter checks, and token authentication.
+//!
+//! The result is an [`Authenticated`] value — the only way to reach the code that opens an
+//! upstream connection, so an unauthenticated client has no path upstream.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::Shared;
+use crate::auth::Identity;
+use crate::error::{sqlstate, ClientError};
+use crate::net::Conn;
+use crate::protocol::startup::{read_startup_packet, StartupMessage, StartupPacket};
+use crate::protocol::{build, fields, frontend, FrameReader, ProtocolError};
+use crate::tls::ALPN_POSTGRESQL;
+
+/// First byte of a TLS ClientHello record: a client using direct TLS (PostgreSQL 17).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Largest password message (a JWT) accepted.
+const MAX_PASSWORD_MESSAGE: usize = 16 * 1024;
+
+/// Parameters that change identity or name resolution; refused at connect.
+const IDENTITY_PARAMETERS: [&str; 5] = [
+    "role",
+    "session_authorization",
+    "replication",
+    "session_preload_libraries",
+    "local_preload_libraries",
+];
+
+/// A client that proved its identity.
+pub struct Authenticated {
+    pub conn: Conn,
+    pub startup: StartupMessage,
+    pub identity: Identity,
+    pub database: String,
+    pub client_addr: SocketAddr,
+}
+
+/// How a connection's startup phase ended other than in a session.
+pub enum HandshakeOutcome {
+    Session(Box<Authenticated>),
+    Cancel {
+        process_id: u32,
+        secret_key: u32,
+    },
+    /// The client went away or was refused; nothing more to do.
+    Closed,
+}
+
+/// A refusal during the startup phase: the error to send (if the stream can still carry one).
+struct Refusal {
+    conn: Option<Conn>,
+    error: ClientError,
+    reason: &'static str,
+}
+
+impl Refusal {
+    fn new(conn: Conn, error: ClientError, reason: &'static str) -> Self {
+        Self {
+            conn: Some(conn),
+            error,
+            reason,
+        }
+    }
+}
+
+/// Run the startup phase, bounded by the configured startup timeout.
+pub async fn handshake(
+    shared: &Shared,
+    tcp: TcpStream,
+    client_addr: SocketAddr,
+) -> HandshakeOutcome {
+    let timeout = shared.config.listen.startup_timeout;
+    match tokio::time::timeout(timeout, handshake_inner(shared, tcp, client_addr)).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(refusal)) => {
+            if refusal.reason != "client_gone" {
+                shared.metrics.auth_failure(refusal.reason);
+                tracing::info!(client = %client_addr, reason = refusal.reason, error = %refusal.error.message, "connection refused");
+            }
+            if let Some(mut conn) = refusal.conn {
+                let _ = conn.write_all(&refusal.error.to_message()).await;
+                let _ = conn.flush().await;
+                let _ = conn.shutdown().await;
+            }
+            HandshakeOutcome::Closed
+        }
+        Err(_) => {
+            shared.metrics.auth_failure("startup_timeout");
+            tracing::info!(client = %client_addr, "startup timed out");
+            HandshakeOutcome::Closed
+        }
+    }
+}
+
+fn protocol_refusal(conn: Conn, error: &ProtocolError) -> Refusal {
+    match error {
+        ProtocolError::Truncated | ProtocolError::Io(_) => Refusal {
+            conn: None,
+            error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "connection closed"),
+            reason: "client_gone",
+        },
+        ProtocolError::UnsupportedVersion { major, minor } => Refusal::new(
+            conn,
+            ClientError::fatal(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
+                ),
+            ),
+            "bad_startup",
+        ),
+        other => Refusal::new(
+            conn,
+            ClientError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("pgward: invalid startup packet: {other}"),
+            ),
+            "bad_startup",
+        ),
+    }
+}
+
+async fn handshake_inner(
+    shared: &Shared,
+    tcp: TcpStream,
+    client_addr: SocketAddr,
+) -> Result<HandshakeOutcome, Refusal> {
+    let _ = tcp.set_nodelay(true);
+    let (mut conn, startup) = match negotiate(shared, tcp).await? {
+        Negotiated::Startup(conn, startup) => (conn, startup),
+        Negotiated::Cancel {
+            process_id,
+            secret_key,
+        } => {
+            return Ok(HandshakeOutcome::Cancel {
+                process_id,
+                secret_key,
+            })
+        }
+    };
+    if startup.minor_version > 0 || startup.params.iter().any(|(k, _)| k.starts_with("_pq_.")) {
+        // Tell a newer client we speak 3.0 and none of its protocol extensions (as PostgreSQL does).
+        let unrecognized: Vec<&str> = startup
+            .params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let _ = conn
+            .write_all(&build::negotiate_protocol_version(0, &unrecognized))
+            .await;
+    }
+    if !conn.is_tls()
+        && !(shared.config.listen.allow_plaintext_loopback && client_addr.ip().is_loopback())
+    {
+        return Err(Refusal::new(
+            conn,
+            ClientError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "pgward: TLS is required: tokens are never accepted over an unencrypted connection",
+            )
+            .with_hint("connect with sslmode=require (or verify-full)"),
+            "tls_required",
+        ));
+    }
+    let Some(user) = startup.get("user").map(str::to_string) else {
+        return Err(Refusal::new(
+            conn,
+            ClientError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in startup packet",
+            ),
+            "bad_startup",
+        ));
+    };
+    let database = startup
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
+    let Some(service) = shared.config.service(&user) else {
+        // Ask for the token anyway? No: an unknown service can never authenticate, so say so.
+        return Err(Refusal::new(
+            conn,
+            ClientError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                format!("pgward: service \"{user}\" is not configured"),
+            ),
+            "unknown_service",
+        ));
+    };
+    if let Err(error) = check_startup_parameters(&startup, service.unrestricted) {
+        return Err(Refusal::new(conn, error, "forbidden_parameter"));
+    }
+    let identity = authenticate(shared, &mut conn, &user).await?;
+    Ok(HandshakeOutcome::Session(Box::new(Authenticated {
+        conn,
+        startup,
+        identity,
+        database,
+        client_addr,
+    })))
+}
+
+enum Negotiated {
+    Startup(Conn, StartupMessage),
+    Cancel { process_id: u32, secret_key: u32 },
+}
+
+/// SSLRequest / GSSENCRequest / direct TLS, until a StartupMessage or CancelRequest arrives.
+async fn negotiate(shared: &Shared, tcp: TcpStream) -> Result<Negotiated, Refusal> {
+    let mut conn = Conn::Tcp(tcp);
+    loop {
+        if let (Conn::Tcp(tcp), Some(_)) = (&conn, &shared.tls) {
+            let mut first = [0u8; 1];
+            let peeked = tcp.peek(&mut first).await.unwrap_or(0);
+            if peeked == 1 && first[0] == TLS_HANDSHAKE_RECORD {
+                conn = accept_tls(shared, conn, true).await?;
+                continue;
+            }
+        }
+        let packet = match read_startup_packet(&mut conn).await {
+            Ok(packet) => packet,
+            Err(e) => return Err(protocol_refusal(conn, &e)),
+        };
+        match packet {
+            StartupPacket::SslRequest if conn.is_tls() => {
+                return Err(protocol_refusal(
+                    conn,
+                    &ProtocolError::Malformed {
+                        what: "SSLRequest over TLS",
+                    },
+                ));
+            }
+            StartupPacket::SslRequest => {
+                if unread_bytes_pending(&conn).await {
+                    return Err(protocol_refusal(
+                        conn,
+                        &ProtocolError::DataAfterEncryptionRequest,
+                    ));
+                }
+                if shared.tls.is_some() {
+                    write_or_gone(&mut conn, b"S").await?;
+                    conn = accept_tls(shared, conn, false).await?;
+                } else {
+                    write_or_gone(&mut conn, b"N").await?;
+                }
+            }
+            StartupPacket::GssEncRequest => {
+                if unread_bytes_pending(&conn).await {
+                    return Err(protocol_refusal(
+                        conn,
+                        &ProtocolError::DataAfterEncryptionRequest,
+                    ));
+                }
+                write_or_gone(&mut conn, b"N").await?;
+            }
+            StartupPacket::CancelRequest {
+                process_id,
+                secret_key,
+            } => {
+                return Ok(Negotiated::Cancel {
+                    process_id,
+                    secret_key,
+                })
+            }
+            StartupPacket::Startup(startup) => return Ok(Negotiated::Startup(conn, startup)),
+        }
+    }
+}
+
+async fn write_or_gone(conn: &mut Conn, bytes: &[u8]) -> Result<(), Refusal> {
+    let result = async {
+        conn.write_all(bytes).await?;
+        conn.flush().await
+    }
+    .await;
+    result.map_err(|_| Refusal {
+        conn: None,
+        error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "connection closed"),
+        reason: "client_gone",
+    })
+}
+
+/// Bytes already sent after an encryption request, before our answer: a protocol violation
+/// (and the CVE-2021-23214 class of bugs if they were treated as protocol).
+async fn unread_bytes_pending(conn: &Conn) -> bool {
+    let Conn::Tcp(tcp) = conn else {
+        return false;
+    };
+    let mut probe = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::ZERO, tcp.peek(&mut probe)).await,
+        Ok(Ok(n)) if n > 0
+    )
+}
+
+async fn accept_tls(shared: &Shared, conn: Conn, direct: bool) -> Result<Conn, Refusal> {
+    let (Conn::Tcp(tcp), Some(acceptor)) = (conn, shared.tls.as_ref()) else {
+        return Err(Refusal {
+            conn: None,
+            error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "TLS negotiated twice"),
+            reason: "bad_startup",
+        });
+    };
+    let tls = match acceptor.accept(tcp).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::info!(error = %e, "TLS handshake failed");
+            return Err(Refusal {
+                conn: None,
+                error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "TLS handshake failed"),
+                reason: "tls_handshake",
+            });
+        }
+    };
+    // PostgreSQL 17 requires ALPN for direct TLS so that TLS to the wrong service cannot be confused.
+    if direct && tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+        return Err(Refusal::new(
+            Conn::TlsServer(Box::new(tls)),
+            ClientError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "pgward: direct TLS connections must negotiate ALPN protocol \"postgresql\"",
+            ),
+            "bad_startup",
+        ));
+    }
+    Ok(Conn::TlsServer(Box::new(tls)))
+}
+
+/// Refuse startup parameters (and `-c`/`--` switches inside `options`) that change identity or
+/// name resolution. Anything in `options` that is not a `-c name=value` setting is refused too,
+/// because server switches are not ours to pass through unseen.
+pub fn check_startup_parameters(
+    startup: &StartupMessage,
+    unrestricted: bool,
+) -> Result<(), ClientError> {
+    for (name, value) in &startup.params {
+        match name.as_str() {
+            "user" | "database" | "application_name" | "client_encoding" => {}
+            "options" => {
+                for (setting, _) in parse_options(value)? {
+                    check_setting_name(&setting, unrestricted)?;
+                }
+            }
+            _ if name.starts_with("_pq_.") => {}
+            other => check_setting_name(other, unrestricted)?,
+        }
+    }
+    Ok(())
+}
+
+fn check_setting_name(name: &str, unrestricted: bool) -> Result<(), ClientError> {
+    let normalized = name.to_ascii_lowercase().replace('-', "_");
+    let forbidden = IDENTITY_PARAMETERS.contains(&normalized.as_str())
+        || (!unrestricted && normalized == "search_path");
+    if forbidden {
+        return Err(ClientError::fatal(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!("pgward: startup parameter \"{normalized}\" is not allowed: it would change the session's identity or name resolution"),
+        ));
+    }
+    Ok(())
+}
+
+/// Split the `options` startup parameter the way the server does (whitespace-separated,
+/// backslash escapes) into `-c name=value` / `--name=value` settings.
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, ClientError> {
+    let mut words = Vec::new();
+    let mut current = String::new();
+    let mut chars = options.chars();
+    let mut in_word = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(escaped) = chars.next() {
+                    current.push(escaped);
+                }
+                in_word = true;
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut current));
+                    in_word = false;
+                }
+            }
+            c => {
+                current.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(current);
+    }
+    let refuse = |word: &str| {
+        ClientError::fatal(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!("pgward: unsupported switch in startup options: {word:?} (only -c name=value and --name=value are passed on)"),
+        )
+    };
+    let mut settings = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let assignment = if word == "-c" {
+            words.next().ok_or_else(|| refuse(&word))?
+        } else if let Some(rest) = word.strip_prefix("-c") {
+            rest.to_string()
+        } else if let Some(rest) = word.strip_prefix("--") {
+            rest.to_string()
+        } else {
+            return Err(refuse(&word));
+        };
+        let (name, value) = assignment
+            .split_once('=')
+            .ok_or_else(|| refuse(&assignment))?;
+        settings.push((name.to_string(), value.to_string()));
+    }
+    Ok(settings)
+}
+
+/// Ask for the token as a cleartext password, verify it, and bind the session to its identity.
+async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Identity, Refusal> {
+    let gone = || Refusal {
+        conn: None,
+        error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "connection closed"),
+        reason: "client_gone",
+    };
+    write_or_gone(conn, &build::authentication_cleartext_password()).await?;
+    let token = {
+        let mut reader = FrameReader::new(&mut *conn, MAX_PASSWORD_MESSAGE);
+        let message = match reader.next_message().await {
+            Ok(Some(message)) => message,
+            Ok(None) | Err(ProtocolError::Truncated) | Err(ProtocolError::Io(_)) => {
+                return Err(gone())
+            }
+            Err(e) => {
+                return Err(Refusal {
+                    conn: None,
+                    error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+                    reason: "bad_password_message",
+                })
+            }
+        };
+        if !reader.buffered().is_empty() {
+            // Nothing may be pipelined ahead of AuthenticationOk.
+            return Err(Refusal {
+                conn: None,
+                error: ClientError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "unexpected data during authentication",
+                ),
+                reason: "bad_password_message",
+            });
+        }
+        if message.tag() != frontend::PASSWORD {
+            return Err(Refusal {
+                conn: None,
+                error: ClientError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "expected a password message",
+                ),
+                reason: "bad_password_message",
+            });
+        }
+        match fields::password_text(message.body()) {
+            Ok(token) => token.to_string(),
+            Err(_) => {
+                return Err(Refusal {
+                    conn: None,
+                    error: ClientError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "malformed password message",
+                    ),
+                    reason: "bad_password_message",
+                })
+            }
+        }
+    };
+    let cert_identity = conn
+        .peer_certificate()
+        .and_then(|der| crate::auth::cert_identity_from_der(&der));
+    match shared
+        .verifier
+        .verify(&token, user, cert_identity.as_deref())
+        .await
+    {
+        Ok(identity) => Ok(identity),
+        Err(e) => {
+            let error = ClientError::fatal(e.sqlstate(), e.client_message());
+            // The connection stays borrowed by the caller, so the error is sent from here.
+            let _ = conn.write_all(&error.to_message()).await;
+            let _ = conn.flush().await;
+            Err(Refusal {
+                conn: None,
+                error,
+                reason: e.reason(),
+            })
+        }
+    }
+}
+
+/// Negotiate encryption and read the startup packet, then send `error` and close: used to tell
+/// an over-limit client why it is refused, in a form its driver shows to the user.
+pub async fn refuse_after_startup(shared: &Shared, tcp: TcpStream, error: ClientError) {
+    if let Ok(Negotiated::Startup(mut conn, _)) = negotiate(shared, tcp).await {
+        let _ = conn.write_all(&error.to_message()).await;
+        let _ = conn.flush().await;
+        let _ = conn.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(params: &[(&str, &str)]) -> StartupMessage {
+        StartupMessage {
+            minor_version: 0,
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn options_are_split_like_the_server_does() {
+        let parsed =
+            parse_options(r"-c DateStyle=ISO --extra_float_digits=3 -capplication_name=a\ b")
+                .unwrap();
+        assert_eq!(
+            parsed,
+            vec![
+                ("DateStyle".into(), "ISO".into()),
+                ("extra_float_digits".into(), "3".into()),
+                ("application_name".into(), "a b".into())
+            ]
+        );
+        assert!(parse_options("-D /tmp").is_err());
+        assert!(parse_options("-c").is_err());
+    }
+
+    #[test]
+    fn identity_changing_parameters_are_refused() {
+        assert!(
+            check_startup_parameters(&startup(&[("user", "a"), ("DateStyle", "ISO")]), false)
+                .is_ok()
+        );
+        for bad in [
+            startup(&[("role", "postgres")]),
+            startup(&[("options", "-c role=postgres")]),
+            startup(&[("options", "--session-authorization=postgres")]),
+            startup(&[("search_path", "evil")]),
+            startup(&[("options", "-c search_path=evil")]),
+            startup(&[("replication", "database")]),
+        ] {
+            let err = check_startup_parameters(&bad, false).unwrap_err();
+            assert_eq!(err.sqlstate, sqlstate::INSUFFICIENT_PRIVILEGE);
+        }
+        assert!(check_startup_parameters(&startup(&[("search_path", "app")]), true).is_ok());
+        assert!(check_startup_parameters(&startup(&[("role", "x")]), true).is_err());
+    }
+}

@@ -1,0 +1,276 @@
+//! The proxy: accept loop, connection limits, cancel routing and graceful shutdown.
+//!
+//! - [`handshake`]: encryption negotiation, startup packet, token authentication;
+//! - [`session`]: upstream login and the two relay directions;
+//! - [`intercept`]: the hook point each client message passes through;
+//! - [`state`]: what the two directions and the cancel path share;
+//! - [`cancel`]: the map from the keys pgward hands out to sessions.
+
+pub mod cancel;
+pub mod handshake;
+pub mod intercept;
+pub mod session;
+pub mod state;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::auth::TokenVerifier;
+use crate::config::{Config, ConfigError};
+use crate::error::{sqlstate, ClientError};
+use crate::metrics::{inc, Metrics};
+use crate::upstream::UpstreamTarget;
+use cancel::CancelRegistry;
+use handshake::HandshakeOutcome;
+
+/// How many over-limit connections may be in the middle of being told "too many" at once.
+const MAX_REJECTING: usize = 64;
+
+/// Why the proxy could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("authentication setup: {0}")]
+    Auth(#[from] crate::auth::AuthSetupError),
+    #[error("binding {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What every session of one proxy shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub verifier: Arc<TokenVerifier>,
+    pub upstream: UpstreamTarget,
+    /// Resolved upstream passwords by service (read once at start, not per connection).
+    pub upstream_passwords: HashMap<String, Option<String>>,
+    pub metrics: Arc<Metrics>,
+    pub cancels: CancelRegistry,
+}
+
+/// A bound, ready-to-run proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+}
+
+impl Proxy {
+    /// Load key material, resolve secrets and bind the listen (and admin) addresses.
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let tls = match (&config.listen.tls_cert_file, &config.listen.tls_key_file) {
+            (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(cert, key, config.listen.client_ca_file.as_deref())?,
+            )),
+            _ => None,
+        };
+        let verifier = Arc::new(TokenVerifier::new(config.auth.clone()).await?);
+        let upstream = UpstreamTarget::new(&config.upstream)?;
+        let mut upstream_passwords = HashMap::new();
+        for (name, service) in &config.services {
+            let password = service
+                .upstream_password
+                .as_ref()
+                .map(|s| s.resolve())
+                .transpose()?;
+            upstream_passwords.insert(name.clone(), password);
+        }
+        let address = config.listen.address;
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| StartError::Bind { address, source })?;
+        let admin = match config.admin.address {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|source| StartError::Bind { address, source })?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config: Arc::new(config),
+                tls,
+                verifier,
+                upstream,
+                upstream_passwords,
+                metrics: Arc::new(Metrics::default()),
+                cancels: CancelRegistry::default(),
+            }),
+            listener,
+            admin,
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The admin endpoint's address, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The proxy's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// The token verifier (for SIGHUP reloads).
+    pub fn verifier(&self) -> Arc<TokenVerifier> {
+        self.shared.verifier.clone()
+    }
+
+    /// Serve until `shutdown` resolves, then stop accepting, let running statements finish
+    /// (up to `listen.shutdown_grace`) and close every session.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let Proxy {
+            shared,
+            listener,
+            admin,
+        } = self;
+        let admin_task =
+            admin.map(|l| tokio::spawn(crate::admin::serve(l, shared.metrics.clone())));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let limit = Arc::new(Semaphore::new(shared.config.listen.max_client_connections));
+        let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
+        let mut sessions = JoinSet::new();
+        tokio::pin!(shutdown);
+        tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "pgward listening");
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => accepted,
+            };
+            while sessions.try_join_next().is_some() {}
+            let (tcp, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            inc(&shared.metrics.connections_accepted);
+            let shared = shared.clone();
+            match limit.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let stop_rx = stop_rx.clone();
+                    sessions.spawn(async move {
+                        serve_connection(shared, tcp, peer, stop_rx).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    inc(&shared.metrics.connections_rejected_limit);
+                    if let Ok(slot) = rejecting.clone().try_acquire_owned() {
+                        tokio::spawn(async move {
+                            refuse_over_limit(&shared, tcp).await;
+                            drop(slot);
+                        });
+                    }
+                }
+            }
+        }
+        drop(listener);
+        tracing::info!(
+            sessions = sessions.len(),
+            "shutting down: waiting for running statements"
+        );
+        let _ = stop_tx.send(true);
+        let grace = shared.config.listen.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                sessions = sessions.len(),
+                "shutdown grace period over: closing remaining sessions"
+            );
+            sessions.shutdown().await;
+        }
+        if let Some(task) = admin_task {
+            task.abort();
+        }
+        tracing::info!("pgward stopped");
+    }
+}
+
+async fn serve_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    stop: watch::Receiver<bool>,
+) {
+    shared
+        .metrics
+        .connections_active
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    match handshake::handshake(&shared, tcp, peer).await {
+        HandshakeOutcome::Session(auth) => session::run(shared.clone(), *auth, stop).await,
+        HandshakeOutcome::Cancel {
+            process_id,
+            secret_key,
+        } => deliver_cancel(&shared, process_id, secret_key).await,
+        HandshakeOutcome::Closed => {}
+    }
+    shared
+        .metrics
+        .connections_active
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Forward a client's CancelRequest to its own session's upstream backend — and only if no
+/// request was forwarded after the cancel arrived, so a cancel never hits a later query.
+async fn deliver_cancel(shared: &Shared, process_id: u32, secret_key: u32) {
+    let Some(state) = shared.cancels.lookup(process_id, secret_key) else {
+        inc(&shared.metrics.cancels_dropped);
+        return;
+    };
+    let generation_at_arrival = state.generation();
+    let _gate = state.cancel_gate.lock().await;
+    if state.generation() != generation_at_arrival {
+        inc(&shared.metrics.cancels_dropped);
+        return;
+    }
+    let delivery = shared
+        .upstream
+        .cancel(state.upstream_process_id, state.upstream_secret_key);
+    match tokio::time::timeout(Duration::from_secs(5), delivery).await {
+        Ok(Ok(())) => inc(&shared.metrics.cancels_forwarded),
+        Ok(Err(e)) => tracing::warn!(session = state.id, error = %e, "cancel delivery failed"),
+        Err(_) => tracing::warn!(session = state.id, "cancel delivery timed out"),
+    }
+}
+
+/// Finish the startup phase of an over-limit connection only to tell it why it is refused.
+async fn refuse_over_limit(shared: &Shared, tcp: TcpStream) {
+    let error = ClientError::fatal(
+        sqlstate::TOO_MANY_CONNECTIONS,
+        "sorry, too many clients already",
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        handshake::refuse_after_startup(shared, tcp, error),
+    )
+    .await;
+}

@@ -1,0 +1,365 @@
+//! One authenticated session: connect upstream, finish the client's startup, then relay both
+//! directions concurrently until either side ends.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::watch;
+
+use super::handshake::Authenticated;
+use super::intercept::{Interceptor, Verdict};
+use super::state::SessionState;
+use super::Shared;
+use crate::error::{sqlstate, ClientError};
+use crate::metrics::inc;
+use crate::net::Conn;
+use crate::protocol::fields::{parse_name_and_text, ErrorFields};
+use crate::protocol::{backend, build, frontend, Batch, FrameReader, Message, ProtocolError};
+use crate::upstream::{UpstreamError, MAX_UPSTREAM_MESSAGE};
+
+static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
+
+type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf<Conn>>>;
+
+/// Why a relay direction stopped.
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    UpstreamClosed,
+    /// Send this to the client, then close.
+    Fatal(ClientError),
+    Io,
+}
+
+/// Run a session to its end.
+pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Receiver<bool>) {
+    let session_id = NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("session", id = session_id, service = %auth.identity.service, client = %auth.client_addr);
+    let _entered = span.enter();
+    drop(_entered);
+    let Authenticated {
+        mut conn,
+        startup,
+        identity,
+        database,
+        client_addr: _,
+    } = auth;
+    let Some(service) = shared.config.service(&identity.service) else {
+        return;
+    };
+    let password = shared
+        .upstream_passwords
+        .get(&identity.service)
+        .cloned()
+        .flatten();
+    let params: Vec<(String, String)> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_."))
+        .cloned()
+        .collect();
+    let upstream = match shared
+        .upstream
+        .connect(
+            &service.upstream_user,
+            password.as_deref(),
+            &database,
+            &params,
+        )
+        .await
+    {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            inc(&shared.metrics.upstream_connect_errors);
+            let message = match &e {
+                // The server's own words (e.g. "database does not exist") reach the client unchanged.
+                UpstreamError::Server { raw, .. } => raw.clone(),
+                other => {
+                    tracing::warn!(session = session_id, error = %other, "upstream connection failed");
+                    ClientError::fatal(
+                        sqlstate::CANNOT_CONNECT,
+                        "pgward: could not connect to the upstream server",
+                    )
+                    .to_message()
+                }
+            };
+            let _ = conn.write_all(&message).await;
+            let _ = conn.shutdown().await;
+            return;
+        }
+    };
+    let state = Arc::new(SessionState::new(
+        session_id,
+        upstream.process_id,
+        upstream.secret_key,
+    ));
+    let key = shared.cancels.register(state.clone());
+    inc(&shared.metrics.sessions_established);
+    tracing::info!(session = session_id, service = %identity.service, database = %database, "session established");
+
+    let mut hello = BytesMut::new();
+    hello.extend_from_slice(&build::authentication_ok());
+    for message in &upstream.startup_messages {
+        hello.extend_from_slice(message);
+    }
+    hello.extend_from_slice(&build::backend_key_data(key.process_id, key.secret_key));
+    hello.extend_from_slice(&build::ready_for_query(upstream.ready_status));
+    if conn.write_all(&hello).await.is_err() || conn.flush().await.is_err() {
+        shared.cancels.unregister(key);
+        return;
+    }
+
+    let (client_read, client_write) = tokio::io::split(conn);
+    let (upstream_read, upstream_write) = tokio::io::split(upstream.conn);
+    let client_writer: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_write));
+    let client_reader = FrameReader::new(client_read, shared.config.listen.max_message_bytes);
+    let upstream_reader =
+        FrameReader::with_buffered(upstream_read, MAX_UPSTREAM_MESSAGE, upstream.buffered);
+    let interceptor = Interceptor::new(identity);
+
+    let end = tokio::select! {
+        end = client_to_upstream(&shared, &state, client_reader, upstream_write, interceptor, shutdown) => end,
+        end = upstream_to_client(&shared, &state, upstream_reader, client_writer.clone()) => end,
+    };
+    shared.cancels.unregister(key);
+    let mut writer = client_writer.lock().await;
+    if let End::Fatal(error) = &end {
+        let _ = writer.write_all(&error.to_message()).await;
+    }
+    let _ = writer.flush().await;
+    let _ = writer.shutdown().await;
+    tracing::info!(session = session_id, end = ?end, "session closed");
+}
+
+/// Client → upstream: frame, intercept, forward; idle timeout and graceful shutdown live here.
+async fn client_to_upstream(
+    shared: &Shared,
+    state: &SessionState,
+    mut reader: FrameReader<ReadHalf<Conn>>,
+    mut upstream: WriteHalf<Conn>,
+    mut interceptor: Interceptor,
+    mut shutdown: watch::Receiver<bool>,
+) -> End {
+    let idle_timeout = shared.config.listen.idle_timeout;
+    let mut shutting_down = *shutdown.borrow();
+    loop {
+        let batch = tokio::select! {
+            biased;
+            changed = shutdown.changed(), if !shutting_down => {
+                shutting_down = changed.is_err() || *shutdown.borrow();
+                continue;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(20)), if shutting_down => {
+                if state.is_idle() {
+                    return End::Fatal(ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command"));
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(idle_timeout), if !idle_timeout.is_zero() && !shutting_down => {
+                if state.is_idle() {
+                    return End::Fatal(ClientError::fatal(sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout"));
+                }
+                continue;
+            }
+            batch = reader.next_batch() => batch,
+        };
+        let batch = match batch {
+            Ok(Some(batch)) => batch,
+            Ok(None) => return End::ClientClosed,
+            Err(ProtocolError::Io(_)) | Err(ProtocolError::Truncated) => return End::ClientClosed,
+            Err(e) => {
+                inc(&shared.metrics.protocol_errors);
+                tracing::info!(session = state.id, error = %e, "client protocol violation");
+                return End::Fatal(ClientError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("pgward: {e}"),
+                ));
+            }
+        };
+        let outgoing = if interceptor.is_passthrough() {
+            vec![batch.bytes().clone()]
+        } else {
+            intercept_batch(shared, state, &mut interceptor, &batch).await
+        };
+        let terminate = account_client_batch(shared, state, &batch);
+        let _gate = state.cancel_gate.lock().await;
+        if starts_execution(&batch) {
+            state.bump_generation();
+        }
+        state.mark_busy();
+        for chunk in &outgoing {
+            if upstream.write_all(chunk).await.is_err() {
+                return End::UpstreamClosed;
+            }
+        }
+        if upstream.flush().await.is_err() {
+            return End::UpstreamClosed;
+        }
+        if terminate {
+            return End::ClientClosed;
+        }
+    }
+}
+
+/// Bookkeeping for one client batch; returns whether it ends with Terminate.
+fn account_client_batch(shared: &Shared, state: &SessionState, batch: &Batch) -> bool {
+    let now = Instant::now();
+    let mut terminate = false;
+    for message in batch.messages() {
+        match message.tag() {
+            frontend::QUERY => {
+                inc(&shared.metrics.statements);
+                state.request_started(now);
+            }
+            frontend::EXECUTE | frontend::FUNCTION_CALL => inc(&shared.metrics.statements),
+            frontend::SYNC => state.request_started(now),
+            frontend::TERMINATE => terminate = true,
+            _ => {}
+        }
+    }
+    terminate
+}
+
+fn starts_execution(batch: &Batch) -> bool {
+    batch.messages().any(|m| {
+        matches!(
+            m.tag(),
+            frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
+        )
+    })
+}
+
+/// Run every message of a batch through the interceptor; unchanged runs stay zero-copy slices.
+async fn intercept_batch(
+    shared: &Shared,
+    state: &SessionState,
+    interceptor: &mut Interceptor,
+    batch: &Batch,
+) -> Vec<Bytes> {
+    let all = batch.bytes();
+    let mut out = Vec::new();
+    let mut run_start = 0;
+    let mut offset = 0;
+    for message in batch.messages() {
+        let len = message.raw().len();
+        let replacement = match interceptor.client_message(&message).await {
+            Verdict::Forward => None,
+            Verdict::Replace(bytes) => Some(bytes),
+            Verdict::Refuse(error) => {
+                inc(&shared.metrics.statements_refused);
+                Some(refusal_stand_in(state, &message, error))
+            }
+        };
+        if let Some(bytes) = replacement {
+            if offset > run_start {
+                out.push(all.slice(run_start..offset));
+            }
+            out.push(bytes);
+            run_start = offset + len;
+        }
+        offset += len;
+    }
+    if offset > run_start {
+        out.push(all.slice(run_start..offset));
+    }
+    out
+}
+
+/// The message sent upstream in place of a refused one: a statement that fails to parse and
+/// whose error carries a marker. The server then does exactly what it does for any failed
+/// statement — skips to Sync, aborts the transaction, sends the right ReadyForQuery status — and
+/// the upstream→client direction swaps the marker's error for pgward's refusal, in order.
+fn refusal_stand_in(state: &SessionState, message: &Message, error: ClientError) -> Bytes {
+    let marker = state.register_refusal(error);
+    match message.tag() {
+        frontend::QUERY => build::query(&marker),
+        frontend::PARSE => {
+            let name = parse_name_and_text(message.body())
+                .map(|(name, _)| name)
+                .unwrap_or("");
+            build::parse(name, &marker)
+        }
+        _ => build::parse("", &marker),
+    }
+}
+
+/// Upstream → client: bookkeeping on ReadyForQuery/ErrorResponse, refusal substitution, forward.
+async fn upstream_to_client(
+    shared: &Shared,
+    state: &SessionState,
+    mut reader: FrameReader<ReadHalf<Conn>>,
+    client: ClientWriter,
+) -> End {
+    loop {
+        let batch = match reader.next_batch().await {
+            Ok(Some(batch)) => batch,
+            Ok(None) => return End::UpstreamClosed,
+            Err(ProtocolError::Io(_)) | Err(ProtocolError::Truncated) => {
+                return End::UpstreamClosed
+            }
+            Err(e) => {
+                tracing::warn!(session = state.id, error = %e, "upstream protocol violation");
+                return End::Fatal(ClientError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgward: lost the upstream connection",
+                ));
+            }
+        };
+        let outgoing = account_upstream_batch(shared, state, &batch);
+        let mut writer = client.lock().await;
+        for chunk in &outgoing {
+            if writer.write_all(chunk).await.is_err() {
+                return End::Io;
+            }
+        }
+        if writer.flush().await.is_err() {
+            return End::Io;
+        }
+    }
+}
+
+/// Track ReadyForQuery and errors; swap refusal markers' errors. Returns what to send.
+fn account_upstream_batch(shared: &Shared, state: &SessionState, batch: &Batch) -> Vec<Bytes> {
+    let all = batch.bytes();
+    let mut out = Vec::new();
+    let mut run_start = 0;
+    let mut offset = 0;
+    let total = all.len();
+    for message in batch.messages() {
+        let len = message.raw().len();
+        match message.tag() {
+            backend::READY_FOR_QUERY => {
+                let status = message.body().first().copied().unwrap_or(b'I');
+                if let Some(started) = state.ready_for_query(status, offset + len == total) {
+                    shared.metrics.observe_latency(started.elapsed());
+                }
+            }
+            backend::ERROR_RESPONSE => {
+                inc(&shared.metrics.upstream_error_responses);
+                if state.has_pending_refusals() {
+                    let fields = ErrorFields::parse(message.body()).unwrap_or_default();
+                    if let Some(refusal) = fields
+                        .message
+                        .as_deref()
+                        .and_then(|m| state.take_refusal(m))
+                    {
+                        if offset > run_start {
+                            out.push(all.slice(run_start..offset));
+                        }
+                        out.push(refusal.to_message());
+                        run_start = offset + len;
+                    }
+                }
+            }
+            _ => {}
+        }
+        offset += len;
+    }
+    if offset > run_start {
+        out.push(all.slice(run_start..offset));
+    }
+    out
+}

@@ -1,0 +1,171 @@
+//! Per-session state shared by the two relay directions and the cancel path.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use crate::error::ClientError;
+
+/// Prefix of the statement pgward sends upstream in place of a refused one (see `refusal_marker`).
+pub const REFUSAL_MARKER_PREFIX: &str = "pgward_refused_";
+
+/// State one session's relay directions share.
+#[derive(Debug)]
+pub struct SessionState {
+    /// Session id (also used in logs and audit).
+    pub id: u64,
+    /// The upstream backend's cancel key.
+    pub upstream_process_id: u32,
+    pub upstream_secret_key: u32,
+    /// Bumped (under `cancel_gate`) whenever a message that starts execution goes upstream.
+    generation: AtomicU64,
+    /// Held while a message is written upstream, and while a cancel is delivered: a cancel can
+    /// never overtake into a request forwarded after it arrived.
+    pub cancel_gate: tokio::sync::Mutex<()>,
+    /// Transaction status byte of the last ReadyForQuery.
+    tx_status: AtomicU8,
+    /// The last upstream message was a ReadyForQuery and nothing was sent since.
+    upstream_idle: AtomicBool,
+    /// Statements refused by pgward, by marker id, awaiting their place in the response stream.
+    refusals: Mutex<HashMap<u64, ClientError>>,
+    refusals_pending: AtomicU64,
+    next_refusal: AtomicU64,
+    /// Start times of request batches (Query or Sync) awaiting their ReadyForQuery.
+    pending_requests: Mutex<VecDeque<Instant>>,
+}
+
+/// How many request start times are kept; extra Syncs (e.g. during COPY) must not grow memory.
+const MAX_PENDING_REQUESTS: usize = 256;
+
+/// Most refusals remembered while their markers are in flight.
+const MAX_PENDING_REFUSALS: usize = 1024;
+
+impl SessionState {
+    /// Fresh state for a session whose upstream backend has this cancel key.
+    pub fn new(id: u64, upstream_process_id: u32, upstream_secret_key: u32) -> Self {
+        Self {
+            id,
+            upstream_process_id,
+            upstream_secret_key,
+            generation: AtomicU64::new(0),
+            cancel_gate: tokio::sync::Mutex::new(()),
+            tx_status: AtomicU8::new(b'I'),
+            upstream_idle: AtomicBool::new(true),
+            refusals: Mutex::new(HashMap::new()),
+            refusals_pending: AtomicU64::new(0),
+            next_refusal: AtomicU64::new(1),
+            pending_requests: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Current request generation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A message that starts execution is being forwarded (call with `cancel_gate` held).
+    pub fn bump_generation(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Something was sent upstream: the session is not idle until the next ReadyForQuery.
+    pub fn mark_busy(&self) {
+        self.upstream_idle.store(false, Ordering::Release);
+    }
+
+    /// A request batch (Query or Sync) went upstream at `at`.
+    pub fn request_started(&self, at: Instant) {
+        let mut pending = self.pending_requests.lock();
+        if pending.len() < MAX_PENDING_REQUESTS {
+            pending.push_back(at);
+        }
+    }
+
+    /// A ReadyForQuery arrived; returns the start time of the request it answers.
+    pub fn ready_for_query(&self, status: u8, last_in_batch: bool) -> Option<Instant> {
+        self.tx_status.store(status, Ordering::Release);
+        if last_in_batch {
+            self.upstream_idle.store(true, Ordering::Release);
+        }
+        let mut pending = self.pending_requests.lock();
+        let started = pending.pop_front();
+        if last_in_batch && status == b'I' && pending.len() > 8 {
+            // Syncs the server ignored (COPY) leave stale entries; an idle session has none.
+            pending.clear();
+        }
+        started
+    }
+
+    /// Idle outside a transaction: safe to close for idle timeout or shutdown.
+    pub fn is_idle(&self) -> bool {
+        self.upstream_idle.load(Ordering::Acquire) && self.tx_status.load(Ordering::Acquire) == b'I'
+    }
+
+    /// Register a refusal; returns the marker statement to send upstream in its place.
+    pub fn register_refusal(&self, error: ClientError) -> String {
+        let id = self.next_refusal.fetch_add(1, Ordering::Relaxed);
+        let mut refusals = self.refusals.lock();
+        // A marker the server skipped (an earlier error in the same batch) never comes back;
+        // bound what such leftovers can hold. Ids grow, so the smallest is the oldest.
+        if refusals.len() >= MAX_PENDING_REFUSALS {
+            if let Some(oldest) = refusals.keys().min().copied() {
+                refusals.remove(&oldest);
+            }
+        }
+        refusals.insert(id, error);
+        self.refusals_pending
+            .store(refusals.len() as u64, Ordering::Release);
+        format!("{REFUSAL_MARKER_PREFIX}{id}")
+    }
+
+    /// Whether any refusal still waits for its marker's error (cheap hot-path check).
+    pub fn has_pending_refusals(&self) -> bool {
+        self.refusals_pending.load(Ordering::Acquire) > 0
+    }
+
+    /// The refusal whose marker appears in an upstream error message, if any.
+    pub fn take_refusal(&self, upstream_message: &str) -> Option<ClientError> {
+        let start = upstream_message.find(REFUSAL_MARKER_PREFIX)? + REFUSAL_MARKER_PREFIX.len();
+        let digits: String = upstream_message[start..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let id: u64 = digits.parse().ok()?;
+        let mut refusals = self.refusals.lock();
+        let error = refusals.remove(&id)?;
+        self.refusals_pending
+            .store(refusals.len() as u64, Ordering::Release);
+        Some(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::sqlstate;
+
+    #[test]
+    fn refusal_markers_map_back_to_their_errors() {
+        let state = SessionState::new(1, 0, 0);
+        let marker =
+            state.register_refusal(ClientError::error(sqlstate::INSUFFICIENT_PRIVILEGE, "no"));
+        assert!(state.has_pending_refusals());
+        let upstream = format!("syntax error at or near \"{marker}\"");
+        assert_eq!(state.take_refusal(&upstream).unwrap().message, "no");
+        assert!(!state.has_pending_refusals());
+        assert!(state.take_refusal(&upstream).is_none());
+    }
+
+    #[test]
+    fn idle_needs_ready_for_query_outside_a_transaction() {
+        let state = SessionState::new(1, 0, 0);
+        state.mark_busy();
+        assert!(!state.is_idle());
+        state.ready_for_query(b'T', true);
+        assert!(!state.is_idle());
+        state.ready_for_query(b'I', true);
+        assert!(state.is_idle());
+    }
+}

@@ -1,0 +1,235 @@
+//! TLS with rustls: the server side clients connect to, and the client side towards upstream.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use thiserror::Error;
+
+/// ALPN protocol name PostgreSQL 17 clients send with direct TLS.
+pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
+
+/// TLS material that could not be loaded.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    #[error("reading {path}: {detail}")]
+    Pem { path: String, detail: String },
+    #[error("{path} holds no {what}")]
+    Empty { path: String, what: &'static str },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client CA verifier: {0}")]
+    Verifier(String),
+    #[error("invalid upstream server name {0:?}")]
+    ServerName(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Load a PEM certificate chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError::Pem {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            path: path.display().to_string(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+fn root_store(ca_file: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca_file)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// Server config for client connections: certificate, optional client-certificate CA.
+///
+/// With a CA, clients may present a certificate (verified against it); whether one is required
+/// is the authentication layer's decision, so a missing certificate gets a clear 28000 message
+/// instead of a bare handshake failure.
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match client_ca_file {
+        Some(ca) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), provider())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(load_certs(cert_file)?, load_key(key_file)?)?;
+    config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Client config towards upstream: verified (`verify-full`) or encrypted only (`require`).
+pub fn upstream_client_config(
+    verify: bool,
+    ca_file: Option<&Path>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let config = if verify {
+        let roots = match ca_file {
+            Some(ca) => root_store(ca)?,
+            None => RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            },
+        };
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
+            .with_no_client_auth()
+    };
+    Ok(Arc::new(config))
+}
+
+/// The server name to verify the upstream certificate against.
+pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.to_string()))
+}
+
+/// `sslmode=require` semantics: encrypt, but accept any certificate (documented as such).
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A self-signed certificate and key for `pgward dev` and tests, written as PEM files.
+pub fn write_self_signed(
+    cert_file: &Path,
+    key_file: &Path,
+    names: &[&str],
+) -> Result<(), TlsError> {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let certified = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Pem {
+        path: cert_file.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let write = |path: &Path, data: String, mode: u32| -> Result<(), TlsError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(path)
+            .and_then(|mut f| f.write_all(data.as_bytes()).map(|_| f))
+            .map_err(|e| TlsError::Pem {
+                path: path.display().to_string(),
+                detail: e.to_string(),
+            })?;
+        file.flush().map_err(|e| TlsError::Pem {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })
+    };
+    write(cert_file, certified.cert.pem(), 0o644)?;
+    write(key_file, certified.key_pair.serialize_pem(), 0o600)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_certificate_loads_into_a_server_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        write_self_signed(&cert, &key, &["localhost"]).unwrap();
+        let config = server_config(&cert, &key, Some(&cert)).unwrap();
+        assert_eq!(config.alpn_protocols, vec![ALPN_POSTGRESQL.to_vec()]);
+    }
+
+    #[test]
+    fn missing_files_are_clear_errors() {
+        let err = server_config(
+            Path::new("/nonexistent.pem"),
+            Path::new("/nonexistent.key"),
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent.pem"));
+    }
+}
