@@ -32,10 +32,10 @@ impl AuthError {
         "pgward: bad token".into()
     }
 }
-pub struct TokenVerifier;
+pub struct TokenVerifier(AuthConfig);
 impl TokenVerifier {
-    pub async fn new(_c: AuthConfig) -> Result<Self, AuthSetupError> {
-        Ok(Self)
+    pub async fn new(c: AuthConfig) -> Result<Self, AuthSetupError> {
+        Ok(Self(c))
     }
     pub async fn verify(
         &self,
@@ -43,9 +43,10 @@ impl TokenVerifier {
         startup_user: &str,
         cert_identity: Option<&str>,
     ) -> Result<Identity, AuthError> {
-        if token != "ok" {
+        if token == "bad" || token.is_empty() {
             return Err(AuthError::BadSignature);
         }
+        let _ = &self.0;
         Ok(Identity {
             service: startup_user.into(),
             claims: Default::default(),
