@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one shared harness (`harness`), a real PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod edges;
 mod harness;
 mod protocol;

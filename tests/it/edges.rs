@@ -1,0 +1,310 @@
+//! TLS, hostile input, limits, shutdown and the admin endpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{self, msg, ProxyOptions};
+
+fn root_store() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pgward::tls::load_certs(&harness::fixtures().cert_file).unwrap() {
+        roots.add(cert).unwrap();
+    }
+    roots
+}
+
+fn client_tls(alpn: bool) -> Arc<rustls::ClientConfig> {
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(root_store())
+    .with_no_client_auth();
+    if alpn {
+        config.alpn_protocols = vec![b"postgresql".to_vec()];
+    }
+    Arc::new(config)
+}
+
+fn db_code(err: &tokio_postgres::Error) -> Option<String> {
+    err.as_db_error().map(|e| e.code().code().to_string())
+}
+
+/// A session that must keep working while another connection misbehaves.
+async fn assert_alive(client: &tokio_postgres::Client) {
+    let row = client
+        .query_one("select 40 + 2", &[])
+        .await
+        .expect("bystander session still works");
+    assert_eq!(row.get::<_, i32>(0), 42);
+}
+
+#[tokio::test]
+async fn tls_is_required_unless_plaintext_loopback_is_allowed() {
+    let proxy = harness::start_proxy(ProxyOptions {
+        allow_plaintext: false,
+        ..ProxyOptions::default()
+    })
+    .await;
+    let err = proxy
+        .client_config("app", "postgres")
+        .ssl_mode(tokio_postgres::config::SslMode::Disable)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("plaintext refused");
+    assert_eq!(db_code(&err).as_deref(), Some("28000"));
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("TLS is required"));
+
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*client_tls(false)).clone());
+    let (client, conn) = proxy
+        .client_config("app", "postgres")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
+        .connect(tls)
+        .await
+        .expect("TLS connection");
+    tokio::spawn(conn);
+    let row = client
+        .query_one(
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    // TLS is between client and pgward; the upstream hop here is a plain loopback socket.
+    assert!(!row.get::<_, bool>(0));
+    assert_alive(&client).await;
+}
+
+async fn direct_tls_startup(proxy: &harness::TestProxy, alpn: bool) -> Vec<u8> {
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client_tls(alpn));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("direct TLS handshake");
+    let mut startup = BytesMut::new();
+    postgres_protocol::message::frontend::startup_message(
+        [("user", "app"), ("database", "postgres")],
+        &mut startup,
+    )
+    .unwrap();
+    tls.write_all(&startup).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut reply = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut reply))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    reply.truncate(n);
+    reply
+}
+
+#[tokio::test]
+async fn direct_tls_needs_alpn_postgresql() {
+    let proxy = harness::start_proxy(ProxyOptions::default()).await;
+    let with_alpn = direct_tls_startup(&proxy, true).await;
+    assert_eq!(
+        &with_alpn[..9],
+        &[b'R', 0, 0, 0, 8, 0, 0, 0, 3],
+        "asks for the token"
+    );
+    let without = direct_tls_startup(&proxy, false).await;
+    assert_eq!(without.first(), Some(&b'E'));
+    assert!(String::from_utf8_lossy(&without).contains("ALPN"));
+}
+
+#[tokio::test]
+async fn bytes_after_ssl_request_are_rejected_not_parsed() {
+    let proxy = harness::start_proxy(ProxyOptions::default()).await;
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut packet = vec![0, 0, 0, 8, 4, 210, 22, 47];
+    packet.extend_from_slice(&harness::msg::query("select 'smuggled'"));
+    tcp.write_all(&packet).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut reply)).await;
+    assert_eq!(reply.first(), Some(&b'E'), "an error, not 'S': {reply:?}");
+    assert!(String::from_utf8_lossy(&reply).contains("08P01"));
+}
+
+#[tokio::test]
+async fn hostile_input_gets_an_error_for_that_connection_only() {
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_listen: "max_message_bytes = 65536".into(),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let bystander = proxy.connect("app", "postgres").await;
+
+    // Startup packet with an absurd length: refused before allocating.
+    let mut raw = harness::raw_tcp(proxy.addr).await;
+    raw.send(&[0x7f, 0xff, 0xff, 0xff, 0, 3, 0, 0]).await;
+    let reply = raw.recv().await.expect("error response");
+    assert_eq!(reply.tag(), b'E');
+    assert_alive(&bystander).await;
+
+    // Random bytes instead of a startup packet.
+    let mut raw = harness::raw_tcp(proxy.addr).await;
+    let noise: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    raw.send(&noise).await;
+    let _ = raw.recv().await;
+    assert_alive(&bystander).await;
+
+    // After authentication: an oversized message, a negative length, garbage, a truncated message.
+    for bad in [
+        msg::query(&"x".repeat(100_000)).to_vec(),
+        vec![b'Q', 0xff, 0xff, 0xff, 0xf0],
+        b"\x00\x00\x00\x00\x02garbage".to_vec(),
+    ] {
+        let mut session = harness::raw_proxied(&proxy, "postgres").await;
+        session.send(&bad).await;
+        let reply = session.recv().await.expect("an error before the close");
+        assert_eq!(
+            reply.tag(),
+            b'E',
+            "{:?}",
+            String::from_utf8_lossy(reply.body())
+        );
+        assert!(String::from_utf8_lossy(reply.body()).contains("08P01"));
+        assert!(
+            session.recv().await.is_none(),
+            "connection closed after the error"
+        );
+        assert_alive(&bystander).await;
+    }
+    let mut session = harness::raw_proxied(&proxy, "postgres").await;
+    session.send(&msg::query("select 1")[..6]).await;
+    drop(session);
+    assert_alive(&bystander).await;
+    assert!(
+        proxy
+            .metrics
+            .protocol_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
+}
+
+#[tokio::test]
+async fn too_many_connections_get_53300() {
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_listen: "max_client_connections = 2".into(),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let a = proxy.connect("app", "postgres").await;
+    let _b = proxy.connect("app", "postgres").await;
+    let err = proxy
+        .client_config("app", "postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("third connection refused");
+    assert_eq!(db_code(&err).as_deref(), Some("53300"));
+    assert_alive(&a).await;
+}
+
+#[tokio::test]
+async fn idle_sessions_are_closed_but_open_transactions_are_not() {
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_listen: "idle_timeout = \"300ms\"".into(),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let mut idle = harness::raw_proxied(&proxy, "postgres").await;
+    let mut in_tx = harness::raw_proxied(&proxy, "postgres").await;
+    in_tx.send(&msg::query("begin")).await;
+    in_tx.until_ready(1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let reply = idle.recv().await.expect("FATAL for the idle session");
+    assert!(String::from_utf8_lossy(reply.body()).contains("57P05"));
+    in_tx.send(&msg::query("commit")).await;
+    let answer = in_tx.until_ready(1).await;
+    assert_eq!(answer.last().map(|m| m.1.clone()), Some(b"I".to_vec()));
+}
+
+#[tokio::test]
+async fn startup_must_finish_within_the_timeout() {
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_listen: "".into(),
+        ..ProxyOptions::default()
+    })
+    .await;
+    // The test config's startup_timeout is 5s; a silent client is dropped after it.
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without a word");
+    assert!(started.elapsed() >= Duration::from_secs(4));
+    assert_eq!(proxy.metrics.auth_failures_for("startup_timeout"), 1);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_running_statements_finish() {
+    let proxy = harness::start_proxy(ProxyOptions::default()).await;
+    let addr = proxy.addr;
+    let busy = proxy.connect("app", "postgres").await;
+    let mut idle = harness::raw_proxied(&proxy, "postgres").await;
+    let running = tokio::spawn(async move {
+        busy.simple_query("select pg_sleep(1), 'finished'")
+            .await
+            .map(|_| busy)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let shutdown = tokio::spawn(proxy.shutdown());
+    let reply = idle.recv().await.expect("idle session told why it closes");
+    assert!(String::from_utf8_lossy(reply.body()).contains("57P01"));
+    let busy = running.await.unwrap().expect("running statement completed");
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        busy.simple_query("select 1").await.is_err(),
+        "session closed after its statement"
+    );
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn admin_endpoint_serves_metrics_and_health() {
+    let proxy = harness::start_proxy(ProxyOptions::default()).await;
+    let client = proxy.connect("app", "postgres").await;
+    client.simple_query("select 1").await.unwrap();
+    let bad = proxy
+        .client_config("app", "postgres")
+        .password("bad")
+        .connect(tokio_postgres::NoTls)
+        .await;
+    assert!(bad.is_err());
+    let admin = proxy.admin.expect("admin address");
+    let health = harness::http_get(admin, "/healthz").await;
+    assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"));
+    let metrics = harness::http_get(admin, "/metrics").await;
+    assert!(metrics.contains("pgward_statements_total 1"), "{metrics}");
+    assert!(metrics.contains("pgward_sessions_established_total 1"));
+    assert!(metrics.contains("pgward_auth_failures_total{reason="));
+    assert!(metrics.contains("pgward_request_duration_seconds_count 1"));
+    assert!(harness::http_get(admin, "/nope")
+        .await
+        .starts_with("HTTP/1.1 404"));
+}
