@@ -4,3 +4,4 @@
 mod edges;
 mod harness;
 mod protocol;
+mod tools;
