@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: pgbench against PostgreSQL directly, through PgBouncer (session mode)
+# and through pgward, in one run, alternating targets each round, and prints TPS and ratios.
+#
+#   benches/pgbench.sh [--duration SECONDS] [--rounds N] [--clients N] [--scale N]
+#
+# Installs pgbouncer (Debian package) when missing and running as root. Everything it starts
+# (PostgreSQL in a temp dir, PgBouncer, pgward) listens on 127.0.0.1 only and is stopped at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=10
+ROUNDS=3
+CLIENTS=8
+THREADS=2
+SCALE=10
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --duration) DURATION=$2; shift 2 ;;
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --clients) CLIENTS=$2; shift 2 ;;
+    --scale) SCALE=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+
+BINDIR=$(pg_config --bindir 2>/dev/null || true)
+[ -x "$BINDIR/initdb" ] || BINDIR=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+if ! command -v pgbouncer >/dev/null; then
+  [ "$(id -u)" -eq 0 ] || { echo "pgbouncer is missing (apt-get install pgbouncer)" >&2; exit 1; }
+  apt-get install -y -qq pgbouncer >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq pgbouncer >/dev/null; }
+fi
+PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+
+cargo build --release --quiet
+PGWARD=$PWD/target/release/pgward
+
+WORK=$(mktemp -d /tmp/pgward-bench.XXXXXX)
+chmod 755 "$WORK"
+RUN_AS=()
+if [ "$(id -u)" -eq 0 ]; then
+  chown postgres: "$WORK"
+  RUN_AS=(runuser -u postgres --)
+fi
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); WARD_PORT=$(free_port)
+
+cleanup() {
+  [ -n "${WARD_PID:-}" ] && kill "$WARD_PID" 2>/dev/null || true
+  [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
+  "${RUN_AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "== setting up PostgreSQL (port $PG_PORT), PgBouncer ($BOUNCER_PORT), pgward ($WARD_PORT)"
+"${RUN_AS[@]}" "$BINDIR/initdb" -D "$WORK/data" -U postgres -A trust --no-instructions >/dev/null
+"${RUN_AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w \
+  -o "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_buffers=256MB" start >/dev/null
+"$BINDIR/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench
+"$BINDIR/pgbench" -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -s "$SCALE" -q bench >/dev/null 2>&1
+
+cat > "$WORK/pgbouncer.ini" <<INI
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 40
+logfile = $WORK/pgbouncer.log
+INI
+echo '"postgres" ""' > "$WORK/userlist.txt"
+chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
+"${RUN_AS[@]}" "$PGBOUNCER" -q "$WORK/pgbouncer.ini" &
+BOUNCER_PID=$!
+
+TOKEN=$("$PGWARD" token mint --service postgres --dir "$WORK/keys" --ttl 2h)
+cat > "$WORK/pgward.toml" <<TOML
+[listen]
+address = "127.0.0.1:$WARD_PORT"
+allow_plaintext_loopback = true
+max_client_connections = 200
+[upstream]
+host = "127.0.0.1"
+port = $PG_PORT
+[auth]
+jwks_file = "$WORK/keys/jwks.json"
+issuer = "pgward-dev"
+audience = ["pgward"]
+max_token_lifetime = "3h"
+[services.postgres]
+upstream_user = "postgres"
+TOML
+"$PGWARD" serve --config "$WORK/pgward.toml" --log warn &
+WARD_PID=$!
+sleep 1
+
+run_pgbench() { # target-port mode clients -> tps
+  local port=$1 mode=$2 clients=$3 extra=${4:-}
+  PGPASSWORD=$TOKEN "$BINDIR/pgbench" -h 127.0.0.1 -p "$port" -U postgres -S -M "$mode" \
+    -c "$clients" -j "$THREADS" -T "$DURATION" $extra bench 2>/dev/null \
+    | awk '/^tps/ {print $3; exit}'
+}
+
+declare -A TPS
+TARGETS=(direct:$PG_PORT pgbouncer:$BOUNCER_PORT pgward:$WARD_PORT)
+for mode in simple prepared; do
+  for round in $(seq 1 "$ROUNDS"); do
+    for target in "${TARGETS[@]}"; do
+      name=${target%%:*}; port=${target##*:}
+      tps=$(run_pgbench "$port" "$mode" "$CLIENTS")
+      TPS[$mode,$name]="${TPS[$mode,$name]:-} $tps"
+      printf '  round %s %-8s %-9s %10s tps\n' "$round" "$mode" "$name" "$tps"
+    done
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+echo
+echo "== pgbench -S, $CLIENTS clients, $THREADS threads, ${DURATION}s x $ROUNDS rounds (median TPS)"
+printf '%-9s %12s %12s %12s %16s %16s\n' mode direct pgbouncer pgward "pgward/direct" "pgward/pgbouncer"
+for mode in simple prepared; do
+  d=$(echo "${TPS[$mode,direct]}" | median); b=$(echo "${TPS[$mode,pgbouncer]}" | median); w=$(echo "${TPS[$mode,pgward]}" | median)
+  awk -v m="$mode" -v d="$d" -v b="$b" -v w="$w" \
+    'BEGIN { printf "%-9s %12.0f %12.0f %12.0f %16.2f %16.2f\n", m, d, b, w, w / d, w / b }' 
+done
+
+# Added latency, unloaded (1 client): p99 from per-transaction logs.
+p99_of() { # port -> p99 latency in microseconds
+  local port=$1 dir
+  dir=$(mktemp -d "$WORK/log.XXXX")
+  (cd "$dir" && PGPASSWORD=$TOKEN "$BINDIR/pgbench" -h 127.0.0.1 -p "$port" -U postgres -S -M prepared \
+      -c 1 -j 1 -T "$DURATION" -l bench >/dev/null 2>&1)
+  cat "$dir"/pgbench_log.* | awk '{print $3}' | sort -n | awk '{a[NR]=$1} END {print a[int(NR*0.99)]}'
+}
+pd=$(p99_of "$PG_PORT"); pw=$(p99_of "$WARD_PORT"); pb=$(p99_of "$BOUNCER_PORT")
+echo
+echo "== 1 client, prepared: p99 latency direct ${pd}us, pgbouncer ${pb}us, pgward ${pw}us; pgward adds $((pw - pd))us"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run pgward's whole test suite on a fresh machine: installs what is missing
+# (PostgreSQL server binaries, psql/pgbench, Python drivers), then `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_pg_server() {
+  local bindir
+  bindir=$(pg_config --bindir 2>/dev/null || true)
+  [ -n "$bindir" ] && [ -x "$bindir/initdb" ] && [ -x "$bindir/postgres" ] && return 0
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+
+missing=()
+have_pg_server || missing+=(postgresql)
+command -v psql >/dev/null || missing+=(postgresql-client)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing: ${missing[*]} — install them (e.g. sudo apt-get install -y ${missing[*]})" >&2
+    exit 1
+  fi
+  echo "installing ${missing[*]} ..."
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Python driver used by the non-Rust driver tests.
+if ! python3 -c 'import psycopg' 2>/dev/null; then
+  echo "installing psycopg[binary] ..."
+  python3 -m pip install -q 'psycopg[binary]==3.3.9' 2>&1 | grep -v 'Running pip as the' || true
+fi
+
+cargo test --all-targets "$@"
