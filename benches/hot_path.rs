@@ -59,9 +59,14 @@ fn result_set() -> Vec<u8> {
 }
 
 fn framing(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let mut group = c.benchmark_group("framing");
-    for (name, wire) in [("prepared_tx_x64", prepared_batch(64)), ("result_set_100_rows", result_set())] {
+    for (name, wire) in [
+        ("prepared_tx_x64", prepared_batch(64)),
+        ("result_set_100_rows", result_set()),
+    ] {
         group.throughput(Throughput::Bytes(wire.len() as u64));
         group.bench_function(name, |b| {
             b.iter_batched(
@@ -94,7 +99,9 @@ fn error_fields(c: &mut Criterion) {
         None,
     );
     let body = &raw[5..];
-    c.bench_function("error_fields_parse", |b| b.iter(|| black_box(ErrorFields::parse(black_box(body)))));
+    c.bench_function("error_fields_parse", |b| {
+        b.iter(|| black_box(ErrorFields::parse(black_box(body))))
+    });
 }
 
 criterion_group!(benches, framing, error_fields);

@@ -1,9 +1,19 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let cli = pgward::cli::Cli::parse();
-    match pgward::cli::run(cli).await {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.worker_threads {
+        builder.worker_threads(threads.max(1));
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("pgward: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    match runtime.block_on(pgward::cli::run(cli)) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("pgward: {e:#}");

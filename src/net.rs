@@ -104,3 +104,82 @@ impl AsyncWrite for Conn {
         delegate!(self, s => Pin::new(s).poll_shutdown(cx))
     }
 }
+
+/// Read half of a [`Conn`]. Plain sockets split without a lock (`into_split`); TLS streams share
+/// one session state, so they go through tokio's locking split.
+pub enum ConnReader {
+    Tcp(tokio::net::tcp::OwnedReadHalf),
+    Unix(tokio::net::unix::OwnedReadHalf),
+    Shared(tokio::io::ReadHalf<Conn>),
+}
+
+/// Write half of a [`Conn`].
+pub enum ConnWriter {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Unix(tokio::net::unix::OwnedWriteHalf),
+    Shared(tokio::io::WriteHalf<Conn>),
+}
+
+impl Conn {
+    /// Split into independently usable halves.
+    pub fn split(self) -> (ConnReader, ConnWriter) {
+        match self {
+            Conn::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (ConnReader::Tcp(r), ConnWriter::Tcp(w))
+            }
+            Conn::Unix(s) => {
+                let (r, w) = s.into_split();
+                (ConnReader::Unix(r), ConnWriter::Unix(w))
+            }
+            tls => {
+                let (r, w) = tokio::io::split(tls);
+                (ConnReader::Shared(r), ConnWriter::Shared(w))
+            }
+        }
+    }
+}
+
+impl AsyncRead for ConnReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnReader::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            ConnReader::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            ConnReader::Shared(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ConnWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ConnWriter::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            ConnWriter::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            ConnWriter::Shared(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnWriter::Tcp(s) => Pin::new(s).poll_flush(cx),
+            ConnWriter::Unix(s) => Pin::new(s).poll_flush(cx),
+            ConnWriter::Shared(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ConnWriter::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            ConnWriter::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            ConnWriter::Shared(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}

@@ -23,6 +23,9 @@ pub struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
     pub log_json: bool,
+    /// Async worker threads (default: one per CPU core).
+    #[arg(long, global = true, env = "PGWARD_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 /// Subcommands.

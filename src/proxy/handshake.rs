@@ -157,7 +157,8 @@ async fn handshake_inner(
             .write_all(&build::negotiate_protocol_version(0, &unrecognized))
             .await;
     }
-    let plaintext_allowed = shared.config.listen.allow_plaintext_loopback && client_addr.ip().is_loopback();
+    let plaintext_allowed =
+        shared.config.listen.allow_plaintext_loopback && client_addr.ip().is_loopback();
     if !conn.is_tls() && !plaintext_allowed {
         return Err(Refusal::new(
             conn,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::handshake::Authenticated;
@@ -15,14 +15,14 @@ use super::state::SessionState;
 use super::Shared;
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::inc;
-use crate::net::Conn;
+use crate::net::{ConnReader, ConnWriter};
 use crate::protocol::fields::{parse_name_and_text, ErrorFields};
 use crate::protocol::{backend, build, frontend, Batch, FrameReader, Message, ProtocolError};
 use crate::upstream::{UpstreamError, MAX_UPSTREAM_MESSAGE};
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
-type ClientWriter = Arc<tokio::sync::Mutex<WriteHalf<Conn>>>;
+type ClientWriter = Arc<tokio::sync::Mutex<ConnWriter>>;
 
 /// Why a relay direction stopped.
 #[derive(Debug)]
@@ -112,8 +112,8 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
         return;
     }
 
-    let (client_read, client_write) = tokio::io::split(conn);
-    let (upstream_read, upstream_write) = tokio::io::split(upstream.conn);
+    let (client_read, client_write) = conn.split();
+    let (upstream_read, upstream_write) = upstream.conn.split();
     let client_writer: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_write));
     let client_reader = FrameReader::new(client_read, shared.config.listen.max_message_bytes);
     let upstream_reader =
@@ -138,34 +138,46 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
 async fn client_to_upstream(
     shared: &Shared,
     state: &SessionState,
-    mut reader: FrameReader<ReadHalf<Conn>>,
-    mut upstream: WriteHalf<Conn>,
+    mut reader: FrameReader<ConnReader>,
+    mut upstream: ConnWriter,
     mut interceptor: Interceptor,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let idle_timeout = shared.config.listen.idle_timeout;
     let mut shutting_down = *shutdown.borrow();
+    // One timer for the session, re-armed per batch, instead of a new one per loop iteration.
+    let idle_timer = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle_timer);
+    let idle_checks = !idle_timeout.is_zero();
     loop {
         let batch = tokio::select! {
             biased;
+            batch = reader.next_batch() => batch,
             changed = shutdown.changed(), if !shutting_down => {
                 shutting_down = changed.is_err() || *shutdown.borrow();
+                if shutting_down {
+                    idle_timer.as_mut().reset(tokio::time::Instant::now());
+                }
                 continue;
             }
-            _ = tokio::time::sleep(Duration::from_millis(20)), if shutting_down => {
-                if state.is_idle() {
+            () = &mut idle_timer, if idle_checks || shutting_down => {
+                if shutting_down && state.is_idle() {
                     return End::Fatal(ClientError::fatal(sqlstate::ADMIN_SHUTDOWN, "terminating connection due to administrator command"));
                 }
-                continue;
-            }
-            _ = tokio::time::sleep(idle_timeout), if !idle_timeout.is_zero() && !shutting_down => {
-                if state.is_idle() {
+                if idle_checks && !shutting_down && state.is_idle() {
                     return End::Fatal(ClientError::fatal(sqlstate::IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout"));
                 }
+                // Busy or in a transaction: look again later (soon when shutting down).
+                let again = if shutting_down { Duration::from_millis(20) } else { idle_timeout };
+                idle_timer.as_mut().reset(tokio::time::Instant::now() + again);
                 continue;
             }
-            batch = reader.next_batch() => batch,
         };
+        if idle_checks && !shutting_down {
+            idle_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + idle_timeout);
+        }
         let batch = match batch {
             Ok(Some(batch)) => batch,
             Ok(None) => return End::ClientClosed,
@@ -184,9 +196,9 @@ async fn client_to_upstream(
         } else {
             intercept_batch(shared, state, &mut interceptor, &batch).await
         };
-        let terminate = account_client_batch(shared, state, &batch);
+        let (terminate, executes) = account_client_batch(shared, state, &batch);
         let _gate = state.cancel_gate.lock().await;
-        if starts_execution(&batch) {
+        if executes {
             state.bump_generation();
         }
         state.mark_busy();
@@ -204,32 +216,31 @@ async fn client_to_upstream(
     }
 }
 
-/// Bookkeeping for one client batch; returns whether it ends with Terminate.
-fn account_client_batch(shared: &Shared, state: &SessionState, batch: &Batch) -> bool {
-    let now = Instant::now();
+/// Bookkeeping for one client batch, in one pass over its tags: returns whether it ends the
+/// session (Terminate) and whether it starts execution (Query, Execute, FunctionCall).
+fn account_client_batch(shared: &Shared, state: &SessionState, batch: &Batch) -> (bool, bool) {
+    let mut now = None;
     let mut terminate = false;
+    let mut statements = 0;
     for message in batch.messages() {
         match message.tag() {
             frontend::QUERY => {
-                inc(&shared.metrics.statements);
-                state.request_started(now);
+                statements += 1;
+                state.request_started(*now.get_or_insert_with(Instant::now));
             }
-            frontend::EXECUTE | frontend::FUNCTION_CALL => inc(&shared.metrics.statements),
-            frontend::SYNC => state.request_started(now),
+            frontend::EXECUTE | frontend::FUNCTION_CALL => statements += 1,
+            frontend::SYNC => state.request_started(*now.get_or_insert_with(Instant::now)),
             frontend::TERMINATE => terminate = true,
             _ => {}
         }
     }
-    terminate
-}
-
-fn starts_execution(batch: &Batch) -> bool {
-    batch.messages().any(|m| {
-        matches!(
-            m.tag(),
-            frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
-        )
-    })
+    if statements > 0 {
+        shared
+            .metrics
+            .statements
+            .fetch_add(statements, Ordering::Relaxed);
+    }
+    (terminate, statements > 0)
 }
 
 /// Run every message of a batch through the interceptor; unchanged runs stay zero-copy slices.
@@ -290,7 +301,7 @@ fn refusal_stand_in(state: &SessionState, message: &Message, error: ClientError)
 async fn upstream_to_client(
     shared: &Shared,
     state: &SessionState,
-    mut reader: FrameReader<ReadHalf<Conn>>,
+    mut reader: FrameReader<ConnReader>,
     client: ClientWriter,
 ) -> End {
     loop {
