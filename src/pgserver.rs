@@ -54,6 +54,8 @@ pub struct EmbeddedOptions {
     pub extra_conf: Vec<String>,
     /// Keep durability settings (fsync) as in production; tests turn them off for speed.
     pub durable: bool,
+    /// Serve TLS with a freshly generated self-signed certificate for `localhost`.
+    pub tls: bool,
 }
 
 impl Default for EmbeddedOptions {
@@ -63,6 +65,7 @@ impl Default for EmbeddedOptions {
             extra_hba: Vec::new(),
             extra_conf: Vec::new(),
             durable: false,
+            tls: false,
         }
     }
 }
@@ -207,6 +210,11 @@ impl EmbeddedPostgres {
         self.root.join("postgres.log")
     }
 
+    /// The server's TLS certificate (PEM), when started with `tls`.
+    pub fn tls_cert_file(&self) -> PathBuf {
+        self.root.join("server.crt")
+    }
+
     /// The installed binaries' directory.
     pub fn bindir(&self) -> &Path {
         &self.bindir
@@ -322,6 +330,21 @@ impl EmbeddedPostgres {
                 ]
                 .map(String::from),
             );
+        }
+        if options.tls {
+            let cert = self.tls_cert_file();
+            let key = self.root.join("server.key");
+            crate::tls::write_self_signed(&cert, &key, &["localhost"]).map_err(|e| {
+                PgServerError::Command {
+                    what: "generating the server certificate".into(),
+                    detail: e.to_string(),
+                }
+            })?;
+            chown(&cert, self.run_as)?;
+            chown(&key, self.run_as)?;
+            conf.push("ssl = on".into());
+            conf.push(format!("ssl_cert_file = '{}'", cert.display()));
+            conf.push(format!("ssl_key_file = '{}'", key.display()));
         }
         conf.extend(options.extra_conf.iter().cloned());
         let conf_path = data.join("postgresql.auto.conf");

@@ -308,3 +308,65 @@ async fn admin_endpoint_serves_metrics_and_health() {
         .await
         .starts_with("HTTP/1.1 404"));
 }
+
+async fn upstream_ssl_in_use(proxy: &harness::TestProxy) -> bool {
+    let client = proxy.connect("app", "postgres").await;
+    let row = client
+        .query_one(
+            "select coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false)",
+            &[],
+        )
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+#[tokio::test]
+async fn upstream_over_verified_tls_and_over_a_unix_socket() {
+    let pg = harness::postgres();
+    let verified = harness::start_proxy(ProxyOptions {
+        upstream: Some(format!(
+            "[upstream]\nhost = \"localhost\"\nport = {}\ntls = \"verify-full\"\ntls_ca_file = {:?}\n",
+            pg.port, pg.tls_cert_file
+        )),
+        ..ProxyOptions::default()
+    })
+    .await;
+    assert!(
+        upstream_ssl_in_use(&verified).await,
+        "upstream hop encrypted"
+    );
+
+    // A certificate that does not chain to the configured CA is refused.
+    let wrong_ca = harness::start_proxy(ProxyOptions {
+        upstream: Some(format!(
+            "[upstream]\nhost = \"localhost\"\nport = {}\ntls = \"verify-full\"\ntls_ca_file = {:?}\n",
+            pg.port,
+            harness::fixtures().cert_file
+        )),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let err = wrong_ca
+        .client_config("app", "postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(db_code(&err).as_deref(), Some("08001"));
+
+    let unix = harness::start_proxy(ProxyOptions {
+        upstream: Some(format!(
+            "[upstream]\nhost = {:?}\nport = {}\n",
+            pg.socket_dir, pg.port
+        )),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let client = unix.connect("trustsvc", "postgres").await;
+    let row = client
+        .query_one("select inet_client_addr() is null", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "connected over the unix socket");
+}

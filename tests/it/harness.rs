@@ -37,6 +37,8 @@ pub struct Pg {
     pub port: u16,
     pub password: String,
     pub socket_dir: PathBuf,
+    /// The server's self-signed TLS certificate (CN/SAN localhost).
+    pub tls_cert_file: PathBuf,
 }
 
 impl Pg {
@@ -92,6 +94,7 @@ pub fn postgres() -> Pg {
                 format!("host all {PASSWORD_ROLE} 127.0.0.1/32 password"),
                 format!("host all {TRUST_ROLE} 127.0.0.1/32 trust"),
             ],
+            tls: true,
             ..EmbeddedOptions::default()
         };
         let server = EmbeddedPostgres::start(options).expect("start PostgreSQL");
@@ -133,6 +136,7 @@ pub fn postgres() -> Pg {
         port: server.port(),
         password: server.password().to_string(),
         socket_dir: server.socket_dir(),
+        tls_cert_file: server.tls_cert_file(),
     }
 }
 
@@ -174,6 +178,8 @@ pub async fn fresh_database(prefix: &str, with_demo: bool) -> String {
 /// Options of a test proxy.
 #[derive(Clone)]
 pub struct ProxyOptions {
+    /// Replaces the whole [upstream] table when set.
+    pub upstream: Option<String>,
     pub tls: bool,
     pub client_ca: bool,
     pub allow_plaintext: bool,
@@ -185,6 +191,7 @@ pub struct ProxyOptions {
 impl Default for ProxyOptions {
     fn default() -> Self {
         Self {
+            upstream: None,
             tls: true,
             client_ca: false,
             allow_plaintext: true,
@@ -278,9 +285,7 @@ address = "127.0.0.1:0"
 startup_timeout = "5s"
 {extra_listen}
 
-[upstream]
-host = "127.0.0.1"
-port = {port}
+{upstream}
 
 [auth]
 hs256_secret_file = {secret:?}
@@ -314,7 +319,10 @@ upstream_user = "{TRUST_ROLE}"
 "#,
         plain = options.allow_plaintext,
         extra_listen = options.extra_listen,
-        port = pg.port,
+        upstream = options
+            .upstream
+            .clone()
+            .unwrap_or_else(|| format!("[upstream]\nhost = \"127.0.0.1\"\nport = {}\n", pg.port)),
         secret = fx.secret_file,
         extra_auth = options.extra_auth,
         extra = options.extra_toml,
