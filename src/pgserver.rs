@@ -190,6 +190,11 @@ impl EmbeddedPostgres {
         self.root.join("data")
     }
 
+    /// The temporary directory holding data, socket and log (removed on drop).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// Directory of the server's unix socket.
     pub fn socket_dir(&self) -> PathBuf {
         self.root.join("sock")

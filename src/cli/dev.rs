@@ -171,9 +171,10 @@ async fn throwaway_upstream(migrations: &Path) -> anyhow::Result<Upstream> {
     drop(client);
     let _ = driver.await;
     eprintln!(
-        "pgward dev: PostgreSQL on 127.0.0.1:{} (superuser postgres / {}), migrations applied: {}",
+        "pgward dev: PostgreSQL on 127.0.0.1:{} (superuser postgres / {}, files in {}), migrations applied: {}",
         server.port(),
         server.password(),
+        server.root().display(),
         applied.join(", ")
     );
     Ok(Upstream {

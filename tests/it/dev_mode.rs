@@ -1,0 +1,140 @@
+//! `pgward dev` as a newcomer uses it: run the binary, paste a printed psql command, Ctrl-C.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    pgward::pgserver::free_port().unwrap()
+}
+
+#[test]
+fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
+    let workdir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args([
+            "dev",
+            "--listen",
+            &listen,
+            "--admin",
+            &admin,
+            "--migrations",
+        ])
+        .arg(&migrations)
+        .current_dir(workdir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut commands = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(command) = line.trim().strip_prefix("psql ") {
+            commands.push(command.trim_matches('"').to_string());
+        }
+        if line.contains("Press Ctrl-C") || Instant::now() > deadline {
+            break;
+        }
+    }
+    assert_eq!(
+        commands.len(),
+        3,
+        "one command per demo service: {commands:?}"
+    );
+    assert!(commands
+        .iter()
+        .all(|c| c.contains("sslmode=require") && c.contains(&listen)));
+    let billing = commands
+        .iter()
+        .find(|c| c.starts_with("postgresql://billing:"))
+        .unwrap();
+    let out = Command::new("psql")
+        .args([
+            billing.as_str(),
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "select count(*) from tenants",
+            "-c",
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().next(),
+        Some("3"),
+        "three demo tenants"
+    );
+
+    // The working files live under ./.pgward and a token can be minted there.
+    assert!(workdir.path().join(".pgward/pgward.toml").is_file());
+    let minted = Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args([
+            "token",
+            "mint",
+            "--service",
+            "billing",
+            "--claim",
+            "tenant_id=2",
+        ])
+        .current_dir(workdir.path())
+        .output()
+        .unwrap();
+    assert!(minted.status.success());
+    let token = String::from_utf8_lossy(&minted.stdout).trim().to_string();
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            listen.rsplit(':').next().unwrap(),
+            "-U",
+            "billing",
+            "-d",
+            "pgward_demo",
+            "-c",
+            "select 1",
+        ])
+        .env("PGPASSWORD", &token)
+        .env("PGSSLMODE", "require")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "minted token works: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Ctrl-C stops everything and removes the throwaway server.
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("throwaway PostgreSQL removed"), "{stderr}");
+    let server_line = stderr
+        .lines()
+        .find(|l| l.contains("PostgreSQL on 127.0.0.1:"))
+        .expect("server line");
+    let files = server_line
+        .split("files in ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .expect("files dir");
+    assert!(!std::path::Path::new(files).exists(), "{files} removed");
+}
