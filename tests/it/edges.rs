@@ -370,3 +370,93 @@ async fn upstream_over_verified_tls_and_over_a_unix_socket() {
         .unwrap();
     assert!(row.get::<_, bool>(0), "connected over the unix socket");
 }
+
+#[tokio::test]
+async fn token_failures_are_refused_with_clear_messages_and_counted() {
+    let proxy = harness::start_proxy(ProxyOptions::default()).await;
+    let now = harness::now_secs();
+    let base =
+        || serde_json::json!({"sub": "app", "aud": "pgward-tests", "iat": now, "exp": now + 300});
+    let forged = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &base(),
+        &jsonwebtoken::EncodingKey::from_secret(b"not-the-configured-secret-at-all!!"),
+    )
+    .unwrap();
+    let mut expired = base();
+    expired["iat"] = (now - 600).into();
+    expired["exp"] = (now - 120).into();
+    let mut wrong_aud = base();
+    wrong_aud["aud"] = "someone-else".into();
+    let mut too_long = base();
+    too_long["exp"] = (now + 86_400).into();
+    let cases = [
+        (
+            "app",
+            harness::sign(&expired),
+            "28P01",
+            "expired",
+            "token expired",
+        ),
+        (
+            "app",
+            harness::sign(&wrong_aud),
+            "28P01",
+            "wrong_audience",
+            "audience does not match",
+        ),
+        (
+            "app",
+            forged.clone(),
+            "28P01",
+            "bad_signature",
+            "signature is invalid",
+        ),
+        (
+            "app",
+            harness::sign(&too_long),
+            "28P01",
+            "lifetime_too_long",
+            "exceeds the allowed maximum",
+        ),
+        (
+            "other",
+            harness::sign(&base()),
+            "28000",
+            "identity_mismatch",
+            "does not match the token's service",
+        ),
+        (
+            "app",
+            "garbage".to_string(),
+            "28P01",
+            "malformed",
+            "not a valid token",
+        ),
+    ];
+    for (user, token, code, reason, text) in cases {
+        let err = proxy
+            .client_config(user, "postgres")
+            .password(token.as_str())
+            .connect(tokio_postgres::NoTls)
+            .await
+            .err()
+            .expect("refused");
+        let db = err.as_db_error().expect("server error");
+        assert_eq!(db.code().code(), code, "{reason}");
+        assert!(db.message().contains(text), "{reason}: {}", db.message());
+        assert!(!db.message().contains(&token), "token never echoed");
+        assert_eq!(
+            proxy.metrics.auth_failures_for(reason),
+            1,
+            "{reason} counted"
+        );
+    }
+    let unknown = proxy
+        .client_config("nobody", "postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(db_code(&unknown).as_deref(), Some("28000"));
+}

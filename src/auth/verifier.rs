@@ -1,0 +1,590 @@
+//! Token verification.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use parking_lot::RwLock;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::{AuthError, AuthSetupError};
+
+/// `[auth]` in `pgward.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Claim naming the service; must equal the startup `user`.
+    pub identity_claim: String,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Accepted `aud` values (the token must carry one), when non-empty.
+    pub audience: Vec<String>,
+    /// Longest accepted lifetime (exp − iat, or exp − nbf, or exp − now).
+    #[serde(with = "humantime_serde")]
+    pub max_token_lifetime: Duration,
+    /// Clock skew tolerated on exp/nbf.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// HS256 shared secret (raw file bytes, trailing newline ignored).
+    pub hs256_secret_file: Option<PathBuf>,
+    /// JWKS with RS256/ES256/EdDSA public keys.
+    pub jwks_file: Option<PathBuf>,
+    /// Least time between two re-reads of the JWKS on an unknown `kid`.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh_min_interval: Duration,
+    /// Refuse clients that present no (CA-verified) certificate.
+    pub require_client_cert: bool,
+    /// The certificate identity (SPIFFE URI SAN or CN) must equal the service (or end in `/<service>`).
+    pub cert_identity_must_match: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            identity_claim: "sub".into(),
+            issuer: None,
+            audience: Vec::new(),
+            max_token_lifetime: Duration::from_secs(3600),
+            leeway: Duration::from_secs(30),
+            hs256_secret_file: None,
+            jwks_file: None,
+            jwks_refresh_min_interval: Duration::from_secs(30),
+            require_client_cert: false,
+            cert_identity_must_match: false,
+        }
+    }
+}
+
+/// A verified service identity, attached to the session for policy, encryption and audit.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub service: String,
+    pub claims: Map<String, Value>,
+    pub token_id: Option<String>,
+    pub expires_at: SystemTime,
+    pub cert_identity: Option<String>,
+}
+
+struct AsymmetricKey {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+#[derive(Default)]
+struct Keys {
+    hs256: Option<DecodingKey>,
+    asymmetric: Vec<AsymmetricKey>,
+}
+
+/// Verifies tokens; shared by all sessions.
+pub struct TokenVerifier {
+    config: AuthConfig,
+    keys: RwLock<Keys>,
+    last_refresh: parking_lot::Mutex<Instant>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, AuthSetupError> {
+    std::fs::read(path).map_err(|e| AuthSetupError::Read {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
+}
+
+fn load_keys(config: &AuthConfig) -> Result<Keys, AuthSetupError> {
+    let mut keys = Keys::default();
+    if let Some(path) = &config.hs256_secret_file {
+        let mut secret = read(path)?;
+        while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            secret.pop();
+        }
+        if secret.len() < 32 {
+            return Err(AuthSetupError::BadKey {
+                path: path.display().to_string(),
+                detail: "an HS256 secret must be at least 32 bytes".into(),
+            });
+        }
+        keys.hs256 = Some(DecodingKey::from_secret(&secret));
+    }
+    if let Some(path) = &config.jwks_file {
+        let bad = |detail: String| AuthSetupError::BadKey {
+            path: path.display().to_string(),
+            detail,
+        };
+        let set: JwkSet = serde_json::from_slice(&read(path)?).map_err(|e| bad(e.to_string()))?;
+        for jwk in &set.keys {
+            let algorithm = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+                (Some(alg), _) => alg
+                    .to_string()
+                    .parse::<Algorithm>()
+                    .map_err(|e| bad(e.to_string()))?,
+                (None, jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_)) => Algorithm::EdDSA,
+                (None, jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_)) => {
+                    Algorithm::ES256
+                }
+                (None, jsonwebtoken::jwk::AlgorithmParameters::RSA(_)) => Algorithm::RS256,
+                (None, _) => return Err(bad("symmetric keys do not belong in a JWKS here".into())),
+            };
+            if algorithm == Algorithm::HS256
+                || algorithm == Algorithm::HS384
+                || algorithm == Algorithm::HS512
+            {
+                return Err(bad(
+                    "HMAC keys are configured with hs256_secret_file, not the JWKS".into(),
+                ));
+            }
+            let key = DecodingKey::from_jwk(jwk).map_err(|e| bad(e.to_string()))?;
+            keys.asymmetric.push(AsymmetricKey {
+                kid: jwk.common.key_id.clone(),
+                algorithm,
+                key,
+            });
+        }
+    }
+    if keys.hs256.is_none() && keys.asymmetric.is_empty() {
+        return Err(AuthSetupError::NoKeySource);
+    }
+    Ok(keys)
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl TokenVerifier {
+    /// Load the configured key material.
+    pub async fn new(config: AuthConfig) -> Result<Self, AuthSetupError> {
+        let keys = load_keys(&config)?;
+        Ok(Self {
+            config,
+            keys: RwLock::new(keys),
+            last_refresh: parking_lot::Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Re-read key files (SIGHUP); keeps the old keys if the new ones are invalid.
+    pub async fn reload(&self) -> Result<(), AuthSetupError> {
+        let keys = load_keys(&self.config)?;
+        *self.keys.write() = keys;
+        Ok(())
+    }
+
+    /// Re-read the JWKS for an unknown `kid`, at most once per configured interval.
+    fn refresh_for_unknown_kid(&self) -> bool {
+        let mut last = self.last_refresh.lock();
+        if last.elapsed() < self.config.jwks_refresh_min_interval {
+            return false;
+        }
+        *last = Instant::now();
+        match load_keys(&self.config) {
+            Ok(keys) => {
+                *self.keys.write() = keys;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "JWKS refresh failed, keeping the previous keys");
+                false
+            }
+        }
+    }
+
+    fn validation(&self, algorithm: Algorithm) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = self.config.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        if self.config.audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&self.config.audience);
+        }
+        if let Some(issuer) = &self.config.issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        validation
+    }
+
+    fn map_error(&self, e: &jsonwebtoken::errors::Error) -> AuthError {
+        match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidAudience => AuthError::WrongAudience {
+                expected: self.config.audience.clone(),
+            },
+            ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::MissingRequiredClaim(c) if c == "exp" => AuthError::MissingExpiry,
+            ErrorKind::InvalidAlgorithm => AuthError::BadSignature,
+            _ => AuthError::Malformed,
+        }
+    }
+
+    fn decode(
+        &self,
+        token: &str,
+        header: &jsonwebtoken::Header,
+    ) -> Result<Map<String, Value>, AuthError> {
+        let keys = self.keys.read();
+        let (algorithm, key) = match header.alg {
+            Algorithm::HS256 => (
+                Algorithm::HS256,
+                keys.hs256
+                    .as_ref()
+                    .ok_or(AuthError::UnsupportedAlgorithm("HS256".into()))?,
+            ),
+            alg => {
+                let candidates: Vec<&AsymmetricKey> = keys
+                    .asymmetric
+                    .iter()
+                    .filter(|k| match &header.kid {
+                        Some(kid) => k.kid.as_deref() == Some(kid.as_str()),
+                        None => k.algorithm == alg,
+                    })
+                    .collect();
+                let [found] = candidates.as_slice() else {
+                    return Err(AuthError::UnknownKey {
+                        kid: header.kid.clone(),
+                    });
+                };
+                // The key decides the algorithm; a header claiming another one is refused.
+                if found.algorithm != alg {
+                    return Err(AuthError::UnsupportedAlgorithm(format!("{alg:?}")));
+                }
+                (found.algorithm, &found.key)
+            }
+        };
+        jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation(algorithm))
+            .map(|data| data.claims)
+            .map_err(|e| self.map_error(&e))
+    }
+
+    /// Verify a token presented by a client that sent `startup_user`.
+    pub async fn verify(
+        &self,
+        token: &str,
+        startup_user: &str,
+        cert_identity: Option<&str>,
+    ) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        if matches!(header.alg, Algorithm::HS384 | Algorithm::HS512) {
+            return Err(AuthError::UnsupportedAlgorithm(format!("{:?}", header.alg)));
+        }
+        let claims = match self.decode(token, &header) {
+            Err(AuthError::UnknownKey { .. })
+                if header.kid.is_some() && self.refresh_for_unknown_kid() =>
+            {
+                self.decode(token, &header)?
+            }
+            other => other?,
+        };
+        self.check_lifetime(&claims)?;
+        let service = claims
+            .get(&self.config.identity_claim)
+            .and_then(Value::as_str)
+            .ok_or_else(|| AuthError::MissingIdentityClaim {
+                claim: self.config.identity_claim.clone(),
+            })?
+            .to_string();
+        if service != startup_user {
+            return Err(AuthError::IdentityMismatch {
+                startup_user: startup_user.to_string(),
+                token_service: service,
+            });
+        }
+        self.check_certificate(&service, cert_identity)?;
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            .max(0) as u64;
+        Ok(Identity {
+            token_id: claims
+                .get("jti")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            expires_at: UNIX_EPOCH + Duration::from_secs(exp),
+            cert_identity: cert_identity.map(str::to_string),
+            service,
+            claims,
+        })
+    }
+
+    fn check_lifetime(&self, claims: &Map<String, Value>) -> Result<(), AuthError> {
+        let exp = claims
+            .get("exp")
+            .and_then(Value::as_i64)
+            .ok_or(AuthError::MissingExpiry)?;
+        let start = claims
+            .get("iat")
+            .or_else(|| claims.get("nbf"))
+            .and_then(Value::as_i64)
+            .unwrap_or_else(now_secs);
+        let lifetime = exp - start;
+        let max = self.config.max_token_lifetime.as_secs();
+        if lifetime > max as i64 {
+            return Err(AuthError::LifetimeTooLong {
+                lifetime_secs: lifetime,
+                max_secs: max,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_certificate(
+        &self,
+        service: &str,
+        cert_identity: Option<&str>,
+    ) -> Result<(), AuthError> {
+        match cert_identity {
+            None if self.config.require_client_cert || self.config.cert_identity_must_match => {
+                Err(AuthError::ClientCertRequired)
+            }
+            Some(identity) if self.config.cert_identity_must_match => {
+                let matches = identity == service
+                    || (identity.starts_with("spiffe://")
+                        && identity.rsplit('/').next() == Some(service));
+                if matches {
+                    Ok(())
+                } else {
+                    Err(AuthError::ClientCertMismatch {
+                        cert_identity: identity.to_string(),
+                        service: service.to_string(),
+                    })
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The identity of a client certificate: its SPIFFE URI SAN, else its subject CN.
+pub fn cert_identity_from_der(cert_der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if uri.starts_with("spiffe://") {
+                    return Some(uri.to_string());
+                }
+            }
+        }
+    }
+    let common_name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string);
+    common_name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &[u8] = b"unit-test-secret-that-is-32-bytes-long";
+
+    async fn verifier(extra: impl FnOnce(&mut AuthConfig)) -> (TokenVerifier, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, SECRET).unwrap();
+        let mut config = AuthConfig {
+            hs256_secret_file: Some(secret),
+            audience: vec!["pgward".into()],
+            issuer: Some("issuer".into()),
+            ..AuthConfig::default()
+        };
+        extra(&mut config);
+        (TokenVerifier::new(config).await.unwrap(), dir)
+    }
+
+    fn hs(claims: Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap()
+    }
+
+    fn good() -> Value {
+        let now = now_secs();
+        json!({"sub": "billing", "aud": "pgward", "iss": "issuer", "iat": now, "exp": now + 300, "jti": "j1", "tenant_id": 7})
+    }
+
+    fn with(mut v: Value, key: &str, value: Value) -> Value {
+        v.as_object_mut().unwrap().insert(key.into(), value);
+        v
+    }
+
+    #[tokio::test]
+    async fn accepts_a_good_token_and_keeps_its_claims() {
+        let (v, _dir) = verifier(|_| {}).await;
+        let identity = v.verify(&hs(good()), "billing", None).await.unwrap();
+        assert_eq!(identity.service, "billing");
+        assert_eq!(identity.token_id.as_deref(), Some("j1"));
+        assert_eq!(identity.claims["tenant_id"], json!(7));
+    }
+
+    #[tokio::test]
+    async fn each_failure_has_its_reason_and_never_echoes_the_token() {
+        let (v, _dir) = verifier(|_| {}).await;
+        let now = now_secs();
+        let forged = encode(
+            &Header::new(Algorithm::HS256),
+            &good(),
+            &EncodingKey::from_secret(b"another-secret-that-is-32-bytes!!"),
+        )
+        .unwrap();
+        let cases = [
+            (
+                hs(with(
+                    with(good(), "exp", json!(now - 120)),
+                    "iat",
+                    json!(now - 200),
+                )),
+                "billing",
+                "expired",
+            ),
+            (
+                hs(with(good(), "nbf", json!(now + 600))),
+                "billing",
+                "not_yet_valid",
+            ),
+            (
+                hs(with(good(), "aud", json!("elsewhere"))),
+                "billing",
+                "wrong_audience",
+            ),
+            (
+                hs(with(good(), "iss", json!("mallory"))),
+                "billing",
+                "wrong_issuer",
+            ),
+            (forged, "billing", "bad_signature"),
+            (
+                hs(with(good(), "exp", json!(now + 86_400))),
+                "billing",
+                "lifetime_too_long",
+            ),
+            (hs(good()), "support", "identity_mismatch"),
+            ("not.a.jwt".to_string(), "billing", "malformed"),
+        ];
+        for (token, user, reason) in cases {
+            let err = v.verify(&token, user, None).await.unwrap_err();
+            assert_eq!(err.reason(), reason, "{err:?}");
+            assert!(!err.client_message().contains(&token));
+            assert!(err.sqlstate().starts_with("28"));
+        }
+        let mut no_exp = good();
+        no_exp.as_object_mut().unwrap().remove("exp");
+        assert_eq!(
+            v.verify(&hs(no_exp), "billing", None)
+                .await
+                .unwrap_err()
+                .reason(),
+            "missing_expiry"
+        );
+    }
+
+    #[tokio::test]
+    async fn algorithm_comes_from_the_key_not_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = super::super::DevSigningKey::load_or_create(dir.path()).unwrap();
+        let config = AuthConfig {
+            jwks_file: Some(super::super::DevSigningKey::jwks_path(dir.path())),
+            ..AuthConfig::default()
+        };
+        let v = TokenVerifier::new(config).await.unwrap();
+        let token = key
+            .mint("billing", &Map::new(), Duration::from_secs(60), None, None)
+            .unwrap();
+        assert!(v.verify(&token, "billing", None).await.is_ok());
+        // HS256 with no HMAC key configured: refused, whatever secret was used.
+        let hs_token = hs(good());
+        assert_eq!(
+            v.verify(&hs_token, "billing", None)
+                .await
+                .unwrap_err()
+                .reason(),
+            "unsupported_algorithm"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_kid_rereads_the_jwks_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = super::super::DevSigningKey::load_or_create(&dir.path().join("old")).unwrap();
+        let new = super::super::DevSigningKey::load_or_create(&dir.path().join("new")).unwrap();
+        let jwks = dir.path().join("jwks.json");
+        std::fs::copy(
+            super::super::DevSigningKey::jwks_path(&dir.path().join("old")),
+            &jwks,
+        )
+        .unwrap();
+        let config = AuthConfig {
+            jwks_file: Some(jwks.clone()),
+            jwks_refresh_min_interval: Duration::ZERO,
+            ..AuthConfig::default()
+        };
+        let v = TokenVerifier::new(config).await.unwrap();
+        let token = new
+            .mint("billing", &Map::new(), Duration::from_secs(60), None, None)
+            .unwrap();
+        assert_eq!(
+            v.verify(&token, "billing", None)
+                .await
+                .unwrap_err()
+                .reason(),
+            "unknown_key"
+        );
+        std::fs::copy(
+            super::super::DevSigningKey::jwks_path(&dir.path().join("new")),
+            &jwks,
+        )
+        .unwrap();
+        assert!(
+            v.verify(&token, "billing", None).await.is_ok(),
+            "rotated key picked up"
+        );
+        let old_token = old
+            .mint("billing", &Map::new(), Duration::from_secs(60), None, None)
+            .unwrap();
+        assert!(v.verify(&old_token, "billing", None).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn client_certificate_rules() {
+        let (v, _dir) = verifier(|c| c.cert_identity_must_match = true).await;
+        assert_eq!(
+            v.verify(&hs(good()), "billing", None)
+                .await
+                .unwrap_err()
+                .reason(),
+            "client_cert_required"
+        );
+        assert!(v
+            .verify(&hs(good()), "billing", Some("spiffe://corp/ns/billing"))
+            .await
+            .is_ok());
+        assert_eq!(
+            v.verify(&hs(good()), "billing", Some("support"))
+                .await
+                .unwrap_err()
+                .reason(),
+            "client_cert_mismatch"
+        );
+        let cert = rcgen::generate_simple_self_signed(vec!["billing.example".into()]).unwrap();
+        assert!(cert_identity_from_der(cert.cert.der()).is_some());
+        assert!(cert_identity_from_der(b"garbage").is_none());
+    }
+}
