@@ -88,7 +88,10 @@ ORDER BY n.nspname, c.relname, a.attnum";
 impl Catalog {
     /// Builds a catalog from known relations (tests, tools).
     pub fn from_tables(tables: Vec<TableInfo>) -> Self {
-        let tables = tables.into_iter().map(|t| ((t.schema.clone(), t.name.clone()), t)).collect();
+        let tables = tables
+            .into_iter()
+            .map(|t| ((t.schema.clone(), t.name.clone()), t))
+            .collect();
         Catalog { tables }
     }
 
@@ -102,13 +105,15 @@ impl Catalog {
             let name: String = row.try_get(1)?;
             let oid: u32 = row.try_get(2)?;
             let kind: String = row.try_get(3)?;
-            let entry = tables.entry((schema.clone(), name.clone())).or_insert_with(|| TableInfo {
-                schema,
-                name,
-                oid,
-                kind: RelKind::from_relkind(&kind),
-                columns: Vec::new(),
-            });
+            let entry = tables
+                .entry((schema.clone(), name.clone()))
+                .or_insert_with(|| TableInfo {
+                    schema,
+                    name,
+                    oid,
+                    kind: RelKind::from_relkind(&kind),
+                    columns: Vec::new(),
+                });
             let column: Option<String> = row.try_get(4)?;
             if let Some(column) = column {
                 entry.columns.push(ColumnInfo {
@@ -137,7 +142,9 @@ impl Catalog {
     /// so this is what the server will resolve too.
     pub fn resolve(&self, parts: &[String]) -> Option<&TableInfo> {
         match parts {
-            [name] => self.get("pg_catalog", name).or_else(|| self.get("public", name)),
+            [name] => self
+                .get("pg_catalog", name)
+                .or_else(|| self.get("public", name)),
             [schema, name] => self.get(schema, name),
             _ => None,
         }

@@ -5,7 +5,9 @@ use std::ops::ControlFlow;
 use std::path::Path;
 
 use serde::Deserialize;
-use sqlparser::ast::{Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Value, Visit, Visitor};
+use sqlparser::ast::{
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Value, Visit, Visitor,
+};
 use toml::Spanned;
 
 use super::allow;
@@ -144,7 +146,9 @@ impl ServicePolicy {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.get(..offset).map(|s| s.matches('\n').count() + 1).unwrap_or(1)
+    text.get(..offset)
+        .map(|s| s.matches('\n').count() + 1)
+        .unwrap_or(1)
 }
 
 struct Ctx<'a> {
@@ -168,8 +172,16 @@ impl Ctx<'_> {
 }
 
 /// Loads every `*.toml` directly in `dir`. Returns all errors, not just the first.
-pub fn load_dir(dir: &Path, catalog: &Catalog) -> Result<HashMap<String, ServicePolicy>, Vec<PolicyError>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| vec![PolicyError::Io { path: dir.display().to_string(), source: e }])?;
+pub fn load_dir(
+    dir: &Path,
+    catalog: &Catalog,
+) -> Result<HashMap<String, ServicePolicy>, Vec<PolicyError>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        vec![PolicyError::Io {
+            path: dir.display().to_string(),
+            source: e,
+        }]
+    })?;
     let mut paths: Vec<_> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
@@ -181,18 +193,28 @@ pub fn load_dir(dir: &Path, catalog: &Catalog) -> Result<HashMap<String, Service
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) => {
-                errors.push(PolicyError::Io { path: path.display().to_string(), source: e });
+                errors.push(PolicyError::Io {
+                    path: path.display().to_string(),
+                    source: e,
+                });
                 continue;
             }
         };
-        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
         match compile_file(&path.display().to_string(), &stem, &text, catalog) {
             Ok(p) => {
                 if let Some(prev) = out.get(&p.service) {
                     errors.push(PolicyError::Invalid {
                         file: p.file.clone(),
                         line: 1,
-                        message: format!("service {:?} already defined in {}", p.service, prev.file),
+                        message: format!(
+                            "service {:?} already defined in {}",
+                            p.service, prev.file
+                        ),
                     });
                 } else {
                     out.insert(p.service.clone(), p);
@@ -209,20 +231,40 @@ pub fn load_dir(dir: &Path, catalog: &Catalog) -> Result<HashMap<String, Service
 }
 
 /// Parses and validates one policy file.
-pub fn compile_file(file: &str, stem: &str, text: &str, catalog: &Catalog) -> Result<ServicePolicy, Vec<PolicyError>> {
-    let mut ctx = Ctx { file: file.to_string(), text, errors: Vec::new() };
+pub fn compile_file(
+    file: &str,
+    stem: &str,
+    text: &str,
+    catalog: &Catalog,
+) -> Result<ServicePolicy, Vec<PolicyError>> {
+    let mut ctx = Ctx {
+        file: file.to_string(),
+        text,
+        errors: Vec::new(),
+    };
     let parsed: FileToml = match toml::from_str(text) {
         Ok(p) => p,
         Err(e) => {
             let line = e.span().map(|s| line_of(text, s.start)).unwrap_or(1);
-            return Err(vec![PolicyError::Invalid { file: file.to_string(), line, message: e.message().to_string() }]);
+            return Err(vec![PolicyError::Invalid {
+                file: file.to_string(),
+                line,
+                message: e.message().to_string(),
+            }]);
         }
     };
-    let service = parsed.service.as_ref().map(|s| s.get_ref().clone()).unwrap_or_else(|| stem.to_string());
+    let service = parsed
+        .service
+        .as_ref()
+        .map(|s| s.get_ref().clone())
+        .unwrap_or_else(|| stem.to_string());
     let mut claim_types = BTreeMap::new();
     for (claim, ty) in &parsed.claim_types {
         if !allow::is_safe_type(ty.get_ref()) {
-            ctx.err(ty.span(), format!("claim type {:?} is not an allowed type", ty.get_ref()));
+            ctx.err(
+                ty.span(),
+                format!("claim type {:?} is not an allowed type", ty.get_ref()),
+            );
         }
         claim_types.insert(claim.clone(), ty.get_ref().to_ascii_lowercase());
     }
@@ -232,13 +274,20 @@ pub fn compile_file(file: &str, stem: &str, text: &str, catalog: &Catalog) -> Re
             let a = a.get_ref();
             for p in &a.set {
                 if allow::FORBIDDEN_SET_PARAMS.contains(&p.to_ascii_lowercase().as_str()) {
-                    ctx.err(0..0, format!("parameter {p:?} may never be set by a service"));
+                    ctx.err(
+                        0..0,
+                        format!("parameter {p:?} may never be set by a service"),
+                    );
                 }
             }
             Allow {
                 set: a.set.iter().map(|s| s.to_ascii_lowercase()).collect(),
                 functions: a.functions.iter().map(|s| s.to_ascii_lowercase()).collect(),
-                procedures: a.procedures.iter().map(|s| s.to_ascii_lowercase()).collect(),
+                procedures: a
+                    .procedures
+                    .iter()
+                    .map(|s| s.to_ascii_lowercase())
+                    .collect(),
                 listen: a.listen.clone(),
                 copy: a.copy,
                 explain: a.explain,
@@ -246,7 +295,10 @@ pub fn compile_file(file: &str, stem: &str, text: &str, catalog: &Catalog) -> Re
                 rule,
             }
         }
-        None => Allow { rule: format!("{file}:1"), ..Allow::default() },
+        None => Allow {
+            rule: format!("{file}:1"),
+            ..Allow::default()
+        },
     };
     let mut claims = BTreeSet::new();
     let mut tables = HashMap::new();
@@ -256,7 +308,14 @@ pub fn compile_file(file: &str, stem: &str, text: &str, catalog: &Catalog) -> Re
         }
     }
     if ctx.errors.is_empty() {
-        Ok(ServicePolicy { service, file: file.to_string(), tables, allow, claims, claim_types })
+        Ok(ServicePolicy {
+            service,
+            file: file.to_string(),
+            tables,
+            allow,
+            claims,
+            claim_types,
+        })
     } else {
         Err(ctx.errors)
     }
@@ -274,13 +333,18 @@ fn compile_table(
     let t = table.get_ref();
     let parts: Vec<String> = name.split('.').map(str::to_string).collect();
     let info = match catalog.resolve(&parts) {
-        Some(info) if info.schema != "pg_catalog" && info.schema != "information_schema" => info.clone(),
+        Some(info) if info.schema != "pg_catalog" && info.schema != "information_schema" => {
+            info.clone()
+        }
         _ => {
             ctx.err(span, format!("unknown table {name:?}"));
             return None;
         }
     };
-    if !matches!(info.kind, RelKind::Table | RelKind::View | RelKind::MaterializedView) {
+    if !matches!(
+        info.kind,
+        RelKind::Table | RelKind::View | RelKind::MaterializedView
+    ) {
         ctx.err(span.clone(), format!("{name:?} is not a table or view"));
     }
     let (mut select, mut insert, mut update, mut delete) = (false, false, false, false);
@@ -290,7 +354,10 @@ fn compile_table(
             "insert" => insert = true,
             "update" => update = true,
             "delete" => delete = true,
-            other => ctx.err(t.actions.span(), format!("unknown action {other:?} (select, insert, update, delete)")),
+            other => ctx.err(
+                t.actions.span(),
+                format!("unknown action {other:?} (select, insert, update, delete)"),
+            ),
         }
     }
     let column_names: Vec<String> = info.columns.iter().map(|c| c.name.clone()).collect();
@@ -301,18 +368,33 @@ fn compile_table(
         }
         (Some(cols), None) => {
             check_columns(ctx, cols, &info);
-            let keep: Vec<String> = column_names.iter().filter(|c| cols.get_ref().contains(c)).cloned().collect();
+            let keep: Vec<String> = column_names
+                .iter()
+                .filter(|c| cols.get_ref().contains(c))
+                .cloned()
+                .collect();
             (keep, ctx.rule(cols.span()))
         }
         (None, Some(except)) => {
             check_columns(ctx, except, &info);
-            let keep: Vec<String> = column_names.iter().filter(|c| !except.get_ref().contains(c)).cloned().collect();
+            let keep: Vec<String> = column_names
+                .iter()
+                .filter(|c| !except.get_ref().contains(c))
+                .cloned()
+                .collect();
             (keep, ctx.rule(except.span()))
         }
         (None, None) => (column_names.clone(), ctx.rule(span.clone())),
     };
-    let hidden: BTreeSet<String> = column_names.iter().filter(|c| !visible.contains(c)).cloned().collect();
-    let filter = t.filter.as_ref().and_then(|f| compile_expr(ctx, f, &info, allow, claims));
+    let hidden: BTreeSet<String> = column_names
+        .iter()
+        .filter(|c| !visible.contains(c))
+        .cloned()
+        .collect();
+    let filter = t
+        .filter
+        .as_ref()
+        .and_then(|f| compile_expr(ctx, f, &info, allow, claims));
     let check = match &t.check {
         Some(c) => compile_expr(ctx, c, &info, allow, claims),
         None => filter.clone(),
@@ -320,16 +402,32 @@ fn compile_table(
     let mut presets = Vec::new();
     for (col, value) in &t.presets {
         if info.column(col).is_none() {
-            ctx.err(value.span(), format!("unknown column {}.{col} in presets", info.name));
+            ctx.err(
+                value.span(),
+                format!("unknown column {}.{col} in presets", info.name),
+            );
             continue;
         }
         if let Some(e) = compile_expr(ctx, value, &info, allow, claims) {
             presets.push((col.clone(), e));
         }
     }
-    let filter_rule = t.filter.as_ref().map(|f| ctx.rule(f.span())).unwrap_or_else(|| ctx.rule(span.clone()));
-    let check_rule = t.check.as_ref().map(|f| ctx.rule(f.span())).unwrap_or_else(|| filter_rule.clone());
-    let presets_rule = t.presets.values().next().map(|v| ctx.rule(v.span())).unwrap_or_else(|| ctx.rule(span.clone()));
+    let filter_rule = t
+        .filter
+        .as_ref()
+        .map(|f| ctx.rule(f.span()))
+        .unwrap_or_else(|| ctx.rule(span.clone()));
+    let check_rule = t
+        .check
+        .as_ref()
+        .map(|f| ctx.rule(f.span()))
+        .unwrap_or_else(|| filter_rule.clone());
+    let presets_rule = t
+        .presets
+        .values()
+        .next()
+        .map(|v| ctx.rule(v.span()))
+        .unwrap_or_else(|| ctx.rule(span.clone()));
     Some(TablePolicy {
         info,
         select,
@@ -371,11 +469,19 @@ fn compile_expr(
     let expr = match parse_expr(src.get_ref()) {
         Ok(e) => e,
         Err(e) => {
-            ctx.err(src.span(), format!("unparsable SQL expression {:?}: {e}", src.get_ref()));
+            ctx.err(
+                src.span(),
+                format!("unparsable SQL expression {:?}: {e}", src.get_ref()),
+            );
             return None;
         }
     };
-    let mut v = PolicyExprValidator { info, allow, claims: BTreeSet::new(), problems: Vec::new() };
+    let mut v = PolicyExprValidator {
+        info,
+        allow,
+        claims: BTreeSet::new(),
+        problems: Vec::new(),
+    };
     let _ = expr.visit(&mut v);
     for p in v.problems {
         ctx.err(src.span(), p);
@@ -398,7 +504,9 @@ pub fn claim_call(expr: &Expr) -> Option<Result<String, ()>> {
     if parts.len() != 1 || parts[0] != "claim" {
         return None;
     }
-    let FunctionArguments::List(list) = &f.args else { return Some(Err(())) };
+    let FunctionArguments::List(list) = &f.args else {
+        return Some(Err(()));
+    };
     match list.args.as_slice() {
         [FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))] => match &v.value {
             Value::SingleQuotedString(s) => Some(Ok(s.clone())),
@@ -412,7 +520,8 @@ impl Visitor for PolicyExprValidator<'_> {
     type Break = ();
 
     fn pre_visit_query(&mut self, _q: &sqlparser::ast::Query) -> ControlFlow<()> {
-        self.problems.push("subqueries are not supported in policy expressions".into());
+        self.problems
+            .push("subqueries are not supported in policy expressions".into());
         ControlFlow::Continue(())
     }
 
@@ -421,24 +530,35 @@ impl Visitor for PolicyExprValidator<'_> {
             Expr::Identifier(id) => {
                 let name = ident_name(id);
                 if self.info.column(&name).is_none() {
-                    self.problems.push(format!("unknown column {}.{name}", self.info.name));
+                    self.problems
+                        .push(format!("unknown column {}.{name}", self.info.name));
                 }
             }
-            Expr::CompoundIdentifier(_) => self.problems.push("use unqualified column names in policy expressions".into()),
-            Expr::Subquery(_) | Expr::Exists { .. } => {
-                self.problems.push("subqueries are not supported in policy expressions".into())
-            }
-            Expr::Value(v) if matches!(v.value, Value::Placeholder(_)) => self.problems.push("parameters are not allowed in policy expressions".into()),
+            Expr::CompoundIdentifier(_) => self
+                .problems
+                .push("use unqualified column names in policy expressions".into()),
+            Expr::Subquery(_) | Expr::Exists { .. } => self
+                .problems
+                .push("subqueries are not supported in policy expressions".into()),
+            Expr::Value(v) if matches!(v.value, Value::Placeholder(_)) => self
+                .problems
+                .push("parameters are not allowed in policy expressions".into()),
             Expr::Function(f) => match claim_call(expr) {
                 Some(Ok(c)) => {
                     self.claims.insert(c);
                 }
-                Some(Err(())) => self.problems.push("claim() takes one string literal: claim('name')".into()),
+                Some(Err(())) => self
+                    .problems
+                    .push("claim() takes one string literal: claim('name')".into()),
                 None => {
-                    let name = object_name_parts(&f.name).map(|p| p.join(".")).unwrap_or_default();
+                    let name = object_name_parts(&f.name)
+                        .map(|p| p.join("."))
+                        .unwrap_or_default();
                     let last = name.rsplit('.').next().unwrap_or_default();
                     if !(allow::is_safe_function(last) || self.allow.functions.contains(&name)) {
-                        self.problems.push(format!("function {name:?} is not allowed in policy expressions"));
+                        self.problems.push(format!(
+                            "function {name:?} is not allowed in policy expressions"
+                        ));
                     }
                 }
             },

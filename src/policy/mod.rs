@@ -32,7 +32,11 @@ pub struct PolicyIdentity<'a> {
 #[derive(Debug, Error)]
 pub enum PolicyError {
     #[error("{file}:{line}: {message}")]
-    Invalid { file: String, line: usize, message: String },
+    Invalid {
+        file: String,
+        line: usize,
+        message: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -53,7 +57,11 @@ pub struct PolicyDenied {
 
 impl PolicyDenied {
     fn new(message: String, rule: Option<String>) -> Self {
-        PolicyDenied { sqlstate: "42501", message, rule }
+        PolicyDenied {
+            sqlstate: "42501",
+            message,
+            rule,
+        }
     }
 }
 
@@ -143,11 +151,19 @@ fn claims_hash(claims: &serde_json::Map<String, serde_json::Value>) -> [u8; 32] 
 
 impl PolicyEngine {
     /// Loads and validates every policy in `dir` against `catalog`.
-    pub fn load(dir: &Path, catalog: Arc<Catalog>, unrestricted: &[String]) -> Result<Self, Vec<PolicyError>> {
+    pub fn load(
+        dir: &Path,
+        catalog: Arc<Catalog>,
+        unrestricted: &[String],
+    ) -> Result<Self, Vec<PolicyError>> {
         let policies = config::load_dir(dir, &catalog)?;
         tracing::info!(services = policies.len(), dir = %dir.display(), "loaded policies");
         Ok(PolicyEngine {
-            current: RwLock::new(Arc::new(Snapshot { policies, catalog, cache: Mutex::new(Cache::default()) })),
+            current: RwLock::new(Arc::new(Snapshot {
+                policies,
+                catalog,
+                cache: Mutex::new(Cache::default()),
+            })),
             dir: RwLock::new(dir.to_path_buf()),
             unrestricted: unrestricted.to_vec(),
         })
@@ -156,7 +172,11 @@ impl PolicyEngine {
     /// Re-reads `dir`; swaps atomically only if the whole set is valid.
     pub fn reload(&self, dir: &Path, catalog: &Arc<Catalog>) -> Result<(), Vec<PolicyError>> {
         let policies = config::load_dir(dir, catalog)?;
-        *self.current.write() = Arc::new(Snapshot { policies, catalog: catalog.clone(), cache: Mutex::new(Cache::default()) });
+        *self.current.write() = Arc::new(Snapshot {
+            policies,
+            catalog: catalog.clone(),
+            cache: Mutex::new(Cache::default()),
+        });
         *self.dir.write() = dir.to_path_buf();
         tracing::info!(dir = %dir.display(), "reloaded policies");
         Ok(())
@@ -200,7 +220,11 @@ impl PolicyEngine {
     }
 
     /// Rewrites a (possibly multi-statement) SQL string for `who`. Cached.
-    pub fn rewrite(&self, who: &PolicyIdentity<'_>, sql: &str) -> Result<Arc<Rewritten>, PolicyDenied> {
+    pub fn rewrite(
+        &self,
+        who: &PolicyIdentity<'_>,
+        sql: &str,
+    ) -> Result<Arc<Rewritten>, PolicyDenied> {
         let snap = self.current.read().clone();
         let Some(policy) = snap.policies.get(who.service) else {
             if self.unrestricted.iter().any(|s| s == who.service) {
@@ -208,13 +232,23 @@ impl PolicyEngine {
             }
             return Err(no_policy(who.service));
         };
-        let key = (who.service.to_string(), claims_hash(who.claims), sql.to_string());
+        let key = (
+            who.service.to_string(),
+            claims_hash(who.claims),
+            sql.to_string(),
+        );
         if let Some(hit) = snap.cache.lock().get(&key) {
             return Ok(hit);
         }
         for claim in &policy.claims {
             if !who.claims.contains_key(claim) {
-                return Err(PolicyDenied::new(format!("pgward: service {:?} has no claim {claim:?} in its token", who.service), None));
+                return Err(PolicyDenied::new(
+                    format!(
+                        "pgward: service {:?} has no claim {claim:?} in its token",
+                        who.service
+                    ),
+                    None,
+                ));
             }
         }
         let result = rewrite_with(who.service, policy, &snap.catalog, who.claims, sql);
@@ -234,7 +268,10 @@ impl PolicyEngine {
 }
 
 fn no_policy(service: &str) -> PolicyDenied {
-    PolicyDenied::new(format!("pgward: service {service:?} has no policy (and is not configured unrestricted)"), None)
+    PolicyDenied::new(
+        format!("pgward: service {service:?} has no policy (and is not configured unrestricted)"),
+        None,
+    )
 }
 
 fn unrestricted_rewrite(sql: &str) -> Rewritten {
@@ -244,13 +281,22 @@ fn unrestricted_rewrite(sql: &str) -> Rewritten {
             v.iter()
                 .map(|s| StatementInfo {
                     kind: rewrite::statement_kind(s).to_string(),
-                    is_ddl: rewrite::statement_kind(s) == "DDL" || matches!(s, sqlparser::ast::Statement::CreateView(_) | sqlparser::ast::Statement::CreateFunction(_)),
+                    is_ddl: rewrite::statement_kind(s) == "DDL"
+                        || matches!(
+                            s,
+                            sqlparser::ast::Statement::CreateView(_)
+                                | sqlparser::ast::Statement::CreateFunction(_)
+                        ),
                     ..StatementInfo::default()
                 })
                 .collect()
         })
         .unwrap_or_default();
-    Rewritten { sql: sql.to_string(), statements, unrestricted: true }
+    Rewritten {
+        sql: sql.to_string(),
+        statements,
+        unrestricted: true,
+    }
 }
 
 /// Rewrites without the cache (used by `rewrite` and the CLI tools).
@@ -267,12 +313,22 @@ pub fn rewrite_with(
     let mut texts = Vec::with_capacity(stmts.len());
     let mut infos = Vec::with_capacity(stmts.len());
     for st in &mut stmts {
-        sql::sanitize(st).map_err(|e| PolicyDenied::new(format!("pgward: service {service:?} may not send {}", e.0), None))?;
-        let (text, info) = rewrite::Rewriter::new(service, policy, catalog, claims).statement(st)?;
+        sql::sanitize(st).map_err(|e| {
+            PolicyDenied::new(
+                format!("pgward: service {service:?} may not send {}", e.0),
+                None,
+            )
+        })?;
+        let (text, info) =
+            rewrite::Rewriter::new(service, policy, catalog, claims).statement(st)?;
         texts.push(text);
         infos.push(info);
     }
-    Ok(Rewritten { sql: texts.join(";\n"), statements: infos, unrestricted: false })
+    Ok(Rewritten {
+        sql: texts.join(";\n"),
+        statements: infos,
+        unrestricted: false,
+    })
 }
 
 #[cfg(test)]

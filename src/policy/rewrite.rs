@@ -24,15 +24,20 @@ use std::ops::ControlFlow;
 
 use serde_json::Value as Json;
 use sqlparser::ast::{
-    AssignmentTarget, BinaryOperator, CloseCursor, ConflictTarget, CopySource, CopyTarget, DeclareType, Delete, DescribeAlias, DiscardObject, Distinct, Expr,
-    FromTable, Insert, ObjectName, OnConflictAction, OnInsert, Query, Reset, SelectFlavor, SelectItem, Set, SetExpr, Statement, TableFactor, TableObject,
-    TableWithJoins, Update, UpdateTableFromKind, VisitMut, VisitorMut, WildcardAdditionalOptions,
+    AssignmentTarget, BinaryOperator, CloseCursor, ConflictTarget, CopySource, CopyTarget,
+    DeclareType, Delete, DescribeAlias, DiscardObject, Distinct, Expr, FromTable, Insert,
+    ObjectName, OnConflictAction, OnInsert, Query, Reset, SelectFlavor, SelectItem, Set, SetExpr,
+    Statement, TableFactor, TableObject, TableWithJoins, Update, UpdateTableFromKind, VisitMut,
+    VisitorMut, WildcardAdditionalOptions,
 };
 
 use super::allow;
 use super::catalog::{Catalog, TableInfo};
 use super::config::{claim_call, Action, ServicePolicy, TablePolicy};
-use super::sql::{ident_name, object_name_parts, parse_expr, parse_query, parse_table_factor, quote_ident, quote_literal};
+use super::sql::{
+    ident_name, object_name_parts, parse_expr, parse_query, parse_table_factor, quote_ident,
+    quote_literal,
+};
 use super::{PolicyDenied, StatementInfo};
 
 type R<T> = Result<T, PolicyDenied>;
@@ -56,7 +61,12 @@ pub struct Rewriter<'a> {
 type Pushdown = Vec<(String, String, String)>;
 
 impl<'a> Rewriter<'a> {
-    pub fn new(service: &'a str, policy: &'a ServicePolicy, catalog: &'a Catalog, claims: &'a serde_json::Map<String, Json>) -> Self {
+    pub fn new(
+        service: &'a str,
+        policy: &'a ServicePolicy,
+        catalog: &'a Catalog,
+        claims: &'a serde_json::Map<String, Json>,
+    ) -> Self {
         Rewriter {
             service,
             policy,
@@ -75,7 +85,11 @@ impl<'a> Rewriter<'a> {
             Some(r) => format!("pgward: service {:?} {what} ({r})", self.service),
             None => format!("pgward: service {:?} {what}", self.service),
         };
-        PolicyDenied { sqlstate: "42501", message, rule: rule.map(str::to_string) }
+        PolicyDenied {
+            sqlstate: "42501",
+            message,
+            rule: rule.map(str::to_string),
+        }
     }
 
     fn refuse(&self, what: impl std::fmt::Display) -> PolicyDenied {
@@ -88,9 +102,20 @@ impl<'a> Rewriter<'a> {
         let sql = self.top(st)?;
         if self.locks {
             for t in &self.info.tables_read {
-                if let Some(tp) = self.policy.tables.values().find(|tp| &tp.info.qualified() == t) {
+                if let Some(tp) = self
+                    .policy
+                    .tables
+                    .values()
+                    .find(|tp| &tp.info.qualified() == t)
+                {
                     if !tp.update {
-                        return Err(self.deny(format!("may not lock rows of {} (FOR UPDATE/SHARE needs update)", tp.info.name), Some(&tp.actions_rule)));
+                        return Err(self.deny(
+                            format!(
+                                "may not lock rows of {} (FOR UPDATE/SHARE needs update)",
+                                tp.info.name
+                            ),
+                            Some(&tp.actions_rule),
+                        ));
                     }
                 }
             }
@@ -107,14 +132,24 @@ impl<'a> Rewriter<'a> {
             ControlFlow::<()>::Continue(())
         });
         for parts in names {
-            let Some(info) = self.catalog.resolve(&parts) else { continue };
+            let Some(info) = self.catalog.resolve(&parts) else {
+                continue;
+            };
             if let Some(tp) = self.policy.table(info) {
                 for c in &tp.hidden {
-                    self.hidden.insert(c.clone(), (tp.info.name.clone(), tp.columns_rule.clone()));
+                    self.hidden
+                        .insert(c.clone(), (tp.info.name.clone(), tp.columns_rule.clone()));
                 }
             } else if let Some(Some(cols)) = allow::catalog_relation(&info.schema, &info.name) {
-                for c in info.columns.iter().filter(|c| !cols.contains(&c.name.as_str())) {
-                    self.hidden.insert(c.name.clone(), (info.name.clone(), "built-in catalog allowlist".into()));
+                for c in info
+                    .columns
+                    .iter()
+                    .filter(|c| !cols.contains(&c.name.as_str()))
+                {
+                    self.hidden.insert(
+                        c.name.clone(),
+                        (info.name.clone(), "built-in catalog allowlist".into()),
+                    );
                 }
             }
         }
@@ -127,8 +162,14 @@ impl<'a> Rewriter<'a> {
         }
         match st {
             Statement::Query(q) => self.query(q, &mut Vec::new())?,
-            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => self.dml(st, &mut Vec::new())?,
-            Statement::Explain { statement, describe_alias, .. } => {
+            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
+                self.dml(st, &mut Vec::new())?
+            }
+            Statement::Explain {
+                statement,
+                describe_alias,
+                ..
+            } => {
                 if !self.policy.allow.explain {
                     return Err(self.refuse("EXPLAIN (allow.explain is off)"));
                 }
@@ -137,7 +178,11 @@ impl<'a> Rewriter<'a> {
                 }
                 self.top(statement)?;
             }
-            Statement::Prepare { statement, data_types, .. } => {
+            Statement::Prepare {
+                statement,
+                data_types,
+                ..
+            } => {
                 for t in data_types.iter() {
                     if !allow::is_safe_type(&t.to_string()) {
                         return Err(self.refuse(format!("PREPARE with parameter type {t}")));
@@ -148,20 +193,40 @@ impl<'a> Rewriter<'a> {
                 }
                 self.top(statement)?;
             }
-            Statement::Execute { name: Some(_), parameters, immediate: false, into, using, output: false, default: false, .. }
-                if into.is_empty() && using.is_empty() =>
-            {
+            Statement::Execute {
+                name: Some(_),
+                parameters,
+                immediate: false,
+                into,
+                using,
+                output: false,
+                default: false,
+                ..
+            } if into.is_empty() && using.is_empty() => {
                 // Prepared statements can only have been created through this rewriter.
                 self.check_node(parameters, &mut Vec::new())?;
             }
-            Statement::Deallocate { .. } | Statement::StartTransaction { .. } | Statement::Commit { .. } | Statement::Savepoint { .. } | Statement::ReleaseSavepoint { .. } => {}
+            Statement::Deallocate { .. }
+            | Statement::StartTransaction { .. }
+            | Statement::Commit { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. } => {}
             Statement::Rollback { .. } | Statement::UNLISTEN { .. } => {}
             Statement::Fetch { into: None, .. } => {}
-            Statement::Close { cursor: CloseCursor::All | CloseCursor::Specific { .. } } => {}
+            Statement::Close {
+                cursor: CloseCursor::All | CloseCursor::Specific { .. },
+            } => {}
             Statement::Declare { stmts, .. } => {
                 for d in stmts.iter_mut() {
-                    match (&d.declare_type, &mut d.for_query, &d.assignment, &d.data_type) {
-                        (Some(DeclareType::Cursor), Some(q), None, None) => self.query(q, &mut Vec::new())?,
+                    match (
+                        &d.declare_type,
+                        &mut d.for_query,
+                        &d.assignment,
+                        &d.data_type,
+                    ) {
+                        (Some(DeclareType::Cursor), Some(q), None, None) => {
+                            self.query(q, &mut Vec::new())?
+                        }
                         _ => return Err(self.refuse("this DECLARE form")),
                     }
                 }
@@ -169,13 +234,19 @@ impl<'a> Rewriter<'a> {
             Statement::Set(set) => self.set(set)?,
             Statement::Reset(r) => match &r.reset {
                 Reset::ConfigurationParameter(name) => {
-                    let p = object_name_parts(name).map(|p| p.join(".")).unwrap_or_default();
+                    let p = object_name_parts(name)
+                        .map(|p| p.join("."))
+                        .unwrap_or_default();
                     self.settable(&p)?;
                 }
                 _ => return Err(self.refuse("RESET ALL / RESET SESSION AUTHORIZATION")),
             },
             Statement::ShowVariable { variable } => {
-                let p = variable.iter().map(ident_name).collect::<Vec<_>>().join(" ");
+                let p = variable
+                    .iter()
+                    .map(ident_name)
+                    .collect::<Vec<_>>()
+                    .join(" ");
                 if !(self.is_settable(&p) || allow::SAFE_SHOW_PARAMS.contains(&p.as_str())) {
                     return Err(self.refuse(format!("SHOW {p}")));
                 }
@@ -192,22 +263,31 @@ impl<'a> Rewriter<'a> {
                 }
             }
             Statement::Call(f) => {
-                let name = object_name_parts(&f.name).map(|p| p.join(".")).unwrap_or_default();
+                let name = object_name_parts(&f.name)
+                    .map(|p| p.join("."))
+                    .unwrap_or_default();
                 if !self.policy.allow.procedures.contains(&name) {
                     return Err(self.refuse(format!("CALL {name}")));
                 }
                 self.check_node(&mut f.args, &mut Vec::new())?;
             }
             Statement::Copy { .. } => return self.copy(st),
-            Statement::CreateTable(ct) if self.policy.allow.ddl && ct.query.is_none() => self.info.is_ddl = true,
-            Statement::CreateIndex(_) | Statement::AlterTable(_) | Statement::Drop { .. } if self.policy.allow.ddl => self.info.is_ddl = true,
+            Statement::CreateTable(ct) if self.policy.allow.ddl && ct.query.is_none() => {
+                self.info.is_ddl = true
+            }
+            Statement::CreateIndex(_) | Statement::AlterTable(_) | Statement::Drop { .. }
+                if self.policy.allow.ddl =>
+            {
+                self.info.is_ddl = true
+            }
             _ => return Err(self.refuse(format!("{kind} statements"))),
         }
         Ok(st.to_string())
     }
 
     fn is_settable(&self, p: &str) -> bool {
-        !allow::FORBIDDEN_SET_PARAMS.contains(&p) && (allow::SAFE_SET_PARAMS.contains(&p) || self.policy.allow.set.iter().any(|s| s == p))
+        !allow::FORBIDDEN_SET_PARAMS.contains(&p)
+            && (allow::SAFE_SET_PARAMS.contains(&p) || self.policy.allow.set.iter().any(|s| s == p))
     }
 
     fn settable(&self, p: &str) -> R<()> {
@@ -220,8 +300,15 @@ impl<'a> Rewriter<'a> {
 
     fn set(&mut self, set: &mut Set) -> R<()> {
         match set {
-            Set::SingleAssignment { variable, values, hivevar: false, .. } => {
-                let p = object_name_parts(variable).map(|p| p.join(".")).unwrap_or_default();
+            Set::SingleAssignment {
+                variable,
+                values,
+                hivevar: false,
+                ..
+            } => {
+                let p = object_name_parts(variable)
+                    .map(|p| p.join("."))
+                    .unwrap_or_default();
                 self.settable(&p)?;
                 self.literals_only(values)
             }
@@ -231,14 +318,17 @@ impl<'a> Rewriter<'a> {
             }
             Set::SetTransaction { .. } => Ok(()),
             Set::SetNames { .. } => self.settable("client_encoding"),
-            _ => Err(self.refuse("this SET form (role, session authorization and friends are never allowed)")),
+            _ => Err(self.refuse(
+                "this SET form (role, session authorization and friends are never allowed)",
+            )),
         }
     }
 
     fn literals_only(&self, values: &[Expr]) -> R<()> {
         for v in values {
             match v {
-                Expr::Value(_) | Expr::Identifier(_) | Expr::UnaryOp { .. } | Expr::Interval(_) => {}
+                Expr::Value(_) | Expr::Identifier(_) | Expr::UnaryOp { .. } | Expr::Interval(_) => {
+                }
                 _ => return Err(self.refuse(format!("SET with value {v}"))),
             }
         }
@@ -248,7 +338,11 @@ impl<'a> Rewriter<'a> {
     // ---------------------------------------------------------------- queries
 
     fn query(&mut self, q: &mut Query, scope: &mut Vec<String>) -> R<()> {
-        if q.for_clause.is_some() || q.settings.is_some() || q.format_clause.is_some() || !q.pipe_operators.is_empty() {
+        if q.for_clause.is_some()
+            || q.settings.is_some()
+            || q.format_clause.is_some()
+            || !q.pipe_operators.is_empty()
+        {
             return Err(self.refuse("this query syntax"));
         }
         let base = scope.len();
@@ -334,7 +428,12 @@ impl<'a> Rewriter<'a> {
         Ok(())
     }
 
-    fn table_with_joins(&mut self, twj: &mut TableWithJoins, scope: &mut Vec<String>, pushdown: &Pushdown) -> R<()> {
+    fn table_with_joins(
+        &mut self,
+        twj: &mut TableWithJoins,
+        scope: &mut Vec<String>,
+        pushdown: &Pushdown,
+    ) -> R<()> {
         self.table_factor(&mut twj.relation, scope, pushdown)?;
         for j in &mut twj.joins {
             self.table_factor(&mut j.relation, scope, pushdown)?;
@@ -343,10 +442,34 @@ impl<'a> Rewriter<'a> {
         Ok(())
     }
 
-    fn table_factor(&mut self, tf: &mut TableFactor, scope: &mut Vec<String>, pushdown: &Pushdown) -> R<()> {
+    fn table_factor(
+        &mut self,
+        tf: &mut TableFactor,
+        scope: &mut Vec<String>,
+        pushdown: &Pushdown,
+    ) -> R<()> {
         match tf {
-            TableFactor::Table { name, alias, args, with_hints, version, with_ordinality, partitions, json_path, sample, index_directives, inheritance } => {
-                if !with_hints.is_empty() || version.is_some() || !partitions.is_empty() || json_path.is_some() || sample.is_some() || !index_directives.is_empty() || inheritance.is_some() {
+            TableFactor::Table {
+                name,
+                alias,
+                args,
+                with_hints,
+                version,
+                with_ordinality,
+                partitions,
+                json_path,
+                sample,
+                index_directives,
+                inheritance,
+            } => {
+                if !with_hints.is_empty()
+                    || version.is_some()
+                    || !partitions.is_empty()
+                    || json_path.is_some()
+                    || sample.is_some()
+                    || !index_directives.is_empty()
+                    || inheritance.is_some()
+                {
                     return Err(self.refuse("this FROM syntax"));
                 }
                 if let Some(args) = args {
@@ -357,50 +480,111 @@ impl<'a> Rewriter<'a> {
                 if *with_ordinality {
                     return Err(self.refuse("WITH ORDINALITY on a table"));
                 }
-                let parts = object_name_parts(name).ok_or_else(|| self.refuse("this relation name"))?;
+                let parts =
+                    object_name_parts(name).ok_or_else(|| self.refuse("this relation name"))?;
                 if parts.len() == 1 && scope.contains(&parts[0]) {
                     return Ok(()); // a CTE in scope
                 }
                 let shown = name.to_string();
-                let info = self.catalog.resolve(&parts).ok_or_else(|| self.deny(format!("may not read unknown relation {shown}"), None))?.clone();
+                let info = self
+                    .catalog
+                    .resolve(&parts)
+                    .ok_or_else(|| {
+                        self.deny(format!("may not read unknown relation {shown}"), None)
+                    })?
+                    .clone();
                 let alias_text = match alias {
-                    Some(a) => a.to_string(),
+                    Some(a) if a.columns.is_empty() => a.name.to_string(),
+                    Some(a) => format!(
+                        "{}({})",
+                        a.name,
+                        a.columns
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                     None => match name.0.last() {
                         Some(p) => p.to_string(),
                         None => return Err(self.refuse("this relation name")),
                     },
                 };
-                let alias_norm = alias.as_ref().map(|a| ident_name(&a.name)).unwrap_or_else(|| parts.last().cloned().unwrap_or_default());
+                let alias_norm = alias
+                    .as_ref()
+                    .map(|a| ident_name(&a.name))
+                    .unwrap_or_else(|| parts.last().cloned().unwrap_or_default());
                 if let Some(tp) = self.policy.table(&info) {
                     let tp = tp.clone();
                     if !tp.select {
-                        return Err(self.deny(format!("may not read table {}", info.name), Some(&tp.actions_rule)));
+                        return Err(self.deny(
+                            format!("may not read table {}", info.name),
+                            Some(&tp.actions_rule),
+                        ));
                     }
-                    if alias.as_ref().is_some_and(|a| !a.columns.is_empty()) && !tp.hidden.is_empty() {
-                        return Err(self.deny(format!("may not use a column alias list on {} (hidden columns)", info.name), Some(&tp.columns_rule)));
+                    if alias.as_ref().is_some_and(|a| !a.columns.is_empty())
+                        && !tp.hidden.is_empty()
+                    {
+                        return Err(self.deny(
+                            format!(
+                                "may not use a column alias list on {} (hidden columns)",
+                                info.name
+                            ),
+                            Some(&tp.columns_rule),
+                        ));
                     }
                     self.note_read(&tp.info, &tp.visible);
                     let pushed: Vec<String> = pushdown
                         .iter()
-                        .filter(|(rel, col, _)| rel == &alias_norm && tp.visible.contains(col) && leakproof_type(&tp.info, col))
+                        .filter(|(rel, col, _)| {
+                            rel == &alias_norm
+                                && tp.visible.contains(col)
+                                && leakproof_type(&tp.info, col)
+                        })
                         .map(|(_, col, rhs)| format!("{} = {rhs}", quote_ident(col)))
                         .collect();
                     *tf = self.barrier(&tp, &alias_text, &pushed)?;
                     Ok(())
                 } else if let Some(cols) = allow::catalog_relation(&info.schema, &info.name) {
                     if let Some(cols) = cols {
-                        let list: Vec<String> = info.columns.iter().filter(|c| cols.contains(&c.name.as_str())).map(|c| quote_ident(&c.name)).collect();
-                        let text = format!("(SELECT {} FROM {}.{}) AS {alias_text}", list.join(", "), quote_ident(&info.schema), quote_ident(&info.name));
-                        *tf = parse_table_factor(&text).map_err(|e| self.refuse(format!("(internal: {e})")))?;
+                        let list: Vec<String> = info
+                            .columns
+                            .iter()
+                            .filter(|c| cols.contains(&c.name.as_str()))
+                            .map(|c| quote_ident(&c.name))
+                            .collect();
+                        let text = format!(
+                            "(SELECT {} FROM {}.{}) AS {alias_text}",
+                            list.join(", "),
+                            quote_ident(&info.schema),
+                            quote_ident(&info.name)
+                        );
+                        *tf = parse_table_factor(&text)
+                            .map_err(|e| self.refuse(format!("(internal: {e})")))?;
                     }
                     Ok(())
                 } else {
-                    let what = if matches!(info.kind, super::catalog::RelKind::View) { "view" } else { "relation" };
-                    Err(self.deny(format!("may not read {what} {} (not in its policy)", info.qualified()), Some(&format!("{}:1", self.policy.file))))
+                    let what = if matches!(info.kind, super::catalog::RelKind::View) {
+                        "view"
+                    } else {
+                        "relation"
+                    };
+                    Err(self.deny(
+                        format!(
+                            "may not read {what} {} (not in its policy)",
+                            info.qualified()
+                        ),
+                        Some(&format!("{}:1", self.policy.file)),
+                    ))
                 }
             }
-            TableFactor::Derived { subquery, sample: None, .. } => self.query(subquery, scope),
-            TableFactor::NestedJoin { table_with_joins, .. } => self.table_with_joins(table_with_joins, scope, pushdown),
+            TableFactor::Derived {
+                subquery,
+                sample: None,
+                ..
+            } => self.query(subquery, scope),
+            TableFactor::NestedJoin {
+                table_with_joins, ..
+            } => self.table_with_joins(table_with_joins, scope, pushdown),
             TableFactor::UNNEST { array_exprs, .. } => self.check_node(array_exprs, scope),
             TableFactor::Function { name, args, .. } => {
                 self.check_function_name(name)?;
@@ -413,25 +597,36 @@ impl<'a> Rewriter<'a> {
     /// The filtered, column-restricted stand-in for a protected table.
     fn barrier(&self, tp: &TablePolicy, alias: &str, pushed: &[String]) -> R<TableFactor> {
         let cols: Vec<String> = tp.visible.iter().map(|c| quote_ident(c)).collect();
-        let base = format!("{}.{}", quote_ident(&tp.info.schema), quote_ident(&tp.info.name));
+        let base = format!(
+            "{}.{}",
+            quote_ident(&tp.info.schema),
+            quote_ident(&tp.info.name)
+        );
         let text = match &tp.filter {
             Some(f) => {
                 let filter = self.render(f, tp, &|c| Some(quote_ident(c)))?;
                 let mut conds = vec![format!("({filter})")];
                 conds.extend(pushed.iter().cloned());
-                format!("(SELECT {} FROM {base} WHERE {} OFFSET 0) AS {alias}", cols.join(", "), conds.join(" AND "))
+                format!(
+                    "(SELECT {} FROM {base} WHERE {} OFFSET 0) AS {alias}",
+                    cols.join(", "),
+                    conds.join(" AND ")
+                )
             }
             None if tp.hidden.is_empty() => format!("{base} AS {alias}"),
             None => format!("(SELECT {} FROM {base}) AS {alias}", cols.join(", ")),
         };
-        parse_table_factor(&text).map_err(|e| self.refuse(format!("(internal: barrier did not parse: {e})")))
+        parse_table_factor(&text)
+            .map_err(|e| self.refuse(format!("(internal: barrier did not parse: {e})")))
     }
 
     fn note_read(&mut self, info: &TableInfo, cols: &[String]) {
         let q = info.qualified();
         if !self.info.tables_read.contains(&q) {
             self.info.tables_read.push(q);
-            self.info.columns_read.extend(cols.iter().map(|c| format!("{}.{c}", info.name)));
+            self.info
+                .columns_read
+                .extend(cols.iter().map(|c| format!("{}.{c}", info.name)));
         }
     }
 
@@ -446,9 +641,18 @@ impl<'a> Rewriter<'a> {
     fn pushdown_candidates(&self, from: &[TableWithJoins], selection: Option<&Expr>) -> Pushdown {
         let single = match from {
             [twj] if twj.joins.is_empty() => match &twj.relation {
-                TableFactor::Table { name, alias, args: None, .. } => {
-                    Some(alias.as_ref().map(|a| ident_name(&a.name)).or_else(|| object_name_parts(name).and_then(|p| p.last().cloned())).unwrap_or_default())
-                }
+                TableFactor::Table {
+                    name,
+                    alias,
+                    args: None,
+                    ..
+                } => Some(
+                    alias
+                        .as_ref()
+                        .map(|a| ident_name(&a.name))
+                        .or_else(|| object_name_parts(name).and_then(|p| p.last().cloned()))
+                        .unwrap_or_default(),
+                ),
                 _ => None,
             },
             _ => None,
@@ -472,7 +676,11 @@ impl<'a> Rewriter<'a> {
 
     /// Checks every expression inside `node` (and rewrites nested queries).
     fn check_node<T: VisitMut + ?Sized>(&mut self, node: &mut T, scope: &mut Vec<String>) -> R<()> {
-        let mut checker = ExprChecker { rw: self, scope, depth: 0 };
+        let mut checker = ExprChecker {
+            rw: self,
+            scope,
+            depth: 0,
+        };
         match node.visit(&mut checker) {
             ControlFlow::Continue(()) => Ok(()),
             ControlFlow::Break(e) => Err(e),
@@ -490,10 +698,15 @@ impl<'a> Rewriter<'a> {
         if builtin.is_some_and(allow::is_volatile_function) {
             self.saw_volatile = true;
         }
-        if builtin.is_some_and(allow::is_safe_function) || self.policy.allow.functions.contains(&full) {
+        if builtin.is_some_and(allow::is_safe_function)
+            || self.policy.allow.functions.contains(&full)
+        {
             Ok(())
         } else {
-            Err(self.deny(format!("may not call function {full}"), Some(&self.policy.allow.rule)))
+            Err(self.deny(
+                format!("may not call function {full}"),
+                Some(&self.policy.allow.rule),
+            ))
         }
     }
 
@@ -502,7 +715,10 @@ impl<'a> Rewriter<'a> {
             return Err(self.deny(format!("may not read column {table}.{col}"), Some(rule)));
         }
         if let Some(table) = self.forbid_rows.get(col) {
-            return Err(self.deny(format!("may not use a whole-row reference to {table} (it has hidden columns)"), None));
+            return Err(self.deny(
+                format!("may not use a whole-row reference to {table} (it has hidden columns)"),
+                None,
+            ));
         }
         Ok(())
     }
@@ -523,10 +739,14 @@ impl<'a> Rewriter<'a> {
                 }
             }
             Expr::BinaryOp { op, .. } => match op {
-                BinaryOperator::Custom(_) | BinaryOperator::PGCustomBinaryOperator(_) => Err(self.refuse(format!("operator {op}"))),
+                BinaryOperator::Custom(_) | BinaryOperator::PGCustomBinaryOperator(_) => {
+                    Err(self.refuse(format!("operator {op}")))
+                }
                 _ => Ok(()),
             },
-            Expr::Cast { data_type, format, .. } => {
+            Expr::Cast {
+                data_type, format, ..
+            } => {
                 if format.is_some() || !allow::is_safe_type(&data_type.to_string()) {
                     return Err(self.refuse(format!("a cast to {data_type}")));
                 }
@@ -591,9 +811,19 @@ impl<'a> Rewriter<'a> {
     // ---------------------------------------------------------------- policy expressions
 
     /// Renders a policy expression: claims become literals, column names go through `map`.
-    fn render(&self, expr: &Expr, tp: &TablePolicy, map: &dyn Fn(&str) -> Option<String>) -> R<String> {
+    fn render(
+        &self,
+        expr: &Expr,
+        tp: &TablePolicy,
+        map: &dyn Fn(&str) -> Option<String>,
+    ) -> R<String> {
         let mut e = expr.clone();
-        let mut sub = Substituter { rw: self, tp, map, err: None };
+        let mut sub = Substituter {
+            rw: self,
+            tp,
+            map,
+            err: None,
+        };
         let _ = e.visit(&mut sub);
         if let Some(err) = sub.err {
             return Err(err);
@@ -602,8 +832,12 @@ impl<'a> Rewriter<'a> {
     }
 
     fn claim_literal(&self, name: &str) -> R<String> {
-        let value = self.claims.get(name).ok_or_else(|| self.deny(format!("has no claim {name:?} in its token"), None))?;
-        claim_literal(value, self.policy.claim_types.get(name).map(String::as_str)).ok_or_else(|| self.deny(format!("has an unusable value for claim {name:?}"), None))
+        let value = self
+            .claims
+            .get(name)
+            .ok_or_else(|| self.deny(format!("has no claim {name:?} in its token"), None))?;
+        claim_literal(value, self.policy.claim_types.get(name).map(String::as_str))
+            .ok_or_else(|| self.deny(format!("has an unusable value for claim {name:?}"), None))
     }
 
     fn assert_sql(&self, cond: &str, message: &str) -> String {
@@ -611,7 +845,10 @@ impl<'a> Rewriter<'a> {
     }
 
     fn write_message(&self, what: &str, tp: &TablePolicy) -> String {
-        format!("pgward: service {:?} may not {what} {} ({})", self.service, tp.info.name, tp.check_rule)
+        format!(
+            "pgward: service {:?} may not {what} {} ({})",
+            self.service, tp.info.name, tp.check_rule
+        )
     }
 
     // ---------------------------------------------------------------- writes
@@ -627,33 +864,66 @@ impl<'a> Rewriter<'a> {
 
     fn target(&self, name: &ObjectName, action: Action) -> R<TablePolicy> {
         let parts = object_name_parts(name).ok_or_else(|| self.refuse("this relation name"))?;
-        let info = self.catalog.resolve(&parts).ok_or_else(|| self.deny(format!("may not {} unknown relation {name}", action.verb()), None))?;
-        let tp = self.policy.table(info).ok_or_else(|| self.deny(format!("may not {} {} (not in its policy)", action.verb(), info.qualified()), Some(&format!("{}:1", self.policy.file))))?;
+        let info = self.catalog.resolve(&parts).ok_or_else(|| {
+            self.deny(
+                format!("may not {} unknown relation {name}", action.verb()),
+                None,
+            )
+        })?;
+        let tp = self.policy.table(info).ok_or_else(|| {
+            self.deny(
+                format!(
+                    "may not {} {} (not in its policy)",
+                    action.verb(),
+                    info.qualified()
+                ),
+                Some(&format!("{}:1", self.policy.file)),
+            )
+        })?;
         if !tp.allows(action) {
-            return Err(self.deny(format!("may not {} table {}", action.verb(), info.name), Some(&tp.actions_rule)));
+            return Err(self.deny(
+                format!("may not {} table {}", action.verb(), info.name),
+                Some(&tp.actions_rule),
+            ));
         }
         Ok(tp.clone())
     }
 
     fn writable_column(&self, tp: &TablePolicy, col: &str) -> R<()> {
         if tp.info.column(col).is_none() {
-            return Err(self.deny(format!("may not write unknown column {}.{col}", tp.info.name), None));
+            return Err(self.deny(
+                format!("may not write unknown column {}.{col}", tp.info.name),
+                None,
+            ));
         }
         if tp.hidden.contains(col) {
-            return Err(self.deny(format!("may not write column {}.{col}", tp.info.name), Some(&tp.columns_rule)));
+            return Err(self.deny(
+                format!("may not write column {}.{col}", tp.info.name),
+                Some(&tp.columns_rule),
+            ));
         }
         if tp.is_preset(col) {
-            return Err(self.deny(format!("may not write preset column {}.{col}", tp.info.name), Some(&tp.presets_rule)));
+            return Err(self.deny(
+                format!("may not write preset column {}.{col}", tp.info.name),
+                Some(&tp.presets_rule),
+            ));
         }
         Ok(())
     }
 
     /// SET list → column → SQL of the new value.
-    fn assignments(&mut self, tp: &TablePolicy, assignments: &mut [sqlparser::ast::Assignment], scope: &mut Vec<String>) -> R<HashMap<String, String>> {
+    fn assignments(
+        &mut self,
+        tp: &TablePolicy,
+        assignments: &mut [sqlparser::ast::Assignment],
+        scope: &mut Vec<String>,
+    ) -> R<HashMap<String, String>> {
         let mut map = HashMap::new();
         for a in assignments.iter_mut() {
             let col = match &a.target {
-                AssignmentTarget::ColumnName(n) => object_name_parts(n).and_then(|p| p.last().cloned()).ok_or_else(|| self.refuse("this SET target"))?,
+                AssignmentTarget::ColumnName(n) => object_name_parts(n)
+                    .and_then(|p| p.last().cloned())
+                    .ok_or_else(|| self.refuse("this SET target"))?,
                 AssignmentTarget::Tuple(_) => return Err(self.refuse("tuple assignments")),
             };
             self.writable_column(tp, &col)?;
@@ -668,16 +938,25 @@ impl<'a> Rewriter<'a> {
         Ok(map)
     }
 
-    fn returning(&mut self, r: &mut Option<Vec<SelectItem>>, tp: &TablePolicy, rel: &str, scope: &mut Vec<String>) -> R<()> {
+    fn returning(
+        &mut self,
+        r: &mut Option<Vec<SelectItem>>,
+        tp: &TablePolicy,
+        rel: &str,
+        scope: &mut Vec<String>,
+    ) -> R<()> {
         let Some(items) = r else { return Ok(()) };
         let mut out = Vec::new();
         for item in items.drain(..) {
             match &item {
-                SelectItem::Wildcard(o) | SelectItem::QualifiedWildcard(_, o) if !tp.hidden.is_empty() => {
+                SelectItem::Wildcard(o) | SelectItem::QualifiedWildcard(_, o)
+                    if !tp.hidden.is_empty() =>
+                {
                     check_wildcard(o).map_err(|_| self.refuse("wildcard options"))?;
                     // `*` on a table with hidden columns means its visible columns.
                     for c in &tp.visible {
-                        let e = parse_expr(&format!("{rel}.{}", quote_ident(c))).map_err(|e| self.refuse(format!("(internal: {e})")))?;
+                        let e = parse_expr(&format!("{rel}.{}", quote_ident(c)))
+                            .map_err(|e| self.refuse(format!("(internal: {e})")))?;
                         out.push(SelectItem::UnnamedExpr(e));
                     }
                 }
@@ -693,7 +972,13 @@ impl<'a> Rewriter<'a> {
     }
 
     /// `filter AND pk = c AND (CASE WHEN filter THEN <guarded> END)`.
-    fn guarded_where(&self, filter: Option<String>, hoisted: Vec<String>, user: Option<String>, check: Option<String>) -> String {
+    fn guarded_where(
+        &self,
+        filter: Option<String>,
+        hoisted: Vec<String>,
+        user: Option<String>,
+        check: Option<String>,
+    ) -> String {
         let body = match (user, check) {
             (Some(u), Some(c)) => format!("CASE WHEN ({u}) THEN {c} END"),
             (Some(u), None) => format!("({u})"),
@@ -712,29 +997,57 @@ impl<'a> Rewriter<'a> {
         parts.join(" AND ")
     }
 
-    fn hoisted(&self, selection: Option<&Expr>, tp: &TablePolicy, rel_norm: &str, rel: &str, single: bool) -> Vec<String> {
-        let Some(sel) = selection else { return Vec::new() };
+    fn hoisted(
+        &self,
+        selection: Option<&Expr>,
+        tp: &TablePolicy,
+        rel_norm: &str,
+        rel: &str,
+        single: bool,
+    ) -> Vec<String> {
+        let Some(sel) = selection else {
+            return Vec::new();
+        };
         conjuncts(sel)
             .into_iter()
             .filter_map(leakproof_eq)
-            .filter(|(r, col, _)| (r.as_deref() == Some(rel_norm) || (r.is_none() && single)) && tp.visible.contains(col))
+            .filter(|(r, col, _)| {
+                (r.as_deref() == Some(rel_norm) || (r.is_none() && single))
+                    && tp.visible.contains(col)
+            })
             .filter(|(_, col, _)| leakproof_type(&tp.info, col))
             .map(|(_, col, rhs)| format!("{rel}.{} = {rhs}", quote_ident(&col)))
             .collect()
     }
 
     fn update(&mut self, u: &mut Update, scope: &mut Vec<String>) -> R<()> {
-        if u.on_cluster.is_some() || u.output.is_some() || u.or.is_some() || !u.order_by.is_empty() || u.limit.is_some() || u.settings.is_some() || !u.optimizer_hints.is_empty() || !u.table.joins.is_empty() {
+        if u.on_cluster.is_some()
+            || u.output.is_some()
+            || u.or.is_some()
+            || !u.order_by.is_empty()
+            || u.limit.is_some()
+            || u.settings.is_some()
+            || !u.optimizer_hints.is_empty()
+            || !u.table.joins.is_empty()
+        {
             return Err(self.refuse("this UPDATE syntax"));
         }
         let (name, alias) = match &u.table.relation {
-            TableFactor::Table { name, alias, args: None, .. } if alias.as_ref().is_none_or(|a| a.columns.is_empty()) => (name.clone(), alias.clone()),
+            TableFactor::Table {
+                name,
+                alias,
+                args: None,
+                ..
+            } if alias.as_ref().is_none_or(|a| a.columns.is_empty()) => {
+                (name.clone(), alias.clone())
+            }
             _ => return Err(self.refuse("this UPDATE target")),
         };
         let tp = self.target(&name, Action::Update)?;
         let (rel, rel_norm) = rel_names(&name, alias.as_ref().map(|a| &a.name));
         if !tp.hidden.is_empty() {
-            self.forbid_rows.insert(rel_norm.clone(), tp.info.name.clone());
+            self.forbid_rows
+                .insert(rel_norm.clone(), tp.info.name.clone());
         }
         let has_from = u.from.is_some();
         if let Some(from) = &mut u.from {
@@ -746,29 +1059,59 @@ impl<'a> Rewriter<'a> {
         let set_map = self.assignments(&tp, &mut u.assignments, scope)?;
         self.check_node(&mut u.selection, scope)?;
         self.returning(&mut u.returning, &tp, &rel, scope)?;
-        let filter = tp.filter.as_ref().map(|f| self.render(f, &tp, &|c| Some(format!("{rel}.{}", quote_ident(c))))).transpose()?;
+        let filter = tp
+            .filter
+            .as_ref()
+            .map(|f| self.render(f, &tp, &|c| Some(format!("{rel}.{}", quote_ident(c)))))
+            .transpose()?;
         let check = match &tp.check {
             Some(c) => {
-                let cond = self.render(c, &tp, &|col| Some(set_map.get(col).cloned().unwrap_or_else(|| format!("{rel}.{}", quote_ident(col)))))?;
+                let cond = self.render(c, &tp, &|col| {
+                    Some(
+                        set_map
+                            .get(col)
+                            .cloned()
+                            .unwrap_or_else(|| format!("{rel}.{}", quote_ident(col))),
+                    )
+                })?;
                 Some(self.assert_sql(&cond, &self.write_message("write this row to", &tp)))
             }
             None => None,
         };
         let hoisted = self.hoisted(u.selection.as_ref(), &tp, &rel_norm, &rel, !has_from);
-        let text = self.guarded_where(filter, hoisted, u.selection.as_ref().map(|e| e.to_string()), check);
+        let text = self.guarded_where(
+            filter,
+            hoisted,
+            u.selection.as_ref().map(|e| e.to_string()),
+            check,
+        );
         u.selection = Some(parse_expr(&text).map_err(|e| self.refuse(format!("(internal: {e})")))?);
         self.note_write(&tp.info);
         Ok(())
     }
 
     fn delete(&mut self, d: &mut Delete, scope: &mut Vec<String>) -> R<()> {
-        if !d.tables.is_empty() || d.on_cluster.is_some() || d.output.is_some() || !d.order_by.is_empty() || d.limit.is_some() || d.settings.is_some() || !d.optimizer_hints.is_empty() {
+        if !d.tables.is_empty()
+            || d.on_cluster.is_some()
+            || d.output.is_some()
+            || !d.order_by.is_empty()
+            || d.limit.is_some()
+            || d.settings.is_some()
+            || !d.optimizer_hints.is_empty()
+        {
             return Err(self.refuse("this DELETE syntax"));
         }
         let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) = &d.from;
         let (name, alias) = match from.as_slice() {
             [twj] if twj.joins.is_empty() => match &twj.relation {
-                TableFactor::Table { name, alias, args: None, .. } if alias.as_ref().is_none_or(|a| a.columns.is_empty()) => (name.clone(), alias.clone()),
+                TableFactor::Table {
+                    name,
+                    alias,
+                    args: None,
+                    ..
+                } if alias.as_ref().is_none_or(|a| a.columns.is_empty()) => {
+                    (name.clone(), alias.clone())
+                }
                 _ => return Err(self.refuse("this DELETE target")),
             },
             _ => return Err(self.refuse("this DELETE target")),
@@ -776,7 +1119,8 @@ impl<'a> Rewriter<'a> {
         let tp = self.target(&name, Action::Delete)?;
         let (rel, rel_norm) = rel_names(&name, alias.as_ref().map(|a| &a.name));
         if !tp.hidden.is_empty() {
-            self.forbid_rows.insert(rel_norm.clone(), tp.info.name.clone());
+            self.forbid_rows
+                .insert(rel_norm.clone(), tp.info.name.clone());
         }
         let has_using = d.using.is_some();
         if let Some(using) = &mut d.using {
@@ -786,9 +1130,18 @@ impl<'a> Rewriter<'a> {
         }
         self.check_node(&mut d.selection, scope)?;
         self.returning(&mut d.returning, &tp, &rel, scope)?;
-        let filter = tp.filter.as_ref().map(|f| self.render(f, &tp, &|c| Some(format!("{rel}.{}", quote_ident(c))))).transpose()?;
+        let filter = tp
+            .filter
+            .as_ref()
+            .map(|f| self.render(f, &tp, &|c| Some(format!("{rel}.{}", quote_ident(c)))))
+            .transpose()?;
         let hoisted = self.hoisted(d.selection.as_ref(), &tp, &rel_norm, &rel, !has_using);
-        let text = self.guarded_where(filter, hoisted, d.selection.as_ref().map(|e| e.to_string()), None);
+        let text = self.guarded_where(
+            filter,
+            hoisted,
+            d.selection.as_ref().map(|e| e.to_string()),
+            None,
+        );
         d.selection = Some(parse_expr(&text).map_err(|e| self.refuse(format!("(internal: {e})")))?);
         self.note_write(&tp.info);
         Ok(())
@@ -811,7 +1164,9 @@ impl<'a> Rewriter<'a> {
         {
             return Err(self.refuse("this INSERT syntax"));
         }
-        let TableObject::TableName(name) = &i.table else { return Err(self.refuse("this INSERT target")) };
+        let TableObject::TableName(name) = &i.table else {
+            return Err(self.refuse("this INSERT target"));
+        };
         let name = name.clone();
         let tp = self.target(&name, Action::Insert)?;
         let alias_ident = i.table_alias.as_ref().map(|a| a.alias.clone());
@@ -821,59 +1176,113 @@ impl<'a> Rewriter<'a> {
         }
         let mut cols: Vec<String> = Vec::new();
         for c in &i.columns {
-            let col = object_name_parts(c).and_then(|p| p.last().cloned()).ok_or_else(|| self.refuse("this column name"))?;
+            let col = object_name_parts(c)
+                .and_then(|p| p.last().cloned())
+                .ok_or_else(|| self.refuse("this column name"))?;
             if cols.contains(&col) {
                 return Err(self.refuse(format!("INSERT naming column {col} twice")));
             }
             cols.push(col);
         }
-        let Some(source) = i.source.as_mut() else { return Err(self.refuse("INSERT ... DEFAULT VALUES")) };
-        let values_rows = match (&*source.body, &source.with, &source.order_by, &source.limit_clause) {
+        let Some(source) = i.source.as_mut() else {
+            return Err(self.refuse("INSERT ... DEFAULT VALUES"));
+        };
+        let values_rows = match (
+            &*source.body,
+            &source.with,
+            &source.order_by,
+            &source.limit_clause,
+        ) {
             (SetExpr::Values(v), None, None, None) => Some(v.rows.len()),
             _ => None,
         };
         if cols.is_empty() {
             let n = match &*source.body {
-                SetExpr::Values(v) if values_rows.is_some() => v.rows.first().map(|r| r.len()).unwrap_or(0),
-                _ => return Err(self.deny(format!("must name the columns of INSERT INTO {} ... SELECT", tp.info.name), None)),
+                SetExpr::Values(v) if values_rows.is_some() => {
+                    v.rows.first().map(|r| r.len()).unwrap_or(0)
+                }
+                _ => {
+                    return Err(self.deny(
+                        format!(
+                            "must name the columns of INSERT INTO {} ... SELECT",
+                            tp.info.name
+                        ),
+                        None,
+                    ))
+                }
             };
-            cols = tp.info.columns.iter().take(n).map(|c| c.name.clone()).collect();
+            cols = tp
+                .info
+                .columns
+                .iter()
+                .take(n)
+                .map(|c| c.name.clone())
+                .collect();
         }
         for c in &cols {
             self.writable_column(&tp, c)?;
         }
         if values_rows.is_some() {
-            let SetExpr::Values(v) = &mut *source.body else { return Err(self.refuse("(internal)")) };
+            let SetExpr::Values(v) = &mut *source.body else {
+                return Err(self.refuse("(internal)"));
+            };
             for row in v.rows.iter_mut() {
                 if row.len() != cols.len() {
-                    return Err(self.refuse("VALUES rows whose length differs from the column list"));
+                    return Err(
+                        self.refuse("VALUES rows whose length differs from the column list")
+                    );
                 }
                 for (e, col) in row.iter_mut().zip(&cols) {
-                    if matches!(e, Expr::Identifier(id) if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default")) {
+                    if matches!(e, Expr::Identifier(id) if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default"))
+                    {
                         return Err(self.refuse("DEFAULT in VALUES (omit the column instead)"));
                     }
                     self.check_node(e, scope)?;
-                    let ty = tp.info.column(col).map(|c| c.type_name.clone()).unwrap_or_default();
+                    let ty = tp
+                        .info
+                        .column(col)
+                        .map(|c| c.type_name.clone())
+                        .unwrap_or_default();
                     // The cast gives $n parameters the column's type.
-                    *e = parse_expr(&format!("CAST(({e}) AS {ty})")).map_err(|err| self.refuse(format!("(internal: {err})")))?;
+                    *e = parse_expr(&format!("CAST(({e}) AS {ty})"))
+                        .map_err(|err| self.refuse(format!("(internal: {err})")))?;
                 }
             }
         } else {
             self.query(source, scope)?;
         }
-        let type_of = |c: &str| tp.info.column(c).map(|c| c.type_name.clone()).unwrap_or_default();
-        let mut value_of: HashMap<String, String> = cols.iter().map(|c| (c.clone(), format!("CAST(pgward_v.{} AS {})", quote_ident(c), type_of(c)))).collect();
+        let type_of = |c: &str| {
+            tp.info
+                .column(c)
+                .map(|c| c.type_name.clone())
+                .unwrap_or_default()
+        };
+        let mut value_of: HashMap<String, String> = cols
+            .iter()
+            .map(|c| {
+                (
+                    c.clone(),
+                    format!("CAST(pgward_v.{} AS {})", quote_ident(c), type_of(c)),
+                )
+            })
+            .collect();
         let mut out_cols = cols.clone();
         for (col, e) in &tp.presets {
             let v = self.render(e, &tp, &|_| None)?;
             value_of.insert(col.clone(), format!("CAST(({v}) AS {})", type_of(col)));
             out_cols.push(col.clone());
         }
-        let select_list: Vec<String> = out_cols.iter().filter_map(|c| value_of.get(c).cloned()).collect();
+        let select_list: Vec<String> = out_cols
+            .iter()
+            .filter_map(|c| value_of.get(c).cloned())
+            .collect();
         let mut text = format!(
             "SELECT {} FROM ({source}) AS pgward_v({})",
             select_list.join(", "),
-            cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+            cols.iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         if let Some(check) = &tp.check {
             let missing = std::cell::RefCell::new(BTreeSet::new());
@@ -885,16 +1294,30 @@ impl<'a> Rewriter<'a> {
                 v
             });
             if let Some(c) = missing.borrow().iter().next() {
-                return Err(self.deny(format!("must supply column {}.{c} (used by the write check)", tp.info.name), Some(&tp.check_rule)));
+                return Err(self.deny(
+                    format!(
+                        "must supply column {}.{c} (used by the write check)",
+                        tp.info.name
+                    ),
+                    Some(&tp.check_rule),
+                ));
             }
-            text.push_str(&format!(" WHERE {}", self.assert_sql(&cond?, &self.write_message("insert this row into", &tp))));
+            text.push_str(&format!(
+                " WHERE {}",
+                self.assert_sql(&cond?, &self.write_message("insert this row into", &tp))
+            ));
         }
         i.source = Some(parse_query(&text).map_err(|e| self.refuse(format!("(internal: {e})")))?);
-        i.columns = out_cols.iter().map(|c| ObjectName::from(vec![sqlparser::ast::Ident::with_quote('"', c.clone())])).collect();
+        i.columns = out_cols
+            .iter()
+            .map(|c| ObjectName::from(vec![sqlparser::ast::Ident::with_quote('"', c.clone())]))
+            .collect();
         match &mut i.on {
             None => {}
             Some(OnInsert::OnConflict(oc)) => {
-                if let Some(ConflictTarget::Columns { columns, predicate }) = &mut oc.conflict_target {
+                if let Some(ConflictTarget::Columns { columns, predicate }) =
+                    &mut oc.conflict_target
+                {
                     for c in columns.iter() {
                         self.check_column(&ident_name(c))?;
                     }
@@ -902,28 +1325,51 @@ impl<'a> Rewriter<'a> {
                 }
                 if let OnConflictAction::DoUpdate(du) = &mut oc.action {
                     if !tp.update {
-                        return Err(self.deny(format!("may not update table {} (ON CONFLICT DO UPDATE)", tp.info.name), Some(&tp.actions_rule)));
+                        return Err(self.deny(
+                            format!(
+                                "may not update table {} (ON CONFLICT DO UPDATE)",
+                                tp.info.name
+                            ),
+                            Some(&tp.actions_rule),
+                        ));
                     }
                     let set_map = self.assignments(&tp, &mut du.assignments, scope)?;
                     self.check_node(&mut du.selection, scope)?;
-                    let check = match &tp.check {
-                        Some(c) => {
-                            let cond = self.render(c, &tp, &|col| Some(set_map.get(col).cloned().unwrap_or_else(|| format!("{rel}.{}", quote_ident(col)))))?;
-                            Some(self.assert_sql(&cond, &self.write_message("write this row to", &tp)))
-                        }
-                        None => None,
-                    };
-                    let body = self.guarded_where(None, Vec::new(), du.selection.as_ref().map(|e| e.to_string()), check);
+                    let check =
+                        match &tp.check {
+                            Some(c) => {
+                                let cond =
+                                    self.render(c, &tp, &|col| {
+                                        Some(set_map.get(col).cloned().unwrap_or_else(|| {
+                                            format!("{rel}.{}", quote_ident(col))
+                                        }))
+                                    })?;
+                                Some(self.assert_sql(
+                                    &cond,
+                                    &self.write_message("write this row to", &tp),
+                                ))
+                            }
+                            None => None,
+                        };
+                    let body = self.guarded_where(
+                        None,
+                        Vec::new(),
+                        du.selection.as_ref().map(|e| e.to_string()),
+                        check,
+                    );
                     let text = match &tp.filter {
                         Some(f) => {
                             // Like RLS: conflicting with a row the service cannot see is an error.
-                            let f = self.render(f, &tp, &|c| Some(format!("{rel}.{}", quote_ident(c))))?;
+                            let f = self
+                                .render(f, &tp, &|c| Some(format!("{rel}.{}", quote_ident(c))))?;
                             let msg = format!("pgward: service {:?} may not update a conflicting row of {} it cannot see ({})", self.service, tp.info.name, tp.filter_rule);
                             format!("CASE WHEN {} THEN {body} END", self.assert_sql(&f, &msg))
                         }
                         None => body,
                     };
-                    du.selection = Some(parse_expr(&text).map_err(|e| self.refuse(format!("(internal: {e})")))?);
+                    du.selection = Some(
+                        parse_expr(&text).map_err(|e| self.refuse(format!("(internal: {e})")))?,
+                    );
                 }
             }
             Some(_) => return Err(self.refuse("this ON CONFLICT form")),
@@ -937,7 +1383,16 @@ impl<'a> Rewriter<'a> {
         if !self.policy.allow.copy {
             return Err(self.refuse("COPY (allow.copy is off)"));
         }
-        let Statement::Copy { source, to, target, payload, .. } = st else { return Err(self.refuse("(internal)")) };
+        let Statement::Copy {
+            source,
+            to,
+            target,
+            payload,
+            ..
+        } = st
+        else {
+            return Err(self.refuse("(internal)"));
+        };
         if payload.is_some() {
             return Err(self.refuse("COPY with inline data"));
         }
@@ -945,9 +1400,22 @@ impl<'a> Rewriter<'a> {
             if !matches!(target, CopyTarget::Stdout) {
                 return Err(self.refuse("COPY TO a file or program"));
             }
-            if let CopySource::Table { table_name, columns } = source {
-                let cols = if columns.is_empty() { "*".to_string() } else { columns.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ") };
-                let q = parse_query(&format!("SELECT {cols} FROM {table_name}")).map_err(|e| self.refuse(format!("(internal: {e})")))?;
+            if let CopySource::Table {
+                table_name,
+                columns,
+            } = source
+            {
+                let cols = if columns.is_empty() {
+                    "*".to_string()
+                } else {
+                    columns
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let q = parse_query(&format!("SELECT {cols} FROM {table_name}"))
+                    .map_err(|e| self.refuse(format!("(internal: {e})")))?;
                 *source = CopySource::Query(q);
             }
             if let CopySource::Query(q) = source {
@@ -958,20 +1426,41 @@ impl<'a> Rewriter<'a> {
         if !matches!(target, CopyTarget::Stdin) {
             return Err(self.refuse("COPY FROM a file or program"));
         }
-        let CopySource::Table { table_name, columns } = source else { return Err(self.refuse("this COPY form")) };
+        let CopySource::Table {
+            table_name,
+            columns,
+        } = source
+        else {
+            return Err(self.refuse("this COPY form"));
+        };
         let tp = self.target(table_name, Action::Insert)?;
         if !tp.presets.is_empty() {
-            return Err(self.deny(format!("may not COPY into {} (it has presets; use INSERT)", tp.info.name), Some(&tp.presets_rule)));
+            return Err(self.deny(
+                format!(
+                    "may not COPY into {} (it has presets; use INSERT)",
+                    tp.info.name
+                ),
+                Some(&tp.presets_rule),
+            ));
         }
-        let cols: Vec<String> = if columns.is_empty() { tp.info.columns.iter().map(|c| c.name.clone()).collect() } else { columns.iter().map(ident_name).collect() };
+        let cols: Vec<String> = if columns.is_empty() {
+            tp.info.columns.iter().map(|c| c.name.clone()).collect()
+        } else {
+            columns.iter().map(ident_name).collect()
+        };
         for c in &cols {
             self.writable_column(&tp, c)?;
         }
         let mut text = st.to_string();
         if let Some(check) = &tp.check {
-            let cond = self.render(check, &tp, &|c| cols.iter().any(|x| x == c).then(|| quote_ident(c)))?;
+            let cond = self.render(check, &tp, &|c| {
+                cols.iter().any(|x| x == c).then(|| quote_ident(c))
+            })?;
             // COPY FROM ... WHERE runs per row inside the server: bound data is verified there.
-            text.push_str(&format!(" WHERE {}", self.assert_sql(&cond, &self.write_message("copy this row into", &tp))));
+            text.push_str(&format!(
+                " WHERE {}",
+                self.assert_sql(&cond, &self.write_message("copy this row into", &tp))
+            ));
         }
         self.note_write(&tp.info);
         Ok(text)
@@ -980,11 +1469,19 @@ impl<'a> Rewriter<'a> {
 
 /// Columns whose `=` operator is leakproof (cannot raise or reveal the value).
 fn leakproof_type(info: &TableInfo, col: &str) -> bool {
-    info.column(col).is_some_and(|c| ["bigint", "integer", "smallint", "text", "uuid", "boolean"].contains(&c.type_name.as_str()))
+    info.column(col).is_some_and(|c| {
+        ["bigint", "integer", "smallint", "text", "uuid", "boolean"].contains(&c.type_name.as_str())
+    })
 }
 
 fn check_wildcard(o: &WildcardAdditionalOptions) -> Result<(), ()> {
-    if o.opt_ilike.is_some() || o.opt_exclude.is_some() || o.opt_except.is_some() || o.opt_replace.is_some() || o.opt_rename.is_some() || o.opt_alias.is_some() {
+    if o.opt_ilike.is_some()
+        || o.opt_exclude.is_some()
+        || o.opt_except.is_some()
+        || o.opt_replace.is_some()
+        || o.opt_rename.is_some()
+        || o.opt_alias.is_some()
+    {
         Err(())
     } else {
         Ok(())
@@ -997,14 +1494,19 @@ fn rel_names(name: &ObjectName, alias: Option<&sqlparser::ast::Ident>) -> (Strin
         Some(a) => (a.to_string(), ident_name(a)),
         None => {
             let last = name.0.last().map(|p| p.to_string()).unwrap_or_default();
-            let norm = object_name_parts(name).and_then(|p| p.last().cloned()).unwrap_or_default();
+            let norm = object_name_parts(name)
+                .and_then(|p| p.last().cloned())
+                .unwrap_or_default();
             (last, norm)
         }
     }
 }
 
 fn is_plain_dml(st: &Statement) -> bool {
-    matches!(st, Statement::Query(_) | Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_))
+    matches!(
+        st,
+        Statement::Query(_) | Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_)
+    )
 }
 
 pub fn statement_kind(st: &Statement) -> &'static str {
@@ -1020,7 +1522,10 @@ pub fn statement_kind(st: &Statement) -> &'static str {
         Statement::Declare { .. } => "DECLARE",
         Statement::Set(_) => "SET",
         Statement::ShowVariable { .. } => "SHOW",
-        Statement::CreateTable(_) | Statement::CreateIndex(_) | Statement::AlterTable(_) | Statement::Drop { .. } => "DDL",
+        Statement::CreateTable(_)
+        | Statement::CreateIndex(_)
+        | Statement::AlterTable(_)
+        | Statement::Drop { .. } => "DDL",
         Statement::CreateView(_) => "CREATE VIEW",
         Statement::CreateFunction(_) => "CREATE FUNCTION",
         Statement::Truncate(_) => "TRUNCATE",
@@ -1037,7 +1542,11 @@ pub fn statement_kind(st: &Statement) -> &'static str {
 /// Top-level AND-ed parts of a predicate.
 fn conjuncts(e: &Expr) -> Vec<&Expr> {
     match e {
-        Expr::BinaryOp { left, op: BinaryOperator::And, right } => {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
             let mut v = conjuncts(left);
             v.extend(conjuncts(right));
             v
@@ -1049,15 +1558,26 @@ fn conjuncts(e: &Expr) -> Vec<&Expr> {
 
 /// `[rel.]col = <number | string | $n>` (either side) → (rel, col, rhs).
 fn leakproof_eq(e: &Expr) -> Option<(Option<String>, String, String)> {
-    let Expr::BinaryOp { left, op: BinaryOperator::Eq, right } = e else { return None };
+    let Expr::BinaryOp {
+        left,
+        op: BinaryOperator::Eq,
+        right,
+    } = e
+    else {
+        return None;
+    };
     let col = |x: &Expr| match x {
         Expr::Identifier(id) => Some((None, ident_name(id))),
-        Expr::CompoundIdentifier(p) if p.len() == 2 => Some((Some(ident_name(&p[0])), ident_name(&p[1]))),
+        Expr::CompoundIdentifier(p) if p.len() == 2 => {
+            Some((Some(ident_name(&p[0])), ident_name(&p[1])))
+        }
         _ => None,
     };
     let lit = |x: &Expr| match x {
         Expr::Value(v) => match &v.value {
-            sqlparser::ast::Value::Number(..) | sqlparser::ast::Value::SingleQuotedString(_) | sqlparser::ast::Value::Placeholder(_) => Some(x.to_string()),
+            sqlparser::ast::Value::Number(..)
+            | sqlparser::ast::Value::SingleQuotedString(_)
+            | sqlparser::ast::Value::Placeholder(_) => Some(x.to_string()),
             _ => None,
         },
         _ => None,
@@ -1073,7 +1593,9 @@ fn leakproof_eq(e: &Expr) -> Option<(Option<String>, String, String)> {
 
 /// A claim value as a SQL literal. Never spliced text: numbers are validated, strings quoted.
 pub fn claim_literal(value: &Json, declared: Option<&str>) -> Option<String> {
-    const INTS: &[&str] = &["smallint", "int", "integer", "bigint", "int2", "int4", "int8"];
+    const INTS: &[&str] = &[
+        "smallint", "int", "integer", "bigint", "int2", "int4", "int8",
+    ];
     match declared {
         Some(t) if INTS.contains(&t) => {
             let n: i64 = match value {
@@ -1108,7 +1630,16 @@ pub fn claim_literal(value: &Json, declared: Option<&str>) -> Option<String> {
             Json::Bool(b) => Some(if *b { "TRUE".into() } else { "FALSE".into() }),
             Json::Null => Some("NULL".into()),
             Json::Array(items) => {
-                let parts: Option<Vec<String>> = items.iter().map(|v| if v.is_array() || v.is_object() { None } else { claim_literal(v, None) }).collect();
+                let parts: Option<Vec<String>> = items
+                    .iter()
+                    .map(|v| {
+                        if v.is_array() || v.is_object() {
+                            None
+                        } else {
+                            claim_literal(v, None)
+                        }
+                    })
+                    .collect();
                 Some(format!("ARRAY[{}]", parts?.join(", ")))
             }
             _ => None,
@@ -1165,12 +1696,23 @@ impl Substituter<'_, '_> {
     fn replacement(&self, e: &Expr) -> R<Option<Expr>> {
         if let Some(Ok(claim)) = claim_call(e) {
             let lit = self.rw.claim_literal(&claim)?;
-            return parse_expr(&lit).map(Some).map_err(|err| self.rw.refuse(format!("(internal: {err})")));
+            return parse_expr(&lit)
+                .map(Some)
+                .map_err(|err| self.rw.refuse(format!("(internal: {err})")));
         }
         if let Expr::Identifier(id) = e {
             let col = ident_name(id);
-            let text = (self.map)(&col).ok_or_else(|| self.rw.deny(format!("must supply column {}.{col} (used by the write check)", self.tp.info.name), Some(&self.tp.check_rule)))?;
-            let parsed = parse_expr(&text).map_err(|err| self.rw.refuse(format!("(internal: {err})")))?;
+            let text = (self.map)(&col).ok_or_else(|| {
+                self.rw.deny(
+                    format!(
+                        "must supply column {}.{col} (used by the write check)",
+                        self.tp.info.name
+                    ),
+                    Some(&self.tp.check_rule),
+                )
+            })?;
+            let parsed =
+                parse_expr(&text).map_err(|err| self.rw.refuse(format!("(internal: {err})")))?;
             return Ok(Some(Expr::Nested(Box::new(parsed))));
         }
         Ok(None)

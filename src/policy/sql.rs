@@ -2,7 +2,10 @@
 //! quoting, and the literal sanitizer that makes sqlparser's Display faithful.
 use std::ops::ControlFlow;
 
-use sqlparser::ast::{Expr, Ident, ObjectName, ObjectNamePart, Query, SetExpr, Statement, TableFactor, Value, ValueWithSpan, VisitMut, VisitorMut};
+use sqlparser::ast::{
+    Expr, Ident, ObjectName, ObjectNamePart, Query, SetExpr, Statement, TableFactor, Value,
+    ValueWithSpan, VisitMut, VisitorMut,
+};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
 
@@ -15,7 +18,9 @@ pub fn parse_expr(sql: &str) -> Result<Expr, ParserError> {
     let expr = parser.parse_expr()?;
     // Trailing garbage means the fragment was not one expression.
     if parser.peek_token().token != sqlparser::tokenizer::Token::EOF {
-        return Err(ParserError::ParserError(format!("unexpected text after expression in {sql:?}")));
+        return Err(ParserError::ParserError(format!(
+            "unexpected text after expression in {sql:?}"
+        )));
     }
     Ok(expr)
 }
@@ -30,7 +35,9 @@ pub fn parse_table_factor(sql: &str) -> Result<TableFactor, ParserError> {
     let q = parse_query(&format!("SELECT 1 FROM {sql}"))?;
     match *q.body {
         SetExpr::Select(mut s) if s.from.len() == 1 => Ok(s.from.remove(0).relation),
-        _ => Err(ParserError::ParserError("generated FROM item did not parse".into())),
+        _ => Err(ParserError::ParserError(
+            "generated FROM item did not parse".into(),
+        )),
     }
 }
 
@@ -102,11 +109,13 @@ impl VisitorMut for Sanitizer {
                     Some(Value::SingleQuotedString(s.clone()))
                 }
             }
-            Value::DollarQuotedString(d) => Some(if d.value.contains('\'') || d.value.contains('\\') {
-                Value::EscapedStringLiteral(d.value.clone())
-            } else {
-                Value::SingleQuotedString(d.value.clone())
-            }),
+            Value::DollarQuotedString(d) => {
+                Some(if d.value.contains('\'') || d.value.contains('\\') {
+                    Value::EscapedStringLiteral(d.value.clone())
+                } else {
+                    Value::SingleQuotedString(d.value.clone())
+                })
+            }
             Value::Number(..) | Value::Boolean(_) | Value::Null | Value::Placeholder(_) => None,
             other => return ControlFlow::Break(Unsafe(format!("unsupported literal {other}"))),
         };
@@ -119,7 +128,9 @@ impl VisitorMut for Sanitizer {
     fn pre_visit_ident(&mut self, id: &mut Ident) -> ControlFlow<Unsafe> {
         match id.quote_style {
             None if !id.value.contains('"') => ControlFlow::Continue(()),
-            Some('"') if !id.value.contains('"') && !id.value.contains('\0') => ControlFlow::Continue(()),
+            Some('"') if !id.value.contains('"') && !id.value.contains('\0') => {
+                ControlFlow::Continue(())
+            }
             _ => ControlFlow::Break(Unsafe(format!("unsupported identifier {:?}", id.value))),
         }
     }
@@ -131,7 +142,14 @@ mod tests {
 
     #[test]
     fn sanitized_literals_round_trip() {
-        for lit in [r"'\''' || 'x'", "'a''b'", r"E'\\'' , 1 --'", "$$it's$$", "'plain'", r"'\'"] {
+        for lit in [
+            r"'\''' || 'x'",
+            "'a''b'",
+            r"E'\\'' , 1 --'",
+            "$$it's$$",
+            "'plain'",
+            r"'\'",
+        ] {
             let sql = format!("SELECT {lit}");
             let mut st = parse_statements(&sql).unwrap();
             sanitize(&mut st[0]).unwrap();

@@ -5,11 +5,22 @@ use std::sync::Arc;
 use super::*;
 
 fn col(name: &str, ty: &str) -> ColumnInfo {
-    ColumnInfo { name: name.into(), type_name: ty.into(), type_oid: 0, not_null: false }
+    ColumnInfo {
+        name: name.into(),
+        type_name: ty.into(),
+        type_oid: 0,
+        not_null: false,
+    }
 }
 
 fn table(schema: &str, name: &str, cols: &[(&str, &str)]) -> TableInfo {
-    TableInfo { schema: schema.into(), name: name.into(), oid: 0, kind: RelKind::Table, columns: cols.iter().map(|(n, t)| col(n, t)).collect() }
+    TableInfo {
+        schema: schema.into(),
+        name: name.into(),
+        oid: 0,
+        kind: RelKind::Table,
+        columns: cols.iter().map(|(n, t)| col(n, t)).collect(),
+    }
 }
 
 pub(crate) fn demo_catalog() -> Catalog {
@@ -18,7 +29,14 @@ pub(crate) fn demo_catalog() -> Catalog {
         table(
             "public",
             "customers",
-            &[("id", "bigint"), ("tenant_id", "bigint"), ("name", "text"), ("email", "text"), ("ssn", "text"), ("created_at", "timestamp with time zone")],
+            &[
+                ("id", "bigint"),
+                ("tenant_id", "bigint"),
+                ("name", "text"),
+                ("email", "text"),
+                ("ssn", "text"),
+                ("created_at", "timestamp with time zone"),
+            ],
         ),
         table(
             "public",
@@ -34,14 +52,27 @@ pub(crate) fn demo_catalog() -> Catalog {
             ],
         ),
         table("public", "secrets", &[("id", "bigint"), ("value", "text")]),
-        table("pg_catalog", "pg_type", &[("oid", "oid"), ("typname", "name")]),
-        table("pg_catalog", "pg_class", &[("oid", "oid"), ("relname", "name"), ("reltuples", "real")]),
+        table(
+            "pg_catalog",
+            "pg_type",
+            &[("oid", "oid"), ("typname", "name")],
+        ),
+        table(
+            "pg_catalog",
+            "pg_class",
+            &[("oid", "oid"), ("relname", "name"), ("reltuples", "real")],
+        ),
         table("pg_catalog", "pg_stats", &[("tablename", "name")]),
     ])
 }
 
 pub(crate) fn engine() -> PolicyEngine {
-    PolicyEngine::load(Path::new("policies"), Arc::new(demo_catalog()), &["migrator".to_string()]).unwrap()
+    PolicyEngine::load(
+        Path::new("policies"),
+        Arc::new(demo_catalog()),
+        &["migrator".to_string()],
+    )
+    .unwrap()
 }
 
 fn claims(tenant: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
@@ -53,7 +84,14 @@ fn claims(tenant: serde_json::Value) -> serde_json::Map<String, serde_json::Valu
 fn rw(service: &str, sql: &str) -> Result<String, PolicyDenied> {
     let e = engine();
     let c = claims(serde_json::json!(1));
-    e.rewrite(&PolicyIdentity { service, claims: &c }, sql).map(|r| r.sql.clone())
+    e.rewrite(
+        &PolicyIdentity {
+            service,
+            claims: &c,
+        },
+        sql,
+    )
+    .map(|r| r.sql.clone())
 }
 
 fn ok(service: &str, sql: &str) -> String {
@@ -82,15 +120,30 @@ fn select_is_wrapped_in_barrier() {
 #[test]
 fn hidden_column_refused_with_rule() {
     let e = refused("support", "SELECT ssn FROM customers");
-    assert!(e.message.contains("may not read column customers.ssn"), "{}", e.message);
-    assert!(e.message.contains("policies/support.toml:"), "{}", e.message);
-    assert!(e.rule.as_deref().unwrap_or("").starts_with("policies/support.toml:"));
+    assert!(
+        e.message.contains("may not read column customers.ssn"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("policies/support.toml:"),
+        "{}",
+        e.message
+    );
+    assert!(e
+        .rule
+        .as_deref()
+        .unwrap_or("")
+        .starts_with("policies/support.toml:"));
 }
 
 #[test]
 fn star_expands_to_visible_columns() {
     let out = ok("support", "SELECT * FROM customers");
-    assert!(out.contains(r#"SELECT "id", "tenant_id", "name", "email", "created_at" FROM"#), "{out}");
+    assert!(
+        out.contains(r#"SELECT "id", "tenant_id", "name", "email", "created_at" FROM"#),
+        "{out}"
+    );
     assert!(!out.contains("ssn"));
 }
 
@@ -105,7 +158,10 @@ fn unlisted_table_and_views_refused() {
 #[test]
 fn cte_shadowing() {
     // The CTE body's `customers` is the real table: filtered.
-    let out = ok("billing", "WITH customers AS (SELECT * FROM customers) SELECT * FROM customers");
+    let out = ok(
+        "billing",
+        "WITH customers AS (SELECT * FROM customers) SELECT * FROM customers",
+    );
     assert_eq!(out.matches("OFFSET 0").count(), 1, "{out}");
     // A CTE named like a table is not wrapped where referenced.
     let out = ok("billing", "WITH c AS (SELECT 1 AS x) SELECT * FROM c");
@@ -136,12 +192,20 @@ fn nested_everywhere() {
 
 #[test]
 fn quoting_and_casing() {
-    for sql in ["SELECT * FROM Customers", "SELECT * FROM public.customers", "SELECT * FROM \"customers\"", "select * from PUBLIC.CUSTOMERS /* c */ -- x"] {
+    for sql in [
+        "SELECT * FROM Customers",
+        "SELECT * FROM public.customers",
+        "SELECT * FROM \"customers\"",
+        "select * from PUBLIC.CUSTOMERS /* c */ -- x",
+    ] {
         let out = ok("billing", sql);
         assert!(out.contains("OFFSET 0"), "{out}");
     }
     refused("billing", "SELECT * FROM \"Customers\"");
-    let out = ok("billing", "SELECT public.customers.id FROM public.customers");
+    let out = ok(
+        "billing",
+        "SELECT public.customers.id FROM public.customers",
+    );
     assert!(out.starts_with("SELECT customers.id FROM"), "{out}");
 }
 
@@ -149,13 +213,31 @@ fn quoting_and_casing() {
 fn claim_values_are_literals() {
     let e = engine();
     let c = claims(serde_json::json!("1; drop table x"));
-    let r = e.rewrite(&PolicyIdentity { service: "billing", claims: &c }, "SELECT * FROM customers");
+    let r = e.rewrite(
+        &PolicyIdentity {
+            service: "billing",
+            claims: &c,
+        },
+        "SELECT * FROM customers",
+    );
     assert!(r.is_err(), "bigint claim must be numeric");
     // Undeclared claim types: strings become quoted literals.
-    assert_eq!(rewrite::claim_literal(&serde_json::json!("x'; drop table t; --"), None).unwrap(), "'x''; drop table t; --'");
-    assert_eq!(rewrite::claim_literal(&serde_json::json!(r"a\'b"), None).unwrap(), r"E'a\\\'b'");
-    assert_eq!(rewrite::claim_literal(&serde_json::json!(-3), None).unwrap(), "(-3)");
-    assert_eq!(rewrite::claim_literal(&serde_json::json!("7"), Some("bigint")).unwrap(), "(7)");
+    assert_eq!(
+        rewrite::claim_literal(&serde_json::json!("x'; drop table t; --"), None).unwrap(),
+        "'x''; drop table t; --'"
+    );
+    assert_eq!(
+        rewrite::claim_literal(&serde_json::json!(r"a\'b"), None).unwrap(),
+        r"E'a\\\'b'"
+    );
+    assert_eq!(
+        rewrite::claim_literal(&serde_json::json!(-3), None).unwrap(),
+        "(-3)"
+    );
+    assert_eq!(
+        rewrite::claim_literal(&serde_json::json!("7"), Some("bigint")).unwrap(),
+        "(7)"
+    );
     assert!(rewrite::claim_literal(&serde_json::json!({"a": 1}), None).is_none());
 }
 
@@ -163,8 +245,19 @@ fn claim_values_are_literals() {
 fn missing_claim_refused() {
     let e = engine();
     let c = serde_json::Map::new();
-    assert!(e.rewrite(&PolicyIdentity { service: "billing", claims: &c }, "SELECT 1").is_err());
-    assert_eq!(e.required_claims("billing").unwrap(), vec!["tenant_id".to_string()]);
+    assert!(e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c
+            },
+            "SELECT 1"
+        )
+        .is_err());
+    assert_eq!(
+        e.required_claims("billing").unwrap(),
+        vec!["tenant_id".to_string()]
+    );
     assert!(e.required_claims("analytics").unwrap().is_empty());
     assert!(e.required_claims("stranger").is_err());
     assert!(e.required_claims("migrator").unwrap().is_empty());
@@ -175,7 +268,15 @@ fn missing_claim_refused() {
 fn unrestricted_passes_through() {
     let e = engine();
     let c = serde_json::Map::new();
-    let r = e.rewrite(&PolicyIdentity { service: "migrator", claims: &c }, "CREATE TABLE t (a int)").unwrap();
+    let r = e
+        .rewrite(
+            &PolicyIdentity {
+                service: "migrator",
+                claims: &c,
+            },
+            "CREATE TABLE t (a int)",
+        )
+        .unwrap();
     assert!(r.unrestricted);
     assert_eq!(r.sql, "CREATE TABLE t (a int)");
     assert!(r.statements[0].is_ddl);
@@ -183,26 +284,41 @@ fn unrestricted_passes_through() {
 
 #[test]
 fn insert_values_checked_in_sql() {
-    let out = ok("billing", "INSERT INTO customers (name, email) VALUES ($1, $2) RETURNING id");
+    let out = ok(
+        "billing",
+        "INSERT INTO customers (name, email) VALUES ($1, $2) RETURNING id",
+    );
     assert!(out.contains("CAST(($1) AS TEXT)"), "{out}");
     assert!(out.contains("pgward.assert_row"), "{out}");
     assert!(out.contains("\"tenant_id\""), "{out}");
     // Preset columns may not be written by the service.
-    refused("billing", "INSERT INTO customers (tenant_id, name) VALUES (2, 'x')");
+    refused(
+        "billing",
+        "INSERT INTO customers (tenant_id, name) VALUES (2, 'x')",
+    );
     refused("billing", "UPDATE customers SET tenant_id = 2 WHERE id = 1");
 }
 
 #[test]
 fn update_and_delete_guarded() {
-    let out = ok("billing", "UPDATE customers SET name = 'x' WHERE CAST(name AS int) = 1");
-    assert!(out.contains("CASE WHEN ((customers.\"tenant_id\") = (1)) THEN CASE WHEN"), "{out}");
+    let out = ok(
+        "billing",
+        "UPDATE customers SET name = 'x' WHERE CAST(name AS int) = 1",
+    );
+    assert!(
+        out.contains("CASE WHEN ((customers.\"tenant_id\") = (1)) THEN CASE WHEN"),
+        "{out}"
+    );
     refused("billing", "DELETE FROM customers WHERE id = 1");
 }
 
 #[test]
 fn upsert_guarded() {
     let out = ok("billing", "INSERT INTO customers (id, name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name");
-    assert!(out.contains("DO UPDATE SET name = EXCLUDED.name WHERE CASE WHEN pgward.assert_row"), "{out}");
+    assert!(
+        out.contains("DO UPDATE SET name = EXCLUDED.name WHERE CASE WHEN pgward.assert_row"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -264,14 +380,20 @@ fn driver_and_session_statements_allowed() {
         ok("support", sql);
     }
     let out = ok("support", "SELECT * FROM pg_class");
-    assert!(!out.contains("reltuples") && out.contains("relname"), "{out}");
+    assert!(
+        !out.contains("reltuples") && out.contains("relname"),
+        "{out}"
+    );
 }
 
 #[test]
 fn cursors_prepare_explain_copy() {
     let out = ok("billing", "DECLARE c CURSOR FOR SELECT * FROM invoices");
     assert!(out.contains("OFFSET 0"), "{out}");
-    let out = ok("billing", "PREPARE p AS SELECT * FROM invoices WHERE id = $1");
+    let out = ok(
+        "billing",
+        "PREPARE p AS SELECT * FROM invoices WHERE id = $1",
+    );
     assert!(out.contains("OFFSET 0"), "{out}");
     ok("billing", "EXECUTE p(1)");
     let out = ok("billing", "EXPLAIN ANALYZE SELECT * FROM invoices");
@@ -284,10 +406,29 @@ fn cursors_prepare_explain_copy() {
 fn multi_statement() {
     let e = engine();
     let c = claims(serde_json::json!(1));
-    let r = e.rewrite(&PolicyIdentity { service: "billing", claims: &c }, "SELECT 1; SELECT * FROM customers").unwrap();
+    let r = e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c,
+            },
+            "SELECT 1; SELECT * FROM customers",
+        )
+        .unwrap();
     assert_eq!(r.statements.len(), 2);
-    assert_eq!(r.statements[1].tables_read, vec!["public.customers".to_string()]);
-    assert!(e.rewrite(&PolicyIdentity { service: "billing", claims: &c }, "SELECT 1; SELECT * FROM secrets").is_err());
+    assert_eq!(
+        r.statements[1].tables_read,
+        vec!["public.customers".to_string()]
+    );
+    assert!(e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c
+            },
+            "SELECT 1; SELECT * FROM secrets"
+        )
+        .is_err());
 }
 
 #[test]
@@ -295,10 +436,34 @@ fn cache_is_keyed_by_identity() {
     let e = engine();
     let c1 = claims(serde_json::json!(1));
     let c2 = claims(serde_json::json!(2));
-    let a = e.rewrite(&PolicyIdentity { service: "billing", claims: &c1 }, "SELECT * FROM customers").unwrap();
-    let b = e.rewrite(&PolicyIdentity { service: "billing", claims: &c2 }, "SELECT * FROM customers").unwrap();
+    let a = e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c1,
+            },
+            "SELECT * FROM customers",
+        )
+        .unwrap();
+    let b = e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c2,
+            },
+            "SELECT * FROM customers",
+        )
+        .unwrap();
     assert!(a.sql.contains("(1)") && b.sql.contains("(2)"));
-    let a2 = e.rewrite(&PolicyIdentity { service: "billing", claims: &c1 }, "SELECT * FROM customers").unwrap();
+    let a2 = e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c1,
+            },
+            "SELECT * FROM customers",
+        )
+        .unwrap();
     assert!(Arc::ptr_eq(&a, &a2));
 }
 
@@ -315,7 +480,8 @@ fn literal_injection_via_backslash_is_neutralised() {
 #[test]
 fn policy_validation_errors_have_lines() {
     let cat = demo_catalog();
-    let text = "service = \"x\"\n[tables.customers]\nactions = [\"select\"]\nfilter = \"nope = 1\"\n";
+    let text =
+        "service = \"x\"\n[tables.customers]\nactions = [\"select\"]\nfilter = \"nope = 1\"\n";
     let errs = config::compile_file("p.toml", "x", text, &cat).unwrap_err();
     assert!(errs[0].to_string().starts_with("p.toml:4:"), "{}", errs[0]);
     let errs = config::compile_file("p.toml", "x", "bogus = 1\n", &cat).unwrap_err();
@@ -332,13 +498,25 @@ fn policy_validation_errors_have_lines() {
 #[test]
 fn reload_is_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("a.toml"), "[tables.customers]\nactions = [\"select\"]\n").unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        "[tables.customers]\nactions = [\"select\"]\n",
+    )
+    .unwrap();
     let cat = Arc::new(demo_catalog());
     let e = PolicyEngine::load(dir.path(), cat.clone(), &[]).unwrap();
-    std::fs::write(dir.path().join("b.toml"), "[tables.customers]\nactions = [\"fly\"]\n").unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "[tables.customers]\nactions = [\"fly\"]\n",
+    )
+    .unwrap();
     assert!(e.reload(dir.path(), &cat).is_err());
     assert_eq!(e.services(), vec!["a".to_string()]);
-    std::fs::write(dir.path().join("b.toml"), "[tables.invoices]\nactions = [\"select\"]\n").unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "[tables.invoices]\nactions = [\"select\"]\n",
+    )
+    .unwrap();
     e.reload(dir.path(), &cat).unwrap();
     assert_eq!(e.services(), vec!["a".to_string(), "b".to_string()]);
 }
