@@ -332,4 +332,6 @@ pub fn rewrite_with(
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

@@ -762,6 +762,20 @@ impl<'a> Rewriter<'a> {
                 if !matches!(f.parameters, sqlparser::ast::FunctionArguments::None) {
                     return Err(self.refuse("this function call syntax"));
                 }
+                // `f(t.*)` on a write target with hidden columns would pass the whole row.
+                if let sqlparser::ast::FunctionArguments::List(list) = &f.args {
+                    for a in &list.args {
+                        let (sqlparser::ast::FunctionArg::Unnamed(arg)
+                        | sqlparser::ast::FunctionArg::Named { arg, .. }
+                        | sqlparser::ast::FunctionArg::ExprNamed { arg, .. }) = a;
+                        if let sqlparser::ast::FunctionArgExpr::QualifiedWildcard(n) = arg {
+                            if let Some(last) = object_name_parts(n).and_then(|p| p.last().cloned())
+                            {
+                                self.check_column(&last)?;
+                            }
+                        }
+                    }
+                }
                 let name = f.name.clone();
                 self.check_function_name(&name)
             }
