@@ -190,14 +190,26 @@ pub const SAFE_FUNCTIONS: &[&str] = &[
     "version",
     "current_schema",
     "current_database",
+    "current_schemas",
+    // catalog helpers drivers use for type/schema introspection (read catalog metadata only)
+    "format_type",
+    "pg_get_expr",
+    "pg_get_constraintdef",
+    "pg_get_indexdef",
+    "pg_table_is_visible",
+    "pg_type_is_visible",
+    "pg_function_is_visible",
+    "col_description",
+    "obj_description",
+    "pg_encoding_to_char",
 ];
 
 /// Functions whose result differs per call. They are refused where the rewriter must evaluate
 /// an expression twice (UPDATE SET values re-evaluated in the write check).
 pub const VOLATILE_FUNCTIONS: &[&str] = &["random", "gen_random_uuid", "clock_timestamp"];
 
-/// Types user SQL may cast to. Casts to reg* types (name lookups), domains and user types
-/// (arbitrary input functions) are refused.
+/// Types user SQL may cast to. Domains, composite and other user types (arbitrary input
+/// functions) are refused.
 pub const SAFE_TYPES: &[&str] = &[
     "smallint",
     "int",
@@ -238,6 +250,13 @@ pub const SAFE_TYPES: &[&str] = &[
     "bytea",
     "name",
     "oid",
+    // name lookups drivers use (`'pg_catalog.array_in'::regproc`); they resolve catalog
+    // names and never read table data
+    "regproc",
+    "regprocedure",
+    "regtype",
+    "regclass",
+    "regnamespace",
 ];
 
 /// Session parameters any service may SET / RESET / SHOW: what drivers and ORMs send at
@@ -430,7 +449,7 @@ mod tests {
         assert!(is_safe_type("character varying(20)"));
         assert!(is_safe_type("int[]"));
         assert!(is_safe_type("NUMERIC(10,2)"));
-        assert!(!is_safe_type("regclass"));
+        assert!(!is_safe_type("customers"));
         assert!(!is_safe_type("my_domain"));
     }
 

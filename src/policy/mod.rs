@@ -232,9 +232,16 @@ impl PolicyEngine {
             }
             return Err(no_policy(who.service));
         };
+        // Only the claims the policy references shape the rewrite; hashing just those keeps
+        // hits across token refreshes while different identities still never share entries.
+        let relevant: serde_json::Map<String, serde_json::Value> = policy
+            .claims
+            .iter()
+            .filter_map(|c| who.claims.get(c).map(|v| (c.clone(), v.clone())))
+            .collect();
         let key = (
             who.service.to_string(),
-            claims_hash(who.claims),
+            claims_hash(&relevant),
             sql.to_string(),
         );
         if let Some(hit) = snap.cache.lock().get(&key) {

@@ -1240,6 +1240,11 @@ impl<'a> Rewriter<'a> {
             let SetExpr::Values(v) = &mut *source.body else {
                 return Err(self.refuse("(internal)"));
             };
+            drop_default_columns(&mut cols, &mut v.rows)
+                .map_err(|()| self.refuse("DEFAULT in only some VALUES rows of a column"))?;
+            if cols.is_empty() {
+                return Err(self.refuse("INSERT of only DEFAULT values"));
+            }
             for row in v.rows.iter_mut() {
                 if row.len() != cols.len() {
                     return Err(
@@ -1247,8 +1252,7 @@ impl<'a> Rewriter<'a> {
                     );
                 }
                 for (e, col) in row.iter_mut().zip(&cols) {
-                    if matches!(e, Expr::Identifier(id) if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default"))
-                    {
+                    if is_default(e) {
                         return Err(self.refuse("DEFAULT in VALUES (omit the column instead)"));
                     }
                     self.check_node(e, scope)?;
@@ -1486,6 +1490,38 @@ fn leakproof_type(info: &TableInfo, col: &str) -> bool {
     info.column(col).is_some_and(|c| {
         ["bigint", "integer", "smallint", "text", "uuid", "boolean"].contains(&c.type_name.as_str())
     })
+}
+
+fn is_default(e: &Expr) -> bool {
+    matches!(e, Expr::Identifier(id) if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("default"))
+}
+
+/// ORMs write `DEFAULT` for columns they leave to the database. A column that is DEFAULT in
+/// every row is dropped from the INSERT (same effect); mixed rows are refused because a
+/// `VALUES` list inside a subquery cannot carry DEFAULT.
+fn drop_default_columns(
+    cols: &mut Vec<String>,
+    rows: &mut [sqlparser::ast::Parens<Vec<Expr>>],
+) -> Result<(), ()> {
+    let mut keep = vec![true; cols.len()];
+    for (i, k) in keep.iter_mut().enumerate() {
+        let defaults = rows
+            .iter()
+            .filter(|r| r.get(i).is_some_and(is_default))
+            .count();
+        if defaults == rows.len() && !rows.is_empty() {
+            *k = false;
+        } else if defaults > 0 {
+            return Err(());
+        }
+    }
+    let mut it = keep.iter();
+    cols.retain(|_| it.next().copied().unwrap_or(true));
+    for row in rows.iter_mut() {
+        let mut it = keep.iter();
+        row.content.retain(|_| it.next().copied().unwrap_or(true));
+    }
+    Ok(())
 }
 
 fn check_wildcard(o: &WildcardAdditionalOptions) -> Result<(), ()> {

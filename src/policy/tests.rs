@@ -63,6 +63,11 @@ pub(crate) fn demo_catalog() -> Catalog {
             &[("oid", "oid"), ("relname", "name"), ("reltuples", "real")],
         ),
         table("pg_catalog", "pg_stats", &[("tablename", "name")]),
+        table(
+            "pg_catalog",
+            "pg_namespace",
+            &[("oid", "oid"), ("nspname", "name")],
+        ),
     ])
 }
 
@@ -344,7 +349,7 @@ fn dangerous_things_refused() {
         "SELECT * FROM pg_stats",
         "SELECT reltuples FROM pg_class",
         "SELECT * FROM pg_catalog.pg_stat_activity",
-        "SELECT CAST('customers' AS regclass)",
+        "SELECT CAST(NULL AS customers)",
         "TRUNCATE customers",
         "DISCARD ALL",
         "COPY customers TO '/tmp/x'",
@@ -519,4 +524,77 @@ fn reload_is_all_or_nothing() {
     .unwrap();
     e.reload(dir.path(), &cat).unwrap();
     assert_eq!(e.services(), vec!["a".to_string(), "b".to_string()]);
+}
+
+#[test]
+fn misc_forms_allowed() {
+    for (svc, sql) in [
+        ("support", "SELECT c FROM customers c"),
+        ("support", "SELECT row_to_json(c.*) FROM customers c"),
+        ("support", "SELECT to_jsonb(customers) FROM customers"),
+        ("billing", "SELECT * FROM customers FOR UPDATE"),
+        ("billing", "WITH x AS (INSERT INTO invoices (customer_id, amount_cents) VALUES (1, 2) RETURNING *) SELECT * FROM x"),
+        ("billing", "INSERT INTO invoices (customer_id, amount_cents) SELECT id, 5 FROM customers"),
+        ("billing", "UPDATE invoices i SET amount_cents = c.id FROM customers c WHERE c.id = i.customer_id AND i.id = $1"),
+        ("support", "SELECT count(*) FILTER (WHERE status = 'paid') OVER (PARTITION BY tenant_id) FROM invoices"),
+        ("support", "SELECT current_date, current_timestamp, now()"),
+        ("support", "SELECT * FROM customers c NATURAL JOIN invoices"),
+        ("support", "SELECT x.* FROM customers AS x"),
+        ("support", "SELECT * FROM generate_series(1,3) g"),
+        ("support", "SELECT * FROM unnest(ARRAY[1,2]) u"),
+        ("support", "SELECT '{1}'::int[]"),
+        ("support", "SELECT email FROM customers ORDER BY 1 LIMIT 1 OFFSET 1"),
+        ("support", "SELECT typname FROM pg_type WHERE oid = 23::oid"),
+        ("support", "SET statement_timeout TO 5000"),
+        ("support", "SET LOCAL statement_timeout = '5s'"),
+        ("support", "RESET statement_timeout"),
+        ("support", "SHOW TimeZone"),
+        ("support", "START TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+        ("support", "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"),
+        ("support", "DISCARD PLANS"),
+        ("support", "CLOSE ALL"),
+        ("support", "FETCH NEXT FROM c"),
+        ("support", "DEALLOCATE ALL"),
+        ("billing", "EXPLAIN (ANALYZE, FORMAT JSON) SELECT * FROM customers"),
+    ] {
+        ok(svc, sql);
+    }
+}
+
+#[test]
+fn whole_row_and_field_access_of_hidden() {
+    refused(
+        "support",
+        "SELECT 1 FROM customers WHERE (customers).ssn = 'x'",
+    );
+    // Whole rows of a barrier only carry visible columns.
+    let out = ok("support", "SELECT to_jsonb(c) FROM customers c");
+    assert!(!out.contains("ssn"));
+}
+
+#[test]
+fn default_columns_are_dropped() {
+    let out = ok(
+        "billing",
+        "INSERT INTO customers (id, name) VALUES (DEFAULT, 'a'), (DEFAULT, 'b')",
+    );
+    assert!(
+        out.starts_with("INSERT INTO customers (\"name\", \"tenant_id\")"),
+        "{out}"
+    );
+    refused(
+        "billing",
+        "INSERT INTO customers (id, name) VALUES (DEFAULT, 'a'), (5, 'b')",
+    );
+}
+
+#[test]
+fn pgjdbc_type_query_allowed() {
+    ok(
+        "support",
+        "SELECT typinput='pg_catalog.array_in'::regproc as is_array, typtype, typname, pg_type.oid FROM pg_catalog.pg_type \
+         LEFT JOIN (select ns.oid as nspoid, ns.nspname, r.r from pg_namespace as ns join ( select s.r, (current_schemas(false))[s.r] as nspname \
+         from generate_series(1, array_upper(current_schemas(false), 1)) as s(r) ) as r using ( nspname ) ) as sp ON sp.nspoid = typnamespace \
+         WHERE typname = $1 ORDER BY sp.r, pg_type.oid DESC LIMIT 1",
+    );
 }

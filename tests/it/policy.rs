@@ -619,3 +619,66 @@ async fn differential_against_postgres_rls() {
     }
     assert!(compared > 100, "only {compared} comparisons");
 }
+
+#[tokio::test]
+async fn orm_and_driver_shapes_run() {
+    let db = fresh(&[]).await;
+    let mine = db.cid(1).await;
+    let other = db.cid(2).await;
+    // Row locks through the barrier.
+    let sql = db.must(
+        "billing",
+        "SELECT id FROM customers WHERE id = $1 FOR UPDATE",
+    );
+    assert_eq!(
+        db.client.query(sql.as_str(), &[&mine]).await.unwrap().len(),
+        1
+    );
+    assert!(db
+        .client
+        .query(sql.as_str(), &[&other])
+        .await
+        .unwrap()
+        .is_empty());
+    // DEFAULT columns dropped, RETURNING works.
+    let sql = db.must(
+        "billing",
+        "INSERT INTO customers (id, name, email) VALUES (DEFAULT, $1, $2) RETURNING id, tenant_id",
+    );
+    let row = db
+        .client
+        .query_one(sql.as_str(), &[&"orm", &"orm@x"])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(1), 1);
+    // pgjdbc's type lookup.
+    let sql = db.must(
+        "support",
+        "SELECT typinput='pg_catalog.array_in'::regproc as is_array, typtype, typname, pg_type.oid FROM pg_catalog.pg_type \
+         LEFT JOIN (select ns.oid as nspoid, ns.nspname, r.r from pg_namespace as ns join ( select s.r, (current_schemas(false))[s.r] as nspname \
+         from generate_series(1, array_upper(current_schemas(false), 1)) as s(r) ) as r using ( nspname ) ) as sp ON sp.nspoid = typnamespace \
+         WHERE typname = $1 ORDER BY sp.r, pg_type.oid DESC LIMIT 1",
+    );
+    let row = db.client.query_one(sql.as_str(), &[&"int4"]).await.unwrap();
+    assert_eq!(row.get::<_, String>(2), "int4");
+    // Refusals carry SQLSTATE 42501 and the rule.
+    let c = claims(1);
+    let denied = db
+        .engine
+        .rewrite(
+            &PolicyIdentity {
+                service: "support",
+                claims: &c,
+            },
+            "SELECT ssn FROM customers",
+        )
+        .unwrap_err();
+    assert_eq!(denied.sqlstate, "42501");
+    assert!(
+        denied
+            .message
+            .starts_with("pgward: service \"support\" may not read column customers.ssn ("),
+        "{}",
+        denied.message
+    );
+}
