@@ -310,6 +310,9 @@ impl<'a> Rewriter<'a> {
                     .map(|p| p.join("."))
                     .unwrap_or_default();
                 self.settable(&p)?;
+                if p == "client_encoding" {
+                    return self.utf8_only(values);
+                }
                 self.literals_only(values)
             }
             Set::SetTimeZone { value, .. } => {
@@ -317,10 +320,31 @@ impl<'a> Rewriter<'a> {
                 self.literals_only(std::slice::from_mut(value))
             }
             Set::SetTransaction { .. } => Ok(()),
-            Set::SetNames { .. } => self.settable("client_encoding"),
+            Set::SetNames { charset_name, .. } => {
+                self.settable("client_encoding")?;
+                self.utf8_only(&[Expr::Identifier(charset_name.clone())])
+            }
             _ => Err(self.refuse(
                 "this SET form (role, session authorization and friends are never allowed)",
             )),
+        }
+    }
+
+    /// The rewritten text is UTF-8; a client encoding such as SJIS or BIG5 would let the
+    /// server read our quoting differently (multibyte characters swallowing `\\`).
+    fn utf8_only(&self, values: &[Expr]) -> R<()> {
+        let ok = match values {
+            [Expr::Value(v)] => match &v.value {
+                sqlparser::ast::Value::SingleQuotedString(s) => is_utf8_name(s),
+                _ => false,
+            },
+            [Expr::Identifier(id)] => is_utf8_name(&id.value),
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(self.refuse("a client_encoding other than UTF8"))
         }
     }
 
@@ -1490,6 +1514,13 @@ fn leakproof_type(info: &TableInfo, col: &str) -> bool {
     info.column(col).is_some_and(|c| {
         ["bigint", "integer", "smallint", "text", "uuid", "boolean"].contains(&c.type_name.as_str())
     })
+}
+
+fn is_utf8_name(s: &str) -> bool {
+    matches!(
+        s.to_ascii_lowercase().as_str(),
+        "utf8" | "utf-8" | "unicode"
+    )
 }
 
 fn is_default(e: &Expr) -> bool {

@@ -63,6 +63,10 @@ pub(crate) fn demo_catalog() -> Catalog {
             &[("oid", "oid"), ("relname", "name"), ("reltuples", "real")],
         ),
         table("pg_catalog", "pg_stats", &[("tablename", "name")]),
+        TableInfo {
+            kind: RelKind::View,
+            ..table("public", "customer_view", &[("id", "bigint")])
+        },
         table(
             "pg_catalog",
             "pg_namespace",
@@ -157,6 +161,12 @@ fn unlisted_table_and_views_refused() {
     refused("billing", "SELECT * FROM secrets");
     refused("billing", "SELECT * FROM tenants");
     refused("billing", "SELECT * FROM nope");
+    let e = refused("billing", "SELECT * FROM customer_view");
+    assert!(
+        e.message.contains("may not read view public.customer_view"),
+        "{}",
+        e.message
+    );
     refused("support", "DELETE FROM customers");
 }
 
@@ -359,6 +369,24 @@ fn dangerous_things_refused() {
         "LISTEN chan",
         "CALL p()",
         "SELECT * FROM customers FOR UPDATE",
+        "SET client_encoding = 'SJIS'",
+        "SET NAMES 'BIG5'",
+        "SHOW ALL",
+        "SELECT current_setting('app.tenant_id')",
+        "SELECT * FROM customers TABLESAMPLE SYSTEM (50)",
+        "NOTIFY chan",
+        "VACUUM customers",
+        "LOCK TABLE customers",
+        "SELECT nextval('customers_id_seq')",
+        "SELECT pg_sleep(10)",
+        "SELECT * FROM pg_catalog.pg_prepared_statements",
+        "SELECT * FROM pg_locks",
+        "SELECT txid_current()",
+        "SELECT ts_stat('select 1')",
+        "CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
+        "ALTER TABLE customers DISABLE ROW LEVEL SECURITY",
+        "GRANT ALL ON customers TO public",
+        "SELECT * FROM db.public.customers",
     ] {
         refused("support", sql);
     }
@@ -373,6 +401,7 @@ fn driver_and_session_statements_allowed() {
         "SET TIME ZONE 'UTC'",
         "SET extra_float_digits = 3",
         "SET application_name = 'x'",
+        "SET client_encoding = 'UTF8'",
         "SHOW server_version",
         "BEGIN",
         "COMMIT",

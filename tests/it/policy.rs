@@ -480,9 +480,23 @@ async fn copy_out_is_filtered() {
         .0;
     let r = db.raw(inner).await.unwrap();
     assert!(!r.is_empty() && r.iter().all(|row| row[1].as_deref() == Some("1")));
-    assert!(db
-        .must("writer", "COPY customers (tenant_id, name) FROM STDIN")
-        .contains("WHERE pgward.assert_row"));
+    let copy_in = db.must(
+        "writer",
+        "COPY customers (tenant_id, name) FROM STDIN WITH (FORMAT csv)",
+    );
+    assert!(copy_in.contains("WHERE pgward.assert_row"), "{copy_in}");
+    // The server accepts the statement (enters COPY IN); dropping the sink aborts it.
+    let sink = db
+        .client
+        .copy_in::<_, bytes::Bytes>(copy_in.as_str())
+        .await
+        .unwrap_or_else(|e| panic!("{copy_in}: {e:?}"));
+    drop(sink);
+    assert!(
+        db.rewrite("billing", 1, "COPY customers TO STDOUT")
+            .is_err(),
+        "copy needs allow.copy"
+    );
 }
 
 #[tokio::test]
