@@ -41,12 +41,28 @@ pub fn parse_table_factor(sql: &str) -> Result<TableFactor, ParserError> {
     }
 }
 
-/// The name PostgreSQL sees: unquoted identifiers fold to lower case.
+/// The name PostgreSQL sees. It must match the server exactly, or a reference we consider a
+/// CTE (or a harmless column) could be a protected table (or a hidden column) to the server:
+/// unquoted identifiers fold ASCII letters only (like `downcase_identifier` with a multibyte
+/// server encoding), and every identifier is truncated to NAMEDATALEN-1 = 63 bytes.
 pub fn ident_name(id: &Ident) -> String {
-    match id.quote_style {
-        None => id.value.to_lowercase(),
+    let folded = match id.quote_style {
+        None => id.value.to_ascii_lowercase(),
         Some(_) => id.value.clone(),
+    };
+    truncate_identifier(folded)
+}
+
+fn truncate_identifier(mut s: String) -> String {
+    const MAX: usize = 63;
+    if s.len() > MAX {
+        let mut end = MAX;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
+    s
 }
 
 /// Normalized parts of an object name; `None` for dialect-specific function parts.
@@ -158,6 +174,16 @@ mod tests {
             sanitize(&mut again[0]).unwrap();
             assert_eq!(once, again[0].to_string(), "{lit}");
         }
+    }
+
+    #[test]
+    fn identifiers_fold_like_postgres() {
+        assert_eq!(ident_name(&Ident::new("CUSTÖMERS")), "custÖmers");
+        assert_eq!(ident_name(&Ident::with_quote('"', "Customers")), "Customers");
+        let long = "a".repeat(70);
+        assert_eq!(ident_name(&Ident::new(long)).len(), 63);
+        let multibyte = format!("{}é", "a".repeat(62));
+        assert_eq!(ident_name(&Ident::new(multibyte)), "a".repeat(62));
     }
 
     #[test]
