@@ -26,9 +26,9 @@ use serde_json::Value as Json;
 use sqlparser::ast::{
     AssignmentTarget, BinaryOperator, CloseCursor, ConflictTarget, CopySource, CopyTarget,
     DeclareType, Delete, DescribeAlias, DiscardObject, Distinct, Expr, FromTable, Insert,
-    ObjectName, OnConflictAction, OnInsert, Query, Reset, SelectFlavor, SelectItem, Set, SetExpr,
-    Statement, TableFactor, TableObject, TableWithJoins, Update, UpdateTableFromKind, VisitMut,
-    VisitorMut, WildcardAdditionalOptions,
+    ObjectName, OnConflictAction, OnInsert, Query, Reset, SelectFlavor, SelectItem,
+    SelectItemQualifiedWildcardKind, Set, SetExpr, Statement, TableFactor, TableObject,
+    TableWithJoins, Update, UpdateTableFromKind, VisitMut, VisitorMut, WildcardAdditionalOptions,
 };
 
 use super::allow;
@@ -980,15 +980,32 @@ impl<'a> Rewriter<'a> {
         &mut self,
         r: &mut Option<Vec<SelectItem>>,
         tp: &TablePolicy,
-        rel: &str,
+        (rel, rel_norm): (&str, &str),
         scope: &mut Vec<String>,
     ) -> R<()> {
         let Some(items) = r else { return Ok(()) };
         let mut out = Vec::new();
         for item in items.drain(..) {
+            // Does a qualified `x.*` name the write target (else: a barrier-wrapped FROM item)?
+            let names_target = match &item {
+                SelectItem::Wildcard(_) => true,
+                SelectItem::QualifiedWildcard(
+                    SelectItemQualifiedWildcardKind::ObjectName(n),
+                    _,
+                ) => {
+                    object_name_parts(n)
+                        .and_then(|p| p.last().cloned())
+                        .as_deref()
+                        == Some(rel_norm)
+                }
+                SelectItem::QualifiedWildcard(..) => {
+                    return Err(self.refuse("this RETURNING wildcard"));
+                }
+                _ => false,
+            };
             match &item {
                 SelectItem::Wildcard(o) | SelectItem::QualifiedWildcard(_, o)
-                    if !tp.hidden.is_empty() =>
+                    if names_target && !tp.hidden.is_empty() =>
                 {
                     check_wildcard(o).map_err(|_| self.refuse("wildcard options"))?;
                     // `*` on a table with hidden columns means its visible columns.
@@ -1096,7 +1113,7 @@ impl<'a> Rewriter<'a> {
         }
         let set_map = self.assignments(&tp, &mut u.assignments, scope)?;
         self.check_node(&mut u.selection, scope)?;
-        self.returning(&mut u.returning, &tp, &rel, scope)?;
+        self.returning(&mut u.returning, &tp, (&rel, &rel_norm), scope)?;
         let filter = tp
             .filter
             .as_ref()
@@ -1167,7 +1184,7 @@ impl<'a> Rewriter<'a> {
             }
         }
         self.check_node(&mut d.selection, scope)?;
-        self.returning(&mut d.returning, &tp, &rel, scope)?;
+        self.returning(&mut d.returning, &tp, (&rel, &rel_norm), scope)?;
         let filter = tp
             .filter
             .as_ref()
@@ -1210,7 +1227,8 @@ impl<'a> Rewriter<'a> {
         let alias_ident = i.table_alias.as_ref().map(|a| a.alias.clone());
         let (rel, rel_norm) = rel_names(&name, alias_ident.as_ref());
         if !tp.hidden.is_empty() {
-            self.forbid_rows.insert(rel_norm, tp.info.name.clone());
+            self.forbid_rows
+                .insert(rel_norm.clone(), tp.info.name.clone());
         }
         let mut cols: Vec<String> = Vec::new();
         for c in &i.columns {
@@ -1416,7 +1434,7 @@ impl<'a> Rewriter<'a> {
             }
             Some(_) => return Err(self.refuse("this ON CONFLICT form")),
         }
-        self.returning(&mut i.returning, &tp, &rel, scope)?;
+        self.returning(&mut i.returning, &tp, (&rel, &rel_norm), scope)?;
         self.note_write(&tp.info);
         Ok(())
     }

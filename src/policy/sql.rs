@@ -179,7 +179,10 @@ mod tests {
     #[test]
     fn identifiers_fold_like_postgres() {
         assert_eq!(ident_name(&Ident::new("CUSTÖMERS")), "custÖmers");
-        assert_eq!(ident_name(&Ident::with_quote('"', "Customers")), "Customers");
+        assert_eq!(
+            ident_name(&Ident::with_quote('"', "Customers")),
+            "Customers"
+        );
         let long = "a".repeat(70);
         assert_eq!(ident_name(&Ident::new(long)).len(), 63);
         let multibyte = format!("{}é", "a".repeat(62));

@@ -627,3 +627,40 @@ fn pgjdbc_type_query_allowed() {
          WHERE typname = $1 ORDER BY sp.r, pg_type.oid DESC LIMIT 1",
     );
 }
+
+#[test]
+fn returning_star_of_target_with_hidden_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("w.toml"),
+        "[tables.customers]\nactions = [\"select\", \"update\"]\nexcept_columns = [\"ssn\"]\nfilter = \"tenant_id = claim('tenant_id')\"\n\
+         [tables.invoices]\nactions = [\"select\"]\n",
+    )
+    .unwrap();
+    let e = PolicyEngine::load(dir.path(), Arc::new(demo_catalog()), &[]).unwrap();
+    let c = claims(serde_json::json!(1));
+    let who = PolicyIdentity {
+        service: "w",
+        claims: &c,
+    };
+    let out = e.rewrite(&who, "UPDATE customers c SET name = 'x' FROM invoices i WHERE i.customer_id = c.id RETURNING c.*, i.*").unwrap();
+    assert!(
+        out.sql.contains(
+            "RETURNING c.\"id\", c.\"tenant_id\", c.\"name\", c.\"email\", c.\"created_at\", i.*"
+        ),
+        "{}",
+        out.sql
+    );
+    for bad in [
+        "UPDATE customers SET name = ssn",
+        "UPDATE customers SET name = 'x' WHERE ssn LIKE '1%'",
+        "UPDATE customers SET name = 'x' RETURNING ssn",
+        "UPDATE customers SET name = row_to_json(customers)::text",
+        "UPDATE customers SET name = to_json(customers.*)::text",
+        "UPDATE customers c SET name = (c).ssn",
+        "UPDATE customers SET ssn = 'x'",
+        "UPDATE customers SET name = 'x' WHERE EXISTS (SELECT 1 FROM invoices WHERE card_number = customers.ssn)",
+    ] {
+        assert!(e.rewrite(&who, bad).is_err(), "{bad}");
+    }
+}
