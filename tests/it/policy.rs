@@ -15,6 +15,7 @@ static DB_SEQ: AtomicUsize = AtomicUsize::new(0);
 struct Db {
     client: Client,
     engine: PolicyEngine,
+    url: String,
 }
 
 fn config(pg: &harness::Pg, db: &str) -> tokio_postgres::Config {
@@ -64,7 +65,15 @@ async fn fresh(extra: &[(&str, &str)]) -> Db {
     }
     let engine = PolicyEngine::load(dir.path(), catalog, &[]).unwrap();
     std::mem::forget(dir); // policies stay readable for reloads during the test
-    Db { client, engine }
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres password={} dbname={name}",
+        pg.port, pg.password
+    );
+    Db {
+        client,
+        engine,
+        url,
+    }
 }
 
 /// A billing-like service without presets, with delete and copy: exercises write checks.
@@ -694,5 +703,64 @@ async fn orm_and_driver_shapes_run() {
             .starts_with("pgward: service \"support\" may not read column customers.ssn ("),
         "{}",
         denied.message
+    );
+}
+
+#[tokio::test]
+async fn cli_tools_work_against_a_database() {
+    let db = fresh(&[]).await;
+    let dir = std::path::PathBuf::from("policies");
+    let out = cli::run_check(&cli::CheckArgs {
+        dir: dir.clone(),
+        database_url: db.url.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("analytics, billing, support"), "{out}");
+    let out = cli::run_explain(&cli::ExplainArgs {
+        dir: dir.clone(),
+        database_url: db.url.clone(),
+        service: "support".into(),
+        claims: vec!["tenant_id=2".into()],
+        sql: "SELECT ssn FROM customers".into(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.starts_with("REFUSED (42501)") && out.contains("rule: policies/support.toml:"),
+        "{out}"
+    );
+    let out = cli::run_test(&cli::TestArgs {
+        dir: dir.clone(),
+        tests: dir.join("tests"),
+        database_url: db.url.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(out.lines().all(|l| l.starts_with("ok")), "{out}");
+    let rls = cli::run_export_rls(&cli::ExportRlsArgs {
+        dir,
+        database_url: db.url.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(rls.contains("ENABLE ROW LEVEL SECURITY"));
+    // A broken policy directory is reported with file and line.
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::write(
+        bad.path().join("x.toml"),
+        "[tables.customers]\nactions = [\"select\"]\ncolumns = [\"nope\"]\n",
+    )
+    .unwrap();
+    let err = cli::run_check(&cli::CheckArgs {
+        dir: bad.path().to_path_buf(),
+        database_url: db.url.clone(),
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("x.toml:3: unknown column customers.nope"),
+        "{err}"
     );
 }
