@@ -474,6 +474,36 @@ async fn point_lookup_keeps_index_scan() {
         text.contains("Index Scan using customers_pkey"),
         "{sql}\n{text}"
     );
+    // The service's own predicate stays above the barrier: it is a filter of the subquery
+    // scan, never of the scan of the base table (where it could see other tenants' rows).
+    let sql = db.must(
+        "billing",
+        "SELECT name FROM customers WHERE 1 / (id - 424242) IS NOT NULL AND name <> 'x'",
+    );
+    let plan = db.raw(&format!("EXPLAIN {sql}")).await.unwrap();
+    let lines: Vec<String> = plan.iter().filter_map(|r| r[0].clone()).collect();
+    let base = lines
+        .iter()
+        .position(|l| {
+            l.contains("Scan on customers customers_1")
+                || l.contains("Scan using")
+                || l.contains("Bitmap Heap Scan")
+        })
+        .unwrap_or_else(|| panic!("no base scan:\n{}", lines.join("\n")));
+    assert!(
+        lines[..base]
+            .iter()
+            .any(|l| l.contains("Subquery Scan on customers")),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(
+        lines[base..]
+            .iter()
+            .all(|l| !l.contains("424242") && !l.contains("'x'")),
+        "user predicate below the barrier:\n{}",
+        lines.join("\n")
+    );
 }
 
 #[tokio::test]
