@@ -328,6 +328,17 @@ pub fn rewrite_with(
         })?;
         let (text, info) =
             rewrite::Rewriter::new(service, policy, catalog, claims).statement(st)?;
+        // COPY FROM verifies its two parts itself (sqlparser has no COPY ... WHERE).
+        if info.kind != "COPY FROM" && !sql::round_trips(&text) {
+            tracing::warn!(
+                service,
+                "rewritten statement does not round-trip; refused: {text}"
+            );
+            return Err(PolicyDenied::new(
+                format!("pgward: service {service:?} sent a statement pgward cannot rewrite faithfully, so it is refused"),
+                None,
+            ));
+        }
         texts.push(text);
         infos.push(info);
     }

@@ -1512,16 +1512,21 @@ impl<'a> Rewriter<'a> {
             self.writable_column(&tp, c)?;
         }
         let mut text = st.to_string();
+        if !super::sql::round_trips(&text) {
+            return Err(self.refuse("this COPY statement (it does not round-trip)"));
+        }
         if let Some(check) = &tp.check {
             let cond = self.render(check, &tp, &|c| {
                 cols.iter().any(|x| x == c).then(|| quote_ident(c))
             })?;
+            let assert = self.assert_sql(&cond, &self.write_message("copy this row into", &tp));
+            if !super::sql::expr_round_trips(&assert) {
+                return Err(self.refuse("this COPY statement (check does not round-trip)"));
+            }
             // COPY FROM ... WHERE runs per row inside the server: bound data is verified there.
-            text.push_str(&format!(
-                " WHERE {}",
-                self.assert_sql(&cond, &self.write_message("copy this row into", &tp))
-            ));
+            text.push_str(&format!(" WHERE {assert}"));
         }
+        self.info.kind = "COPY FROM".into();
         self.note_write(&tp.info);
         Ok(text)
     }

@@ -90,6 +90,22 @@ pub fn quote_literal(s: &str) -> String {
     }
 }
 
+/// Defense in depth against Display infidelity: the text we forward must parse back into a
+/// statement that displays as exactly the same text. If sqlparser's printer ever emitted
+/// something its own lexer (and so very likely PostgreSQL's) reads differently — a comment
+/// opener, a quote that ends early — the texts differ and the statement is refused.
+pub fn round_trips(text: &str) -> bool {
+    match parse_statements(text) {
+        Ok(mut v) if v.len() == 1 => sanitize(&mut v[0]).is_ok() && v[0].to_string() == text,
+        _ => false,
+    }
+}
+
+/// Same for an expression fragment.
+pub fn expr_round_trips(text: &str) -> bool {
+    parse_expr(text).is_ok_and(|e| e.to_string() == text)
+}
+
 /// Why a statement is refused by the sanitizer.
 #[derive(Debug)]
 pub struct Unsafe(pub String);
