@@ -206,6 +206,14 @@ mod tests {
     }
 
     #[test]
+    fn round_trip_guard() {
+        assert!(round_trips("SELECT 1 - -1"));
+        assert!(!round_trips("SELECT --1\n1"));
+        assert!(!round_trips("SELECT 1; SELECT 2"));
+        assert!(!round_trips("select 1"), "not in printer form");
+    }
+
+    #[test]
     fn quote_literal_escapes() {
         assert_eq!(quote_literal("a'b"), "'a''b'");
         assert_eq!(quote_literal(r"a\'b"), r"E'a\\\'b'");
