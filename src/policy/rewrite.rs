@@ -751,10 +751,15 @@ impl<'a> Rewriter<'a> {
         match expr {
             Expr::Identifier(id) => self.check_column(&ident_name(id)),
             Expr::CompoundIdentifier(parts) => {
-                if parts.len() == 3 {
+                let schema_qualified = parts.len() == 3
+                    && self
+                        .catalog
+                        .resolve(&[ident_name(&parts[0]), ident_name(&parts[1])])
+                        .is_some();
+                if schema_qualified {
                     // schema.table.col: the barrier is aliased by the bare table name.
                     parts.remove(0);
-                } else if parts.len() > 3 {
+                } else if parts.len() >= 3 {
                     return Err(self.refuse("this column reference"));
                 }
                 match parts.last() {
