@@ -17,6 +17,7 @@ pub mod error;
 pub mod metrics;
 pub mod net;
 pub mod pgserver;
+pub mod policy;
 pub mod protocol;
 pub mod proxy;
 pub mod tls;

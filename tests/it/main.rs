@@ -4,5 +4,6 @@
 mod dev_mode;
 mod edges;
 mod harness;
+mod policy;
 mod protocol;
 mod tools;

@@ -1,0 +1,156 @@
+//! The upstream schema as the rewriter needs it: relations, their columns and types.
+//!
+//! Loaded once from the live database (`Catalog::load`) and again after DDL (`Catalog::refresh`).
+//! Unit tests build one by hand with [`Catalog::from_tables`].
+use std::collections::HashMap;
+
+use thiserror::Error;
+
+/// Errors while reading the catalog.
+#[derive(Debug, Error)]
+pub enum CatalogError {
+    #[error("reading the upstream catalog: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// Kind of a relation, from `pg_class.relkind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelKind {
+    Table,
+    View,
+    MaterializedView,
+    Foreign,
+    Sequence,
+    Other,
+}
+
+impl RelKind {
+    fn from_relkind(c: &str) -> Self {
+        match c {
+            "r" | "p" => RelKind::Table,
+            "v" => RelKind::View,
+            "m" => RelKind::MaterializedView,
+            "f" => RelKind::Foreign,
+            "S" => RelKind::Sequence,
+            _ => RelKind::Other,
+        }
+    }
+}
+
+/// One column of a relation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColumnInfo {
+    pub name: String,
+    /// `format_type(atttypid, atttypmod)`, e.g. `bigint`, `character varying(20)`.
+    pub type_name: String,
+    pub type_oid: u32,
+    pub not_null: bool,
+}
+
+/// One relation of the upstream database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableInfo {
+    pub schema: String,
+    pub name: String,
+    pub oid: u32,
+    pub kind: RelKind,
+    /// In `attnum` order, dropped columns excluded.
+    pub columns: Vec<ColumnInfo>,
+}
+
+impl TableInfo {
+    pub fn column(&self, name: &str) -> Option<&ColumnInfo> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+/// The relations of the upstream database, keyed by (schema, name).
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    tables: HashMap<(String, String), TableInfo>,
+}
+
+const LOAD_SQL: &str = "
+SELECT n.nspname::text, c.relname::text, c.oid, c.relkind::text,
+       a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid, a.attnotnull
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_catalog.pg_attribute a
+       ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+  AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'
+ORDER BY n.nspname, c.relname, a.attnum";
+
+impl Catalog {
+    /// Builds a catalog from known relations (tests, tools).
+    pub fn from_tables(tables: Vec<TableInfo>) -> Self {
+        let tables = tables
+            .into_iter()
+            .map(|t| ((t.schema.clone(), t.name.clone()), t))
+            .collect();
+        Catalog { tables }
+    }
+
+    /// Reads every relation (including `pg_catalog` and `information_schema`, whose names
+    /// must be known to resolve unqualified references the way PostgreSQL does).
+    pub async fn load(client: &tokio_postgres::Client) -> Result<Self, CatalogError> {
+        let rows = client.query(LOAD_SQL, &[]).await?;
+        let mut tables: HashMap<(String, String), TableInfo> = HashMap::new();
+        for row in rows {
+            let schema: String = row.try_get(0)?;
+            let name: String = row.try_get(1)?;
+            let oid: u32 = row.try_get(2)?;
+            let kind: String = row.try_get(3)?;
+            let entry = tables
+                .entry((schema.clone(), name.clone()))
+                .or_insert_with(|| TableInfo {
+                    schema,
+                    name,
+                    oid,
+                    kind: RelKind::from_relkind(&kind),
+                    columns: Vec::new(),
+                });
+            let column: Option<String> = row.try_get(4)?;
+            if let Some(column) = column {
+                entry.columns.push(ColumnInfo {
+                    name: column,
+                    type_name: row.try_get(5)?,
+                    type_oid: row.try_get(6)?,
+                    not_null: row.try_get(7)?,
+                });
+            }
+        }
+        tracing::debug!(relations = tables.len(), "loaded upstream catalog");
+        Ok(Catalog { tables })
+    }
+
+    /// Re-reads the catalog (call after DDL; then hand the result to `PolicyEngine::set_catalog`).
+    pub async fn refresh(&self, client: &tokio_postgres::Client) -> Result<Self, CatalogError> {
+        Self::load(client).await
+    }
+
+    pub fn get(&self, schema: &str, name: &str) -> Option<&TableInfo> {
+        self.tables.get(&(schema.to_string(), name.to_string()))
+    }
+
+    /// Resolves a (normalized) relation name the way PostgreSQL's default search path does:
+    /// `pg_catalog` first (implicitly), then `public`. Session search_path changes are refused,
+    /// so this is what the server will resolve too.
+    pub fn resolve(&self, parts: &[String]) -> Option<&TableInfo> {
+        match parts {
+            [name] => self
+                .get("pg_catalog", name)
+                .or_else(|| self.get("public", name)),
+            [schema, name] => self.get(schema, name),
+            _ => None,
+        }
+    }
+
+    pub fn tables(&self) -> impl Iterator<Item = &TableInfo> {
+        self.tables.values()
+    }
+}

@@ -1,0 +1,355 @@
+//! The policy engine: per-service row/column permissions enforced by rewriting SQL.
+//!
+//! The relay calls [`PolicyEngine::rewrite`] for every simple Query and every Parse; the
+//! result is forwarded instead of the client's text. Anything the engine cannot prove safe
+//! is refused with SQLSTATE 42501 ([`PolicyDenied`]). See `rewrite.rs` for how each SQL
+//! construct is made safe and `allow.rs` for the built-in allowlists.
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+pub mod allow;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod rewrite;
+pub mod sql;
+
+pub use catalog::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
+pub use config::{Action, ServicePolicy, TablePolicy};
+
+/// Who is asking: the service named by the token and the token's claims.
+pub struct PolicyIdentity<'a> {
+    pub service: &'a str,
+    pub claims: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+/// Errors in policy files (always with file and line when known).
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    #[error("{file}:{line}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        message: String,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A refusal, sent to the client as an ErrorResponse.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("{message}")]
+pub struct PolicyDenied {
+    pub sqlstate: &'static str,
+    pub message: String,
+    /// `file:line` of the rule that refused, when one did.
+    pub rule: Option<String>,
+}
+
+impl PolicyDenied {
+    fn new(message: String, rule: Option<String>) -> Self {
+        PolicyDenied {
+            sqlstate: "42501",
+            message,
+            rule,
+        }
+    }
+}
+
+/// What one statement of a rewritten string does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatementInfo {
+    /// `SELECT`, `INSERT`, `UPDATE`, `DELETE`, `SET`, `COPY`, `DDL`, ...
+    pub kind: String,
+    /// `schema.table` of protected tables read (after rewriting, through their filter).
+    pub tables_read: Vec<String>,
+    pub tables_written: Vec<String>,
+    /// `table.column` the statement can see of the tables read.
+    pub columns_read: Vec<String>,
+    /// The caller refreshes the catalog (`Catalog::refresh` + `PolicyEngine::set_catalog`).
+    pub is_ddl: bool,
+}
+
+/// The result of a rewrite: the SQL to forward.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rewritten {
+    pub sql: String,
+    pub statements: Vec<StatementInfo>,
+    /// The service is configured as unrestricted: `sql` is the client's text unchanged.
+    pub unrestricted: bool,
+}
+
+/// How a service is governed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Has a policy file.
+    Policy,
+    /// Named unrestricted in the config: statements pass unchanged.
+    Unrestricted,
+    /// Neither: gets nothing.
+    NoPolicy,
+}
+
+const CACHE_CAPACITY: usize = 4096;
+
+/// (service, sha256 of the claims, sql) → rewrite. The claims hash is part of the key, so a
+/// hit can only return the rewrite made for the same identity.
+type CacheKey = (String, [u8; 32], String);
+
+#[derive(Default)]
+struct Cache {
+    map: HashMap<CacheKey, Arc<Rewritten>>,
+    order: VecDeque<CacheKey>,
+}
+
+impl Cache {
+    fn get(&self, k: &CacheKey) -> Option<Arc<Rewritten>> {
+        self.map.get(k).cloned()
+    }
+
+    /// FIFO eviction keeps the bound without per-hit bookkeeping.
+    fn put(&mut self, k: CacheKey, v: Arc<Rewritten>) {
+        if self.map.len() >= CACHE_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push_back(k);
+        }
+    }
+}
+
+/// One consistent generation: policies compiled against one catalog, with its own cache.
+struct Snapshot {
+    policies: HashMap<String, ServicePolicy>,
+    catalog: Arc<Catalog>,
+    cache: Mutex<Cache>,
+}
+
+/// The engine. `Send + Sync`; share it in an `Arc`.
+pub struct PolicyEngine {
+    current: RwLock<Arc<Snapshot>>,
+    dir: RwLock<PathBuf>,
+    unrestricted: Vec<String>,
+}
+
+fn claims_hash(claims: &serde_json::Map<String, serde_json::Value>) -> [u8; 32] {
+    // serde_json's Map is ordered (BTreeMap), so this serialization is canonical.
+    let text = serde_json::to_string(claims).unwrap_or_default();
+    Sha256::digest(text.as_bytes()).into()
+}
+
+impl PolicyEngine {
+    /// Loads and validates every policy in `dir` against `catalog`.
+    pub fn load(
+        dir: &Path,
+        catalog: Arc<Catalog>,
+        unrestricted: &[String],
+    ) -> Result<Self, Vec<PolicyError>> {
+        let policies = config::load_dir(dir, &catalog)?;
+        tracing::info!(services = policies.len(), dir = %dir.display(), "loaded policies");
+        Ok(PolicyEngine {
+            current: RwLock::new(Arc::new(Snapshot {
+                policies,
+                catalog,
+                cache: Mutex::new(Cache::default()),
+            })),
+            dir: RwLock::new(dir.to_path_buf()),
+            unrestricted: unrestricted.to_vec(),
+        })
+    }
+
+    /// Re-reads `dir`; swaps atomically only if the whole set is valid.
+    pub fn reload(&self, dir: &Path, catalog: &Arc<Catalog>) -> Result<(), Vec<PolicyError>> {
+        let policies = config::load_dir(dir, catalog)?;
+        *self.current.write() = Arc::new(Snapshot {
+            policies,
+            catalog: catalog.clone(),
+            cache: Mutex::new(Cache::default()),
+        });
+        *self.dir.write() = dir.to_path_buf();
+        tracing::info!(dir = %dir.display(), "reloaded policies");
+        Ok(())
+    }
+
+    /// After DDL: recompiles the current policies against a refreshed catalog.
+    pub fn set_catalog(&self, catalog: Arc<Catalog>) -> Result<(), Vec<PolicyError>> {
+        let dir = self.dir.read().clone();
+        self.reload(&dir, &catalog)
+    }
+
+    pub fn decision(&self, service: &str) -> Decision {
+        if self.current.read().policies.contains_key(service) {
+            Decision::Policy
+        } else if self.unrestricted.iter().any(|s| s == service) {
+            Decision::Unrestricted
+        } else {
+            Decision::NoPolicy
+        }
+    }
+
+    /// Claims the service's policy references; the proxy refuses tokens lacking any.
+    pub fn required_claims(&self, service: &str) -> Result<Vec<String>, PolicyDenied> {
+        let snap = self.current.read().clone();
+        match snap.policies.get(service) {
+            Some(p) => Ok(p.claims.iter().cloned().collect()),
+            None if self.unrestricted.iter().any(|s| s == service) => Ok(Vec::new()),
+            None => Err(no_policy(service)),
+        }
+    }
+
+    /// The compiled policy of a service (for tools such as export-rls).
+    pub fn policy(&self, service: &str) -> Option<ServicePolicy> {
+        self.current.read().policies.get(service).cloned()
+    }
+
+    pub fn services(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.current.read().policies.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Rewrites a (possibly multi-statement) SQL string for `who`. Cached.
+    pub fn rewrite(
+        &self,
+        who: &PolicyIdentity<'_>,
+        sql: &str,
+    ) -> Result<Arc<Rewritten>, PolicyDenied> {
+        let snap = self.current.read().clone();
+        let Some(policy) = snap.policies.get(who.service) else {
+            if self.unrestricted.iter().any(|s| s == who.service) {
+                return Ok(Arc::new(unrestricted_rewrite(sql)));
+            }
+            return Err(no_policy(who.service));
+        };
+        // Only the claims the policy references shape the rewrite; hashing just those keeps
+        // hits across token refreshes while different identities still never share entries.
+        let relevant: serde_json::Map<String, serde_json::Value> = policy
+            .claims
+            .iter()
+            .filter_map(|c| who.claims.get(c).map(|v| (c.clone(), v.clone())))
+            .collect();
+        let key = (
+            who.service.to_string(),
+            claims_hash(&relevant),
+            sql.to_string(),
+        );
+        if let Some(hit) = snap.cache.lock().get(&key) {
+            return Ok(hit);
+        }
+        for claim in &policy.claims {
+            if !who.claims.contains_key(claim) {
+                return Err(PolicyDenied::new(
+                    format!(
+                        "pgward: service {:?} has no claim {claim:?} in its token",
+                        who.service
+                    ),
+                    None,
+                ));
+            }
+        }
+        let result = rewrite_with(who.service, policy, &snap.catalog, who.claims, sql);
+        match &result {
+            Ok(r) => {
+                let r = Arc::new(r.clone());
+                snap.cache.lock().put(key, r.clone());
+                tracing::debug!(service = who.service, "rewrote statement");
+                Ok(r)
+            }
+            Err(e) => {
+                tracing::info!(service = who.service, rule = ?e.rule, "refused: {}", e.message);
+                Err(e.clone())
+            }
+        }
+    }
+}
+
+fn no_policy(service: &str) -> PolicyDenied {
+    PolicyDenied::new(
+        format!("pgward: service {service:?} has no policy (and is not configured unrestricted)"),
+        None,
+    )
+}
+
+fn unrestricted_rewrite(sql: &str) -> Rewritten {
+    // Parsed only to tell the caller about DDL; unparsable text still passes (unrestricted).
+    let statements = sql::parse_statements(sql)
+        .map(|v| {
+            v.iter()
+                .map(|s| StatementInfo {
+                    kind: rewrite::statement_kind(s).to_string(),
+                    is_ddl: rewrite::statement_kind(s) == "DDL"
+                        || matches!(
+                            s,
+                            sqlparser::ast::Statement::CreateView(_)
+                                | sqlparser::ast::Statement::CreateFunction(_)
+                        ),
+                    ..StatementInfo::default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Rewritten {
+        sql: sql.to_string(),
+        statements,
+        unrestricted: true,
+    }
+}
+
+/// Rewrites without the cache (used by `rewrite` and the CLI tools).
+pub fn rewrite_with(
+    service: &str,
+    policy: &ServicePolicy,
+    catalog: &Catalog,
+    claims: &serde_json::Map<String, serde_json::Value>,
+    sql: &str,
+) -> Result<Rewritten, PolicyDenied> {
+    let mut stmts = sql::parse_statements(sql).map_err(|e| {
+        PolicyDenied::new(format!("pgward: service {service:?} sent a statement pgward cannot parse, so it is refused: {e}"), None)
+    })?;
+    let mut texts = Vec::with_capacity(stmts.len());
+    let mut infos = Vec::with_capacity(stmts.len());
+    for st in &mut stmts {
+        sql::sanitize(st).map_err(|e| {
+            PolicyDenied::new(
+                format!("pgward: service {service:?} may not send {}", e.0),
+                None,
+            )
+        })?;
+        let (text, info) =
+            rewrite::Rewriter::new(service, policy, catalog, claims).statement(st)?;
+        // COPY FROM verifies its two parts itself (sqlparser has no COPY ... WHERE).
+        if info.kind != "COPY FROM" && !sql::round_trips(&text) {
+            tracing::warn!(
+                service,
+                "rewritten statement does not round-trip; refused: {text}"
+            );
+            return Err(PolicyDenied::new(
+                format!("pgward: service {service:?} sent a statement pgward cannot rewrite faithfully, so it is refused"),
+                None,
+            ));
+        }
+        texts.push(text);
+        infos.push(info);
+    }
+    Ok(Rewritten {
+        sql: texts.join(";\n"),
+        statements: infos,
+        unrestricted: false,
+    })
+}
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

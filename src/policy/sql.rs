@@ -1,0 +1,221 @@
+//! Small SQL helpers shared by the policy modules: parsing fragments, name normalization,
+//! quoting, and the literal sanitizer that makes sqlparser's Display faithful.
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    Expr, Ident, ObjectName, ObjectNamePart, Query, SetExpr, Statement, TableFactor, Value,
+    ValueWithSpan, VisitMut, VisitorMut,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::{Parser, ParserError};
+
+pub fn parse_statements(sql: &str) -> Result<Vec<Statement>, ParserError> {
+    Parser::parse_sql(&PostgreSqlDialect {}, sql)
+}
+
+pub fn parse_expr(sql: &str) -> Result<Expr, ParserError> {
+    let mut parser = Parser::new(&PostgreSqlDialect {}).try_with_sql(sql)?;
+    let expr = parser.parse_expr()?;
+    // Trailing garbage means the fragment was not one expression.
+    if parser.peek_token().token != sqlparser::tokenizer::Token::EOF {
+        return Err(ParserError::ParserError(format!(
+            "unexpected text after expression in {sql:?}"
+        )));
+    }
+    Ok(expr)
+}
+
+pub fn parse_query(sql: &str) -> Result<Box<Query>, ParserError> {
+    let mut parser = Parser::new(&PostgreSqlDialect {}).try_with_sql(sql)?;
+    parser.parse_query()
+}
+
+/// Parses `sql` as a FROM item (e.g. `(SELECT ...) AS x`).
+pub fn parse_table_factor(sql: &str) -> Result<TableFactor, ParserError> {
+    let q = parse_query(&format!("SELECT 1 FROM {sql}"))?;
+    match *q.body {
+        SetExpr::Select(mut s) if s.from.len() == 1 => Ok(s.from.remove(0).relation),
+        _ => Err(ParserError::ParserError(
+            "generated FROM item did not parse".into(),
+        )),
+    }
+}
+
+/// The name PostgreSQL sees. It must match the server exactly, or a reference we consider a
+/// CTE (or a harmless column) could be a protected table (or a hidden column) to the server:
+/// unquoted identifiers fold ASCII letters only (like `downcase_identifier` with a multibyte
+/// server encoding), and every identifier is truncated to NAMEDATALEN-1 = 63 bytes.
+pub fn ident_name(id: &Ident) -> String {
+    let folded = match id.quote_style {
+        None => id.value.to_ascii_lowercase(),
+        Some(_) => id.value.clone(),
+    };
+    truncate_identifier(folded)
+}
+
+fn truncate_identifier(mut s: String) -> String {
+    const MAX: usize = 63;
+    if s.len() > MAX {
+        let mut end = MAX;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Normalized parts of an object name; `None` for dialect-specific function parts.
+pub fn object_name_parts(name: &ObjectName) -> Option<Vec<String>> {
+    name.0
+        .iter()
+        .map(|p| match p {
+            ObjectNamePart::Identifier(id) => Some(ident_name(id)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Always-quoted identifier for names taken from the catalog.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A string literal PostgreSQL reads back exactly, whatever `standard_conforming_strings` says.
+pub fn quote_literal(s: &str) -> String {
+    if s.contains('\\') {
+        format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+    } else {
+        format!("'{}'", s.replace('\'', "''"))
+    }
+}
+
+/// Defense in depth against Display infidelity: the text we forward must parse back into a
+/// statement that displays as exactly the same text. If sqlparser's printer ever emitted
+/// something its own lexer (and so very likely PostgreSQL's) reads differently — a comment
+/// opener, a quote that ends early — the texts differ and the statement is refused.
+pub fn round_trips(text: &str) -> bool {
+    match parse_statements(text) {
+        Ok(mut v) if v.len() == 1 => sanitize(&mut v[0]).is_ok() && v[0].to_string() == text,
+        _ => false,
+    }
+}
+
+/// Same for an expression fragment.
+pub fn expr_round_trips(text: &str) -> bool {
+    parse_expr(text).is_ok_and(|e| e.to_string() == text)
+}
+
+/// Why a statement is refused by the sanitizer.
+#[derive(Debug)]
+pub struct Unsafe(pub String);
+
+/// sqlparser's Display does not escape single-quoted strings or quoted identifiers faithfully
+/// (a value containing `\'` or an already doubled quote prints as something PostgreSQL reads
+/// differently), which would let a crafted literal end early in the text we forward. This pass
+/// runs on every parsed statement before anything is displayed: string literals that contain a
+/// quote or backslash become `E'...'` literals (whose Display escapes both), exotic literal
+/// kinds are refused, identifiers containing `"` are refused.
+pub fn sanitize(stmt: &mut Statement) -> Result<(), Unsafe> {
+    let mut s = Sanitizer;
+    match stmt.visit(&mut s) {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(e) => Err(e),
+    }
+}
+
+struct Sanitizer;
+
+impl VisitorMut for Sanitizer {
+    type Break = Unsafe;
+
+    fn pre_visit_value(&mut self, v: &mut ValueWithSpan) -> ControlFlow<Unsafe> {
+        let replacement = match &v.value {
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => {
+                if s.contains('\0') {
+                    return ControlFlow::Break(Unsafe("NUL in string literal".into()));
+                }
+                if s.contains('\'') || s.contains('\\') {
+                    Some(Value::EscapedStringLiteral(s.clone()))
+                } else {
+                    Some(Value::SingleQuotedString(s.clone()))
+                }
+            }
+            Value::DollarQuotedString(d) => {
+                Some(if d.value.contains('\'') || d.value.contains('\\') {
+                    Value::EscapedStringLiteral(d.value.clone())
+                } else {
+                    Value::SingleQuotedString(d.value.clone())
+                })
+            }
+            Value::Number(..) | Value::Boolean(_) | Value::Null | Value::Placeholder(_) => None,
+            other => return ControlFlow::Break(Unsafe(format!("unsupported literal {other}"))),
+        };
+        if let Some(r) = replacement {
+            v.value = r;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_ident(&mut self, id: &mut Ident) -> ControlFlow<Unsafe> {
+        match id.quote_style {
+            None if !id.value.contains('"') => ControlFlow::Continue(()),
+            Some('"') if !id.value.contains('"') && !id.value.contains('\0') => {
+                ControlFlow::Continue(())
+            }
+            _ => ControlFlow::Break(Unsafe(format!("unsupported identifier {:?}", id.value))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitized_literals_round_trip() {
+        for lit in [
+            r"'\''' || 'x'",
+            "'a''b'",
+            r"E'\\'' , 1 --'",
+            "$$it's$$",
+            "'plain'",
+            r"'\'",
+        ] {
+            let sql = format!("SELECT {lit}");
+            let mut st = parse_statements(&sql).unwrap();
+            sanitize(&mut st[0]).unwrap();
+            let once = st[0].to_string();
+            let mut again = parse_statements(&once).unwrap();
+            sanitize(&mut again[0]).unwrap();
+            assert_eq!(once, again[0].to_string(), "{lit}");
+        }
+    }
+
+    #[test]
+    fn identifiers_fold_like_postgres() {
+        assert_eq!(ident_name(&Ident::new("CUSTÖMERS")), "custÖmers");
+        assert_eq!(
+            ident_name(&Ident::with_quote('"', "Customers")),
+            "Customers"
+        );
+        let long = "a".repeat(70);
+        assert_eq!(ident_name(&Ident::new(long)).len(), 63);
+        let multibyte = format!("{}é", "a".repeat(62));
+        assert_eq!(ident_name(&Ident::new(multibyte)), "a".repeat(62));
+    }
+
+    #[test]
+    fn round_trip_guard() {
+        assert!(round_trips("SELECT 1 - -1"));
+        assert!(!round_trips("SELECT --1\n1"));
+        assert!(!round_trips("SELECT 1; SELECT 2"));
+        assert!(!round_trips("select 1"), "not in printer form");
+    }
+
+    #[test]
+    fn quote_literal_escapes() {
+        assert_eq!(quote_literal("a'b"), "'a''b'");
+        assert_eq!(quote_literal(r"a\'b"), r"E'a\\\'b'");
+    }
+}

@@ -1,0 +1,666 @@
+//! Unit tests of the rewriter against a hand-built demo catalog.
+use std::path::Path;
+use std::sync::Arc;
+
+use super::*;
+
+fn col(name: &str, ty: &str) -> ColumnInfo {
+    ColumnInfo {
+        name: name.into(),
+        type_name: ty.into(),
+        type_oid: 0,
+        not_null: false,
+    }
+}
+
+fn table(schema: &str, name: &str, cols: &[(&str, &str)]) -> TableInfo {
+    TableInfo {
+        schema: schema.into(),
+        name: name.into(),
+        oid: 0,
+        kind: RelKind::Table,
+        columns: cols.iter().map(|(n, t)| col(n, t)).collect(),
+    }
+}
+
+pub(crate) fn demo_catalog() -> Catalog {
+    Catalog::from_tables(vec![
+        table("public", "tenants", &[("id", "bigint"), ("name", "text")]),
+        table(
+            "public",
+            "customers",
+            &[
+                ("id", "bigint"),
+                ("tenant_id", "bigint"),
+                ("name", "text"),
+                ("email", "text"),
+                ("ssn", "text"),
+                ("created_at", "timestamp with time zone"),
+            ],
+        ),
+        table(
+            "public",
+            "invoices",
+            &[
+                ("id", "bigint"),
+                ("tenant_id", "bigint"),
+                ("customer_id", "bigint"),
+                ("amount_cents", "bigint"),
+                ("card_number", "text"),
+                ("status", "text"),
+                ("issued_at", "date"),
+            ],
+        ),
+        table("public", "secrets", &[("id", "bigint"), ("value", "text")]),
+        table(
+            "pg_catalog",
+            "pg_type",
+            &[("oid", "oid"), ("typname", "name")],
+        ),
+        table(
+            "pg_catalog",
+            "pg_class",
+            &[("oid", "oid"), ("relname", "name"), ("reltuples", "real")],
+        ),
+        table("pg_catalog", "pg_stats", &[("tablename", "name")]),
+        TableInfo {
+            kind: RelKind::View,
+            ..table("public", "customer_view", &[("id", "bigint")])
+        },
+        table(
+            "pg_catalog",
+            "pg_namespace",
+            &[("oid", "oid"), ("nspname", "name")],
+        ),
+    ])
+}
+
+pub(crate) fn engine() -> PolicyEngine {
+    PolicyEngine::load(
+        Path::new("policies"),
+        Arc::new(demo_catalog()),
+        &["migrator".to_string()],
+    )
+    .unwrap()
+}
+
+fn claims(tenant: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("tenant_id".into(), tenant);
+    m
+}
+
+fn rw(service: &str, sql: &str) -> Result<String, PolicyDenied> {
+    let e = engine();
+    let c = claims(serde_json::json!(1));
+    e.rewrite(
+        &PolicyIdentity {
+            service,
+            claims: &c,
+        },
+        sql,
+    )
+    .map(|r| r.sql.clone())
+}
+
+fn ok(service: &str, sql: &str) -> String {
+    match rw(service, sql) {
+        Ok(s) => s,
+        Err(e) => panic!("{sql}: refused: {}", e.message),
+    }
+}
+
+fn refused(service: &str, sql: &str) -> PolicyDenied {
+    match rw(service, sql) {
+        Ok(s) => panic!("{sql}: should be refused, got {s}"),
+        Err(e) => {
+            assert_eq!(e.sqlstate, "42501");
+            e
+        }
+    }
+}
+
+#[test]
+fn select_is_wrapped_in_barrier() {
+    let out = ok("billing", "SELECT * FROM customers WHERE id = 5");
+    assert!(out.contains(r#"FROM "public"."customers" WHERE (("tenant_id") = (1)) AND "id" = 5 OFFSET 0) AS customers"#), "{out}");
+}
+
+#[test]
+fn hidden_column_refused_with_rule() {
+    let e = refused("support", "SELECT ssn FROM customers");
+    assert!(
+        e.message.contains("may not read column customers.ssn"),
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("policies/support.toml:"),
+        "{}",
+        e.message
+    );
+    assert!(e
+        .rule
+        .as_deref()
+        .unwrap_or("")
+        .starts_with("policies/support.toml:"));
+}
+
+#[test]
+fn star_expands_to_visible_columns() {
+    let out = ok("support", "SELECT * FROM customers");
+    assert!(
+        out.contains(r#"SELECT "id", "tenant_id", "name", "email", "created_at" FROM"#),
+        "{out}"
+    );
+    assert!(!out.contains("ssn"));
+}
+
+#[test]
+fn unlisted_table_and_views_refused() {
+    refused("billing", "SELECT * FROM secrets");
+    refused("billing", "SELECT * FROM tenants");
+    refused("billing", "SELECT * FROM nope");
+    let e = refused("billing", "SELECT * FROM customer_view");
+    assert!(
+        e.message.contains("may not read view public.customer_view"),
+        "{}",
+        e.message
+    );
+    refused("support", "DELETE FROM customers");
+}
+
+#[test]
+fn cte_shadowing() {
+    // The CTE body's `customers` is the real table: filtered.
+    let out = ok(
+        "billing",
+        "WITH customers AS (SELECT * FROM customers) SELECT * FROM customers",
+    );
+    assert_eq!(out.matches("OFFSET 0").count(), 1, "{out}");
+    // A CTE named like a table is not wrapped where referenced.
+    let out = ok("billing", "WITH c AS (SELECT 1 AS x) SELECT * FROM c");
+    assert!(!out.contains("OFFSET 0"));
+    // Recursive CTE: self-reference is the CTE, other references filtered.
+    let out = ok("billing", "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < (SELECT count(*) FROM customers)) SELECT * FROM r");
+    assert_eq!(out.matches("OFFSET 0").count(), 1, "{out}");
+}
+
+#[test]
+fn nested_everywhere() {
+    let sqls = [
+        "SELECT (SELECT max(amount_cents) FROM invoices i WHERE i.customer_id = c.id) FROM customers c",
+        "SELECT * FROM customers WHERE id IN (SELECT customer_id FROM invoices)",
+        "SELECT * FROM customers c WHERE EXISTS (SELECT 1 FROM invoices WHERE customer_id = c.id)",
+        "SELECT id FROM customers UNION SELECT id FROM invoices",
+        "SELECT * FROM customers c, LATERAL (SELECT * FROM invoices i WHERE i.customer_id = c.id) x",
+        "SELECT * FROM (SELECT * FROM (SELECT * FROM customers) a) b",
+        "SELECT * FROM customers c JOIN invoices i ON i.customer_id = c.id",
+    ];
+    for sql in sqls {
+        let out = ok("billing", sql);
+        let refs = out.matches("FROM \"public\".").count();
+        assert_eq!(refs, out.matches("OFFSET 0").count(), "{out}");
+        assert!(refs >= 1, "{out}");
+    }
+}
+
+#[test]
+fn quoting_and_casing() {
+    for sql in [
+        "SELECT * FROM Customers",
+        "SELECT * FROM public.customers",
+        "SELECT * FROM \"customers\"",
+        "select * from PUBLIC.CUSTOMERS /* c */ -- x",
+    ] {
+        let out = ok("billing", sql);
+        assert!(out.contains("OFFSET 0"), "{out}");
+    }
+    refused("billing", "SELECT * FROM \"Customers\"");
+    let out = ok(
+        "billing",
+        "SELECT public.customers.id FROM public.customers",
+    );
+    assert!(out.starts_with("SELECT customers.id FROM"), "{out}");
+}
+
+#[test]
+fn claim_values_are_literals() {
+    let e = engine();
+    let c = claims(serde_json::json!("1; drop table x"));
+    let r = e.rewrite(
+        &PolicyIdentity {
+            service: "billing",
+            claims: &c,
+        },
+        "SELECT * FROM customers",
+    );
+    assert!(r.is_err(), "bigint claim must be numeric");
+    // Undeclared claim types: strings become quoted literals.
+    assert_eq!(
+        rewrite::claim_literal(&serde_json::json!("x'; drop table t; --"), None).unwrap(),
+        "'x''; drop table t; --'"
+    );
+    assert_eq!(
+        rewrite::claim_literal(&serde_json::json!(r"a\'b"), None).unwrap(),
+        r"E'a\\\'b'"
+    );
+    assert_eq!(
+        rewrite::claim_literal(&serde_json::json!(-3), None).unwrap(),
+        "(-3)"
+    );
+    assert_eq!(
+        rewrite::claim_literal(&serde_json::json!("7"), Some("bigint")).unwrap(),
+        "(7)"
+    );
+    assert!(rewrite::claim_literal(&serde_json::json!({"a": 1}), None).is_none());
+}
+
+#[test]
+fn missing_claim_refused() {
+    let e = engine();
+    let c = serde_json::Map::new();
+    assert!(e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c
+            },
+            "SELECT 1"
+        )
+        .is_err());
+    assert_eq!(
+        e.required_claims("billing").unwrap(),
+        vec!["tenant_id".to_string()]
+    );
+    assert!(e.required_claims("analytics").unwrap().is_empty());
+    assert!(e.required_claims("stranger").is_err());
+    assert!(e.required_claims("migrator").unwrap().is_empty());
+    assert_eq!(e.decision("stranger"), Decision::NoPolicy);
+}
+
+#[test]
+fn unrestricted_passes_through() {
+    let e = engine();
+    let c = serde_json::Map::new();
+    let r = e
+        .rewrite(
+            &PolicyIdentity {
+                service: "migrator",
+                claims: &c,
+            },
+            "CREATE TABLE t (a int)",
+        )
+        .unwrap();
+    assert!(r.unrestricted);
+    assert_eq!(r.sql, "CREATE TABLE t (a int)");
+    assert!(r.statements[0].is_ddl);
+}
+
+#[test]
+fn insert_values_checked_in_sql() {
+    let out = ok(
+        "billing",
+        "INSERT INTO customers (name, email) VALUES ($1, $2) RETURNING id",
+    );
+    assert!(out.contains("CAST(($1) AS TEXT)"), "{out}");
+    assert!(out.contains("pgward.assert_row"), "{out}");
+    assert!(out.contains("\"tenant_id\""), "{out}");
+    // Preset columns may not be written by the service.
+    refused(
+        "billing",
+        "INSERT INTO customers (tenant_id, name) VALUES (2, 'x')",
+    );
+    refused("billing", "UPDATE customers SET tenant_id = 2 WHERE id = 1");
+}
+
+#[test]
+fn update_and_delete_guarded() {
+    let out = ok(
+        "billing",
+        "UPDATE customers SET name = 'x' WHERE CAST(name AS int) = 1",
+    );
+    assert!(
+        out.contains("CASE WHEN ((customers.\"tenant_id\") = (1)) THEN CASE WHEN"),
+        "{out}"
+    );
+    refused("billing", "DELETE FROM customers WHERE id = 1");
+}
+
+#[test]
+fn upsert_guarded() {
+    let out = ok("billing", "INSERT INTO customers (id, name) VALUES (1, 'x') ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name");
+    assert!(
+        out.contains("DO UPDATE SET name = EXCLUDED.name WHERE CASE WHEN pgward.assert_row"),
+        "{out}"
+    );
+}
+
+#[test]
+fn write_target_hidden_columns() {
+    // support cannot write at all; analytics cannot either.
+    refused("support", "UPDATE customers SET name = 'x'");
+    refused("analytics", "INSERT INTO customers (name) VALUES ('x')");
+}
+
+#[test]
+fn dangerous_things_refused() {
+    for sql in [
+        "DO $$ BEGIN END $$",
+        "SET ROLE postgres",
+        "SET SESSION AUTHORIZATION postgres",
+        "RESET ALL",
+        "SET search_path = evil",
+        "SELECT set_config('role', 'postgres', false)",
+        "SELECT lo_import('/etc/passwd')",
+        "SELECT dblink('x', 'y')",
+        "SELECT query_to_xml('select * from customers', true, true, '')",
+        "SELECT pg_read_file('/etc/passwd')",
+        "SELECT * FROM pg_stats",
+        "SELECT reltuples FROM pg_class",
+        "SELECT * FROM pg_catalog.pg_stat_activity",
+        "SELECT CAST(NULL AS customers)",
+        "TRUNCATE customers",
+        "DISCARD ALL",
+        "COPY customers TO '/tmp/x'",
+        "SELECT * INTO newtab FROM customers",
+        "CREATE VIEW v AS SELECT * FROM customers",
+        "SELECT 1 OPERATOR(pg_catalog.+) 1",
+        "LISTEN chan",
+        "CALL p()",
+        "SELECT * FROM customers FOR UPDATE",
+        "SET client_encoding = 'SJIS'",
+        "SET NAMES 'BIG5'",
+        "SHOW ALL",
+        "SELECT current_setting('app.tenant_id')",
+        "SELECT * FROM customers TABLESAMPLE SYSTEM (50)",
+        "NOTIFY chan",
+        "VACUUM customers",
+        "LOCK TABLE customers",
+        "SELECT nextval('customers_id_seq')",
+        "SELECT pg_sleep(10)",
+        "SELECT * FROM pg_catalog.pg_prepared_statements",
+        "SELECT * FROM pg_locks",
+        "SELECT txid_current()",
+        "SELECT ts_stat('select 1')",
+        "CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
+        "ALTER TABLE customers DISABLE ROW LEVEL SECURITY",
+        "GRANT ALL ON customers TO public",
+        "SELECT * FROM db.public.customers",
+    ] {
+        refused("support", sql);
+    }
+}
+
+#[test]
+fn driver_and_session_statements_allowed() {
+    for sql in [
+        "SELECT 1",
+        "SELECT version()",
+        "SET DateStyle = 'ISO'",
+        "SET TIME ZONE 'UTC'",
+        "SET extra_float_digits = 3",
+        "SET application_name = 'x'",
+        "SET client_encoding = 'UTF8'",
+        "SHOW server_version",
+        "BEGIN",
+        "COMMIT",
+        "ROLLBACK",
+        "SAVEPOINT a",
+        "RELEASE SAVEPOINT a",
+        "SELECT t.typname, t.typtype FROM pg_catalog.pg_type t WHERE t.oid = $1",
+        "SELECT relname FROM pg_class",
+    ] {
+        ok("support", sql);
+    }
+    let out = ok("support", "SELECT * FROM pg_class");
+    assert!(
+        !out.contains("reltuples") && out.contains("relname"),
+        "{out}"
+    );
+}
+
+#[test]
+fn cursors_prepare_explain_copy() {
+    let out = ok("billing", "DECLARE c CURSOR FOR SELECT * FROM invoices");
+    assert!(out.contains("OFFSET 0"), "{out}");
+    let out = ok(
+        "billing",
+        "PREPARE p AS SELECT * FROM invoices WHERE id = $1",
+    );
+    assert!(out.contains("OFFSET 0"), "{out}");
+    ok("billing", "EXECUTE p(1)");
+    let out = ok("billing", "EXPLAIN ANALYZE SELECT * FROM invoices");
+    assert!(out.contains("OFFSET 0"), "{out}");
+    refused("support", "EXPLAIN SELECT * FROM invoices");
+    refused("billing", "COPY customers TO STDOUT");
+}
+
+#[test]
+fn multi_statement() {
+    let e = engine();
+    let c = claims(serde_json::json!(1));
+    let r = e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c,
+            },
+            "SELECT 1; SELECT * FROM customers",
+        )
+        .unwrap();
+    assert_eq!(r.statements.len(), 2);
+    assert_eq!(
+        r.statements[1].tables_read,
+        vec!["public.customers".to_string()]
+    );
+    assert!(e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c
+            },
+            "SELECT 1; SELECT * FROM secrets"
+        )
+        .is_err());
+}
+
+#[test]
+fn cache_is_keyed_by_identity() {
+    let e = engine();
+    let c1 = claims(serde_json::json!(1));
+    let c2 = claims(serde_json::json!(2));
+    let a = e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c1,
+            },
+            "SELECT * FROM customers",
+        )
+        .unwrap();
+    let b = e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c2,
+            },
+            "SELECT * FROM customers",
+        )
+        .unwrap();
+    assert!(a.sql.contains("(1)") && b.sql.contains("(2)"));
+    let a2 = e
+        .rewrite(
+            &PolicyIdentity {
+                service: "billing",
+                claims: &c1,
+            },
+            "SELECT * FROM customers",
+        )
+        .unwrap();
+    assert!(Arc::ptr_eq(&a, &a2));
+}
+
+#[test]
+fn literal_injection_via_backslash_is_neutralised() {
+    // The value is backslash + quote: sqlparser's own Display would print `'\''`.
+    let out = ok("billing", r"SELECT '\''' , (SELECT 1) FROM customers");
+    assert!(out.contains(r"E'\\\''"), "{out}");
+    let again = sql::parse_statements(&out).unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(out.contains("OFFSET 0"));
+}
+
+#[test]
+fn policy_validation_errors_have_lines() {
+    let cat = demo_catalog();
+    let text =
+        "service = \"x\"\n[tables.customers]\nactions = [\"select\"]\nfilter = \"nope = 1\"\n";
+    let errs = config::compile_file("p.toml", "x", text, &cat).unwrap_err();
+    assert!(errs[0].to_string().starts_with("p.toml:4:"), "{}", errs[0]);
+    let errs = config::compile_file("p.toml", "x", "bogus = 1\n", &cat).unwrap_err();
+    assert!(errs[0].to_string().starts_with("p.toml:1:"), "{}", errs[0]);
+    let text = "[tables.nosuch]\nactions = [\"select\"]\n";
+    assert!(config::compile_file("p.toml", "x", text, &cat).is_err());
+    let text = "[tables.customers]\nactions = [\"select\"]\nfilter = \"tenant_id = (\"\n";
+    let errs = config::compile_file("p.toml", "x", text, &cat).unwrap_err();
+    assert!(errs[0].to_string().contains("unparsable"), "{}", errs[0]);
+    let text = "[tables.customers]\nactions = [\"select\"]\ncolumns = [\"nope\"]\n";
+    assert!(config::compile_file("p.toml", "x", text, &cat).is_err());
+}
+
+#[test]
+fn reload_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("a.toml"),
+        "[tables.customers]\nactions = [\"select\"]\n",
+    )
+    .unwrap();
+    let cat = Arc::new(demo_catalog());
+    let e = PolicyEngine::load(dir.path(), cat.clone(), &[]).unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "[tables.customers]\nactions = [\"fly\"]\n",
+    )
+    .unwrap();
+    assert!(e.reload(dir.path(), &cat).is_err());
+    assert_eq!(e.services(), vec!["a".to_string()]);
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "[tables.invoices]\nactions = [\"select\"]\n",
+    )
+    .unwrap();
+    e.reload(dir.path(), &cat).unwrap();
+    assert_eq!(e.services(), vec!["a".to_string(), "b".to_string()]);
+}
+
+#[test]
+fn misc_forms_allowed() {
+    for (svc, sql) in [
+        ("support", "SELECT c FROM customers c"),
+        ("support", "SELECT row_to_json(c.*) FROM customers c"),
+        ("support", "SELECT to_jsonb(customers) FROM customers"),
+        ("billing", "SELECT * FROM customers FOR UPDATE"),
+        ("billing", "WITH x AS (INSERT INTO invoices (customer_id, amount_cents) VALUES (1, 2) RETURNING *) SELECT * FROM x"),
+        ("billing", "INSERT INTO invoices (customer_id, amount_cents) SELECT id, 5 FROM customers"),
+        ("billing", "UPDATE invoices i SET amount_cents = c.id FROM customers c WHERE c.id = i.customer_id AND i.id = $1"),
+        ("support", "SELECT count(*) FILTER (WHERE status = 'paid') OVER (PARTITION BY tenant_id) FROM invoices"),
+        ("support", "SELECT current_date, current_timestamp, now()"),
+        ("support", "SELECT * FROM customers c NATURAL JOIN invoices"),
+        ("support", "SELECT x.* FROM customers AS x"),
+        ("support", "SELECT * FROM generate_series(1,3) g"),
+        ("support", "SELECT * FROM unnest(ARRAY[1,2]) u"),
+        ("support", "SELECT '{1}'::int[]"),
+        ("support", "SELECT email FROM customers ORDER BY 1 LIMIT 1 OFFSET 1"),
+        ("support", "SELECT typname FROM pg_type WHERE oid = 23::oid"),
+        ("support", "SET statement_timeout TO 5000"),
+        ("support", "SET LOCAL statement_timeout = '5s'"),
+        ("support", "RESET statement_timeout"),
+        ("support", "SHOW TimeZone"),
+        ("support", "START TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+        ("support", "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"),
+        ("support", "DISCARD PLANS"),
+        ("support", "CLOSE ALL"),
+        ("support", "FETCH NEXT FROM c"),
+        ("support", "DEALLOCATE ALL"),
+        ("billing", "EXPLAIN (ANALYZE, FORMAT JSON) SELECT * FROM customers"),
+    ] {
+        ok(svc, sql);
+    }
+}
+
+#[test]
+fn whole_row_and_field_access_of_hidden() {
+    refused(
+        "support",
+        "SELECT 1 FROM customers WHERE (customers).ssn = 'x'",
+    );
+    // Whole rows of a barrier only carry visible columns.
+    let out = ok("support", "SELECT to_jsonb(c) FROM customers c");
+    assert!(!out.contains("ssn"));
+}
+
+#[test]
+fn default_columns_are_dropped() {
+    let out = ok(
+        "billing",
+        "INSERT INTO customers (id, name) VALUES (DEFAULT, 'a'), (DEFAULT, 'b')",
+    );
+    assert!(
+        out.starts_with("INSERT INTO customers (\"name\", \"tenant_id\")"),
+        "{out}"
+    );
+    refused(
+        "billing",
+        "INSERT INTO customers (id, name) VALUES (DEFAULT, 'a'), (5, 'b')",
+    );
+}
+
+#[test]
+fn pgjdbc_type_query_allowed() {
+    ok(
+        "support",
+        "SELECT typinput='pg_catalog.array_in'::regproc as is_array, typtype, typname, pg_type.oid FROM pg_catalog.pg_type \
+         LEFT JOIN (select ns.oid as nspoid, ns.nspname, r.r from pg_namespace as ns join ( select s.r, (current_schemas(false))[s.r] as nspname \
+         from generate_series(1, array_upper(current_schemas(false), 1)) as s(r) ) as r using ( nspname ) ) as sp ON sp.nspoid = typnamespace \
+         WHERE typname = $1 ORDER BY sp.r, pg_type.oid DESC LIMIT 1",
+    );
+}
+
+#[test]
+fn returning_star_of_target_with_hidden_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("w.toml"),
+        "[tables.customers]\nactions = [\"select\", \"update\"]\nexcept_columns = [\"ssn\"]\nfilter = \"tenant_id = claim('tenant_id')\"\n\
+         [tables.invoices]\nactions = [\"select\"]\n",
+    )
+    .unwrap();
+    let e = PolicyEngine::load(dir.path(), Arc::new(demo_catalog()), &[]).unwrap();
+    let c = claims(serde_json::json!(1));
+    let who = PolicyIdentity {
+        service: "w",
+        claims: &c,
+    };
+    let out = e.rewrite(&who, "UPDATE customers c SET name = 'x' FROM invoices i WHERE i.customer_id = c.id RETURNING c.*, i.*").unwrap();
+    assert!(
+        out.sql.contains(
+            "RETURNING c.\"id\", c.\"tenant_id\", c.\"name\", c.\"email\", c.\"created_at\", i.*"
+        ),
+        "{}",
+        out.sql
+    );
+    for bad in [
+        "UPDATE customers SET name = ssn",
+        "UPDATE customers SET name = 'x' WHERE ssn LIKE '1%'",
+        "UPDATE customers SET name = 'x' RETURNING ssn",
+        "UPDATE customers SET name = row_to_json(customers)::text",
+        "UPDATE customers SET name = to_json(customers.*)::text",
+        "UPDATE customers c SET name = (c).ssn",
+        "UPDATE customers SET ssn = 'x'",
+        "UPDATE customers SET name = 'x' WHERE EXISTS (SELECT 1 FROM invoices WHERE card_number = customers.ssn)",
+    ] {
+        assert!(e.rewrite(&who, bad).is_err(), "{bad}");
+    }
+}
