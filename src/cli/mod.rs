@@ -38,6 +38,22 @@ pub enum Command {
     /// Development tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Row-policy tools: check, explain, test, export-rls.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// `pgward policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy set against a database.
+    Check(crate::policy::cli::CheckArgs),
+    /// Print the rewrite of a statement for a service, or the refusal and its rule.
+    Explain(crate::policy::cli::ExplainArgs),
+    /// Run the policy test files.
+    Test(crate::policy::cli::TestArgs),
+    /// Emit equivalent PostgreSQL CREATE POLICY statements.
+    ExportRls(crate::policy::cli::ExportRlsArgs),
 }
 
 /// `pgward serve`.
@@ -115,6 +131,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Token(TokenCommand::Mint(args)) => {
             println!("{}", mint(&args)?);
             Ok(0)
+        }
+        Command::Policy(command) => policy(command).await,
+    }
+}
+
+async fn policy(command: PolicyCommand) -> anyhow::Result<i32> {
+    use crate::policy::cli;
+    let result = match &command {
+        PolicyCommand::Check(args) => cli::run_check(args).await,
+        PolicyCommand::Explain(args) => cli::run_explain(args).await,
+        PolicyCommand::Test(args) => cli::run_test(args).await,
+        PolicyCommand::ExportRls(args) => cli::run_export_rls(args).await,
+    };
+    match result {
+        Ok(output) => {
+            print!("{output}");
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("pgward policy: {e}");
+            Ok(1)
         }
     }
 }
