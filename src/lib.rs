@@ -5,3 +5,5 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod pgserver;
+pub mod crypto;
+pub mod keys;

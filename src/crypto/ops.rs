@@ -1,0 +1,1 @@
+//! CLI operations (filled in below).
