@@ -258,8 +258,23 @@ impl KeyManager {
         if let Some(dek) = self.current.read().get(key_name) {
             return Ok(dek.clone());
         }
-        self.refresh_key(key_name).await?;
+        match self.refresh_key(key_name).await {
+            Ok(_) => {}
+            // Vault down before this instance ever wrote: keep writing under the newest DEK
+            // it has cached (a valid key; rotation is picked up once Vault is back).
+            Err(CryptoError::Key(e)) if e.is_unavailable() => {
+                let newest = self.newest_cached(key_name).ok_or(CryptoError::Key(e))?;
+                tracing::warn!(key = key_name, dek_version = newest.key_ref().dek_version, "Vault unavailable; writing under the newest cached DEK");
+                self.current.write().insert(key_name.to_string(), newest);
+            }
+            Err(e) => return Err(e),
+        }
         self.current.read().get(key_name).cloned().ok_or_else(|| CryptoError::Config(format!("no data key for {key_name}")))
+    }
+
+    fn newest_cached(&self, key_name: &str) -> Option<Arc<Dek>> {
+        let deks = self.deks.read();
+        deks.iter().filter(|((k, _), _)| k == key_name).max_by_key(|((_, v), _)| *v).map(|(_, c)| c.value.clone())
     }
 
     /// A DEK by version: fresh from cache, else fetched; a stale one serves while Vault is down.
