@@ -32,3 +32,18 @@ CREATE TABLE IF NOT EXISTS pgward.job_progress (
 );
 
 REVOKE ALL ON SCHEMA pgward FROM PUBLIC;
+
+-- Used by `pgward encrypt-existing` while it copies a plaintext column into its
+-- encrypted twin: an application UPDATE of the plaintext clears the stale
+-- encrypted copy (TG_ARGV = the columns to clear) so the final pass redoes it.
+CREATE OR REPLACE FUNCTION pgward.invalidate_encrypted_copy() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    col text;
+BEGIN
+    FOREACH col IN ARRAY TG_ARGV LOOP
+        NEW := jsonb_populate_record(NEW, jsonb_build_object(col, NULL));
+    END LOOP;
+    RETURN NEW;
+END
+$$;
