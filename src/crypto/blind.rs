@@ -62,7 +62,9 @@ impl IndexKey {
         let mut mac = new_mac(root.as_bytes());
         mac.update(&info);
         let derived = SecretKey::from_bytes(mac.finalize().into_bytes().into());
-        IndexKey { mac: new_mac(derived.as_bytes()) }
+        IndexKey {
+            mac: new_mac(derived.as_bytes()),
+        }
     }
 
     /// The blind index of a canonical plaintext of type `ty`.
@@ -87,15 +89,26 @@ mod tests {
     }
 
     fn bidx(k: &IndexKey, ty: ClientType, f: WireFormat, wire: &[u8]) -> [u8; BIDX_LEN] {
-        k.compute(ty, &encode_for_encryption(ty, f, wire).unwrap()).unwrap()
+        k.compute(ty, &encode_for_encryption(ty, f, wire).unwrap())
+            .unwrap()
     }
 
     #[test]
     fn integers_match_across_formats_and_widths() {
         let k = key("c");
         let a = bidx(&k, ClientType::Int8, WireFormat::Text, b"42");
-        let b = bidx(&k, ClientType::Int8, WireFormat::Binary, &42i64.to_be_bytes());
-        let c = bidx(&k, ClientType::Int4, WireFormat::Binary, &42i32.to_be_bytes());
+        let b = bidx(
+            &k,
+            ClientType::Int8,
+            WireFormat::Binary,
+            &42i64.to_be_bytes(),
+        );
+        let c = bidx(
+            &k,
+            ClientType::Int4,
+            WireFormat::Binary,
+            &42i32.to_be_bytes(),
+        );
         let d = bidx(&k, ClientType::Int4, WireFormat::Text, b" 42 ");
         assert_eq!(a, b);
         assert_eq!(a, c);
@@ -109,8 +122,14 @@ mod tests {
         let a = bidx(&k, ClientType::Text, WireFormat::Text, b"Alice");
         assert_ne!(a, bidx(&k, ClientType::Text, WireFormat::Text, b"alice"));
         assert_ne!(a, bidx(&k, ClientType::Text, WireFormat::Text, b"Alice "));
-        assert_eq!(a, bidx(&k, ClientType::Varchar, WireFormat::Binary, b"Alice"));
-        assert_ne!(a, bidx(&key("d"), ClientType::Text, WireFormat::Text, b"Alice"));
+        assert_eq!(
+            a,
+            bidx(&k, ClientType::Varchar, WireFormat::Binary, b"Alice")
+        );
+        assert_ne!(
+            a,
+            bidx(&key("d"), ClientType::Text, WireFormat::Text, b"Alice")
+        );
     }
 
     #[test]

@@ -215,6 +215,9 @@ mod tests {
         assert_eq!(cfg.encrypt[0].ty, ClientType::Text);
         assert_eq!(cfg.vault.unwrap().approle.unwrap().mount, "approle");
         assert!(toml::from_str::<CryptoConfig>("[keys]\nprovidr = \"kv2\"").is_err());
-        assert!(toml::from_str::<CryptoConfig>("[[encrypt]]\ntable=\"t\"\ncolumn=\"c\"\nkey=\"k\"\ntype=\"float8\"").is_err());
+        assert!(toml::from_str::<CryptoConfig>(
+            "[[encrypt]]\ntable=\"t\"\ncolumn=\"c\"\nkey=\"k\"\ntype=\"float8\""
+        )
+        .is_err());
     }
 }

@@ -26,7 +26,10 @@ pub const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 /// allocated, so every proxy instance agrees without coordination; collisions
 /// between configured names are rejected when the configuration is loaded.
 pub fn key_name_id(key_name: &str) -> u32 {
-    let digest = Sha256::new().chain_update(b"pgward/key-name/v1\0").chain_update(key_name.as_bytes()).finalize();
+    let digest = Sha256::new()
+        .chain_update(b"pgward/key-name/v1\0")
+        .chain_update(key_name.as_bytes())
+        .finalize();
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
@@ -57,8 +60,12 @@ pub fn peek_key_ref(ciphertext: &[u8]) -> Result<KeyRef, CryptoError> {
         return Err(CryptoError::Malformed("unknown format version"));
     }
     let key_id = u32::from_be_bytes([ciphertext[1], ciphertext[2], ciphertext[3], ciphertext[4]]);
-    let dek_version = u32::from_be_bytes([ciphertext[5], ciphertext[6], ciphertext[7], ciphertext[8]]);
-    Ok(KeyRef { key_id, dek_version })
+    let dek_version =
+        u32::from_be_bytes([ciphertext[5], ciphertext[6], ciphertext[7], ciphertext[8]]);
+    Ok(KeyRef {
+        key_id,
+        dek_version,
+    })
 }
 
 /// A data key ready for use: the expanded AES key schedule plus its identity.
@@ -72,7 +79,10 @@ pub struct Dek {
 
 impl std::fmt::Debug for Dek {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dek").field("key_ref", &self.key_ref).field("key", &"<redacted>").finish()
+        f.debug_struct("Dek")
+            .field("key_ref", &self.key_ref)
+            .field("key", &"<redacted>")
+            .finish()
     }
 }
 
@@ -87,7 +97,12 @@ impl Dek {
     }
 
     /// Encrypt `plaintext` bound to `table` and `column`.
-    pub fn seal(&self, table: &str, column: &str, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    pub fn seal(
+        &self,
+        table: &str,
+        column: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
         out.push(FORMAT_V1);
         out.extend_from_slice(&self.key_ref.to_bytes());
@@ -106,19 +121,33 @@ impl Dek {
     }
 
     /// Decrypt a value produced by [`Dek::seal`] for the same table and column.
-    pub fn open(&self, table: &str, column: &str, ciphertext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    pub fn open(
+        &self,
+        table: &str,
+        column: &str,
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let found = peek_key_ref(ciphertext)?;
         if found != self.key_ref {
-            return Err(CryptoError::Integrity { table: table.to_string(), column: column.to_string() });
+            return Err(CryptoError::Integrity {
+                table: table.to_string(),
+                column: column.to_string(),
+            });
         }
         let (header, rest) = ciphertext.split_at(HEADER_LEN);
         let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
         let aad = associated_data(header, table, column);
         let mut buf = body.to_vec();
         let nonce = Nonce::from_slice(&header[9..HEADER_LEN]);
-        match self.cipher.decrypt_in_place_detached(nonce, &aad, &mut buf, Tag::from_slice(tag)) {
+        match self
+            .cipher
+            .decrypt_in_place_detached(nonce, &aad, &mut buf, Tag::from_slice(tag))
+        {
             Ok(()) => Ok(buf),
-            Err(_) => Err(CryptoError::Integrity { table: table.to_string(), column: column.to_string() }),
+            Err(_) => Err(CryptoError::Integrity {
+                table: table.to_string(),
+                column: column.to_string(),
+            }),
         }
     }
 }
@@ -144,7 +173,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn dek(version: u32) -> Dek {
-        Dek::new(&SecretKey::from_bytes([7u8; 32]), KeyRef { key_id: key_name_id("k"), dek_version: version })
+        Dek::new(
+            &SecretKey::from_bytes([7u8; 32]),
+            KeyRef {
+                key_id: key_name_id("k"),
+                dek_version: version,
+            },
+        )
     }
 
     #[test]
@@ -159,13 +194,19 @@ mod tests {
     #[test]
     fn debug_hides_key() {
         let s = format!("{:?} {:?}", dek(1), SecretKey::from_bytes([0xAB; 32]));
-        assert!(!s.contains("171") && !s.to_lowercase().contains("abab"), "{s}");
+        assert!(
+            !s.contains("171") && !s.to_lowercase().contains("abab"),
+            "{s}"
+        );
     }
 
     #[test]
     fn nonces_differ() {
         let d = dek(1);
-        assert_ne!(d.seal("t", "c", b"x").unwrap(), d.seal("t", "c", b"x").unwrap());
+        assert_ne!(
+            d.seal("t", "c", b"x").unwrap(),
+            d.seal("t", "c", b"x").unwrap()
+        );
     }
 
     proptest! {

@@ -11,11 +11,18 @@ pub enum CryptoError {
     Malformed(&'static str),
     /// Authentication failed: wrong key, wrong table/column binding, or tampered bytes.
     /// Never falls back to returning the stored bytes.
-    #[error("ciphertext integrity check failed for {table}.{column} (tampered, moved, or wrong key)")]
+    #[error(
+        "ciphertext integrity check failed for {table}.{column} (tampered, moved, or wrong key)"
+    )]
     Integrity { table: String, column: String },
     /// The ciphertext names a key that is not the one configured for this column.
     #[error("ciphertext for {table}.{column} was written under key id {found:#010x}, column uses {expected:#010x}")]
-    WrongKey { table: String, column: String, found: u32, expected: u32 },
+    WrongKey {
+        table: String,
+        column: String,
+        found: u32,
+        expected: u32,
+    },
     /// No `[[encrypt]]` entry for this table and column.
     #[error("column {table}.{column} is not configured for encryption")]
     UnknownColumn { table: String, column: String },
@@ -43,13 +50,25 @@ pub enum CryptoError {
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CodecError {
     #[error("invalid {ty} value in {format} format: {reason}")]
-    Invalid { ty: &'static str, format: &'static str, reason: String },
+    Invalid {
+        ty: &'static str,
+        format: &'static str,
+        reason: String,
+    },
     #[error("unsupported client type {0:?}")]
     UnsupportedType(String),
 }
 
 impl CodecError {
-    pub(crate) fn invalid(ty: &'static str, format: &'static str, reason: impl Into<String>) -> Self {
-        CodecError::Invalid { ty, format, reason: reason.into() }
+    pub(crate) fn invalid(
+        ty: &'static str,
+        format: &'static str,
+        reason: impl Into<String>,
+    ) -> Self {
+        CodecError::Invalid {
+            ty,
+            format,
+            reason: reason.into(),
+        }
     }
 }

@@ -56,7 +56,10 @@ pub struct BatchArgs {
 
 impl Default for BatchArgs {
     fn default() -> Self {
-        BatchArgs { batch_size: 500, pause: Duration::from_millis(20) }
+        BatchArgs {
+            batch_size: 500,
+            pause: Duration::from_millis(20),
+        }
     }
 }
 
@@ -104,11 +107,19 @@ impl fmt::Display for KeyStatus {
         writeln!(
             f,
             "key {} ({}): KEK latest v{}, min decryption v{}, versions {:?}",
-            self.key_name, self.provider, self.kek.latest_version, self.kek.min_decryption_version, self.kek.versions
+            self.key_name,
+            self.provider,
+            self.kek.latest_version,
+            self.kek.min_decryption_version,
+            self.kek.versions
         )?;
         for d in &self.deks {
             let rows = d.rows.map_or_else(|| "-".to_string(), |r| r.to_string());
-            writeln!(f, "  DEK v{} under KEK v{}: {rows} rows", d.info.dek_version, d.info.kek_version)?;
+            writeln!(
+                f,
+                "  DEK v{} under KEK v{}: {rows} rows",
+                d.info.dek_version, d.info.kek_version
+            )?;
         }
         if self.unknown_rows > 0 {
             writeln!(f, "  {} rows under unknown DEKs", self.unknown_rows)?;
@@ -157,7 +168,10 @@ pub fn quote_ident(s: &str) -> String {
 }
 
 /// The single-column primary key of a table: (column name, SQL type).
-async fn primary_key(db: &tokio_postgres::Client, table: &str) -> Result<(String, String), OpsError> {
+async fn primary_key(
+    db: &tokio_postgres::Client,
+    table: &str,
+) -> Result<(String, String), OpsError> {
     let rows = db
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_index i \
@@ -168,13 +182,21 @@ async fn primary_key(db: &tokio_postgres::Client, table: &str) -> Result<(String
         .await?;
     match rows.as_slice() {
         [row] => Ok((row.try_get(0)?, row.try_get(1)?)),
-        [] => Err(OpsError::Schema(format!("{table} has no primary key; batch jobs page by primary key"))),
-        _ => Err(OpsError::Schema(format!("{table} has a composite primary key; not supported yet"))),
+        [] => Err(OpsError::Schema(format!(
+            "{table} has no primary key; batch jobs page by primary key"
+        ))),
+        _ => Err(OpsError::Schema(format!(
+            "{table} has a composite primary key; not supported yet"
+        ))),
     }
 }
 
 /// `keys status`: KEK versions, DEKs, and (unless `no_count`) rows per DEK from the header bytes.
-pub async fn keys_status(manager: &KeyManager, db: &tokio_postgres::Client, args: &KeysStatusArgs) -> Result<Vec<KeyStatus>, OpsError> {
+pub async fn keys_status(
+    manager: &KeyManager,
+    db: &tokio_postgres::Client,
+    args: &KeysStatusArgs,
+) -> Result<Vec<KeyStatus>, OpsError> {
     let mut out = Vec::new();
     for key_name in manager.key_names() {
         let provider = manager.provider();
@@ -185,7 +207,9 @@ pub async fn keys_status(manager: &KeyManager, db: &tokio_postgres::Client, args
         if !args.no_count {
             for spec in manager.columns().filter(|s| s.column.key == key_name) {
                 for (key_ref, n) in count_by_dek(db, spec).await? {
-                    if key_ref.key_id == spec.key_id && deks.iter().any(|d| d.dek_version == key_ref.dek_version) {
+                    if key_ref.key_id == spec.key_id
+                        && deks.iter().any(|d| d.dek_version == key_ref.dek_version)
+                    {
                         *counts.entry(key_ref.dek_version).or_default() += n;
                     } else {
                         unknown_rows += n;
@@ -196,19 +220,32 @@ pub async fn keys_status(manager: &KeyManager, db: &tokio_postgres::Client, args
         let deks = deks
             .into_iter()
             .map(|info| {
-                let rows = (!args.no_count).then(|| counts.get(&info.dek_version).copied().unwrap_or(0));
+                let rows =
+                    (!args.no_count).then(|| counts.get(&info.dek_version).copied().unwrap_or(0));
                 DekStatus { info, rows }
             })
             .collect();
-        out.push(KeyStatus { key_name: key_name.to_string(), provider: provider.kind(), kek, deks, unknown_rows });
+        out.push(KeyStatus {
+            key_name: key_name.to_string(),
+            provider: provider.kind(),
+            kek,
+            deks,
+            unknown_rows,
+        });
     }
     Ok(out)
 }
 
 /// Rows per (key id, DEK version) of one column, read from bytes 1..9 of the header.
-async fn count_by_dek(db: &tokio_postgres::Client, spec: &ColumnSpec) -> Result<Vec<(KeyRef, i64)>, OpsError> {
+async fn count_by_dek(
+    db: &tokio_postgres::Client,
+    spec: &ColumnSpec,
+) -> Result<Vec<(KeyRef, i64)>, OpsError> {
     let col = quote_ident(&spec.column.column);
-    let sql = format!("SELECT substring({col} from 2 for 8), count(*) FROM {} WHERE {col} IS NOT NULL GROUP BY 1", quote_table(&spec.table));
+    let sql = format!(
+        "SELECT substring({col} from 2 for 8), count(*) FROM {} WHERE {col} IS NOT NULL GROUP BY 1",
+        quote_table(&spec.table)
+    );
     let mut out = Vec::new();
     for row in db.query(&sql, &[]).await? {
         let id: Vec<u8> = row.try_get(0)?;
@@ -218,7 +255,10 @@ async fn count_by_dek(db: &tokio_postgres::Client, spec: &ColumnSpec) -> Result<
                 key_id: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
                 dek_version: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
             },
-            Err(_) => KeyRef { key_id: 0, dek_version: 0 },
+            Err(_) => KeyRef {
+                key_id: 0,
+                dek_version: 0,
+            },
         };
         out.push((key_ref, n));
     }
@@ -226,7 +266,10 @@ async fn count_by_dek(db: &tokio_postgres::Client, spec: &ColumnSpec) -> Result<
 }
 
 /// `keys rewrap`: rewrap stored DEKs under the newest KEK version; no row is touched.
-pub async fn keys_rewrap(manager: &KeyManager, args: &KeysRewrapArgs) -> Result<Vec<(String, usize)>, OpsError> {
+pub async fn keys_rewrap(
+    manager: &KeyManager,
+    args: &KeysRewrapArgs,
+) -> Result<Vec<(String, usize)>, OpsError> {
     let names: Vec<String> = match &args.key {
         Some(k) => vec![k.clone()],
         None => manager.key_names().map(str::to_string).collect(),
@@ -273,7 +316,12 @@ impl Job<'_> {
         }
     }
 
-    async fn save(&self, last_pk: &Option<String>, rows_done: i64, finished: bool) -> Result<(), OpsError> {
+    async fn save(
+        &self,
+        last_pk: &Option<String>,
+        rows_done: i64,
+        finished: bool,
+    ) -> Result<(), OpsError> {
         self.db
             .execute(
                 "UPDATE pgward.job_progress SET last_pk = $4, rows_done = $5, updated_at = now(), \
@@ -294,9 +342,16 @@ pub async fn keys_reencrypt(
 ) -> Result<Vec<Progress>, OpsError> {
     manager.refresh().await?;
     let wanted = args.table.as_deref().map(super::config::qualify_table);
-    let specs: Vec<ColumnSpec> = manager.columns().filter(|s| wanted.as_ref().is_none_or(|t| *t == s.table)).cloned().collect();
+    let specs: Vec<ColumnSpec> = manager
+        .columns()
+        .filter(|s| wanted.as_ref().is_none_or(|t| *t == s.table))
+        .cloned()
+        .collect();
     if specs.is_empty() {
-        return Err(OpsError::Schema(format!("no encrypted columns match {:?}", args.table)));
+        return Err(OpsError::Schema(format!(
+            "no encrypted columns match {:?}",
+            args.table
+        )));
     }
     let mut reports = Vec::new();
     for spec in specs {
@@ -314,14 +369,23 @@ async fn reencrypt_column(
 ) -> Result<Progress, OpsError> {
     let target = manager.current_key_ref(&spec.column.key).await?;
     let (pk, pk_type) = primary_key(db, &spec.table).await?;
-    let (t, c, p) = (quote_table(&spec.table), quote_ident(&spec.column.column), quote_ident(&pk));
+    let (t, c, p) = (
+        quote_table(&spec.table),
+        quote_ident(&spec.column.column),
+        quote_ident(&pk),
+    );
     // Aliases matter: an output column named like the key would make ORDER BY sort the text cast.
     let select = format!(
         "SELECT {p}::text AS pgward__pk, {c} FROM {t} WHERE ($1::text IS NULL OR {p} > $1::text::{pk_type}) AND {c} IS NOT NULL ORDER BY {p} LIMIT $2"
     );
     // Only overwrite the value we read: a concurrent write through the proxy already uses the new DEK.
     let update = format!("UPDATE {t} SET {c} = $1 WHERE {p} = $2::text::{pk_type} AND {c} = $3");
-    let job = Job { name: "reencrypt", db, table: spec.table.clone(), column: spec.column.column.clone() };
+    let job = Job {
+        name: "reencrypt",
+        db,
+        table: spec.table.clone(),
+        column: spec.column.column.clone(),
+    };
     let (mut last_pk, mut done) = job.resume_point().await?;
     let mut changed = 0;
     loop {
@@ -330,8 +394,14 @@ async fn reencrypt_column(
             let id: String = row.try_get(0)?;
             let stored: Vec<u8> = row.try_get(1)?;
             if peek_key_ref(&stored).ok() != Some(target) {
-                let plain = zeroize::Zeroizing::new(manager.decrypt(&spec.table, &spec.column.column, &stored).await?);
-                let fresh = manager.encrypt(&spec.table, &spec.column.column, &plain).await?;
+                let plain = zeroize::Zeroizing::new(
+                    manager
+                        .decrypt(&spec.table, &spec.column.column, &stored)
+                        .await?,
+                );
+                let fresh = manager
+                    .encrypt(&spec.table, &spec.column.column, &plain)
+                    .await?;
                 changed += db.execute(&update, &[&fresh, &id, &stored]).await? as i64;
             }
             last_pk = Some(id);
@@ -339,7 +409,15 @@ async fn reencrypt_column(
         done += rows.len() as i64;
         let finished = (rows.len() as i64) < batch.batch_size;
         job.save(&last_pk, done, finished).await?;
-        let event = Progress { job: "reencrypt", table: spec.table.clone(), column: spec.column.column.clone(), rows_done: done, rows_changed: changed, last_pk: last_pk.clone(), finished };
+        let event = Progress {
+            job: "reencrypt",
+            table: spec.table.clone(),
+            column: spec.column.column.clone(),
+            rows_done: done,
+            rows_changed: changed,
+            last_pk: last_pk.clone(),
+            finished,
+        };
         progress(&event);
         if finished {
             return Ok(event);
@@ -349,7 +427,10 @@ async fn reencrypt_column(
 }
 
 /// Run `f` inside BEGIN/COMMIT on a shared client, rolling back on error.
-async fn in_transaction<T>(db: &tokio_postgres::Client, f: impl std::future::Future<Output = Result<T, OpsError>>) -> Result<T, OpsError> {
+async fn in_transaction<T>(
+    db: &tokio_postgres::Client,
+    f: impl std::future::Future<Output = Result<T, OpsError>>,
+) -> Result<T, OpsError> {
     db.batch_execute("BEGIN").await?;
     match f.await {
         Ok(v) => {
@@ -382,14 +463,30 @@ pub async fn encrypt_existing(
     let (table, column) = (spec.table.clone(), spec.column.column.clone());
     let twin_name = format!("{column}__pgward_enc");
     let bidx_name = format!("{column}_bidx");
-    let (t, c, twin, bidx) = (quote_table(&table), quote_ident(&column), quote_ident(&twin_name), quote_ident(&bidx_name));
+    let (t, c, twin, bidx) = (
+        quote_table(&table),
+        quote_ident(&column),
+        quote_ident(&twin_name),
+        quote_ident(&bidx_name),
+    );
     let col_type = column_type(db, &table, &column).await?;
     let twin_exists = column_type(db, &table, &twin_name).await.is_ok();
     if col_type == "bytea" && !twin_exists && spec.column.ty != super::codec::ClientType::Bytea {
         tracing::info!(%table, %column, "already encrypted; nothing to do");
-        return Ok(Progress { job: "encrypt_existing", table, column, rows_done: 0, rows_changed: 0, last_pk: None, finished: true });
+        return Ok(Progress {
+            job: "encrypt_existing",
+            table,
+            column,
+            rows_done: 0,
+            rows_changed: 0,
+            last_pk: None,
+            finished: true,
+        });
     }
-    db.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3").await?;
+    db.batch_execute(
+        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3",
+    )
+    .await?;
     let (pk, pk_type) = primary_key(db, &table).await?;
     let p = quote_ident(&pk);
     let mut ddl = format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {twin} bytea");
@@ -397,7 +494,15 @@ pub async fn encrypt_existing(
         ddl.push_str(&format!(", ADD COLUMN IF NOT EXISTS {bidx} bytea"));
     }
     let trigger = quote_ident(&format!("pgward_invalidate_{column}"));
-    let clear_args = if spec.column.searchable { format!("'{}', '{}'", twin_name.replace('\'', "''"), bidx_name.replace('\'', "''")) } else { format!("'{}'", twin_name.replace('\'', "''")) };
+    let clear_args = if spec.column.searchable {
+        format!(
+            "'{}', '{}'",
+            twin_name.replace('\'', "''"),
+            bidx_name.replace('\'', "''")
+        )
+    } else {
+        format!("'{}'", twin_name.replace('\'', "''"))
+    };
     db.batch_execute(&format!(
         "{ddl}; DROP TRIGGER IF EXISTS {trigger} ON {t}; CREATE TRIGGER {trigger} BEFORE UPDATE OF {c} ON {t} FOR EACH ROW \
          WHEN (OLD.{c} IS DISTINCT FROM NEW.{c}) EXECUTE FUNCTION pgward.invalidate_encrypted_copy({clear_args})"
@@ -409,13 +514,26 @@ pub async fn encrypt_existing(
         "SELECT {p}::text AS pgward__pk, {c}::text AS pgward__val FROM {t} WHERE ($1::text IS NULL OR {p} > $1::text::{pk_type}) \
          AND {c} IS NOT NULL AND {twin} IS NULL ORDER BY {p} LIMIT $2"
     );
-    let set_bidx = if spec.column.searchable { format!(", {bidx} = $4") } else { String::new() };
-    let update = format!("UPDATE {t} SET {twin} = $1{set_bidx} WHERE {p} = $2::text::{pk_type} AND {c}::text = $3");
-    let job = Job { name: "encrypt_existing", db, table: table.clone(), column: column.clone() };
+    let set_bidx = if spec.column.searchable {
+        format!(", {bidx} = $4")
+    } else {
+        String::new()
+    };
+    let update = format!(
+        "UPDATE {t} SET {twin} = $1{set_bidx} WHERE {p} = $2::text::{pk_type} AND {c}::text = $3"
+    );
+    let job = Job {
+        name: "encrypt_existing",
+        db,
+        table: table.clone(),
+        column: column.clone(),
+    };
     let (mut last_pk, mut done) = job.resume_point().await?;
     let mut changed = 0;
     loop {
-        let rows = db.query(&select, &[&last_pk, &batch_size(&args.batch)]).await?;
+        let rows = db
+            .query(&select, &[&last_pk, &batch_size(&args.batch)])
+            .await?;
         changed += encrypt_rows(manager, db, &spec, &rows, &update).await?;
         if let Some(last) = rows.last() {
             last_pk = Some(last.try_get(0)?);
@@ -423,7 +541,15 @@ pub async fn encrypt_existing(
         done += rows.len() as i64;
         let finished = (rows.len() as i64) < args.batch.batch_size;
         job.save(&last_pk, done, false).await?;
-        progress(&Progress { job: "encrypt_existing", table: table.clone(), column: column.clone(), rows_done: done, rows_changed: changed, last_pk: last_pk.clone(), finished: false });
+        progress(&Progress {
+            job: "encrypt_existing",
+            table: table.clone(),
+            column: column.clone(),
+            rows_done: done,
+            rows_changed: changed,
+            last_pk: last_pk.clone(),
+            finished: false,
+        });
         if finished {
             break;
         }
@@ -431,10 +557,12 @@ pub async fn encrypt_existing(
     }
 
     // Final pass under lock: rows inserted or updated since their batch, then swap columns.
-    let remaining = format!("SELECT {p}::text, {c}::text FROM {t} WHERE {c} IS NOT NULL AND {twin} IS NULL");
+    let remaining =
+        format!("SELECT {p}::text, {c}::text FROM {t} WHERE {c} IS NOT NULL AND {twin} IS NULL");
     let swap = format!("DROP TRIGGER IF EXISTS {trigger} ON {t}; ALTER TABLE {t} DROP COLUMN {c}; ALTER TABLE {t} RENAME COLUMN {twin} TO {c}");
     let final_changed = in_transaction(db, async {
-        db.batch_execute(&format!("LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE")).await?;
+        db.batch_execute(&format!("LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE"))
+            .await?;
         let rows = db.query(&remaining, &[]).await?;
         let n = encrypt_rows(manager, db, &spec, &rows, &update).await?;
         db.batch_execute(&swap).await?;
@@ -443,7 +571,15 @@ pub async fn encrypt_existing(
     .await?;
     changed += final_changed;
     job.save(&last_pk, done, true).await?;
-    let event = Progress { job: "encrypt_existing", table, column, rows_done: done, rows_changed: changed, last_pk, finished: true };
+    let event = Progress {
+        job: "encrypt_existing",
+        table,
+        column,
+        rows_done: done,
+        rows_changed: changed,
+        last_pk,
+        finished: true,
+    };
     progress(&event);
     Ok(event)
 }
@@ -453,15 +589,29 @@ fn batch_size(b: &BatchArgs) -> i64 {
 }
 
 /// Encrypt the text renderings in `rows` ((pk, plaintext)) into the twin (and bidx) columns.
-async fn encrypt_rows(manager: &KeyManager, db: &tokio_postgres::Client, spec: &ColumnSpec, rows: &[tokio_postgres::Row], update: &str) -> Result<i64, OpsError> {
+async fn encrypt_rows(
+    manager: &KeyManager,
+    db: &tokio_postgres::Client,
+    spec: &ColumnSpec,
+    rows: &[tokio_postgres::Row],
+    update: &str,
+) -> Result<i64, OpsError> {
     let mut changed = 0;
     for row in rows {
         let id: String = row.try_get(0)?;
         let text: String = row.try_get(1)?;
-        let canonical = zeroize::Zeroizing::new(encode_for_encryption(spec.column.ty, WireFormat::Text, text.as_bytes()).map_err(CryptoError::from)?);
-        let ct = manager.encrypt(&spec.table, &spec.column.column, &canonical).await?;
+        let canonical = zeroize::Zeroizing::new(
+            encode_for_encryption(spec.column.ty, WireFormat::Text, text.as_bytes())
+                .map_err(CryptoError::from)?,
+        );
+        let ct = manager
+            .encrypt(&spec.table, &spec.column.column, &canonical)
+            .await?;
         let n = if spec.column.searchable {
-            let bidx = manager.blind_index(&spec.table, &spec.column.column, &canonical).await?.to_vec();
+            let bidx = manager
+                .blind_index(&spec.table, &spec.column.column, &canonical)
+                .await?
+                .to_vec();
             db.execute(update, &[&ct, &id, &text, &bidx]).await?
         } else {
             db.execute(update, &[&ct, &id, &text]).await?
@@ -472,7 +622,11 @@ async fn encrypt_rows(manager: &KeyManager, db: &tokio_postgres::Client, spec: &
 }
 
 /// SQL type of a column, or an error if it does not exist.
-async fn column_type(db: &tokio_postgres::Client, table: &str, column: &str) -> Result<String, OpsError> {
+async fn column_type(
+    db: &tokio_postgres::Client,
+    table: &str,
+    column: &str,
+) -> Result<String, OpsError> {
     let row = db
         .query_opt(
             "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = $2 AND NOT attisdropped AND attnum > 0",

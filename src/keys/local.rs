@@ -23,7 +23,8 @@ impl std::fmt::Debug for LocalProvider {
 
 fn derive(master: &SecretKey, label: &[u8], key_name: &str, version: u32) -> SecretKey {
     #[allow(clippy::expect_used)]
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(master.as_bytes()).expect("HMAC accepts any key length");
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(master.as_bytes())
+        .expect("HMAC accepts any key length");
     mac.update(label);
     mac.update(&(key_name.len() as u32).to_be_bytes());
     mac.update(key_name.as_bytes());
@@ -34,9 +35,14 @@ fn derive(master: &SecretKey, label: &[u8], key_name: &str, version: u32) -> Sec
 impl LocalProvider {
     /// Load a master key file: 32 raw bytes, 64 hex characters, or base64 of 32 bytes.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
-        let err = |reason: String| KeyError::MasterKey { path: path.display().to_string(), reason };
+        let err = |reason: String| KeyError::MasterKey {
+            path: path.display().to_string(),
+            reason,
+        };
         let raw = Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
-        let master = parse_master(&raw).ok_or_else(|| err("expected 32 raw bytes, 64 hex characters or base64 of 32 bytes".into()))?;
+        let master = parse_master(&raw).ok_or_else(|| {
+            err("expected 32 raw bytes, 64 hex characters or base64 of 32 bytes".into())
+        })?;
         Ok(Self::from_key(master))
     }
 
@@ -52,9 +58,17 @@ impl LocalProvider {
     pub fn generate_file(path: &Path) -> Result<(), KeyError> {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        let err = |e: std::io::Error| KeyError::MasterKey { path: path.display().to_string(), reason: e.to_string() };
+        let err = |e: std::io::Error| KeyError::MasterKey {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        };
         let hex = Zeroizing::new(hex::encode(SecretKey::random().as_bytes()));
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(err)?;
         f.write_all(hex.as_bytes()).map_err(err)
     }
 }
@@ -67,7 +81,11 @@ fn parse_master(raw: &[u8]) -> Option<SecretKey> {
     if let Ok(bytes) = hex::decode(text) {
         return SecretKey::from_slice(&Zeroizing::new(bytes)).ok();
     }
-    let bytes = Zeroizing::new(base64::engine::general_purpose::STANDARD.decode(text).ok()?);
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?,
+    );
     SecretKey::from_slice(&bytes).ok()
 }
 
@@ -77,26 +95,58 @@ impl KeyProvider for LocalProvider {
     }
 
     fn kek_status<'a>(&'a self, _key_name: &'a str) -> KeyFuture<'a, KekStatus> {
-        Box::pin(async move { Ok(KekStatus { latest_version: 0, min_decryption_version: 0, versions: Vec::new() }) })
+        Box::pin(async move {
+            Ok(KekStatus {
+                latest_version: 0,
+                min_decryption_version: 0,
+                versions: Vec::new(),
+            })
+        })
     }
 
     fn list_deks<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, Vec<DekInfo>> {
-        Box::pin(async move { Ok(vec![DekInfo { key_name: key_name.to_string(), dek_version: LOCAL_DEK_VERSION, kek_version: 0 }]) })
+        Box::pin(async move {
+            Ok(vec![DekInfo {
+                key_name: key_name.to_string(),
+                dek_version: LOCAL_DEK_VERSION,
+                kek_version: 0,
+            }])
+        })
     }
 
     fn create_dek<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, (DekInfo, SecretKey)> {
         Box::pin(async move {
-            let info = DekInfo { key_name: key_name.to_string(), dek_version: LOCAL_DEK_VERSION, kek_version: 0 };
-            Ok((info, derive(&self.master, b"pgward/local/dek/v1", key_name, LOCAL_DEK_VERSION)))
+            let info = DekInfo {
+                key_name: key_name.to_string(),
+                dek_version: LOCAL_DEK_VERSION,
+                kek_version: 0,
+            };
+            Ok((
+                info,
+                derive(
+                    &self.master,
+                    b"pgward/local/dek/v1",
+                    key_name,
+                    LOCAL_DEK_VERSION,
+                ),
+            ))
         })
     }
 
     fn fetch_dek<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, SecretKey> {
         Box::pin(async move {
             if dek_version != LOCAL_DEK_VERSION {
-                return Err(KeyError::UnknownDek { key: key_name.to_string(), dek_version });
+                return Err(KeyError::UnknownDek {
+                    key: key_name.to_string(),
+                    dek_version,
+                });
             }
-            Ok(derive(&self.master, b"pgward/local/dek/v1", key_name, dek_version))
+            Ok(derive(
+                &self.master,
+                b"pgward/local/dek/v1",
+                key_name,
+                dek_version,
+            ))
         })
     }
 

@@ -38,7 +38,9 @@ impl SecretKey {
 
     /// From a slice that must be exactly 32 bytes (e.g. a decoded Vault response).
     pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyError::BadKeyMaterial(format!("expected 32 bytes, got {}", bytes.len())))?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| {
+            KeyError::BadKeyMaterial(format!("expected 32 bytes, got {}", bytes.len()))
+        })?;
         Ok(SecretKey(arr))
     }
 
@@ -65,8 +67,14 @@ impl std::fmt::Debug for SecretKey {
 #[derive(Debug, Error)]
 pub enum KeyError {
     /// Vault is unreachable, sealed or answering 5xx, and the key is not cached.
-    #[error("key {key} (DEK version {dek_version}) is not cached and Vault is unavailable: {source}")]
-    Unavailable { key: String, dek_version: u32, source: VaultError },
+    #[error(
+        "key {key} (DEK version {dek_version}) is not cached and Vault is unavailable: {source}"
+    )]
+    Unavailable {
+        key: String,
+        dek_version: u32,
+        source: VaultError,
+    },
     /// Vault refused (permission denied, revoked token, version below min_decryption_version, ...).
     #[error("Vault refused key {key}: {source}")]
     Vault { key: String, source: VaultError },
@@ -91,9 +99,16 @@ impl KeyError {
     /// Map a Vault failure for `key` to the typed error the caller sees.
     pub fn from_vault(key: &str, dek_version: u32, e: VaultError) -> Self {
         if e.is_unavailable() {
-            KeyError::Unavailable { key: key.to_string(), dek_version, source: e }
+            KeyError::Unavailable {
+                key: key.to_string(),
+                dek_version,
+                source: e,
+            }
         } else {
-            KeyError::Vault { key: key.to_string(), source: e }
+            KeyError::Vault {
+                key: key.to_string(),
+                source: e,
+            }
         }
     }
 

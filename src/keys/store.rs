@@ -34,29 +34,43 @@ pub struct MemoryKeyStore {
 
 impl WrappedKeyStore for MemoryKeyStore {
     fn list<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, Vec<WrappedDek>> {
-        let out = self.map.lock().values().filter(|d| d.info.key_name == key_name).cloned().collect();
+        let out = self
+            .map
+            .lock()
+            .values()
+            .filter(|d| d.info.key_name == key_name)
+            .cloned()
+            .collect();
         Box::pin(async move { Ok(out) })
     }
 
     fn get<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, Option<WrappedDek>> {
-        let out = self.map.lock().get(&(key_name.to_string(), dek_version)).cloned();
+        let out = self
+            .map
+            .lock()
+            .get(&(key_name.to_string(), dek_version))
+            .cloned();
         Box::pin(async move { Ok(out) })
     }
 
     fn insert<'a>(&'a self, dek: &'a WrappedDek, _provider: &'a str) -> KeyFuture<'a, bool> {
         let mut map = self.map.lock();
         let k = (dek.info.key_name.clone(), dek.info.dek_version);
-        let inserted = if map.contains_key(&k) {
-            false
-        } else {
-            map.insert(k, dek.clone());
-            true
+        let inserted = match map.entry(k) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(dek.clone());
+                true
+            }
         };
         Box::pin(async move { Ok(inserted) })
     }
 
     fn update_wrapped<'a>(&'a self, dek: &'a WrappedDek) -> KeyFuture<'a, ()> {
-        self.map.lock().insert((dek.info.key_name.clone(), dek.info.dek_version), dek.clone());
+        self.map.lock().insert(
+            (dek.info.key_name.clone(), dek.info.dek_version),
+            dek.clone(),
+        );
         Box::pin(async move { Ok(()) })
     }
 }
@@ -86,8 +100,16 @@ fn row_to_dek(row: &tokio_postgres::Row) -> Result<WrappedDek, KeyError> {
     let dek: i32 = row.try_get(1).map_err(store_err)?;
     let kek: i32 = row.try_get(2).map_err(store_err)?;
     let wrapped: String = row.try_get(3).map_err(store_err)?;
-    let version = |v: i32| u32::try_from(v).map_err(|_| KeyError::Store(format!("negative version {v}")));
-    Ok(WrappedDek { info: DekInfo { key_name, dek_version: version(dek)?, kek_version: version(kek)? }, wrapped })
+    let version =
+        |v: i32| u32::try_from(v).map_err(|_| KeyError::Store(format!("negative version {v}")));
+    Ok(WrappedDek {
+        info: DekInfo {
+            key_name,
+            dek_version: version(dek)?,
+            kek_version: version(kek)?,
+        },
+        wrapped,
+    })
 }
 
 impl PgKeyStore {
@@ -97,7 +119,10 @@ impl PgKeyStore {
 
     /// Create the schema if missing (same SQL as the migration file).
     pub async fn migrate(&self) -> Result<(), KeyError> {
-        self.client.batch_execute(MIGRATION_SQL).await.map_err(store_err)
+        self.client
+            .batch_execute(MIGRATION_SQL)
+            .await
+            .map_err(store_err)
     }
 }
 

@@ -19,16 +19,23 @@ pub enum VaultAuth {
     /// A fixed token (renewed if renewable).
     Token(Zeroizing<String>),
     /// AppRole login at `auth/<mount>/login`.
-    AppRole { mount: String, role_id: String, secret_id: Zeroizing<String> },
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id: Zeroizing<String>,
+    },
 }
 
 impl std::fmt::Debug for VaultAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VaultAuth::Token(_) => f.write_str("Token(<redacted>)"),
-            VaultAuth::AppRole { mount, role_id, .. } => {
-                f.debug_struct("AppRole").field("mount", mount).field("role_id", role_id).field("secret_id", &"<redacted>").finish()
-            }
+            VaultAuth::AppRole { mount, role_id, .. } => f
+                .debug_struct("AppRole")
+                .field("mount", mount)
+                .field("role_id", role_id)
+                .field("secret_id", &"<redacted>")
+                .finish(),
         }
     }
 }
@@ -54,7 +61,11 @@ pub enum VaultError {
     #[error("not found: {path}")]
     NotFound { path: String },
     #[error("Vault error HTTP {status} on {path}: {errors}")]
-    Api { status: u16, path: String, errors: String },
+    Api {
+        status: u16,
+        path: String,
+        errors: String,
+    },
     #[error("unexpected Vault response on {path}: {reason}")]
     Response { path: String, reason: String },
     #[error("Vault client setup: {0}")]
@@ -64,7 +75,10 @@ pub enum VaultError {
 impl VaultError {
     /// Vault could not be asked (as opposed to Vault answering "no").
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, VaultError::Unreachable { .. } | VaultError::Unavailable { .. })
+        matches!(
+            self,
+            VaultError::Unreachable { .. } | VaultError::Unavailable { .. }
+        )
     }
 }
 
@@ -108,7 +122,10 @@ pub struct VaultClient {
 
 impl std::fmt::Debug for VaultClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VaultClient").field("address", &self.address).field("auth", &self.auth).finish()
+        f.debug_struct("VaultClient")
+            .field("address", &self.address)
+            .field("auth", &self.auth)
+            .finish()
     }
 }
 
@@ -120,13 +137,19 @@ enum Method {
 
 impl VaultClient {
     pub fn new(config: VaultClientConfig) -> Result<Self, VaultError> {
-        let mut builder = reqwest::Client::builder().timeout(config.request_timeout).connect_timeout(Duration::from_secs(3));
+        let mut builder = reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .connect_timeout(Duration::from_secs(3));
         if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| VaultError::Setup(format!("reading CA file {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| VaultError::Setup(format!("CA file {}: {e}", ca.display())))?;
+            let pem = std::fs::read(ca)
+                .map_err(|e| VaultError::Setup(format!("reading CA file {}: {e}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| VaultError::Setup(format!("CA file {}: {e}", ca.display())))?;
             builder = builder.add_root_certificate(cert);
         }
-        let http = builder.build().map_err(|e| VaultError::Setup(e.to_string()))?;
+        let http = builder
+            .build()
+            .map_err(|e| VaultError::Setup(e.to_string()))?;
         Ok(VaultClient {
             http,
             address: config.address.trim_end_matches('/').to_string(),
@@ -143,14 +166,22 @@ impl VaultClient {
     }
 
     pub fn stats(&self) -> VaultStats {
-        VaultStats { logins: self.logins.load(Ordering::Relaxed), renewals: self.renewals.load(Ordering::Relaxed) }
+        VaultStats {
+            logins: self.logins.load(Ordering::Relaxed),
+            renewals: self.renewals.load(Ordering::Relaxed),
+        }
     }
 
     /// Health from status codes: 200 active, 429 standby, 472 DR secondary, 473 performance standby,
     /// 501 uninitialised, 503 sealed.
     pub async fn health(&self) -> Result<Health, VaultError> {
         let url = format!("{}/v1/sys/health", self.address);
-        let resp = self.http.get(&url).send().await.map_err(|e| self.unreachable(e))?;
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
         match resp.status().as_u16() {
             200 => Ok(Health::Active),
             429 => Ok(Health::Standby),
@@ -158,7 +189,11 @@ impl VaultClient {
             473 => Ok(Health::PerformanceStandby),
             501 => Ok(Health::Uninitialized),
             503 => Ok(Health::Sealed),
-            status => Err(VaultError::Api { status, path: "sys/health".into(), errors: String::new() }),
+            status => Err(VaultError::Api {
+                status,
+                path: "sys/health".into(),
+                errors: String::new(),
+            }),
         }
     }
 
@@ -197,23 +232,42 @@ impl VaultClient {
         if had_token && renewable {
             match self.renew_self().await {
                 // Renewal that no longer extends the lease much means token_max_ttl is near: log in again.
-                Ok(ttl) if ttl >= old_ttl / 2 || matches!(self.auth, VaultAuth::Token(_)) => return Ok(()),
+                Ok(ttl) if ttl >= old_ttl / 2 || matches!(self.auth, VaultAuth::Token(_)) => {
+                    return Ok(())
+                }
                 Ok(_) => tracing::info!("Vault token near its max TTL; logging in again"),
                 Err(e) if e.is_unavailable() => return Err(e),
-                Err(e) => tracing::warn!(error = %e, "Vault token renewal failed; logging in again"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Vault token renewal failed; logging in again")
+                }
             }
         }
         self.login().await
     }
 
     async fn renew_self(&self) -> Result<Duration, VaultError> {
-        let resp = self.raw(Method::Post, "auth/token/renew-self", Some(serde_json::json!({}))).await?;
-        let auth = resp.get("auth").ok_or_else(|| response_err("auth/token/renew-self", "no auth block"))?;
-        let ttl = Duration::from_secs(auth.get("lease_duration").and_then(Value::as_u64).unwrap_or(0));
+        let resp = self
+            .raw(
+                Method::Post,
+                "auth/token/renew-self",
+                Some(serde_json::json!({})),
+            )
+            .await?;
+        let auth = resp
+            .get("auth")
+            .ok_or_else(|| response_err("auth/token/renew-self", "no auth block"))?;
+        let ttl = Duration::from_secs(
+            auth.get("lease_duration")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        );
         if let Some(s) = self.state.write().as_mut() {
             s.ttl = ttl;
             s.obtained = Instant::now();
-            s.renewable = auth.get("renewable").and_then(Value::as_bool).unwrap_or(false);
+            s.renewable = auth
+                .get("renewable")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
         }
         self.renewals.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(ttl_secs = ttl.as_secs(), "renewed Vault token");
@@ -224,13 +278,22 @@ impl VaultClient {
         match &self.auth {
             VaultAuth::Token(token) => {
                 // Learn TTL/renewability; a token we cannot look up is still tried as-is.
-                *self.state.write() =
-                    Some(TokenState { token: token.clone(), renewable: false, ttl: Duration::ZERO, obtained: Instant::now() });
+                *self.state.write() = Some(TokenState {
+                    token: token.clone(),
+                    renewable: false,
+                    ttl: Duration::ZERO,
+                    obtained: Instant::now(),
+                });
                 match self.raw(Method::Get, "auth/token/lookup-self", None).await {
                     Ok(v) => {
                         let data = v.get("data").cloned().unwrap_or(Value::Null);
-                        let ttl = Duration::from_secs(data.get("ttl").and_then(Value::as_u64).unwrap_or(0));
-                        let renewable = data.get("renewable").and_then(Value::as_bool).unwrap_or(false);
+                        let ttl = Duration::from_secs(
+                            data.get("ttl").and_then(Value::as_u64).unwrap_or(0),
+                        );
+                        let renewable = data
+                            .get("renewable")
+                            .and_then(Value::as_bool)
+                            .unwrap_or(false);
                         if let Some(s) = self.state.write().as_mut() {
                             s.ttl = ttl;
                             s.renewable = renewable;
@@ -241,15 +304,37 @@ impl VaultClient {
                 self.logins.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            VaultAuth::AppRole { mount, role_id, secret_id } => {
+            VaultAuth::AppRole {
+                mount,
+                role_id,
+                secret_id,
+            } => {
                 let path = format!("auth/{mount}/login");
-                let body = serde_json::json!({ "role_id": role_id, "secret_id": secret_id.as_str() });
+                let body =
+                    serde_json::json!({ "role_id": role_id, "secret_id": secret_id.as_str() });
                 let resp = self.send(Method::Post, &path, Some(&body), None).await?;
-                let auth = resp.get("auth").ok_or_else(|| response_err(&path, "no auth block"))?;
-                let token = auth.get("client_token").and_then(Value::as_str).ok_or_else(|| response_err(&path, "no client_token"))?;
-                let ttl = Duration::from_secs(auth.get("lease_duration").and_then(Value::as_u64).unwrap_or(0));
-                let renewable = auth.get("renewable").and_then(Value::as_bool).unwrap_or(false);
-                *self.state.write() = Some(TokenState { token: Zeroizing::new(token.to_string()), renewable, ttl, obtained: Instant::now() });
+                let auth = resp
+                    .get("auth")
+                    .ok_or_else(|| response_err(&path, "no auth block"))?;
+                let token = auth
+                    .get("client_token")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| response_err(&path, "no client_token"))?;
+                let ttl = Duration::from_secs(
+                    auth.get("lease_duration")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                );
+                let renewable = auth
+                    .get("renewable")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                *self.state.write() = Some(TokenState {
+                    token: Zeroizing::new(token.to_string()),
+                    renewable,
+                    ttl,
+                    obtained: Instant::now(),
+                });
                 self.logins.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(ttl_secs = ttl.as_secs(), "logged in to Vault with AppRole");
                 Ok(())
@@ -258,7 +343,12 @@ impl VaultClient {
     }
 
     /// An authenticated call; on 403 with AppRole, logs in again once and retries.
-    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, VaultError> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, VaultError> {
         if let Err(e) = self.maintain_token().await {
             // A failed refresh of a still-valid token should not block the call itself.
             if self.state.read().is_none() {
@@ -267,7 +357,9 @@ impl VaultClient {
             tracing::warn!(error = %e, "Vault token refresh failed; trying the current token");
         }
         match self.raw(method, path, body.clone()).await {
-            Err(VaultError::PermissionDenied { .. }) if matches!(self.auth, VaultAuth::AppRole { .. }) => {
+            Err(VaultError::PermissionDenied { .. })
+                if matches!(self.auth, VaultAuth::AppRole { .. }) =>
+            {
                 tracing::warn!(path, "Vault denied the current token; logging in again");
                 {
                     let _guard = self.refresh_lock.lock().await;
@@ -279,12 +371,29 @@ impl VaultClient {
         }
     }
 
-    async fn raw(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, VaultError> {
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, VaultError> {
         let token = self.state.read().as_ref().map(|s| s.token.clone());
-        self.send(method, path, body.as_ref(), token.as_ref().map(|t| t.as_str())).await
+        self.send(
+            method,
+            path,
+            body.as_ref(),
+            token.as_ref().map(|t| t.as_str()),
+        )
+        .await
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<&Value>, token: Option<&str>) -> Result<Value, VaultError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        token: Option<&str>,
+    ) -> Result<Value, VaultError> {
         let url = format!("{}/v1/{path}", self.address);
         let mut req = match method {
             Method::Get => self.http.get(&url),
@@ -299,27 +408,56 @@ impl VaultClient {
         let resp = req.send().await.map_err(|e| self.unreachable(e))?;
         let status = resp.status().as_u16();
         let text = resp.text().await.map_err(|e| self.unreachable(e))?;
-        let json: Value = if text.trim().is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::Null) };
-        let errors = || json.get("errors").map(|e| e.to_string()).unwrap_or_default();
+        let json: Value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::Null)
+        };
+        let errors = || {
+            json.get("errors")
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
         match status {
             200..=299 => Ok(json),
-            403 => Err(VaultError::PermissionDenied { path: path.to_string(), errors: errors() }),
-            404 => Err(VaultError::NotFound { path: path.to_string() }),
-            429 | 500..=599 => Err(VaultError::Unavailable { status, path: path.to_string() }),
-            _ => Err(VaultError::Api { status, path: path.to_string(), errors: errors() }),
+            403 => Err(VaultError::PermissionDenied {
+                path: path.to_string(),
+                errors: errors(),
+            }),
+            404 => Err(VaultError::NotFound {
+                path: path.to_string(),
+            }),
+            429 | 500..=599 => Err(VaultError::Unavailable {
+                status,
+                path: path.to_string(),
+            }),
+            _ => Err(VaultError::Api {
+                status,
+                path: path.to_string(),
+                errors: errors(),
+            }),
         }
     }
 
     fn unreachable(&self, e: reqwest::Error) -> VaultError {
-        VaultError::Unreachable { address: self.address.clone(), reason: e.to_string() }
+        VaultError::Unreachable {
+            address: self.address.clone(),
+            reason: e.to_string(),
+        }
     }
 }
 
 pub(crate) fn response_err(path: &str, reason: &str) -> VaultError {
-    VaultError::Response { path: path.to_string(), reason: reason.to_string() }
+    VaultError::Response {
+        path: path.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 /// `data.<field>` of a Vault response as a string.
 pub(crate) fn data_str<'a>(v: &'a Value, path: &str, field: &str) -> Result<&'a str, VaultError> {
-    v.get("data").and_then(|d| d.get(field)).and_then(Value::as_str).ok_or_else(|| response_err(path, &format!("missing data.{field}")))
+    v.get("data")
+        .and_then(|d| d.get(field))
+        .and_then(Value::as_str)
+        .ok_or_else(|| response_err(path, &format!("missing data.{field}")))
 }

