@@ -712,3 +712,41 @@ async fn db_key_store_and_ops_against_postgres() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn tls_with_ca_file_and_token_file() {
+    use pgward::crypto::manager::vault_client;
+    use pgward::crypto::VaultConfig;
+
+    let bao = Bao::start_tls().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "root\n").unwrap();
+    let mut cfg: VaultConfig = toml::from_str(&format!(
+        "address = {:?}\ntoken_file = {:?}",
+        bao.addr, token_file
+    ))
+    .unwrap();
+    assert!(bao.addr.starts_with("https://"));
+
+    // Without the CA, the dev certificate is not trusted: Vault counts as unreachable.
+    let untrusted = Arc::new(vault_client(&cfg).unwrap());
+    let store: Arc<dyn WrappedKeyStore> = Arc::new(MemoryKeyStore::default());
+    let err = transit(&untrusted, &store)
+        .kek_status("t9-key")
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+
+    cfg.ca_file = Some(bao.ca_file());
+    let vault = Arc::new(vault_client(&cfg).unwrap());
+    assert_eq!(vault.health().await.unwrap(), Health::Active);
+    let m = manager(
+        transit(&vault, &store),
+        Some(vault.clone()),
+        &[col("t", "c", "t9-key", false)],
+        Duration::from_secs(60),
+    );
+    let ct = m.encrypt("t", "c", b"over tls").await.unwrap();
+    assert_eq!(m.decrypt("t", "c", &ct).await.unwrap(), b"over tls");
+}

@@ -50,11 +50,34 @@ pub struct Bao {
 impl Bao {
     /// Start a fresh dev server with transit enabled (KV v2 is at `secret/` in dev mode).
     pub async fn start() -> Bao {
+        Self::start_with(false).await
+    }
+
+    /// Start a dev server with TLS (`-dev-tls`); its CA is at [`Bao::ca_file`]. Never external.
+    pub async fn start_tls() -> Bao {
+        Self::start_with(true).await
+    }
+
+    /// The generated CA of a `-dev-tls` server.
+    pub fn ca_file(&self) -> PathBuf {
+        self._dir
+            .as_ref()
+            .expect("own server")
+            .path()
+            .join("tls")
+            .join("vault-ca.pem")
+    }
+
+    async fn start_with(tls: bool) -> Bao {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap();
-        if let (Ok(addr), Ok(token)) = (std::env::var("VAULT_ADDR"), std::env::var("VAULT_TOKEN")) {
+        if let (false, Ok(addr), Ok(token)) = (
+            tls,
+            std::env::var("VAULT_ADDR"),
+            std::env::var("VAULT_TOKEN"),
+        ) {
             let bao = Bao {
                 addr,
                 token,
@@ -71,13 +94,20 @@ impl Bao {
         let port = pgward::pgserver::free_port().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+        let mut args = vec![
+            "server".to_string(),
+            "-dev".into(),
+            "-dev-root-token-id=root".into(),
+            format!("-dev-listen-address=127.0.0.1:{port}"),
+        ];
+        let tls_dir = dir.path().join("tls");
+        if tls {
+            std::fs::create_dir_all(&tls_dir).unwrap();
+            args.push("-dev-tls".into());
+            args.push(format!("-dev-tls-cert-dir={}", tls_dir.display()));
+        }
         let child = Command::new(bao_binary())
-            .args([
-                "server",
-                "-dev",
-                "-dev-root-token-id=root",
-                &format!("-dev-listen-address=127.0.0.1:{port}"),
-            ])
+            .args(&args)
             .env_remove("VAULT_ADDR")
             .env("HOME", dir.path())
             .stdin(Stdio::null())
@@ -85,13 +115,34 @@ impl Bao {
             .stderr(log)
             .spawn()
             .expect("spawn bao server");
-        let bao = Bao {
-            addr: format!("http://127.0.0.1:{port}"),
+        let scheme = if tls { "https" } else { "http" };
+        let mut bao = Bao {
+            addr: format!("{scheme}://127.0.0.1:{port}"),
             token: "root".into(),
             child: Some(child),
             http,
             _dir: Some(dir),
         };
+        if tls {
+            // Trust the generated CA once the server has written it.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while std::fs::metadata(bao.ca_file())
+                .map(|m| m.len())
+                .unwrap_or(0)
+                == 0
+            {
+                assert!(Instant::now() < deadline, "OpenBao wrote no dev TLS CA");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let ca =
+                reqwest::Certificate::from_pem(&std::fs::read(bao.ca_file()).unwrap()).unwrap();
+            bao.http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .add_root_certificate(ca)
+                .build()
+                .unwrap();
+        }
         bao.wait_healthy().await;
         bao.ensure_mount("transit", json!({"type": "transit"}))
             .await;
