@@ -158,3 +158,43 @@ impl KeyProvider for LocalProvider {
         Box::pin(async move { Err(KeyError::Unsupported("rewrap", "local")) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn master_key_file_formats() {
+        let key = [7u8; 32];
+        let hex = hex::encode(key);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+        for raw in [
+            key.to_vec(),
+            format!("{hex}\n").into_bytes(),
+            b64.into_bytes(),
+        ] {
+            assert_eq!(parse_master(&raw).unwrap().as_bytes(), &key);
+        }
+        assert!(parse_master(b"too short").is_none());
+    }
+
+    #[tokio::test]
+    async fn generated_file_loads_and_derives_stable_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        LocalProvider::generate_file(&path).unwrap();
+        assert!(
+            LocalProvider::generate_file(&path).is_err(),
+            "never overwrites"
+        );
+        let a = LocalProvider::from_file(&path).unwrap();
+        let b = LocalProvider::from_file(&path).unwrap();
+        let ka = a.fetch_dek("k", 1).await.unwrap();
+        assert_eq!(ka.as_bytes(), b.fetch_dek("k", 1).await.unwrap().as_bytes());
+        assert_ne!(ka.as_bytes(), a.index_root("k").await.unwrap().as_bytes());
+        assert!(matches!(
+            a.fetch_dek("k", 2).await,
+            Err(KeyError::UnknownDek { .. })
+        ));
+    }
+}

@@ -461,3 +461,36 @@ pub(crate) fn data_str<'a>(v: &'a Value, path: &str, field: &str) -> Result<&'a 
         .and_then(Value::as_str)
         .ok_or_else(|| response_err(path, &format!("missing data.{field}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_credentials() {
+        let approle = VaultAuth::AppRole {
+            mount: "approle".into(),
+            role_id: "role".into(),
+            secret_id: Zeroizing::new("s3cr3t-id".into()),
+        };
+        let token = VaultAuth::Token(Zeroizing::new("hvs.t0ken".into()));
+        let shown = format!("{approle:?} {token:?}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("t0ken"),
+            "{shown}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_is_unavailable() {
+        let client = VaultClient::new(VaultClientConfig {
+            address: "http://127.0.0.1:9".into(),
+            auth: VaultAuth::Token(Zeroizing::new("x".into())),
+            ca_file: None,
+            request_timeout: Duration::from_secs(2),
+        })
+        .unwrap();
+        let err = client.get("transit/keys/k").await.unwrap_err();
+        assert!(err.is_unavailable(), "{err:?}");
+    }
+}
