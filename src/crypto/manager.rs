@@ -140,8 +140,8 @@ impl KeyManager {
         })
     }
 
-    /// Build provider and manager from the configuration. `db` is the upstream database
-    /// holding `pgward.data_keys` (required for the transit provider).
+    /// Build provider and manager from the configuration. `store` holds the wrapped DEKs
+    /// (a [`crate::keys::store::PgKeyStore`] on the upstream database; required for transit).
     pub fn from_config(
         config: &CryptoConfig,
         store: Option<Arc<dyn WrappedKeyStore>>,
@@ -490,38 +490,42 @@ pub fn build_provider(
     vault: Option<&VaultConfig>,
     store: Option<Arc<dyn WrappedKeyStore>>,
 ) -> Result<ProviderParts, CryptoError> {
-    if keys.provider == ProviderKind::Local {
-        let path = keys.local_master_key_file.as_deref().ok_or_else(|| {
-            CryptoError::Config("provider = \"local\" needs local_master_key_file".into())
-        })?;
-        return Ok((Arc::new(LocalProvider::from_file(path)?), None));
-    }
-    let vault_cfg = vault.ok_or_else(|| {
-        CryptoError::Config("the transit and kv2 providers need a [vault] section".into())
-    })?;
-    let client = Arc::new(vault_client(vault_cfg)?);
-    let provider: Arc<dyn KeyProvider> = match keys.provider {
+    let vault_section = || {
+        vault.ok_or_else(|| {
+            CryptoError::Config("the transit and kv2 providers need a [vault] section".into())
+        })
+    };
+    match keys.provider {
+        ProviderKind::Local => {
+            let path = keys.local_master_key_file.as_deref().ok_or_else(|| {
+                CryptoError::Config("provider = \"local\" needs local_master_key_file".into())
+            })?;
+            Ok((Arc::new(LocalProvider::from_file(path)?), None))
+        }
         ProviderKind::Transit => {
+            let cfg = vault_section()?;
             let store = store.ok_or_else(|| {
                 CryptoError::Config(
                     "the transit provider needs the wrapped-key store (upstream database)".into(),
                 )
             })?;
-            Arc::new(TransitProvider::new(
+            let client = Arc::new(vault_client(cfg)?);
+            let provider = TransitProvider::new(
                 client.clone(),
-                vault_cfg.transit_mount.clone(),
+                cfg.transit_mount.clone(),
                 store,
                 keys.auto_create_transit_keys,
-            ))
+            );
+            Ok((Arc::new(provider), Some(client)))
         }
-        ProviderKind::Kv2 => Arc::new(Kv2Provider::new(
-            client.clone(),
-            vault_cfg.kv_mount.clone(),
-            vault_cfg.kv_prefix.clone(),
-        )),
-        ProviderKind::Local => return Err(CryptoError::Config("unreachable provider".into())),
-    };
-    Ok((provider, Some(client)))
+        ProviderKind::Kv2 => {
+            let cfg = vault_section()?;
+            let client = Arc::new(vault_client(cfg)?);
+            let provider =
+                Kv2Provider::new(client.clone(), cfg.kv_mount.clone(), cfg.kv_prefix.clone());
+            Ok((Arc::new(provider), Some(client)))
+        }
+    }
 }
 
 fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, CryptoError> {

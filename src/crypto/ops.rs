@@ -389,7 +389,7 @@ async fn reencrypt_column(
     let (mut last_pk, mut done) = job.resume_point().await?;
     let mut changed = 0;
     loop {
-        let rows = db.query(&select, &[&last_pk, &batch.batch_size]).await?;
+        let rows = db.query(&select, &[&last_pk, &batch_size(batch)]).await?;
         for row in &rows {
             let id: String = row.try_get(0)?;
             let stored: Vec<u8> = row.try_get(1)?;
@@ -407,7 +407,7 @@ async fn reencrypt_column(
             last_pk = Some(id);
         }
         done += rows.len() as i64;
-        let finished = (rows.len() as i64) < batch.batch_size;
+        let finished = (rows.len() as i64) < batch_size(batch);
         job.save(&last_pk, done, finished).await?;
         let event = Progress {
             job: "reencrypt",
@@ -539,7 +539,7 @@ pub async fn encrypt_existing(
             last_pk = Some(last.try_get(0)?);
         }
         done += rows.len() as i64;
-        let finished = (rows.len() as i64) < args.batch.batch_size;
+        let finished = (rows.len() as i64) < batch_size(&args.batch);
         job.save(&last_pk, done, false).await?;
         progress(&Progress {
             job: "encrypt_existing",
