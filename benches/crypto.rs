@@ -1,0 +1,102 @@
+//! Field-encryption throughput: AES-256-GCM envelope seal+open of 1 KiB values.
+//!
+//! `cargo bench --bench crypto`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use pgward::crypto::blind::IndexKey;
+use pgward::crypto::envelope::{key_name_id, Dek, KeyRef};
+use pgward::crypto::manager::{CachePolicy, KeyManager};
+use pgward::crypto::{ClientType, EncryptColumn};
+use pgward::keys::local::LocalProvider;
+use pgward::keys::SecretKey;
+
+fn envelope(c: &mut Criterion) {
+    let dek = Dek::new(
+        &SecretKey::from_bytes([3; 32]),
+        KeyRef {
+            key_id: key_name_id("bench"),
+            dek_version: 1,
+        },
+    );
+    let value = vec![0xa5u8; 1024];
+    let ct = dek.seal("public.t", "c", &value).unwrap();
+    let mut g = c.benchmark_group("envelope_1KiB");
+    g.throughput(Throughput::Bytes(1024));
+    g.bench_function("encrypt", |b| {
+        b.iter(|| {
+            dek.seal("public.t", "c", std::hint::black_box(&value))
+                .unwrap()
+        })
+    });
+    g.bench_function("decrypt", |b| {
+        b.iter(|| {
+            dek.open("public.t", "c", std::hint::black_box(&ct))
+                .unwrap()
+        })
+    });
+    g.bench_function("encrypt+decrypt", |b| {
+        b.iter(|| {
+            let ct = dek
+                .seal("public.t", "c", std::hint::black_box(&value))
+                .unwrap();
+            dek.open("public.t", "c", &ct).unwrap()
+        })
+    });
+    g.finish();
+
+    let idx = IndexKey::derive(&SecretKey::from_bytes([4; 32]), "bench", "public.t", "c");
+    c.bench_function("blind_index_64B", |b| {
+        b.iter(|| {
+            idx.compute(ClientType::Text, std::hint::black_box(&value[..64]))
+                .unwrap()
+        })
+    });
+}
+
+fn manager(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cols = [EncryptColumn {
+        table: "t".into(),
+        column: "c".into(),
+        key: "bench".into(),
+        ty: ClientType::Bytea,
+        searchable: false,
+    }];
+    let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([5; 32])));
+    let policy = CachePolicy {
+        ttl: Duration::from_secs(3600),
+        max_stale: Duration::from_secs(3600),
+        blocking_threshold: 64 * 1024,
+    };
+    let m = KeyManager::new(provider, None, &cols, policy).unwrap();
+    let value = vec![0x5au8; 1024];
+    let mut g = c.benchmark_group("key_manager_1KiB");
+    g.throughput(Throughput::Bytes(1024));
+    g.bench_function("encrypt+decrypt", |b| {
+        b.to_async(&rt).iter_batched(
+            || value.clone(),
+            |v| {
+                let m = &m;
+                async move {
+                    let ct = m.encrypt("t", "c", &v).await.unwrap();
+                    m.decrypt("t", "c", &ct).await.unwrap()
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = envelope, manager
+}
+criterion_main!(benches);

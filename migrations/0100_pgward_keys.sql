@@ -1,0 +1,49 @@
+-- pgward field encryption: wrapped data keys and online re-encryption progress.
+-- Idempotent: safe to apply on every start.
+CREATE SCHEMA IF NOT EXISTS pgward;
+
+-- One row per data key (DEK). Only the wrapped form is stored: for the transit
+-- provider `wrapped` is the Vault transit ciphertext ("vault:v<kek>:..."), useless
+-- without access to the KEK in Vault. dek_version 0 is the key name's blind-index
+-- root key, which never rotates.
+CREATE TABLE IF NOT EXISTS pgward.data_keys (
+    key_name     text        NOT NULL,
+    dek_version  integer     NOT NULL CHECK (dek_version >= 0),
+    kek_version  integer     NOT NULL CHECK (kek_version >= 0),
+    provider     text        NOT NULL,
+    wrapped      text        NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    rewrapped_at timestamptz,
+    PRIMARY KEY (key_name, dek_version)
+);
+
+-- Resumable batch jobs (`keys reencrypt`, `encrypt-existing`): the last primary key
+-- processed, so a restarted job continues where the crashed one stopped.
+CREATE TABLE IF NOT EXISTS pgward.job_progress (
+    job          text        NOT NULL,
+    table_name   text        NOT NULL,
+    column_name  text        NOT NULL,
+    last_pk      text,
+    rows_done    bigint      NOT NULL DEFAULT 0,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz,
+    PRIMARY KEY (job, table_name, column_name)
+);
+
+REVOKE ALL ON SCHEMA pgward FROM PUBLIC;
+
+-- Used by `pgward encrypt-existing` while it copies a plaintext column into its
+-- encrypted twin: an application UPDATE of the plaintext clears the stale
+-- encrypted copy (TG_ARGV = the columns to clear) so the final pass redoes it.
+CREATE OR REPLACE FUNCTION pgward.invalidate_encrypted_copy() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    col text;
+BEGIN
+    FOREACH col IN ARRAY TG_ARGV LOOP
+        NEW := jsonb_populate_record(NEW, jsonb_build_object(col, NULL));
+    END LOOP;
+    RETURN NEW;
+END
+$$;

@@ -1,0 +1,223 @@
+//! Configuration: `[vault]`, `[keys]` and `[[encrypt]]` (serde, unknown fields rejected).
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::codec::ClientType;
+
+/// `[vault]`: how to reach and authenticate to Vault/OpenBao.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// e.g. `https://vault.internal:8200`.
+    pub address: String,
+    /// File holding a Vault token (read at start). Takes precedence over `token_env`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Environment variable holding a Vault token.
+    #[serde(default = "default_token_env")]
+    pub token_env: String,
+    /// AppRole login instead of a fixed token.
+    #[serde(default)]
+    pub approle: Option<AppRoleConfig>,
+    /// PEM CA bundle to verify Vault's TLS certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_transit_mount")]
+    pub transit_mount: String,
+    #[serde(default = "default_kv_mount")]
+    pub kv_mount: String,
+    /// Path prefix inside the KV v2 mount for the `kv2` provider.
+    #[serde(default = "default_kv_prefix")]
+    pub kv_prefix: String,
+    #[serde(default = "default_request_timeout", with = "humantime_serde_str")]
+    pub request_timeout: Duration,
+}
+
+/// `[vault.approle]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRoleConfig {
+    #[serde(default = "default_approle_mount")]
+    pub mount: String,
+    pub role_id_file: PathBuf,
+    pub secret_id_file: PathBuf,
+}
+
+/// Which key provider supplies DEKs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    #[default]
+    Transit,
+    Kv2,
+    Local,
+}
+
+/// `[keys]`: provider choice and caching.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    #[serde(default)]
+    pub provider: ProviderKind,
+    /// How often to poll KEK version maps (rotation detection) and maintain the Vault token.
+    #[serde(default = "default_poll", with = "humantime_serde_str")]
+    pub poll_interval: Duration,
+    /// A cached plaintext DEK is re-fetched from Vault after this long.
+    #[serde(default = "default_ttl", with = "humantime_serde_str")]
+    pub dek_cache_ttl: Duration,
+    /// While Vault is unreachable, an expired cached DEK keeps serving up to this age.
+    #[serde(default = "default_max_stale", with = "humantime_serde_str")]
+    pub dek_cache_max_stale: Duration,
+    /// Master key file for `provider = "local"` (dev and tests only).
+    #[serde(default)]
+    pub local_master_key_file: Option<PathBuf>,
+    /// Create missing transit keys (needs `create` on `transit/keys/*`).
+    #[serde(default = "default_true")]
+    pub auto_create_transit_keys: bool,
+    /// Values at least this large are encrypted on the blocking pool, off the async workers.
+    #[serde(default = "default_blocking_threshold")]
+    pub blocking_threshold_bytes: usize,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            provider: ProviderKind::default(),
+            poll_interval: default_poll(),
+            dek_cache_ttl: default_ttl(),
+            dek_cache_max_stale: default_max_stale(),
+            local_master_key_file: None,
+            auto_create_transit_keys: true,
+            blocking_threshold_bytes: default_blocking_threshold(),
+        }
+    }
+}
+
+/// One `[[encrypt]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptColumn {
+    /// `schema.table`, or `table` meaning `public.table`.
+    pub table: String,
+    pub column: String,
+    /// Key name (transit key / KV secret name).
+    pub key: String,
+    /// Client-visible type.
+    #[serde(rename = "type")]
+    pub ty: ClientType,
+    /// Maintain `<column>_bidx` for equality search.
+    #[serde(default)]
+    pub searchable: bool,
+}
+
+/// The crypto sections of the pgward configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CryptoConfig {
+    #[serde(default)]
+    pub vault: Option<VaultConfig>,
+    #[serde(default)]
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub encrypt: Vec<EncryptColumn>,
+}
+
+/// `users` -> `public.users`; qualified names are kept as written (Postgres' stored case).
+pub fn qualify_table(table: &str) -> String {
+    if table.contains('.') {
+        table.to_string()
+    } else {
+        format!("public.{table}")
+    }
+}
+
+fn default_token_env() -> String {
+    "VAULT_TOKEN".into()
+}
+fn default_transit_mount() -> String {
+    "transit".into()
+}
+fn default_kv_mount() -> String {
+    "secret".into()
+}
+fn default_kv_prefix() -> String {
+    "pgward".into()
+}
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_poll() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_stale() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_true() -> bool {
+    true
+}
+fn default_blocking_threshold() -> usize {
+    64 * 1024
+}
+
+/// Durations as humantime strings (`"30s"`, `"1h 30m"`).
+mod humantime_serde_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_reference_config() {
+        let cfg: CryptoConfig = toml::from_str(
+            r#"
+            [vault]
+            address = "https://127.0.0.1:8200"
+            ca_file = "/etc/pgward/vault-ca.pem"
+            [vault.approle]
+            role_id_file = "/run/secrets/role_id"
+            secret_id_file = "/run/secrets/secret_id"
+            [keys]
+            provider = "transit"
+            poll_interval = "30s"
+            dek_cache_ttl = "15m"
+            [[encrypt]]
+            table = "users"
+            column = "email"
+            key = "pii"
+            type = "text"
+            searchable = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.keys.poll_interval, Duration::from_secs(30));
+        assert_eq!(cfg.keys.dek_cache_max_stale, Duration::from_secs(86400));
+        assert_eq!(cfg.encrypt[0].ty, ClientType::Text);
+        assert_eq!(cfg.vault.unwrap().approle.unwrap().mount, "approle");
+        assert!(toml::from_str::<CryptoConfig>("[keys]\nprovidr = \"kv2\"").is_err());
+        assert!(toml::from_str::<CryptoConfig>(
+            "[[encrypt]]\ntable=\"t\"\ncolumn=\"c\"\nkey=\"k\"\ntype=\"float8\""
+        )
+        .is_err());
+    }
+}

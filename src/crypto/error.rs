@@ -1,0 +1,74 @@
+//! Typed errors of the field-encryption layer.
+use thiserror::Error;
+
+use crate::keys::KeyError;
+
+/// Why a value could not be encrypted, decrypted, indexed or converted.
+#[derive(Debug, Error)]
+pub enum CryptoError {
+    /// The stored bytes are too short or carry an unknown format version.
+    #[error("malformed ciphertext: {0}")]
+    Malformed(&'static str),
+    /// Authentication failed: wrong key, wrong table/column binding, or tampered bytes.
+    /// Never falls back to returning the stored bytes.
+    #[error(
+        "ciphertext integrity check failed for {table}.{column} (tampered, moved, or wrong key)"
+    )]
+    Integrity { table: String, column: String },
+    /// The ciphertext names a key that is not the one configured for this column.
+    #[error("ciphertext for {table}.{column} was written under key id {found:#010x}, column uses {expected:#010x}")]
+    WrongKey {
+        table: String,
+        column: String,
+        found: u32,
+        expected: u32,
+    },
+    /// No `[[encrypt]]` entry for this table and column.
+    #[error("column {table}.{column} is not configured for encryption")]
+    UnknownColumn { table: String, column: String },
+    /// A blind index was requested for a column not marked `searchable`.
+    #[error("column {table}.{column} is not searchable")]
+    NotSearchable { table: String, column: String },
+    /// The key provider could not supply a key.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A value could not be converted between wire and canonical form.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// AES-GCM refused to encrypt (only possible for absurdly large inputs).
+    #[error("encryption failed")]
+    Encrypt,
+    /// The blocking worker running a large encryption panicked or was cancelled.
+    #[error("crypto worker failed: {0}")]
+    Worker(String),
+    /// Invalid configuration (duplicate column, key-id collision, ...).
+    #[error("invalid encryption configuration: {0}")]
+    Config(String),
+}
+
+/// Why a value could not be converted between its wire format and canonical plaintext.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("invalid {ty} value in {format} format: {reason}")]
+    Invalid {
+        ty: &'static str,
+        format: &'static str,
+        reason: String,
+    },
+    #[error("unsupported client type {0:?}")]
+    UnsupportedType(String),
+}
+
+impl CodecError {
+    pub(crate) fn invalid(
+        ty: &'static str,
+        format: &'static str,
+        reason: impl Into<String>,
+    ) -> Self {
+        CodecError::Invalid {
+            ty,
+            format,
+            reason: reason.into(),
+        }
+    }
+}

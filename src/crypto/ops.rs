@@ -1,0 +1,640 @@
+//! Operations behind the CLI: `keys status`, `keys rewrap`, `keys reencrypt`, `encrypt-existing`.
+//!
+//! They talk to the upstream database with `tokio-postgres` and never need the proxy.
+//! Batch jobs page by keyset on a single-column primary key and record the last key
+//! done in `pgward.job_progress`, so a crashed run resumes where it stopped.
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::codec::{encode_for_encryption, WireFormat};
+use super::envelope::{peek_key_ref, KeyRef};
+use super::error::CryptoError;
+use super::manager::{ColumnSpec, KeyManager};
+use crate::keys::{DekInfo, KekStatus, KeyError};
+
+#[derive(Debug, Error)]
+pub enum OpsError {
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("{0}")]
+    Schema(String),
+}
+
+/// `pgward keys status`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct KeysStatusArgs {
+    /// Skip counting rows per DEK (a full scan of every encrypted column).
+    #[arg(long)]
+    pub no_count: bool,
+}
+
+/// `pgward keys rewrap`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct KeysRewrapArgs {
+    /// Only this key name (default: every configured key).
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+/// Batch pacing shared by the re-encryption jobs.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BatchArgs {
+    /// Rows per batch (one keyset page).
+    #[arg(long, default_value_t = 500)]
+    pub batch_size: i64,
+    /// Pause between batches, to leave headroom for production traffic.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub pause: Duration,
+}
+
+impl Default for BatchArgs {
+    fn default() -> Self {
+        BatchArgs {
+            batch_size: 500,
+            pause: Duration::from_millis(20),
+        }
+    }
+}
+
+/// `pgward keys reencrypt [--table T]`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct KeysReencryptArgs {
+    /// Only columns of this table (default: every encrypted column).
+    #[arg(long)]
+    pub table: Option<String>,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+}
+
+/// `pgward encrypt-existing --table T --column C`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct EncryptExistingArgs {
+    #[arg(long)]
+    pub table: String,
+    #[arg(long)]
+    pub column: String,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+}
+
+/// One DEK and the rows it protects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DekStatus {
+    pub info: DekInfo,
+    pub rows: Option<i64>,
+}
+
+/// One key name in `keys status`.
+#[derive(Clone, Debug)]
+pub struct KeyStatus {
+    pub key_name: String,
+    pub provider: &'static str,
+    pub kek: KekStatus,
+    pub deks: Vec<DekStatus>,
+    /// Rows whose header names a DEK the provider does not list.
+    pub unknown_rows: i64,
+}
+
+impl fmt::Display for KeyStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "key {} ({}): KEK latest v{}, min decryption v{}, versions {:?}",
+            self.key_name,
+            self.provider,
+            self.kek.latest_version,
+            self.kek.min_decryption_version,
+            self.kek.versions
+        )?;
+        for d in &self.deks {
+            let rows = d.rows.map_or_else(|| "-".to_string(), |r| r.to_string());
+            writeln!(
+                f,
+                "  DEK v{} under KEK v{}: {rows} rows",
+                d.info.dek_version, d.info.kek_version
+            )?;
+        }
+        if self.unknown_rows > 0 {
+            writeln!(f, "  {} rows under unknown DEKs", self.unknown_rows)?;
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a batch job, one event per batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Progress {
+    pub job: &'static str,
+    pub table: String,
+    pub column: String,
+    pub rows_done: i64,
+    pub rows_changed: i64,
+    pub last_pk: Option<String>,
+    pub finished: bool,
+}
+
+impl fmt::Display for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}.{}: {} rows scanned, {} rewritten{}",
+            self.job,
+            self.table,
+            self.column,
+            self.rows_done,
+            self.rows_changed,
+            if self.finished { " (done)" } else { "" }
+        )
+    }
+}
+
+/// `"schema.table"` quoted as identifiers.
+pub fn quote_table(qualified: &str) -> String {
+    match qualified.split_once('.') {
+        Some((schema, table)) => format!("{}.{}", quote_ident(schema), quote_ident(table)),
+        None => quote_ident(qualified),
+    }
+}
+
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The single-column primary key of a table: (column name, SQL type).
+async fn primary_key(
+    db: &tokio_postgres::Client,
+    table: &str,
+) -> Result<(String, String), OpsError> {
+    let rows = db
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+             WHERE i.indrelid = $1::text::regclass AND i.indisprimary",
+            &[&quote_table(table)],
+        )
+        .await?;
+    match rows.as_slice() {
+        [row] => Ok((row.try_get(0)?, row.try_get(1)?)),
+        [] => Err(OpsError::Schema(format!(
+            "{table} has no primary key; batch jobs page by primary key"
+        ))),
+        _ => Err(OpsError::Schema(format!(
+            "{table} has a composite primary key; not supported yet"
+        ))),
+    }
+}
+
+/// `keys status`: KEK versions, DEKs, and (unless `no_count`) rows per DEK from the header bytes.
+pub async fn keys_status(
+    manager: &KeyManager,
+    db: &tokio_postgres::Client,
+    args: &KeysStatusArgs,
+) -> Result<Vec<KeyStatus>, OpsError> {
+    let mut out = Vec::new();
+    for key_name in manager.key_names() {
+        let provider = manager.provider();
+        let kek = provider.kek_status(key_name).await?;
+        let deks = provider.list_deks(key_name).await?;
+        let mut counts: BTreeMap<u32, i64> = BTreeMap::new();
+        let mut unknown_rows = 0;
+        if !args.no_count {
+            for spec in manager.columns().filter(|s| s.column.key == key_name) {
+                for (key_ref, n) in count_by_dek(db, spec).await? {
+                    if key_ref.key_id == spec.key_id
+                        && deks.iter().any(|d| d.dek_version == key_ref.dek_version)
+                    {
+                        *counts.entry(key_ref.dek_version).or_default() += n;
+                    } else {
+                        unknown_rows += n;
+                    }
+                }
+            }
+        }
+        let deks = deks
+            .into_iter()
+            .map(|info| {
+                let rows =
+                    (!args.no_count).then(|| counts.get(&info.dek_version).copied().unwrap_or(0));
+                DekStatus { info, rows }
+            })
+            .collect();
+        out.push(KeyStatus {
+            key_name: key_name.to_string(),
+            provider: provider.kind(),
+            kek,
+            deks,
+            unknown_rows,
+        });
+    }
+    Ok(out)
+}
+
+/// Rows per (key id, DEK version) of one column, read from bytes 1..9 of the header.
+async fn count_by_dek(
+    db: &tokio_postgres::Client,
+    spec: &ColumnSpec,
+) -> Result<Vec<(KeyRef, i64)>, OpsError> {
+    let col = quote_ident(&spec.column.column);
+    let sql = format!(
+        "SELECT substring({col} from 2 for 8), count(*) FROM {} WHERE {col} IS NOT NULL GROUP BY 1",
+        quote_table(&spec.table)
+    );
+    let mut out = Vec::new();
+    for row in db.query(&sql, &[]).await? {
+        let id: Vec<u8> = row.try_get(0)?;
+        let n: i64 = row.try_get(1)?;
+        let key_ref = match <[u8; 8]>::try_from(id.as_slice()) {
+            Ok(b) => KeyRef {
+                key_id: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                dek_version: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            },
+            Err(_) => KeyRef {
+                key_id: 0,
+                dek_version: 0,
+            },
+        };
+        out.push((key_ref, n));
+    }
+    Ok(out)
+}
+
+/// `keys rewrap`: rewrap stored DEKs under the newest KEK version; no row is touched.
+pub async fn keys_rewrap(
+    manager: &KeyManager,
+    args: &KeysRewrapArgs,
+) -> Result<Vec<(String, usize)>, OpsError> {
+    let names: Vec<String> = match &args.key {
+        Some(k) => vec![k.clone()],
+        None => manager.key_names().map(str::to_string).collect(),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let n = manager.provider().rewrap(&name).await?;
+        tracing::info!(key = %name, rewrapped = n, "rewrap done");
+        out.push((name, n));
+    }
+    Ok(out)
+}
+
+struct Job<'a> {
+    name: &'static str,
+    db: &'a tokio_postgres::Client,
+    table: String,
+    column: String,
+}
+
+impl Job<'_> {
+    /// Where a previous unfinished run stopped (`None`: start from the beginning).
+    async fn resume_point(&self) -> Result<(Option<String>, i64), OpsError> {
+        let row = self
+            .db
+            .query_opt(
+                "SELECT last_pk, rows_done, finished_at IS NOT NULL FROM pgward.job_progress WHERE job = $1 AND table_name = $2 AND column_name = $3",
+                &[&self.name, &self.table, &self.column],
+            )
+            .await?;
+        match row {
+            Some(r) if !r.try_get::<_, bool>(2)? => Ok((r.try_get(0)?, r.try_get(1)?)),
+            _ => {
+                self.db
+                    .execute(
+                        "INSERT INTO pgward.job_progress (job, table_name, column_name) VALUES ($1, $2, $3) \
+                         ON CONFLICT (job, table_name, column_name) DO UPDATE SET last_pk = NULL, rows_done = 0, \
+                         started_at = now(), updated_at = now(), finished_at = NULL",
+                        &[&self.name, &self.table, &self.column],
+                    )
+                    .await?;
+                Ok((None, 0))
+            }
+        }
+    }
+
+    async fn save(
+        &self,
+        last_pk: &Option<String>,
+        rows_done: i64,
+        finished: bool,
+    ) -> Result<(), OpsError> {
+        self.db
+            .execute(
+                "UPDATE pgward.job_progress SET last_pk = $4, rows_done = $5, updated_at = now(), \
+                 finished_at = CASE WHEN $6 THEN now() END WHERE job = $1 AND table_name = $2 AND column_name = $3",
+                &[&self.name, &self.table, &self.column, last_pk, &rows_done, &finished],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// `keys reencrypt`: rewrite every value not under its key's newest DEK, in batches.
+pub async fn keys_reencrypt(
+    manager: &KeyManager,
+    db: &tokio_postgres::Client,
+    args: &KeysReencryptArgs,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<Vec<Progress>, OpsError> {
+    manager.refresh().await?;
+    let wanted = args.table.as_deref().map(super::config::qualify_table);
+    let specs: Vec<ColumnSpec> = manager
+        .columns()
+        .filter(|s| wanted.as_ref().is_none_or(|t| *t == s.table))
+        .cloned()
+        .collect();
+    if specs.is_empty() {
+        return Err(OpsError::Schema(format!(
+            "no encrypted columns match {:?}",
+            args.table
+        )));
+    }
+    let mut reports = Vec::new();
+    for spec in specs {
+        reports.push(reencrypt_column(manager, db, &spec, &args.batch, progress).await?);
+    }
+    Ok(reports)
+}
+
+async fn reencrypt_column(
+    manager: &KeyManager,
+    db: &tokio_postgres::Client,
+    spec: &ColumnSpec,
+    batch: &BatchArgs,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<Progress, OpsError> {
+    let target = manager.current_key_ref(&spec.column.key).await?;
+    let (pk, pk_type) = primary_key(db, &spec.table).await?;
+    let (t, c, p) = (
+        quote_table(&spec.table),
+        quote_ident(&spec.column.column),
+        quote_ident(&pk),
+    );
+    // Aliases matter: an output column named like the key would make ORDER BY sort the text cast.
+    let select = format!(
+        "SELECT {p}::text AS pgward__pk, {c} FROM {t} WHERE ($1::text IS NULL OR {p} > $1::text::{pk_type}) AND {c} IS NOT NULL ORDER BY {p} LIMIT $2"
+    );
+    // Only overwrite the value we read: a concurrent write through the proxy already uses the new DEK.
+    let update = format!("UPDATE {t} SET {c} = $1 WHERE {p} = $2::text::{pk_type} AND {c} = $3");
+    let job = Job {
+        name: "reencrypt",
+        db,
+        table: spec.table.clone(),
+        column: spec.column.column.clone(),
+    };
+    let (mut last_pk, mut done) = job.resume_point().await?;
+    let mut changed = 0;
+    loop {
+        let rows = db.query(&select, &[&last_pk, &batch_size(batch)]).await?;
+        for row in &rows {
+            let id: String = row.try_get(0)?;
+            let stored: Vec<u8> = row.try_get(1)?;
+            if peek_key_ref(&stored).ok() != Some(target) {
+                let plain = zeroize::Zeroizing::new(
+                    manager
+                        .decrypt(&spec.table, &spec.column.column, &stored)
+                        .await?,
+                );
+                let fresh = manager
+                    .encrypt(&spec.table, &spec.column.column, &plain)
+                    .await?;
+                changed += db.execute(&update, &[&fresh, &id, &stored]).await? as i64;
+            }
+            last_pk = Some(id);
+        }
+        done += rows.len() as i64;
+        let finished = (rows.len() as i64) < batch_size(batch);
+        job.save(&last_pk, done, finished).await?;
+        let event = Progress {
+            job: "reencrypt",
+            table: spec.table.clone(),
+            column: spec.column.column.clone(),
+            rows_done: done,
+            rows_changed: changed,
+            last_pk: last_pk.clone(),
+            finished,
+        };
+        progress(&event);
+        if finished {
+            return Ok(event);
+        }
+        tokio::time::sleep(batch.pause).await;
+    }
+}
+
+/// Run `f` inside BEGIN/COMMIT on a shared client, rolling back on error.
+async fn in_transaction<T>(
+    db: &tokio_postgres::Client,
+    f: impl std::future::Future<Output = Result<T, OpsError>>,
+) -> Result<T, OpsError> {
+    db.batch_execute("BEGIN").await?;
+    match f.await {
+        Ok(v) => {
+            db.batch_execute("COMMIT").await?;
+            Ok(v)
+        }
+        Err(e) => {
+            if let Err(rb) = db.batch_execute("ROLLBACK").await {
+                tracing::warn!(error = %rb, "rollback failed");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// `encrypt-existing`: migrate a plaintext column in place to an encrypted `bytea` (+ `<col>_bidx`).
+///
+/// Copies into a twin column `<col>__pgward_enc` in batches while the application keeps
+/// running (a trigger clears a twin value whose plaintext is updated meanwhile), then, under
+/// a short `ACCESS EXCLUSIVE` lock, encrypts the rows still missing, drops the plaintext
+/// column and renames the twin. Rerunnable: it resumes, and is a no-op once done.
+/// Sets `TimeZone = UTC` and `DateStyle = ISO` on `db` so text renderings parse exactly.
+pub async fn encrypt_existing(
+    manager: &KeyManager,
+    db: &tokio_postgres::Client,
+    args: &EncryptExistingArgs,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<Progress, OpsError> {
+    let spec = manager.column(&args.table, &args.column)?.clone();
+    let (table, column) = (spec.table.clone(), spec.column.column.clone());
+    let twin_name = format!("{column}__pgward_enc");
+    let bidx_name = format!("{column}_bidx");
+    let (t, c, twin, bidx) = (
+        quote_table(&table),
+        quote_ident(&column),
+        quote_ident(&twin_name),
+        quote_ident(&bidx_name),
+    );
+    let col_type = column_type(db, &table, &column).await?;
+    let twin_exists = column_type(db, &table, &twin_name).await.is_ok();
+    if col_type == "bytea" && !twin_exists && spec.column.ty != super::codec::ClientType::Bytea {
+        tracing::info!(%table, %column, "already encrypted; nothing to do");
+        return Ok(Progress {
+            job: "encrypt_existing",
+            table,
+            column,
+            rows_done: 0,
+            rows_changed: 0,
+            last_pk: None,
+            finished: true,
+        });
+    }
+    db.batch_execute(
+        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3",
+    )
+    .await?;
+    let (pk, pk_type) = primary_key(db, &table).await?;
+    let p = quote_ident(&pk);
+    let mut ddl = format!("ALTER TABLE {t} ADD COLUMN IF NOT EXISTS {twin} bytea");
+    if spec.column.searchable {
+        ddl.push_str(&format!(", ADD COLUMN IF NOT EXISTS {bidx} bytea"));
+    }
+    let trigger = quote_ident(&format!("pgward_invalidate_{column}"));
+    let clear_args = if spec.column.searchable {
+        format!(
+            "'{}', '{}'",
+            twin_name.replace('\'', "''"),
+            bidx_name.replace('\'', "''")
+        )
+    } else {
+        format!("'{}'", twin_name.replace('\'', "''"))
+    };
+    db.batch_execute(&format!(
+        "{ddl}; DROP TRIGGER IF EXISTS {trigger} ON {t}; CREATE TRIGGER {trigger} BEFORE UPDATE OF {c} ON {t} FOR EACH ROW \
+         WHEN (OLD.{c} IS DISTINCT FROM NEW.{c}) EXECUTE FUNCTION pgward.invalidate_encrypted_copy({clear_args})"
+    ))
+    .await?;
+
+    // Aliases matter: an output column named like the key would make ORDER BY sort the text cast.
+    let select = format!(
+        "SELECT {p}::text AS pgward__pk, {c}::text AS pgward__val FROM {t} WHERE ($1::text IS NULL OR {p} > $1::text::{pk_type}) \
+         AND {c} IS NOT NULL AND {twin} IS NULL ORDER BY {p} LIMIT $2"
+    );
+    let set_bidx = if spec.column.searchable {
+        format!(", {bidx} = $4")
+    } else {
+        String::new()
+    };
+    let update = format!(
+        "UPDATE {t} SET {twin} = $1{set_bidx} WHERE {p} = $2::text::{pk_type} AND {c}::text = $3"
+    );
+    let job = Job {
+        name: "encrypt_existing",
+        db,
+        table: table.clone(),
+        column: column.clone(),
+    };
+    let (mut last_pk, mut done) = job.resume_point().await?;
+    let mut changed = 0;
+    loop {
+        let rows = db
+            .query(&select, &[&last_pk, &batch_size(&args.batch)])
+            .await?;
+        changed += encrypt_rows(manager, db, &spec, &rows, &update).await?;
+        if let Some(last) = rows.last() {
+            last_pk = Some(last.try_get(0)?);
+        }
+        done += rows.len() as i64;
+        let finished = (rows.len() as i64) < batch_size(&args.batch);
+        job.save(&last_pk, done, false).await?;
+        progress(&Progress {
+            job: "encrypt_existing",
+            table: table.clone(),
+            column: column.clone(),
+            rows_done: done,
+            rows_changed: changed,
+            last_pk: last_pk.clone(),
+            finished: false,
+        });
+        if finished {
+            break;
+        }
+        tokio::time::sleep(args.batch.pause).await;
+    }
+
+    // Final pass under lock: rows inserted or updated since their batch, then swap columns.
+    let remaining =
+        format!("SELECT {p}::text, {c}::text FROM {t} WHERE {c} IS NOT NULL AND {twin} IS NULL");
+    let swap = format!("DROP TRIGGER IF EXISTS {trigger} ON {t}; ALTER TABLE {t} DROP COLUMN {c}; ALTER TABLE {t} RENAME COLUMN {twin} TO {c}");
+    let final_changed = in_transaction(db, async {
+        db.batch_execute(&format!("LOCK TABLE {t} IN ACCESS EXCLUSIVE MODE"))
+            .await?;
+        let rows = db.query(&remaining, &[]).await?;
+        let n = encrypt_rows(manager, db, &spec, &rows, &update).await?;
+        db.batch_execute(&swap).await?;
+        Ok(n)
+    })
+    .await?;
+    changed += final_changed;
+    job.save(&last_pk, done, true).await?;
+    let event = Progress {
+        job: "encrypt_existing",
+        table,
+        column,
+        rows_done: done,
+        rows_changed: changed,
+        last_pk,
+        finished: true,
+    };
+    progress(&event);
+    Ok(event)
+}
+
+fn batch_size(b: &BatchArgs) -> i64 {
+    b.batch_size.max(1)
+}
+
+/// Encrypt the text renderings in `rows` ((pk, plaintext)) into the twin (and bidx) columns.
+async fn encrypt_rows(
+    manager: &KeyManager,
+    db: &tokio_postgres::Client,
+    spec: &ColumnSpec,
+    rows: &[tokio_postgres::Row],
+    update: &str,
+) -> Result<i64, OpsError> {
+    let mut changed = 0;
+    for row in rows {
+        let id: String = row.try_get(0)?;
+        let text: String = row.try_get(1)?;
+        let canonical = zeroize::Zeroizing::new(
+            encode_for_encryption(spec.column.ty, WireFormat::Text, text.as_bytes())
+                .map_err(CryptoError::from)?,
+        );
+        let ct = manager
+            .encrypt(&spec.table, &spec.column.column, &canonical)
+            .await?;
+        let n = if spec.column.searchable {
+            let bidx = manager
+                .blind_index(&spec.table, &spec.column.column, &canonical)
+                .await?
+                .to_vec();
+            db.execute(update, &[&ct, &id, &text, &bidx]).await?
+        } else {
+            db.execute(update, &[&ct, &id, &text]).await?
+        };
+        changed += n as i64;
+    }
+    Ok(changed)
+}
+
+/// SQL type of a column, or an error if it does not exist.
+async fn column_type(
+    db: &tokio_postgres::Client,
+    table: &str,
+    column: &str,
+) -> Result<String, OpsError> {
+    let row = db
+        .query_opt(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = $1::text::regclass AND attname = $2 AND NOT attisdropped AND attnum > 0",
+            &[&quote_table(table), &column],
+        )
+        .await?;
+    match row {
+        Some(r) => Ok(r.try_get(0)?),
+        None => Err(OpsError::Schema(format!("{table}.{column} does not exist"))),
+    }
+}

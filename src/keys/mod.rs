@@ -1,0 +1,166 @@
+//! Key providers: where data keys (DEKs) come from and how they are protected at rest.
+//!
+//! * [`transit::TransitProvider`] (default): Vault/OpenBao transit is the key-encryption
+//!   key (KEK). DEKs are created with `transit/datakey/plaintext`, only the wrapped form
+//!   is kept at rest in a [`store::WrappedKeyStore`] (the `pgward.data_keys` table of the
+//!   upstream database, see `migrations/0100_pgward_keys.sql`), unwrapped with
+//!   `transit/decrypt` on first use and re-wrapped with `transit/rewrap`. The KEK never
+//!   leaves Vault.
+//! * [`kv2::Kv2Provider`]: each DEK is a version of a Vault KV v2 secret.
+//! * [`local::LocalProvider`]: DEKs derived from a master key file; dev and tests only.
+//!
+//! Why the wrapped DEKs live in the upstream database (not KV v2) for `transit`: they
+//! are backed up, restored and replicated together with the rows they protect, a
+//! restore of an old backup brings back exactly the DEKs its rows need, and Vault only
+//! holds the KEK. Wrapped DEKs are useless without transit access.
+pub mod kv2;
+pub mod local;
+pub mod store;
+pub mod transit;
+pub mod vault;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use thiserror::Error;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+pub use vault::{VaultClient, VaultError};
+
+/// A 256-bit secret (DEK, index root key, master key). Zeroised on drop, redacted in Debug.
+#[derive(Clone, Zeroize, ZeroizeOnDrop)]
+pub struct SecretKey([u8; 32]);
+
+impl SecretKey {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        SecretKey(bytes)
+    }
+
+    /// From a slice that must be exactly 32 bytes (e.g. a decoded Vault response).
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| {
+            KeyError::BadKeyMaterial(format!("expected 32 bytes, got {}", bytes.len()))
+        })?;
+        Ok(SecretKey(arr))
+    }
+
+    /// Fresh random key from the OS CSPRNG.
+    pub fn random() -> Self {
+        use rand::RngCore;
+        let mut k = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut k);
+        SecretKey(k)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(<redacted>)")
+    }
+}
+
+/// Why a key could not be obtained.
+#[derive(Debug, Error)]
+pub enum KeyError {
+    /// Vault is unreachable, sealed or answering 5xx, and the key is not cached.
+    #[error(
+        "key {key} (DEK version {dek_version}) is not cached and Vault is unavailable: {source}"
+    )]
+    Unavailable {
+        key: String,
+        dek_version: u32,
+        source: VaultError,
+    },
+    /// Vault refused (permission denied, revoked token, version below min_decryption_version, ...).
+    #[error("Vault refused key {key}: {source}")]
+    Vault { key: String, source: VaultError },
+    /// The DEK version named by a ciphertext is unknown to the store.
+    #[error("no DEK version {dek_version} for key {key}")]
+    UnknownDek { key: String, dek_version: u32 },
+    /// The wrapped-key store (upstream database) failed.
+    #[error("wrapped-key store: {0}")]
+    Store(String),
+    /// Key material of the wrong size or encoding.
+    #[error("bad key material: {0}")]
+    BadKeyMaterial(String),
+    /// The provider cannot do this (e.g. rewrap for `local`).
+    #[error("{0} is not supported by the {1} provider")]
+    Unsupported(&'static str, &'static str),
+    /// Local master key file problems.
+    #[error("master key file {path}: {reason}")]
+    MasterKey { path: String, reason: String },
+}
+
+impl KeyError {
+    /// Map a Vault failure for `key` to the typed error the caller sees.
+    pub fn from_vault(key: &str, dek_version: u32, e: VaultError) -> Self {
+        if e.is_unavailable() {
+            KeyError::Unavailable {
+                key: key.to_string(),
+                dek_version,
+                source: e,
+            }
+        } else {
+            KeyError::Vault {
+                key: key.to_string(),
+                source: e,
+            }
+        }
+    }
+
+    /// True when the failure is Vault being unreachable (cached keys may keep serving).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, KeyError::Unavailable { .. })
+    }
+}
+
+/// What is known about one DEK without unwrapping it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DekInfo {
+    pub key_name: String,
+    pub dek_version: u32,
+    /// KEK version that wraps it (transit), 0 where there is no KEK.
+    pub kek_version: u32,
+}
+
+/// State of one KEK as seen by the provider.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KekStatus {
+    pub latest_version: u32,
+    pub min_decryption_version: u32,
+    pub versions: Vec<u32>,
+}
+
+/// A boxed, sendable future: keeps the trait object-safe without `async-trait`.
+pub type KeyFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, KeyError>> + Send + 'a>>;
+
+/// Where DEKs and index root keys come from.
+///
+/// DEK version 0 is reserved for the key name's blind-index root key, which never
+/// rotates (so equality search survives DEK rotation).
+pub trait KeyProvider: Send + Sync + std::fmt::Debug {
+    /// Short provider name for logs and `keys status`.
+    fn kind(&self) -> &'static str;
+
+    /// The KEK state for a key name (transit: the key's version map; others: version 0).
+    fn kek_status<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, KekStatus>;
+
+    /// All stored DEKs of a key name, oldest first (excluding the index root).
+    fn list_deks<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, Vec<DekInfo>>;
+
+    /// Create the next DEK version under the newest KEK version.
+    fn create_dek<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, (DekInfo, SecretKey)>;
+
+    /// Obtain (unwrap) one DEK version.
+    fn fetch_dek<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, SecretKey>;
+
+    /// The blind-index root key of a key name, created on first use.
+    fn index_root<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, SecretKey>;
+
+    /// Re-wrap every stored DEK of `key_name` under the newest KEK version; returns how many changed.
+    fn rewrap<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, usize>;
+}

@@ -1,0 +1,185 @@
+//! Where wrapped DEKs live at rest for the transit provider.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{DekInfo, KeyError, KeyFuture};
+
+/// The schema (`pgward.data_keys`, `pgward.job_progress`), applied idempotently.
+pub const MIGRATION_SQL: &str = include_str!("../../migrations/0100_pgward_keys.sql");
+
+/// A DEK in its wrapped (KEK-encrypted) form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrappedDek {
+    pub info: DekInfo,
+    /// Provider-specific wrapped form (transit: `vault:vN:...`).
+    pub wrapped: String,
+}
+
+/// Persistence of wrapped DEKs.
+pub trait WrappedKeyStore: Send + Sync + std::fmt::Debug {
+    /// Every stored DEK of a key name (including version 0, the index root), by version.
+    fn list<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, Vec<WrappedDek>>;
+    fn get<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, Option<WrappedDek>>;
+    /// Insert unless that version exists; `false` means another instance created it first.
+    fn insert<'a>(&'a self, dek: &'a WrappedDek, provider: &'a str) -> KeyFuture<'a, bool>;
+    /// Replace the wrapped form after a rewrap.
+    fn update_wrapped<'a>(&'a self, dek: &'a WrappedDek) -> KeyFuture<'a, ()>;
+}
+
+/// In-memory store: tests and throwaway setups only (keys vanish on restart).
+#[derive(Debug, Default)]
+pub struct MemoryKeyStore {
+    map: parking_lot::Mutex<BTreeMap<(String, u32), WrappedDek>>,
+}
+
+impl WrappedKeyStore for MemoryKeyStore {
+    fn list<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, Vec<WrappedDek>> {
+        let out = self
+            .map
+            .lock()
+            .values()
+            .filter(|d| d.info.key_name == key_name)
+            .cloned()
+            .collect();
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn get<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, Option<WrappedDek>> {
+        let out = self
+            .map
+            .lock()
+            .get(&(key_name.to_string(), dek_version))
+            .cloned();
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn insert<'a>(&'a self, dek: &'a WrappedDek, _provider: &'a str) -> KeyFuture<'a, bool> {
+        let mut map = self.map.lock();
+        let k = (dek.info.key_name.clone(), dek.info.dek_version);
+        let inserted = match map.entry(k) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(dek.clone());
+                true
+            }
+        };
+        Box::pin(async move { Ok(inserted) })
+    }
+
+    fn update_wrapped<'a>(&'a self, dek: &'a WrappedDek) -> KeyFuture<'a, ()> {
+        self.map.lock().insert(
+            (dek.info.key_name.clone(), dek.info.dek_version),
+            dek.clone(),
+        );
+        Box::pin(async move { Ok(()) })
+    }
+}
+
+/// `pgward.data_keys` in the upstream database.
+#[derive(Clone)]
+pub struct PgKeyStore {
+    client: Arc<tokio_postgres::Client>,
+}
+
+impl std::fmt::Debug for PgKeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgKeyStore")
+    }
+}
+
+fn store_err(e: tokio_postgres::Error) -> KeyError {
+    KeyError::Store(e.to_string())
+}
+
+fn to_i32(v: u32) -> Result<i32, KeyError> {
+    i32::try_from(v).map_err(|_| KeyError::Store(format!("version {v} out of range")))
+}
+
+fn row_to_dek(row: &tokio_postgres::Row) -> Result<WrappedDek, KeyError> {
+    let key_name: String = row.try_get(0).map_err(store_err)?;
+    let dek: i32 = row.try_get(1).map_err(store_err)?;
+    let kek: i32 = row.try_get(2).map_err(store_err)?;
+    let wrapped: String = row.try_get(3).map_err(store_err)?;
+    let version =
+        |v: i32| u32::try_from(v).map_err(|_| KeyError::Store(format!("negative version {v}")));
+    Ok(WrappedDek {
+        info: DekInfo {
+            key_name,
+            dek_version: version(dek)?,
+            kek_version: version(kek)?,
+        },
+        wrapped,
+    })
+}
+
+impl PgKeyStore {
+    pub fn new(client: Arc<tokio_postgres::Client>) -> Self {
+        PgKeyStore { client }
+    }
+
+    /// Create the schema if missing (same SQL as the migration file).
+    pub async fn migrate(&self) -> Result<(), KeyError> {
+        self.client
+            .batch_execute(MIGRATION_SQL)
+            .await
+            .map_err(store_err)
+    }
+}
+
+impl WrappedKeyStore for PgKeyStore {
+    fn list<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, Vec<WrappedDek>> {
+        Box::pin(async move {
+            let rows = self
+                .client
+                .query(
+                    "SELECT key_name, dek_version, kek_version, wrapped FROM pgward.data_keys WHERE key_name = $1 ORDER BY dek_version",
+                    &[&key_name],
+                )
+                .await
+                .map_err(store_err)?;
+            rows.iter().map(row_to_dek).collect()
+        })
+    }
+
+    fn get<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, Option<WrappedDek>> {
+        Box::pin(async move {
+            let row = self
+                .client
+                .query_opt(
+                    "SELECT key_name, dek_version, kek_version, wrapped FROM pgward.data_keys WHERE key_name = $1 AND dek_version = $2",
+                    &[&key_name, &to_i32(dek_version)?],
+                )
+                .await
+                .map_err(store_err)?;
+            row.as_ref().map(row_to_dek).transpose()
+        })
+    }
+
+    fn insert<'a>(&'a self, dek: &'a WrappedDek, provider: &'a str) -> KeyFuture<'a, bool> {
+        Box::pin(async move {
+            let n = self
+                .client
+                .execute(
+                    "INSERT INTO pgward.data_keys (key_name, dek_version, kek_version, provider, wrapped) VALUES ($1, $2, $3, $4, $5) \
+                     ON CONFLICT (key_name, dek_version) DO NOTHING",
+                    &[&dek.info.key_name, &to_i32(dek.info.dek_version)?, &to_i32(dek.info.kek_version)?, &provider, &dek.wrapped],
+                )
+                .await
+                .map_err(store_err)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn update_wrapped<'a>(&'a self, dek: &'a WrappedDek) -> KeyFuture<'a, ()> {
+        Box::pin(async move {
+            self.client
+                .execute(
+                    "UPDATE pgward.data_keys SET wrapped = $3, kek_version = $4, rewrapped_at = now() WHERE key_name = $1 AND dek_version = $2",
+                    &[&dek.info.key_name, &to_i32(dek.info.dek_version)?, &dek.wrapped, &to_i32(dek.info.kek_version)?],
+                )
+                .await
+                .map_err(store_err)?;
+            Ok(())
+        })
+    }
+}
