@@ -127,8 +127,12 @@ pub fn find_bindir() -> Result<PathBuf, PgServerError> {
 
 /// A free TCP port on loopback (bound, then released).
 pub fn free_port() -> Result<u16, PgServerError> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
-    let port = listener.local_addr().map_err(io_err("finding a free port"))?.port();
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
+    let port = listener
+        .local_addr()
+        .map_err(io_err("finding a free port"))?
+        .port();
     Ok(port)
 }
 
@@ -277,7 +281,15 @@ impl EmbeddedPostgres {
         initdb
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "-E", "UTF8", "--no-instructions", "-A", "scram-sha-256"])
+            .args([
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+                "-A",
+                "scram-sha-256",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()));
         self.run("initdb", &mut initdb)?;
         let _ = fs::remove_file(&pwfile);
@@ -303,13 +315,18 @@ impl EmbeddedPostgres {
         ];
         if !options.durable {
             conf.extend(
-                ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
-                    .map(String::from),
+                [
+                    "fsync = off",
+                    "synchronous_commit = off",
+                    "full_page_writes = off",
+                ]
+                .map(String::from),
             );
         }
         conf.extend(options.extra_conf.iter().cloned());
         let conf_path = data.join("postgresql.auto.conf");
-        fs::write(&conf_path, conf.join("\n") + "\n").map_err(io_err("writing postgresql.auto.conf"))?;
+        fs::write(&conf_path, conf.join("\n") + "\n")
+            .map_err(io_err("writing postgresql.auto.conf"))?;
         chown(&conf_path, self.run_as)?;
         Ok(())
     }
@@ -356,7 +373,11 @@ impl EmbeddedPostgres {
     }
 
     /// Run SQL files in lexical order (idempotent migrations) against `database`.
-    pub async fn apply_migrations(&self, database: &str, dir: &Path) -> Result<Vec<String>, PgServerError> {
+    pub async fn apply_migrations(
+        &self,
+        database: &str,
+        dir: &Path,
+    ) -> Result<Vec<String>, PgServerError> {
         apply_migrations(&self.client_config(database), dir).await
     }
 
@@ -424,7 +445,8 @@ pub async fn apply_migrations(
     files.sort();
     let mut applied = Vec::new();
     for file in files {
-        let sql = fs::read_to_string(&file).map_err(io_err(format!("reading {}", file.display())))?;
+        let sql =
+            fs::read_to_string(&file).map_err(io_err(format!("reading {}", file.display())))?;
         let name = file
             .file_name()
             .and_then(OsStr::to_str)
