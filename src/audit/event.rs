@@ -1,0 +1,487 @@
+//! What callers hand to the audit log. Serialising an event yields the kind-specific part of
+//! a record; the writer adds the envelope (`v`, `seq`, `ts`, `node`, `prev`).
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+/// The facts of one authenticated client connection, shared by all its records.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SessionInfo {
+    pub session_id: u64,
+    pub client_addr: String,
+    pub tls: bool,
+    /// Subject of the verified client certificate, if any.
+    pub cert_identity: Option<String>,
+    pub service: String,
+    /// The token's `jti`.
+    pub token_id: Option<String>,
+    pub database: String,
+    /// The claims the policy engine actually used (not the whole token).
+    pub claims_used: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Outcome of the policy decision for a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// Forwarded to the server.
+    Allowed,
+    /// Refused by a policy rule.
+    Refused,
+    /// Could not be processed (parse/rewrite error, audit failure, upstream error).
+    Failed,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Refused => "refused",
+            Decision::Failed => "failed",
+        }
+    }
+}
+
+/// How the statement arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// A statement inside a simple-protocol Query message.
+    Simple,
+    /// One Execute of the extended protocol.
+    Extended,
+}
+
+/// One bound parameter. The value of a sensitive parameter (bound to an encrypted column)
+/// is dropped by its constructor, so no setting can ever serialise it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BoundParam {
+    /// PostgreSQL type OID (0 when unspecified by the client).
+    pub type_oid: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sensitive: bool,
+    /// Present only when `record_values` is on and the parameter is not sensitive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+}
+
+impl BoundParam {
+    /// A parameter bound to an encrypted column: only its type is ever recorded.
+    pub fn sensitive(type_oid: u32) -> Self {
+        BoundParam {
+            type_oid,
+            sensitive: true,
+            value: None,
+        }
+    }
+
+    /// A parameter of a non-encrypted column. Text-format values are kept as text, binary
+    /// values as `\x` hex, NULL as `None`; whether they are written depends on
+    /// `record_values`.
+    pub fn plain(type_oid: u32, value: Option<&[u8]>) -> Self {
+        let value = value.map(|v| match std::str::from_utf8(v) {
+            Ok(s) => s.to_string(),
+            Err(_) => format!("\\x{}", hex::encode(v)),
+        });
+        BoundParam {
+            type_oid,
+            sensitive: false,
+            value,
+        }
+    }
+
+    pub fn value(&self) -> Option<&str> {
+        self.value.as_deref()
+    }
+}
+
+/// The statement text. When it contains literals bound for encrypted columns the caller
+/// says so and the original is dropped at construction; only the redacted form remains.
+#[derive(Debug, Clone)]
+pub struct SqlText {
+    redacted: String,
+    /// `None` when the text carried sensitive literals.
+    original: Option<String>,
+}
+
+impl SqlText {
+    /// `has_sensitive_literals`: true if any literal in `sql` targets an encrypted column
+    /// (or the caller cannot tell — then pass true).
+    pub fn new(sql: &str, has_sensitive_literals: bool) -> Self {
+        SqlText {
+            redacted: super::fingerprint::redact(sql),
+            original: (!has_sensitive_literals).then(|| sql.to_string()),
+        }
+    }
+
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+
+    /// The text to record under the given `record_values` setting.
+    fn recorded(&self, record_values: bool) -> &str {
+        match (&self.original, record_values) {
+            (Some(orig), true) => orig,
+            _ => &self.redacted,
+        }
+    }
+}
+
+/// Everything known about one statement when the policy decided on it.
+#[derive(Debug, Clone)]
+pub struct StatementRecord {
+    pub session: Arc<SessionInfo>,
+    pub protocol: Protocol,
+    /// Prepared-statement / portal name for extended protocol, if named.
+    pub statement_name: Option<String>,
+    pub sql: SqlText,
+    pub fingerprint: String,
+    /// Hex SHA-256 of the statement actually forwarded after rewriting.
+    pub rewritten_sha256: Option<String>,
+    pub decision: Decision,
+    pub rule: Option<String>,
+    pub reason: Option<String>,
+    pub tables_read: Vec<String>,
+    pub tables_written: Vec<String>,
+    /// `table.column`.
+    pub columns_read: Vec<String>,
+    pub columns_written: Vec<String>,
+    /// Encrypted columns (`table.column`) this statement touches, read or written.
+    pub encrypted_columns: Vec<String>,
+    pub params: Vec<BoundParam>,
+    /// SQLSTATE sent to the client when refused/failed here.
+    pub sqlstate: Option<String>,
+}
+
+impl StatementRecord {
+    /// A record with the fingerprint computed; other fields start empty/allowed.
+    pub fn new(session: Arc<SessionInfo>, protocol: Protocol, sql: SqlText) -> Self {
+        let fingerprint = super::fingerprint::fingerprint(sql.redacted());
+        StatementRecord {
+            session,
+            protocol,
+            statement_name: None,
+            sql,
+            fingerprint,
+            rewritten_sha256: None,
+            decision: Decision::Allowed,
+            rule: None,
+            reason: None,
+            tables_read: Vec::new(),
+            tables_written: Vec::new(),
+            columns_read: Vec::new(),
+            columns_written: Vec::new(),
+            encrypted_columns: Vec::new(),
+            params: Vec::new(),
+            sqlstate: None,
+        }
+    }
+
+    /// Stores the SHA-256 of the rewritten statement (never its text: it may hold ciphertext).
+    pub fn set_rewritten(&mut self, rewritten_sql: &str) {
+        self.rewritten_sha256 = Some(hex::encode(Sha256::digest(rewritten_sql.as_bytes())));
+    }
+}
+
+/// One auditable event.
+#[derive(Debug, Clone)]
+pub enum AuditEvent {
+    ConnectionOpened(Arc<SessionInfo>),
+    ConnectionClosed {
+        session: Arc<SessionInfo>,
+        duration: Duration,
+        statements: u64,
+        /// e.g. "client terminated", "idle timeout", "token expired".
+        reason: Option<String>,
+    },
+    AuthFailed {
+        client_addr: String,
+        tls: bool,
+        cert_identity: Option<String>,
+        /// The user / service name the client claimed, if any.
+        user: Option<String>,
+        database: Option<String>,
+        token_id: Option<String>,
+        reason: String,
+        sqlstate: String,
+    },
+    Statement(Box<StatementRecord>),
+    StatementCompleted {
+        session_id: u64,
+        service: String,
+        /// The `seq` returned by `append` for the statement.
+        statement_seq: u64,
+        rows: Option<u64>,
+        /// e.g. "SELECT", "INSERT" (the tag without counts).
+        command: Option<String>,
+        duration: Duration,
+        /// Set when the server returned an error. The message is not kept: it can quote values.
+        sqlstate: Option<String>,
+    },
+}
+
+fn micros<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The serialised shape of an event. Field order here is the on-disk field order.
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+// Built on the stack for one serialisation and dropped at once; boxing would only add allocations.
+#[allow(clippy::large_enum_variant)]
+enum Wire<'a> {
+    ConnectionOpened {
+        decision: Decision,
+        session: &'a SessionInfo,
+    },
+    ConnectionClosed {
+        session_id: u64,
+        service: &'a str,
+        #[serde(serialize_with = "micros")]
+        duration_us: Duration,
+        statements: u64,
+        reason: Option<&'a str>,
+    },
+    AuthFailed {
+        decision: Decision,
+        client_addr: &'a str,
+        tls: bool,
+        cert_identity: Option<&'a str>,
+        user: Option<&'a str>,
+        database: Option<&'a str>,
+        token_id: Option<&'a str>,
+        reason: &'a str,
+        sqlstate: &'a str,
+    },
+    Statement {
+        session_id: u64,
+        service: &'a str,
+        database: &'a str,
+        client_addr: &'a str,
+        cert_identity: Option<&'a str>,
+        token_id: Option<&'a str>,
+        claims_used: &'a serde_json::Map<String, serde_json::Value>,
+        protocol: Protocol,
+        statement_name: Option<&'a str>,
+        decision: Decision,
+        rule: Option<&'a str>,
+        reason: Option<&'a str>,
+        sqlstate: Option<&'a str>,
+        fingerprint: &'a str,
+        sql: &'a str,
+        rewritten_sha256: Option<&'a str>,
+        tables_read: &'a [String],
+        tables_written: &'a [String],
+        columns_read: &'a [String],
+        columns_written: &'a [String],
+        encrypted_columns: &'a [String],
+        param_count: usize,
+        params: Vec<BoundParam>,
+    },
+    StatementCompleted {
+        session_id: u64,
+        service: &'a str,
+        statement_seq: u64,
+        rows: Option<u64>,
+        command: Option<&'a str>,
+        #[serde(serialize_with = "micros")]
+        duration_us: Duration,
+        sqlstate: Option<&'a str>,
+    },
+}
+
+/// Parameters as recorded: values only when allowed and never for sensitive ones.
+fn recorded_params(params: &[BoundParam], record_values: bool) -> Vec<BoundParam> {
+    params
+        .iter()
+        .map(|p| BoundParam {
+            type_oid: p.type_oid,
+            sensitive: p.sensitive,
+            value: if record_values && !p.sensitive {
+                p.value.clone()
+            } else {
+                None
+            },
+        })
+        .collect()
+}
+
+impl AuditEvent {
+    /// Serialises the kind-specific JSON object (`{"kind":...}`) into `out`.
+    pub(crate) fn write_json(
+        &self,
+        record_values: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), serde_json::Error> {
+        let params;
+        let wire = match self {
+            AuditEvent::ConnectionOpened(s) => Wire::ConnectionOpened {
+                decision: Decision::Allowed,
+                session: s,
+            },
+            AuditEvent::ConnectionClosed {
+                session,
+                duration,
+                statements,
+                reason,
+            } => Wire::ConnectionClosed {
+                session_id: session.session_id,
+                service: &session.service,
+                duration_us: *duration,
+                statements: *statements,
+                reason: reason.as_deref(),
+            },
+            AuditEvent::AuthFailed {
+                client_addr,
+                tls,
+                cert_identity,
+                user,
+                database,
+                token_id,
+                reason,
+                sqlstate,
+            } => Wire::AuthFailed {
+                decision: Decision::Failed,
+                client_addr,
+                tls: *tls,
+                cert_identity: cert_identity.as_deref(),
+                user: user.as_deref(),
+                database: database.as_deref(),
+                token_id: token_id.as_deref(),
+                reason,
+                sqlstate,
+            },
+            AuditEvent::Statement(st) => {
+                params = recorded_params(&st.params, record_values);
+                Wire::Statement {
+                    session_id: st.session.session_id,
+                    service: &st.session.service,
+                    database: &st.session.database,
+                    client_addr: &st.session.client_addr,
+                    cert_identity: st.session.cert_identity.as_deref(),
+                    token_id: st.session.token_id.as_deref(),
+                    claims_used: &st.session.claims_used,
+                    protocol: st.protocol,
+                    statement_name: st.statement_name.as_deref(),
+                    decision: st.decision,
+                    rule: st.rule.as_deref(),
+                    reason: st.reason.as_deref(),
+                    sqlstate: st.sqlstate.as_deref(),
+                    fingerprint: &st.fingerprint,
+                    sql: st.sql.recorded(record_values),
+                    rewritten_sha256: st.rewritten_sha256.as_deref(),
+                    tables_read: &st.tables_read,
+                    tables_written: &st.tables_written,
+                    columns_read: &st.columns_read,
+                    columns_written: &st.columns_written,
+                    encrypted_columns: &st.encrypted_columns,
+                    param_count: st.params.len(),
+                    params,
+                }
+            }
+            AuditEvent::StatementCompleted {
+                session_id,
+                service,
+                statement_seq,
+                rows,
+                command,
+                duration,
+                sqlstate,
+            } => Wire::StatementCompleted {
+                session_id: *session_id,
+                service,
+                statement_seq: *statement_seq,
+                rows: *rows,
+                command: command.as_deref(),
+                duration_us: *duration,
+                sqlstate: sqlstate.as_deref(),
+            },
+        };
+        serde_json::to_writer(out, &wire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session() -> Arc<SessionInfo> {
+        Arc::new(SessionInfo {
+            session_id: 7,
+            client_addr: "10.0.0.1:5555".into(),
+            tls: true,
+            cert_identity: Some("CN=orders".into()),
+            service: "orders".into(),
+            token_id: Some("jti-1".into()),
+            database: "shop".into(),
+            claims_used: serde_json::Map::new(),
+        })
+    }
+
+    fn json(ev: &AuditEvent, record_values: bool) -> String {
+        let mut v = Vec::new();
+        ev.write_json(record_values, &mut v).unwrap();
+        String::from_utf8(v).unwrap()
+    }
+
+    fn stmt(sensitive_literals: bool) -> AuditEvent {
+        let mut st = StatementRecord::new(
+            session(),
+            Protocol::Extended,
+            SqlText::new(
+                "UPDATE people SET ssn = '123-45-6789', note = 'hello' WHERE id = $1",
+                sensitive_literals,
+            ),
+        );
+        st.params = vec![
+            BoundParam::sensitive(25),
+            BoundParam::plain(23, Some(b"4711")),
+        ];
+        st.encrypted_columns = vec!["people.ssn".into()];
+        AuditEvent::Statement(Box::new(st))
+    }
+
+    #[test]
+    fn values_are_not_recorded_by_default() {
+        let s = json(&stmt(false), false);
+        assert!(!s.contains("123-45-6789"), "{s}");
+        assert!(!s.contains("hello"), "{s}");
+        assert!(!s.contains("4711"), "{s}");
+        assert!(s.contains(r#""param_count":2"#), "{s}");
+        assert!(s.contains(r#"{"type_oid":25,"sensitive":true}"#), "{s}");
+        assert!(
+            s.starts_with(r#"{"kind":"statement","session_id":7"#),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn sensitive_values_never_recorded_even_with_record_values() {
+        // caller says the text contains a literal for an encrypted column
+        let s = json(&stmt(true), true);
+        assert!(!s.contains("123-45-6789"), "{s}");
+        // the plain parameter may be recorded, the sensitive one never
+        assert!(s.contains(r#"{"type_oid":23,"value":"4711"}"#), "{s}");
+        assert!(s.contains(r#"{"type_oid":25,"sensitive":true}"#), "{s}");
+        // and there is no way to even hold the value of a sensitive parameter
+        assert_eq!(BoundParam::sensitive(25).value(), None);
+    }
+
+    #[test]
+    fn record_values_keeps_plain_text() {
+        let s = json(&stmt(false), true);
+        assert!(s.contains("hello"), "{s}");
+    }
+
+    #[test]
+    fn rewritten_is_hashed() {
+        let mut st =
+            StatementRecord::new(session(), Protocol::Simple, SqlText::new("select 1", false));
+        st.set_rewritten("select enc_secret");
+        let s = json(&AuditEvent::Statement(Box::new(st)), true);
+        assert!(!s.contains("enc_secret"));
+        assert!(s.contains(&hex::encode(Sha256::digest(b"select enc_secret"))));
+    }
+}

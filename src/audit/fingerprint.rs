@@ -1,0 +1,516 @@
+//! A small SQL lexer for PostgreSQL's lexical rules, used for two things:
+//!
+//! * [`fingerprint`]: a normalised form that groups statements differing only in literal
+//!   values, spacing, comments and keyword case (literals become `?`, `$n` parameters stay,
+//!   `IN (1, 2, 3)` lists collapse to `in (...)`);
+//! * [`redact`]: the statement as sent, with literals replaced by `?` and comments dropped,
+//!   which is what the audit log stores unless values may be recorded.
+//!
+//! It is a lexer, not a parser: it never fails, and malformed input (an unterminated
+//! string) simply runs to the end of the text, which is then treated as a literal —
+//! erring on the side of never leaking a value.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Space,
+    Comment,
+    /// String, bit-string, hex, escape or dollar-quoted literal.
+    Str,
+    Number,
+    /// `$1`, `$2`: a bound-parameter placeholder, kept.
+    Param,
+    Word,
+    QuotedIdent,
+    Punct,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Token {
+    kind: Kind,
+    start: usize,
+    end: usize,
+}
+
+fn is_ident_start(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
+}
+fn is_ident_char(b: u8) -> bool {
+    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
+}
+fn is_op_char(b: u8) -> bool {
+    matches!(
+        b,
+        b'+' | b'-'
+            | b'*'
+            | b'/'
+            | b'<'
+            | b'>'
+            | b'='
+            | b'~'
+            | b'!'
+            | b'@'
+            | b'#'
+            | b'%'
+            | b'^'
+            | b'&'
+            | b'|'
+            | b'`'
+            | b'?'
+    )
+}
+
+/// Splits `sql` into tokens. Every byte belongs to exactly one token; token boundaries
+/// are always on ASCII bytes, so slicing the `&str` at them is valid.
+fn lex(sql: &str) -> Vec<Token> {
+    let b = sql.as_bytes();
+    let mut out = Vec::with_capacity(b.len() / 3);
+    let mut i = 0;
+    while i < b.len() {
+        let (kind, end) = next_token(b, i);
+        debug_assert!(end > i);
+        out.push(Token {
+            kind,
+            start: i,
+            end,
+        });
+        i = end;
+    }
+    out
+}
+
+fn next_token(b: &[u8], i: usize) -> (Kind, usize) {
+    let c = b[i];
+    let next = b.get(i + 1).copied();
+    match c {
+        b' ' | b'\t' | b'\n' | b'\r' | 0x0c => {
+            let mut j = i + 1;
+            while j < b.len() && matches!(b[j], b' ' | b'\t' | b'\n' | b'\r' | 0x0c) {
+                j += 1;
+            }
+            (Kind::Space, j)
+        }
+        b'-' if next == Some(b'-') => {
+            let end = b[i..]
+                .iter()
+                .position(|&x| x == b'\n')
+                .map_or(b.len(), |p| i + p);
+            (Kind::Comment, end)
+        }
+        b'/' if next == Some(b'*') => (Kind::Comment, block_comment_end(b, i)),
+        b'\'' => (Kind::Str, quoted_end(b, i, b'\'', false)),
+        b'"' => (Kind::QuotedIdent, quoted_end(b, i, b'"', false)),
+        b'$' => dollar(b, i),
+        b'0'..=b'9' => (Kind::Number, number_end(b, i)),
+        b'.' if next.is_some_and(|n| n.is_ascii_digit()) => (Kind::Number, number_end(b, i)),
+        _ if is_ident_start(c) => word_or_prefixed_literal(b, i),
+        b':' if next == Some(b':') => (Kind::Punct, i + 2),
+        _ if is_op_char(c) => {
+            let mut j = i + 1;
+            // An operator stops where a comment starts (`a=-- x` is `=` then a comment).
+            while j < b.len()
+                && is_op_char(b[j])
+                && !(b[j] == b'-' && b.get(j + 1) == Some(&b'-'))
+                && !(b[j] == b'/' && b.get(j + 1) == Some(&b'*'))
+            {
+                j += 1;
+            }
+            (Kind::Punct, j)
+        }
+        _ => (Kind::Punct, i + 1),
+    }
+}
+
+/// PostgreSQL block comments nest.
+fn block_comment_end(b: &[u8], i: usize) -> usize {
+    let mut depth = 0usize;
+    let mut j = i;
+    while j + 1 < b.len() {
+        if b[j] == b'/' && b[j + 1] == b'*' {
+            depth += 1;
+            j += 2;
+        } else if b[j] == b'*' && b[j + 1] == b'/' {
+            depth -= 1;
+            j += 2;
+            if depth == 0 {
+                return j;
+            }
+        } else {
+            j += 1;
+        }
+    }
+    b.len()
+}
+
+/// End of a quoted token opened at `i` by `q`; a doubled quote is an escaped quote.
+/// With `backslash`, `\x` escapes the next byte (E'' strings).
+fn quoted_end(b: &[u8], i: usize, q: u8, backslash: bool) -> usize {
+    let mut j = i + 1;
+    while j < b.len() {
+        if backslash && b[j] == b'\\' {
+            j += 2;
+            continue;
+        }
+        if b[j] == q {
+            if b.get(j + 1) == Some(&q) {
+                j += 2;
+                continue;
+            }
+            return j + 1;
+        }
+        j += 1;
+    }
+    b.len()
+}
+
+/// `$1` parameter, `$tag$...$tag$` / `$$...$$` literal, or a lone `$`.
+fn dollar(b: &[u8], i: usize) -> (Kind, usize) {
+    let mut j = i + 1;
+    if b.get(j).is_some_and(|c| c.is_ascii_digit()) {
+        while j < b.len() && b[j].is_ascii_digit() {
+            j += 1;
+        }
+        return (Kind::Param, j);
+    }
+    // A tag is an identifier without `$`.
+    if b.get(j).is_some_and(|&c| is_ident_start(c)) {
+        while j < b.len() && (is_ident_start(b[j]) || b[j].is_ascii_digit()) {
+            j += 1;
+        }
+    }
+    if b.get(j) != Some(&b'$') {
+        return (Kind::Punct, i + 1);
+    }
+    let tag = &b[i..=j];
+    let body = j + 1;
+    let end = b[body..]
+        .windows(tag.len())
+        .position(|w| w == tag)
+        .map_or(b.len(), |p| body + p + tag.len());
+    (Kind::Str, end)
+}
+
+/// Decimal, `.5`, `1e-3`, `0x1F`, `0o17`, `0b101`, `1_000`.
+fn number_end(b: &[u8], i: usize) -> usize {
+    let mut j = i;
+    if b[i] == b'0' && matches!(b.get(i + 1), Some(b'x' | b'X' | b'o' | b'O' | b'b' | b'B')) {
+        j = i + 2;
+        while j < b.len() && (b[j].is_ascii_hexdigit() || b[j] == b'_') {
+            j += 1;
+        }
+        return j;
+    }
+    while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'_') {
+        j += 1;
+    }
+    if b.get(j) == Some(&b'.') && b.get(j + 1) != Some(&b'.') {
+        j += 1;
+        while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'_') {
+            j += 1;
+        }
+    }
+    if matches!(b.get(j), Some(b'e' | b'E')) {
+        let mut k = j + 1;
+        if matches!(b.get(k), Some(b'+' | b'-')) {
+            k += 1;
+        }
+        if b.get(k).is_some_and(|c| c.is_ascii_digit()) {
+            j = k;
+            while j < b.len() && b[j].is_ascii_digit() {
+                j += 1;
+            }
+        }
+    }
+    j
+}
+
+/// A word, or a literal with a letter prefix: E'..', B'..', X'..', N'..', U&'..', U&"..".
+fn word_or_prefixed_literal(b: &[u8], i: usize) -> (Kind, usize) {
+    let c = b[i].to_ascii_lowercase();
+    let next = b.get(i + 1).copied();
+    if next == Some(b'\'') {
+        match c {
+            b'e' => return (Kind::Str, quoted_end(b, i + 1, b'\'', true)),
+            b'b' | b'x' | b'n' => return (Kind::Str, quoted_end(b, i + 1, b'\'', false)),
+            _ => {}
+        }
+    }
+    if c == b'u' && next == Some(b'&') {
+        match b.get(i + 2) {
+            Some(b'\'') => return (Kind::Str, quoted_end(b, i + 2, b'\'', false)),
+            Some(b'"') => return (Kind::QuotedIdent, quoted_end(b, i + 2, b'"', false)),
+            _ => {}
+        }
+    }
+    let mut j = i + 1;
+    while j < b.len() && is_ident_char(b[j]) {
+        j += 1;
+    }
+    (Kind::Word, j)
+}
+
+/// Keywords after which `(` is separated by a space (`in (`, `values (`), unlike a
+/// function call (`count(`).
+const SPACED_BEFORE_PAREN: &[&str] = &[
+    "all",
+    "and",
+    "any",
+    "as",
+    "by",
+    "exists",
+    "from",
+    "in",
+    "into",
+    "join",
+    "not",
+    "on",
+    "or",
+    "over",
+    "returning",
+    "select",
+    "set",
+    "table",
+    "then",
+    "using",
+    "values",
+    "when",
+    "where",
+    "with",
+    "else",
+    "lateral",
+    "union",
+    "except",
+    "intersect",
+    "filter",
+    "within",
+    "conflict",
+];
+
+/// Normalises `sql` so that statements differing only in literal values, whitespace,
+/// comments and keyword case share one fingerprint.
+pub fn fingerprint(sql: &str) -> String {
+    let tokens: Vec<Token> = lex(sql)
+        .into_iter()
+        .filter(|t| !matches!(t.kind, Kind::Space | Kind::Comment))
+        .collect();
+    let mut out = String::with_capacity(sql.len());
+    let mut prev: Option<(Kind, String)> = None;
+    let mut i = 0;
+    while i < tokens.len() {
+        let t = tokens[i];
+        let raw = &sql[t.start..t.end];
+        // A unary minus glued to a number is part of the literal.
+        if t.kind == Kind::Punct
+            && raw == "-"
+            && tokens.get(i + 1).is_some_and(|n| n.kind == Kind::Number)
+            && prev_allows_unary(prev.as_ref())
+        {
+            i += 1;
+            continue;
+        }
+        if t.kind == Kind::Punct && raw == "(" {
+            if let Some(skip) = literal_list_len(sql, &tokens, i) {
+                if prev
+                    .as_ref()
+                    .is_some_and(|(k, s)| *k == Kind::Word && s == "in")
+                {
+                    push_token(&mut out, prev.as_ref(), Kind::Punct, "(...)");
+                    prev = Some((Kind::Punct, ")".to_string()));
+                    i += skip;
+                    continue;
+                }
+            }
+        }
+        let text = match t.kind {
+            Kind::Str | Kind::Number => "?".to_string(),
+            Kind::Word => raw.to_lowercase(),
+            _ => raw.to_string(),
+        };
+        push_token(&mut out, prev.as_ref(), t.kind, &text);
+        prev = Some((t.kind, text));
+        i += 1;
+    }
+    out
+}
+
+fn prev_allows_unary(prev: Option<&(Kind, String)>) -> bool {
+    match prev {
+        None => true,
+        Some((Kind::Punct, p)) => p != ")" && p != "]",
+        Some((Kind::Word, w)) => SPACED_BEFORE_PAREN.contains(&w.as_str()),
+        _ => false,
+    }
+}
+
+/// If tokens[i] is `(` starting a list of two or more literals/params, how many tokens the
+/// list spans (including both parentheses).
+fn literal_list_len(sql: &str, tokens: &[Token], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    let mut items = 0;
+    loop {
+        let t = tokens.get(j)?;
+        let raw = &sql[t.start..t.end];
+        if t.kind == Kind::Punct && raw == "-" {
+            j += 1;
+            continue;
+        }
+        if !matches!(t.kind, Kind::Str | Kind::Number | Kind::Param) {
+            return None;
+        }
+        items += 1;
+        j += 1;
+        let sep = tokens.get(j)?;
+        match &sql[sep.start..sep.end] {
+            "," => j += 1,
+            ")" if items >= 2 => return Some(j + 1 - i),
+            _ => return None,
+        }
+    }
+}
+
+fn push_token(out: &mut String, prev: Option<&(Kind, String)>, kind: Kind, text: &str) {
+    if let Some((pk, pt)) = prev {
+        if needs_space(*pk, pt, kind, text) {
+            out.push(' ');
+        }
+    }
+    out.push_str(text);
+}
+
+fn needs_space(pk: Kind, pt: &str, kind: Kind, text: &str) -> bool {
+    if matches!(pt, "(" | "." | "::" | "[") {
+        return false;
+    }
+    if kind == Kind::Punct && matches!(text, "," | ")" | "." | "::" | ";" | "[" | "]") {
+        return false;
+    }
+    if kind == Kind::Punct && text == "(" {
+        return match pk {
+            Kind::Word => SPACED_BEFORE_PAREN.contains(&pt),
+            Kind::QuotedIdent => false,
+            _ => true,
+        };
+    }
+    true
+}
+
+/// The statement as sent with every literal replaced by `?` and comments removed (they can
+/// carry values too). Spacing and case are kept so the auditor reads what the client wrote.
+pub fn redact(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut after_comment = false;
+    for t in lex(sql) {
+        match t.kind {
+            Kind::Str | Kind::Number => out.push('?'),
+            // A comment becomes at most one space, merged with the spacing around it.
+            Kind::Comment => {
+                if !out.ends_with(|c: char| c.is_whitespace()) && !out.is_empty() {
+                    out.push(' ');
+                }
+            }
+            Kind::Space if after_comment && out.ends_with(|c: char| c.is_whitespace()) => {}
+            _ => out.push_str(&sql[t.start..t.end]),
+        }
+        after_comment = t.kind == Kind::Comment;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_whitespace_and_case() {
+        assert_eq!(
+            fingerprint("SELECT  *\n FROM Orders WHERE id = 42 AND name='bob'"),
+            "select * from orders where id = ? and name = ?"
+        );
+        assert_eq!(
+            fingerprint("select * from orders where id=7 and name = 'al''ice'"),
+            "select * from orders where id = ? and name = ?"
+        );
+    }
+
+    #[test]
+    fn params_stay_and_numbers_vanish() {
+        assert_eq!(
+            fingerprint("UPDATE t SET a = $1, b = 1.5e-3, c = -2, d = .5, e = 0x1F WHERE id = $12"),
+            "update t set a = $1, b = ?, c = ?, d = ?, e = ? where id = $12"
+        );
+        // binary minus is an operator, not part of the literal
+        assert_eq!(fingerprint("select a-1 from t"), "select a - ? from t");
+        // digits inside identifiers are not numbers
+        assert_eq!(fingerprint("select c1 from t2"), "select c1 from t2");
+    }
+
+    #[test]
+    fn quotes_and_prefixed_strings() {
+        assert_eq!(
+            fingerprint(r#"SELECT "MixedCase", E'it\'s', B'101', X'ff', U&'d\0061t' FROM "T""x""#),
+            r#"select "MixedCase", ?, ?, ?, ? from "T""x""#
+        );
+        // A quote inside a double-quoted identifier does not open a string.
+        assert_eq!(
+            fingerprint(r#"select "a'b" from t where x = 'y'"#),
+            r#"select "a'b" from t where x = ?"#
+        );
+    }
+
+    #[test]
+    fn dollar_quoting() {
+        assert_eq!(
+            fingerprint("select $$it's; -- not a comment$$, $fn$ body $x$ $fn$ from t"),
+            "select ?, ? from t"
+        );
+        assert_eq!(fingerprint("select $1::int"), "select $1::int");
+    }
+
+    #[test]
+    fn comments() {
+        assert_eq!(
+            fingerprint("select /* a /* nested */ 'x' */ 1 -- trailing 'y'\n from t"),
+            "select ? from t"
+        );
+        assert_eq!(fingerprint("select a--b\nfrom t"), "select a from t");
+    }
+
+    #[test]
+    fn in_lists_collapse_and_calls() {
+        assert_eq!(
+            fingerprint("SELECT count(*) FROM t WHERE id IN (1, 2, 3)"),
+            "select count(*) from t where id in (...)"
+        );
+        assert_eq!(
+            fingerprint("SELECT count(*) FROM t WHERE id IN (1,2)"),
+            fingerprint("select COUNT(*) from t where id in ( 5 , 6 , 7 , 8 )")
+        );
+        assert_eq!(
+            fingerprint("insert into t (a, b) values (1, 'x')"),
+            "insert into t(a, b) values (?, ?)"
+        );
+    }
+
+    #[test]
+    fn unterminated_literal_swallows_rest() {
+        assert_eq!(fingerprint("select 'secret"), "select ?");
+        assert_eq!(redact("select 'secret"), "select ?");
+        assert_eq!(fingerprint("select $a$ secret"), "select ?");
+    }
+
+    #[test]
+    fn redact_keeps_layout() {
+        assert_eq!(
+            redact("SELECT ssn FROM people /* 123-45-6789 */ WHERE ssn = '123-45-6789' AND n > 10"),
+            "SELECT ssn FROM people WHERE ssn = ? AND n > ?"
+        );
+        assert_eq!(redact("select $1, $$x$$"), "select $1, ?");
+    }
+
+    #[test]
+    fn non_ascii_is_safe() {
+        assert_eq!(
+            fingerprint("select 'é', ñame from tablé"),
+            "select ?, ñame from tablé"
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! Durable, tamper-evident audit log of every statement that reaches pgward, and the
+//! auditor tools (`verify`, `search`, `report`).
+//!
+//! # Use
+//! [`AuditLog::open`] recovers the chain and starts one writer thread; sessions clone the
+//! [`AuditHandle`]. [`AuditHandle::append`] resolves once the record is durable (written and
+//! fsync'ed, group-committed with every other queued record); the proxy forwards a statement
+//! only after that. Completion records go through [`AuditHandle::append_nowait`]. When
+//! `append` fails the caller applies [`AuditHandle::on_failure`].
+//!
+//! # Files
+//! JSON Lines segments `audit-<first seq, 20 digits>-<UTC start YYYYMMDDTHHMMSSZ>.jsonl` in
+//! the configured directory. A new segment starts at every `open`, after `rotate_size` bytes
+//! or `rotate_interval`, and after a write error. Files are only ever appended to.
+//!
+//! # Record format (one JSON object per line)
+//! Envelope, always first and in this order: `v` (format, 1), `seq` (0, 1, 2, … with no gaps
+//! across files), `ts` (RFC 3339 UTC, microseconds, fixed width), `node`, `prev` (hex SHA-256
+//! of the previous record; 64 zeros for seq 0), `kind`. Then the fields of the kind:
+//! `statement`, `statement_completed`, `connection_opened`, `connection_closed`,
+//! `auth_failed` (see [`event`]), and the writer's own `checkpoint` and `recovery`.
+//!
+//! # Hash chain — canonical serialisation
+//! The hash of a record is SHA-256 over **the exact bytes of its line, without the trailing
+//! newline**. Those bytes are the canonical form: the verifier never re-serialises, so no
+//! JSON canonicalisation rules are involved and any change of any byte (including
+//! whitespace or field order) breaks the link held in the next record's `prev`.
+//!
+//! # Checkpoints
+//! `{"kind":"checkpoint","reason":"interval"|"rotation"|"shutdown","covers_seq":N-1,
+//! "key_id":…,"sig":…}` is written every `checkpoint_interval` (when records were added), as
+//! the last record of a rotated file and at shutdown. `sig` is base64 Ed25519 over
+//! `"pgward-audit-checkpoint-v1\n{node}\n{seq}\n{ts}\n{prev}\n{reason}"` with the checkpoint's
+//! own envelope values, so it commits to the whole chain before it. `key_id` is the first 8
+//! bytes (hex) of SHA-256 of the public key. Without a signing key `key_id`/`sig` are absent.
+//!
+//! # Recovery
+//! On open, the newest segment is scanned; bytes after the last complete valid line are a
+//! tear. If the log did not end with a `shutdown` checkpoint, the new segment starts with
+//! `{"kind":"recovery","reason":"unclean_shutdown"|"write_error","file":…,"torn_bytes":n,
+//! "resumed_after_seq":…}` chained to the last valid record. `verify` accepts a torn line
+//! only when such a record names its file and byte count, and reports it as a recovered
+//! truncation.
+//!
+//! # What verify detects
+//! Edited, deleted, inserted, reordered records (prev/seq mismatch); deleted whole files
+//! (gap at the file boundary); tail truncation (the log must end with a `shutdown`
+//! checkpoint unless `--live`); forged or re-signed checkpoints and full rewrites
+//! (signature check with `--public-key`). Not detectable from the files alone: removing the
+//! newest whole files back to an earlier clean shutdown — compare the printed head with an
+//! external anchor (e.g. the table sink).
+mod config;
+mod error;
+pub mod event;
+mod fingerprint;
+pub mod record;
+pub mod report;
+pub mod search;
+mod signing;
+mod table_sink;
+pub mod verify;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{AuditConfig, OnFailure};
+pub use error::AuditError;
+pub use event::{
+    AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText, StatementRecord,
+};
+pub use fingerprint::{fingerprint, redact};
+pub use report::{run_report, ReportArgs};
+pub use search::{run_search, SearchArgs};
+pub use signing::{load_public_key, public_key_path, SigningKey};
+pub use verify::{run_verify, VerifyArgs, VerifyReport};
+pub use writer::{AuditHandle, AuditLog, AuditStats};

@@ -1,0 +1,228 @@
+//! The on-disk record envelope, segment files, and the hash chain primitives shared by the
+//! writer and the verifier. See the module docs of `audit` for the format specification.
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::AuditError;
+
+/// Format version written in every record's `v`.
+pub const FORMAT_VERSION: u32 = 1;
+/// `prev` of the very first record.
+pub const GENESIS: [u8; 32] = [0u8; 32];
+/// Domain separator of the signed checkpoint message.
+pub const CHECKPOINT_DOMAIN: &str = "pgward-audit-checkpoint-v1";
+
+pub(crate) type Hash = [u8; 32];
+
+/// SHA-256 of one record: the exact bytes of its line, without the trailing `\n`.
+pub fn record_hash(line: &[u8]) -> Hash {
+    Sha256::digest(line).into()
+}
+
+/// RFC 3339 UTC with microseconds, fixed width, so string order is time order.
+pub(crate) fn format_ts(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// The message a checkpoint signs: it binds node, position, time and the hash of every
+/// record before it (through `prev`).
+pub fn checkpoint_message(node: &str, seq: u64, ts: &str, prev_hex: &str, reason: &str) -> Vec<u8> {
+    format!("{CHECKPOINT_DOMAIN}\n{node}\n{seq}\n{ts}\n{prev_hex}\n{reason}").into_bytes()
+}
+
+/// `audit-<first seq, 20 digits>-<UTC start, YYYYMMDDTHHMMSSZ>.jsonl`: names sort in chain
+/// order and tell the time range without opening the file.
+pub(crate) fn segment_name(first_seq: u64, t: SystemTime, attempt: u32) -> String {
+    let stamp: String = humantime::format_rfc3339_seconds(t)
+        .to_string()
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
+    if attempt == 0 {
+        format!("audit-{first_seq:020}-{stamp}.jsonl")
+    } else {
+        format!("audit-{first_seq:020}-{stamp}-{attempt}.jsonl")
+    }
+}
+
+pub(crate) fn is_segment_name(name: &str) -> bool {
+    name.starts_with("audit-") && name.ends_with(".jsonl")
+}
+
+/// The start time encoded in a segment name as an RFC 3339 prefix ("2024-05-01T10:00:00"),
+/// comparable with record timestamps.
+pub(crate) fn segment_start_ts(name: &str) -> Option<String> {
+    let stamp = name.strip_prefix("audit-")?.get(21..36)?;
+    let b = stamp.as_bytes();
+    if b.len() != 15 || b[8] != b'T' {
+        return None;
+    }
+    Some(format!(
+        "{}-{}-{}T{}:{}:{}",
+        &stamp[0..4],
+        &stamp[4..6],
+        &stamp[6..8],
+        &stamp[9..11],
+        &stamp[11..13],
+        &stamp[13..15]
+    ))
+}
+
+/// Segment files in `dir`, in chain order.
+pub fn list_segments(dir: &Path) -> Result<Vec<PathBuf>, AuditError> {
+    let rd = std::fs::read_dir(dir).map_err(|e| AuditError::io(dir, e))?;
+    let mut files = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| AuditError::io(dir, e))?;
+        let name = entry.file_name();
+        if name.to_str().is_some_and(is_segment_name) {
+            files.push(entry.path());
+        }
+    }
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    Ok(files)
+}
+
+/// Expands command-line paths (files or directories) into segment files in chain order.
+pub fn expand_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, AuditError> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            files.extend(list_segments(p)?);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    files.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+    files.dedup();
+    Ok(files)
+}
+
+/// The envelope and chain-relevant fields of any record.
+#[derive(Debug, Deserialize)]
+pub(crate) struct Head {
+    pub v: u32,
+    pub seq: u64,
+    pub ts: String,
+    pub node: String,
+    pub prev: String,
+    pub kind: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub key_id: Option<String>,
+    #[serde(default)]
+    pub sig: Option<String>,
+    #[serde(default)]
+    pub file: Option<String>,
+    #[serde(default)]
+    pub torn_bytes: Option<u64>,
+}
+
+pub(crate) fn parse_head(line: &[u8]) -> Option<Head> {
+    serde_json::from_slice(line).ok()
+}
+
+/// Where the chain stands at the end of the existing files.
+#[derive(Debug)]
+pub(crate) struct Tail {
+    pub next_seq: u64,
+    pub prev: Hash,
+    /// The last record is a shutdown checkpoint and nothing follows it.
+    pub clean: bool,
+    /// File holding the tear (or the last record), and bytes after the last valid record.
+    pub file: Option<String>,
+    pub torn_bytes: u64,
+}
+
+/// Finds the last valid record of the newest non-empty segment in `dir`.
+pub(crate) fn scan_tail(dir: &Path) -> Result<Tail, AuditError> {
+    let mut tear: Option<(String, u64)> = None;
+    for path in list_segments(dir)?.iter().rev() {
+        let data = std::fs::read(path).map_err(|e| AuditError::io(path, e))?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let Some((line, end)) = last_valid_line(&data) else {
+            if !data.is_empty() && tear.is_none() {
+                tear = Some((name, data.len() as u64));
+            }
+            continue;
+        };
+        let torn = (data.len() - end) as u64;
+        if tear.is_none() {
+            tear = Some((name, torn));
+        }
+        let (file, torn_bytes) = tear.unwrap_or_default();
+        let head = parse_head(line);
+        let is_shutdown = head
+            .as_ref()
+            .is_some_and(|h| h.kind == "checkpoint" && h.reason.as_deref() == Some("shutdown"));
+        let seq = head.map_or(0, |h| h.seq);
+        return Ok(Tail {
+            next_seq: seq + 1,
+            prev: record_hash(line),
+            clean: is_shutdown && torn_bytes == 0,
+            file: Some(file),
+            torn_bytes,
+        });
+    }
+    let (file, torn_bytes) = match tear {
+        Some((f, n)) => (Some(f), n),
+        None => (None, 0),
+    };
+    Ok(Tail {
+        next_seq: 0,
+        prev: GENESIS,
+        clean: torn_bytes == 0 && file.is_none(),
+        file,
+        torn_bytes,
+    })
+}
+
+/// The last newline-terminated line that parses as a record, and the offset just past its
+/// newline. Anything after it is a tear (partial write at a crash).
+fn last_valid_line(data: &[u8]) -> Option<(&[u8], usize)> {
+    let mut end = data.iter().rposition(|&b| b == b'\n')? + 1;
+    loop {
+        let body = &data[..end - 1];
+        let start = body.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        let line = &body[start..];
+        if parse_head(line).is_some() {
+            return Some((line, end));
+        }
+        if start == 0 {
+            return None;
+        }
+        end = start;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn segment_names_sort_and_carry_time() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_714_557_600); // 2024-05-01T10:00:00Z
+        let n = segment_name(42, t, 0);
+        assert_eq!(n, "audit-00000000000000000042-20240501T100000Z.jsonl");
+        assert_eq!(segment_start_ts(&n).as_deref(), Some("2024-05-01T10:00:00"));
+        assert!(segment_name(9, t, 0) < segment_name(10, t, 0));
+        assert!(is_segment_name(&segment_name(1, t, 2)));
+    }
+
+    #[test]
+    fn ts_is_fixed_width() {
+        let a = format_ts(UNIX_EPOCH + Duration::from_secs(1_714_557_600));
+        let b = format_ts(UNIX_EPOCH + Duration::from_micros(1_714_557_600_000_001));
+        assert_eq!(a.len(), b.len());
+        assert!(a < b);
+    }
+}

@@ -1,0 +1,352 @@
+//! `pgward audit verify`: checks hash chains, sequence continuity across files, recovery
+//! records and checkpoint signatures.
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use ed25519_dalek::VerifyingKey;
+
+use super::record::{self, Hash, Head, GENESIS};
+use super::signing;
+use super::AuditError;
+
+/// Arguments of `pgward audit verify`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyArgs {
+    /// Segment files and/or directories holding them.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Public key (SPKI PEM, the `.pub` written beside the signing key) to check checkpoint
+    /// signatures. Without it only the hash chain is checked, which a full rewrite defeats.
+    #[arg(long)]
+    pub public_key: Option<PathBuf>,
+    /// The log is still being written: records after the last checkpoint, and an incomplete
+    /// last line, are warnings instead of breaks.
+    #[arg(long)]
+    pub live: bool,
+    /// The files are a suffix of the chain (older files removed by retention): do not require
+    /// the first record to be the genesis record.
+    #[arg(long)]
+    pub partial: bool,
+}
+
+/// One place where the log is not what the writer wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Break {
+    pub file: String,
+    /// 1-based line number.
+    pub line: u64,
+    pub seq: Option<u64>,
+    pub problem: String,
+}
+
+impl std::fmt::Display for Break {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.seq {
+            Some(s) => write!(f, "{}:{} (seq {s}): {}", self.file, self.line, self.problem),
+            None => write!(f, "{}:{}: {}", self.file, self.line, self.problem),
+        }
+    }
+}
+
+/// Result of a verification.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    pub files: usize,
+    pub records: u64,
+    pub checkpoints: u64,
+    pub signatures_valid: u64,
+    pub signatures_unchecked: u64,
+    /// Recovered crash truncations (torn last line followed by a matching recovery record).
+    pub recovered_truncations: u64,
+    pub breaks: Vec<Break>,
+    pub warnings: Vec<String>,
+    /// Last record: seq and hash — compare with an external anchor (the table sink, a
+    /// published checkpoint) to detect removal of whole newest files.
+    pub head: Option<(u64, String)>,
+}
+
+impl VerifyReport {
+    pub fn is_intact(&self) -> bool {
+        self.breaks.is_empty()
+    }
+}
+
+/// Chain state carried from one record (and file) to the next.
+struct State<'a> {
+    key: Option<&'a VerifyingKey>,
+    partial: bool,
+    expected_seq: Option<u64>,
+    prev: Option<Hash>,
+    /// (file, bytes) of an incomplete line that must be answered by a recovery record.
+    tear: Option<(String, u64)>,
+    last_checkpoint: Option<u64>,
+    last_is_shutdown: bool,
+    report: VerifyReport,
+}
+
+/// Verifies the given files (in chain order after sorting by name).
+pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, AuditError> {
+    let key = args
+        .public_key
+        .as_deref()
+        .map(signing::load_public_key)
+        .transpose()?;
+    let files = record::expand_paths(&args.paths)?;
+    let mut st = State {
+        key: key.as_ref(),
+        partial: args.partial,
+        expected_seq: None,
+        prev: None,
+        tear: None,
+        last_checkpoint: None,
+        last_is_shutdown: false,
+        report: VerifyReport::default(),
+    };
+    for f in &files {
+        verify_file(&mut st, f)?;
+    }
+    finish(&mut st, args.live);
+    Ok(st.report)
+}
+
+fn verify_file(st: &mut State<'_>, path: &Path) -> Result<(), AuditError> {
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let file = std::fs::File::open(path).map_err(|e| AuditError::io(path, e))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    st.report.files += 1;
+    let mut buf = Vec::new();
+    let mut lineno = 0u64;
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| AuditError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        lineno += 1;
+        if buf.last() != Some(&b'\n') {
+            // Only the last read can lack a newline: an incomplete (torn) record.
+            st.tear = Some((name.clone(), n as u64));
+            break;
+        }
+        let line = &buf[..n - 1];
+        check_record(st, &name, lineno, line);
+    }
+    Ok(())
+}
+
+fn push_break(st: &mut State<'_>, file: &str, line: u64, seq: Option<u64>, problem: String) {
+    st.report.breaks.push(Break {
+        file: file.to_string(),
+        line,
+        seq,
+        problem,
+    });
+}
+
+fn check_record(st: &mut State<'_>, file: &str, lineno: u64, line: &[u8]) {
+    st.report.records += 1;
+    let hash = record::record_hash(line);
+    let Some(h) = record::parse_head(line) else {
+        push_break(
+            st,
+            file,
+            lineno,
+            None,
+            "not a valid record (edited or corrupted)".into(),
+        );
+        st.expected_seq = None;
+        st.prev = Some(hash);
+        return;
+    };
+    check_tear(st, file, lineno, &h);
+    check_position(st, file, lineno, &h);
+    if h.kind == "checkpoint" {
+        check_checkpoint(st, file, lineno, &h);
+    }
+    st.last_is_shutdown = h.kind == "checkpoint" && h.reason.as_deref() == Some("shutdown");
+    st.expected_seq = Some(h.seq + 1);
+    st.prev = Some(hash);
+    st.report.head = Some((h.seq, hex::encode(hash)));
+}
+
+/// A torn line is acceptable only when the writer itself reported it on restart.
+fn check_tear(st: &mut State<'_>, file: &str, lineno: u64, h: &Head) {
+    let is_recovery = h.kind == "recovery";
+    match st.tear.take() {
+        Some((tf, tb)) => {
+            if is_recovery && h.file.as_deref() == Some(tf.as_str()) && h.torn_bytes == Some(tb) {
+                st.report.recovered_truncations += 1;
+                st.report.warnings.push(format!(
+                    "recovered truncation: {tb} bytes of an incomplete record at the end of {tf} (crash); chain resumed at seq {}",
+                    h.seq
+                ));
+            } else {
+                push_break(st, file, lineno, Some(h.seq), format!(
+                    "{tf} ends with {tb} bytes of an incomplete record that no recovery record accounts for (truncated or edited)"
+                ));
+            }
+        }
+        None if is_recovery && h.torn_bytes.unwrap_or(0) > 0 => {
+            push_break(st, file, lineno, Some(h.seq), format!(
+                "recovery record reports {} torn bytes in {} but the file has none (file modified after the crash)",
+                h.torn_bytes.unwrap_or(0),
+                h.file.as_deref().unwrap_or("?")
+            ));
+        }
+        None if is_recovery => {
+            st.report.warnings.push(format!(
+                "unclean stop recovered at seq {} ({})",
+                h.seq,
+                h.reason.as_deref().unwrap_or("unknown")
+            ));
+        }
+        None => {}
+    }
+}
+
+/// Sequence continuity and the hash link to the previous record.
+fn check_position(st: &mut State<'_>, file: &str, lineno: u64, h: &Head) {
+    let first = st.prev.is_none() && st.expected_seq.is_none() && st.report.records == 1;
+    match st.expected_seq {
+        Some(e) if h.seq != e => push_break(st, file, lineno, Some(h.seq), format!(
+            "sequence jumps from {} to {}: records removed, inserted or reordered",
+            e.wrapping_sub(1),
+            h.seq
+        )),
+        None if first && h.seq != 0 && !st.partial => push_break(st, file, lineno, Some(h.seq),
+            "chain does not start at seq 0: earlier records or files are missing (use --partial if removed by retention)".into()),
+        _ => {}
+    }
+    let expected_prev = match (st.prev, first) {
+        (Some(p), _) => Some(p),
+        (None, true) if !st.partial || h.seq == 0 => Some(GENESIS),
+        _ => None,
+    };
+    if let Some(p) = expected_prev {
+        if !h.prev.eq_ignore_ascii_case(&hex::encode(p)) {
+            push_break(st, file, lineno, Some(h.seq),
+                "prev hash does not match the preceding record: that record was modified, or records were removed or inserted here".into());
+        }
+    }
+    if h.v != record::FORMAT_VERSION {
+        push_break(
+            st,
+            file,
+            lineno,
+            Some(h.seq),
+            format!("unknown format version {}", h.v),
+        );
+    }
+}
+
+fn check_checkpoint(st: &mut State<'_>, file: &str, lineno: u64, h: &Head) {
+    st.report.checkpoints += 1;
+    st.last_checkpoint = Some(h.seq);
+    let Some(vk) = st.key else {
+        st.report.signatures_unchecked += 1;
+        return;
+    };
+    let reason = h.reason.as_deref().unwrap_or_default();
+    let msg = record::checkpoint_message(&h.node, h.seq, &h.ts, &h.prev, reason);
+    let problem = match (&h.sig, &h.key_id) {
+        (None, _) => Some("checkpoint is not signed but a public key was given".to_string()),
+        (Some(sig), _) if signing::verify_sig(vk, &msg, sig) => None,
+        (Some(_), Some(kid)) if *kid != signing::key_id(vk) => Some(format!(
+            "checkpoint signed by another key ({kid}): forged or wrong --public-key"
+        )),
+        (Some(_), _) => Some(
+            "checkpoint signature is invalid: checkpoint forged or records before it rewritten"
+                .to_string(),
+        ),
+    };
+    match problem {
+        None => st.report.signatures_valid += 1,
+        Some(p) => push_break(st, file, lineno, Some(h.seq), p),
+    }
+}
+
+fn finish(st: &mut State<'_>, live: bool) {
+    if let Some((tf, tb)) = st.tear.take() {
+        let msg = format!("{tf} ends with {tb} bytes of an incomplete record (crash not yet recovered, or truncation)");
+        if live {
+            st.report.warnings.push(msg);
+        } else {
+            push_break(st, &tf, 0, None, msg);
+        }
+    }
+    if st.report.records == 0 {
+        push_break(st, "-", 0, None, "no records found".into());
+        return;
+    }
+    if !st.last_is_shutdown {
+        let after = st
+            .last_checkpoint
+            .map_or("the start".to_string(), |s| format!("seq {s}"));
+        let msg = format!("log does not end with a shutdown checkpoint: records after {after} are not covered by a signature and may have been truncated");
+        if live {
+            st.report.warnings.push(msg);
+        } else {
+            push_break(
+                st,
+                "-",
+                0,
+                None,
+                format!("{msg} (use --live for a log still being written)"),
+            );
+        }
+    }
+}
+
+/// Prints the report; the first break first.
+pub fn print_report(r: &VerifyReport, out: &mut dyn Write) -> std::io::Result<()> {
+    if let Some(first) = r.breaks.first() {
+        writeln!(out, "FIRST BREAK: {first}")?;
+    }
+    for b in r.breaks.iter().skip(1).take(19) {
+        writeln!(out, "break: {b}")?;
+    }
+    if r.breaks.len() > 20 {
+        writeln!(out, "... {} more breaks", r.breaks.len() - 20)?;
+    }
+    for w in &r.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
+    writeln!(
+        out,
+        "{} files, {} records, {} checkpoints ({} signatures valid, {} unchecked), {} recovered truncations",
+        r.files, r.records, r.checkpoints, r.signatures_valid, r.signatures_unchecked, r.recovered_truncations
+    )?;
+    if let Some((seq, hash)) = &r.head {
+        writeln!(out, "head: seq {seq} sha256 {hash}")?;
+    }
+    if r.is_intact() {
+        writeln!(out, "result: INTACT")
+    } else {
+        writeln!(out, "result: BROKEN ({} breaks)", r.breaks.len())
+    }
+}
+
+/// Entry point for the CLI: exit status 0 intact, 1 broken, 2 could not verify.
+pub fn run_verify(args: &VerifyArgs) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match verify(args) {
+        Ok(report) => {
+            let _ = print_report(&report, &mut stdout);
+            if report.is_intact() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("audit verify: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

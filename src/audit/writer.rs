@@ -1,0 +1,604 @@
+//! The durable writer: one OS thread owns the current segment file and does group commit.
+//!
+//! Callers serialise their event on their own task and send the bytes over a channel.
+//! The writer takes everything queued, frames each body into a chained record, writes the
+//! batch with one `write` and one `fdatasync`, then wakes every waiter. While one fsync is
+//! in flight the next batch accumulates in the channel, so batch size grows with load and
+//! the number of fsyncs stays far below the number of records. No lock is held across I/O:
+//! the only shared structure is the channel.
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine;
+use tokio::sync::oneshot;
+
+use super::config::{AuditConfig, OnFailure};
+use super::event::AuditEvent;
+use super::record::{self, Hash, Tail, FORMAT_VERSION};
+use super::signing::SigningKey;
+use super::AuditError;
+
+/// Most records framed into one write; bounds the writer's buffer under overload.
+const MAX_BATCH: usize = 8192;
+
+type Ack = oneshot::Sender<Result<u64, AuditError>>;
+
+enum Cmd {
+    Append { body: Vec<u8>, ack: Option<Ack> },
+    Shutdown(oneshot::Sender<Result<(), AuditError>>),
+}
+
+/// Counters for metrics and tests.
+#[derive(Debug, Default)]
+struct Counters {
+    records: AtomicU64,
+    batches: AtomicU64,
+    fsyncs: AtomicU64,
+    failures: AtomicU64,
+    dropped_nowait: AtomicU64,
+}
+
+/// A snapshot of the writer's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Records made durable (including checkpoints and recovery records).
+    pub records: u64,
+    pub batches: u64,
+    pub fsyncs: u64,
+    /// Batches that failed to write.
+    pub failures: u64,
+    /// `append_nowait` events that could not be written (log closed or write failed).
+    pub dropped_nowait: u64,
+}
+
+/// Owns the writer thread. Dropping it without [`AuditLog::shutdown`] still stops the writer
+/// once every handle is gone, but without waiting for it.
+pub struct AuditLog {
+    tx: Option<Sender<Cmd>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A cheap, cloneable handle for sessions.
+#[derive(Clone)]
+pub struct AuditHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    /// `None` when auditing is disabled.
+    tx: Option<Sender<Cmd>>,
+    on_failure: OnFailure,
+    record_values: bool,
+    counters: Arc<Counters>,
+}
+
+impl AuditLog {
+    /// Recovers the chain from the existing files, opens a new segment (writing a recovery
+    /// record if the last run did not shut down cleanly) and starts the writer.
+    pub async fn open(config: AuditConfig) -> Result<(Self, AuditHandle), AuditError> {
+        let counters = Arc::new(Counters::default());
+        if !config.enabled {
+            let handle = AuditHandle {
+                inner: Arc::new(HandleInner {
+                    tx: None,
+                    on_failure: config.on_failure,
+                    record_values: config.record_values,
+                    counters,
+                }),
+            };
+            return Ok((
+                AuditLog {
+                    tx: None,
+                    thread: None,
+                },
+                handle,
+            ));
+        }
+        let table_tx = config
+            .table_sink_url
+            .as_ref()
+            .map(|url| super::table_sink::spawn(url.clone()));
+        let cfg = config.clone();
+        let c2 = counters.clone();
+        let writer = tokio::task::spawn_blocking(move || Writer::new(&cfg, c2, table_tx))
+            .await
+            .map_err(|_| AuditError::Closed)??;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("pgward-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::io(&config.dir, e))?;
+        let handle = AuditHandle {
+            inner: Arc::new(HandleInner {
+                tx: Some(tx.clone()),
+                on_failure: config.on_failure,
+                record_values: config.record_values,
+                counters,
+            }),
+        };
+        Ok((
+            AuditLog {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            handle,
+        ))
+    }
+
+    /// Writes everything queued before this call, a final signed `shutdown` checkpoint, and
+    /// stops the writer.
+    pub async fn shutdown(mut self) -> Result<(), AuditError> {
+        let Some(tx) = self.tx.take() else {
+            return Ok(());
+        };
+        let (done_tx, done_rx) = oneshot::channel();
+        tx.send(Cmd::Shutdown(done_tx))
+            .map_err(|_| AuditError::Closed)?;
+        let result = done_rx.await.map_err(|_| AuditError::Closed)?;
+        if let Some(thread) = self.thread.take() {
+            // The writer returns right after answering; joining cannot block for long.
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        result
+    }
+}
+
+impl AuditHandle {
+    /// Appends `event` and resolves with its sequence number once the batch holding it was
+    /// written and fsync'ed. On error the caller consults [`AuditHandle::on_failure`].
+    pub async fn append(&self, event: AuditEvent) -> Result<u64, AuditError> {
+        let Some(tx) = &self.inner.tx else {
+            return Ok(0);
+        };
+        let body = self.serialise(&event)?;
+        let (ack, done) = oneshot::channel();
+        tx.send(Cmd::Append {
+            body,
+            ack: Some(ack),
+        })
+        .map_err(|_| AuditError::Closed)?;
+        done.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// Queues `event` without waiting (for completion records). Failures are logged and
+    /// counted in [`AuditStats::dropped_nowait`].
+    pub fn append_nowait(&self, event: AuditEvent) {
+        let Some(tx) = &self.inner.tx else {
+            return;
+        };
+        let sent = self
+            .serialise(&event)
+            .ok()
+            .map(|body| tx.send(Cmd::Append { body, ack: None }).is_ok());
+        if sent != Some(true) {
+            self.inner
+                .counters
+                .dropped_nowait
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!("audit record dropped: log closed");
+        }
+    }
+
+    /// What the proxy must do when `append` fails.
+    pub fn on_failure(&self) -> OnFailure {
+        self.inner.on_failure
+    }
+
+    pub fn stats(&self) -> AuditStats {
+        let c = &self.inner.counters;
+        AuditStats {
+            records: c.records.load(Ordering::Relaxed),
+            batches: c.batches.load(Ordering::Relaxed),
+            fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            dropped_nowait: c.dropped_nowait.load(Ordering::Relaxed),
+        }
+    }
+
+    fn serialise(&self, event: &AuditEvent) -> Result<Vec<u8>, AuditError> {
+        let mut body = Vec::with_capacity(512);
+        event.write_json(self.inner.record_values, &mut body)?;
+        Ok(body)
+    }
+}
+
+/// The file currently appended to.
+struct Segment {
+    file: File,
+    path: PathBuf,
+    name: String,
+    /// Bytes known durable.
+    len: u64,
+    opened: Instant,
+}
+
+/// Why the next segment must start with a `recovery` record.
+#[derive(Debug, Clone)]
+struct Recovery {
+    reason: &'static str,
+    file: Option<String>,
+    torn_bytes: u64,
+}
+
+struct Writer {
+    dir: PathBuf,
+    node: String,
+    node_json: String,
+    rotate_size: u64,
+    rotate_interval: Duration,
+    checkpoint_interval: Duration,
+    max_delay: Duration,
+    key: Option<SigningKey>,
+    seg: Option<Segment>,
+    /// Chain head including records framed but maybe not yet durable.
+    next_seq: u64,
+    prev: Hash,
+    /// Chain head as of the last successful fsync; restored when a write fails.
+    durable: (u64, Hash),
+    /// The last durable record is a shutdown checkpoint.
+    closed_cleanly: bool,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+    recovery: Option<Recovery>,
+    buf: Vec<u8>,
+    counters: Arc<Counters>,
+    table_tx: Option<tokio::sync::mpsc::Sender<String>>,
+}
+
+impl Writer {
+    fn new(
+        config: &AuditConfig,
+        counters: Arc<Counters>,
+        table_tx: Option<tokio::sync::mpsc::Sender<String>>,
+    ) -> Result<Self, AuditError> {
+        std::fs::create_dir_all(&config.dir).map_err(|e| AuditError::io(&config.dir, e))?;
+        let key = config
+            .signing_key_file
+            .as_deref()
+            .map(SigningKey::load)
+            .transpose()?;
+        let tail: Tail = record::scan_tail(&config.dir)?;
+        let recovery = (!tail.clean).then(|| Recovery {
+            reason: "unclean_shutdown",
+            file: tail.file.clone(),
+            torn_bytes: tail.torn_bytes,
+        });
+        if let Some(r) = &recovery {
+            tracing::warn!(file = ?r.file, torn_bytes = r.torn_bytes, resume_seq = tail.next_seq,
+                "audit log was not shut down cleanly; resuming chain after the last valid record");
+        }
+        let node = config.resolved_node_id();
+        let mut w = Writer {
+            dir: config.dir.clone(),
+            node_json: serde_json::to_string(&node)?,
+            node,
+            rotate_size: config.rotate_size.max(1),
+            rotate_interval: config.rotate_interval,
+            checkpoint_interval: config.checkpoint_interval,
+            max_delay: config.group_commit_max_delay,
+            key,
+            seg: None,
+            next_seq: tail.next_seq,
+            prev: tail.prev,
+            durable: (tail.next_seq, tail.prev),
+            closed_cleanly: tail.clean,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            recovery,
+            buf: Vec::with_capacity(1 << 20),
+            counters,
+            table_tx,
+        };
+        // Fail at startup, not on the first statement, if the directory is unusable; and make
+        // a recovery durable right away.
+        w.ensure_segment()?;
+        w.write_batch(&mut [])?;
+        Ok(w)
+    }
+
+    fn run(mut self, rx: Receiver<Cmd>) {
+        let mut batch: Vec<(Vec<u8>, Option<Ack>)> = Vec::new();
+        loop {
+            let first = match rx.recv_timeout(self.until_checkpoint()) {
+                Ok(cmd) => cmd,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.commit(&mut batch);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Every handle and the log were dropped without shutdown: still close cleanly.
+                    let _ = self.close();
+                    return;
+                }
+            };
+            let mut shutdown = None;
+            let mut next = Some(first);
+            let deadline = Instant::now() + self.max_delay;
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Cmd::Append { body, ack } => batch.push((body, ack)),
+                    Cmd::Shutdown(done) => {
+                        shutdown = Some(done);
+                        break;
+                    }
+                }
+                if batch.len() >= MAX_BATCH {
+                    break;
+                }
+                next = rx.try_recv().ok().or_else(|| {
+                    let now = Instant::now();
+                    (now < deadline)
+                        .then(|| rx.recv_timeout(deadline - now).ok())
+                        .flatten()
+                });
+            }
+            self.commit(&mut batch);
+            if let Some(done) = shutdown {
+                let _ = done.send(self.close());
+                return;
+            }
+        }
+    }
+
+    fn until_checkpoint(&self) -> Duration {
+        if self.since_checkpoint == 0 {
+            return Duration::from_secs(3600);
+        }
+        self.checkpoint_interval
+            .saturating_sub(self.last_checkpoint.elapsed())
+    }
+
+    /// Writes `batch` durably and answers every waiter. On success the acks were already
+    /// answered with their seq; on failure every waiter gets the error.
+    fn commit(&mut self, batch: &mut Vec<(Vec<u8>, Option<Ack>)>) {
+        let result = self.write_batch(batch);
+        for (_, ack) in batch.drain(..) {
+            match (&result, ack) {
+                (Err(e), Some(ack)) => {
+                    let _ = ack.send(Err(e.clone()));
+                }
+                (Err(_), None) => {
+                    self.counters.dropped_nowait.fetch_add(1, Ordering::Relaxed);
+                }
+                (Ok(()), _) => {}
+            }
+        }
+    }
+
+    /// Frames, writes and fsyncs; returns after the data is durable. Records that must
+    /// precede the batch (recovery, due checkpoint, rotation) are handled here too.
+    fn write_batch(&mut self, batch: &mut [(Vec<u8>, Option<Ack>)]) -> Result<(), AuditError> {
+        let result = self.try_write_batch(batch);
+        if let Err(e) = &result {
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "audit write failed");
+            self.abandon_segment();
+        }
+        result
+    }
+
+    fn try_write_batch(&mut self, batch: &mut [(Vec<u8>, Option<Ack>)]) -> Result<(), AuditError> {
+        let checkpoint_due =
+            self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.checkpoint_interval;
+        if batch.is_empty() && self.recovery.is_none() && !checkpoint_due {
+            return Ok(());
+        }
+        self.rotate_if_due()?;
+        self.ensure_segment()?;
+        self.buf.clear();
+        if let Some(r) = self.recovery.clone() {
+            self.push_recovery(&r)?;
+        }
+        if checkpoint_due {
+            self.push_checkpoint("interval")?;
+        }
+        let first_seq = self.next_seq;
+        for (body, _) in batch.iter() {
+            self.push_record(body);
+        }
+        self.flush()?;
+        self.recovery = None;
+        // Acks carry the seq: patch it in now that the batch is durable.
+        for (i, (_, ack)) in batch.iter_mut().enumerate() {
+            if let Some(a) = ack.take() {
+                let _ = a.send(Ok(first_seq + i as u64));
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one framed record to `buf` and advances the chain head.
+    fn push_record(&mut self, body: &[u8]) -> u64 {
+        let seq = self.next_seq;
+        let ts = record::format_ts(SystemTime::now());
+        self.frame(seq, &ts, body);
+        seq
+    }
+
+    fn frame(&mut self, seq: u64, ts: &str, body: &[u8]) {
+        debug_assert!(body.len() > 2 && body[0] == b'{');
+        let start = self.buf.len();
+        let mut prev_hex = [0u8; 64];
+        // Infallible: the output buffer is exactly twice the input.
+        let _ = hex::encode_to_slice(self.prev, &mut prev_hex);
+        let _ = write!(
+            self.buf,
+            "{{\"v\":{FORMAT_VERSION},\"seq\":{seq},\"ts\":\"{ts}\",\"node\":{},\"prev\":\"",
+            self.node_json
+        );
+        self.buf.extend_from_slice(&prev_hex);
+        self.buf.extend_from_slice(b"\",");
+        self.buf.extend_from_slice(&body[1..]);
+        self.prev = record::record_hash(&self.buf[start..]);
+        self.buf.push(b'\n');
+        self.next_seq = seq + 1;
+        self.since_checkpoint += 1;
+    }
+
+    /// A checkpoint signs the hash of everything before it; `sig` is absent without a key.
+    fn push_checkpoint(&mut self, reason: &str) -> Result<(), AuditError> {
+        let seq = self.next_seq;
+        let ts = record::format_ts(SystemTime::now());
+        let prev_hex = hex::encode(self.prev);
+        let mut body = serde_json::Map::new();
+        body.insert("kind".into(), "checkpoint".into());
+        body.insert("reason".into(), reason.into());
+        body.insert("covers_seq".into(), seq.checked_sub(1).into());
+        if let Some(key) = &self.key {
+            let msg = record::checkpoint_message(&self.node, seq, &ts, &prev_hex, reason);
+            let sig = base64::engine::general_purpose::STANDARD.encode(key.sign(&msg).to_bytes());
+            body.insert("key_id".into(), key.key_id().into());
+            body.insert("sig".into(), sig.into());
+        }
+        let bytes = serde_json::to_vec(&serde_json::Value::Object(body))?;
+        self.frame(seq, &ts, &bytes);
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    fn push_recovery(&mut self, r: &Recovery) -> Result<(), AuditError> {
+        let body = serde_json::json!({
+            "kind": "recovery",
+            "reason": r.reason,
+            "file": r.file,
+            "torn_bytes": r.torn_bytes,
+            "resumed_after_seq": self.next_seq.checked_sub(1),
+        });
+        let bytes = serde_json::to_vec(&body)?;
+        self.push_record(&bytes);
+        Ok(())
+    }
+
+    /// One write, one fdatasync for the whole buffer.
+    fn flush(&mut self) -> Result<(), AuditError> {
+        let Some(seg) = self.seg.as_mut() else {
+            return Err(AuditError::Closed);
+        };
+        seg.file
+            .write_all(&self.buf)
+            .and_then(|_| seg.file.sync_data())
+            .map_err(|e| AuditError::io(&seg.path, e))?;
+        seg.len += self.buf.len() as u64;
+        let lines = self.buf.iter().filter(|&&b| b == b'\n').count() as u64;
+        self.durable = (self.next_seq, self.prev);
+        self.closed_cleanly = false;
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.counters.records.fetch_add(lines, Ordering::Relaxed);
+        self.copy_to_table_sink();
+        Ok(())
+    }
+
+    /// Best effort: a full sink queue drops the copy, never blocks the durable path.
+    fn copy_to_table_sink(&self) {
+        let Some(tx) = &self.table_tx else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&self.buf).into_owned();
+        if tx.try_send(text).is_err() {
+            tracing::warn!("audit table sink is behind; batch not copied");
+        }
+    }
+
+    fn rotate_if_due(&mut self) -> Result<(), AuditError> {
+        let due = self.seg.as_ref().is_some_and(|s| {
+            s.len > 0 && (s.len >= self.rotate_size || s.opened.elapsed() >= self.rotate_interval)
+        });
+        if !due {
+            return Ok(());
+        }
+        self.buf.clear();
+        self.push_checkpoint("rotation")?;
+        self.flush()?;
+        self.seg = None;
+        Ok(())
+    }
+
+    fn ensure_segment(&mut self) -> Result<(), AuditError> {
+        if self.seg.is_none() {
+            self.seg = Some(open_segment(&self.dir, self.next_seq)?);
+        }
+        Ok(())
+    }
+
+    /// After a failed write the file's tail is unknown: cut it back to the last durable
+    /// byte, drop it, rewind the chain, and start the next segment with a recovery record.
+    fn abandon_segment(&mut self) {
+        (self.next_seq, self.prev) = self.durable;
+        let Some(seg) = self.seg.take() else {
+            return;
+        };
+        let _ = seg.file.set_len(seg.len);
+        let torn_bytes = seg
+            .file
+            .metadata()
+            .map_or(0, |m| m.len().saturating_sub(seg.len));
+        self.recovery = Some(Recovery {
+            reason: "write_error",
+            file: Some(seg.name),
+            torn_bytes,
+        });
+    }
+
+    /// Final checkpoint, unless the log already ends with one and nothing was written since.
+    fn close(&mut self) -> Result<(), AuditError> {
+        if self.closed_cleanly && self.recovery.is_none() {
+            return Ok(());
+        }
+        self.rotate_if_due()?;
+        self.ensure_segment()?;
+        self.buf.clear();
+        if let Some(r) = self.recovery.clone() {
+            self.push_recovery(&r)?;
+        }
+        self.push_checkpoint("shutdown")?;
+        let r = self.flush();
+        if r.is_ok() {
+            self.closed_cleanly = true;
+            self.recovery = None;
+        } else {
+            self.abandon_segment();
+        }
+        r
+    }
+}
+
+/// Creates a new segment and fsyncs the directory so the file itself survives a crash.
+fn open_segment(dir: &Path, first_seq: u64) -> Result<Segment, AuditError> {
+    let now = SystemTime::now();
+    for attempt in 0..100 {
+        let name = record::segment_name(first_seq, now, attempt);
+        let path = dir.join(&name);
+        match std::fs::OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(file) => {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| AuditError::io(dir, e))?;
+                tracing::debug!(file = %path.display(), "opened audit segment");
+                return Ok(Segment {
+                    file,
+                    path,
+                    name,
+                    len: 0,
+                    opened: Instant::now(),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(AuditError::io(path, e)),
+        }
+    }
+    Err(AuditError::io(
+        dir,
+        std::io::Error::new(std::io::ErrorKind::AlreadyExists, "no free segment name"),
+    ))
+}
