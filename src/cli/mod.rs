@@ -41,6 +41,20 @@ pub enum Command {
     /// Row-policy tools: check, explain, test, export-rls.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Audit-log tools: verify, search, report.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `pgward audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check hash chains and signed checkpoints; non-zero exit on any break.
+    Verify(crate::audit::verify::VerifyArgs),
+    /// Filter records by service, time, table, column, decision, session, SQLSTATE, text.
+    Search(crate::audit::search::SearchArgs),
+    /// Render a self-contained HTML report.
+    Report(crate::audit::report::ReportArgs),
 }
 
 /// `pgward policy ...`.
@@ -133,6 +147,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Policy(command) => policy(command).await,
+        Command::Audit(command) => {
+            use crate::audit::{report, search, verify};
+            let code = match &command {
+                AuditCommand::Verify(args) => verify::run_verify(args),
+                AuditCommand::Search(args) => search::run_search(args),
+                AuditCommand::Report(args) => report::run_report(args),
+            };
+            Ok(if code == std::process::ExitCode::SUCCESS {
+                0
+            } else {
+                1
+            })
+        }
     }
 }
 
