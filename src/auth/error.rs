@@ -7,7 +7,7 @@ use crate::error::sqlstate;
 /// The verifier could not be set up (or reloaded).
 #[derive(Debug, Error)]
 pub enum AuthSetupError {
-    #[error("auth: no key source configured (set auth.hs256_secret_file or auth.jwks_file)")]
+    #[error("auth: no key source configured (set auth.hs256_secret_file, auth.jwks_file or auth.jwks_url)")]
     NoKeySource,
     #[error("auth: reading {path}: {detail}")]
     Read { path: String, detail: String },

@@ -32,6 +32,8 @@ pub struct AuthConfig {
     pub hs256_secret_file: Option<PathBuf>,
     /// JWKS with RS256/ES256/EdDSA public keys.
     pub jwks_file: Option<PathBuf>,
+    /// JWKS fetched over HTTPS (plain http only to loopback hosts, for development and tests).
+    pub jwks_url: Option<String>,
     /// Least time between two re-reads of the JWKS on an unknown `kid`.
     #[serde(with = "humantime_serde")]
     pub jwks_refresh_min_interval: Duration,
@@ -51,6 +53,7 @@ impl Default for AuthConfig {
             leeway: Duration::from_secs(30),
             hs256_secret_file: None,
             jwks_file: None,
+            jwks_url: None,
             jwks_refresh_min_interval: Duration::from_secs(30),
             require_client_cert: false,
             cert_identity_must_match: false,
@@ -94,7 +97,42 @@ fn read(path: &Path) -> Result<Vec<u8>, AuthSetupError> {
     })
 }
 
-fn load_keys(config: &AuthConfig) -> Result<Keys, AuthSetupError> {
+/// Fetch the configured JWKS URL (https, or http to a loopback host).
+async fn fetch_jwks(url: &str) -> Result<Vec<u8>, AuthSetupError> {
+    let err = |detail: String| AuthSetupError::Read {
+        path: url.to_string(),
+        detail,
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| err(e.to_string()))?;
+    let loopback = matches!(
+        parsed.host_str(),
+        Some("localhost" | "127.0.0.1" | "[::1]" | "::1")
+    );
+    if parsed.scheme() != "https" && !(parsed.scheme() == "http" && loopback) {
+        return Err(err(
+            "a JWKS URL must use https (http is allowed only to loopback)".into(),
+        ));
+    }
+    let response = reqwest::Client::new()
+        .get(parsed)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| err(e.to_string()))?;
+    let body = response.bytes().await.map_err(|e| err(e.to_string()))?;
+    Ok(body.to_vec())
+}
+
+async fn load_all(config: &AuthConfig) -> Result<Keys, AuthSetupError> {
+    let fetched = match &config.jwks_url {
+        Some(url) => Some(fetch_jwks(url).await?),
+        None => None,
+    };
+    load_keys(config, fetched.as_deref())
+}
+
+fn load_keys(config: &AuthConfig, fetched_jwks: Option<&[u8]>) -> Result<Keys, AuthSetupError> {
     let mut keys = Keys::default();
     if let Some(path) = &config.hs256_secret_file {
         let mut secret = read(path)?;
@@ -109,12 +147,19 @@ fn load_keys(config: &AuthConfig) -> Result<Keys, AuthSetupError> {
         }
         keys.hs256 = Some(DecodingKey::from_secret(&secret));
     }
+    let mut sources: Vec<(String, Vec<u8>)> = Vec::new();
     if let Some(path) = &config.jwks_file {
+        sources.push((path.display().to_string(), read(path)?));
+    }
+    if let (Some(url), Some(bytes)) = (&config.jwks_url, fetched_jwks) {
+        sources.push((url.clone(), bytes.to_vec()));
+    }
+    for (origin, bytes) in sources {
         let bad = |detail: String| AuthSetupError::BadKey {
-            path: path.display().to_string(),
+            path: origin.clone(),
             detail,
         };
-        let set: JwkSet = serde_json::from_slice(&read(path)?).map_err(|e| bad(e.to_string()))?;
+        let set: JwkSet = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
         for jwk in &set.keys {
             let algorithm = match (&jwk.common.key_algorithm, &jwk.algorithm) {
                 (Some(alg), _) => alg
@@ -160,7 +205,7 @@ fn now_secs() -> i64 {
 impl TokenVerifier {
     /// Load the configured key material.
     pub async fn new(config: AuthConfig) -> Result<Self, AuthSetupError> {
-        let keys = load_keys(&config)?;
+        let keys = load_all(&config).await?;
         Ok(Self {
             config,
             keys: RwLock::new(keys),
@@ -170,19 +215,23 @@ impl TokenVerifier {
 
     /// Re-read key files (SIGHUP); keeps the old keys if the new ones are invalid.
     pub async fn reload(&self) -> Result<(), AuthSetupError> {
-        let keys = load_keys(&self.config)?;
+        let keys = load_all(&self.config).await?;
         *self.keys.write() = keys;
         Ok(())
     }
 
     /// Re-read the JWKS for an unknown `kid`, at most once per configured interval.
-    fn refresh_for_unknown_kid(&self) -> bool {
-        let mut last = self.last_refresh.lock();
-        if last.elapsed() < self.config.jwks_refresh_min_interval {
-            return false;
+    /// Concurrent callers within the interval get `false` at once: a storm of forged `kid`s
+    /// causes at most one fetch per interval.
+    async fn refresh_for_unknown_kid(&self) -> bool {
+        {
+            let mut last = self.last_refresh.lock();
+            if last.elapsed() < self.config.jwks_refresh_min_interval {
+                return false;
+            }
+            *last = Instant::now();
         }
-        *last = Instant::now();
-        match load_keys(&self.config) {
+        match load_all(&self.config).await {
             Ok(keys) => {
                 *self.keys.write() = keys;
                 true
@@ -276,10 +325,14 @@ impl TokenVerifier {
             return Err(AuthError::UnsupportedAlgorithm(format!("{:?}", header.alg)));
         }
         let claims = match self.decode(token, &header) {
-            Err(AuthError::UnknownKey { .. })
-                if header.kid.is_some() && self.refresh_for_unknown_kid() =>
-            {
-                self.decode(token, &header)?
+            Err(AuthError::UnknownKey { .. }) if header.kid.is_some() => {
+                if self.refresh_for_unknown_kid().await {
+                    self.decode(token, &header)?
+                } else {
+                    return Err(AuthError::UnknownKey {
+                        kid: header.kid.clone(),
+                    });
+                }
             }
             other => other?,
         };
@@ -560,6 +613,83 @@ mod tests {
             .mint("billing", &Map::new(), Duration::from_secs(60), None, None)
             .unwrap();
         assert!(v.verify(&old_token, "billing", None).await.is_err());
+    }
+
+    /// Serves `body()` over HTTP on loopback and counts requests.
+    async fn jwks_server(
+        body: std::sync::Arc<parking_lot::Mutex<String>>,
+    ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 2048];
+                let _ = stream.read(&mut buf).await;
+                let text = body.lock().clone();
+                let reply = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
+                let _ = stream.write_all(reply.as_bytes()).await;
+            }
+        });
+        (url, hits)
+    }
+
+    #[tokio::test]
+    async fn jwks_url_is_fetched_and_refreshes_are_rate_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = super::super::DevSigningKey::load_or_create(&dir.path().join("old")).unwrap();
+        let new = super::super::DevSigningKey::load_or_create(&dir.path().join("new")).unwrap();
+        let jwks_of = |name: &str| {
+            std::fs::read_to_string(super::super::DevSigningKey::jwks_path(
+                &dir.path().join(name),
+            ))
+            .unwrap()
+        };
+        let body = std::sync::Arc::new(parking_lot::Mutex::new(jwks_of("old")));
+        let (url, hits) = jwks_server(body.clone()).await;
+        let config = AuthConfig {
+            jwks_url: Some(url),
+            jwks_refresh_min_interval: Duration::from_secs(3600),
+            ..AuthConfig::default()
+        };
+        let v = TokenVerifier::new(config).await.unwrap();
+        let claims = Map::new();
+        let good = old
+            .mint("billing", &claims, Duration::from_secs(60), None, None)
+            .unwrap();
+        assert!(v.verify(&good, "billing", None).await.is_ok());
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A storm of tokens with an unknown kid: no refetch inside the interval.
+        *body.lock() = jwks_of("new");
+        let unknown = new
+            .mint("billing", &claims, Duration::from_secs(60), None, None)
+            .unwrap();
+        for _ in 0..20 {
+            assert_eq!(
+                v.verify(&unknown, "billing", None)
+                    .await
+                    .unwrap_err()
+                    .reason(),
+                "unknown_key"
+            );
+        }
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "rate limited"
+        );
+        // SIGHUP reload fetches again and picks up the rotated key.
+        v.reload().await.unwrap();
+        assert!(v.verify(&unknown, "billing", None).await.is_ok());
+        // Plain http to a non-loopback host is refused at setup.
+        let remote = AuthConfig {
+            jwks_url: Some("http://keys.example.com/jwks.json".into()),
+            ..AuthConfig::default()
+        };
+        assert!(TokenVerifier::new(remote).await.is_err());
     }
 
     #[tokio::test]
