@@ -460,3 +460,105 @@ async fn token_failures_are_refused_with_clear_messages_and_counted() {
         .unwrap();
     assert_eq!(db_code(&unknown).as_deref(), Some("28000"));
 }
+
+/// A CA and a client certificate for `spiffe://pgward.test/svc/<service>`, as PEM files.
+fn client_pki(
+    dir: &std::path::Path,
+    service: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "pgward test CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        rcgen::Ia5String::try_from(format!("spiffe://pgward.test/svc/{service}")).unwrap(),
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&client_key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("client.pem"),
+        dir.join("client.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, client_key.serialize_pem()).unwrap();
+    paths
+}
+
+async fn connect_with_cert(
+    proxy: &harness::TestProxy,
+    service: &str,
+    cert: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    use rustls::pki_types::pem::PemObject;
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(root_store());
+    let config = match cert {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                pgward::tls::load_certs(cert).unwrap(),
+                rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+    let (client, conn) = proxy
+        .client_config(service, "postgres")
+        .ssl_mode(tokio_postgres::config::SslMode::Require)
+        .connect(tls)
+        .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+#[tokio::test]
+async fn mutual_tls_binds_the_certificate_identity_to_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = client_pki(dir.path(), "app");
+    let proxy = harness::start_proxy(ProxyOptions {
+        allow_plaintext: false,
+        extra_listen: format!("client_ca_file = {ca:?}"),
+        extra_auth: "cert_identity_must_match = true".into(),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let client = connect_with_cert(&proxy, "app", Some((&cert, &key)))
+        .await
+        .expect("certificate matches service");
+    assert_alive(&client).await;
+    let err = connect_with_cert(&proxy, "app", None)
+        .await
+        .err()
+        .expect("no certificate");
+    assert_eq!(db_code(&err).as_deref(), Some("28000"));
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("client certificate is required"));
+    let err = connect_with_cert(&proxy, "other", Some((&cert, &key)))
+        .await
+        .err()
+        .expect("wrong service");
+    assert_eq!(db_code(&err).as_deref(), Some("28000"));
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("spiffe://pgward.test/svc/app"));
+}
