@@ -541,20 +541,18 @@ async fn mutual_tls_binds_the_certificate_identity_to_the_token() {
         .await
         .expect("certificate matches service");
     assert_alive(&client).await;
-    let err = connect_with_cert(&proxy, "app", None)
-        .await
-        .err()
-        .expect("no certificate");
+    let Err(err) = connect_with_cert(&proxy, "app", None).await else {
+        panic!("no certificate: expected a refusal");
+    };
     assert_eq!(db_code(&err).as_deref(), Some("28000"));
     assert!(err
         .as_db_error()
         .unwrap()
         .message()
         .contains("client certificate is required"));
-    let err = connect_with_cert(&proxy, "other", Some((&cert, &key)))
-        .await
-        .err()
-        .expect("wrong service");
+    let Err(err) = connect_with_cert(&proxy, "other", Some((&cert, &key))).await else {
+        panic!("wrong service: expected a refusal");
+    };
     assert_eq!(db_code(&err).as_deref(), Some("28000"));
     assert!(err
         .as_db_error()
