@@ -45,6 +45,23 @@ pub struct Config {
     pub services: BTreeMap<String, ServiceConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Row and column policies; without this section only `unrestricted` services may connect.
+    pub policy: Option<PolicyConfig>,
+}
+
+/// Where the row policies live and which database they describe.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of policy files (one TOML file per service).
+    pub dir: PathBuf,
+    /// The database the policies are written for: policy-bound services may only connect to it.
+    pub database: String,
+    /// Service whose upstream login reads the catalog (the first configured service by default).
+    pub catalog_service: Option<String>,
+    /// How often the policy files are checked for changes (besides SIGHUP); 0 disables.
+    #[serde(default = "default_policy_watch", with = "humantime_serde")]
+    pub watch_interval: Duration,
 }
 
 /// Where and how clients connect.
@@ -174,6 +191,9 @@ fn default_startup_timeout() -> Duration {
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
 }
+fn default_policy_watch() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_upstream_host() -> String {
     "127.0.0.1".into()
 }
@@ -222,6 +242,17 @@ impl Config {
                 "listen.max_message_bytes must be at least 1024".into(),
             ));
         }
+        if let Some(policy) = &self.policy {
+            if self.catalog_service().is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "policy.catalog_service {:?} is not a configured service",
+                    policy
+                        .catalog_service
+                        .as_deref()
+                        .unwrap_or("(none configured)")
+                )));
+            }
+        }
         if self.upstream.tls == UpstreamTls::Disable && self.upstream.tls_ca_file.is_some() {
             return Err(ConfigError::Invalid(
                 "upstream.tls_ca_file is set but upstream.tls is \"disable\"".into(),
@@ -233,6 +264,16 @@ impl Config {
     /// The upstream settings of a service, if it is configured.
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.get(name)
+    }
+
+    /// The service whose upstream login loads the policy catalog.
+    pub fn catalog_service(&self) -> Option<(&str, &ServiceConfig)> {
+        let policy = self.policy.as_ref()?;
+        match &policy.catalog_service {
+            Some(name) => self.services.get_key_value(name),
+            None => self.services.iter().next(),
+        }
+        .map(|(name, service)| (name.as_str(), service))
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub protocol_errors: AtomicU64,
     pub upstream_connect_errors: AtomicU64,
     pub upstream_error_responses: AtomicU64,
+    pub policy_reloads: AtomicU64,
+    pub policy_reload_failures: AtomicU64,
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
@@ -68,7 +70,17 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
+            (
+                "pgward_policy_reloads_total",
+                "Policy sets swapped in (file change, SIGHUP, catalog refresh after DDL).",
+                &self.policy_reloads,
+            ),
+            (
+                "pgward_policy_reload_failures_total",
+                "Policy reloads rejected as invalid (the previous set stays in force).",
+                &self.policy_reload_failures,
+            ),
             (
                 "pgward_connections_accepted_total",
                 "Client connections accepted.",

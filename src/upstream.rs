@@ -48,6 +48,9 @@ pub enum UpstreamError {
     Protocol(#[from] ProtocolError),
     #[error("upstream closed the connection during startup")]
     Closed,
+    /// pgward's own connection (catalog loading) failed.
+    #[error("pgward's own upstream connection: {0}")]
+    Admin(String),
 }
 
 impl From<std::io::Error> for UpstreamError {
@@ -185,6 +188,36 @@ impl UpstreamTarget {
             startup_messages,
             ready_status,
         })
+    }
+
+    /// A `tokio_postgres` client over pgward's own transport (same TCP/unix/TLS settings as the
+    /// sessions), for pgward's own queries such as loading the catalog. tokio-postgres performs
+    /// the login itself (SCRAM, md5 or password) on the already opened stream.
+    pub async fn admin_client(
+        &self,
+        user: &str,
+        password: Option<&str>,
+        database: &str,
+    ) -> Result<tokio_postgres::Client, UpstreamError> {
+        let conn = self.open().await?;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .user(user)
+            .dbname(database)
+            .application_name("pgward");
+        if let Some(password) = password {
+            config.password(password);
+        }
+        let (client, connection) = config
+            .connect_raw(conn, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| UpstreamError::Admin(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "pgward's own upstream connection ended");
+            }
+        });
+        Ok(client)
     }
 
     /// Deliver a CancelRequest for an upstream backend and wait until the server has acted on it.

@@ -57,6 +57,9 @@ pub struct DevArgs {
     /// Directory of SQL migrations to apply.
     #[arg(long, default_value = "migrations")]
     pub migrations: PathBuf,
+    /// Directory of the demo services' policies (reloaded when a file changes).
+    #[arg(long, default_value = "policies")]
+    pub policies: PathBuf,
     /// Lifetime of the printed tokens.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,
@@ -246,7 +249,8 @@ fn dev_config(
          allow_plaintext_loopback = true\n\n\
          [upstream]\nhost = {host}\nport = {port}\n\n\
          [auth]\njwks_file = {jwks}\nissuer = {issuer}\naudience = [{audience}]\nmax_token_lifetime = \"24h\"\n\n\
-         [admin]\naddress = {admin}\n",
+         [admin]\naddress = {admin}\n\n\
+         [policy]\ndir = {policies}\ndatabase = {database}\n",
         config = dir.join("pgward.toml").display(),
         listen = toml_string(&args.listen.to_string()),
         cert = toml_string(&cert.display().to_string()),
@@ -257,6 +261,8 @@ fn dev_config(
         issuer = toml_string(DEV_ISSUER),
         audience = toml_string(DEV_AUDIENCE),
         admin = toml_string(&args.admin.to_string()),
+        policies = toml_string(&absolute(&args.policies)?.display().to_string()),
+        database = toml_string(&upstream.database),
     );
     for (service, _) in DEMO_SERVICES {
         text.push_str(&format!(

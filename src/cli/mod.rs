@@ -203,13 +203,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGHUP re-reads key material (and, as they land, policies and keys).
+/// SIGHUP re-reads token key material and the policy files.
 pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
     let verifier = proxy.verifier();
+    let policies = proxy.policies();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            if let Some(policies) = &policies {
+                if policies.reload_files().is_ok() {
+                    tracing::info!("SIGHUP: policies reloaded");
+                }
+            }
             match verifier.reload().await {
                 Ok(()) => tracing::info!("SIGHUP: token keys reloaded"),
                 Err(e) => {

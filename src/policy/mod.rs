@@ -182,6 +182,18 @@ impl PolicyEngine {
         Ok(())
     }
 
+    /// Re-reads the current directory against the current catalog (SIGHUP, file change).
+    pub fn reload_files(&self) -> Result<(), Vec<PolicyError>> {
+        let dir = self.dir.read().clone();
+        let catalog = self.catalog();
+        self.reload(&dir, &catalog)
+    }
+
+    /// The catalog the current policies were compiled against.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.current.read().catalog.clone()
+    }
+
     /// After DDL: recompiles the current policies against a refreshed catalog.
     pub fn set_catalog(&self, catalog: Arc<Catalog>) -> Result<(), Vec<PolicyError>> {
         let dir = self.dir.read().clone();

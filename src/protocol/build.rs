@@ -131,6 +131,16 @@ pub fn parse(name: &str, sql: &str) -> Bytes {
     finish(buf)
 }
 
+/// Parse of `sql` as statement `name`, keeping a client's raw parameter-type list (as taken
+/// from its own Parse by `fields::parse_parts`).
+pub fn parse_with_param_types(name: &str, sql: &str, param_types: &[u8]) -> Bytes {
+    let mut buf = begin(b'P', name.len() + sql.len() + 2 + param_types.len());
+    put_cstr(&mut buf, name);
+    put_cstr(&mut buf, sql);
+    buf.extend_from_slice(param_types);
+    finish(buf)
+}
+
 /// Terminate.
 pub fn terminate() -> Bytes {
     finish(begin(b'X', 0))

@@ -46,12 +46,18 @@ pub fn query_text(body: &[u8]) -> Result<&str, ProtocolError> {
 
 /// Statement name and SQL text of a Parse message body.
 pub fn parse_name_and_text(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
+    parse_parts(body).map(|(name, sql, _)| (name, sql))
+}
+
+/// Statement name, SQL text and the raw parameter-type list (count and OIDs) of a Parse body.
+pub fn parse_parts(body: &[u8]) -> Result<(&str, &str, &[u8]), ProtocolError> {
     let malformed = || ProtocolError::Malformed { what: "Parse" };
     let (name, rest) = take_cstr(body).ok_or_else(malformed)?;
-    let (sql, _) = take_cstr(rest).ok_or_else(malformed)?;
+    let (sql, param_types) = take_cstr(rest).ok_or_else(malformed)?;
     Ok((
         std::str::from_utf8(name).map_err(|_| malformed())?,
         std::str::from_utf8(sql).map_err(|_| malformed())?,
+        param_types,
     ))
 }
 

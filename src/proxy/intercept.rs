@@ -1,15 +1,22 @@
 //! The hook point every client message passes through on its way upstream.
 //!
 //! The relay hands each framed client message to [`Interceptor::client_message`], which decides
-//! to forward it untouched (zero-copy), replace it, or refuse it. Row policies, field encryption
-//! and auditing plug in here; with none of them active the interceptor reports itself as
+//! to forward it untouched (zero-copy), replace it, or refuse it. For a policy-bound service
+//! every simple Query and every Parse is rewritten by the policy engine (or refused), and the
+//! fast-path FunctionCall, which would bypass SQL analysis, is refused. An unrestricted service
+//! on the policy database is only watched for DDL; elsewhere the interceptor reports itself as
 //! pass-through and the relay skips per-message work beyond bookkeeping.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::policy::{may_be_ddl, Policies, SessionPolicy};
 use crate::auth::Identity;
-use crate::error::ClientError;
-use crate::protocol::Message;
+use crate::error::{sqlstate, ClientError};
+use crate::policy::{PolicyDenied, Rewritten};
+use crate::protocol::fields::{parse_parts, query_text};
+use crate::protocol::{build, frontend, Message};
 
 /// What happens to one client message.
 #[derive(Debug)]
@@ -25,12 +32,19 @@ pub enum Verdict {
 /// Per-session interception state.
 pub struct Interceptor {
     identity: Identity,
+    policy: SessionPolicy,
+    /// DDL went upstream: the catalog must be reloaded once the session is idle again.
+    ddl_pending: bool,
 }
 
 impl Interceptor {
     /// The interceptor of one authenticated session.
-    pub fn new(identity: Identity) -> Self {
-        Self { identity }
+    pub fn new(identity: Identity, policy: SessionPolicy) -> Self {
+        Self {
+            identity,
+            policy,
+            ddl_pending: false,
+        }
     }
 
     /// The session's verified identity.
@@ -40,11 +54,86 @@ impl Interceptor {
 
     /// True when no layer needs to see individual messages.
     pub fn is_passthrough(&self) -> bool {
-        true
+        matches!(self.policy, SessionPolicy::Unrestricted)
     }
 
     /// Decide the fate of one client message.
-    pub async fn client_message(&mut self, _message: &Message) -> Verdict {
-        Verdict::Forward
+    pub async fn client_message(&mut self, message: &Message) -> Verdict {
+        match (&self.policy, message.tag()) {
+            (SessionPolicy::Bound(_), frontend::QUERY | frontend::PARSE) => self.rewrite(message),
+            (SessionPolicy::Bound(_), frontend::FUNCTION_CALL) => {
+                Verdict::Refuse(ClientError::error(
+                    sqlstate::INSUFFICIENT_PRIVILEGE,
+                    format!(
+                        "pgward: service {:?} may not use fast-path function calls (they bypass statement analysis)",
+                        self.identity.service
+                    ),
+                ))
+            }
+            (SessionPolicy::WatchDdl(_), frontend::QUERY | frontend::PARSE) => {
+                if sql_of(message).is_ok_and(may_be_ddl) {
+                    self.ddl_pending = true;
+                }
+                Verdict::Forward
+            }
+            _ => Verdict::Forward,
+        }
     }
+
+    /// The policies whose catalog must be refreshed because this session ran DDL (once).
+    pub fn take_ddl_pending(&mut self) -> Option<Arc<Policies>> {
+        if !std::mem::take(&mut self.ddl_pending) {
+            return None;
+        }
+        match &self.policy {
+            SessionPolicy::Bound(p) | SessionPolicy::WatchDdl(p) => Some(p.clone()),
+            SessionPolicy::Unrestricted => None,
+        }
+    }
+
+    /// Rewrite a Query or Parse of a policy-bound session.
+    fn rewrite(&mut self, message: &Message) -> Verdict {
+        let SessionPolicy::Bound(policies) = &self.policy else {
+            return Verdict::Forward;
+        };
+        let sql = match sql_of(message) {
+            Ok(sql) => sql,
+            Err(refusal) => return Verdict::Refuse(refusal),
+        };
+        let rewritten = match policies.rewrite(&self.identity, sql) {
+            Ok(rewritten) => rewritten,
+            Err(denied) => return Verdict::Refuse(refusal(denied)),
+        };
+        if rewritten.statements.iter().any(|s| s.is_ddl) {
+            self.ddl_pending = true;
+        }
+        if rewritten.sql == sql {
+            return Verdict::Forward;
+        }
+        Verdict::Replace(rebuild(message, &rewritten))
+    }
+}
+
+/// The SQL text of a Query or Parse; a malformed one is refused (never forwarded unanalysed).
+fn sql_of(message: &Message) -> Result<&str, ClientError> {
+    let text = if message.tag() == frontend::QUERY {
+        query_text(message.body())
+    } else {
+        parse_parts(message.body()).map(|(_, sql, _)| sql)
+    };
+    text.map_err(|e| ClientError::error(sqlstate::PROTOCOL_VIOLATION, format!("pgward: {e}")))
+}
+
+/// The client's Query or Parse with the rewritten SQL (Parse keeps its name and types).
+fn rebuild(message: &Message, rewritten: &Rewritten) -> Bytes {
+    match parse_parts(message.body()) {
+        Ok((name, _, param_types)) if message.tag() == frontend::PARSE => {
+            build::parse_with_param_types(name, &rewritten.sql, param_types)
+        }
+        _ => build::query(&rewritten.sql),
+    }
+}
+
+fn refusal(denied: PolicyDenied) -> ClientError {
+    ClientError::error(denied.sqlstate, denied.message)
 }

@@ -3,12 +3,14 @@
 //! - [`handshake`]: encryption negotiation, startup packet, token authentication;
 //! - [`session`]: upstream login and the two relay directions;
 //! - [`intercept`]: the hook point each client message passes through;
+//! - [`policy`]: row policies at connect time and per statement, kept current;
 //! - [`state`]: what the two directions and the cancel path share;
 //! - [`cancel`]: the map from the keys pgward hands out to sessions.
 
 pub mod cancel;
 pub mod handshake;
 pub mod intercept;
+pub mod policy;
 pub mod session;
 pub mod state;
 
@@ -43,6 +45,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("authentication setup: {0}")]
     Auth(#[from] crate::auth::AuthSetupError),
+    #[error("policies: {0}")]
+    Policy(#[from] policy::PolicyLoadError),
     #[error("binding {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -61,6 +65,8 @@ pub struct Shared {
     pub upstream_passwords: HashMap<String, Option<String>>,
     pub metrics: Arc<Metrics>,
     pub cancels: CancelRegistry,
+    /// Row policies, when `[policy]` is configured.
+    pub policies: Option<Arc<policy::Policies>>,
 }
 
 /// A bound, ready-to-run proxy.
@@ -91,6 +97,10 @@ impl Proxy {
                 .transpose()?;
             upstream_passwords.insert(name.clone(), password);
         }
+        let metrics = Arc::new(Metrics::default());
+        let policies =
+            policy::Policies::load(&config, &upstream, &upstream_passwords, metrics.clone())
+                .await?;
         let address = config.listen.address;
         let listener = TcpListener::bind(address)
             .await
@@ -110,8 +120,9 @@ impl Proxy {
                 verifier,
                 upstream,
                 upstream_passwords,
-                metrics: Arc::new(Metrics::default()),
+                metrics,
                 cancels: CancelRegistry::default(),
+                policies,
             }),
             listener,
             admin,
@@ -138,6 +149,11 @@ impl Proxy {
         self.shared.verifier.clone()
     }
 
+    /// The loaded policies, if `[policy]` is configured.
+    pub fn policies(&self) -> Option<Arc<policy::Policies>> {
+        self.shared.policies.clone()
+    }
+
     /// Serve until `shutdown` resolves, then stop accepting, let running statements finish
     /// (up to `listen.shutdown_grace`) and close every session.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
@@ -148,6 +164,7 @@ impl Proxy {
         } = self;
         let admin_task =
             admin.map(|l| tokio::spawn(crate::admin::serve(l, shared.metrics.clone())));
+        let policy_watcher = shared.policies.as_ref().and_then(|p| p.spawn_watcher());
         let (stop_tx, stop_rx) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(shared.config.listen.max_client_connections));
         let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
@@ -208,7 +225,7 @@ impl Proxy {
             );
             sessions.shutdown().await;
         }
-        if let Some(task) = admin_task {
+        for task in admin_task.into_iter().chain(policy_watcher) {
             task.abort();
         }
         tracing::info!("pgward stopped");

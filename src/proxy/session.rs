@@ -11,8 +11,10 @@ use tokio::sync::watch;
 
 use super::handshake::Authenticated;
 use super::intercept::{Interceptor, Verdict};
+use super::policy::SessionPolicy;
 use super::state::SessionState;
 use super::Shared;
+use crate::auth::Identity;
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::inc;
 use crate::net::{ConnReader, ConnWriter};
@@ -49,6 +51,16 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
     } = auth;
     let Some(service) = shared.config.service(&identity.service) else {
         return;
+    };
+    let policy = match admit(&shared, &identity, &database, service.unrestricted) {
+        Ok(policy) => policy,
+        Err(error) => {
+            inc(&shared.metrics.statements_refused);
+            tracing::info!(session = session_id, service = %identity.service, reason = %error.message, "session refused by policy");
+            let _ = conn.write_all(&error.to_message()).await;
+            let _ = conn.shutdown().await;
+            return;
+        }
     };
     let password = shared
         .upstream_passwords
@@ -118,7 +130,7 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
     let client_reader = FrameReader::new(client_read, shared.config.listen.max_message_bytes);
     let upstream_reader =
         FrameReader::with_buffered(upstream_read, MAX_UPSTREAM_MESSAGE, upstream.buffered);
-    let interceptor = Interceptor::new(identity);
+    let interceptor = Interceptor::new(identity, policy);
 
     let end = tokio::select! {
         end = client_to_upstream(&shared, &state, client_reader, upstream_write, interceptor, shutdown) => end,
@@ -132,6 +144,26 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
     tracing::info!(session = session_id, end = ?end, "session closed");
+}
+
+/// What binds the session, or the FATAL error refusing it.
+fn admit(
+    shared: &Shared,
+    identity: &Identity,
+    database: &str,
+    unrestricted: bool,
+) -> Result<SessionPolicy, ClientError> {
+    match &shared.policies {
+        Some(policies) => policies.admit(identity, database, unrestricted),
+        None if unrestricted => Ok(SessionPolicy::Unrestricted),
+        None => Err(ClientError::fatal(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!(
+                "pgward: service {:?} has no policy (no [policy] is configured and the service is not unrestricted)",
+                identity.service
+            ),
+        )),
+    }
 }
 
 /// Client → upstream: frame, intercept, forward; idle timeout and graceful shutdown live here.
@@ -191,6 +223,13 @@ async fn client_to_upstream(
                 ));
             }
         };
+        if state.is_idle() {
+            if let Some(policies) = interceptor.take_ddl_pending() {
+                // The DDL has committed: later statements (of every session) must be checked
+                // against the schema as it is now.
+                policies.refresh_catalog().await;
+            }
+        }
         let outgoing = if interceptor.is_passthrough() {
             vec![batch.bytes().clone()]
         } else {
@@ -286,7 +325,8 @@ async fn intercept_batch(
 fn refusal_stand_in(state: &SessionState, message: &Message, error: ClientError) -> Bytes {
     let marker = state.register_refusal(error);
     match message.tag() {
-        frontend::QUERY => build::query(&marker),
+        // Both are answered with their own ReadyForQuery, no Sync follows.
+        frontend::QUERY | frontend::FUNCTION_CALL => build::query(&marker),
         frontend::PARSE => {
             let name = parse_name_and_text(message.body())
                 .map(|(name, _)| name)

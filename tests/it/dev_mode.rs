@@ -14,6 +14,7 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
     let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let policies = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgward"))
         .args([
             "dev",
@@ -24,6 +25,8 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
             "--migrations",
         ])
         .arg(&migrations)
+        .arg("--policies")
+        .arg(&policies)
         .current_dir(workdir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -60,9 +63,7 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
             "-A",
             "-t",
             "-c",
-            "select count(*) from tenants",
-            "-c",
-            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+            "select count(*), min(tenant_id), max(tenant_id) from customers",
         ])
         .output()
         .unwrap();
@@ -73,8 +74,8 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).lines().next(),
-        Some("3"),
-        "three demo tenants"
+        Some("5|1|1"),
+        "billing of tenant 1 sees its five customers only"
     );
 
     // The working files live under ./.pgward and a token can be minted there.
@@ -107,7 +108,7 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
             "-d",
             "pgward_demo",
             "-c",
-            "select 1",
+            "select count(*) from customers where tenant_id = 1",
         ])
         .env("PGPASSWORD", &token)
         .env("PGSSLMODE", "require")
@@ -117,6 +118,11 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
         out.status.success(),
         "minted token works: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "a tenant-2 token sees no tenant-1 rows"
     );
 
     // Ctrl-C stops everything and removes the throwaway server.

@@ -299,21 +299,26 @@ address = "127.0.0.1:0"
 [services.app]
 upstream_user = "postgres"
 upstream_password = {{ env = "{password_env}" }}
+unrestricted = true
 
 [services.other]
 upstream_user = "postgres"
 upstream_password = {{ env = "{password_env}" }}
+unrestricted = true
 
 [services.md5svc]
 upstream_user = "{MD5_ROLE}"
 upstream_password = {{ file = {role_password_file:?} }}
+unrestricted = true
 
 [services.passwordsvc]
 upstream_user = "{PASSWORD_ROLE}"
 upstream_password = {{ file = {role_password_file:?} }}
+unrestricted = true
 
 [services.trustsvc]
 upstream_user = "{TRUST_ROLE}"
+unrestricted = true
 
 {extra}
 "#,

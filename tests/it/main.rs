@@ -6,6 +6,7 @@ mod dev_mode;
 mod edges;
 mod harness;
 mod policy;
+mod policy_proxy;
 mod protocol;
 mod tools;
 mod vault;

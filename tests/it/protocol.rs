@@ -467,9 +467,9 @@ async fn startup_parameters_reach_upstream_and_identity_changes_are_refused() {
     assert_eq!(row.get(0), Some("billing-worker"));
     assert_eq!(row.get(1), Some("German, DMY"));
     assert_eq!(row.get(2), Some("1"));
+    // (search_path is refused for policy-bound services only: see policy_proxy.)
     for options in [
         "-c role=pg_read_all_data",
-        "-c search_path=evil",
         "--session_authorization=postgres",
     ] {
         let mut config = proxy.client_config("app", &db);
