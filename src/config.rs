@@ -47,6 +47,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Row and column policies; without this section only `unrestricted` services may connect.
     pub policy: Option<PolicyConfig>,
+    /// The audit log; without this section nothing is audited (pgward warns at start).
+    pub audit: Option<crate::audit::AuditConfig>,
 }
 
 /// Where the row policies live and which database they describe.

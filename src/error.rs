@@ -31,6 +31,8 @@ pub mod sqlstate {
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     /// feature_not_supported
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// io_error (the audit log cannot be written)
+    pub const IO_ERROR: &str = "58030";
     /// internal_error
     pub const INTERNAL_ERROR: &str = "XX000";
 }
@@ -62,6 +64,14 @@ impl ClientError {
         Self {
             fatal: false,
             ..Self::fatal(sqlstate, message)
+        }
+    }
+
+    /// The same error, ending the connection.
+    pub fn into_fatal(self) -> Self {
+        Self {
+            fatal: true,
+            ..self
         }
     }
 

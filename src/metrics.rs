@@ -30,6 +30,7 @@ pub struct Metrics {
     pub upstream_connect_errors: AtomicU64,
     pub upstream_error_responses: AtomicU64,
     pub policy_reloads: AtomicU64,
+    pub audit_write_failures: AtomicU64,
     pub policy_reload_failures: AtomicU64,
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -70,7 +71,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
+            (
+                "pgward_audit_write_failures_total",
+                "Batches of statement records that could not be made durable.",
+                &self.audit_write_failures,
+            ),
             (
                 "pgward_policy_reloads_total",
                 "Policy sets swapped in (file change, SIGHUP, catalog refresh after DDL).",

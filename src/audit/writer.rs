@@ -165,6 +165,35 @@ impl AuditHandle {
         done.await.map_err(|_| AuditError::Closed)?
     }
 
+    /// Appends several events and resolves with their sequence numbers once all are durable.
+    /// All are queued before the first wait, so they share one group commit.
+    pub async fn append_all(&self, events: Vec<AuditEvent>) -> Result<Vec<u64>, AuditError> {
+        let Some(tx) = &self.inner.tx else {
+            return Ok(vec![0; events.len()]);
+        };
+        let mut acks = Vec::with_capacity(events.len());
+        for event in &events {
+            let body = self.serialise(event)?;
+            let (ack, done) = oneshot::channel();
+            tx.send(Cmd::Append {
+                body,
+                ack: Some(ack),
+            })
+            .map_err(|_| AuditError::Closed)?;
+            acks.push(done);
+        }
+        let mut seqs = Vec::with_capacity(acks.len());
+        for done in acks {
+            seqs.push(done.await.map_err(|_| AuditError::Closed)??);
+        }
+        Ok(seqs)
+    }
+
+    /// Whether records are written at all (`enabled = false` gives a handle that drops them).
+    pub fn is_enabled(&self) -> bool {
+        self.inner.tx.is_some()
+    }
+
     /// Queues `event` without waiting (for completion records). Failures are logged and
     /// counted in [`AuditStats::dropped_nowait`].
     pub fn append_nowait(&self, event: AuditEvent) {

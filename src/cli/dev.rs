@@ -250,7 +250,8 @@ fn dev_config(
          [upstream]\nhost = {host}\nport = {port}\n\n\
          [auth]\njwks_file = {jwks}\nissuer = {issuer}\naudience = [{audience}]\nmax_token_lifetime = \"24h\"\n\n\
          [admin]\naddress = {admin}\n\n\
-         [policy]\ndir = {policies}\ndatabase = {database}\n",
+         [policy]\ndir = {policies}\ndatabase = {database}\n\n\
+         [audit]\ndir = {audit}\nsigning_key_file = {audit_key}\ncheckpoint_interval = \"10s\"\n",
         config = dir.join("pgward.toml").display(),
         listen = toml_string(&args.listen.to_string()),
         cert = toml_string(&cert.display().to_string()),
@@ -263,6 +264,8 @@ fn dev_config(
         admin = toml_string(&args.admin.to_string()),
         policies = toml_string(&absolute(&args.policies)?.display().to_string()),
         database = toml_string(&upstream.database),
+        audit = toml_string(&dir.join("audit").display().to_string()),
+        audit_key = toml_string(&audit_signing_key(dir)?.display().to_string()),
     );
     for (service, _) in DEMO_SERVICES {
         text.push_str(&format!(
@@ -271,6 +274,13 @@ fn dev_config(
         ));
     }
     Ok(text)
+}
+
+/// The Ed25519 key that signs the demo's audit checkpoints (created on first run).
+fn audit_signing_key(dir: &Path) -> anyhow::Result<PathBuf> {
+    let path = dir.join("audit-signing.pem");
+    crate::audit::SigningKey::load_or_create(&path)?;
+    Ok(path)
 }
 
 fn print_banner(
@@ -307,6 +317,11 @@ fn print_banner(
             upstream.database
         ));
     }
+    out.push_str(&format!(
+        "\nEvery statement is audited to {audit}/ ; check it with:\n  cargo run -- audit verify --live --public-key {key}.pub {audit}\n",
+        audit = dir.join("audit").display(),
+        key = dir.join("audit-signing.pem").display(),
+    ));
     out.push_str("\nMint more tokens with: cargo run -- token mint --service billing --claim tenant_id=2\nPress Ctrl-C to stop.\n");
     println!("{out}");
     Ok(())

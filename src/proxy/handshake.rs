@@ -11,6 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::Shared;
+use crate::audit::AuditEvent;
 use crate::auth::Identity;
 use crate::error::{sqlstate, ClientError};
 use crate::net::Conn;
@@ -58,11 +59,14 @@ struct Refusal {
     conn: Option<Conn>,
     error: ClientError,
     reason: &'static str,
+    /// The service and database the client asked for, once the startup packet was read.
+    target: Option<(String, String)>,
 }
 
 impl Refusal {
     fn new(conn: Conn, error: ClientError, reason: &'static str) -> Self {
         Self {
+            target: None,
             conn: Some(conn),
             error,
             reason,
@@ -83,6 +87,7 @@ pub async fn handshake(
             if refusal.reason != "client_gone" {
                 shared.metrics.auth_failure(refusal.reason);
                 tracing::info!(client = %client_addr, reason = refusal.reason, error = %refusal.error.message, "connection refused");
+                audit_refusal(shared, client_addr, &refusal);
             }
             if let Some(mut conn) = refusal.conn {
                 let _ = conn.write_all(&refusal.error.to_message()).await;
@@ -99,9 +104,28 @@ pub async fn handshake(
     }
 }
 
+/// Record a failed connection attempt in the audit log (not waited for: nothing runs).
+fn audit_refusal(shared: &Shared, client_addr: SocketAddr, refusal: &Refusal) {
+    let Some(audit) = &shared.audit else {
+        return;
+    };
+    let (user, database) = refusal.target.clone().unzip();
+    audit.append_nowait(AuditEvent::AuthFailed {
+        client_addr: client_addr.to_string(),
+        tls: refusal.conn.as_ref().is_some_and(Conn::is_tls),
+        cert_identity: None,
+        user,
+        database,
+        token_id: None,
+        reason: format!("{}: {}", refusal.reason, refusal.error.message),
+        sqlstate: refusal.error.sqlstate.to_string(),
+    });
+}
+
 fn protocol_refusal(conn: Conn, error: &ProtocolError) -> Refusal {
     match error {
         ProtocolError::Truncated | ProtocolError::Io(_) => Refusal {
+            target: None,
             conn: None,
             error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "connection closed"),
             reason: "client_gone",
@@ -185,21 +209,33 @@ async fn handshake_inner(
         .filter(|d| !d.is_empty())
         .unwrap_or(&user)
         .to_string();
+    let target = || Some((user.clone(), database.clone()));
     let Some(service) = shared.config.service(&user) else {
         // Ask for the token anyway? No: an unknown service can never authenticate, so say so.
-        return Err(Refusal::new(
-            conn,
-            ClientError::fatal(
-                sqlstate::INVALID_AUTHORIZATION,
-                format!("pgward: service \"{user}\" is not configured"),
-            ),
-            "unknown_service",
-        ));
+        return Err(Refusal {
+            target: target(),
+            ..Refusal::new(
+                conn,
+                ClientError::fatal(
+                    sqlstate::INVALID_AUTHORIZATION,
+                    format!("pgward: service \"{user}\" is not configured"),
+                ),
+                "unknown_service",
+            )
+        });
     };
     if let Err(error) = check_startup_parameters(&startup, service.unrestricted) {
-        return Err(Refusal::new(conn, error, "forbidden_parameter"));
+        return Err(Refusal {
+            target: target(),
+            ..Refusal::new(conn, error, "forbidden_parameter")
+        });
     }
-    let identity = authenticate(shared, &mut conn, &user).await?;
+    let identity = authenticate(shared, &mut conn, &user)
+        .await
+        .map_err(|refusal| Refusal {
+            target: target(),
+            ..refusal
+        })?;
     Ok(HandshakeOutcome::Session(Box::new(Authenticated {
         conn,
         startup,
@@ -283,6 +319,7 @@ async fn write_or_gone(conn: &mut Conn, bytes: &[u8]) -> Result<(), Refusal> {
     }
     .await;
     result.map_err(|_| Refusal {
+        target: None,
         conn: None,
         error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "connection closed"),
         reason: "client_gone",
@@ -305,6 +342,7 @@ async fn unread_bytes_pending(conn: &Conn) -> bool {
 async fn accept_tls(shared: &Shared, conn: Conn, direct: bool) -> Result<Conn, Refusal> {
     let (Conn::Tcp(tcp), Some(acceptor)) = (conn, shared.tls.as_ref()) else {
         return Err(Refusal {
+            target: None,
             conn: None,
             error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "TLS negotiated twice"),
             reason: "bad_startup",
@@ -315,6 +353,7 @@ async fn accept_tls(shared: &Shared, conn: Conn, direct: bool) -> Result<Conn, R
         Err(e) => {
             tracing::info!(error = %e, "TLS handshake failed");
             return Err(Refusal {
+                target: None,
                 conn: None,
                 error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "TLS handshake failed"),
                 reason: "tls_handshake",
@@ -429,6 +468,7 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, ClientError
 /// Ask for the token as a cleartext password, verify it, and bind the session to its identity.
 async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Identity, Refusal> {
     let gone = || Refusal {
+        target: None,
         conn: None,
         error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "connection closed"),
         reason: "client_gone",
@@ -443,6 +483,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
             }
             Err(e) => {
                 return Err(Refusal {
+                    target: None,
                     conn: None,
                     error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
                     reason: "bad_password_message",
@@ -452,6 +493,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
         if !reader.buffered().is_empty() {
             // Nothing may be pipelined ahead of AuthenticationOk.
             return Err(Refusal {
+                target: None,
                 conn: None,
                 error: ClientError::fatal(
                     sqlstate::PROTOCOL_VIOLATION,
@@ -462,6 +504,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
         }
         if message.tag() != frontend::PASSWORD {
             return Err(Refusal {
+                target: None,
                 conn: None,
                 error: ClientError::fatal(
                     sqlstate::PROTOCOL_VIOLATION,
@@ -474,6 +517,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
             Ok(token) => token.to_string(),
             Err(_) => {
                 return Err(Refusal {
+                    target: None,
                     conn: None,
                     error: ClientError::fatal(
                         sqlstate::PROTOCOL_VIOLATION,
@@ -499,6 +543,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
             let _ = conn.write_all(&error.to_message()).await;
             let _ = conn.flush().await;
             Err(Refusal {
+                target: None,
                 conn: None,
                 error,
                 reason: e.reason(),

@@ -35,6 +35,8 @@ pub struct Interceptor {
     policy: SessionPolicy,
     /// DDL went upstream: the catalog must be reloaded once the session is idle again.
     ddl_pending: bool,
+    /// The policy analysis of the last rewritten message, for its audit record.
+    last_analysis: Option<Arc<Rewritten>>,
 }
 
 impl Interceptor {
@@ -44,6 +46,7 @@ impl Interceptor {
             identity,
             policy,
             ddl_pending: false,
+            last_analysis: None,
         }
     }
 
@@ -80,6 +83,28 @@ impl Interceptor {
         }
     }
 
+    /// The policy analysis of the message just decided on (once).
+    pub fn take_analysis(&mut self) -> Option<Arc<Rewritten>> {
+        self.last_analysis.take()
+    }
+
+    /// The claims the session's policy uses (recorded in the audit log instead of the token).
+    pub fn claims_used(&self) -> serde_json::Map<String, serde_json::Value> {
+        let SessionPolicy::Bound(policies) = &self.policy else {
+            return serde_json::Map::new();
+        };
+        let required = policies
+            .engine()
+            .required_claims(&self.identity.service)
+            .unwrap_or_default();
+        self.identity
+            .claims
+            .iter()
+            .filter(|(k, _)| required.contains(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// The policies whose catalog must be refreshed because this session ran DDL (once).
     pub fn take_ddl_pending(&mut self) -> Option<Arc<Policies>> {
         if !std::mem::take(&mut self.ddl_pending) {
@@ -107,10 +132,13 @@ impl Interceptor {
         if rewritten.statements.iter().any(|s| s.is_ddl) {
             self.ddl_pending = true;
         }
-        if rewritten.sql == sql {
-            return Verdict::Forward;
-        }
-        Verdict::Replace(rebuild(message, &rewritten))
+        let verdict = if rewritten.sql == sql {
+            Verdict::Forward
+        } else {
+            Verdict::Replace(rebuild(message, &rewritten))
+        };
+        self.last_analysis = Some(rewritten);
+        verdict
     }
 }
 

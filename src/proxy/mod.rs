@@ -3,10 +3,12 @@
 //! - [`handshake`]: encryption negotiation, startup packet, token authentication;
 //! - [`session`]: upstream login and the two relay directions;
 //! - [`intercept`]: the hook point each client message passes through;
+//! - [`audit`]: statement records made durable before forwarding, and their completions;
 //! - [`policy`]: row policies at connect time and per statement, kept current;
 //! - [`state`]: what the two directions and the cancel path share;
 //! - [`cancel`]: the map from the keys pgward hands out to sessions.
 
+pub mod audit;
 pub mod cancel;
 pub mod handshake;
 pub mod intercept;
@@ -45,6 +47,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("authentication setup: {0}")]
     Auth(#[from] crate::auth::AuthSetupError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
     #[error("policies: {0}")]
     Policy(#[from] policy::PolicyLoadError),
     #[error("binding {address}: {source}")]
@@ -67,11 +71,15 @@ pub struct Shared {
     pub cancels: CancelRegistry,
     /// Row policies, when `[policy]` is configured.
     pub policies: Option<Arc<policy::Policies>>,
+    /// The audit log, when `[audit]` is configured and enabled.
+    pub audit: Option<crate::audit::AuditHandle>,
 }
 
 /// A bound, ready-to-run proxy.
 pub struct Proxy {
     shared: Arc<Shared>,
+    /// Owns the audit writer; shut down (final signed checkpoint) when the proxy stops.
+    audit_log: Option<crate::audit::AuditLog>,
     listener: TcpListener,
     admin: Option<TcpListener>,
 }
@@ -101,6 +109,17 @@ impl Proxy {
         let policies =
             policy::Policies::load(&config, &upstream, &upstream_passwords, metrics.clone())
                 .await?;
+        let (audit_log, audit) = match &config.audit {
+            Some(audit) if audit.enabled => {
+                let (log, handle) = crate::audit::AuditLog::open(audit.clone()).await?;
+                tracing::info!(dir = %audit.dir.display(), "audit log open");
+                (Some(log), Some(handle))
+            }
+            _ => {
+                tracing::warn!("no [audit] configured: statements are not audited");
+                (None, None)
+            }
+        };
         let address = config.listen.address;
         let listener = TcpListener::bind(address)
             .await
@@ -123,7 +142,9 @@ impl Proxy {
                 metrics,
                 cancels: CancelRegistry::default(),
                 policies,
+                audit,
             }),
+            audit_log,
             listener,
             admin,
         })
@@ -161,6 +182,7 @@ impl Proxy {
             shared,
             listener,
             admin,
+            audit_log,
         } = self;
         let admin_task =
             admin.map(|l| tokio::spawn(crate::admin::serve(l, shared.metrics.clone())));
@@ -227,6 +249,11 @@ impl Proxy {
         }
         for task in admin_task.into_iter().chain(policy_watcher) {
             task.abort();
+        }
+        if let Some(log) = audit_log {
+            if let Err(e) = log.shutdown().await {
+                tracing::error!(error = %e, "audit log: final checkpoint failed");
+            }
         }
         tracing::info!("pgward stopped");
     }

@@ -9,11 +9,13 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use super::audit::{BatchRecords, Completions, Observed, SessionAudit};
 use super::handshake::Authenticated;
 use super::intercept::{Interceptor, Verdict};
 use super::policy::SessionPolicy;
 use super::state::SessionState;
 use super::Shared;
+use crate::audit::{AuditEvent, OnFailure, SessionInfo};
 use crate::auth::Identity;
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::inc;
@@ -36,6 +38,65 @@ enum End {
     Io,
 }
 
+impl End {
+    /// The reason recorded in the connection-closed audit record.
+    fn describe(&self) -> String {
+        match self {
+            End::ClientClosed => "client closed".into(),
+            End::UpstreamClosed => "upstream closed".into(),
+            End::Fatal(error) => format!("{} ({})", error.message, error.sqlstate),
+            End::Io => "client connection lost".into(),
+        }
+    }
+}
+
+/// Start the session's audit trail: its connection-opened record is durable before anything
+/// runs. `None` when auditing is off; an error (FATAL for the client) when the log cannot
+/// write and `on_failure = "refuse"`.
+async fn open_session_audit(
+    shared: &Shared,
+    interceptor: &Interceptor,
+    session_id: u64,
+    client_addr: std::net::SocketAddr,
+    tls: bool,
+    database: &str,
+) -> Result<Option<SessionAudit>, ClientError> {
+    let Some(handle) = &shared.audit else {
+        return Ok(None);
+    };
+    let identity = interceptor.identity();
+    let info = Arc::new(SessionInfo {
+        session_id,
+        client_addr: client_addr.to_string(),
+        tls,
+        cert_identity: identity.cert_identity.clone(),
+        service: identity.service.clone(),
+        token_id: identity.token_id.clone(),
+        database: database.to_string(),
+        claims_used: interceptor.claims_used(),
+    });
+    if let Err(e) = handle
+        .append(AuditEvent::ConnectionOpened(info.clone()))
+        .await
+    {
+        inc(&shared.metrics.audit_write_failures);
+        tracing::error!(session = session_id, error = %e, "audit log cannot write");
+        if handle.on_failure() == OnFailure::Refuse {
+            return Err(audit_unavailable(&e).into_fatal());
+        }
+    }
+    Ok(Some(SessionAudit::new(handle.clone(), info)))
+}
+
+/// The error a statement gets when its audit record cannot be made durable.
+fn audit_unavailable(error: &crate::audit::AuditError) -> ClientError {
+    ClientError::error(
+        sqlstate::IO_ERROR,
+        "pgward: the audit log cannot be written, so the statement was not run",
+    )
+    .with_hint(format!("ops: check the audit directory ({error})"))
+}
+
 /// Run a session to its end.
 pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Receiver<bool>) {
     let session_id = NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed);
@@ -47,7 +108,7 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
         startup,
         identity,
         database,
-        client_addr: _,
+        client_addr,
     } = auth;
     let Some(service) = shared.config.service(&identity.service) else {
         return;
@@ -112,6 +173,27 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
     inc(&shared.metrics.sessions_established);
     tracing::info!(session = session_id, service = %identity.service, database = %database, "session established");
 
+    let interceptor = Interceptor::new(identity, policy);
+    let audit = match open_session_audit(
+        &shared,
+        &interceptor,
+        session_id,
+        client_addr,
+        conn.is_tls(),
+        &database,
+    )
+    .await
+    {
+        Ok(audit) => audit,
+        Err(error) => {
+            shared.cancels.unregister(key);
+            let _ = conn.write_all(&error.to_message()).await;
+            let _ = conn.shutdown().await;
+            return;
+        }
+    };
+    let opened_at = Instant::now();
+
     let mut hello = BytesMut::new();
     hello.extend_from_slice(&build::authentication_ok());
     for message in &upstream.startup_messages {
@@ -130,12 +212,23 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
     let client_reader = FrameReader::new(client_read, shared.config.listen.max_message_bytes);
     let upstream_reader =
         FrameReader::with_buffered(upstream_read, MAX_UPSTREAM_MESSAGE, upstream.buffered);
-    let interceptor = Interceptor::new(identity, policy);
-
+    let completions = audit
+        .as_ref()
+        .map(|a| Completions::new(a.handle().clone(), a.session().clone()));
+    let mut audit = audit;
+    let audit_pair = audit.as_mut().zip(completions.as_ref());
     let end = tokio::select! {
-        end = client_to_upstream(&shared, &state, client_reader, upstream_write, interceptor, shutdown) => end,
-        end = upstream_to_client(&shared, &state, upstream_reader, client_writer.clone()) => end,
+        end = client_to_upstream(&shared, &state, client_reader, upstream_write, interceptor, audit_pair, shutdown) => end,
+        end = upstream_to_client(&shared, &state, upstream_reader, client_writer.clone(), completions.as_ref()) => end,
     };
+    if let Some(audit) = &audit {
+        audit.handle().append_nowait(AuditEvent::ConnectionClosed {
+            session: audit.session().clone(),
+            duration: opened_at.elapsed(),
+            statements: audit.statements_recorded,
+            reason: Some(end.describe()),
+        });
+    }
     shared.cancels.unregister(key);
     let mut writer = client_writer.lock().await;
     if let End::Fatal(error) = &end {
@@ -173,6 +266,7 @@ async fn client_to_upstream(
     mut reader: FrameReader<ConnReader>,
     mut upstream: ConnWriter,
     mut interceptor: Interceptor,
+    mut audit: Option<(&mut SessionAudit, &Completions)>,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let idle_timeout = shared.config.listen.idle_timeout;
@@ -230,10 +324,17 @@ async fn client_to_upstream(
                 policies.refresh_catalog().await;
             }
         }
-        let outgoing = if interceptor.is_passthrough() {
+        let outgoing = if interceptor.is_passthrough() && audit.is_none() {
             vec![batch.bytes().clone()]
         } else {
-            intercept_batch(shared, state, &mut interceptor, &batch).await
+            intercept_batch(
+                shared,
+                state,
+                &mut interceptor,
+                audit.as_mut().map(|(a, c)| (&mut **a, *c)),
+                &batch,
+            )
+            .await
         };
         let (terminate, executes) = account_client_batch(shared, state, &batch);
         let _gate = state.cancel_gate.lock().await;
@@ -282,20 +383,82 @@ fn account_client_batch(shared: &Shared, state: &SessionState, batch: &Batch) ->
     (terminate, statements > 0)
 }
 
-/// Run every message of a batch through the interceptor; unchanged runs stay zero-copy slices.
+/// Run every message of a batch through the interceptor, make its audit records durable,
+/// then assemble what goes upstream; unchanged runs stay zero-copy slices.
 async fn intercept_batch(
     shared: &Shared,
     state: &SessionState,
     interceptor: &mut Interceptor,
+    audit: Option<(&mut SessionAudit, &Completions)>,
     batch: &Batch,
+) -> Vec<Bytes> {
+    let mut verdicts = Vec::new();
+    let mut records = BatchRecords::default();
+    let (mut audit, completions) = audit.unzip();
+    for message in batch.messages() {
+        let verdict = interceptor.client_message(&message).await;
+        let analysis = interceptor.take_analysis();
+        if let Some(audit) = audit.as_deref_mut() {
+            let refused = match &verdict {
+                Verdict::Refuse(error) => Some(error),
+                _ => None,
+            };
+            let observed = Observed {
+                message: &message,
+                refused,
+                analysis,
+            };
+            audit.observe(observed, &mut records);
+        }
+        verdicts.push(verdict);
+    }
+    if let (Some(audit), Some(completions)) = (audit, completions) {
+        if !records.is_empty() {
+            let (awaiting, written) = audit.commit(records).await;
+            completions.expect(awaiting);
+            if let Err(e) = written {
+                inc(&shared.metrics.audit_write_failures);
+                tracing::error!(session = state.id, error = %e, "audit log cannot write");
+                if audit.handle().on_failure() == OnFailure::Refuse {
+                    refuse_all_statements(batch, &mut verdicts, &e);
+                }
+            }
+        }
+    }
+    assemble(shared, state, batch, verdicts)
+}
+
+/// Unaudited statements must not run: every message of the batch that would start one is
+/// refused (the first refusal makes the server skip the rest up to Sync).
+fn refuse_all_statements(
+    batch: &Batch,
+    verdicts: &mut [Verdict],
+    error: &crate::audit::AuditError,
+) {
+    for (message, verdict) in batch.messages().zip(verdicts.iter_mut()) {
+        if matches!(
+            message.tag(),
+            frontend::QUERY | frontend::PARSE | frontend::EXECUTE | frontend::FUNCTION_CALL
+        ) {
+            *verdict = Verdict::Refuse(audit_unavailable(error));
+        }
+    }
+}
+
+/// The bytes to send upstream for a batch and the verdicts on its messages.
+fn assemble(
+    shared: &Shared,
+    state: &SessionState,
+    batch: &Batch,
+    verdicts: Vec<Verdict>,
 ) -> Vec<Bytes> {
     let all = batch.bytes();
     let mut out = Vec::new();
     let mut run_start = 0;
     let mut offset = 0;
-    for message in batch.messages() {
+    for (message, verdict) in batch.messages().zip(verdicts) {
         let len = message.raw().len();
-        let replacement = match interceptor.client_message(&message).await {
+        let replacement = match verdict {
             Verdict::Forward => None,
             Verdict::Replace(bytes) => Some(bytes),
             Verdict::Refuse(error) => {
@@ -343,6 +506,7 @@ async fn upstream_to_client(
     state: &SessionState,
     mut reader: FrameReader<ConnReader>,
     client: ClientWriter,
+    completions: Option<&Completions>,
 ) -> End {
     loop {
         let batch = match reader.next_batch().await {
@@ -359,7 +523,7 @@ async fn upstream_to_client(
                 ));
             }
         };
-        let outgoing = account_upstream_batch(shared, state, &batch);
+        let outgoing = account_upstream_batch(shared, state, &batch, completions);
         let mut writer = client.lock().await;
         for chunk in &outgoing {
             if writer.write_all(chunk).await.is_err() {
@@ -373,7 +537,12 @@ async fn upstream_to_client(
 }
 
 /// Track ReadyForQuery and errors; swap refusal markers' errors. Returns what to send.
-fn account_upstream_batch(shared: &Shared, state: &SessionState, batch: &Batch) -> Vec<Bytes> {
+fn account_upstream_batch(
+    shared: &Shared,
+    state: &SessionState,
+    batch: &Batch,
+    completions: Option<&Completions>,
+) -> Vec<Bytes> {
     let all = batch.bytes();
     let mut out = Vec::new();
     let mut run_start = 0;
@@ -381,6 +550,9 @@ fn account_upstream_batch(shared: &Shared, state: &SessionState, batch: &Batch) 
     let total = all.len();
     for message in batch.messages() {
         let len = message.raw().len();
+        if let Some(completions) = completions {
+            completions.observe(&message);
+        }
         match message.tag() {
             backend::READY_FOR_QUERY => {
                 let status = message.body().first().copied().unwrap_or(b'I');

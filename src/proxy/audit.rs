@@ -1,0 +1,513 @@
+//! The proxy's side of auditing: one record per statement (each simple Query, each extended
+//! Execute with its prepared statement, each refusal), made durable before the statement is
+//! forwarded, and a completion record when the server has answered it.
+//!
+//! Records are built from what the relay already has in hand: the client's message, the
+//! interceptor's verdict and the policy analysis. Completions are matched to their records
+//! by the order of responses: the client direction queues what it sent
+//! ([`Awaiting`]), the upstream direction pops the queue as CommandComplete, errors and
+//! ReadyForQuery arrive ([`Completions`]). The log itself lives in [`crate::audit`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::audit::{
+    AuditError, AuditEvent, AuditHandle, BoundParam, Decision, Protocol, SessionInfo, SqlText,
+    StatementRecord,
+};
+use crate::error::{sqlstate, ClientError};
+use crate::policy::Rewritten;
+use crate::protocol::fields::{parse_parts, query_text};
+use crate::protocol::{backend, frontend, Message};
+
+/// What the interceptor decided about a message, as the audit record needs it.
+pub struct Observed<'a> {
+    pub message: &'a Message,
+    pub refused: Option<&'a ClientError>,
+    pub analysis: Option<Arc<Rewritten>>,
+}
+
+/// A prepared statement of this session, for the records of its Executes.
+struct Prepared {
+    sql: String,
+    analysis: Option<Arc<Rewritten>>,
+    /// Declared parameter types (0 = unspecified).
+    param_types: Vec<u32>,
+    /// Refused at Parse: its Executes never run (the refusal has its own record).
+    refused: bool,
+}
+
+/// A bound portal: its statement and parameters.
+struct Portal {
+    statement_name: String,
+    statement: Arc<Prepared>,
+    params: Vec<BoundParam>,
+}
+
+/// A response the server owes for something audited (or a boundary between requests).
+#[derive(Debug)]
+pub struct Awaiting {
+    /// Sequence number of the statement record; `None` for boundaries and unaudited requests.
+    seq: Option<u64>,
+    kind: AwaitKind,
+    started: Instant,
+    rows: Option<u64>,
+    command: Option<String>,
+    sqlstate: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AwaitKind {
+    /// A simple Query (possibly several statements): completes at its ReadyForQuery.
+    Query,
+    /// An Execute: completes at CommandComplete, EmptyQuery, PortalSuspended or its error.
+    Execute,
+    /// A Sync: executes before it that got no answer were skipped after an error.
+    Sync,
+}
+
+/// Per-session audit state of the client direction.
+pub struct SessionAudit {
+    handle: AuditHandle,
+    session: Arc<SessionInfo>,
+    statements: HashMap<String, Arc<Prepared>>,
+    portals: HashMap<String, Portal>,
+    /// Statement records written (for the connection-closed record).
+    pub statements_recorded: u64,
+}
+
+/// One audited batch: records to make durable, then what to await for each.
+#[derive(Default)]
+pub struct BatchRecords {
+    events: Vec<AuditEvent>,
+    /// For each awaited response in order: the index into `events` of its record, if any.
+    awaiting: Vec<(AwaitKind, Option<usize>)>,
+}
+
+impl BatchRecords {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.awaiting.is_empty()
+    }
+}
+
+impl SessionAudit {
+    pub fn new(handle: AuditHandle, session: Arc<SessionInfo>) -> Self {
+        Self {
+            handle,
+            session,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            statements_recorded: 0,
+        }
+    }
+
+    pub fn session(&self) -> &Arc<SessionInfo> {
+        &self.session
+    }
+
+    pub fn handle(&self) -> &AuditHandle {
+        &self.handle
+    }
+
+    /// Add what one client message means for the audit log to `batch`.
+    pub fn observe(&mut self, observed: Observed<'_>, batch: &mut BatchRecords) {
+        let message = observed.message;
+        match message.tag() {
+            frontend::QUERY => {
+                let sql = query_text(message.body()).unwrap_or("<malformed Query>");
+                let record = self.record(Protocol::Simple, None, sql, &observed, Vec::new());
+                batch.push(AwaitKind::Query, record, observed.refused.is_none());
+            }
+            frontend::FUNCTION_CALL => {
+                let oid = message
+                    .body()
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                    .unwrap_or(0);
+                let sql = format!("<fast-path function call, function oid {oid}>");
+                let record = self.record(Protocol::Simple, None, &sql, &observed, Vec::new());
+                batch.push(AwaitKind::Query, record, observed.refused.is_none());
+            }
+            frontend::PARSE => self.parse(observed, batch),
+            frontend::BIND => self.bind(message),
+            frontend::EXECUTE => self.execute(message, batch),
+            frontend::CLOSE => self.close(message),
+            frontend::SYNC => batch.awaiting.push((AwaitKind::Sync, None)),
+            _ => {}
+        }
+    }
+
+    fn parse(&mut self, observed: Observed<'_>, batch: &mut BatchRecords) {
+        let Ok((name, sql, types)) = parse_parts(observed.message.body()) else {
+            return;
+        };
+        let param_types = types
+            .get(2..)
+            .unwrap_or_default()
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let refused = observed.refused.is_some();
+        if refused {
+            // The refusal is the record; nothing of this statement will run.
+            let event = self.record(Protocol::Extended, Some(name), sql, &observed, Vec::new());
+            batch.events.push(event);
+        }
+        self.statements.insert(
+            name.to_string(),
+            Arc::new(Prepared {
+                sql: sql.to_string(),
+                analysis: observed.analysis.clone(),
+                param_types,
+                refused,
+            }),
+        );
+    }
+
+    fn bind(&mut self, message: &Message) {
+        let Some((portal, statement_name, params)) = bind_parts(message.body()) else {
+            return;
+        };
+        let Some(statement) = self.statements.get(statement_name).cloned() else {
+            return;
+        };
+        let params = params
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| {
+                let type_oid = statement.param_types.get(i).copied().unwrap_or(0);
+                BoundParam::plain(type_oid, value)
+            })
+            .collect();
+        self.portals.insert(
+            portal.to_string(),
+            Portal {
+                statement_name: statement_name.to_string(),
+                statement,
+                params,
+            },
+        );
+    }
+
+    fn execute(&mut self, message: &Message, batch: &mut BatchRecords) {
+        let portal_name = crate::protocol::startup::take_cstr(message.body())
+            .and_then(|(name, _)| std::str::from_utf8(name).ok())
+            .unwrap_or("");
+        let Some(portal) = self.portals.get(portal_name) else {
+            // Unknown portal: the server will answer with an error; nothing ran.
+            batch.awaiting.push((AwaitKind::Execute, None));
+            return;
+        };
+        if portal.statement.refused {
+            batch.awaiting.push((AwaitKind::Execute, None));
+            return;
+        }
+        let statement = portal.statement.clone();
+        let observed = Observed {
+            message,
+            refused: None,
+            analysis: statement.analysis.clone(),
+        };
+        let name = portal.statement_name.clone();
+        let params = portal.params.clone();
+        let record = self.record(
+            Protocol::Extended,
+            Some(&name),
+            &statement.sql,
+            &observed,
+            params,
+        );
+        batch.push(AwaitKind::Execute, record, true);
+    }
+
+    fn close(&mut self, message: &Message) {
+        let body = message.body();
+        let Some((&kind, rest)) = body.split_first() else {
+            return;
+        };
+        let Some(name) = crate::protocol::startup::take_cstr(rest)
+            .and_then(|(name, _)| std::str::from_utf8(name).ok())
+        else {
+            return;
+        };
+        if kind == b'S' {
+            self.statements.remove(name);
+        } else {
+            self.portals.remove(name);
+        }
+    }
+
+    fn record(
+        &mut self,
+        protocol: Protocol,
+        name: Option<&str>,
+        sql: &str,
+        observed: &Observed<'_>,
+        params: Vec<BoundParam>,
+    ) -> AuditEvent {
+        // Until the encryption layer marks its literals, any statement the policy engine did
+        // not analyse is treated as possibly carrying sensitive literals: only the redacted
+        // text is kept.
+        let mut record = StatementRecord::new(
+            self.session.clone(),
+            protocol,
+            SqlText::new(sql, observed.analysis.is_none()),
+        );
+        record.statement_name = name.filter(|n| !n.is_empty()).map(str::to_string);
+        record.params = params;
+        if let Some(refusal) = observed.refused {
+            record.decision = if refusal.sqlstate == sqlstate::INSUFFICIENT_PRIVILEGE {
+                Decision::Refused
+            } else {
+                Decision::Failed
+            };
+            record.rule = rule_of(&refusal.message);
+            record.reason = Some(refusal.message.clone());
+            record.sqlstate = Some(refusal.sqlstate.to_string());
+        }
+        if let Some(analysis) = &observed.analysis {
+            if !analysis.unrestricted {
+                record.set_rewritten(&analysis.sql);
+            }
+            for info in &analysis.statements {
+                extend_unique(&mut record.tables_read, &info.tables_read);
+                extend_unique(&mut record.tables_written, &info.tables_written);
+                extend_unique(&mut record.columns_read, &info.columns_read);
+            }
+        }
+        self.statements_recorded += 1;
+        AuditEvent::Statement(Box::new(record))
+    }
+
+    /// Make the batch's records durable. Returns what the upstream direction must await
+    /// (always, so responses stay matched) and whether the records were written.
+    pub async fn commit(&self, batch: BatchRecords) -> (Vec<Awaiting>, Result<(), AuditError>) {
+        let started = Instant::now();
+        let written = if batch.events.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.handle.append_all(batch.events).await
+        };
+        let seqs = written.as_deref().unwrap_or_default();
+        let awaiting = batch
+            .awaiting
+            .into_iter()
+            .map(|(kind, index)| Awaiting {
+                seq: index.and_then(|i| seqs.get(i).copied()),
+                kind,
+                started,
+                rows: None,
+                command: None,
+                sqlstate: None,
+            })
+            .collect();
+        (awaiting, written.map(|_| ()))
+    }
+}
+
+impl BatchRecords {
+    /// A record, and the response its request awaits (a refusal's own record gets no
+    /// completion: the server's answer to its stand-in says nothing about it).
+    fn push(&mut self, kind: AwaitKind, event: AuditEvent, completes: bool) {
+        self.awaiting
+            .push((kind, completes.then_some(self.events.len())));
+        self.events.push(event);
+    }
+}
+
+/// `file:line` at the end of a refusal message, e.g. `(policies/support.toml:12)`.
+fn rule_of(message: &str) -> Option<String> {
+    let open = message.rfind('(')?;
+    let inner = message[open + 1..].strip_suffix(')')?;
+    (inner.contains(".toml:")).then(|| inner.to_string())
+}
+
+fn extend_unique(into: &mut Vec<String>, from: &[String]) {
+    for item in from {
+        if !into.contains(item) {
+            into.push(item.clone());
+        }
+    }
+}
+
+/// Parameter values of a Bind (`None` for NULL).
+type BindValues<'a> = Vec<Option<&'a [u8]>>;
+
+/// Portal name, statement name and parameter values of a Bind body.
+fn bind_parts(body: &[u8]) -> Option<(&str, &str, BindValues<'_>)> {
+    use crate::protocol::startup::take_cstr;
+    let (portal, rest) = take_cstr(body)?;
+    let (statement, mut rest) = take_cstr(rest)?;
+    let formats = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+    rest = rest.get(2 + 2 * formats..)?;
+    let count = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+    rest = rest.get(2..)?;
+    let mut values = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = rest.get(4..)?;
+        if len < 0 {
+            values.push(None);
+        } else {
+            let len = usize::try_from(len).ok()?;
+            values.push(Some(rest.get(..len)?));
+            rest = rest.get(len..)?;
+        }
+    }
+    Some((
+        std::str::from_utf8(portal).ok()?,
+        std::str::from_utf8(statement).ok()?,
+        values,
+    ))
+}
+
+/// The upstream direction's side: match responses to the records awaiting them.
+pub struct Completions {
+    handle: AuditHandle,
+    session: Arc<SessionInfo>,
+    queue: parking_lot::Mutex<VecDeque<Awaiting>>,
+}
+
+/// Most awaited responses kept; a client flooding Syncs must not grow memory without bound.
+const MAX_AWAITING: usize = 65_536;
+
+impl Completions {
+    pub fn new(handle: AuditHandle, session: Arc<SessionInfo>) -> Self {
+        Self {
+            handle,
+            session,
+            queue: parking_lot::Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Queue what a forwarded batch awaits (call before the batch goes upstream).
+    pub fn expect(&self, awaiting: Vec<Awaiting>) {
+        let mut queue = self.queue.lock();
+        for item in awaiting {
+            if queue.len() >= MAX_AWAITING {
+                if let Some(dropped) = queue.pop_front() {
+                    self.complete(dropped);
+                }
+            }
+            queue.push_back(item);
+        }
+    }
+
+    /// Look at one upstream message.
+    pub fn observe(&self, message: &Message) {
+        let tag = message.tag();
+        if !matches!(
+            tag,
+            backend::COMMAND_COMPLETE
+                | backend::EMPTY_QUERY_RESPONSE
+                | backend::PORTAL_SUSPENDED
+                | backend::ERROR_RESPONSE
+                | backend::READY_FOR_QUERY
+        ) {
+            return;
+        }
+        let mut queue = self.queue.lock();
+        match tag {
+            backend::READY_FOR_QUERY => {
+                // Everything up to the request this answers is over; Executes still waiting
+                // were skipped after an error.
+                let error = queue.iter().find_map(|a| a.sqlstate.clone());
+                while let Some(mut item) = queue.pop_front() {
+                    let boundary = item.kind != AwaitKind::Execute;
+                    if item.kind == AwaitKind::Execute && item.sqlstate.is_none() {
+                        item.sqlstate = error.clone();
+                    }
+                    self.complete(item);
+                    if boundary {
+                        break;
+                    }
+                }
+            }
+            _ => {
+                let Some(front) = queue.front_mut() else {
+                    return;
+                };
+                match tag {
+                    backend::COMMAND_COMPLETE => {
+                        let (command, rows) = command_tag(message.body());
+                        front.command = Some(command);
+                        front.rows = Some(front.rows.unwrap_or(0) + rows.unwrap_or(0));
+                    }
+                    backend::ERROR_RESPONSE => {
+                        let fields = crate::protocol::fields::ErrorFields::parse(message.body())
+                            .unwrap_or_default();
+                        front.sqlstate = Some(fields.code.unwrap_or_else(|| "XX000".into()));
+                    }
+                    _ => {}
+                }
+                if front.kind == AwaitKind::Execute {
+                    if let Some(done) = queue.pop_front() {
+                        self.complete(done);
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete(&self, item: Awaiting) {
+        let Some(statement_seq) = item.seq else {
+            return;
+        };
+        self.handle.append_nowait(AuditEvent::StatementCompleted {
+            session_id: self.session.session_id,
+            service: self.session.service.clone(),
+            statement_seq,
+            rows: item.rows,
+            command: item.command,
+            duration: item.started.elapsed(),
+            sqlstate: item.sqlstate,
+        });
+    }
+}
+
+/// Command name and row count of a CommandComplete tag (`INSERT 0 5` → (`INSERT`, 5)).
+fn command_tag(body: &[u8]) -> (String, Option<u64>) {
+    let text = crate::protocol::startup::take_cstr(body)
+        .and_then(|(t, _)| std::str::from_utf8(t).ok())
+        .unwrap_or("");
+    let mut words = text.split(' ');
+    let command = words.next().unwrap_or("").to_string();
+    let rows = text.rsplit(' ').next().and_then(|n| n.parse().ok());
+    (command, rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_tags_give_command_and_rows() {
+        assert_eq!(command_tag(b"INSERT 0 5\0"), ("INSERT".into(), Some(5)));
+        assert_eq!(command_tag(b"SELECT 12\0"), ("SELECT".into(), Some(12)));
+        assert_eq!(command_tag(b"BEGIN\0"), ("BEGIN".into(), None));
+    }
+
+    #[test]
+    fn bind_bodies_are_split_without_trusting_lengths() {
+        let mut body = b"p\0s\0".to_vec();
+        body.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, 1, b'7', 0xff, 0xff, 0xff, 0xff]);
+        body.extend_from_slice(&[0, 0]);
+        let (portal, statement, values) = bind_parts(&body).unwrap();
+        assert_eq!((portal, statement), ("p", "s"));
+        assert_eq!(values, vec![Some(&b"7"[..]), None]);
+        // A length pointing past the end is rejected, not trusted.
+        let mut bad = b"\0\0".to_vec();
+        bad.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 99, b'x']);
+        assert!(bind_parts(&bad).is_none());
+    }
+
+    #[test]
+    fn refusal_rules_are_taken_from_messages() {
+        assert_eq!(
+            rule_of("pgward: service \"s\" may not read column t.c (policies/s.toml:9)"),
+            Some("policies/s.toml:9".into())
+        );
+        assert_eq!(rule_of("pgward: no policy"), None);
+    }
+}

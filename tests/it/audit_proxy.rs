@@ -1,0 +1,407 @@
+//! Auditing by the running proxy: one durable record per statement through mixed drivers and
+//! both protocols, completions with row counts, refusals with their rule, no secrets in the
+//! log, statements refused when the log cannot write, and no acknowledged statement lost to
+//! `kill -9`.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_postgres::error::SqlState;
+
+use crate::harness::{self, ProxyOptions, TestProxy};
+
+/// Every record of the log in `dir`, in file order.
+fn records(dir: &Path) -> Vec<Value> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<Value>>()
+        })
+        .collect()
+}
+
+fn of_kind<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    records.iter().filter(|r| r["kind"] == kind).collect()
+}
+
+fn audit_toml(dir: &Path, extra: &str) -> String {
+    format!(
+        "[audit]\ndir = {:?}\ncheckpoint_interval = \"1s\"\n{extra}\n",
+        dir.display().to_string()
+    )
+}
+
+async fn audited_proxy(dir: &Path, extra: &str) -> TestProxy {
+    harness::start_proxy(ProxyOptions {
+        extra_toml: audit_toml(dir, extra),
+        ..ProxyOptions::default()
+    })
+    .await
+}
+
+fn verify(dir: &Path, live: bool) -> std::process::Output {
+    let mut args = vec!["audit", "verify"];
+    if live {
+        args.push("--live");
+    }
+    Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args(args)
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_statement_gets_one_durable_record_and_a_completion() {
+    let log = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("audit", false).await;
+    let proxy = audited_proxy(log.path(), "").await;
+    let client = proxy.connect("app", &database).await;
+
+    // 3 simple-protocol statements, 1 multi-statement Query (one record: one Query message).
+    client
+        .batch_execute("CREATE TABLE t (id int primary key, secret text)")
+        .await
+        .unwrap();
+    client
+        .simple_query("INSERT INTO t VALUES (1, 'hunter2'), (2, 'swordfish')")
+        .await
+        .unwrap();
+    client.simple_query("SELECT * FROM t").await.unwrap();
+    client
+        .batch_execute("UPDATE t SET secret = 'x' WHERE id = 1; UPDATE t SET secret = 'y'")
+        .await
+        .unwrap();
+    // 4 extended-protocol executions of 2 prepared statements (prepare itself runs nothing).
+    let select = client
+        .prepare("SELECT secret FROM t WHERE id = $1")
+        .await
+        .unwrap();
+    for id in [1, 2, 3] {
+        client.query(&select, &[&id]).await.unwrap();
+    }
+    client
+        .execute("DELETE FROM t WHERE id = $1", &[&2])
+        .await
+        .unwrap();
+    // 1 failing statement.
+    let err = client.simple_query("SELECT 1/0").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
+    // psql: 1 Query message.
+    let (port, db, token) = (
+        proxy.addr.port(),
+        database.clone(),
+        harness::token("app", json!({})),
+    );
+    // Blocking child process off the runtime thread: the proxy runs on this runtime.
+    let psql = tokio::task::spawn_blocking(move || {
+        Command::new("psql")
+            .args(["-X", "-A", "-t", "-c", "select count(*) from t"])
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", port.to_string())
+            .env("PGUSER", "app")
+            .env("PGDATABASE", db)
+            .env("PGPASSWORD", token)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        psql.status.success(),
+        "{}",
+        String::from_utf8_lossy(&psql.stderr)
+    );
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+
+    let all = records(log.path());
+    let statements = of_kind(&all, "statement");
+    assert_eq!(statements.len(), 4 + 4 + 1 + 1, "{statements:#?}");
+    let simple = statements
+        .iter()
+        .filter(|r| r["protocol"] == "simple")
+        .count();
+    assert_eq!(simple, 6);
+    let extended: Vec<_> = statements
+        .iter()
+        .filter(|r| r["protocol"] == "extended")
+        .collect();
+    assert_eq!(extended.len(), 4);
+    assert!(extended.iter().all(|r| r["service"] == "app"));
+
+    // Every statement completed, with rows and SQLSTATE.
+    let completed = of_kind(&all, "statement_completed");
+    assert_eq!(completed.len(), statements.len(), "{completed:#?}");
+    let by_seq = |seq: &Value| statements.iter().find(|s| &s["seq"] == seq).copied();
+    for c in &completed {
+        assert!(
+            by_seq(&c["statement_seq"]).is_some(),
+            "dangling completion {c}"
+        );
+    }
+    let rows_of = |needle: &str| -> Vec<Value> {
+        completed
+            .iter()
+            .filter(|c| {
+                by_seq(&c["statement_seq"])
+                    .is_some_and(|s| s["sql"].as_str().unwrap_or("").contains(needle))
+            })
+            .map(|c| c["rows"].clone())
+            .collect()
+    };
+    assert_eq!(rows_of("INSERT INTO t"), vec![json!(2)]);
+    assert_eq!(
+        rows_of("UPDATE t SET"),
+        vec![json!(3)],
+        "two UPDATEs in one Query: 1 + 2 rows"
+    );
+    assert_eq!(rows_of("DELETE FROM t"), vec![json!(1)]);
+    let failed: Vec<_> = completed
+        .iter()
+        .filter(|c| c["sqlstate"] == "22012")
+        .collect();
+    assert_eq!(failed.len(), 1);
+
+    // Literal values and tokens never reach the log by default.
+    let text = all.iter().map(Value::to_string).collect::<String>();
+    for secret in ["hunter2", "swordfish", "eyJ"] {
+        assert!(!text.contains(secret), "{secret} in the audit log");
+    }
+    assert_eq!(of_kind(&all, "connection_opened").len(), 2);
+    assert_eq!(of_kind(&all, "connection_closed").len(), 2);
+    let out = verify(log.path(), false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn refusals_and_failed_logins_are_recorded_with_rule_and_claims() {
+    let log = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("auditpol", true).await;
+    let policies = std::fs::canonicalize("policies").unwrap();
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_toml: format!(
+            "{}\n[policy]\ndir = {:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n\n\
+             [services.support]\nupstream_user = \"postgres\"\nupstream_password = {{ env = \"PGWARD_TEST_SUPERUSER_PASSWORD\" }}\n",
+            audit_toml(log.path(), ""),
+            policies.display().to_string()
+        ),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let mut config = proxy.client_config("support", &database);
+    config.password(harness::token(
+        "support",
+        json!({"tenant_id": 1, "email": "a@b"}),
+    ));
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .query("SELECT name FROM customers", &[])
+        .await
+        .unwrap();
+    client
+        .query("SELECT ssn FROM customers", &[])
+        .await
+        .unwrap_err();
+    let mut bad = proxy.client_config("support", &database);
+    bad.password("not-a-token");
+    bad.connect(tokio_postgres::NoTls).await.err().unwrap();
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+
+    let all = records(log.path());
+    let statements = of_kind(&all, "statement");
+    let allowed: Vec<_> = statements
+        .iter()
+        .filter(|r| r["decision"] == "allowed")
+        .collect();
+    let refused: Vec<_> = statements
+        .iter()
+        .filter(|r| r["decision"] == "refused")
+        .collect();
+    assert_eq!((allowed.len(), refused.len()), (1, 1), "{statements:#?}");
+    assert_eq!(refused[0]["sqlstate"], "42501");
+    assert!(
+        refused[0]["rule"]
+            .as_str()
+            .unwrap()
+            .contains("support.toml"),
+        "{}",
+        refused[0]
+    );
+    assert!(
+        allowed[0]["tables_read"].to_string().contains("customers"),
+        "{}",
+        allowed[0]
+    );
+    assert!(allowed[0]["rewritten_sha256"].is_string());
+    let opened = of_kind(&all, "connection_opened");
+    assert_eq!(
+        opened[0]["session"]["claims_used"],
+        json!({"tenant_id": 1}),
+        "only the claims the policy uses: {:?}",
+        opened
+    );
+    let failed = of_kind(&all, "auth_failed");
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert_eq!(failed[0]["user"], "support");
+    assert!(!all.iter().any(|r| r.to_string().contains("not-a-token")));
+}
+
+#[tokio::test]
+async fn statements_are_refused_while_the_log_cannot_write() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("audit");
+    let database = harness::fresh_database("auditfail", false).await;
+    let proxy = audited_proxy(&dir, "rotate_size = 512").await;
+    let client = proxy.connect("app", &database).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    // Replace the directory by a file: the next rotation cannot create a segment.
+    let moved = root.path().join("moved");
+    std::fs::rename(&dir, &moved).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    let mut refused = None;
+    for _ in 0..20 {
+        if let Err(e) = client.simple_query("SELECT 2").await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let err = refused.expect("a statement must be refused once the log cannot write");
+    assert_eq!(err.code().map(SqlState::code), Some("58030"), "{err}");
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("audit log"), "{message}");
+    assert!(
+        proxy
+            .metrics
+            .audit_write_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    // Back to normal once the directory is back.
+    std::fs::remove_file(&dir).unwrap();
+    std::fs::rename(&moved, &dir).unwrap();
+    client.simple_query("SELECT 3").await.unwrap();
+}
+
+#[tokio::test]
+async fn kill_9_mid_load_loses_no_acknowledged_statement_record() {
+    let log = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("auditkill", false).await;
+    let setup = harness::postgres();
+    let (admin, conn) = setup
+        .direct(&database)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute("CREATE TABLE probe (n int)")
+        .await
+        .unwrap();
+
+    let port = pgward::pgserver::free_port().unwrap();
+    let text = harness::proxy_config_text(&ProxyOptions {
+        extra_toml: audit_toml(log.path(), ""),
+        ..ProxyOptions::default()
+    })
+    .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
+    let config_file = log.path().with_extension("toml");
+    std::fs::write(&config_file, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args(["serve", "--config"])
+        .arg(&config_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("app")
+        .dbname(&database)
+        .password(harness::token("app", json!({})));
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        if let Ok((client, conn)) = config.connect(tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            clients.push(client);
+            if clients.len() == 4 {
+                break;
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(clients.len(), 4, "pgward serve did not come up");
+    let workers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(w, client)| {
+            tokio::spawn(async move {
+                let mut acknowledged = 0u64;
+                for i in 0.. {
+                    let sql = format!("INSERT INTO probe VALUES ({})", w * 1_000_000 + i);
+                    if client.simple_query(&sql).await.is_err() {
+                        break;
+                    }
+                    acknowledged += 1;
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut acknowledged = 0;
+    for w in workers {
+        acknowledged += w.await.unwrap();
+    }
+    assert!(acknowledged > 50, "too little load: {acknowledged}");
+
+    let all = records(log.path());
+    let inserts = of_kind(&all, "statement")
+        .into_iter()
+        .filter(|r| {
+            r["sql"]
+                .as_str()
+                .unwrap_or("")
+                .contains("INSERT INTO probe")
+        })
+        .count() as u64;
+    assert!(
+        inserts >= acknowledged,
+        "{acknowledged} statements acknowledged but only {inserts} records survived"
+    );
+    let out = verify(log.path(), true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
