@@ -93,6 +93,11 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
             tracing::error!(error = %e, "upstream database connection failed");
         }
     });
+    // Idempotent DDL ("already exists, skipping") would otherwise log a NOTICE per run.
+    client
+        .batch_execute("SET client_min_messages = warning")
+        .await
+        .context("configuring the upstream database session")?;
     Ok(client)
 }
 
@@ -255,8 +260,9 @@ impl ProgressLine {
         }
         self.last_print = Some(Instant::now());
         let secs = self.started.elapsed().as_secs_f64();
-        let rate = p.rows_done as f64 / secs.max(0.001);
-        let text = format!("{p} [{secs:.1}s, {rate:.0} rows/s]");
+        // rows_changed counts this run only (rows_done carries over from a resumed run).
+        let rate = p.rows_changed as f64 / secs.max(0.001);
+        let text = format!("{p} [{secs:.1}s, {rate:.0} values/s]");
         if self.tty {
             eprint!("\r\x1b[2K{text}");
             if p.finished {
