@@ -183,7 +183,7 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
         );
     }
     // Count what is left under older data keys: rows a proxy still wrote under the old key
-    // (it picks up a rotation within keys.poll_interval, or on SIGHUP).
+    // (it picks up a rotation within keys.poll_interval).
     let count = KeysStatusArgs::default();
     let mut left = 0;
     for key in ops::keys_status(&s.manager, &s.db, &count).await? {
