@@ -472,10 +472,10 @@ pub async fn keys_reencrypt(
         .cloned()
         .collect();
     if specs.is_empty() {
-        return Err(OpsError::Schema(format!(
-            "no encrypted columns match {:?}",
-            args.table
-        )));
+        return Err(OpsError::Schema(match &args.table {
+            Some(t) => format!("no [[encrypt]] column is in table {t}"),
+            None => "no [[encrypt]] columns configured".into(),
+        }));
     }
     let mut reports = Vec::new();
     for spec in specs {
@@ -496,6 +496,13 @@ async fn reencrypt_column(
     batch: &BatchArgs,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Progress, OpsError> {
+    let stored_as = column_type(db, &spec.table, &spec.column.column).await?;
+    if stored_as != "bytea" {
+        return Err(OpsError::Schema(format!(
+            "{}.{} is stored as {stored_as}, not encrypted yet: run `pgward encrypt-existing` first",
+            spec.table, spec.column.column
+        )));
+    }
     let target = manager.current_key_ref(&spec.column.key).await?;
     let (pk, pk_type) = primary_key(db, &spec.table).await?;
     let (t, c, p) = (

@@ -84,10 +84,14 @@ searchable = true
     }
 
     fn command(&self, args: &[&str]) -> tokio::process::Command {
+        self.command_with(&self.config, args)
+    }
+
+    fn command_with(&self, config: &std::path::Path, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgward"));
         cmd.args(args)
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .env("PGWARD_DATABASE_URL", self.database_url())
             .env_remove("VAULT_TOKEN")
             .stdin(Stdio::null())
@@ -97,13 +101,16 @@ searchable = true
 
     /// Run `pgward <args> --config ...`: (exit code, stdout, stderr).
     async fn pgward(&self, args: &[&str]) -> (i32, String, String) {
-        let out = self.command(args).output().await.unwrap();
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        );
-        eprintln!("$ pgward {}\n{stdout}{stderr}", args.join(" "));
-        (out.status.code().unwrap_or(-1), stdout, stderr)
+        run(self.command(args), args).await
+    }
+
+    /// Run with another configuration file, which must be refused: the error on stderr.
+    async fn pgward_refused(&self, config_text: &str, args: &[&str]) -> String {
+        let path = self._dir.path().join("other.toml");
+        std::fs::write(&path, config_text).unwrap();
+        let (code, _, stderr) = run(self.command_with(&path, args), args).await;
+        assert_eq!(code, 1, "{stderr}");
+        stderr
     }
 
     async fn pgward_ok(&self, args: &[&str]) -> String {
@@ -121,6 +128,33 @@ searchable = true
         KeyManager::from_config(&config.crypto(), Some(store)).unwrap()
     }
 
+    /// Start a slow job (25-row batches, 400 ms apart), SIGKILL it (no cleanup) as soon as it
+    /// reports its first batch, and return that progress line.
+    async fn kill_after_first_batch(&self, args: &[&str], job: &str) -> String {
+        let mut args = args.to_vec();
+        args.extend(["--batch-size", "25", "--pause-ms", "400"]);
+        let mut child = self
+            .command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let prefix = format!("{job} public.people.email:");
+        let first = loop {
+            let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+                .await
+                .expect("a progress line")
+                .unwrap()
+                .expect("the job ended before its first batch");
+            if line.starts_with(&prefix) {
+                break line;
+            }
+        };
+        child.kill().await.unwrap();
+        first
+    }
+
     async fn set_min_decryption_version(&self, version: u32) {
         self.bao
             .api(
@@ -131,6 +165,16 @@ searchable = true
             .await
             .unwrap();
     }
+}
+
+async fn run(mut cmd: tokio::process::Command, args: &[&str]) -> (i32, String, String) {
+    let out = cmd.output().await.unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("$ pgward {}\n{stdout}{stderr}", args.join(" "));
+    (out.status.code().unwrap_or(-1), stdout, stderr)
 }
 
 async fn connect(database: &str) -> tokio_postgres::Client {
@@ -202,6 +246,38 @@ async fn keys_cli_encrypt_existing_then_full_rotation_runbook() {
         status.contains("column public.people.email is not encrypted yet (stored as text"),
         "{status}"
     );
+
+    // Clear refusals, non-zero exit: a column not in [[encrypt]], reencrypt before migration,
+    // an inline Vault token, a key name that would escape its Vault path.
+    let (code, _, err) = s
+        .pgward(&["encrypt-existing", "--table", "people", "--column", "note"])
+        .await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("public.people.note is not configured for encryption"),
+        "{err}"
+    );
+    let (code, _, err) = s.pgward(&["keys", "reencrypt"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("public.people.email is stored as text, not encrypted yet"),
+        "{err}"
+    );
+    let config = std::fs::read_to_string(&s.config).unwrap();
+    let err = s
+        .pgward_refused(
+            &config.replace("token_file", "token = \"s.x\"\ntoken_file"),
+            &["keys", "status"],
+        )
+        .await;
+    assert!(err.contains("unknown field `token`"), "{err}");
+    let err = s
+        .pgward_refused(
+            &config.replace("\"kc-pii\"", "\"../../sys/seal\""),
+            &["keys", "status"],
+        )
+        .await;
+    assert!(err.contains("must be non-empty letters"), "{err}");
 
     // encrypt-existing: only ciphertext remains in the table.
     let out = s
@@ -388,48 +464,54 @@ async fn keys_cli_encrypt_existing_then_full_rotation_runbook() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_cli_reencrypt_killed_midway_resumes_and_is_throttled() {
+async fn keys_cli_jobs_killed_midway_resume_and_are_throttled() {
     let s = Setup::new("kc-resume", 400).await;
     let db = connect(&s.database).await;
-    s.pgward_ok(&[
-        "encrypt-existing",
-        "--table",
-        "people",
-        "--column",
-        "email",
-        "--batch-size",
-        "200",
-    ])
-    .await;
+
+    // encrypt-existing killed after its first batch: the plaintext column is untouched, the
+    // twin partly filled; the rerun encrypts only the rest.
+    let first = s
+        .kill_after_first_batch(
+            &["encrypt-existing", "--table", "people", "--column", "email"],
+            "encrypt_existing",
+        )
+        .await;
+    assert!(first.contains("25 rows scanned, 25 rewritten"), "{first}");
+    let (email_type, filled): (String, i64) = {
+        let r = db
+            .query_one(
+                "SELECT pg_typeof(email)::text, count(email__pgward_enc) FROM people GROUP BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(email_type, "text");
+    assert!((25..399).contains(&filled), "{filled}");
+    let out = s
+        .pgward_ok(&[
+            "encrypt-existing",
+            "--table",
+            "people",
+            "--column",
+            "email",
+            "--batch-size",
+            "200",
+        ])
+        .await;
+    assert!(
+        out.contains(&format!(": {} values encrypted", 399 - filled)),
+        "{out}"
+    );
+    assert_all_decrypt(&s.manager().await, &db, 399).await;
     s.bao.rotate(&s.key).await;
 
-    // Start a slow reencrypt and kill it (SIGKILL: no cleanup) after its first batch.
-    let mut child = s
-        .command(&[
-            "keys",
-            "reencrypt",
-            "--batch-size",
-            "25",
-            "--pause-ms",
-            "400",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let first = loop {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("a progress line")
-            .unwrap()
-            .expect("reencrypt ended before its first batch");
-        if line.starts_with("reencrypt public.people.email:") {
-            break line;
-        }
-    };
+    // reencrypt killed after its first batch.
+    let first = s
+        .kill_after_first_batch(&["keys", "reencrypt"], "reencrypt")
+        .await;
     assert!(first.contains("25 rows scanned, 25 rewritten"), "{first}");
-    child.kill().await.unwrap();
 
     let (last_pk, rows_done, finished): (Option<String>, i64, bool) = {
         let r = db
