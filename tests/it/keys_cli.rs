@@ -26,6 +26,11 @@ struct Setup {
 
 impl Setup {
     async fn new(key: &str, rows: i64) -> Setup {
+        Self::with_extra(key, rows, "").await
+    }
+
+    /// Like [`Setup::new`], with more TOML appended to the configuration.
+    async fn with_extra(key: &str, rows: i64, extra_toml: &str) -> Setup {
         let bao = Bao::start().await;
         let database = harness::fresh_database("keys_cli", false).await;
         let db = connect(&database).await;
@@ -59,6 +64,7 @@ column = "email"
 key = "{key}"
 type = "text"
 searchable = true
+{extra_toml}
 "#,
                 port = harness::postgres().port,
                 addr = bao.addr,
@@ -584,4 +590,34 @@ async fn keys_cli_jobs_killed_midway_resume_and_are_throttled() {
         .get(0);
     assert!(finished);
     assert_all_decrypt(&s.manager().await, &db, 399).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_cli_encrypt_existing_bytea_column_is_never_encrypted_twice() {
+    let s = Setup::with_extra(
+        "kc-bytea",
+        50,
+        "[[encrypt]]\ntable = \"people\"\ncolumn = \"photo\"\nkey = \"kc-bytea\"\ntype = \"bytea\"",
+    )
+    .await;
+    let db = connect(&s.database).await;
+    db.batch_execute(
+        "ALTER TABLE people ADD COLUMN photo bytea; UPDATE people SET photo = convert_to('photo ' || id, 'UTF8')",
+    )
+    .await
+    .unwrap();
+    let args = ["encrypt-existing", "--table", "people", "--column", "photo"];
+    let out = s.pgward_ok(&args).await;
+    assert!(out.contains(": 50 values encrypted"), "{out}");
+    // The column was bytea before and after: the rerun must recognise ciphertext, not encrypt it again.
+    let out = s.pgward_ok(&args).await;
+    assert!(out.contains(": 0 values encrypted"), "{out}");
+    let m = s.manager().await;
+    for row in db.query("SELECT id, photo FROM people", &[]).await.unwrap() {
+        let (id, ct): (i64, Vec<u8>) = (row.get(0), row.get(1));
+        assert_eq!(
+            m.decrypt("people", "photo", &ct).await.unwrap(),
+            format!("photo {id}").as_bytes()
+        );
+    }
 }
