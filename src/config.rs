@@ -49,6 +49,15 @@ pub struct Config {
     pub policy: Option<PolicyConfig>,
     /// The audit log; without this section nothing is audited (pgward warns at start).
     pub audit: Option<crate::audit::AuditConfig>,
+    /// `[vault]`: how to reach Vault/OpenBao (field encryption, see `crypto::config`).
+    #[serde(default)]
+    pub vault: Option<crate::crypto::VaultConfig>,
+    /// `[keys]`: key provider and caching.
+    #[serde(default)]
+    pub keys: crate::crypto::KeysConfig,
+    /// `[[encrypt]]`: the encrypted columns.
+    #[serde(default)]
+    pub encrypt: Vec<crate::crypto::EncryptColumn>,
 }
 
 /// Where the row policies live and which database they describe.
@@ -260,7 +269,17 @@ impl Config {
                 "upstream.tls_ca_file is set but upstream.tls is \"disable\"".into(),
             ));
         }
+        self.crypto().validate().map_err(ConfigError::Invalid)?;
         Ok(())
+    }
+
+    /// The crypto sections (`[vault]`, `[keys]`, `[[encrypt]]`) as the crypto layer takes them.
+    pub fn crypto(&self) -> crate::crypto::CryptoConfig {
+        crate::crypto::CryptoConfig {
+            vault: self.vault.clone(),
+            keys: self.keys.clone(),
+            encrypt: self.encrypt.clone(),
+        }
     }
 
     /// The upstream settings of a service, if it is configured.
@@ -317,6 +336,81 @@ mod tests {
         let text = MINIMAL.replace("allow_plaintext_loopback = true", "");
         let config: Config = toml::from_str(&text).unwrap();
         assert!(config.validate().is_err());
+    }
+
+    const ENCRYPTION: &str = r#"
+        [vault]
+        address = "https://vault.internal:8200"
+        token_file = "/run/secrets/vault-token"
+        [keys]
+        poll_interval = "30s"
+        [[encrypt]]
+        table = "users"
+        column = "email"
+        key = "pii"
+        type = "text"
+        searchable = true
+        [[encrypt]]
+        table = "billing.cards"
+        column = "number"
+        key = "pci"
+        type = "text"
+    "#;
+
+    fn load(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn encryption_sections_load_with_defaults() {
+        let config = load(&format!("{MINIMAL}{ENCRYPTION}")).unwrap();
+        let crypto = config.crypto();
+        assert_eq!(crypto.keys.provider, crate::crypto::ProviderKind::Transit);
+        assert_eq!(crypto.keys.poll_interval, Duration::from_secs(30));
+        assert_eq!(crypto.vault.as_ref().unwrap().transit_mount, "transit");
+        assert_eq!(crypto.encrypt.len(), 2);
+        // No encryption configured at all is fine too.
+        assert!(load(MINIMAL).unwrap().encrypt.is_empty());
+    }
+
+    #[test]
+    fn encryption_mistakes_are_refused_at_load() {
+        let full = format!("{MINIMAL}{ENCRYPTION}");
+        let refused = |text: String, needle: &str| {
+            let err = load(&text).unwrap_err();
+            assert!(err.contains(needle), "{needle:?} not in: {err}");
+        };
+        refused(
+            full.replace("poll_interval", "provider = \"vaultish\"\npoll_interval"),
+            "unknown variant",
+        );
+        // Secrets only by reference: an inline token is an unknown key.
+        refused(
+            full.replace("token_file = ", "token = \"s.abc\"\ntoken_file = "),
+            "unknown field `token`",
+        );
+        refused(full.replace("key = \"pci\"\n", ""), "missing field `key`");
+        refused(
+            full.replace("billing.cards", "public.users")
+                .replace("\"number\"", "\"email\""),
+            "public.users.email is configured twice",
+        );
+        refused(full.replace("\"pci\"", "\"../sys\""), "key \"../sys\"");
+        let no_vault = format!(
+            "{MINIMAL}{}",
+            &ENCRYPTION[ENCRYPTION.find("[keys]").unwrap()..]
+        );
+        refused(no_vault, "needs a [vault] section");
+        refused(
+            full.replace(
+                "token_file = \"/run/secrets/vault-token\"",
+                "token_file = \"/t\"\n[vault.approle]\nrole_id_file = \"/r\"\nsecret_id_file = \"/s\"",
+            ),
+            "not both",
+        );
+        refused(full.replace("\"30s\"", "\"0s\""), "poll_interval");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The `pgward` command line.
 
 pub mod dev;
+pub mod keys;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -44,6 +45,11 @@ pub enum Command {
     /// Audit-log tools: verify, search, report.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Field-encryption keys: status, rewrap, reencrypt.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Encrypt an existing plaintext column in place (online, resumable, throttled).
+    EncryptExisting(keys::EncryptExistingCommand),
 }
 
 /// `pgward audit ...`.
@@ -147,6 +153,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Policy(command) => policy(command).await,
+        Command::Keys(command) => keys::run_keys(command).await,
+        Command::EncryptExisting(command) => keys::run_encrypt_existing(command).await,
         Command::Audit(command) => {
             use crate::audit::{report, search, verify};
             let code = match &command {

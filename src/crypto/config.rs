@@ -124,6 +124,158 @@ pub struct CryptoConfig {
     pub encrypt: Vec<EncryptColumn>,
 }
 
+impl CryptoConfig {
+    /// Checks serde cannot make: settings that only make sense together, names that reach
+    /// Vault URLs or SQL, duplicate columns and key-id collisions. Returns the first problem.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(vault) = &self.vault {
+            vault.validate()?;
+        }
+        self.keys.validate()?;
+        if self.encrypt.is_empty() {
+            return Ok(());
+        }
+        match self.keys.provider {
+            ProviderKind::Transit | ProviderKind::Kv2 if self.vault.is_none() => {
+                return Err(format!(
+                    "[[encrypt]] with keys.provider = \"{}\" needs a [vault] section",
+                    self.keys.provider.name()
+                ))
+            }
+            ProviderKind::Local if self.keys.local_master_key_file.is_none() => {
+                return Err("keys.provider = \"local\" needs keys.local_master_key_file".to_string())
+            }
+            _ => {}
+        }
+        let mut columns = std::collections::BTreeSet::new();
+        let mut key_ids = std::collections::BTreeMap::new();
+        for entry in &self.encrypt {
+            entry.validate()?;
+            let table = qualify_table(&entry.table);
+            if !columns.insert((table.clone(), entry.column.clone())) {
+                return Err(format!(
+                    "[[encrypt]] column {table}.{} is configured twice",
+                    entry.column
+                ));
+            }
+            let id = super::envelope::key_name_id(&entry.key);
+            if let Some(other) = key_ids.insert(id, entry.key.clone()) {
+                if other != entry.key {
+                    return Err(format!(
+                        "[[encrypt]] key names {other:?} and {:?} collide on key id {id:#010x}; rename one",
+                        entry.key
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl VaultConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(self.address.starts_with("https://") || self.address.starts_with("http://")) {
+            return Err(format!(
+                "vault.address {:?} must start with https:// (or http://)",
+                self.address
+            ));
+        }
+        if self.approle.is_some() && self.token_file.is_some() {
+            return Err("set either vault.token_file or [vault.approle], not both".into());
+        }
+        if self.request_timeout.is_zero() {
+            return Err("vault.request_timeout must be above zero".into());
+        }
+        for (what, mount) in [
+            ("vault.transit_mount", &self.transit_mount),
+            ("vault.kv_mount", &self.kv_mount),
+            ("vault.kv_prefix", &self.kv_prefix),
+        ] {
+            check_vault_path(what, mount)?;
+        }
+        if let Some(approle) = &self.approle {
+            check_vault_path("vault.approle.mount", &approle.mount)?;
+        }
+        Ok(())
+    }
+}
+
+impl KeysConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.poll_interval < Duration::from_secs(1) {
+            return Err("keys.poll_interval must be at least 1s".into());
+        }
+        if self.dek_cache_ttl.is_zero() {
+            return Err("keys.dek_cache_ttl must be above zero".into());
+        }
+        if self.dek_cache_max_stale < self.dek_cache_ttl {
+            return Err("keys.dek_cache_max_stale must not be below keys.dek_cache_ttl".into());
+        }
+        Ok(())
+    }
+}
+
+impl ProviderKind {
+    /// The name as written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Transit => "transit",
+            ProviderKind::Kv2 => "kv2",
+            ProviderKind::Local => "local",
+        }
+    }
+}
+
+impl EncryptColumn {
+    fn validate(&self) -> Result<(), String> {
+        let parts: Vec<&str> = self.table.split('.').collect();
+        if parts.len() > 2 || parts.iter().any(|p| p.is_empty()) {
+            return Err(format!(
+                "[[encrypt]] table {:?} must be `table` or `schema.table`",
+                self.table
+            ));
+        }
+        if self.column.is_empty() {
+            return Err(format!(
+                "[[encrypt]] for {} has an empty column",
+                self.table
+            ));
+        }
+        // Key names become Vault paths (`transit/keys/<key>`): no slashes, dots-only or spaces.
+        let key_ok = !self.key.is_empty()
+            && self.key != "."
+            && self.key != ".."
+            && self
+                .key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !key_ok {
+            return Err(format!(
+                "[[encrypt]] {}.{}: key {:?} must be non-empty letters, digits, '-', '_' or '.'",
+                self.table, self.column, self.key
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A mount or prefix that is spliced into Vault URLs: path segments without `..`.
+fn check_vault_path(what: &str, path: &str) -> Result<(), String> {
+    let ok = !path.is_empty()
+        && path.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != ".."
+                && seg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{what} {path:?} is not a valid Vault path"))
+    }
+}
+
 /// `users` -> `public.users`; qualified names are kept as written (Postgres' stored case).
 pub fn qualify_table(table: &str) -> String {
     if table.contains('.') {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::codec::{encode_for_encryption, WireFormat};
-use super::envelope::{peek_key_ref, KeyRef};
+use super::envelope::KeyRef;
 use super::error::CryptoError;
 use super::manager::{ColumnSpec, KeyManager};
 use crate::keys::{DekInfo, KekStatus, KeyError};
@@ -25,6 +25,25 @@ pub enum OpsError {
     Key(#[from] KeyError),
     #[error("{0}")]
     Schema(String),
+    /// A failure on one row, named by its primary key (never by its value).
+    #[error("{table}.{column}, row with primary key {pk}: {source}")]
+    Row {
+        table: String,
+        column: String,
+        pk: String,
+        source: Box<OpsError>,
+    },
+}
+
+impl OpsError {
+    fn at_row(self, spec: &ColumnSpec, pk: &str) -> Self {
+        OpsError::Row {
+            table: spec.table.clone(),
+            column: spec.column.column.clone(),
+            pk: pk.to_string(),
+            source: Box::new(self),
+        }
+    }
 }
 
 /// `pgward keys status`.
@@ -33,6 +52,10 @@ pub struct KeysStatusArgs {
     /// Skip counting rows per DEK (a full scan of every encrypted column).
     #[arg(long)]
     pub no_count: bool,
+    /// Unwrap every stored data key (and blind-index root) through the provider: proves they
+    /// are still usable, e.g. after raising the KEK's min_decryption_version.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// `pgward keys rewrap`.
@@ -49,9 +72,15 @@ pub struct BatchArgs {
     /// Rows per batch (one keyset page).
     #[arg(long, default_value_t = 500)]
     pub batch_size: i64,
-    /// Pause between batches, to leave headroom for production traffic.
-    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    /// Pause between batches in milliseconds, to leave headroom for production traffic.
+    #[arg(long = "pause-ms", value_name = "MS", default_value = "20", value_parser = parse_millis)]
     pub pause: Duration,
+}
+
+fn parse_millis(text: &str) -> Result<Duration, String> {
+    text.parse::<u64>()
+        .map(Duration::from_millis)
+        .map_err(|e| format!("expected milliseconds: {e}"))
 }
 
 impl Default for BatchArgs {
@@ -89,6 +118,8 @@ pub struct EncryptExistingArgs {
 pub struct DekStatus {
     pub info: DekInfo,
     pub rows: Option<i64>,
+    /// With `--verify`: `Some(Ok)` if the provider unwrapped it, `Some(Err(reason))` if not.
+    pub unwrap: Option<Result<(), String>>,
 }
 
 /// One key name in `keys status`.
@@ -100,6 +131,33 @@ pub struct KeyStatus {
     pub deks: Vec<DekStatus>,
     /// Rows whose header names a DEK the provider does not list.
     pub unknown_rows: i64,
+    /// The blind-index root key (DEK version 0), when one is stored: it is wrapped by a KEK
+    /// version too, and must be rewrapped before `min_decryption_version` passes it.
+    pub index_root: Option<DekStatus>,
+    /// Configured columns of this key that are not stored encrypted yet, with the reason
+    /// (e.g. still `text`: run `encrypt-existing`).
+    pub pending_columns: Vec<(String, String)>,
+}
+
+impl KeyStatus {
+    /// The oldest KEK version still wrapping a stored key (transit), i.e. the highest value
+    /// `min_decryption_version` may be raised to. `None` when nothing is wrapped by a KEK.
+    pub fn oldest_kek_in_use(&self) -> Option<u32> {
+        self.deks
+            .iter()
+            .chain(self.index_root.as_ref())
+            .map(|d| d.info.kek_version)
+            .filter(|&v| v > 0)
+            .min()
+    }
+
+    /// Whether every checked unwrap succeeded (trivially true without `--verify`).
+    pub fn unwrap_ok(&self) -> bool {
+        self.deks
+            .iter()
+            .chain(self.index_root.as_ref())
+            .all(|d| !matches!(d.unwrap, Some(Err(_))))
+    }
 }
 
 impl fmt::Display for KeyStatus {
@@ -204,36 +262,102 @@ pub async fn keys_status(
         let deks = provider.list_deks(key_name).await?;
         let mut counts: BTreeMap<u32, i64> = BTreeMap::new();
         let mut unknown_rows = 0;
-        if !args.no_count {
-            for spec in manager.columns().filter(|s| s.column.key == key_name) {
-                for (key_ref, n) in count_by_dek(db, spec).await? {
-                    if key_ref.key_id == spec.key_id
-                        && deks.iter().any(|d| d.dek_version == key_ref.dek_version)
-                    {
-                        *counts.entry(key_ref.dek_version).or_default() += n;
-                    } else {
-                        unknown_rows += n;
-                    }
+        let mut pending_columns = Vec::new();
+        for spec in manager.columns().filter(|s| s.column.key == key_name) {
+            let name = format!("{}.{}", spec.table, spec.column.column);
+            match column_type(db, &spec.table, &spec.column.column).await {
+                Ok(ty) if ty == "bytea" => {}
+                Ok(ty) => {
+                    pending_columns.push((name, format!("stored as {ty}: run encrypt-existing")));
+                    continue;
+                }
+                Err(OpsError::Schema(reason)) => {
+                    pending_columns.push((name, reason));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            if args.no_count {
+                continue;
+            }
+            for (key_ref, n) in count_by_dek(db, spec).await? {
+                if key_ref.key_id == spec.key_id
+                    && deks.iter().any(|d| d.dek_version == key_ref.dek_version)
+                {
+                    *counts.entry(key_ref.dek_version).or_default() += n;
+                } else {
+                    unknown_rows += n;
                 }
             }
         }
-        let deks = deks
-            .into_iter()
-            .map(|info| {
-                let rows =
-                    (!args.no_count).then(|| counts.get(&info.dek_version).copied().unwrap_or(0));
-                DekStatus { info, rows }
-            })
-            .collect();
+        let mut dek_statuses = Vec::new();
+        for info in deks {
+            let rows =
+                (!args.no_count).then(|| counts.get(&info.dek_version).copied().unwrap_or(0));
+            let unwrap = if args.verify {
+                Some(unwrap_check(
+                    provider.fetch_dek(key_name, info.dek_version).await,
+                ))
+            } else {
+                None
+            };
+            dek_statuses.push(DekStatus { info, rows, unwrap });
+        }
+        let index_root = match stored_index_root(db, provider.kind(), key_name).await? {
+            Some(info) => {
+                let unwrap = if args.verify {
+                    Some(unwrap_check(provider.index_root(key_name).await))
+                } else {
+                    None
+                };
+                Some(DekStatus {
+                    info,
+                    rows: None,
+                    unwrap,
+                })
+            }
+            None => None,
+        };
         out.push(KeyStatus {
             key_name: key_name.to_string(),
             provider: provider.kind(),
             kek,
-            deks,
+            deks: dek_statuses,
             unknown_rows,
+            index_root,
+            pending_columns,
         });
     }
     Ok(out)
+}
+
+fn unwrap_check<T>(result: Result<T, KeyError>) -> Result<(), String> {
+    result.map(drop).map_err(|e| e.to_string())
+}
+
+/// The stored blind-index root of a transit key (`pgward.data_keys`, DEK version 0).
+async fn stored_index_root(
+    db: &tokio_postgres::Client,
+    provider_kind: &str,
+    key_name: &str,
+) -> Result<Option<DekInfo>, OpsError> {
+    if provider_kind != "transit" {
+        return Ok(None);
+    }
+    let row = db
+        .query_opt(
+            "SELECT kek_version FROM pgward.data_keys WHERE key_name = $1 AND dek_version = 0",
+            &[&key_name],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let kek: i32 = row.try_get(0)?;
+    Ok(Some(DekInfo {
+        key_name: key_name.to_string(),
+        dek_version: 0,
+        kek_version: u32::try_from(kek)
+            .map_err(|_| OpsError::Schema(format!("negative KEK version for {key_name}")))?,
+    }))
 }
 
 /// Rows per (key id, DEK version) of one column, read from bytes 1..9 of the header.
@@ -348,10 +472,10 @@ pub async fn keys_reencrypt(
         .cloned()
         .collect();
     if specs.is_empty() {
-        return Err(OpsError::Schema(format!(
-            "no encrypted columns match {:?}",
-            args.table
-        )));
+        return Err(OpsError::Schema(match &args.table {
+            Some(t) => format!("no [[encrypt]] column is in table {t}"),
+            None => "no [[encrypt]] columns configured".into(),
+        }));
     }
     let mut reports = Vec::new();
     for spec in specs {
@@ -360,6 +484,11 @@ pub async fn keys_reencrypt(
     Ok(reports)
 }
 
+/// Sweeps from the first row after the main pass, at most: each catches rows written under
+/// an old DEK behind the cursor (a proxy that has not yet picked up the rotation) and rows
+/// before a resume point that an earlier run did under an older target.
+const MAX_SWEEPS: usize = 3;
+
 async fn reencrypt_column(
     manager: &KeyManager,
     db: &tokio_postgres::Client,
@@ -367,6 +496,13 @@ async fn reencrypt_column(
     batch: &BatchArgs,
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Progress, OpsError> {
+    let stored_as = column_type(db, &spec.table, &spec.column.column).await?;
+    if stored_as != "bytea" {
+        return Err(OpsError::Schema(format!(
+            "{}.{} is stored as {stored_as}, not encrypted yet: run `pgward encrypt-existing` first",
+            spec.table, spec.column.column
+        )));
+    }
     let target = manager.current_key_ref(&spec.column.key).await?;
     let (pk, pk_type) = primary_key(db, &spec.table).await?;
     let (t, c, p) = (
@@ -374,9 +510,12 @@ async fn reencrypt_column(
         quote_ident(&spec.column.column),
         quote_ident(&pk),
     );
+    // Only rows whose header (bytes 1..9: key id, DEK version) is not the target are read,
+    // so rows already done cost a scan but no transfer or decryption.
     // Aliases matter: an output column named like the key would make ORDER BY sort the text cast.
     let select = format!(
-        "SELECT {p}::text AS pgward__pk, {c} FROM {t} WHERE ($1::text IS NULL OR {p} > $1::text::{pk_type}) AND {c} IS NOT NULL ORDER BY {p} LIMIT $2"
+        "SELECT {p}::text AS pgward__pk, {c} FROM {t} WHERE ($1::text IS NULL OR {p} > $1::text::{pk_type}) AND {c} IS NOT NULL \
+         AND substring({c} from 2 for 8) IS DISTINCT FROM $3 ORDER BY {p} LIMIT $2"
     );
     // Only overwrite the value we read: a concurrent write through the proxy already uses the new DEK.
     let update = format!("UPDATE {t} SET {c} = $1 WHERE {p} = $2::text::{pk_type} AND {c} = $3");
@@ -386,44 +525,81 @@ async fn reencrypt_column(
         table: spec.table.clone(),
         column: spec.column.column.clone(),
     };
-    let (mut last_pk, mut done) = job.resume_point().await?;
-    let mut changed = 0;
+    let (resume, done) = job.resume_point().await?;
+    let mut state = Progress {
+        job: "reencrypt",
+        table: spec.table.clone(),
+        column: spec.column.column.clone(),
+        rows_done: done,
+        rows_changed: 0,
+        last_pk: resume,
+        finished: false,
+    };
+    let header = key_ref_bytes(target);
+    let started_from_first_row = state.last_pk.is_none();
+    let mut sweeps = 0;
     loop {
-        let rows = db.query(&select, &[&last_pk, &batch_size(batch)]).await?;
-        for row in &rows {
-            let id: String = row.try_get(0)?;
-            let stored: Vec<u8> = row.try_get(1)?;
-            if peek_key_ref(&stored).ok() != Some(target) {
-                let plain = zeroize::Zeroizing::new(
-                    manager
-                        .decrypt(&spec.table, &spec.column.column, &stored)
-                        .await?,
-                );
-                let fresh = manager
-                    .encrypt(&spec.table, &spec.column.column, &plain)
-                    .await?;
-                changed += db.execute(&update, &[&fresh, &id, &stored]).await? as i64;
+        let changed_before = state.rows_changed;
+        loop {
+            let rows = db
+                .query(&select, &[&state.last_pk, &batch_size(batch), &header])
+                .await?;
+            for row in &rows {
+                let id: String = row.try_get(0)?;
+                let stored: Vec<u8> = row.try_get(1)?;
+                state.rows_changed += reencrypt_value(manager, db, spec, &update, &id, &stored)
+                    .await
+                    .map_err(|e| e.at_row(spec, &id))?;
+                state.last_pk = Some(id);
             }
-            last_pk = Some(id);
+            state.rows_done += rows.len() as i64;
+            job.save(&state.last_pk, state.rows_done, false).await?;
+            progress(&state);
+            if (rows.len() as i64) < batch_size(batch) {
+                break;
+            }
+            tokio::time::sleep(batch.pause).await;
         }
-        done += rows.len() as i64;
-        let finished = (rows.len() as i64) < batch_size(batch);
-        job.save(&last_pk, done, finished).await?;
-        let event = Progress {
-            job: "reencrypt",
-            table: spec.table.clone(),
-            column: spec.column.column.clone(),
-            rows_done: done,
-            rows_changed: changed,
-            last_pk: last_pk.clone(),
-            finished,
-        };
-        progress(&event);
-        if finished {
-            return Ok(event);
+        // A pass that changed nothing and covered every row proves the column is done.
+        let swept_clean =
+            state.rows_changed == changed_before && (sweeps > 0 || started_from_first_row);
+        if swept_clean || sweeps == MAX_SWEEPS {
+            break;
         }
-        tokio::time::sleep(batch.pause).await;
+        sweeps += 1;
+        state.last_pk = None;
     }
+    job.save(&state.last_pk, state.rows_done, true).await?;
+    state.finished = true;
+    progress(&state);
+    Ok(state)
+}
+
+/// Decrypt one stored value and write it back under the newest DEK; 1 if the row changed.
+async fn reencrypt_value(
+    manager: &KeyManager,
+    db: &tokio_postgres::Client,
+    spec: &ColumnSpec,
+    update: &str,
+    id: &str,
+    stored: &[u8],
+) -> Result<i64, OpsError> {
+    let plain = zeroize::Zeroizing::new(
+        manager
+            .decrypt(&spec.table, &spec.column.column, stored)
+            .await?,
+    );
+    let fresh = manager
+        .encrypt(&spec.table, &spec.column.column, &plain)
+        .await?;
+    Ok(db.execute(update, &[&fresh, &id, &stored]).await? as i64)
+}
+
+/// Header bytes 1..9 of values written under `key_ref` (as `substring(col from 2 for 8)`).
+fn key_ref_bytes(key_ref: KeyRef) -> Vec<u8> {
+    let mut out = key_ref.key_id.to_be_bytes().to_vec();
+    out.extend_from_slice(&key_ref.dek_version.to_be_bytes());
+    out
 }
 
 /// Run `f` inside BEGIN/COMMIT on a shared client, rolling back on error.
@@ -471,7 +647,7 @@ pub async fn encrypt_existing(
     );
     let col_type = column_type(db, &table, &column).await?;
     let twin_exists = column_type(db, &table, &twin_name).await.is_ok();
-    if col_type == "bytea" && !twin_exists && spec.column.ty != super::codec::ClientType::Bytea {
+    if col_type == "bytea" && !twin_exists && all_values_encrypted(db, &spec).await? {
         tracing::info!(%table, %column, "already encrypted; nothing to do");
         return Ok(Progress {
             job: "encrypt_existing",
@@ -584,6 +760,28 @@ pub async fn encrypt_existing(
     Ok(event)
 }
 
+/// Whether every value of a `bytea` column already carries this column's envelope header
+/// (format version and key id). A non-`bytea` client type cannot be stored in `bytea` as
+/// plaintext, so it counts as encrypted; a plaintext `bytea` column is checked row by row,
+/// so a rerun never encrypts ciphertext a second time.
+async fn all_values_encrypted(
+    db: &tokio_postgres::Client,
+    spec: &ColumnSpec,
+) -> Result<bool, OpsError> {
+    if spec.column.ty != super::codec::ClientType::Bytea {
+        return Ok(true);
+    }
+    let mut prefix = vec![super::envelope::FORMAT_V1];
+    prefix.extend_from_slice(&spec.key_id.to_be_bytes());
+    let c = quote_ident(&spec.column.column);
+    let sql = format!(
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE {c} IS NOT NULL AND substring({c} from 1 for 5) IS DISTINCT FROM $1)",
+        quote_table(&spec.table)
+    );
+    let plaintext_left: bool = db.query_one(&sql, &[&prefix]).await?.try_get(0)?;
+    Ok(!plaintext_left)
+}
+
 fn batch_size(b: &BatchArgs) -> i64 {
     b.batch_size.max(1)
 }
@@ -602,7 +800,7 @@ async fn encrypt_rows(
         let text: String = row.try_get(1)?;
         let canonical = zeroize::Zeroizing::new(
             encode_for_encryption(spec.column.ty, WireFormat::Text, text.as_bytes())
-                .map_err(CryptoError::from)?,
+                .map_err(|e| OpsError::Crypto(e.into()).at_row(spec, &id))?,
         );
         let ct = manager
             .encrypt(&spec.table, &spec.column.column, &canonical)

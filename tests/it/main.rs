@@ -6,6 +6,7 @@ mod crypto;
 mod dev_mode;
 mod edges;
 mod harness;
+mod keys_cli;
 mod policy;
 mod policy_proxy;
 mod protocol;
