@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end benchmark: pgbench against PostgreSQL directly, through PgBouncer (session mode)
 # and through pgward, in one run, alternating targets each round, and prints TPS and ratios.
+# Then the cost of pgward's features in the same run: a policy-bound service (row filter on
+# pgbench_accounts) against pass-through, and auditing on against auditing off.
 #
 #   benches/pgbench.sh [--duration SECONDS] [--rounds N] [--clients N] [--scale N]
 #
@@ -47,6 +49,7 @@ PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); WARD_PORT=$(free_port)
 
 cleanup() {
   [ -n "${WARD_PID:-}" ] && kill "$WARD_PID" 2>/dev/null || true
+  [ -n "${AUDIT_PID:-}" ] && kill "$AUDIT_PID" 2>/dev/null || true
   [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
   "${RUN_AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
@@ -80,6 +83,20 @@ chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
 BOUNCER_PID=$!
 
 TOKEN=$("$PGWARD" token mint --service postgres --dir "$WORK/keys" --ttl 2h)
+TENANT_TOKEN=$("$PGWARD" token mint --service tenant --claim bid=1 --dir "$WORK/keys" --ttl 2h)
+AUDIT_PORT=$(free_port)
+mkdir -p "$WORK/policies"
+cat > "$WORK/policies/tenant.toml" <<TOML
+# One branch's rows: the filter the benchmark pays for.
+service = "tenant"
+claim_types = { bid = "int" }
+[tables.pgbench_accounts]
+actions = ["select"]
+filter = "bid = claim('bid')"
+[tables.pgbench_branches]
+actions = ["select"]
+filter = "bid = claim('bid')"
+TOML
 cat > "$WORK/pgward.toml" <<TOML
 [listen]
 address = "127.0.0.1:$WARD_PORT"
@@ -95,15 +112,26 @@ audience = ["pgward"]
 max_token_lifetime = "3h"
 [services.postgres]
 upstream_user = "postgres"
+unrestricted = true
+[services.tenant]
+upstream_user = "postgres"
+[policy]
+dir = "$WORK/policies"
+database = "bench"
+catalog_service = "postgres"
 TOML
+sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$AUDIT_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-audit.toml"
+printf '[audit]\ndir = "%s"\n' "$WORK/audit" >> "$WORK/pgward-audit.toml"
 "$PGWARD" serve --config "$WORK/pgward.toml" --log warn &
 WARD_PID=$!
+"$PGWARD" serve --config "$WORK/pgward-audit.toml" --log warn &
+AUDIT_PID=$!
 sleep 1
 
-run_pgbench() { # target-port mode clients -> tps
-  local port=$1 mode=$2 clients=$3 extra=${4:-}
-  PGPASSWORD=$TOKEN "$BINDIR/pgbench" -h 127.0.0.1 -p "$port" -U postgres -S -M "$mode" \
-    -c "$clients" -j "$THREADS" -T "$DURATION" $extra bench 2>/dev/null \
+run_pgbench() { # target-port mode clients [user token] -> tps
+  local port=$1 mode=$2 clients=$3 user=${4:-postgres} token=${5:-$TOKEN}
+  PGPASSWORD=$token "$BINDIR/pgbench" -h 127.0.0.1 -p "$port" -U "$user" -S -M "$mode" \
+    -c "$clients" -j "$THREADS" -T "$DURATION" bench 2>/dev/null \
     | awk '/^tps/ {print $3; exit}'
 }
 
@@ -142,3 +170,27 @@ p99_of() { # port -> p99 latency in microseconds
 pd=$(p99_of "$PG_PORT"); pw=$(p99_of "$WARD_PORT"); pb=$(p99_of "$BOUNCER_PORT")
 echo
 echo "== 1 client, prepared: p99 latency direct ${pd}us, pgbouncer ${pb}us, pgward ${pw}us; pgward adds $((pw - pd))us"
+
+# Feature overhead, same run: policy-bound vs pass-through through one pgward, and auditing on
+# (a second pgward writing JSON Lines with fsync per group commit) vs off.
+declare -A FEAT
+FEATURES=("passthrough:$WARD_PORT:postgres:$TOKEN" "policy:$WARD_PORT:tenant:$TENANT_TOKEN" "audited:$AUDIT_PORT:postgres:$TOKEN")
+for mode in simple prepared; do
+  for round in $(seq 1 "$ROUNDS"); do
+    for feature in "${FEATURES[@]}"; do
+      IFS=: read -r name port user token <<<"$feature"
+      tps=$(run_pgbench "$port" "$mode" "$CLIENTS" "$user" "$token")
+      FEAT[$mode,$name]="${FEAT[$mode,$name]:-} $tps"
+      printf '  round %s %-8s %-11s %10s tps\n' "$round" "$mode" "$name" "$tps"
+    done
+  done
+done
+echo
+echo "== pgward features, pgbench -S, $CLIENTS clients (median TPS; policy = row filter bid = claim('bid'))"
+printf '%-9s %12s %12s %12s %18s %18s\n' mode passthrough policy audited "policy/passthrough" "audited/passthrough"
+for mode in simple prepared; do
+  p=$(echo "${FEAT[$mode,passthrough]}" | median); r=$(echo "${FEAT[$mode,policy]}" | median); a=$(echo "${FEAT[$mode,audited]}" | median)
+  awk -v m="$mode" -v p="$p" -v r="$r" -v a="$a" \
+    'BEGIN { printf "%-9s %12.0f %12.0f %12.0f %18.2f %18.2f\n", m, p, r, a, r / p, a / p }'
+done
+echo "audit log: $(cat "$WORK"/audit/*.jsonl 2>/dev/null | wc -l) records written"
