@@ -50,6 +50,7 @@ PG_PORT=$(free_port); BOUNCER_PORT=$(free_port); WARD_PORT=$(free_port)
 cleanup() {
   [ -n "${WARD_PID:-}" ] && kill "$WARD_PID" 2>/dev/null || true
   [ -n "${AUDIT_PID:-}" ] && kill "$AUDIT_PID" 2>/dev/null || true
+  [ -n "${AUDIT_NOSYNC_PID:-}" ] && kill "$AUDIT_NOSYNC_PID" 2>/dev/null || true
   [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
   "${RUN_AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
@@ -84,7 +85,7 @@ BOUNCER_PID=$!
 
 TOKEN=$("$PGWARD" token mint --service postgres --dir "$WORK/keys" --ttl 2h)
 TENANT_TOKEN=$("$PGWARD" token mint --service tenant --claim bid=1 --dir "$WORK/keys" --ttl 2h)
-AUDIT_PORT=$(free_port)
+AUDIT_PORT=$(free_port); AUDIT_NOSYNC_PORT=$(free_port)
 mkdir -p "$WORK/policies"
 cat > "$WORK/policies/tenant.toml" <<TOML
 # One branch's rows: the filter the benchmark pays for.
@@ -122,10 +123,14 @@ catalog_service = "postgres"
 TOML
 sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$AUDIT_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-audit.toml"
 printf '[audit]\ndir = "%s"\n' "$WORK/audit" >> "$WORK/pgward-audit.toml"
+sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$AUDIT_NOSYNC_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-audit-nosync.toml"
+printf '[audit]\ndir = "%s"\nfsync = false\n' "$WORK/audit-nosync" >> "$WORK/pgward-audit-nosync.toml"
 "$PGWARD" serve --config "$WORK/pgward.toml" --log warn &
 WARD_PID=$!
 "$PGWARD" serve --config "$WORK/pgward-audit.toml" --log warn &
 AUDIT_PID=$!
+"$PGWARD" serve --config "$WORK/pgward-audit-nosync.toml" --log warn &
+AUDIT_NOSYNC_PID=$!
 sleep 1
 
 run_pgbench() { # target-port mode clients [user token] -> tps
@@ -174,7 +179,7 @@ echo "== 1 client, prepared: p99 latency direct ${pd}us, pgbouncer ${pb}us, pgwa
 # Feature overhead, same run: policy-bound vs pass-through through one pgward, and auditing on
 # (a second pgward writing JSON Lines with fsync per group commit) vs off.
 declare -A FEAT
-FEATURES=("passthrough:$WARD_PORT:postgres:$TOKEN" "policy:$WARD_PORT:tenant:$TENANT_TOKEN" "audited:$AUDIT_PORT:postgres:$TOKEN")
+FEATURES=("passthrough:$WARD_PORT:postgres:$TOKEN" "policy:$WARD_PORT:tenant:$TENANT_TOKEN" "audited:$AUDIT_PORT:postgres:$TOKEN" "audit-nosync:$AUDIT_NOSYNC_PORT:postgres:$TOKEN")
 for mode in simple prepared; do
   for round in $(seq 1 "$ROUNDS"); do
     for feature in "${FEATURES[@]}"; do
@@ -186,11 +191,13 @@ for mode in simple prepared; do
   done
 done
 echo
-echo "== pgward features, pgbench -S, $CLIENTS clients (median TPS; policy = row filter bid = claim('bid'))"
-printf '%-9s %12s %12s %12s %18s %18s\n' mode passthrough policy audited "policy/passthrough" "audited/passthrough"
+echo "== pgward features, pgbench -S, $CLIENTS clients (median TPS; policy = row filter bid = claim('bid');"
+echo "   audited = records fsync'ed before each statement runs; audit-nosync = [audit] fsync = false)"
+printf '%-9s %12s %12s %12s %12s %10s %10s %10s\n' mode passthrough policy audited audit-nosync policy/p audited/p nosync/p
 for mode in simple prepared; do
-  p=$(echo "${FEAT[$mode,passthrough]}" | median); r=$(echo "${FEAT[$mode,policy]}" | median); a=$(echo "${FEAT[$mode,audited]}" | median)
-  awk -v m="$mode" -v p="$p" -v r="$r" -v a="$a" \
-    'BEGIN { printf "%-9s %12.0f %12.0f %12.0f %18.2f %18.2f\n", m, p, r, a, r / p, a / p }'
+  p=$(echo "${FEAT[$mode,passthrough]}" | median); r=$(echo "${FEAT[$mode,policy]}" | median)
+  a=$(echo "${FEAT[$mode,audited]}" | median); n=$(echo "${FEAT[$mode,audit-nosync]}" | median)
+  awk -v m="$mode" -v p="$p" -v r="$r" -v a="$a" -v n="$n" \
+    'BEGIN { printf "%-9s %12.0f %12.0f %12.0f %12.0f %10.2f %10.2f %10.2f\n", m, p, r, a, n, r / p, a / p, n / p }'
 done
 echo "audit log: $(cat "$WORK"/audit/*.jsonl 2>/dev/null | wc -l) records written"

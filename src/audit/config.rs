@@ -39,6 +39,11 @@ pub struct AuditConfig {
     pub signing_key_file: Option<PathBuf>,
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// `true`: a statement runs only after its record is fsync'ed (survives power loss).
+    /// `false`: only after it is written to the kernel (survives a pgward crash or `kill -9`,
+    /// not a kernel crash or power loss), for disks where an fsync costs more than a query.
+    #[serde(default = "default_true")]
+    pub fsync: bool,
     /// Record literal values / bound parameters of non-encrypted columns.
     #[serde(default)]
     pub record_values: bool,
@@ -78,6 +83,7 @@ impl AuditConfig {
             checkpoint_interval: default_checkpoint_interval(),
             signing_key_file: None,
             on_failure: OnFailure::Refuse,
+            fsync: true,
             record_values: false,
             node_id: None,
             table_sink_url: None,

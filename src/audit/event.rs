@@ -159,6 +159,17 @@ impl StatementRecord {
     /// A record with the fingerprint computed; other fields start empty/allowed.
     pub fn new(session: Arc<SessionInfo>, protocol: Protocol, sql: SqlText) -> Self {
         let fingerprint = super::fingerprint::fingerprint(sql.redacted());
+        Self::with_fingerprint(session, protocol, sql, fingerprint)
+    }
+
+    /// A record whose fingerprint the caller computed earlier (e.g. once per prepared
+    /// statement rather than once per execution).
+    pub fn with_fingerprint(
+        session: Arc<SessionInfo>,
+        protocol: Protocol,
+        sql: SqlText,
+        fingerprint: String,
+    ) -> Self {
         StatementRecord {
             session,
             protocol,

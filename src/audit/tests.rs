@@ -649,3 +649,21 @@ async fn report_has_every_section_and_no_external_assets() {
     assert!(html.contains("select * from orders where id = ?"));
     assert!(!html.contains("<script") && !html.contains(" src=") && !html.contains("href="));
 }
+
+#[tokio::test]
+async fn without_fsync_records_are_written_before_the_ack_but_never_synced() {
+    let fx = Fixture::new();
+    let mut config = fx.config();
+    config.fsync = false;
+    let (log, h) = AuditLog::open(config).await.unwrap();
+    let s = session(1, "svc");
+    for i in 0..20 {
+        h.append(stmt(&s, &format!("select {i}"))).await.unwrap();
+        // Acknowledged means in the file (the kernel's copy survives a pgward crash).
+        let on_disk: usize = fx.files().iter().map(|f| lines(f).len()).sum();
+        assert!(on_disk > i, "record {i} acknowledged before it was written");
+    }
+    assert_eq!(h.stats().fsyncs, 0);
+    log.shutdown().await.unwrap();
+    assert!(fx.verify().is_intact());
+}

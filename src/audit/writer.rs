@@ -262,6 +262,8 @@ struct Writer {
     rotate_interval: Duration,
     checkpoint_interval: Duration,
     max_delay: Duration,
+    /// fdatasync each batch (`AuditConfig::fsync`).
+    fsync: bool,
     key: Option<SigningKey>,
     seg: Option<Segment>,
     /// Chain head including records framed but maybe not yet durable.
@@ -310,6 +312,7 @@ impl Writer {
             rotate_interval: config.rotate_interval,
             checkpoint_interval: config.checkpoint_interval,
             max_delay: config.group_commit_max_delay,
+            fsync: config.fsync,
             key,
             seg: None,
             next_seq: tail.next_seq,
@@ -504,20 +507,23 @@ impl Writer {
         Ok(())
     }
 
-    /// One write, one fdatasync for the whole buffer.
+    /// One write, one fdatasync (unless `fsync = false`) for the whole buffer.
     fn flush(&mut self) -> Result<(), AuditError> {
         let Some(seg) = self.seg.as_mut() else {
             return Err(AuditError::Closed);
         };
+        let fsync = self.fsync;
         seg.file
             .write_all(&self.buf)
-            .and_then(|_| seg.file.sync_data())
+            .and_then(|_| if fsync { seg.file.sync_data() } else { Ok(()) })
             .map_err(|e| AuditError::io(&seg.path, e))?;
         seg.len += self.buf.len() as u64;
         let lines = self.buf.iter().filter(|&&b| b == b'\n').count() as u64;
         self.durable = (self.next_seq, self.prev);
         self.closed_cleanly = false;
-        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        if fsync {
+            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         self.counters.records.fetch_add(lines, Ordering::Relaxed);
         self.copy_to_table_sink();

@@ -30,7 +30,9 @@ pub struct Observed<'a> {
 
 /// A prepared statement of this session, for the records of its Executes.
 struct Prepared {
-    sql: String,
+    /// Redacted text and fingerprint, computed once at Parse for all its executions.
+    text: SqlText,
+    fingerprint: String,
     analysis: Option<Arc<Rewritten>>,
     /// Declared parameter types (0 = unspecified).
     param_types: Vec<u32>,
@@ -154,10 +156,13 @@ impl SessionAudit {
             let event = self.record(Protocol::Extended, Some(name), sql, &observed, Vec::new());
             batch.events.push(event);
         }
+        let text = SqlText::new(sql, observed.analysis.is_none());
+        let fingerprint = crate::audit::fingerprint(text.redacted());
         self.statements.insert(
             name.to_string(),
             Arc::new(Prepared {
-                sql: sql.to_string(),
+                text,
+                fingerprint,
                 analysis: observed.analysis.clone(),
                 param_types,
                 refused,
@@ -209,16 +214,16 @@ impl SessionAudit {
             refused: None,
             analysis: statement.analysis.clone(),
         };
-        let name = portal.statement_name.clone();
-        let params = portal.params.clone();
-        let record = self.record(
+        let mut record = StatementRecord::with_fingerprint(
+            self.session.clone(),
             Protocol::Extended,
-            Some(&name),
-            &statement.sql,
-            &observed,
-            params,
+            statement.text.clone(),
+            statement.fingerprint.clone(),
         );
-        batch.push(AwaitKind::Execute, record, true);
+        record.statement_name = Some(portal.statement_name.clone()).filter(|n| !n.is_empty());
+        record.params = portal.params.clone();
+        let event = self.finish_record(record, &observed);
+        batch.push(AwaitKind::Execute, event, true);
     }
 
     fn close(&mut self, message: &Message) {
@@ -256,6 +261,15 @@ impl SessionAudit {
         );
         record.statement_name = name.filter(|n| !n.is_empty()).map(str::to_string);
         record.params = params;
+        self.finish_record(record, observed)
+    }
+
+    /// Decision, rule and policy analysis onto a record.
+    fn finish_record(
+        &mut self,
+        mut record: StatementRecord,
+        observed: &Observed<'_>,
+    ) -> AuditEvent {
         if let Some(refusal) = observed.refused {
             record.decision = if refusal.sqlstate == sqlstate::INSUFFICIENT_PRIVILEGE {
                 Decision::Refused
