@@ -77,6 +77,9 @@ pub struct SessionAudit {
     portals: HashMap<String, Portal>,
     /// Statement records written (for the connection-closed record).
     pub statements_recorded: u64,
+    /// Encrypted columns are configured: literals and parameters may be plaintext of one, so
+    /// only redacted text and parameter types are ever recorded, whatever `record_values` says.
+    literals_may_be_sensitive: bool,
 }
 
 /// One audited batch: records to make durable, then what to await for each.
@@ -94,13 +97,18 @@ impl BatchRecords {
 }
 
 impl SessionAudit {
-    pub fn new(handle: AuditHandle, session: Arc<SessionInfo>) -> Self {
+    pub fn new(
+        handle: AuditHandle,
+        session: Arc<SessionInfo>,
+        literals_may_be_sensitive: bool,
+    ) -> Self {
         Self {
             handle,
             session,
             statements: HashMap::new(),
             portals: HashMap::new(),
             statements_recorded: 0,
+            literals_may_be_sensitive,
         }
     }
 
@@ -156,7 +164,7 @@ impl SessionAudit {
             let event = self.record(Protocol::Extended, Some(name), sql, &observed, Vec::new());
             batch.events.push(event);
         }
-        let text = SqlText::new(sql, observed.analysis.is_none());
+        let text = SqlText::new(sql, self.literals_may_be_sensitive);
         let fingerprint = crate::audit::fingerprint(text.redacted());
         self.statements.insert(
             name.to_string(),
@@ -182,7 +190,11 @@ impl SessionAudit {
             .enumerate()
             .map(|(i, value)| {
                 let type_oid = statement.param_types.get(i).copied().unwrap_or(0);
-                BoundParam::plain(type_oid, value)
+                if self.literals_may_be_sensitive {
+                    BoundParam::sensitive(type_oid)
+                } else {
+                    BoundParam::plain(type_oid, value)
+                }
             })
             .collect();
         self.portals.insert(
@@ -251,13 +263,10 @@ impl SessionAudit {
         observed: &Observed<'_>,
         params: Vec<BoundParam>,
     ) -> AuditEvent {
-        // Until the encryption layer marks its literals, any statement the policy engine did
-        // not analyse is treated as possibly carrying sensitive literals: only the redacted
-        // text is kept.
         let mut record = StatementRecord::new(
             self.session.clone(),
             protocol,
-            SqlText::new(sql, observed.analysis.is_none()),
+            SqlText::new(sql, self.literals_may_be_sensitive),
         );
         record.statement_name = name.filter(|n| !n.is_empty()).map(str::to_string);
         record.params = params;

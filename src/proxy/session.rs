@@ -85,7 +85,10 @@ async fn open_session_audit(
             return Err(audit_unavailable(&e).into_fatal());
         }
     }
-    Ok(Some(SessionAudit::new(handle.clone(), info)))
+    // Until the relay tells literals bound for encrypted columns apart, any configured
+    // encrypted column makes every literal and parameter sensitive.
+    let sensitive = !shared.config.encrypt.is_empty();
+    Ok(Some(SessionAudit::new(handle.clone(), info, sensitive)))
 }
 
 /// The error a statement gets when its audit record cannot be made durable.

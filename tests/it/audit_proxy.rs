@@ -405,3 +405,48 @@ async fn kill_9_mid_load_loses_no_acknowledged_statement_record() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[tokio::test]
+async fn values_are_recorded_only_when_asked_and_never_with_encrypted_columns() {
+    let database = harness::fresh_database("auditvals", false).await;
+    let key_dir = tempfile::tempdir().unwrap();
+    let master = key_dir.path().join("master.key");
+    std::fs::write(&master, "11".repeat(32)).unwrap();
+    let encrypted = format!(
+        "[keys]\nprovider = \"local\"\nlocal_master_key_file = {:?}\n\n\
+         [[encrypt]]\ntable = \"t\"\ncolumn = \"secret\"\nkey = \"k\"\ntype = \"text\"\n",
+        master.display().to_string()
+    );
+    for (extra, expect_values) in [("", true), (encrypted.as_str(), false)] {
+        let log = tempfile::tempdir().unwrap();
+        let proxy = harness::start_proxy(ProxyOptions {
+            extra_toml: format!("{}{extra}", audit_toml(log.path(), "record_values = true")),
+            ..ProxyOptions::default()
+        })
+        .await;
+        let client = proxy.connect("app", &database).await;
+        client
+            .simple_query("SELECT 'visible-literal-42'")
+            .await
+            .unwrap();
+        client
+            .query("SELECT $1::text", &[&"bound-value-43"])
+            .await
+            .unwrap();
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        proxy.shutdown().await;
+        let text = records(log.path())
+            .iter()
+            .map(Value::to_string)
+            .collect::<String>();
+        for value in ["visible-literal-42", "bound-value-43"] {
+            assert_eq!(
+                text.contains(value),
+                expect_values,
+                "{value} with encryption configured = {}",
+                !expect_values
+            );
+        }
+    }
+}
