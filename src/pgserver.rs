@@ -167,6 +167,18 @@ fn chown(path: &Path, ids: Option<(u32, u32)>) -> Result<(), PgServerError> {
     Ok(())
 }
 
+/// tokio-postgres config for the `postgres` superuser of a local server over TCP.
+pub fn superuser_config(port: u16, password: &str, database: &str) -> tokio_postgres::Config {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .password(password)
+        .dbname(database);
+    config
+}
+
 impl EmbeddedPostgres {
     /// initdb, configure and start a server. Blocks until it accepts connections.
     pub fn start(options: EmbeddedOptions) -> Result<Self, PgServerError> {
@@ -235,14 +247,7 @@ impl EmbeddedPostgres {
 
     /// A tokio-postgres config for the superuser over TCP.
     pub fn client_config(&self, database: &str) -> tokio_postgres::Config {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(self.port)
-            .user("postgres")
-            .password(self.password.as_str())
-            .dbname(database);
-        config
+        superuser_config(self.port, &self.password, database)
     }
 
     fn command(&self, program: &str) -> Command {

@@ -148,18 +148,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 let bytes = self.buf.split_to(complete).freeze();
                 return Ok(Some(Batch { bytes }));
             }
-            if let Some(needed) = self.pending_frame_len()? {
-                self.buf.reserve(needed.saturating_sub(self.buf.len()));
-            } else if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK);
-            }
-            let n = self.inner.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ProtocolError::Truncated)
-                };
+            if !self.fill().await? {
+                return Ok(None);
             }
         }
     }
@@ -171,19 +161,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 let raw = self.buf.split_to(len).freeze();
                 return Ok(Some(Message { raw }));
             }
-            if let Some(needed) = self.pending_frame_len()? {
-                self.buf.reserve(needed.saturating_sub(self.buf.len()));
-            } else {
-                self.buf.reserve(READ_CHUNK);
+            if !self.fill().await? {
+                return Ok(None);
             }
-            let n = self.inner.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                return if self.buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ProtocolError::Truncated)
-                };
-            }
+        }
+    }
+
+    /// Read more bytes: room for the whole pending frame once its length is known, else a
+    /// chunk. `false` at a clean end of stream (between messages); a stream ending inside a
+    /// message is `Truncated`.
+    async fn fill(&mut self) -> Result<bool, ProtocolError> {
+        if let Some(needed) = self.pending_frame_len()? {
+            self.buf.reserve(needed.saturating_sub(self.buf.len()));
+        } else if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        if self.inner.read_buf(&mut self.buf).await? > 0 {
+            return Ok(true);
+        }
+        if self.buf.is_empty() {
+            Ok(false)
+        } else {
+            Err(ProtocolError::Truncated)
         }
     }
 

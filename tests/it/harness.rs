@@ -44,14 +44,7 @@ pub struct Pg {
 impl Pg {
     /// tokio-postgres config for the superuser, directly (not through pgward).
     pub fn direct(&self, database: &str) -> tokio_postgres::Config {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(self.port)
-            .user("postgres")
-            .password(self.password.as_str())
-            .dbname(database);
-        config
+        pgward::pgserver::superuser_config(self.port, &self.password, database)
     }
 }
 
@@ -331,6 +324,14 @@ unrestricted = true
         secret = fx.secret_file,
         extra_auth = options.extra_auth,
         extra = options.extra_toml,
+    )
+}
+
+/// A `[services.<name>]` table logging in upstream as the superuser (policy-bound unless the
+/// config names it unrestricted elsewhere).
+pub fn superuser_service(name: &str) -> String {
+    format!(
+        "\n[services.{name}]\nupstream_user = \"postgres\"\nupstream_password = {{ env = \"PGWARD_TEST_SUPERUSER_PASSWORD\" }}\n"
     )
 }
 

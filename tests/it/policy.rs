@@ -19,13 +19,7 @@ struct Db {
 }
 
 fn config(pg: &harness::Pg, db: &str) -> tokio_postgres::Config {
-    let mut c = tokio_postgres::Config::new();
-    c.host("127.0.0.1")
-        .port(pg.port)
-        .user("postgres")
-        .password(pg.password.as_str())
-        .dbname(db);
-    c
+    pg.direct(db)
 }
 
 /// A fresh database with the demo schema, the pgward helpers and the demo policies

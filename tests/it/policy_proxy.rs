@@ -32,24 +32,12 @@ dir = {dir:?}
 database = "{database}"
 catalog_service = "app"
 watch_interval = "100ms"
-
-[services.billing]
-upstream_user = "postgres"
-upstream_password = {{ env = "PGWARD_TEST_SUPERUSER_PASSWORD" }}
-
-[services.support]
-upstream_user = "postgres"
-upstream_password = {{ env = "PGWARD_TEST_SUPERUSER_PASSWORD" }}
-
-[services.analytics]
-upstream_user = "postgres"
-upstream_password = {{ env = "PGWARD_TEST_SUPERUSER_PASSWORD" }}
-
-[services.nopolicy]
-upstream_user = "postgres"
-upstream_password = {{ env = "PGWARD_TEST_SUPERUSER_PASSWORD" }}
+{services}
 {extra}
-"#
+"#,
+        services = ["billing", "support", "analytics", "nopolicy"]
+            .map(harness::superuser_service)
+            .concat()
     );
     let proxy = harness::start_proxy(ProxyOptions {
         extra_toml,
