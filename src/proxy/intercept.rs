@@ -11,10 +11,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::encryption::ClientHalf;
 use super::policy::{may_be_ddl, Policies, SessionPolicy};
 use crate::auth::Identity;
-use crate::error::{sqlstate, ClientError};
 use crate::crypto::sql::{ParamPlan, SqlEncryption};
+use crate::error::{sqlstate, ClientError};
 use crate::policy::{PolicyDenied, Rewritten};
 use crate::protocol::fields::{parse_parts, query_text};
 use crate::protocol::{build, frontend, Message};
@@ -42,6 +43,8 @@ pub struct Interceptor {
     encryption: Option<Arc<SqlEncryption>>,
     /// Parameter plan of the last Query or Parse rewritten (taken by the relay's encryption layer).
     param_plan: Option<Arc<ParamPlan>>,
+    /// Field encryption's protocol state for messages going upstream.
+    crypto: Option<ClientHalf>,
 }
 
 impl Interceptor {
@@ -54,7 +57,18 @@ impl Interceptor {
             last_analysis: None,
             encryption: None,
             param_plan: None,
+            crypto: None,
         }
+    }
+
+    /// Field encryption's protocol state (set once the session's columns are located).
+    pub fn set_crypto(&mut self, crypto: Option<ClientHalf>) {
+        self.crypto = crypto;
+    }
+
+    /// Field encryption's protocol state, if the proxy encrypts columns.
+    pub fn crypto_mut(&mut self) -> Option<&mut ClientHalf> {
+        self.crypto.as_mut()
     }
 
     /// Encrypt literals and rewrite predicates on encrypted columns in every statement.

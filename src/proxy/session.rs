@@ -236,8 +236,10 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
         .map(|a| Completions::new(a.handle().clone(), a.session().clone()));
     let mut audit = audit;
     let audit_pair = audit.as_mut().zip(completions.as_ref());
+    let mut interceptor = interceptor;
+    interceptor.set_crypto(client_crypto);
     let end = tokio::select! {
-        end = client_to_upstream(&shared, &state, client_reader, upstream_write, interceptor, audit_pair, client_crypto, shutdown) => end,
+        end = client_to_upstream(&shared, &state, client_reader, upstream_write, interceptor, audit_pair, shutdown) => end,
         end = upstream_to_client(&shared, &state, upstream_reader, client_writer.clone(), completions.as_ref(), upstream_crypto) => end,
     };
     if let Some(audit) = &audit {
@@ -286,7 +288,6 @@ async fn client_to_upstream(
     mut upstream: ConnWriter,
     mut interceptor: Interceptor,
     mut audit: Option<(&mut SessionAudit, &Completions)>,
-    mut crypto: Option<ClientHalf>,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let idle_timeout = shared.config.listen.idle_timeout;
@@ -344,7 +345,7 @@ async fn client_to_upstream(
                 policies.refresh_catalog().await;
             }
         }
-        let outgoing = if interceptor.is_passthrough() && audit.is_none() && crypto.is_none() {
+        let outgoing = if interceptor.is_passthrough() && audit.is_none() {
             vec![batch.bytes().clone()]
         } else {
             intercept_batch(
@@ -352,7 +353,6 @@ async fn client_to_upstream(
                 state,
                 &mut interceptor,
                 audit.as_mut().map(|(a, c)| (&mut **a, *c)),
-                crypto.as_mut(),
                 &batch,
             )
             .await
@@ -411,7 +411,6 @@ async fn intercept_batch(
     state: &SessionState,
     interceptor: &mut Interceptor,
     audit: Option<(&mut SessionAudit, &Completions)>,
-    crypto: Option<&mut ClientHalf>,
     batch: &Batch,
 ) -> Vec<Bytes> {
     let mut verdicts = Vec::new();
@@ -449,7 +448,15 @@ async fn intercept_batch(
             }
         }
     }
-    assemble(shared, state, batch, verdicts, plans, crypto).await
+    assemble(
+        shared,
+        state,
+        batch,
+        verdicts,
+        plans,
+        interceptor.crypto_mut(),
+    )
+    .await
 }
 
 /// Unaudited statements must not run: every message of the batch that would start one is
