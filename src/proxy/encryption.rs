@@ -247,9 +247,16 @@ async fn key_store(
         )
         .await
         .map_err(|e| CryptoError::Config(format!("connecting to the wrapped-key store: {e}")))?;
+    let exists = client
+        .query_one("SELECT to_regclass('pgward.data_keys') IS NOT NULL", &[])
+        .await
+        .and_then(|row| row.try_get::<_, bool>(0))
+        .unwrap_or(false);
     let store = PgKeyStore::new(Arc::new(client));
-    if let Err(e) = store.migrate().await {
-        tracing::warn!(error = %e, "could not create pgward.data_keys (apply migrations/0100_pgward_keys.sql)");
+    if !exists {
+        if let Err(e) = store.migrate().await {
+            tracing::warn!(error = %e, "could not create pgward.data_keys (apply migrations/0100_pgward_keys.sql)");
+        }
     }
     Ok(Arc::new(store))
 }

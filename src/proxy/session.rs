@@ -225,6 +225,7 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
                 shared.cancels.unregister(key);
                 let mut writer = client_writer.lock().await;
                 let _ = writer.write_all(&error.to_message()).await;
+                let _ = writer.flush().await;
                 let _ = writer.shutdown().await;
                 return;
             }

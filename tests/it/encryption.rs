@@ -1110,7 +1110,7 @@ async fn transit_keys_rotation_and_outage_through_the_proxy() {
         "[policy]\ndir = {policies:?}\ndatabase = \"{database}\"\ncatalog_service = \"billing\"\n\
          [services.billing]\nupstream_user = \"postgres\"\nupstream_password = {{ env = \"PGWARD_TEST_SUPERUSER_PASSWORD\" }}\n\
          [vault]\naddress = {:?}\ntoken_file = {token_file:?}\n\
-         [keys]\nprovider = \"transit\"\npoll_interval = \"300ms\"\n",
+         [keys]\nprovider = \"transit\"\npoll_interval = \"1s\"\n",
         bao.addr
     );
     for (table, column, searchable) in [("customers", "email", true), ("customers", "ssn", false)] {
@@ -1163,7 +1163,7 @@ async fn transit_keys_rotation_and_outage_through_the_proxy() {
     );
     bao.rotate(&key).await;
     let mut rotated = false;
-    for i in 0..50 {
+    for i in 0..60 {
         let name: &'static str = Box::leak(format!("after-{i}").into_boxed_str());
         billing
             .execute(insert, &[&name, &"after@rotation.example", &"222-22-2222"])
