@@ -1,4 +1,5 @@
-//! Field-encryption throughput: AES-256-GCM envelope seal+open of 1 KiB values.
+//! Field-encryption throughput: AES-256-GCM envelope seal+open of 1 KiB values, and the cost
+//! of the SQL transform per statement.
 //!
 //! `cargo bench --bench crypto`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -94,9 +95,59 @@ fn manager(c: &mut Criterion) {
     g.finish();
 }
 
+/// What field encryption adds to a statement's analysis: parse + transform + print, for a
+/// statement on an encrypted table (literal encrypted / equality on the blind index) and one
+/// on a plain table (parse only, left untouched).
+fn sql_transform(c: &mut Criterion) {
+    use pgward::crypto::sql::SqlEncryption;
+    use pgward::policy::sql::{parse_statements, sanitize};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cols = [EncryptColumn {
+        table: "customers".into(),
+        column: "email".into(),
+        key: "bench".into(),
+        ty: ClientType::Text,
+        searchable: true,
+    }];
+    let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([5; 32])));
+    let policy = CachePolicy {
+        ttl: Duration::from_secs(3600),
+        max_stale: Duration::from_secs(3600),
+        blocking_threshold: 64 * 1024,
+    };
+    let m = Arc::new(KeyManager::new(provider, None, &cols, policy).unwrap());
+    assert!(rt.block_on(m.prefetch()).is_empty());
+    let enc = SqlEncryption::new(m);
+    let mut g = c.benchmark_group("sql_transform");
+    for (name, sql) in [
+        (
+            "insert_literal",
+            "INSERT INTO customers (name, email) VALUES ('Ann', 'ann@example.com')",
+        ),
+        (
+            "select_eq",
+            "SELECT id, email FROM customers WHERE email = 'ann@example.com'",
+        ),
+        ("plain_table", "SELECT id, total FROM orders WHERE id = 42"),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let mut st = parse_statements(std::hint::black_box(sql)).unwrap();
+                sanitize(&mut st[0]).unwrap();
+                let out = enc.transform(&mut st, None).unwrap();
+                (out.touched, st[0].to_string())
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = envelope, manager
+    targets = envelope, manager, sql_transform
 }
 criterion_main!(benches);

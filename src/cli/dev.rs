@@ -63,6 +63,9 @@ pub struct DevArgs {
     /// Lifetime of the printed tokens.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,
+    /// Keep encryption keys with the `local` provider even when `bao` (OpenBao) is installed.
+    #[arg(long)]
+    pub local_keys: bool,
 }
 
 /// Where the demo's upstream is and how the services log in to it.
@@ -86,12 +89,28 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         Some(url) => existing_upstream(url, &args.migrations).await?,
         None => throwaway_upstream(&args.migrations).await?,
     };
+    let openbao = match args.local_keys {
+        true => None,
+        false => DevOpenBao::start_if_installed(&dir).await?,
+    };
     let config_path = dir.join("pgward.toml");
     write_private(
         &config_path,
-        &dev_config(&args, &dir, &cert, &tls_key, &upstream)?,
+        &dev_config(&args, &dir, &cert, &tls_key, &upstream, openbao.as_ref())?,
     )?;
     let config = Config::from_file(&config_path)?;
+    let seeded = seed_upstream(&config, &upstream).await?;
+    eprintln!("pgward dev: encrypted demo values seeded: {seeded}");
+    if let Some(bao) = &openbao {
+        eprintln!(
+            "pgward dev: keys in an OpenBao dev server at {} (token in {}); rotate the demo key with\n  \
+             BAO_ADDR={} BAO_TOKEN=$(cat {}) bao write -f transit/keys/{DEMO_KEY}/rotate",
+            bao.address,
+            bao.token_file.display(),
+            bao.address,
+            bao.token_file.display()
+        );
+    }
     let proxy = Proxy::bind(config).await?;
     let address = proxy.local_addr()?;
     super::spawn_reload_on_sighup(&proxy)?;
@@ -168,7 +187,9 @@ async fn throwaway_upstream(migrations: &Path) -> anyhow::Result<Upstream> {
         .batch_execute(&format!(
             "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}';
              GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {APP_ROLE};
-             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {APP_ROLE};"
+             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {APP_ROLE};
+             GRANT USAGE ON SCHEMA pgward TO {APP_ROLE};
+             GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA pgward TO {APP_ROLE};"
         ))
         .await?;
     drop(client);
@@ -230,6 +251,7 @@ fn dev_config(
     cert: &Path,
     key: &Path,
     upstream: &Upstream,
+    openbao: Option<&DevOpenBao>,
 ) -> anyhow::Result<String> {
     let password_line = match &upstream.password {
         Some(password) => {
@@ -273,6 +295,24 @@ fn dev_config(
             toml_string(&upstream.user)
         ));
     }
+    text.push('\n');
+    match openbao {
+        Some(bao) => text.push_str(&format!(
+            "# Field encryption with keys in the OpenBao dev server `pgward dev` started.\n\
+             [vault]\naddress = {}\ntoken_file = {}\n\n[keys]\nprovider = \"transit\"\npoll_interval = \"5s\"\n{}",
+            toml_string(&bao.address),
+            toml_string(&bao.token_file.display().to_string()),
+            demo_encrypt_columns()
+        )),
+        None => {
+            let master_key = dir.join("master.key");
+            if !master_key.exists() {
+                crate::keys::local::LocalProvider::generate_file(&master_key)
+                    .context("creating the dev master key")?;
+            }
+            text.push_str(&demo_encryption_toml(&master_key));
+        }
+    }
     Ok(text)
 }
 
@@ -281,6 +321,200 @@ fn audit_signing_key(dir: &Path) -> anyhow::Result<PathBuf> {
     let path = dir.join("audit-signing.pem");
     crate::audit::SigningKey::load_or_create(&path)?;
     Ok(path)
+}
+
+/// Name of the demo's key (transit key / local key name).
+const DEMO_KEY: &str = "demo-pii";
+
+/// An OpenBao dev server (`bao server -dev`) with transit enabled, stopped when dropped.
+struct DevOpenBao {
+    address: String,
+    token_file: PathBuf,
+    child: std::process::Child,
+}
+
+impl Drop for DevOpenBao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl DevOpenBao {
+    /// Start one when `bao` is on PATH; `None` (local keys) otherwise.
+    async fn start_if_installed(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let Some(bao) = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("bao"))
+                .find(|p| p.is_file())
+        }) else {
+            return Ok(None);
+        };
+        let port = pgserver::free_port()?;
+        let token = pgserver::random_password();
+        let token_file = dir.join("openbao-token");
+        write_private(&token_file, &token)?;
+        let log = fs::File::create(dir.join("openbao.log"))?;
+        let child = std::process::Command::new(&bao)
+            .args([
+                "server",
+                "-dev",
+                &format!("-dev-root-token-id={token}"),
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+            ])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bao.display()))?;
+        let server = DevOpenBao {
+            address: format!("http://127.0.0.1:{port}"),
+            token_file,
+            child,
+        };
+        let client = crate::keys::vault::VaultClient::new(crate::keys::vault::VaultClientConfig {
+            address: server.address.clone(),
+            auth: crate::keys::vault::VaultAuth::Token(zeroize::Zeroizing::new(token)),
+            ca_file: None,
+            request_timeout: Duration::from_secs(5),
+        })?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !matches!(
+            client.health().await,
+            Ok(crate::keys::vault::Health::Active)
+        ) {
+            if std::time::Instant::now() > deadline {
+                bail!(
+                    "the OpenBao dev server did not start (see {}/openbao.log); use --local-keys",
+                    dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        client
+            .post("sys/mounts/transit", serde_json::json!({"type": "transit"}))
+            .await
+            .context("enabling transit in the OpenBao dev server")?;
+        eprintln!(
+            "pgward dev: OpenBao dev server on {} (transit)",
+            server.address
+        );
+        Ok(Some(server))
+    }
+}
+
+/// The encrypted demo columns (`[keys]` with the `local` provider and `[[encrypt]]`).
+pub fn demo_encryption_toml(master_key: &Path) -> String {
+    format!(
+        "# Field encryption. The local provider derives keys from a file: development only.\n\
+         [keys]\nprovider = \"local\"\nlocal_master_key_file = {}\n{}",
+        toml_string(&master_key.display().to_string()),
+        demo_encrypt_columns()
+    )
+}
+
+/// The `[[encrypt]]` entries of the demo.
+fn demo_encrypt_columns() -> String {
+    let mut text = String::new();
+    for (table, column, searchable) in [
+        ("customers", "email", true),
+        ("customers", "ssn", false),
+        ("invoices", "card_number", true),
+    ] {
+        text.push_str(&format!(
+            "\n[[encrypt]]\ntable = \"{table}\"\ncolumn = \"{column}\"\nkey = \"{DEMO_KEY}\"\ntype = \"text\"\nsearchable = {searchable}\n"
+        ));
+    }
+    text
+}
+
+/// Fill the seeded rows' encrypted columns through the crypto library (the seed migration
+/// leaves them NULL: plaintext never reaches the database).
+async fn seed_upstream(config: &Config, upstream: &Upstream) -> anyhow::Result<usize> {
+    let mut db = tokio_postgres::Config::new();
+    db.host(&upstream.host)
+        .port(upstream.port)
+        .user(&upstream.user)
+        .dbname(&upstream.database);
+    if let Some(password) = &upstream.password {
+        db.password(password.as_str());
+    }
+    let (client, connection) = db.connect(tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let client = std::sync::Arc::new(client);
+    let crypto = config.crypto();
+    let store: Option<std::sync::Arc<dyn crate::keys::store::WrappedKeyStore>> =
+        match crypto.keys.provider {
+            crate::crypto::ProviderKind::Transit => Some(std::sync::Arc::new(
+                crate::keys::store::PgKeyStore::new(client.clone()),
+            )),
+            _ => None,
+        };
+    let manager = crate::crypto::KeyManager::from_config(&crypto, store)?;
+    let seeded = seed_encrypted_demo(&client, &manager).await;
+    drop(manager);
+    drop(client);
+    let _ = driver.await;
+    seeded
+}
+
+/// The demo's personal data, derived from a seeded customer's name (`Customer <tenant>-<n>`):
+/// (email, ssn).
+pub fn demo_customer_values(name: &str) -> Option<(String, String)> {
+    let (t, n) = name.strip_prefix("Customer ")?.split_once('-')?;
+    let (t, n): (u32, u32) = (t.parse().ok()?, n.parse().ok()?);
+    Some((
+        format!("customer{n}@tenant{t}.example"),
+        format!("{:03}-{n:02}-{:04}", 100 + t, 1000 + n * t),
+    ))
+}
+
+/// Encrypt the seeded customers' email and ssn and the invoices' card numbers where they are
+/// still NULL. Returns the number of rows written.
+pub async fn seed_encrypted_demo(
+    client: &tokio_postgres::Client,
+    manager: &crate::crypto::KeyManager,
+) -> anyhow::Result<usize> {
+    let mut written = 0;
+    for row in client
+        .query(
+            "SELECT id, name FROM customers WHERE email IS NULL AND ssn IS NULL AND name LIKE 'Customer %'",
+            &[],
+        )
+        .await?
+    {
+        let (id, name): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
+        let Some((email, ssn)) = demo_customer_values(&name) else {
+            continue;
+        };
+        let email_ct = manager.encrypt("customers", "email", email.as_bytes()).await?;
+        let email_bidx = manager.blind_index("customers", "email", email.as_bytes()).await?;
+        let ssn_ct = manager.encrypt("customers", "ssn", ssn.as_bytes()).await?;
+        written += client
+            .execute(
+                "UPDATE customers SET email = $1, email_bidx = $2, ssn = $3 WHERE id = $4",
+                &[&email_ct, &email_bidx.as_slice(), &ssn_ct, &id],
+            )
+            .await?;
+    }
+    for row in client
+        .query(
+            "SELECT id, customer_id FROM invoices WHERE card_number IS NULL AND customer_id IS NOT NULL",
+            &[],
+        )
+        .await?
+    {
+        let (id, customer): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let card = format!("4111-1111-1111-{customer:04}");
+        let ct = manager.encrypt("invoices", "card_number", card.as_bytes()).await?;
+        let bidx = manager.blind_index("invoices", "card_number", card.as_bytes()).await?;
+        written += client
+            .execute(
+                "UPDATE invoices SET card_number = $1, card_number_bidx = $2 WHERE id = $3",
+                &[&ct, &bidx.as_slice(), &id],
+            )
+            .await?;
+    }
+    Ok(written as usize)
 }
 
 fn print_banner(

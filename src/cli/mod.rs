@@ -131,7 +131,8 @@ pub fn parse_claim(text: &str) -> Result<(String, serde_json::Value), String> {
 /// Set up logging once.
 pub fn init_tracing(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .add_directive(quiet_sql_parser());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -140,6 +141,14 @@ pub fn init_tracing(filter: &str, json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// sqlparser logs every statement it parses (literals included) at debug level: those may be
+/// values of encrypted columns, so its logging is always off, whatever `--log` says.
+fn quiet_sql_parser() -> tracing_subscriber::filter::Directive {
+    "sqlparser=off"
+        .parse()
+        .unwrap_or_else(|_| tracing_subscriber::filter::LevelFilter::INFO.into())
 }
 
 /// Run the command line; returns the process exit code.
@@ -217,8 +226,14 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let verifier = proxy.verifier();
     let policies = proxy.policies();
+    let encryption = proxy.encryption();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            if let Some(encryption) = &encryption {
+                // Picks up a KEK rotation now instead of at the next poll.
+                encryption.manager.poll_once().await;
+                tracing::info!("SIGHUP: encryption keys refreshed");
+            }
             if let Some(policies) = &policies {
                 if policies.reload_files().is_ok() {
                     tracing::info!("SIGHUP: policies reloaded");

@@ -41,6 +41,10 @@ pub enum CryptoError {
     /// The blocking worker running a large encryption panicked or was cancelled.
     #[error("crypto worker failed: {0}")]
     Worker(String),
+    /// A synchronous path (SQL literal encryption, small-value decryption) found no cached key;
+    /// the key is fetched in the background and the statement fails closed meanwhile.
+    #[error("data key {key:?} is not available yet (is the key provider reachable?)")]
+    KeyNotCached { key: String },
     /// Invalid configuration (duplicate column, key-id collision, ...).
     #[error("invalid encryption configuration: {0}")]
     Config(String),

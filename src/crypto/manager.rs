@@ -231,6 +231,117 @@ impl KeyManager {
             .map_err(|e| CryptoError::Worker(e.to_string()))?
     }
 
+    /// Encrypt without waiting: under the cached current DEK of the column's key, on the
+    /// calling thread. Fails closed with [`CryptoError::KeyNotCached`] when no DEK is cached
+    /// (the poller and [`KeyManager::prefetch`] keep it current). For SQL literals, which the
+    /// rewriter encrypts synchronously.
+    pub fn encrypt_now(
+        &self,
+        table: &str,
+        column: &str,
+        canonical: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let spec = self.column(table, column)?;
+        let dek = self
+            .current
+            .read()
+            .get(&spec.column.key)
+            .cloned()
+            .ok_or_else(|| CryptoError::KeyNotCached {
+                key: spec.column.key.clone(),
+            })?;
+        dek.seal(&spec.table, column, canonical)
+    }
+
+    /// Decrypt on the calling thread if the DEK is cached and fresh and the value is small;
+    /// `None` means "use [`KeyManager::decrypt`]" (which may fetch or offload).
+    pub fn try_decrypt_now(
+        &self,
+        table: &str,
+        column: &str,
+        ciphertext: &[u8],
+    ) -> Option<Result<Vec<u8>, CryptoError>> {
+        if ciphertext.len() >= self.policy.blocking_threshold {
+            return None;
+        }
+        let spec = match self.column(table, column) {
+            Ok(spec) => spec,
+            Err(e) => return Some(Err(e)),
+        };
+        let key_ref = match peek_key_ref(ciphertext) {
+            Ok(r) => r,
+            Err(e) => return Some(Err(e)),
+        };
+        if key_ref.key_id != spec.key_id {
+            return Some(Err(CryptoError::WrongKey {
+                table: spec.table.clone(),
+                column: column.to_string(),
+                found: key_ref.key_id,
+                expected: spec.key_id,
+            }));
+        }
+        let dek = {
+            let deks = self.deks.read();
+            let cached = deks.get(&(spec.column.key.clone(), key_ref.dek_version))?;
+            if cached.fetched.elapsed() >= self.policy.ttl {
+                return None;
+            }
+            cached.value.clone()
+        };
+        Some(dek.open(&spec.table, column, ciphertext))
+    }
+
+    /// Blind index without waiting, from the cached index key (served up to `max_stale`
+    /// old; the poller refreshes it). Fails closed with [`CryptoError::KeyNotCached`].
+    pub fn blind_index_now(
+        &self,
+        table: &str,
+        column: &str,
+        canonical: &[u8],
+    ) -> Result<[u8; BIDX_LEN], CryptoError> {
+        let spec = self.column(table, column)?;
+        if !spec.column.searchable {
+            return Err(CryptoError::NotSearchable {
+                table: spec.table.clone(),
+                column: column.to_string(),
+            });
+        }
+        let key = self
+            .index_keys
+            .read()
+            .get(&(spec.table.clone(), spec.column.column.clone()))
+            .filter(|c| c.fetched.elapsed() < self.policy.max_stale)
+            .map(|c| c.value.clone())
+            .ok_or_else(|| CryptoError::KeyNotCached {
+                key: spec.column.key.clone(),
+            })?;
+        Ok(key.compute(spec.column.ty, canonical)?)
+    }
+
+    /// Load every key's current DEK and every searchable column's index key into the
+    /// caches, so the synchronous paths work. Errors are returned per key, not fatal.
+    pub async fn prefetch(&self) -> Vec<CryptoError> {
+        let mut errors = Vec::new();
+        for name in &self.key_names {
+            if let Err(e) = self.refresh_key(name).await {
+                errors.push(e);
+            }
+        }
+        errors.extend(self.refresh_index_keys().await);
+        errors
+    }
+
+    /// Re-fetch index keys older than the TTL (a no-op for fresh ones).
+    async fn refresh_index_keys(&self) -> Vec<CryptoError> {
+        let mut errors = Vec::new();
+        for spec in self.columns.values().filter(|s| s.column.searchable) {
+            if let Err(e) = self.index_key(spec).await {
+                errors.push(e);
+            }
+        }
+        errors
+    }
+
     /// Blind index (16 bytes) of a canonical plaintext for a searchable column.
     pub async fn blind_index(
         &self,
@@ -351,6 +462,9 @@ impl KeyManager {
                     tracing::warn!(key = name, error = %e, "key refresh failed; cached keys keep serving")
                 }
             }
+        }
+        for e in self.refresh_index_keys().await {
+            tracing::warn!(error = %e, "index key refresh failed; cached keys keep serving");
         }
     }
 

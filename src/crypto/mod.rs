@@ -47,6 +47,7 @@ pub mod envelope;
 pub mod error;
 pub mod manager;
 pub mod ops;
+pub mod sql;
 
 pub use blind::{IndexKey, BIDX_LEN};
 pub use codec::{decode_to_wire, encode_for_encryption, ClientType, WireFormat};

@@ -386,6 +386,18 @@ fn compile_table(
         }
         (None, None) => (column_names.clone(), ctx.rule(span.clone())),
     };
+    // A blind-index companion (`<col>_bidx`, field encryption) is visible exactly when its
+    // column is: hiding a column must also hide equality tests on it.
+    let visible: Vec<String> = column_names
+        .iter()
+        .filter(|c| match c.strip_suffix("_bidx") {
+            Some(base) if column_names.iter().any(|n| n == base) => {
+                visible.iter().any(|v| v == base)
+            }
+            _ => visible.contains(c),
+        })
+        .cloned()
+        .collect();
     let hidden: BTreeSet<String> = column_names
         .iter()
         .filter(|c| !visible.contains(c))

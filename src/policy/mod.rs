@@ -12,6 +12,8 @@ use parking_lot::{Mutex, RwLock};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::crypto::sql::SqlEncryption;
+
 pub mod allow;
 pub mod catalog;
 pub mod cli;
@@ -84,8 +86,11 @@ pub struct StatementInfo {
 pub struct Rewritten {
     pub sql: String,
     pub statements: Vec<StatementInfo>,
-    /// The service is configured as unrestricted: `sql` is the client's text unchanged.
+    /// The service is configured as unrestricted: `sql` is the client's text, unchanged
+    /// unless field encryption transformed it.
     pub unrestricted: bool,
+    /// Parameters the relay must encrypt or blind-index at Bind (field encryption).
+    pub params: Option<Arc<crate::crypto::sql::ParamPlan>>,
 }
 
 /// How a service is governed.
@@ -141,6 +146,8 @@ pub struct PolicyEngine {
     current: RwLock<Arc<Snapshot>>,
     dir: RwLock<PathBuf>,
     unrestricted: Vec<String>,
+    /// Field encryption's SQL transform, run on every statement before the policy rewrite.
+    encryption: RwLock<Option<Arc<SqlEncryption>>>,
 }
 
 fn claims_hash(claims: &serde_json::Map<String, serde_json::Value>) -> [u8; 32] {
@@ -166,6 +173,7 @@ impl PolicyEngine {
             })),
             dir: RwLock::new(dir.to_path_buf()),
             unrestricted: unrestricted.to_vec(),
+            encryption: RwLock::new(None),
         })
     }
 
@@ -198,6 +206,11 @@ impl PolicyEngine {
     pub fn set_catalog(&self, catalog: Arc<Catalog>) -> Result<(), Vec<PolicyError>> {
         let dir = self.dir.read().clone();
         self.reload(&dir, &catalog)
+    }
+
+    /// Apply field encryption to every statement (policy-bound and unrestricted services).
+    pub fn set_encryption(&self, encryption: Arc<SqlEncryption>) {
+        *self.encryption.write() = Some(encryption);
     }
 
     pub fn decision(&self, service: &str) -> Decision {
@@ -238,9 +251,11 @@ impl PolicyEngine {
         sql: &str,
     ) -> Result<Arc<Rewritten>, PolicyDenied> {
         let snap = self.current.read().clone();
+        let encryption = self.encryption.read().clone();
         let Some(policy) = snap.policies.get(who.service) else {
             if self.unrestricted.iter().any(|s| s == who.service) {
-                return Ok(Arc::new(unrestricted_rewrite(sql)));
+                return unrestricted_rewrite(sql, encryption.as_deref(), Some(&snap.catalog))
+                    .map(Arc::new);
             }
             return Err(no_policy(who.service));
         };
@@ -270,17 +285,33 @@ impl PolicyEngine {
                 ));
             }
         }
-        let result = rewrite_with(who.service, policy, &snap.catalog, who.claims, sql);
-        match &result {
-            Ok(r) => {
-                let r = Arc::new(r.clone());
-                snap.cache.lock().put(key, r.clone());
+        let result = rewrite_encrypted(
+            who.service,
+            policy,
+            &snap.catalog,
+            who.claims,
+            sql,
+            encryption.as_deref(),
+        );
+        match result {
+            Ok((r, cacheable)) => {
+                let r = Arc::new(r);
+                // Embedded ciphertext must not repeat across executions (see crypto::sql).
+                if cacheable {
+                    snap.cache.lock().put(key, r.clone());
+                }
                 tracing::debug!(service = who.service, "rewrote statement");
                 Ok(r)
             }
             Err(e) => {
-                tracing::info!(service = who.service, rule = ?e.rule, "refused: {}", e.message);
-                Err(e.clone())
+                // A parser error quotes the client's text, which may hold values meant for
+                // encrypted columns: logged without it.
+                if e.message.contains("cannot parse") {
+                    tracing::info!(service = who.service, "refused: statement does not parse");
+                } else {
+                    tracing::info!(service = who.service, rule = ?e.rule, "refused: {}", e.message);
+                }
+                Err(e)
             }
         }
     }
@@ -293,28 +324,104 @@ fn no_policy(service: &str) -> PolicyDenied {
     )
 }
 
-fn unrestricted_rewrite(sql: &str) -> Rewritten {
-    // Parsed only to tell the caller about DDL; unparsable text still passes (unrestricted).
-    let statements = sql::parse_statements(sql)
-        .map(|v| {
-            v.iter()
-                .map(|s| StatementInfo {
-                    kind: rewrite::statement_kind(s).to_string(),
-                    is_ddl: rewrite::statement_kind(s) == "DDL"
-                        || matches!(
-                            s,
-                            sqlparser::ast::Statement::CreateView(_)
-                                | sqlparser::ast::Statement::CreateFunction(_)
-                        ),
-                    ..StatementInfo::default()
-                })
-                .collect()
-        })
+/// The rewrite of an unrestricted service (or of any session when no policies are
+/// configured): the client's text unchanged, unless field encryption must transform it.
+/// Unparsable text passes unless it may touch an encrypted table (then it is refused: its
+/// values could be plaintext going into encrypted columns).
+pub fn unrestricted_rewrite(
+    sql: &str,
+    encryption: Option<&SqlEncryption>,
+    catalog: Option<&Catalog>,
+) -> Result<Rewritten, PolicyDenied> {
+    let parsed = sql::parse_statements(sql);
+    let statements = parsed
+        .as_ref()
+        .map(|v| v.iter().map(unrestricted_info).collect())
         .unwrap_or_default();
-    Rewritten {
+    let unchanged = |statements| Rewritten {
         sql: sql.to_string(),
         statements,
         unrestricted: true,
+        params: None,
+    };
+    let Some(encryption) = encryption else {
+        return Ok(unchanged(statements));
+    };
+    let mut stmts = match parsed {
+        Ok(stmts) => stmts,
+        Err(e) => {
+            let lower = sql.to_ascii_lowercase();
+            let suspect = encryption.table_names().find(|t| {
+                let name = t.rsplit('.').next().unwrap_or(t);
+                lower.contains(&name.to_ascii_lowercase())
+            });
+            return match suspect {
+                Some(t) => Err(PolicyDenied {
+                    sqlstate: "0A000",
+                    message: format!("pgward cannot parse this statement, and it may touch {t}, which has encrypted columns, so it is refused: {e}"),
+                    rule: None,
+                }),
+                None => Ok(unchanged(statements)),
+            };
+        }
+    };
+    let (texts, outcome) = encrypt_statements(&mut stmts, encryption, catalog)?;
+    if !outcome.touched {
+        return Ok(unchanged(statements));
+    }
+    Ok(Rewritten {
+        sql: texts.join(";\n"),
+        statements,
+        unrestricted: true,
+        params: outcome.params,
+    })
+}
+
+fn unrestricted_info(s: &sqlparser::ast::Statement) -> StatementInfo {
+    StatementInfo {
+        kind: rewrite::statement_kind(s).to_string(),
+        is_ddl: rewrite::statement_kind(s) == "DDL"
+            || matches!(
+                s,
+                sqlparser::ast::Statement::CreateView(_)
+                    | sqlparser::ast::Statement::CreateFunction(_)
+            ),
+        ..StatementInfo::default()
+    }
+}
+
+/// Sanitize and encrypt statements, returning their texts (checked to round-trip).
+fn encrypt_statements(
+    stmts: &mut [sqlparser::ast::Statement],
+    encryption: &SqlEncryption,
+    catalog: Option<&Catalog>,
+) -> Result<(Vec<String>, crate::crypto::sql::Outcome), PolicyDenied> {
+    for st in stmts.iter_mut() {
+        sql::sanitize(st).map_err(|e| PolicyDenied {
+            sqlstate: "0A000",
+            message: format!("pgward: cannot encrypt a statement with {}", e.0),
+            rule: None,
+        })?;
+    }
+    let outcome = encryption
+        .transform(stmts, catalog)
+        .map_err(encryption_refusal)?;
+    let texts: Vec<String> = stmts.iter().map(ToString::to_string).collect();
+    if outcome.touched && !texts.iter().all(|t| sql::round_trips(t)) {
+        return Err(PolicyDenied {
+            sqlstate: "0A000",
+            message: "pgward: a statement on encrypted columns could not be rewritten faithfully, so it is refused".into(),
+            rule: None,
+        });
+    }
+    Ok((texts, outcome))
+}
+
+fn encryption_refusal(r: crate::crypto::sql::Refused) -> PolicyDenied {
+    PolicyDenied {
+        sqlstate: r.sqlstate,
+        message: r.message,
+        rule: None,
     }
 }
 
@@ -326,6 +433,19 @@ pub fn rewrite_with(
     claims: &serde_json::Map<String, serde_json::Value>,
     sql: &str,
 ) -> Result<Rewritten, PolicyDenied> {
+    rewrite_encrypted(service, policy, catalog, claims, sql, None).map(|(r, _)| r)
+}
+
+/// [`rewrite_with`] with field encryption applied to each statement first (one parse serves
+/// both). Returns whether the result may be cached (no ciphertext embedded).
+pub fn rewrite_encrypted(
+    service: &str,
+    policy: &ServicePolicy,
+    catalog: &Catalog,
+    claims: &serde_json::Map<String, serde_json::Value>,
+    sql: &str,
+    encryption: Option<&SqlEncryption>,
+) -> Result<(Rewritten, bool), PolicyDenied> {
     let mut stmts = sql::parse_statements(sql).map_err(|e| {
         PolicyDenied::new(format!("pgward: service {service:?} sent a statement pgward cannot parse, so it is refused: {e}"), None)
     })?;
@@ -338,6 +458,14 @@ pub fn rewrite_with(
                 None,
             )
         })?;
+    }
+    let outcome = match encryption {
+        Some(enc) => enc
+            .transform(&mut stmts, Some(catalog))
+            .map_err(encryption_refusal)?,
+        None => crate::crypto::sql::Outcome::default(),
+    };
+    for st in &mut stmts {
         let (text, info) =
             rewrite::Rewriter::new(service, policy, catalog, claims).statement(st)?;
         // COPY FROM verifies its two parts itself (sqlparser has no COPY ... WHERE).
@@ -354,11 +482,15 @@ pub fn rewrite_with(
         texts.push(text);
         infos.push(info);
     }
-    Ok(Rewritten {
-        sql: texts.join(";\n"),
-        statements: infos,
-        unrestricted: false,
-    })
+    Ok((
+        Rewritten {
+            sql: texts.join(";\n"),
+            statements: infos,
+            unrestricted: false,
+            params: outcome.params,
+        },
+        !outcome.encrypted_literals,
+    ))
 }
 
 #[cfg(test)]

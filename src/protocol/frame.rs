@@ -56,6 +56,13 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// A batch of messages pgward assembled itself (each framed by `protocol::build` or a
+    /// rewrite of a framed message). Callers guarantee whole frames; iteration stops at the
+    /// first incomplete one rather than panicking.
+    pub fn from_whole_messages(bytes: Bytes) -> Self {
+        Self { bytes }
+    }
+
     /// The wire bytes of all messages of the batch.
     pub fn bytes(&self) -> &Bytes {
         &self.bytes

@@ -11,8 +11,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::encryption::ClientHalf;
 use super::policy::{may_be_ddl, Policies, SessionPolicy};
 use crate::auth::Identity;
+use crate::crypto::sql::{ParamPlan, SqlEncryption};
 use crate::error::{sqlstate, ClientError};
 use crate::policy::{PolicyDenied, Rewritten};
 use crate::protocol::fields::{parse_parts, query_text};
@@ -37,6 +39,12 @@ pub struct Interceptor {
     ddl_pending: bool,
     /// The policy analysis of the last rewritten message, for its audit record.
     last_analysis: Option<Arc<Rewritten>>,
+    /// Field encryption's SQL transform, for sessions no policy engine rewrites.
+    encryption: Option<Arc<SqlEncryption>>,
+    /// Parameter plan of the last Query or Parse rewritten (taken by the relay's encryption layer).
+    param_plan: Option<Arc<ParamPlan>>,
+    /// Field encryption's protocol state for messages going upstream.
+    crypto: Option<ClientHalf>,
 }
 
 impl Interceptor {
@@ -47,7 +55,31 @@ impl Interceptor {
             policy,
             ddl_pending: false,
             last_analysis: None,
+            encryption: None,
+            param_plan: None,
+            crypto: None,
         }
+    }
+
+    /// Field encryption's protocol state (set once the session's columns are located).
+    pub fn set_crypto(&mut self, crypto: Option<ClientHalf>) {
+        self.crypto = crypto;
+    }
+
+    /// Field encryption's protocol state, if the proxy encrypts columns.
+    pub fn crypto_mut(&mut self) -> Option<&mut ClientHalf> {
+        self.crypto.as_mut()
+    }
+
+    /// Encrypt literals and rewrite predicates on encrypted columns in every statement.
+    pub fn with_encryption(mut self, encryption: Option<Arc<SqlEncryption>>) -> Self {
+        self.encryption = encryption;
+        self
+    }
+
+    /// The parameter plan of the Query or Parse just decided (field encryption), if any.
+    pub fn take_param_plan(&mut self) -> Option<Arc<ParamPlan>> {
+        self.param_plan.take()
     }
 
     /// The session's verified identity.
@@ -57,11 +89,12 @@ impl Interceptor {
 
     /// True when no layer needs to see individual messages.
     pub fn is_passthrough(&self) -> bool {
-        matches!(self.policy, SessionPolicy::Unrestricted)
+        matches!(self.policy, SessionPolicy::Unrestricted) && self.encryption.is_none()
     }
 
     /// Decide the fate of one client message.
     pub async fn client_message(&mut self, message: &Message) -> Verdict {
+        self.param_plan = None;
         match (&self.policy, message.tag()) {
             (SessionPolicy::Bound(_), frontend::QUERY | frontend::PARSE) => self.rewrite(message),
             (SessionPolicy::Bound(_), frontend::FUNCTION_CALL) => {
@@ -77,7 +110,15 @@ impl Interceptor {
                 if sql_of(message).is_ok_and(may_be_ddl) {
                     self.ddl_pending = true;
                 }
+                if self.encryption.is_some() {
+                    return self.rewrite(message);
+                }
                 Verdict::Forward
+            }
+            (SessionPolicy::Unrestricted, frontend::QUERY | frontend::PARSE)
+                if self.encryption.is_some() =>
+            {
+                self.rewrite(message)
             }
             _ => Verdict::Forward,
         }
@@ -116,19 +157,29 @@ impl Interceptor {
         }
     }
 
-    /// Rewrite a Query or Parse of a policy-bound session.
+    /// Rewrite a Query or Parse: by the policy engine (which also applies field encryption)
+    /// when the session has one, else by field encryption alone.
     fn rewrite(&mut self, message: &Message) -> Verdict {
-        let SessionPolicy::Bound(policies) = &self.policy else {
-            return Verdict::Forward;
-        };
         let sql = match sql_of(message) {
             Ok(sql) => sql,
             Err(refusal) => return Verdict::Refuse(refusal),
         };
-        let rewritten = match policies.rewrite(&self.identity, sql) {
+        let result = match &self.policy {
+            SessionPolicy::Bound(policies) | SessionPolicy::WatchDdl(policies) => {
+                policies.rewrite(&self.identity, sql)
+            }
+            SessionPolicy::Unrestricted => match &self.encryption {
+                Some(enc) => {
+                    crate::policy::unrestricted_rewrite(sql, Some(enc), None).map(Arc::new)
+                }
+                None => return Verdict::Forward,
+            },
+        };
+        let rewritten = match result {
             Ok(rewritten) => rewritten,
             Err(denied) => return Verdict::Refuse(refusal(denied)),
         };
+        self.param_plan = rewritten.params.clone();
         if rewritten.statements.iter().any(|s| s.is_ddl) {
             self.ddl_pending = true;
         }

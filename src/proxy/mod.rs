@@ -10,6 +10,8 @@
 
 pub mod audit;
 pub mod cancel;
+pub mod copy_in;
+pub mod encryption;
 pub mod handshake;
 pub mod intercept;
 pub mod policy;
@@ -51,6 +53,8 @@ pub enum StartError {
     Audit(#[from] crate::audit::AuditError),
     #[error("policies: {0}")]
     Policy(#[from] policy::PolicyLoadError),
+    #[error("field encryption: {0}")]
+    Encryption(#[from] crate::crypto::CryptoError),
     #[error("binding {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -73,6 +77,8 @@ pub struct Shared {
     pub policies: Option<Arc<policy::Policies>>,
     /// The audit log, when `[audit]` is configured and enabled.
     pub audit: Option<crate::audit::AuditHandle>,
+    /// Field encryption, when `[[encrypt]]` columns are configured.
+    pub encryption: Option<Arc<encryption::Encryption>>,
 }
 
 /// A bound, ready-to-run proxy.
@@ -120,6 +126,11 @@ impl Proxy {
                 (None, None)
             }
         };
+        let encryption =
+            encryption::Encryption::start(&config, &upstream, &upstream_passwords).await?;
+        if let (Some(policies), Some(encryption)) = (&policies, &encryption) {
+            policies.engine().set_encryption(encryption.sql.clone());
+        }
         let address = config.listen.address;
         let listener = TcpListener::bind(address)
             .await
@@ -143,6 +154,7 @@ impl Proxy {
                 cancels: CancelRegistry::default(),
                 policies,
                 audit,
+                encryption,
             }),
             audit_log,
             listener,
@@ -163,6 +175,11 @@ impl Proxy {
     /// The proxy's metrics.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.shared.metrics.clone()
+    }
+
+    /// Field encryption, if configured (for SIGHUP key refreshes).
+    pub fn encryption(&self) -> Option<Arc<encryption::Encryption>> {
+        self.shared.encryption.clone()
     }
 
     /// The token verifier (for SIGHUP reloads).

@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::audit::{BatchRecords, Completions, Observed, SessionAudit};
+use super::encryption::{ClientHalf, UpstreamHalf};
 use super::handshake::Authenticated;
 use super::intercept::{Interceptor, Verdict};
 use super::policy::SessionPolicy;
@@ -17,6 +18,7 @@ use super::state::SessionState;
 use super::Shared;
 use crate::audit::{AuditEvent, OnFailure, SessionInfo};
 use crate::auth::Identity;
+use crate::crypto::sql::ParamPlan;
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::inc;
 use crate::net::{ConnReader, ConnWriter};
@@ -176,7 +178,8 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
     inc(&shared.metrics.sessions_established);
     tracing::info!(session = session_id, service = %identity.service, database = %database, "session established");
 
-    let interceptor = Interceptor::new(identity, policy);
+    let interceptor = Interceptor::new(identity, policy)
+        .with_encryption(shared.encryption.as_ref().map(|e| e.sql.clone()));
     let audit = match open_session_audit(
         &shared,
         &interceptor,
@@ -210,19 +213,38 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
     }
 
     let (client_read, client_write) = conn.split();
-    let (upstream_read, upstream_write) = upstream.conn.split();
+    let (upstream_read, mut upstream_write) = upstream.conn.split();
     let client_writer: ClientWriter = Arc::new(tokio::sync::Mutex::new(client_write));
     let client_reader = FrameReader::new(client_read, shared.config.listen.max_message_bytes);
-    let upstream_reader =
+    let mut upstream_reader =
         FrameReader::with_buffered(upstream_read, MAX_UPSTREAM_MESSAGE, upstream.buffered);
+    let (client_crypto, upstream_crypto) = match &shared.encryption {
+        Some(encryption) => match encryption
+            .open_session(&mut upstream_reader, &mut upstream_write)
+            .await
+        {
+            Ok((c, u)) => (Some(c), Some(u)),
+            Err(error) => {
+                shared.cancels.unregister(key);
+                let mut writer = client_writer.lock().await;
+                let _ = writer.write_all(&error.to_message()).await;
+                let _ = writer.flush().await;
+                let _ = writer.shutdown().await;
+                return;
+            }
+        },
+        None => (None, None),
+    };
     let completions = audit
         .as_ref()
         .map(|a| Completions::new(a.handle().clone(), a.session().clone()));
     let mut audit = audit;
     let audit_pair = audit.as_mut().zip(completions.as_ref());
+    let mut interceptor = interceptor;
+    interceptor.set_crypto(client_crypto);
     let end = tokio::select! {
         end = client_to_upstream(&shared, &state, client_reader, upstream_write, interceptor, audit_pair, shutdown) => end,
-        end = upstream_to_client(&shared, &state, upstream_reader, client_writer.clone(), completions.as_ref()) => end,
+        end = upstream_to_client(&shared, &state, upstream_reader, client_writer.clone(), completions.as_ref(), upstream_crypto) => end,
     };
     if let Some(audit) = &audit {
         audit.handle().append_nowait(AuditEvent::ConnectionClosed {
@@ -396,10 +418,12 @@ async fn intercept_batch(
     batch: &Batch,
 ) -> Vec<Bytes> {
     let mut verdicts = Vec::new();
+    let mut plans = Vec::new();
     let mut records = BatchRecords::default();
     let (mut audit, completions) = audit.unzip();
     for message in batch.messages() {
         let verdict = interceptor.client_message(&message).await;
+        plans.push(interceptor.take_param_plan());
         let analysis = interceptor.take_analysis();
         if let Some(audit) = audit.as_deref_mut() {
             let refused = match &verdict {
@@ -428,7 +452,15 @@ async fn intercept_batch(
             }
         }
     }
-    assemble(shared, state, batch, verdicts)
+    assemble(
+        shared,
+        state,
+        batch,
+        verdicts,
+        plans,
+        interceptor.crypto_mut(),
+    )
+    .await
 }
 
 /// Unaudited statements must not run: every message of the batch that would start one is
@@ -449,19 +481,21 @@ fn refuse_all_statements(
 }
 
 /// The bytes to send upstream for a batch and the verdicts on its messages.
-fn assemble(
+async fn assemble(
     shared: &Shared,
     state: &SessionState,
     batch: &Batch,
     verdicts: Vec<Verdict>,
+    plans: Vec<Option<Arc<ParamPlan>>>,
+    mut crypto: Option<&mut ClientHalf>,
 ) -> Vec<Bytes> {
     let all = batch.bytes();
     let mut out = Vec::new();
     let mut run_start = 0;
     let mut offset = 0;
-    for (message, verdict) in batch.messages().zip(verdicts) {
+    for ((message, verdict), plan) in batch.messages().zip(verdicts).zip(plans) {
         let len = message.raw().len();
-        let replacement = match verdict {
+        let mut replacement = match verdict {
             Verdict::Forward => None,
             Verdict::Replace(bytes) => Some(bytes),
             Verdict::Refuse(error) => {
@@ -469,6 +503,12 @@ fn assemble(
                 Some(refusal_stand_in(state, &message, error))
             }
         };
+        if let Some(crypto) = crypto.as_deref_mut() {
+            if matches!(message.tag(), frontend::PARSE | frontend::QUERY) {
+                crypto.set_next_plan(plan);
+            }
+            replacement = encrypt_outgoing(shared, state, crypto, &message, replacement).await;
+        }
         if let Some(bytes) = replacement {
             if offset > run_start {
                 out.push(all.slice(run_start..offset));
@@ -482,6 +522,51 @@ fn assemble(
         out.push(all.slice(run_start..offset));
     }
     out
+}
+
+/// Field encryption's pass over what goes upstream for one client message (the message itself
+/// or what replaced it): Bind values encrypted, Describe inserted before Execute, responses
+/// expected. A value that cannot be encrypted refuses the message.
+async fn encrypt_outgoing(
+    shared: &Shared,
+    state: &SessionState,
+    crypto: &mut ClientHalf,
+    original: &Message,
+    replacement: Option<Bytes>,
+) -> Option<Bytes> {
+    let sent = match &replacement {
+        None => Batch::from_whole_messages(original.raw().clone()),
+        Some(bytes) => Batch::from_whole_messages(bytes.clone()),
+    };
+    let mut out = BytesMut::new();
+    let mut changed = false;
+    for message in sent.messages() {
+        match crypto.outgoing(&message).await {
+            Ok(None) => out.extend_from_slice(message.raw()),
+            Ok(Some(bytes)) => {
+                changed = true;
+                out.extend_from_slice(&bytes);
+            }
+            Err(error) => {
+                inc(&shared.metrics.statements_refused);
+                let stand_in = refusal_stand_in(state, &message, error);
+                if let Ok(Some(bytes)) = crypto
+                    .outgoing(&Message::from_raw(stand_in.clone()).ok()?)
+                    .await
+                {
+                    out.extend_from_slice(&bytes);
+                } else {
+                    out.extend_from_slice(&stand_in);
+                }
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        Some(out.freeze())
+    } else {
+        replacement
+    }
 }
 
 /// The message sent upstream in place of a refused one: a statement that fails to parse and
@@ -510,6 +595,7 @@ async fn upstream_to_client(
     mut reader: FrameReader<ConnReader>,
     client: ClientWriter,
     completions: Option<&Completions>,
+    mut crypto: Option<UpstreamHalf>,
 ) -> End {
     loop {
         let batch = match reader.next_batch().await {
@@ -525,6 +611,10 @@ async fn upstream_to_client(
                     "pgward: lost the upstream connection",
                 ));
             }
+        };
+        let batch = match crypto.as_mut() {
+            Some(crypto) => crypto.incoming(batch).await,
+            None => batch,
         };
         let outgoing = account_upstream_batch(shared, state, &batch, completions);
         let mut writer = client.lock().await;

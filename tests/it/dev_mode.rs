@@ -78,6 +78,25 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
         "billing of tenant 1 sees its five customers only"
     );
 
+    // The demo's personal data is encrypted upstream; billing reads and searches it as text.
+    let out = Command::new("psql")
+        .args([
+            billing.as_str(),
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "select email, ssn from customers where email = 'customer3@tenant1.example'",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().next(),
+        Some("customer3@tenant1.example|101-03-1003"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The working files live under ./.pgward and a token can be minted there.
     assert!(workdir.path().join(".pgward/pgward.toml").is_file());
     let minted = Command::new(env!("CARGO_BIN_EXE_pgward"))
@@ -133,6 +152,19 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("throwaway PostgreSQL removed"), "{stderr}");
+    // With OpenBao installed the demo keys live in its transit engine, else in a local file.
+    let config = std::fs::read_to_string(workdir.path().join(".pgward/pgward.toml")).unwrap();
+    let bao_installed = std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join("bao").is_file()));
+    if bao_installed {
+        assert!(config.contains("provider = \"transit\""), "{config}");
+        assert!(
+            stderr.contains("bao write -f transit/keys/demo-pii/rotate"),
+            "{stderr}"
+        );
+    } else {
+        assert!(config.contains("provider = \"local\""), "{config}");
+    }
     let server_line = stderr
         .lines()
         .find(|l| l.contains("PostgreSQL on 127.0.0.1:"))

@@ -168,6 +168,41 @@ pub async fn fresh_database(prefix: &str, with_demo: bool) -> String {
     name
 }
 
+/// The demo schema as it was before field encryption: readable text columns holding the
+/// seed's values, no blind indexes. The policy tests check the rewriter against PostgreSQL
+/// (and its RLS) on readable data, so a leak shows as a value; field encryption of the demo
+/// through the proxy is tested in `encryption.rs`.
+pub const PLAINTEXT_DEMO_SQL: &str = "
+ALTER TABLE customers DROP COLUMN email_bidx,
+    ALTER COLUMN email TYPE text USING NULL, ALTER COLUMN ssn TYPE text USING NULL;
+ALTER TABLE invoices DROP COLUMN card_number_bidx, ALTER COLUMN card_number TYPE text USING NULL;
+UPDATE customers SET
+    email = format('customer%s@tenant%s.example', split_part(name, '-', 2), tenant_id),
+    ssn = format('%s-%s-%s', lpad((100 + tenant_id)::text, 3, '0'),
+                 lpad(split_part(name, '-', 2), 2, '0'),
+                 lpad((1000 + split_part(name, '-', 2)::int * tenant_id)::text, 4, '0'));
+UPDATE invoices SET card_number = format('4111-1111-1111-%s', lpad(customer_id::text, 4, '0'));
+";
+
+/// A fresh database with the demo migrations, turned into the plaintext demo
+/// ([`PLAINTEXT_DEMO_SQL`]).
+pub async fn fresh_plaintext_demo(prefix: &str) -> String {
+    let name = fresh_database(prefix, true).await;
+    let (client, conn) = postgres()
+        .direct(&name)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let driver = tokio::spawn(conn);
+    client
+        .batch_execute(PLAINTEXT_DEMO_SQL)
+        .await
+        .expect("plaintext demo");
+    drop(client);
+    let _ = driver.await;
+    name
+}
+
 /// Options of a test proxy.
 #[derive(Clone)]
 pub struct ProxyOptions {

@@ -5,6 +5,7 @@ mod audit_proxy;
 mod crypto;
 mod dev_mode;
 mod edges;
+mod encryption;
 mod harness;
 mod keys_cli;
 mod policy;

@@ -46,6 +46,10 @@ async fn fresh(extra: &[(&str, &str)]) -> Db {
         .unwrap();
     let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
+    client
+        .batch_execute(harness::PLAINTEXT_DEMO_SQL)
+        .await
+        .unwrap();
     let catalog = Arc::new(Catalog::load(&client).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
     for f in std::fs::read_dir("policies").unwrap() {

@@ -24,7 +24,7 @@ fn function_call(oid: u32) -> Vec<u8> {
 
 /// A proxy bound to a fresh demo database with the policies of `dir`.
 async fn policy_proxy(dir: &Path, extra: &str) -> (TestProxy, String) {
-    let database = harness::fresh_database("pol", true).await;
+    let database = harness::fresh_plaintext_demo("pol").await;
     let extra_toml = format!(
         r#"
 [policy]

@@ -1,0 +1,1344 @@
+//! Field encryption through the proxy: a real PostgreSQL, the `local` key provider, and
+//! clients that only ever see plaintext of the configured types.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgward::crypto::manager::{CachePolicy, KeyManager};
+use pgward::crypto::{encode_for_encryption, ClientType, EncryptColumn, WireFormat};
+use pgward::keys::local::LocalProvider;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::harness::{self, ProxyOptions, TestProxy};
+
+/// Encrypted columns of the test table `vault_items`: (column, type, searchable).
+const COLUMNS: [(&str, ClientType, bool); 10] = [
+    ("c_text", ClientType::Text, true),
+    ("c_varchar", ClientType::Varchar, false),
+    ("c_int4", ClientType::Int4, true),
+    ("c_int8", ClientType::Int8, false),
+    ("c_numeric", ClientType::Numeric, false),
+    ("c_bool", ClientType::Bool, false),
+    ("c_date", ClientType::Date, false),
+    ("c_tstz", ClientType::Timestamptz, false),
+    ("c_bytea", ClientType::Bytea, false),
+    ("c_jsonb", ClientType::Jsonb, false),
+];
+
+/// A database with `vault_items` (every column stored as bytea), a proxy encrypting it, and
+/// a library-side key manager over the same master key.
+struct Fixture {
+    proxy: TestProxy,
+    database: String,
+    manager: Arc<KeyManager>,
+    _dir: tempfile::TempDir,
+}
+
+fn encrypt_columns() -> Vec<EncryptColumn> {
+    COLUMNS
+        .iter()
+        .map(|(c, ty, searchable)| EncryptColumn {
+            table: "vault_items".into(),
+            column: (*c).into(),
+            key: "pii".into(),
+            ty: *ty,
+            searchable: *searchable,
+        })
+        .collect()
+}
+
+fn encrypt_toml(key_file: &std::path::Path) -> String {
+    let mut toml = format!(
+        "[keys]\nprovider = \"local\"\nlocal_master_key_file = {key_file:?}\npoll_interval = \"1s\"\n"
+    );
+    for c in encrypt_columns() {
+        toml.push_str(&format!(
+            "[[encrypt]]\ntable = {:?}\ncolumn = {:?}\nkey = {:?}\ntype = {:?}\nsearchable = {}\n",
+            c.table,
+            c.column,
+            c.key,
+            c.ty.name(),
+            c.searchable
+        ));
+    }
+    toml
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("master.key");
+    LocalProvider::generate_file(&key_file).unwrap();
+    let database = harness::fresh_database("enc", false).await;
+    let mut ddl = String::from("CREATE TABLE vault_items (id int PRIMARY KEY, note text");
+    for (c, _, searchable) in COLUMNS {
+        ddl.push_str(&format!(", {c} bytea"));
+        if searchable {
+            ddl.push_str(&format!(", {c}_bidx bytea"));
+        }
+    }
+    ddl.push(')');
+    direct(&database).await.batch_execute(&ddl).await.unwrap();
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_toml: encrypt_toml(&key_file),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let manager = Arc::new(
+        KeyManager::new(
+            Arc::new(LocalProvider::from_file(&key_file).unwrap()),
+            None,
+            &encrypt_columns(),
+            CachePolicy {
+                ttl: Duration::from_secs(60),
+                max_stale: Duration::from_secs(60),
+                blocking_threshold: 64 * 1024,
+            },
+        )
+        .unwrap(),
+    );
+    Fixture {
+        proxy,
+        database,
+        manager,
+        _dir: dir,
+    }
+}
+
+async fn direct(database: &str) -> Client {
+    let (client, conn) = harness::postgres()
+        .direct(database)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Sample values per type, in text form (NULL as None).
+fn samples(ty: ClientType) -> Vec<Option<&'static str>> {
+    let mut v = match ty {
+        ClientType::Text | ClientType::Varchar => vec!["", "héllo wörld ✓ 日本", "a'b\\c"],
+        ClientType::Int4 => vec!["0", "-2147483648", "2147483647"],
+        ClientType::Int8 => vec!["0", "-9223372036854775808", "9223372036854775807"],
+        ClientType::Numeric => vec!["0", "-12345.678900", "NaN"],
+        ClientType::Bool => vec!["t", "f", "t"],
+        ClientType::Date => vec!["2000-01-01", "1970-06-30", "infinity"],
+        ClientType::Timestamptz => vec![
+            "2000-01-01 00:00:00+00",
+            "2026-11-25 06:30:00.123456+00",
+            "-infinity",
+        ],
+        ClientType::Bytea => vec!["\\x", "\\x00ff10", "\\xdeadbeef"],
+        ClientType::Jsonb => vec!["{}", "{\"k\": [1, \"ü\"]}", "null"],
+    }
+    .into_iter()
+    .map(Some)
+    .collect::<Vec<_>>();
+    v.push(None);
+    v
+}
+
+impl Fixture {
+    async fn client(&self) -> Client {
+        self.proxy.connect("app", &self.database).await
+    }
+
+    /// Store row `id` with ciphertext made by the library (bypassing the proxy's write path).
+    async fn seed_directly(&self, id: i32, index: usize) {
+        let db = direct(&self.database).await;
+        let mut sql = String::from("INSERT INTO vault_items (id");
+        let mut values = Vec::new();
+        for (c, ty, searchable) in COLUMNS {
+            sql.push_str(&format!(", {c}"));
+            let text = samples(ty)[index];
+            let (ct, bidx) = match text {
+                None => (None, None),
+                Some(t) => {
+                    let canonical =
+                        encode_for_encryption(ty, WireFormat::Text, t.as_bytes()).unwrap();
+                    let ct = self
+                        .manager
+                        .encrypt("vault_items", c, &canonical)
+                        .await
+                        .unwrap();
+                    let bidx = if searchable {
+                        Some(
+                            self.manager
+                                .blind_index("vault_items", c, &canonical)
+                                .await
+                                .unwrap()
+                                .to_vec(),
+                        )
+                    } else {
+                        None
+                    };
+                    (Some(ct), bidx)
+                }
+            };
+            values.push(ct);
+            if searchable {
+                sql.push_str(&format!(", {c}_bidx"));
+                values.push(bidx);
+            }
+        }
+        sql.push_str(") VALUES ($1");
+        for i in 0..values.len() {
+            sql.push_str(&format!(", ${}", i + 2));
+        }
+        sql.push(')');
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&id];
+        for v in &values {
+            params.push(v);
+        }
+        db.execute(&sql, &params).await.unwrap();
+    }
+}
+
+fn column_list() -> String {
+    COLUMNS.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+}
+
+/// Simple-protocol rows as text.
+async fn simple_rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    client
+        .simple_query(sql)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => {
+                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// What PostgreSQL prints for a sample (the codec's canonical text output).
+fn expected_text(ty: ClientType, text: Option<&str>) -> Option<String> {
+    let t = text?;
+    let canonical = encode_for_encryption(ty, WireFormat::Text, t.as_bytes()).unwrap();
+    Some(
+        String::from_utf8(
+            pgward::crypto::decode_to_wire(ty, WireFormat::Text, &canonical).unwrap(),
+        )
+        .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_decrypt_every_type_in_text_and_binary() {
+    let fx = fixture().await;
+    for i in 0..4 {
+        fx.seed_directly(i as i32, i).await;
+    }
+    let client = fx.client().await;
+
+    // Simple protocol (text format): every value as PostgreSQL would print it.
+    let rows = simple_rows(
+        &client,
+        &format!("SELECT id, {} FROM vault_items ORDER BY id", column_list()),
+    )
+    .await;
+    assert_eq!(rows.len(), 4);
+    for (i, row) in rows.iter().enumerate() {
+        for (j, (c, ty, _)) in COLUMNS.iter().enumerate() {
+            assert_eq!(
+                row[j + 1],
+                expected_text(*ty, samples(*ty)[i]),
+                "{c} row {i}"
+            );
+        }
+    }
+
+    // Extended protocol (tokio-postgres asks for binary results): types as configured.
+    let stmt = client
+        .prepare(&format!(
+            "SELECT {} FROM vault_items WHERE id = $1",
+            column_list()
+        ))
+        .await
+        .unwrap();
+    let types: Vec<Type> = stmt.columns().iter().map(|c| c.type_().clone()).collect();
+    assert_eq!(
+        types,
+        vec![
+            Type::TEXT,
+            Type::VARCHAR,
+            Type::INT4,
+            Type::INT8,
+            Type::NUMERIC,
+            Type::BOOL,
+            Type::DATE,
+            Type::TIMESTAMPTZ,
+            Type::BYTEA,
+            Type::JSONB
+        ]
+    );
+    let row = client.query_one(&stmt, &[&1i32]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "héllo wörld ✓ 日本");
+    assert_eq!(row.get::<_, String>(1), "héllo wörld ✓ 日本");
+    assert_eq!(row.get::<_, i32>(2), i32::MIN);
+    assert_eq!(row.get::<_, i64>(3), i64::MIN);
+    assert!(!row.get::<_, bool>(5));
+    assert_eq!(row.get::<_, Vec<u8>>(8), vec![0x00, 0xff, 0x10]);
+    // jsonb in binary: version byte 1, then the document.
+    let jsonb = row.get::<_, JsonbRaw>(9).0;
+    assert_eq!(jsonb, "{\"k\": [1, \"ü\"]}".as_bytes().to_vec());
+    let empty = client.query_one(&stmt, &[&0i32]).await.unwrap();
+    assert_eq!(empty.get::<_, String>(0), "");
+    let nulls = client.query_one(&stmt, &[&3i32]).await.unwrap();
+    for j in 0..COLUMNS.len() {
+        assert!(
+            nulls.try_get::<_, Option<String>>(j).is_err()
+                || nulls.get::<_, Option<String>>(j).is_none()
+        );
+    }
+    assert_eq!(nulls.get::<_, Option<i32>>(2), None);
+
+    // Blind-index companions never reach clients, not even through `*`.
+    let star = client.prepare("SELECT * FROM vault_items").await.unwrap();
+    assert!(star.columns().iter().all(|c| !c.name().ends_with("_bidx")));
+    assert_eq!(star.columns().len(), 2 + COLUMNS.len());
+    let star_rows = simple_rows(&client, "SELECT * FROM vault_items WHERE id = 1").await;
+    assert_eq!(star_rows[0].len(), 2 + COLUMNS.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_copied_to_another_row_or_column_fails_to_decrypt() {
+    let fx = fixture().await;
+    fx.seed_directly(1, 1).await;
+    fx.seed_directly(2, 2).await;
+    let db = direct(&fx.database).await;
+    // Another row's value into another column: the AAD binds table and column (not the row:
+    // a value copied within one column still decrypts, see crypto/mod.rs).
+    db.batch_execute(
+        "UPDATE vault_items SET c_varchar = (SELECT c_text FROM vault_items WHERE id = 1) WHERE id = 2",
+    )
+        .await
+        .unwrap();
+    let client = fx.client().await;
+    let e = client
+        .query("SELECT c_varchar FROM vault_items WHERE id = 2", &[])
+        .await
+        .unwrap_err();
+    let db_error = e.as_db_error().expect("a server error");
+    assert_eq!(db_error.code().code(), "XX001");
+    assert!(db_error.message().contains("vault_items.c_varchar"));
+    assert!(!db_error.message().contains("héllo"));
+    // The session keeps working, and the intact row still decrypts.
+    let ok = client
+        .query_one("SELECT c_text FROM vault_items WHERE id = 2", &[])
+        .await
+        .unwrap();
+    assert_eq!(ok.get::<_, Option<String>>(0).as_deref(), Some("a'b\\c"));
+    // Simple protocol: same error, and no ciphertext passed off as text.
+    let e = client
+        .simple_query("SELECT id, c_varchar FROM vault_items ORDER BY id")
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "XX001");
+    // Tampering with one byte.
+    db.batch_execute(
+        "UPDATE vault_items SET c_text = overlay(c_text placing '\\x00'::bytea from 30 for 1) WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    let e = client
+        .query("SELECT c_text FROM vault_items WHERE id = 1", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "XX001");
+    assert_eq!(
+        client
+            .query_one("SELECT 1::int", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}
+
+/// A value sent as-is in binary format, whatever the parameter's type.
+#[derive(Debug)]
+struct Bin(Vec<u8>);
+
+impl tokio_postgres::types::ToSql for Bin {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(tokio_postgres::types::IsNull::No)
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// SQL literal for a sample value (text form, quoted), NULL as NULL.
+fn sql_literal(text: Option<&str>) -> String {
+    match text {
+        None => "NULL".into(),
+        Some(t) => format!("'{}'", t.replace('\'', "''")),
+    }
+}
+
+/// The raw stored bytes of every encrypted column, read directly (not through pgward).
+async fn stored_bytes(database: &str) -> Vec<Vec<u8>> {
+    let db = direct(database).await;
+    let mut out = Vec::new();
+    for row in db
+        .query(&format!("SELECT {} FROM vault_items", column_list()), &[])
+        .await
+        .unwrap()
+    {
+        for j in 0..COLUMNS.len() {
+            if let Some(b) = row.get::<_, Option<Vec<u8>>>(j) {
+                out.push(b);
+            }
+        }
+    }
+    out
+}
+
+/// The whole table as `COPY … TO STDOUT` text, read directly.
+async fn table_dump(database: &str) -> String {
+    use futures_util::StreamExt;
+    let db = direct(database).await;
+    let stream = db.copy_out("COPY vault_items TO STDOUT").await.unwrap();
+    futures_util::pin_mut!(stream);
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `secret` is nowhere upstream: not in the stored bytes, not in a dump (raw or as hex).
+async fn assert_absent_upstream(database: &str, secret: &str) {
+    for b in stored_bytes(database).await {
+        assert_eq!(b.first(), Some(&1u8), "every stored value is a v1 envelope");
+        assert!(!contains(&b, secret.as_bytes()), "plaintext stored");
+    }
+    let dump = table_dump(database).await;
+    assert!(!dump.contains(secret), "plaintext in a table dump");
+    assert!(
+        !dump.contains(&hex::encode(secret)),
+        "plaintext (hex) in a table dump"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_encrypt_literals_and_parameters_in_both_protocols() {
+    let fx = fixture().await;
+    let client = fx.client().await;
+    // Simple protocol: literals of every type (and NULL, empty, unicode) encrypted by pgward.
+    for i in 0..4 {
+        let values: Vec<String> = COLUMNS
+            .iter()
+            .map(|(_, ty, _)| sql_literal(samples(*ty)[i]))
+            .collect();
+        client
+            .simple_query(&format!(
+                "INSERT INTO vault_items (id, {}) VALUES ({}, {})",
+                column_list(),
+                100 + i,
+                values.join(", ")
+            ))
+            .await
+            .unwrap();
+    }
+    let rows = simple_rows(
+        &client,
+        &format!(
+            "SELECT {} FROM vault_items WHERE id >= 100 ORDER BY id",
+            column_list()
+        ),
+    )
+    .await;
+    for (i, row) in rows.iter().enumerate() {
+        for (j, (c, ty, _)) in COLUMNS.iter().enumerate() {
+            assert_eq!(row[j], expected_text(*ty, samples(*ty)[i]), "{c} row {i}");
+        }
+    }
+
+    // Extended protocol, binary parameters of the configured client types.
+    let insert = client
+        .prepare(&format!(
+            "INSERT INTO vault_items (id, {}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            column_list()
+        ))
+        .await
+        .unwrap();
+    let param_types: Vec<Type> = insert.params().to_vec();
+    assert_eq!(
+        param_types[1],
+        Type::TEXT,
+        "ParameterDescription shows client types"
+    );
+    assert_eq!(param_types[3], Type::INT4);
+    assert_eq!(param_types[8], Type::TIMESTAMPTZ);
+    let big = "é".repeat(512 * 1024); // 1 MiB of UTF-8
+    let numeric = Bin(vec![0, 1, 0, 0, 0, 0, 0, 0, 0, 42]); // 42 in numeric binary
+    let date = Bin(9_000i32.to_be_bytes().to_vec());
+    let tstz = Bin(1_000_000i64.to_be_bytes().to_vec());
+    let mut jsonb = vec![1u8];
+    jsonb.extend_from_slice(br#"{"a": "b"}"#);
+    let jsonb = Bin(jsonb);
+    client
+        .execute(
+            &insert,
+            &[
+                &200i32,
+                &big,
+                &"",
+                &7i32,
+                &-7i64,
+                &numeric,
+                &true,
+                &date,
+                &tstz,
+                &vec![0u8, 1, 2],
+                &jsonb,
+            ],
+        )
+        .await
+        .unwrap();
+    let none: Option<String> = None;
+    let none_i: Option<i32> = None;
+    client
+        .execute(
+            "INSERT INTO vault_items (id, c_text, c_int4) VALUES ($1, $2, $3)",
+            &[&201i32, &none, &none_i],
+        )
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            &format!("SELECT {} FROM vault_items WHERE id = 200", column_list()),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), big);
+    assert_eq!(row.get::<_, String>(1), "");
+    assert_eq!(row.get::<_, i32>(2), 7);
+    assert_eq!(row.get::<_, i64>(3), -7);
+    assert!(row.get::<_, bool>(5));
+    assert_eq!(row.get::<_, Vec<u8>>(8), vec![0, 1, 2]);
+    let text = simple_rows(
+        &client,
+        "SELECT c_numeric, c_date, c_tstz, c_jsonb FROM vault_items WHERE id = 200",
+    )
+    .await;
+    assert_eq!(
+        text[0],
+        vec![
+            Some("42".to_string()),
+            Some("2024-08-22".to_string()),
+            Some("2000-01-01 00:00:01+00".to_string()),
+            Some(r#"{"a": "b"}"#.to_string())
+        ]
+    );
+    let nulls = client
+        .query_one("SELECT c_text, c_int4 FROM vault_items WHERE id = 201", &[])
+        .await
+        .unwrap();
+    assert_eq!(nulls.get::<_, Option<String>>(0), None);
+    assert_eq!(nulls.get::<_, Option<i32>>(1), None);
+
+    // UPDATE and upsert, literal and parameter.
+    client
+        .simple_query("UPDATE vault_items SET c_text = 'updated-secret-1' WHERE id = 100")
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE vault_items SET c_varchar = $1 WHERE id = $2",
+            &[&"updated-secret-2", &101i32],
+        )
+        .await
+        .unwrap();
+    direct(&fx.database)
+        .await
+        .batch_execute("CREATE UNIQUE INDEX ON vault_items (c_text_bidx)")
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO vault_items (id, c_text) VALUES ($1, $2) ON CONFLICT (c_text) DO UPDATE SET c_varchar = $3",
+            &[&300i32, &"updated-secret-1", &"upserted-secret-3"],
+        )
+        .await
+        .unwrap();
+    let r = client
+        .query_one(
+            "SELECT id, c_text, c_varchar FROM vault_items WHERE c_text = $1",
+            &[&"updated-secret-1"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i32>(0), 100);
+    assert_eq!(r.get::<_, String>(2), "upserted-secret-3");
+    let r = client
+        .query_one("SELECT c_varchar FROM vault_items WHERE id = 101", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "updated-secret-2");
+
+    // Upstream holds only ciphertext.
+    for secret in [
+        "updated-secret-1",
+        "updated-secret-2",
+        "upserted-secret-3",
+        "héllo wörld",
+        "deadbeef",
+    ] {
+        assert_absent_upstream(&fx.database, secret).await;
+    }
+    assert!(!contains(
+        &stored_bytes(&fx.database).await.concat(),
+        "éééééééé".as_bytes()
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blind_index_equality_search_and_refused_computations() {
+    let fx = fixture().await;
+    let client = fx.client().await;
+    for (id, email) in [(1, "a@x.example"), (2, "b@x.example"), (3, "a@x.example")] {
+        client
+            .execute(
+                "INSERT INTO vault_items (id, c_text, c_int4, c_varchar) VALUES ($1, $2, $3, 'v')",
+                &[&id, &email, &id],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .simple_query("INSERT INTO vault_items (id) VALUES (4)")
+        .await
+        .unwrap();
+    let ids = |rows: Vec<tokio_postgres::Row>| -> Vec<i32> {
+        let mut v: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+        v.sort();
+        v
+    };
+    // Extended protocol, parameters turned into blind indexes.
+    let q = |sql: &'static str| sql;
+    assert_eq!(
+        ids(client
+            .query(
+                q("SELECT id FROM vault_items WHERE c_text = $1"),
+                &[&"a@x.example"]
+            )
+            .await
+            .unwrap()),
+        vec![1, 3]
+    );
+    assert_eq!(
+        ids(client
+            .query(q("SELECT id FROM vault_items WHERE c_int4 = $1"), &[&2i32])
+            .await
+            .unwrap()),
+        vec![2]
+    );
+    assert_eq!(
+        ids(client
+            .query(
+                "SELECT id FROM vault_items WHERE c_text IN ($1, $2)",
+                &[&"b@x.example", &"nobody"]
+            )
+            .await
+            .unwrap()),
+        vec![2]
+    );
+    // Simple protocol, literals.
+    let simple_ids = |rows: Vec<Vec<Option<String>>>| -> Vec<String> {
+        rows.into_iter().filter_map(|r| r[0].clone()).collect()
+    };
+    assert_eq!(
+        simple_ids(
+            simple_rows(
+                &client,
+                "SELECT id FROM vault_items WHERE c_text <> 'a@x.example' ORDER BY id"
+            )
+            .await
+        ),
+        vec!["2"]
+    );
+    assert_eq!(
+        simple_ids(simple_rows(&client, "SELECT id FROM vault_items WHERE c_text IS NULL").await),
+        vec!["4"]
+    );
+    assert_eq!(
+        simple_ids(
+            simple_rows(
+                &client,
+                "SELECT v.id FROM vault_items v JOIN vault_items w ON v.c_text = w.c_text WHERE w.id = 3 ORDER BY 1"
+            )
+            .await
+        ),
+        vec!["1", "3"]
+    );
+    // Computations on ciphertext are refused, with the column named and no value echoed.
+    for sql in [
+        "SELECT id FROM vault_items WHERE c_text LIKE 'a%'",
+        "SELECT id FROM vault_items WHERE c_int4 > 1",
+        "SELECT id FROM vault_items ORDER BY c_text",
+        "SELECT c_text, count(*) FROM vault_items GROUP BY c_text",
+        "SELECT DISTINCT c_text FROM vault_items",
+        "SELECT upper(c_text) FROM vault_items",
+        "SELECT id FROM vault_items WHERE c_varchar = 'v'",
+        "SELECT c_text FROM vault_items UNION SELECT c_text FROM vault_items",
+        "UPDATE vault_items SET c_text = upper('secret-x')",
+        "INSERT INTO vault_items (id, c_text) SELECT 9, 'secret-y'",
+        "COPY vault_items FROM STDIN",
+        "SELECT id FROM vault_items WHERE c_text = c_varchar",
+    ] {
+        let e = client.simple_query(sql).await.unwrap_err();
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+        assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
+        assert!(
+            db.message().contains("vault_items"),
+            "{sql}: {}",
+            db.message()
+        );
+        assert!(!db.message().contains("secret-"), "{sql}: {}", db.message());
+        let e = client.query(sql, &[]).await.unwrap_err();
+        assert_eq!(e.as_db_error().unwrap().code().code(), "0A000", "{sql}");
+    }
+    // RETURNING decrypts too (PostgreSQL reports the column's origin).
+    let r = client
+        .query_one(
+            "INSERT INTO vault_items (id, c_text) VALUES (5, $1) RETURNING id, c_text",
+            &[&"r@x.example"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(1), "r@x.example");
+    assert_absent_upstream(&fx.database, "a@x.example").await;
+}
+
+/// jsonb as received in binary format, without the version byte.
+struct JsonbRaw(Vec<u8>);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for JsonbRaw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        match raw.split_first() {
+            Some((1, doc)) => Ok(JsonbRaw(doc.to_vec())),
+            _ => Err("bad jsonb".into()),
+        }
+    }
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+}
+
+async fn copy_rows(
+    client: &Client,
+    sql: &str,
+    chunks: &[&[u8]],
+) -> Result<u64, tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = client.copy_in(sql).await?;
+    futures_util::pin_mut!(sink);
+    for chunk in chunks {
+        sink.send(bytes::Bytes::copy_from_slice(chunk)).await?;
+    }
+    sink.finish().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_stdin_encrypts_text_and_csv_rows() {
+    let fx = fixture().await;
+    let client = fx.client().await;
+    // Text format, rows split across messages, escapes, NULL, the last row without newline.
+    let n = copy_rows(
+        &client,
+        "COPY vault_items (id, c_text, c_int4, note) FROM STDIN",
+        &[
+            b"1\tcopy-secret\\tone\t42\tplain note\n2\t\\N\t-",
+            b"7\tx\n3\tcopy-secret-3\t\\N\t\\N",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 3);
+    // CSV with a header, CRLF line ends, quotes and an embedded newline and delimiter.
+    let n = copy_rows(
+        &client,
+        "COPY vault_items (id, c_text, c_varchar) FROM STDIN WITH (FORMAT csv, HEADER true)",
+        &[b"id,c_text,c_varchar\r\n10,\"csv, \"\"secret\"\"\nline2\",\r\n11,,plain-ish\r\n"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 2);
+    let rows = simple_rows(
+        &client,
+        "SELECT id, c_text, c_int4, c_varchar, note FROM vault_items ORDER BY id",
+    )
+    .await;
+    let s = |v: &str| Some(v.to_string());
+    assert_eq!(
+        rows,
+        vec![
+            vec![
+                s("1"),
+                s("copy-secret\tone"),
+                s("42"),
+                None,
+                s("plain note")
+            ],
+            vec![s("2"), None, s("-7"), None, s("x")],
+            vec![s("3"), s("copy-secret-3"), None, None, None],
+            vec![s("10"), s("csv, \"secret\"\nline2"), None, None, None],
+            vec![s("11"), None, None, s("plain-ish"), None],
+        ]
+    );
+    // Blind indexes were filled.
+    let hit = client
+        .query(
+            "SELECT id FROM vault_items WHERE c_text = $1",
+            &[&"copy-secret-3"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(hit.len(), 1);
+    let hit = client
+        .query("SELECT id FROM vault_items WHERE c_int4 = $1", &[&42i32])
+        .await
+        .unwrap();
+    assert_eq!(hit.len(), 1);
+    // A bad value fails the whole COPY, naming the column and not the value.
+    let e = copy_rows(
+        &client,
+        "COPY vault_items (id, c_int4) FROM STDIN",
+        &[b"20\t5\n21\tcopy-secret-notanint\n22\t6\n"],
+    )
+    .await
+    .unwrap_err();
+    let msg = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("vault_items.c_int4"), "{e:?}");
+    assert!(!msg.contains("copy-secret"), "{msg}");
+    assert!(
+        simple_rows(&client, "SELECT id FROM vault_items WHERE id >= 20")
+            .await
+            .is_empty()
+    );
+    // COPY TO and binary COPY are refused.
+    for sql in [
+        "COPY vault_items TO STDOUT",
+        "COPY vault_items (id, c_text) FROM STDIN WITH (FORMAT binary)",
+    ] {
+        let e = client.simple_query(sql).await.unwrap_err();
+        assert_eq!(e.as_db_error().unwrap().code().code(), "0A000", "{sql}");
+    }
+    client.simple_query("SELECT 1").await.unwrap();
+    for secret in ["copy-secret", "line2"] {
+        assert_absent_upstream(&fx.database, secret).await;
+    }
+}
+
+/// Raw extended protocol: a portal described once and executed in row-limited steps, an
+/// undescribed one, and a pipeline with an error: every DataRow decrypted, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portals_executed_in_steps_and_pipelines_decode_every_row() {
+    use harness::msg;
+    let fx = fixture().await;
+    for i in 0..3 {
+        fx.seed_directly(i as i32, i).await;
+    }
+    let mut raw = harness::raw_proxied(&fx.proxy, &fx.database).await;
+    let text = |body: &[u8]| -> Vec<Option<String>> {
+        let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+        let mut out = Vec::new();
+        let mut at = 2;
+        for _ in 0..n {
+            let len = i32::from_be_bytes(body[at..at + 4].try_into().unwrap());
+            at += 4;
+            if len < 0 {
+                out.push(None);
+            } else {
+                let len = len as usize;
+                out.push(Some(
+                    String::from_utf8_lossy(&body[at..at + len]).into_owned(),
+                ));
+                at += len;
+            }
+        }
+        out
+    };
+    raw.send(&msg::batch(&[
+        msg::parse("s", "SELECT id, c_text FROM vault_items ORDER BY id"),
+        msg::bind("p", "s", &[], false),
+        msg::describe_portal("p"),
+        msg::execute("p", 1),
+        msg::execute("p", 1),
+        msg::execute("p", 0),
+        msg::bind("", "s", &[], false),
+        msg::execute("", 0),
+        msg::parse("bad", "SELECT nope FROM vault_items"),
+        msg::bind("", "s", &[], false),
+        msg::execute("", 0),
+        msg::sync(),
+        msg::bind("", "s", &[], false),
+        msg::execute("", 0),
+        msg::sync(),
+    ]))
+    .await;
+    let got = raw.until_ready(2).await;
+    let rows: Vec<Vec<Option<String>>> = got
+        .iter()
+        .filter(|(tag, _)| *tag == b'D')
+        .map(|(_, body)| text(body))
+        .collect();
+    let expected_row = |i: usize| {
+        vec![
+            Some(i.to_string()),
+            samples(ClientType::Text)[i].map(str::to_string),
+        ]
+    };
+    let mut expected: Vec<Vec<Option<String>>> = (0..3).map(expected_row).collect();
+    expected.extend((0..3).map(expected_row)); // the unnamed portal
+    expected.extend((0..3).map(expected_row)); // after the failed pipeline's Sync
+    assert_eq!(rows, expected);
+    let tags: Vec<u8> = got.iter().map(|(t, _)| *t).collect();
+    assert_eq!(
+        tags.iter().filter(|t| **t == b's').count(),
+        2,
+        "two PortalSuspended"
+    );
+    assert_eq!(
+        tags.iter().filter(|t| **t == b'T').count(),
+        1,
+        "only the client's own Describe answered"
+    );
+    assert_eq!(
+        tags.iter().filter(|t| **t == b'E').count(),
+        1,
+        "the bad Parse"
+    );
+}
+
+/// The demo: encrypted customers.email (searchable), customers.ssn, invoices.card_number
+/// (searchable), seeded through the library, behind the demo policies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_schema_encrypted_behind_the_demo_policies() {
+    let database = harness::fresh_database("encdemo", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("master.key");
+    LocalProvider::generate_file(&key_file).unwrap();
+    let enc_toml = pgward::cli::dev::demo_encryption_toml(&key_file);
+    let crypto: pgward::crypto::CryptoConfig = toml::from_str(&enc_toml).unwrap();
+    let manager = KeyManager::from_config(&crypto, None).unwrap();
+    let seeded = pgward::cli::dev::seed_encrypted_demo(&direct(&database).await, &manager)
+        .await
+        .unwrap();
+    assert_eq!(seeded, 30);
+    let policies = std::fs::canonicalize("policies").unwrap();
+    let mut extra_toml = format!(
+        "[policy]\ndir = {policies:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n"
+    );
+    for service in ["billing", "support", "analytics"] {
+        extra_toml.push_str(&format!(
+            "[services.{service}]\nupstream_user = \"postgres\"\nupstream_password = {{ env = \"PGWARD_TEST_SUPERUSER_PASSWORD\" }}\n"
+        ));
+    }
+    extra_toml.push_str(&enc_toml);
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_toml,
+        ..ProxyOptions::default()
+    })
+    .await;
+    let connect = |service: &'static str| {
+        let mut cfg = proxy.client_config(service, &database);
+        cfg.password(harness::token(
+            service,
+            serde_json::json!({ "tenant_id": 1 }),
+        ));
+        async move {
+            let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c
+        }
+    };
+    let billing = connect("billing").await;
+    let rows = billing
+        .query("SELECT name, email, ssn FROM customers ORDER BY id", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 5);
+    for r in &rows {
+        let (name, email, ssn): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+        assert_eq!(
+            pgward::cli::dev::demo_customer_values(&name),
+            Some((email.clone(), ssn.clone()))
+        );
+        assert!(email.ends_with("@tenant1.example") && ssn.starts_with("101-"));
+    }
+    // Equality search through the blind index, inside the tenant filter.
+    let hit = billing
+        .query(
+            "SELECT c.name, i.card_number FROM customers c JOIN invoices i ON i.customer_id = c.id WHERE c.email = $1",
+            &[&"customer2@tenant1.example"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(hit.len(), 1);
+    assert!(hit[0].get::<_, String>(1).starts_with("4111-1111-1111-"));
+    let other_tenant = simple_rows(
+        &billing,
+        "SELECT id FROM customers WHERE email = 'customer2@tenant2.example'",
+    )
+    .await;
+    assert!(
+        other_tenant.is_empty(),
+        "another tenant's row found by email"
+    );
+    // A write through both layers: tenant preset by the policy, email and ssn encrypted.
+    let r = billing
+        .query_one(
+            "INSERT INTO customers (name, email, ssn) VALUES ('New', 'new@tenant1.example', '999-99-9999') RETURNING tenant_id, email",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, i64>(0), 1);
+    assert_eq!(r.get::<_, String>(1), "new@tenant1.example");
+    let r = billing
+        .query_one(
+            "SELECT ssn FROM customers WHERE email = $1",
+            &[&"new@tenant1.example"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "999-99-9999");
+
+    // support: ssn and card_number hidden, and so are their blind indexes.
+    let support = connect("support").await;
+    let star = support.prepare("SELECT * FROM customers").await.unwrap();
+    let names: Vec<&str> = star.columns().iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["id", "tenant_id", "name", "email", "created_at"]);
+    let rows = simple_rows(&support, "SELECT * FROM customers ORDER BY id").await;
+    assert_eq!(rows[0].len(), 5);
+    assert_eq!(rows[0][3].as_deref(), Some("customer1@tenant1.example"));
+    for (sql, code) in [
+        ("SELECT ssn FROM customers", "42501"),
+        (
+            "SELECT id FROM customers WHERE ssn = '101-01-1001'",
+            "0A000",
+        ),
+        ("SELECT card_number FROM invoices", "42501"),
+        (
+            "SELECT id FROM invoices WHERE card_number = '4111-1111-1111-0001'",
+            "42501",
+        ),
+    ] {
+        let e = support.simple_query(sql).await.unwrap_err();
+        let db = e.as_db_error().unwrap();
+        assert_eq!(db.code().code(), code, "{sql}: {}", db.message());
+        assert!(
+            !db.message().contains("101-01") && !db.message().contains("4111"),
+            "{sql}"
+        );
+    }
+    // analytics: email hidden, so no equality search on it either.
+    let analytics = connect("analytics").await;
+    let e = analytics
+        .query(
+            "SELECT count(*) FROM customers WHERE email = $1",
+            &[&"customer1@tenant1.example"],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "42501");
+
+    // Upstream: ciphertext only.
+    let db = direct(&database).await;
+    use futures_util::StreamExt;
+    let mut dump = Vec::new();
+    for table in ["customers", "invoices"] {
+        let stream = db
+            .copy_out(&format!("COPY {table} TO STDOUT"))
+            .await
+            .unwrap();
+        futures_util::pin_mut!(stream);
+        while let Some(chunk) = stream.next().await {
+            dump.extend_from_slice(&chunk.unwrap());
+        }
+    }
+    let dump = String::from_utf8_lossy(&dump);
+    for secret in [
+        "@tenant1.example",
+        "999-99-9999",
+        "101-01-1001",
+        "4111-1111",
+    ] {
+        assert!(!dump.contains(secret), "{secret} in the dump");
+        assert!(
+            !dump.contains(&hex::encode(secret)),
+            "{secret} (hex) in the dump"
+        );
+    }
+}
+
+/// The default provider: OpenBao's transit engine wraps the data keys, which live in the
+/// policy database. A KEK rotation is picked up by the poller (new writes use a new data key,
+/// old values keep decrypting), and with OpenBao stopped the cached keys keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transit_keys_rotation_and_outage_through_the_proxy() {
+    let mut bao = crate::vault::Bao::start().await;
+    let database = harness::fresh_database("enctransit", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("vault-token");
+    std::fs::write(&token_file, &bao.token).unwrap();
+    let key = harness::unique_name("demo_pii");
+    let policies = std::fs::canonicalize("policies").unwrap();
+    let mut extra_toml = format!(
+        "[policy]\ndir = {policies:?}\ndatabase = \"{database}\"\ncatalog_service = \"billing\"\n\
+         [services.billing]\nupstream_user = \"postgres\"\nupstream_password = {{ env = \"PGWARD_TEST_SUPERUSER_PASSWORD\" }}\n\
+         [vault]\naddress = {:?}\ntoken_file = {token_file:?}\n\
+         [keys]\nprovider = \"transit\"\npoll_interval = \"1s\"\n",
+        bao.addr
+    );
+    for (table, column, searchable) in [("customers", "email", true), ("customers", "ssn", false)] {
+        extra_toml.push_str(&format!(
+            "[[encrypt]]\ntable = \"{table}\"\ncolumn = \"{column}\"\nkey = \"{key}\"\ntype = \"text\"\nsearchable = {searchable}\n"
+        ));
+    }
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_toml,
+        ..ProxyOptions::default()
+    })
+    .await;
+    let mut cfg = proxy.client_config("billing", &database);
+    cfg.password(harness::token(
+        "billing",
+        serde_json::json!({ "tenant_id": 1 }),
+    ));
+    let (billing, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let insert = "INSERT INTO customers (name, email, ssn) VALUES ($1, $2, $3)";
+    billing
+        .execute(
+            insert,
+            &[&"before", &"before@rotation.example", &"111-11-1111"],
+        )
+        .await
+        .unwrap();
+    let db = direct(&database).await;
+    let dek_of = |name: &'static str| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one("SELECT email FROM customers WHERE name = $1", &[&name])
+                .await
+                .unwrap();
+            pgward::crypto::peek_key_ref(&row.get::<_, Vec<u8>>(0))
+                .unwrap()
+                .dek_version
+        }
+    };
+    let first = dek_of("before").await;
+    let wrapped: i64 = db
+        .query_one("SELECT count(*) FROM pgward.data_keys", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        wrapped >= 1,
+        "wrapped DEKs are stored in the policy database"
+    );
+    bao.rotate(&key).await;
+    let mut rotated = false;
+    for i in 0..60 {
+        let name: &'static str = Box::leak(format!("after-{i}").into_boxed_str());
+        billing
+            .execute(insert, &[&name, &"after@rotation.example", &"222-22-2222"])
+            .await
+            .unwrap();
+        if dek_of(name).await > first {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        rotated,
+        "writes moved to a new data key after the KEK rotation"
+    );
+    // Vault down: cached keys keep serving reads, searches and writes.
+    bao.stop();
+    billing
+        .execute(
+            insert,
+            &[&"outage", &"outage@rotation.example", &"333-33-3333"],
+        )
+        .await
+        .unwrap();
+    let rows = billing
+        .query(
+            "SELECT name, ssn FROM customers WHERE email IN ($1, $2) ORDER BY name",
+            &[&"before@rotation.example", &"outage@rotation.example"],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("before".to_string(), "111-11-1111".to_string()),
+            ("outage".to_string(), "333-33-3333".to_string())
+        ]
+    );
+}
+
+/// pgward as a separate process (`pgward serve --log trace`), to read everything it logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_never_appears_in_pgward_logs() {
+    let fx = fixture().await;
+    let port = pgward::pgserver::free_port().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("master.key");
+    LocalProvider::generate_file(&key_file).unwrap();
+    let config = harness::proxy_config_text(&ProxyOptions {
+        extra_toml: encrypt_toml(&key_file),
+        ..ProxyOptions::default()
+    })
+    .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
+    let config_file = dir.path().join("pgward.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let log_file = dir.path().join("pgward.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args(["--log", "trace", "serve", "--config"])
+        .env("NO_COLOR", "1")
+        .arg(&config_file)
+        .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
+        .stderr(std::fs::File::create(&log_file).unwrap())
+        .spawn()
+        .unwrap();
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user("app")
+        .password(harness::token("app", serde_json::json!({})))
+        .dbname(&fx.database);
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok((c, conn)) = cfg.connect(tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(client) = client else {
+        let _ = child.kill();
+        panic!(
+            "pgward serve did not accept connections:\n{}",
+            std::fs::read_to_string(&log_file).unwrap_or_default()
+        );
+    };
+    client
+        .simple_query("INSERT INTO vault_items (id, c_text, c_varchar) VALUES (1, 'log-secret-literal', 'log-secret-other')")
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO vault_items (id, c_text) VALUES ($1, $2)",
+            &[&2i32, &"log-secret-param"],
+        )
+        .await
+        .unwrap();
+    let rows = client
+        .query(
+            "SELECT c_text FROM vault_items WHERE c_text = 'log-secret-literal'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    // Refused and failing statements carrying secrets.
+    assert!(client
+        .simple_query("SELECT id FROM vault_items WHERE c_text LIKE 'log-secret-like%'")
+        .await
+        .is_err());
+    assert!(client
+        .simple_query("INSERT INTO vault_items (id, c_int4) VALUES (3, 'log-secret-badint')")
+        .await
+        .is_err());
+    assert!(client
+        .simple_query("INSERT INTO vault_items (id, c_text) VALUES (4, 'log-secret-unparsable'")
+        .await
+        .is_err());
+    direct(&fx.database)
+        .await
+        .batch_execute("UPDATE vault_items SET c_varchar = c_text WHERE id = 1")
+        .await
+        .unwrap();
+    assert!(client
+        .query("SELECT c_varchar FROM vault_items WHERE id = 1", &[])
+        .await
+        .is_err());
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_file).unwrap();
+    assert!(
+        log.contains("DEBUG") || log.contains("TRACE") || log.contains("INFO"),
+        "logging ran: {log}"
+    );
+    assert!(
+        !log.contains("log-secret"),
+        "plaintext in pgward's log:\n{log}"
+    );
+    assert!(
+        !log.contains(&hex::encode("log-secret")),
+        "hex plaintext in pgward's log"
+    );
+    assert_absent_upstream(&fx.database, "log-secret").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_round_trips_and_searches_encrypted_columns() {
+    let fx = fixture().await;
+    let token = harness::token("app", serde_json::json!({}));
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=app dbname={} password={token} sslmode=disable",
+        fx.proxy.addr.port(),
+        fx.database
+    );
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/psycopg_encrypted.py");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(&script)
+            .env("PGWARD_DSN", &dsn)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "psycopg checks failed (install with `pip install 'psycopg[binary]'`):\n{stdout}\n{stderr}"
+    );
+    assert_absent_upstream(&fx.database, "psycopg-secret").await;
+}
