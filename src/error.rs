@@ -33,6 +33,8 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// io_error (the audit log cannot be written)
     pub const IO_ERROR: &str = "58030";
+    /// program_limit_exceeded
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
     /// internal_error
     pub const INTERNAL_ERROR: &str = "XX000";
 }

@@ -422,6 +422,11 @@ impl ClientHalf {
         self.queue.lock().push_back(expect);
     }
 
+    /// Responses still awaited from upstream (bounded by the relay: see `MAX_AWAITED`).
+    pub fn awaited(&self) -> usize {
+        self.queue.lock().len()
+    }
+
     /// Parse: remember the statement's plan; declare encrypted parameters as `bytea`.
     fn parse(&mut self, body: &[u8]) -> Result<Option<Bytes>, ClientError> {
         let plan = self.next_plan.take();

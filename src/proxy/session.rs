@@ -28,6 +28,9 @@ use crate::upstream::{UpstreamError, MAX_UPSTREAM_MESSAGE};
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Most responses a session may have outstanding while field encryption tracks them.
+const MAX_AWAITED: usize = 1 << 20;
+
 type ClientWriter = Arc<tokio::sync::Mutex<ConnWriter>>;
 
 /// Why a relay direction stopped.
@@ -377,6 +380,17 @@ async fn client_to_upstream(
         }
         if terminate {
             return End::ClientClosed;
+        }
+        if interceptor
+            .crypto_mut()
+            .is_some_and(|crypto| crypto.awaited() > MAX_AWAITED)
+        {
+            // After an error the server discards messages until Sync without answering;
+            // every one still costs an entry in the response map field encryption keeps.
+            return End::Fatal(ClientError::fatal(
+                sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                format!("pgward: more than {MAX_AWAITED} pipelined messages without a Sync"),
+            ));
         }
     }
 }

@@ -67,11 +67,16 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        // Show what pgward dev said about it before failing.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log);
+        panic!(
+            "psql failed: {}\npgward dev said:\n{log}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).lines().next(),
         Some("5|1|1"),

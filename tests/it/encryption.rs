@@ -1342,3 +1342,31 @@ async fn psycopg_round_trips_and_searches_encrypted_columns() {
     );
     assert_absent_upstream(&fx.database, "psycopg-secret").await;
 }
+
+#[tokio::test]
+async fn a_pipeline_without_sync_after_an_error_cannot_grow_memory_without_bound() {
+    use harness::msg;
+    let fx = fixture().await;
+    let mut raw = harness::raw_proxied(&fx.proxy, &fx.database).await;
+    // After the failed Parse the server discards everything until Sync, answering nothing;
+    // pgward must stop tracking before its response map grows without limit.
+    raw.send(&msg::parse("", "SELECT nope")).await;
+    let executes = msg::batch(&vec![msg::execute("", 0); 4096]);
+    for _ in 0..400 {
+        if !raw.try_send(&executes).await {
+            break;
+        }
+    }
+    let mut ended = None;
+    while let Some(message) = raw.recv().await {
+        if message.tag() == b'E' && String::from_utf8_lossy(message.body()).contains("54000") {
+            ended = Some(message);
+            break;
+        }
+    }
+    let message = ended.expect("the session must end with 54000");
+    assert!(String::from_utf8_lossy(message.body()).contains("without a Sync"));
+    // Other sessions are unaffected.
+    let client = fx.proxy.connect("app", &fx.database).await;
+    client.simple_query("SELECT 1").await.unwrap();
+}

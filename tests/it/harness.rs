@@ -448,6 +448,11 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> RawClient<S> {
         self.writer.flush().await.expect("flush");
     }
 
+    /// Send raw bytes; false once the peer has closed the connection.
+    pub async fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.writer.write_all(bytes).await.is_ok() && self.writer.flush().await.is_ok()
+    }
+
     /// Next message, or None at end of stream / after 10 s.
     pub async fn recv(&mut self) -> Option<Message> {
         tokio::time::timeout(Duration::from_secs(10), self.reader.next_message())
