@@ -51,6 +51,7 @@ cleanup() {
   [ -n "${WARD_PID:-}" ] && kill "$WARD_PID" 2>/dev/null || true
   [ -n "${AUDIT_PID:-}" ] && kill "$AUDIT_PID" 2>/dev/null || true
   [ -n "${AUDIT_NOSYNC_PID:-}" ] && kill "$AUDIT_NOSYNC_PID" 2>/dev/null || true
+  [ -n "${CRYPT_PID:-}" ] && kill "$CRYPT_PID" 2>/dev/null || true
   [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
   "${RUN_AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
@@ -85,7 +86,7 @@ BOUNCER_PID=$!
 
 TOKEN=$("$PGWARD" token mint --service postgres --dir "$WORK/keys" --ttl 2h)
 TENANT_TOKEN=$("$PGWARD" token mint --service tenant --claim bid=1 --dir "$WORK/keys" --ttl 2h)
-AUDIT_PORT=$(free_port); AUDIT_NOSYNC_PORT=$(free_port)
+AUDIT_PORT=$(free_port); AUDIT_NOSYNC_PORT=$(free_port); CRYPT_PORT=$(free_port)
 mkdir -p "$WORK/policies"
 cat > "$WORK/policies/tenant.toml" <<TOML
 # One branch's rows: the filter the benchmark pays for.
@@ -131,6 +132,28 @@ WARD_PID=$!
 AUDIT_PID=$!
 "$PGWARD" serve --config "$WORK/pgward-audit-nosync.toml" --log warn &
 AUDIT_NOSYNC_PID=$!
+# Field encryption: two encrypted text columns vs the same data in plaintext columns.
+"${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -c \
+  "CREATE TABLE enc_items (id int PRIMARY KEY, a bytea, b bytea); CREATE TABLE plain_items (id int PRIMARY KEY, a text, b text)"
+head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$WORK/master.key"
+sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$CRYPT_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-crypt.toml"
+cat >> "$WORK/pgward-crypt.toml" <<TOML
+[keys]
+provider = "local"
+local_master_key_file = "$WORK/master.key"
+[[encrypt]]
+table = "enc_items"
+column = "a"
+key = "bench"
+type = "text"
+[[encrypt]]
+table = "enc_items"
+column = "b"
+key = "bench"
+type = "text"
+TOML
+"$PGWARD" serve --config "$WORK/pgward-crypt.toml" --log warn 2>/dev/null &
+CRYPT_PID=$!
 sleep 1
 
 run_pgbench() { # target-port mode clients [user token] -> tps
@@ -201,3 +224,27 @@ for mode in simple prepared; do
     'BEGIN { printf "%-9s %12.0f %12.0f %12.0f %12.0f %10.2f %10.2f %10.2f\n", m, p, r, a, n, r / p, a / p, n / p }'
 done
 echo "audit log: $(cat "$WORK"/audit/*.jsonl 2>/dev/null | wc -l) records written"
+
+# Field encryption end to end: rows with two encrypted columns vs the same rows in plaintext
+# columns, both selected through the encrypting pgward (prepared).
+for i in $(seq 1 2000); do
+  printf "INSERT INTO enc_items VALUES (%d, 'customer-%d@example.com', '4111-1111-1111-%04d');\n" "$i" "$i" "$i"
+  printf "INSERT INTO plain_items VALUES (%d, 'customer-%d@example.com', '4111-1111-1111-%04d');\n" "$i" "$i" "$i"
+done > "$WORK/seed.sql"
+PGPASSWORD=$TOKEN PGSSLMODE=disable "$BINDIR/psql" -h 127.0.0.1 -p "$CRYPT_PORT" -U postgres -q -X bench -f "$WORK/seed.sql" >/dev/null
+for t in enc plain; do
+  printf '\\set id random(1, 2000)\nSELECT a, b FROM %s_items WHERE id = :id;\n' "$t" > "$WORK/$t.sql"
+done
+declare -A CRYPT
+for round in $(seq 1 "$ROUNDS"); do
+  for t in plain enc; do
+    tps=$(PGPASSWORD=$TOKEN "$BINDIR/pgbench" -h 127.0.0.1 -p "$CRYPT_PORT" -U postgres -n -M prepared \
+      -f "$WORK/$t.sql" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" bench 2>/dev/null | awk '/^tps/ {print $3; exit}')
+    CRYPT[$t]="${CRYPT[$t]:-} $tps"
+    printf '  round %s %-9s %10s tps\n' "$round" "$t" "$tps"
+  done
+done
+p=$(echo "${CRYPT[plain]}" | median); e=$(echo "${CRYPT[enc]}" | median)
+echo
+echo "== field encryption: SELECT of two columns by primary key through pgward, prepared, $CLIENTS clients"
+awk -v p="$p" -v e="$e" 'BEGIN { printf "plaintext %10.0f tps   encrypted %10.0f tps   encrypted/plaintext %.2f\n", p, e, e / p }'
