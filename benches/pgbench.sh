@@ -135,7 +135,7 @@ AUDIT_NOSYNC_PID=$!
 # Field encryption: two encrypted text columns vs the same data in plaintext columns.
 "${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -c \
   "CREATE TABLE enc_items (id int PRIMARY KEY, a bytea, b bytea); CREATE TABLE plain_items (id int PRIMARY KEY, a text, b text)"
-head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$WORK/master.key"
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$WORK/master.key"
 sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$CRYPT_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-crypt.toml"
 cat >> "$WORK/pgward-crypt.toml" <<TOML
 [keys]
@@ -152,7 +152,7 @@ column = "b"
 key = "bench"
 type = "text"
 TOML
-"$PGWARD" serve --config "$WORK/pgward-crypt.toml" --log warn 2>/dev/null &
+"$PGWARD" serve --config "$WORK/pgward-crypt.toml" --log warn &
 CRYPT_PID=$!
 sleep 1
 
