@@ -235,8 +235,10 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
                 tracing::info!("SIGHUP: encryption keys refreshed");
             }
             if let Some(policies) = &policies {
+                // The catalog too: DDL run around pgward (views, new tables) becomes known.
+                policies.refresh_catalog().await;
                 if policies.reload_files().is_ok() {
-                    tracing::info!("SIGHUP: policies reloaded");
+                    tracing::info!("SIGHUP: catalog and policies reloaded");
                 }
             }
             match verifier.reload().await {

@@ -199,6 +199,7 @@ impl SqlEncryption {
         let mut outcome = Outcome::default();
         let mut params = Params::default();
         for st in statements.iter_mut() {
+            refuse_writes_through_views(st, catalog)?;
             let mut t = Transform {
                 enc: self,
                 catalog,
@@ -217,6 +218,45 @@ impl SqlEncryption {
         outcome.params = params.plan()?;
         Ok(outcome)
     }
+}
+
+/// Writes into a view (or a foreign or other non-plain relation) are refused while field
+/// encryption is on: pgward cannot see which base-table columns a view, its rules or its
+/// INSTEAD OF triggers write, so plaintext could reach an encrypted column. (Without a catalog
+/// a view is indistinguishable from a table; `[policy]` provides one.)
+fn refuse_writes_through_views(st: &Statement, catalog: Option<&Catalog>) -> Result<(), Refused> {
+    let Some(catalog) = catalog else {
+        return Ok(());
+    };
+    let target = match st {
+        Statement::Insert(Insert {
+            table: TableObject::TableName(name),
+            ..
+        }) => Some(name),
+        Statement::Update(Update { table, .. }) => match &table.relation {
+            TableFactor::Table { name, .. } => Some(name),
+            _ => None,
+        },
+        Statement::Copy {
+            source: sqlparser::ast::CopySource::Table { table_name, .. },
+            to: false,
+            ..
+        } => Some(table_name),
+        _ => None,
+    };
+    let Some(info) = target
+        .and_then(object_name_parts)
+        .and_then(|parts| catalog.resolve(&parts))
+    else {
+        return Ok(());
+    };
+    if info.kind == crate::policy::RelKind::Table {
+        return Ok(());
+    }
+    Err(refuse(format!(
+        "pgward: writes into {} are refused while field encryption is on: it is not a plain table, and pgward cannot see which encrypted columns it writes",
+        info.qualified()
+    )))
 }
 
 /// Parameter bookkeeping across one text.

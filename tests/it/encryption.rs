@@ -1092,6 +1092,35 @@ async fn demo_schema_encrypted_behind_the_demo_policies() {
             "{secret} (hex) in the dump"
         );
     }
+
+    // Writes through a view could put plaintext into an encrypted base column: refused. (A
+    // view created around pgward is known once the catalog reloads: after DDL through pgward
+    // or SIGHUP.)
+    direct(&database)
+        .await
+        .batch_execute("CREATE VIEW customers_v AS SELECT * FROM customers")
+        .await
+        .unwrap();
+    let app = proxy.connect("app", &database).await;
+    app.batch_execute("CREATE TABLE unrelated (x int)")
+        .await
+        .unwrap();
+    app.batch_execute("SELECT 1").await.unwrap();
+    let e = app
+        .simple_query(
+            "INSERT INTO customers_v (tenant_id, name, email) VALUES (1, 'v', 'leak@example')",
+        )
+        .await
+        .unwrap_err();
+    let db_error = e.as_db_error().unwrap();
+    assert_eq!(db_error.code().code(), "0A000", "{}", db_error.message());
+    assert!(db_error.message().contains("not a plain table"));
+    let leaked = direct(&database)
+        .await
+        .query("SELECT 1 FROM customers WHERE name = 'v'", &[])
+        .await
+        .unwrap();
+    assert!(leaked.is_empty());
 }
 
 /// The default provider: OpenBao's transit engine wraps the data keys, which live in the
