@@ -53,6 +53,9 @@ pub struct AuditConfig {
     /// Optional best-effort copy into a PostgreSQL table (`postgres://...`).
     #[serde(default)]
     pub table_sink_url: Option<String>,
+    /// Optional best-effort copy to syslog through this datagram socket (e.g. `/dev/log`).
+    #[serde(default)]
+    pub syslog_socket: Option<PathBuf>,
     /// Extra time the writer waits to gather a batch. 0: write as soon as the writer is free;
     /// batching happens naturally while an fsync is in flight.
     #[serde(default, deserialize_with = "de_duration")]
@@ -87,6 +90,7 @@ impl AuditConfig {
             record_values: false,
             node_id: None,
             table_sink_url: None,
+            syslog_socket: None,
             group_commit_max_delay: Duration::ZERO,
         }
     }

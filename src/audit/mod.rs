@@ -57,6 +57,7 @@ pub mod record;
 pub mod report;
 pub mod search;
 mod signing;
+mod syslog_sink;
 mod table_sink;
 pub mod verify;
 mod writer;

@@ -279,6 +279,7 @@ struct Writer {
     buf: Vec<u8>,
     counters: Arc<Counters>,
     table_tx: Option<tokio::sync::mpsc::Sender<String>>,
+    syslog: Option<super::syslog_sink::SyslogSink>,
 }
 
 impl Writer {
@@ -325,6 +326,14 @@ impl Writer {
             buf: Vec::with_capacity(1 << 20),
             counters,
             table_tx,
+            syslog: config
+                .syslog_socket
+                .as_deref()
+                .map(super::syslog_sink::SyslogSink::connect)
+                .transpose()
+                .map_err(|e| {
+                    AuditError::io(config.syslog_socket.as_deref().unwrap_or(Path::new("")), e)
+                })?,
         };
         // Fail at startup, not on the first statement, if the directory is unusable; and make
         // a recovery durable right away.
@@ -527,6 +536,9 @@ impl Writer {
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         self.counters.records.fetch_add(lines, Ordering::Relaxed);
         self.copy_to_table_sink();
+        if let Some(syslog) = &mut self.syslog {
+            syslog.send_lines(&self.buf);
+        }
         Ok(())
     }
 

@@ -447,3 +447,32 @@ async fn values_are_recorded_only_when_asked_and_never_with_encrypted_columns() 
         }
     }
 }
+
+#[tokio::test]
+async fn records_are_copied_to_syslog_when_asked() {
+    let log = tempfile::tempdir().unwrap();
+    let socket_path = log.path().join("syslog.sock");
+    let daemon = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let database = harness::fresh_database("auditsyslog", false).await;
+    let proxy = audited_proxy(
+        &log.path().join("audit"),
+        &format!("syslog_socket = {:?}", socket_path.display().to_string()),
+    )
+    .await;
+    let client = proxy.connect("app", &database).await;
+    client.simple_query("SELECT 42").await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut kinds = Vec::new();
+    while !kinds
+        .iter()
+        .any(|k: &String| k.contains("\"kind\":\"statement\""))
+    {
+        let n = tokio::time::timeout(Duration::from_secs(5), daemon.recv(&mut buf))
+            .await
+            .expect("a syslog datagram")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(text.starts_with("<86>pgward-audit: {"), "{text}");
+        kinds.push(text);
+    }
+}
