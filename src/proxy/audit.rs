@@ -405,7 +405,7 @@ impl Completions {
     }
 
     /// Queue what a forwarded batch awaits (call before the batch goes upstream).
-    pub fn expect(&self, awaiting: Vec<Awaiting>) {
+    pub fn track(&self, awaiting: Vec<Awaiting>) {
         let mut queue = self.queue.lock();
         for item in awaiting {
             if queue.len() >= MAX_AWAITING {

@@ -456,7 +456,7 @@ async fn intercept_batch(
     if let (Some(audit), Some(completions)) = (audit, completions) {
         if !records.is_empty() {
             let (awaiting, written) = audit.commit(records).await;
-            completions.expect(awaiting);
+            completions.track(awaiting);
             if let Err(e) = written {
                 inc(&shared.metrics.audit_write_failures);
                 tracing::error!(session = state.id, error = %e, "audit log cannot write");
