@@ -73,6 +73,9 @@ pub struct PolicyConfig {
     /// How often the policy files are checked for changes (besides SIGHUP); 0 disables.
     #[serde(default = "default_policy_watch", with = "humantime_serde")]
     pub watch_interval: Duration,
+    /// How often the catalog is re-read, to notice DDL made around pgward; 0 disables.
+    #[serde(default = "default_catalog_refresh", with = "humantime_serde")]
+    pub catalog_refresh_interval: Duration,
 }
 
 /// Where and how clients connect.
@@ -204,6 +207,9 @@ fn default_shutdown_grace() -> Duration {
 }
 fn default_policy_watch() -> Duration {
     Duration::from_secs(2)
+}
+fn default_catalog_refresh() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_upstream_host() -> String {
     "127.0.0.1".into()

@@ -69,7 +69,7 @@ impl TableInfo {
 }
 
 /// The relations of the upstream database, keyed by (schema, name).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
     tables: HashMap<(String, String), TableInfo>,
 }

@@ -211,7 +211,10 @@ impl Policies {
             return;
         };
         match Catalog::load(client).await {
+            // Unchanged: keep the compiled policies and their rewrite cache.
+            Ok(catalog) if catalog == *self.engine.catalog() => {}
             Ok(catalog) => {
+                tracing::info!("upstream catalog changed: policies recompiled");
                 let _ = self.swap_in(self.engine.set_catalog(Arc::new(catalog)));
             }
             Err(e) => {
@@ -222,33 +225,54 @@ impl Policies {
     }
 
     /// Watch the policy directory for changes (polling: works on every filesystem, including
-    /// the bind mounts and ConfigMap symlink swaps of container deployments).
+    /// the bind mounts and ConfigMap symlink swaps of container deployments), and re-read the
+    /// catalog now and then so DDL made around pgward is noticed.
     pub fn spawn_watcher(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
-        let interval = self.config.watch_interval;
-        if interval.is_zero() {
+        let files_every = self.config.watch_interval;
+        let catalog_every = self.config.catalog_refresh_interval;
+        if files_every.is_zero() && catalog_every.is_zero() {
             return None;
         }
         let policies = Arc::downgrade(self);
         Some(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut files = ticker(files_every);
+            let mut catalog = ticker(catalog_every);
+            catalog.reset(); // the catalog was just loaded
             loop {
-                tick.tick().await;
+                let files_due = tokio::select! {
+                    _ = files.tick(), if !files_every.is_zero() => true,
+                    _ = catalog.tick(), if !catalog_every.is_zero() => false,
+                };
                 let Some(policies) = policies.upgrade() else {
                     return;
                 };
-                let now = tokio::task::spawn_blocking({
-                    let dir = policies.config.dir.clone();
-                    move || policy_files(&dir)
-                })
-                .await
-                .unwrap_or_default();
-                if *policies.files_seen.lock() != now && policies.reload_files().is_ok() {
-                    tracing::info!(dir = %policies.config.dir.display(), "policy files changed: reloaded");
+                if files_due {
+                    policies.reload_if_files_changed().await;
+                } else {
+                    policies.refresh_catalog().await;
                 }
             }
         }))
     }
+
+    async fn reload_if_files_changed(&self) {
+        let now = tokio::task::spawn_blocking({
+            let dir = self.config.dir.clone();
+            move || policy_files(&dir)
+        })
+        .await
+        .unwrap_or_default();
+        if *self.files_seen.lock() != now && self.reload_files().is_ok() {
+            tracing::info!(dir = %self.config.dir.display(), "policy files changed: reloaded");
+        }
+    }
+}
+
+/// An interval that never bursts to catch up (a slow reload must not queue more of them).
+fn ticker(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }
 
 /// Name, modification time and size of every policy file, sorted: a cheap change detector.

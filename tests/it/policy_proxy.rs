@@ -32,6 +32,7 @@ dir = {dir:?}
 database = "{database}"
 catalog_service = "app"
 watch_interval = "100ms"
+catalog_refresh_interval = "300ms"
 {services}
 {extra}
 "#,
@@ -552,4 +553,26 @@ async fn ddl_refreshes_the_catalog_policies_are_checked_against() {
         .await
         .unwrap();
     assert!(rows.iter().all(|r| r.get::<_, i64>(1) == 1));
+    // DDL made around pgward (directly on the database) is noticed by the periodic refresh.
+    direct(&database)
+        .await
+        .batch_execute("ALTER TABLE customers ADD COLUMN region text")
+        .await
+        .unwrap();
+    let mut seen = false;
+    for _ in 0..50 {
+        let row = billing
+            .query_one("SELECT * FROM customers LIMIT 1", &[])
+            .await
+            .unwrap();
+        if columns(&row).contains(&"region".to_string()) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen,
+        "the periodic catalog refresh did not notice the new column"
+    );
 }
