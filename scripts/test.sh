@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run pgward's whole test suite on a fresh machine: installs what is missing
-# (PostgreSQL server binaries, psql/pgbench, Python drivers), then `cargo test`.
+# (PostgreSQL server binaries, psql/pgbench, chromium, Python drivers), then `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,8 @@ have_pg_server() {
 missing=()
 have_pg_server || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)
+# A real headless browser renders `pgward audit report` in tests/it/audit_report.rs.
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${missing[*]} — install them (e.g. sudo apt-get install -y ${missing[*]})" >&2

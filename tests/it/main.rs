@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod audit_proxy;
+mod audit_report;
 mod crypto;
 mod dev_mode;
 mod edges;
