@@ -1,0 +1,197 @@
+//! The audit log's two speeds that matter:
+//! * append: N concurrent appenders, each awaiting durability (write + fdatasync,
+//!   group-committed) before its next append — the proxy's hot path. Files go to a temp dir
+//!   on the machine's real disk.
+//! * search: `pgward audit search` filters over a log of a million records (the auditor's
+//!   "fast on millions of records").
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use pgward::audit::{
+    search::{search, SearchArgs},
+    AuditConfig, AuditEvent, AuditLog, Decision, Protocol, SessionInfo, SqlText, StatementRecord,
+};
+
+const PER_ITER: u64 = 800;
+
+fn event(s: &Arc<SessionInfo>, i: u64) -> AuditEvent {
+    let mut st = StatementRecord::new(
+        s.clone(),
+        Protocol::Extended,
+        SqlText::new(
+            &format!("SELECT abalance FROM pgbench_accounts WHERE aid = {i}"),
+            false,
+        ),
+    );
+    st.tables_read = vec!["pgbench_accounts".into()];
+    st.columns_read = vec![
+        "pgbench_accounts.abalance".into(),
+        "pgbench_accounts.aid".into(),
+    ];
+    AuditEvent::Statement(Box::new(st))
+}
+
+fn bench_append(c: &mut Criterion) {
+    #[allow(clippy::expect_used)]
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("audit_append");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(PER_ITER));
+    for appenders in [1u64, 8, 64] {
+        #[allow(clippy::expect_used)]
+        let dir = tempfile::tempdir().expect("tempdir");
+        #[allow(clippy::expect_used)]
+        let (log, handle) = rt
+            .block_on(AuditLog::open(AuditConfig::new(dir.path())))
+            .expect("open");
+        group.bench_function(format!("{appenders}_concurrent"), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let start = Instant::now();
+                    let mut tasks = Vec::new();
+                    for t in 0..appenders {
+                        let h = handle.clone();
+                        tasks.push(tokio::spawn(async move {
+                            let s = Arc::new(SessionInfo {
+                                session_id: t,
+                                service: "pgbench".into(),
+                                database: "bench".into(),
+                                client_addr: "127.0.0.1:5000".into(),
+                                ..SessionInfo::default()
+                            });
+                            for i in 0..iters * PER_ITER / appenders {
+                                let _ = h.append(event(&s, i)).await;
+                            }
+                        }));
+                    }
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                    start.elapsed()
+                })
+            })
+        });
+        let stats = handle.stats();
+        eprintln!(
+            "{appenders} appenders: {} records, {} fsyncs, {:.1} records/fsync",
+            stats.records,
+            stats.fsyncs,
+            stats.records as f64 / stats.fsyncs.max(1) as f64
+        );
+        let _ = rt.block_on(log.shutdown());
+    }
+    group.finish();
+}
+
+/// Records in the searched log.
+const SEARCH_RECORDS: u64 = 1_000_000;
+
+/// A log of `SEARCH_RECORDS` statement records from 50 services, 1% refused, written with
+/// the real writer (without fsync: only the content matters here).
+fn write_search_log(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
+    let mut config = AuditConfig::new(dir);
+    config.fsync = false;
+    #[allow(clippy::expect_used)]
+    let (log, handle) = rt.block_on(AuditLog::open(config)).expect("open");
+    let sessions: Vec<Arc<SessionInfo>> = (0..50)
+        .map(|s| {
+            Arc::new(SessionInfo {
+                session_id: s,
+                service: format!("service-{s}"),
+                database: "app".into(),
+                client_addr: "10.0.0.1:5000".into(),
+                ..SessionInfo::default()
+            })
+        })
+        .collect();
+    rt.block_on(async {
+        for chunk in 0..SEARCH_RECORDS / 1000 {
+            let events = (0..1000)
+                .map(|i| {
+                    let n = chunk * 1000 + i;
+                    let AuditEvent::Statement(mut st) = event(&sessions[(n % 50) as usize], n)
+                    else {
+                        unreachable!()
+                    };
+                    if n % 100 == 0 {
+                        st.decision = Decision::Refused;
+                        st.rule = Some("policies/s.toml:3".into());
+                    }
+                    AuditEvent::Statement(st)
+                })
+                .collect();
+            let _ = handle.append_all(events).await;
+        }
+    });
+    let _ = rt.block_on(log.shutdown());
+}
+
+fn bench_search(c: &mut Criterion) {
+    #[allow(clippy::expect_used)]
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    #[allow(clippy::expect_used)]
+    let dir = tempfile::tempdir().expect("tempdir");
+    let started = Instant::now();
+    write_search_log(&rt, dir.path());
+    eprintln!(
+        "wrote {SEARCH_RECORDS} records in {:.1?}",
+        started.elapsed()
+    );
+    let mut group = c.benchmark_group("audit_search_1M");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(SEARCH_RECORDS));
+    let base = SearchArgs {
+        paths: vec![dir.path().to_path_buf()],
+        ..SearchArgs::default()
+    };
+    let filters: [(&str, SearchArgs); 4] = [
+        (
+            "service",
+            SearchArgs {
+                service: Some("service-7".into()),
+                ..base.clone()
+            },
+        ),
+        (
+            "refused",
+            SearchArgs {
+                decision: Some("refused".into()),
+                ..base.clone()
+            },
+        ),
+        (
+            "table",
+            SearchArgs {
+                table: Some("pgbench_accounts".into()),
+                limit: 0,
+                ..base.clone()
+            },
+        ),
+        (
+            "text",
+            SearchArgs {
+                text: Some("aid = ?".into()),
+                service: Some("service-3".into()),
+                ..base.clone()
+            },
+        ),
+    ];
+    for (name, args) in filters {
+        group.bench_function(name, |b| b.iter(|| search(&args, &mut std::io::sink())));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_append, bench_search);
+criterion_main!(benches);
