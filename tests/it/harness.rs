@@ -624,6 +624,31 @@ pub mod msg {
         buf.freeze()
     }
 
+    /// FunctionCall (the fast-path interface) of function `oid` with text arguments and a
+    /// text result.
+    pub fn function_call(oid: u32, args: &[Option<&str>]) -> Bytes {
+        let mut body = BytesMut::new();
+        body.extend_from_slice(&oid.to_be_bytes());
+        body.extend_from_slice(&1i16.to_be_bytes()); // one format code for all: text
+        body.extend_from_slice(&0i16.to_be_bytes());
+        body.extend_from_slice(&(args.len() as i16).to_be_bytes());
+        for arg in args {
+            match arg {
+                Some(value) => {
+                    body.extend_from_slice(&(value.len() as i32).to_be_bytes());
+                    body.extend_from_slice(value.as_bytes());
+                }
+                None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        body.extend_from_slice(&0i16.to_be_bytes()); // result format: text
+        let mut out = BytesMut::new();
+        out.extend_from_slice(b"F");
+        out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out.freeze()
+    }
+
     pub fn sync() -> Bytes {
         let mut buf = BytesMut::new();
         frontend::sync(&mut buf);

@@ -12,16 +12,6 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::harness::{self, msg, ProxyOptions, TestProxy};
 
-/// A FunctionCall message without arguments, text result.
-fn function_call(oid: u32) -> Vec<u8> {
-    let mut body = oid.to_be_bytes().to_vec();
-    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    let mut out = vec![b'F'];
-    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-    out.extend_from_slice(&body);
-    out
-}
-
 /// A proxy bound to a fresh demo database with the policies of `dir`.
 async fn policy_proxy(dir: &Path, extra: &str) -> (TestProxy, String) {
     let database = harness::fresh_plaintext_demo("pol").await;
@@ -351,7 +341,7 @@ async fn refusals_keep_their_place_in_transactions_and_pipelines() {
     let token = harness::token("support", json!({"tenant_id": 1}));
     let startup = raw.startup_with("support", &database, &token).await;
     assert_eq!(startup.last().map(|m| m.0), Some(b'Z'));
-    raw.send(&function_call(1299)).await; // 1299 = now()
+    raw.send(&msg::function_call(1299, &[])).await; // 1299 = now()
     let got = raw.until_ready(1).await;
     let error = got.iter().find(|m| m.0 == b'E').expect("an error");
     let text = String::from_utf8_lossy(&error.1);

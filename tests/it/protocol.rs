@@ -83,6 +83,23 @@ async fn failed_parse_does_not_register_the_statement_name() {
 }
 
 #[tokio::test]
+async fn fast_path_function_calls_for_an_unrestricted_service() {
+    use msg::*;
+    // 1397 = abs(int4): a value, then NULL (strict: NULL result); an unknown oid is an
+    // ErrorResponse followed by one ReadyForQuery; the session goes on.
+    differential(
+        "function call",
+        vec![
+            Step::UntilReady(vec![function_call(1397, &[Some("-42")])], 1),
+            Step::UntilReady(vec![function_call(1397, &[None])], 1),
+            Step::UntilReady(vec![function_call(4_000_000_000, &[])], 1),
+            Step::UntilReady(vec![query("select 1")], 1),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn several_unnamed_statements_in_one_batch() {
     use msg::*;
     differential(
