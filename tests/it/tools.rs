@@ -173,3 +173,23 @@ async fn asyncpg_binary_extended_protocol_over_tls() {
     );
     assert!(out.contains("all checks passed"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres_simple_extended_prepared_and_pooled_over_tls() {
+    let proxy = harness::start_proxy(ProxyOptions::default()).await;
+    let database = harness::fresh_database("nodepg", false).await;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/node");
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        run(Command::new("node")
+            .arg(dir.join("pg_smoke.js"))
+            .current_dir(&dir)
+            .env("PGWARD_PORT", proxy.addr.port().to_string())
+            .env("PGWARD_TOKEN", harness::token("app", serde_json::json!({})))
+            .env("PGWARD_DATABASE", &database))
+    });
+    assert!(
+        ok,
+        "node-postgres checks failed (scripts/test.sh runs `npm install` in tests/drivers/node):\n{out}\n{err}"
+    );
+    assert!(out.contains("all checks passed"));
+}
