@@ -91,10 +91,17 @@ fn bench_append(c: &mut Criterion) {
     group.finish();
 }
 
-/// Records in the searched log.
-const SEARCH_RECORDS: u64 = 1_000_000;
+/// Records in the searched log: a million under `cargo bench`; a few thousand when
+/// `cargo test --all-targets` runs the benchmarks once as a smoke test (debug build).
+fn search_records() -> u64 {
+    if std::env::args().any(|a| a == "--bench") {
+        1_000_000
+    } else {
+        5_000
+    }
+}
 
-/// A log of `SEARCH_RECORDS` statement records from 50 services, 1% refused, written with
+/// A log of `search_records()` statement records from 50 services, 1% refused, written with
 /// the real writer (without fsync: only the content matters here).
 fn write_search_log(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let mut config = AuditConfig::new(dir);
@@ -113,7 +120,7 @@ fn write_search_log(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
         })
         .collect();
     rt.block_on(async {
-        for chunk in 0..SEARCH_RECORDS / 1000 {
+        for chunk in 0..search_records() / 1000 {
             let events = (0..1000)
                 .map(|i| {
                     let n = chunk * 1000 + i;
@@ -142,7 +149,8 @@ fn bench_search(c: &mut Criterion) {
     let started = Instant::now();
     write_search_log(&rt, dir.path());
     eprintln!(
-        "wrote {SEARCH_RECORDS} records in {:.1?}",
+        "wrote {} records in {:.1?}",
+        search_records(),
         started.elapsed()
     );
     let mut group = c.benchmark_group("audit_search_1M");
@@ -150,7 +158,7 @@ fn bench_search(c: &mut Criterion) {
         .sample_size(10)
         .measurement_time(Duration::from_secs(10))
         .warm_up_time(Duration::from_secs(1));
-    group.throughput(Throughput::Elements(SEARCH_RECORDS));
+    group.throughput(Throughput::Elements(search_records()));
     let base = SearchArgs {
         paths: vec![dir.path().to_path_buf()],
         ..SearchArgs::default()
