@@ -291,6 +291,18 @@ impl KeyManager {
         Some(dek.open(&spec.table, column, ciphertext))
     }
 
+    /// The spec of a column that has a blind index (else `NotSearchable`).
+    fn searchable_column(&self, table: &str, column: &str) -> Result<&ColumnSpec, CryptoError> {
+        let spec = self.column(table, column)?;
+        if !spec.column.searchable {
+            return Err(CryptoError::NotSearchable {
+                table: spec.table.clone(),
+                column: column.to_string(),
+            });
+        }
+        Ok(spec)
+    }
+
     /// Blind index without waiting, from the cached index key (served up to `max_stale`
     /// old; the poller refreshes it). Fails closed with [`CryptoError::KeyNotCached`].
     pub fn blind_index_now(
@@ -299,13 +311,7 @@ impl KeyManager {
         column: &str,
         canonical: &[u8],
     ) -> Result<[u8; BIDX_LEN], CryptoError> {
-        let spec = self.column(table, column)?;
-        if !spec.column.searchable {
-            return Err(CryptoError::NotSearchable {
-                table: spec.table.clone(),
-                column: column.to_string(),
-            });
-        }
+        let spec = self.searchable_column(table, column)?;
         let key = self
             .index_keys
             .read()
@@ -349,13 +355,7 @@ impl KeyManager {
         column: &str,
         canonical: &[u8],
     ) -> Result<[u8; BIDX_LEN], CryptoError> {
-        let spec = self.column(table, column)?;
-        if !spec.column.searchable {
-            return Err(CryptoError::NotSearchable {
-                table: spec.table.clone(),
-                column: column.to_string(),
-            });
-        }
+        let spec = self.searchable_column(table, column)?;
         let key = self.index_key(spec).await?;
         Ok(key.compute(spec.column.ty, canonical)?)
     }

@@ -626,6 +626,19 @@ struct RowPlan {
     fields: Vec<FieldAction>,
 }
 
+impl RowPlan {
+    /// How many columns the client sees (blind-index columns are dropped), as the u16 count
+    /// of RowDescription and DataRow.
+    fn visible_count(&self) -> u16 {
+        let kept = self
+            .fields
+            .iter()
+            .filter(|a| !matches!(a, FieldAction::Drop))
+            .count();
+        u16::try_from(kept).unwrap_or(u16::MAX)
+    }
+}
+
 impl UpstreamHalf {
     /// Transform one upstream batch; returns a batch to forward (the same one if untouched).
     pub async fn incoming(&mut self, batch: Batch) -> Batch {
@@ -817,12 +830,7 @@ impl UpstreamHalf {
         let mut out = BytesMut::with_capacity(body.len() + 5);
         out.put_u8(backend::DATA_ROW);
         out.put_u32(0);
-        let kept = plan
-            .fields
-            .iter()
-            .filter(|a| !matches!(a, FieldAction::Drop))
-            .count();
-        out.put_u16(u16::try_from(kept).unwrap_or(u16::MAX));
+        out.put_u16(plan.visible_count());
         for (value, action) in values.iter().zip(&plan.fields) {
             match (action, value) {
                 (FieldAction::Drop, _) => {}
@@ -981,12 +989,7 @@ fn rewrite_row_description(fields: &[RowField<'_>], plan: &RowPlan) -> Bytes {
     let mut out = BytesMut::new();
     out.put_u8(ROW_DESCRIPTION);
     out.put_u32(0);
-    let kept = plan
-        .fields
-        .iter()
-        .filter(|a| !matches!(a, FieldAction::Drop))
-        .count();
-    out.put_u16(u16::try_from(kept).unwrap_or(u16::MAX));
+    out.put_u16(plan.visible_count());
     for (f, action) in fields.iter().zip(&plan.fields) {
         let (type_oid, len, typmod) = match action {
             FieldAction::Drop => continue,
