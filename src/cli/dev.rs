@@ -557,6 +557,11 @@ fn print_banner(
         key = dir.join("audit-signing.pem").display(),
     ));
     out.push_str("\nMint more tokens with: cargo run -- token mint --service billing --claim tenant_id=2\nPress Ctrl-C to stop.\n");
-    println!("{out}");
+    // One write, errors ignored: whoever reads the banner may close the pipe right after it
+    // (`pgward dev | head`, a test harness), and that must never take the proxy down.
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(out.as_bytes())
+        .and_then(|()| stdout.flush());
     Ok(())
 }

@@ -44,11 +44,12 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
             break;
         }
     }
-    assert_eq!(
-        commands.len(),
-        3,
-        "one command per demo service: {commands:?}"
-    );
+    if commands.len() != 3 {
+        let _ = child.kill();
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log);
+        panic!("one command per demo service, got {commands:?}; pgward dev said:\n{log}");
+    }
     assert!(commands
         .iter()
         .all(|c| c.contains("sslmode=require") && c.contains(&listen)));
@@ -69,6 +70,7 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
         .unwrap();
     if !out.status.success() {
         // Show what pgward dev said about it before failing.
+        // SAFETY: sending SIGINT to our own child process.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         let mut log = String::new();
         let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log);
