@@ -1032,6 +1032,29 @@ impl<'a> Rewriter<'a> {
     }
 
     /// `filter AND pk = c AND (CASE WHEN filter THEN <guarded> END)`.
+    /// The WHERE of an UPDATE/DELETE target: the row filter, the leakproof conjuncts hoisted
+    /// next to it (indexes), and the service's own predicate evaluated only on rows the filter
+    /// admits (with the write check, for UPDATE); records the table as written.
+    fn guard_target_rows(
+        &mut self,
+        selection: &mut Option<Expr>,
+        (tp, rel, rel_norm): (&TablePolicy, &str, &str),
+        sole_source: bool,
+        filter: Option<String>,
+        check: Option<String>,
+    ) -> R<()> {
+        let hoisted = self.hoisted(selection.as_ref(), tp, rel_norm, rel, sole_source);
+        let text = self.guarded_where(
+            filter,
+            hoisted,
+            selection.as_ref().map(|e| e.to_string()),
+            check,
+        );
+        *selection = Some(parse_expr(&text).map_err(|e| self.refuse(format!("(internal: {e})")))?);
+        self.note_write(&tp.info);
+        Ok(())
+    }
+
     fn guarded_where(
         &self,
         filter: Option<String>,
@@ -1138,16 +1161,8 @@ impl<'a> Rewriter<'a> {
             }
             None => None,
         };
-        let hoisted = self.hoisted(u.selection.as_ref(), &tp, &rel_norm, &rel, !has_from);
-        let text = self.guarded_where(
-            filter,
-            hoisted,
-            u.selection.as_ref().map(|e| e.to_string()),
-            check,
-        );
-        u.selection = Some(parse_expr(&text).map_err(|e| self.refuse(format!("(internal: {e})")))?);
-        self.note_write(&tp.info);
-        Ok(())
+        let target = (&tp, rel.as_str(), rel_norm.as_str());
+        self.guard_target_rows(&mut u.selection, target, !has_from, filter, check)
     }
 
     fn delete(&mut self, d: &mut Delete, scope: &mut Vec<String>) -> R<()> {
@@ -1195,16 +1210,8 @@ impl<'a> Rewriter<'a> {
             .as_ref()
             .map(|f| self.render(f, &tp, &|c| Some(format!("{rel}.{}", quote_ident(c)))))
             .transpose()?;
-        let hoisted = self.hoisted(d.selection.as_ref(), &tp, &rel_norm, &rel, !has_using);
-        let text = self.guarded_where(
-            filter,
-            hoisted,
-            d.selection.as_ref().map(|e| e.to_string()),
-            None,
-        );
-        d.selection = Some(parse_expr(&text).map_err(|e| self.refuse(format!("(internal: {e})")))?);
-        self.note_write(&tp.info);
-        Ok(())
+        let target = (&tp, rel.as_str(), rel_norm.as_str());
+        self.guard_target_rows(&mut d.selection, target, !has_using, filter, None)
     }
 
     fn insert(&mut self, i: &mut Insert, scope: &mut Vec<String>) -> R<()> {
