@@ -289,6 +289,22 @@ pub const SAFE_SET_PARAMS: &[&str] = &[
     "synchronous_commit",
 ];
 
+/// The only client encodings a policy-bound session may use: the rewritten text is UTF-8, and
+/// a multibyte encoding such as SJIS or BIG5 would let the server read its quoting differently.
+pub fn is_utf8_encoding(name: &str) -> bool {
+    matches!(
+        name.to_ascii_lowercase().as_str(),
+        "utf8" | "utf-8" | "unicode"
+    )
+}
+
+/// Whether a policy-bound service may set parameter `name` (lowercase): built-in safe
+/// parameters and its policy's `[allow].set`, never the forbidden ones.
+pub fn is_settable(name: &str, policy_extra: &[String]) -> bool {
+    !FORBIDDEN_SET_PARAMS.contains(&name)
+        && (SAFE_SET_PARAMS.contains(&name) || policy_extra.iter().any(|s| s == name))
+}
+
 /// Parameters a service may never SET even if its policy lists them.
 pub const FORBIDDEN_SET_PARAMS: &[&str] = &[
     "role",

@@ -286,8 +286,7 @@ impl<'a> Rewriter<'a> {
     }
 
     fn is_settable(&self, p: &str) -> bool {
-        !allow::FORBIDDEN_SET_PARAMS.contains(&p)
-            && (allow::SAFE_SET_PARAMS.contains(&p) || self.policy.allow.set.iter().any(|s| s == p))
+        allow::is_settable(p, &self.policy.allow.set)
     }
 
     fn settable(&self, p: &str) -> R<()> {
@@ -1552,10 +1551,7 @@ fn leakproof_type(info: &TableInfo, col: &str) -> bool {
 }
 
 fn is_utf8_name(s: &str) -> bool {
-    matches!(
-        s.to_ascii_lowercase().as_str(),
-        "utf8" | "utf-8" | "unicode"
-    )
+    allow::is_utf8_encoding(s)
 }
 
 fn is_default(e: &Expr) -> bool {

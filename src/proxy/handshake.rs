@@ -15,6 +15,7 @@ use crate::audit::AuditEvent;
 use crate::auth::Identity;
 use crate::error::{sqlstate, ClientError};
 use crate::net::Conn;
+use crate::policy::allow;
 use crate::protocol::startup::{read_startup_packet, StartupMessage, StartupPacket};
 use crate::protocol::{build, fields, frontend, FrameReader, ProtocolError};
 use crate::tls::ALPN_POSTGRESQL;
@@ -224,7 +225,8 @@ async fn handshake_inner(
             )
         });
     };
-    if let Err(error) = check_startup_parameters(&startup, service.unrestricted) {
+    let rules = startup_rules(shared, &user, service.unrestricted);
+    if let Err(error) = check_startup_parameters(&startup, &rules) {
         return Err(Refusal {
             target: target(),
             ..Refusal::new(conn, error, "forbidden_parameter")
@@ -374,39 +376,83 @@ async fn accept_tls(shared: &Shared, conn: Conn, direct: bool) -> Result<Conn, R
     Ok(Conn::TlsServer(Box::new(tls)))
 }
 
+/// Which startup parameters a service may send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartupRules {
+    /// Anything but identity-changing parameters (unrestricted services, or no `[policy]`).
+    Open { search_path: bool },
+    /// A policy-bound service: the same allowlist as its `SET` statements (built-in safe
+    /// parameters plus the policy's `[allow].set`), and a UTF-8 client encoding, so the
+    /// startup packet cannot reach what the rewriter refuses in SQL (`standard_conforming_strings`,
+    /// `row_security`, an SJIS encoding that reads our quoting differently, ...).
+    Bound { settable: Vec<String> },
+}
+
+fn startup_rules(shared: &Shared, service: &str, unrestricted: bool) -> StartupRules {
+    let bound = shared
+        .policies
+        .as_ref()
+        .filter(|_| !unrestricted)
+        .and_then(|p| p.engine().policy(service));
+    match bound {
+        Some(policy) => StartupRules::Bound {
+            settable: policy.allow.set.clone(),
+        },
+        None => StartupRules::Open {
+            search_path: unrestricted,
+        },
+    }
+}
+
 /// Refuse startup parameters (and `-c`/`--` switches inside `options`) that change identity or
-/// name resolution. Anything in `options` that is not a `-c name=value` setting is refused too,
-/// because server switches are not ours to pass through unseen.
+/// name resolution, or that a policy-bound service may not set. Anything in `options` that is
+/// not a `-c name=value` setting is refused too, because server switches are not ours to pass
+/// through unseen.
 pub fn check_startup_parameters(
     startup: &StartupMessage,
-    unrestricted: bool,
+    rules: &StartupRules,
 ) -> Result<(), ClientError> {
     for (name, value) in &startup.params {
         match name.as_str() {
-            "user" | "database" | "application_name" | "client_encoding" => {}
+            "user" | "database" | "application_name" => {}
             "options" => {
-                for (setting, _) in parse_options(value)? {
-                    check_setting_name(&setting, unrestricted)?;
+                for (setting, value) in parse_options(value)? {
+                    check_setting(&setting, &value, rules)?;
                 }
             }
             _ if name.starts_with("_pq_.") => {}
-            other => check_setting_name(other, unrestricted)?,
+            other => check_setting(other, value, rules)?,
         }
     }
     Ok(())
 }
 
-fn check_setting_name(name: &str, unrestricted: bool) -> Result<(), ClientError> {
+fn check_setting(name: &str, value: &str, rules: &StartupRules) -> Result<(), ClientError> {
     let normalized = name.to_ascii_lowercase().replace('-', "_");
-    let forbidden = IDENTITY_PARAMETERS.contains(&normalized.as_str())
-        || (!unrestricted && normalized == "search_path");
-    if forbidden {
-        return Err(ClientError::fatal(
+    let refuse = |why: &str| {
+        Err(ClientError::fatal(
             sqlstate::INSUFFICIENT_PRIVILEGE,
-            format!("pgward: startup parameter \"{normalized}\" is not allowed: it would change the session's identity or name resolution"),
-        ));
+            format!("pgward: startup parameter \"{normalized}\" is not allowed: {why}"),
+        ))
+    };
+    if IDENTITY_PARAMETERS.contains(&normalized.as_str()) {
+        return refuse("it would change the session's identity");
     }
-    Ok(())
+    match rules {
+        StartupRules::Open { search_path: false } if normalized == "search_path" => {
+            refuse("it would change the session's name resolution")
+        }
+        StartupRules::Open { .. } => Ok(()),
+        StartupRules::Bound { .. }
+            if normalized == "client_encoding" && !allow::is_utf8_encoding(value) =>
+        {
+            refuse("a policy-bound service must use client_encoding UTF8")
+        }
+        StartupRules::Bound { settable } if !allow::is_settable(&normalized, settable) => refuse(
+            "a policy-bound service may only set the parameters its SET statements may (see the policy reference)",
+        ),
+        StartupRules::Bound { .. } => Ok(()),
+    }
 }
 
 /// Split the `options` startup parameter the way the server does (whitespace-separated,
@@ -593,10 +639,13 @@ mod tests {
         assert!(parse_options("-c").is_err());
     }
 
+    const OPEN: StartupRules = StartupRules::Open { search_path: false };
+    const OPEN_UNRESTRICTED: StartupRules = StartupRules::Open { search_path: true };
+
     #[test]
     fn identity_changing_parameters_are_refused() {
         assert!(
-            check_startup_parameters(&startup(&[("user", "a"), ("DateStyle", "ISO")]), false)
+            check_startup_parameters(&startup(&[("user", "a"), ("DateStyle", "ISO")]), &OPEN)
                 .is_ok()
         );
         for bad in [
@@ -607,10 +656,45 @@ mod tests {
             startup(&[("options", "-c search_path=evil")]),
             startup(&[("replication", "database")]),
         ] {
-            let err = check_startup_parameters(&bad, false).unwrap_err();
+            let err = check_startup_parameters(&bad, &OPEN).unwrap_err();
             assert_eq!(err.sqlstate, sqlstate::INSUFFICIENT_PRIVILEGE);
         }
-        assert!(check_startup_parameters(&startup(&[("search_path", "app")]), true).is_ok());
-        assert!(check_startup_parameters(&startup(&[("role", "x")]), true).is_err());
+        let unrestricted = &OPEN_UNRESTRICTED;
+        assert!(
+            check_startup_parameters(&startup(&[("search_path", "app")]), unrestricted).is_ok()
+        );
+        assert!(check_startup_parameters(&startup(&[("role", "x")]), unrestricted).is_err());
+    }
+
+    #[test]
+    fn bound_services_start_with_only_settable_parameters_and_utf8() {
+        let bound = StartupRules::Bound {
+            settable: vec!["work_mem".into()],
+        };
+        for ok in [
+            startup(&[
+                ("user", "a"),
+                ("client_encoding", "UTF8"),
+                ("DateStyle", "ISO"),
+            ]),
+            startup(&[("options", "-c extra_float_digits=3 -c work_mem=64MB")]),
+            startup(&[("TimeZone", "UTC"), ("client_encoding", "utf-8")]),
+        ] {
+            assert!(check_startup_parameters(&ok, &bound).is_ok(), "{ok:?}");
+        }
+        for bad in [
+            startup(&[("client_encoding", "SJIS")]),
+            startup(&[("options", "-c client_encoding=BIG5")]),
+            startup(&[("standard_conforming_strings", "off")]),
+            startup(&[("options", "-c standard_conforming_strings=off")]),
+            startup(&[("row_security", "off")]),
+            startup(&[("search_path", "evil")]),
+            startup(&[("options", "-c maintenance_work_mem=1GB")]),
+        ] {
+            let err = check_startup_parameters(&bad, &bound).unwrap_err();
+            assert_eq!(err.sqlstate, sqlstate::INSUFFICIENT_PRIVILEGE, "{bad:?}");
+        }
+        // The same parameters are fine for a service no policy binds.
+        assert!(check_startup_parameters(&startup(&[("client_encoding", "SJIS")]), &OPEN).is_ok());
     }
 }

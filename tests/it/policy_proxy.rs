@@ -389,15 +389,36 @@ async fn sessions_are_admitted_only_with_policy_claims_and_database() {
         assert_eq!(dberr.code().code(), code, "{}", dberr.message());
         assert!(dberr.message().contains(needle), "{}", dberr.message());
     }
-    // A bound service may not shadow tables through search_path at startup.
-    let mut shadowed = config(&proxy, "billing", &database, json!({"tenant_id": 1}));
-    shadowed.options("-c search_path=evil,public");
-    let err = shadowed
+    // A bound service may not shadow tables through search_path at startup, nor change how
+    // the server reads the rewritten text's quoting, nor set what its SET statements may not.
+    for options in [
+        "-c search_path=evil,public",
+        "-c standard_conforming_strings=off",
+        "-c client_encoding=SJIS",
+        "-c row_security=off",
+    ] {
+        let mut startup = config(&proxy, "billing", &database, json!({"tenant_id": 1}));
+        startup.options(options);
+        let err = startup
+            .connect(tokio_postgres::NoTls)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{options} was admitted"));
+        assert_eq!(
+            err.code(),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{options}"
+        );
+    }
+    // What drivers send at connect still works.
+    let mut usual = config(&proxy, "billing", &database, json!({"tenant_id": 1}));
+    usual.options("-c DateStyle=ISO -c extra_float_digits=3 -c client_encoding=UTF8");
+    let (usual, connection) = usual
         .connect(tokio_postgres::NoTls)
         .await
-        .err()
-        .expect("refused");
-    assert_eq!(err.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+        .expect("admitted");
+    tokio::spawn(connection);
+    usual.simple_query("SELECT 1").await.expect("usable");
     // analytics needs no claim and sees every tenant, without personal columns.
     let analytics = connect_as(&proxy, "analytics", &database, 0).await;
     let tenants = analytics
