@@ -15,9 +15,21 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+/// How the policy engine's rewrite cache answered (shared by the engine and `/metrics`).
+#[derive(Debug, Default)]
+pub struct RewriteCounters {
+    /// Same text as a cached statement.
+    pub exact_hits: AtomicU64,
+    /// Same shape (text up to literals) as a cached statement: the template was filled.
+    pub shape_hits: AtomicU64,
+    /// Rewritten from scratch.
+    pub misses: AtomicU64,
+}
+
 /// All of pgward's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
+    pub rewrites: std::sync::Arc<RewriteCounters>,
     pub connections_accepted: AtomicU64,
     pub connections_active: AtomicU64,
     pub connections_rejected_limit: AtomicU64,
@@ -142,6 +154,21 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                load(counter)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP pgward_policy_rewrites_total Statements of policy-bound services by how the rewrite cache answered.\n# TYPE pgward_policy_rewrites_total counter"
+        );
+        for (cache, counter) in [
+            ("exact_hit", &self.rewrites.exact_hits),
+            ("shape_hit", &self.rewrites.shape_hits),
+            ("miss", &self.rewrites.misses),
+        ] {
+            let _ = writeln!(
+                out,
+                "pgward_policy_rewrites_total{{cache=\"{cache}\"}} {}",
                 load(counter)
             );
         }

@@ -1254,7 +1254,7 @@ fn bytea_param(n: usize) -> Expr {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::crypto::config::EncryptColumn;
     use crate::crypto::manager::CachePolicy;
@@ -1262,7 +1262,8 @@ mod tests {
     use crate::keys::SecretKey;
     use crate::policy::sql::parse_statements;
 
-    async fn enc() -> SqlEncryption {
+    /// Encryption of the demo's personal columns under a local key (unit tests).
+    pub(crate) async fn enc() -> SqlEncryption {
         let col = |table: &str, column: &str, ty, searchable| EncryptColumn {
             table: table.into(),
             column: column.into(),

@@ -13,12 +13,14 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::crypto::sql::SqlEncryption;
+use crate::metrics::{inc, RewriteCounters};
 
 pub mod allow;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod rewrite;
+pub mod shape;
 pub mod sql;
 
 pub use catalog::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
@@ -110,19 +112,27 @@ const CACHE_CAPACITY: usize = 4096;
 /// hit can only return the rewrite made for the same identity.
 type CacheKey = (String, [u8; 32], String);
 
-#[derive(Default)]
-struct Cache {
-    map: HashMap<CacheKey, Arc<Rewritten>>,
+struct Cache<V> {
+    map: HashMap<CacheKey, V>,
     order: VecDeque<CacheKey>,
 }
 
-impl Cache {
-    fn get(&self, k: &CacheKey) -> Option<Arc<Rewritten>> {
+impl<V> Default for Cache<V> {
+    fn default() -> Self {
+        Cache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<V: Clone> Cache<V> {
+    fn get(&self, k: &CacheKey) -> Option<V> {
         self.map.get(k).cloned()
     }
 
     /// FIFO eviction keeps the bound without per-hit bookkeeping.
-    fn put(&mut self, k: CacheKey, v: Arc<Rewritten>) {
+    fn put(&mut self, k: CacheKey, v: V) {
         if self.map.len() >= CACHE_CAPACITY {
             if let Some(old) = self.order.pop_front() {
                 self.map.remove(&old);
@@ -134,11 +144,50 @@ impl Cache {
     }
 }
 
+/// What the engine learned about a statement shape (see `shape.rs`).
+#[derive(Clone)]
+enum ShapeEntry {
+    /// Statements of this shape are rewritten by filling the template with their literals.
+    Template(Arc<ShapeTemplate>),
+    /// This shape takes the exact-text path (its template could not be made or checked).
+    Exact,
+}
+
+struct ShapeTemplate {
+    template: shape::Template,
+    statements: Vec<StatementInfo>,
+}
+
+impl ShapeTemplate {
+    fn instantiate(&self, shape: &shape::Shape<'_>) -> Rewritten {
+        Rewritten {
+            sql: self.template.fill(shape),
+            statements: self.statements.clone(),
+            unrestricted: false,
+            params: None,
+        }
+    }
+}
+
 /// One consistent generation: policies compiled against one catalog, with its own cache.
 struct Snapshot {
     policies: HashMap<String, ServicePolicy>,
     catalog: Arc<Catalog>,
-    cache: Mutex<Cache>,
+    /// Exact statement texts.
+    cache: Mutex<Cache<Arc<Rewritten>>>,
+    /// Statement shapes (texts up to their literals).
+    shapes: Mutex<Cache<ShapeEntry>>,
+}
+
+impl Snapshot {
+    fn new(policies: HashMap<String, ServicePolicy>, catalog: Arc<Catalog>) -> Self {
+        Snapshot {
+            policies,
+            catalog,
+            cache: Mutex::default(),
+            shapes: Mutex::default(),
+        }
+    }
 }
 
 /// The engine. `Send + Sync`; share it in an `Arc`.
@@ -148,6 +197,7 @@ pub struct PolicyEngine {
     unrestricted: Vec<String>,
     /// Field encryption's SQL transform, run on every statement before the policy rewrite.
     encryption: RwLock<Option<Arc<SqlEncryption>>>,
+    counters: RwLock<Arc<RewriteCounters>>,
 }
 
 fn claims_hash(claims: &serde_json::Map<String, serde_json::Value>) -> [u8; 32] {
@@ -166,25 +216,18 @@ impl PolicyEngine {
         let policies = config::load_dir(dir, &catalog)?;
         tracing::info!(services = policies.len(), dir = %dir.display(), "loaded policies");
         Ok(PolicyEngine {
-            current: RwLock::new(Arc::new(Snapshot {
-                policies,
-                catalog,
-                cache: Mutex::new(Cache::default()),
-            })),
+            current: RwLock::new(Arc::new(Snapshot::new(policies, catalog))),
             dir: RwLock::new(dir.to_path_buf()),
             unrestricted: unrestricted.to_vec(),
             encryption: RwLock::new(None),
+            counters: RwLock::default(),
         })
     }
 
     /// Re-reads `dir`; swaps atomically only if the whole set is valid.
     pub fn reload(&self, dir: &Path, catalog: &Arc<Catalog>) -> Result<(), Vec<PolicyError>> {
         let policies = config::load_dir(dir, catalog)?;
-        *self.current.write() = Arc::new(Snapshot {
-            policies,
-            catalog: catalog.clone(),
-            cache: Mutex::new(Cache::default()),
-        });
+        *self.current.write() = Arc::new(Snapshot::new(policies, catalog.clone()));
         *self.dir.write() = dir.to_path_buf();
         tracing::info!(dir = %dir.display(), "reloaded policies");
         Ok(())
@@ -206,6 +249,16 @@ impl PolicyEngine {
     pub fn set_catalog(&self, catalog: Arc<Catalog>) -> Result<(), Vec<PolicyError>> {
         let dir = self.dir.read().clone();
         self.reload(&dir, &catalog)
+    }
+
+    /// Count rewrite-cache answers into these counters (the proxy's `/metrics`).
+    pub fn set_counters(&self, counters: Arc<RewriteCounters>) {
+        *self.counters.write() = counters;
+    }
+
+    /// How the rewrite cache has answered so far.
+    pub fn counters(&self) -> Arc<RewriteCounters> {
+        self.counters.read().clone()
     }
 
     /// Apply field encryption to every statement (policy-bound and unrestricted services).
@@ -266,14 +319,27 @@ impl PolicyEngine {
             .iter()
             .filter_map(|c| who.claims.get(c).map(|v| (c.clone(), v.clone())))
             .collect();
-        let key = (
-            who.service.to_string(),
-            claims_hash(&relevant),
-            sql.to_string(),
-        );
+        let claims_key = claims_hash(&relevant);
+        // Statements differing only in literals share one rewrite (see shape.rs).
+        let shape = shape::shape_of(sql);
+        let mut learn = None;
+        if let Some(shape) = &shape {
+            let key = (who.service.to_string(), claims_key, shape.key().to_string());
+            match snap.shapes.lock().get(&key) {
+                Some(ShapeEntry::Template(t)) => {
+                    inc(&self.counters.read().shape_hits);
+                    return Ok(Arc::new(t.instantiate(shape)));
+                }
+                Some(ShapeEntry::Exact) => {}
+                None => learn = Some((shape, key)),
+            }
+        }
+        let key = (who.service.to_string(), claims_key, sql.to_string());
         if let Some(hit) = snap.cache.lock().get(&key) {
+            inc(&self.counters.read().exact_hits);
             return Ok(hit);
         }
+        inc(&self.counters.read().misses);
         for claim in &policy.claims {
             if !who.claims.contains_key(claim) {
                 return Err(PolicyDenied::new(
@@ -285,22 +351,32 @@ impl PolicyEngine {
                 ));
             }
         }
-        let result = rewrite_encrypted(
-            who.service,
-            policy,
-            &snap.catalog,
-            who.claims,
-            sql,
-            encryption.as_deref(),
-        );
-        match result {
-            Ok((r, cacheable)) => {
+        let rewrite = |text: &str| {
+            rewrite_encrypted(
+                who.service,
+                policy,
+                &snap.catalog,
+                who.claims,
+                text,
+                encryption.as_deref(),
+            )
+        };
+        match rewrite(sql) {
+            Ok((r, outcome)) => {
                 let r = Arc::new(r);
+                tracing::debug!(service = who.service, "rewrote statement");
+                if let Some((shape, shape_key)) = learn {
+                    let entry = learn_shape(shape, &r, &outcome, rewrite);
+                    let templated = matches!(entry, ShapeEntry::Template(_));
+                    snap.shapes.lock().put(shape_key, entry);
+                    if templated {
+                        return Ok(r);
+                    }
+                }
                 // Embedded ciphertext must not repeat across executions (see crypto::sql).
-                if cacheable {
+                if !outcome.encrypted_literals {
                     snap.cache.lock().put(key, r.clone());
                 }
-                tracing::debug!(service = who.service, "rewrote statement");
                 Ok(r)
             }
             Err(e) => {
@@ -315,6 +391,59 @@ impl PolicyEngine {
             }
         }
     }
+}
+
+/// Learns a statement shape from the first statement of that shape and its exact rewrite:
+/// rewrites the parameterised text and keeps the template only if it involves no field
+/// encryption, analyses the same, and filled with this statement's literals is this
+/// statement's exact rewrite. Anything else makes the shape take the exact path.
+fn learn_shape(
+    shape: &shape::Shape<'_>,
+    exact: &Rewritten,
+    outcome: &crate::crypto::sql::Outcome,
+    rewrite: impl Fn(&str) -> Result<(Rewritten, crate::crypto::sql::Outcome), PolicyDenied>,
+) -> ShapeEntry {
+    let unencrypted = |o: &crate::crypto::sql::Outcome| !o.touched && o.params.is_none();
+    if !unencrypted(outcome) {
+        return ShapeEntry::Exact;
+    }
+    let Ok((parameterized, p_outcome)) = rewrite(shape.parameterized()) else {
+        return ShapeEntry::Exact;
+    };
+    if !unencrypted(&p_outcome) || parameterized.statements != exact.statements {
+        return ShapeEntry::Exact;
+    }
+    let Some(template) = shape::Template::from_rewritten(&parameterized.sql, shape.literal_count())
+    else {
+        return ShapeEntry::Exact;
+    };
+    if !same_statements(&template.fill(shape), &exact.sql) {
+        tracing::debug!("statement shape's template differs from its exact rewrite; exact path");
+        return ShapeEntry::Exact;
+    }
+    ShapeEntry::Template(Arc::new(ShapeTemplate {
+        template,
+        statements: parameterized.statements,
+    }))
+}
+
+/// Whether `filled` says what `exact` (a rewrite, in sqlparser's printed form) says: equal, or
+/// equal once parsed, sanitized and printed (a literal such as `'it''s'` prints as `E'it\'s'`).
+fn same_statements(filled: &str, exact: &str) -> bool {
+    if filled == exact {
+        return true;
+    }
+    let Ok(mut stmts) = sql::parse_statements(filled) else {
+        return false;
+    };
+    let mut texts = Vec::with_capacity(stmts.len());
+    for st in &mut stmts {
+        if sql::sanitize(st).is_err() {
+            return false;
+        }
+        texts.push(st.to_string());
+    }
+    texts.join(";\n") == exact
 }
 
 fn no_policy(service: &str) -> PolicyDenied {
@@ -437,7 +566,8 @@ pub fn rewrite_with(
 }
 
 /// [`rewrite_with`] with field encryption applied to each statement first (one parse serves
-/// both). Returns whether the result may be cached (no ciphertext embedded).
+/// both). Also returns what encryption did: a result with embedded ciphertext must not be
+/// cached.
 pub fn rewrite_encrypted(
     service: &str,
     policy: &ServicePolicy,
@@ -445,7 +575,7 @@ pub fn rewrite_encrypted(
     claims: &serde_json::Map<String, serde_json::Value>,
     sql: &str,
     encryption: Option<&SqlEncryption>,
-) -> Result<(Rewritten, bool), PolicyDenied> {
+) -> Result<(Rewritten, crate::crypto::sql::Outcome), PolicyDenied> {
     let mut stmts = sql::parse_statements(sql).map_err(|e| {
         PolicyDenied::new(format!("pgward: service {service:?} sent a statement pgward cannot parse, so it is refused: {e}"), None)
     })?;
@@ -487,9 +617,9 @@ pub fn rewrite_encrypted(
             sql: texts.join(";\n"),
             statements: infos,
             unrestricted: false,
-            params: outcome.params,
+            params: outcome.params.clone(),
         },
-        !outcome.encrypted_literals,
+        outcome,
     ))
 }
 

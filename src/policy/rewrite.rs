@@ -55,6 +55,9 @@ pub struct Rewriter<'a> {
     forbid_rows: HashMap<String, String>,
     locks: bool,
     saw_volatile: bool,
+    /// Set by `top` for a statement that is one plain SELECT; taken by the first `select`,
+    /// which may then filter its table in place (see `flat_table`).
+    top_level_select: bool,
 }
 
 /// Leakproof conjuncts that may be copied into a barrier: (relation name, column, rhs SQL).
@@ -77,6 +80,7 @@ impl<'a> Rewriter<'a> {
             forbid_rows: HashMap::new(),
             locks: false,
             saw_volatile: false,
+            top_level_select: false,
         }
     }
 
@@ -161,7 +165,10 @@ impl<'a> Rewriter<'a> {
             self.info.kind = kind.to_string();
         }
         match st {
-            Statement::Query(q) => self.query(q, &mut Vec::new())?,
+            Statement::Query(q) => {
+                self.top_level_select = q.with.is_none() && matches!(&*q.body, SetExpr::Select(_));
+                self.query(q, &mut Vec::new())?
+            }
             Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
                 self.dml(st, &mut Vec::new())?
             }
@@ -431,10 +438,20 @@ impl<'a> Rewriter<'a> {
         if s.into.is_some() {
             return Err(self.refuse("SELECT INTO"));
         }
+        if std::mem::take(&mut self.top_level_select) {
+            if let Some((tp, alias)) = self.flat_table(s, scope) {
+                return self.flat_select(s, scope, &tp, &alias);
+            }
+        }
         let pushdown = self.pushdown_candidates(&s.from, s.selection.as_ref());
         for twj in &mut s.from {
             self.table_with_joins(twj, scope, &pushdown)?;
         }
+        self.select_clauses(s, scope)
+    }
+
+    /// Checks (and rewrites subqueries in) everything of a SELECT but its FROM.
+    fn select_clauses(&mut self, s: &mut sqlparser::ast::Select, scope: &mut Vec<String>) -> R<()> {
         for item in &s.projection {
             if let SelectItem::Wildcard(o) | SelectItem::QualifiedWildcard(_, o) = item {
                 check_wildcard(o).map_err(|_| self.refuse("wildcard options"))?;
@@ -615,6 +632,112 @@ impl<'a> Rewriter<'a> {
             }
             _ => Err(self.refuse("this FROM item")),
         }
+    }
+
+    /// Whether a top-level SELECT can filter its table in place instead of through a barrier
+    /// subquery: the barrier exists so the service's predicates never run on rows the filter
+    /// hides, so it can go when there are none that could leak. That holds when the statement
+    /// is one SELECT (no outer query whose predicates the planner could push down into it, no
+    /// INSERT check or CTE around it) over one protected table with a filter and no hidden
+    /// columns (`*` and whole-row references then mean the same rows and columns), whose WHERE
+    /// is only leakproof `col = literal/$n` conjuncts — the same ones the barrier form copies
+    /// inside the barrier anyway — and which has no HAVING (the planner moves aggregate-free
+    /// HAVING clauses into WHERE). Everything else of the SELECT runs on rows that passed
+    /// WHERE. Saves the server planning a subquery: measurably faster for point lookups.
+    /// Returns the table's policy and the alias to qualify the filter with.
+    fn flat_table(
+        &self,
+        s: &sqlparser::ast::Select,
+        scope: &[String],
+    ) -> Option<(TablePolicy, String)> {
+        let [twj] = s.from.as_slice() else {
+            return None;
+        };
+        let TableFactor::Table {
+            name,
+            alias,
+            args: None,
+            with_hints,
+            version: None,
+            with_ordinality: false,
+            partitions,
+            json_path: None,
+            sample: None,
+            index_directives,
+            inheritance: None,
+        } = &twj.relation
+        else {
+            return None;
+        };
+        if !twj.joins.is_empty()
+            || !with_hints.is_empty()
+            || !partitions.is_empty()
+            || !index_directives.is_empty()
+            || alias.as_ref().is_some_and(|a| !a.columns.is_empty())
+            || s.having.is_some()
+        {
+            return None;
+        }
+        let parts = object_name_parts(name)?;
+        if parts.len() == 1 && scope.contains(&parts[0]) {
+            return None;
+        }
+        let info = self.catalog.resolve(&parts)?;
+        let tp = self.policy.table(info)?;
+        if !tp.select || tp.filter.is_none() || !tp.hidden.is_empty() {
+            return None;
+        }
+        let (alias_text, alias_norm) = match alias {
+            Some(a) => (a.name.to_string(), ident_name(&a.name)),
+            None => (name.0.last()?.to_string(), parts.last()?.clone()),
+        };
+        let leakproof = |c: &Expr| {
+            leakproof_eq(c).is_some_and(|(rel, col, _)| {
+                rel.is_none_or(|r| r == alias_norm) && leakproof_type(&tp.info, &col)
+            })
+        };
+        if let Some(selection) = &s.selection {
+            if !conjuncts(selection).into_iter().all(leakproof) {
+                return None;
+            }
+        }
+        Some((tp.clone(), alias_text))
+    }
+
+    /// A SELECT `flat_table` accepted: `FROM "schema"."table" AS alias WHERE (filter) AND
+    /// (the service's WHERE)`.
+    fn flat_select(
+        &mut self,
+        s: &mut sqlparser::ast::Select,
+        scope: &mut Vec<String>,
+        tp: &TablePolicy,
+        alias: &str,
+    ) -> R<()> {
+        self.note_read(&tp.info, &tp.visible);
+        let relation = format!(
+            "{}.{} AS {alias}",
+            quote_ident(&tp.info.schema),
+            quote_ident(&tp.info.name)
+        );
+        s.from[0].relation = parse_table_factor(&relation)
+            .map_err(|e| self.refuse(format!("(internal: table did not parse: {e})")))?;
+        self.select_clauses(s, scope)?;
+        let Some(filter) = &tp.filter else {
+            return Err(self.refuse("(internal: no filter)"));
+        };
+        let filter = self.render(filter, tp, &|c| Some(format!("{alias}.{}", quote_ident(c))))?;
+        let filter = parse_expr(&filter)
+            .map_err(|e| self.refuse(format!("(internal: filter did not parse: {e})")))?;
+        let filter = Expr::Nested(Box::new(filter));
+        s.selection = Some(match s.selection.take() {
+            Some(own) => Expr::BinaryOp {
+                left: Box::new(filter),
+                op: BinaryOperator::And,
+                right: Box::new(Expr::Nested(Box::new(own))),
+            },
+            None => filter,
+        });
+        Ok(())
     }
 
     /// The filtered, column-restricted stand-in for a protected table.
@@ -1652,7 +1775,7 @@ pub fn statement_kind(st: &Statement) -> &'static str {
 }
 
 /// Top-level AND-ed parts of a predicate.
-fn conjuncts(e: &Expr) -> Vec<&Expr> {
+pub(crate) fn conjuncts(e: &Expr) -> Vec<&Expr> {
     match e {
         Expr::BinaryOp {
             left,
@@ -1669,7 +1792,7 @@ fn conjuncts(e: &Expr) -> Vec<&Expr> {
 }
 
 /// `[rel.]col = <number | string | $n>` (either side) → (rel, col, rhs).
-fn leakproof_eq(e: &Expr) -> Option<(Option<String>, String, String)> {
+pub(crate) fn leakproof_eq(e: &Expr) -> Option<(Option<String>, String, String)> {
     let Expr::BinaryOp {
         left,
         op: BinaryOperator::Eq,
@@ -1687,8 +1810,11 @@ fn leakproof_eq(e: &Expr) -> Option<(Option<String>, String, String)> {
     };
     let lit = |x: &Expr| match x {
         Expr::Value(v) => match &v.value {
+            // Every string literal alike (the sanitizer turns the ones holding a quote into
+            // E'..'): no rewrite decision may depend on a literal's value (see shape.rs).
             sqlparser::ast::Value::Number(..)
             | sqlparser::ast::Value::SingleQuotedString(_)
+            | sqlparser::ast::Value::EscapedStringLiteral(_)
             | sqlparser::ast::Value::Placeholder(_) => Some(x.to_string()),
             _ => None,
         },

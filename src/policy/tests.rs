@@ -122,8 +122,47 @@ fn refused(service: &str, sql: &str) -> PolicyDenied {
 
 #[test]
 fn select_is_wrapped_in_barrier() {
-    let out = ok("billing", "SELECT * FROM customers WHERE id = 5");
+    // A predicate that could raise on hidden rows: behind the barrier, with the leakproof
+    // conjunct copied inside for the index.
+    let out = ok(
+        "billing",
+        "SELECT * FROM customers WHERE id = 5 AND 1/(id-42) = 1",
+    );
     assert!(out.contains(r#"FROM "public"."customers" WHERE (("tenant_id") = (1)) AND "id" = 5 OFFSET 0) AS customers"#), "{out}");
+    // Hidden columns: the stand-in has only the visible ones.
+    let out = ok("support", "SELECT * FROM customers WHERE id = 5");
+    assert!(out.contains("OFFSET 0) AS customers"), "{out}");
+}
+
+#[test]
+fn point_lookups_filter_in_place() {
+    let out = ok("billing", "SELECT * FROM customers WHERE id = 5");
+    assert_eq!(
+        out,
+        r#"SELECT * FROM "public"."customers" AS customers WHERE ((customers."tenant_id") = (1)) AND (id = 5)"#
+    );
+    let out = ok(
+        "billing",
+        "SELECT name, count(*) FROM customers c WHERE c.id = 5 AND name = 'x' GROUP BY name ORDER BY 2 LIMIT 1 FOR UPDATE",
+    );
+    assert!(out.starts_with(r#"SELECT name, count(*) FROM "public"."customers" AS c WHERE ((c."tenant_id") = (1)) AND (c.id = 5 AND name = 'x')"#), "{out}");
+    // Anything that could run the service's own code on hidden rows keeps the barrier.
+    for sql in [
+        "SELECT * FROM customers WHERE id = 5 OR id = 6",
+        "SELECT * FROM customers WHERE id > 5",
+        "SELECT * FROM customers WHERE CAST(name AS int) = 1",
+        "SELECT * FROM customers WHERE created_at = '2024-01-01'",
+        "SELECT name FROM customers GROUP BY name HAVING 1/(length(name)-3) = 1",
+        "SELECT * FROM customers c JOIN invoices i ON i.customer_id = c.id WHERE c.id = 1",
+        "SELECT * FROM (SELECT * FROM customers WHERE id = 5) s WHERE 1/(id-42) = 1",
+        "WITH c AS (SELECT * FROM customers WHERE id = 5) SELECT * FROM c WHERE 1/(id-42) = 1",
+        "SELECT id FROM customers WHERE id = 5 UNION ALL SELECT id FROM invoices WHERE id = 6",
+        "INSERT INTO invoices (customer_id, amount_cents) SELECT id, 1 FROM customers WHERE id = 5",
+    ] {
+        let out = ok("billing", sql);
+        let refs = out.matches("FROM \"public\".").count();
+        assert_eq!(refs, out.matches("OFFSET 0").count(), "{sql} => {out}");
+    }
 }
 
 #[test]
@@ -200,7 +239,12 @@ fn nested_everywhere() {
     for sql in sqls {
         let out = ok("billing", sql);
         let refs = out.matches("FROM \"public\".").count();
-        assert_eq!(refs, out.matches("OFFSET 0").count(), "{out}");
+        // Every reference behind a barrier, but a top-level single table filtered in place
+        // (its only predicate a scalar subquery in the select list, run on visible rows).
+        let flat = usize::from(
+            out.ends_with(r#"FROM "public"."customers" AS c WHERE ((c."tenant_id") = (1))"#),
+        );
+        assert_eq!(refs, out.matches("OFFSET 0").count() + flat, "{out}");
         assert!(refs >= 1, "{out}");
     }
 }
@@ -214,7 +258,11 @@ fn quoting_and_casing() {
         "select * from PUBLIC.CUSTOMERS /* c */ -- x",
     ] {
         let out = ok("billing", sql);
-        assert!(out.contains("OFFSET 0"), "{out}");
+        assert!(
+            out.starts_with(r#"SELECT * FROM "public"."customers" AS "#)
+                && out.contains(r#"."tenant_id") = (1))"#),
+            "{out}"
+        );
     }
     refused("billing", "SELECT * FROM \"Customers\"");
     let out = ok(
@@ -428,9 +476,20 @@ fn cursors_prepare_explain_copy() {
         "billing",
         "PREPARE p AS SELECT * FROM invoices WHERE id = $1",
     );
-    assert!(out.contains("OFFSET 0"), "{out}");
+    assert!(
+        out.contains(r#"WHERE ((invoices."tenant_id") = (1)) AND (id = $1)"#),
+        "{out}"
+    );
     ok("billing", "EXECUTE p(1)");
     let out = ok("billing", "EXPLAIN ANALYZE SELECT * FROM invoices");
+    assert!(
+        out.contains(r#"WHERE ((invoices."tenant_id") = (1))"#),
+        "{out}"
+    );
+    let out = ok(
+        "billing",
+        "EXPLAIN ANALYZE SELECT * FROM invoices, customers",
+    );
     assert!(out.contains("OFFSET 0"), "{out}");
     refused("support", "EXPLAIN SELECT * FROM invoices");
     refused("billing", "COPY customers TO STDOUT");
@@ -508,7 +567,10 @@ fn literal_injection_via_backslash_is_neutralised() {
     assert!(out.contains(r"E'\\\''"), "{out}");
     let again = sql::parse_statements(&out).unwrap();
     assert_eq!(again.len(), 1);
-    assert!(out.contains("OFFSET 0"));
+    assert!(
+        out.contains(r#"WHERE ((customers."tenant_id") = (1))"#),
+        "{out}"
+    );
 }
 
 #[test]
@@ -663,4 +725,134 @@ fn returning_star_of_target_with_hidden_columns() {
     ] {
         assert!(e.rewrite(&who, bad).is_err(), "{bad}");
     }
+}
+
+fn billing_rewrite(e: &PolicyEngine, tenant: i64, sql: &str) -> Result<String, PolicyDenied> {
+    let c = claims(serde_json::json!(tenant));
+    e.rewrite(
+        &PolicyIdentity {
+            service: "billing",
+            claims: &c,
+        },
+        sql,
+    )
+    .map(|r| r.sql.clone())
+}
+
+fn shape_hits(e: &PolicyEngine) -> u64 {
+    e.counters()
+        .shape_hits
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[test]
+fn statements_differing_only_in_literals_share_one_rewrite() {
+    let e = engine();
+    for id in 1..=3 {
+        let out = billing_rewrite(
+            &e,
+            1,
+            &format!("SELECT name FROM customers WHERE id = {id} AND name = 'x''{id}'"),
+        )
+        .unwrap();
+        assert!(
+            out.contains(&format!(
+                r#"WHERE ((customers."tenant_id") = (1)) AND (id = {id} AND name = 'x''{id}')"#
+            )) || out.contains(&format!(r#"E'x\'{id}'"#)),
+            "{out}"
+        );
+    }
+    let counters = e.counters();
+    assert_eq!(shape_hits(&e), 2);
+    assert_eq!(
+        counters.misses.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn shape_templates_never_cross_identities() {
+    let e = engine();
+    billing_rewrite(&e, 1, "SELECT name FROM customers WHERE id = 5").unwrap();
+    let other = billing_rewrite(&e, 2, "SELECT name FROM customers WHERE id = 6").unwrap();
+    assert!(
+        other.contains(r#"((customers."tenant_id") = (2))"#),
+        "{other}"
+    );
+    assert!(!other.contains("(1)"), "{other}");
+    assert_eq!(shape_hits(&e), 0, "tenant 2 learned its own template");
+}
+
+#[test]
+fn refused_shapes_stay_refused_for_every_value() {
+    let e = engine();
+    let c = claims(serde_json::json!(1));
+    let who = PolicyIdentity {
+        service: "support",
+        claims: &c,
+    };
+    for id in 1..=3 {
+        let sql = format!("SELECT ssn FROM customers WHERE id = {id}");
+        let err = e.rewrite(&who, &sql).unwrap_err();
+        assert!(err.message.contains("customers.ssn"), "{}", err.message);
+    }
+    assert_eq!(shape_hits(&e), 0);
+}
+
+#[test]
+fn statements_without_a_safe_shape_take_the_exact_path() {
+    let e = engine();
+    // numeric(10,2) parameterised does not parse: exact path, still correct.
+    for scale in [2, 3] {
+        let out = billing_rewrite(
+            &e,
+            1,
+            &format!("SELECT CAST(amount_cents AS numeric(10,{scale})) FROM invoices WHERE id = 1"),
+        )
+        .unwrap();
+        assert!(out.contains(&format!("NUMERIC(10,{scale})")), "{out}");
+    }
+    // A backslash: exact path, where the sanitizer re-quotes it.
+    for v in ["a\\", "b\\"] {
+        let out = billing_rewrite(
+            &e,
+            1,
+            &format!("SELECT 1 FROM invoices WHERE status = '{v}'"),
+        )
+        .unwrap();
+        assert!(out.contains(&format!("E'{v}\\'")), "{out}");
+    }
+    assert_eq!(shape_hits(&e), 0);
+}
+
+#[tokio::test]
+async fn literals_of_encrypted_tables_never_take_a_template() {
+    let mut tables: Vec<TableInfo> = demo_catalog().tables().cloned().collect();
+    for t in &mut tables {
+        for encrypted in ["email", "card_number"] {
+            if t.column(encrypted).is_some() {
+                t.columns.push(col(&format!("{encrypted}_bidx"), "bytea"));
+            }
+        }
+    }
+    let e = PolicyEngine::load(
+        Path::new("policies"),
+        Arc::new(Catalog::from_tables(tables)),
+        &[],
+    )
+    .unwrap();
+    e.set_encryption(Arc::new(crate::crypto::sql::tests::enc().await));
+    for (i, email) in ["first@example.com", "second@example.com"]
+        .iter()
+        .enumerate()
+    {
+        for sql in [
+            format!("INSERT INTO customers (name, email) VALUES ('n{i}', '{email}')"),
+            format!("SELECT name FROM customers WHERE email = '{email}'"),
+        ] {
+            let out = billing_rewrite(&e, 1, &sql).unwrap();
+            assert!(!out.contains(email), "plaintext went upstream: {out}");
+        }
+    }
+    assert_eq!(shape_hits(&e), 0);
 }

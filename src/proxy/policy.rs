@@ -102,6 +102,7 @@ impl Policies {
                 errors: describe(errors),
             }
         })?;
+        engine.set_counters(metrics.rewrites.clone());
         tracing::info!(dir = %policy.dir.display(), database = %policy.database, services = ?engine.services(), "policies loaded");
         Ok(Some(Arc::new(Self {
             engine,

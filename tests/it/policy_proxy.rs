@@ -209,6 +209,69 @@ async fn a_tenant_sees_only_its_rows_whatever_it_sends() {
     );
 }
 
+/// The simple protocol sends every value as a literal, so each statement text is new: they
+/// share one rewrite per shape (`shape.rs`), and that must never loosen the filter.
+#[tokio::test]
+async fn statements_differing_only_in_literals_share_a_rewrite_and_stay_filtered() {
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let all: Vec<(i64, i64, String)> = direct(&database)
+        .await
+        .query("SELECT id, tenant_id, name FROM customers ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    for tenant in [1i64, 2] {
+        let client = connect_as(&proxy, "billing", &database, tenant).await;
+        let mut seen = 0;
+        for (id, owner, name) in &all {
+            let quoted = name.replace('\'', "''");
+            for sql in [
+                format!("SELECT tenant_id, name FROM customers WHERE id = {id}"),
+                format!("SELECT tenant_id, name FROM customers WHERE name = '{quoted}' AND id = {id}"),
+                format!("SELECT tenant_id, name FROM customers WHERE id = {id} AND 1/(tenant_id - {tenant} + 1) = 1"),
+            ] {
+                let rows = first_column(&client.simple_query(&sql).await.unwrap());
+                let expected = if *owner == tenant { vec![tenant.to_string()] } else { vec![] };
+                assert_eq!(rows, expected, "tenant {tenant}: {sql}");
+                seen += rows.len();
+            }
+            // Writes through a template are filtered like any other.
+            client
+                .simple_query(&format!(
+                    "UPDATE customers SET email = 'shape-{tenant}' WHERE id = {id}"
+                ))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            seen,
+            3 * all.iter().filter(|(_, o, _)| *o == tenant).count()
+        );
+    }
+    let leaked: i64 = direct(&database)
+        .await
+        .query_one(
+            "SELECT count(*) FROM customers WHERE email LIKE 'shape-%' AND email <> 'shape-' || tenant_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leaked, 0, "an UPDATE reached another tenant's row");
+    let hits = proxy
+        .metrics
+        .rewrites
+        .shape_hits
+        .load(std::sync::atomic::Ordering::Relaxed);
+    // Four shapes per tenant, each learned once; every other statement filled its template.
+    assert!(
+        hits >= (2 * 4 * all.len() - 2 * 4) as u64,
+        "only {hits} shape hits"
+    );
+}
+
 #[tokio::test]
 async fn writes_stay_inside_the_tenant() {
     let (proxy, database) = policy_proxy(&demo_policies(), "").await;
