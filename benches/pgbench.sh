@@ -2,7 +2,8 @@
 # End-to-end benchmark: pgbench against PostgreSQL directly, through PgBouncer (session mode)
 # and through pgward, in one run, alternating targets each round, and prints TPS and ratios.
 # Then the cost of pgward's features in the same run: a policy-bound service (row filter on
-# pgbench_accounts) against pass-through, and auditing on against auditing off.
+# pgbench_accounts) against pass-through, with PostgreSQL's own RLS of the same filter as a
+# reference, and auditing on against auditing off.
 #
 #   benches/pgbench.sh [--duration SECONDS] [--rounds N] [--clients N] [--scale N]
 #
@@ -224,6 +225,31 @@ for mode in simple prepared; do
     'BEGIN { printf "%-9s %12.0f %12.0f %12.0f %12.0f %10.2f %10.2f %10.2f\n", m, p, r, a, n, r / p, a / p, n / p }'
 done
 echo "audit log: $(cat "$WORK"/audit/*.jsonl 2>/dev/null | wc -l) records written"
+
+# The server's own share of a row filter, for reference: PostgreSQL's row-level security with
+# the same filter (bid = 1), directly, as a role it applies to, against the superuser (which
+# bypasses it). Whatever this costs the server, a policy-bound service through pgward pays too.
+"${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -c \
+  "CREATE ROLE rls_tenant LOGIN; GRANT SELECT ON pgbench_accounts, pgbench_branches TO rls_tenant;
+   ALTER TABLE pgbench_accounts ENABLE ROW LEVEL SECURITY; CREATE POLICY tenant ON pgbench_accounts USING (bid = 1)"
+declare -A RLS
+for mode in simple prepared; do
+  for round in $(seq 1 "$ROUNDS"); do
+    for user in postgres rls_tenant; do
+      tps=$("$BINDIR/pgbench" -h 127.0.0.1 -p "$PG_PORT" -U "$user" -S -M "$mode" \
+        -c "$CLIENTS" -j "$THREADS" -T "$DURATION" bench 2>/dev/null | awk '/^tps/ {print $3; exit}')
+      RLS[$mode,$user]="${RLS[$mode,$user]:-} $tps"
+      printf '  round %s %-8s direct %-10s %10s tps\n' "$round" "$mode" "$user" "$tps"
+    done
+  done
+done
+echo
+echo "== reference: PostgreSQL RLS with the same filter, direct (median TPS)"
+printf '%-9s %12s %12s %10s\n' mode no-rls rls rls/no-rls
+for mode in simple prepared; do
+  p=$(echo "${RLS[$mode,postgres]}" | median); r=$(echo "${RLS[$mode,rls_tenant]}" | median)
+  awk -v m="$mode" -v p="$p" -v r="$r" 'BEGIN { printf "%-9s %12.0f %12.0f %10.2f\n", m, p, r, r / p }'
+done
 
 # Field encryption end to end: rows with two encrypted columns vs the same rows in plaintext
 # columns, both selected through the encrypting pgward (prepared).

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::crypto::sql::SqlEncryption;
@@ -87,7 +86,8 @@ pub struct StatementInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rewritten {
     pub sql: String,
-    pub statements: Vec<StatementInfo>,
+    /// Shared: a statement served from a shape template carries its template's analysis.
+    pub statements: Arc<[StatementInfo]>,
     /// The service is configured as unrestricted: `sql` is the client's text, unchanged
     /// unless field encryption transformed it.
     pub unrestricted: bool,
@@ -108,9 +108,9 @@ pub enum Decision {
 
 const CACHE_CAPACITY: usize = 4096;
 
-/// (service, sha256 of the claims, sql) → rewrite. The claims hash is part of the key, so a
+/// (service, the claims as canonical JSON, sql) → rewrite. The claims are part of the key, so a
 /// hit can only return the rewrite made for the same identity.
-type CacheKey = (String, [u8; 32], String);
+type CacheKey = (String, String, String);
 
 struct Cache<V> {
     map: HashMap<CacheKey, V>,
@@ -155,7 +155,7 @@ enum ShapeEntry {
 
 struct ShapeTemplate {
     template: shape::Template,
-    statements: Vec<StatementInfo>,
+    statements: Arc<[StatementInfo]>,
 }
 
 impl ShapeTemplate {
@@ -200,10 +200,10 @@ pub struct PolicyEngine {
     counters: RwLock<Arc<RewriteCounters>>,
 }
 
-fn claims_hash(claims: &serde_json::Map<String, serde_json::Value>) -> [u8; 32] {
-    // serde_json's Map is ordered (BTreeMap), so this serialization is canonical.
-    let text = serde_json::to_string(claims).unwrap_or_default();
-    Sha256::digest(text.as_bytes()).into()
+fn claims_key(claims: &serde_json::Map<String, serde_json::Value>) -> String {
+    // serde_json's Map is ordered (BTreeMap), so this serialization is canonical; compared
+    // whole, never hashed, so two identities cannot share a key.
+    serde_json::to_string(claims).unwrap_or_default()
 }
 
 impl PolicyEngine {
@@ -319,12 +319,16 @@ impl PolicyEngine {
             .iter()
             .filter_map(|c| who.claims.get(c).map(|v| (c.clone(), v.clone())))
             .collect();
-        let claims_key = claims_hash(&relevant);
+        let claims_key = claims_key(&relevant);
         // Statements differing only in literals share one rewrite (see shape.rs).
         let shape = shape::shape_of(sql);
         let mut learn = None;
         if let Some(shape) = &shape {
-            let key = (who.service.to_string(), claims_key, shape.key().to_string());
+            let key = (
+                who.service.to_string(),
+                claims_key.clone(),
+                shape.key().to_string(),
+            );
             match snap.shapes.lock().get(&key) {
                 Some(ShapeEntry::Template(t)) => {
                     inc(&self.counters.read().shape_hits);
@@ -615,7 +619,7 @@ pub fn rewrite_encrypted(
     Ok((
         Rewritten {
             sql: texts.join(";\n"),
-            statements: infos,
+            statements: infos.into(),
             unrestricted: false,
             params: outcome.params.clone(),
         },

@@ -216,7 +216,7 @@ pub fn shape_of(sql: &str) -> Option<Shape<'_>> {
                 literals.push(i..end);
                 kinds.push(kind);
                 key.push('$');
-                key.push_str(&literals.len().to_string());
+                push_decimal(&mut key, literals.len());
                 copied = end;
             }
             prev = Prev::Literal;
@@ -239,6 +239,11 @@ pub fn shape_of(sql: &str) -> Option<Shape<'_>> {
         parameterized_len,
         literals,
     })
+}
+
+fn push_decimal(out: &mut String, n: usize) {
+    use std::fmt::Write as _;
+    let _ = write!(out, "{n}");
 }
 
 /// If a comment starts at `i`: `Some(Some(end))`, or `Some(None)` when it never ends.

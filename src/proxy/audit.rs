@@ -293,7 +293,7 @@ impl SessionAudit {
             if !analysis.unrestricted {
                 record.set_rewritten(&analysis.sql);
             }
-            for info in &analysis.statements {
+            for info in analysis.statements.iter() {
                 extend_unique(&mut record.tables_read, &info.tables_read);
                 extend_unique(&mut record.tables_written, &info.tables_written);
                 extend_unique(&mut record.columns_read, &info.columns_read);
