@@ -200,10 +200,23 @@ pub struct PolicyEngine {
     counters: RwLock<Arc<RewriteCounters>>,
 }
 
-fn claims_key(claims: &serde_json::Map<String, serde_json::Value>) -> String {
-    // serde_json's Map is ordered (BTreeMap), so this serialization is canonical; compared
-    // whole, never hashed, so two identities cannot share a key.
-    serde_json::to_string(claims).unwrap_or_default()
+fn claims_key(
+    used: &std::collections::BTreeSet<String>,
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> String {
+    // The used claims in sorted order, each as `name=json;` (names and JSON values are
+    // serialized, so no two identities can produce the same text); compared whole, never
+    // hashed. Built without copying the claims into a map first: this runs per statement.
+    let mut key = String::new();
+    for name in used {
+        if let Some(value) = claims.get(name) {
+            key.push_str(&serde_json::to_string(name).unwrap_or_default());
+            key.push('=');
+            key.push_str(&value.to_string());
+            key.push(';');
+        }
+    }
+    key
 }
 
 impl PolicyEngine {
@@ -291,6 +304,16 @@ impl PolicyEngine {
         self.current.read().policies.get(service).cloned()
     }
 
+    /// The extra parameters a policy-bound service may set (`[allow].set`), or `None` when no
+    /// policy binds it. Checked at connect without copying the whole compiled policy.
+    pub fn extra_settable(&self, service: &str) -> Option<Vec<String>> {
+        self.current
+            .read()
+            .policies
+            .get(service)
+            .map(|p| p.allow.set.clone())
+    }
+
     pub fn services(&self) -> Vec<String> {
         let mut v: Vec<String> = self.current.read().policies.keys().cloned().collect();
         v.sort();
@@ -312,14 +335,9 @@ impl PolicyEngine {
             }
             return Err(no_policy(who.service));
         };
-        // Only the claims the policy references shape the rewrite; hashing just those keeps
+        // Only the claims the policy references shape the rewrite; keying by just those keeps
         // hits across token refreshes while different identities still never share entries.
-        let relevant: serde_json::Map<String, serde_json::Value> = policy
-            .claims
-            .iter()
-            .filter_map(|c| who.claims.get(c).map(|v| (c.clone(), v.clone())))
-            .collect();
-        let claims_key = claims_key(&relevant);
+        let claims_key = claims_key(&policy.claims, who.claims);
         // Statements differing only in literals share one rewrite (see shape.rs).
         let shape = shape::shape_of(sql);
         let mut learn = None;

@@ -341,10 +341,10 @@ impl<'a> Rewriter<'a> {
     fn utf8_only(&self, values: &[Expr]) -> R<()> {
         let ok = match values {
             [Expr::Value(v)] => match &v.value {
-                sqlparser::ast::Value::SingleQuotedString(s) => is_utf8_name(s),
+                sqlparser::ast::Value::SingleQuotedString(s) => allow::is_utf8_encoding(s),
                 _ => false,
             },
-            [Expr::Identifier(id)] => is_utf8_name(&id.value),
+            [Expr::Identifier(id)] => allow::is_utf8_encoding(&id.value),
             _ => false,
         };
         if ok {
@@ -1671,10 +1671,6 @@ fn leakproof_type(info: &TableInfo, col: &str) -> bool {
     info.column(col).is_some_and(|c| {
         ["bigint", "integer", "smallint", "text", "uuid", "boolean"].contains(&c.type_name.as_str())
     })
-}
-
-fn is_utf8_name(s: &str) -> bool {
-    allow::is_utf8_encoding(s)
 }
 
 fn is_default(e: &Expr) -> bool {

@@ -393,11 +393,9 @@ fn startup_rules(shared: &Shared, service: &str, unrestricted: bool) -> StartupR
         .policies
         .as_ref()
         .filter(|_| !unrestricted)
-        .and_then(|p| p.engine().policy(service));
+        .and_then(|p| p.engine().extra_settable(service));
     match bound {
-        Some(policy) => StartupRules::Bound {
-            settable: policy.allow.set.clone(),
-        },
+        Some(settable) => StartupRules::Bound { settable },
         None => StartupRules::Open {
             search_path: unrestricted,
         },
