@@ -5,7 +5,11 @@
 # pgbench_accounts) against pass-through, with PostgreSQL's own RLS of the same filter as a
 # reference, and auditing on against auditing off.
 #
-#   benches/pgbench.sh [--duration SECONDS] [--rounds N] [--clients N] [--scale N]
+#   benches/pgbench.sh [--duration SECONDS] [--rounds N] [--clients N] [--scale N] [--only SECTIONS]
+#
+# SECTIONS is a comma-separated subset of proxies (direct / PgBouncer / pgward and p99),
+# features (policy and auditing against pass-through), rls (the server's RLS reference) and
+# encryption; all four by default.
 #
 # Installs pgbouncer (Debian package) when missing and running as root. Everything it starts
 # (PostgreSQL in a temp dir, PgBouncer, pgward) listens on 127.0.0.1 only and is stopped at exit.
@@ -17,15 +21,19 @@ ROUNDS=3
 CLIENTS=8
 THREADS=2
 SCALE=10
+ONLY=proxies,features,rls,encryption
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
     --rounds) ROUNDS=$2; shift 2 ;;
     --clients) CLIENTS=$2; shift 2 ;;
     --scale) SCALE=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
+
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 BINDIR=$(pg_config --bindir 2>/dev/null || true)
 [ -x "$BINDIR/initdb" ] || BINDIR=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -35,8 +43,12 @@ if ! command -v pgbouncer >/dev/null; then
 fi
 PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 
-cargo build --release --quiet
-PGWARD=$PWD/target/release/pgward
+# PGWARD=/path/to/pgward benches/pgbench.sh measures that binary instead (an A/B comparison
+# of two builds, or a build kept while the tree changes).
+if [ -z "${PGWARD:-}" ]; then
+  cargo build --release --quiet
+  PGWARD=$PWD/target/release/pgward
+fi
 
 WORK=$(mktemp -d /tmp/pgward-bench.XXXXXX)
 chmod 755 "$WORK"
@@ -164,6 +176,9 @@ run_pgbench() { # target-port mode clients [user token] -> tps
     | awk '/^tps/ {print $3; exit}'
 }
 
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+if want proxies; then
 declare -A TPS
 TARGETS=(direct:$PG_PORT pgbouncer:$BOUNCER_PORT pgward:$WARD_PORT)
 for mode in simple prepared; do
@@ -176,8 +191,6 @@ for mode in simple prepared; do
     done
   done
 done
-
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo
 echo "== pgbench -S, $CLIENTS clients, $THREADS threads, ${DURATION}s x $ROUNDS rounds (median TPS)"
@@ -200,8 +213,11 @@ pd=$(p99_of "$PG_PORT"); pw=$(p99_of "$WARD_PORT"); pb=$(p99_of "$BOUNCER_PORT")
 echo
 echo "== 1 client, prepared: p99 latency direct ${pd}us, pgbouncer ${pb}us, pgward ${pw}us; pgward adds $((pw - pd))us"
 
+fi
+
 # Feature overhead, same run: policy-bound vs pass-through through one pgward, and auditing on
 # (a second pgward writing JSON Lines with fsync per group commit) vs off.
+if want features; then
 declare -A FEAT
 FEATURES=("passthrough:$WARD_PORT:postgres:$TOKEN" "policy:$WARD_PORT:tenant:$TENANT_TOKEN" "audited:$AUDIT_PORT:postgres:$TOKEN" "audit-nosync:$AUDIT_NOSYNC_PORT:postgres:$TOKEN")
 for mode in simple prepared; do
@@ -226,9 +242,12 @@ for mode in simple prepared; do
 done
 echo "audit log: $(cat "$WORK"/audit/*.jsonl 2>/dev/null | wc -l) records written"
 
+fi
+
 # The server's own share of a row filter, for reference: PostgreSQL's row-level security with
 # the same filter (bid = 1), directly, as a role it applies to, against the superuser (which
 # bypasses it). Whatever this costs the server, a policy-bound service through pgward pays too.
+if want rls; then
 "${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -c \
   "CREATE ROLE rls_tenant LOGIN; GRANT SELECT ON pgbench_accounts, pgbench_branches TO rls_tenant;
    ALTER TABLE pgbench_accounts ENABLE ROW LEVEL SECURITY; CREATE POLICY tenant ON pgbench_accounts USING (bid = 1)"
@@ -251,8 +270,11 @@ for mode in simple prepared; do
   awk -v m="$mode" -v p="$p" -v r="$r" 'BEGIN { printf "%-9s %12.0f %12.0f %10.2f\n", m, p, r, r / p }'
 done
 
+fi
+
 # Field encryption end to end: rows with two encrypted columns vs the same rows in plaintext
 # columns, both selected through the encrypting pgward (prepared).
+if want encryption; then
 for i in $(seq 1 2000); do
   printf "INSERT INTO enc_items VALUES (%d, 'customer-%d@example.com', '4111-1111-1111-%04d');\n" "$i" "$i" "$i"
   printf "INSERT INTO plain_items VALUES (%d, 'customer-%d@example.com', '4111-1111-1111-%04d');\n" "$i" "$i" "$i"
@@ -274,3 +296,4 @@ p=$(echo "${CRYPT[plain]}" | median); e=$(echo "${CRYPT[enc]}" | median)
 echo
 echo "== field encryption: SELECT of two columns by primary key through pgward, prepared, $CLIENTS clients"
 awk -v p="$p" -v e="$e" 'BEGIN { printf "plaintext %10.0f tps   encrypted %10.0f tps   encrypted/plaintext %.2f\n", p, e, e / p }'
+fi

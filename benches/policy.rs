@@ -3,12 +3,16 @@
 //! * `exact_hit`: the same text again (a prepared statement's Parse, a repeated query);
 //! * `shape_hit`: the same statement with other literals (the simple protocol: every
 //!   `... WHERE aid = N` differs), served by filling the shape's template;
-//! * `miss`: a rewrite from scratch (parse, rewrite, print, round-trip check).
+//! * `miss`: a rewrite from scratch (parse, rewrite, print, round-trip check);
+//! * `session_exact_hit`, `session_shape_hit`: the same two answered from the session's own
+//!   memo (what the proxy uses), without the engine's shared caches.
 use std::path::Path;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use pgward::policy::{Catalog, ColumnInfo, PolicyEngine, PolicyIdentity, RelKind, TableInfo};
+use pgward::policy::{
+    Catalog, ColumnInfo, PolicyEngine, PolicyIdentity, RelKind, SessionMemo, TableInfo,
+};
 
 const POLICY: &str = r#"
 service = "tenant"
@@ -71,6 +75,25 @@ fn bench_rewrite(c: &mut Criterion) {
         b.iter(|| {
             aid += 1;
             engine.rewrite(&who, &select(aid)).expect("allowed")
+        })
+    });
+    let mut memo = SessionMemo::default();
+    engine
+        .rewrite_in_session(&mut memo, &who, &same)
+        .expect("allowed");
+    group.bench_function("session_exact_hit", |b| {
+        b.iter(|| {
+            engine
+                .rewrite_in_session(&mut memo, &who, &same)
+                .expect("allowed")
+        })
+    });
+    group.bench_function("session_shape_hit", |b| {
+        b.iter(|| {
+            aid += 1;
+            engine
+                .rewrite_in_session(&mut memo, &who, &select(aid))
+                .expect("allowed")
         })
     });
     let mut n = 0u64;

@@ -6,6 +6,7 @@
 //! construct is made safe and `allow.rs` for the built-in allowlists.
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -198,6 +199,9 @@ pub struct PolicyEngine {
     /// Field encryption's SQL transform, run on every statement before the policy rewrite.
     encryption: RwLock<Option<Arc<SqlEncryption>>>,
     counters: RwLock<Arc<RewriteCounters>>,
+    /// Bumped after every change of what a rewrite depends on (policies, catalog, encryption,
+    /// counters): sessions' memos from an older generation are emptied before use.
+    generation: AtomicU64,
 }
 
 fn claims_key(
@@ -234,6 +238,7 @@ impl PolicyEngine {
             unrestricted: unrestricted.to_vec(),
             encryption: RwLock::new(None),
             counters: RwLock::default(),
+            generation: AtomicU64::new(1),
         })
     }
 
@@ -242,6 +247,7 @@ impl PolicyEngine {
         let policies = config::load_dir(dir, catalog)?;
         *self.current.write() = Arc::new(Snapshot::new(policies, catalog.clone()));
         *self.dir.write() = dir.to_path_buf();
+        self.generation.fetch_add(1, Ordering::Release);
         tracing::info!(dir = %dir.display(), "reloaded policies");
         Ok(())
     }
@@ -267,6 +273,7 @@ impl PolicyEngine {
     /// Count rewrite-cache answers into these counters (the proxy's `/metrics`).
     pub fn set_counters(&self, counters: Arc<RewriteCounters>) {
         *self.counters.write() = counters;
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// How the rewrite cache has answered so far.
@@ -277,6 +284,7 @@ impl PolicyEngine {
     /// Apply field encryption to every statement (policy-bound and unrestricted services).
     pub fn set_encryption(&self, encryption: Arc<SqlEncryption>) {
         *self.encryption.write() = Some(encryption);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     pub fn decision(&self, service: &str) -> Decision {
@@ -326,12 +334,50 @@ impl PolicyEngine {
         who: &PolicyIdentity<'_>,
         sql: &str,
     ) -> Result<Arc<Rewritten>, PolicyDenied> {
+        let shape = shape::shape_of(sql);
+        self.rewrite_shared(who, sql, shape.as_ref())
+            .map(|(rewritten, _)| rewritten)
+    }
+
+    /// [`rewrite`](Self::rewrite) for a session, which always asks for the same identity:
+    /// what the shared caches answered is also kept in the session's own memo, so its next
+    /// statements of the same text or shape skip the shared caches (their locks, the claims
+    /// key and the key copies).
+    pub fn rewrite_in_session(
+        &self,
+        memo: &mut SessionMemo,
+        who: &PolicyIdentity<'_>,
+        sql: &str,
+    ) -> Result<Arc<Rewritten>, PolicyDenied> {
+        // Read before the snapshot: a reload bumps it after swapping, so an entry remembered
+        // from a newer snapshot under an older generation is only ever dropped, never kept.
+        let generation = self.generation.load(Ordering::Acquire);
+        if memo.generation != generation {
+            memo.reset(generation, self.counters.read().clone());
+        }
+        let shape = shape::shape_of(sql);
+        if let Some(hit) = memo.get(sql, shape.as_ref()) {
+            return Ok(hit);
+        }
+        let (rewritten, reuse) = self.rewrite_shared(who, sql, shape.as_ref())?;
+        memo.remember(sql, shape.as_ref(), &rewritten, reuse);
+        Ok(rewritten)
+    }
+
+    /// The shared caches, then a rewrite from scratch. Also says how the result may be reused.
+    fn rewrite_shared(
+        &self,
+        who: &PolicyIdentity<'_>,
+        sql: &str,
+        shape: Option<&shape::Shape<'_>>,
+    ) -> Result<(Arc<Rewritten>, Reuse), PolicyDenied> {
         let snap = self.current.read().clone();
         let encryption = self.encryption.read().clone();
         let Some(policy) = snap.policies.get(who.service) else {
             if self.unrestricted.iter().any(|s| s == who.service) {
-                return unrestricted_rewrite(sql, encryption.as_deref(), Some(&snap.catalog))
-                    .map(Arc::new);
+                let rewritten =
+                    unrestricted_rewrite(sql, encryption.as_deref(), Some(&snap.catalog))?;
+                return Ok((Arc::new(rewritten), Reuse::None));
             }
             return Err(no_policy(who.service));
         };
@@ -339,9 +385,8 @@ impl PolicyEngine {
         // hits across token refreshes while different identities still never share entries.
         let claims_key = claims_key(&policy.claims, who.claims);
         // Statements differing only in literals share one rewrite (see shape.rs).
-        let shape = shape::shape_of(sql);
         let mut learn = None;
-        if let Some(shape) = &shape {
+        if let Some(shape) = shape {
             let key = (
                 who.service.to_string(),
                 claims_key.clone(),
@@ -350,7 +395,7 @@ impl PolicyEngine {
             match snap.shapes.lock().get(&key) {
                 Some(ShapeEntry::Template(t)) => {
                     inc(&self.counters.read().shape_hits);
-                    return Ok(Arc::new(t.instantiate(shape)));
+                    return Ok((Arc::new(t.instantiate(shape)), Reuse::Template(t)));
                 }
                 Some(ShapeEntry::Exact) => {}
                 None => learn = Some((shape, key)),
@@ -359,7 +404,7 @@ impl PolicyEngine {
         let key = (who.service.to_string(), claims_key, sql.to_string());
         if let Some(hit) = snap.cache.lock().get(&key) {
             inc(&self.counters.read().exact_hits);
-            return Ok(hit);
+            return Ok((hit, Reuse::Exact));
         }
         inc(&self.counters.read().misses);
         for claim in &policy.claims {
@@ -389,17 +434,17 @@ impl PolicyEngine {
                 tracing::debug!(service = who.service, "rewrote statement");
                 if let Some((shape, shape_key)) = learn {
                     let entry = learn_shape(shape, &r, &outcome, rewrite);
-                    let templated = matches!(entry, ShapeEntry::Template(_));
-                    snap.shapes.lock().put(shape_key, entry);
-                    if templated {
-                        return Ok(r);
+                    snap.shapes.lock().put(shape_key, entry.clone());
+                    if let ShapeEntry::Template(t) = entry {
+                        return Ok((r, Reuse::Template(t)));
                     }
                 }
                 // Embedded ciphertext must not repeat across executions (see crypto::sql).
-                if !outcome.encrypted_literals {
-                    snap.cache.lock().put(key, r.clone());
+                if outcome.encrypted_literals {
+                    return Ok((r, Reuse::None));
                 }
-                Ok(r)
+                snap.cache.lock().put(key, r.clone());
+                Ok((r, Reuse::Exact))
             }
             Err(e) => {
                 // A parser error quotes the client's text, which may hold values meant for
@@ -411,6 +456,78 @@ impl PolicyEngine {
                 }
                 Err(e)
             }
+        }
+    }
+}
+
+/// How a rewrite may be served again to the same identity.
+enum Reuse {
+    /// Any statement of the same shape: fill this template.
+    Template(Arc<ShapeTemplate>),
+    /// The same text: the same result.
+    Exact,
+    /// Never (it embeds ciphertext, or nothing was rewritten).
+    None,
+}
+
+/// Most entries a session's memo holds per kind; a full memo starts over (sessions of real
+/// applications cycle through far fewer statements).
+const MEMO_CAPACITY: usize = 128;
+/// Longer statements are only cached by the engine, so a session's memo stays small.
+const MEMO_KEY_LIMIT: usize = 2048;
+
+/// One session's memo of the rewrites it used, for [`PolicyEngine::rewrite_in_session`].
+/// Keyed by text alone: a session's identity never changes, and the memo is emptied whenever
+/// the engine's policies, catalog or encryption change.
+#[derive(Default)]
+pub struct SessionMemo {
+    generation: u64,
+    shapes: HashMap<String, Arc<ShapeTemplate>>,
+    exact: HashMap<String, Arc<Rewritten>>,
+    counters: Arc<RewriteCounters>,
+}
+
+impl SessionMemo {
+    fn reset(&mut self, generation: u64, counters: Arc<RewriteCounters>) {
+        self.generation = generation;
+        self.shapes.clear();
+        self.exact.clear();
+        self.counters = counters;
+    }
+
+    fn get(&self, sql: &str, shape: Option<&shape::Shape<'_>>) -> Option<Arc<Rewritten>> {
+        if let Some(shape) = shape {
+            if let Some(t) = self.shapes.get(shape.key()) {
+                inc(&self.counters.shape_hits);
+                return Some(Arc::new(t.instantiate(shape)));
+            }
+        }
+        let hit = self.exact.get(sql)?;
+        inc(&self.counters.exact_hits);
+        Some(hit.clone())
+    }
+
+    fn remember(
+        &mut self,
+        sql: &str,
+        shape: Option<&shape::Shape<'_>>,
+        rewritten: &Arc<Rewritten>,
+        reuse: Reuse,
+    ) {
+        match (reuse, shape) {
+            (Reuse::Template(t), Some(shape)) if shape.key().len() <= MEMO_KEY_LIMIT => {
+                if self.shapes.len() >= MEMO_CAPACITY {
+                    self.shapes.clear();
+                }
+                self.shapes.insert(shape.key().to_string(), t);
+            }
+            (Reuse::Exact, _) if sql.len() <= MEMO_KEY_LIMIT => {
+                if self.exact.len() >= MEMO_CAPACITY {
+                    self.exact.clear();
+                }
+                self.exact.insert(sql.to_string(), rewritten.clone());
+            }
+            _ => {}
         }
     }
 }

@@ -856,3 +856,102 @@ async fn literals_of_encrypted_tables_never_take_a_template() {
     }
     assert_eq!(shape_hits(&e), 0);
 }
+
+fn session_rewrite(
+    e: &PolicyEngine,
+    memo: &mut SessionMemo,
+    tenant: i64,
+    sql: &str,
+) -> Result<String, PolicyDenied> {
+    let c = claims(serde_json::json!(tenant));
+    let who = PolicyIdentity {
+        service: "billing",
+        claims: &c,
+    };
+    e.rewrite_in_session(memo, &who, sql).map(|r| r.sql.clone())
+}
+
+#[test]
+fn a_sessions_memo_answers_as_the_engine_would() {
+    let e = engine();
+    let mut memo = SessionMemo::default();
+    let statements = [
+        "SELECT name FROM customers WHERE id = 1",
+        "SELECT name FROM customers WHERE id = 2",
+        "SELECT count(*) FROM invoices",
+        "SELECT count(*) FROM invoices",
+        "SELECT CAST(amount_cents AS numeric(10,2)) FROM invoices WHERE id = 1",
+        "SELECT CAST(amount_cents AS numeric(10,2)) FROM invoices WHERE id = 1",
+    ];
+    for sql in statements {
+        assert_eq!(
+            session_rewrite(&e, &mut memo, 1, sql).unwrap(),
+            billing_rewrite(&engine(), 1, sql).unwrap(),
+            "{sql}"
+        );
+    }
+    assert_eq!(memo.shapes.len(), 1, "one template remembered");
+    assert_eq!(memo.exact.len(), 2, "two exact texts remembered");
+    let counters = e.counters();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&counters.misses), 3);
+    assert_eq!(load(&counters.shape_hits) + load(&counters.exact_hits), 3);
+}
+
+#[test]
+fn a_sessions_memo_is_forgotten_when_the_policies_change() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["billing.toml", "support.toml", "analytics.toml"] {
+        std::fs::copy(Path::new("policies").join(f), dir.path().join(f)).unwrap();
+    }
+    let e = PolicyEngine::load(dir.path(), Arc::new(demo_catalog()), &[]).unwrap();
+    let mut memo = SessionMemo::default();
+    for sql in [
+        "SELECT email FROM customers WHERE id = 1",
+        "SELECT email FROM customers",
+    ] {
+        session_rewrite(&e, &mut memo, 1, sql).unwrap();
+        session_rewrite(&e, &mut memo, 1, sql).unwrap();
+    }
+    // Billing loses email: both the remembered template and the remembered text must go.
+    let path = dir.path().join("billing.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let revoked = text.replace(
+        "[tables.customers]",
+        "[tables.customers]\nexcept_columns = [\"email\"]",
+    );
+    assert_ne!(text, revoked, "billing.toml changed shape: fix the test");
+    std::fs::write(&path, revoked).unwrap();
+    e.reload_files().unwrap();
+    for sql in [
+        "SELECT email FROM customers WHERE id = 2",
+        "SELECT email FROM customers",
+    ] {
+        let err = session_rewrite(&e, &mut memo, 1, sql).unwrap_err();
+        assert!(err.message.contains("customers.email"), "{}", err.message);
+    }
+}
+
+#[tokio::test]
+async fn a_sessions_memo_never_keeps_encrypted_literals() {
+    let mut tables: Vec<TableInfo> = demo_catalog().tables().cloned().collect();
+    for t in &mut tables {
+        if t.column("email").is_some() {
+            t.columns.push(col("email_bidx", "bytea"));
+        }
+    }
+    let e = PolicyEngine::load(
+        Path::new("policies"),
+        Arc::new(Catalog::from_tables(tables)),
+        &[],
+    )
+    .unwrap();
+    e.set_encryption(Arc::new(crate::crypto::sql::tests::enc().await));
+    let mut memo = SessionMemo::default();
+    let sql = "INSERT INTO customers (name, email) VALUES ('n', 'a@example.com')";
+    let first = session_rewrite(&e, &mut memo, 1, sql).unwrap();
+    let second = session_rewrite(&e, &mut memo, 1, sql).unwrap();
+    assert!(!first.contains("a@example.com"), "{first}");
+    assert_ne!(first, second, "ciphertext repeated: the rewrite was reused");
+    assert!(memo.shapes.is_empty() && memo.exact.is_empty());
+}

@@ -16,7 +16,7 @@ use super::policy::{may_be_ddl, Policies, SessionPolicy};
 use crate::auth::Identity;
 use crate::crypto::sql::{ParamPlan, SqlEncryption};
 use crate::error::{sqlstate, ClientError};
-use crate::policy::{PolicyDenied, Rewritten};
+use crate::policy::{PolicyDenied, Rewritten, SessionMemo};
 use crate::protocol::fields::{parse_parts, query_text};
 use crate::protocol::{build, frontend, Message};
 
@@ -45,6 +45,8 @@ pub struct Interceptor {
     param_plan: Option<Arc<ParamPlan>>,
     /// Field encryption's protocol state for messages going upstream.
     crypto: Option<ClientHalf>,
+    /// The rewrites this session used, for its next statements of the same text or shape.
+    memo: SessionMemo,
 }
 
 impl Interceptor {
@@ -58,6 +60,7 @@ impl Interceptor {
             encryption: None,
             param_plan: None,
             crypto: None,
+            memo: SessionMemo::default(),
         }
     }
 
@@ -166,7 +169,7 @@ impl Interceptor {
         };
         let result = match &self.policy {
             SessionPolicy::Bound(policies) | SessionPolicy::WatchDdl(policies) => {
-                policies.rewrite(&self.identity, sql)
+                policies.rewrite(&mut self.memo, &self.identity, sql)
             }
             SessionPolicy::Unrestricted => match &self.encryption {
                 Some(enc) => {

@@ -15,7 +15,9 @@ use crate::auth::Identity;
 use crate::config::{Config, PolicyConfig};
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::{inc, Metrics};
-use crate::policy::{Catalog, CatalogError, PolicyDenied, PolicyEngine, PolicyError, Rewritten};
+use crate::policy::{
+    Catalog, CatalogError, PolicyDenied, PolicyEngine, PolicyError, Rewritten, SessionMemo,
+};
 use crate::upstream::{UpstreamError, UpstreamTarget};
 
 /// Why the policies could not be loaded at start.
@@ -158,13 +160,19 @@ impl Policies {
         Ok(SessionPolicy::Bound(self.clone()))
     }
 
-    /// Rewrite one SQL string for `identity` (cached by the engine).
-    pub fn rewrite(&self, identity: &Identity, sql: &str) -> Result<Arc<Rewritten>, PolicyDenied> {
+    /// Rewrite one SQL string of a session of `identity` (cached by the engine and in the
+    /// session's memo).
+    pub fn rewrite(
+        &self,
+        memo: &mut SessionMemo,
+        identity: &Identity,
+        sql: &str,
+    ) -> Result<Arc<Rewritten>, PolicyDenied> {
         let who = crate::policy::PolicyIdentity {
             service: &identity.service,
             claims: &identity.claims,
         };
-        self.engine.rewrite(&who, sql)
+        self.engine.rewrite_in_session(memo, &who, sql)
     }
 
     /// Re-read the policy files; an invalid set keeps the old one and says why.

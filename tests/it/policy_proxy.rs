@@ -583,6 +583,34 @@ async fn policy_files_are_reloaded_when_they_change_and_kept_when_invalid() {
         .await
         .unwrap();
     assert!(rows.iter().all(|r| r.get::<_, i64>(0) == 1));
+
+    // Revoke ssn again: statements this session already ran (and its memo of rewrites holds,
+    // by text and by shape) are refused from the next reload on.
+    support
+        .simple_query("SELECT ssn FROM customers WHERE id = 1")
+        .await
+        .unwrap();
+    std::fs::write(&path, &text).unwrap();
+    let mut revoked = false;
+    for _ in 0..50 {
+        if support
+            .query("SELECT ssn FROM customers", &[])
+            .await
+            .is_err()
+        {
+            revoked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(revoked, "revocation not picked up by the running session");
+    assert_refused(
+        &support
+            .simple_query("SELECT ssn FROM customers WHERE id = 2")
+            .await
+            .unwrap_err(),
+        "ssn",
+    );
 }
 
 #[tokio::test]
