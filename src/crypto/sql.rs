@@ -39,6 +39,8 @@ use sqlparser::ast::{
     TableObject, UnaryOperator, Update, Value, ValueWithSpan, VisitMut, VisitorMut,
 };
 
+mod accessed;
+
 use super::codec::{encode_for_encryption, ClientType, WireFormat};
 use super::error::CryptoError;
 use super::manager::KeyManager;
@@ -136,6 +138,9 @@ pub struct Outcome {
     pub encrypted_literals: bool,
     /// `None` when no parameter needs the relay.
     pub params: Option<Arc<ParamPlan>>,
+    /// Per statement of the text, the encrypted columns it reads, searches or writes
+    /// (`table.column`, for the audit record; see `accessed.rs`).
+    pub accessed: Vec<Vec<String>>,
 }
 
 #[derive(Clone, Debug)]
@@ -209,9 +214,11 @@ impl SqlEncryption {
                 literals: false,
             };
             if !t.collect_tables(st) {
+                outcome.accessed.push(Vec::new());
                 continue;
             }
             outcome.touched = true;
+            outcome.accessed.push(t.accessed_columns(st));
             t.statement(st)?;
             outcome.encrypted_literals |= t.literals;
         }

@@ -79,6 +79,11 @@ pub struct StatementInfo {
     pub tables_written: Vec<String>,
     /// `table.column` the statement can see of the tables read.
     pub columns_read: Vec<String>,
+    /// `table.column` the statement stores values in (INSERT, UPDATE, upsert, COPY FROM).
+    pub columns_written: Vec<String>,
+    /// `table.column` of encrypted columns the statement reads, searches or writes (field
+    /// encryption; a wildcard or whole-row reference counts every encrypted column of its table).
+    pub encrypted_columns: Vec<String>,
     /// The caller refreshes the catalog (`Catalog::refresh` + `PolicyEngine::set_catalog`).
     pub is_ddl: bool,
 }
@@ -602,13 +607,13 @@ pub fn unrestricted_rewrite(
     catalog: Option<&Catalog>,
 ) -> Result<Rewritten, PolicyDenied> {
     let parsed = sql::parse_statements(sql);
-    let statements = parsed
+    let mut statements: Vec<StatementInfo> = parsed
         .as_ref()
         .map(|v| v.iter().map(unrestricted_info).collect())
         .unwrap_or_default();
-    let unchanged = |statements| Rewritten {
+    let unchanged = |statements: Vec<StatementInfo>| Rewritten {
         sql: sql.to_string(),
-        statements,
+        statements: statements.into(),
         unrestricted: true,
         params: None,
     };
@@ -637,9 +642,12 @@ pub fn unrestricted_rewrite(
     if !outcome.touched {
         return Ok(unchanged(statements));
     }
+    for (info, accessed) in statements.iter_mut().zip(outcome.accessed) {
+        info.encrypted_columns = accessed;
+    }
     Ok(Rewritten {
         sql: texts.join(";\n"),
-        statements,
+        statements: statements.into(),
         unrestricted: true,
         params: outcome.params,
     })
@@ -734,9 +742,10 @@ pub fn rewrite_encrypted(
             .map_err(encryption_refusal)?,
         None => crate::crypto::sql::Outcome::default(),
     };
-    for st in &mut stmts {
-        let (text, info) =
+    for (k, st) in stmts.iter_mut().enumerate() {
+        let (text, mut info) =
             rewrite::Rewriter::new(service, policy, catalog, claims).statement(st)?;
+        info.encrypted_columns = outcome.accessed.get(k).cloned().unwrap_or_default();
         // COPY FROM verifies its two parts itself (sqlparser has no COPY ... WHERE).
         if info.kind != "COPY FROM" && !sql::round_trips(&text) {
             tracing::warn!(

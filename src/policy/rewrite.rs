@@ -783,6 +783,20 @@ impl<'a> Rewriter<'a> {
         }
     }
 
+    /// Columns a write stores values in (the client's and the presets), for the audit record.
+    fn note_columns_written<'c>(
+        &mut self,
+        info: &TableInfo,
+        cols: impl IntoIterator<Item = &'c String>,
+    ) {
+        for c in cols {
+            let q = format!("{}.{c}", info.name);
+            if !self.info.columns_written.contains(&q) {
+                self.info.columns_written.push(q);
+            }
+        }
+    }
+
     /// `rel.col = literal` / `col = $n` conjuncts of a WHERE clause, by relation name.
     fn pushdown_candidates(&self, from: &[TableWithJoins], selection: Option<&Expr>) -> Pushdown {
         let single = match from {
@@ -1098,6 +1112,7 @@ impl<'a> Rewriter<'a> {
                 // The value is evaluated again inside the write check; it must be stable.
                 return Err(self.refuse(format!("a volatile function in the new value of {col}")));
             }
+            self.note_columns_written(&tp.info, [&col]);
             map.insert(col, format!("({})", a.value));
         }
         Ok(map)
@@ -1466,6 +1481,7 @@ impl<'a> Rewriter<'a> {
             value_of.insert(col.clone(), format!("CAST(({v}) AS {})", type_of(col)));
             out_cols.push(col.clone());
         }
+        self.note_columns_written(&tp.info, &out_cols);
         let select_list: Vec<String> = out_cols
             .iter()
             .filter_map(|c| value_of.get(c).cloned())
@@ -1645,6 +1661,7 @@ impl<'a> Rewriter<'a> {
         for c in &cols {
             self.writable_column(&tp, c)?;
         }
+        self.note_columns_written(&tp.info, &cols);
         let mut text = st.to_string();
         if !super::sql::round_trips(&text) {
             return Err(self.refuse("this COPY statement (it does not round-trip)"));

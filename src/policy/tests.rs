@@ -955,3 +955,27 @@ async fn a_sessions_memo_never_keeps_encrypted_literals() {
     assert_ne!(first, second, "ciphertext repeated: the rewrite was reused");
     assert!(memo.shapes.is_empty() && memo.exact.is_empty());
 }
+
+#[test]
+fn written_columns_are_listed_with_presets() {
+    let e = engine();
+    let c = claims(serde_json::json!(1));
+    let who = PolicyIdentity {
+        service: "billing",
+        claims: &c,
+    };
+    let written = |sql: &str| e.rewrite(&who, sql).unwrap().statements[0].columns_written.clone();
+    assert_eq!(
+        written("INSERT INTO customers (name, email) VALUES ('n', 'e')"),
+        ["customers.name", "customers.email", "customers.tenant_id"]
+    );
+    assert_eq!(
+        written("UPDATE invoices SET status = 'paid', amount_cents = 5 WHERE id = 1"),
+        ["invoices.status", "invoices.amount_cents"]
+    );
+    assert_eq!(
+        written("INSERT INTO customers (id, name) VALUES (1, 'n') ON CONFLICT (id) DO UPDATE SET email = 'x'"),
+        ["customers.id", "customers.name", "customers.tenant_id", "customers.email"]
+    );
+    assert!(written("SELECT email FROM customers").is_empty());
+}

@@ -297,6 +297,8 @@ impl SessionAudit {
                 extend_unique(&mut record.tables_read, &info.tables_read);
                 extend_unique(&mut record.tables_written, &info.tables_written);
                 extend_unique(&mut record.columns_read, &info.columns_read);
+                extend_unique(&mut record.columns_written, &info.columns_written);
+                extend_unique(&mut record.encrypted_columns, &info.encrypted_columns);
             }
         }
         self.statements_recorded += 1;

@@ -476,3 +476,92 @@ async fn records_are_copied_to_syslog_when_asked() {
         kinds.push(text);
     }
 }
+
+#[tokio::test]
+async fn records_say_which_columns_were_written_and_which_encrypted_columns_were_touched() {
+    let log = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("auditcols", true).await;
+    let key_file = log.path().join("master.key");
+    pgward::keys::local::LocalProvider::generate_file(&key_file).unwrap();
+    let audit_dir = log.path().join("audit");
+    let policies = std::fs::canonicalize("policies").unwrap();
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_toml: format!(
+            "{}\n[policy]\ndir = {:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n\n{}\n{}",
+            audit_toml(&audit_dir, ""),
+            policies.display().to_string(),
+            harness::superuser_service("billing"),
+            pgward::cli::dev::demo_encryption_toml(&key_file),
+        ),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let mut config = proxy.client_config("billing", &database);
+    config.password(harness::token("billing", json!({"tenant_id": 1})));
+    let (billing, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    billing
+        .query("SELECT name, email FROM customers WHERE id = $1", &[&1i64])
+        .await
+        .unwrap();
+    billing
+        .simple_query("INSERT INTO customers (name, ssn) VALUES ('audited', '999-12-3456')")
+        .await
+        .unwrap();
+    billing
+        .simple_query("UPDATE invoices SET status = 'paid' WHERE id = 1")
+        .await
+        .unwrap();
+    let app = proxy.connect("app", &database).await;
+    app.simple_query("SELECT * FROM invoices").await.unwrap();
+    drop((billing, app));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+
+    let all = records(&audit_dir);
+    let statement = |text: &str| {
+        of_kind(&all, "statement")
+            .into_iter()
+            .find(|r| r["sql"].as_str().is_some_and(|s| s.starts_with(text)))
+            .unwrap_or_else(|| panic!("no record of {text}: {all:#?}"))
+            .clone()
+    };
+    let select = statement("SELECT name, email");
+    assert_eq!(select["tables_read"], json!(["public.customers"]));
+    assert_eq!(select["encrypted_columns"], json!(["customers.email"]));
+    assert_eq!(select["columns_written"], json!([]));
+    let insert = statement("INSERT INTO customers");
+    assert_eq!(
+        insert["columns_written"],
+        json!(["customers.name", "customers.ssn", "customers.tenant_id"]),
+        "the client's columns and the policy's preset"
+    );
+    assert_eq!(insert["encrypted_columns"], json!(["customers.ssn"]));
+    assert_eq!(insert["tables_written"], json!(["public.customers"]));
+    let update = statement("UPDATE invoices");
+    assert_eq!(update["columns_written"], json!(["invoices.status"]));
+    assert_eq!(update["encrypted_columns"], json!([]));
+    let star = statement("SELECT * FROM invoices");
+    assert_eq!(star["encrypted_columns"], json!(["invoices.card_number"]));
+    assert!(
+        !all.iter().any(|r| r.to_string().contains("999-12-3456")),
+        "plaintext of an encrypted column in the audit log"
+    );
+
+    // The auditor's question: who touched ssn?
+    let out = Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args(["audit", "search"])
+        .arg(&audit_dir)
+        .args(["--column", "customers.ssn", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let found: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let seqs: Vec<&Value> = found.iter().map(|r| &r["seq"]).collect();
+    assert!(seqs.contains(&&insert["seq"]), "{found:#?}");
+    assert!(!seqs.contains(&&update["seq"]), "{found:#?}");
+    assert!(!seqs.contains(&&star["seq"]), "{found:#?}");
+}
