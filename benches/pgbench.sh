@@ -218,7 +218,7 @@ fi
 # Feature overhead, same run: policy-bound vs pass-through through one pgward, and auditing on
 # (a second pgward writing JSON Lines with fsync per group commit) vs off.
 if want features; then
-declare -A FEAT
+declare -A FEAT RATIO
 FEATURES=("passthrough:$WARD_PORT:postgres:$TOKEN" "policy:$WARD_PORT:tenant:$TENANT_TOKEN" "audited:$AUDIT_PORT:postgres:$TOKEN" "audit-nosync:$AUDIT_NOSYNC_PORT:postgres:$TOKEN")
 for mode in simple prepared; do
   for round in $(seq 1 "$ROUNDS"); do
@@ -227,6 +227,11 @@ for mode in simple prepared; do
       tps=$(run_pgbench "$port" "$mode" "$CLIENTS" "$user" "$token")
       FEAT[$mode,$name]="${FEAT[$mode,$name]:-} $tps"
       printf '  round %s %-8s %-11s %10s tps\n' "$round" "$mode" "$name" "$tps"
+      # Each feature against the pass-through run just before it: drifts of the shared
+      # machine's speed between rounds cancel out of these.
+      if [ "$name" = passthrough ]; then round_p=$tps; else
+        RATIO[$mode,$name]="${RATIO[$mode,$name]:-} $(awk -v a="$tps" -v b="$round_p" 'BEGIN { printf "%.3f", a / b }')"
+      fi
     done
   done
 done
@@ -239,6 +244,15 @@ for mode in simple prepared; do
   a=$(echo "${FEAT[$mode,audited]}" | median); n=$(echo "${FEAT[$mode,audit-nosync]}" | median)
   awk -v m="$mode" -v p="$p" -v r="$r" -v a="$a" -v n="$n" \
     'BEGIN { printf "%-9s %12.0f %12.0f %12.0f %12.0f %10.2f %10.2f %10.2f\n", m, p, r, a, n, r / p, a / p, n / p }'
+done
+echo "per-round ratios to the pass-through round before them (median, min-max):"
+for mode in simple prepared; do
+  for name in policy audited audit-nosync; do
+    r=${RATIO[$mode,$name]}
+    printf '  %-9s %-12s %s  (%s - %s)   rounds:%s\n' "$mode" "$name" "$(echo "$r" | median)" \
+      "$(echo "$r" | tr ' ' '\n' | grep -v '^$' | sort -g | head -1)" \
+      "$(echo "$r" | tr ' ' '\n' | grep -v '^$' | sort -g | tail -1)" "$r"
+  done
 done
 echo "audit log: $(cat "$WORK"/audit/*.jsonl 2>/dev/null | wc -l) records written"
 

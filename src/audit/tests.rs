@@ -561,6 +561,13 @@ async fn search_filters() {
     assert_eq!(search_count(&fx, |a| a.service = Some("hr".into())), 4);
     assert_eq!(search_count(&fx, |a| a.kind = Some("statement".into())), 7);
     assert_eq!(search_count(&fx, |a| a.table = Some("people".into())), 2);
+    assert_eq!(
+        search_count(&fx, |a| a.table = Some("public.people".into())),
+        2,
+        "a qualified name finds records that name the table unqualified"
+    );
+    assert_eq!(search_count(&fx, |a| a.table = Some("hr.people".into())), 2);
+    assert_eq!(search_count(&fx, |a| a.table = Some("peoples".into())), 0);
     assert_eq!(search_count(&fx, |a| a.column = Some("ssn".into())), 1);
     assert_eq!(
         search_count(&fx, |a| a.column = Some("people.ssn".into())),

@@ -16,6 +16,7 @@ use crate::crypto::sql::SqlEncryption;
 use crate::metrics::{inc, RewriteCounters};
 
 pub mod allow;
+pub mod analysis;
 pub mod catalog;
 pub mod cli;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod rewrite;
 pub mod shape;
 pub mod sql;
 
+pub use analysis::AnalysisMemo;
 pub use catalog::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
 pub use config::{Action, ServicePolicy, TablePolicy};
 
@@ -609,7 +611,11 @@ pub fn unrestricted_rewrite(
     let parsed = sql::parse_statements(sql);
     let mut statements: Vec<StatementInfo> = parsed
         .as_ref()
-        .map(|v| v.iter().map(unrestricted_info).collect())
+        .map(|v| {
+            v.iter()
+                .map(|st| analysis::unrestricted_info(st, catalog))
+                .collect()
+        })
         .unwrap_or_default();
     let unchanged = |statements: Vec<StatementInfo>| Rewritten {
         sql: sql.to_string(),
@@ -651,19 +657,6 @@ pub fn unrestricted_rewrite(
         unrestricted: true,
         params: outcome.params,
     })
-}
-
-fn unrestricted_info(s: &sqlparser::ast::Statement) -> StatementInfo {
-    StatementInfo {
-        kind: rewrite::statement_kind(s).to_string(),
-        is_ddl: rewrite::statement_kind(s) == "DDL"
-            || matches!(
-                s,
-                sqlparser::ast::Statement::CreateView(_)
-                    | sqlparser::ast::Statement::CreateFunction(_)
-            ),
-        ..StatementInfo::default()
-    }
 }
 
 /// Sanitize and encrypt statements, returning their texts (checked to round-trip).

@@ -964,7 +964,11 @@ fn written_columns_are_listed_with_presets() {
         service: "billing",
         claims: &c,
     };
-    let written = |sql: &str| e.rewrite(&who, sql).unwrap().statements[0].columns_written.clone();
+    let written = |sql: &str| {
+        e.rewrite(&who, sql).unwrap().statements[0]
+            .columns_written
+            .clone()
+    };
     assert_eq!(
         written("INSERT INTO customers (name, email) VALUES ('n', 'e')"),
         ["customers.name", "customers.email", "customers.tenant_id"]

@@ -16,7 +16,7 @@ use super::policy::{may_be_ddl, Policies, SessionPolicy};
 use crate::auth::Identity;
 use crate::crypto::sql::{ParamPlan, SqlEncryption};
 use crate::error::{sqlstate, ClientError};
-use crate::policy::{PolicyDenied, Rewritten, SessionMemo};
+use crate::policy::{AnalysisMemo, PolicyDenied, Rewritten, SessionMemo};
 use crate::protocol::fields::{parse_parts, query_text};
 use crate::protocol::{build, frontend, Message};
 
@@ -47,6 +47,9 @@ pub struct Interceptor {
     crypto: Option<ClientHalf>,
     /// The rewrites this session used, for its next statements of the same text or shape.
     memo: SessionMemo,
+    /// Audited and not otherwise parsed (unrestricted, no field encryption): statements are
+    /// analysed for the tables their audit records name, through this memo.
+    audit_analysis: Option<AnalysisMemo>,
 }
 
 impl Interceptor {
@@ -61,7 +64,14 @@ impl Interceptor {
             param_plan: None,
             crypto: None,
             memo: SessionMemo::default(),
+            audit_analysis: None,
         }
+    }
+
+    /// Analyse the statements of an unrestricted session for its audit records.
+    pub fn with_audit_analysis(mut self, audited: bool) -> Self {
+        self.audit_analysis = audited.then(AnalysisMemo::default);
+        self
     }
 
     /// Field encryption's protocol state (set once the session's columns are located).
@@ -116,15 +126,38 @@ impl Interceptor {
                 if self.encryption.is_some() {
                     return self.rewrite(message);
                 }
+                self.analyse_for_audit(message);
                 Verdict::Forward
             }
-            (SessionPolicy::Unrestricted, frontend::QUERY | frontend::PARSE)
-                if self.encryption.is_some() =>
-            {
-                self.rewrite(message)
+            (SessionPolicy::Unrestricted, frontend::QUERY | frontend::PARSE) => {
+                if self.encryption.is_some() {
+                    return self.rewrite(message);
+                }
+                self.analyse_for_audit(message);
+                Verdict::Forward
             }
             _ => Verdict::Forward,
         }
+    }
+
+    /// An unrestricted, unencrypted statement forwarded as it is: what it touches, for its
+    /// audit record (a message that is not valid UTF-8 is forwarded unanalysed; the server
+    /// rejects it).
+    fn analyse_for_audit(&mut self, message: &Message) {
+        let Some(memo) = self.audit_analysis.as_mut() else {
+            return;
+        };
+        let Ok(sql) = sql_of(message) else {
+            return;
+        };
+        let analysis = memo.analyse(sql, || match &self.policy {
+            SessionPolicy::WatchDdl(policies) => Some(policies.engine().catalog()),
+            _ => None,
+        });
+        if analysis.statements.iter().any(|s| s.is_ddl) {
+            memo.clear();
+        }
+        self.last_analysis = Some(analysis);
     }
 
     /// The policy analysis of the message just decided on (once).

@@ -182,7 +182,8 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
     tracing::info!(session = session_id, service = %identity.service, database = %database, "session established");
 
     let interceptor = Interceptor::new(identity, policy)
-        .with_encryption(shared.encryption.as_ref().map(|e| e.sql.clone()));
+        .with_encryption(shared.encryption.as_ref().map(|e| e.sql.clone()))
+        .with_audit_analysis(shared.audit.is_some());
     let audit = match open_session_audit(
         &shared,
         &interceptor,

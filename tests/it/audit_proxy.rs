@@ -183,6 +183,26 @@ async fn every_statement_gets_one_durable_record_and_a_completion() {
         .collect();
     assert_eq!(failed.len(), 1);
 
+    // What each statement of this unrestricted service touched (no catalog: names as written).
+    let tables_of = |needle: &str| -> Vec<(Value, Value)> {
+        statements
+            .iter()
+            .filter(|s| s["sql"].as_str().unwrap_or("").contains(needle))
+            .map(|s| (s["tables_read"].clone(), s["tables_written"].clone()))
+            .collect()
+    };
+    assert_eq!(tables_of("INSERT INTO t"), vec![(json!([]), json!(["t"]))]);
+    assert_eq!(
+        tables_of("SELECT secret FROM t"),
+        vec![(json!(["t"]), json!([])); 3],
+        "each execution of the prepared statement"
+    );
+    assert_eq!(tables_of("DELETE FROM t"), vec![(json!([]), json!(["t"]))]);
+    assert_eq!(
+        tables_of("count(*) from t"),
+        vec![(json!(["t"]), json!([]))]
+    );
+
     // Literal values and tokens never reach the log by default.
     let text = all.iter().map(Value::to_string).collect::<String>();
     for secret in ["hunter2", "swordfish", "eyJ"] {
@@ -555,7 +575,11 @@ async fn records_say_which_columns_were_written_and_which_encrypted_columns_were
         .args(["--column", "customers.ssn", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let found: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())

@@ -105,7 +105,10 @@ impl Accessed<'_, '_> {
         for item in items {
             match item {
                 SelectItem::Wildcard(_) => self.every_table(),
-                SelectItem::QualifiedWildcard(SelectItemQualifiedWildcardKind::ObjectName(n), _) => {
+                SelectItem::QualifiedWildcard(
+                    SelectItemQualifiedWildcardKind::ObjectName(n),
+                    _,
+                ) => {
                     let parts = object_name_parts(n).unwrap_or_default();
                     let table = match parts.as_slice() {
                         [rel] => self.table_of_rel(rel),
@@ -146,10 +149,11 @@ impl Accessed<'_, '_> {
                 }
             }
             Statement::Copy {
-                source: CopySource::Table {
-                    table_name,
-                    columns,
-                },
+                source:
+                    CopySource::Table {
+                        table_name,
+                        columns,
+                    },
                 ..
             } => {
                 let Some(table) = self.table_of_name(table_name) else {
