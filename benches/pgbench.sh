@@ -8,8 +8,8 @@
 #   benches/pgbench.sh [--duration SECONDS] [--rounds N] [--clients N] [--scale N] [--only SECTIONS]
 #
 # SECTIONS is a comma-separated subset of proxies (direct / PgBouncer / pgward and p99),
-# features (policy and auditing against pass-through), rls (the server's RLS reference) and
-# encryption; all four by default.
+# features (policy and auditing against pass-through), policy (the policy part of features
+# alone), rls (the server's RLS reference) and encryption; all but policy by default.
 #
 # Installs pgbouncer (Debian package) when missing and running as root. Everything it starts
 # (PostgreSQL in a temp dir, PgBouncer, pgward) listens on 127.0.0.1 only and is stopped at exit.
@@ -217,21 +217,32 @@ fi
 
 # Feature overhead, same run: policy-bound vs pass-through through one pgward, and auditing on
 # (a second pgward writing JSON Lines with fsync per group commit) vs off.
-if want features; then
+if want features || want policy; then
 declare -A FEAT RATIO
 FEATURES=("passthrough:$WARD_PORT:postgres:$TOKEN" "policy:$WARD_PORT:tenant:$TENANT_TOKEN" "audited:$AUDIT_PORT:postgres:$TOKEN" "audit-nosync:$AUDIT_NOSYNC_PORT:postgres:$TOKEN")
+want features || FEATURES=("${FEATURES[@]:0:2}")
+measure() { # mode round name port user token -> LAST_TPS (no subshell: FEAT is kept)
+  LAST_TPS=$(run_pgbench "$4" "$1" "$CLIENTS" "$5" "$6")
+  FEAT[$1,$3]="${FEAT[$1,$3]:-} $LAST_TPS"
+  printf '  round %s %-8s %-12s %10s tps\n' "$2" "$1" "$3" "$LAST_TPS"
+}
 for mode in simple prepared; do
   for round in $(seq 1 "$ROUNDS"); do
-    for feature in "${FEATURES[@]}"; do
+    for feature in "${FEATURES[@]:1}"; do
       IFS=: read -r name port user token <<<"$feature"
-      tps=$(run_pgbench "$port" "$mode" "$CLIENTS" "$user" "$token")
-      FEAT[$mode,$name]="${FEAT[$mode,$name]:-} $tps"
-      printf '  round %s %-8s %-11s %10s tps\n' "$round" "$mode" "$name" "$tps"
-      # Each feature against the pass-through run just before it: drifts of the shared
-      # machine's speed between rounds cancel out of these.
-      if [ "$name" = passthrough ]; then round_p=$tps; else
-        RATIO[$mode,$name]="${RATIO[$mode,$name]:-} $(awk -v a="$tps" -v b="$round_p" 'BEGIN { printf "%.3f", a / b }')"
+      IFS=: read -r _ pport puser ptoken <<<"${FEATURES[0]}"
+      # Each feature is paired with a pass-through run, in alternating order (ABBA), after the
+      # kernel has written back the audit logs: neither the shared machine's drift nor the
+      # previous run's I/O falls on one side of a ratio.
+      sync
+      if [ $((round % 2)) -eq 1 ]; then
+        measure "$mode" "$round" passthrough "$pport" "$puser" "$ptoken"; p=$LAST_TPS
+        measure "$mode" "$round" "$name" "$port" "$user" "$token"; f=$LAST_TPS
+      else
+        measure "$mode" "$round" "$name" "$port" "$user" "$token"; f=$LAST_TPS
+        measure "$mode" "$round" passthrough "$pport" "$puser" "$ptoken"; p=$LAST_TPS
       fi
+      RATIO[$mode,$name]="${RATIO[$mode,$name]:-} $(awk -v a="$f" -v b="$p" 'BEGIN { printf "%.3f", a / b }')"
     done
   done
 done
@@ -245,10 +256,11 @@ for mode in simple prepared; do
   awk -v m="$mode" -v p="$p" -v r="$r" -v a="$a" -v n="$n" \
     'BEGIN { printf "%-9s %12.0f %12.0f %12.0f %12.0f %10.2f %10.2f %10.2f\n", m, p, r, a, n, r / p, a / p, n / p }'
 done
-echo "per-round ratios to the pass-through round before them (median, min-max):"
+echo "ratios to the pass-through run paired with each (median, min - max, every pair):"
 for mode in simple prepared; do
   for name in policy audited audit-nosync; do
-    r=${RATIO[$mode,$name]}
+    r=${RATIO[$mode,$name]:-}
+    [ -n "$r" ] || continue
     printf '  %-9s %-12s %s  (%s - %s)   rounds:%s\n' "$mode" "$name" "$(echo "$r" | median)" \
       "$(echo "$r" | tr ' ' '\n' | grep -v '^$' | sort -g | head -1)" \
       "$(echo "$r" | tr ' ' '\n' | grep -v '^$' | sort -g | tail -1)" "$r"
