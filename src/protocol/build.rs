@@ -131,6 +131,19 @@ pub fn parse(name: &str, sql: &str) -> Bytes {
     finish(buf)
 }
 
+/// Describe of a prepared statement (`kind` `S`) or portal (`P`).
+pub fn describe(kind: u8, name: &str) -> Bytes {
+    let mut buf = begin(b'D', name.len() + 2);
+    buf.put_u8(kind);
+    put_cstr(&mut buf, name);
+    finish(buf)
+}
+
+/// Sync.
+pub fn sync() -> Bytes {
+    finish(begin(b'S', 0))
+}
+
 /// Parse of `sql` as statement `name`, keeping a client's raw parameter-type list (as taken
 /// from its own Parse by `fields::parse_parts`).
 pub fn parse_with_param_types(name: &str, sql: &str, param_types: &[u8]) -> Bytes {

@@ -12,9 +12,9 @@
 //!   configured client type; blind-index companions (`<col>_bidx`) are removed from results.
 //! * **DataRow**: values of encrypted columns are decrypted and re-encoded in the format the
 //!   client asked for (text or binary). Encrypted result columns are recognised by the table
-//!   OID and attribute number of RowDescription, which PostgreSQL keeps through views,
-//!   subqueries and CTEs (`resorigtbl`/`resorigcol`); the OIDs are looked up on the session's
-//!   own upstream connection when it starts.
+//!   OID and attribute number of RowDescription, which PostgreSQL keeps through subqueries and
+//!   CTEs (`resorigtbl`/`resorigcol`); the OIDs are looked up on the session's own upstream
+//!   connection when it starts, with the columns of views that carry them (`views.rs`).
 //!
 //! DataRows of an Execute carry no description of their own, so before every Execute whose
 //! portal the client did not describe, pgward inserts a `Describe` of that portal and keeps
@@ -30,6 +30,8 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
+
+mod views;
 
 use super::copy_in::CopyIn;
 use crate::config::Config;
@@ -129,6 +131,20 @@ impl Encryption {
         )
     }
 
+    /// The views over tables with encrypted columns (see `views.rs`).
+    fn dependent_views_sql(&self) -> String {
+        let tables: std::collections::BTreeSet<(&str, &str)> = self
+            .manager
+            .columns()
+            .map(|spec| {
+                spec.table
+                    .split_once('.')
+                    .unwrap_or(("public", &spec.table))
+            })
+            .collect();
+        views::dependent_views_sql(tables.into_iter())
+    }
+
     /// Start the encryption state of one session: look up the OIDs of the encrypted columns
     /// over the session's upstream connection (before any client message is relayed).
     pub async fn open_session(
@@ -143,12 +159,16 @@ impl Encryption {
                 "pgward: could not look up the encrypted columns upstream",
             )
         };
+        // Two result sets: the encrypted columns, then the views that depend on their tables.
+        let lookup = format!("{}; {}", self.lookup_sql(), self.dependent_views_sql());
         writer
-            .write_all(&build::query(&self.lookup_sql()))
+            .write_all(&build::query(&lookup))
             .await
             .map_err(|_| failed("write"))?;
         writer.flush().await.map_err(|_| failed("flush"))?;
         let mut columns = HashMap::new();
+        let mut views = Vec::new();
+        let mut result_set = 0;
         'read: loop {
             let batch = match reader.next_batch().await {
                 Ok(Some(batch)) => batch,
@@ -156,6 +176,17 @@ impl Encryption {
             };
             for message in batch.messages() {
                 match message.tag() {
+                    ROW_DESCRIPTION => result_set += 1,
+                    backend::DATA_ROW if result_set == 2 => {
+                        let row = parse_data_row(message.body()).ok_or_else(|| failed("row"))?;
+                        let text =
+                            |i: usize| row.get(i).copied().flatten().map(String::from_utf8_lossy);
+                        let (Some(oid), Some(definition)) = (text(0), text(1)) else {
+                            return Err(failed("view fields"));
+                        };
+                        let oid = oid.parse::<u32>().map_err(|_| failed("view oid"))?;
+                        views.push((oid, definition.into_owned()));
+                    }
                     backend::DATA_ROW => {
                         let row = parse_data_row(message.body()).ok_or_else(|| failed("row"))?;
                         let text = |i: usize| -> Option<String> {
@@ -183,8 +214,12 @@ impl Encryption {
                 }
             }
         }
+        views::map_view_columns(reader, writer, &views, &mut columns)
+            .await
+            .map_err(failed)?;
         tracing::debug!(
             columns = columns.len(),
+            views = views.len(),
             "encrypted columns located upstream"
         );
         let queue = Arc::new(Mutex::new(VecDeque::new()));
@@ -365,7 +400,7 @@ impl ClientHalf {
                     self.push(Expect::DescribePortal { hidden: true });
                     self.push(Expect::Execute);
                     let mut out = BytesMut::new();
-                    out.extend_from_slice(&describe_portal(&portal));
+                    out.extend_from_slice(&build::describe(b'P', &portal));
                     out.extend_from_slice(message.raw());
                     return Ok(Some(out.freeze()));
                 }
@@ -1071,16 +1106,6 @@ fn describe_target(body: &[u8]) -> Option<(u8, String)> {
     let (&kind, rest) = body.split_first()?;
     let (name, _) = take_cstr(rest)?;
     Some((kind, String::from_utf8_lossy(name).into_owned()))
-}
-
-fn describe_portal(portal: &str) -> Bytes {
-    let mut out = BytesMut::new();
-    out.put_u8(frontend::DESCRIBE);
-    out.put_u32(0);
-    out.put_u8(b'P');
-    out.extend_from_slice(portal.as_bytes());
-    out.put_u8(0);
-    finish(out)
 }
 
 /// A Bind message's fields.

@@ -1399,3 +1399,52 @@ async fn a_pipeline_without_sync_after_an_error_cannot_grow_memory_without_bound
     let client = fx.proxy.connect("app", &fx.database).await;
     client.simple_query("SELECT 1").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_through_views_and_materialized_views_decrypt() {
+    let fx = fixture().await;
+    fx.seed_directly(1, 1).await;
+    // Made around pgward, as an application's migrations would: a view, a view over it with
+    // a renamed and a computed column, and a materialized view (its copy of the ciphertext).
+    direct(&fx.database)
+        .await
+        .batch_execute(
+            "CREATE VIEW item_texts AS SELECT id, c_text, c_text_bidx, note FROM vault_items;
+             CREATE VIEW item_texts_2 (ident, secret, l) AS
+               SELECT id, c_text, length(c_text) FROM item_texts;
+             CREATE MATERIALIZED VIEW item_ints AS SELECT id, c_int4, c_jsonb FROM vault_items;",
+        )
+        .await
+        .unwrap();
+    let expected = expected_text(ClientType::Text, samples(ClientType::Text)[1]);
+    let client = fx.client().await;
+    assert_eq!(
+        simple_rows(&client, "SELECT id, c_text FROM item_texts").await,
+        vec![vec![Some("1".to_string()), expected.clone()]]
+    );
+    // The blind index stays hidden through a view, as it is from the table.
+    let row = client
+        .query_one("SELECT * FROM item_texts", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.len(), 3, "id, c_text, note");
+    assert_eq!(row.get::<_, Option<String>>(1), expected);
+    // A view over the view: its origin is the inner view's column.
+    let row = client
+        .query_one("SELECT ident, secret, l FROM item_texts_2", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Option<String>>(1), expected);
+    assert!(
+        row.get::<_, i32>(2) > 0,
+        "a column computed from ciphertext stays as the server computed it"
+    );
+    let row = client
+        .query_one("SELECT c_int4, c_jsonb FROM item_ints WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        Some(row.get::<_, i32>(0).to_string()),
+        expected_text(ClientType::Int4, samples(ClientType::Int4)[1])
+    );
+}
