@@ -252,7 +252,7 @@ echo "   audited = records fsync'ed before each statement runs; audit-nosync = [
 printf '%-9s %12s %12s %12s %12s %10s %10s %10s\n' mode passthrough policy audited audit-nosync policy/p audited/p nosync/p
 for mode in simple prepared; do
   p=$(echo "${FEAT[$mode,passthrough]}" | median); r=$(echo "${FEAT[$mode,policy]}" | median)
-  a=$(echo "${FEAT[$mode,audited]}" | median); n=$(echo "${FEAT[$mode,audit-nosync]}" | median)
+  a=$(echo "${FEAT[$mode,audited]:-0}" | median); n=$(echo "${FEAT[$mode,audit-nosync]:-0}" | median)
   awk -v m="$mode" -v p="$p" -v r="$r" -v a="$a" -v n="$n" \
     'BEGIN { printf "%-9s %12.0f %12.0f %12.0f %12.0f %10.2f %10.2f %10.2f\n", m, p, r, a, n, r / p, a / p, n / p }'
 done

@@ -74,29 +74,40 @@ impl<'a> Shape<'a> {
     }
 }
 
-/// Keywords after which a literal is a plain value.
-const VALUE_KEYWORDS: &[&str] = &[
-    "select",
-    "where",
-    "and",
-    "or",
-    "not",
-    "like",
-    "ilike",
-    "then",
-    "else",
-    "when",
-    "case",
-    "between",
-    "returning",
-    "limit",
-    "offset",
-    "having",
-    "on",
-    "distinct",
-    "from",
-    "for",
-];
+/// Keywords after which a literal is a plain value (matched case-insensitively; runs for
+/// every word of every simple-protocol statement).
+fn is_value_keyword(word: &str) -> bool {
+    let mut lower = [0u8; 9];
+    let Some(buf) = lower.get_mut(..word.len()) else {
+        return false;
+    };
+    for (l, c) in buf.iter_mut().zip(word.bytes()) {
+        *l = c.to_ascii_lowercase();
+    }
+    matches!(
+        &*buf,
+        b"select"
+            | b"where"
+            | b"and"
+            | b"or"
+            | b"not"
+            | b"like"
+            | b"ilike"
+            | b"then"
+            | b"else"
+            | b"when"
+            | b"case"
+            | b"between"
+            | b"returning"
+            | b"limit"
+            | b"offset"
+            | b"having"
+            | b"on"
+            | b"distinct"
+            | b"from"
+            | b"for"
+    )
+}
 
 /// Statements whose literals the rewriter only ever carries along, never inspects.
 const SHAPED_STATEMENTS: &[&str] = &[
@@ -147,7 +158,6 @@ pub fn shape_of(sql: &str) -> Option<Shape<'_>> {
     let b = sql.as_bytes();
     let mut key = String::with_capacity(sql.len() + 8);
     let mut literals = Vec::new();
-    let mut kinds = Vec::new();
     let mut copied = 0;
     let mut prev = Prev::Start;
     let mut i = 0;
@@ -193,7 +203,7 @@ pub fn shape_of(sql: &str) -> Option<Shape<'_>> {
                 }
                 let word = sql.get(i..end)?;
                 prev = Prev::Word {
-                    admits_value: VALUE_KEYWORDS.iter().any(|k| word.eq_ignore_ascii_case(k)),
+                    admits_value: is_value_keyword(word),
                 };
                 i = end;
                 continue;
@@ -214,7 +224,6 @@ pub fn shape_of(sql: &str) -> Option<Shape<'_>> {
             if prev.admits_literal() {
                 key.push_str(sql.get(copied..i)?);
                 literals.push(i..end);
-                kinds.push(kind);
                 key.push('$');
                 push_decimal(&mut key, literals.len());
                 copied = end;
@@ -229,10 +238,12 @@ pub fn shape_of(sql: &str) -> Option<Shape<'_>> {
     key.push_str(sql.get(copied..)?);
     let parameterized_len = key.len();
     key.push('\0');
-    key.extend(kinds.iter().map(|k| match k {
-        LiteralKind::String => 'S',
-        LiteralKind::Number => 'N',
-    }));
+    // A literal's kind is its first byte: a string starts with its quote.
+    key.extend(
+        literals
+            .iter()
+            .map(|r| if b[r.start] == b'\'' { 'S' } else { 'N' }),
+    );
     Some(Shape {
         sql,
         key,
@@ -242,8 +253,13 @@ pub fn shape_of(sql: &str) -> Option<Shape<'_>> {
 }
 
 fn push_decimal(out: &mut String, n: usize) {
-    use std::fmt::Write as _;
-    let _ = write!(out, "{n}");
+    if n < 10 {
+        // The common case, without the formatting machinery.
+        out.push(char::from(b'0' + n as u8));
+    } else {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{n}");
+    }
 }
 
 /// If a comment starts at `i`: `Some(Some(end))`, or `Some(None)` when it never ends.

@@ -37,7 +37,13 @@ fn finish(mut buf: BytesMut) -> Bytes {
 
 fn put_cstr(buf: &mut BytesMut, s: &str) {
     // A NUL inside would end the field early; drop it rather than corrupt the framing.
-    buf.extend(s.bytes().filter(|&b| b != 0));
+    // (Checked first: copying byte by byte through the filter showed up in profiles of
+    // every rewritten statement.)
+    if s.as_bytes().contains(&0) {
+        buf.extend(s.bytes().filter(|&b| b != 0));
+    } else {
+        buf.extend_from_slice(s.as_bytes());
+    }
     buf.put_u8(0);
 }
 

@@ -241,11 +241,14 @@ fn sql_of(message: &Message) -> Result<&str, ClientError> {
 
 /// The client's Query or Parse with the rewritten SQL (Parse keeps its name and types).
 fn rebuild(message: &Message, rewritten: &Rewritten) -> Bytes {
+    if message.tag() != frontend::PARSE {
+        return build::query(&rewritten.sql);
+    }
     match parse_parts(message.body()) {
-        Ok((name, _, param_types)) if message.tag() == frontend::PARSE => {
+        Ok((name, _, param_types)) => {
             build::parse_with_param_types(name, &rewritten.sql, param_types)
         }
-        _ => build::query(&rewritten.sql),
+        Err(_) => build::query(&rewritten.sql),
     }
 }
 
