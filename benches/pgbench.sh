@@ -252,9 +252,17 @@ echo "   audited = records fsync'ed before each statement runs; audit-nosync = [
 printf '%-9s %12s %12s %12s %12s %10s %10s %10s\n' mode passthrough policy audited audit-nosync policy/p audited/p nosync/p
 for mode in simple prepared; do
   p=$(echo "${FEAT[$mode,passthrough]}" | median); r=$(echo "${FEAT[$mode,policy]}" | median)
-  a=$(echo "${FEAT[$mode,audited]:-0}" | median); n=$(echo "${FEAT[$mode,audit-nosync]:-0}" | median)
-  awk -v m="$mode" -v p="$p" -v r="$r" -v a="$a" -v n="$n" \
-    'BEGIN { printf "%-9s %12.0f %12.0f %12.0f %12.0f %10.2f %10.2f %10.2f\n", m, p, r, a, n, r / p, a / p, n / p }'
+  a=$(echo "${FEAT[$mode,audited]:-}" | median); n=$(echo "${FEAT[$mode,audit-nosync]:-}" | median)
+  # Features --only left out print as "-".
+  awk -v m="$mode" -v p="$p" -v r="$r" -v a="$a" -v n="$n" 'BEGIN {
+    tps = "%12s"; ratio = "%10s"
+    printf "%-9s %12.0f %12.0f ", m, p, r
+    if (a == "") printf tps " ", "-"; else printf "%12.0f ", a
+    if (n == "") printf tps " ", "-"; else printf "%12.0f ", n
+    printf "%10.2f ", r / p
+    if (a == "") printf ratio " ", "-"; else printf "%10.2f ", a / p
+    if (n == "") printf ratio "\n", "-"; else printf "%10.2f\n", n / p
+  }'
 done
 echo "ratios to the pass-through run paired with each (median, min - max, every pair):"
 for mode in simple prepared; do
@@ -266,7 +274,9 @@ for mode in simple prepared; do
       "$(echo "$r" | tr ' ' '\n' | grep -v '^$' | sort -g | tail -1)" "$r"
   done
 done
-echo "audit log: $(cat "$WORK"/audit/*.jsonl 2>/dev/null | wc -l) records written"
+if want features; then
+  echo "audit log: $(cat "$WORK"/audit/*.jsonl 2>/dev/null | wc -l) records written"
+fi
 
 fi
 

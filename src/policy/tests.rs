@@ -825,8 +825,9 @@ fn statements_without_a_safe_shape_take_the_exact_path() {
     assert_eq!(shape_hits(&e), 0);
 }
 
-#[tokio::test]
-async fn literals_of_encrypted_tables_never_take_a_template() {
+/// The demo policies over the demo catalog with its blind-index columns, and the demo's
+/// columns encrypted (`crypto::sql::tests::enc`).
+async fn encrypted_demo_engine() -> PolicyEngine {
     let mut tables: Vec<TableInfo> = demo_catalog().tables().cloned().collect();
     for t in &mut tables {
         for encrypted in ["email", "card_number"] {
@@ -842,6 +843,12 @@ async fn literals_of_encrypted_tables_never_take_a_template() {
     )
     .unwrap();
     e.set_encryption(Arc::new(crate::crypto::sql::tests::enc().await));
+    e
+}
+
+#[tokio::test]
+async fn literals_of_encrypted_tables_never_take_a_template() {
+    let e = encrypted_demo_engine().await;
     for (i, email) in ["first@example.com", "second@example.com"]
         .iter()
         .enumerate()
@@ -934,19 +941,7 @@ fn a_sessions_memo_is_forgotten_when_the_policies_change() {
 
 #[tokio::test]
 async fn a_sessions_memo_never_keeps_encrypted_literals() {
-    let mut tables: Vec<TableInfo> = demo_catalog().tables().cloned().collect();
-    for t in &mut tables {
-        if t.column("email").is_some() {
-            t.columns.push(col("email_bidx", "bytea"));
-        }
-    }
-    let e = PolicyEngine::load(
-        Path::new("policies"),
-        Arc::new(Catalog::from_tables(tables)),
-        &[],
-    )
-    .unwrap();
-    e.set_encryption(Arc::new(crate::crypto::sql::tests::enc().await));
+    let e = encrypted_demo_engine().await;
     let mut memo = SessionMemo::default();
     let sql = "INSERT INTO customers (name, email) VALUES ('n', 'a@example.com')";
     let first = session_rewrite(&e, &mut memo, 1, sql).unwrap();

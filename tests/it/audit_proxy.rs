@@ -3,6 +3,7 @@
 //! log, statements refused when the log cannot write, and no acknowledged statement lost to
 //! `kill -9`.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -54,20 +55,12 @@ async fn audited_proxy(dir: &Path, extra: &str) -> TestProxy {
 
 /// `pgward audit verify` (the binary, as an auditor runs it) must find the log whole.
 fn assert_verifies(dir: &Path, live: bool) {
-    let mut args = vec!["audit", "verify"];
+    let mut args = vec![OsStr::new("audit"), OsStr::new("verify")];
     if live {
-        args.push("--live");
+        args.push(OsStr::new("--live"));
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_pgward"))
-        .args(args)
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    args.push(dir.as_os_str());
+    harness::pgward_cli(args);
 }
 
 #[tokio::test]
@@ -569,17 +562,14 @@ async fn records_say_which_columns_were_written_and_which_encrypted_columns_were
     );
 
     // The auditor's question: who touched ssn?
-    let out = Command::new(env!("CARGO_BIN_EXE_pgward"))
-        .args(["audit", "search"])
-        .arg(&audit_dir)
-        .args(["--column", "customers.ssn", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = harness::pgward_cli([
+        OsStr::new("audit"),
+        OsStr::new("search"),
+        audit_dir.as_os_str(),
+        OsStr::new("--column"),
+        OsStr::new("customers.ssn"),
+        OsStr::new("--json"),
+    ]);
     let found: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())

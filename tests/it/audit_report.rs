@@ -3,6 +3,7 @@
 //! loaded in a real headless browser (Debian's chromium). A second test measures what the
 //! browser laid out (chart geometry, console, resources fetched) with a probe script.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -89,17 +90,15 @@ async fn the_html_report_renders_in_a_real_browser_with_what_auditors_need() {
     proxy.shutdown().await;
 
     let page = work.path().join("report.html");
-    let out = Command::new(env!("CARGO_BIN_EXE_pgward"))
-        .args(["audit", "report", "--since", "1h", "--out"])
-        .arg(&page)
-        .arg(&log)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    harness::pgward_cli([
+        OsStr::new("audit"),
+        OsStr::new("report"),
+        OsStr::new("--since"),
+        OsStr::new("1h"),
+        OsStr::new("--out"),
+        page.as_os_str(),
+        log.as_os_str(),
+    ]);
     let html = std::fs::read_to_string(&page).unwrap();
     // Self-contained: nothing fetched from elsewhere (an auditor may open it offline).
     for external in ["src=\"http", "href=\"http", "@import", "url(http"] {

@@ -699,3 +699,23 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut out).await.expect("read");
     out
 }
+
+/// Runs the `pgward` binary as an operator would and returns its output; a failing run
+/// panics with both of its streams.
+pub fn pgward_cli<I, S>(args: I) -> std::process::Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args(args)
+        .output()
+        .expect("run pgward");
+    assert!(
+        out.status.success(),
+        "pgward failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
