@@ -145,6 +145,14 @@ pub fn describe(kind: u8, name: &str) -> Bytes {
     finish(buf)
 }
 
+/// Close of a prepared statement (`kind` `S`) or portal (`P`).
+pub fn close(kind: u8, name: &str) -> Bytes {
+    let mut buf = begin(b'C', name.len() + 2);
+    buf.put_u8(kind);
+    put_cstr(&mut buf, name);
+    finish(buf)
+}
+
 /// Sync.
 pub fn sync() -> Bytes {
     finish(begin(b'S', 0))

@@ -1447,4 +1447,20 @@ async fn reads_through_views_and_materialized_views_decrypt() {
         Some(row.get::<_, i32>(0).to_string()),
         expected_text(ClientType::Int4, samples(ClientType::Int4)[1])
     );
+    // Describing the views left nothing behind: a session starts without an unnamed
+    // statement, as it would on the server directly.
+    use harness::msg;
+    let mut raw = harness::raw_proxied(&fx.proxy, &fx.database).await;
+    raw.send(&harness::msg::batch(&[
+        msg::bind("", "", &[], false),
+        msg::execute("", 0),
+        msg::sync(),
+    ]))
+    .await;
+    let replies = raw.until_ready(1).await;
+    assert_eq!(replies.first().map(|m| m.0), Some(b'E'), "{replies:?}");
+    assert!(
+        String::from_utf8_lossy(&replies[0].1).contains("26000"),
+        "{replies:?}"
+    );
 }

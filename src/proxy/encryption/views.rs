@@ -70,11 +70,14 @@ pub(super) async fn map_view_columns(
         out.extend_from_slice(&build::describe(b'S', ""));
         out.extend_from_slice(&build::sync());
     }
+    // The client's session starts without an unnamed statement, as it would directly.
+    out.extend_from_slice(&build::close(b'S', ""));
+    out.extend_from_slice(&build::sync());
     writer.write_all(&out).await.map_err(|_| "write")?;
     writer.flush().await.map_err(|_| "flush")?;
     let mut origins: Vec<(u32, Vec<(u32, i16)>)> = Vec::new();
     let mut view = 0;
-    while view < views.len() {
+    while view <= views.len() {
         let batch = match reader.next_batch().await {
             Ok(Some(batch)) => batch,
             _ => return Err("read"),
