@@ -169,6 +169,7 @@ impl Encryption {
         let mut columns = HashMap::new();
         let mut views = Vec::new();
         let mut result_set = 0;
+        let mut completed = 0;
         'read: loop {
             let batch = match reader.next_batch().await {
                 Ok(Some(batch)) => batch,
@@ -207,6 +208,12 @@ impl Encryption {
                         if let Some(role) = self.role_of(&table, &column) {
                             columns.insert((oid, attnum), role);
                         }
+                    }
+                    backend::COMMAND_COMPLETE => completed += 1,
+                    // Without the views the session still works as before (reads through
+                    // them return ciphertext); without the columns it cannot.
+                    backend::ERROR_RESPONSE if completed >= 1 => {
+                        tracing::warn!("could not list the views over encrypted tables; reads through them return ciphertext");
                     }
                     backend::ERROR_RESPONSE => return Err(failed("error")),
                     backend::READY_FOR_QUERY => break 'read,
