@@ -4,7 +4,7 @@
 //! the parse field encryption already made, or — when the session is audited and nothing
 //! else parses its statements — through [`AnalysisMemo`], which parses each statement shape
 //! of a session once.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use sqlparser::ast::{
 };
 
 use super::catalog::Catalog;
+use super::memo::BoundedMap;
 use super::shape;
 use super::sql::{ident_name, object_name_parts, parse_statements};
 use super::{rewrite, Rewritten, StatementInfo};
@@ -160,16 +161,11 @@ impl Visitor for Tables<'_> {
     }
 }
 
-/// Most statement shapes a session's memo keeps; a full memo starts over.
-const MEMO_CAPACITY: usize = 128;
-/// Longer statements are analysed every time, so a session's memo stays small.
-const MEMO_KEY_LIMIT: usize = 2048;
-
 /// One audited unrestricted session's analyses, by statement shape (or text, for a statement
 /// without literals): which tables a statement touches does not depend on its literals.
 #[derive(Default)]
 pub struct AnalysisMemo {
-    by_shape: HashMap<String, Arc<[StatementInfo]>>,
+    by_shape: BoundedMap<Arc<[StatementInfo]>>,
 }
 
 impl AnalysisMemo {
@@ -194,12 +190,7 @@ impl AnalysisMemo {
                             .collect()
                     })
                     .unwrap_or_default();
-                if key.len() <= MEMO_KEY_LIMIT {
-                    if self.by_shape.len() >= MEMO_CAPACITY {
-                        self.by_shape.clear();
-                    }
-                    self.by_shape.insert(key.to_string(), statements.clone());
-                }
+                self.by_shape.insert(key, statements.clone());
                 statements
             }
         };

@@ -20,6 +20,7 @@ pub mod analysis;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+mod memo;
 pub mod rewrite;
 pub mod shape;
 pub mod sql;
@@ -27,6 +28,8 @@ pub mod sql;
 pub use analysis::AnalysisMemo;
 pub use catalog::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
 pub use config::{Action, ServicePolicy, TablePolicy};
+use memo::Reuse;
+pub use memo::SessionMemo;
 
 /// Who is asking: the service named by the token and the token's claims.
 pub struct PolicyIdentity<'a> {
@@ -463,78 +466,6 @@ impl PolicyEngine {
                 }
                 Err(e)
             }
-        }
-    }
-}
-
-/// How a rewrite may be served again to the same identity.
-enum Reuse {
-    /// Any statement of the same shape: fill this template.
-    Template(Arc<ShapeTemplate>),
-    /// The same text: the same result.
-    Exact,
-    /// Never (it embeds ciphertext, or nothing was rewritten).
-    None,
-}
-
-/// Most entries a session's memo holds per kind; a full memo starts over (sessions of real
-/// applications cycle through far fewer statements).
-const MEMO_CAPACITY: usize = 128;
-/// Longer statements are only cached by the engine, so a session's memo stays small.
-const MEMO_KEY_LIMIT: usize = 2048;
-
-/// One session's memo of the rewrites it used, for [`PolicyEngine::rewrite_in_session`].
-/// Keyed by text alone: a session's identity never changes, and the memo is emptied whenever
-/// the engine's policies, catalog or encryption change.
-#[derive(Default)]
-pub struct SessionMemo {
-    generation: u64,
-    shapes: HashMap<String, Arc<ShapeTemplate>>,
-    exact: HashMap<String, Arc<Rewritten>>,
-    counters: Arc<RewriteCounters>,
-}
-
-impl SessionMemo {
-    fn reset(&mut self, generation: u64, counters: Arc<RewriteCounters>) {
-        self.generation = generation;
-        self.shapes.clear();
-        self.exact.clear();
-        self.counters = counters;
-    }
-
-    fn get(&self, sql: &str, shape: Option<&shape::Shape<'_>>) -> Option<Arc<Rewritten>> {
-        if let Some(shape) = shape {
-            if let Some(t) = self.shapes.get(shape.key()) {
-                inc(&self.counters.shape_hits);
-                return Some(Arc::new(t.instantiate(shape)));
-            }
-        }
-        let hit = self.exact.get(sql)?;
-        inc(&self.counters.exact_hits);
-        Some(hit.clone())
-    }
-
-    fn remember(
-        &mut self,
-        sql: &str,
-        shape: Option<&shape::Shape<'_>>,
-        rewritten: &Arc<Rewritten>,
-        reuse: Reuse,
-    ) {
-        match (reuse, shape) {
-            (Reuse::Template(t), Some(shape)) if shape.key().len() <= MEMO_KEY_LIMIT => {
-                if self.shapes.len() >= MEMO_CAPACITY {
-                    self.shapes.clear();
-                }
-                self.shapes.insert(shape.key().to_string(), t);
-            }
-            (Reuse::Exact, _) if sql.len() <= MEMO_KEY_LIMIT => {
-                if self.exact.len() >= MEMO_CAPACITY {
-                    self.exact.clear();
-                }
-                self.exact.insert(sql.to_string(), rewritten.clone());
-            }
-            _ => {}
         }
     }
 }

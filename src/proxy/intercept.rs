@@ -119,17 +119,14 @@ impl Interceptor {
                     ),
                 ))
             }
-            (SessionPolicy::WatchDdl(_), frontend::QUERY | frontend::PARSE) => {
-                if sql_of(message).is_ok_and(may_be_ddl) {
+            (
+                SessionPolicy::WatchDdl(_) | SessionPolicy::Unrestricted,
+                frontend::QUERY | frontend::PARSE,
+            ) => {
+                let watch_ddl = matches!(self.policy, SessionPolicy::WatchDdl(_));
+                if watch_ddl && sql_of(message).is_ok_and(may_be_ddl) {
                     self.ddl_pending = true;
                 }
-                if self.encryption.is_some() {
-                    return self.rewrite(message);
-                }
-                self.analyse_for_audit(message);
-                Verdict::Forward
-            }
-            (SessionPolicy::Unrestricted, frontend::QUERY | frontend::PARSE) => {
                 if self.encryption.is_some() {
                     return self.rewrite(message);
                 }
