@@ -15,6 +15,20 @@ pub enum OnFailure {
     Continue,
 }
 
+/// When a statement's audit record must be durable (`[audit] durability`). In both modes the
+/// record is written to the log file before the statement is forwarded, and no client sees
+/// a result of a statement whose record is not durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Durable before any of the statement's responses reach the client: the server
+    /// executes while the record is fsync'ed (group commit), and the responses wait for it.
+    #[default]
+    BeforeResponse,
+    /// Durable before the statement is forwarded: execution waits for the fsync.
+    BeforeForward,
+}
+
 /// The `[audit]` section of pgward's configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +58,9 @@ pub struct AuditConfig {
     /// not a kernel crash or power loss), for disks where an fsync costs more than a query.
     #[serde(default = "default_true")]
     pub fsync: bool,
+    /// Whether the fsync of a statement's record overlaps its execution.
+    #[serde(default)]
+    pub durability: Durability,
     /// Record literal values / bound parameters of non-encrypted columns.
     #[serde(default)]
     pub record_values: bool,
@@ -87,6 +104,7 @@ impl AuditConfig {
             signing_key_file: None,
             on_failure: OnFailure::Refuse,
             fsync: true,
+            durability: Durability::BeforeResponse,
             record_values: false,
             node_id: None,
             table_sink_url: None,
@@ -163,6 +181,11 @@ mod tests {
         assert_eq!(c.on_failure, OnFailure::Refuse);
         assert!(!c.record_values);
         assert_eq!(c.group_commit_max_delay, Duration::ZERO);
+        assert_eq!(c.durability, Durability::BeforeResponse);
+        let c: AuditConfig =
+            toml::from_str("dir = \"a\"\ndurability = \"before_forward\"").unwrap();
+        assert_eq!(c.durability, Durability::BeforeForward);
+        assert!(toml::from_str::<AuditConfig>("dir = \"a\"\ndurability = \"later\"").is_err());
     }
 
     #[test]

@@ -4,9 +4,13 @@
 //! # Use
 //! [`AuditLog::open`] recovers the chain and starts one writer thread; sessions clone the
 //! [`AuditHandle`]. [`AuditHandle::append`] resolves once the record is durable (written and
-//! fsync'ed, group-committed with every other queued record); the proxy forwards a statement
-//! only after that. Completion records go through [`AuditHandle::append_nowait`]. When
-//! `append` fails the caller applies [`AuditHandle::on_failure`].
+//! fsync'ed, group-committed with every other queued record).
+//! [`AuditHandle::append_staged`] resolves once the records are written to the file, with a
+//! [`DurableReceipt`] for the fsync: the proxy forwards a statement once its record is
+//! written and holds the statement's responses until the receipt resolves (`durability =
+//! "before_response"`), or forwards only once it is durable (`"before_forward"`).
+//! Completion records go through [`AuditHandle::append_nowait`]. When an append fails the
+//! caller applies [`AuditHandle::on_failure`].
 //!
 //! # Files
 //! JSON Lines segments `audit-<first seq, 20 digits>-<UTC start YYYYMMDDTHHMMSSZ>.jsonl` in
@@ -63,9 +67,11 @@ pub mod verify;
 mod writer;
 
 #[cfg(test)]
+mod durability_tests;
+#[cfg(test)]
 mod tests;
 
-pub use config::{AuditConfig, OnFailure};
+pub use config::{AuditConfig, Durability, OnFailure};
 pub use error::AuditError;
 pub use event::{
     AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText, StatementRecord,
@@ -75,4 +81,4 @@ pub use report::{run_report, ReportArgs};
 pub use search::{run_search, SearchArgs};
 pub use signing::{load_public_key, public_key_path, SigningKey};
 pub use verify::{run_verify, VerifyArgs, VerifyReport};
-pub use writer::{AuditHandle, AuditLog, AuditStats};
+pub use writer::{AuditHandle, AuditLog, AuditStats, DurableReceipt};

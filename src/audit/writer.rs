@@ -2,7 +2,8 @@
 //!
 //! Callers serialise their event on their own task and send the bytes over a channel.
 //! The writer takes everything queued, frames each body into a chained record, writes the
-//! batch with one `write` and one `fdatasync`, then wakes every waiter. While one fsync is
+//! batch with one `write`, answers the callers waiting for the write, then makes it durable
+//! with one `fdatasync` and answers the callers waiting for durability. While one fsync is
 //! in flight the next batch accumulates in the channel, so batch size grows with load and
 //! the number of fsyncs stays far below the number of records. No lock is held across I/O:
 //! the only shared structure is the channel.
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine;
 use tokio::sync::oneshot;
 
-use super::config::{AuditConfig, OnFailure};
+use super::config::{AuditConfig, Durability, OnFailure};
 use super::event::AuditEvent;
 use super::record::{self, Hash, Tail, FORMAT_VERSION};
 use super::signing::SigningKey;
@@ -26,11 +27,50 @@ use super::AuditError;
 /// Most records framed into one write; bounds the writer's buffer under overload.
 const MAX_BATCH: usize = 8192;
 
+/// Answered with the sequence number of the first record of an append.
 type Ack = oneshot::Sender<Result<u64, AuditError>>;
 
+/// One caller's records, framed together into one batch (never split across batches, so
+/// one answer covers them all).
+struct Pending {
+    bodies: Vec<Vec<u8>>,
+    /// Answered once the records are written to the file (before the fsync).
+    written: Option<Ack>,
+    /// Answered once the records are durable.
+    durable: Option<Ack>,
+}
+
 enum Cmd {
-    Append { body: Vec<u8>, ack: Option<Ack> },
+    Append(Pending),
     Shutdown(oneshot::Sender<Result<(), AuditError>>),
+}
+
+/// Records written to the log but maybe not yet durable: [`DurableReceipt::wait`] resolves
+/// once they are (the `before_response` durability: results are held until then).
+#[derive(Debug)]
+pub struct DurableReceipt {
+    done: Option<oneshot::Receiver<Result<u64, AuditError>>>,
+}
+
+impl DurableReceipt {
+    /// A receipt for records that were already durable when it was issued.
+    pub fn already_durable() -> Self {
+        Self { done: None }
+    }
+
+    /// Whether the records may still be waiting for their fsync.
+    pub fn is_pending(&self) -> bool {
+        self.done.is_some()
+    }
+
+    /// Resolves once the records are durable; an error means they never will be (the write
+    /// or the fsync failed and the file was cut back to its last durable byte).
+    pub async fn wait(self) -> Result<(), AuditError> {
+        match self.done {
+            None => Ok(()),
+            Some(done) => done.await.map_err(|_| AuditError::Closed)?.map(|_| ()),
+        }
+    }
 }
 
 /// Counters for metrics and tests.
@@ -73,8 +113,23 @@ struct HandleInner {
     /// `None` when auditing is disabled.
     tx: Option<Sender<Cmd>>,
     on_failure: OnFailure,
+    durability: Durability,
     record_values: bool,
     counters: Arc<Counters>,
+}
+
+fn send(
+    tx: &Sender<Cmd>,
+    bodies: Vec<Vec<u8>>,
+    written: Option<Ack>,
+    durable: Option<Ack>,
+) -> Result<(), AuditError> {
+    tx.send(Cmd::Append(Pending {
+        bodies,
+        written,
+        durable,
+    }))
+    .map_err(|_| AuditError::Closed)
 }
 
 impl AuditLog {
@@ -87,6 +142,7 @@ impl AuditLog {
                 inner: Arc::new(HandleInner {
                     tx: None,
                     on_failure: config.on_failure,
+                    durability: config.durability,
                     record_values: config.record_values,
                     counters,
                 }),
@@ -117,6 +173,7 @@ impl AuditLog {
             inner: Arc::new(HandleInner {
                 tx: Some(tx.clone()),
                 on_failure: config.on_failure,
+                durability: config.durability,
                 record_values: config.record_values,
                 counters,
             }),
@@ -155,38 +212,52 @@ impl AuditHandle {
         let Some(tx) = &self.inner.tx else {
             return Ok(0);
         };
-        let body = self.serialise(&event)?;
-        let (ack, done) = oneshot::channel();
-        tx.send(Cmd::Append {
-            body,
-            ack: Some(ack),
-        })
-        .map_err(|_| AuditError::Closed)?;
+        let bodies = vec![self.serialise(&event)?];
+        let (durable, done) = oneshot::channel();
+        send(tx, bodies, None, Some(durable))?;
         done.await.map_err(|_| AuditError::Closed)?
     }
 
     /// Appends several events and resolves with their sequence numbers once all are durable.
-    /// All are queued before the first wait, so they share one group commit.
+    /// They are framed together, so they share one group commit.
     pub async fn append_all(&self, events: Vec<AuditEvent>) -> Result<Vec<u64>, AuditError> {
+        let (written, receipt) = self.append_staged(events, true).await?;
+        receipt.wait().await?;
+        Ok(written)
+    }
+
+    /// Appends several events and resolves with their sequence numbers once they are written
+    /// to the log file, with a receipt that resolves once they are durable. With
+    /// `wait_durable` (or [`Durability::BeforeForward`]) it resolves only after both.
+    pub async fn append_staged(
+        &self,
+        events: Vec<AuditEvent>,
+        wait_durable: bool,
+    ) -> Result<(Vec<u64>, DurableReceipt), AuditError> {
         let Some(tx) = &self.inner.tx else {
-            return Ok(vec![0; events.len()]);
+            return Ok((vec![0; events.len()], DurableReceipt::already_durable()));
         };
-        let mut acks = Vec::with_capacity(events.len());
-        for event in &events {
-            let body = self.serialise(event)?;
-            let (ack, done) = oneshot::channel();
-            tx.send(Cmd::Append {
-                body,
-                ack: Some(ack),
-            })
-            .map_err(|_| AuditError::Closed)?;
-            acks.push(done);
-        }
-        let mut seqs = Vec::with_capacity(acks.len());
-        for done in acks {
-            seqs.push(done.await.map_err(|_| AuditError::Closed)??);
-        }
-        Ok(seqs)
+        let count = events.len() as u64;
+        let bodies = events
+            .iter()
+            .map(|event| self.serialise(event))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (durable, durable_rx) = oneshot::channel();
+        let wait_durable = wait_durable || self.inner.durability == Durability::BeforeForward;
+        let (first, receipt) = if wait_durable {
+            send(tx, bodies, None, Some(durable))?;
+            let first = durable_rx.await.map_err(|_| AuditError::Closed)??;
+            (first, DurableReceipt::already_durable())
+        } else {
+            let (written, written_rx) = oneshot::channel();
+            send(tx, bodies, Some(written), Some(durable))?;
+            let first = written_rx.await.map_err(|_| AuditError::Closed)??;
+            let receipt = DurableReceipt {
+                done: Some(durable_rx),
+            };
+            (first, receipt)
+        };
+        Ok(((first..first + count).collect(), receipt))
     }
 
     /// Whether records are written at all (`enabled = false` gives a handle that drops them).
@@ -203,7 +274,7 @@ impl AuditHandle {
         let sent = self
             .serialise(&event)
             .ok()
-            .map(|body| tx.send(Cmd::Append { body, ack: None }).is_ok());
+            .map(|body| send(tx, vec![body], None, None).is_ok());
         if sent != Some(true) {
             self.inner
                 .counters
@@ -211,6 +282,11 @@ impl AuditHandle {
                 .fetch_add(1, Ordering::Relaxed);
             tracing::error!("audit record dropped: log closed");
         }
+    }
+
+    /// When a statement's record must be durable (`[audit] durability`).
+    pub fn durability(&self) -> Durability {
+        self.inner.durability
     }
 
     /// What the proxy must do when `append` fails.
@@ -343,12 +419,14 @@ impl Writer {
     }
 
     fn run(mut self, rx: Receiver<Cmd>) {
-        let mut batch: Vec<(Vec<u8>, Option<Ack>)> = Vec::new();
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut records = 0;
         loop {
             let first = match rx.recv_timeout(self.until_checkpoint()) {
                 Ok(cmd) => cmd,
                 Err(RecvTimeoutError::Timeout) => {
                     self.commit(&mut batch);
+                    records = 0;
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
@@ -362,13 +440,16 @@ impl Writer {
             let deadline = Instant::now() + self.max_delay;
             while let Some(cmd) = next.take() {
                 match cmd {
-                    Cmd::Append { body, ack } => batch.push((body, ack)),
+                    Cmd::Append(pending) => {
+                        records += pending.bodies.len();
+                        batch.push(pending);
+                    }
                     Cmd::Shutdown(done) => {
                         shutdown = Some(done);
                         break;
                     }
                 }
-                if batch.len() >= MAX_BATCH {
+                if records >= MAX_BATCH {
                     break;
                 }
                 next = rx.try_recv().ok().or_else(|| {
@@ -379,6 +460,7 @@ impl Writer {
                 });
             }
             self.commit(&mut batch);
+            records = 0;
             if let Some(done) = shutdown {
                 let _ = done.send(self.close());
                 return;
@@ -394,26 +476,29 @@ impl Writer {
             .saturating_sub(self.last_checkpoint.elapsed())
     }
 
-    /// Writes `batch` durably and answers every waiter. On success the acks were already
-    /// answered with their seq; on failure every waiter gets the error.
-    fn commit(&mut self, batch: &mut Vec<(Vec<u8>, Option<Ack>)>) {
+    /// Writes `batch` durably and answers every waiter: the written acks after the write,
+    /// the durable acks after the fsync; on failure every waiter not yet answered gets the
+    /// error.
+    fn commit(&mut self, batch: &mut Vec<Pending>) {
         let result = self.write_batch(batch);
-        for (_, ack) in batch.drain(..) {
-            match (&result, ack) {
-                (Err(e), Some(ack)) => {
-                    let _ = ack.send(Err(e.clone()));
-                }
-                (Err(_), None) => {
-                    self.counters.dropped_nowait.fetch_add(1, Ordering::Relaxed);
-                }
-                (Ok(()), _) => {}
+        for pending in batch.drain(..) {
+            let Err(e) = &result else {
+                continue;
+            };
+            if pending.written.is_none() && pending.durable.is_none() {
+                self.counters
+                    .dropped_nowait
+                    .fetch_add(pending.bodies.len() as u64, Ordering::Relaxed);
+            }
+            for ack in [pending.written, pending.durable].into_iter().flatten() {
+                let _ = ack.send(Err(e.clone()));
             }
         }
     }
 
     /// Frames, writes and fsyncs; returns after the data is durable. Records that must
     /// precede the batch (recovery, due checkpoint, rotation) are handled here too.
-    fn write_batch(&mut self, batch: &mut [(Vec<u8>, Option<Ack>)]) -> Result<(), AuditError> {
+    fn write_batch(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
         let result = self.try_write_batch(batch);
         if let Err(e) = &result {
             self.counters.failures.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +508,7 @@ impl Writer {
         result
     }
 
-    fn try_write_batch(&mut self, batch: &mut [(Vec<u8>, Option<Ack>)]) -> Result<(), AuditError> {
+    fn try_write_batch(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
         let checkpoint_due =
             self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.checkpoint_interval;
         if batch.is_empty() && self.recovery.is_none() && !checkpoint_due {
@@ -438,16 +523,25 @@ impl Writer {
         if checkpoint_due {
             self.push_checkpoint("interval")?;
         }
-        let first_seq = self.next_seq;
-        for (body, _) in batch.iter() {
-            self.push_record(body);
+        let mut firsts = Vec::with_capacity(batch.len());
+        for pending in batch.iter() {
+            firsts.push(self.next_seq);
+            for body in &pending.bodies {
+                self.push_record(body);
+            }
         }
-        self.flush()?;
+        self.write_buf()?;
+        // Written: callers that forward before durability may go on while the fsync runs.
+        for (pending, first) in batch.iter_mut().zip(&firsts) {
+            if let Some(ack) = pending.written.take() {
+                let _ = ack.send(Ok(*first));
+            }
+        }
+        self.sync_buf()?;
         self.recovery = None;
-        // Acks carry the seq: patch it in now that the batch is durable.
-        for (i, (_, ack)) in batch.iter_mut().enumerate() {
-            if let Some(a) = ack.take() {
-                let _ = a.send(Ok(first_seq + i as u64));
+        for (pending, first) in batch.iter_mut().zip(&firsts) {
+            if let Some(ack) = pending.durable.take() {
+                let _ = ack.send(Ok(*first));
             }
         }
         Ok(())
@@ -518,21 +612,36 @@ impl Writer {
 
     /// One write, one fdatasync (unless `fsync = false`) for the whole buffer.
     fn flush(&mut self) -> Result<(), AuditError> {
+        self.write_buf()?;
+        self.sync_buf()
+    }
+
+    /// One write of the whole buffer to the segment (in the kernel from here on: survives a
+    /// crash of pgward, not of the machine).
+    fn write_buf(&mut self) -> Result<(), AuditError> {
         let Some(seg) = self.seg.as_mut() else {
             return Err(AuditError::Closed);
         };
-        let fsync = self.fsync;
         seg.file
             .write_all(&self.buf)
-            .and_then(|_| if fsync { seg.file.sync_data() } else { Ok(()) })
-            .map_err(|e| AuditError::io(&seg.path, e))?;
+            .map_err(|e| AuditError::io(&seg.path, e))
+    }
+
+    /// Makes the written buffer durable and advances the durable chain head.
+    fn sync_buf(&mut self) -> Result<(), AuditError> {
+        let Some(seg) = self.seg.as_mut() else {
+            return Err(AuditError::Closed);
+        };
+        if self.fsync {
+            seg.file
+                .sync_data()
+                .map_err(|e| AuditError::io(&seg.path, e))?;
+            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
         seg.len += self.buf.len() as u64;
         let lines = self.buf.iter().filter(|&&b| b == b'\n').count() as u64;
         self.durable = (self.next_seq, self.prev);
         self.closed_cleanly = false;
-        if fsync {
-            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-        }
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         self.counters.records.fetch_add(lines, Ordering::Relaxed);
         self.copy_to_table_sink();

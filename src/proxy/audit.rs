@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::audit::{
-    AuditError, AuditEvent, AuditHandle, BoundParam, Decision, Protocol, SessionInfo, SqlText,
-    StatementRecord,
+    AuditError, AuditEvent, AuditHandle, BoundParam, Decision, DurableReceipt, Protocol,
+    SessionInfo, SqlText, StatementRecord,
 };
 use crate::error::{sqlstate, ClientError};
 use crate::policy::Rewritten;
@@ -305,16 +305,24 @@ impl SessionAudit {
         AuditEvent::Statement(Box::new(record))
     }
 
-    /// Make the batch's records durable. Returns what the upstream direction must await
-    /// (always, so responses stay matched) and whether the records were written.
-    pub async fn commit(&self, batch: BatchRecords) -> (Vec<Awaiting>, Result<(), AuditError>) {
+    /// Write the batch's records to the log (durable too with `durability =
+    /// "before_forward"`). Returns what the upstream direction must await (always, so
+    /// responses stay matched) and whether the records were written, with the receipt of
+    /// their durability.
+    pub async fn commit(
+        &self,
+        batch: BatchRecords,
+    ) -> (Vec<Awaiting>, Result<DurableReceipt, AuditError>) {
         let started = Instant::now();
         let written = if batch.events.is_empty() {
-            Ok(Vec::new())
+            Ok((Vec::new(), DurableReceipt::already_durable()))
         } else {
-            self.handle.append_all(batch.events).await
+            self.handle.append_staged(batch.events, false).await
         };
-        let seqs = written.as_deref().unwrap_or_default();
+        let seqs = written
+            .as_ref()
+            .map(|(seqs, _)| seqs.as_slice())
+            .unwrap_or_default();
         let awaiting = batch
             .awaiting
             .into_iter()
@@ -327,7 +335,7 @@ impl SessionAudit {
                 sqlstate: None,
             })
             .collect();
-        (awaiting, written.map(|_| ()))
+        (awaiting, written.map(|(_, receipt)| receipt))
     }
 }
 

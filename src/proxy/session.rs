@@ -458,11 +458,14 @@ async fn intercept_batch(
         if !records.is_empty() {
             let (awaiting, written) = audit.commit(records).await;
             completions.track(awaiting);
-            if let Err(e) = written {
-                inc(&shared.metrics.audit_write_failures);
-                tracing::error!(session = state.id, error = %e, "audit log cannot write");
-                if audit.handle().on_failure() == OnFailure::Refuse {
-                    refuse_all_statements(batch, &mut verdicts, &e);
+            match written {
+                Ok(receipt) => state.hold_responses_until(receipt),
+                Err(e) => {
+                    inc(&shared.metrics.audit_write_failures);
+                    tracing::error!(session = state.id, error = %e, "audit log cannot write");
+                    if audit.handle().on_failure() == OnFailure::Refuse {
+                        refuse_all_statements(batch, &mut verdicts, &e);
+                    }
                 }
             }
         }
@@ -632,6 +635,9 @@ async fn upstream_to_client(
             None => batch,
         };
         let outgoing = account_upstream_batch(shared, state, &batch, completions);
+        if let Err(end) = await_durable_records(shared, state).await {
+            return end;
+        }
         let mut writer = client.lock().await;
         for chunk in &outgoing {
             if writer.write_all(chunk).await.is_err() {
@@ -642,6 +648,34 @@ async fn upstream_to_client(
             return End::Io;
         }
     }
+}
+
+/// Hold responses until the audit records of every statement forwarded so far are durable
+/// (`[audit] durability = "before_response"`: the fsync overlapped the execution). A record
+/// that cannot be made durable withholds the results: the session ends with 58030 unless
+/// `on_failure = "continue"`.
+async fn await_durable_records(shared: &Shared, state: &SessionState) -> Result<(), End> {
+    for receipt in state.take_undurable() {
+        let Err(e) = receipt.wait().await else {
+            continue;
+        };
+        inc(&shared.metrics.audit_write_failures);
+        tracing::error!(session = state.id, error = %e, "audit record could not be made durable after its statement was forwarded");
+        let refuse = shared
+            .audit
+            .as_ref()
+            .is_none_or(|audit| audit.on_failure() == OnFailure::Refuse);
+        if refuse {
+            return Err(End::Fatal(
+                ClientError::fatal(
+                    sqlstate::IO_ERROR,
+                    "pgward: the audit log could not be made durable, so the results of the last statement are withheld",
+                )
+                .with_hint(format!("ops: check the audit directory ({e})")),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Track ReadyForQuery and errors; swap refusal markers' errors. Returns what to send.

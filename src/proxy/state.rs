@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
+use crate::audit::DurableReceipt;
 use crate::error::ClientError;
 
 /// Prefix of the statement pgward sends upstream in place of a refused one (see `refusal_marker`).
@@ -34,6 +35,9 @@ pub struct SessionState {
     next_refusal: AtomicU64,
     /// Start times of request batches (Query or Sync) awaiting their ReadyForQuery.
     pending_requests: Mutex<VecDeque<Instant>>,
+    /// Audit records written but maybe not yet durable, of statements already forwarded: no
+    /// response goes to the client before these resolve (`[audit] durability`).
+    undurable: Mutex<Vec<DurableReceipt>>,
 }
 
 /// How many request start times are kept; extra Syncs (e.g. during COPY) must not grow memory.
@@ -57,6 +61,7 @@ impl SessionState {
             refusals_pending: AtomicU64::new(0),
             next_refusal: AtomicU64::new(1),
             pending_requests: Mutex::new(VecDeque::new()),
+            undurable: Mutex::new(Vec::new()),
         }
     }
 
@@ -101,6 +106,19 @@ impl SessionState {
     /// Idle outside a transaction: safe to close for idle timeout or shutdown.
     pub fn is_idle(&self) -> bool {
         self.upstream_idle.load(Ordering::Acquire) && self.tx_status.load(Ordering::Acquire) == b'I'
+    }
+
+    /// Records of a batch about to be forwarded are written but not yet durable (call before
+    /// the batch goes upstream, so that every response to it finds the receipt).
+    pub fn hold_responses_until(&self, receipt: DurableReceipt) {
+        if receipt.is_pending() {
+            self.undurable.lock().push(receipt);
+        }
+    }
+
+    /// The receipts every response from now on must wait for (taken: each is awaited once).
+    pub fn take_undurable(&self) -> Vec<DurableReceipt> {
+        std::mem::take(&mut *self.undurable.lock())
     }
 
     /// Register a refusal; returns the marker statement to send upstream in its place.

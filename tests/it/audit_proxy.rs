@@ -324,8 +324,20 @@ async fn statements_are_refused_while_the_log_cannot_write() {
 
 #[tokio::test]
 async fn kill_9_mid_load_loses_no_acknowledged_statement_record() {
+    // The default: responses wait for the record's fsync, which overlaps execution.
+    kill_9_mid_load(r#"durability = "before_response""#, "auditkill").await;
+}
+
+#[tokio::test]
+async fn kill_9_mid_load_loses_no_record_when_durable_before_forwarding() {
+    kill_9_mid_load(r#"durability = "before_forward""#, "auditkillfwd").await;
+}
+
+/// Four writers insert as fast as they can; pgward is killed mid-load: every statement a
+/// client saw acknowledged has its record in the log, and the log verifies.
+async fn kill_9_mid_load(durability: &str, database: &str) {
     let log = tempfile::tempdir().unwrap();
-    let database = harness::fresh_database("auditkill", false).await;
+    let database = harness::fresh_database(database, false).await;
     let setup = harness::postgres();
     let (admin, conn) = setup
         .direct(&database)
@@ -340,7 +352,7 @@ async fn kill_9_mid_load_loses_no_acknowledged_statement_record() {
 
     let port = pgward::pgserver::free_port().unwrap();
     let text = harness::proxy_config_text(&ProxyOptions {
-        extra_toml: audit_toml(log.path(), ""),
+        extra_toml: audit_toml(log.path(), durability),
         ..ProxyOptions::default()
     })
     .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
