@@ -39,6 +39,49 @@ pub mod sqlstate {
     pub const INTERNAL_ERROR: &str = "XX000";
 }
 
+/// Which stage of pgward refused a statement. It travels with the refusal, as a value, to
+/// the client's error and into the statement's audit record (never guessed back from a
+/// SQLSTATE or a message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// A row policy, an allowlist, or the rule that what cannot be analysed is refused.
+    Policy,
+    /// Field encryption cannot serve the statement (e.g. a computation on ciphertext).
+    Encryption,
+    /// The message itself is malformed.
+    Protocol,
+    /// The statement could not be recorded (the audit log cannot write).
+    AuditUnavailable,
+}
+
+impl RefusalKind {
+    /// A decision pgward made about the statement (`true`), rather than a failure that kept
+    /// it from running (`false`): audited as `refused` or as `failed`.
+    pub fn is_decision(self) -> bool {
+        !matches!(self, RefusalKind::AuditUnavailable)
+    }
+}
+
+/// A statement pgward will not run: what kind of refusal, the rule that refused it
+/// (`file:line` of the policy, when one did) and the error the client gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub kind: RefusalKind,
+    pub rule: Option<String>,
+    pub error: ClientError,
+}
+
+impl Refusal {
+    /// A refusal of `kind` without a rule, failing the statement with `sqlstate`.
+    pub fn new(kind: RefusalKind, sqlstate: &'static str, message: impl Into<String>) -> Self {
+        Refusal {
+            kind,
+            rule: None,
+            error: ClientError::error(sqlstate, message),
+        }
+    }
+}
+
 /// An error the client is allowed to see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientError {

@@ -24,12 +24,20 @@ use super::{rewrite, Rewritten, StatementInfo};
 pub fn unrestricted_info(st: &Statement, catalog: Option<&Catalog>) -> StatementInfo {
     let kind = rewrite::statement_kind(st);
     let (tables_read, tables_written) = tables_touched(st, catalog);
+    let columns_read = catalog
+        .map(|c| {
+            super::columns::named_columns(st, c, |t| {
+                t.columns.iter().map(|c| c.name.clone()).collect()
+            })
+        })
+        .unwrap_or_default();
     StatementInfo {
         kind: kind.to_string(),
         is_ddl: kind == "DDL"
             || matches!(st, Statement::CreateView(_) | Statement::CreateFunction(_)),
         tables_read,
         tables_written,
+        columns_read,
         ..StatementInfo::default()
     }
 }

@@ -13,12 +13,14 @@ use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
 use crate::crypto::sql::SqlEncryption;
+use crate::error::{ClientError, Refusal, RefusalKind};
 use crate::metrics::{inc, RewriteCounters};
 
 pub mod allow;
 pub mod analysis;
 pub mod catalog;
 pub mod cli;
+pub mod columns;
 pub mod config;
 mod memo;
 pub mod rewrite;
@@ -62,6 +64,8 @@ pub struct PolicyDenied {
     pub message: String,
     /// `file:line` of the rule that refused, when one did.
     pub rule: Option<String>,
+    /// Whether the policy rewriter or field encryption's transform refused.
+    pub kind: RefusalKind,
 }
 
 impl PolicyDenied {
@@ -70,6 +74,27 @@ impl PolicyDenied {
             sqlstate: "42501",
             message,
             rule,
+            kind: RefusalKind::Policy,
+        }
+    }
+
+    /// A refusal by field encryption (SQLSTATE 0A000 unless the transform said otherwise).
+    fn encryption(sqlstate: &'static str, message: String) -> Self {
+        PolicyDenied {
+            sqlstate,
+            message,
+            rule: None,
+            kind: RefusalKind::Encryption,
+        }
+    }
+}
+
+impl From<PolicyDenied> for Refusal {
+    fn from(denied: PolicyDenied) -> Self {
+        Refusal {
+            kind: denied.kind,
+            rule: denied.rule,
+            error: ClientError::error(denied.sqlstate, denied.message),
         }
     }
 }
@@ -566,11 +591,10 @@ pub fn unrestricted_rewrite(
                 lower.contains(&name.to_ascii_lowercase())
             });
             return match suspect {
-                Some(t) => Err(PolicyDenied {
-                    sqlstate: "0A000",
-                    message: format!("pgward cannot parse this statement, and it may touch {t}, which has encrypted columns, so it is refused: {e}"),
-                    rule: None,
-                }),
+                Some(t) => Err(PolicyDenied::encryption(
+                    "0A000",
+                    format!("pgward cannot parse this statement, and it may touch {t}, which has encrypted columns, so it is refused: {e}"),
+                )),
                 None => Ok(unchanged(statements)),
             };
         }
@@ -597,10 +621,11 @@ fn encrypt_statements(
     catalog: Option<&Catalog>,
 ) -> Result<(Vec<String>, crate::crypto::sql::Outcome), PolicyDenied> {
     for st in stmts.iter_mut() {
-        sql::sanitize(st).map_err(|e| PolicyDenied {
-            sqlstate: "0A000",
-            message: format!("pgward: cannot encrypt a statement with {}", e.0),
-            rule: None,
+        sql::sanitize(st).map_err(|e| {
+            PolicyDenied::encryption(
+                "0A000",
+                format!("pgward: cannot encrypt a statement with {}", e.0),
+            )
         })?;
     }
     let outcome = encryption
@@ -608,20 +633,43 @@ fn encrypt_statements(
         .map_err(encryption_refusal)?;
     let texts: Vec<String> = stmts.iter().map(ToString::to_string).collect();
     if outcome.touched && !texts.iter().all(|t| sql::round_trips(t)) {
-        return Err(PolicyDenied {
-            sqlstate: "0A000",
-            message: "pgward: a statement on encrypted columns could not be rewritten faithfully, so it is refused".into(),
-            rule: None,
-        });
+        return Err(PolicyDenied::encryption(
+            "0A000",
+            "pgward: a statement on encrypted columns could not be rewritten faithfully, so it is refused".into(),
+        ));
     }
     Ok((texts, outcome))
 }
 
 fn encryption_refusal(r: crate::crypto::sql::Refused) -> PolicyDenied {
-    PolicyDenied {
-        sqlstate: r.sqlstate,
-        message: r.message,
-        rule: None,
+    PolicyDenied::encryption(r.sqlstate, r.message)
+}
+
+/// The columns of `table` a policy-bound service sees (none of a table outside its policy).
+fn visible_columns(policy: &ServicePolicy, table: &TableInfo) -> Vec<String> {
+    policy
+        .table(table)
+        .map(|tp| tp.visible.clone())
+        .unwrap_or_default()
+}
+
+/// What a refused statement names, for its audit record: the tables it reads and writes and
+/// the columns it names (`*` as every column), parsed again since the refusal cut the
+/// analysis short. Nothing is recorded for text that does not parse.
+pub fn refused_analysis(sql: &str, catalog: Option<&Catalog>) -> Rewritten {
+    let statements: Vec<StatementInfo> = sql::parse_statements(sql)
+        .map(|stmts| {
+            stmts
+                .iter()
+                .map(|st| analysis::unrestricted_info(st, catalog))
+                .collect()
+        })
+        .unwrap_or_default();
+    Rewritten {
+        sql: sql.to_string(),
+        statements: statements.into(),
+        unrestricted: true,
+        params: None,
     }
 }
 
@@ -660,15 +708,22 @@ pub fn rewrite_encrypted(
             )
         })?;
     }
+    // Named before encryption and the rewriter change the statements; `*` stands for the
+    // columns the policy shows.
+    let named: Vec<Vec<String>> = stmts
+        .iter()
+        .map(|st| columns::named_columns(st, catalog, |t| visible_columns(policy, t)))
+        .collect();
     let outcome = match encryption {
         Some(enc) => enc
             .transform(&mut stmts, Some(catalog))
             .map_err(encryption_refusal)?,
         None => crate::crypto::sql::Outcome::default(),
     };
-    for (k, st) in stmts.iter_mut().enumerate() {
+    for (k, (st, named)) in stmts.iter_mut().zip(named).enumerate() {
         let (text, mut info) =
             rewrite::Rewriter::new(service, policy, catalog, claims).statement(st)?;
+        info.columns_read = named;
         info.encrypted_columns = outcome.accessed.get(k).cloned().unwrap_or_default();
         // COPY FROM verifies its two parts itself (sqlparser has no COPY ... WHERE).
         if info.kind != "COPY FROM" && !sql::round_trips(&text) {

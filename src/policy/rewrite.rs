@@ -93,6 +93,7 @@ impl<'a> Rewriter<'a> {
             sqlstate: "42501",
             message,
             rule: rule.map(str::to_string),
+            kind: crate::error::RefusalKind::Policy,
         }
     }
 

@@ -16,7 +16,7 @@ use crate::audit::{
     AuditError, AuditEvent, AuditHandle, BoundParam, Decision, DurableReceipt, Protocol,
     SessionInfo, SqlText, StatementRecord,
 };
-use crate::error::{sqlstate, ClientError};
+use crate::error::Refusal;
 use crate::policy::Rewritten;
 use crate::protocol::fields::{parse_parts, query_text};
 use crate::protocol::{backend, frontend, Message};
@@ -24,7 +24,7 @@ use crate::protocol::{backend, frontend, Message};
 /// What the interceptor decided about a message, as the audit record needs it.
 pub struct Observed<'a> {
     pub message: &'a Message,
-    pub refused: Option<&'a ClientError>,
+    pub refused: Option<&'a Refusal>,
     pub analysis: Option<Arc<Rewritten>>,
 }
 
@@ -280,14 +280,14 @@ impl SessionAudit {
         observed: &Observed<'_>,
     ) -> AuditEvent {
         if let Some(refusal) = observed.refused {
-            record.decision = if refusal.sqlstate == sqlstate::INSUFFICIENT_PRIVILEGE {
+            record.decision = if refusal.kind.is_decision() {
                 Decision::Refused
             } else {
                 Decision::Failed
             };
-            record.rule = rule_of(&refusal.message);
-            record.reason = Some(refusal.message.clone());
-            record.sqlstate = Some(refusal.sqlstate.to_string());
+            record.rule = refusal.rule.clone();
+            record.reason = Some(refusal.error.message.clone());
+            record.sqlstate = Some(refusal.error.sqlstate.to_string());
         }
         if let Some(analysis) = &observed.analysis {
             if !analysis.unrestricted {
@@ -347,13 +347,6 @@ impl BatchRecords {
             .push((kind, completes.then_some(self.events.len())));
         self.events.push(event);
     }
-}
-
-/// `file:line` at the end of a refusal message, e.g. `(policies/support.toml:12)`.
-fn rule_of(message: &str) -> Option<String> {
-    let open = message.rfind('(')?;
-    let inner = message[open + 1..].strip_suffix(')')?;
-    (inner.contains(".toml:")).then(|| inner.to_string())
 }
 
 fn extend_unique(into: &mut Vec<String>, from: &[String]) {
@@ -533,14 +526,5 @@ mod tests {
         let mut bad = b"\0\0".to_vec();
         bad.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 99, b'x']);
         assert!(bind_parts(&bad).is_none());
-    }
-
-    #[test]
-    fn refusal_rules_are_taken_from_messages() {
-        assert_eq!(
-            rule_of("pgward: service \"s\" may not read column t.c (policies/s.toml:9)"),
-            Some("policies/s.toml:9".into())
-        );
-        assert_eq!(rule_of("pgward: no policy"), None);
     }
 }

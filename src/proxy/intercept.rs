@@ -15,8 +15,8 @@ use super::encryption::ClientHalf;
 use super::policy::{may_be_ddl, Policies, SessionPolicy};
 use crate::auth::Identity;
 use crate::crypto::sql::{ParamPlan, SqlEncryption};
-use crate::error::{sqlstate, ClientError};
-use crate::policy::{AnalysisMemo, PolicyDenied, Rewritten, SessionMemo};
+use crate::error::{sqlstate, Refusal, RefusalKind};
+use crate::policy::{AnalysisMemo, Rewritten, SessionMemo};
 use crate::protocol::fields::{parse_parts, query_text};
 use crate::protocol::{build, frontend, Message};
 
@@ -27,8 +27,9 @@ pub enum Verdict {
     Forward,
     /// Send these bytes (one or more framed messages) instead.
     Replace(Bytes),
-    /// Do not run it; the client gets this error in the message's place in the response stream.
-    Refuse(ClientError),
+    /// Do not run it; the client gets the refusal's error in the message's place in the
+    /// response stream, and the audit record the refusal as it is.
+    Refuse(Refusal),
 }
 
 /// Per-session interception state.
@@ -111,7 +112,8 @@ impl Interceptor {
         match (&self.policy, message.tag()) {
             (SessionPolicy::Bound(_), frontend::QUERY | frontend::PARSE) => self.rewrite(message),
             (SessionPolicy::Bound(_), frontend::FUNCTION_CALL) => {
-                Verdict::Refuse(ClientError::error(
+                Verdict::Refuse(Refusal::new(
+                    RefusalKind::Policy,
                     sqlstate::INSUFFICIENT_PRIVILEGE,
                     format!(
                         "pgward: service {:?} may not use fast-path function calls (they bypass statement analysis)",
@@ -195,7 +197,7 @@ impl Interceptor {
     fn rewrite(&mut self, message: &Message) -> Verdict {
         let sql = match sql_of(message) {
             Ok(sql) => sql,
-            Err(refusal) => return Verdict::Refuse(refusal),
+            Err(refusal) => return Verdict::Refuse(*refusal),
         };
         let result = match &self.policy {
             SessionPolicy::Bound(policies) | SessionPolicy::WatchDdl(policies) => {
@@ -210,7 +212,18 @@ impl Interceptor {
         };
         let rewritten = match result {
             Ok(rewritten) => rewritten,
-            Err(denied) => return Verdict::Refuse(refusal(denied)),
+            Err(denied) => {
+                // The record of a refusal names what the statement named, as any other.
+                let catalog = match &self.policy {
+                    SessionPolicy::Bound(p) | SessionPolicy::WatchDdl(p) => {
+                        Some(p.engine().catalog())
+                    }
+                    SessionPolicy::Unrestricted => None,
+                };
+                let analysis = crate::policy::refused_analysis(sql, catalog.as_deref());
+                self.last_analysis = Some(Arc::new(analysis));
+                return Verdict::Refuse(denied.into());
+            }
         };
         self.param_plan = rewritten.params.clone();
         if rewritten.statements.iter().any(|s| s.is_ddl) {
@@ -227,13 +240,19 @@ impl Interceptor {
 }
 
 /// The SQL text of a Query or Parse; a malformed one is refused (never forwarded unanalysed).
-fn sql_of(message: &Message) -> Result<&str, ClientError> {
+fn sql_of(message: &Message) -> Result<&str, Box<Refusal>> {
     let text = if message.tag() == frontend::QUERY {
         query_text(message.body())
     } else {
         parse_parts(message.body()).map(|(_, sql, _)| sql)
     };
-    text.map_err(|e| ClientError::error(sqlstate::PROTOCOL_VIOLATION, format!("pgward: {e}")))
+    text.map_err(|e| {
+        Box::new(Refusal::new(
+            RefusalKind::Protocol,
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("pgward: {e}"),
+        ))
+    })
 }
 
 /// The client's Query or Parse with the rewritten SQL (Parse keeps its name and types).
@@ -247,8 +266,4 @@ fn rebuild(message: &Message, rewritten: &Rewritten) -> Bytes {
         }
         Err(_) => build::query(&rewritten.sql),
     }
-}
-
-fn refusal(denied: PolicyDenied) -> ClientError {
-    ClientError::error(denied.sqlstate, denied.message)
 }

@@ -19,7 +19,7 @@ use super::Shared;
 use crate::audit::{AuditEvent, OnFailure, SessionInfo};
 use crate::auth::Identity;
 use crate::crypto::sql::ParamPlan;
-use crate::error::{sqlstate, ClientError};
+use crate::error::{sqlstate, ClientError, Refusal, RefusalKind};
 use crate::metrics::inc;
 use crate::net::{ConnReader, ConnWriter};
 use crate::protocol::fields::{parse_name_and_text, ErrorFields};
@@ -493,7 +493,11 @@ fn refuse_all_statements(
             message.tag(),
             frontend::QUERY | frontend::PARSE | frontend::EXECUTE | frontend::FUNCTION_CALL
         ) {
-            *verdict = Verdict::Refuse(audit_unavailable(error));
+            *verdict = Verdict::Refuse(Refusal {
+                kind: RefusalKind::AuditUnavailable,
+                rule: None,
+                error: audit_unavailable(error),
+            });
         }
     }
 }
@@ -516,9 +520,9 @@ async fn assemble(
         let mut replacement = match verdict {
             Verdict::Forward => None,
             Verdict::Replace(bytes) => Some(bytes),
-            Verdict::Refuse(error) => {
+            Verdict::Refuse(refusal) => {
                 inc(&shared.metrics.statements_refused);
-                Some(refusal_stand_in(state, &message, error))
+                Some(refusal_stand_in(state, &message, refusal.error))
             }
         };
         if let Some(crypto) = crypto.as_deref_mut() {

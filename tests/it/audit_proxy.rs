@@ -270,6 +270,30 @@ async fn refusals_and_failed_logins_are_recorded_with_rule_and_claims() {
         allowed[0]
     );
     assert!(allowed[0]["rewritten_sha256"].is_string());
+    // Records name the columns the statement named, not every column the service may see;
+    // a refused statement names its tables and columns like any other.
+    assert_eq!(allowed[0]["columns_read"], json!(["customers.name"]));
+    assert_eq!(refused[0]["tables_read"], json!(["public.customers"]));
+    assert_eq!(refused[0]["columns_read"], json!(["customers.ssn"]));
+    assert!(
+        refused[0]["rewritten_sha256"].is_null(),
+        "nothing was forwarded"
+    );
+    // The auditor's question "who tried to read ssn" finds the refused attempt only.
+    let out = harness::pgward_cli([
+        OsStr::new("audit"),
+        OsStr::new("search"),
+        log.path().as_os_str(),
+        OsStr::new("--column"),
+        OsStr::new("customers.ssn"),
+        OsStr::new("--json"),
+    ]);
+    let found: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let seqs: Vec<&Value> = found.iter().map(|r| &r["seq"]).collect();
+    assert_eq!(seqs, vec![&refused[0]["seq"]], "{found:#?}");
     let opened = of_kind(&all, "connection_opened");
     assert_eq!(
         opened[0]["session"]["claims_used"],
@@ -537,6 +561,15 @@ async fn records_say_which_columns_were_written_and_which_encrypted_columns_were
         .simple_query("UPDATE invoices SET status = 'paid' WHERE id = 1")
         .await
         .unwrap();
+    let computed = billing
+        .simple_query("SELECT length(email) FROM customers")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        computed.code().map(SqlState::code),
+        Some("0A000"),
+        "{computed}"
+    );
     let app = proxy.connect("app", &database).await;
     app.simple_query("SELECT * FROM invoices").await.unwrap();
     drop((billing, app));
@@ -566,6 +599,11 @@ async fn records_say_which_columns_were_written_and_which_encrypted_columns_were
     let update = statement("UPDATE invoices");
     assert_eq!(update["columns_written"], json!(["invoices.status"]));
     assert_eq!(update["encrypted_columns"], json!([]));
+    // Field encryption's refusal is a decision, recorded as such with what it named.
+    let computed = statement("SELECT length(email)");
+    assert_eq!(computed["decision"], "refused", "{computed}");
+    assert_eq!(computed["sqlstate"], "0A000");
+    assert_eq!(computed["columns_read"], json!(["customers.email"]));
     let star = statement("SELECT * FROM invoices");
     assert_eq!(star["encrypted_columns"], json!(["invoices.card_number"]));
     assert!(
