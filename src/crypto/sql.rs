@@ -40,6 +40,7 @@ use sqlparser::ast::{
 };
 
 mod accessed;
+mod derived;
 
 use super::codec::{encode_for_encryption, ClientType, WireFormat};
 use super::error::CryptoError;
@@ -210,6 +211,7 @@ impl SqlEncryption {
                 catalog,
                 aliases: HashMap::new(),
                 tables: Vec::new(),
+                derived: HashMap::new(),
                 params: &mut params,
                 literals: false,
             };
@@ -219,6 +221,7 @@ impl SqlEncryption {
             }
             outcome.touched = true;
             outcome.accessed.push(t.accessed_columns(st));
+            t.collect_derived(st)?;
             t.statement(st)?;
             outcome.encrypted_literals |= t.literals;
         }
@@ -332,8 +335,11 @@ struct Transform<'a> {
     catalog: Option<&'a Catalog>,
     /// Relation name or alias (as PostgreSQL folds it) → `schema.table`.
     aliases: HashMap<String, String>,
-    /// Every table the statement mentions (`schema.table`).
+    /// Every table the statement mentions (`schema.table`), and the keys of its derived
+    /// tables and CTEs that carry encrypted columns.
     tables: Vec<String>,
+    /// Encrypted columns exposed by derived tables and CTEs, by key (see `derived`).
+    derived: HashMap<String, HashMap<String, EncCol>>,
     params: &'a mut Params,
     literals: bool,
 }
@@ -361,8 +367,12 @@ impl Transform<'_> {
         }
     }
 
+    /// The encrypted columns of a table, or those a derived table or CTE carries (a CTE
+    /// shadows a table of its name).
     fn enc_table(&self, qualified: &str) -> Option<&HashMap<String, EncCol>> {
-        self.enc.tables.get(qualified)
+        self.derived
+            .get(qualified)
+            .or_else(|| self.enc.tables.get(qualified))
     }
 
     /// Record tables, aliases and parameters; true if an encrypted table is mentioned.
@@ -1445,5 +1455,49 @@ pub(crate) mod tests {
         for sql in ["SELECT 1", "SELECT email FROM customers WHERE id = 1"] {
             run(&e, sql).unwrap_or_else(|r| panic!("{sql}: {r:?}"));
         }
+    }
+
+    #[tokio::test]
+    async fn computing_on_ciphertext_through_derived_tables_and_ctes_is_refused() {
+        let e = enc().await;
+        for sql in [
+            "SELECT length(x.e) FROM (SELECT email AS e FROM customers) x",
+            "SELECT length(e) FROM (SELECT email AS e FROM customers) x",
+            "SELECT upper(x.email) FROM (SELECT email FROM customers) x",
+            "SELECT length(y.email) FROM (SELECT * FROM customers) y",
+            "SELECT length(y.email) FROM (SELECT c.* FROM customers c) y",
+            "SELECT length(z.e) FROM (SELECT x.e FROM (SELECT email AS e FROM customers) x) z",
+            "WITH x AS (SELECT email AS e FROM customers) SELECT length(e) FROM x",
+            "WITH x AS (SELECT email FROM customers) SELECT * FROM x ORDER BY x.email",
+            "SELECT * FROM (SELECT email AS e FROM customers) x WHERE x.e LIKE 'a%'",
+            "SELECT x.e FROM (SELECT email AS e FROM customers) x WHERE x.e = 'a@b'",
+            "SELECT a FROM (SELECT email FROM customers) AS x(a)",
+            "SELECT count(DISTINCT x.e) FROM (SELECT email AS e FROM customers) x",
+            "SELECT length(l.e) FROM customers c, LATERAL (SELECT c.email AS e) l",
+        ] {
+            let r = run(&e, sql).unwrap_err();
+            assert_eq!(r.sqlstate, "0A000", "{sql}: {r:?}");
+            assert!(!r.message.contains("a@b"), "{sql}: {}", r.message);
+        }
+        // Selecting through them, testing IS NULL, and searching through `*` (the blind
+        // index comes along) still work.
+        for sql in [
+            "SELECT x.e FROM (SELECT email AS e FROM customers) x",
+            "SELECT e FROM (SELECT email AS e FROM customers) x WHERE e IS NOT NULL",
+            "WITH x AS (SELECT email FROM customers) SELECT email FROM x",
+            "SELECT y.email FROM (SELECT * FROM customers) y WHERE y.email = 'a@b'",
+            "SELECT n FROM (SELECT length(name) AS n FROM customers) x ORDER BY n",
+        ] {
+            run(&e, sql).unwrap_or_else(|r| panic!("{sql}: {r:?}"));
+        }
+        let (sql, _) = run(
+            &e,
+            "SELECT y.email FROM (SELECT * FROM customers) y WHERE y.email = 'a@b'",
+        )
+        .unwrap();
+        assert!(
+            sql.contains("y.email_bidx =") && !sql.contains("a@b"),
+            "{sql}"
+        );
     }
 }

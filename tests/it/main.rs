@@ -9,6 +9,7 @@ mod edges;
 mod encryption;
 mod harness;
 mod keys_cli;
+mod pipeline;
 mod policy;
 mod policy_proxy;
 mod protocol;
