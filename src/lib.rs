@@ -23,5 +23,6 @@ pub mod pgserver;
 pub mod policy;
 pub mod protocol;
 pub mod proxy;
+pub mod sql;
 pub mod tls;
 pub mod upstream;

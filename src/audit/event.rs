@@ -150,6 +150,9 @@ pub struct StatementRecord {
     pub columns_written: Vec<String>,
     /// Encrypted columns (`table.column`) this statement touches, read or written.
     pub encrypted_columns: Vec<String>,
+    /// pgAudit's class of each statement of the text (`READ`, `WRITE`, `DDL`, `ROLE`,
+    /// `FUNCTION`, `MISC`), distinct, in order; empty when the text did not parse.
+    pub command_class: Vec<&'static str>,
     pub params: Vec<BoundParam>,
     /// SQLSTATE sent to the client when refused/failed here.
     pub sqlstate: Option<String>,
@@ -185,6 +188,7 @@ impl StatementRecord {
             columns_read: Vec::new(),
             columns_written: Vec::new(),
             encrypted_columns: Vec::new(),
+            command_class: Vec::new(),
             params: Vec::new(),
             sqlstate: None,
         }
@@ -288,6 +292,7 @@ enum Wire<'a> {
         columns_read: &'a [String],
         columns_written: &'a [String],
         encrypted_columns: &'a [String],
+        command_class: &'a [&'static str],
         param_count: usize,
         params: Vec<BoundParam>,
     },
@@ -388,6 +393,7 @@ impl AuditEvent {
                     columns_read: &st.columns_read,
                     columns_written: &st.columns_written,
                     encrypted_columns: &st.encrypted_columns,
+                    command_class: &st.command_class,
                     param_count: st.params.len(),
                     params,
                 }

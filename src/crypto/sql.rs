@@ -45,8 +45,8 @@ mod derived;
 use super::codec::{encode_for_encryption, ClientType, WireFormat};
 use super::error::CryptoError;
 use super::manager::KeyManager;
-use crate::policy::catalog::Catalog;
-use crate::policy::sql::{ident_name, object_name_parts, parse_expr};
+use crate::sql::catalog::Catalog;
+use crate::sql::parse::{ident_name, object_name_parts, parse_expr};
 
 /// An encrypted column as a statement uses it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -260,7 +260,7 @@ fn refuse_writes_through_views(st: &Statement, catalog: Option<&Catalog>) -> Res
     else {
         return Ok(());
     };
-    if info.kind == crate::policy::RelKind::Table {
+    if info.kind == crate::sql::RelKind::Table {
         return Ok(());
     }
     Err(refuse(format!(
@@ -471,11 +471,11 @@ impl Transform<'_> {
                     self.first_encrypted_table()
                 )))
             }
-            other if crate::policy::rewrite::statement_kind(other) == "DDL" => return Ok(()),
+            other if crate::sql::StatementKind::of(other) == crate::sql::StatementKind::Ddl => return Ok(()),
             other => {
                 return Err(refuse(format!(
                     "pgward: {} statements on {}, which has encrypted columns, are not supported through pgward",
-                    crate::policy::rewrite::statement_kind(other),
+                    crate::sql::StatementKind::of(other).as_str(),
                     self.first_encrypted_table()
                 )))
             }
@@ -1277,7 +1277,7 @@ pub(crate) mod tests {
     use crate::crypto::manager::CachePolicy;
     use crate::keys::local::LocalProvider;
     use crate::keys::SecretKey;
-    use crate::policy::sql::parse_statements;
+    use crate::sql::parse::parse_statements;
 
     /// Encryption of the demo's personal columns under a local key (unit tests).
     pub(crate) async fn enc() -> SqlEncryption {
@@ -1314,7 +1314,7 @@ pub(crate) mod tests {
     fn run(enc: &SqlEncryption, sql: &str) -> Result<(String, Outcome), Refused> {
         let mut stmts = parse_statements(sql).unwrap();
         for st in &mut stmts {
-            crate::policy::sql::sanitize(st).unwrap();
+            crate::sql::parse::sanitize(st).unwrap();
         }
         let outcome = enc.transform(&mut stmts, None)?;
         let text = stmts
@@ -1323,7 +1323,7 @@ pub(crate) mod tests {
             .collect::<Vec<_>>()
             .join("; ");
         for st in text.split("; ") {
-            assert!(crate::policy::sql::round_trips(st), "{st}");
+            assert!(crate::sql::parse::round_trips(st), "{st}");
         }
         Ok((text, outcome))
     }

@@ -38,6 +38,7 @@ pub fn unrestricted_info(st: &Statement, catalog: Option<&Catalog>) -> Statement
         tables_read,
         tables_written,
         columns_read,
+        class: Some(crate::sql::CommandClass::of(st)),
         ..StatementInfo::default()
     }
 }

@@ -18,17 +18,18 @@ use crate::metrics::{inc, RewriteCounters};
 
 pub mod allow;
 pub mod analysis;
-pub mod catalog;
 pub mod cli;
-pub mod columns;
 pub mod config;
 mod memo;
 pub mod rewrite;
 pub mod shape;
-pub mod sql;
 
 pub use analysis::AnalysisMemo;
-pub use catalog::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
+// The analysis layer under the policy engine, under its former names for the engine's own
+// code and the tools built on it.
+pub use crate::sql::parse as sql;
+pub use crate::sql::{catalog, columns};
+pub use crate::sql::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
 pub use config::{Action, ServicePolicy, TablePolicy};
 use memo::Reuse;
 pub use memo::SessionMemo;
@@ -104,6 +105,8 @@ impl From<PolicyDenied> for Refusal {
 pub struct StatementInfo {
     /// `SELECT`, `INSERT`, `UPDATE`, `DELETE`, `SET`, `COPY`, `DDL`, ...
     pub kind: String,
+    /// pgAudit's class of the statement, for its audit record.
+    pub class: Option<crate::sql::CommandClass>,
     /// `schema.table` of protected tables read (after rewriting, through their filter).
     pub tables_read: Vec<String>,
     pub tables_written: Vec<String>,
@@ -710,9 +713,12 @@ pub fn rewrite_encrypted(
     }
     // Named before encryption and the rewriter change the statements; `*` stands for the
     // columns the policy shows.
-    let named: Vec<Vec<String>> = stmts
+    let named: Vec<(Vec<String>, crate::sql::CommandClass)> = stmts
         .iter()
-        .map(|st| columns::named_columns(st, catalog, |t| visible_columns(policy, t)))
+        .map(|st| {
+            let named = columns::named_columns(st, catalog, |t| visible_columns(policy, t));
+            (named, crate::sql::CommandClass::of(st))
+        })
         .collect();
     let outcome = match encryption {
         Some(enc) => enc
@@ -720,10 +726,11 @@ pub fn rewrite_encrypted(
             .map_err(encryption_refusal)?,
         None => crate::crypto::sql::Outcome::default(),
     };
-    for (k, (st, named)) in stmts.iter_mut().zip(named).enumerate() {
+    for (k, (st, (named, class))) in stmts.iter_mut().zip(named).enumerate() {
         let (text, mut info) =
             rewrite::Rewriter::new(service, policy, catalog, claims).statement(st)?;
         info.columns_read = named;
+        info.class = Some(class);
         info.encrypted_columns = outcome.accessed.get(k).cloned().unwrap_or_default();
         // COPY FROM verifies its two parts itself (sqlparser has no COPY ... WHERE).
         if info.kind != "COPY FROM" && !sql::round_trips(&text) {

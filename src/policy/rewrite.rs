@@ -1759,33 +1759,7 @@ fn is_plain_dml(st: &Statement) -> bool {
 }
 
 pub fn statement_kind(st: &Statement) -> &'static str {
-    match st {
-        Statement::Query(_) => "SELECT",
-        Statement::Insert(_) => "INSERT",
-        Statement::Update(_) => "UPDATE",
-        Statement::Delete(_) => "DELETE",
-        Statement::Explain { .. } => "EXPLAIN",
-        Statement::Prepare { .. } => "PREPARE",
-        Statement::Execute { .. } => "EXECUTE",
-        Statement::Copy { .. } => "COPY",
-        Statement::Declare { .. } => "DECLARE",
-        Statement::Set(_) => "SET",
-        Statement::ShowVariable { .. } => "SHOW",
-        Statement::CreateTable(_)
-        | Statement::CreateIndex(_)
-        | Statement::AlterTable(_)
-        | Statement::Drop { .. } => "DDL",
-        Statement::CreateView(_) => "CREATE VIEW",
-        Statement::CreateFunction(_) => "CREATE FUNCTION",
-        Statement::Truncate(_) => "TRUNCATE",
-        Statement::Call(_) => "CALL",
-        Statement::Lock(_) => "LOCK",
-        Statement::Vacuum(_) => "VACUUM",
-        Statement::Analyze(_) => "ANALYZE",
-        Statement::Grant(_) | Statement::Revoke(_) => "GRANT/REVOKE",
-        Statement::Discard { .. } => "DISCARD",
-        _ => "this kind of",
-    }
+    crate::sql::StatementKind::of(st).as_str()
 }
 
 /// Top-level AND-ed parts of a predicate.

@@ -299,6 +299,11 @@ impl SessionAudit {
                 extend_unique(&mut record.columns_read, &info.columns_read);
                 extend_unique(&mut record.columns_written, &info.columns_written);
                 extend_unique(&mut record.encrypted_columns, &info.encrypted_columns);
+                if let Some(class) = info.class.map(|c| c.as_str()) {
+                    if !record.command_class.contains(&class) {
+                        record.command_class.push(class);
+                    }
+                }
             }
         }
         self.statements_recorded += 1;

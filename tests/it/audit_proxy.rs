@@ -275,6 +275,7 @@ async fn refusals_and_failed_logins_are_recorded_with_rule_and_claims() {
     assert_eq!(allowed[0]["columns_read"], json!(["customers.name"]));
     assert_eq!(refused[0]["tables_read"], json!(["public.customers"]));
     assert_eq!(refused[0]["columns_read"], json!(["customers.ssn"]));
+    assert_eq!(refused[0]["command_class"], json!(["READ"]));
     assert!(
         refused[0]["rewritten_sha256"].is_null(),
         "nothing was forwarded"
@@ -588,6 +589,7 @@ async fn records_say_which_columns_were_written_and_which_encrypted_columns_were
     assert_eq!(select["tables_read"], json!(["public.customers"]));
     assert_eq!(select["encrypted_columns"], json!(["customers.email"]));
     assert_eq!(select["columns_written"], json!([]));
+    assert_eq!(select["command_class"], json!(["READ"]));
     let insert = statement("INSERT INTO customers");
     assert_eq!(
         insert["columns_written"],
@@ -599,6 +601,7 @@ async fn records_say_which_columns_were_written_and_which_encrypted_columns_were
     let update = statement("UPDATE invoices");
     assert_eq!(update["columns_written"], json!(["invoices.status"]));
     assert_eq!(update["encrypted_columns"], json!([]));
+    assert_eq!(update["command_class"], json!(["WRITE"]));
     // Field encryption's refusal is a decision, recorded as such with what it named.
     let computed = statement("SELECT length(email)");
     assert_eq!(computed["decision"], "refused", "{computed}");

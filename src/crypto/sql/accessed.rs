@@ -16,7 +16,7 @@ use sqlparser::ast::{
 };
 
 use super::Transform;
-use crate::policy::sql::{ident_name, object_name_parts};
+use crate::sql::parse::{ident_name, object_name_parts};
 
 impl Transform<'_> {
     /// The encrypted columns `st` touches, as `table.column`, sorted.
@@ -247,7 +247,7 @@ impl Visitor for Accessed<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::super::tests::enc;
-    use crate::policy::sql::{parse_statements, sanitize};
+    use crate::sql::parse::{parse_statements, sanitize};
 
     async fn accessed(sql: &str) -> Vec<Vec<String>> {
         let e = enc().await;

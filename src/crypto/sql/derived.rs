@@ -19,7 +19,7 @@ use sqlparser::ast::{
 };
 
 use super::{refuse, EncCol, Refused, Transform};
-use crate::policy::sql::{ident_name, object_name_parts};
+use crate::sql::parse::{ident_name, object_name_parts};
 
 /// Most derived tables and CTEs one statement may carry encrypted columns through.
 const MAX_DERIVED: usize = 256;

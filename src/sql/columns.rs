@@ -15,7 +15,7 @@ use sqlparser::ast::{
 };
 
 use super::catalog::{Catalog, TableInfo};
-use super::sql::{ident_name, object_name_parts};
+use super::parse::{ident_name, object_name_parts};
 
 /// `table.column` of every column `st` names, in order of first mention. `visible` gives the
 /// columns a wildcard over a relation expands to.
@@ -172,8 +172,8 @@ impl Visitor for Names<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::sql::parse_statements;
-    use crate::policy::{ColumnInfo, RelKind};
+    use crate::sql::parse::parse_statements;
+    use crate::sql::{ColumnInfo, RelKind};
 
     fn table(name: &str, columns: &[&str]) -> TableInfo {
         TableInfo {

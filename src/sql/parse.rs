@@ -1,5 +1,5 @@
-//! Small SQL helpers shared by the policy modules: parsing fragments, name normalization,
-//! quoting, and the literal sanitizer that makes sqlparser's Display faithful.
+//! Parsing and small SQL helpers shared by the policy engine and field encryption: parsing
+//! fragments, name normalization, quoting, and the literal sanitizer that makes sqlparser's Display faithful.
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{

@@ -1,0 +1,174 @@
+//! What kind of statement a parsed statement is, as a value: the policy engine decides by it,
+//! refusals name it, and audit records carry its command class.
+use sqlparser::ast::Statement;
+
+/// The kind of one statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StatementKind {
+    Select,
+    Insert,
+    Update,
+    Delete,
+    Explain,
+    Prepare,
+    Execute,
+    Copy,
+    Declare,
+    Set,
+    Show,
+    /// CREATE TABLE / INDEX, ALTER TABLE, DROP.
+    Ddl,
+    CreateView,
+    CreateFunction,
+    Truncate,
+    Call,
+    Lock,
+    Vacuum,
+    Analyze,
+    GrantRevoke,
+    Discard,
+    /// Anything else sqlparser parses.
+    Other,
+}
+
+/// pgAudit's classes of statements, for audit records and filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CommandClass {
+    /// SELECT, COPY TO.
+    Read,
+    /// INSERT, UPDATE, DELETE, TRUNCATE, COPY FROM.
+    Write,
+    /// CALL and other function execution.
+    Function,
+    /// GRANT, REVOKE.
+    Role,
+    /// Schema changes.
+    Ddl,
+    /// Everything else (SET, SHOW, DISCARD, VACUUM, LOCK, EXPLAIN, PREPARE …).
+    Misc,
+}
+
+impl StatementKind {
+    /// The kind of `st`.
+    pub fn of(st: &Statement) -> Self {
+        match st {
+            Statement::Query(_) => StatementKind::Select,
+            Statement::Insert(_) => StatementKind::Insert,
+            Statement::Update(_) => StatementKind::Update,
+            Statement::Delete(_) => StatementKind::Delete,
+            Statement::Explain { .. } => StatementKind::Explain,
+            Statement::Prepare { .. } => StatementKind::Prepare,
+            Statement::Execute { .. } => StatementKind::Execute,
+            Statement::Copy { .. } => StatementKind::Copy,
+            Statement::Declare { .. } => StatementKind::Declare,
+            Statement::Set(_) => StatementKind::Set,
+            Statement::ShowVariable { .. } => StatementKind::Show,
+            Statement::CreateTable(_)
+            | Statement::CreateIndex(_)
+            | Statement::AlterTable(_)
+            | Statement::Drop { .. } => StatementKind::Ddl,
+            Statement::CreateView(_) => StatementKind::CreateView,
+            Statement::CreateFunction(_) => StatementKind::CreateFunction,
+            Statement::Truncate(_) => StatementKind::Truncate,
+            Statement::Call(_) => StatementKind::Call,
+            Statement::Lock(_) => StatementKind::Lock,
+            Statement::Vacuum(_) => StatementKind::Vacuum,
+            Statement::Analyze(_) => StatementKind::Analyze,
+            Statement::Grant(_) | Statement::Revoke(_) => StatementKind::GrantRevoke,
+            Statement::Discard { .. } => StatementKind::Discard,
+            _ => StatementKind::Other,
+        }
+    }
+
+    /// The name used in refusal messages and audit records (`SELECT`, `DDL`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementKind::Select => "SELECT",
+            StatementKind::Insert => "INSERT",
+            StatementKind::Update => "UPDATE",
+            StatementKind::Delete => "DELETE",
+            StatementKind::Explain => "EXPLAIN",
+            StatementKind::Prepare => "PREPARE",
+            StatementKind::Execute => "EXECUTE",
+            StatementKind::Copy => "COPY",
+            StatementKind::Declare => "DECLARE",
+            StatementKind::Set => "SET",
+            StatementKind::Show => "SHOW",
+            StatementKind::Ddl => "DDL",
+            StatementKind::CreateView => "CREATE VIEW",
+            StatementKind::CreateFunction => "CREATE FUNCTION",
+            StatementKind::Truncate => "TRUNCATE",
+            StatementKind::Call => "CALL",
+            StatementKind::Lock => "LOCK",
+            StatementKind::Vacuum => "VACUUM",
+            StatementKind::Analyze => "ANALYZE",
+            StatementKind::GrantRevoke => "GRANT/REVOKE",
+            StatementKind::Discard => "DISCARD",
+            StatementKind::Other => "this kind of",
+        }
+    }
+
+    /// Whether the statement changes the schema (the catalog must be reloaded after it).
+    pub fn is_ddl(self) -> bool {
+        matches!(
+            self,
+            StatementKind::Ddl | StatementKind::CreateView | StatementKind::CreateFunction
+        )
+    }
+}
+
+impl CommandClass {
+    /// The class of `st` (a COPY reads or writes by its direction).
+    pub fn of(st: &Statement) -> Self {
+        match StatementKind::of(st) {
+            StatementKind::Select | StatementKind::Declare => CommandClass::Read,
+            StatementKind::Copy => match st {
+                Statement::Copy { to: true, .. } => CommandClass::Read,
+                _ => CommandClass::Write,
+            },
+            StatementKind::Insert
+            | StatementKind::Update
+            | StatementKind::Delete
+            | StatementKind::Truncate => CommandClass::Write,
+            StatementKind::Call => CommandClass::Function,
+            StatementKind::GrantRevoke => CommandClass::Role,
+            k if k.is_ddl() => CommandClass::Ddl,
+            _ => CommandClass::Misc,
+        }
+    }
+
+    /// pgAudit's name of the class.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandClass::Read => "READ",
+            CommandClass::Write => "WRITE",
+            CommandClass::Function => "FUNCTION",
+            CommandClass::Role => "ROLE",
+            CommandClass::Ddl => "DDL",
+            CommandClass::Misc => "MISC",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::parse::parse_statements;
+
+    fn class(sql: &str) -> &'static str {
+        CommandClass::of(&parse_statements(sql).unwrap()[0]).as_str()
+    }
+
+    #[test]
+    fn statements_fall_in_pgaudit_classes() {
+        assert_eq!(class("SELECT 1"), "READ");
+        assert_eq!(class("COPY t TO STDOUT"), "READ");
+        assert_eq!(class("COPY t FROM STDIN"), "WRITE");
+        assert_eq!(class("DELETE FROM t"), "WRITE");
+        assert_eq!(class("CREATE TABLE t (a int)"), "DDL");
+        assert_eq!(class("CREATE VIEW v AS SELECT 1"), "DDL");
+        assert_eq!(class("GRANT SELECT ON t TO r"), "ROLE");
+        assert_eq!(class("CALL p()"), "FUNCTION");
+        assert_eq!(class("SET search_path = x"), "MISC");
+    }
+}
