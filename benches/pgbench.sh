@@ -64,6 +64,7 @@ cleanup() {
   [ -n "${WARD_PID:-}" ] && kill "$WARD_PID" 2>/dev/null || true
   [ -n "${AUDIT_PID:-}" ] && kill "$AUDIT_PID" 2>/dev/null || true
   [ -n "${AUDIT_NOSYNC_PID:-}" ] && kill "$AUDIT_NOSYNC_PID" 2>/dev/null || true
+  [ -n "${AUDIT_FWD_PID:-}" ] && kill "$AUDIT_FWD_PID" 2>/dev/null || true
   [ -n "${CRYPT_PID:-}" ] && kill "$CRYPT_PID" 2>/dev/null || true
   [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
   "${RUN_AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
@@ -99,7 +100,7 @@ BOUNCER_PID=$!
 
 TOKEN=$("$PGWARD" token mint --service postgres --dir "$WORK/keys" --ttl 2h)
 TENANT_TOKEN=$("$PGWARD" token mint --service tenant --claim bid=1 --dir "$WORK/keys" --ttl 2h)
-AUDIT_PORT=$(free_port); AUDIT_NOSYNC_PORT=$(free_port); CRYPT_PORT=$(free_port)
+AUDIT_PORT=$(free_port); AUDIT_NOSYNC_PORT=$(free_port); AUDIT_FWD_PORT=$(free_port); CRYPT_PORT=$(free_port)
 mkdir -p "$WORK/policies"
 cat > "$WORK/policies/tenant.toml" <<TOML
 # One branch's rows: the filter the benchmark pays for.
@@ -139,12 +140,16 @@ sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$AUDIT_PORT/" "$WORK/pgward.toml" > "$W
 printf '[audit]\ndir = "%s"\n' "$WORK/audit" >> "$WORK/pgward-audit.toml"
 sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$AUDIT_NOSYNC_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-audit-nosync.toml"
 printf '[audit]\ndir = "%s"\nfsync = false\n' "$WORK/audit-nosync" >> "$WORK/pgward-audit-nosync.toml"
+sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$AUDIT_FWD_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-audit-fwd.toml"
+printf '[audit]\ndir = "%s"\ndurability = "before_forward"\n' "$WORK/audit-fwd" >> "$WORK/pgward-audit-fwd.toml"
 "$PGWARD" serve --config "$WORK/pgward.toml" --log warn &
 WARD_PID=$!
 "$PGWARD" serve --config "$WORK/pgward-audit.toml" --log warn &
 AUDIT_PID=$!
 "$PGWARD" serve --config "$WORK/pgward-audit-nosync.toml" --log warn &
 AUDIT_NOSYNC_PID=$!
+"$PGWARD" serve --config "$WORK/pgward-audit-fwd.toml" --log warn &
+AUDIT_FWD_PID=$!
 # Field encryption: two encrypted text columns vs the same data in plaintext columns.
 "${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -c \
   "CREATE TABLE enc_items (id int PRIMARY KEY, a bytea, b bytea); CREATE TABLE plain_items (id int PRIMARY KEY, a text, b text)"
@@ -219,7 +224,7 @@ fi
 # (a second pgward writing JSON Lines with fsync per group commit) vs off.
 if want features || want policy; then
 declare -A FEAT RATIO
-FEATURES=("passthrough:$WARD_PORT:postgres:$TOKEN" "policy:$WARD_PORT:tenant:$TENANT_TOKEN" "audited:$AUDIT_PORT:postgres:$TOKEN" "audit-nosync:$AUDIT_NOSYNC_PORT:postgres:$TOKEN")
+FEATURES=("passthrough:$WARD_PORT:postgres:$TOKEN" "policy:$WARD_PORT:tenant:$TENANT_TOKEN" "audited:$AUDIT_PORT:postgres:$TOKEN" "audit-nosync:$AUDIT_NOSYNC_PORT:postgres:$TOKEN" "audit-fwd:$AUDIT_FWD_PORT:postgres:$TOKEN")
 want features || FEATURES=("${FEATURES[@]:0:2}")
 measure() { # mode round name port user token -> LAST_TPS (no subshell: FEAT is kept)
   LAST_TPS=$(run_pgbench "$4" "$1" "$CLIENTS" "$5" "$6")
@@ -248,25 +253,29 @@ for mode in simple prepared; do
 done
 echo
 echo "== pgward features, pgbench -S, $CLIENTS clients (median TPS; policy = row filter bid = claim('bid');"
-echo "   audited = records fsync'ed before each statement runs; audit-nosync = [audit] fsync = false)"
-printf '%-9s %12s %12s %12s %12s %10s %10s %10s\n' mode passthrough policy audited audit-nosync policy/p audited/p nosync/p
+echo "   audited = default durability: records written before the statement runs, fsync'ed before its results;"
+echo "   audit-nosync = [audit] fsync = false; audit-fwd = durability = \"before_forward\": fsync'ed before it runs)"
+printf '%-9s %12s %12s %12s %12s %12s %10s %10s %10s %10s\n' mode passthrough policy audited audit-nosync audit-fwd policy/p audited/p nosync/p fwd/p
 for mode in simple prepared; do
   p=$(echo "${FEAT[$mode,passthrough]}" | median); r=$(echo "${FEAT[$mode,policy]}" | median)
   a=$(echo "${FEAT[$mode,audited]:-}" | median); n=$(echo "${FEAT[$mode,audit-nosync]:-}" | median)
+  w=$(echo "${FEAT[$mode,audit-fwd]:-}" | median)
   # Features --only left out print as "-".
-  awk -v m="$mode" -v p="$p" -v r="$r" -v a="$a" -v n="$n" 'BEGIN {
+  awk -v m="$mode" -v p="$p" -v r="$r" -v a="$a" -v n="$n" -v w="$w" 'BEGIN {
     tps = "%12s"; ratio = "%10s"
     printf "%-9s %12.0f %12.0f ", m, p, r
     if (a == "") printf tps " ", "-"; else printf "%12.0f ", a
     if (n == "") printf tps " ", "-"; else printf "%12.0f ", n
+    if (w == "") printf tps " ", "-"; else printf "%12.0f ", w
     printf "%10.2f ", r / p
     if (a == "") printf ratio " ", "-"; else printf "%10.2f ", a / p
-    if (n == "") printf ratio "\n", "-"; else printf "%10.2f\n", n / p
+    if (n == "") printf ratio " ", "-"; else printf "%10.2f ", n / p
+    if (w == "") printf ratio "\n", "-"; else printf "%10.2f\n", w / p
   }'
 done
 echo "ratios to the pass-through run paired with each (median, min - max, every pair):"
 for mode in simple prepared; do
-  for name in policy audited audit-nosync; do
+  for name in policy audited audit-nosync audit-fwd; do
     r=${RATIO[$mode,$name]:-}
     [ -n "$r" ] || continue
     printf '  %-9s %-12s %s  (%s - %s)   rounds:%s\n' "$mode" "$name" "$(echo "$r" | median)" \
