@@ -1,0 +1,293 @@
+//! Expressions: every expression a statement carries is checked (functions, operators, casts,
+//! hidden columns, nested queries) and claims are substituted as literals.
+use super::*;
+
+impl<'a> Rewriter<'a> {
+    /// Checks every expression inside `node` (and rewrites nested queries).
+    pub(super) fn check_node<T: VisitMut + ?Sized>(
+        &mut self,
+        node: &mut T,
+        scope: &mut Vec<String>,
+    ) -> R<()> {
+        let mut checker = ExprChecker {
+            rw: self,
+            scope,
+            depth: 0,
+        };
+        match node.visit(&mut checker) {
+            ControlFlow::Continue(()) => Ok(()),
+            ControlFlow::Break(e) => Err(e),
+        }
+    }
+
+    pub(super) fn check_function_name(&mut self, name: &ObjectName) -> R<()> {
+        let parts = object_name_parts(name).ok_or_else(|| self.refuse("this function name"))?;
+        let full = parts.join(".");
+        let builtin = match parts.as_slice() {
+            [n] => Some(n.as_str()),
+            [s, n] if s == "pg_catalog" => Some(n.as_str()),
+            _ => None,
+        };
+        if builtin.is_some_and(allow::is_volatile_function) {
+            self.saw_volatile = true;
+        }
+        if builtin.is_some_and(allow::is_safe_function)
+            || self.policy.allow.functions.contains(&full)
+        {
+            Ok(())
+        } else {
+            Err(self.deny(
+                format!("may not call function {full}"),
+                Some(&self.policy.allow.rule),
+            ))
+        }
+    }
+
+    pub(super) fn check_column(&self, col: &str) -> R<()> {
+        if let Some((table, rule)) = self.hidden.get(col) {
+            return Err(self.deny(format!("may not read column {table}.{col}"), Some(rule)));
+        }
+        if let Some(table) = self.forbid_rows.get(col) {
+            return Err(self.deny(
+                format!("may not use a whole-row reference to {table} (it has hidden columns)"),
+                None,
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_expr(&mut self, expr: &mut Expr) -> R<()> {
+        match expr {
+            Expr::Identifier(id) => self.check_column(&ident_name(id)),
+            Expr::CompoundIdentifier(parts) => {
+                let schema_qualified = parts.len() == 3
+                    && self
+                        .catalog
+                        .resolve(&[ident_name(&parts[0]), ident_name(&parts[1])])
+                        .is_some();
+                if schema_qualified {
+                    // schema.table.col: the barrier is aliased by the bare table name.
+                    parts.remove(0);
+                } else if parts.len() >= 3 {
+                    return Err(self.refuse("this column reference"));
+                }
+                match parts.last() {
+                    Some(last) => self.check_column(&ident_name(last)),
+                    None => Ok(()),
+                }
+            }
+            Expr::BinaryOp { op, .. } => match op {
+                BinaryOperator::Custom(_) | BinaryOperator::PGCustomBinaryOperator(_) => {
+                    Err(self.refuse(format!("operator {op}")))
+                }
+                _ => Ok(()),
+            },
+            Expr::Cast {
+                data_type, format, ..
+            } => {
+                if format.is_some() || !allow::is_safe_type(&data_type.to_string()) {
+                    return Err(self.refuse(format!("a cast to {data_type}")));
+                }
+                Ok(())
+            }
+            Expr::TypedString(ts) => {
+                if !allow::is_safe_type(&ts.data_type.to_string()) {
+                    return Err(self.refuse(format!("a literal of type {}", ts.data_type)));
+                }
+                Ok(())
+            }
+            Expr::Function(f) => {
+                if !matches!(f.parameters, sqlparser::ast::FunctionArguments::None) {
+                    return Err(self.refuse("this function call syntax"));
+                }
+                // `f(t.*)` on a write target with hidden columns would pass the whole row.
+                if let sqlparser::ast::FunctionArguments::List(list) = &f.args {
+                    for a in &list.args {
+                        let (sqlparser::ast::FunctionArg::Unnamed(arg)
+                        | sqlparser::ast::FunctionArg::Named { arg, .. }
+                        | sqlparser::ast::FunctionArg::ExprNamed { arg, .. }) = a;
+                        if let sqlparser::ast::FunctionArgExpr::QualifiedWildcard(n) = arg {
+                            if let Some(last) = object_name_parts(n).and_then(|p| p.last().cloned())
+                            {
+                                self.check_column(&last)?;
+                            }
+                        }
+                    }
+                }
+                let name = f.name.clone();
+                self.check_function_name(&name)
+            }
+            Expr::IsFalse(_)
+            | Expr::IsNotFalse(_)
+            | Expr::IsTrue(_)
+            | Expr::IsNotTrue(_)
+            | Expr::IsNull(_)
+            | Expr::IsNotNull(_)
+            | Expr::IsUnknown(_)
+            | Expr::IsNotUnknown(_)
+            | Expr::IsDistinctFrom(..)
+            | Expr::IsNotDistinctFrom(..)
+            | Expr::In { .. }
+            | Expr::Between { .. }
+            | Expr::Like { .. }
+            | Expr::ILike { .. }
+            | Expr::SimilarTo { .. }
+            | Expr::AnyOp { .. }
+            | Expr::AllOp { .. }
+            | Expr::UnaryOp { .. }
+            | Expr::AtTimeZone { .. }
+            | Expr::Extract { .. }
+            | Expr::Ceil { .. }
+            | Expr::Floor { .. }
+            | Expr::Position { .. }
+            | Expr::Substring { .. }
+            | Expr::Trim { .. }
+            | Expr::Overlay { .. }
+            | Expr::Collate { .. }
+            | Expr::Nested(_)
+            | Expr::Value(_)
+            | Expr::Case { .. }
+            | Expr::Exists { .. }
+            | Expr::Subquery(_)
+            | Expr::GroupingSets(_)
+            | Expr::Cube(_)
+            | Expr::Rollup(_)
+            | Expr::Tuple(_)
+            | Expr::Array(_)
+            | Expr::Interval(_)
+            | Expr::CompoundFieldAccess { .. } => Ok(()),
+            other => Err(self.refuse(format!("the expression {other}"))),
+        }
+    }
+
+    // ---------------------------------------------------------------- policy expressions
+
+    /// Renders a policy expression: claims become literals, column names go through `map`.
+    pub(super) fn render(
+        &self,
+        expr: &Expr,
+        tp: &TablePolicy,
+        map: &dyn Fn(&str) -> Option<String>,
+    ) -> R<String> {
+        let mut e = expr.clone();
+        let mut sub = Substituter {
+            rw: self,
+            tp,
+            map,
+            err: None,
+        };
+        let _ = e.visit(&mut sub);
+        if let Some(err) = sub.err {
+            return Err(err);
+        }
+        Ok(e.to_string())
+    }
+
+    pub(super) fn claim_literal(&self, name: &str) -> R<String> {
+        let value = self
+            .claims
+            .get(name)
+            .ok_or_else(|| self.deny(format!("has no claim {name:?} in its token"), None))?;
+        claim_literal(value, self.policy.claim_types.get(name).map(String::as_str))
+            .ok_or_else(|| self.deny(format!("has an unusable value for claim {name:?}"), None))
+    }
+
+    pub(super) fn assert_sql(&self, cond: &str, message: &str) -> String {
+        format!("pgward.assert_row({cond}, {})", quote_literal(message))
+    }
+
+    pub(super) fn write_message(&self, what: &str, tp: &TablePolicy) -> String {
+        format!(
+            "pgward: service {:?} may not {what} {} ({})",
+            self.service, tp.info.name, tp.check_rule
+        )
+    }
+}
+
+struct ExprChecker<'r, 'a> {
+    rw: &'r mut Rewriter<'a>,
+    scope: &'r mut Vec<String>,
+    depth: usize,
+}
+
+impl VisitorMut for ExprChecker<'_, '_> {
+    type Break = PolicyDenied;
+
+    fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<PolicyDenied> {
+        if self.depth == 0 {
+            // A nested query: rewrite it with its own scope handling, then let the visitor
+            // walk over the (already rewritten) result without looking at it.
+            let mut scope = self.scope.clone();
+            if let Err(e) = self.rw.query(q, &mut scope) {
+                return ControlFlow::Break(e);
+            }
+        }
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &mut Query) -> ControlFlow<PolicyDenied> {
+        self.depth = self.depth.saturating_sub(1);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<PolicyDenied> {
+        if self.depth > 0 {
+            return ControlFlow::Continue(());
+        }
+        match self.rw.check_expr(e) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(err) => ControlFlow::Break(err),
+        }
+    }
+}
+
+struct Substituter<'r, 'a> {
+    rw: &'r Rewriter<'a>,
+    tp: &'r TablePolicy,
+    map: &'r dyn Fn(&str) -> Option<String>,
+    err: Option<PolicyDenied>,
+}
+
+impl Substituter<'_, '_> {
+    fn replacement(&self, e: &Expr) -> R<Option<Expr>> {
+        if let Some(Ok(claim)) = claim_call(e) {
+            let lit = self.rw.claim_literal(&claim)?;
+            return parse_expr(&lit)
+                .map(Some)
+                .map_err(|err| self.rw.refuse(format!("(internal: {err})")));
+        }
+        if let Expr::Identifier(id) = e {
+            let col = ident_name(id);
+            let text = (self.map)(&col).ok_or_else(|| {
+                self.rw.deny(
+                    format!(
+                        "must supply column {}.{col} (used by the write check)",
+                        self.tp.info.name
+                    ),
+                    Some(&self.tp.check_rule),
+                )
+            })?;
+            let parsed =
+                parse_expr(&text).map_err(|err| self.rw.refuse(format!("(internal: {err})")))?;
+            return Ok(Some(Expr::Nested(Box::new(parsed))));
+        }
+        Ok(None)
+    }
+}
+
+impl VisitorMut for Substituter<'_, '_> {
+    type Break = ();
+
+    fn post_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<()> {
+        match self.replacement(e) {
+            Ok(Some(new)) => *e = new,
+            Ok(None) => {}
+            Err(err) => {
+                self.err = Some(err);
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
