@@ -12,7 +12,8 @@ use super::codec::ClientType;
 pub struct VaultConfig {
     /// e.g. `https://vault.internal:8200`.
     pub address: String,
-    /// File holding a Vault token (read at start). Takes precedence over `token_env`.
+    /// File holding a Vault token. Read at start, re-read at every key poll when it changed
+    /// and on SIGHUP (the Vault Agent sink pattern). Takes precedence over `token_env`.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
     /// Environment variable holding a Vault token.
@@ -33,6 +34,9 @@ pub struct VaultConfig {
     pub kv_prefix: String,
     #[serde(default = "default_request_timeout", with = "humantime_serde_str")]
     pub request_timeout: Duration,
+    /// Allow `http://` to a non-loopback Vault (data keys and the token in clear). Off by default.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 /// `[vault.approle]`.
@@ -174,12 +178,7 @@ impl CryptoConfig {
 
 impl VaultConfig {
     fn validate(&self) -> Result<(), String> {
-        if !(self.address.starts_with("https://") || self.address.starts_with("http://")) {
-            return Err(format!(
-                "vault.address {:?} must start with https:// (or http://)",
-                self.address
-            ));
-        }
+        crate::keys::vault::check_address(&self.address, self.allow_insecure_http)?;
         if self.approle.is_some() && self.token_file.is_some() {
             return Err("set either vault.token_file or [vault.approle], not both".into());
         }
@@ -367,6 +366,17 @@ mod tests {
         assert_eq!(cfg.encrypt[0].ty, ClientType::Text);
         assert_eq!(cfg.vault.unwrap().approle.unwrap().mount, "approle");
         assert!(toml::from_str::<CryptoConfig>("[keys]\nprovidr = \"kv2\"").is_err());
+        let remote_http: CryptoConfig =
+            toml::from_str("[vault]\naddress = \"http://vault.example:8200\"").unwrap();
+        assert!(
+            remote_http.validate().is_err(),
+            "plain http to a remote Vault"
+        );
+        let allowed: CryptoConfig = toml::from_str(
+            "[vault]\naddress = \"http://vault.example:8200\"\nallow_insecure_http = true",
+        )
+        .unwrap();
+        assert!(allowed.validate().is_ok());
         assert!(toml::from_str::<CryptoConfig>(
             "[[encrypt]]\ntable=\"t\"\ncolumn=\"c\"\nkey=\"k\"\ntype=\"float8\""
         )

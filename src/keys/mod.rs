@@ -112,6 +112,12 @@ impl KeyError {
         }
     }
 
+    /// True when Vault refused (revoked token, permission denied, sealed): keys under this
+    /// name must stop serving, cached or not.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, KeyError::Vault { source, .. } if source.is_refusal())
+    }
+
     /// True when the failure is Vault being unreachable (cached keys may keep serving).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, KeyError::Unavailable { .. })

@@ -14,3 +14,4 @@ mod policy_proxy;
 mod protocol;
 mod tools;
 mod vault;
+mod vault_failures;
