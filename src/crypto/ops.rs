@@ -196,18 +196,62 @@ pub struct Progress {
     pub rows_changed: i64,
     pub last_pk: Option<String>,
     pub finished: bool,
+    /// `keys reencrypt`: primary keys of values that could not be read (malformed, failed
+    /// integrity, unknown key) and were left as they are; at most [`MAX_LISTED_SKIPS`].
+    pub skipped: std::collections::BTreeSet<String>,
+    /// Skipped values beyond the listed ones.
+    pub skipped_unlisted: i64,
+}
+
+/// How many skipped primary keys a job lists (the rest are only counted).
+pub const MAX_LISTED_SKIPS: usize = 1000;
+
+impl Progress {
+    fn new(job: &'static str, table: &str, column: &str) -> Self {
+        Progress {
+            job,
+            table: table.to_string(),
+            column: column.to_string(),
+            rows_done: 0,
+            rows_changed: 0,
+            last_pk: None,
+            finished: false,
+            skipped: std::collections::BTreeSet::new(),
+            skipped_unlisted: 0,
+        }
+    }
+
+    /// Values left unreadable (listed or not).
+    pub fn rows_skipped(&self) -> i64 {
+        self.skipped.len() as i64 + self.skipped_unlisted
+    }
+
+    fn skip(&mut self, pk: &str) {
+        if self.skipped.contains(pk) {
+            return;
+        }
+        if self.skipped.len() < MAX_LISTED_SKIPS {
+            self.skipped.insert(pk.to_string());
+        } else {
+            self.skipped_unlisted += 1;
+        }
+    }
 }
 
 impl fmt::Display for Progress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} {}.{}: {} rows scanned, {} rewritten{}",
+            "{} {}.{}: {} rows scanned, {} rewritten{}{}",
             self.job,
             self.table,
             self.column,
             self.rows_done,
             self.rows_changed,
+            match self.rows_skipped() {
+                0 => String::new(),
+                n => format!(", {n} unreadable skipped"),
+            },
             if self.finished { " (done)" } else { "" }
         )
     }
@@ -344,19 +388,20 @@ async fn stored_index_root(
     if provider_kind != "transit" {
         return Ok(None);
     }
+    // The KEK version is read from the wrapped form (what Vault unwraps by), not from the
+    // `kek_version` column, which is only a copy.
     let row = db
         .query_opt(
-            "SELECT kek_version FROM pgward.data_keys WHERE key_name = $1 AND dek_version = 0",
+            "SELECT wrapped FROM pgward.data_keys WHERE key_name = $1 AND dek_version = 0",
             &[&key_name],
         )
         .await?;
     let Some(row) = row else { return Ok(None) };
-    let kek: i32 = row.try_get(0)?;
+    let wrapped: String = row.try_get(0)?;
     Ok(Some(DekInfo {
         key_name: key_name.to_string(),
         dek_version: 0,
-        kek_version: u32::try_from(kek)
-            .map_err(|_| OpsError::Schema(format!("negative KEK version for {key_name}")))?,
+        kek_version: crate::keys::transit::kek_version_of(&wrapped).unwrap_or(0),
     }))
 }
 
@@ -527,13 +572,9 @@ async fn reencrypt_column(
     };
     let (resume, done) = job.resume_point().await?;
     let mut state = Progress {
-        job: "reencrypt",
-        table: spec.table.clone(),
-        column: spec.column.column.clone(),
         rows_done: done,
-        rows_changed: 0,
         last_pk: resume,
-        finished: false,
+        ..Progress::new("reencrypt", &spec.table, &spec.column.column)
     };
     let header = key_ref_bytes(target);
     let started_from_first_row = state.last_pk.is_none();
@@ -547,9 +588,15 @@ async fn reencrypt_column(
             for row in &rows {
                 let id: String = row.try_get(0)?;
                 let stored: Vec<u8> = row.try_get(1)?;
-                state.rows_changed += reencrypt_value(manager, db, spec, &update, &id, &stored)
-                    .await
-                    .map_err(|e| e.at_row(spec, &id))?;
+                match reencrypt_value(manager, db, spec, &update, &id, &stored).await {
+                    Ok(n) => state.rows_changed += n,
+                    // One bad value must not block a rotation: leave it, name it, go on.
+                    Err(OpsError::Crypto(e)) if unreadable_value(&e) => {
+                        tracing::warn!(table = %spec.table, column = %spec.column.column, pk = %id, error = %e, "value cannot be read; skipped");
+                        state.skip(&id);
+                    }
+                    Err(e) => return Err(e.at_row(spec, &id)),
+                }
                 state.last_pk = Some(id);
             }
             state.rows_done += rows.len() as i64;
@@ -573,6 +620,18 @@ async fn reencrypt_column(
     state.finished = true;
     progress(&state);
     Ok(state)
+}
+
+/// A failure of this one value (as opposed to the key service or the database).
+fn unreadable_value(e: &CryptoError) -> bool {
+    matches!(
+        e,
+        CryptoError::Malformed(_)
+            | CryptoError::Integrity { .. }
+            | CryptoError::WrongKey { .. }
+            | CryptoError::Codec(_)
+            | CryptoError::KeyUnavailable(crate::crypto::error::KeyFailure::UnknownVersion)
+    )
 }
 
 /// Decrypt one stored value and write it back under the newest DEK; 1 if the row changed.
@@ -650,13 +709,8 @@ pub async fn encrypt_existing(
     if col_type == "bytea" && !twin_exists && all_values_encrypted(db, &spec).await? {
         tracing::info!(%table, %column, "already encrypted; nothing to do");
         return Ok(Progress {
-            job: "encrypt_existing",
-            table,
-            column,
-            rows_done: 0,
-            rows_changed: 0,
-            last_pk: None,
             finished: true,
+            ..Progress::new("encrypt_existing", &table, &column)
         });
     }
     db.batch_execute(
@@ -718,13 +772,10 @@ pub async fn encrypt_existing(
         let finished = (rows.len() as i64) < batch_size(&args.batch);
         job.save(&last_pk, done, false).await?;
         progress(&Progress {
-            job: "encrypt_existing",
-            table: table.clone(),
-            column: column.clone(),
             rows_done: done,
             rows_changed: changed,
             last_pk: last_pk.clone(),
-            finished: false,
+            ..Progress::new("encrypt_existing", &table, &column)
         });
         if finished {
             break;
@@ -748,13 +799,11 @@ pub async fn encrypt_existing(
     changed += final_changed;
     job.save(&last_pk, done, true).await?;
     let event = Progress {
-        job: "encrypt_existing",
-        table,
-        column,
         rows_done: done,
         rows_changed: changed,
         last_pk,
         finished: true,
+        ..Progress::new("encrypt_existing", &table, &column)
     };
     progress(&event);
     Ok(event)
