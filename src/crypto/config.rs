@@ -83,6 +83,11 @@ pub struct KeysConfig {
     /// Values at least this large are encrypted on the blocking pool, off the async workers.
     #[serde(default = "default_blocking_threshold")]
     pub blocking_threshold_bytes: usize,
+    /// Replace a data key once this many values were encrypted under it (all instances
+    /// together; checked at every poll). Random 96-bit nonces: NIST SP 800-38D §8.3 caps a key
+    /// at 2^32 encryptions; the default (2^30) leaves room for the overshoot between polls.
+    #[serde(default = "default_max_encryptions")]
+    pub dek_max_encryptions: u64,
 }
 
 impl Default for KeysConfig {
@@ -95,6 +100,7 @@ impl Default for KeysConfig {
             local_master_key_file: None,
             auto_create_transit_keys: true,
             blocking_threshold_bytes: default_blocking_threshold(),
+            dek_max_encryptions: default_max_encryptions(),
         }
     }
 }
@@ -207,6 +213,9 @@ impl KeysConfig {
         if self.dek_cache_ttl.is_zero() {
             return Err("keys.dek_cache_ttl must be above zero".into());
         }
+        if self.dek_max_encryptions == 0 || self.dek_max_encryptions > 1 << 32 {
+            return Err("keys.dek_max_encryptions must be between 1 and 2^32 (4294967296)".into());
+        }
         if self.dek_cache_max_stale < self.dek_cache_ttl {
             return Err("keys.dek_cache_max_stale must not be below keys.dek_cache_ttl".into());
         }
@@ -310,6 +319,12 @@ fn default_ttl() -> Duration {
 }
 fn default_max_stale() -> Duration {
     Duration::from_secs(24 * 3600)
+}
+/// 2^30: a quarter of the 2^32 bound for random nonces.
+pub const DEFAULT_MAX_ENCRYPTIONS: u64 = 1 << 30;
+
+fn default_max_encryptions() -> u64 {
+    DEFAULT_MAX_ENCRYPTIONS
 }
 fn default_true() -> bool {
     true

@@ -14,6 +14,7 @@ use parking_lot::{Mutex, RwLock};
 use super::blind::IndexKey;
 use super::envelope::Dek;
 use super::error::{CryptoError, KeyFailure};
+use crate::keys::metrics::KeyMetrics;
 
 /// A failed fetch of an uncached key is not retried on the data path for this long: while
 /// Vault hangs, one statement waits one request timeout, the ones after it fail at once.
@@ -51,10 +52,11 @@ pub(crate) struct KeyCache {
     blocked: RwLock<HashMap<String, KeyFailure>>,
     failures: Mutex<HashMap<(String, Slot), (Instant, KeyFailure)>>,
     fetch_locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    metrics: Arc<KeyMetrics>,
 }
 
 impl KeyCache {
-    pub fn new<'a>(key_names: impl Iterator<Item = &'a String>) -> Self {
+    pub fn new<'a>(key_names: impl Iterator<Item = &'a String>, metrics: Arc<KeyMetrics>) -> Self {
         KeyCache {
             current: RwLock::new(HashMap::new()),
             deks: RwLock::new(HashMap::new()),
@@ -64,6 +66,7 @@ impl KeyCache {
             fetch_locks: key_names
                 .map(|k| (k.clone(), Arc::new(tokio::sync::Mutex::new(()))))
                 .collect(),
+            metrics,
         }
     }
 
@@ -88,12 +91,18 @@ impl KeyCache {
             .write()
             .retain(|_, c| c.value.key_name != key_name);
         if newly {
+            self.metrics
+                .blocked_keys
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(key = key_name, reason = %reason, "key service refused: reads and writes under this key stop until it grants access again");
         }
     }
 
     pub fn unblock(&self, key_name: &str) {
         if self.blocked.write().remove(key_name).is_some() {
+            self.metrics
+                .blocked_keys
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(key = key_name, "key service grants access again");
         }
     }
@@ -118,6 +127,21 @@ impl KeyCache {
         self.failures
             .lock()
             .remove(&(key_name.to_string(), Slot::Dek(version)));
+    }
+
+    /// Every cached DEK of `key_name`, whatever its age.
+    pub fn deks_of(&self, key_name: &str) -> Vec<(u32, Arc<Dek>)> {
+        self.deks
+            .read()
+            .iter()
+            .filter(|((k, _), _)| k == key_name)
+            .map(|((_, v), c)| (*v, c.value.clone()))
+            .collect()
+    }
+
+    /// The DEK version new writes of `key_name` use, if known.
+    pub fn current_version(&self, key_name: &str) -> Option<u32> {
+        self.current.read().get(key_name).copied()
     }
 
     pub fn evict_dek(&self, key_name: &str, version: u32) {
@@ -218,7 +242,7 @@ mod tests {
     #[test]
     fn a_block_evicts_and_fails_until_lifted() {
         let names = ["k".to_string(), "other".to_string()];
-        let cache = KeyCache::new(names.iter());
+        let cache = KeyCache::new(names.iter(), Arc::default());
         cache.insert_dek("k", 1, dek(1));
         cache.set_current("k", 1);
         cache.insert_dek("other", 1, dek(1));
@@ -238,7 +262,7 @@ mod tests {
     #[test]
     fn failures_expire_and_a_success_clears_them() {
         let names = ["k".to_string()];
-        let cache = KeyCache::new(names.iter());
+        let cache = KeyCache::new(names.iter(), Arc::default());
         cache.record_failure("k", Slot::Dek(2), KeyFailure::Unreachable);
         assert_eq!(
             cache.recent_failure("k", Slot::Dek(2)),

@@ -8,12 +8,14 @@ use std::time::Duration;
 use zeroize::Zeroizing;
 
 use super::blind::{IndexKey, BIDX_LEN};
+use super::config::DEFAULT_MAX_ENCRYPTIONS;
 use super::config::{qualify_table, CryptoConfig, EncryptColumn, KeysConfig};
 use super::envelope::{key_name_id, peek_key_ref, Dek, KeyRef};
 use super::error::{CryptoError, KeyFailure};
 use super::keycache::{KeyCache, Slot};
 use super::providers::read_secret_file;
 pub use super::providers::{build_provider, vault_client, ProviderParts};
+use crate::keys::metrics::KeyMetrics;
 use crate::keys::store::WrappedKeyStore;
 use crate::keys::vault::VaultClient;
 use crate::keys::{DekInfo, KeyError, KeyProvider};
@@ -70,6 +72,11 @@ pub struct KeyManager {
     token_file: Option<PathBuf>,
     /// One poll at a time (the timer and SIGHUP).
     poll_lock: tokio::sync::Mutex<()>,
+    metrics: Arc<KeyMetrics>,
+    /// Replace a DEK once this many values were encrypted under it (`keys.dek_max_encryptions`).
+    usage_limit: u64,
+    /// Encryptions per DEK counted by this process, for providers that keep no shared count.
+    local_usage: parking_lot::Mutex<HashMap<(String, u32), u64>>,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -118,16 +125,31 @@ impl KeyManager {
             }
         }
         let key_names: BTreeSet<String> = columns.iter().map(|c| c.key.clone()).collect();
+        let metrics = vault.as_ref().map(|v| v.metrics()).unwrap_or_default();
         Ok(KeyManager {
             provider,
             vault,
-            cache: KeyCache::new(key_names.iter()),
+            cache: KeyCache::new(key_names.iter(), metrics.clone()),
+            metrics,
+            usage_limit: DEFAULT_MAX_ENCRYPTIONS,
+            local_usage: parking_lot::Mutex::new(HashMap::new()),
             key_names,
             columns: by_column,
             policy,
             token_file: None,
             poll_lock: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Replace a DEK once `limit` values were encrypted under it (checked at every poll).
+    pub fn with_usage_limit(mut self, limit: u64) -> Self {
+        self.usage_limit = limit.max(1);
+        self
+    }
+
+    /// Key and Vault metrics (rendered into `/metrics`).
+    pub fn metrics(&self) -> Arc<KeyMetrics> {
+        self.metrics.clone()
     }
 
     /// Re-read the Vault token from `path` at every poll and on [`KeyManager::reload`].
@@ -148,7 +170,8 @@ impl KeyManager {
             vault.clone(),
             &config.encrypt,
             CachePolicy::from(&config.keys),
-        )?;
+        )?
+        .with_usage_limit(config.keys.dek_max_encryptions);
         let token_file = config
             .vault
             .as_ref()
@@ -216,6 +239,29 @@ impl KeyManager {
         column: &str,
         ciphertext: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
+        let result = self.decrypt_inner(table, column, ciphertext).await;
+        self.count_integrity(result)
+    }
+
+    /// Count values that failed authentication (`pgward_integrity_failures_total`).
+    fn count_integrity(
+        &self,
+        result: Result<Vec<u8>, CryptoError>,
+    ) -> Result<Vec<u8>, CryptoError> {
+        if let Err(CryptoError::Integrity { .. } | CryptoError::WrongKey { .. }) = &result {
+            self.metrics
+                .integrity_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn decrypt_inner(
+        &self,
+        table: &str,
+        column: &str,
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
         let key_ref = peek_key_ref(ciphertext)?;
         if key_ref.key_id != spec.key_id {
@@ -254,6 +300,7 @@ impl KeyManager {
             .ok_or_else(|| CryptoError::KeyNotCached {
                 key: spec.column.key.clone(),
             })?;
+        self.count_hit(true);
         dek.seal(&spec.table, column, canonical)
     }
 
@@ -290,7 +337,8 @@ impl KeyManager {
         let dek = self
             .cache
             .dek(&spec.column.key, key_ref.dek_version, self.policy.max_stale)?;
-        Some(dek.open(&spec.table, column, ciphertext))
+        self.count_hit(true);
+        Some(self.count_integrity(dek.open(&spec.table, column, ciphertext)))
     }
 
     /// The spec of a column that has a blind index (else `NotSearchable`).
@@ -372,6 +420,7 @@ impl KeyManager {
     /// success lifts a block. Errors keep their details (for logs and the `keys` commands).
     pub async fn refresh_key(&self, key_name: &str) -> Result<RefreshOutcome, CryptoError> {
         let result = self.refresh_key_from_vault(key_name).await;
+        self.metrics.refresh(key_name, result.is_ok());
         match &result {
             Ok(_) => self.cache.unblock(key_name),
             Err(CryptoError::Key(e)) if e.is_refusal() => {
@@ -513,6 +562,59 @@ impl KeyManager {
                     tracing::warn!(key = name, error = %e, "key refresh failed; cached keys serve until dek_cache_max_stale unless Vault refused")
                 }
             }
+            self.account_usage(name).await;
+        }
+    }
+
+    /// Add this process's encryptions since the last poll to each DEK's total (shared by
+    /// every instance where the provider keeps one) and replace the write DEK of `key_name`
+    /// once its total reaches the usage limit. Between two polls the total can overshoot by
+    /// what all instances encrypt in one poll interval, hence a default limit of 2^30.
+    pub async fn account_usage(&self, key_name: &str) {
+        let current = self.cache.current_version(key_name);
+        let mut exhausted = false;
+        for (version, dek) in self.cache.deks_of(key_name) {
+            let delta = dek.take_encryptions();
+            if delta == 0 && Some(version) != current {
+                continue;
+            }
+            let total = match self
+                .provider
+                .record_encryptions(key_name, version, delta)
+                .await
+            {
+                Ok(Some(total)) => total,
+                Ok(None) => {
+                    let mut usage = self.local_usage.lock();
+                    let total = usage.entry((key_name.to_string(), version)).or_insert(0);
+                    *total = total.saturating_add(delta);
+                    *total
+                }
+                Err(e) => {
+                    dek.restore_encryptions(delta);
+                    tracing::warn!(key = key_name, dek_version = version, error = %e, "cannot record data key usage; retrying at the next poll");
+                    continue;
+                }
+            };
+            exhausted |= Some(version) == current && total >= self.usage_limit;
+        }
+        if !exhausted {
+            return;
+        }
+        match self.install_new_dek(key_name).await {
+            Ok(info) if Some(info.dek_version) != current => {
+                self.metrics
+                    .usage_rotations
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    key = key_name,
+                    dek_version = info.dek_version,
+                    limit = self.usage_limit,
+                    "data key reached keys.dek_max_encryptions; new writes use a new data key"
+                );
+            }
+            Ok(_) => tracing::error!(key = key_name, "data key reached keys.dek_max_encryptions but the provider cannot create another (local provider)"),
+            Err(e) => tracing::error!(key = key_name, error = %e, "data key reached keys.dek_max_encryptions; creating a new one failed, retrying at the next poll"),
         }
     }
 
@@ -570,6 +672,15 @@ impl KeyManager {
         }
     }
 
+    fn count_hit(&self, hit: bool) {
+        let counter = if hit {
+            &self.metrics.cache_hits
+        } else {
+            &self.metrics.cache_misses
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Log a data-path key failure with its details, block on a refusal, remember an outage
     /// (so the next callers do not wait again), and return the client-safe error.
     fn key_failed(&self, key_name: &str, slot: Slot, e: KeyError) -> CryptoError {
@@ -621,8 +732,10 @@ impl KeyManager {
         self.cache.check(key_name)?;
         let max_stale = self.policy.max_stale;
         if let Some(dek) = self.cache.current(key_name, max_stale) {
+            self.count_hit(true);
             return Ok(dek);
         }
+        self.count_hit(false);
         let cached = || self.cache.current(key_name, max_stale);
         self.single_flight(key_name, Slot::Current, cached, || async {
             match self.refresh_key_from_vault(key_name).await {
@@ -654,8 +767,10 @@ impl KeyManager {
         self.cache.check(key_name)?;
         let max_stale = self.policy.max_stale;
         if let Some(dek) = self.cache.dek(key_name, dek_version, max_stale) {
+            self.count_hit(true);
             return Ok(dek);
         }
+        self.count_hit(false);
         let cached = || self.cache.dek(key_name, dek_version, max_stale);
         self.single_flight(key_name, Slot::Dek(dek_version), cached, || {
             self.fetch_into_cache(key_name, dek_version)
@@ -672,8 +787,10 @@ impl KeyManager {
                 .index_key(&spec.table, &spec.column.column, max_stale)
         };
         if let Some(key) = cached() {
+            self.count_hit(true);
             return Ok(key);
         }
+        self.count_hit(false);
         self.single_flight(key_name, Slot::IndexRoot, cached, || async {
             let root = self.provider.index_root(key_name).await?;
             self.install_index_keys(key_name, &root);

@@ -15,6 +15,7 @@
 //! holds the KEK. Wrapped DEKs are useless without transit access.
 pub mod kv2;
 pub mod local;
+pub mod metrics;
 pub mod store;
 pub mod transit;
 pub mod vault;
@@ -169,4 +170,16 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
 
     /// Re-wrap every stored DEK of `key_name` under the newest KEK version; returns how many changed.
     fn rewrap<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, usize>;
+
+    /// Add `delta` values encrypted by this instance under a DEK to the total kept with the
+    /// DEK (shared by every instance); returns the total, or `None` when the provider keeps
+    /// no shared count (the caller then counts per process).
+    fn record_encryptions<'a>(
+        &'a self,
+        _key_name: &'a str,
+        _dek_version: u32,
+        _delta: u64,
+    ) -> KeyFuture<'a, Option<u64>> {
+        Box::pin(async move { Ok(None) })
+    }
 }

@@ -252,6 +252,21 @@ impl KeyProvider for TransitProvider {
         })
     }
 
+    fn record_encryptions<'a>(
+        &'a self,
+        key_name: &'a str,
+        dek_version: u32,
+        delta: u64,
+    ) -> KeyFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            Ok(Some(
+                self.store
+                    .add_encryptions(key_name, dek_version, delta)
+                    .await?,
+            ))
+        })
+    }
+
     fn rewrap<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, usize> {
         Box::pin(async move {
             let latest = self

@@ -7,6 +7,9 @@
 //! `sys::health` fails on OpenBao, and its `ReadKeyResponse` has no `latest_version`).
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::metrics::{KeyMetrics, VaultOutcome};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -172,6 +175,7 @@ pub struct VaultClient {
     refresh_lock: tokio::sync::Mutex<()>,
     logins: AtomicU64,
     renewals: AtomicU64,
+    metrics: Arc<KeyMetrics>,
 }
 
 impl std::fmt::Debug for VaultClient {
@@ -212,7 +216,13 @@ impl VaultClient {
             refresh_lock: tokio::sync::Mutex::new(()),
             logins: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
+            metrics: Arc::new(KeyMetrics::default()),
         })
+    }
+
+    /// Request counters and latency (shared with the key manager's series).
+    pub fn metrics(&self) -> Arc<KeyMetrics> {
+        self.metrics.clone()
     }
 
     pub fn address(&self) -> &str {
@@ -460,6 +470,26 @@ impl VaultClient {
     }
 
     async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        token: Option<&str>,
+    ) -> Result<Value, VaultError> {
+        let started = Instant::now();
+        let result = self.send_once(method, path, body, token).await;
+        let outcome = match &result {
+            Ok(_) => VaultOutcome::Ok,
+            Err(e) if e.is_unavailable() => VaultOutcome::Unreachable,
+            Err(VaultError::Sealed { .. }) => VaultOutcome::Sealed,
+            Err(VaultError::PermissionDenied { .. }) => VaultOutcome::Refused,
+            Err(_) => VaultOutcome::Error,
+        };
+        self.metrics.vault_request(outcome, started.elapsed());
+        result
+    }
+
+    async fn send_once(
         &self,
         method: Method,
         path: &str,

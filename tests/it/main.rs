@@ -8,6 +8,7 @@ mod dev_mode;
 mod edges;
 mod encryption;
 mod harness;
+mod key_usage;
 mod keys_cli;
 mod policy;
 mod policy_proxy;

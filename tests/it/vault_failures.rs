@@ -272,4 +272,12 @@ async fn sealed_vault_stops_reads_and_writes() {
         .await
         .unwrap_err();
     s.assert_safe_key_error(&err);
+    // /metrics shows the sealed answers and the blocked key.
+    let text = s.proxy.metrics.render();
+    assert!(text.contains("pgward_keys_blocked 1"), "{text}");
+    assert!(
+        !text.contains("pgward_vault_requests_total{outcome=\"sealed\"} 0"),
+        "{text}"
+    );
+    assert!(text.contains("pgward_key_cache_lookups_total{result=\"hit\"}"));
 }
