@@ -1,6 +1,7 @@
 //! Vault failures through the proxy, in bounded time: a hung OpenBao (SIGSTOP), a revoked
 //! token, a sealed OpenBao, and a rotated token file. Real OpenBao, real PostgreSQL.
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
@@ -280,4 +281,47 @@ async fn sealed_vault_stops_reads_and_writes() {
         "{text}"
     );
     assert!(text.contains("pgward_key_cache_lookups_total{result=\"hit\"}"));
+}
+
+/// SIGHUP's handler calls `KeyManager::reload`: the token file is re-read at once, without
+/// waiting for a poll (the poller is not even running here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rereads_the_token_file() {
+    use pgward::crypto::manager::KeyManager;
+    use pgward::crypto::{ClientType, CryptoConfig, EncryptColumn};
+    use pgward::keys::store::{MemoryKeyStore, WrappedKeyStore};
+
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("vault-token");
+    let first = bao.transit_token().await;
+    write_token(&token_file, &first);
+    let key = harness::unique_name("hup");
+    let config: CryptoConfig = toml::from_str(&format!(
+        "[vault]\naddress = {:?}\ntoken_file = {token_file:?}\n[keys]\npoll_interval = \"1h\"\n",
+        bao.addr
+    ))
+    .unwrap();
+    let config = CryptoConfig {
+        encrypt: vec![EncryptColumn {
+            table: "t".into(),
+            column: "c".into(),
+            key,
+            ty: ClientType::Text,
+            searchable: false,
+        }],
+        ..config
+    };
+    let store: Arc<dyn WrappedKeyStore> = Arc::new(MemoryKeyStore::default());
+    let m = KeyManager::from_config(&config, Some(store)).unwrap();
+    let ct = m.encrypt("t", "c", b"v").await.unwrap();
+    bao.revoke(&first).await;
+    m.reload().await;
+    assert!(
+        m.decrypt("t", "c", &ct).await.is_err(),
+        "revoked token blocks"
+    );
+    write_token(&token_file, &bao.transit_token().await);
+    m.reload().await;
+    assert_eq!(m.decrypt("t", "c", &ct).await.unwrap(), b"v");
 }
