@@ -31,6 +31,11 @@ CREATE TABLE IF NOT EXISTS pgward.job_progress (
     PRIMARY KEY (job, table_name, column_name)
 );
 
+-- Values encrypted under each DEK, summed over every pgward instance (each adds its
+-- count at every key poll). A DEK is replaced before it reaches keys.dek_max_encryptions:
+-- random 96-bit GCM nonces allow a bounded number of encryptions per key (NIST SP 800-38D 8.3).
+ALTER TABLE pgward.data_keys ADD COLUMN IF NOT EXISTS encryptions bigint NOT NULL DEFAULT 0;
+
 REVOKE ALL ON SCHEMA pgward FROM PUBLIC;
 
 -- Used by `pgward encrypt-existing` while it copies a plaintext column into its

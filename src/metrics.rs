@@ -44,6 +44,8 @@ pub struct Metrics {
     pub policy_reloads: AtomicU64,
     pub audit_write_failures: AtomicU64,
     pub policy_reload_failures: AtomicU64,
+    /// Key and Vault series of the field-encryption key manager, when one runs.
+    keys: std::sync::OnceLock<std::sync::Arc<crate::keys::metrics::KeyMetrics>>,
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
@@ -56,6 +58,11 @@ pub fn inc(counter: &AtomicU64) {
 }
 
 impl Metrics {
+    /// Render the key manager's series (see `keys::metrics`) with the others.
+    pub fn set_key_metrics(&self, keys: std::sync::Arc<crate::keys::metrics::KeyMetrics>) {
+        let _ = self.keys.set(keys);
+    }
+
     /// Count a failed authentication under a fixed reason label.
     pub fn auth_failure(&self, reason: &'static str) {
         *self.auth_failures.lock().entry(reason).or_insert(0) += 1;
@@ -209,6 +216,9 @@ impl Metrics {
             "pgward_request_duration_seconds_sum {}\npgward_request_duration_seconds_count {count}",
             load(&self.latency_sum_micros) as f64 / 1e6
         );
+        if let Some(keys) = self.keys.get() {
+            keys.render(&mut out);
+        }
         out
     }
 }

@@ -165,22 +165,56 @@ async fn rewrap(c: &RewrapCommand) -> anyhow::Result<i32> {
             anyhow::bail!("key {key:?} is not used by any [[encrypt]] column");
         }
     }
+    let mut behind_any = false;
     for (key, n) in ops::keys_rewrap(&s.manager, &c.args).await? {
+        // Re-read what Vault's wrapped forms say now, rather than assuming the rewrap worked.
         let latest = s.manager.provider().kek_status(&key).await?.latest_version;
-        println!("{key}: {n} data keys rewrapped; all are now wrapped by KEK v{latest}");
+        let behind: Vec<u32> = s
+            .manager
+            .provider()
+            .list_deks(&key)
+            .await?
+            .iter()
+            .filter(|d| d.kek_version < latest)
+            .map(|d| d.dek_version)
+            .collect();
+        if behind.is_empty() {
+            println!("{key}: {n} data keys rewrapped; all are now wrapped by KEK v{latest}");
+        } else {
+            behind_any = true;
+            println!(
+                "{key}: {n} data keys rewrapped; DEK versions {behind:?} are still wrapped by a KEK version below v{latest}"
+            );
+        }
     }
-    Ok(0)
+    Ok(i32::from(behind_any))
 }
 
 async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
     let s = open(&c.target).await?;
     let mut line = ProgressLine::new();
     let reports = ops::keys_reencrypt(&s.manager, &s.db, &c.args, &mut |p| line.update(p)).await?;
+    let mut skipped = 0;
     for r in &reports {
         println!(
             "{}.{}: {} values rewritten under the newest data key",
             r.table, r.column, r.rows_changed
         );
+        if r.rows_skipped() > 0 {
+            skipped += r.rows_skipped();
+            let listed: Vec<&str> = r.skipped.iter().map(String::as_str).collect();
+            let more = match r.skipped_unlisted {
+                0 => String::new(),
+                n => format!(" and {n} more"),
+            };
+            eprintln!(
+                "pgward keys reencrypt: {}.{}: {} values could not be read (malformed, failed integrity or under an unknown key) and were left as they are; primary keys: {}{more}",
+                r.table,
+                r.column,
+                r.rows_skipped(),
+                listed.join(", ")
+            );
+        }
     }
     // Count what is left under older data keys: rows a proxy still wrote under the old key
     // (it picks up a rotation within keys.poll_interval).
@@ -196,6 +230,8 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
             .filter_map(|d| d.rows)
             .sum::<i64>();
     }
+    // The skipped values are still under their old (or no) data key.
+    let left = left - skipped;
     if left > 0 {
         eprintln!(
             "pgward keys reencrypt: {left} values are still under older data keys \
@@ -203,7 +239,7 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
         );
         return Ok(1);
     }
-    Ok(0)
+    Ok(i32::from(skipped > 0))
 }
 
 async fn encrypt_existing(c: &EncryptExistingCommand) -> anyhow::Result<i32> {

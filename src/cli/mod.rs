@@ -231,7 +231,7 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
         while hup.recv().await.is_some() {
             if let Some(encryption) = &encryption {
                 // Picks up a KEK rotation now instead of at the next poll.
-                encryption.manager.poll_once().await;
+                encryption.manager.reload().await;
                 tracing::info!("SIGHUP: encryption keys refreshed");
             }
             if let Some(policies) = &policies {

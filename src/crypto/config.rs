@@ -12,7 +12,8 @@ use super::codec::ClientType;
 pub struct VaultConfig {
     /// e.g. `https://vault.internal:8200`.
     pub address: String,
-    /// File holding a Vault token (read at start). Takes precedence over `token_env`.
+    /// File holding a Vault token. Read at start, re-read at every key poll when it changed
+    /// and on SIGHUP (the Vault Agent sink pattern). Takes precedence over `token_env`.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
     /// Environment variable holding a Vault token.
@@ -33,6 +34,9 @@ pub struct VaultConfig {
     pub kv_prefix: String,
     #[serde(default = "default_request_timeout", with = "humantime_serde_str")]
     pub request_timeout: Duration,
+    /// Allow `http://` to a non-loopback Vault (data keys and the token in clear). Off by default.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 /// `[vault.approle]`.
@@ -79,6 +83,11 @@ pub struct KeysConfig {
     /// Values at least this large are encrypted on the blocking pool, off the async workers.
     #[serde(default = "default_blocking_threshold")]
     pub blocking_threshold_bytes: usize,
+    /// Replace a data key once this many values were encrypted under it (all instances
+    /// together; checked at every poll). Random 96-bit nonces: NIST SP 800-38D §8.3 caps a key
+    /// at 2^32 encryptions; the default (2^30) leaves room for the overshoot between polls.
+    #[serde(default = "default_max_encryptions")]
+    pub dek_max_encryptions: u64,
 }
 
 impl Default for KeysConfig {
@@ -91,6 +100,7 @@ impl Default for KeysConfig {
             local_master_key_file: None,
             auto_create_transit_keys: true,
             blocking_threshold_bytes: default_blocking_threshold(),
+            dek_max_encryptions: default_max_encryptions(),
         }
     }
 }
@@ -174,12 +184,7 @@ impl CryptoConfig {
 
 impl VaultConfig {
     fn validate(&self) -> Result<(), String> {
-        if !(self.address.starts_with("https://") || self.address.starts_with("http://")) {
-            return Err(format!(
-                "vault.address {:?} must start with https:// (or http://)",
-                self.address
-            ));
-        }
+        crate::keys::vault::check_address(&self.address, self.allow_insecure_http)?;
         if self.approle.is_some() && self.token_file.is_some() {
             return Err("set either vault.token_file or [vault.approle], not both".into());
         }
@@ -207,6 +212,9 @@ impl KeysConfig {
         }
         if self.dek_cache_ttl.is_zero() {
             return Err("keys.dek_cache_ttl must be above zero".into());
+        }
+        if self.dek_max_encryptions == 0 || self.dek_max_encryptions > 1 << 32 {
+            return Err("keys.dek_max_encryptions must be between 1 and 2^32 (4294967296)".into());
         }
         if self.dek_cache_max_stale < self.dek_cache_ttl {
             return Err("keys.dek_cache_max_stale must not be below keys.dek_cache_ttl".into());
@@ -312,6 +320,12 @@ fn default_ttl() -> Duration {
 fn default_max_stale() -> Duration {
     Duration::from_secs(24 * 3600)
 }
+/// 2^30: a quarter of the 2^32 bound for random nonces.
+pub const DEFAULT_MAX_ENCRYPTIONS: u64 = 1 << 30;
+
+fn default_max_encryptions() -> u64 {
+    DEFAULT_MAX_ENCRYPTIONS
+}
 fn default_true() -> bool {
     true
 }
@@ -367,6 +381,17 @@ mod tests {
         assert_eq!(cfg.encrypt[0].ty, ClientType::Text);
         assert_eq!(cfg.vault.unwrap().approle.unwrap().mount, "approle");
         assert!(toml::from_str::<CryptoConfig>("[keys]\nprovidr = \"kv2\"").is_err());
+        let remote_http: CryptoConfig =
+            toml::from_str("[vault]\naddress = \"http://vault.example:8200\"").unwrap();
+        assert!(
+            remote_http.validate().is_err(),
+            "plain http to a remote Vault"
+        );
+        let allowed: CryptoConfig = toml::from_str(
+            "[vault]\naddress = \"http://vault.example:8200\"\nallow_insecure_http = true",
+        )
+        .unwrap();
+        assert!(allowed.validate().is_ok());
         assert!(toml::from_str::<CryptoConfig>(
             "[[encrypt]]\ntable=\"t\"\ncolumn=\"c\"\nkey=\"k\"\ntype=\"float8\""
         )

@@ -75,6 +75,9 @@ pub fn peek_key_ref(ciphertext: &[u8]) -> Result<KeyRef, CryptoError> {
 pub struct Dek {
     cipher: Aes256Gcm,
     key_ref: KeyRef,
+    /// Values sealed since the key manager last collected the count (see
+    /// [`Dek::take_encryptions`]): random 96-bit nonces allow a bounded number per key.
+    encryptions: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Dek {
@@ -89,7 +92,23 @@ impl std::fmt::Debug for Dek {
 impl Dek {
     pub fn new(key: &SecretKey, key_ref: KeyRef) -> Self {
         let cipher = Aes256Gcm::new(key.as_bytes().into());
-        Dek { cipher, key_ref }
+        Dek {
+            cipher,
+            key_ref,
+            encryptions: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Values sealed since the last call (the counter restarts at zero).
+    pub fn take_encryptions(&self) -> u64 {
+        self.encryptions
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Give back a count that could not be recorded, to be collected again later.
+    pub fn restore_encryptions(&self, n: u64) {
+        self.encryptions
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn key_ref(&self) -> KeyRef {
@@ -117,6 +136,8 @@ impl Dek {
             .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut out[HEADER_LEN..])
             .map_err(|_| CryptoError::Encrypt)?;
         out.extend_from_slice(&tag);
+        self.encryptions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(out)
     }
 

@@ -43,11 +43,65 @@ pub enum CryptoError {
     Worker(String),
     /// A synchronous path (SQL literal encryption, small-value decryption) found no cached key;
     /// the key is fetched in the background and the statement fails closed meanwhile.
-    #[error("data key {key:?} is not available yet (is the key provider reachable?)")]
+    /// The key name is kept for logs only: client messages never name keys.
+    #[error("the data key is not available yet (is the key service reachable?)")]
     KeyNotCached { key: String },
+    /// A key could not be used on the data path. Client-safe: Vault's address, paths, key
+    /// names and HTTP statuses were logged where it happened and are not in this value.
+    #[error("{0}")]
+    KeyUnavailable(KeyFailure),
     /// Invalid configuration (duplicate column, key-id collision, ...).
     #[error("invalid encryption configuration: {0}")]
     Config(String),
+}
+
+/// Why a key could not be used, in words a client may read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyFailure {
+    /// Not cached (or cached past `dek_cache_max_stale`) and the key service cannot be reached.
+    Unreachable,
+    /// The key service refused pgward (revoked or expired token, permission denied).
+    Refused,
+    /// The key service is sealed.
+    Sealed,
+    /// The value names a data key version that does not exist.
+    UnknownVersion,
+    /// Anything else (the wrapped-key store failed, malformed key material).
+    Other,
+}
+
+impl std::fmt::Display for KeyFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyFailure::Unreachable => {
+                "the key service is unreachable and the data key is not cached"
+            }
+            KeyFailure::Refused => "the key service refused access to the data key",
+            KeyFailure::Sealed => "the key service is sealed",
+            KeyFailure::UnknownVersion => "the value names a data key that does not exist",
+            KeyFailure::Other => "the data key could not be obtained",
+        })
+    }
+}
+
+impl KeyFailure {
+    /// Classify a provider failure (whose details stay in logs).
+    pub fn of(e: &KeyError) -> Self {
+        use crate::keys::VaultError;
+        match e {
+            KeyError::Unavailable { .. } => KeyFailure::Unreachable,
+            KeyError::Vault {
+                source: VaultError::Sealed { .. },
+                ..
+            } => KeyFailure::Sealed,
+            KeyError::Vault {
+                source: VaultError::PermissionDenied { .. },
+                ..
+            } => KeyFailure::Refused,
+            KeyError::UnknownDek { .. } => KeyFailure::UnknownVersion,
+            _ => KeyFailure::Other,
+        }
+    }
 }
 
 /// Why a value could not be converted between its wire format and canonical plaintext.

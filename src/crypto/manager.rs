@@ -1,24 +1,24 @@
 //! `KeyManager`: per-column encryption, decryption and blind indexes over a key provider,
 //! with DEK caching, rotation detection and a Vault-outage grace period.
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::RwLock;
 use zeroize::Zeroizing;
 
 use super::blind::{IndexKey, BIDX_LEN};
-use super::config::{
-    qualify_table, CryptoConfig, EncryptColumn, KeysConfig, ProviderKind, VaultConfig,
-};
+use super::config::DEFAULT_MAX_ENCRYPTIONS;
+use super::config::{qualify_table, CryptoConfig, EncryptColumn, KeysConfig};
 use super::envelope::{key_name_id, peek_key_ref, Dek, KeyRef};
-use super::error::CryptoError;
-use crate::keys::kv2::Kv2Provider;
-use crate::keys::local::LocalProvider;
+use super::error::{CryptoError, KeyFailure};
+use super::keycache::{KeyCache, Slot};
+pub use super::providers::{build_provider, vault_client, ProviderParts};
+
+mod poll;
+use crate::keys::metrics::KeyMetrics;
 use crate::keys::store::WrappedKeyStore;
-use crate::keys::transit::TransitProvider;
-use crate::keys::vault::{VaultAuth, VaultClient, VaultClientConfig};
+use crate::keys::vault::VaultClient;
 use crate::keys::{DekInfo, KeyError, KeyProvider};
 
 /// One configured column with its derived key id.
@@ -28,17 +28,6 @@ pub struct ColumnSpec {
     /// `schema.table` as used for the AAD binding.
     pub table: String,
     pub key_id: u32,
-}
-
-/// Cache of values by key, each with the time it was fetched.
-type TtlMap<K, V> = RwLock<HashMap<K, Cached<V>>>;
-
-/// A provider and the Vault client behind it (none for `local`).
-pub type ProviderParts = (Arc<dyn KeyProvider>, Option<Arc<VaultClient>>);
-
-struct Cached<V> {
-    value: V,
-    fetched: Instant,
 }
 
 /// Result of refreshing one key name.
@@ -69,18 +58,26 @@ impl From<&KeysConfig> for CachePolicy {
     }
 }
 
+/// Per-column keys over a provider. Vault is asked in the background (the poller) and, on
+/// the data path, only for a key that is not cached; a cached key serves without waiting
+/// for Vault until `max_stale`, and a refusal (revoked token, permission denied, sealed)
+/// blocks its key name at once (see [`KeyCache`]).
 pub struct KeyManager {
     provider: Arc<dyn KeyProvider>,
     vault: Option<Arc<VaultClient>>,
     columns: HashMap<(String, String), ColumnSpec>,
     key_names: BTreeSet<String>,
     policy: CachePolicy,
-    /// Newest DEK per key name: what new writes use.
-    current: RwLock<HashMap<String, Arc<Dek>>>,
-    /// Every DEK seen, by (key name, DEK version).
-    deks: TtlMap<(String, u32), Arc<Dek>>,
-    /// Per-column blind-index keys, by (table, column).
-    index_keys: TtlMap<(String, String), Arc<IndexKey>>,
+    cache: KeyCache,
+    /// `[vault] token_file`, re-read at every poll and on SIGHUP.
+    token_file: Option<PathBuf>,
+    /// One poll at a time (the timer and SIGHUP).
+    poll_lock: tokio::sync::Mutex<()>,
+    metrics: Arc<KeyMetrics>,
+    /// Replace a DEK once this many values were encrypted under it (`keys.dek_max_encryptions`).
+    usage_limit: u64,
+    /// Encryptions per DEK counted by this process, for providers that keep no shared count.
+    local_usage: parking_lot::Mutex<HashMap<(String, u32), u64>>,
 }
 
 impl std::fmt::Debug for KeyManager {
@@ -128,16 +125,38 @@ impl KeyManager {
                 )));
             }
         }
+        let key_names: BTreeSet<String> = columns.iter().map(|c| c.key.clone()).collect();
+        let metrics = vault.as_ref().map(|v| v.metrics()).unwrap_or_default();
         Ok(KeyManager {
             provider,
             vault,
-            key_names: columns.iter().map(|c| c.key.clone()).collect(),
+            cache: KeyCache::new(key_names.iter(), metrics.clone()),
+            metrics,
+            usage_limit: DEFAULT_MAX_ENCRYPTIONS,
+            local_usage: parking_lot::Mutex::new(HashMap::new()),
+            key_names,
             columns: by_column,
             policy,
-            current: RwLock::new(HashMap::new()),
-            deks: RwLock::new(HashMap::new()),
-            index_keys: RwLock::new(HashMap::new()),
+            token_file: None,
+            poll_lock: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Replace a DEK once `limit` values were encrypted under it (checked at every poll).
+    pub fn with_usage_limit(mut self, limit: u64) -> Self {
+        self.usage_limit = limit.max(1);
+        self
+    }
+
+    /// Key and Vault metrics (rendered into `/metrics`).
+    pub fn metrics(&self) -> Arc<KeyMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Re-read the Vault token from `path` at every poll and on [`KeyManager::reload`].
+    pub fn with_token_file(mut self, path: PathBuf) -> Self {
+        self.token_file = Some(path);
+        self
     }
 
     /// Build provider and manager from the configuration. `store` holds the wrapped DEKs
@@ -147,12 +166,22 @@ impl KeyManager {
         store: Option<Arc<dyn WrappedKeyStore>>,
     ) -> Result<Self, CryptoError> {
         let (provider, vault) = build_provider(&config.keys, config.vault.as_ref(), store)?;
-        Self::new(
+        let manager = Self::new(
             provider,
-            vault,
+            vault.clone(),
             &config.encrypt,
             CachePolicy::from(&config.keys),
-        )
+        )?
+        .with_usage_limit(config.keys.dek_max_encryptions);
+        let token_file = config
+            .vault
+            .as_ref()
+            .filter(|v| v.approle.is_none() && vault.is_some())
+            .and_then(|v| v.token_file.clone());
+        Ok(match token_file {
+            Some(path) => manager.with_token_file(path),
+            None => manager,
+        })
     }
 
     pub fn provider(&self) -> &Arc<dyn KeyProvider> {
@@ -211,6 +240,29 @@ impl KeyManager {
         column: &str,
         ciphertext: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
+        let result = self.decrypt_inner(table, column, ciphertext).await;
+        self.count_integrity(result)
+    }
+
+    /// Count values that failed authentication (`pgward_integrity_failures_total`).
+    fn count_integrity(
+        &self,
+        result: Result<Vec<u8>, CryptoError>,
+    ) -> Result<Vec<u8>, CryptoError> {
+        if let Err(CryptoError::Integrity { .. } | CryptoError::WrongKey { .. }) = &result {
+            self.metrics
+                .integrity_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn decrypt_inner(
+        &self,
+        table: &str,
+        column: &str,
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
         let key_ref = peek_key_ref(ciphertext)?;
         if key_ref.key_id != spec.key_id {
@@ -242,18 +294,18 @@ impl KeyManager {
         canonical: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
+        self.cache.check(&spec.column.key)?;
         let dek = self
-            .current
-            .read()
-            .get(&spec.column.key)
-            .cloned()
+            .cache
+            .current(&spec.column.key, self.policy.max_stale)
             .ok_or_else(|| CryptoError::KeyNotCached {
                 key: spec.column.key.clone(),
             })?;
+        self.count_hit(true);
         dek.seal(&spec.table, column, canonical)
     }
 
-    /// Decrypt on the calling thread if the DEK is cached and fresh and the value is small;
+    /// Decrypt on the calling thread if the DEK is cached (up to `max_stale`) and the value is small;
     /// `None` means "use [`KeyManager::decrypt`]" (which may fetch or offload).
     pub fn try_decrypt_now(
         &self,
@@ -280,15 +332,14 @@ impl KeyManager {
                 expected: spec.key_id,
             }));
         }
-        let dek = {
-            let deks = self.deks.read();
-            let cached = deks.get(&(spec.column.key.clone(), key_ref.dek_version))?;
-            if cached.fetched.elapsed() >= self.policy.ttl {
-                return None;
-            }
-            cached.value.clone()
-        };
-        Some(dek.open(&spec.table, column, ciphertext))
+        if let Err(e) = self.cache.check(&spec.column.key) {
+            return Some(Err(e));
+        }
+        let dek = self
+            .cache
+            .dek(&spec.column.key, key_ref.dek_version, self.policy.max_stale)?;
+        self.count_hit(true);
+        Some(self.count_integrity(dek.open(&spec.table, column, ciphertext)))
     }
 
     /// The spec of a column that has a blind index (else `NotSearchable`).
@@ -312,12 +363,10 @@ impl KeyManager {
         canonical: &[u8],
     ) -> Result<[u8; BIDX_LEN], CryptoError> {
         let spec = self.searchable_column(table, column)?;
+        self.cache.check(&spec.column.key)?;
         let key = self
-            .index_keys
-            .read()
-            .get(&(spec.table.clone(), spec.column.column.clone()))
-            .filter(|c| c.fetched.elapsed() < self.policy.max_stale)
-            .map(|c| c.value.clone())
+            .cache
+            .index_key(&spec.table, &spec.column.column, self.policy.max_stale)
             .ok_or_else(|| CryptoError::KeyNotCached {
                 key: spec.column.key.clone(),
             })?;
@@ -333,13 +382,6 @@ impl KeyManager {
                 errors.push(e);
             }
         }
-        errors.extend(self.refresh_index_keys().await);
-        errors
-    }
-
-    /// Re-fetch index keys older than the TTL (a no-op for fresh ones).
-    async fn refresh_index_keys(&self) -> Vec<CryptoError> {
-        let mut errors = Vec::new();
         for spec in self.columns.values().filter(|s| s.column.searchable) {
             if let Err(e) = self.index_key(spec).await {
                 errors.push(e);
@@ -374,15 +416,36 @@ impl KeyManager {
         Ok(out)
     }
 
-    /// Bring one key name's write DEK up to date with the newest KEK version.
+    /// Bring one key name's write DEK up to date with the newest KEK version. Asks Vault
+    /// (so it is also the access check of the poller): a refusal blocks the key name, a
+    /// success lifts a block. Errors keep their details (for logs and the `keys` commands).
     pub async fn refresh_key(&self, key_name: &str) -> Result<RefreshOutcome, CryptoError> {
+        let result = self.refresh_key_from_vault(key_name).await;
+        self.metrics.refresh(key_name, result.is_ok());
+        match &result {
+            Ok(_) => self.cache.unblock(key_name),
+            Err(CryptoError::Key(e)) if e.is_refusal() => {
+                self.cache.block(key_name, KeyFailure::of(e))
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn refresh_key_from_vault(&self, key_name: &str) -> Result<RefreshOutcome, CryptoError> {
         let kek = self.provider.kek_status(key_name).await?;
         let deks = self.provider.list_deks(key_name).await?;
         let (info, created) = match deks.last() {
             Some(latest) if latest.kek_version >= kek.latest_version => {
                 let info = latest.clone();
-                let dek = self.dek(key_name, info.dek_version).await?;
-                self.current.write().insert(key_name.to_string(), dek);
+                if self
+                    .cache
+                    .dek(key_name, info.dek_version, self.policy.ttl)
+                    .is_none()
+                {
+                    self.fetch_into_cache(key_name, info.dek_version).await?;
+                }
+                self.cache.set_current(key_name, info.dek_version);
                 (info, false)
             }
             _ => (self.install_new_dek(key_name).await?, true),
@@ -409,14 +472,8 @@ impl KeyManager {
                 dek_version: info.dek_version,
             },
         ));
-        self.deks.write().insert(
-            (key_name.to_string(), info.dek_version),
-            Cached {
-                value: dek.clone(),
-                fetched: Instant::now(),
-            },
-        );
-        self.current.write().insert(key_name.to_string(), dek);
+        self.cache.insert_dek(key_name, info.dek_version, dek);
+        self.cache.set_current(key_name, info.dek_version);
         tracing::info!(
             key = key_name,
             dek_version = info.dek_version,
@@ -426,261 +483,173 @@ impl KeyManager {
         Ok(info)
     }
 
-    /// Poll KEK versions and maintain the Vault token every `interval`, until the manager is dropped.
-    pub fn spawn_poller(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let Some(manager) = weak.upgrade() else {
-                    return;
-                };
-                manager.poll_once().await;
-            }
-        })
+    /// Unwrap one DEK version from the provider into the cache (no block check, no backoff).
+    async fn fetch_into_cache(&self, key_name: &str, version: u32) -> Result<Arc<Dek>, KeyError> {
+        let key = self.provider.fetch_dek(key_name, version).await?;
+        let dek = Arc::new(Dek::new(
+            &key,
+            KeyRef {
+                key_id: key_name_id(key_name),
+                dek_version: version,
+            },
+        ));
+        self.cache.insert_dek(key_name, version, dek.clone());
+        Ok(dek)
     }
 
-    /// One poll: token maintenance, then rotation detection. Failures are logged, not fatal.
-    pub async fn poll_once(&self) {
-        if let Some(vault) = &self.vault {
-            if let Err(e) = vault.maintain_token().await {
-                tracing::warn!(error = %e, "Vault token maintenance failed");
-            }
+    /// Derive and cache the index key of every searchable column under `key_name`.
+    fn install_index_keys(&self, key_name: &str, root: &crate::keys::SecretKey) {
+        for spec in self
+            .columns
+            .values()
+            .filter(|s| s.column.searchable && s.column.key == key_name)
+        {
+            let key = Arc::new(IndexKey::derive(
+                root,
+                key_name,
+                &spec.table,
+                &spec.column.column,
+            ));
+            self.cache
+                .insert_index_key(key_name, &spec.table, &spec.column.column, key);
         }
-        for name in &self.key_names {
-            match self.refresh_key(name).await {
-                Ok(o) if o.created => tracing::info!(
-                    key = name,
-                    kek_version = o.kek_version,
-                    "KEK rotation picked up"
-                ),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(key = name, error = %e, "key refresh failed; cached keys keep serving")
-                }
-            }
+    }
+
+    fn count_hit(&self, hit: bool) {
+        let counter = if hit {
+            &self.metrics.cache_hits
+        } else {
+            &self.metrics.cache_misses
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Log a data-path key failure with its details, block on a refusal, remember an outage
+    /// (so the next callers do not wait again), and return the client-safe error.
+    fn key_failed(&self, key_name: &str, slot: Slot, e: KeyError) -> CryptoError {
+        let failure = KeyFailure::of(&e);
+        tracing::warn!(key = key_name, error = %e, "a data key could not be obtained");
+        if e.is_refusal() {
+            self.cache.block(key_name, failure);
+        } else {
+            self.cache.record_failure(key_name, slot, failure);
         }
-        for e in self.refresh_index_keys().await {
-            tracing::warn!(error = %e, "index key refresh failed; cached keys keep serving");
+        CryptoError::KeyUnavailable(failure)
+    }
+
+    /// Run `fetch` for an uncached key at most once at a time per key name, and not at all
+    /// while a recent fetch of the same slot failed. `cached` is re-checked under the lock.
+    async fn single_flight<T, C, F, Fut>(
+        &self,
+        key_name: &str,
+        slot: Slot,
+        cached: C,
+        fetch: F,
+    ) -> Result<T, CryptoError>
+    where
+        C: Fn() -> Option<T>,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, KeyError>>,
+    {
+        if let Some(failure) = self.cache.recent_failure(key_name, slot) {
+            return Err(CryptoError::KeyUnavailable(failure));
         }
+        let lock = self
+            .cache
+            .fetch_lock(key_name)
+            .ok_or_else(|| CryptoError::Config(format!("unknown key name {key_name}")))?;
+        let _in_flight = lock.lock().await;
+        self.cache.check(key_name)?;
+        if let Some(v) = cached() {
+            return Ok(v);
+        }
+        if let Some(failure) = self.cache.recent_failure(key_name, slot) {
+            return Err(CryptoError::KeyUnavailable(failure));
+        }
+        fetch()
+            .await
+            .map_err(|e| self.key_failed(key_name, slot, e))
     }
 
     async fn current_dek(&self, key_name: &str) -> Result<Arc<Dek>, CryptoError> {
-        if let Some(dek) = self.current.read().get(key_name) {
-            return Ok(dek.clone());
+        self.cache.check(key_name)?;
+        let max_stale = self.policy.max_stale;
+        if let Some(dek) = self.cache.current(key_name, max_stale) {
+            self.count_hit(true);
+            return Ok(dek);
         }
-        match self.refresh_key(key_name).await {
-            Ok(_) => {}
-            // Vault down before this instance ever wrote: keep writing under the newest DEK
-            // it has cached (a valid key; rotation is picked up once Vault is back).
-            Err(CryptoError::Key(e)) if e.is_unavailable() => {
-                let newest = self.newest_cached(key_name).ok_or(CryptoError::Key(e))?;
-                tracing::warn!(
-                    key = key_name,
-                    dek_version = newest.key_ref().dek_version,
-                    "Vault unavailable; writing under the newest cached DEK"
-                );
-                self.current.write().insert(key_name.to_string(), newest);
+        self.count_hit(false);
+        let cached = || self.cache.current(key_name, max_stale);
+        self.single_flight(key_name, Slot::Current, cached, || async {
+            match self.refresh_key_from_vault(key_name).await {
+                Ok(_) => self
+                    .cache
+                    .current(key_name, max_stale)
+                    .ok_or_else(|| KeyError::Store(format!("no data key for {key_name}"))),
+                // Vault down before this instance ever wrote: keep writing under the newest
+                // DEK it has cached (a valid key; rotation is picked up once Vault is back).
+                Err(CryptoError::Key(e)) if e.is_unavailable() => {
+                    let (version, newest) = self.cache.newest(key_name, max_stale).ok_or(e)?;
+                    tracing::warn!(
+                        key = key_name,
+                        dek_version = version,
+                        "Vault unavailable; writing under the newest cached DEK"
+                    );
+                    self.cache.set_current(key_name, version);
+                    Ok(newest)
+                }
+                Err(CryptoError::Key(e)) => Err(e),
+                Err(other) => Err(KeyError::Store(other.to_string())),
             }
-            Err(e) => return Err(e),
-        }
-        self.current
-            .read()
-            .get(key_name)
-            .cloned()
-            .ok_or_else(|| CryptoError::Config(format!("no data key for {key_name}")))
+        })
+        .await
     }
 
-    fn newest_cached(&self, key_name: &str) -> Option<Arc<Dek>> {
-        let deks = self.deks.read();
-        deks.iter()
-            .filter(|((k, _), _)| k == key_name)
-            .max_by_key(|((_, v), _)| *v)
-            .map(|(_, c)| c.value.clone())
-    }
-
-    /// A DEK by version: fresh from cache, else fetched; a stale one serves while Vault is down.
+    /// A DEK by version: cached (up to `max_stale`, without asking Vault), else fetched once.
     async fn dek(&self, key_name: &str, dek_version: u32) -> Result<Arc<Dek>, CryptoError> {
-        let cache_key = (key_name.to_string(), dek_version);
-        let cached = self
-            .deks
-            .read()
-            .get(&cache_key)
-            .map(|c| (c.value.clone(), c.fetched.elapsed()));
-        if let Some((dek, age)) = &cached {
-            if *age < self.policy.ttl {
-                return Ok(dek.clone());
-            }
+        self.cache.check(key_name)?;
+        let max_stale = self.policy.max_stale;
+        if let Some(dek) = self.cache.dek(key_name, dek_version, max_stale) {
+            self.count_hit(true);
+            return Ok(dek);
         }
-        match self.provider.fetch_dek(key_name, dek_version).await {
-            Ok(key) => {
-                let dek = Arc::new(Dek::new(
-                    &key,
-                    KeyRef {
-                        key_id: key_name_id(key_name),
-                        dek_version,
-                    },
-                ));
-                self.deks.write().insert(
-                    cache_key,
-                    Cached {
-                        value: dek.clone(),
-                        fetched: Instant::now(),
-                    },
-                );
-                Ok(dek)
-            }
-            Err(e) => self.stale_or_evict(cached, e, || {
-                self.deks
-                    .write()
-                    .remove(&(key_name.to_string(), dek_version));
-            }),
-        }
-    }
-
-    /// Serve a stale cached value if the failure is "Vault unreachable" and it is young
-    /// enough; otherwise evict it (so revoking access takes effect after the TTL).
-    fn stale_or_evict<V>(
-        &self,
-        cached: Option<(V, Duration)>,
-        e: KeyError,
-        evict: impl FnOnce(),
-    ) -> Result<V, CryptoError> {
-        match cached {
-            Some((v, age)) if e.is_unavailable() && age < self.policy.max_stale => {
-                tracing::warn!(error = %e, age_secs = age.as_secs(), "Vault unavailable; serving cached key past its TTL");
-                Ok(v)
-            }
-            Some(_) => {
-                evict();
-                Err(e.into())
-            }
-            None => Err(e.into()),
-        }
+        self.count_hit(false);
+        let cached = || self.cache.dek(key_name, dek_version, max_stale);
+        self.single_flight(key_name, Slot::Dek(dek_version), cached, || {
+            self.fetch_into_cache(key_name, dek_version)
+        })
+        .await
     }
 
     async fn index_key(&self, spec: &ColumnSpec) -> Result<Arc<IndexKey>, CryptoError> {
-        let cache_key = (spec.table.clone(), spec.column.column.clone());
-        let cached = self
-            .index_keys
-            .read()
-            .get(&cache_key)
-            .map(|c| (c.value.clone(), c.fetched.elapsed()));
-        if let Some((k, age)) = &cached {
-            if *age < self.policy.ttl {
-                return Ok(k.clone());
-            }
+        let key_name = spec.column.key.as_str();
+        self.cache.check(key_name)?;
+        let max_stale = self.policy.max_stale;
+        let cached = || {
+            self.cache
+                .index_key(&spec.table, &spec.column.column, max_stale)
+        };
+        if let Some(key) = cached() {
+            self.count_hit(true);
+            return Ok(key);
         }
-        match self.provider.index_root(&spec.column.key).await {
-            Ok(root) => {
-                let key = Arc::new(IndexKey::derive(
-                    &root,
-                    &spec.column.key,
-                    &spec.table,
-                    &spec.column.column,
-                ));
-                self.index_keys.write().insert(
-                    cache_key,
-                    Cached {
-                        value: key.clone(),
-                        fetched: Instant::now(),
-                    },
-                );
-                Ok(key)
-            }
-            Err(e) => self.stale_or_evict(cached, e, || {
-                self.index_keys.write().remove(&cache_key);
-            }),
-        }
-    }
-}
-
-/// Construct the configured provider (and the Vault client it uses).
-pub fn build_provider(
-    keys: &KeysConfig,
-    vault: Option<&VaultConfig>,
-    store: Option<Arc<dyn WrappedKeyStore>>,
-) -> Result<ProviderParts, CryptoError> {
-    let vault_section = || {
-        vault.ok_or_else(|| {
-            CryptoError::Config("the transit and kv2 providers need a [vault] section".into())
+        self.count_hit(false);
+        self.single_flight(key_name, Slot::IndexRoot, cached, || async {
+            let root = self.provider.index_root(key_name).await?;
+            self.install_index_keys(key_name, &root);
+            self.cache
+                .index_key(&spec.table, &spec.column.column, max_stale)
+                .ok_or_else(|| KeyError::Store("index key vanished".into()))
         })
-    };
-    match keys.provider {
-        ProviderKind::Local => {
-            let path = keys.local_master_key_file.as_deref().ok_or_else(|| {
-                CryptoError::Config("provider = \"local\" needs local_master_key_file".into())
-            })?;
-            Ok((Arc::new(LocalProvider::from_file(path)?), None))
-        }
-        ProviderKind::Transit => {
-            let cfg = vault_section()?;
-            let store = store.ok_or_else(|| {
-                CryptoError::Config(
-                    "the transit provider needs the wrapped-key store (upstream database)".into(),
-                )
-            })?;
-            let client = Arc::new(vault_client(cfg)?);
-            let provider = TransitProvider::new(
-                client.clone(),
-                cfg.transit_mount.clone(),
-                store,
-                keys.auto_create_transit_keys,
-            );
-            Ok((Arc::new(provider), Some(client)))
-        }
-        ProviderKind::Kv2 => {
-            let cfg = vault_section()?;
-            let client = Arc::new(vault_client(cfg)?);
-            let provider =
-                Kv2Provider::new(client.clone(), cfg.kv_mount.clone(), cfg.kv_prefix.clone());
-            Ok((Arc::new(provider), Some(client)))
-        }
+        .await
     }
-}
-
-fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, CryptoError> {
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|e| CryptoError::Config(format!("reading {}: {e}", path.display())))?,
-    );
-    Ok(Zeroizing::new(text.trim().to_string()))
-}
-
-/// Build the Vault client from `[vault]` (reads token / AppRole files now).
-pub fn vault_client(cfg: &VaultConfig) -> Result<VaultClient, CryptoError> {
-    let auth = match (&cfg.approle, &cfg.token_file) {
-        (Some(ar), _) => VaultAuth::AppRole {
-            mount: ar.mount.clone(),
-            role_id: read_secret_file(&ar.role_id_file)?.to_string(),
-            secret_id: read_secret_file(&ar.secret_id_file)?,
-        },
-        (None, Some(file)) => VaultAuth::Token(read_secret_file(file)?),
-        (None, None) => VaultAuth::Token(Zeroizing::new(std::env::var(&cfg.token_env).map_err(
-            |_| {
-                CryptoError::Config(format!(
-                    "no Vault token: set {} or vault.token_file",
-                    cfg.token_env
-                ))
-            },
-        )?)),
-    };
-    VaultClient::new(VaultClientConfig {
-        address: cfg.address.clone(),
-        auth,
-        ca_file: cfg.ca_file.clone(),
-        request_timeout: cfg.request_timeout,
-    })
-    .map_err(|e| CryptoError::Config(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crypto::codec::ClientType;
+    use crate::keys::local::LocalProvider;
     use crate::keys::SecretKey;
 
     fn manager() -> KeyManager {

@@ -45,13 +45,15 @@ pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod error;
+mod keycache;
 pub mod manager;
 pub mod ops;
+mod providers;
 pub mod sql;
 
 pub use blind::{IndexKey, BIDX_LEN};
 pub use codec::{decode_to_wire, encode_for_encryption, ClientType, WireFormat};
 pub use config::{CryptoConfig, EncryptColumn, KeysConfig, ProviderKind, VaultConfig};
 pub use envelope::{key_name_id, peek_key_ref, KeyRef, OVERHEAD};
-pub use error::{CodecError, CryptoError};
+pub use error::{CodecError, CryptoError, KeyFailure};
 pub use manager::KeyManager;

@@ -15,6 +15,9 @@ use super::error::CryptoError;
 use super::manager::{ColumnSpec, KeyManager};
 use crate::keys::{DekInfo, KekStatus, KeyError};
 
+mod reencrypt;
+pub use reencrypt::keys_reencrypt;
+
 #[derive(Debug, Error)]
 pub enum OpsError {
     #[error("database: {0}")]
@@ -196,18 +199,62 @@ pub struct Progress {
     pub rows_changed: i64,
     pub last_pk: Option<String>,
     pub finished: bool,
+    /// `keys reencrypt`: primary keys of values that could not be read (malformed, failed
+    /// integrity, unknown key) and were left as they are; at most [`MAX_LISTED_SKIPS`].
+    pub skipped: std::collections::BTreeSet<String>,
+    /// Skipped values beyond the listed ones.
+    pub skipped_unlisted: i64,
+}
+
+/// How many skipped primary keys a job lists (the rest are only counted).
+pub const MAX_LISTED_SKIPS: usize = 1000;
+
+impl Progress {
+    fn new(job: &'static str, table: &str, column: &str) -> Self {
+        Progress {
+            job,
+            table: table.to_string(),
+            column: column.to_string(),
+            rows_done: 0,
+            rows_changed: 0,
+            last_pk: None,
+            finished: false,
+            skipped: std::collections::BTreeSet::new(),
+            skipped_unlisted: 0,
+        }
+    }
+
+    /// Values left unreadable (listed or not).
+    pub fn rows_skipped(&self) -> i64 {
+        self.skipped.len() as i64 + self.skipped_unlisted
+    }
+
+    fn skip(&mut self, pk: &str) {
+        if self.skipped.contains(pk) {
+            return;
+        }
+        if self.skipped.len() < MAX_LISTED_SKIPS {
+            self.skipped.insert(pk.to_string());
+        } else {
+            self.skipped_unlisted += 1;
+        }
+    }
 }
 
 impl fmt::Display for Progress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} {}.{}: {} rows scanned, {} rewritten{}",
+            "{} {}.{}: {} rows scanned, {} rewritten{}{}",
             self.job,
             self.table,
             self.column,
             self.rows_done,
             self.rows_changed,
+            match self.rows_skipped() {
+                0 => String::new(),
+                n => format!(", {n} unreadable skipped"),
+            },
             if self.finished { " (done)" } else { "" }
         )
     }
@@ -344,19 +391,20 @@ async fn stored_index_root(
     if provider_kind != "transit" {
         return Ok(None);
     }
+    // The KEK version is read from the wrapped form (what Vault unwraps by), not from the
+    // `kek_version` column, which is only a copy.
     let row = db
         .query_opt(
-            "SELECT kek_version FROM pgward.data_keys WHERE key_name = $1 AND dek_version = 0",
+            "SELECT wrapped FROM pgward.data_keys WHERE key_name = $1 AND dek_version = 0",
             &[&key_name],
         )
         .await?;
     let Some(row) = row else { return Ok(None) };
-    let kek: i32 = row.try_get(0)?;
+    let wrapped: String = row.try_get(0)?;
     Ok(Some(DekInfo {
         key_name: key_name.to_string(),
         dek_version: 0,
-        kek_version: u32::try_from(kek)
-            .map_err(|_| OpsError::Schema(format!("negative KEK version for {key_name}")))?,
+        kek_version: crate::keys::transit::kek_version_of(&wrapped).unwrap_or(0),
     }))
 }
 
@@ -457,151 +505,6 @@ impl Job<'_> {
     }
 }
 
-/// `keys reencrypt`: rewrite every value not under its key's newest DEK, in batches.
-pub async fn keys_reencrypt(
-    manager: &KeyManager,
-    db: &tokio_postgres::Client,
-    args: &KeysReencryptArgs,
-    progress: &mut (dyn FnMut(&Progress) + Send),
-) -> Result<Vec<Progress>, OpsError> {
-    manager.refresh().await?;
-    let wanted = args.table.as_deref().map(super::config::qualify_table);
-    let specs: Vec<ColumnSpec> = manager
-        .columns()
-        .filter(|s| wanted.as_ref().is_none_or(|t| *t == s.table))
-        .cloned()
-        .collect();
-    if specs.is_empty() {
-        return Err(OpsError::Schema(match &args.table {
-            Some(t) => format!("no [[encrypt]] column is in table {t}"),
-            None => "no [[encrypt]] columns configured".into(),
-        }));
-    }
-    let mut reports = Vec::new();
-    for spec in specs {
-        reports.push(reencrypt_column(manager, db, &spec, &args.batch, progress).await?);
-    }
-    Ok(reports)
-}
-
-/// Sweeps from the first row after the main pass, at most: each catches rows written under
-/// an old DEK behind the cursor (a proxy that has not yet picked up the rotation) and rows
-/// before a resume point that an earlier run did under an older target.
-const MAX_SWEEPS: usize = 3;
-
-async fn reencrypt_column(
-    manager: &KeyManager,
-    db: &tokio_postgres::Client,
-    spec: &ColumnSpec,
-    batch: &BatchArgs,
-    progress: &mut (dyn FnMut(&Progress) + Send),
-) -> Result<Progress, OpsError> {
-    let stored_as = column_type(db, &spec.table, &spec.column.column).await?;
-    if stored_as != "bytea" {
-        return Err(OpsError::Schema(format!(
-            "{}.{} is stored as {stored_as}, not encrypted yet: run `pgward encrypt-existing` first",
-            spec.table, spec.column.column
-        )));
-    }
-    let target = manager.current_key_ref(&spec.column.key).await?;
-    let (pk, pk_type) = primary_key(db, &spec.table).await?;
-    let (t, c, p) = (
-        quote_table(&spec.table),
-        quote_ident(&spec.column.column),
-        quote_ident(&pk),
-    );
-    // Only rows whose header (bytes 1..9: key id, DEK version) is not the target are read,
-    // so rows already done cost a scan but no transfer or decryption.
-    // Aliases matter: an output column named like the key would make ORDER BY sort the text cast.
-    let select = format!(
-        "SELECT {p}::text AS pgward__pk, {c} FROM {t} WHERE ($1::text IS NULL OR {p} > $1::text::{pk_type}) AND {c} IS NOT NULL \
-         AND substring({c} from 2 for 8) IS DISTINCT FROM $3 ORDER BY {p} LIMIT $2"
-    );
-    // Only overwrite the value we read: a concurrent write through the proxy already uses the new DEK.
-    let update = format!("UPDATE {t} SET {c} = $1 WHERE {p} = $2::text::{pk_type} AND {c} = $3");
-    let job = Job {
-        name: "reencrypt",
-        db,
-        table: spec.table.clone(),
-        column: spec.column.column.clone(),
-    };
-    let (resume, done) = job.resume_point().await?;
-    let mut state = Progress {
-        job: "reencrypt",
-        table: spec.table.clone(),
-        column: spec.column.column.clone(),
-        rows_done: done,
-        rows_changed: 0,
-        last_pk: resume,
-        finished: false,
-    };
-    let header = key_ref_bytes(target);
-    let started_from_first_row = state.last_pk.is_none();
-    let mut sweeps = 0;
-    loop {
-        let changed_before = state.rows_changed;
-        loop {
-            let rows = db
-                .query(&select, &[&state.last_pk, &batch_size(batch), &header])
-                .await?;
-            for row in &rows {
-                let id: String = row.try_get(0)?;
-                let stored: Vec<u8> = row.try_get(1)?;
-                state.rows_changed += reencrypt_value(manager, db, spec, &update, &id, &stored)
-                    .await
-                    .map_err(|e| e.at_row(spec, &id))?;
-                state.last_pk = Some(id);
-            }
-            state.rows_done += rows.len() as i64;
-            job.save(&state.last_pk, state.rows_done, false).await?;
-            progress(&state);
-            if (rows.len() as i64) < batch_size(batch) {
-                break;
-            }
-            tokio::time::sleep(batch.pause).await;
-        }
-        // A pass that changed nothing and covered every row proves the column is done.
-        let swept_clean =
-            state.rows_changed == changed_before && (sweeps > 0 || started_from_first_row);
-        if swept_clean || sweeps == MAX_SWEEPS {
-            break;
-        }
-        sweeps += 1;
-        state.last_pk = None;
-    }
-    job.save(&state.last_pk, state.rows_done, true).await?;
-    state.finished = true;
-    progress(&state);
-    Ok(state)
-}
-
-/// Decrypt one stored value and write it back under the newest DEK; 1 if the row changed.
-async fn reencrypt_value(
-    manager: &KeyManager,
-    db: &tokio_postgres::Client,
-    spec: &ColumnSpec,
-    update: &str,
-    id: &str,
-    stored: &[u8],
-) -> Result<i64, OpsError> {
-    let plain = zeroize::Zeroizing::new(
-        manager
-            .decrypt(&spec.table, &spec.column.column, stored)
-            .await?,
-    );
-    let fresh = manager
-        .encrypt(&spec.table, &spec.column.column, &plain)
-        .await?;
-    Ok(db.execute(update, &[&fresh, &id, &stored]).await? as i64)
-}
-
-/// Header bytes 1..9 of values written under `key_ref` (as `substring(col from 2 for 8)`).
-fn key_ref_bytes(key_ref: KeyRef) -> Vec<u8> {
-    let mut out = key_ref.key_id.to_be_bytes().to_vec();
-    out.extend_from_slice(&key_ref.dek_version.to_be_bytes());
-    out
-}
-
 /// Run `f` inside BEGIN/COMMIT on a shared client, rolling back on error.
 async fn in_transaction<T>(
     db: &tokio_postgres::Client,
@@ -650,13 +553,8 @@ pub async fn encrypt_existing(
     if col_type == "bytea" && !twin_exists && all_values_encrypted(db, &spec).await? {
         tracing::info!(%table, %column, "already encrypted; nothing to do");
         return Ok(Progress {
-            job: "encrypt_existing",
-            table,
-            column,
-            rows_done: 0,
-            rows_changed: 0,
-            last_pk: None,
             finished: true,
+            ..Progress::new("encrypt_existing", &table, &column)
         });
     }
     db.batch_execute(
@@ -718,13 +616,10 @@ pub async fn encrypt_existing(
         let finished = (rows.len() as i64) < batch_size(&args.batch);
         job.save(&last_pk, done, false).await?;
         progress(&Progress {
-            job: "encrypt_existing",
-            table: table.clone(),
-            column: column.clone(),
             rows_done: done,
             rows_changed: changed,
             last_pk: last_pk.clone(),
-            finished: false,
+            ..Progress::new("encrypt_existing", &table, &column)
         });
         if finished {
             break;
@@ -748,13 +643,11 @@ pub async fn encrypt_existing(
     changed += final_changed;
     job.save(&last_pk, done, true).await?;
     let event = Progress {
-        job: "encrypt_existing",
-        table,
-        column,
         rows_done: done,
         rows_changed: changed,
         last_pk,
         finished: true,
+        ..Progress::new("encrypt_existing", &table, &column)
     };
     progress(&event);
     Ok(event)

@@ -15,6 +15,7 @@
 //! holds the KEK. Wrapped DEKs are useless without transit access.
 pub mod kv2;
 pub mod local;
+pub mod metrics;
 pub mod store;
 pub mod transit;
 pub mod vault;
@@ -112,6 +113,12 @@ impl KeyError {
         }
     }
 
+    /// True when Vault refused (revoked token, permission denied, sealed): keys under this
+    /// name must stop serving, cached or not.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, KeyError::Vault { source, .. } if source.is_refusal())
+    }
+
     /// True when the failure is Vault being unreachable (cached keys may keep serving).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, KeyError::Unavailable { .. })
@@ -163,4 +170,16 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
 
     /// Re-wrap every stored DEK of `key_name` under the newest KEK version; returns how many changed.
     fn rewrap<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, usize>;
+
+    /// Add `delta` values encrypted by this instance under a DEK to the total kept with the
+    /// DEK (shared by every instance); returns the total, or `None` when the provider keeps
+    /// no shared count (the caller then counts per process).
+    fn record_encryptions<'a>(
+        &'a self,
+        _key_name: &'a str,
+        _dek_version: u32,
+        _delta: u64,
+    ) -> KeyFuture<'a, Option<u64>> {
+        Box::pin(async move { Ok(None) })
+    }
 }

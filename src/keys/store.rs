@@ -24,12 +24,20 @@ pub trait WrappedKeyStore: Send + Sync + std::fmt::Debug {
     fn insert<'a>(&'a self, dek: &'a WrappedDek, provider: &'a str) -> KeyFuture<'a, bool>;
     /// Replace the wrapped form after a rewrap.
     fn update_wrapped<'a>(&'a self, dek: &'a WrappedDek) -> KeyFuture<'a, ()>;
+    /// Add `delta` to the values encrypted under a DEK; returns the new total.
+    fn add_encryptions<'a>(
+        &'a self,
+        key_name: &'a str,
+        dek_version: u32,
+        delta: u64,
+    ) -> KeyFuture<'a, u64>;
 }
 
 /// In-memory store: tests and throwaway setups only (keys vanish on restart).
 #[derive(Debug, Default)]
 pub struct MemoryKeyStore {
     map: parking_lot::Mutex<BTreeMap<(String, u32), WrappedDek>>,
+    encryptions: parking_lot::Mutex<BTreeMap<(String, u32), u64>>,
 }
 
 impl WrappedKeyStore for MemoryKeyStore {
@@ -72,6 +80,21 @@ impl WrappedKeyStore for MemoryKeyStore {
             dek.clone(),
         );
         Box::pin(async move { Ok(()) })
+    }
+
+    fn add_encryptions<'a>(
+        &'a self,
+        key_name: &'a str,
+        dek_version: u32,
+        delta: u64,
+    ) -> KeyFuture<'a, u64> {
+        let mut counts = self.encryptions.lock();
+        let total = counts
+            .entry((key_name.to_string(), dek_version))
+            .or_insert(0);
+        *total = total.saturating_add(delta);
+        let total = *total;
+        Box::pin(async move { Ok(total) })
     }
 }
 
@@ -180,6 +203,32 @@ impl WrappedKeyStore for PgKeyStore {
                 .await
                 .map_err(store_err)?;
             Ok(())
+        })
+    }
+
+    fn add_encryptions<'a>(
+        &'a self,
+        key_name: &'a str,
+        dek_version: u32,
+        delta: u64,
+    ) -> KeyFuture<'a, u64> {
+        Box::pin(async move {
+            let delta = i64::try_from(delta)
+                .map_err(|_| KeyError::Store(format!("encryption count {delta} out of range")))?;
+            let row = self
+                .client
+                .query_opt(
+                    "UPDATE pgward.data_keys SET encryptions = encryptions + $3 WHERE key_name = $1 AND dek_version = $2 RETURNING encryptions",
+                    &[&key_name, &to_i32(dek_version)?, &delta],
+                )
+                .await
+                .map_err(store_err)?
+                .ok_or(KeyError::UnknownDek {
+                    key: key_name.to_string(),
+                    dek_version,
+                })?;
+            let total: i64 = row.try_get(0).map_err(store_err)?;
+            Ok(u64::try_from(total).unwrap_or(0))
         })
     }
 }

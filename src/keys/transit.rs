@@ -27,6 +27,25 @@ pub fn kek_version_of(ciphertext: &str) -> Option<u32> {
     rest.split(':').next()?.parse().ok()
 }
 
+/// The stored DEK with its KEK version taken from the wrapped form itself (`vault:vN:`, which
+/// is what Vault reads when it unwraps), not from the `kek_version` column: that column is a
+/// copy anyone with write access to the table can change. 0 when the prefix is unreadable
+/// (such a DEK is always offered to `rewrap`, and Vault has the last word).
+fn trusted(mut dek: WrappedDek) -> WrappedDek {
+    let actual = kek_version_of(&dek.wrapped).unwrap_or(0);
+    if actual != dek.info.kek_version {
+        tracing::warn!(
+            key = %dek.info.key_name,
+            dek_version = dek.info.dek_version,
+            stored = dek.info.kek_version,
+            actual,
+            "pgward.data_keys.kek_version disagrees with the wrapped key; using the wrapped key's version"
+        );
+        dek.info.kek_version = actual;
+    }
+    dek
+}
+
 fn decode_key(path: &str, b64: &str) -> Result<SecretKey, VaultError> {
     let bytes = Zeroizing::new(
         base64::engine::general_purpose::STANDARD
@@ -119,6 +138,7 @@ impl TransitProvider {
             .store
             .get(key_name, dek_version)
             .await?
+            .map(trusted)
             .ok_or(KeyError::UnknownDek {
                 key: key_name.to_string(),
                 dek_version,
@@ -184,7 +204,7 @@ impl KeyProvider for TransitProvider {
             Ok(all
                 .into_iter()
                 .filter(|d| d.info.dek_version != INDEX_ROOT_VERSION)
-                .map(|d| d.info)
+                .map(|d| trusted(d).info)
                 .collect())
         })
     }
@@ -232,6 +252,21 @@ impl KeyProvider for TransitProvider {
         })
     }
 
+    fn record_encryptions<'a>(
+        &'a self,
+        key_name: &'a str,
+        dek_version: u32,
+        delta: u64,
+    ) -> KeyFuture<'a, Option<u64>> {
+        Box::pin(async move {
+            Ok(Some(
+                self.store
+                    .add_encryptions(key_name, dek_version, delta)
+                    .await?,
+            ))
+        })
+    }
+
     fn rewrap<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, usize> {
         Box::pin(async move {
             let latest = self
@@ -241,7 +276,8 @@ impl KeyProvider for TransitProvider {
                 .latest_version;
             let path = format!("{}/rewrap/{key_name}", self.mount);
             let mut changed = 0;
-            for mut dek in self.store.list(key_name).await? {
+            for dek in self.store.list(key_name).await? {
+                let mut dek = trusted(dek);
                 if dek.info.kek_version >= latest {
                     continue;
                 }
@@ -274,6 +310,21 @@ impl KeyProvider for TransitProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wrapped_form_decides_the_kek_version() {
+        let dek = |kek_version, wrapped: &str| WrappedDek {
+            info: DekInfo {
+                key_name: "k".into(),
+                dek_version: 1,
+                kek_version,
+            },
+            wrapped: wrapped.into(),
+        };
+        assert_eq!(trusted(dek(999, "vault:v3:abc")).info.kek_version, 3);
+        assert_eq!(trusted(dek(3, "vault:v3:abc")).info.kek_version, 3);
+        assert_eq!(trusted(dek(5, "garbage")).info.kek_version, 0);
+    }
 
     #[test]
     fn parses_version_map_without_latest_version() {

@@ -7,6 +7,9 @@
 //! `sys::health` fails on OpenBao, and its `ReadKeyResponse` has no `latest_version`).
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::metrics::{KeyMetrics, VaultOutcome};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -54,8 +57,12 @@ pub struct VaultClientConfig {
 pub enum VaultError {
     #[error("cannot reach Vault at {address}: {reason}")]
     Unreachable { address: String, reason: String },
-    #[error("Vault unavailable (HTTP {status}: sealed, standby or overloaded) on {path}")]
+    #[error("Vault unavailable (HTTP {status}: standby or overloaded) on {path}")]
     Unavailable { status: u16, path: String },
+    /// HTTP 503: Vault is sealed (or deliberately refusing all service). Treated as a
+    /// refusal, not an outage: keys stop serving instead of being served from cache.
+    #[error("Vault is sealed (HTTP 503) on {path}")]
+    Sealed { path: String },
     #[error("permission denied on {path} (token revoked, expired, or policy): {errors}")]
     PermissionDenied { path: String, errors: String },
     #[error("not found: {path}")]
@@ -80,6 +87,55 @@ impl VaultError {
             VaultError::Unreachable { .. } | VaultError::Unavailable { .. }
         )
     }
+
+    /// Vault answered that pgward may not have the key now: permission denied (revoked or
+    /// expired token, policy change) or sealed. Keys under it stop serving at once.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            VaultError::PermissionDenied { .. } | VaultError::Sealed { .. }
+        )
+    }
+}
+
+/// Refuse `http://` to anything but a loopback host unless explicitly allowed: the data
+/// keys and the Vault token would cross the network in clear.
+pub fn check_address(address: &str, allow_insecure_http: bool) -> Result<(), String> {
+    let Some(rest) = address.strip_prefix("http://") else {
+        return if address.starts_with("https://") {
+            Ok(())
+        } else {
+            Err(format!(
+                "vault.address {address:?} must start with https:// (or http:// to a loopback address)"
+            ))
+        };
+    };
+    if allow_insecure_http || is_loopback_authority(rest) {
+        return Ok(());
+    }
+    Err(format!(
+        "vault.address {address:?} is plain http:// to a non-loopback host: data keys and the \
+         Vault token would cross the network in clear; use https:// (or set \
+         vault.allow_insecure_http = true)"
+    ))
+}
+
+/// Whether the host of `host[:port][/path]` is `localhost`, 127.0.0.0/8 or `[::1]`.
+fn is_loopback_authority(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return false;
+    }
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+    };
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `GET /v1/sys/health` outcome, from the status code (works on Vault and OpenBao alike).
@@ -112,19 +168,21 @@ pub struct VaultStats {
 pub struct VaultClient {
     http: reqwest::Client,
     address: String,
-    auth: VaultAuth,
+    /// Replaceable: a token file rewritten by a Vault Agent sink is picked up at run time.
+    auth: parking_lot::RwLock<VaultAuth>,
     state: parking_lot::RwLock<Option<TokenState>>,
     /// Serialises login/renewal so a burst of requests triggers one login.
     refresh_lock: tokio::sync::Mutex<()>,
     logins: AtomicU64,
     renewals: AtomicU64,
+    metrics: Arc<KeyMetrics>,
 }
 
 impl std::fmt::Debug for VaultClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VaultClient")
             .field("address", &self.address)
-            .field("auth", &self.auth)
+            .field("auth", &*self.auth.read())
             .finish()
     }
 }
@@ -153,16 +211,43 @@ impl VaultClient {
         Ok(VaultClient {
             http,
             address: config.address.trim_end_matches('/').to_string(),
-            auth: config.auth,
+            auth: parking_lot::RwLock::new(config.auth),
             state: parking_lot::RwLock::new(None),
             refresh_lock: tokio::sync::Mutex::new(()),
             logins: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
+            metrics: Arc::new(KeyMetrics::default()),
         })
+    }
+
+    /// Request counters and latency (shared with the key manager's series).
+    pub fn metrics(&self) -> Arc<KeyMetrics> {
+        self.metrics.clone()
     }
 
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// Use `token` from now on (a rotated token file). Returns `false` when it is the token
+    /// already in use or the client authenticates with AppRole (nothing changes then).
+    pub fn replace_token(&self, token: Zeroizing<String>) -> bool {
+        {
+            let mut auth = self.auth.write();
+            match &*auth {
+                VaultAuth::Token(old) if old.as_str() == token.as_str() => return false,
+                VaultAuth::Token(_) => *auth = VaultAuth::Token(token),
+                VaultAuth::AppRole { .. } => return false,
+            }
+        }
+        // The next call looks the new token up (TTL, renewability) before using it.
+        *self.state.write() = None;
+        tracing::info!("Vault token replaced");
+        true
+    }
+
+    fn is_approle(&self) -> bool {
+        matches!(&*self.auth.read(), VaultAuth::AppRole { .. })
     }
 
     pub fn stats(&self) -> VaultStats {
@@ -232,9 +317,7 @@ impl VaultClient {
         if had_token && renewable {
             match self.renew_self().await {
                 // Renewal that no longer extends the lease much means token_max_ttl is near: log in again.
-                Ok(ttl) if ttl >= old_ttl / 2 || matches!(self.auth, VaultAuth::Token(_)) => {
-                    return Ok(())
-                }
+                Ok(ttl) if ttl >= old_ttl / 2 || !self.is_approle() => return Ok(()),
                 Ok(_) => tracing::info!("Vault token near its max TTL; logging in again"),
                 Err(e) if e.is_unavailable() => return Err(e),
                 Err(e) => {
@@ -275,7 +358,8 @@ impl VaultClient {
     }
 
     async fn login(&self) -> Result<(), VaultError> {
-        match &self.auth {
+        let auth = self.auth.read().clone();
+        match &auth {
             VaultAuth::Token(token) => {
                 // Learn TTL/renewability; a token we cannot look up is still tried as-is.
                 *self.state.write() = Some(TokenState {
@@ -357,9 +441,7 @@ impl VaultClient {
             tracing::warn!(error = %e, "Vault token refresh failed; trying the current token");
         }
         match self.raw(method, path, body.clone()).await {
-            Err(VaultError::PermissionDenied { .. })
-                if matches!(self.auth, VaultAuth::AppRole { .. }) =>
-            {
+            Err(VaultError::PermissionDenied { .. }) if self.is_approle() => {
                 tracing::warn!(path, "Vault denied the current token; logging in again");
                 {
                     let _guard = self.refresh_lock.lock().await;
@@ -388,6 +470,26 @@ impl VaultClient {
     }
 
     async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        token: Option<&str>,
+    ) -> Result<Value, VaultError> {
+        let started = Instant::now();
+        let result = self.send_once(method, path, body, token).await;
+        let outcome = match &result {
+            Ok(_) => VaultOutcome::Ok,
+            Err(e) if e.is_unavailable() => VaultOutcome::Unreachable,
+            Err(VaultError::Sealed { .. }) => VaultOutcome::Sealed,
+            Err(VaultError::PermissionDenied { .. }) => VaultOutcome::Refused,
+            Err(_) => VaultOutcome::Error,
+        };
+        self.metrics.vault_request(outcome, started.elapsed());
+        result
+    }
+
+    async fn send_once(
         &self,
         method: Method,
         path: &str,
@@ -425,6 +527,9 @@ impl VaultClient {
                 errors: errors(),
             }),
             404 => Err(VaultError::NotFound {
+                path: path.to_string(),
+            }),
+            503 => Err(VaultError::Sealed {
                 path: path.to_string(),
             }),
             429 | 500..=599 => Err(VaultError::Unavailable {
@@ -478,6 +583,47 @@ mod tests {
         assert!(
             !shown.contains("s3cr3t") && !shown.contains("t0ken"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback_unless_allowed() {
+        for ok in [
+            "https://vault.example:8200",
+            "http://127.0.0.1:8200",
+            "http://127.9.9.9",
+            "http://localhost:8200/",
+            "http://[::1]:8200",
+        ] {
+            assert!(check_address(ok, false).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://vault.example:8200",
+            "http://10.0.0.1:8200",
+            "http://127.0.0.1.evil.example",
+            "http://127.0.0.1@vault.example",
+            "http://[::2]:8200",
+            "ftp://127.0.0.1",
+        ] {
+            assert!(check_address(bad, false).is_err(), "{bad}");
+        }
+        assert!(check_address("http://vault.example:8200", true).is_ok());
+    }
+
+    #[test]
+    fn replacing_the_token_forgets_the_old_one() {
+        let client = VaultClient::new(VaultClientConfig {
+            address: "http://127.0.0.1:9".into(),
+            auth: VaultAuth::Token(Zeroizing::new("old".into())),
+            ca_file: None,
+            request_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        assert!(!client.replace_token(Zeroizing::new("old".into())));
+        assert!(client.replace_token(Zeroizing::new("new".into())));
+        assert!(
+            matches!(&*client.auth.read(), VaultAuth::Token(t) if t.as_str() == "new"),
+            "new token in use"
         );
     }
 

@@ -128,6 +128,9 @@ impl Proxy {
         };
         let encryption =
             encryption::Encryption::start(&config, &upstream, &upstream_passwords).await?;
+        if let Some(encryption) = &encryption {
+            metrics.set_key_metrics(encryption.manager.metrics());
+        }
         if let (Some(policies), Some(encryption)) = (&policies, &encryption) {
             policies.engine().set_encryption(encryption.sql.clone());
         }

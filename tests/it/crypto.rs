@@ -3,7 +3,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgward::crypto::manager::{CachePolicy, KeyManager};
-use pgward::crypto::{peek_key_ref, ClientType, CryptoError, EncryptColumn};
+use pgward::crypto::{peek_key_ref, ClientType, CryptoError, EncryptColumn, KeyFailure};
 use pgward::keys::kv2::Kv2Provider;
 use pgward::keys::store::{MemoryKeyStore, PgKeyStore, WrappedKeyStore};
 use pgward::keys::transit::TransitProvider;
@@ -375,15 +375,23 @@ async fn vault_down_cached_keys_serve_uncached_fail() {
         reader.decrypt("a", "x", &new_ct).await.unwrap(),
         b"written during outage"
     );
+    let started = Instant::now();
     let err = reader.decrypt("b", "y", &ct_b).await.unwrap_err();
     assert!(
-        matches!(err, CryptoError::Key(KeyError::Unavailable { .. })),
+        matches!(err, CryptoError::KeyUnavailable(KeyFailure::Unreachable)),
         "{err:?}"
     );
+    // Client-safe: neither the key name nor where Vault is.
     let msg = err.to_string();
     assert!(
-        msg.contains("t5-b") && msg.contains("not cached") && msg.contains("unavailable"),
+        msg.contains("not cached") && !msg.contains("t5-b") && !msg.contains("127.0.0.1"),
         "{msg}"
+    );
+    // The failed fetch is remembered: the next rows fail at once instead of asking again.
+    let again = Instant::now();
+    assert!(reader.decrypt("b", "y", &ct_b).await.is_err());
+    assert!(
+        again.elapsed() < Duration::from_millis(50) && started.elapsed() < Duration::from_secs(4)
     );
 }
 
@@ -426,19 +434,26 @@ async fn revoked_token_is_a_clear_error() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    // Past the TTL, a refused (not unreachable) refetch evicts the key: revocation takes effect.
+    // The next poll sees the refusal: the key stops serving reads and writes, cached or not.
+    m.poll_once().await;
     let err = m.decrypt("t", "c", &ct).await.unwrap_err();
     assert!(
-        matches!(
-            err,
-            CryptoError::Key(KeyError::Vault {
-                source: VaultError::PermissionDenied { .. },
-                ..
-            })
-        ),
+        matches!(err, CryptoError::KeyUnavailable(KeyFailure::Refused)),
         "{err:?}"
     );
-    assert!(err.to_string().contains("permission denied"), "{err}");
+    assert!(
+        matches!(
+            m.encrypt_now("t", "c", b"x"),
+            Err(CryptoError::KeyUnavailable(KeyFailure::Refused))
+        ),
+        "writes stop too"
+    );
+    assert!(m.encrypt("t", "c", b"x").await.is_err());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("refused") && !msg.contains("permission denied") && !msg.contains("t6-key"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]

@@ -621,3 +621,92 @@ async fn keys_cli_encrypt_existing_bytea_column_is_never_encrypted_twice() {
         );
     }
 }
+
+/// KEK versions come from Vault's wrapped forms, not from a hand-edited
+/// `pgward.data_keys.kek_version`: `keys status` shows the real version, a proxy still picks up
+/// the rotation, `keys rewrap` rewraps what Vault says is old. `keys reencrypt` skips values it
+/// cannot read, names them by primary key, finishes the rest and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_cli_trusts_vault_not_the_table_and_reencrypt_skips_unreadable_values() {
+    let s = Setup::new("kc-trust", 40).await;
+    let db = connect(&s.database).await;
+    s.pgward_ok(&["encrypt-existing", "--table", "people", "--column", "email"])
+        .await;
+    s.bao.rotate(&s.key).await;
+    // Someone with write access to the table claims every wrapped key is under KEK v999.
+    db.execute("UPDATE pgward.data_keys SET kek_version = 999", &[])
+        .await
+        .unwrap();
+    let status = s.pgward_ok(&["keys", "status"]).await;
+    assert!(!status.contains("v999"), "{status}");
+    assert_eq!(dek_row(&status, "kc-trust", "1")[2], "v1", "{status}");
+    assert_eq!(dek_row(&status, "kc-trust", "index root")[2], "v1");
+    assert!(
+        !dek_row(&status, "kc-trust", "1")[4].contains("current"),
+        "{status}"
+    );
+    // A proxy is not fooled either: the rotation gives new writes a new data key.
+    let proxy = s.manager().await;
+    let outcome = proxy.refresh_key(&s.key).await.unwrap();
+    assert!(
+        outcome.created && outcome.dek.dek_version == 2,
+        "{outcome:?}"
+    );
+    let out = s.pgward_ok(&["keys", "rewrap"]).await;
+    assert!(
+        out.contains("kc-trust: 2 data keys rewrapped; all are now wrapped by KEK v2"),
+        "{out}"
+    );
+    let wrapped: Vec<(i32, String)> = db
+        .query(
+            "SELECT kek_version, wrapped FROM pgward.data_keys WHERE key_name = 'kc-trust' ORDER BY dek_version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(wrapped.len(), 3);
+    for (kek, w) in &wrapped {
+        assert!(*kek == 2 && w.starts_with("vault:v2:"), "{kek} {w}");
+    }
+
+    // Two unreadable values: a 2-byte value and one with a flipped tag bit.
+    db.batch_execute(
+        "UPDATE people SET email = '\\x0102'::bytea WHERE id = 7;
+         UPDATE people SET email = set_byte(email, length(email) - 1, get_byte(email, length(email) - 1) # 1) WHERE id = 9;",
+    )
+    .await
+    .unwrap();
+    let (code, stdout, stderr) = s
+        .pgward(&["keys", "reencrypt", "--batch-size", "10", "--pause-ms", "1"])
+        .await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stdout.contains("public.people.email: 37 values rewritten"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("2 values could not be read") && stderr.contains("primary keys: 7, 9"),
+        "{stderr}"
+    );
+    let headers: Vec<(i64, Vec<u8>)> = db
+        .query(
+            "SELECT id, email FROM people WHERE email IS NOT NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for (id, ct) in headers {
+        let version = peek_key_ref(&ct).map(|r| r.dek_version).ok();
+        match id {
+            7 => assert_eq!(version, None),
+            9 => assert_eq!(version, Some(1)),
+            _ => assert_eq!(version, Some(2), "row {id}"),
+        }
+    }
+}

@@ -232,6 +232,59 @@ impl Bao {
         .unwrap();
     }
 
+    /// SIGSTOP the server: connections are accepted by the kernel, nothing answers (a hung Vault).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Bao::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let child = self.child.as_ref().expect("own server");
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // SAFETY: signalling our own child process by its pid.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// Seal the server (every request then answers 503).
+    pub async fn seal(&self) {
+        self.api("POST", "sys/seal", Some(json!({}))).await.unwrap();
+    }
+
+    /// A token with `create/read/update` on `transit/*` only (a least-privilege pgward token).
+    pub async fn transit_token(&self) -> String {
+        let policy = r#"path "transit/*" { capabilities = ["create", "read", "update"] }"#;
+        self.api(
+            "POST",
+            "sys/policies/acl/pgward",
+            Some(json!({ "policy": policy })),
+        )
+        .await
+        .unwrap();
+        let created = self
+            .api(
+                "POST",
+                "auth/token/create",
+                Some(json!({"policies": ["pgward"], "ttl": "1h"})),
+            )
+            .await
+            .unwrap();
+        created["auth"]["client_token"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Revoke a token.
+    pub async fn revoke(&self, token: &str) {
+        self.api("POST", "auth/token/revoke", Some(json!({ "token": token })))
+            .await
+            .unwrap();
+    }
+
     /// Stop the server (for outage tests).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
