@@ -1,7 +1,9 @@
 //! The `pgward` command line.
 
+pub mod check;
 pub mod dev;
 pub mod keys;
+pub mod policy;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,6 +36,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy with a configuration file.
     Serve(ServeArgs),
+    /// Preflight a configuration against the real servers: upstream logins, migrations,
+    /// policies (compiled and type-checked), Vault. Non-zero exit on any failure.
+    Check(check::CheckArgs),
     /// Run a complete local demo: throwaway PostgreSQL, demo schema, keys, certificate, proxy.
     Dev(dev::DevArgs),
     /// Development tokens.
@@ -41,7 +46,7 @@ pub enum Command {
     Token(TokenCommand),
     /// Row-policy tools: check, explain, test, export-rls.
     #[command(subcommand)]
-    Policy(PolicyCommand),
+    Policy(policy::PolicyCommand),
     /// Audit-log tools: verify, search, report.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -61,19 +66,6 @@ pub enum AuditCommand {
     Search(crate::audit::search::SearchArgs),
     /// Render a self-contained HTML report.
     Report(crate::audit::report::ReportArgs),
-}
-
-/// `pgward policy ...`.
-#[derive(Debug, Subcommand)]
-pub enum PolicyCommand {
-    /// Validate a policy set against a database.
-    Check(crate::policy::cli::CheckArgs),
-    /// Print the rewrite of a statement for a service, or the refusal and its rule.
-    Explain(crate::policy::cli::ExplainArgs),
-    /// Run the policy test files.
-    Test(crate::policy::cli::TestArgs),
-    /// Emit equivalent PostgreSQL CREATE POLICY statements.
-    ExportRls(crate::policy::cli::ExportRlsArgs),
 }
 
 /// `pgward serve`.
@@ -156,12 +148,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     init_tracing(&cli.log, cli.log_json);
     match cli.command {
         Command::Serve(args) => serve(args).await.map(|()| 0),
+        Command::Check(args) => Ok(check::run(&args).await),
         Command::Dev(args) => dev::run(args).await.map(|()| 0),
         Command::Token(TokenCommand::Mint(args)) => {
             println!("{}", mint(&args)?);
             Ok(0)
         }
-        Command::Policy(command) => policy(command).await,
+        Command::Policy(command) => policy::run(command).await,
         Command::Keys(command) => keys::run_keys(command).await,
         Command::EncryptExisting(command) => keys::run_encrypt_existing(command).await,
         Command::Audit(command) => {
@@ -176,26 +169,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 1
             })
-        }
-    }
-}
-
-async fn policy(command: PolicyCommand) -> anyhow::Result<i32> {
-    use crate::policy::cli;
-    let result = match &command {
-        PolicyCommand::Check(args) => cli::run_check(args).await,
-        PolicyCommand::Explain(args) => cli::run_explain(args).await,
-        PolicyCommand::Test(args) => cli::run_test(args).await,
-        PolicyCommand::ExportRls(args) => cli::run_export_rls(args).await,
-    };
-    match result {
-        Ok(output) => {
-            print!("{output}");
-            Ok(0)
-        }
-        Err(e) => {
-            eprintln!("pgward policy: {e}");
-            Ok(1)
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod audit_proxy;
 mod audit_report;
+mod check;
 mod crypto;
 mod dev_mode;
 mod edges;
