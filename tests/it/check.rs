@@ -28,11 +28,13 @@ fn write_setup(
     for (name, text) in policies {
         std::fs::write(policy_dir.join(name), text).unwrap();
     }
-    let mut options = ProxyOptions::default();
-    options.extra_toml = format!(
-        "{}\n[policy]\ndir = {policy_dir:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n{extra}",
-        harness::superuser_service("billing")
-    );
+    let options = ProxyOptions {
+        extra_toml: format!(
+            "{}\n[policy]\ndir = {policy_dir:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n{extra}",
+            harness::superuser_service("billing")
+        ),
+        ..ProxyOptions::default()
+    };
     let path = dir.path().join("pgward.toml");
     std::fs::write(&path, harness::proxy_config_text(&options)).unwrap();
     (dir, path)
