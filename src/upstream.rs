@@ -220,6 +220,13 @@ impl UpstreamTarget {
         Ok(client)
     }
 
+    /// Whether the server's postmaster answers (`/readyz`): a CancelRequest naming no backend.
+    /// Unlike an abandoned startup packet it leaves nothing in the server's log at the default
+    /// level, and it needs no login.
+    pub async fn probe(&self) -> Result<(), UpstreamError> {
+        self.cancel(0, 0).await
+    }
+
     /// Deliver a CancelRequest for an upstream backend and wait until the server has acted on it.
     pub async fn cancel(&self, process_id: u32, secret_key: u32) -> Result<(), UpstreamError> {
         // Cancel requests go over a plain transport: the server answers nothing and closes,

@@ -136,7 +136,7 @@ async fn check_local_material(config: &Config, report: &mut Report) {
 }
 
 /// Creates (if needed) `dir` and writes and removes a probe file in it.
-fn probe_writable(dir: &Path) -> std::io::Result<()> {
+pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let probe = dir.join(format!(".pgward-check-{}", std::process::id()));
     std::fs::write(&probe, b"probe")?;

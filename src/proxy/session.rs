@@ -172,11 +172,10 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
             return;
         }
     };
-    let state = Arc::new(SessionState::new(
-        session_id,
-        upstream.process_id,
-        upstream.secret_key,
-    ));
+    let state = Arc::new(
+        SessionState::new(session_id, upstream.process_id, upstream.secret_key)
+            .with_series(shared.metrics.service_series(&identity.service)),
+    );
     let key = shared.cancels.register(state.clone());
     inc(&shared.metrics.sessions_established);
     tracing::info!(session = session_id, service = %identity.service, database = %database, "session established");
@@ -403,6 +402,7 @@ fn account_client_batch(shared: &Shared, state: &SessionState, batch: &Batch) ->
     let mut terminate = false;
     let mut statements = 0;
     for message in batch.messages() {
+        state.series.seen(message.tag());
         match message.tag() {
             frontend::QUERY => {
                 statements += 1;
@@ -510,6 +510,7 @@ async fn assemble(
     let mut offset = 0;
     for ((message, verdict), plan) in batch.messages().zip(verdicts).zip(plans) {
         let len = message.raw().len();
+        state.series.judged(message.tag(), (&verdict).into());
         let mut replacement = match verdict {
             Verdict::Forward => None,
             Verdict::Replace(bytes) => Some(bytes),
@@ -665,7 +666,9 @@ fn account_upstream_batch(
             backend::READY_FOR_QUERY => {
                 let status = message.body().first().copied().unwrap_or(b'I');
                 if let Some(started) = state.ready_for_query(status, offset + len == total) {
-                    shared.metrics.observe_latency(started.elapsed());
+                    shared
+                        .metrics
+                        .observe_statement(&state.series, started.elapsed());
                 }
             }
             backend::ERROR_RESPONSE => {

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -34,6 +35,8 @@ pub struct SessionState {
     next_refusal: AtomicU64,
     /// Start times of request batches (Query or Sync) awaiting their ReadyForQuery.
     pending_requests: Mutex<VecDeque<Instant>>,
+    /// The service's statement series in `/metrics` (set with [`SessionState::with_series`]).
+    pub series: Arc<crate::metrics::ServiceSeries>,
 }
 
 /// How many request start times are kept; extra Syncs (e.g. during COPY) must not grow memory.
@@ -57,7 +60,14 @@ impl SessionState {
             refusals_pending: AtomicU64::new(0),
             next_refusal: AtomicU64::new(1),
             pending_requests: Mutex::new(VecDeque::new()),
+            series: Arc::default(),
         }
+    }
+
+    /// Count this session's statements in its service's series.
+    pub fn with_series(mut self, series: Arc<crate::metrics::ServiceSeries>) -> Self {
+        self.series = series;
+        self
     }
 
     /// Current request generation.

@@ -10,6 +10,7 @@ mod edges;
 mod encryption;
 mod harness;
 mod keys_cli;
+mod ops;
 mod policy;
 mod policy_proxy;
 mod protocol;
