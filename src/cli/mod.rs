@@ -125,8 +125,11 @@ pub fn init_tracing(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         .add_directive(quiet_sql_parser());
+    // Colour codes only for a person at a terminal: in journald, files and pipes they are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()
@@ -187,10 +190,44 @@ fn mint(args: &MintArgs) -> anyhow::Result<String> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_file(&args.config)?;
+    let target = crate::upstream::UpstreamTarget::new(&config.upstream)?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = wait_for_upstream(&target) => {}
+        () = &mut shutdown => return Ok(()),
+    }
     let proxy = Proxy::bind(config).await?;
     spawn_reload_on_sighup(&proxy)?;
-    proxy.run(shutdown_signal()).await;
+    proxy.run(shutdown).await;
     Ok(())
+}
+
+/// Longest pause between two attempts to reach upstream at start.
+const MAX_UPSTREAM_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Upstream down when pgward starts (both restarted together, the server still recovering) is
+/// not a configuration error: wait for it with exponential backoff instead of exiting, so the
+/// service manager does not have to.
+async fn wait_for_upstream(target: &crate::upstream::UpstreamTarget) {
+    let mut pause = Duration::from_millis(250);
+    let mut attempt = 1u32;
+    loop {
+        match target.probe().await {
+            Ok(()) => {
+                if attempt > 1 {
+                    tracing::info!(attempt, "upstream reachable");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, retry_in = ?pause, "upstream not reachable at start; retrying");
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_UPSTREAM_BACKOFF);
+        attempt += 1;
+    }
 }
 
 /// SIGHUP re-reads token key material and the policy files.

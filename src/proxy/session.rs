@@ -24,7 +24,7 @@ use crate::metrics::inc;
 use crate::net::{ConnReader, ConnWriter};
 use crate::protocol::fields::{parse_name_and_text, ErrorFields};
 use crate::protocol::{backend, build, frontend, Batch, FrameReader, Message, ProtocolError};
-use crate::upstream::{UpstreamError, MAX_UPSTREAM_MESSAGE};
+use crate::upstream::MAX_UPSTREAM_MESSAGE;
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -155,18 +155,8 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
         Ok(upstream) => upstream,
         Err(e) => {
             inc(&shared.metrics.upstream_connect_errors);
-            let message = match &e {
-                // The server's own words (e.g. "database does not exist") reach the client unchanged.
-                UpstreamError::Server { raw, .. } => raw.clone(),
-                other => {
-                    tracing::warn!(session = session_id, error = %other, "upstream connection failed");
-                    ClientError::fatal(
-                        sqlstate::CANNOT_CONNECT,
-                        "pgward: could not connect to the upstream server",
-                    )
-                    .to_message()
-                }
-            };
+            let message =
+                crate::upstream::login_failure_message(&e, session_id, &service.upstream_user);
             let _ = conn.write_all(&message).await;
             let _ = conn.shutdown().await;
             return;

@@ -93,3 +93,139 @@ async fn metrics_carry_per_service_decisions_latency_build_and_process_series() 
     assert!(!page.contains("service=\"md5svc\""));
     proxy.shutdown().await;
 }
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Forward every connection on `listener` to the shared PostgreSQL.
+async fn forward_to_postgres(listener: tokio::net::TcpListener) {
+    let pg_port = harness::postgres().port;
+    loop {
+        let Ok((mut client, _)) = listener.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", pg_port)).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            }
+        });
+    }
+}
+
+/// Kills the child when the test ends, whatever happens.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_waits_for_upstream_and_keeps_the_role_out_of_login_refusals() {
+    use std::io::Read as _;
+    let upstream_port = free_port();
+    let listen_port = free_port();
+    let wrong_password = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(wrong_password.path(), "not-the-password").unwrap();
+    let text = harness::proxy_config_text(&ProxyOptions {
+        upstream: Some(format!(
+            "[upstream]\nhost = \"127.0.0.1\"\nport = {upstream_port}\nconnect_timeout = \"1s\"\n"
+        )),
+        extra_toml: format!(
+            "[services.broken]\nupstream_user = \"{}\"\nupstream_password = {{ file = {:?} }}\nunrestricted = true\n",
+            harness::MD5_ROLE,
+            wrong_password.path()
+        ),
+        ..ProxyOptions::default()
+    })
+    .replacen(
+        "address = \"127.0.0.1:0\"",
+        &format!("address = \"127.0.0.1:{listen_port}\""),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pgward.toml");
+    std::fs::write(&config, text).unwrap();
+    let stderr_file = dir.path().join("stderr.log");
+    let mut child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_pgward"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stderr(std::fs::File::create(&stderr_file).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Upstream is down: pgward waits, it does not exit.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(child.0.try_wait().unwrap().is_none(), "pgward exited");
+    let log = std::fs::read_to_string(&stderr_file).unwrap();
+    assert!(
+        log.contains("upstream not reachable at start; retrying"),
+        "{log}"
+    );
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", listen_port))
+        .await
+        .is_err());
+
+    // Upstream comes up: pgward binds and serves.
+    let upstream = tokio::net::TcpListener::bind(("127.0.0.1", upstream_port))
+        .await
+        .unwrap();
+    tokio::spawn(forward_to_postgres(upstream));
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(listen_port)
+        .user("app")
+        .password(harness::token("app", serde_json::json!({})))
+        .dbname("postgres");
+    let mut connected = None;
+    for _ in 0..100 {
+        if let Ok((client, conn)) = config.connect(tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            connected = Some(client);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let client = connected.expect("pgward serves once upstream is up");
+    client.simple_query("select 1").await.unwrap();
+
+    // A refused upstream login: the client learns it was refused, not as which role.
+    let error = config
+        .user("broken")
+        .password(harness::token("broken", serde_json::json!({})))
+        .connect(tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("login refused");
+    let db_error = error.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db_error.code().code(), "28000");
+    assert!(
+        !db_error.message().contains(harness::MD5_ROLE),
+        "{db_error:?}"
+    );
+    assert!(
+        db_error.message().contains("refused the login"),
+        "{db_error:?}"
+    );
+    // pgward's log has the server's reason and the role.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut log = String::new();
+    std::fs::File::open(&stderr_file)
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("upstream server refused pgward's login")
+            && log.contains("password authentication failed for user")
+            && log.contains(harness::MD5_ROLE)
+            && log.contains("28P01"),
+        "{log}"
+    );
+    assert!(!log.contains('\u{1b}'), "ANSI colours in a log file: {log}");
+}
