@@ -1,6 +1,7 @@
 //! The `pgward` command line.
 
 pub mod check;
+mod demo_files;
 pub mod dev;
 pub mod keys;
 pub mod policy;
@@ -98,6 +99,10 @@ pub struct MintArgs {
     /// Directory holding the dev key.
     #[arg(long, default_value = dev::DEFAULT_DIR)]
     pub dir: PathBuf,
+    /// Create the dev signing key (and its jwks.json) if the directory has none. Without it a
+    /// missing key is an error: a new key silently minted tokens no running pgward accepts.
+    #[arg(long)]
+    pub create_key: bool,
 }
 
 /// `key=value` → a typed JSON claim: integers, floats and booleans keep their type.
@@ -177,6 +182,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 fn mint(args: &MintArgs) -> anyhow::Result<String> {
+    if !args.create_key && !DevSigningKey::key_path(&args.dir).exists() {
+        anyhow::bail!(
+            "no dev signing key in {}: run `pgward dev` (which creates it) or pass --create-key",
+            args.dir.display()
+        );
+    }
+    let max = max_token_lifetime(&args.dir);
+    if args.ttl > max {
+        eprintln!(
+            "pgward token mint: warning: --ttl {} exceeds auth.max_token_lifetime ({}): pgward will refuse this token",
+            humantime::format_duration(args.ttl),
+            humantime::format_duration(max)
+        );
+    }
     let key = DevSigningKey::load_or_create(&args.dir)?;
     let claims: serde_json::Map<String, serde_json::Value> = args.claims.iter().cloned().collect();
     Ok(key.mint(
@@ -186,6 +205,13 @@ fn mint(args: &MintArgs) -> anyhow::Result<String> {
         Some(dev::DEV_AUDIENCE),
         Some(dev::DEV_ISSUER),
     )?)
+}
+
+/// The token lifetime the dev configuration in `dir` accepts (the default without one).
+fn max_token_lifetime(dir: &std::path::Path) -> Duration {
+    Config::from_file(&dir.join("pgward.toml"))
+        .map(|config| config.auth.max_token_lifetime)
+        .unwrap_or_else(|_| crate::auth::AuthConfig::default().max_token_lifetime)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
