@@ -4,6 +4,7 @@ pub mod check;
 mod demo_files;
 pub mod dev;
 pub mod keys;
+pub mod notify;
 pub mod policy;
 
 use std::path::PathBuf;
@@ -225,7 +226,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let proxy = Proxy::bind(config).await?;
     spawn_reload_on_sighup(&proxy)?;
-    proxy.run(shutdown).await;
+    notify::notify("READY=1");
+    proxy
+        .run(async move {
+            shutdown.await;
+            notify::notify("STOPPING=1");
+        })
+        .await;
     Ok(())
 }
 
@@ -265,6 +272,7 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
     let encryption = proxy.encryption();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            notify::notify("RELOADING=1");
             if let Some(encryption) = &encryption {
                 // Picks up a KEK rotation now instead of at the next poll.
                 encryption.manager.poll_once().await;
@@ -283,6 +291,7 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "SIGHUP: reload failed, keeping the previous keys")
                 }
             }
+            notify::notify("READY=1");
         }
     });
     Ok(())

@@ -8,6 +8,7 @@ mod crypto;
 mod dev_mode;
 mod edges;
 mod encryption;
+mod examples;
 mod harness;
 mod keys_cli;
 mod ops;
