@@ -89,7 +89,7 @@ fn serve_speaks_the_systemd_readiness_protocol() {
         .spawn()
         .unwrap();
     let pid = i32::try_from(child.id()).unwrap();
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 256];
         let n = socket.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
