@@ -139,7 +139,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let proxy = Proxy::bind(config).await?;
     let address = proxy.local_addr()?;
-    super::spawn_reload_on_sighup(&proxy)?;
+    super::spawn_reload_on_sighup(&proxy, config_path.clone())?;
     print_banner(&args, &dir, &key, address, &upstream)?;
     proxy.run(super::shutdown_signal()).await;
     eprintln!(

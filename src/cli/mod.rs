@@ -225,7 +225,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         () = &mut shutdown => return Ok(()),
     }
     let proxy = Proxy::bind(config).await?;
-    spawn_reload_on_sighup(&proxy)?;
+    spawn_reload_on_sighup(&proxy, args.config.clone())?;
     notify::notify("READY=1");
     proxy
         .run(async move {
@@ -263,8 +263,10 @@ async fn wait_for_upstream(target: &crate::upstream::UpstreamTarget) {
     }
 }
 
-/// SIGHUP re-reads token key material and the policy files.
-pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
+/// SIGHUP re-reads the configuration file and, only if it is valid as a whole, the token key
+/// material, the listen certificate and key, the encryption keys and the policy files. A file
+/// that does not load changes nothing.
+pub fn spawn_reload_on_sighup(proxy: &Proxy, config_path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
     let verifier = proxy.verifier();
@@ -273,6 +275,18 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             notify::notify("RELOADING=1");
+            if let Err(e) = Config::from_file(&config_path) {
+                tracing::error!(error = %e, "SIGHUP: the configuration file is invalid; nothing reloaded, the running configuration stays");
+                notify::notify("READY=1");
+                continue;
+            }
+            match crate::tls::reload_server_certificates() {
+                Ok(0) => {}
+                Ok(_) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS reload failed, keeping the previous certificate")
+                }
+            }
             if let Some(encryption) = &encryption {
                 // Picks up a KEK rotation now instead of at the next poll.
                 encryption.manager.poll_once().await;

@@ -15,5 +15,6 @@ mod ops;
 mod policy;
 mod policy_proxy;
 mod protocol;
+mod reload;
 mod tools;
 mod vault;
