@@ -229,3 +229,41 @@ async fn serve_waits_for_upstream_and_keeps_the_role_out_of_login_refusals() {
     );
     assert!(!log.contains('\u{1b}'), "ANSI colours in a log file: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_decisions_are_counted_per_service() {
+    let database = harness::fresh_plaintext_demo("ops_decisions").await;
+    let policies = std::fs::canonicalize("policies").unwrap();
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_toml: format!(
+            "[policy]\ndir = {policies:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n{}",
+            harness::superuser_service("billing")
+        ),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let mut config = proxy.client_config("billing", &database);
+    config.password(harness::token(
+        "billing",
+        serde_json::json!({"tenant_id": 1}),
+    ));
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .simple_query("select name from customers")
+        .await
+        .unwrap();
+    assert!(client.simple_query("select * from tenants").await.is_err());
+    let page = harness::http_get(proxy.admin.unwrap(), "/metrics").await;
+    let value = |decision: &str| -> u64 {
+        let series = format!(
+            "pgward_service_statements_total{{service=\"billing\",decision=\"{decision}\"}} "
+        );
+        page.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()).and_then(|v| v.parse().ok()))
+            .unwrap_or_else(|| panic!("{series} not in {page}"))
+    };
+    assert_eq!(value("rewritten"), 1, "{page}");
+    assert_eq!(value("refused"), 1, "{page}");
+    proxy.shutdown().await;
+}
