@@ -117,3 +117,76 @@ fn sighup_reloads_the_certificate_and_rejects_a_bad_file_as_a_whole() {
     sighup(&child.0);
     assert!(presented_subject(port).contains("third.example"));
 }
+
+/// Connect through pgward on `port` as `app` with a token signed by `secret`.
+fn connects_with(port: u16, secret: &[u8]) -> bool {
+    let now = harness::now_secs();
+    let claims = serde_json::json!({
+        "sub": "app", "aud": "pgward-tests", "iat": now, "exp": now + 300,
+    });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(port)
+            .user("app")
+            .password(token)
+            .dbname("postgres");
+        config.connect(tokio_postgres::NoTls).await.is_ok()
+    })
+}
+
+#[test]
+fn sighup_reloads_the_token_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("hs256.secret");
+    let first = harness::fixtures().secret.clone();
+    std::fs::write(&secret_file, &first).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let text = harness::proxy_config_text(&ProxyOptions::default())
+        .replace(
+            &format!("{:?}", harness::fixtures().secret_file),
+            &format!("{secret_file:?}"),
+        )
+        .replacen(
+            "address = \"127.0.0.1:0\"",
+            &format!("address = \"127.0.0.1:{port}\""),
+            1,
+        );
+    let config = dir.path().join("pgward.toml");
+    std::fs::write(&config, &text).unwrap();
+    let child = Child(
+        Command::new(env!("CARGO_BIN_EXE_pgward"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut up = false;
+    for _ in 0..100 {
+        if connects_with(port, &first) {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(up, "pgward accepts the first key");
+    let second = b"a-rotated-secret-of-at-least-32-bytes!".to_vec();
+    std::fs::write(&secret_file, &second).unwrap();
+    sighup(&child.0);
+    assert!(connects_with(port, &second), "the new key is accepted");
+    assert!(!connects_with(port, &first), "the old key is not");
+}
