@@ -98,7 +98,7 @@ chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
 "${RUN_AS[@]}" "$PGBOUNCER" -q "$WORK/pgbouncer.ini" &
 BOUNCER_PID=$!
 
-TOKEN=$("$PGWARD" token mint --service postgres --dir "$WORK/keys" --ttl 2h)
+TOKEN=$("$PGWARD" token mint --service postgres --dir "$WORK/keys" --create-key --ttl 2h)
 TENANT_TOKEN=$("$PGWARD" token mint --service tenant --claim bid=1 --dir "$WORK/keys" --ttl 2h)
 AUDIT_PORT=$(free_port); AUDIT_NOSYNC_PORT=$(free_port); AUDIT_FWD_PORT=$(free_port); CRYPT_PORT=$(free_port)
 mkdir -p "$WORK/policies"

@@ -1,8 +1,9 @@
-//! The admin HTTP endpoint: `GET /metrics` (Prometheus) and `GET /healthz`.
+//! The admin HTTP endpoint: `GET /metrics` (Prometheus), `GET /healthz` (the process answers)
+//! and `GET /readyz` (it can serve: upstream reachable, audit writable, keys and policies loaded).
 //!
-//! Deliberately tiny HTTP/1.1 (one request per connection, bounded request size): it serves two
-//! read-only pages to a scraper on an operator-chosen address, so a web framework would add
-//! dependencies without adding safety.
+//! Deliberately tiny HTTP/1.1 (one request per connection, bounded request size): it serves
+//! read-only pages to a scraper or a load balancer on an operator-chosen address, so a web
+//! framework would add dependencies without adding safety.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,18 +13,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::metrics::Metrics;
+use crate::proxy::Shared;
 
 const MAX_REQUEST: usize = 8 * 1024;
 
 /// Bind the admin address and serve until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let metrics = metrics.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), handle(stream, &metrics)).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, &shared)).await;
         });
     }
 }
@@ -33,7 +35,7 @@ pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(address).await
 }
 
-async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -48,8 +50,21 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
     let method = parts.next().unwrap_or_default();
     let path = parts.next().unwrap_or_default();
     let (status, content_type, body) = match (method, path) {
-        (b"GET", b"/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+        (b"GET", b"/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            render_metrics(&shared.metrics),
+        ),
         (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        (b"GET", b"/readyz") => {
+            let (ready, body) = readiness(shared).await;
+            let status = if ready {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            (status, "text/plain", body)
+        }
         (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",
@@ -63,4 +78,63 @@ async fn handle(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()>
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+fn render_metrics(metrics: &Metrics) -> String {
+    metrics.render()
+}
+
+/// Time one readiness item may take (the whole page must answer a load balancer promptly).
+const ITEM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Each readiness item as `ok|fail <item>: detail`, and whether all are ok.
+pub async fn readiness(shared: &Shared) -> (bool, String) {
+    let mut items: Vec<(bool, &str, String)> = Vec::new();
+    let upstream = tokio::time::timeout(ITEM_TIMEOUT, shared.upstream.probe()).await;
+    items.push(match upstream {
+        Ok(Ok(())) => (true, "upstream", "reachable".into()),
+        Ok(Err(e)) => (false, "upstream", e.to_string()),
+        Err(_) => (false, "upstream", "no answer in time".into()),
+    });
+    items.push(match &shared.config.audit {
+        Some(audit) if audit.enabled => match crate::cli::check::probe_writable(&audit.dir) {
+            Ok(()) => (true, "audit", "writable".into()),
+            Err(e) => (false, "audit", e.to_string()),
+        },
+        _ => (true, "audit", "not configured".into()),
+    });
+    let token_keys = shared.verifier.key_count();
+    items.push((token_keys > 0, "token keys", format!("{token_keys} loaded")));
+    if let Some(encryption) = &shared.encryption {
+        let manager = &encryption.manager;
+        let mut missing = Vec::new();
+        for name in manager.key_names() {
+            let loaded = tokio::time::timeout(ITEM_TIMEOUT, manager.current_key_ref(name)).await;
+            if !matches!(loaded, Ok(Ok(_))) {
+                missing.push(name.to_string());
+            }
+        }
+        items.push(if missing.is_empty() {
+            (true, "encryption keys", "loaded".into())
+        } else {
+            (
+                false,
+                "encryption keys",
+                format!("not loaded: {}", missing.join(", ")),
+            )
+        });
+    }
+    if let Some(policies) = &shared.policies {
+        let services = policies.engine().services().len();
+        items.push((true, "policies", format!("{services} service(s) loaded")));
+    }
+    let ready = items.iter().all(|(ok, _, _)| *ok);
+    let mut body = String::from(if ready { "ready\n" } else { "not ready\n" });
+    for (ok, item, detail) in items {
+        body.push_str(&format!(
+            "{} {item}: {detail}\n",
+            if ok { "ok" } else { "fail" }
+        ));
+    }
+    (ready, body)
 }

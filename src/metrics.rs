@@ -50,6 +50,8 @@ pub struct Metrics {
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
     latency_sum_micros: AtomicU64,
+    /// Per-service statement series (operations block below).
+    services: ServiceTable,
 }
 
 /// Increment a counter.
@@ -158,10 +160,10 @@ impl Metrics {
             ),
         ];
         for (name, help, counter) in counters {
+            let value = load(counter);
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                load(counter)
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
         let _ = writeln!(
@@ -219,7 +221,282 @@ impl Metrics {
         if let Some(keys) = self.keys.get() {
             keys.render(&mut out);
         }
+        self.render_operations(&mut out);
         out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations: per-service statement series, build and process information.
+// ---------------------------------------------------------------------------------------------
+
+/// At most this many service label values; later ones share the `_other` series (services
+/// come from the configuration, so this only bounds a pathological one).
+const MAX_SERVICE_SERIES: usize = 256;
+
+/// What pgward did with a statement text (a simple Query or a Parse): the `decision` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatementDecision {
+    /// Sent upstream as the client wrote it.
+    Forwarded,
+    /// Sent upstream rewritten (row policy, field encryption).
+    Rewritten,
+    /// Not run: the client got an error in its place.
+    Refused,
+}
+
+impl StatementDecision {
+    const ALL: [StatementDecision; 3] = [Self::Forwarded, Self::Rewritten, Self::Refused];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Rewritten => "rewritten",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+impl From<&crate::proxy::intercept::Verdict> for StatementDecision {
+    fn from(verdict: &crate::proxy::intercept::Verdict) -> Self {
+        use crate::proxy::intercept::Verdict;
+        match verdict {
+            Verdict::Forward => Self::Forwarded,
+            Verdict::Replace(_) => Self::Rewritten,
+            Verdict::Refuse(_) => Self::Refused,
+        }
+    }
+}
+
+/// A latency histogram over [`LATENCY_BUCKETS`].
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&le| secs <= le) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (le, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {count}"
+        );
+    }
+}
+
+/// One service's statement series; a session holds its service's, so the hot path does no
+/// lookup.
+#[derive(Debug, Default)]
+pub struct ServiceSeries {
+    /// Statement texts seen (simple Query, Parse), whatever became of them.
+    texts: AtomicU64,
+    rewritten: AtomicU64,
+    refused: AtomicU64,
+    latency: Histogram,
+}
+
+/// Whether a client message carries a statement text pgward judges.
+fn is_statement_text(tag: u8) -> bool {
+    use crate::protocol::frontend::{PARSE, QUERY};
+    tag == QUERY || tag == PARSE
+}
+
+impl ServiceSeries {
+    /// Count a client message as it passes (every message, on every path, including the
+    /// pass-through one that does not judge).
+    pub fn seen(&self, tag: u8) {
+        if is_statement_text(tag) {
+            inc(&self.texts);
+        }
+    }
+
+    /// Record what pgward decided about a judged message; `forwarded` is what remains of
+    /// [`ServiceSeries::seen`].
+    pub fn judged(&self, tag: u8, decision: StatementDecision) {
+        if !is_statement_text(tag) {
+            return;
+        }
+        match decision {
+            StatementDecision::Forwarded => {}
+            StatementDecision::Rewritten => inc(&self.rewritten),
+            StatementDecision::Refused => inc(&self.refused),
+        }
+    }
+
+    /// Statement texts of this service with this decision (tests and `/metrics`).
+    pub fn decisions(&self, decision: StatementDecision) -> u64 {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        match decision {
+            StatementDecision::Rewritten => load(&self.rewritten),
+            StatementDecision::Refused => load(&self.refused),
+            StatementDecision::Forwarded => load(&self.texts)
+                .saturating_sub(load(&self.rewritten))
+                .saturating_sub(load(&self.refused)),
+        }
+    }
+}
+
+/// Series per service, created on first use (bounded by [`MAX_SERVICE_SERIES`]).
+#[derive(Debug, Default)]
+pub struct ServiceTable {
+    series: Mutex<BTreeMap<String, std::sync::Arc<ServiceSeries>>>,
+}
+
+impl Metrics {
+    /// The series of `service` (a session takes it once, at its start).
+    pub fn service_series(&self, service: &str) -> std::sync::Arc<ServiceSeries> {
+        let mut table = self.services.series.lock();
+        let key = if table.contains_key(service) || table.len() < MAX_SERVICE_SERIES {
+            service
+        } else {
+            "_other"
+        };
+        table.entry(key.to_string()).or_default().clone()
+    }
+
+    /// A request's latency, globally and in its service's histogram.
+    pub fn observe_statement(&self, series: &ServiceSeries, elapsed: Duration) {
+        self.observe_latency(elapsed);
+        series.latency.observe(elapsed);
+    }
+
+    fn render_operations(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP pgward_build_info pgward's version.\n# TYPE pgward_build_info gauge\npgward_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        process::render(out);
+        let table = self.services.series.lock();
+        let _ = writeln!(
+            out,
+            "# HELP pgward_service_statements_total Statement texts (simple Query, Parse) by service and what pgward did with them.\n# TYPE pgward_service_statements_total counter"
+        );
+        for (service, series) in table.iter() {
+            for decision in StatementDecision::ALL {
+                let _ = writeln!(
+                    out,
+                    "pgward_service_statements_total{{service=\"{}\",decision=\"{}\"}} {}",
+                    label_value(service),
+                    decision.label(),
+                    series.decisions(decision)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP pgward_service_request_duration_seconds Time from a request reaching upstream to its ReadyForQuery, by service.\n# TYPE pgward_service_request_duration_seconds histogram"
+        );
+        for (service, series) in table.iter() {
+            let labels = format!("service=\"{}\"", label_value(service));
+            series
+                .latency
+                .render(out, "pgward_service_request_duration_seconds", &labels);
+        }
+    }
+}
+
+/// A label value escaped as the exposition format requires.
+fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The standard `process_*` series, read from /proc (Linux); absent elsewhere.
+mod process {
+    use std::fmt::Write as _;
+
+    pub(super) fn render(out: &mut String) {
+        let Some(stat) = read_stat() else {
+            return;
+        };
+        // SAFETY: sysconf only reads a constant of the running system.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        // SAFETY: as above.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+        let cpu = (stat.utime + stat.stime) as f64 / ticks;
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}",
+            stat.rss_pages * page
+        );
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            let _ = writeln!(
+                out,
+                "# HELP process_open_fds Number of open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {}",
+                fds.count()
+            );
+        }
+        if let Some(boot) = boot_time() {
+            let start = boot as f64 + stat.start_ticks as f64 / ticks;
+            let _ = writeln!(
+                out,
+                "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.\n# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds {start}"
+            );
+        }
+    }
+
+    pub(super) struct Stat {
+        pub(super) utime: u64,
+        pub(super) stime: u64,
+        pub(super) start_ticks: u64,
+        pub(super) rss_pages: u64,
+    }
+
+    /// Fields of /proc/self/stat after the `(comm)` field, which may itself hold spaces.
+    fn read_stat() -> Option<Stat> {
+        let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+        parse_stat(&text)
+    }
+
+    pub(super) fn parse_stat(text: &str) -> Option<Stat> {
+        let rest = &text[text.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // After comm: state is field 3 (index 0 here); utime 14, stime 15, starttime 22, rss 24.
+        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+        Some(Stat {
+            utime: field(14)?,
+            stime: field(15)?,
+            start_ticks: field(22)?,
+            rss_pages: field(24)?,
+        })
+    }
+
+    fn boot_time() -> Option<u64> {
+        std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 
@@ -241,5 +518,50 @@ mod tests {
         assert!(text.contains("pgward_request_duration_seconds_bucket{le=\"0.0001\"} 1"));
         assert!(text.contains("pgward_request_duration_seconds_bucket{le=\"0.0025\"} 2"));
         assert!(text.contains("pgward_request_duration_seconds_count 2"));
+    }
+
+    #[test]
+    fn service_series_count_decisions_and_latency() {
+        use crate::protocol::frontend::{BIND, EXECUTE, PARSE, QUERY};
+        let m = Metrics::default();
+        let billing = m.service_series("billing");
+        for tag in [QUERY, PARSE, PARSE, BIND, EXECUTE] {
+            billing.seen(tag);
+        }
+        billing.judged(QUERY, StatementDecision::Rewritten);
+        billing.judged(PARSE, StatementDecision::Refused);
+        billing.judged(BIND, StatementDecision::Refused);
+        billing.judged(EXECUTE, StatementDecision::Forwarded);
+        m.observe_statement(&billing, Duration::from_millis(2));
+        assert!(std::sync::Arc::ptr_eq(
+            &billing,
+            &m.service_series("billing")
+        ));
+        let text = m.render();
+        for line in [
+            "pgward_service_statements_total{service=\"billing\",decision=\"rewritten\"} 1",
+            "pgward_service_statements_total{service=\"billing\",decision=\"refused\"} 1",
+            "pgward_service_statements_total{service=\"billing\",decision=\"forwarded\"} 1",
+            "pgward_service_request_duration_seconds_bucket{service=\"billing\",le=\"0.0025\"} 1",
+            "pgward_service_request_duration_seconds_count{service=\"billing\"} 1",
+            "pgward_request_duration_seconds_count 1",
+            "pgward_build_info{version=",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(line), "{line:?} not in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn proc_stat_fields_are_read_after_the_command_name() {
+        let line =
+            "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 4 0 12345 1000 250 rest";
+        let stat = process::parse_stat(line).unwrap();
+        assert_eq!(
+            (stat.utime, stat.stime, stat.start_ticks, stat.rss_pages),
+            (7, 3, 12345, 250)
+        );
     }
 }

@@ -90,9 +90,79 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_single_cert(load_certs(cert_file)?, load_key(key_file)?)?;
+    let resolver = Arc::new(FileCertificate::load(cert_file, key_file)?);
+    register_reloadable(&resolver);
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The listen certificate and key, re-read from their files on SIGHUP
+/// ([`reload_server_certificates`]): new handshakes get the new pair, established sessions
+/// keep theirs, nothing is rebound.
+#[derive(Debug)]
+struct FileCertificate {
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+    current: parking_lot::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl FileCertificate {
+    fn load(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            cert_file: cert_file.to_path_buf(),
+            key_file: key_file.to_path_buf(),
+            current: parking_lot::RwLock::new(Arc::new(read_pair(cert_file, key_file)?)),
+        })
+    }
+}
+
+/// A certificate chain and its private key, refused if they do not belong together.
+fn read_pair(cert_file: &Path, key_file: &Path) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    Ok(rustls::sign::CertifiedKey::from_der(
+        load_certs(cert_file)?,
+        load_key(key_file)?,
+        &provider(),
+    )?)
+}
+
+impl rustls::server::ResolvesServerCert for FileCertificate {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.read().clone())
+    }
+}
+
+/// Every listen certificate of this process that SIGHUP reloads (weak: a proxy that stopped
+/// drops its own).
+static RELOADABLE: parking_lot::Mutex<Vec<std::sync::Weak<FileCertificate>>> =
+    parking_lot::Mutex::new(Vec::new());
+
+fn register_reloadable(resolver: &Arc<FileCertificate>) {
+    let mut all = RELOADABLE.lock();
+    all.retain(|w| w.strong_count() > 0);
+    all.push(Arc::downgrade(resolver));
+}
+
+/// Re-read every listen certificate and key from its files. All or nothing: if any pair fails
+/// to load (unreadable, not PEM, key not matching the certificate) none is replaced and the
+/// error is returned. Returns how many were reloaded.
+pub fn reload_server_certificates() -> Result<usize, TlsError> {
+    let live: Vec<Arc<FileCertificate>> = RELOADABLE
+        .lock()
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .collect();
+    let fresh = live
+        .iter()
+        .map(|r| read_pair(&r.cert_file, &r.key_file))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (resolver, pair) in live.iter().zip(fresh) {
+        *resolver.current.write() = Arc::new(pair);
+    }
+    Ok(live.len())
 }
 
 /// Client config towards upstream: verified (`verify-full`) or encrypted only (`require`).

@@ -220,6 +220,13 @@ impl UpstreamTarget {
         Ok(client)
     }
 
+    /// Whether the server's postmaster answers (`/readyz`): a CancelRequest naming no backend.
+    /// Unlike an abandoned startup packet it leaves nothing in the server's log at the default
+    /// level, and it needs no login.
+    pub async fn probe(&self) -> Result<(), UpstreamError> {
+        self.cancel(0, 0).await
+    }
+
     /// Deliver a CancelRequest for an upstream backend and wait until the server has acted on it.
     pub async fn cancel(&self, process_id: u32, secret_key: u32) -> Result<(), UpstreamError> {
         // Cancel requests go over a plain transport: the server answers nothing and closes,
@@ -234,6 +241,49 @@ impl UpstreamTarget {
         while conn.read(&mut sink).await? > 0 {}
         Ok(())
     }
+}
+
+/// Server errors at login whose text may reach the client as the server wrote it: they name
+/// what the client itself asked for (its database), or a state any client may know of, never
+/// the upstream role pgward logs in as.
+const FORWARDABLE_LOGIN_ERRORS: &[&str] = &["3D000", "57P03"];
+
+/// What a client is told when pgward's upstream login for its session fails, after logging
+/// the failure with the server's own reason. The upstream role and the server's wording (which
+/// often names that role: "password authentication failed for user …") stay in pgward's log.
+pub fn login_failure_message(e: &UpstreamError, session: u64, role: &str) -> Bytes {
+    use crate::error::{sqlstate, ClientError};
+    let UpstreamError::Server { raw, fields } = e else {
+        tracing::warn!(session, role, error = %e, "upstream connection failed");
+        return ClientError::fatal(
+            sqlstate::CANNOT_CONNECT,
+            "pgward: could not connect to the upstream server",
+        )
+        .to_message();
+    };
+    let code = fields.code.as_deref().unwrap_or_default();
+    tracing::warn!(
+        session,
+        role,
+        sqlstate = code,
+        reason = fields.message.as_deref().unwrap_or("(no message)"),
+        "upstream server refused pgward's login"
+    );
+    if FORWARDABLE_LOGIN_ERRORS.contains(&code) {
+        return raw.clone();
+    }
+    // Keep the class a driver acts on (retry on 53300, not on 28P01), with pgward's words.
+    let state = match code {
+        sqlstate::TOO_MANY_CONNECTIONS => sqlstate::TOO_MANY_CONNECTIONS,
+        c if c.starts_with("28") => sqlstate::INVALID_AUTHORIZATION,
+        sqlstate::INSUFFICIENT_PRIVILEGE => sqlstate::INSUFFICIENT_PRIVILEGE,
+        _ => sqlstate::CANNOT_CONNECT,
+    };
+    ClientError::fatal(
+        state,
+        "pgward: the upstream server refused the login configured for this service (the reason is in pgward's log)",
+    )
+    .to_message()
 }
 
 async fn next(reader: &mut FrameReader<Conn>) -> Result<Message, UpstreamError> {

@@ -66,6 +66,11 @@ impl DevSigningKey {
         Ok(Self { kid, encoding })
     }
 
+    /// Where the private key of `dir` is (it may not exist yet).
+    pub fn key_path(dir: &Path) -> PathBuf {
+        dir.join(KEY_FILE)
+    }
+
     /// Where the public JWKS of the key in `dir` is.
     pub fn jwks_path(dir: &Path) -> PathBuf {
         dir.join(JWKS_FILE)

@@ -213,6 +213,12 @@ impl TokenVerifier {
         })
     }
 
+    /// How many verification keys are loaded (HS256 secret and JWKS keys), for `/readyz`.
+    pub fn key_count(&self) -> usize {
+        let keys = self.keys.read();
+        usize::from(keys.hs256.is_some()) + keys.asymmetric.len()
+    }
+
     /// Re-read key files (SIGHUP); keeps the old keys if the new ones are invalid.
     pub async fn reload(&self) -> Result<(), AuthSetupError> {
         let keys = load_all(&self.config).await?;

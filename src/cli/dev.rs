@@ -54,12 +54,15 @@ pub struct DevArgs {
     /// Working directory for keys, certificate and configuration.
     #[arg(long, default_value = DEFAULT_DIR)]
     pub dir: PathBuf,
-    /// Directory of SQL migrations to apply.
-    #[arg(long, default_value = "migrations")]
-    pub migrations: PathBuf,
-    /// Directory of the demo services' policies (reloaded when a file changes).
-    #[arg(long, default_value = "policies")]
-    pub policies: PathBuf,
+    /// Directory of SQL migrations to apply (default: the demo's, built into the binary and
+    /// written to `<dir>/migrations`).
+    #[arg(long)]
+    pub migrations: Option<PathBuf>,
+    /// Directory of the demo services' policies, reloaded when a file changes (default: the
+    /// demo's, built into the binary and written to `<dir>/policies` unless already there, so
+    /// edits survive a restart).
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
     /// Lifetime of the printed tokens.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,
@@ -79,15 +82,30 @@ struct Upstream {
     _server: Option<EmbeddedPostgres>,
 }
 
+/// The migrations and policies directories: the given ones, else the demo's built into the
+/// binary, written under `dir` (so `pgward dev` works from any directory).
+fn demo_files(args: &DevArgs, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let migrations = match &args.migrations {
+        Some(path) => path.clone(),
+        None => super::demo_files::write_migrations(&dir.join("migrations"))?,
+    };
+    let policies = match &args.policies {
+        Some(path) => path.clone(),
+        None => super::demo_files::write_policies(&dir.join("policies"))?,
+    };
+    Ok((migrations, policies))
+}
+
 /// Run the demo until Ctrl-C or SIGTERM.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let dir = absolute(&args.dir)?;
     create_private_dir(&dir)?;
     let key = DevSigningKey::load_or_create(&dir).context("creating the dev signing key")?;
     let (cert, tls_key) = ensure_certificate(&dir)?;
+    let (migrations, policies) = demo_files(&args, &dir)?;
     let upstream = match &args.upstream {
-        Some(url) => existing_upstream(url, &args.migrations).await?,
-        None => throwaway_upstream(&args.migrations).await?,
+        Some(url) => existing_upstream(url, &migrations).await?,
+        None => throwaway_upstream(&migrations).await?,
     };
     let openbao = match args.local_keys {
         true => None,
@@ -96,7 +114,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let config_path = dir.join("pgward.toml");
     write_private(
         &config_path,
-        &dev_config(&args, &dir, &cert, &tls_key, &upstream, openbao.as_ref())?,
+        &dev_config(
+            &args,
+            &dir,
+            &policies,
+            &cert,
+            &tls_key,
+            &upstream,
+            openbao.as_ref(),
+        )?,
     )?;
     let config = Config::from_file(&config_path)?;
     let seeded = seed_upstream(&config, &upstream).await?;
@@ -113,7 +139,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let proxy = Proxy::bind(config).await?;
     let address = proxy.local_addr()?;
-    super::spawn_reload_on_sighup(&proxy)?;
+    super::spawn_reload_on_sighup(&proxy, config_path.clone())?;
     print_banner(&args, &dir, &key, address, &upstream)?;
     proxy.run(super::shutdown_signal()).await;
     eprintln!(
@@ -248,6 +274,7 @@ fn toml_string(s: &str) -> String {
 fn dev_config(
     args: &DevArgs,
     dir: &Path,
+    policies: &Path,
     cert: &Path,
     key: &Path,
     upstream: &Upstream,
@@ -284,7 +311,7 @@ fn dev_config(
         issuer = toml_string(DEV_ISSUER),
         audience = toml_string(DEV_AUDIENCE),
         admin = toml_string(&args.admin.to_string()),
-        policies = toml_string(&absolute(&args.policies)?.display().to_string()),
+        policies = toml_string(&absolute(policies)?.display().to_string()),
         database = toml_string(&upstream.database),
         audit = toml_string(&dir.join("audit").display().to_string()),
         audit_key = toml_string(&audit_signing_key(dir)?.display().to_string()),

@@ -1,7 +1,11 @@
 //! The `pgward` command line.
 
+pub mod check;
+mod demo_files;
 pub mod dev;
 pub mod keys;
+pub mod notify;
+pub mod policy;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,6 +38,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy with a configuration file.
     Serve(ServeArgs),
+    /// Preflight a configuration against the real servers: upstream logins, migrations,
+    /// policies (compiled and type-checked), Vault. Non-zero exit on any failure.
+    Check(check::CheckArgs),
     /// Run a complete local demo: throwaway PostgreSQL, demo schema, keys, certificate, proxy.
     Dev(dev::DevArgs),
     /// Development tokens.
@@ -41,7 +48,7 @@ pub enum Command {
     Token(TokenCommand),
     /// Row-policy tools: check, explain, test, export-rls.
     #[command(subcommand)]
-    Policy(PolicyCommand),
+    Policy(policy::PolicyCommand),
     /// Audit-log tools: verify, search, report.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -61,19 +68,6 @@ pub enum AuditCommand {
     Search(crate::audit::search::SearchArgs),
     /// Render a self-contained HTML report.
     Report(crate::audit::report::ReportArgs),
-}
-
-/// `pgward policy ...`.
-#[derive(Debug, Subcommand)]
-pub enum PolicyCommand {
-    /// Validate a policy set against a database.
-    Check(crate::policy::cli::CheckArgs),
-    /// Print the rewrite of a statement for a service, or the refusal and its rule.
-    Explain(crate::policy::cli::ExplainArgs),
-    /// Run the policy test files.
-    Test(crate::policy::cli::TestArgs),
-    /// Emit equivalent PostgreSQL CREATE POLICY statements.
-    ExportRls(crate::policy::cli::ExportRlsArgs),
 }
 
 /// `pgward serve`.
@@ -106,6 +100,10 @@ pub struct MintArgs {
     /// Directory holding the dev key.
     #[arg(long, default_value = dev::DEFAULT_DIR)]
     pub dir: PathBuf,
+    /// Create the dev signing key (and its jwks.json) if the directory has none. Without it a
+    /// missing key is an error: a new key silently minted tokens no running pgward accepts.
+    #[arg(long)]
+    pub create_key: bool,
 }
 
 /// `key=value` → a typed JSON claim: integers, floats and booleans keep their type.
@@ -133,8 +131,11 @@ pub fn init_tracing(filter: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         .add_directive(quiet_sql_parser());
+    // Colour codes only for a person at a terminal: in journald, files and pipes they are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().try_init()
@@ -156,12 +157,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     init_tracing(&cli.log, cli.log_json);
     match cli.command {
         Command::Serve(args) => serve(args).await.map(|()| 0),
+        Command::Check(args) => Ok(check::run(&args).await),
         Command::Dev(args) => dev::run(args).await.map(|()| 0),
         Command::Token(TokenCommand::Mint(args)) => {
             println!("{}", mint(&args)?);
             Ok(0)
         }
-        Command::Policy(command) => policy(command).await,
+        Command::Policy(command) => policy::run(command).await,
         Command::Keys(command) => keys::run_keys(command).await,
         Command::EncryptExisting(command) => keys::run_encrypt_existing(command).await,
         Command::Audit(command) => {
@@ -180,27 +182,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-async fn policy(command: PolicyCommand) -> anyhow::Result<i32> {
-    use crate::policy::cli;
-    let result = match &command {
-        PolicyCommand::Check(args) => cli::run_check(args).await,
-        PolicyCommand::Explain(args) => cli::run_explain(args).await,
-        PolicyCommand::Test(args) => cli::run_test(args).await,
-        PolicyCommand::ExportRls(args) => cli::run_export_rls(args).await,
-    };
-    match result {
-        Ok(output) => {
-            print!("{output}");
-            Ok(0)
-        }
-        Err(e) => {
-            eprintln!("pgward policy: {e}");
-            Ok(1)
-        }
-    }
-}
-
 fn mint(args: &MintArgs) -> anyhow::Result<String> {
+    if !args.create_key && !DevSigningKey::key_path(&args.dir).exists() {
+        anyhow::bail!(
+            "no dev signing key in {}: run `pgward dev` (which creates it) or pass --create-key",
+            args.dir.display()
+        );
+    }
+    let max = max_token_lifetime(&args.dir);
+    if args.ttl > max {
+        eprintln!(
+            "pgward token mint: warning: --ttl {} exceeds auth.max_token_lifetime ({}): pgward will refuse this token",
+            humantime::format_duration(args.ttl),
+            humantime::format_duration(max)
+        );
+    }
     let key = DevSigningKey::load_or_create(&args.dir)?;
     let claims: serde_json::Map<String, serde_json::Value> = args.claims.iter().cloned().collect();
     Ok(key.mint(
@@ -212,16 +208,65 @@ fn mint(args: &MintArgs) -> anyhow::Result<String> {
     )?)
 }
 
+/// The token lifetime the dev configuration in `dir` accepts (the default without one).
+fn max_token_lifetime(dir: &std::path::Path) -> Duration {
+    Config::from_file(&dir.join("pgward.toml"))
+        .map(|config| config.auth.max_token_lifetime)
+        .unwrap_or_else(|_| crate::auth::AuthConfig::default().max_token_lifetime)
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = Config::from_file(&args.config)?;
+    let target = crate::upstream::UpstreamTarget::new(&config.upstream)?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = wait_for_upstream(&target) => {}
+        () = &mut shutdown => return Ok(()),
+    }
     let proxy = Proxy::bind(config).await?;
-    spawn_reload_on_sighup(&proxy)?;
-    proxy.run(shutdown_signal()).await;
+    spawn_reload_on_sighup(&proxy, args.config.clone())?;
+    notify::notify("READY=1");
+    proxy
+        .run(async move {
+            shutdown.await;
+            notify::notify("STOPPING=1");
+        })
+        .await;
     Ok(())
 }
 
-/// SIGHUP re-reads token key material and the policy files.
-pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
+/// Longest pause between two attempts to reach upstream at start.
+const MAX_UPSTREAM_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Upstream down when pgward starts (both restarted together, the server still recovering) is
+/// not a configuration error: wait for it with exponential backoff instead of exiting, so the
+/// service manager does not have to.
+async fn wait_for_upstream(target: &crate::upstream::UpstreamTarget) {
+    let mut pause = Duration::from_millis(250);
+    let mut attempt = 1u32;
+    loop {
+        match target.probe().await {
+            Ok(()) => {
+                if attempt > 1 {
+                    tracing::info!(attempt, "upstream reachable");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, retry_in = ?pause, "upstream not reachable at start; retrying");
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(MAX_UPSTREAM_BACKOFF);
+        attempt += 1;
+    }
+}
+
+/// SIGHUP re-reads the configuration file and, only if it is valid as a whole, the token key
+/// material, the listen certificate and key, the encryption keys and the policy files. A file
+/// that does not load changes nothing.
+pub fn spawn_reload_on_sighup(proxy: &Proxy, config_path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
     let verifier = proxy.verifier();
@@ -229,6 +274,19 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
     let encryption = proxy.encryption();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            notify::notify("RELOADING=1");
+            if let Err(e) = Config::from_file(&config_path) {
+                tracing::error!(error = %e, "SIGHUP: the configuration file is invalid; nothing reloaded, the running configuration stays");
+                notify::notify("READY=1");
+                continue;
+            }
+            match crate::tls::reload_server_certificates() {
+                Ok(0) => {}
+                Ok(_) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS reload failed, keeping the previous certificate")
+                }
+            }
             if let Some(encryption) = &encryption {
                 // Picks up a KEK rotation now instead of at the next poll.
                 encryption.manager.reload().await;
@@ -247,6 +305,7 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "SIGHUP: reload failed, keeping the previous keys")
                 }
             }
+            notify::notify("READY=1");
         }
     });
     Ok(())

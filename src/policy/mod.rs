@@ -18,6 +18,7 @@ use crate::metrics::{inc, RewriteCounters};
 
 pub mod allow;
 pub mod analysis;
+pub mod check;
 pub mod cli;
 pub mod config;
 mod memo;

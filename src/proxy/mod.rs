@@ -204,8 +204,7 @@ impl Proxy {
             admin,
             audit_log,
         } = self;
-        let admin_task =
-            admin.map(|l| tokio::spawn(crate::admin::serve(l, shared.metrics.clone())));
+        let admin_task = admin.map(|l| tokio::spawn(crate::admin::serve(l, shared.clone())));
         let policy_watcher = shared.policies.as_ref().and_then(|p| p.spawn_watcher());
         let (stop_tx, stop_rx) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(shared.config.listen.max_client_connections));

@@ -24,7 +24,7 @@ use crate::metrics::inc;
 use crate::net::{ConnReader, ConnWriter};
 use crate::protocol::fields::{parse_name_and_text, ErrorFields};
 use crate::protocol::{backend, build, frontend, Batch, FrameReader, Message, ProtocolError};
-use crate::upstream::{UpstreamError, MAX_UPSTREAM_MESSAGE};
+use crate::upstream::MAX_UPSTREAM_MESSAGE;
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -155,28 +155,17 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
         Ok(upstream) => upstream,
         Err(e) => {
             inc(&shared.metrics.upstream_connect_errors);
-            let message = match &e {
-                // The server's own words (e.g. "database does not exist") reach the client unchanged.
-                UpstreamError::Server { raw, .. } => raw.clone(),
-                other => {
-                    tracing::warn!(session = session_id, error = %other, "upstream connection failed");
-                    ClientError::fatal(
-                        sqlstate::CANNOT_CONNECT,
-                        "pgward: could not connect to the upstream server",
-                    )
-                    .to_message()
-                }
-            };
+            let message =
+                crate::upstream::login_failure_message(&e, session_id, &service.upstream_user);
             let _ = conn.write_all(&message).await;
             let _ = conn.shutdown().await;
             return;
         }
     };
-    let state = Arc::new(SessionState::new(
-        session_id,
-        upstream.process_id,
-        upstream.secret_key,
-    ));
+    let state = Arc::new(
+        SessionState::new(session_id, upstream.process_id, upstream.secret_key)
+            .with_series(shared.metrics.service_series(&identity.service)),
+    );
     let key = shared.cancels.register(state.clone());
     inc(&shared.metrics.sessions_established);
     tracing::info!(session = session_id, service = %identity.service, database = %database, "session established");
@@ -403,6 +392,7 @@ fn account_client_batch(shared: &Shared, state: &SessionState, batch: &Batch) ->
     let mut terminate = false;
     let mut statements = 0;
     for message in batch.messages() {
+        state.series.seen(message.tag());
         match message.tag() {
             frontend::QUERY => {
                 statements += 1;
@@ -517,6 +507,7 @@ async fn assemble(
     let mut offset = 0;
     for ((message, verdict), plan) in batch.messages().zip(verdicts).zip(plans) {
         let len = message.raw().len();
+        state.series.judged(message.tag(), (&verdict).into());
         let mut replacement = match verdict {
             Verdict::Forward => None,
             Verdict::Replace(bytes) => Some(bytes),
@@ -703,7 +694,9 @@ fn account_upstream_batch(
             backend::READY_FOR_QUERY => {
                 let status = message.body().first().copied().unwrap_or(b'I');
                 if let Some(started) = state.ready_for_query(status, offset + len == total) {
-                    shared.metrics.observe_latency(started.elapsed());
+                    shared
+                        .metrics
+                        .observe_statement(&state.series, started.elapsed());
                 }
             }
             backend::ERROR_RESPONSE => {

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -38,6 +39,8 @@ pub struct SessionState {
     /// Audit records written but maybe not yet durable, of statements already forwarded: no
     /// response goes to the client before these resolve (`[audit] durability`).
     undurable: Mutex<Vec<DurableReceipt>>,
+    /// The service's statement series in `/metrics` (set with [`SessionState::with_series`]).
+    pub series: Arc<crate::metrics::ServiceSeries>,
 }
 
 /// How many request start times are kept; extra Syncs (e.g. during COPY) must not grow memory.
@@ -62,7 +65,14 @@ impl SessionState {
             next_refusal: AtomicU64::new(1),
             pending_requests: Mutex::new(VecDeque::new()),
             undurable: Mutex::new(Vec::new()),
+            series: Arc::default(),
         }
+    }
+
+    /// Count this session's statements in its service's series.
+    pub fn with_series(mut self, series: Arc<crate::metrics::ServiceSeries>) -> Self {
+        self.series = series;
+        self
     }
 
     /// Current request generation.

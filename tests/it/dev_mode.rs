@@ -13,20 +13,9 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
     let workdir = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
     let admin = format!("127.0.0.1:{}", free_port());
-    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-    let policies = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    // Run from an empty directory: the demo migrations and policies come from the binary.
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgward"))
-        .args([
-            "dev",
-            "--listen",
-            &listen,
-            "--admin",
-            &admin,
-            "--migrations",
-        ])
-        .arg(&migrations)
-        .arg("--policies")
-        .arg(&policies)
+        .args(["dev", "--listen", &listen, "--admin", &admin])
         .current_dir(workdir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -120,6 +109,22 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
         .unwrap();
     assert!(minted.status.success());
     let token = String::from_utf8_lossy(&minted.stdout).trim().to_string();
+    assert!(workdir
+        .path()
+        .join(".pgward/policies/billing.toml")
+        .is_file());
+    // Longer than the dev configuration accepts (24h): minted, with a warning.
+    let long = Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args(["token", "mint", "--service", "billing", "--ttl", "48h"])
+        .current_dir(workdir.path())
+        .output()
+        .unwrap();
+    assert!(long.status.success());
+    let warning = String::from_utf8_lossy(&long.stderr);
+    assert!(
+        warning.contains("exceeds auth.max_token_lifetime (1day)"),
+        "{warning}"
+    );
     let out = Command::new("psql")
         .args([
             "-X",
@@ -182,4 +187,33 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
         .and_then(|s| s.split(')').next())
         .expect("files dir");
     assert!(!std::path::Path::new(files).exists(), "{files} removed");
+}
+
+#[test]
+fn token_mint_creates_a_key_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let mint = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pgward"))
+            .args(["token", "mint", "--service", "billing", "--dir"])
+            .arg(&keys)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = mint(&[]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("no dev signing key") && message.contains("--create-key"),
+        "{message}"
+    );
+    assert!(!keys.exists(), "nothing created");
+    let created = mint(&["--create-key"]);
+    assert!(created.status.success());
+    assert!(keys.join("jwks.json").is_file());
+    // Default maximum without a configuration beside the key: 1h.
+    let again = mint(&["--ttl", "2h"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exceeds auth.max_token_lifetime (1h)"));
 }

@@ -3,17 +3,21 @@
 
 mod audit_proxy;
 mod audit_report;
+mod check;
 mod crypto;
 mod dev_mode;
 mod edges;
 mod encryption;
+mod examples;
 mod harness;
 mod key_usage;
 mod keys_cli;
+mod ops;
 mod pipeline;
 mod policy;
 mod policy_proxy;
 mod protocol;
+mod reload;
 mod tools;
 mod vault;
 mod vault_failures;
