@@ -13,6 +13,9 @@ pub enum AuditError {
         #[source]
         source: Arc<std::io::Error>,
     },
+    /// Another pgward (or another writer in this process) holds the directory's lock.
+    #[error("audit directory {dir} is in use by another pgward (its lock file pgward-audit.lock is held): one writer per directory; give each instance its own `[audit] dir`")]
+    Locked { dir: PathBuf },
     /// The writer has stopped (shutdown or panic); nothing more can be made durable.
     #[error("audit log is closed")]
     Closed,

@@ -53,6 +53,7 @@ mod config;
 mod error;
 pub mod event;
 mod fingerprint;
+mod lock;
 pub mod record;
 pub mod report;
 pub mod search;

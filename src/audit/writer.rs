@@ -280,6 +280,8 @@ struct Writer {
     counters: Arc<Counters>,
     table_tx: Option<tokio::sync::mpsc::Sender<String>>,
     syslog: Option<super::syslog_sink::SyslogSink>,
+    /// Held for the writer's lifetime: one writer per directory.
+    _lock: super::lock::DirLock,
 }
 
 impl Writer {
@@ -289,6 +291,8 @@ impl Writer {
         table_tx: Option<tokio::sync::mpsc::Sender<String>>,
     ) -> Result<Self, AuditError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| AuditError::io(&config.dir, e))?;
+        // Before reading the tail: a second writer must not even write a recovery record.
+        let lock = super::lock::acquire(&config.dir)?;
         let key = config
             .signing_key_file
             .as_deref()
@@ -334,6 +338,7 @@ impl Writer {
                 .map_err(|e| {
                     AuditError::io(config.syslog_socket.as_deref().unwrap_or(Path::new("")), e)
                 })?,
+            _lock: lock,
         };
         // Fail at startup, not on the first statement, if the directory is unusable; and make
         // a recovery durable right away.
@@ -622,11 +627,12 @@ fn open_segment(dir: &Path, first_seq: u64) -> Result<Segment, AuditError> {
     for attempt in 0..100 {
         let name = record::segment_name(first_seq, now, attempt);
         let path = dir.join(&name);
-        match std::fs::OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)
-        {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.append(true).create_new(true);
+        // Owner only: records name services, tables and (with record_values) literal values.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        match opts.open(&path) {
             Ok(file) => {
                 File::open(dir)
                     .and_then(|d| d.sync_all())
