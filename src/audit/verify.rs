@@ -28,6 +28,29 @@ pub struct VerifyArgs {
     /// the first record to be the genesis record.
     #[arg(long)]
     pub partial: bool,
+    /// With `--live`: how much older than one checkpoint interval the newest checkpoint may
+    /// be (clock skew, a busy writer, the time the copy took).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub slack: std::time::Duration,
+}
+
+/// Interval assumed for checkpoints of format 1, which do not carry theirs (the default).
+const V1_INTERVAL_MS: u64 = 60_000;
+
+/// Where a record is: file, 1-based line, seq.
+#[derive(Debug, Clone)]
+struct Loc {
+    file: String,
+    line: u64,
+    seq: u64,
+}
+
+/// The newest checkpoint seen.
+#[derive(Debug, Clone)]
+struct LastCheckpoint {
+    loc: Loc,
+    ts: String,
+    interval_ms: u64,
 }
 
 /// One place where the log is not what the writer wrote.
@@ -80,8 +103,11 @@ struct State<'a> {
     prev: Option<Hash>,
     /// (file, bytes) of an incomplete line that must be answered by a recovery record.
     tear: Option<(String, u64)>,
-    last_checkpoint: Option<u64>,
+    last_checkpoint: Option<LastCheckpoint>,
     last_is_shutdown: bool,
+    /// The first record after the newest checkpoint (the start of the unsigned tail).
+    first_unsigned: Option<Loc>,
+    last_record: Option<Loc>,
     report: VerifyReport,
 }
 
@@ -101,12 +127,14 @@ pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, AuditError> {
         tear: None,
         last_checkpoint: None,
         last_is_shutdown: false,
+        first_unsigned: None,
+        last_record: None,
         report: VerifyReport::default(),
     };
     for f in &files {
         verify_file(&mut st, f)?;
     }
-    finish(&mut st, args.live);
+    finish(&mut st, args);
     Ok(st.report)
 }
 
@@ -118,6 +146,8 @@ fn verify_file(st: &mut State<'_>, path: &Path) -> Result<(), AuditError> {
     let file = std::fs::File::open(path).map_err(|e| AuditError::io(path, e))?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     st.report.files += 1;
+    // A shutdown checkpoint ends its file: the next run starts a new one.
+    st.last_is_shutdown = false;
     let mut buf = Vec::new();
     let mut lineno = 0u64;
     loop {
@@ -164,11 +194,30 @@ fn check_record(st: &mut State<'_>, file: &str, lineno: u64, line: &[u8]) {
         st.prev = Some(hash);
         return;
     };
+    if st.last_is_shutdown {
+        push_break(
+            st,
+            file,
+            lineno,
+            Some(h.seq),
+            "record after a shutdown checkpoint in the same file: appended after pgward stopped"
+                .into(),
+        );
+    }
     check_tear(st, file, lineno, &h);
     check_position(st, file, lineno, &h);
+    let loc = Loc {
+        file: file.to_string(),
+        line: lineno,
+        seq: h.seq,
+    };
     if h.kind == "checkpoint" {
-        check_checkpoint(st, file, lineno, &h);
+        check_checkpoint(st, &loc, &h, line);
+        st.first_unsigned = None;
+    } else if st.first_unsigned.is_none() {
+        st.first_unsigned = Some(loc.clone());
     }
+    st.last_record = Some(loc);
     st.last_is_shutdown = h.kind == "checkpoint" && h.reason.as_deref() == Some("shutdown");
     st.expected_seq = Some(h.seq + 1);
     st.prev = Some(hash);
@@ -245,23 +294,39 @@ fn check_position(st: &mut State<'_>, file: &str, lineno: u64, h: &Head) {
     }
 }
 
-fn check_checkpoint(st: &mut State<'_>, file: &str, lineno: u64, h: &Head) {
+fn check_checkpoint(st: &mut State<'_>, loc: &Loc, h: &Head, line: &[u8]) {
+    let (file, lineno) = (loc.file.as_str(), loc.line);
     st.report.checkpoints += 1;
-    st.last_checkpoint = Some(h.seq);
+    st.last_checkpoint = Some(LastCheckpoint {
+        loc: loc.clone(),
+        ts: h.ts.clone(),
+        interval_ms: h.interval_ms.unwrap_or(V1_INTERVAL_MS),
+    });
+    if h.covers_seq.is_some() && h.covers_seq != h.seq.checked_sub(1) {
+        push_break(
+            st,
+            file,
+            lineno,
+            Some(h.seq),
+            format!(
+                "checkpoint's covers_seq {} does not match its position (seq {}): edited",
+                h.covers_seq.unwrap_or_default(),
+                h.seq
+            ),
+        );
+    }
     let Some(vk) = st.key else {
         st.report.signatures_unchecked += 1;
         return;
     };
-    let reason = h.reason.as_deref().unwrap_or_default();
-    let msg = record::checkpoint_message(&h.node, h.seq, &h.ts, &h.prev, reason);
     let problem = match (&h.sig, &h.key_id) {
         (None, _) => Some("checkpoint is not signed but a public key was given".to_string()),
-        (Some(sig), _) if signing::verify_sig(vk, &msg, sig) => None,
+        (Some(sig), _) if signature_valid(vk, h, line, sig) => None,
         (Some(_), Some(kid)) if *kid != signing::key_id(vk) => Some(format!(
             "checkpoint signed by another key ({kid}): forged or wrong --public-key"
         )),
         (Some(_), _) => Some(
-            "checkpoint signature is invalid: checkpoint forged or records before it rewritten"
+            "checkpoint signature is invalid: checkpoint edited or forged, or records before it rewritten"
                 .to_string(),
         ),
     };
@@ -271,7 +336,22 @@ fn check_checkpoint(st: &mut State<'_>, file: &str, lineno: u64, h: &Head) {
     }
 }
 
-fn finish(st: &mut State<'_>, live: bool) {
+/// Format 2 signs every byte of the line before `"sig"`; format 1 (older logs) signed
+/// node, seq, ts, prev and reason only. A v2 signature never verifies as v1 (different
+/// domain), so accepting both does not let an edited v2 checkpoint pass.
+fn signature_valid(vk: &VerifyingKey, h: &Head, line: &[u8], sig: &str) -> bool {
+    if let Some((signed, sig2)) = record::split_signature(line) {
+        if signing::verify_sig(vk, &record::checkpoint_message_v2(signed), sig2) {
+            return true;
+        }
+    }
+    let reason = h.reason.as_deref().unwrap_or_default();
+    let msg = record::checkpoint_message(&h.node, h.seq, &h.ts, &h.prev, reason);
+    signing::verify_sig(vk, &msg, sig)
+}
+
+fn finish(st: &mut State<'_>, args: &VerifyArgs) {
+    let live = args.live;
     if let Some((tf, tb)) = st.tear.take() {
         let msg = format!("{tf} ends with {tb} bytes of an incomplete record (crash not yet recovered, or truncation)");
         if live {
@@ -280,27 +360,57 @@ fn finish(st: &mut State<'_>, live: bool) {
             push_break(st, &tf, 0, None, msg);
         }
     }
-    if st.report.records == 0 {
+    let Some(last) = st.last_record.clone() else {
         push_break(st, "-", 0, None, "no records found".into());
         return;
+    };
+    let Some(cp) = st.last_checkpoint.clone() else {
+        // Every run starts with a checkpoint: a log without one lost all of them.
+        push_break(st, &last.file, last.line, Some(last.seq),
+            "the log has no checkpoint at all: every checkpoint was removed (rewrite) or the start of the log is missing".into());
+        return;
+    };
+    if st.last_is_shutdown {
+        return;
     }
-    if !st.last_is_shutdown {
-        let after = st
-            .last_checkpoint
-            .map_or("the start".to_string(), |s| format!("seq {s}"));
-        let msg = format!("log does not end with a shutdown checkpoint: records after {after} are not covered by a signature and may have been truncated");
-        if live {
-            st.report.warnings.push(msg);
-        } else {
-            push_break(
-                st,
-                "-",
-                0,
-                None,
-                format!("{msg} (use --live for a log still being written)"),
-            );
+    let after = format!("{}:{} (seq {})", cp.loc.file, cp.loc.line, cp.loc.seq);
+    if !live {
+        let msg = format!("log does not end with a shutdown checkpoint: records after the checkpoint at {after} are not covered by a signature and may have been truncated (use --live for a log still being written)");
+        push_break(st, &last.file, last.line, Some(last.seq), msg);
+        return;
+    }
+    check_live_tail(st, &cp, &last, args.slack);
+}
+
+/// A running writer signs a checkpoint at least every `interval_ms`: a newest checkpoint
+/// older than that (plus slack) means the records after it, or the checkpoints that should
+/// follow it, were removed or rewritten — or pgward is no longer running.
+fn check_live_tail(
+    st: &mut State<'_>,
+    cp: &LastCheckpoint,
+    last: &Loc,
+    slack: std::time::Duration,
+) {
+    let window = std::time::Duration::from_millis(cp.interval_ms) + slack;
+    let age = humantime::parse_rfc3339(&cp.ts)
+        .ok()
+        .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+        .unwrap_or_default();
+    let tail = st.first_unsigned.clone();
+    if age <= window {
+        if let Some(first) = tail {
+            st.report.warnings.push(format!(
+                "live: records from {}:{} (seq {}) to seq {} are not yet covered by a checkpoint (newest checkpoint {}s old, within one interval + slack)",
+                first.file, first.line, first.seq, last.seq, age.as_secs()
+            ));
         }
+        return;
     }
+    let at = tail.unwrap_or_else(|| cp.loc.clone());
+    push_break(st, &at.file, at.line, Some(at.seq), format!(
+        "the newest checkpoint (seq {} at {}:{}) is {}s old, more than one checkpoint interval ({}ms) + slack ({}s): records or checkpoints after it were removed or rewritten, or pgward is not running (verify a stopped log without --live)",
+        cp.loc.seq, cp.loc.file, cp.loc.line, age.as_secs(), cp.interval_ms, slack.as_secs()
+    ));
 }
 
 /// Prints the report; the first break first.

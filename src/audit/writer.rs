@@ -280,6 +280,8 @@ struct Writer {
     counters: Arc<Counters>,
     table_tx: Option<tokio::sync::mpsc::Sender<String>>,
     syslog: Option<super::syslog_sink::SyslogSink>,
+    /// Effective settings, recorded in `audit_started` / `audit_stopped`.
+    settings: serde_json::Value,
     /// Held for the writer's lifetime: one writer per directory.
     _lock: super::lock::DirLock,
 }
@@ -338,12 +340,15 @@ impl Writer {
                 .map_err(|e| {
                     AuditError::io(config.syslog_socket.as_deref().unwrap_or(Path::new("")), e)
                 })?,
+            settings: super::lifecycle::settings(config),
             _lock: lock,
         };
         // Fail at startup, not on the first statement, if the directory is unusable; and make
         // a recovery durable right away.
-        w.ensure_segment()?;
-        w.write_batch(&mut [])?;
+        if let Err(e) = w.write_start() {
+            w.abandon_segment();
+            return Err(e);
+        }
         Ok(w)
     }
 
@@ -391,12 +396,15 @@ impl Writer {
         }
     }
 
+    /// A checkpoint is due every interval even when idle: a live log's newest signature is
+    /// then never older than one interval, which is what bounds `verify --live`.
     fn until_checkpoint(&self) -> Duration {
-        if self.since_checkpoint == 0 {
-            return Duration::from_secs(3600);
-        }
         self.checkpoint_interval
             .saturating_sub(self.last_checkpoint.elapsed())
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        self.last_checkpoint.elapsed() >= self.checkpoint_interval
     }
 
     /// Writes `batch` durably and answers every waiter. On success the acks were already
@@ -424,13 +432,14 @@ impl Writer {
             self.counters.failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "audit write failed");
             self.abandon_segment();
+            // Retry a due checkpoint one interval later instead of spinning on a broken disk.
+            self.last_checkpoint = Instant::now();
         }
         result
     }
 
     fn try_write_batch(&mut self, batch: &mut [(Vec<u8>, Option<Ack>)]) -> Result<(), AuditError> {
-        let checkpoint_due =
-            self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.checkpoint_interval;
+        let checkpoint_due = self.checkpoint_due();
         if batch.is_empty() && self.recovery.is_none() && !checkpoint_due {
             return Ok(());
         }
@@ -468,6 +477,14 @@ impl Writer {
 
     fn frame(&mut self, seq: u64, ts: &str, body: &[u8]) {
         debug_assert!(body.len() > 2 && body[0] == b'{');
+        let start = self.begin_frame(seq, ts);
+        self.buf.extend_from_slice(&body[1..]);
+        self.end_frame(start, seq);
+    }
+
+    /// Writes the envelope of record `seq` up to and including the comma before `kind`;
+    /// returns where the line starts in `buf`.
+    fn begin_frame(&mut self, seq: u64, ts: &str) -> usize {
         let start = self.buf.len();
         let mut prev_hex = [0u8; 64];
         // Infallible: the output buffer is exactly twice the input.
@@ -479,32 +496,58 @@ impl Writer {
         );
         self.buf.extend_from_slice(&prev_hex);
         self.buf.extend_from_slice(b"\",");
-        self.buf.extend_from_slice(&body[1..]);
+        start
+    }
+
+    /// Hashes the complete line that starts at `start`, ends it and advances the chain head.
+    fn end_frame(&mut self, start: usize, seq: u64) {
         self.prev = record::record_hash(&self.buf[start..]);
         self.buf.push(b'\n');
         self.next_seq = seq + 1;
         self.since_checkpoint += 1;
     }
 
-    /// A checkpoint signs the hash of everything before it; `sig` is absent without a key.
+    /// A checkpoint signs every byte of its own line before `"sig"` (envelope with `prev`,
+    /// reason, `covers_seq`, `interval_ms`, `key_id`): see [`record::checkpoint_message_v2`].
+    /// Without a key the same record is written without `key_id`/`sig`.
     fn push_checkpoint(&mut self, reason: &str) -> Result<(), AuditError> {
         let seq = self.next_seq;
         let ts = record::format_ts(SystemTime::now());
-        let prev_hex = hex::encode(self.prev);
-        let mut body = serde_json::Map::new();
-        body.insert("kind".into(), "checkpoint".into());
-        body.insert("reason".into(), reason.into());
-        body.insert("covers_seq".into(), seq.checked_sub(1).into());
+        let body = super::lifecycle::checkpoint_body(
+            reason,
+            seq,
+            self.checkpoint_interval,
+            self.key.as_ref().map(SigningKey::key_id),
+        )?;
+        let start = self.begin_frame(seq, &ts);
+        // The body without its closing brace: the signature is appended as the last field.
+        self.buf.extend_from_slice(&body[1..body.len() - 1]);
         if let Some(key) = &self.key {
-            let msg = record::checkpoint_message(&self.node, seq, &ts, &prev_hex, reason);
+            let msg = record::checkpoint_message_v2(&self.buf[start..]);
             let sig = base64::engine::general_purpose::STANDARD.encode(key.sign(&msg).to_bytes());
-            body.insert("key_id".into(), key.key_id().into());
-            body.insert("sig".into(), sig.into());
+            let _ = write!(self.buf, ",\"sig\":\"{sig}\"");
         }
-        let bytes = serde_json::to_vec(&serde_json::Value::Object(body))?;
-        self.frame(seq, &ts, &bytes);
+        self.buf.push(b'}');
+        self.end_frame(start, seq);
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// `audit_started` (effective settings) and a `start` checkpoint, so that every run of a
+    /// signed log begins with a signature and says how it was configured.
+    fn write_start(&mut self) -> Result<(), AuditError> {
+        self.ensure_segment()?;
+        self.buf.clear();
+        if let Some(r) = self.recovery.clone() {
+            self.push_recovery(&r)?;
+        }
+        let body = super::lifecycle::started_body(&self.settings)?;
+        self.push_record(&body);
+        self.push_checkpoint("start")?;
+        self.flush()?;
+        self.recovery = None;
+        tracing::info!(node = %self.node, seq = self.next_seq, "audit log started");
         Ok(())
     }
 
@@ -609,6 +652,8 @@ impl Writer {
         if let Some(r) = self.recovery.clone() {
             self.push_recovery(&r)?;
         }
+        let body = super::lifecycle::stopped_body(&self.settings)?;
+        self.push_record(&body);
         self.push_checkpoint("shutdown")?;
         let r = self.flush();
         if r.is_ok() {

@@ -110,3 +110,283 @@ async fn a_second_pgward_on_the_same_directory_fails_fast_without_writing() {
         assert_eq!(mode, 0o600, "{} is {mode:o}", path.display());
     }
 }
+
+// ---- `verify --live` against an attacker with the files but not the key ----
+
+use pgward::audit::record::{list_segments, record_hash};
+use pgward::audit::{AuditConfig, AuditEvent, AuditLog, SigningKey};
+use serde_json::{Map, Value};
+
+/// A signed log of 30 records over several files with interval checkpoints, stopped cleanly.
+struct SignedLog {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    public: PathBuf,
+}
+
+fn failed_login(i: u64) -> AuditEvent {
+    AuditEvent::AuthFailed {
+        client_addr: format!("127.0.0.1:{}", 40000 + i),
+        tls: false,
+        cert_identity: None,
+        user: Some("billing".into()),
+        database: Some("shop".into()),
+        token_id: None,
+        reason: "bad token".into(),
+        sqlstate: "28P01".into(),
+    }
+}
+
+fn signed_config(tmp: &Path) -> (AuditConfig, PathBuf) {
+    let key = tmp.join("audit.key");
+    SigningKey::load_or_create(&key).unwrap();
+    let mut c = AuditConfig::new(tmp.join("log"));
+    c.signing_key_file = Some(key.clone());
+    c.checkpoint_interval = Duration::from_millis(200);
+    c.rotate_size = 3000;
+    c.node_id = Some("n1".into());
+    (c, pgward::audit::public_key_path(&key))
+}
+
+async fn signed_log() -> SignedLog {
+    let tmp = tempfile::tempdir().unwrap();
+    let (config, public) = signed_config(tmp.path());
+    let dir = config.dir.clone();
+    let (log, handle) = AuditLog::open(config).await.unwrap();
+    for i in 0..30 {
+        handle.append(failed_login(i)).await.unwrap();
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    log.shutdown().await.unwrap();
+    assert!(
+        list_segments(&dir).unwrap().len() >= 3,
+        "rotation made files"
+    );
+    SignedLog {
+        _tmp: tmp,
+        dir,
+        public,
+    }
+}
+
+impl SignedLog {
+    /// `verify --live` as an auditor runs it; the log's genuine checkpoints are older than
+    /// its 200ms interval by then.
+    fn verify_live(&self) -> Output {
+        std::thread::sleep(Duration::from_millis(400));
+        verify(&[
+            "--live".as_ref(),
+            "--slack".as_ref(),
+            "0s".as_ref(),
+            "--public-key".as_ref(),
+            self.public.as_os_str(),
+            self.dir.as_os_str(),
+        ])
+    }
+    fn files(&self) -> Vec<PathBuf> {
+        list_segments(&self.dir).unwrap()
+    }
+}
+
+fn parse_lines(path: &Path) -> Vec<Map<String, Value>> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Renumbers and re-chains `files` (each a list of records) as a keyless attacker would and
+/// writes them back under their names.
+fn rewrite(files: Vec<(PathBuf, Vec<Map<String, Value>>)>) {
+    let mut prev = [0u8; 32];
+    let mut seq = 0u64;
+    for (path, records) in files {
+        let mut text = String::new();
+        for mut r in records {
+            r.insert("seq".into(), seq.into());
+            r.insert("prev".into(), hex::encode(prev).into());
+            if r.get("covers_seq").is_some() {
+                r.insert("covers_seq".into(), seq.checked_sub(1).into());
+            }
+            let line = serde_json::to_string(&r).unwrap();
+            prev = record_hash(line.as_bytes());
+            text.push_str(&line);
+            text.push('\n');
+            seq += 1;
+        }
+        std::fs::write(&path, text).unwrap();
+    }
+}
+
+/// Exit 1 and a first break naming `file:line (seq N)` that mentions `needle`.
+fn assert_caught(out: &Output, needle: &str) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "not caught: {stdout}");
+    let first = stdout
+        .lines()
+        .find(|l| l.starts_with("FIRST BREAK:"))
+        .unwrap_or_default();
+    let located = first.contains("audit-") && first.contains(".jsonl:") && first.contains("(seq ");
+    assert!(located, "break does not name file, line and seq: {stdout}");
+    assert!(stdout.contains(needle), "expected {needle:?}: {stdout}");
+}
+
+fn is_checkpoint(r: &Map<String, Value>) -> bool {
+    r["kind"] == "checkpoint"
+}
+
+#[tokio::test]
+async fn live_rejects_a_keyless_rewrite_without_checkpoints() {
+    let log = signed_log().await;
+    let files = log
+        .files()
+        .into_iter()
+        .map(|f| {
+            let kept = parse_lines(&f)
+                .into_iter()
+                .filter(|r| !is_checkpoint(r))
+                .collect();
+            (f, kept)
+        })
+        .collect();
+    rewrite(files);
+    assert_caught(&log.verify_live(), "no checkpoint at all");
+}
+
+/// A record chained right after the raw line `after`, as a keyless attacker forges it.
+fn forged_after(after: &str) -> String {
+    let prior: Map<String, Value> = serde_json::from_str(after).unwrap();
+    let mut forged = Map::new();
+    forged.insert("v".into(), 1.into());
+    forged.insert("seq".into(), (prior["seq"].as_u64().unwrap() + 1).into());
+    forged.insert("ts".into(), prior["ts"].clone());
+    forged.insert("node".into(), prior["node"].clone());
+    forged.insert(
+        "prev".into(),
+        hex::encode(record_hash(after.as_bytes())).into(),
+    );
+    forged.insert("kind".into(), "auth_failed".into());
+    forged.insert("reason".into(), "forged".into());
+    format!("{}\n", serde_json::to_string(&forged).unwrap())
+}
+
+/// Keeps the bytes up to the last `interval` checkpoint (its signature stays valid), forges
+/// what follows and removes the later files.
+#[tokio::test]
+async fn live_rejects_a_rewrite_after_the_last_genuine_checkpoint() {
+    let log = signed_log().await;
+    let files = log.files();
+    let texts: Vec<String> = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let (fi, li) = texts
+        .iter()
+        .enumerate()
+        .flat_map(|(fi, t)| t.lines().enumerate().map(move |(li, l)| (fi, li, l)))
+        .filter(|(_, _, l)| l.contains("\"kind\":\"checkpoint\",\"reason\":\"interval\""))
+        .map(|(fi, li, _)| (fi, li))
+        .last()
+        .expect("an interval checkpoint");
+    let lines: Vec<&str> = texts[fi].lines().collect();
+    let mut kept: String = lines[..=li].iter().map(|l| format!("{l}\n")).collect();
+    kept.push_str(&forged_after(lines[li]));
+    std::fs::write(&files[fi], kept).unwrap();
+    for later in &files[fi + 1..] {
+        std::fs::remove_file(later).unwrap();
+    }
+    assert_caught(&log.verify_live(), "newest checkpoint");
+}
+
+#[tokio::test]
+async fn live_rejects_tail_truncation() {
+    let log = signed_log().await;
+    let last = log.files().pop().unwrap();
+    let text = std::fs::read_to_string(&last).unwrap();
+    let keep: Vec<&str> = text.lines().collect();
+    let keep = &keep[..keep.len() - 3];
+    std::fs::write(
+        &last,
+        keep.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    assert_caught(&log.verify_live(), "newest checkpoint");
+}
+
+#[tokio::test]
+async fn live_rejects_deleting_the_last_file() {
+    let log = signed_log().await;
+    std::fs::remove_file(log.files().pop().unwrap()).unwrap();
+    assert_caught(&log.verify_live(), "newest checkpoint");
+}
+
+#[tokio::test]
+async fn live_rejects_an_appended_forged_record() {
+    let log = signed_log().await;
+    let last = log.files().pop().unwrap();
+    let text = std::fs::read_to_string(&last).unwrap();
+    let forged = forged_after(text.lines().last().unwrap());
+    // In the same file, after the shutdown checkpoint …
+    std::fs::write(&last, format!("{text}{forged}")).unwrap();
+    assert_caught(&log.verify_live(), "after a shutdown checkpoint");
+    // … and in a file of its own, as a new run would write it.
+    std::fs::write(&last, &text).unwrap();
+    let seq = serde_json::from_str::<Value>(&forged).unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    let name = format!("audit-{seq:020}-20991231T000000Z.jsonl");
+    std::fs::write(log.dir.join(name), forged).unwrap();
+    assert_caught(&log.verify_live(), "newest checkpoint");
+}
+
+#[tokio::test]
+async fn an_edited_covers_seq_of_the_final_checkpoint_is_caught() {
+    let log = signed_log().await;
+    let last = log.files().pop().unwrap();
+    let text = std::fs::read_to_string(&last).unwrap();
+    let head = text.lines().last().unwrap();
+    let seq: u64 = serde_json::from_str::<Value>(head).unwrap()["covers_seq"]
+        .as_u64()
+        .unwrap();
+    let edited = text.replace(
+        &format!("\"covers_seq\":{seq}"),
+        &format!("\"covers_seq\":{}", seq + 100),
+    );
+    assert_ne!(edited, text);
+    std::fs::write(&last, edited).unwrap();
+    let out = verify(&[
+        "--public-key".as_ref(),
+        log.public.as_os_str(),
+        log.dir.as_os_str(),
+    ]);
+    assert_caught(&out, "covers_seq");
+}
+
+/// An idle running writer still signs a checkpoint every interval, so an honest live log
+/// passes however long it has been idle.
+#[tokio::test]
+async fn an_idle_running_log_passes_live_verification() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (config, public) = signed_config(tmp.path());
+    let dir = config.dir.clone();
+    let (log, handle) = AuditLog::open(config).await.unwrap();
+    handle.append(failed_login(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let out = verify(&[
+        "--live".as_ref(),
+        "--slack".as_ref(),
+        "1s".as_ref(),
+        "--public-key".as_ref(),
+        public.as_os_str(),
+        dir.as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    log.shutdown().await.unwrap();
+}
