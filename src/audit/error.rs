@@ -16,6 +16,9 @@ pub enum AuditError {
     /// Another pgward (or another writer in this process) holds the directory's lock.
     #[error("audit directory {dir} is in use by another pgward (its lock file pgward-audit.lock is held): one writer per directory; give each instance its own `[audit] dir`")]
     Locked { dir: PathBuf },
+    /// The external anchor (checkpoint table or syslog copy) could not be read.
+    #[error("audit anchor: {0}")]
+    Anchor(String),
     /// The writer has stopped (shutdown or panic); nothing more can be made durable.
     #[error("audit log is closed")]
     Closed,

@@ -43,6 +43,24 @@ pub(crate) fn stopped_body(settings: &Value) -> Result<Vec<u8>, AuditError> {
     )?)
 }
 
+/// Written at start when the log's head is behind (or differs from) its newest checkpoint
+/// anchored outside the host: the chain goes on from the local head, and this record says
+/// which anchored checkpoint it no longer reaches.
+pub(crate) fn truncation_body(
+    anchor: &super::anchor::Anchor,
+    why: &str,
+    next_seq: u64,
+) -> Result<Vec<u8>, AuditError> {
+    Ok(serde_json::to_vec(&json!({
+        "kind": "truncation_detected",
+        "reason": why,
+        "anchor_seq": anchor.seq,
+        "anchor_ts": anchor.ts,
+        "anchor_prev": anchor.prev,
+        "local_next_seq": next_seq,
+    }))?)
+}
+
 /// `{"kind":"checkpoint","reason":…,"covers_seq":…,"interval_ms":…[,"key_id":…]}`: the
 /// writer appends `"sig"` as the last field after signing the line up to here.
 /// `interval_ms` is the longest a running writer goes without a checkpoint; `verify --live`

@@ -31,12 +31,24 @@ pub(crate) fn acquire(dir: &Path) -> Result<DirLock, AuditError> {
         opts.mode(0o600);
     }
     let file = opts.open(&path).map_err(|e| AuditError::io(&path, e))?;
-    match file.try_lock() {
+    match try_flock(&file) {
         Ok(()) => Ok(DirLock { _file: file }),
-        Err(std::fs::TryLockError::WouldBlock) => Err(AuditError::Locked {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(AuditError::Locked {
             dir: dir.to_path_buf(),
         }),
-        Err(std::fs::TryLockError::Error(e)) => Err(AuditError::io(&path, e)),
+        Err(e) => Err(AuditError::io(&path, e)),
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)` (`File::try_lock` is newer than the crate's MSRV).
+fn try_flock(file: &File) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock only reads the descriptor, which `file` keeps open for the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -57,6 +57,7 @@
 //! `--public-key`). Not detectable from the files alone: removing the
 //! newest whole files back to an earlier clean shutdown — compare the printed head with an
 //! external anchor (e.g. the table sink).
+pub mod anchor;
 mod config;
 mod error;
 pub mod event;

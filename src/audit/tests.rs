@@ -61,6 +61,7 @@ impl Fixture {
             live,
             partial: false,
             slack: Duration::from_secs(30),
+            anchor: Vec::new(),
         })
         .unwrap()
     }
@@ -296,6 +297,7 @@ async fn rechained_log_with_forged_checkpoints_is_detected_by_signature() {
         live: false,
         partial: false,
         slack: Duration::from_secs(30),
+        anchor: Vec::new(),
     })
     .unwrap();
     assert!(

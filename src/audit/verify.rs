@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use ed25519_dalek::VerifyingKey;
 
+use std::collections::HashMap;
+
+use super::anchor::{self, Anchor};
 use super::record::{self, Hash, Head, GENESIS};
 use super::signing;
 use super::AuditError;
@@ -32,6 +35,11 @@ pub struct VerifyArgs {
     /// be (clock skew, a busy writer, the time the copy took).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub slack: std::time::Duration,
+    /// Checkpoints published outside the host to check the log against: the table sink's
+    /// database (`postgres://…`) or a file of syslog lines. Catches truncation (an anchored
+    /// checkpoint beyond the log's head) and rewrites (a local checkpoint that differs).
+    #[arg(long)]
+    pub anchor: Vec<String>,
 }
 
 /// Interval assumed for checkpoints of format 1, which do not carry theirs (the default).
@@ -82,6 +90,8 @@ pub struct VerifyReport {
     pub signatures_unchecked: u64,
     /// Recovered crash truncations (torn last line followed by a matching recovery record).
     pub recovered_truncations: u64,
+    /// Local checkpoints identical to their anchored copy.
+    pub anchors_matched: u64,
     pub breaks: Vec<Break>,
     pub warnings: Vec<String>,
     /// Last record: seq and hash — compare with an external anchor (the table sink, a
@@ -108,6 +118,10 @@ struct State<'a> {
     /// The first record after the newest checkpoint (the start of the unsigned tail).
     first_unsigned: Option<Loc>,
     last_record: Option<Loc>,
+    /// Anchored checkpoints by node and seq.
+    anchors: HashMap<String, HashMap<u64, Anchor>>,
+    /// Highest seq seen per node.
+    heads: HashMap<String, u64>,
     report: VerifyReport,
 }
 
@@ -119,6 +133,12 @@ pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, AuditError> {
         .map(signing::load_public_key)
         .transpose()?;
     let files = record::expand_paths(&args.paths)?;
+    let mut anchors: HashMap<String, HashMap<u64, Anchor>> = HashMap::new();
+    for source in &args.anchor {
+        for ((node, seq), a) in anchor::load(source)? {
+            anchors.entry(node).or_default().insert(seq, a);
+        }
+    }
     let mut st = State {
         key: key.as_ref(),
         partial: args.partial,
@@ -129,6 +149,8 @@ pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, AuditError> {
         last_is_shutdown: false,
         first_unsigned: None,
         last_record: None,
+        anchors,
+        heads: HashMap::new(),
         report: VerifyReport::default(),
     };
     for f in &files {
@@ -217,11 +239,60 @@ fn check_record(st: &mut State<'_>, file: &str, lineno: u64, line: &[u8]) {
     } else if st.first_unsigned.is_none() {
         st.first_unsigned = Some(loc.clone());
     }
+    check_anchor(st, &loc, &h, line);
     st.last_record = Some(loc);
     st.last_is_shutdown = h.kind == "checkpoint" && h.reason.as_deref() == Some("shutdown");
     st.expected_seq = Some(h.seq + 1);
     st.prev = Some(hash);
     st.report.head = Some((h.seq, hex::encode(hash)));
+}
+
+/// A record at an anchored position must be that checkpoint, byte for byte in what counts;
+/// a `truncation_detected` record is pgward's own report that it found the log cut back.
+fn check_anchor(st: &mut State<'_>, loc: &Loc, h: &Head, line: &[u8]) {
+    match st.heads.get_mut(&h.node) {
+        Some(head) => *head = (*head).max(h.seq),
+        None => {
+            st.heads.insert(h.node.clone(), h.seq);
+        }
+    }
+    if h.kind == "truncation_detected" {
+        push_break(st, &loc.file, loc.line, Some(h.seq), format!(
+            "pgward found at start that the log did not reach its anchored checkpoint ({}): records were deleted or rewritten before this restart",
+            h.reason.as_deref().unwrap_or("?")
+        ));
+    }
+    let Some(a) = st.anchors.get(&h.node).and_then(|m| m.get(&h.seq)) else {
+        return;
+    };
+    if a.matches(line) {
+        st.report.anchors_matched += 1;
+    } else {
+        let msg = format!(
+            "record differs from the checkpoint anchored outside the host for seq {} ({}): the log was rewritten here, or truncated and continued by a restart",
+            a.seq, a.ts
+        );
+        push_break(st, &loc.file, loc.line, Some(h.seq), msg);
+    }
+}
+
+/// An anchored checkpoint beyond the log's head: the records up to it were deleted.
+fn check_anchors_beyond_head(st: &mut State<'_>, last: &Loc) {
+    let mut beyond: Vec<(String, u64, String, u64)> = Vec::new();
+    for (node, head) in &st.heads {
+        if let Some(a) = st
+            .anchors
+            .get(node)
+            .and_then(|m| m.values().filter(|a| a.seq > *head).max_by_key(|a| a.seq))
+        {
+            beyond.push((node.clone(), a.seq, a.ts.clone(), *head));
+        }
+    }
+    for (node, seq, ts, head) in beyond {
+        push_break(st, &last.file, last.line, Some(last.seq), format!(
+            "node {node}: a checkpoint at seq {seq} ({ts}) is anchored outside the host but the log ends at seq {head}: the records after it were deleted (truncation)"
+        ));
+    }
 }
 
 /// A torn line is acceptable only when the writer itself reported it on restart.
@@ -364,6 +435,7 @@ fn finish(st: &mut State<'_>, args: &VerifyArgs) {
         push_break(st, "-", 0, None, "no records found".into());
         return;
     };
+    check_anchors_beyond_head(st, &last);
     let Some(cp) = st.last_checkpoint.clone() else {
         // Every run starts with a checkpoint: a log without one lost all of them.
         push_break(st, &last.file, last.line, Some(last.seq),
@@ -432,6 +504,13 @@ pub fn print_report(r: &VerifyReport, out: &mut dyn Write) -> std::io::Result<()
         "{} files, {} records, {} checkpoints ({} signatures valid, {} unchecked), {} recovered truncations",
         r.files, r.records, r.checkpoints, r.signatures_valid, r.signatures_unchecked, r.recovered_truncations
     )?;
+    if r.anchors_matched > 0 {
+        writeln!(
+            out,
+            "{} checkpoints match their copy anchored outside the host",
+            r.anchors_matched
+        )?;
+    }
     if let Some((seq, hash)) = &r.head {
         writeln!(out, "head: seq {seq} sha256 {hash}")?;
     }

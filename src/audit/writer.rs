@@ -41,6 +41,8 @@ struct Counters {
     fsyncs: AtomicU64,
     failures: AtomicU64,
     dropped_nowait: AtomicU64,
+    /// Starts that found the log behind (or different from) its external anchor.
+    truncations_detected: AtomicU64,
 }
 
 /// A snapshot of the writer's counters.
@@ -103,11 +105,16 @@ impl AuditLog {
             .table_sink_url
             .as_ref()
             .map(|url| super::table_sink::spawn(url.clone()));
+        let anchor = latest_anchor(&config).await;
         let cfg = config.clone();
         let c2 = counters.clone();
-        let writer = tokio::task::spawn_blocking(move || Writer::new(&cfg, c2, table_tx))
-            .await
-            .map_err(|_| AuditError::Closed)??;
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut w = Writer::new(&cfg, c2, table_tx, anchor.as_ref())?;
+            w.write_start_or_abandon()?;
+            Ok::<_, AuditError>(w)
+        })
+        .await
+        .map_err(|_| AuditError::Closed)??;
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("pgward-audit".into())
@@ -213,6 +220,16 @@ impl AuditHandle {
         }
     }
 
+    /// Whether this start found the log behind, or different from, its newest checkpoint
+    /// anchored outside the host (a `truncation_detected` record was written).
+    pub fn truncation_detected(&self) -> bool {
+        self.inner
+            .counters
+            .truncations_detected
+            .load(Ordering::Relaxed)
+            > 0
+    }
+
     /// What the proxy must do when `append` fails.
     pub fn on_failure(&self) -> OnFailure {
         self.inner.on_failure
@@ -280,6 +297,8 @@ struct Writer {
     counters: Arc<Counters>,
     table_tx: Option<tokio::sync::mpsc::Sender<String>>,
     syslog: Option<super::syslog_sink::SyslogSink>,
+    /// Found at start against the anchor: recorded before `audit_started`.
+    truncation: Option<(super::anchor::Anchor, &'static str)>,
     /// Effective settings, recorded in `audit_started` / `audit_stopped`.
     settings: serde_json::Value,
     /// Held for the writer's lifetime: one writer per directory.
@@ -291,6 +310,7 @@ impl Writer {
         config: &AuditConfig,
         counters: Arc<Counters>,
         table_tx: Option<tokio::sync::mpsc::Sender<String>>,
+        anchor: Option<&super::anchor::Anchor>,
     ) -> Result<Self, AuditError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| AuditError::io(&config.dir, e))?;
         // Before reading the tail: a second writer must not even write a recovery record.
@@ -310,8 +330,15 @@ impl Writer {
             tracing::warn!(file = ?r.file, torn_bytes = r.torn_bytes, resume_seq = tail.next_seq,
                 "audit log was not shut down cleanly; resuming chain after the last valid record");
         }
+        let truncation = anchor.and_then(|a| {
+            let why = super::anchor::check_start(&config.dir, tail.next_seq, a)?;
+            tracing::error!(anchor_seq = a.seq, anchor_ts = %a.ts, local_next_seq = tail.next_seq, why,
+                "AUDIT LOG TRUNCATED OR REWRITTEN: the log's head does not reach its newest checkpoint anchored outside this host");
+            counters.truncations_detected.fetch_add(1, Ordering::Relaxed);
+            Some((a.clone(), why))
+        });
         let node = config.resolved_node_id();
-        let mut w = Writer {
+        let w = Writer {
             dir: config.dir.clone(),
             node_json: serde_json::to_string(&node)?,
             node,
@@ -341,14 +368,11 @@ impl Writer {
                     AuditError::io(config.syslog_socket.as_deref().unwrap_or(Path::new("")), e)
                 })?,
             settings: super::lifecycle::settings(config),
+            truncation,
             _lock: lock,
         };
         // Fail at startup, not on the first statement, if the directory is unusable; and make
         // a recovery durable right away.
-        if let Err(e) = w.write_start() {
-            w.abandon_segment();
-            return Err(e);
-        }
         Ok(w)
     }
 
@@ -534,6 +558,15 @@ impl Writer {
         Ok(())
     }
 
+    /// Fails at startup, not on the first statement, if the directory is unusable.
+    fn write_start_or_abandon(&mut self) -> Result<(), AuditError> {
+        let r = self.write_start();
+        if r.is_err() {
+            self.abandon_segment();
+        }
+        r
+    }
+
     /// `audit_started` (effective settings) and a `start` checkpoint, so that every run of a
     /// signed log begins with a signature and says how it was configured.
     fn write_start(&mut self) -> Result<(), AuditError> {
@@ -541,6 +574,10 @@ impl Writer {
         self.buf.clear();
         if let Some(r) = self.recovery.clone() {
             self.push_recovery(&r)?;
+        }
+        if let Some((anchor, why)) = &self.truncation {
+            let body = super::lifecycle::truncation_body(anchor, why, self.next_seq)?;
+            self.push_record(&body);
         }
         let body = super::lifecycle::started_body(&self.settings)?;
         self.push_record(&body);
@@ -663,6 +700,20 @@ impl Writer {
             self.abandon_segment();
         }
         r
+    }
+}
+
+/// The newest checkpoint of this node in the table sink's database, read before the writer
+/// starts. Unreachable: logged, and the start goes on (the anchor check is then `verify
+/// --anchor`'s job).
+async fn latest_anchor(config: &AuditConfig) -> Option<super::anchor::Anchor> {
+    let url = config.table_sink_url.as_deref()?;
+    match super::anchor::latest(url, &config.resolved_node_id()).await {
+        Ok(anchor) => anchor,
+        Err(e) => {
+            tracing::warn!(error = %e, "audit anchor unreachable: cannot check the log against it at start");
+            None
+        }
     }
 }
 

@@ -132,6 +132,9 @@ impl Proxy {
         let (audit_log, audit) = match &config.audit {
             Some(audit) if audit.enabled => {
                 let (log, handle) = crate::audit::AuditLog::open(audit.clone()).await?;
+                if handle.truncation_detected() {
+                    inc(&metrics.audit_truncations_detected);
+                }
                 tracing::info!(dir = %audit.dir.display(), "audit log open");
                 (Some(log), Some(handle))
             }

@@ -88,11 +88,22 @@ async fn a_second_pgward_on_the_same_directory_fails_fast_without_writing() {
         stderr.contains("in use by another pgward"),
         "no clear message: {stderr}"
     );
+    // The first pgward keeps appending (completions, checkpoints): every file may only have
+    // grown, with none of the records a second writer would add at start.
+    let after = snapshot(log.path());
     assert_eq!(
-        snapshot(log.path()),
-        before,
-        "the second pgward wrote into the log"
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>()
     );
+    for (path, old) in &before {
+        let new = &after[path];
+        assert!(new.starts_with(old), "{} was rewritten", path.display());
+        let added = String::from_utf8_lossy(&new[old.len()..]);
+        assert!(
+            !added.contains("\"recovery\"") && !added.contains("audit_started"),
+            "the second pgward wrote into the log: {added}"
+        );
+    }
 
     client.simple_query("SELECT 2").await.unwrap();
     drop(client);
@@ -389,4 +400,165 @@ async fn an_idle_running_log_passes_live_verification() {
         String::from_utf8_lossy(&out.stdout)
     );
     log.shutdown().await.unwrap();
+}
+
+// ---- anchors outside the host ----
+
+async fn anchored_config(tmp: &Path, database: &str) -> (AuditConfig, PathBuf, String) {
+    let (mut config, public) = signed_config(tmp);
+    let pg = harness::postgres();
+    let url = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/{database}",
+        pg.password, pg.port
+    );
+    config.table_sink_url = Some(url.clone());
+    (config, public, url)
+}
+
+/// Waits until the anchor table holds the node's checkpoint `seq` (the sink is asynchronous).
+async fn wait_for_anchor(database: &str, seq: u64) {
+    let (client, conn) = harness::postgres()
+        .direct(database)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..100 {
+        let row = client
+            .query_opt(
+                "SELECT max(seq) FROM pgward_audit WHERE kind = 'checkpoint'",
+                &[],
+            )
+            .await;
+        if let Ok(Some(row)) = row {
+            if row
+                .get::<_, Option<i64>>(0)
+                .is_some_and(|s| s as u64 >= seq)
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("checkpoint {seq} never reached the anchor table");
+}
+
+/// The newest checkpoint's seq in the log.
+fn last_seq(dir: &Path) -> u64 {
+    let last = list_segments(dir).unwrap().pop().unwrap();
+    let text = std::fs::read_to_string(last).unwrap();
+    serde_json::from_str::<Value>(text.lines().last().unwrap()).unwrap()["seq"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Cuts the log right after its first `interval` checkpoint and removes every later file:
+/// what remains is a consistent, correctly signed prefix.
+fn truncate_after_first_interval_checkpoint(dir: &Path) {
+    let files = list_segments(dir).unwrap();
+    for (fi, f) in files.iter().enumerate() {
+        let text = std::fs::read_to_string(f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        if let Some(li) = lines
+            .iter()
+            .position(|l| l.contains("\"reason\":\"interval\""))
+        {
+            let kept: String = lines[..=li].iter().map(|l| format!("{l}\n")).collect();
+            std::fs::write(f, kept).unwrap();
+            for later in &files[fi + 1..] {
+                std::fs::remove_file(later).unwrap();
+            }
+            return;
+        }
+    }
+    panic!("no interval checkpoint to cut after");
+}
+
+#[tokio::test]
+async fn truncate_and_restart_is_caught_by_the_anchor() {
+    let database = harness::fresh_database("auditanchor", false).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (config, public, url) = anchored_config(tmp.path(), &database).await;
+    let dir = config.dir.clone();
+    let (log, handle) = AuditLog::open(config.clone()).await.unwrap();
+    assert!(!handle.truncation_detected());
+    for i in 0..30 {
+        handle.append(failed_login(i)).await.unwrap();
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    log.shutdown().await.unwrap();
+    wait_for_anchor(&database, last_seq(&dir)).await;
+    let anchored = |dir: &Path| {
+        verify(&[
+            "--public-key".as_ref(),
+            public.as_os_str(),
+            "--anchor".as_ref(),
+            url.as_ref(),
+            dir.as_os_str(),
+        ])
+    };
+    let out = anchored(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("match their copy anchored outside the host"),
+        "{stdout}"
+    );
+
+    // The attack: cut the log back and restart on it. Without the anchor this looked like
+    // a crash ("unclean stop recovered") and verified INTACT.
+    let copy = tmp.path().join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for f in list_segments(&dir).unwrap() {
+        std::fs::copy(&f, copy.join(f.file_name().unwrap())).unwrap();
+    }
+    truncate_after_first_interval_checkpoint(&dir);
+    let (log, handle) = AuditLog::open(config.clone()).await.unwrap();
+    assert!(handle.truncation_detected(), "the start did not notice");
+    handle.append(failed_login(99)).await.unwrap();
+    log.shutdown().await.unwrap();
+    let records: Vec<Value> = list_segments(&dir)
+        .unwrap()
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let found = records
+        .iter()
+        .find(|r| r["kind"] == "truncation_detected")
+        .expect("a truncation_detected record");
+    assert_eq!(found["reason"], "behind_anchor");
+    assert_caught(&anchored(&dir), "anchored outside the host");
+    // Even without the anchor at hand, the log itself now says so.
+    let out = verify(&["--public-key".as_ref(), public.as_os_str(), dir.as_os_str()]);
+    assert_caught(&out, "did not reach its anchored checkpoint");
+
+    // The same attack when the anchor was unreachable at restart: verify --anchor still
+    // catches it (the restarted chain reuses anchored seqs with other records).
+    let mut offline = config.clone();
+    offline.table_sink_url = None;
+    offline.dir = copy.clone();
+    truncate_after_first_interval_checkpoint(&copy);
+    let (log, handle) = AuditLog::open(offline).await.unwrap();
+    assert!(!handle.truncation_detected());
+    handle.append(failed_login(100)).await.unwrap();
+    log.shutdown().await.unwrap();
+    let plain = verify(&[
+        "--public-key".as_ref(),
+        public.as_os_str(),
+        copy.as_os_str(),
+    ]);
+    assert!(
+        plain.status.success(),
+        "files alone cannot tell: {}",
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    assert_caught(&anchored(&copy), "anchored outside the host");
 }
