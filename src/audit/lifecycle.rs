@@ -43,6 +43,45 @@ pub(crate) fn stopped_body(settings: &Value) -> Result<Vec<u8>, AuditError> {
     )?)
 }
 
+/// A period during which the log could not be written.
+#[derive(Debug, Clone)]
+pub(crate) struct Outage {
+    started: String,
+    error: String,
+    pub failed_writes: u64,
+    /// Appends whose caller waited for durability (statements refused under
+    /// `on_failure = "refuse"`, run unaudited under `"continue"`).
+    pub appends_failed: u64,
+    /// Records not waited for (completions, connection records) that were lost.
+    pub records_lost: u64,
+}
+
+impl Outage {
+    pub(crate) fn new(started: String, error: &AuditError) -> Self {
+        Outage {
+            started,
+            error: error.to_string(),
+            failed_writes: 0,
+            appends_failed: 0,
+            records_lost: 0,
+        }
+    }
+
+    /// `{"kind":"audit_outage","started":…,"ended":…,"failed_writes":…,
+    /// "statements_refused_or_unaudited":…,"records_lost":…,"error":…}`
+    pub(crate) fn body(&self, ended: &str) -> Result<Vec<u8>, AuditError> {
+        Ok(serde_json::to_vec(&json!({
+            "kind": "audit_outage",
+            "started": self.started,
+            "ended": ended,
+            "failed_writes": self.failed_writes,
+            "statements_refused_or_unaudited": self.appends_failed,
+            "records_lost": self.records_lost,
+            "error": self.error,
+        }))?)
+    }
+}
+
 /// Written at start when the log's head is behind (or differs from) its newest checkpoint
 /// anchored outside the host: the chain goes on from the local head, and this record says
 /// which anchored checkpoint it no longer reaches.

@@ -293,6 +293,8 @@ struct Writer {
     since_checkpoint: u64,
     last_checkpoint: Instant,
     recovery: Option<Recovery>,
+    /// The write outage in progress, recorded once the log can be written again.
+    outage: Option<super::lifecycle::Outage>,
     buf: Vec<u8>,
     counters: Arc<Counters>,
     table_tx: Option<tokio::sync::mpsc::Sender<String>>,
@@ -356,6 +358,7 @@ impl Writer {
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             recovery,
+            outage: None,
             buf: Vec::with_capacity(1 << 20),
             counters,
             table_tx,
@@ -452,12 +455,18 @@ impl Writer {
     /// precede the batch (recovery, due checkpoint, rotation) are handled here too.
     fn write_batch(&mut self, batch: &mut [(Vec<u8>, Option<Ack>)]) -> Result<(), AuditError> {
         let result = self.try_write_batch(batch);
-        if let Err(e) = &result {
-            self.counters.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, "audit write failed");
-            self.abandon_segment();
-            // Retry a due checkpoint one interval later instead of spinning on a broken disk.
-            self.last_checkpoint = Instant::now();
+        match &result {
+            Err(e) => {
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "audit write failed");
+                self.count_outage(e, batch);
+                self.abandon_segment();
+                // Retry a due checkpoint one interval later instead of spinning on a broken disk.
+                self.last_checkpoint = Instant::now();
+            }
+            // The recovery (and with it the outage record) is durable.
+            Ok(()) if self.recovery.is_none() => self.outage = None,
+            Ok(()) => {}
         }
         result
     }
@@ -598,7 +607,31 @@ impl Writer {
         });
         let bytes = serde_json::to_vec(&body)?;
         self.push_record(&bytes);
+        if let Some(outage) = &self.outage {
+            let now = record::format_ts(SystemTime::now());
+            let body = outage.body(&now)?;
+            self.push_record(&body);
+        }
         Ok(())
+    }
+
+    /// One outage (from the first failed write to the next durable one) becomes one
+    /// `audit_outage` record with counts, written with the recovery.
+    fn count_outage(&mut self, error: &AuditError, batch: &[(Vec<u8>, Option<Ack>)]) {
+        let outage = self.outage.get_or_insert_with(|| {
+            super::lifecycle::Outage::new(record::format_ts(SystemTime::now()), error)
+        });
+        outage.failed_writes += 1;
+        let acked = batch.iter().filter(|(_, ack)| ack.is_some()).count() as u64;
+        outage.appends_failed += acked;
+        outage.records_lost += batch.len() as u64 - acked;
+        if self.recovery.is_none() {
+            self.recovery = Some(Recovery {
+                reason: "write_error",
+                file: None,
+                torn_bytes: 0,
+            });
+        }
     }
 
     /// One write, one fdatasync (unless `fsync = false`) for the whole buffer.
@@ -671,6 +704,16 @@ impl Writer {
             .file
             .metadata()
             .map_or(0, |m| m.len().saturating_sub(seg.len));
+        if seg.len == 0 && torn_bytes == 0 {
+            // Opened for this attempt and nothing written: no empty file per failed retry.
+            let _ = std::fs::remove_file(&seg.path);
+            self.recovery.get_or_insert(Recovery {
+                reason: "write_error",
+                file: None,
+                torn_bytes: 0,
+            });
+            return;
+        }
         self.recovery = Some(Recovery {
             reason: "write_error",
             file: Some(seg.name),
