@@ -32,7 +32,7 @@ pub enum AuditError {
     #[error("serialising audit record: {0}")]
     Serialize(String),
     /// A time argument (`--since`, `--until`) could not be parsed.
-    #[error("bad time {input:?}: expected RFC3339 (2024-05-01T10:00:00Z) or a relative duration (1h, 30m)")]
+    #[error("bad time {input:?}: expected RFC3339 (2024-05-01T10:00:00Z), a date (2024-05-01, UTC) or a relative duration (1h, 30m)")]
     BadTime { input: String },
 }
 

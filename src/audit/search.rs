@@ -30,18 +30,19 @@ pub struct SearchArgs {
     #[arg(long)]
     pub column: Option<String>,
     /// allowed | refused | failed
-    #[arg(long)]
+    #[arg(long, value_parser = ["allowed", "refused", "failed"])]
     pub decision: Option<String>,
     #[arg(long)]
     pub session: Option<u64>,
+    /// SQLSTATE of a refusal, a failed login or a completion; a matching completion is shown
+    /// together with the statement it completes.
     #[arg(long)]
     pub sqlstate: Option<String>,
     /// Substring of the statement text or (case-insensitively) its fingerprint.
     #[arg(long)]
     pub text: Option<String>,
-    /// Record kind: statement, statement_completed, connection_opened, connection_closed,
-    /// auth_failed, checkpoint, recovery.
-    #[arg(long)]
+    /// Record kind.
+    #[arg(long, value_parser = KINDS)]
     pub kind: Option<String>,
     /// Stop after this many matches (0: no limit).
     #[arg(long, default_value_t = 0)]
@@ -50,6 +51,21 @@ pub struct SearchArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// Every record kind the writer produces (`--kind` accepts only these).
+pub const KINDS: [&str; 11] = [
+    "statement",
+    "statement_completed",
+    "connection_opened",
+    "connection_closed",
+    "auth_failed",
+    "checkpoint",
+    "recovery",
+    "audit_started",
+    "audit_stopped",
+    "audit_outage",
+    "truncation_detected",
+];
 
 /// The fields search and report look at. Unknown fields are ignored.
 #[derive(Debug, Default, Deserialize)]
@@ -90,10 +106,16 @@ pub struct SessionView {
 }
 
 impl RecordView {
+    /// The record's service; for a failed login, the service the client claimed.
     pub fn service(&self) -> Option<&str> {
         self.service
             .as_deref()
             .or(self.session.as_ref().map(|s| s.service.as_str()))
+            .or(if self.kind == "auth_failed" {
+                self.user.as_deref()
+            } else {
+                None
+            })
     }
     pub fn session_id(&self) -> Option<u64> {
         self.session_id
@@ -122,6 +144,11 @@ impl RecordView {
 /// Parses `--since/--until`: RFC 3339, or a duration back from `now`. Returns the fixed-width
 /// timestamp string the records use, so comparisons are plain string comparisons.
 pub fn parse_time_arg(s: &str, now: SystemTime) -> Result<String, AuditError> {
+    if is_bare_date(s) {
+        let t = humantime::parse_rfc3339(&format!("{s}T00:00:00Z"))
+            .map_err(|_| AuditError::BadTime { input: s.into() })?;
+        return Ok(record::format_ts(t));
+    }
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(record::format_ts(t));
     }
@@ -131,6 +158,28 @@ pub fn parse_time_arg(s: &str, now: SystemTime) -> Result<String, AuditError> {
         .checked_sub(d)
         .ok_or_else(|| AuditError::BadTime { input: s.into() })?;
     Ok(record::format_ts(t))
+}
+
+/// `YYYY-MM-DD`: a whole day, UTC.
+fn is_bare_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+/// `--until` with a bare date includes that whole day.
+fn parse_until_arg(s: &str, now: SystemTime) -> Result<String, AuditError> {
+    if !is_bare_date(s) {
+        return parse_time_arg(s, now);
+    }
+    let start = humantime::parse_rfc3339(&format!("{s}T00:00:00Z"))
+        .map_err(|_| AuditError::BadTime { input: s.into() })?;
+    let end = start + std::time::Duration::from_secs(86_400) - std::time::Duration::from_micros(1);
+    Ok(record::format_ts(end))
 }
 
 /// A compiled filter: raw-line needles (all must occur) then exact checks on the parsed record.
@@ -147,6 +196,9 @@ pub struct Filter {
     session: Option<u64>,
     sqlstate: Option<String>,
     kind: Option<String>,
+    service_needles: Option<[String; 2]>,
+    /// Records shown whatever the other criteria (statements of matching completions).
+    also_seqs: std::collections::HashSet<u64>,
 }
 
 fn json_str(s: &str) -> String {
@@ -164,7 +216,7 @@ impl Filter {
             until: a
                 .until
                 .as_deref()
-                .map(|s| parse_time_arg(s, now))
+                .map(|s| parse_until_arg(s, now))
                 .transpose()?,
             service: a.service.clone(),
             table: a.table.clone(),
@@ -176,7 +228,11 @@ impl Filter {
             ..Filter::default()
         };
         if let Some(s) = &a.service {
-            f.needles.push(format!("\"service\":{}", json_str(s)));
+            // A failed login names the service it claimed as `user`.
+            f.service_needles = Some([
+                format!("\"service\":{}", json_str(s)),
+                format!("\"user\":{}", json_str(s)),
+            ]);
         }
         if let Some(t) = &a.table {
             // `…people"` is in the line whether the record names `people` or `x.people`.
@@ -207,6 +263,15 @@ impl Filter {
 
     /// Cheap check on the raw line; false means the record cannot match.
     pub fn prefilter(&self, line: &str) -> bool {
+        if !self.also_seqs.is_empty() && raw_seq(line).is_some_and(|s| self.also_seqs.contains(&s))
+        {
+            return true;
+        }
+        if let Some([a, b]) = &self.service_needles {
+            if !line.contains(a.as_str()) && !line.contains(b.as_str()) {
+                return false;
+            }
+        }
         if self.since.is_some() || self.until.is_some() {
             let Some(ts) = raw_ts(line) else {
                 return false;
@@ -233,6 +298,9 @@ impl Filter {
         let eq = |want: &Option<String>, got: Option<&str>| {
             want.as_deref().is_none_or(|w| got == Some(w))
         };
+        if self.also_seqs.contains(&r.seq) {
+            return true;
+        }
         eq(&self.service, r.service())
             && eq(&self.decision, r.decision.as_deref())
             && eq(&self.sqlstate, r.sqlstate.as_deref())
@@ -268,6 +336,13 @@ impl Filter {
         }
         false
     }
+}
+
+/// The `seq` of a raw record line without parsing it.
+fn raw_seq(line: &str) -> Option<u64> {
+    let i = line.find("\"seq\":")? + 6;
+    let end = line[i..].find(|c: char| !c.is_ascii_digit())? + i;
+    line[i..end].parse().ok()
 }
 
 /// The `ts` of a raw record line without parsing it (fixed position after `"ts":"`).
@@ -356,7 +431,17 @@ fn table_row(r: &RecordView) -> String {
 
 /// Runs a search, writing a table or JSON Lines to `out`. Returns (scanned, matched).
 pub fn search(args: &SearchArgs, out: &mut dyn Write) -> Result<(u64, u64), AuditError> {
-    let filter = Filter::from_args(args, SystemTime::now())?;
+    let mut filter = Filter::from_args(args, SystemTime::now())?;
+    if args.sqlstate.is_some() {
+        // A completion's SQLSTATE is only useful with the statement it completes, which comes
+        // earlier in the log: a first pass finds those statements.
+        let mut statements = std::collections::HashSet::new();
+        scan(&args.paths, &filter, |_, rec| {
+            statements.extend(rec.statement_seq);
+            true
+        })?;
+        filter.also_seqs = statements;
+    }
     let mut matched = 0u64;
     let mut io_err = None;
     if !args.json {

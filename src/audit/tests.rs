@@ -598,7 +598,36 @@ async fn search_filters() {
         "auth failure"
     );
     assert_eq!(search_count(&fx, |a| a.session = Some(2)), 4);
-    assert_eq!(search_count(&fx, |a| a.sqlstate = Some("40001".into())), 1);
+    assert_eq!(
+        search_count(&fx, |a| a.sqlstate = Some("40001".into())),
+        2,
+        "the completion and the statement it completes"
+    );
+    assert_eq!(
+        search_count(&fx, |a| a.service = Some("mallory".into())),
+        1,
+        "a failed login that claimed the service"
+    );
+    assert_eq!(
+        search_count(&fx, |a| a.since = Some("2000-01-01".into())),
+        21,
+        "a bare date is midnight UTC"
+    );
+    assert_eq!(
+        search_count(&fx, |a| a.until = Some("2000-01-01".into())),
+        0
+    );
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SearchArgs,
+    }
+    use clap::Parser;
+    assert!(Cli::try_parse_from(["s", "d", "--decision", "refussed"]).is_err());
+    assert!(Cli::try_parse_from(["s", "d", "--kind", "statment"]).is_err());
+    assert!(
+        Cli::try_parse_from(["s", "d", "--decision", "refused", "--kind", "audit_outage"]).is_ok()
+    );
     assert_eq!(
         search_count(&fx, |a| a.text = Some("DELETE FROM".into())),
         1
