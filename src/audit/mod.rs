@@ -66,6 +66,7 @@ mod lifecycle;
 mod lock;
 pub mod record;
 pub mod report;
+mod report_sections;
 pub mod search;
 mod signing;
 mod syslog_sink;

@@ -94,6 +94,16 @@ pub struct RecordView {
     pub client_addr: Option<String>,
     pub user: Option<String>,
     pub statement_seq: Option<u64>,
+    /// `audit_outage`
+    pub started: Option<String>,
+    pub ended: Option<String>,
+    pub failed_writes: Option<u64>,
+    pub statements_refused_or_unaudited: Option<u64>,
+    pub records_lost: Option<u64>,
+    /// `truncation_detected`
+    pub anchor_seq: Option<u64>,
+    /// `audit_started` / `audit_stopped`
+    pub settings: Option<serde_json::Value>,
 }
 
 /// Nested session of `connection_opened`.

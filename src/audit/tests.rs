@@ -677,6 +677,9 @@ async fn report_has_every_section_and_no_external_assets() {
         until: None,
         service: None,
         out: out.clone(),
+        public_key: Some(public_key_path(&fx.key)),
+        anchor: Vec::new(),
+        live: false,
     })
     .unwrap();
     assert_eq!(n, 21);
@@ -688,6 +691,9 @@ async fn report_has_every_section_and_no_external_assets() {
         "encrypted",
         "top-statements",
         "auth-failures",
+        "integrity",
+        "audit-log",
+        "tables",
     ] {
         assert!(
             html.contains(&format!("<section id=\"{id}\"")),
@@ -697,6 +703,16 @@ async fn report_has_every_section_and_no_external_assets() {
     assert!(html.contains("<svg"));
     assert!(html.contains("people.ssn"));
     assert!(html.contains("no-bulk-delete"));
+    assert!(html.contains("INTACT"), "integrity status");
+    assert!(
+        html.contains("10.1.1.1<"),
+        "failed logins by address, without port"
+    );
+    assert!(html.contains("audit_started"));
+    assert!(
+        html.contains("<circle"),
+        "points are drawn even when all fall in one bucket"
+    );
     assert!(html.contains("select * from orders where id = ?"));
     assert!(!html.contains("<script") && !html.contains(" src=") && !html.contains("href="));
 }
