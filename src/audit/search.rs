@@ -13,7 +13,8 @@ use super::AuditError;
 /// Arguments of `pgward audit search`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SearchArgs {
-    /// Segment files and/or directories.
+    /// Segment files and/or directories. Several directories are a fleet (one per node):
+    /// their records are merged by time.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
     #[arg(long)]
@@ -369,6 +370,10 @@ pub fn scan(
     filter: &Filter,
     mut f: impl FnMut(&str, RecordView) -> bool,
 ) -> Result<u64, AuditError> {
+    let dirs: Vec<&PathBuf> = paths.iter().filter(|p| p.is_dir()).collect();
+    if dirs.len() >= 2 && dirs.len() == paths.len() {
+        return scan_fleet(&dirs, filter, f);
+    }
     let files = record::expand_paths(paths)?;
     let mut scanned = 0u64;
     let mut buf = String::new();
@@ -398,6 +403,89 @@ pub fn scan(
             if filter.matches(&rec) && !f(line, rec) {
                 return Ok(scanned);
             }
+        }
+    }
+    Ok(scanned)
+}
+
+/// The lines of one node's directory, file after file.
+struct DirLines {
+    files: std::vec::IntoIter<PathBuf>,
+    reader: Option<(PathBuf, BufReader<std::fs::File>)>,
+}
+
+impl DirLines {
+    fn new(dir: &Path) -> Result<Self, AuditError> {
+        Ok(DirLines {
+            files: record::list_segments(dir)?.into_iter(),
+            reader: None,
+        })
+    }
+
+    fn next_line(&mut self) -> Result<Option<String>, AuditError> {
+        loop {
+            if self.reader.is_none() {
+                let Some(path) = self.files.next() else {
+                    return Ok(None);
+                };
+                let file = std::fs::File::open(&path).map_err(|e| AuditError::io(&path, e))?;
+                self.reader = Some((path, BufReader::with_capacity(1 << 20, file)));
+            }
+            let Some((path, reader)) = self.reader.as_mut() else {
+                continue;
+            };
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) => self.reader = None,
+                Ok(_) => return Ok(Some(line.trim_end_matches('\n').to_string())),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {}
+                Err(e) => return Err(AuditError::io(path.as_path(), e)),
+            }
+        }
+    }
+}
+
+/// Several nodes' directories (a fleet): their records merged by time (each node's records
+/// are in time order already, so this is a k-way merge on `ts`).
+fn scan_fleet(
+    dirs: &[&PathBuf],
+    filter: &Filter,
+    mut f: impl FnMut(&str, RecordView) -> bool,
+) -> Result<u64, AuditError> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut nodes = dirs
+        .iter()
+        .map(|d| DirLines::new(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut heap = BinaryHeap::new();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        if let Some(line) = n.next_line()? {
+            heap.push(Reverse((
+                raw_ts(&line).unwrap_or_default().to_string(),
+                i,
+                line,
+            )));
+        }
+    }
+    let mut scanned = 0u64;
+    while let Some(Reverse((_, i, line))) = heap.pop() {
+        if let Some(next) = nodes[i].next_line()? {
+            heap.push(Reverse((
+                raw_ts(&next).unwrap_or_default().to_string(),
+                i,
+                next,
+            )));
+        }
+        scanned += 1;
+        if !filter.prefilter(&line) {
+            continue;
+        }
+        let Ok(rec) = serde_json::from_str::<RecordView>(&line) else {
+            continue;
+        };
+        if filter.matches(&rec) && !f(&line, rec) {
+            break;
         }
     }
     Ok(scanned)

@@ -16,7 +16,8 @@ use super::AuditError;
 /// Arguments of `pgward audit verify`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct VerifyArgs {
-    /// Segment files and/or directories holding them.
+    /// Segment files and/or directories holding them. Several directories are a fleet: each
+    /// is one node's chain and is verified on its own.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
     /// Public key (SPKI PEM, the `.pub` written beside the signing key) to check checkpoint
@@ -132,15 +133,35 @@ pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, AuditError> {
         .as_deref()
         .map(signing::load_public_key)
         .transpose()?;
-    let files = record::expand_paths(&args.paths)?;
     let mut anchors: HashMap<String, HashMap<u64, Anchor>> = HashMap::new();
     for source in &args.anchor {
         for ((node, seq), a) in anchor::load(source)? {
             anchors.entry(node).or_default().insert(seq, a);
         }
     }
+    let dirs: Vec<&PathBuf> = args.paths.iter().filter(|p| p.is_dir()).collect();
+    if dirs.len() < 2 || dirs.len() != args.paths.len() {
+        let files = record::expand_paths(&args.paths)?;
+        return verify_chain(&files, key.as_ref(), anchors, args);
+    }
+    // A fleet: each directory is one node's chain, verified on its own.
+    let mut total = VerifyReport::default();
+    for dir in dirs {
+        let files = record::list_segments(dir)?;
+        let r = verify_chain(&files, key.as_ref(), anchors.clone(), args)?;
+        merge(&mut total, r, &dir.display().to_string());
+    }
+    Ok(total)
+}
+
+fn verify_chain(
+    files: &[PathBuf],
+    key: Option<&VerifyingKey>,
+    anchors: HashMap<String, HashMap<u64, Anchor>>,
+    args: &VerifyArgs,
+) -> Result<VerifyReport, AuditError> {
     let mut st = State {
-        key: key.as_ref(),
+        key,
         partial: args.partial,
         expected_seq: None,
         prev: None,
@@ -153,11 +174,35 @@ pub fn verify(args: &VerifyArgs) -> Result<VerifyReport, AuditError> {
         heads: HashMap::new(),
         report: VerifyReport::default(),
     };
-    for f in &files {
+    for f in files {
         verify_file(&mut st, f)?;
     }
     finish(&mut st, args);
     Ok(st.report)
+}
+
+/// Adds one node's report to the fleet's; its breaks and warnings name the directory.
+fn merge(total: &mut VerifyReport, r: VerifyReport, dir: &str) {
+    total.files += r.files;
+    total.records += r.records;
+    total.checkpoints += r.checkpoints;
+    total.signatures_valid += r.signatures_valid;
+    total.signatures_unchecked += r.signatures_unchecked;
+    total.recovered_truncations += r.recovered_truncations;
+    total.anchors_matched += r.anchors_matched;
+    total.breaks.extend(r.breaks.into_iter().map(|mut b| {
+        b.file = format!("{dir}/{}", b.file);
+        b
+    }));
+    total
+        .warnings
+        .extend(r.warnings.into_iter().map(|w| format!("{dir}: {w}")));
+    if let Some((seq, hash)) = r.head {
+        total
+            .warnings
+            .push(format!("{dir}: head seq {seq} sha256 {hash}"));
+        total.head = Some((seq, hash));
+    }
 }
 
 fn verify_file(st: &mut State<'_>, path: &Path) -> Result<(), AuditError> {

@@ -562,3 +562,114 @@ async fn truncate_and_restart_is_caught_by_the_anchor() {
     );
     assert_caught(&anchored(&copy), "anchored outside the host");
 }
+
+// ---- fleets ----
+
+async fn node_log(tmp: &Path, node: &str) -> (PathBuf, PathBuf) {
+    let (mut config, public) = signed_config(tmp);
+    config.node_id = Some(node.into());
+    config.dir = tmp.join(node);
+    let dir = config.dir.clone();
+    let (log, handle) = AuditLog::open(config).await.unwrap();
+    for i in 0..5 {
+        handle.append(failed_login(i)).await.unwrap();
+    }
+    log.shutdown().await.unwrap();
+    (dir, public)
+}
+
+/// Two nodes' directories verify as one fleet (each chain on its own), and a break in one
+/// names that node's directory.
+#[tokio::test]
+async fn a_fleet_of_two_nodes_verifies_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, public) = node_log(tmp.path(), "node-a").await;
+    let (b, _) = node_log(tmp.path(), "node-b").await;
+    let args = |a: &Path, b: &Path| -> Vec<std::ffi::OsString> {
+        vec![
+            "--public-key".into(),
+            public.clone().into(),
+            a.as_os_str().into(),
+            b.as_os_str().into(),
+        ]
+    };
+    let run = |v: Vec<std::ffi::OsString>| {
+        Command::new(env!("CARGO_BIN_EXE_pgward"))
+            .args(["audit", "verify"])
+            .args(v)
+            .output()
+            .unwrap()
+    };
+    let out = run(args(&a, &b));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("node-a: head") && stdout.contains("node-b: head"),
+        "{stdout}"
+    );
+    // Drop one record of node-b.
+    let file = list_segments(&b).unwrap().pop().unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.remove(3);
+    std::fs::write(
+        &file,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let out = run(args(&a, &b));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("node-b/audit-"), "{stdout}");
+}
+
+/// `audit search` over two nodes' directories returns both nodes' records in time order.
+#[tokio::test]
+async fn a_fleet_searches_merged_by_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut logs = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let (mut config, _) = signed_config(tmp.path());
+        config.node_id = Some(node.into());
+        config.dir = tmp.path().join(node);
+        logs.push((config.dir.clone(), AuditLog::open(config).await.unwrap()));
+    }
+    // Interleaved: a, b, a, b, …
+    for i in 0..6 {
+        logs[i % 2]
+            .1
+             .1
+            .append(failed_login(i as u64))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let dirs: Vec<PathBuf> = logs.iter().map(|(d, _)| d.clone()).collect();
+    for (_, (log, _)) in logs {
+        log.shutdown().await.unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args(["audit", "search", "--json", "--kind", "auth_failed"])
+        .arg(&dirs[1])
+        .arg(&dirs[0])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let nodes: Vec<&str> = records
+        .iter()
+        .map(|r| r["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        nodes,
+        ["node-a", "node-b", "node-a", "node-b", "node-a", "node-b"],
+        "merged by time"
+    );
+}
