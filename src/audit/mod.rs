@@ -61,6 +61,7 @@ pub mod anchor;
 mod config;
 mod error;
 pub mod event;
+pub mod export;
 mod fingerprint;
 mod lifecycle;
 mod lock;

@@ -673,3 +673,29 @@ async fn a_fleet_searches_merged_by_time() {
         "merged by time"
     );
 }
+
+/// `audit export --format ocsf` gives one Authentication event per failed login.
+#[tokio::test]
+async fn export_gives_ocsf_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, _) = node_log(tmp.path(), "node-a").await;
+    let out = Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args(["audit", "export", "--format", "ocsf"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 5);
+    assert!(events
+        .iter()
+        .all(|e| e["class_uid"] == 3002 && e["status"] == "Failure"));
+    assert_eq!(events[0]["actor"]["user"]["name"], "billing");
+}
