@@ -18,7 +18,10 @@
 //! across files), `ts` (RFC 3339 UTC, microseconds, fixed width), `node`, `prev` (hex SHA-256
 //! of the previous record; 64 zeros for seq 0), `kind`. Then the fields of the kind:
 //! `statement`, `statement_completed`, `connection_opened`, `connection_closed`,
-//! `auth_failed` (see [`event`]), and the writer's own `checkpoint` and `recovery`.
+//! `auth_failed` (see [`event`]), and the writer's own `checkpoint`, `recovery`,
+//! `audit_started` / `audit_stopped` (effective settings), `audit_outage` (one per write
+//! outage, with counts) and `truncation_detected` (the log did not reach its anchor at start).
+//! Segment files are created with mode 0600.
 //!
 //! # Hash chain — canonical serialisation
 //! The hash of a record is SHA-256 over **the exact bytes of its line, without the trailing
