@@ -57,9 +57,9 @@
 //! (gap at the file boundary); tail truncation (the log must end with a `shutdown`
 //! checkpoint; with `--live`, the newest checkpoint must be at most one interval plus slack
 //! old); forged or re-signed checkpoints and full rewrites (signature check with
-//! `--public-key`). Not detectable from the files alone: removing the
-//! newest whole files back to an earlier clean shutdown — compare the printed head with an
-//! external anchor (e.g. the table sink).
+//! `--public-key`). Not detectable from the files alone: removing the newest whole files
+//! back to an earlier clean shutdown, or truncating and restarting — `verify --anchor`
+//! compares the log with the checkpoints published outside the host (see [`anchor`]).
 pub mod anchor;
 mod config;
 mod error;
