@@ -43,6 +43,8 @@ pub struct Metrics {
     pub upstream_error_responses: AtomicU64,
     pub policy_reloads: AtomicU64,
     pub audit_write_failures: AtomicU64,
+    /// Starts that found the audit log behind its externally anchored checkpoint.
+    pub audit_truncations_detected: AtomicU64,
     pub policy_reload_failures: AtomicU64,
     /// Key and Vault series of the field-encryption key manager, when one runs.
     keys: std::sync::OnceLock<std::sync::Arc<crate::keys::metrics::KeyMetrics>>,
@@ -92,11 +94,16 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let counters: [(&str, &str, &AtomicU64); 13] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
             (
                 "pgward_audit_write_failures_total",
                 "Batches of statement records that could not be made durable.",
                 &self.audit_write_failures,
+            ),
+            (
+                "pgward_audit_truncations_detected_total",
+                "Starts that found the audit log behind its checkpoint anchored outside the host.",
+                &self.audit_truncations_detected,
             ),
             (
                 "pgward_policy_reloads_total",

@@ -13,6 +13,12 @@ pub enum AuditError {
         #[source]
         source: Arc<std::io::Error>,
     },
+    /// Another pgward (or another writer in this process) holds the directory's lock.
+    #[error("audit directory {dir} is in use by another pgward (its lock file pgward-audit.lock is held): one writer per directory; give each instance its own `[audit] dir`")]
+    Locked { dir: PathBuf },
+    /// The external anchor (checkpoint table or syslog copy) could not be read.
+    #[error("audit anchor: {0}")]
+    Anchor(String),
     /// The writer has stopped (shutdown or panic); nothing more can be made durable.
     #[error("audit log is closed")]
     Closed,
@@ -26,7 +32,7 @@ pub enum AuditError {
     #[error("serialising audit record: {0}")]
     Serialize(String),
     /// A time argument (`--since`, `--until`) could not be parsed.
-    #[error("bad time {input:?}: expected RFC3339 (2024-05-01T10:00:00Z) or a relative duration (1h, 30m)")]
+    #[error("bad time {input:?}: expected RFC3339 (2024-05-01T10:00:00Z), a date (2024-05-01, UTC) or a relative duration (1h, 30m)")]
     BadTime { input: String },
 }
 

@@ -22,7 +22,10 @@
 //! across files), `ts` (RFC 3339 UTC, microseconds, fixed width), `node`, `prev` (hex SHA-256
 //! of the previous record; 64 zeros for seq 0), `kind`. Then the fields of the kind:
 //! `statement`, `statement_completed`, `connection_opened`, `connection_closed`,
-//! `auth_failed` (see [`event`]), and the writer's own `checkpoint` and `recovery`.
+//! `auth_failed` (see [`event`]), and the writer's own `checkpoint`, `recovery`,
+//! `audit_started` / `audit_stopped` (effective settings), `audit_outage` (one per write
+//! outage, with counts) and `truncation_detected` (the log did not reach its anchor at start).
+//! Segment files are created with mode 0600.
 //!
 //! # Hash chain — canonical serialisation
 //! The hash of a record is SHA-256 over **the exact bytes of its line, without the trailing
@@ -31,12 +34,19 @@
 //! whitespace or field order) breaks the link held in the next record's `prev`.
 //!
 //! # Checkpoints
-//! `{"kind":"checkpoint","reason":"interval"|"rotation"|"shutdown","covers_seq":N-1,
-//! "key_id":…,"sig":…}` is written every `checkpoint_interval` (when records were added), as
-//! the last record of a rotated file and at shutdown. `sig` is base64 Ed25519 over
-//! `"pgward-audit-checkpoint-v1\n{node}\n{seq}\n{ts}\n{prev}\n{reason}"` with the checkpoint's
-//! own envelope values, so it commits to the whole chain before it. `key_id` is the first 8
-//! bytes (hex) of SHA-256 of the public key. Without a signing key `key_id`/`sig` are absent.
+//! `{"kind":"checkpoint","reason":"start"|"interval"|"rotation"|"shutdown","covers_seq":N-1,
+//! "interval_ms":…,"key_id":…,"sig":…}` is written after `audit_started` at every open, every
+//! `checkpoint_interval` (idle or not), as the last record of a rotated file and after
+//! `audit_stopped` at shutdown. `sig` is always the last field: base64 Ed25519 over
+//! `"pgward-audit-checkpoint-v2\n"` followed by the exact bytes of the line before
+//! `,"sig":"`, so it commits to every field and, through `prev`, to the whole chain before
+//! it. (Format 1 signed `"pgward-audit-checkpoint-v1\n{node}\n{seq}\n{ts}\n{prev}\n{reason}"`;
+//! `verify` still accepts it.) `key_id` is the first 8 bytes (hex) of SHA-256 of the public
+//! key. Without a signing key `key_id`/`sig` are absent.
+//!
+//! # One writer per directory
+//! The writer holds an exclusive `flock` on `pgward-audit.lock` in the directory, taken
+//! before the tail is read; a second instance fails with [`AuditError::Locked`].
 //!
 //! # Recovery
 //! On open, the newest segment is scanned; bytes after the last complete valid line are a
@@ -49,16 +59,22 @@
 //! # What verify detects
 //! Edited, deleted, inserted, reordered records (prev/seq mismatch); deleted whole files
 //! (gap at the file boundary); tail truncation (the log must end with a `shutdown`
-//! checkpoint unless `--live`); forged or re-signed checkpoints and full rewrites
-//! (signature check with `--public-key`). Not detectable from the files alone: removing the
-//! newest whole files back to an earlier clean shutdown — compare the printed head with an
-//! external anchor (e.g. the table sink).
+//! checkpoint; with `--live`, the newest checkpoint must be at most one interval plus slack
+//! old); forged or re-signed checkpoints and full rewrites (signature check with
+//! `--public-key`). Not detectable from the files alone: removing the newest whole files
+//! back to an earlier clean shutdown, or truncating and restarting — `verify --anchor`
+//! compares the log with the checkpoints published outside the host (see [`anchor`]).
+pub mod anchor;
 mod config;
 mod error;
 pub mod event;
+pub mod export;
 mod fingerprint;
+mod lifecycle;
+mod lock;
 pub mod record;
 pub mod report;
+mod report_sections;
 pub mod search;
 mod signing;
 mod syslog_sink;

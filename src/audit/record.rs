@@ -12,8 +12,10 @@ use super::AuditError;
 pub const FORMAT_VERSION: u32 = 1;
 /// `prev` of the very first record.
 pub const GENESIS: [u8; 32] = [0u8; 32];
-/// Domain separator of the signed checkpoint message.
+/// Domain separator of the signed checkpoint message of format 1 (still verified).
 pub const CHECKPOINT_DOMAIN: &str = "pgward-audit-checkpoint-v1";
+/// Domain separator of the v2 checkpoint message (every field of the record is signed).
+pub const CHECKPOINT_DOMAIN_V2: &str = "pgward-audit-checkpoint-v2";
 
 pub(crate) type Hash = [u8; 32];
 
@@ -31,6 +33,27 @@ pub(crate) fn format_ts(t: SystemTime) -> String {
 /// record before it (through `prev`).
 pub fn checkpoint_message(node: &str, seq: u64, ts: &str, prev_hex: &str, reason: &str) -> Vec<u8> {
     format!("{CHECKPOINT_DOMAIN}\n{node}\n{seq}\n{ts}\n{prev_hex}\n{reason}").into_bytes()
+}
+
+/// The v2 message a checkpoint signs: the domain, a newline, and the exact bytes of the
+/// checkpoint's line up to (not including) `,"sig":"`. It thereby covers the envelope
+/// (node, seq, ts, prev — the whole chain before it) and every field of the checkpoint.
+pub fn checkpoint_message_v2(line_before_sig: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(CHECKPOINT_DOMAIN_V2.len() + 1 + line_before_sig.len());
+    msg.extend_from_slice(CHECKPOINT_DOMAIN_V2.as_bytes());
+    msg.push(b'\n');
+    msg.extend_from_slice(line_before_sig);
+    msg
+}
+
+/// Splits a signed checkpoint line into the part its v2 signature covers and the signature:
+/// `sig` must be the last field (`…,"sig":"<base64>"}`).
+pub(crate) fn split_signature(line: &[u8]) -> Option<(&[u8], &str)> {
+    const MARK: &[u8] = b",\"sig\":\"";
+    let at = line.windows(MARK.len()).rposition(|w| w == MARK)?;
+    let rest = line.get(at + MARK.len()..)?.strip_suffix(b"\"}")?;
+    let sig = std::str::from_utf8(rest).ok()?;
+    (!sig.contains('"')).then_some((&line[..at], sig))
 }
 
 /// `audit-<first seq, 20 digits>-<UTC start, YYYYMMDDTHHMMSSZ>.jsonl`: names sort in chain
@@ -120,6 +143,11 @@ pub(crate) struct Head {
     pub file: Option<String>,
     #[serde(default)]
     pub torn_bytes: Option<u64>,
+    #[serde(default)]
+    pub covers_seq: Option<u64>,
+    /// Checkpoints of format 2: the writer's checkpoint interval.
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
 }
 
 pub(crate) fn parse_head(line: &[u8]) -> Option<Head> {

@@ -25,6 +25,15 @@ pub struct ReportArgs {
     pub service: Option<String>,
     #[arg(long, default_value = "audit-report.html")]
     pub out: PathBuf,
+    /// Verify the log with this public key and show the result (integrity section).
+    #[arg(long)]
+    pub public_key: Option<PathBuf>,
+    /// Also check the log against these anchors (see `audit verify --anchor`).
+    #[arg(long)]
+    pub anchor: Vec<String>,
+    /// The log is still being written (see `audit verify --live`).
+    #[arg(long)]
+    pub live: bool,
 }
 
 #[derive(Default)]
@@ -41,9 +50,10 @@ pub struct Aggregates {
     statements: u64,
     by_decision: BTreeMap<String, u64>,
     connections: u64,
-    auth_failures: BTreeMap<(String, String), u64>,
-    /// (minute "YYYY-MM-DDTHH:MM", service) -> statements.
-    per_minute: BTreeMap<(String, String), u64>,
+    /// (second "YYYY-MM-DDTHH:MM:SS", service) -> statements.
+    per_second: BTreeMap<(String, String), u64>,
+    sections: super::report_sections::Sections,
+    integrity: Option<(super::verify::VerifyReport, String)>,
     refusals_by_service: BTreeMap<String, u64>,
     refusals_by_rule: BTreeMap<(String, String, String), u64>,
     recent_refusals: Vec<(String, String, String, String)>,
@@ -62,16 +72,10 @@ impl Aggregates {
         }
         self.last_ts = Some(r.ts.clone());
         let service = r.service().unwrap_or("-").to_string();
+        self.sections.add(&r, &service);
         match r.kind.as_str() {
             "statement" => self.add_statement(r, service),
             "connection_opened" => self.connections += 1,
-            "auth_failed" => {
-                let key = (
-                    r.client_addr.unwrap_or_default(),
-                    r.user.unwrap_or_else(|| "-".into()),
-                );
-                *self.auth_failures.entry(key).or_default() += 1;
-            }
             "statement_completed" => {
                 if let Some(s) = r.sqlstate {
                     *self.errors_by_sqlstate.entry(s).or_default() += 1;
@@ -85,10 +89,10 @@ impl Aggregates {
         self.statements += 1;
         let decision = r.decision.clone().unwrap_or_default();
         *self.by_decision.entry(decision.clone()).or_default() += 1;
-        if let Some(minute) = r.ts.get(..16) {
+        if let Some(second) = r.ts.get(..19) {
             *self
-                .per_minute
-                .entry((minute.to_string(), service.clone()))
+                .per_second
+                .entry((second.to_string(), service.clone()))
                 .or_default() += 1;
         }
         for c in &r.encrypted_columns {
@@ -127,7 +131,7 @@ impl Aggregates {
     }
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     let mut o = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -146,20 +150,48 @@ const PALETTE: [&str; 8] = [
     "#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#64748b",
 ];
 
-fn minute_epoch(minute: &str) -> Option<u64> {
-    let t = humantime::parse_rfc3339_weak(&format!("{minute}:00Z")).ok()?;
-    Some(t.duration_since(UNIX_EPOCH).ok()?.as_secs() / 60)
+fn second_epoch(second: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339_weak(&format!("{second}Z")).ok()?;
+    Some(t.duration_since(UNIX_EPOCH).ok()?.as_secs())
 }
 
-/// Line chart of statements per service over time, at most ~60 buckets.
+/// Bucket width (seconds) giving at most 60 buckets over `span` seconds, rounded up to a
+/// readable step so the chart reads at any span, from one second to years.
+fn bucket_width(span: u64) -> u64 {
+    const STEPS: [u64; 14] = [
+        1,
+        5,
+        10,
+        30,
+        60,
+        300,
+        600,
+        1800,
+        3600,
+        3 * 3600,
+        6 * 3600,
+        86_400,
+        7 * 86_400,
+        30 * 86_400,
+    ];
+    let need = span / 60 + 1;
+    STEPS
+        .iter()
+        .copied()
+        .find(|&s| s >= need)
+        .unwrap_or(need.div_ceil(30 * 86_400) * 30 * 86_400)
+}
+
+/// Line chart of statements per service over time, at most ~60 buckets, with a marker at
+/// every point so a single bucket still shows.
 fn activity_svg(a: &Aggregates) -> String {
     let mut per_service: BTreeMap<&str, BTreeMap<u64, u64>> = BTreeMap::new();
-    for ((minute, service), n) in &a.per_minute {
-        if let Some(m) = minute_epoch(minute) {
+    for ((second, service), n) in &a.per_second {
+        if let Some(t) = second_epoch(second) {
             *per_service
                 .entry(service)
                 .or_default()
-                .entry(m)
+                .entry(t)
                 .or_default() += n;
         }
     }
@@ -170,14 +202,16 @@ fn activity_svg(a: &Aggregates) -> String {
     let (Some(&lo), Some(&hi)) = (all.iter().min(), all.iter().max()) else {
         return "<p class=\"empty\">No statements in range.</p>".into();
     };
-    let width = (hi - lo) / 60 + 1; // minutes per bucket
-    let buckets = ((hi - lo) / width + 1) as usize;
+    let width = bucket_width(hi - lo);
+    let lo = lo - lo % width;
+    // At least two buckets, so the axis has a length.
+    let buckets = (((hi - lo) / width + 1) as usize).max(2);
     let mut series: Vec<(&str, Vec<u64>)> = per_service
         .iter()
         .map(|(s, m)| {
             let mut v = vec![0u64; buckets];
-            for (minute, n) in m {
-                v[((minute - lo) / width) as usize] += n;
+            for (t, n) in m {
+                v[((t - lo) / width) as usize] += n;
             }
             (*s, v)
         })
@@ -190,6 +224,7 @@ fn activity_svg(a: &Aggregates) -> String {
         .max()
         .unwrap_or(1)
         .max(1);
+    let hi = lo + width * (buckets as u64 - 1);
     let (w, h, pad) = (900.0_f64, 260.0_f64, 40.0_f64);
     let x = |i: usize| pad + (w - 2.0 * pad) * (i as f64) / ((buckets.max(2) - 1) as f64);
     let y = |n: u64| h - pad - (h - 2.0 * pad) * (n as f64) / (max as f64);
@@ -207,10 +242,10 @@ fn activity_svg(a: &Aggregates) -> String {
         h - pad
     );
     let _ = write!(s, "<text x=\"4\" y=\"{}\" font-size=\"11\">{max}</text><text x=\"4\" y=\"{}\" font-size=\"11\">0</text>", pad + 4.0, h - pad);
-    let label = |m: u64| {
-        humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(m * 60))
+    let label = |t: u64| {
+        humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(t))
             .to_string()
-            .get(..16)
+            .get(..19)
             .unwrap_or_default()
             .replace('T', " ")
     };
@@ -222,7 +257,7 @@ fn activity_svg(a: &Aggregates) -> String {
     );
     let _ = write!(
         s,
-        "<text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">{} ({} min/bucket)</text>",
+        "<text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">{} ({} s/bucket)</text>",
         w - pad,
         h - 12.0,
         label(hi),
@@ -240,6 +275,15 @@ fn activity_svg(a: &Aggregates) -> String {
             PALETTE[i],
             pts.join(" ")
         );
+        for (j, n) in v.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let _ = write!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>",
+                x(j),
+                y(*n),
+                PALETTE[i]
+            );
+        }
         let _ = write!(s, "<rect x=\"{}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\" font-size=\"12\">{}</text>",
             w - 180.0, 10.0 + 16.0 * i as f64, PALETTE[i], w - 165.0, 19.0 + 16.0 * i as f64, esc(name));
     }
@@ -265,7 +309,7 @@ fn bars_svg(items: &[(String, u64)], color: &str) -> String {
     s
 }
 
-fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+pub(crate) fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
     let mut s = String::from("<table><thead><tr>");
     for h in headers {
         let _ = write!(s, "<th>{}</th>", esc(h));
@@ -311,7 +355,7 @@ pub fn render_html(a: &Aggregates, title: &str) -> String {
     );
     let refused = a.by_decision.get("refused").copied().unwrap_or(0);
     let failed = a.by_decision.get("failed").copied().unwrap_or(0);
-    let auth: u64 = a.auth_failures.values().sum();
+    let auth: u64 = a.sections.auth_failure_count();
     let enc: u64 = a.encrypted.values().sum();
     h.push_str("<section id=\"summary\"><h2>Summary</h2><div class=\"cards\">");
     for (label, n) in [
@@ -326,6 +370,10 @@ pub fn render_html(a: &Aggregates, title: &str) -> String {
         let _ = write!(h, "<div class=\"card\"><b>{n}</b>{label}</div>");
     }
     h.push_str("</div></section>");
+    h.push_str(&super::report_sections::Sections::render_integrity(
+        a.integrity.as_ref().map(|(r, _)| r),
+        a.integrity.as_ref().map_or("", |(_, c)| c.as_str()),
+    ));
 
     let _ = write!(
         h,
@@ -402,16 +450,7 @@ pub fn render_html(a: &Aggregates, title: &str) -> String {
     }
     h.push_str("</tbody></table></section>");
 
-    let _ = write!(
-        h,
-        "<section id=\"auth-failures\"><h2>Failed authentication</h2>{}</section>",
-        table(
-            &["client", "user", "attempts"],
-            a.auth_failures
-                .iter()
-                .map(|((c, u), n)| vec![c.clone(), u.clone(), n.to_string()])
-        )
-    );
+    h.push_str(&a.sections.render());
     let _ = write!(
         h,
         "<section id=\"errors\"><h2>Server errors by SQLSTATE</h2>{}</section>",
@@ -437,6 +476,31 @@ pub fn report(args: &ReportArgs) -> Result<u64, AuditError> {
     };
     let filter = Filter::from_args(&sargs, SystemTime::now())?;
     let mut agg = Aggregates::default();
+    if args.public_key.is_some() || !args.anchor.is_empty() {
+        let vargs = super::verify::VerifyArgs {
+            paths: args.paths.clone(),
+            public_key: args.public_key.clone(),
+            live: args.live,
+            partial: false,
+            slack: std::time::Duration::from_secs(30),
+            anchor: args.anchor.clone(),
+        };
+        let checked = format!(
+            "hash chain{}{}{}",
+            if args.public_key.is_some() {
+                ", checkpoint signatures"
+            } else {
+                ""
+            },
+            if args.anchor.is_empty() {
+                ""
+            } else {
+                ", anchors outside the host"
+            },
+            if args.live { " (live)" } else { "" }
+        );
+        agg.integrity = Some((super::verify::verify(&vargs)?, checked));
+    }
     scan(&args.paths, &filter, |_, r| {
         agg.add(r);
         true

@@ -13,7 +13,8 @@ use super::AuditError;
 /// Arguments of `pgward audit search`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SearchArgs {
-    /// Segment files and/or directories.
+    /// Segment files and/or directories. Several directories are a fleet (one per node):
+    /// their records are merged by time.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
     #[arg(long)]
@@ -30,18 +31,19 @@ pub struct SearchArgs {
     #[arg(long)]
     pub column: Option<String>,
     /// allowed | refused | failed
-    #[arg(long)]
+    #[arg(long, value_parser = ["allowed", "refused", "failed"])]
     pub decision: Option<String>,
     #[arg(long)]
     pub session: Option<u64>,
+    /// SQLSTATE of a refusal, a failed login or a completion; a matching completion is shown
+    /// together with the statement it completes.
     #[arg(long)]
     pub sqlstate: Option<String>,
     /// Substring of the statement text or (case-insensitively) its fingerprint.
     #[arg(long)]
     pub text: Option<String>,
-    /// Record kind: statement, statement_completed, connection_opened, connection_closed,
-    /// auth_failed, checkpoint, recovery.
-    #[arg(long)]
+    /// Record kind.
+    #[arg(long, value_parser = KINDS)]
     pub kind: Option<String>,
     /// Stop after this many matches (0: no limit).
     #[arg(long, default_value_t = 0)]
@@ -50,6 +52,21 @@ pub struct SearchArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// Every record kind the writer produces (`--kind` accepts only these).
+pub const KINDS: [&str; 11] = [
+    "statement",
+    "statement_completed",
+    "connection_opened",
+    "connection_closed",
+    "auth_failed",
+    "checkpoint",
+    "recovery",
+    "audit_started",
+    "audit_stopped",
+    "audit_outage",
+    "truncation_detected",
+];
 
 /// The fields search and report look at. Unknown fields are ignored.
 #[derive(Debug, Default, Deserialize)]
@@ -78,6 +95,16 @@ pub struct RecordView {
     pub client_addr: Option<String>,
     pub user: Option<String>,
     pub statement_seq: Option<u64>,
+    /// `audit_outage`
+    pub started: Option<String>,
+    pub ended: Option<String>,
+    pub failed_writes: Option<u64>,
+    pub statements_refused_or_unaudited: Option<u64>,
+    pub records_lost: Option<u64>,
+    /// `truncation_detected`
+    pub anchor_seq: Option<u64>,
+    /// `audit_started` / `audit_stopped`
+    pub settings: Option<serde_json::Value>,
 }
 
 /// Nested session of `connection_opened`.
@@ -90,10 +117,16 @@ pub struct SessionView {
 }
 
 impl RecordView {
+    /// The record's service; for a failed login, the service the client claimed.
     pub fn service(&self) -> Option<&str> {
         self.service
             .as_deref()
             .or(self.session.as_ref().map(|s| s.service.as_str()))
+            .or(if self.kind == "auth_failed" {
+                self.user.as_deref()
+            } else {
+                None
+            })
     }
     pub fn session_id(&self) -> Option<u64> {
         self.session_id
@@ -122,6 +155,11 @@ impl RecordView {
 /// Parses `--since/--until`: RFC 3339, or a duration back from `now`. Returns the fixed-width
 /// timestamp string the records use, so comparisons are plain string comparisons.
 pub fn parse_time_arg(s: &str, now: SystemTime) -> Result<String, AuditError> {
+    if is_bare_date(s) {
+        let t = humantime::parse_rfc3339(&format!("{s}T00:00:00Z"))
+            .map_err(|_| AuditError::BadTime { input: s.into() })?;
+        return Ok(record::format_ts(t));
+    }
     if let Ok(t) = humantime::parse_rfc3339_weak(s) {
         return Ok(record::format_ts(t));
     }
@@ -131,6 +169,28 @@ pub fn parse_time_arg(s: &str, now: SystemTime) -> Result<String, AuditError> {
         .checked_sub(d)
         .ok_or_else(|| AuditError::BadTime { input: s.into() })?;
     Ok(record::format_ts(t))
+}
+
+/// `YYYY-MM-DD`: a whole day, UTC.
+fn is_bare_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+/// `--until` with a bare date includes that whole day.
+fn parse_until_arg(s: &str, now: SystemTime) -> Result<String, AuditError> {
+    if !is_bare_date(s) {
+        return parse_time_arg(s, now);
+    }
+    let start = humantime::parse_rfc3339(&format!("{s}T00:00:00Z"))
+        .map_err(|_| AuditError::BadTime { input: s.into() })?;
+    let end = start + std::time::Duration::from_secs(86_400) - std::time::Duration::from_micros(1);
+    Ok(record::format_ts(end))
 }
 
 /// A compiled filter: raw-line needles (all must occur) then exact checks on the parsed record.
@@ -147,6 +207,9 @@ pub struct Filter {
     session: Option<u64>,
     sqlstate: Option<String>,
     kind: Option<String>,
+    service_needles: Option<[String; 2]>,
+    /// Records shown whatever the other criteria (statements of matching completions).
+    also_seqs: std::collections::HashSet<u64>,
 }
 
 fn json_str(s: &str) -> String {
@@ -164,7 +227,7 @@ impl Filter {
             until: a
                 .until
                 .as_deref()
-                .map(|s| parse_time_arg(s, now))
+                .map(|s| parse_until_arg(s, now))
                 .transpose()?,
             service: a.service.clone(),
             table: a.table.clone(),
@@ -176,7 +239,11 @@ impl Filter {
             ..Filter::default()
         };
         if let Some(s) = &a.service {
-            f.needles.push(format!("\"service\":{}", json_str(s)));
+            // A failed login names the service it claimed as `user`.
+            f.service_needles = Some([
+                format!("\"service\":{}", json_str(s)),
+                format!("\"user\":{}", json_str(s)),
+            ]);
         }
         if let Some(t) = &a.table {
             // `…people"` is in the line whether the record names `people` or `x.people`.
@@ -207,6 +274,15 @@ impl Filter {
 
     /// Cheap check on the raw line; false means the record cannot match.
     pub fn prefilter(&self, line: &str) -> bool {
+        if !self.also_seqs.is_empty() && raw_seq(line).is_some_and(|s| self.also_seqs.contains(&s))
+        {
+            return true;
+        }
+        if let Some([a, b]) = &self.service_needles {
+            if !line.contains(a.as_str()) && !line.contains(b.as_str()) {
+                return false;
+            }
+        }
         if self.since.is_some() || self.until.is_some() {
             let Some(ts) = raw_ts(line) else {
                 return false;
@@ -233,6 +309,9 @@ impl Filter {
         let eq = |want: &Option<String>, got: Option<&str>| {
             want.as_deref().is_none_or(|w| got == Some(w))
         };
+        if self.also_seqs.contains(&r.seq) {
+            return true;
+        }
         eq(&self.service, r.service())
             && eq(&self.decision, r.decision.as_deref())
             && eq(&self.sqlstate, r.sqlstate.as_deref())
@@ -270,6 +349,13 @@ impl Filter {
     }
 }
 
+/// The `seq` of a raw record line without parsing it.
+fn raw_seq(line: &str) -> Option<u64> {
+    let i = line.find("\"seq\":")? + 6;
+    let end = line[i..].find(|c: char| !c.is_ascii_digit())? + i;
+    line[i..end].parse().ok()
+}
+
 /// The `ts` of a raw record line without parsing it (fixed position after `"ts":"`).
 fn raw_ts(line: &str) -> Option<&str> {
     let i = line.find("\"ts\":\"")? + 6;
@@ -284,6 +370,10 @@ pub fn scan(
     filter: &Filter,
     mut f: impl FnMut(&str, RecordView) -> bool,
 ) -> Result<u64, AuditError> {
+    let dirs: Vec<&PathBuf> = paths.iter().filter(|p| p.is_dir()).collect();
+    if dirs.len() >= 2 && dirs.len() == paths.len() {
+        return scan_fleet(&dirs, filter, f);
+    }
     let files = record::expand_paths(paths)?;
     let mut scanned = 0u64;
     let mut buf = String::new();
@@ -313,6 +403,89 @@ pub fn scan(
             if filter.matches(&rec) && !f(line, rec) {
                 return Ok(scanned);
             }
+        }
+    }
+    Ok(scanned)
+}
+
+/// The lines of one node's directory, file after file.
+struct DirLines {
+    files: std::vec::IntoIter<PathBuf>,
+    reader: Option<(PathBuf, BufReader<std::fs::File>)>,
+}
+
+impl DirLines {
+    fn new(dir: &Path) -> Result<Self, AuditError> {
+        Ok(DirLines {
+            files: record::list_segments(dir)?.into_iter(),
+            reader: None,
+        })
+    }
+
+    fn next_line(&mut self) -> Result<Option<String>, AuditError> {
+        loop {
+            if self.reader.is_none() {
+                let Some(path) = self.files.next() else {
+                    return Ok(None);
+                };
+                let file = std::fs::File::open(&path).map_err(|e| AuditError::io(&path, e))?;
+                self.reader = Some((path, BufReader::with_capacity(1 << 20, file)));
+            }
+            let Some((path, reader)) = self.reader.as_mut() else {
+                continue;
+            };
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) => self.reader = None,
+                Ok(_) => return Ok(Some(line.trim_end_matches('\n').to_string())),
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {}
+                Err(e) => return Err(AuditError::io(path.as_path(), e)),
+            }
+        }
+    }
+}
+
+/// Several nodes' directories (a fleet): their records merged by time (each node's records
+/// are in time order already, so this is a k-way merge on `ts`).
+fn scan_fleet(
+    dirs: &[&PathBuf],
+    filter: &Filter,
+    mut f: impl FnMut(&str, RecordView) -> bool,
+) -> Result<u64, AuditError> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut nodes = dirs
+        .iter()
+        .map(|d| DirLines::new(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut heap = BinaryHeap::new();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        if let Some(line) = n.next_line()? {
+            heap.push(Reverse((
+                raw_ts(&line).unwrap_or_default().to_string(),
+                i,
+                line,
+            )));
+        }
+    }
+    let mut scanned = 0u64;
+    while let Some(Reverse((_, i, line))) = heap.pop() {
+        if let Some(next) = nodes[i].next_line()? {
+            heap.push(Reverse((
+                raw_ts(&next).unwrap_or_default().to_string(),
+                i,
+                next,
+            )));
+        }
+        scanned += 1;
+        if !filter.prefilter(&line) {
+            continue;
+        }
+        let Ok(rec) = serde_json::from_str::<RecordView>(&line) else {
+            continue;
+        };
+        if filter.matches(&rec) && !f(&line, rec) {
+            break;
         }
     }
     Ok(scanned)
@@ -356,7 +529,17 @@ fn table_row(r: &RecordView) -> String {
 
 /// Runs a search, writing a table or JSON Lines to `out`. Returns (scanned, matched).
 pub fn search(args: &SearchArgs, out: &mut dyn Write) -> Result<(u64, u64), AuditError> {
-    let filter = Filter::from_args(args, SystemTime::now())?;
+    let mut filter = Filter::from_args(args, SystemTime::now())?;
+    if args.sqlstate.is_some() {
+        // A completion's SQLSTATE is only useful with the statement it completes, which comes
+        // earlier in the log: a first pass finds those statements.
+        let mut statements = std::collections::HashSet::new();
+        scan(&args.paths, &filter, |_, rec| {
+            statements.extend(rec.statement_seq);
+            true
+        })?;
+        filter.also_seqs = statements;
+    }
     let mut matched = 0u64;
     let mut io_err = None;
     if !args.json {

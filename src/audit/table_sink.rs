@@ -1,7 +1,8 @@
 //! Optional second sink: a copy of every durable batch in a PostgreSQL table of a separate
-//! database. Best effort by design — the JSON Lines files are the record of truth and the
-//! durable path never waits for this sink; while the database is unreachable batches are
-//! dropped (and logged), and the files still hold them.
+//! database, which is also the log's external anchor (see `anchor`). Records are best effort
+//! — the JSON Lines files are the record of truth and the durable path never waits for this
+//! sink; while the database is unreachable batches are dropped (and logged), and the files
+//! still hold them — but the newest checkpoint is retried until it is stored.
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -32,22 +33,41 @@ pub(crate) fn spawn(url: String) -> mpsc::Sender<String> {
     tx
 }
 
+/// Records are best effort, checkpoints are not: the newest checkpoint of a batch that could
+/// not be stored is kept and sent again with the next batch (a checkpoint comes at least every
+/// `checkpoint_interval`), because it anchors every record before it.
 async fn run(url: String, mut rx: mpsc::Receiver<String>) {
     let mut client: Option<tokio_postgres::Client> = None;
+    let mut pending_checkpoint: Option<String> = None;
     while let Some(batch) = rx.recv().await {
+        let batch = match pending_checkpoint.take() {
+            Some(cp) => cp + &batch,
+            None => batch,
+        };
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = connect(&url).await;
         }
         let Some(c) = &client else {
             tracing::warn!("audit table sink unreachable; batch kept only in the files");
+            pending_checkpoint = newest_checkpoint(&batch);
             continue;
         };
         let array = lines_to_array(&batch);
         if let Err(e) = c.execute(INSERT, &[&array]).await {
             tracing::warn!(error = %e, "audit table sink insert failed");
+            pending_checkpoint = newest_checkpoint(&batch);
             client = None;
         }
     }
+}
+
+/// The last checkpoint line of a batch, with its newline.
+fn newest_checkpoint(batch: &str) -> Option<String> {
+    batch
+        .lines()
+        .rev()
+        .find(|l| l.contains("\"kind\":\"checkpoint\""))
+        .map(|l| format!("{l}\n"))
 }
 
 async fn connect(url: &str) -> Option<tokio_postgres::Client> {
@@ -100,5 +120,10 @@ mod tests {
         let a = super::lines_to_array("{\"a\":1}\n{\"b\":2}\n");
         let v: serde_json::Value = serde_json::from_str(&a).unwrap();
         assert_eq!(v.as_array().map(|a| a.len()), Some(2));
+        let batch = "{\"kind\":\"checkpoint\",\"seq\":1}\n{\"kind\":\"statement\"}\n{\"kind\":\"checkpoint\",\"seq\":3}\n{\"kind\":\"statement\"}\n";
+        assert_eq!(
+            super::newest_checkpoint(batch).as_deref(),
+            Some("{\"kind\":\"checkpoint\",\"seq\":3}\n")
+        );
     }
 }

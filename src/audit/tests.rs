@@ -60,6 +60,8 @@ impl Fixture {
             public_key: Some(public_key_path(&self.key)),
             live,
             partial: false,
+            slack: Duration::from_secs(30),
+            anchor: Vec::new(),
         })
         .unwrap()
     }
@@ -94,7 +96,10 @@ async fn chain_and_signature_round_trip_across_rotation_and_restart() {
     let fx = Fixture::new();
     let seqs = write_log(&fx, 40, 2048).await;
     assert_eq!(seqs.len(), 40);
-    assert_eq!(seqs[0], 0);
+    assert_eq!(
+        seqs[0], 2,
+        "audit_started and the start checkpoint come first"
+    );
     assert!(
         seqs.windows(2).all(|w| w[0] < w[1]),
         "rotation checkpoints take seqs in between"
@@ -102,12 +107,20 @@ async fn chain_and_signature_round_trip_across_rotation_and_restart() {
     assert!(fx.files().len() >= 3, "rotation made several files");
     let r = fx.verify();
     assert!(r.is_intact(), "{:?}", r.breaks);
-    assert_eq!(r.records, 40 + r.checkpoints);
+    assert_eq!(
+        r.records,
+        40 + 2 + r.checkpoints,
+        "statements, started/stopped, checkpoints"
+    );
     assert_eq!(r.signatures_valid, r.checkpoints);
     assert!(r.checkpoints >= 3);
     // A second run continues the chain.
     let more = write_log(&fx, 5, 1 << 20).await;
-    assert_eq!(more[0], r.head.as_ref().unwrap().0 + 1);
+    assert_eq!(
+        more[0],
+        r.head.as_ref().unwrap().0 + 3,
+        "after audit_started and the start checkpoint"
+    );
     let r2 = fx.verify();
     assert!(r2.is_intact(), "{:?}", r2.breaks);
     assert_eq!(r2.recovered_truncations, 0);
@@ -283,6 +296,8 @@ async fn rechained_log_with_forged_checkpoints_is_detected_by_signature() {
         public_key: None,
         live: false,
         partial: false,
+        slack: Duration::from_secs(30),
+        anchor: Vec::new(),
     })
     .unwrap();
     assert!(
@@ -401,8 +416,8 @@ async fn crash_with_torn_last_line_is_recovered_and_reported() {
     let s = session(2, "orders");
     let seq = h.append(stmt(&s, "select 42")).await.unwrap();
     assert_eq!(
-        seq, 11,
-        "seq 10 is the recovery record right after the last valid seq 9"
+        seq, 16,
+        "after the last valid seq 12: recovery 13, audit_started 14, start checkpoint 15"
     );
     log.shutdown().await.unwrap();
     let r = fx.verify();
@@ -583,7 +598,36 @@ async fn search_filters() {
         "auth failure"
     );
     assert_eq!(search_count(&fx, |a| a.session = Some(2)), 4);
-    assert_eq!(search_count(&fx, |a| a.sqlstate = Some("40001".into())), 1);
+    assert_eq!(
+        search_count(&fx, |a| a.sqlstate = Some("40001".into())),
+        2,
+        "the completion and the statement it completes"
+    );
+    assert_eq!(
+        search_count(&fx, |a| a.service = Some("mallory".into())),
+        1,
+        "a failed login that claimed the service"
+    );
+    assert_eq!(
+        search_count(&fx, |a| a.since = Some("2000-01-01".into())),
+        21,
+        "a bare date is midnight UTC"
+    );
+    assert_eq!(
+        search_count(&fx, |a| a.until = Some("2000-01-01".into())),
+        0
+    );
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SearchArgs,
+    }
+    use clap::Parser;
+    assert!(Cli::try_parse_from(["s", "d", "--decision", "refussed"]).is_err());
+    assert!(Cli::try_parse_from(["s", "d", "--kind", "statment"]).is_err());
+    assert!(
+        Cli::try_parse_from(["s", "d", "--decision", "refused", "--kind", "audit_outage"]).is_ok()
+    );
     assert_eq!(
         search_count(&fx, |a| a.text = Some("DELETE FROM".into())),
         1
@@ -593,11 +637,11 @@ async fn search_filters() {
         1,
         "fingerprint match"
     );
-    assert_eq!(search_count(&fx, |a| a.since = Some("1h".into())), 18);
+    assert_eq!(search_count(&fx, |a| a.since = Some("1h".into())), 21);
     assert_eq!(search_count(&fx, |a| a.until = Some("1h".into())), 0);
     assert_eq!(
         search_count(&fx, |a| a.since = Some("2000-01-01T00:00:00Z".into())),
-        18
+        21
     );
     assert_eq!(
         search_count(&fx, |a| {
@@ -633,9 +677,12 @@ async fn report_has_every_section_and_no_external_assets() {
         until: None,
         service: None,
         out: out.clone(),
+        public_key: Some(public_key_path(&fx.key)),
+        anchor: Vec::new(),
+        live: false,
     })
     .unwrap();
-    assert_eq!(n, 18);
+    assert_eq!(n, 21);
     let html = std::fs::read_to_string(&out).unwrap();
     for id in [
         "summary",
@@ -644,6 +691,9 @@ async fn report_has_every_section_and_no_external_assets() {
         "encrypted",
         "top-statements",
         "auth-failures",
+        "integrity",
+        "audit-log",
+        "tables",
     ] {
         assert!(
             html.contains(&format!("<section id=\"{id}\"")),
@@ -653,6 +703,16 @@ async fn report_has_every_section_and_no_external_assets() {
     assert!(html.contains("<svg"));
     assert!(html.contains("people.ssn"));
     assert!(html.contains("no-bulk-delete"));
+    assert!(html.contains("INTACT"), "integrity status");
+    assert!(
+        html.contains("10.1.1.1<"),
+        "failed logins by address, without port"
+    );
+    assert!(html.contains("audit_started"));
+    assert!(
+        html.contains("<circle"),
+        "points are drawn even when all fall in one bucket"
+    );
     assert!(html.contains("select * from orders where id = ?"));
     assert!(!html.contains("<script") && !html.contains(" src=") && !html.contains("href="));
 }

@@ -81,6 +81,8 @@ struct Counters {
     fsyncs: AtomicU64,
     failures: AtomicU64,
     dropped_nowait: AtomicU64,
+    /// Starts that found the log behind (or different from) its external anchor.
+    truncations_detected: AtomicU64,
 }
 
 /// A snapshot of the writer's counters.
@@ -159,11 +161,16 @@ impl AuditLog {
             .table_sink_url
             .as_ref()
             .map(|url| super::table_sink::spawn(url.clone()));
+        let anchor = latest_anchor(&config).await;
         let cfg = config.clone();
         let c2 = counters.clone();
-        let writer = tokio::task::spawn_blocking(move || Writer::new(&cfg, c2, table_tx))
-            .await
-            .map_err(|_| AuditError::Closed)??;
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut w = Writer::new(&cfg, c2, table_tx, anchor.as_ref())?;
+            w.write_start_or_abandon()?;
+            Ok::<_, AuditError>(w)
+        })
+        .await
+        .map_err(|_| AuditError::Closed)??;
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("pgward-audit".into())
@@ -289,6 +296,16 @@ impl AuditHandle {
         self.inner.durability
     }
 
+    /// Whether this start found the log behind, or different from, its newest checkpoint
+    /// anchored outside the host (a `truncation_detected` record was written).
+    pub fn truncation_detected(&self) -> bool {
+        self.inner
+            .counters
+            .truncations_detected
+            .load(Ordering::Relaxed)
+            > 0
+    }
+
     /// What the proxy must do when `append` fails.
     pub fn on_failure(&self) -> OnFailure {
         self.inner.on_failure
@@ -352,10 +369,18 @@ struct Writer {
     since_checkpoint: u64,
     last_checkpoint: Instant,
     recovery: Option<Recovery>,
+    /// The write outage in progress, recorded once the log can be written again.
+    outage: Option<super::lifecycle::Outage>,
     buf: Vec<u8>,
     counters: Arc<Counters>,
     table_tx: Option<tokio::sync::mpsc::Sender<String>>,
     syslog: Option<super::syslog_sink::SyslogSink>,
+    /// Found at start against the anchor: recorded before `audit_started`.
+    truncation: Option<(super::anchor::Anchor, &'static str)>,
+    /// Effective settings, recorded in `audit_started` / `audit_stopped`.
+    settings: serde_json::Value,
+    /// Held for the writer's lifetime: one writer per directory.
+    _lock: super::lock::DirLock,
 }
 
 impl Writer {
@@ -363,8 +388,11 @@ impl Writer {
         config: &AuditConfig,
         counters: Arc<Counters>,
         table_tx: Option<tokio::sync::mpsc::Sender<String>>,
+        anchor: Option<&super::anchor::Anchor>,
     ) -> Result<Self, AuditError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| AuditError::io(&config.dir, e))?;
+        // Before reading the tail: a second writer must not even write a recovery record.
+        let lock = super::lock::acquire(&config.dir)?;
         let key = config
             .signing_key_file
             .as_deref()
@@ -380,8 +408,15 @@ impl Writer {
             tracing::warn!(file = ?r.file, torn_bytes = r.torn_bytes, resume_seq = tail.next_seq,
                 "audit log was not shut down cleanly; resuming chain after the last valid record");
         }
+        let truncation = anchor.and_then(|a| {
+            let why = super::anchor::check_start(&config.dir, tail.next_seq, a)?;
+            tracing::error!(anchor_seq = a.seq, anchor_ts = %a.ts, local_next_seq = tail.next_seq, why,
+                "AUDIT LOG TRUNCATED OR REWRITTEN: the log's head does not reach its newest checkpoint anchored outside this host");
+            counters.truncations_detected.fetch_add(1, Ordering::Relaxed);
+            Some((a.clone(), why))
+        });
         let node = config.resolved_node_id();
-        let mut w = Writer {
+        let w = Writer {
             dir: config.dir.clone(),
             node_json: serde_json::to_string(&node)?,
             node,
@@ -399,6 +434,7 @@ impl Writer {
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
             recovery,
+            outage: None,
             buf: Vec::with_capacity(1 << 20),
             counters,
             table_tx,
@@ -410,11 +446,12 @@ impl Writer {
                 .map_err(|e| {
                     AuditError::io(config.syslog_socket.as_deref().unwrap_or(Path::new("")), e)
                 })?,
+            settings: super::lifecycle::settings(config),
+            truncation,
+            _lock: lock,
         };
         // Fail at startup, not on the first statement, if the directory is unusable; and make
         // a recovery durable right away.
-        w.ensure_segment()?;
-        w.write_batch(&mut [])?;
         Ok(w)
     }
 
@@ -468,12 +505,15 @@ impl Writer {
         }
     }
 
+    /// A checkpoint is due every interval even when idle: a live log's newest signature is
+    /// then never older than one interval, which is what bounds `verify --live`.
     fn until_checkpoint(&self) -> Duration {
-        if self.since_checkpoint == 0 {
-            return Duration::from_secs(3600);
-        }
         self.checkpoint_interval
             .saturating_sub(self.last_checkpoint.elapsed())
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        self.last_checkpoint.elapsed() >= self.checkpoint_interval
     }
 
     /// Writes `batch` durably and answers every waiter: the written acks after the write,
@@ -500,17 +540,24 @@ impl Writer {
     /// precede the batch (recovery, due checkpoint, rotation) are handled here too.
     fn write_batch(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
         let result = self.try_write_batch(batch);
-        if let Err(e) = &result {
-            self.counters.failures.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, "audit write failed");
-            self.abandon_segment();
+        match &result {
+            Err(e) => {
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "audit write failed");
+                self.count_outage(e, batch);
+                self.abandon_segment();
+                // Retry a due checkpoint one interval later instead of spinning on a broken disk.
+                self.last_checkpoint = Instant::now();
+            }
+            // The recovery (and with it the outage record) is durable.
+            Ok(()) if self.recovery.is_none() => self.outage = None,
+            Ok(()) => {}
         }
         result
     }
 
     fn try_write_batch(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
-        let checkpoint_due =
-            self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.checkpoint_interval;
+        let checkpoint_due = self.checkpoint_due();
         if batch.is_empty() && self.recovery.is_none() && !checkpoint_due {
             return Ok(());
         }
@@ -557,6 +604,14 @@ impl Writer {
 
     fn frame(&mut self, seq: u64, ts: &str, body: &[u8]) {
         debug_assert!(body.len() > 2 && body[0] == b'{');
+        let start = self.begin_frame(seq, ts);
+        self.buf.extend_from_slice(&body[1..]);
+        self.end_frame(start, seq);
+    }
+
+    /// Writes the envelope of record `seq` up to and including the comma before `kind`;
+    /// returns where the line starts in `buf`.
+    fn begin_frame(&mut self, seq: u64, ts: &str) -> usize {
         let start = self.buf.len();
         let mut prev_hex = [0u8; 64];
         // Infallible: the output buffer is exactly twice the input.
@@ -568,32 +623,71 @@ impl Writer {
         );
         self.buf.extend_from_slice(&prev_hex);
         self.buf.extend_from_slice(b"\",");
-        self.buf.extend_from_slice(&body[1..]);
+        start
+    }
+
+    /// Hashes the complete line that starts at `start`, ends it and advances the chain head.
+    fn end_frame(&mut self, start: usize, seq: u64) {
         self.prev = record::record_hash(&self.buf[start..]);
         self.buf.push(b'\n');
         self.next_seq = seq + 1;
         self.since_checkpoint += 1;
     }
 
-    /// A checkpoint signs the hash of everything before it; `sig` is absent without a key.
+    /// A checkpoint signs every byte of its own line before `"sig"` (envelope with `prev`,
+    /// reason, `covers_seq`, `interval_ms`, `key_id`): see [`record::checkpoint_message_v2`].
+    /// Without a key the same record is written without `key_id`/`sig`.
     fn push_checkpoint(&mut self, reason: &str) -> Result<(), AuditError> {
         let seq = self.next_seq;
         let ts = record::format_ts(SystemTime::now());
-        let prev_hex = hex::encode(self.prev);
-        let mut body = serde_json::Map::new();
-        body.insert("kind".into(), "checkpoint".into());
-        body.insert("reason".into(), reason.into());
-        body.insert("covers_seq".into(), seq.checked_sub(1).into());
+        let body = super::lifecycle::checkpoint_body(
+            reason,
+            seq,
+            self.checkpoint_interval,
+            self.key.as_ref().map(SigningKey::key_id),
+        )?;
+        let start = self.begin_frame(seq, &ts);
+        // The body without its closing brace: the signature is appended as the last field.
+        self.buf.extend_from_slice(&body[1..body.len() - 1]);
         if let Some(key) = &self.key {
-            let msg = record::checkpoint_message(&self.node, seq, &ts, &prev_hex, reason);
+            let msg = record::checkpoint_message_v2(&self.buf[start..]);
             let sig = base64::engine::general_purpose::STANDARD.encode(key.sign(&msg).to_bytes());
-            body.insert("key_id".into(), key.key_id().into());
-            body.insert("sig".into(), sig.into());
+            let _ = write!(self.buf, ",\"sig\":\"{sig}\"");
         }
-        let bytes = serde_json::to_vec(&serde_json::Value::Object(body))?;
-        self.frame(seq, &ts, &bytes);
+        self.buf.push(b'}');
+        self.end_frame(start, seq);
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Fails at startup, not on the first statement, if the directory is unusable.
+    fn write_start_or_abandon(&mut self) -> Result<(), AuditError> {
+        let r = self.write_start();
+        if r.is_err() {
+            self.abandon_segment();
+        }
+        r
+    }
+
+    /// `audit_started` (effective settings) and a `start` checkpoint, so that every run of a
+    /// signed log begins with a signature and says how it was configured.
+    fn write_start(&mut self) -> Result<(), AuditError> {
+        self.ensure_segment()?;
+        self.buf.clear();
+        if let Some(r) = self.recovery.clone() {
+            self.push_recovery(&r)?;
+        }
+        if let Some((anchor, why)) = &self.truncation {
+            let body = super::lifecycle::truncation_body(anchor, why, self.next_seq)?;
+            self.push_record(&body);
+        }
+        let body = super::lifecycle::started_body(&self.settings)?;
+        self.push_record(&body);
+        self.push_checkpoint("start")?;
+        self.flush()?;
+        self.recovery = None;
+        tracing::info!(node = %self.node, seq = self.next_seq, "audit log started");
         Ok(())
     }
 
@@ -607,7 +701,36 @@ impl Writer {
         });
         let bytes = serde_json::to_vec(&body)?;
         self.push_record(&bytes);
+        if let Some(outage) = &self.outage {
+            let now = record::format_ts(SystemTime::now());
+            let body = outage.body(&now)?;
+            self.push_record(&body);
+        }
         Ok(())
+    }
+
+    /// One outage (from the first failed write to the next durable one) becomes one
+    /// `audit_outage` record with counts, written with the recovery.
+    fn count_outage(&mut self, error: &AuditError, batch: &[Pending]) {
+        let outage = self.outage.get_or_insert_with(|| {
+            super::lifecycle::Outage::new(record::format_ts(SystemTime::now()), error)
+        });
+        outage.failed_writes += 1;
+        for pending in batch {
+            let records = pending.bodies.len() as u64;
+            if pending.written.is_some() || pending.durable.is_some() {
+                outage.appends_failed += records;
+            } else {
+                outage.records_lost += records;
+            }
+        }
+        if self.recovery.is_none() {
+            self.recovery = Some(Recovery {
+                reason: "write_error",
+                file: None,
+                torn_bytes: 0,
+            });
+        }
     }
 
     /// One write, one fdatasync (unless `fsync = false`) for the whole buffer.
@@ -695,6 +818,16 @@ impl Writer {
             .file
             .metadata()
             .map_or(0, |m| m.len().saturating_sub(seg.len));
+        if seg.len == 0 && torn_bytes == 0 {
+            // Opened for this attempt and nothing written: no empty file per failed retry.
+            let _ = std::fs::remove_file(&seg.path);
+            self.recovery.get_or_insert(Recovery {
+                reason: "write_error",
+                file: None,
+                torn_bytes: 0,
+            });
+            return;
+        }
         self.recovery = Some(Recovery {
             reason: "write_error",
             file: Some(seg.name),
@@ -713,6 +846,8 @@ impl Writer {
         if let Some(r) = self.recovery.clone() {
             self.push_recovery(&r)?;
         }
+        let body = super::lifecycle::stopped_body(&self.settings)?;
+        self.push_record(&body);
         self.push_checkpoint("shutdown")?;
         let r = self.flush();
         if r.is_ok() {
@@ -725,17 +860,32 @@ impl Writer {
     }
 }
 
+/// The newest checkpoint of this node in the table sink's database, read before the writer
+/// starts. Unreachable: logged, and the start goes on (the anchor check is then `verify
+/// --anchor`'s job).
+async fn latest_anchor(config: &AuditConfig) -> Option<super::anchor::Anchor> {
+    let url = config.table_sink_url.as_deref()?;
+    match super::anchor::latest(url, &config.resolved_node_id()).await {
+        Ok(anchor) => anchor,
+        Err(e) => {
+            tracing::warn!(error = %e, "audit anchor unreachable: cannot check the log against it at start");
+            None
+        }
+    }
+}
+
 /// Creates a new segment and fsyncs the directory so the file itself survives a crash.
 fn open_segment(dir: &Path, first_seq: u64) -> Result<Segment, AuditError> {
     let now = SystemTime::now();
     for attempt in 0..100 {
         let name = record::segment_name(first_seq, now, attempt);
         let path = dir.join(&name);
-        match std::fs::OpenOptions::new()
-            .append(true)
-            .create_new(true)
-            .open(&path)
-        {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.append(true).create_new(true);
+        // Owner only: records name services, tables and (with record_values) literal values.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        match opts.open(&path) {
             Ok(file) => {
                 File::open(dir)
                     .and_then(|d| d.sync_all())

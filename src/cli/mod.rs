@@ -68,6 +68,8 @@ pub enum AuditCommand {
     Search(crate::audit::search::SearchArgs),
     /// Render a self-contained HTML report.
     Report(crate::audit::report::ReportArgs),
+    /// Export records as OCSF-style JSON or pgAudit-style CSV lines (same filters as search).
+    Export(crate::audit::export::ExportArgs),
 }
 
 /// `pgward serve`.
@@ -167,11 +169,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Keys(command) => keys::run_keys(command).await,
         Command::EncryptExisting(command) => keys::run_encrypt_existing(command).await,
         Command::Audit(command) => {
-            use crate::audit::{report, search, verify};
+            use crate::audit::{export, report, search, verify};
             let code = match &command {
                 AuditCommand::Verify(args) => verify::run_verify(args),
                 AuditCommand::Search(args) => search::run_search(args),
                 AuditCommand::Report(args) => report::run_report(args),
+                AuditCommand::Export(args) => export::run_export(args),
             };
             Ok(if code == std::process::ExitCode::SUCCESS {
                 0

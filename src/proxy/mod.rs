@@ -115,9 +115,26 @@ impl Proxy {
         let policies =
             policy::Policies::load(&config, &upstream, &upstream_passwords, metrics.clone())
                 .await?;
+        // Bind before opening the audit log: a second instance on a taken address must fail
+        // without touching the log, and one on a free address fails on the log's lock.
+        let address = config.listen.address;
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| StartError::Bind { address, source })?;
+        let admin = match config.admin.address {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(|source| StartError::Bind { address, source })?,
+            ),
+            None => None,
+        };
         let (audit_log, audit) = match &config.audit {
             Some(audit) if audit.enabled => {
                 let (log, handle) = crate::audit::AuditLog::open(audit.clone()).await?;
+                if handle.truncation_detected() {
+                    inc(&metrics.audit_truncations_detected);
+                }
                 tracing::info!(dir = %audit.dir.display(), "audit log open");
                 (Some(log), Some(handle))
             }
@@ -134,18 +151,6 @@ impl Proxy {
         if let (Some(policies), Some(encryption)) = (&policies, &encryption) {
             policies.engine().set_encryption(encryption.sql.clone());
         }
-        let address = config.listen.address;
-        let listener = TcpListener::bind(address)
-            .await
-            .map_err(|source| StartError::Bind { address, source })?;
-        let admin = match config.admin.address {
-            Some(address) => Some(
-                TcpListener::bind(address)
-                    .await
-                    .map_err(|source| StartError::Bind { address, source })?,
-            ),
-            None => None,
-        };
         Ok(Self {
             shared: Arc::new(Shared {
                 config: Arc::new(config),

@@ -345,6 +345,28 @@ async fn statements_are_refused_while_the_log_cannot_write() {
     std::fs::remove_file(&dir).unwrap();
     std::fs::rename(&moved, &dir).unwrap();
     client.simple_query("SELECT 3").await.unwrap();
+    drop(client);
+    proxy.shutdown().await;
+    // One outage record with its span and what it cost, and no empty file per retry.
+    let all = records(&dir);
+    let outages = of_kind(&all, "audit_outage");
+    assert_eq!(outages.len(), 1, "{outages:?}");
+    let outage = outages[0];
+    assert!(
+        outage["started"].as_str() < outage["ended"].as_str(),
+        "{outage}"
+    );
+    assert!(
+        outage["statements_refused_or_unaudited"].as_u64() >= Some(1),
+        "{outage}"
+    );
+    for entry in std::fs::read_dir(&dir).unwrap().filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".jsonl") {
+            assert!(entry.metadata().unwrap().len() > 0, "empty segment {name}");
+        }
+    }
+    assert_verifies(&dir, false);
 }
 
 #[tokio::test]

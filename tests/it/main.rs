@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one shared harness (`harness`), a real PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit_integrity;
 mod audit_proxy;
 mod audit_report;
 mod check;
