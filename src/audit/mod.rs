@@ -70,6 +70,7 @@ mod error;
 pub mod event;
 pub mod export;
 mod fingerprint;
+mod handle;
 mod lifecycle;
 mod lock;
 pub mod record;
@@ -93,8 +94,9 @@ pub use event::{
     AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText, StatementRecord,
 };
 pub use fingerprint::{fingerprint, redact};
+pub use handle::{AuditHandle, AuditStats, DurableReceipt};
 pub use report::{run_report, ReportArgs};
 pub use search::{run_search, SearchArgs};
 pub use signing::{load_public_key, public_key_path, SigningKey};
 pub use verify::{run_verify, VerifyArgs, VerifyReport};
-pub use writer::{AuditHandle, AuditLog, AuditStats, DurableReceipt};
+pub use writer::AuditLog;

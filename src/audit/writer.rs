@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine;
 use tokio::sync::oneshot;
 
-use super::config::{AuditConfig, Durability, OnFailure};
-use super::event::AuditEvent;
+use super::config::AuditConfig;
+use super::handle::{AuditHandle, Cmd, Counters, HandleInner, Pending};
 use super::record::{self, Hash, Tail, FORMAT_VERSION};
 use super::signing::SigningKey;
 use super::AuditError;
@@ -27,111 +27,11 @@ use super::AuditError;
 /// Most records framed into one write; bounds the writer's buffer under overload.
 const MAX_BATCH: usize = 8192;
 
-/// Answered with the sequence number of the first record of an append.
-type Ack = oneshot::Sender<Result<u64, AuditError>>;
-
-/// One caller's records, framed together into one batch (never split across batches, so
-/// one answer covers them all).
-struct Pending {
-    bodies: Vec<Vec<u8>>,
-    /// Answered once the records are written to the file (before the fsync).
-    written: Option<Ack>,
-    /// Answered once the records are durable.
-    durable: Option<Ack>,
-}
-
-enum Cmd {
-    Append(Pending),
-    Shutdown(oneshot::Sender<Result<(), AuditError>>),
-}
-
-/// Records written to the log but maybe not yet durable: [`DurableReceipt::wait`] resolves
-/// once they are (the `before_response` durability: results are held until then).
-#[derive(Debug)]
-pub struct DurableReceipt {
-    done: Option<oneshot::Receiver<Result<u64, AuditError>>>,
-}
-
-impl DurableReceipt {
-    /// A receipt for records that were already durable when it was issued.
-    pub fn already_durable() -> Self {
-        Self { done: None }
-    }
-
-    /// Whether the records may still be waiting for their fsync.
-    pub fn is_pending(&self) -> bool {
-        self.done.is_some()
-    }
-
-    /// Resolves once the records are durable; an error means they never will be (the write
-    /// or the fsync failed and the file was cut back to its last durable byte).
-    pub async fn wait(self) -> Result<(), AuditError> {
-        match self.done {
-            None => Ok(()),
-            Some(done) => done.await.map_err(|_| AuditError::Closed)?.map(|_| ()),
-        }
-    }
-}
-
-/// Counters for metrics and tests.
-#[derive(Debug, Default)]
-struct Counters {
-    records: AtomicU64,
-    batches: AtomicU64,
-    fsyncs: AtomicU64,
-    failures: AtomicU64,
-    dropped_nowait: AtomicU64,
-    /// Starts that found the log behind (or different from) its external anchor.
-    truncations_detected: AtomicU64,
-}
-
-/// A snapshot of the writer's counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuditStats {
-    /// Records made durable (including checkpoints and recovery records).
-    pub records: u64,
-    pub batches: u64,
-    pub fsyncs: u64,
-    /// Batches that failed to write.
-    pub failures: u64,
-    /// `append_nowait` events that could not be written (log closed or write failed).
-    pub dropped_nowait: u64,
-}
-
 /// Owns the writer thread. Dropping it without [`AuditLog::shutdown`] still stops the writer
 /// once every handle is gone, but without waiting for it.
 pub struct AuditLog {
     tx: Option<Sender<Cmd>>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-/// A cheap, cloneable handle for sessions.
-#[derive(Clone)]
-pub struct AuditHandle {
-    inner: Arc<HandleInner>,
-}
-
-struct HandleInner {
-    /// `None` when auditing is disabled.
-    tx: Option<Sender<Cmd>>,
-    on_failure: OnFailure,
-    durability: Durability,
-    record_values: bool,
-    counters: Arc<Counters>,
-}
-
-fn send(
-    tx: &Sender<Cmd>,
-    bodies: Vec<Vec<u8>>,
-    written: Option<Ack>,
-    durable: Option<Ack>,
-) -> Result<(), AuditError> {
-    tx.send(Cmd::Append(Pending {
-        bodies,
-        written,
-        durable,
-    }))
-    .map_err(|_| AuditError::Closed)
 }
 
 impl AuditLog {
@@ -209,123 +109,6 @@ impl AuditLog {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         result
-    }
-}
-
-impl AuditHandle {
-    /// Appends `event` and resolves with its sequence number once the batch holding it was
-    /// written and fsync'ed. On error the caller consults [`AuditHandle::on_failure`].
-    pub async fn append(&self, event: AuditEvent) -> Result<u64, AuditError> {
-        let Some(tx) = &self.inner.tx else {
-            return Ok(0);
-        };
-        let bodies = vec![self.serialise(&event)?];
-        let (durable, done) = oneshot::channel();
-        send(tx, bodies, None, Some(durable))?;
-        done.await.map_err(|_| AuditError::Closed)?
-    }
-
-    /// Appends several events and resolves with their sequence numbers once all are durable.
-    /// They are framed together, so they share one group commit.
-    pub async fn append_all(&self, events: Vec<AuditEvent>) -> Result<Vec<u64>, AuditError> {
-        let (written, receipt) = self.append_staged(events, true).await?;
-        receipt.wait().await?;
-        Ok(written)
-    }
-
-    /// Appends several events and resolves with their sequence numbers once they are written
-    /// to the log file, with a receipt that resolves once they are durable. With
-    /// `wait_durable` (or [`Durability::BeforeForward`]) it resolves only after both.
-    pub async fn append_staged(
-        &self,
-        events: Vec<AuditEvent>,
-        wait_durable: bool,
-    ) -> Result<(Vec<u64>, DurableReceipt), AuditError> {
-        let Some(tx) = &self.inner.tx else {
-            return Ok((vec![0; events.len()], DurableReceipt::already_durable()));
-        };
-        let count = events.len() as u64;
-        let bodies = events
-            .iter()
-            .map(|event| self.serialise(event))
-            .collect::<Result<Vec<_>, _>>()?;
-        let (durable, durable_rx) = oneshot::channel();
-        let wait_durable = wait_durable || self.inner.durability == Durability::BeforeForward;
-        let (first, receipt) = if wait_durable {
-            send(tx, bodies, None, Some(durable))?;
-            let first = durable_rx.await.map_err(|_| AuditError::Closed)??;
-            (first, DurableReceipt::already_durable())
-        } else {
-            let (written, written_rx) = oneshot::channel();
-            send(tx, bodies, Some(written), Some(durable))?;
-            let first = written_rx.await.map_err(|_| AuditError::Closed)??;
-            let receipt = DurableReceipt {
-                done: Some(durable_rx),
-            };
-            (first, receipt)
-        };
-        Ok(((first..first + count).collect(), receipt))
-    }
-
-    /// Whether records are written at all (`enabled = false` gives a handle that drops them).
-    pub fn is_enabled(&self) -> bool {
-        self.inner.tx.is_some()
-    }
-
-    /// Queues `event` without waiting (for completion records). Failures are logged and
-    /// counted in [`AuditStats::dropped_nowait`].
-    pub fn append_nowait(&self, event: AuditEvent) {
-        let Some(tx) = &self.inner.tx else {
-            return;
-        };
-        let sent = self
-            .serialise(&event)
-            .ok()
-            .map(|body| send(tx, vec![body], None, None).is_ok());
-        if sent != Some(true) {
-            self.inner
-                .counters
-                .dropped_nowait
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::error!("audit record dropped: log closed");
-        }
-    }
-
-    /// When a statement's record must be durable (`[audit] durability`).
-    pub fn durability(&self) -> Durability {
-        self.inner.durability
-    }
-
-    /// Whether this start found the log behind, or different from, its newest checkpoint
-    /// anchored outside the host (a `truncation_detected` record was written).
-    pub fn truncation_detected(&self) -> bool {
-        self.inner
-            .counters
-            .truncations_detected
-            .load(Ordering::Relaxed)
-            > 0
-    }
-
-    /// What the proxy must do when `append` fails.
-    pub fn on_failure(&self) -> OnFailure {
-        self.inner.on_failure
-    }
-
-    pub fn stats(&self) -> AuditStats {
-        let c = &self.inner.counters;
-        AuditStats {
-            records: c.records.load(Ordering::Relaxed),
-            batches: c.batches.load(Ordering::Relaxed),
-            fsyncs: c.fsyncs.load(Ordering::Relaxed),
-            failures: c.failures.load(Ordering::Relaxed),
-            dropped_nowait: c.dropped_nowait.load(Ordering::Relaxed),
-        }
-    }
-
-    fn serialise(&self, event: &AuditEvent) -> Result<Vec<u8>, AuditError> {
-        let mut body = Vec::with_capacity(512);
-        event.write_json(self.inner.record_values, &mut body)?;
-        Ok(body)
     }
 }
 
