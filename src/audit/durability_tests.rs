@@ -14,6 +14,7 @@ fn statement(sql: &str) -> AuditEvent {
         token_id: None,
         database: "shop".into(),
         claims_used: serde_json::Map::new(),
+        ..SessionInfo::default()
     });
     AuditEvent::Statement(Box::new(StatementRecord::new(
         session,

@@ -20,6 +20,12 @@ pub struct SessionInfo {
     pub database: String,
     /// The claims the policy engine actually used (not the whole token).
     pub claims_used: serde_json::Map<String, serde_json::Value>,
+    /// The PostgreSQL role pgward logged in as for this session (`%u` in the server's log).
+    pub upstream_role: Option<String>,
+    /// The upstream backend's process id (`%p` in the server's `log_line_prefix`).
+    pub backend_pid: Option<u32>,
+    /// The client's `application_name` startup parameter (`%a`).
+    pub application_name: Option<String>,
 }
 
 /// Outcome of the policy decision for a statement.
@@ -434,6 +440,7 @@ mod tests {
             token_id: Some("jti-1".into()),
             database: "shop".into(),
             claims_used: serde_json::Map::new(),
+            ..SessionInfo::default()
         })
     }
 

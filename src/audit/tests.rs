@@ -21,6 +21,7 @@ fn session(id: u64, service: &str) -> Arc<SessionInfo> {
         token_id: Some(format!("jti-{id}")),
         database: "shop".into(),
         claims_used: claims,
+        ..SessionInfo::default()
     })
 }
 

@@ -55,30 +55,43 @@ impl End {
     }
 }
 
+/// What the connection-opened record says about a session besides its identity: enough to
+/// find the same session in PostgreSQL's own log.
+struct SessionFacts<'a> {
+    id: u64,
+    client_addr: std::net::SocketAddr,
+    tls: bool,
+    database: &'a str,
+    upstream_role: &'a str,
+    backend_pid: u32,
+    application_name: Option<&'a str>,
+}
+
 /// Start the session's audit trail: its connection-opened record is durable before anything
 /// runs. `None` when auditing is off; an error (FATAL for the client) when the log cannot
 /// write and `on_failure = "refuse"`.
 async fn open_session_audit(
     shared: &Shared,
     interceptor: &Interceptor,
-    session_id: u64,
-    client_addr: std::net::SocketAddr,
-    tls: bool,
-    database: &str,
+    session: SessionFacts<'_>,
 ) -> Result<Option<SessionAudit>, ClientError> {
     let Some(handle) = &shared.audit else {
         return Ok(None);
     };
     let identity = interceptor.identity();
+    let session_id = session.id;
     let info = Arc::new(SessionInfo {
         session_id,
-        client_addr: client_addr.to_string(),
-        tls,
+        client_addr: session.client_addr.to_string(),
+        tls: session.tls,
         cert_identity: identity.cert_identity.clone(),
         service: identity.service.clone(),
         token_id: identity.token_id.clone(),
-        database: database.to_string(),
+        database: session.database.to_string(),
         claims_used: interceptor.claims_used(),
+        upstream_role: Some(session.upstream_role.to_string()),
+        backend_pid: Some(session.backend_pid),
+        application_name: session.application_name.map(str::to_string),
     });
     if let Err(e) = handle
         .append(AuditEvent::ConnectionOpened(info.clone()))
@@ -173,16 +186,20 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
     let interceptor = Interceptor::new(identity, policy)
         .with_encryption(shared.encryption.as_ref().map(|e| e.sql.clone()))
         .with_audit_analysis(shared.audit.is_some());
-    let audit = match open_session_audit(
-        &shared,
-        &interceptor,
-        session_id,
+    let facts = SessionFacts {
+        id: session_id,
         client_addr,
-        conn.is_tls(),
-        &database,
-    )
-    .await
-    {
+        tls: conn.is_tls(),
+        database: &database,
+        upstream_role: &service.upstream_user,
+        backend_pid: upstream.process_id,
+        application_name: startup
+            .params
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.as_str()),
+    };
+    let audit = match open_session_audit(&shared, &interceptor, facts).await {
         Ok(audit) => audit,
         Err(error) => {
             shared.cancels.unregister(key);

@@ -227,6 +227,7 @@ async fn refusals_and_failed_logins_are_recorded_with_rule_and_claims() {
         "support",
         json!({"tenant_id": 1, "email": "a@b"}),
     ));
+    config.application_name("support-console");
     let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     client
@@ -302,6 +303,14 @@ async fn refusals_and_failed_logins_are_recorded_with_rule_and_claims() {
         "only the claims the policy uses: {:?}",
         opened
     );
+    // Enough to find the session in PostgreSQL's own log: role, backend PID, application.
+    let session = &opened[0]["session"];
+    assert!(session["upstream_role"].is_string(), "{session}");
+    assert!(
+        session["backend_pid"].as_u64().is_some_and(|p| p > 0),
+        "{session}"
+    );
+    assert_eq!(session["application_name"], "support-console");
     let failed = of_kind(&all, "auth_failed");
     assert_eq!(failed.len(), 1, "{failed:#?}");
     assert_eq!(failed[0]["user"], "support");
