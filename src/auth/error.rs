@@ -54,12 +54,28 @@ pub enum AuthError {
         cert_identity: String,
         service: String,
     },
+    /// A genuine, current token refused for how it was used (another service's name, a
+    /// missing or mismatched client certificate): its `jti` goes into the audit record.
+    #[error("{cause}")]
+    ValidTokenRefused {
+        token_id: Option<String>,
+        cause: Box<AuthError>,
+    },
 }
 
 impl AuthError {
+    /// The `jti` of a genuine token that was refused (for the audit record), if it had one.
+    pub fn token_id(&self) -> Option<&str> {
+        match self {
+            AuthError::ValidTokenRefused { token_id, .. } => token_id.as_deref(),
+            _ => None,
+        }
+    }
+
     /// 28P01 for a bad, forged or expired credential; 28000 for a valid token used by the wrong party.
     pub fn sqlstate(&self) -> &'static str {
         match self {
+            AuthError::ValidTokenRefused { cause, .. } => cause.sqlstate(),
             AuthError::IdentityMismatch { .. }
             | AuthError::ClientCertRequired
             | AuthError::ClientCertMismatch { .. }
@@ -71,6 +87,7 @@ impl AuthError {
     /// Fixed, low-cardinality label for `pgward_auth_failures_total{reason}`.
     pub fn reason(&self) -> &'static str {
         match self {
+            AuthError::ValidTokenRefused { cause, .. } => cause.reason(),
             AuthError::Malformed => "malformed",
             AuthError::UnsupportedAlgorithm(_) => "unsupported_algorithm",
             AuthError::UnknownKey { .. } => "unknown_key",
@@ -91,6 +108,7 @@ impl AuthError {
     /// What the person connecting reads: what is wrong, never the token itself.
     pub fn client_message(&self) -> String {
         match self {
+            AuthError::ValidTokenRefused { cause, .. } => cause.client_message(),
             AuthError::Malformed => "pgward: the password is not a valid token (a JWT is expected)".into(),
             AuthError::UnsupportedAlgorithm(alg) => format!("pgward: token algorithm {alg} is not accepted"),
             AuthError::UnknownKey { kid: Some(kid) } => format!("pgward: token signed by unknown key \"{kid}\""),

@@ -350,13 +350,22 @@ impl TokenVerifier {
                 claim: self.config.identity_claim.clone(),
             })?
             .to_string();
+        // From here on the token is genuine and current: a refusal names it in the audit log.
+        let refused = |cause: AuthError| AuthError::ValidTokenRefused {
+            token_id: claims
+                .get("jti")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            cause: Box::new(cause),
+        };
         if service != startup_user {
-            return Err(AuthError::IdentityMismatch {
+            return Err(refused(AuthError::IdentityMismatch {
                 startup_user: startup_user.to_string(),
                 token_service: service,
-            });
+            }));
         }
-        self.check_certificate(&service, cert_identity)?;
+        self.check_certificate(&service, cert_identity)
+            .map_err(refused)?;
         let exp = claims
             .get("exp")
             .and_then(Value::as_i64)

@@ -62,6 +62,8 @@ struct Refusal {
     reason: &'static str,
     /// The service and database the client asked for, once the startup packet was read.
     target: Option<(String, String)>,
+    /// The `jti` of a genuine token refused for how it was used.
+    token_id: Option<String>,
 }
 
 impl Refusal {
@@ -71,6 +73,7 @@ impl Refusal {
             conn: Some(conn),
             error,
             reason,
+            token_id: None,
         }
     }
 }
@@ -117,7 +120,7 @@ fn audit_refusal(shared: &Shared, client_addr: SocketAddr, refusal: &Refusal) {
         cert_identity: None,
         user,
         database,
-        token_id: None,
+        token_id: refusal.token_id.clone(),
         reason: format!("{}: {}", refusal.reason, refusal.error.message),
         sqlstate: refusal.error.sqlstate.to_string(),
     });
@@ -130,6 +133,7 @@ fn protocol_refusal(conn: Conn, error: &ProtocolError) -> Refusal {
             conn: None,
             error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "connection closed"),
             reason: "client_gone",
+            token_id: None,
         },
         ProtocolError::UnsupportedVersion { major, minor } => Refusal::new(
             conn,
@@ -325,6 +329,7 @@ async fn write_or_gone(conn: &mut Conn, bytes: &[u8]) -> Result<(), Refusal> {
         conn: None,
         error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "connection closed"),
         reason: "client_gone",
+        token_id: None,
     })
 }
 
@@ -348,6 +353,7 @@ async fn accept_tls(shared: &Shared, conn: Conn, direct: bool) -> Result<Conn, R
             conn: None,
             error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "TLS negotiated twice"),
             reason: "bad_startup",
+            token_id: None,
         });
     };
     let tls = match acceptor.accept(tcp).await {
@@ -359,6 +365,7 @@ async fn accept_tls(shared: &Shared, conn: Conn, direct: bool) -> Result<Conn, R
                 conn: None,
                 error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "TLS handshake failed"),
                 reason: "tls_handshake",
+                token_id: None,
             });
         }
     };
@@ -516,6 +523,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
         conn: None,
         error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, "connection closed"),
         reason: "client_gone",
+        token_id: None,
     };
     write_or_gone(conn, &build::authentication_cleartext_password()).await?;
     let token = {
@@ -531,6 +539,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
                     conn: None,
                     error: ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
                     reason: "bad_password_message",
+                    token_id: None,
                 })
             }
         };
@@ -544,6 +553,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
                     "unexpected data during authentication",
                 ),
                 reason: "bad_password_message",
+                token_id: None,
             });
         }
         if message.tag() != frontend::PASSWORD {
@@ -555,6 +565,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
                     "expected a password message",
                 ),
                 reason: "bad_password_message",
+                token_id: None,
             });
         }
         match fields::password_text(message.body()) {
@@ -568,6 +579,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
                         "malformed password message",
                     ),
                     reason: "bad_password_message",
+                    token_id: None,
                 })
             }
         }
@@ -591,6 +603,7 @@ async fn authenticate(shared: &Shared, conn: &mut Conn, user: &str) -> Result<Id
                 conn: None,
                 error,
                 reason: e.reason(),
+                token_id: e.token_id().map(str::to_string),
             })
         }
     }

@@ -241,6 +241,13 @@ async fn refusals_and_failed_logins_are_recorded_with_rule_and_claims() {
     let mut bad = proxy.client_config("support", &database);
     bad.password("not-a-token");
     bad.connect(tokio_postgres::NoTls).await.err().unwrap();
+    // A genuine token of another service, presented as support: refused, and its jti recorded.
+    let mut borrowed = proxy.client_config("support", &database);
+    borrowed.password(harness::token(
+        "billing",
+        json!({"tenant_id": 1, "jti": "borrowed-jti"}),
+    ));
+    borrowed.connect(tokio_postgres::NoTls).await.err().unwrap();
     drop(client);
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.shutdown().await;
@@ -312,8 +319,21 @@ async fn refusals_and_failed_logins_are_recorded_with_rule_and_claims() {
     );
     assert_eq!(session["application_name"], "support-console");
     let failed = of_kind(&all, "auth_failed");
-    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert_eq!(failed.len(), 2, "{failed:#?}");
     assert_eq!(failed[0]["user"], "support");
+    assert!(
+        failed[0]["token_id"].is_null(),
+        "not a token: {}",
+        failed[0]
+    );
+    assert_eq!(failed[1]["token_id"], "borrowed-jti", "{}", failed[1]);
+    assert!(
+        failed[1]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("identity_mismatch")),
+        "{}",
+        failed[1]
+    );
     assert!(!all.iter().any(|r| r.to_string().contains("not-a-token")));
 }
 
