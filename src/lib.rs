@@ -9,7 +9,6 @@
 )]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod cli;

@@ -264,17 +264,6 @@ impl StatementDecision {
     }
 }
 
-impl From<&crate::proxy::intercept::Verdict> for StatementDecision {
-    fn from(verdict: &crate::proxy::intercept::Verdict) -> Self {
-        use crate::proxy::intercept::Verdict;
-        match verdict {
-            Verdict::Forward => Self::Forwarded,
-            Verdict::Replace(_) => Self::Rewritten,
-            Verdict::Refuse(_) => Self::Refused,
-        }
-    }
-}
-
 /// A latency histogram over [`LATENCY_BUCKETS`].
 #[derive(Debug, Default)]
 struct Histogram {

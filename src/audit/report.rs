@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::report_sections::{esc, table};
 use super::search::{scan, Filter, RecordView, SearchArgs};
 use super::AuditError;
 
@@ -129,21 +130,6 @@ impl Aggregates {
             }
         }
     }
-}
-
-pub(crate) fn esc(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&#39;"),
-            _ => o.push(c),
-        }
-    }
-    o
 }
 
 const PALETTE: [&str; 8] = [
@@ -306,32 +292,6 @@ fn bars_svg(items: &[(String, u64)], color: &str) -> String {
             yy + 13, esc(label), 205.0 + bw, yy + 13);
     }
     s.push_str("</svg>");
-    s
-}
-
-pub(crate) fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
-    let mut s = String::from("<table><thead><tr>");
-    for h in headers {
-        let _ = write!(s, "<th>{}</th>", esc(h));
-    }
-    s.push_str("</tr></thead><tbody>");
-    let mut any = false;
-    for r in rows {
-        any = true;
-        s.push_str("<tr>");
-        for c in r {
-            let _ = write!(s, "<td>{}</td>", esc(&c));
-        }
-        s.push_str("</tr>");
-    }
-    if !any {
-        let _ = write!(
-            s,
-            "<tr><td colspan=\"{}\" class=\"empty\">None.</td></tr>",
-            headers.len()
-        );
-    }
-    s.push_str("</tbody></table>");
     s
 }
 

@@ -101,7 +101,7 @@ impl Sections {
         let mut s = format!(
             "<section id=\"integrity\"><h2>Integrity</h2><p><b style=\"color:{color}\">{status}</b> — {} files, {} records, {} checkpoints ({} signatures valid, {} unchecked), {} checkpoints matching their anchor. Checked: {}.</p>",
             r.files, r.records, r.checkpoints, r.signatures_valid, r.signatures_unchecked,
-            r.anchors_matched, super::report::esc(checked)
+            r.anchors_matched, esc(checked)
         );
         if let Some((seq, hash)) = &r.head {
             let _ = write!(
@@ -111,11 +111,11 @@ impl Sections {
         }
         let breaks = r.breaks.iter().take(20).map(|b| vec![b.to_string()]);
         if !r.breaks.is_empty() {
-            s.push_str(&super::report::table(&["break"], breaks));
+            s.push_str(&table(&["break"], breaks));
         }
         let warnings = r.warnings.iter().take(20).map(|w| vec![w.clone()]);
         if !r.warnings.is_empty() {
-            s.push_str(&super::report::table(&["warning"], warnings));
+            s.push_str(&table(&["warning"], warnings));
         }
         s.push_str("</section>");
         s
@@ -126,7 +126,7 @@ impl Sections {
         let _ = write!(
             s,
             "<section id=\"audit-log\"><h2>Audit log starts, stops and outages</h2>{}</section>",
-            super::report::table(
+            table(
                 &["kind", "time", "details"],
                 self.lifecycle
                     .iter()
@@ -136,14 +136,14 @@ impl Sections {
         let _ = write!(
             s,
             "<section id=\"tables\"><h2>Tables</h2>{}<h3>Columns</h3>{}</section>",
-            super::report::table(
+            table(
                 &["table", "reads", "writes", "services"],
                 self.tables.iter().map(|(t, (r, w, sv))| {
                     let services: Vec<&str> = sv.iter().map(String::as_str).collect();
                     vec![t.clone(), r.to_string(), w.to_string(), services.join(", ")]
                 })
             ),
-            super::report::table(
+            table(
                 &["column", "reads", "writes"],
                 self.columns.iter().map(|(c, (r, w))| vec![
                     c.clone(),
@@ -157,7 +157,7 @@ impl Sections {
         let _ = write!(
             s,
             "<section id=\"auth-failures\"><h2>Failed authentication by source address and reason</h2>{}</section>",
-            super::report::table(
+            table(
                 &["source address", "claimed service", "reason", "attempts"],
                 failures.into_iter().map(|((a, u, r), n)| {
                     vec![a.clone(), u.clone(), r.clone(), n.to_string()]
@@ -190,6 +190,49 @@ fn lifecycle_details(r: &RecordView) -> String {
             .unwrap_or_default(),
         _ => r.reason.clone().unwrap_or_default(),
     }
+}
+
+/// Text escaped for HTML.
+pub(crate) fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            _ => o.push(c),
+        }
+    }
+    o
+}
+
+/// An HTML table of `rows` under `headers` ("None." when there are none).
+pub(crate) fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let mut s = String::from("<table><thead><tr>");
+    for h in headers {
+        let _ = write!(s, "<th>{}</th>", esc(h));
+    }
+    s.push_str("</tr></thead><tbody>");
+    let mut any = false;
+    for r in rows {
+        any = true;
+        s.push_str("<tr>");
+        for c in r {
+            let _ = write!(s, "<td>{}</td>", esc(&c));
+        }
+        s.push_str("</tr>");
+    }
+    if !any {
+        let _ = write!(
+            s,
+            "<tr><td colspan=\"{}\" class=\"empty\">None.</td></tr>",
+            headers.len()
+        );
+    }
+    s.push_str("</tbody></table>");
+    s
 }
 
 #[cfg(test)]

@@ -32,6 +32,17 @@ pub enum Verdict {
     Refuse(Refusal),
 }
 
+/// The label a verdict gets in `pgward_service_statements_total{decision}`.
+impl From<&Verdict> for crate::metrics::StatementDecision {
+    fn from(verdict: &Verdict) -> Self {
+        match verdict {
+            Verdict::Forward => Self::Forwarded,
+            Verdict::Replace(_) => Self::Rewritten,
+            Verdict::Refuse(_) => Self::Refused,
+        }
+    }
+}
+
 /// Per-session interception state.
 pub struct Interceptor {
     identity: Identity,

@@ -8,6 +8,7 @@
 //! - [`state`]: what the two directions and the cancel path share;
 //! - [`cancel`]: the map from the keys pgward hands out to sessions.
 
+mod admin;
 pub mod audit;
 pub mod cancel;
 pub mod copy_in;
@@ -209,7 +210,7 @@ impl Proxy {
             admin,
             audit_log,
         } = self;
-        let admin_task = admin.map(|l| tokio::spawn(crate::admin::serve(l, shared.clone())));
+        let admin_task = admin.map(|l| tokio::spawn(admin::serve(l, shared.clone())));
         let policy_watcher = shared.policies.as_ref().and_then(|p| p.spawn_watcher());
         let (stop_tx, stop_rx) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(shared.config.listen.max_client_connections));

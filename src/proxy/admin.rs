@@ -5,15 +5,14 @@
 //! read-only pages to a scraper or a load balancer on an operator-chosen address, so a web
 //! framework would add dependencies without adding safety.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::Shared;
 use crate::metrics::Metrics;
-use crate::proxy::Shared;
 
 const MAX_REQUEST: usize = 8 * 1024;
 
@@ -28,11 +27,6 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let _ = tokio::time::timeout(Duration::from_secs(10), handle(stream, &shared)).await;
         });
     }
-}
-
-/// Bind helper with a clear error.
-pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(address).await
 }
 
 async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
