@@ -14,6 +14,8 @@ have_pg_server() {
 missing=()
 have_pg_server || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)
+# The TLS reload test reads the served certificate with `openssl s_client`.
+command -v openssl >/dev/null || missing+=(openssl)
 # A real headless browser renders `pgward audit report` in tests/it/audit_report.rs.
 command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
