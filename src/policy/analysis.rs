@@ -9,8 +9,8 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use sqlparser::ast::{
-    CopySource, FromTable, Insert, ObjectName, Query, Statement, TableFactor, TableObject, Visit,
-    Visitor,
+    CopySource, FromTable, Insert, ObjectName, ObjectType, Query, Statement, TableFactor,
+    TableObject, Visit, Visitor,
 };
 
 use super::catalog::Catalog;
@@ -134,6 +134,25 @@ impl Tables<'_> {
                     self.write_target(&target.name);
                 }
             }
+            // DDL names the relations it creates, changes or drops.
+            Statement::CreateTable(ct) => self.write_target(&ct.name),
+            Statement::CreateView(cv) => self.write_target(&cv.name),
+            Statement::CreateIndex(ci) => self.write_target(&ci.table_name),
+            Statement::AlterTable(at) => self.write_target(&at.name),
+            Statement::Drop {
+                object_type:
+                    ObjectType::Table
+                    | ObjectType::View
+                    | ObjectType::MaterializedView
+                    | ObjectType::Index
+                    | ObjectType::Sequence,
+                names,
+                ..
+            } => {
+                for name in names {
+                    self.write_target(name);
+                }
+            }
             _ => {}
         }
     }
@@ -252,6 +271,12 @@ mod tests {
             ("COPY orders TO STDOUT", &["orders"], &[]),
             ("TRUNCATE orders, lines", &[], &["orders", "lines"]),
             ("EXPLAIN ANALYZE UPDATE orders SET total = 1", &[], &["orders"]),
+            ("CREATE TABLE archive (id int)", &[], &["archive"]),
+            ("CREATE TABLE copy AS SELECT * FROM orders", &["orders"], &["copy"]),
+            ("ALTER TABLE orders ADD COLUMN note text", &[], &["orders"]),
+            ("CREATE INDEX ON orders (total)", &[], &["orders"]),
+            ("DROP TABLE orders, lines", &[], &["orders", "lines"]),
+            ("CREATE VIEW big AS SELECT * FROM orders", &["orders"], &["big"]),
         ];
         for (sql, read, written) in cases {
             assert_eq!(touched(sql), vec![(names(read), names(written))], "{sql}");
