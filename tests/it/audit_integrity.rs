@@ -7,22 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, ProxyOptions, TestProxy};
-
-fn audit_toml(dir: &Path, extra: &str) -> String {
-    format!(
-        "[audit]\ndir = {:?}\ncheckpoint_interval = \"1s\"\n{extra}\n",
-        dir.display().to_string()
-    )
-}
-
-async fn audited_proxy(dir: &Path, extra: &str) -> TestProxy {
-    harness::start_proxy(ProxyOptions {
-        extra_toml: audit_toml(dir, extra),
-        ..ProxyOptions::default()
-    })
-    .await
-}
+use crate::harness::{self, ProxyOptions};
 
 /// Every file of `dir` with its bytes.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
@@ -69,13 +54,13 @@ fn verify(args: &[&std::ffi::OsStr]) -> Output {
 async fn a_second_pgward_on_the_same_directory_fails_fast_without_writing() {
     let log = tempfile::tempdir().unwrap();
     let database = harness::fresh_database("auditlock", false).await;
-    let proxy = audited_proxy(log.path(), "").await;
+    let proxy = harness::audited_proxy(log.path(), "").await;
     let client = proxy.connect("app", &database).await;
     client.simple_query("SELECT 1").await.unwrap();
 
     // Same directory, its own (free) listen address: only the lock can stop it.
     let text = harness::proxy_config_text(&ProxyOptions {
-        extra_toml: audit_toml(log.path(), ""),
+        extra_toml: harness::audit_toml(log.path(), ""),
         ..ProxyOptions::default()
     });
     let config_file = log.path().with_extension("second.toml");

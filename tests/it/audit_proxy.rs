@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio_postgres::error::SqlState;
 
-use crate::harness::{self, ProxyOptions, TestProxy};
+use crate::harness::{self, ProxyOptions};
 
 /// Every record of the log in `dir`, in file order.
 fn records(dir: &Path) -> Vec<Value> {
@@ -36,21 +36,6 @@ fn records(dir: &Path) -> Vec<Value> {
 
 fn of_kind<'a>(records: &'a [Value], kind: &str) -> Vec<&'a Value> {
     records.iter().filter(|r| r["kind"] == kind).collect()
-}
-
-fn audit_toml(dir: &Path, extra: &str) -> String {
-    format!(
-        "[audit]\ndir = {:?}\ncheckpoint_interval = \"1s\"\n{extra}\n",
-        dir.display().to_string()
-    )
-}
-
-async fn audited_proxy(dir: &Path, extra: &str) -> TestProxy {
-    harness::start_proxy(ProxyOptions {
-        extra_toml: audit_toml(dir, extra),
-        ..ProxyOptions::default()
-    })
-    .await
 }
 
 /// The seqs of the records `pgward audit search --column` finds (the auditor's "who touched
@@ -85,7 +70,7 @@ fn assert_verifies(dir: &Path, live: bool) {
 async fn every_statement_gets_one_durable_record_and_a_completion() {
     let log = tempfile::tempdir().unwrap();
     let database = harness::fresh_database("audit", false).await;
-    let proxy = audited_proxy(log.path(), "").await;
+    let proxy = harness::audited_proxy(log.path(), "").await;
     let client = proxy.connect("app", &database).await;
 
     // 3 simple-protocol statements, 1 multi-statement Query (one record: one Query message).
@@ -233,7 +218,7 @@ async fn refusals_and_failed_logins_are_recorded_with_rule_and_claims() {
         extra_toml: format!(
             "{}\n[policy]\ndir = {:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n\n\
              {}",
-            audit_toml(log.path(), ""),
+            harness::audit_toml(log.path(), ""),
             policies.display().to_string(),
             harness::superuser_service("support")
         ),
@@ -348,7 +333,7 @@ async fn statements_are_refused_while_the_log_cannot_write() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("audit");
     let database = harness::fresh_database("auditfail", false).await;
-    let proxy = audited_proxy(&dir, "rotate_size = 512").await;
+    let proxy = harness::audited_proxy(&dir, "rotate_size = 512").await;
     let client = proxy.connect("app", &database).await;
     client.simple_query("SELECT 1").await.unwrap();
     // Replace the directory by a file: the next rotation cannot create a segment.
@@ -434,7 +419,7 @@ async fn kill_9_mid_load(durability: &str, database: &str) {
 
     let port = pgward::pgserver::free_port().unwrap();
     let text = harness::proxy_config_text(&ProxyOptions {
-        extra_toml: audit_toml(log.path(), durability),
+        extra_toml: harness::audit_toml(log.path(), durability),
         ..ProxyOptions::default()
     })
     .replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
@@ -524,7 +509,10 @@ async fn values_are_recorded_only_when_asked_and_never_with_encrypted_columns() 
     for (extra, expect_values) in [("", true), (encrypted.as_str(), false)] {
         let log = tempfile::tempdir().unwrap();
         let proxy = harness::start_proxy(ProxyOptions {
-            extra_toml: format!("{}{extra}", audit_toml(log.path(), "record_values = true")),
+            extra_toml: format!(
+                "{}{extra}",
+                harness::audit_toml(log.path(), "record_values = true")
+            ),
             ..ProxyOptions::default()
         })
         .await;
@@ -561,7 +549,7 @@ async fn records_are_copied_to_syslog_when_asked() {
     let socket_path = log.path().join("syslog.sock");
     let daemon = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
     let database = harness::fresh_database("auditsyslog", false).await;
-    let proxy = audited_proxy(
+    let proxy = harness::audited_proxy(
         &log.path().join("audit"),
         &format!("syslog_socket = {:?}", socket_path.display().to_string()),
     )
@@ -595,7 +583,7 @@ async fn records_say_which_columns_were_written_and_which_encrypted_columns_were
     let proxy = harness::start_proxy(ProxyOptions {
         extra_toml: format!(
             "{}\n[policy]\ndir = {:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n\n{}\n{}",
-            audit_toml(&audit_dir, ""),
+            harness::audit_toml(&audit_dir, ""),
             policies.display().to_string(),
             harness::superuser_service("billing"),
             pgward::cli::dev::demo_encryption_toml(&key_file),

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -718,4 +718,22 @@ where
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// The `[audit]` section of a test proxy writing to `dir` (checkpoints every second), with
+/// `extra` settings.
+pub fn audit_toml(dir: &Path, extra: &str) -> String {
+    format!(
+        "[audit]\ndir = {:?}\ncheckpoint_interval = \"1s\"\n{extra}\n",
+        dir.display().to_string()
+    )
+}
+
+/// A proxy auditing into `dir`.
+pub async fn audited_proxy(dir: &Path, extra: &str) -> TestProxy {
+    start_proxy(ProxyOptions {
+        extra_toml: audit_toml(dir, extra),
+        ..ProxyOptions::default()
+    })
+    .await
 }
