@@ -121,6 +121,27 @@ fn refused(service: &str, sql: &str) -> PolicyDenied {
 }
 
 #[test]
+fn unparsable_statements_are_refused_without_their_values() {
+    for sql in [
+        "SELECT id FROM customers WHERE name = 'a' b 'secret-note'",
+        "SELECT id FROM customers x N'secret-note'",
+        "SELECT id FROM customers x $v$secret-note$v$",
+    ] {
+        let denied = refused("support", sql);
+        assert!(
+            denied.message.contains("cannot parse"),
+            "{sql}: {}",
+            denied.message
+        );
+        assert!(
+            !denied.message.contains("secret-note"),
+            "{sql}: {}",
+            denied.message
+        );
+    }
+}
+
+#[test]
 fn select_is_wrapped_in_barrier() {
     // A predicate that could raise on hidden rows: behind the barrier, with the leakproof
     // conjunct copied inside for the index.

@@ -13,6 +13,25 @@ pub fn parse_statements(sql: &str) -> Result<Vec<Statement>, ParserError> {
     Parser::parse_sql(&PostgreSqlDialect {}, sql)
 }
 
+/// A parser error as it may be shown to a client, logged and audited: the token the parser
+/// stopped at is redacted when it is a literal (`found: 'secret'` → `found: ?`, any quoting:
+/// `N''`, `E''`, `U&''`, dollar quotes, numbers), so no value reaches a message.
+pub fn describe_parse_error(error: &ParserError) -> String {
+    let text = error.to_string();
+    let Some(start) = text.find("found: ").map(|i| i + "found: ".len()) else {
+        return crate::audit::redact(&text);
+    };
+    let end = text[start..]
+        .rfind(" at Line")
+        .map_or(text.len(), |i| start + i);
+    format!(
+        "{}{}{}",
+        &text[..start],
+        crate::audit::redact(&text[start..end]),
+        &text[end..]
+    )
+}
+
 pub fn parse_expr(sql: &str) -> Result<Expr, ParserError> {
     let mut parser = Parser::new(&PostgreSqlDialect {}).try_with_sql(sql)?;
     let expr = parser.parse_expr()?;
@@ -171,6 +190,31 @@ impl VisitorMut for Sanitizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_errors_never_carry_the_literal_they_stopped_at() {
+        for sql in [
+            "SELECT a b 'secret-value'",
+            "SELECT a b N'secret-value'",
+            "SELECT a b E'secret-value'",
+            "SELECT a b U&'secret-value'",
+            "SELECT a b $q$secret-value$q$",
+            "SELECT a b 4111111111111111",
+        ] {
+            let error = parse_statements(sql).unwrap_err();
+            // sqlparser itself names the token, value included.
+            assert!(
+                error.to_string().contains("secret") || error.to_string().contains("4111"),
+                "{sql}: {error}"
+            );
+            let message = describe_parse_error(&error);
+            assert!(
+                !message.contains("secret") && !message.contains("4111"),
+                "{sql}: {message}"
+            );
+            assert!(message.contains("found: "), "{sql}: {message}");
+        }
+    }
 
     #[test]
     fn sanitized_literals_round_trip() {
