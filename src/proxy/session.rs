@@ -647,8 +647,11 @@ async fn upstream_to_client(
             None => batch,
         };
         let outgoing = account_upstream_batch(shared, state, &batch, completions);
-        if let Err(end) = await_durable_records(shared, state).await {
-            return end;
+        // Only an audited session (it has completions) leaves durability receipts.
+        if completions.is_some() {
+            if let Err(end) = await_durable_records(shared, state).await {
+                return end;
+            }
         }
         let mut writer = client.lock().await;
         for chunk in &outgoing {
