@@ -162,6 +162,8 @@ pub struct StatementRecord {
     pub params: Vec<BoundParam>,
     /// SQLSTATE sent to the client when refused/failed here.
     pub sqlstate: Option<String>,
+    /// One statement of a simple Query that carried several: (its position from 1, how many).
+    pub part: Option<(u32, u32)>,
 }
 
 impl StatementRecord {
@@ -197,6 +199,7 @@ impl StatementRecord {
             command_class: Vec::new(),
             params: Vec::new(),
             sqlstate: None,
+            part: None,
         }
     }
 
@@ -240,6 +243,8 @@ pub enum AuditEvent {
         duration: Duration,
         /// Set when the server returned an error. The message is not kept: it can quote values.
         sqlstate: Option<String>,
+        /// Never run: an earlier statement of the same Query or pipeline failed.
+        skipped: bool,
     },
 }
 
@@ -301,6 +306,10 @@ enum Wire<'a> {
         command_class: &'a [&'static str],
         param_count: usize,
         params: Vec<BoundParam>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        part: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        parts: Option<u32>,
     },
     StatementCompleted {
         session_id: u64,
@@ -311,6 +320,8 @@ enum Wire<'a> {
         #[serde(serialize_with = "micros")]
         duration_us: Duration,
         sqlstate: Option<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        skipped: bool,
     },
 }
 
@@ -402,6 +413,8 @@ impl AuditEvent {
                     command_class: &st.command_class,
                     param_count: st.params.len(),
                     params,
+                    part: st.part.map(|(part, _)| part),
+                    parts: st.part.map(|(_, parts)| parts),
                 }
             }
             AuditEvent::StatementCompleted {
@@ -412,6 +425,7 @@ impl AuditEvent {
                 command,
                 duration,
                 sqlstate,
+                skipped,
             } => Wire::StatementCompleted {
                 session_id: *session_id,
                 service,
@@ -420,6 +434,7 @@ impl AuditEvent {
                 command: command.as_deref(),
                 duration_us: *duration,
                 sqlstate: sqlstate.as_deref(),
+                skipped: *skipped,
             },
         };
         serde_json::to_writer(out, &wire)

@@ -93,7 +93,7 @@ pub use error::AuditError;
 pub use event::{
     AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText, StatementRecord,
 };
-pub use fingerprint::{fingerprint, redact};
+pub use fingerprint::{fingerprint, redact, split_statements};
 pub use handle::{AuditHandle, AuditStats, DurableReceipt};
 pub use report::{run_report, ReportArgs};
 pub use search::{run_search, SearchArgs};
