@@ -66,6 +66,9 @@ pub(super) struct Counters {
     pub(super) dropped_nowait: AtomicU64,
     /// Starts that found the log behind (or different from) its external anchor.
     pub(super) truncations_detected: AtomicU64,
+    /// Records delivered to / dropped for the syslog-over-TLS collector.
+    pub(super) siem_sent: AtomicU64,
+    pub(super) siem_dropped: AtomicU64,
 }
 
 /// A snapshot of the writer's counters.
@@ -79,12 +82,23 @@ pub struct AuditStats {
     pub failures: u64,
     /// `append_nowait` events that could not be written (log closed or write failed).
     pub dropped_nowait: u64,
+    /// Records delivered to the syslog-over-TLS collector, and copies dropped for it.
+    pub siem_sent: u64,
+    pub siem_dropped: u64,
 }
 
 /// A cheap, cloneable handle for sessions.
 #[derive(Clone)]
 pub struct AuditHandle {
     pub(super) inner: Arc<HandleInner>,
+}
+
+impl std::fmt::Debug for AuditHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditHandle")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
 }
 
 pub(super) struct HandleInner {
@@ -217,6 +231,8 @@ impl AuditHandle {
             fsyncs: c.fsyncs.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
             dropped_nowait: c.dropped_nowait.load(Ordering::Relaxed),
+            siem_sent: c.siem_sent.load(Ordering::Relaxed),
+            siem_dropped: c.siem_dropped.load(Ordering::Relaxed),
         }
     }
 

@@ -79,6 +79,7 @@ mod report_sections;
 pub mod search;
 mod signing;
 mod syslog_sink;
+mod syslog_tls;
 mod table_sink;
 pub mod verify;
 mod writer;
@@ -88,7 +89,7 @@ mod durability_tests;
 #[cfg(test)]
 mod tests;
 
-pub use config::{AuditConfig, Durability, OnFailure};
+pub use config::{AuditConfig, Durability, OnFailure, SyslogTlsConfig};
 pub use error::AuditError;
 pub use event::{
     AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText, StatementRecord,

@@ -136,6 +136,7 @@ impl Proxy {
                 if handle.truncation_detected() {
                     inc(&metrics.audit_truncations_detected);
                 }
+                metrics.set_audit(handle.clone());
                 tracing::info!(dir = %audit.dir.display(), "audit log open");
                 (Some(log), Some(handle))
             }

@@ -4,6 +4,7 @@
 mod audit_integrity;
 mod audit_proxy;
 mod audit_report;
+mod audit_siem;
 mod audit_statements;
 mod check;
 mod crypto;
