@@ -232,6 +232,11 @@ pub enum AuditEvent {
         sqlstate: String,
     },
     Statement(Box<StatementRecord>),
+    /// A SIGHUP changed settings of the running log.
+    SettingsChanged {
+        changed: Vec<&'static str>,
+        settings: serde_json::Value,
+    },
     StatementCompleted {
         session_id: u64,
         service: String,
@@ -310,6 +315,10 @@ enum Wire<'a> {
         part: Option<u32>,
         #[serde(skip_serializing_if = "Option::is_none")]
         parts: Option<u32>,
+    },
+    AuditSettingsChanged {
+        changed: &'a [&'static str],
+        settings: &'a serde_json::Value,
     },
     StatementCompleted {
         session_id: u64,
@@ -416,6 +425,9 @@ impl AuditEvent {
                     part: st.part.map(|(part, _)| part),
                     parts: st.part.map(|(_, parts)| parts),
                 }
+            }
+            AuditEvent::SettingsChanged { changed, settings } => {
+                Wire::AuditSettingsChanged { changed, settings }
             }
             AuditEvent::StatementCompleted {
                 session_id,

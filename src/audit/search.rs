@@ -54,7 +54,7 @@ pub struct SearchArgs {
 }
 
 /// Every record kind the writer produces (`--kind` accepts only these).
-pub const KINDS: [&str; 12] = [
+pub const KINDS: [&str; 13] = [
     "statement",
     "statement_completed",
     "connection_opened",
@@ -67,6 +67,7 @@ pub const KINDS: [&str; 12] = [
     "audit_outage",
     "truncation_detected",
     "siem_dropped",
+    "audit_settings_changed",
 ];
 
 /// The fields search and report look at. Unknown fields are ignored.

@@ -19,7 +19,7 @@ use base64::Engine;
 use tokio::sync::oneshot;
 
 use super::config::AuditConfig;
-use super::handle::{AuditHandle, Cmd, Counters, HandleInner, Pending};
+use super::handle::{AuditHandle, Cmd, Counters, HandleInner, LiveSettings, Pending};
 use super::record::{self, Hash, Tail, FORMAT_VERSION};
 use super::signing::SigningKey;
 use super::AuditError;
@@ -43,9 +43,7 @@ impl AuditLog {
             let handle = AuditHandle {
                 inner: Arc::new(HandleInner {
                     tx: None,
-                    on_failure: config.on_failure,
-                    durability: config.durability,
-                    record_values: config.record_values,
+                    live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                     counters,
                 }),
             };
@@ -85,9 +83,7 @@ impl AuditLog {
         let handle = AuditHandle {
             inner: Arc::new(HandleInner {
                 tx: Some(tx.clone()),
-                on_failure: config.on_failure,
-                durability: config.durability,
-                record_values: config.record_values,
+                live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                 counters,
             }),
         };

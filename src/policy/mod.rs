@@ -234,7 +234,8 @@ impl Snapshot {
 pub struct PolicyEngine {
     current: RwLock<Arc<Snapshot>>,
     dir: RwLock<PathBuf>,
-    unrestricted: Vec<String>,
+    /// Services configured unrestricted (changed by a SIGHUP reload of `[services]`).
+    unrestricted: RwLock<Vec<String>>,
     /// Field encryption's SQL transform, run on every statement before the policy rewrite.
     encryption: RwLock<Option<Arc<SqlEncryption>>>,
     counters: RwLock<Arc<RewriteCounters>>,
@@ -274,7 +275,7 @@ impl PolicyEngine {
         Ok(PolicyEngine {
             current: RwLock::new(Arc::new(Snapshot::new(policies, catalog))),
             dir: RwLock::new(dir.to_path_buf()),
-            unrestricted: unrestricted.to_vec(),
+            unrestricted: RwLock::new(unrestricted.to_vec()),
             encryption: RwLock::new(None),
             counters: RwLock::default(),
             generation: AtomicU64::new(1),
@@ -320,6 +321,12 @@ impl PolicyEngine {
         self.counters.read().clone()
     }
 
+    /// The services configured unrestricted, after a SIGHUP reload of `[services]`.
+    pub fn set_unrestricted(&self, services: Vec<String>) {
+        *self.unrestricted.write() = services;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
     /// Apply field encryption to every statement (policy-bound and unrestricted services).
     pub fn set_encryption(&self, encryption: Arc<SqlEncryption>) {
         *self.encryption.write() = Some(encryption);
@@ -329,7 +336,7 @@ impl PolicyEngine {
     pub fn decision(&self, service: &str) -> Decision {
         if self.current.read().policies.contains_key(service) {
             Decision::Policy
-        } else if self.unrestricted.iter().any(|s| s == service) {
+        } else if self.unrestricted.read().iter().any(|s| s == service) {
             Decision::Unrestricted
         } else {
             Decision::NoPolicy
@@ -341,7 +348,7 @@ impl PolicyEngine {
         let snap = self.current.read().clone();
         match snap.policies.get(service) {
             Some(p) => Ok(p.claims.iter().cloned().collect()),
-            None if self.unrestricted.iter().any(|s| s == service) => Ok(Vec::new()),
+            None if self.unrestricted.read().iter().any(|s| s == service) => Ok(Vec::new()),
             None => Err(no_policy(service)),
         }
     }
@@ -413,7 +420,7 @@ impl PolicyEngine {
         let snap = self.current.read().clone();
         let encryption = self.encryption.read().clone();
         let Some(policy) = snap.policies.get(who.service) else {
-            if self.unrestricted.iter().any(|s| s == who.service) {
+            if self.unrestricted.read().iter().any(|s| s == who.service) {
                 let rewritten =
                     unrestricted_rewrite(sql, encryption.as_deref(), Some(&snap.catalog))?;
                 return Ok((Arc::new(rewritten), Reuse::None));

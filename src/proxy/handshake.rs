@@ -215,7 +215,7 @@ async fn handshake_inner(
         .unwrap_or(&user)
         .to_string();
     let target = || Some((user.clone(), database.clone()));
-    let Some(service) = shared.config.service(&user) else {
+    let Some(service) = shared.service(&user) else {
         // Ask for the token anyway? No: an unknown service can never authenticate, so say so.
         return Err(Refusal {
             target: target(),

@@ -44,7 +44,8 @@ pub struct Policies {
     engine: PolicyEngine,
     config: PolicyConfig,
     catalog_user: String,
-    catalog_password: Option<String>,
+    /// Replaced by a SIGHUP reload; used from the next catalog connection on.
+    catalog_password: Mutex<Option<String>>,
     upstream: UpstreamTarget,
     metrics: Arc<Metrics>,
     /// pgward's own connection for catalog reads, opened on first use and reused.
@@ -111,11 +112,20 @@ impl Policies {
             files_seen: Mutex::new(policy_files(&policy.dir)),
             config: policy,
             catalog_user: service.upstream_user.clone(),
-            catalog_password,
+            catalog_password: Mutex::new(catalog_password),
             upstream: upstream.clone(),
             metrics,
             catalog_client: tokio::sync::Mutex::new(Some(client)),
         })))
+    }
+
+    /// A SIGHUP reload: the catalog service's login (from its next connection) and the
+    /// services configured unrestricted. Returns the catalog service's role, which only a
+    /// restart changes.
+    pub fn reconfigure(&self, catalog_password: Option<String>, unrestricted: Vec<String>) -> &str {
+        *self.catalog_password.lock() = catalog_password;
+        self.engine.set_unrestricted(unrestricted);
+        &self.catalog_user
     }
 
     /// The engine (for tools and tests).
@@ -200,11 +210,12 @@ impl Policies {
     pub async fn refresh_catalog(&self) {
         let mut slot = self.catalog_client.lock().await;
         if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            let password = self.catalog_password.lock().clone();
             match self
                 .upstream
                 .admin_client(
                     &self.catalog_user,
-                    self.catalog_password.as_deref(),
+                    password.as_deref(),
                     &self.config.database,
                 )
                 .await

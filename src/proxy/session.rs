@@ -131,7 +131,7 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
         database,
         client_addr,
     } = auth;
-    let Some(service) = shared.config.service(&identity.service) else {
+    let Some((service, password)) = shared.service_login(&identity.service) else {
         return;
     };
     let policy = match admit(&shared, &identity, &database, service.unrestricted) {
@@ -144,11 +144,6 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
             return;
         }
     };
-    let password = shared
-        .upstream_passwords
-        .get(&identity.service)
-        .cloned()
-        .flatten();
     let params: Vec<(String, String)> = startup
         .params
         .iter()

@@ -21,6 +21,7 @@ mod policy;
 mod policy_proxy;
 mod protocol;
 mod reload;
+mod reload_services;
 mod tools;
 mod vault;
 mod vault_failures;
