@@ -92,7 +92,8 @@ mod tests;
 pub use config::{AuditConfig, Durability, OnFailure, SyslogTlsConfig};
 pub use error::AuditError;
 pub use event::{
-    AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText, StatementRecord,
+    statement_session_json, AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText,
+    StatementRecord,
 };
 pub use fingerprint::{fingerprint, redact, split_statements};
 pub use handle::{AuditHandle, AuditStats, DurableReceipt};

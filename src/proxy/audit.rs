@@ -79,6 +79,8 @@ enum AwaitKind {
 pub struct SessionAudit {
     handle: AuditHandle,
     session: Arc<SessionInfo>,
+    /// The session's fields of every statement record, serialised once.
+    session_json: Option<Arc<str>>,
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     /// Statement records written (for the connection-closed record).
@@ -110,6 +112,7 @@ impl SessionAudit {
     ) -> Self {
         Self {
             handle,
+            session_json: crate::audit::statement_session_json(&session).ok(),
             session,
             statements: HashMap::new(),
             portals: HashMap::new(),
@@ -187,6 +190,7 @@ impl SessionAudit {
                 SqlText::new(part, self.literals_may_be_sensitive),
             );
             record.part = Some((u32::try_from(i + 1).unwrap_or(u32::MAX), count));
+            record.session_json = self.session_json.clone();
             match (paired, infos) {
                 (Some(infos), _) => add_analysis(&mut record, infos.get(i..=i).unwrap_or(&[])),
                 (None, Some(infos)) => add_analysis(&mut record, infos),
@@ -335,6 +339,7 @@ impl SessionAudit {
         mut record: StatementRecord,
         observed: &Observed<'_>,
     ) -> AuditEvent {
+        record.session_json = self.session_json.clone();
         if let Some(refusal) = observed.refused {
             record.decision = if refusal.kind.is_decision() {
                 Decision::Refused
