@@ -22,7 +22,8 @@ use crate::crypto::sql::ParamPlan;
 use crate::error::{sqlstate, ClientError, Refusal, RefusalKind};
 use crate::metrics::inc;
 use crate::net::{ConnReader, ConnWriter};
-use crate::protocol::fields::{parse_name_and_text, ErrorFields};
+use crate::protocol::fields::ErrorFields;
+use crate::protocol::view::Frontend;
 use crate::protocol::{backend, build, frontend, Batch, FrameReader, Message, ProtocolError};
 use crate::upstream::MAX_UPSTREAM_MESSAGE;
 
@@ -439,21 +440,29 @@ async fn intercept_batch(
     audit: Option<(&mut SessionAudit, &Completions)>,
     batch: &Batch,
 ) -> Vec<Bytes> {
-    let mut verdicts = Vec::new();
-    let mut plans = Vec::new();
+    // Each message is decoded once; every stage reads the same view.
+    let messages: Vec<Message> = batch.messages().collect();
+    let views: Vec<Result<Frontend<'_>, ProtocolError>> =
+        messages.iter().map(Frontend::decode).collect();
+    let mut verdicts = Vec::with_capacity(messages.len());
+    let mut plans = Vec::with_capacity(messages.len());
     let mut records = BatchRecords::default();
     let (mut audit, completions) = audit.unzip();
-    for message in batch.messages() {
-        let verdict = interceptor.client_message(&message).await;
+    for (message, view) in messages.iter().zip(&views) {
+        let verdict = match view {
+            Ok(view) => interceptor.client_message(view),
+            Err(e) => malformed_message(state, e),
+        };
         plans.push(interceptor.take_param_plan());
         let analysis = interceptor.take_analysis();
-        if let Some(audit) = audit.as_deref_mut() {
+        if let (Some(audit), Ok(view)) = (audit.as_deref_mut(), view) {
             let refused = match &verdict {
                 Verdict::Refuse(error) => Some(error),
                 _ => None,
             };
             let observed = Observed {
-                message: &message,
+                message,
+                view,
                 refused,
                 analysis,
             };
@@ -481,11 +490,22 @@ async fn intercept_batch(
         shared,
         state,
         batch,
+        (&messages, &views),
         verdicts,
         plans,
         interceptor.crypto_mut(),
     )
     .await
+}
+
+/// A message whose body does not match its type is refused (never forwarded unanalysed).
+fn malformed_message(state: &SessionState, error: &ProtocolError) -> Verdict {
+    tracing::info!(session = state.id, %error, "malformed client message refused");
+    Verdict::Refuse(Refusal::new(
+        RefusalKind::Protocol,
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("pgward: {error}"),
+    ))
 }
 
 /// Unaudited statements must not run: every message of the batch that would start one is
@@ -514,6 +534,7 @@ async fn assemble(
     shared: &Shared,
     state: &SessionState,
     batch: &Batch,
+    (messages, views): (&[Message], &[Result<Frontend<'_>, ProtocolError>]),
     verdicts: Vec<Verdict>,
     plans: Vec<Option<Arc<ParamPlan>>>,
     mut crypto: Option<&mut ClientHalf>,
@@ -522,23 +543,42 @@ async fn assemble(
     let mut out = Vec::new();
     let mut run_start = 0;
     let mut offset = 0;
-    for ((message, verdict), plan) in batch.messages().zip(verdicts).zip(plans) {
+    for (((message, view), verdict), plan) in messages.iter().zip(views).zip(verdicts).zip(plans) {
         let len = message.raw().len();
         state.series.judged(message.tag(), (&verdict).into());
-        let mut replacement = match verdict {
-            Verdict::Forward => None,
-            Verdict::Replace(bytes) => Some(bytes),
-            Verdict::Refuse(refusal) => {
-                inc(&shared.metrics.statements_refused);
-                Some(refusal_stand_in(state, &message, refusal.error))
-            }
-        };
         if let Some(crypto) = crypto.as_deref_mut() {
             if matches!(message.tag(), frontend::PARSE | frontend::QUERY) {
                 crypto.set_next_plan(plan);
             }
-            replacement = encrypt_outgoing(shared, state, crypto, &message, replacement).await;
         }
+        let replacement = match (verdict, view) {
+            (Verdict::Forward, Ok(view)) => match crypto.as_deref_mut() {
+                Some(crypto) => encrypt_outgoing(shared, state, crypto, message, view).await,
+                None => None,
+            },
+            (Verdict::Forward, Err(_)) => None,
+            (Verdict::Rewrite(rewritten), Ok(view)) => Some(
+                rewritten_message(
+                    shared,
+                    state,
+                    crypto.as_deref_mut(),
+                    message,
+                    view,
+                    &rewritten.sql,
+                )
+                .await,
+            ),
+            (Verdict::Refuse(refusal), _) => {
+                inc(&shared.metrics.statements_refused);
+                Some(stand_in(state, crypto.as_deref_mut(), message, refusal.error).await)
+            }
+            // A rewrite comes from a decoded message; anything else is refused, never sent.
+            (Verdict::Rewrite(_), Err(e)) => {
+                let error =
+                    ClientError::error(sqlstate::PROTOCOL_VIOLATION, format!("pgward: {e}"));
+                Some(stand_in(state, crypto.as_deref_mut(), message, error).await)
+            }
+        };
         if let Some(bytes) = replacement {
             if offset > run_start {
                 out.push(all.slice(run_start..offset));
@@ -554,48 +594,74 @@ async fn assemble(
     out
 }
 
-/// Field encryption's pass over what goes upstream for one client message (the message itself
-/// or what replaced it): Bind values encrypted, Describe inserted before Execute, responses
-/// expected. A value that cannot be encrypted refuses the message.
+/// Field encryption's pass over one client message on its way upstream: Bind values
+/// encrypted, Describe inserted before Execute, responses expected. A value that cannot be
+/// encrypted refuses the message.
 async fn encrypt_outgoing(
     shared: &Shared,
     state: &SessionState,
     crypto: &mut ClientHalf,
-    original: &Message,
-    replacement: Option<Bytes>,
+    message: &Message,
+    view: &Frontend<'_>,
 ) -> Option<Bytes> {
-    let sent = match &replacement {
-        None => Batch::from_whole_messages(original.raw().clone()),
-        Some(bytes) => Batch::from_whole_messages(bytes.clone()),
-    };
-    let mut out = BytesMut::new();
-    let mut changed = false;
-    for message in sent.messages() {
-        match crypto.outgoing(&message).await {
-            Ok(None) => out.extend_from_slice(message.raw()),
-            Ok(Some(bytes)) => {
-                changed = true;
-                out.extend_from_slice(&bytes);
-            }
-            Err(error) => {
-                inc(&shared.metrics.statements_refused);
-                let stand_in = refusal_stand_in(state, &message, error);
-                if let Ok(Some(bytes)) = crypto
-                    .outgoing(&Message::from_raw(stand_in.clone()).ok()?)
-                    .await
-                {
-                    out.extend_from_slice(&bytes);
-                } else {
-                    out.extend_from_slice(&stand_in);
-                }
-                changed = true;
-            }
+    match crypto.outgoing(message, view).await {
+        Ok(replacement) => replacement,
+        Err(error) => {
+            inc(&shared.metrics.statements_refused);
+            Some(stand_in(state, Some(crypto), message, error).await)
         }
     }
-    if changed {
-        Some(out.freeze())
-    } else {
-        replacement
+}
+
+/// The Query or Parse to send for a rewritten statement: the rewritten text, with the
+/// client's statement name and declared parameter types (retyped by field encryption when
+/// the rewrite has a parameter plan).
+async fn rewritten_message(
+    shared: &Shared,
+    state: &SessionState,
+    crypto: Option<&mut ClientHalf>,
+    message: &Message,
+    view: &Frontend<'_>,
+    sql: &str,
+) -> Bytes {
+    let rewritten = match view {
+        Frontend::Parse(parse) => Frontend::Parse(parse.with_sql(sql)),
+        _ => Frontend::Query { sql },
+    };
+    if let Some(crypto) = crypto {
+        if let Some(bytes) = encrypt_outgoing(shared, state, crypto, message, &rewritten).await {
+            return bytes;
+        }
+    }
+    match &rewritten {
+        Frontend::Parse(parse) => {
+            build::parse_with_param_types(parse.name, sql, parse.param_section())
+        }
+        _ => build::query(sql),
+    }
+}
+
+/// The stand-in for a refused message (see [`refusal_stand_in`]), recorded by field
+/// encryption like any message it forwards so that responses stay matched.
+async fn stand_in(
+    state: &SessionState,
+    crypto: Option<&mut ClientHalf>,
+    message: &Message,
+    error: ClientError,
+) -> Bytes {
+    let stand_in = refusal_stand_in(state, message, error);
+    let Some(crypto) = crypto else {
+        return stand_in;
+    };
+    let Ok(built) = Message::from_raw(stand_in.clone()) else {
+        return stand_in;
+    };
+    match Frontend::decode(&built) {
+        Ok(view) => match crypto.outgoing(&built, &view).await {
+            Ok(Some(bytes)) => bytes,
+            _ => stand_in,
+        },
+        Err(_) => stand_in,
     }
 }
 
@@ -609,9 +675,10 @@ fn refusal_stand_in(state: &SessionState, message: &Message, error: ClientError)
         // Both are answered with their own ReadyForQuery, no Sync follows.
         frontend::QUERY | frontend::FUNCTION_CALL => build::query(&marker),
         frontend::PARSE => {
-            let name = parse_name_and_text(message.body())
-                .map(|(name, _)| name)
-                .unwrap_or("");
+            let name = match Frontend::decode(message) {
+                Ok(Frontend::Parse(parse)) => parse.name,
+                _ => "",
+            };
             build::parse(name, &marker)
         }
         _ => build::parse("", &marker),
