@@ -12,7 +12,6 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
-use crate::crypto::sql::SqlEncryption;
 use crate::error::{ClientError, Refusal, RefusalKind};
 use crate::metrics::{inc, RewriteCounters};
 
@@ -29,6 +28,7 @@ pub use analysis::AnalysisMemo;
 // The analysis layer under the policy engine, under its former names for the engine's own
 // code and the tools built on it.
 pub use crate::sql::parse as sql;
+pub use crate::sql::stage::{StagePlan, StatementTransform, TransformOutcome};
 pub use crate::sql::{catalog, columns};
 pub use crate::sql::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
 pub use config::{Action, ServicePolicy, TablePolicy};
@@ -80,13 +80,14 @@ impl PolicyDenied {
         }
     }
 
-    /// A refusal by field encryption (SQLSTATE 0A000 unless the transform said otherwise).
-    fn encryption(sqlstate: &'static str, message: String) -> Self {
+    /// A refusal by the transform that runs beside the rewrite (field encryption), or about
+    /// text that transform would have to see.
+    fn transform(kind: RefusalKind, sqlstate: &'static str, message: String) -> Self {
         PolicyDenied {
             sqlstate,
             message,
             rule: None,
-            kind: RefusalKind::Encryption,
+            kind,
         }
     }
 }
@@ -131,8 +132,9 @@ pub struct Rewritten {
     /// The service is configured as unrestricted: `sql` is the client's text, unchanged
     /// unless field encryption transformed it.
     pub unrestricted: bool,
-    /// Parameters the relay must encrypt or blind-index at Bind (field encryption).
-    pub params: Option<Arc<crate::crypto::sql::ParamPlan>>,
+    /// What the relay must do per execution (field encryption: the parameters it encrypts
+    /// or blind-indexes at Bind), as the transform typed it.
+    pub params: Option<StagePlan>,
 }
 
 /// How a service is governed.
@@ -235,8 +237,8 @@ pub struct PolicyEngine {
     current: RwLock<Arc<Snapshot>>,
     dir: RwLock<PathBuf>,
     unrestricted: Vec<String>,
-    /// Field encryption's SQL transform, run on every statement before the policy rewrite.
-    encryption: RwLock<Option<Arc<SqlEncryption>>>,
+    /// The transform run on every statement before the policy rewrite (field encryption).
+    encryption: RwLock<Option<Arc<dyn StatementTransform>>>,
     counters: RwLock<Arc<RewriteCounters>>,
     /// Bumped after every change of what a rewrite depends on (policies, catalog, encryption,
     /// counters): sessions' memos from an older generation are emptied before use.
@@ -320,8 +322,9 @@ impl PolicyEngine {
         self.counters.read().clone()
     }
 
-    /// Apply field encryption to every statement (policy-bound and unrestricted services).
-    pub fn set_encryption(&self, encryption: Arc<SqlEncryption>) {
+    /// Apply this transform (field encryption) to every statement, policy-bound and
+    /// unrestricted services alike.
+    pub fn set_encryption(&self, encryption: Arc<dyn StatementTransform>) {
         *self.encryption.write() = Some(encryption);
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -479,7 +482,7 @@ impl PolicyEngine {
                     }
                 }
                 // Embedded ciphertext must not repeat across executions (see crypto::sql).
-                if outcome.encrypted_literals {
+                if outcome.unrepeatable {
                     return Ok((r, Reuse::None));
                 }
                 snap.cache.lock().put(key, r.clone());
@@ -506,10 +509,10 @@ impl PolicyEngine {
 fn learn_shape(
     shape: &shape::Shape<'_>,
     exact: &Rewritten,
-    outcome: &crate::crypto::sql::Outcome,
-    rewrite: impl Fn(&str) -> Result<(Rewritten, crate::crypto::sql::Outcome), PolicyDenied>,
+    outcome: &TransformOutcome,
+    rewrite: impl Fn(&str) -> Result<(Rewritten, TransformOutcome), PolicyDenied>,
 ) -> ShapeEntry {
-    let unencrypted = |o: &crate::crypto::sql::Outcome| !o.touched && o.params.is_none();
+    let unencrypted = |o: &TransformOutcome| !o.touched && o.plan.is_none();
     if !unencrypted(outcome) {
         return ShapeEntry::Exact;
     }
@@ -565,7 +568,7 @@ fn no_policy(service: &str) -> PolicyDenied {
 /// values could be plaintext going into encrypted columns).
 pub fn unrestricted_rewrite(
     sql: &str,
-    encryption: Option<&SqlEncryption>,
+    encryption: Option<&dyn StatementTransform>,
     catalog: Option<&Catalog>,
 ) -> Result<Rewritten, PolicyDenied> {
     let parsed = sql::parse_statements(sql);
@@ -589,13 +592,9 @@ pub fn unrestricted_rewrite(
     let mut stmts = match parsed {
         Ok(stmts) => stmts,
         Err(e) => {
-            let lower = sql.to_ascii_lowercase();
-            let suspect = encryption.table_names().find(|t| {
-                let name = t.rsplit('.').next().unwrap_or(t);
-                lower.contains(&name.to_ascii_lowercase())
-            });
-            return match suspect {
-                Some(t) => Err(PolicyDenied::encryption(
+            return match encryption.may_touch(sql) {
+                Some(t) => Err(PolicyDenied::transform(
+                    RefusalKind::Encryption,
                     "0A000",
                     format!("pgward cannot parse this statement, and it may touch {t}, which has encrypted columns, so it is refused: {}", sql::describe_parse_error(&e)),
                 )),
@@ -614,30 +613,32 @@ pub fn unrestricted_rewrite(
         sql: texts.join(";\n"),
         statements: statements.into(),
         unrestricted: true,
-        params: outcome.params,
+        params: outcome.plan,
     })
 }
 
 /// Sanitize and encrypt statements, returning their texts (checked to round-trip).
 fn encrypt_statements(
     stmts: &mut [sqlparser::ast::Statement],
-    encryption: &SqlEncryption,
+    encryption: &dyn StatementTransform,
     catalog: Option<&Catalog>,
-) -> Result<(Vec<String>, crate::crypto::sql::Outcome), PolicyDenied> {
+) -> Result<(Vec<String>, TransformOutcome), PolicyDenied> {
     for st in stmts.iter_mut() {
         sql::sanitize(st).map_err(|e| {
-            PolicyDenied::encryption(
+            PolicyDenied::transform(
+                RefusalKind::Encryption,
                 "0A000",
                 format!("pgward: cannot encrypt a statement with {}", e.0),
             )
         })?;
     }
     let outcome = encryption
-        .transform(stmts, catalog)
-        .map_err(encryption_refusal)?;
+        .apply(stmts, catalog)
+        .map_err(transform_refusal)?;
     let texts: Vec<String> = stmts.iter().map(ToString::to_string).collect();
     if outcome.touched && !texts.iter().all(|t| sql::round_trips(t)) {
-        return Err(PolicyDenied::encryption(
+        return Err(PolicyDenied::transform(
+            RefusalKind::Encryption,
             "0A000",
             "pgward: a statement on encrypted columns could not be rewritten faithfully, so it is refused".into(),
         ));
@@ -645,8 +646,8 @@ fn encrypt_statements(
     Ok((texts, outcome))
 }
 
-fn encryption_refusal(r: crate::crypto::sql::Refused) -> PolicyDenied {
-    PolicyDenied::encryption(r.sqlstate, r.message)
+fn transform_refusal(r: crate::sql::stage::TransformRefusal) -> PolicyDenied {
+    PolicyDenied::transform(r.kind, r.sqlstate, r.message)
 }
 
 /// The columns of `table` a policy-bound service sees (none of a table outside its policy).
@@ -697,8 +698,8 @@ pub fn rewrite_encrypted(
     catalog: &Catalog,
     claims: &serde_json::Map<String, serde_json::Value>,
     sql: &str,
-    encryption: Option<&SqlEncryption>,
-) -> Result<(Rewritten, crate::crypto::sql::Outcome), PolicyDenied> {
+    encryption: Option<&dyn StatementTransform>,
+) -> Result<(Rewritten, TransformOutcome), PolicyDenied> {
     let mut stmts = sql::parse_statements(sql).map_err(|e| {
         PolicyDenied::new(format!("pgward: service {service:?} sent a statement pgward cannot parse, so it is refused: {}", sql::describe_parse_error(&e)), None)
     })?;
@@ -723,9 +724,9 @@ pub fn rewrite_encrypted(
         .collect();
     let outcome = match encryption {
         Some(enc) => enc
-            .transform(&mut stmts, Some(catalog))
-            .map_err(encryption_refusal)?,
-        None => crate::crypto::sql::Outcome::default(),
+            .apply(&mut stmts, Some(catalog))
+            .map_err(transform_refusal)?,
+        None => TransformOutcome::default(),
     };
     for (k, (st, (named, class))) in stmts.iter_mut().zip(named).enumerate() {
         let (text, mut info) =
@@ -752,7 +753,7 @@ pub fn rewrite_encrypted(
             sql: texts.join(";\n"),
             statements: infos.into(),
             unrestricted: false,
-            params: outcome.params.clone(),
+            params: outcome.plan.clone(),
         },
         outcome,
     ))

@@ -846,40 +846,76 @@ fn statements_without_a_safe_shape_take_the_exact_path() {
     assert_eq!(shape_hits(&e), 0);
 }
 
-/// The demo policies over the demo catalog with its blind-index columns, and the demo's
-/// columns encrypted (`crypto::sql::tests::enc`).
-async fn encrypted_demo_engine() -> PolicyEngine {
-    let mut tables: Vec<TableInfo> = demo_catalog().tables().cloned().collect();
-    for t in &mut tables {
-        for encrypted in ["email", "card_number"] {
-            if t.column(encrypted).is_some() {
-                t.columns.push(col(&format!("{encrypted}_bidx"), "bytea"));
+/// A transform standing in for field encryption: every string literal of a statement on
+/// `customers` becomes a fresh value (as ciphertext would), and the result is unrepeatable.
+#[derive(Debug, Default)]
+struct SealsCustomerLiterals(std::sync::atomic::AtomicU64);
+
+impl StatementTransform for SealsCustomerLiterals {
+    fn apply(
+        &self,
+        statements: &mut [sqlparser::ast::Statement],
+        _catalog: Option<&Catalog>,
+    ) -> Result<TransformOutcome, crate::sql::stage::TransformRefusal> {
+        use sqlparser::ast::{Value, ValueWithSpan, VisitMut, VisitorMut};
+        struct Seal<'a>(&'a std::sync::atomic::AtomicU64);
+        impl VisitorMut for Seal<'_> {
+            type Break = ();
+            fn pre_visit_value(&mut self, v: &mut ValueWithSpan) -> std::ops::ControlFlow<()> {
+                if let Value::SingleQuotedString(s) = &mut v.value {
+                    let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    *s = format!("sealed-{n}");
+                }
+                std::ops::ControlFlow::Continue(())
             }
         }
+        let touched = statements
+            .iter()
+            .any(|st| st.to_string().to_lowercase().contains("customers"));
+        if touched {
+            for st in statements.iter_mut() {
+                let _ = st.visit(&mut Seal(&self.0));
+            }
+        }
+        Ok(TransformOutcome {
+            touched,
+            unrepeatable: touched,
+            plan: None,
+            accessed: vec![Vec::new(); statements.len()],
+        })
     }
-    let e = PolicyEngine::load(
-        Path::new("policies"),
-        Arc::new(Catalog::from_tables(tables)),
-        &[],
-    )
-    .unwrap();
-    e.set_encryption(Arc::new(crate::crypto::sql::tests::enc().await));
-    e
+
+    fn may_touch(&self, sql: &str) -> Option<String> {
+        sql.to_lowercase()
+            .contains("customers")
+            .then(|| "public.customers".to_string())
+    }
 }
 
-#[tokio::test]
-async fn literals_of_encrypted_tables_never_take_a_template() {
-    let e = encrypted_demo_engine().await;
-    for (i, email) in ["first@example.com", "second@example.com"]
-        .iter()
-        .enumerate()
-    {
+#[test]
+fn an_unrepeatable_transform_result_never_takes_a_template_or_the_cache() {
+    let e = engine();
+    e.set_encryption(Arc::new(SealsCustomerLiterals::default()));
+    let mut outputs = Vec::new();
+    for email in [
+        "first@example.com",
+        "second@example.com",
+        "first@example.com",
+    ] {
         for sql in [
-            format!("INSERT INTO customers (name, email) VALUES ('n{i}', '{email}')"),
+            format!("INSERT INTO customers (name, email) VALUES ('n', '{email}')"),
             format!("SELECT name FROM customers WHERE email = '{email}'"),
         ] {
             let out = billing_rewrite(&e, 1, &sql).unwrap();
-            assert!(!out.contains(email), "plaintext went upstream: {out}");
+            assert!(
+                !out.contains(email),
+                "the transform's value was bypassed: {out}"
+            );
+            assert!(
+                !outputs.contains(&out),
+                "an unrepeatable result repeated: {out}"
+            );
+            outputs.push(out);
         }
     }
     assert_eq!(shape_hits(&e), 0);
@@ -960,15 +996,16 @@ fn a_sessions_memo_is_forgotten_when_the_policies_change() {
     }
 }
 
-#[tokio::test]
-async fn a_sessions_memo_never_keeps_encrypted_literals() {
-    let e = encrypted_demo_engine().await;
+#[test]
+fn a_sessions_memo_never_keeps_unrepeatable_results() {
+    let e = engine();
+    e.set_encryption(Arc::new(SealsCustomerLiterals::default()));
     let mut memo = SessionMemo::default();
     let sql = "INSERT INTO customers (name, email) VALUES ('n', 'a@example.com')";
     let first = session_rewrite(&e, &mut memo, 1, sql).unwrap();
     let second = session_rewrite(&e, &mut memo, 1, sql).unwrap();
     assert!(!first.contains("a@example.com"), "{first}");
-    assert_ne!(first, second, "ciphertext repeated: the rewrite was reused");
+    assert_ne!(first, second, "an unrepeatable result was reused");
     assert!(memo.shapes.is_empty() && memo.exact.is_empty());
 }
 

@@ -14,7 +14,7 @@ use super::policy::{may_be_ddl, Policies, SessionPolicy};
 use crate::auth::Identity;
 use crate::crypto::sql::{ParamPlan, SqlEncryption};
 use crate::error::{sqlstate, Refusal, RefusalKind};
-use crate::policy::{AnalysisMemo, Rewritten, SessionMemo};
+use crate::policy::{AnalysisMemo, Rewritten, SessionMemo, StagePlan};
 use crate::protocol::view::{Frontend, ParseView};
 
 /// What happens to one client message.
@@ -208,7 +208,7 @@ impl Interceptor {
             }
             SessionPolicy::Unrestricted => match &self.encryption {
                 Some(enc) => {
-                    crate::policy::unrestricted_rewrite(sql, Some(enc), None).map(Arc::new)
+                    crate::policy::unrestricted_rewrite(sql, Some(enc.as_ref()), None).map(Arc::new)
                 }
                 None => return Verdict::Forward,
             },
@@ -228,7 +228,11 @@ impl Interceptor {
                 return Verdict::Refuse(denied.into());
             }
         };
-        self.param_plan = rewritten.params.clone();
+        // Field encryption's plan, as its transform typed it.
+        self.param_plan = rewritten
+            .params
+            .as_ref()
+            .and_then(StagePlan::get::<ParamPlan>);
         if rewritten.statements.iter().any(|s| s.is_ddl) {
             self.ddl_pending = true;
         }
