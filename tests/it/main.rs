@@ -5,6 +5,7 @@ mod audit_integrity;
 mod audit_proxy;
 mod audit_report;
 mod check;
+mod compat;
 mod crypto;
 mod dev_mode;
 mod edges;
