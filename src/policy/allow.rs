@@ -306,6 +306,16 @@ pub fn is_utf8_encoding(name: &str) -> bool {
     matches!(clean.as_str(), "utf8" | "unicode")
 }
 
+/// PostgreSQL's system columns (`ctid`, `xmin`, …): a row's physical place and the
+/// transactions that wrote it, which reveal other rows' inserts, updates and deletes. The server
+/// refuses user columns with these names, so a column reference with one is a system column.
+pub fn is_system_column(name: &str) -> bool {
+    matches!(
+        name,
+        "ctid" | "xmin" | "xmax" | "cmin" | "cmax" | "tableoid"
+    )
+}
+
 /// Whether a policy-bound service may set parameter `name` (lowercase): built-in safe
 /// parameters and its policy's `[allow].set`, never the forbidden ones.
 pub fn is_settable(name: &str, policy_extra: &[String]) -> bool {
