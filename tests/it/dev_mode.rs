@@ -156,6 +156,57 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
         "a tenant-2 token sees no tenant-1 rows"
     );
 
+    // Each demo service logs in upstream as its own role: no superuser, and nothing beyond
+    // what its policy needs, checked directly against the server (not through pgward).
+    let config: toml::Value = toml::from_str(
+        &std::fs::read_to_string(workdir.path().join(".pgward/pgward.toml")).unwrap(),
+    )
+    .unwrap();
+    let upstream_port = config["upstream"]["port"].as_integer().unwrap().to_string();
+    let direct = |service: &str, sql: &str| {
+        let svc = &config["services"][service];
+        assert_eq!(svc["upstream_user"].as_str(), Some(service));
+        let password_file = svc["upstream_password"]["file"].as_str().unwrap();
+        let password = std::fs::read_to_string(password_file).unwrap();
+        let out = Command::new("psql")
+            .args(["-X", "-A", "-t", "-h", "127.0.0.1", "-p", &upstream_port])
+            .args(["-U", service, "-d", "pgward_demo", "-c", sql])
+            .env("PGPASSWORD", password.trim())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for service in ["billing", "support", "analytics"] {
+        let (ok, out, err) = direct(
+            service,
+            "select rolsuper, rolcreaterole, rolbypassrls from pg_roles where rolname = current_user",
+        );
+        assert!(ok && out == "f|f|f", "{service}: {out} {err}");
+    }
+    for (service, sql) in [
+        ("billing", "select count(*) from tenants"),
+        ("support", "select ssn from customers"),
+        ("support", "update customers set name = 'x'"),
+        ("analytics", "select email from customers"),
+        ("billing", "select * from pgward.data_keys"),
+        ("billing", "delete from invoices"),
+    ] {
+        let (ok, _, err) = direct(service, sql);
+        assert!(
+            !ok && err.contains("permission denied"),
+            "{service}: {sql}: {err}"
+        );
+    }
+    let (ok, out, err) = direct("billing", "select count(*) from customers");
+    assert!(
+        ok && out == "15",
+        "billing reads its table upstream: {out} {err}"
+    );
+
     // Ctrl-C stops everything and removes the throwaway server.
     // SAFETY: sending SIGINT to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
