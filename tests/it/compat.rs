@@ -146,3 +146,42 @@ async fn system_columns_are_never_readable() {
         }
     }
 }
+
+/// Sessions are one to one with server connections: the client is given its backend's PID
+/// (with pgward's own secret key), so NOTIFY's PID is recognisable and cancel still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_carry_the_pid_the_client_was_given_and_cancel_works() {
+    let proxy = harness::start_proxy(harness::ProxyOptions::default()).await;
+    let database = harness::fresh_database("notifypid", false).await;
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=app dbname={database} password={} sslmode=disable",
+        proxy.addr.port(),
+        harness::token("app", json!({}))
+    );
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/psycopg_notify_cancel.py");
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        run(Command::new("python3").arg(&script).env("PGWARD_DSN", &dsn))
+    });
+    assert!(ok, "psycopg NOTIFY/cancel checks failed:\n{out}\n{err}");
+    assert!(out.contains("all checks passed"));
+}
+
+/// A cancel must reach the server while pgward is still writing a large pipeline to it (the
+/// server executes slowly and stops reading): asyncpg's executemany with a timeout rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_is_delivered_while_a_large_pipeline_is_written() {
+    let proxy = harness::start_proxy(harness::ProxyOptions::default()).await;
+    let database = harness::fresh_database("cancelpipe", false).await;
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/asyncpg_cancel_pipeline.py");
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        run(Command::new("python3")
+            .arg(&script)
+            .env("PGWARD_PORT", proxy.addr.port().to_string())
+            .env("PGWARD_TOKEN", harness::token("app", json!({})))
+            .env("PGWARD_DATABASE", &database))
+    });
+    assert!(ok, "asyncpg cancel checks failed:\n{out}\n{err}");
+    assert!(out.contains("all checks passed"), "{out}");
+}
