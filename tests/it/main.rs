@@ -6,6 +6,7 @@ mod audit_proxy;
 mod audit_report;
 mod check;
 mod compat;
+mod corpus;
 mod crypto;
 mod dev_mode;
 mod edges;
