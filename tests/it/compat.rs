@@ -31,6 +31,26 @@ async fn asyncpg_connects_as_a_policy_bound_service() {
     assert!(out.contains("all checks passed"));
 }
 
+/// psycopg (libpq) as billing over TLS, with the encoding spelled `utf-8` by the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_connects_as_a_policy_bound_service() {
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=billing dbname={database} password={} sslmode=require",
+        proxy.addr.port(),
+        harness::token("billing", json!({ "tenant_id": 1 }))
+    );
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/drivers/psycopg_bound.py");
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        run(Command::new("python3")
+            .arg(&script)
+            .env("PGWARD_DSN", &dsn)
+            .env("PGCLIENTENCODING", "utf-8"))
+    });
+    assert!(ok, "psycopg as billing failed:\n{out}\n{err}");
+    assert!(out.contains("all checks passed"));
+}
+
 /// Text of every row a simple query returned, one line per row.
 async fn simple_text(client: &tokio_postgres::Client, sql: &str) -> String {
     client
