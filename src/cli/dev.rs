@@ -73,6 +73,11 @@ pub struct DevArgs {
     /// Keep encryption keys with the `local` provider even when `bao` (OpenBao) is installed.
     #[arg(long)]
     pub local_keys: bool,
+    /// Also install the policies as PostgreSQL row-level security (`policy export-rls`) on the
+    /// throwaway server, with the claims passed as `app.<claim>` settings: a second line of
+    /// defence behind the rewriter.
+    #[arg(long)]
+    pub rls: bool,
 }
 
 /// Where the demo's upstream is and how the services log in to it.
@@ -110,6 +115,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let key = DevSigningKey::load_or_create(&dir).context("creating the dev signing key")?;
     let (cert, tls_key) = ensure_certificate(&dir)?;
     let (migrations, policies) = demo_files(&args, &dir)?;
+    if args.rls && args.upstream.is_some() {
+        bail!("--rls installs row-level security on the throwaway server only; with --upstream run `pgward policy export-rls` yourself");
+    }
     let upstream = match &args.upstream {
         Some(url) => existing_upstream(url, &migrations).await?,
         None => throwaway_upstream(&migrations, &policies).await?,
@@ -134,6 +142,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let config = Config::from_file(&config_path)?;
     let seeded = seed_upstream(&config, &upstream).await?;
     eprintln!("pgward dev: encrypted demo values seeded: {seeded}");
+    if args.rls {
+        install_rls(&upstream, &policies).await?;
+    }
     if let Some(bao) = &openbao {
         eprintln!(
             "pgward dev: keys in an OpenBao dev server at {} (token in {}); rotate the demo key with\n  \
@@ -244,6 +255,37 @@ async fn throwaway_upstream(migrations: &Path, policies: &Path) -> anyhow::Resul
         service_roles,
         _server: Some(server),
     })
+}
+
+/// `--rls`: the policies as row-level security on the throwaway server (after seeding, which
+/// writes as pgward's own role, which no policy names).
+async fn install_rls(upstream: &Upstream, policies: &Path) -> anyhow::Result<()> {
+    let Some(server) = &upstream._server else {
+        bail!("--rls needs the throwaway server");
+    };
+    let url = format!(
+        "postgresql://postgres:{}@127.0.0.1:{}/{DEMO_DATABASE}",
+        server.password(),
+        server.port()
+    );
+    let rls = crate::policy::cli::run_export_rls(&crate::policy::cli::ExportRlsArgs {
+        dir: policies.to_path_buf(),
+        database_url: url,
+    })
+    .await?;
+    let (client, connection) = server
+        .client_config(DEMO_DATABASE)
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(&rls)
+        .await
+        .context("installing the row-level security policy export-rls printed")?;
+    drop(client);
+    let _ = driver.await;
+    eprintln!("pgward dev: row-level security installed (policy export-rls), claims passed as app.<claim>");
+    Ok(())
 }
 
 /// One login role per demo service, named after it (as `pgward policy export-rls` expects),
@@ -368,7 +410,11 @@ fn dev_config(
         catalog = if upstream.service_roles.is_empty() {
             String::new()
         } else {
-            format!("catalog_service = {}\n", toml_string(CATALOG_SERVICE))
+            format!(
+                "catalog_service = {}\n{}",
+                toml_string(CATALOG_SERVICE),
+                if args.rls { "claims_as_settings = true\n" } else { "" }
+            )
         },
         audit = toml_string(&dir.join("audit").display().to_string()),
         audit_key = toml_string(&audit_signing_key(dir)?.display().to_string()),

@@ -149,12 +149,15 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
         .get(&identity.service)
         .cloned()
         .flatten();
-    let params: Vec<(String, String)> = startup
+    let mut params: Vec<(String, String)> = startup
         .params
         .iter()
         .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_."))
         .cloned()
         .collect();
+    if let SessionPolicy::Bound(policies) = &policy {
+        params.extend(policies.claim_settings(&identity));
+    }
     let upstream = match shared
         .upstream
         .connect(
