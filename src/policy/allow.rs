@@ -291,10 +291,28 @@ pub const SAFE_SET_PARAMS: &[&str] = &[
 
 /// The only client encodings a policy-bound session may use: the rewritten text is UTF-8, and
 /// a multibyte encoding such as SJIS or BIG5 would let the server read its quoting differently.
+///
+/// Names are compared the way PostgreSQL's `pg_char_to_encoding` does (`clean_encoding_name`
+/// in encnames.c): only ASCII letters and digits count, case-insensitively, so `'utf-8'`
+/// (quotes included, as asyncpg sends it), `UTF_8` and `Unicode` are all UTF8. Its alias table
+/// names UTF8 `utf8` and `unicode`; anything else that the server would read as another
+/// encoding is refused.
 pub fn is_utf8_encoding(name: &str) -> bool {
+    let clean: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    matches!(clean.as_str(), "utf8" | "unicode")
+}
+
+/// PostgreSQL's system columns (`ctid`, `xmin`, …): a row's physical place and the
+/// transactions that wrote it, which reveal other rows' inserts, updates and deletes. The server
+/// refuses user columns with these names, so a column reference with one is a system column.
+pub fn is_system_column(name: &str) -> bool {
     matches!(
-        name.to_ascii_lowercase().as_str(),
-        "utf8" | "utf-8" | "unicode"
+        name,
+        "ctid" | "xmin" | "xmax" | "cmin" | "cmax" | "tableoid"
     )
 }
 
@@ -458,6 +476,27 @@ pub fn catalog_relation(schema: &str, name: &str) -> Option<Option<&'static [&'s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utf8_encoding_names_as_postgres_cleans_them() {
+        for name in [
+            "UTF8",
+            "utf8",
+            "utf-8",
+            "'utf-8'",
+            "\"UTF-8\"",
+            "Utf_8",
+            "UNICODE",
+            "unicode",
+        ] {
+            assert!(is_utf8_encoding(name), "{name}");
+        }
+        for name in [
+            "SJIS", "BIG5", "LATIN1", "utf16", "utf8mb4", "", "'", "win1252", "utf-8x",
+        ] {
+            assert!(!is_utf8_encoding(name), "{name}");
+        }
+    }
 
     #[test]
     fn types_normalize() {

@@ -205,7 +205,14 @@ pub fn load_dir(
             .and_then(|s| s.to_str())
             .unwrap_or_default()
             .to_string();
-        match compile_file(&path.display().to_string(), &stem, &text, catalog) {
+        // Rules are named relative to the policy directory (`billing.toml:12`): they reach
+        // clients in refusals and audit records, which must not learn the server's layout.
+        let relative = path
+            .strip_prefix(dir)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        match compile_file(&relative, &stem, &text, catalog) {
             Ok(p) => {
                 if let Some(prev) = out.get(&p.service) {
                     errors.push(PolicyError::Invalid {

@@ -723,9 +723,18 @@ pub fn rewrite_encrypted(
         })
         .collect();
     let outcome = match encryption {
-        Some(enc) => enc
-            .apply(&mut stmts, Some(catalog))
-            .map_err(transform_refusal)?,
+        Some(enc) => {
+            // Policy before encryption: a column the service may not read must be refused as
+            // the policy refuses it, before encryption's checks could say that it exists and
+            // is encrypted ("… is not searchable"), and before its transform turns `email =
+            // 'x'` into a blind-index column the policy does not hide.
+            for st in &stmts {
+                rewrite::Rewriter::new(service, policy, catalog, claims)
+                    .statement(&mut st.clone())?;
+            }
+            enc.apply(&mut stmts, Some(catalog))
+                .map_err(transform_refusal)?
+        }
         None => TransformOutcome::default(),
     };
     for (k, (st, (named, class))) in stmts.iter_mut().zip(named).enumerate() {

@@ -42,6 +42,7 @@ use super::{PolicyDenied, StatementInfo};
 
 type R<T> = Result<T, PolicyDenied>;
 
+mod explain;
 mod exprs;
 mod read;
 mod write;
@@ -180,7 +181,12 @@ impl<'a> Rewriter<'a> {
             Statement::Explain {
                 statement,
                 describe_alias,
-                ..
+                analyze,
+                verbose,
+                query_plan,
+                estimate,
+                format,
+                options,
             } => {
                 if !self.policy.allow.explain {
                     return Err(self.refuse("EXPLAIN (allow.explain is off)"));
@@ -188,6 +194,7 @@ impl<'a> Rewriter<'a> {
                 if !matches!(describe_alias, DescribeAlias::Explain) || !is_plain_dml(statement) {
                     return Err(self.refuse("this EXPLAIN form"));
                 }
+                self.explain_options(analyze, verbose, format, options, *query_plan, *estimate)?;
                 self.top(statement)?;
             }
             Statement::Prepare {

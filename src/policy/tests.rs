@@ -194,16 +194,8 @@ fn hidden_column_refused_with_rule() {
         "{}",
         e.message
     );
-    assert!(
-        e.message.contains("policies/support.toml:"),
-        "{}",
-        e.message
-    );
-    assert!(e
-        .rule
-        .as_deref()
-        .unwrap_or("")
-        .starts_with("policies/support.toml:"));
+    assert!(e.message.contains("(support.toml:"), "{}", e.message);
+    assert!(e.rule.as_deref().unwrap_or("").starts_with("support.toml:"));
 }
 
 #[test]
@@ -471,6 +463,9 @@ fn driver_and_session_statements_allowed() {
         "SET extra_float_digits = 3",
         "SET application_name = 'x'",
         "SET client_encoding = 'UTF8'",
+        "SET client_encoding = 'utf-8'",
+        "SET client_encoding TO \"UTF-8\"",
+        "SET client_encoding TO unicode",
         "SHOW server_version",
         "BEGIN",
         "COMMIT",
@@ -502,16 +497,44 @@ fn cursors_prepare_explain_copy() {
         "{out}"
     );
     ok("billing", "EXECUTE p(1)");
-    let out = ok("billing", "EXPLAIN ANALYZE SELECT * FROM invoices");
+    let out = ok("billing", "EXPLAIN SELECT * FROM invoices");
     assert!(
         out.contains(r#"WHERE ((invoices."tenant_id") = (1))"#),
         "{out}"
     );
+    assert!(out.starts_with("EXPLAIN (COSTS false) "), "{out}");
+    let out = ok("billing", "EXPLAIN SELECT * FROM invoices, customers");
+    assert!(out.contains("OFFSET 0"), "{out}");
     let out = ok(
         "billing",
-        "EXPLAIN ANALYZE SELECT * FROM invoices, customers",
+        "explain (verbose, format json, costs off) SELECT * FROM invoices",
     );
-    assert!(out.contains("OFFSET 0"), "{out}");
+    assert!(
+        out.starts_with("EXPLAIN (verbose, format json, COSTS false) "),
+        "{out}"
+    );
+    // ANALYZE counts the rows the filter removes; costs and estimates follow the whole table.
+    for sql in [
+        "EXPLAIN ANALYZE SELECT * FROM invoices",
+        "EXPLAIN ANALYZE VERBOSE SELECT * FROM invoices",
+        "EXPLAIN (ANALYZE) SELECT * FROM invoices",
+        "EXPLAIN (analyze true, format json) SELECT * FROM invoices",
+        "EXPLAIN (ANALYSE) SELECT * FROM invoices",
+        "EXPLAIN (\"analyze\") SELECT * FROM invoices",
+        "EXPLAIN (BUFFERS) SELECT * FROM invoices",
+        "EXPLAIN (COSTS) SELECT * FROM invoices",
+        "EXPLAIN (COSTS on) SELECT * FROM invoices",
+        "EXPLAIN (SUMMARY) SELECT * FROM invoices",
+        "EXPLAIN (TIMING false) SELECT * FROM invoices",
+    ] {
+        let err = refused("billing", sql);
+        assert!(err.message.contains("EXPLAIN"), "{sql}: {}", err.message);
+        assert!(
+            err.message.contains("billing.toml:"),
+            "{sql}: {}",
+            err.message
+        );
+    }
     refused("support", "EXPLAIN SELECT * FROM invoices");
     refused("billing", "COPY customers TO STDOUT");
 }
@@ -667,7 +690,7 @@ fn misc_forms_allowed() {
         ("support", "CLOSE ALL"),
         ("support", "FETCH NEXT FROM c"),
         ("support", "DEALLOCATE ALL"),
-        ("billing", "EXPLAIN (ANALYZE, FORMAT JSON) SELECT * FROM customers"),
+        ("billing", "EXPLAIN (FORMAT JSON) SELECT * FROM customers"),
     ] {
         ok(svc, sql);
     }
@@ -1035,4 +1058,104 @@ fn written_columns_are_listed_with_presets() {
         ["customers.id", "customers.name", "customers.tenant_id", "customers.email"]
     );
     assert!(written("SELECT email FROM customers").is_empty());
+}
+
+/// A transform standing in for field encryption's refusals: any statement naming `ssn` or
+/// `email` is refused as a computation on an encrypted column would be.
+#[derive(Debug)]
+struct RefusesSecretColumns;
+
+impl StatementTransform for RefusesSecretColumns {
+    fn apply(
+        &self,
+        statements: &mut [sqlparser::ast::Statement],
+        _catalog: Option<&Catalog>,
+    ) -> Result<TransformOutcome, crate::sql::stage::TransformRefusal> {
+        for st in statements.iter() {
+            let text = st.to_string().to_lowercase();
+            if let Some(col) = ["ssn", "email"].into_iter().find(|c| text.contains(c)) {
+                return Err(crate::sql::stage::TransformRefusal {
+                    kind: crate::error::RefusalKind::Encryption,
+                    sqlstate: "0A000",
+                    message: format!("encrypted column public.customers.{col} is not searchable"),
+                });
+            }
+        }
+        Ok(TransformOutcome {
+            accessed: vec![Vec::new(); statements.len()],
+            ..TransformOutcome::default()
+        })
+    }
+
+    fn may_touch(&self, _sql: &str) -> Option<String> {
+        None
+    }
+}
+
+fn service_rewrite(e: &PolicyEngine, service: &str, sql: &str) -> Result<String, PolicyDenied> {
+    let c = claims(serde_json::json!(1));
+    let who = PolicyIdentity {
+        service,
+        claims: &c,
+    };
+    e.rewrite(&who, sql).map(|r| r.sql.clone())
+}
+
+/// A service must not learn that a column it may not read exists and is encrypted: the
+/// policy's refusal comes before any of field encryption's.
+#[test]
+fn policy_refusals_come_before_encryption_refusals() {
+    let e = engine();
+    e.set_encryption(Arc::new(RefusesSecretColumns));
+    for sql in [
+        "SELECT id FROM customers WHERE ssn = '101-01-1001'",
+        "SELECT id FROM customers WHERE ssn > 'a'",
+        "SELECT id FROM customers ORDER BY ssn",
+        "SELECT upper(ssn) FROM customers",
+    ] {
+        let err = service_rewrite(&e, "support", sql).unwrap_err();
+        assert_eq!(err.kind, crate::error::RefusalKind::Policy, "{sql}");
+        assert_eq!(err.sqlstate, "42501", "{sql}");
+        assert!(err.message.contains("customers.ssn"), "{}", err.message);
+        for word in ["encrypt", "searchable", "blind"] {
+            assert!(!err.message.contains(word), "{sql}: {}", err.message);
+        }
+    }
+    // Encryption would turn `email = …` into a search of `email_bidx`, which analytics'
+    // policy does not name: the search must be refused as a read of email.
+    let err = service_rewrite(
+        &e,
+        "analytics",
+        "SELECT id FROM customers WHERE email = 'customer1@tenant1.example'",
+    )
+    .unwrap_err();
+    assert!(err.message.contains("customers.email"), "{}", err.message);
+    // A service that may read the column still gets encryption's own answer.
+    let err =
+        service_rewrite(&e, "billing", "SELECT id FROM customers WHERE ssn = 'x'").unwrap_err();
+    assert_eq!(err.kind, crate::error::RefusalKind::Encryption);
+}
+
+/// System columns tell where and when rows were written (other tenants' rows included): never
+/// readable, neither on the in-place path of a point lookup nor through a barrier.
+#[test]
+fn system_columns_are_refused_on_every_path() {
+    for col in ["ctid", "xmin", "xmax", "cmin", "cmax", "tableoid", "CTID"] {
+        for sql in [
+            format!("SELECT {col} FROM customers WHERE id = 1"),
+            format!("SELECT c.{col} FROM customers c WHERE c.id = 1"),
+            format!("SELECT {col}, name FROM customers"),
+            format!("SELECT name FROM customers WHERE {col} IS NOT NULL"),
+            format!("SELECT name FROM customers WHERE id = 1 ORDER BY {col}"),
+            format!("SELECT name FROM customers c JOIN invoices i ON i.customer_id = c.id ORDER BY i.{col}"),
+            format!("SELECT (c).{col} FROM customers c"),
+            format!("UPDATE customers SET name = 'x' WHERE id = 1 RETURNING {col}"),
+            format!("UPDATE invoices SET status = 'x' WHERE {col} = '(0,1)'"),
+            format!("INSERT INTO invoices (amount_cents) VALUES (1) RETURNING {col}"),
+            format!("SELECT (SELECT max({col}::text) FROM invoices) FROM customers"),
+        ] {
+            let err = refused("billing", &sql);
+            assert!(err.message.contains("system column"), "{sql}: {}", err.message);
+        }
+    }
 }

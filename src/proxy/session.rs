@@ -140,12 +140,15 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
         .get(&identity.service)
         .cloned()
         .flatten();
-    let params: Vec<(String, String)> = startup
+    let mut params: Vec<(String, String)> = startup
         .params
         .iter()
         .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_."))
         .cloned()
         .collect();
+    if let SessionPolicy::Bound(policies) = &policy {
+        params.extend(policies.claim_settings(&identity));
+    }
     let upstream = match shared
         .upstream
         .connect(
@@ -363,8 +366,13 @@ async fn client_to_upstream(
             .await
         };
         let (terminate, executes) = account_client_batch(shared, state, &batch);
-        let _gate = state.cancel_gate.lock().await;
         if executes {
+            // Only the bump is serialized with cancel delivery, not the write: a cancel that
+            // arrived before this batch started is delivered first or dropped (it sees the new
+            // generation), so it never hits these statements; one that arrives while the
+            // batch is being written (a busy server reading slowly) goes out at once and
+            // cancels what the client sent before it, instead of waiting for the whole batch.
+            let _gate = state.cancel_gate.lock().await;
             state.bump_generation();
         }
         state.mark_busy();

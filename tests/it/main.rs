@@ -5,6 +5,8 @@ mod audit_integrity;
 mod audit_proxy;
 mod audit_report;
 mod check;
+mod compat;
+mod corpus;
 mod crypto;
 mod dev_mode;
 mod edges;

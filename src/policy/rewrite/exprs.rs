@@ -44,6 +44,14 @@ impl<'a> Rewriter<'a> {
     }
 
     pub(super) fn check_column(&self, col: &str) -> R<()> {
+        if allow::is_system_column(col) {
+            // ctid, xmin, … of a visible row tell where and when rows were written, other
+            // tenants' included; no user column can carry these names.
+            return Err(self.deny(
+                format!("may not read system column {col} (it reveals other rows' writes)"),
+                Some(&self.policy.allow.rule),
+            ));
+        }
         if let Some((table, rule)) = self.hidden.get(col) {
             return Err(self.deny(format!("may not read column {table}.{col}"), Some(rule)));
         }
