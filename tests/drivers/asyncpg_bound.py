@@ -5,31 +5,12 @@ PostgreSQL accepts; pgward must accept it too. Run by tests/it/compat.rs with PG
 PGWARD_TOKEN and PGWARD_DATABASE set; exits non-zero on the first failed check.
 """
 import asyncio
-import os
-import ssl
-import sys
 
-import asyncpg
-
-
-def check(condition, what):
-    if not condition:
-        print(f"FAILED: {what}", file=sys.stderr)
-        sys.exit(1)
+from driver_check import check, connect_asyncpg
 
 
 async def main():
-    tls = ssl.create_default_context()
-    tls.check_hostname = False
-    tls.verify_mode = ssl.CERT_NONE  # the test certificate is self-signed
-    conn = await asyncpg.connect(
-        host="127.0.0.1",
-        port=int(os.environ["PGWARD_PORT"]),
-        user="billing",
-        password=os.environ["PGWARD_TOKEN"],
-        database=os.environ["PGWARD_DATABASE"],
-        ssl=tls,
-    )
+    conn = await connect_asyncpg("billing")
     tenants = {r["tenant_id"] for r in await conn.fetch("select tenant_id from customers")}
     check(tenants == {1}, f"only tenant 1's customers, got {tenants}")
     count = await conn.fetchval("select count(*) from invoices where tenant_id = $1", 2)

@@ -7,28 +7,13 @@ Run by tests/it/compat.rs with PGWARD_PORT, PGWARD_TOKEN and PGWARD_DATABASE set
 non-zero on the first failed check.
 """
 import asyncio
-import os
-import sys
 import time
 
-import asyncpg
-
-
-def check(condition, what):
-    if not condition:
-        print(f"FAILED: {what}", file=sys.stderr)
-        sys.exit(1)
+from driver_check import check, connect_asyncpg
 
 
 async def main():
-    conn = await asyncpg.connect(
-        host="127.0.0.1",
-        port=int(os.environ["PGWARD_PORT"]),
-        user="app",
-        password=os.environ["PGWARD_TOKEN"],
-        database=os.environ["PGWARD_DATABASE"],
-        ssl=False,
-    )
+    conn = await connect_asyncpg("app", tls=False)
     await conn.execute("create table slow_batch(n int, pad text)")
     # Many small, slow statements: ~8 MB of Bind/Execute messages fill the socket buffers, and
     # each 16 KiB pgward writes then waits for ~200 statements (10 s) to be executed.

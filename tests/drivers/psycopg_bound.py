@@ -4,15 +4,10 @@ protocols, with the client encoding spelled the way libpq users do (PGCLIENTENCO
 Run by tests/it/compat.rs with PGWARD_DSN set; exits non-zero on the first failed check.
 """
 import os
-import sys
 
 import psycopg
 
-
-def check(condition, what):
-    if not condition:
-        print(f"FAILED: {what}", file=sys.stderr)
-        sys.exit(1)
+from driver_check import check
 
 
 def main():

@@ -5,17 +5,12 @@ Run by tests/it/compat.rs with PGWARD_DSN set (an unrestricted service); exits n
 first failed check.
 """
 import os
-import sys
 import threading
 import time
 
 import psycopg
 
-
-def check(condition, what):
-    if not condition:
-        print(f"FAILED: {what}", file=sys.stderr)
-        sys.exit(1)
+from driver_check import check
 
 
 def main():
