@@ -194,6 +194,7 @@ pub const SAFE_FUNCTIONS: &[&str] = &[
     // catalog helpers drivers use for type/schema introspection (read catalog metadata only)
     "format_type",
     "pg_get_expr",
+    "pg_get_userbyid",
     "pg_get_constraintdef",
     "pg_get_indexdef",
     "pg_table_is_visible",
@@ -250,13 +251,12 @@ pub const SAFE_TYPES: &[&str] = &[
     "bytea",
     "name",
     "oid",
-    // name lookups drivers use (`'pg_catalog.array_in'::regproc`); they resolve catalog
-    // names and never read table data
+    // name lookups drivers use (`'pg_catalog.array_in'::regproc`, psycopg's `'…'::regtype`):
+    // they resolve function and type names only. Not regclass/regnamespace/regrole: those
+    // resolve relation, schema and role names, i.e. reveal which tables exist.
     "regproc",
     "regprocedure",
     "regtype",
-    "regclass",
-    "regnamespace",
 ];
 
 /// Session parameters any service may SET / RESET / SHOW: what drivers and ORMs send at

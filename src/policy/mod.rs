@@ -762,3 +762,5 @@ pub fn rewrite_encrypted(
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_builtins;

@@ -196,7 +196,7 @@ impl<'a> Rewriter<'a> {
                 ..
             } => {
                 for t in data_types.iter() {
-                    if !allow::is_safe_type(&t.to_string()) {
+                    if !self.safe_type(t) {
                         return Err(self.refuse(format!("PREPARE with parameter type {t}")));
                     }
                 }

@@ -1,0 +1,81 @@
+//! What a policy-bound service may use from the server's catalog, through the running proxy:
+//! built-in functions, operators and types classified from the live `pg_catalog`, syntax
+//! sqlparser reads as calls, statements it cannot parse, and catalog introspection that
+//! shows only the tables and columns the service may see.
+
+use crate::policy_proxy::{assert_refused, connect_as, demo_policies, first_column, policy_proxy};
+
+#[tokio::test]
+async fn builtins_are_classified_from_the_live_catalog() {
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let billing = connect_as(&proxy, "billing", &database, 1).await;
+    // Families the random-query corpus met: functions outside the old hand list, casts to
+    // harmless types, quoted and qualified type names, text pattern operators.
+    let row = billing
+        .query_one(
+            "SELECT pi()::float8, current_user::text, '10.0.0.1'::inet::text, \
+             '(1,2)'::point::text, '1.50'::money::text, 'a b'::tsvector::text, \
+             cast(created_at as \"timestamp\")::text, id::\"numeric\"::text, \
+             '1 day'::\"interval\"::text, '10:00'::pg_catalog.\"time\"::text, \
+             name ~<~ 'zzz', name ~>=~ '', id::pg_catalog.int4, upper(name) \
+             FROM customers ORDER BY customers.id LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("catalog-classified builtins");
+    assert!((row.get::<_, f64>(0) - std::f64::consts::PI).abs() < 1e-9);
+    assert_eq!(row.get::<_, String>(2), "10.0.0.1/32");
+    assert_eq!(row.get::<_, String>(3), "(1,2)");
+    assert_eq!(row.get::<_, String>(5), "'a' 'b'");
+    assert!(row.get::<_, bool>(10));
+    // Anything that can read tables, files or settings, or resolve relation names, is not.
+    for (sql, needle) in [
+        (
+            "SELECT query_to_xml('select * from customers', true, false, '')",
+            "query_to_xml",
+        ),
+        ("SELECT pg_read_file('postgresql.conf')", "pg_read_file"),
+        (
+            "SELECT current_setting('data_directory')",
+            "current_setting",
+        ),
+        (
+            "SELECT has_table_privilege('customers', 'select')",
+            "has_table_privilege",
+        ),
+        ("SELECT nextval('customers_id_seq')", "nextval"),
+        ("SELECT 'customers'::regclass", "cast to REGCLASS"),
+        ("SELECT lo_import('/etc/passwd')", "lo_import"),
+    ] {
+        let e = billing.query(sql, &[]).await.expect_err(sql);
+        assert_refused(&e, needle);
+    }
+}
+
+#[tokio::test]
+async fn array_subqueries_and_row_comparisons_are_rewritten_not_refused() {
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let billing = connect_as(&proxy, "billing", &database, 1).await;
+    // The subquery inside ARRAY() is filtered like any other.
+    let messages = billing
+        .simple_query("SELECT unnest(ARRAY(SELECT tenant_id FROM customers))")
+        .await
+        .expect("ARRAY(SELECT …)");
+    let seen = first_column(&messages);
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert!(seen.iter().all(|t| t == "1"), "{seen:?}");
+    let rows = billing
+        .query(
+            "SELECT count(*) FROM customers WHERE ROW(tenant_id, 1) = ROW(1, 1)",
+            &[],
+        )
+        .await
+        .expect("ROW() = ROW()");
+    assert_eq!(rows[0].get::<_, i64>(0), 5);
+    let support = connect_as(&proxy, "support", &database, 1).await;
+    let e = support
+        .query("SELECT ARRAY(SELECT ssn FROM customers)", &[])
+        .await
+        .expect_err("hidden column inside ARRAY()");
+    assert_refused(&e, "ssn");
+}
