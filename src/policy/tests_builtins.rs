@@ -180,3 +180,48 @@ fn array_subquery_and_row_are_not_calls() {
     refused("SELECT \"array\"(SELECT id FROM customers)");
     refused("SELECT \"row\"(id) FROM customers");
 }
+
+#[test]
+fn table_statement_is_read_as_select_star() {
+    let out = ok("TABLE customers");
+    assert!(out.contains("OFFSET 0") || out.contains("WHERE"), "{out}");
+    let m = rw_as("support", "TABLE customers").map(|s| s.contains("ssn"));
+    assert_eq!(
+        m.ok(),
+        Some(false),
+        "support's TABLE customers must not show ssn"
+    );
+}
+
+#[test]
+fn unparsable_and_unsupported_constructs_are_named_in_plain_words() {
+    for (sql, needle) in [
+        (
+            "SELECT U&\"d\\0061ta\" FROM customers",
+            "Unicode-escaped identifiers",
+        ),
+        ("MOVE NEXT FROM c", "MOVE"),
+        (
+            "UPDATE customers SET name = 'x' WHERE CURRENT OF c",
+            "WHERE CURRENT OF",
+        ),
+        (
+            "SELECT * FROM ROWS FROM (generate_series(1, 2)) AS x",
+            "ROWS FROM",
+        ),
+        ("SELECT (c).* FROM customers c", "(composite).*"),
+        (
+            "SELECT id FROM customers TABLESAMPLE BERNOULLI (10)",
+            "TABLESAMPLE",
+        ),
+        ("SELECT id FROM ONLY customers", "FROM ONLY"),
+        ("VACUUM customers", "VACUUM statements"),
+        ("CREATE EXTENSION dblink", "CREATE EXTENSION statements"),
+    ] {
+        let m = refused(sql);
+        assert!(m.contains(needle), "{sql}: {m}");
+        for vague in ["Expected", "found:", "this kind of", "this FROM syntax"] {
+            assert!(!m.contains(vague), "{sql}: {m}");
+        }
+    }
+}

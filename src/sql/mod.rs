@@ -7,6 +7,7 @@ pub mod columns;
 pub mod kind;
 pub mod parse;
 pub mod routines;
+pub mod unsupported;
 
 pub use catalog::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
 pub use kind::{CommandClass, StatementKind};

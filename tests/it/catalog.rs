@@ -79,3 +79,50 @@ async fn array_subqueries_and_row_comparisons_are_rewritten_not_refused() {
         .expect_err("hidden column inside ARRAY()");
     assert_refused(&e, "ssn");
 }
+
+#[tokio::test]
+async fn what_postgres_parses_is_read_or_refused_in_plain_words() {
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let billing = connect_as(&proxy, "billing", &database, 1).await;
+    // `TABLE t` is PostgreSQL's `SELECT * FROM t`, filtered like it.
+    let rows = billing
+        .simple_query("SELECT tenant_id FROM customers")
+        .await
+        .unwrap();
+    let table = billing.simple_query("TABLE customers").await.unwrap();
+    assert_eq!(first_column(&rows).len(), 5);
+    assert_eq!(
+        table
+            .iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count(),
+        5
+    );
+    // sqlparser would read U&"…" as `U & "…"`: refused, never forwarded with another meaning.
+    for (sql, needle) in [
+        (
+            "SELECT U&\"tenant\\005fid\" FROM customers",
+            "Unicode-escaped identifiers",
+        ),
+        ("MOVE NEXT FROM c", "MOVE"),
+        (
+            "SELECT * FROM ROWS FROM (generate_series(1, 2)) AS x",
+            "ROWS FROM",
+        ),
+        (
+            "SELECT id FROM customers WHERE name = 'x' 'secret-note'",
+            "line 1, column",
+        ),
+    ] {
+        let e = billing.simple_query(sql).await.expect_err(sql);
+        assert_refused(&e, needle);
+        let message = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_default();
+        assert!(
+            !message.contains("Expected") && !message.contains("secret-note"),
+            "{message}"
+        );
+    }
+}

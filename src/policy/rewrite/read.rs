@@ -37,15 +37,20 @@ impl<'a> Rewriter<'a> {
                 index_directives,
                 inheritance,
             } => {
-                if !with_hints.is_empty()
-                    || version.is_some()
-                    || !partitions.is_empty()
-                    || json_path.is_some()
-                    || sample.is_some()
-                    || !index_directives.is_empty()
-                    || inheritance.is_some()
-                {
-                    return Err(self.refuse("this FROM syntax"));
+                let unsupported = [
+                    (!with_hints.is_empty(), "table hints WITH (…) in FROM"),
+                    (version.is_some(), "AS OF (time travel) in FROM"),
+                    (!partitions.is_empty(), "PARTITION (…) in FROM"),
+                    (json_path.is_some(), "a JSON path in FROM"),
+                    (sample.is_some(), "TABLESAMPLE"),
+                    (!index_directives.is_empty(), "index hints in FROM"),
+                    (
+                        inheritance.is_some(),
+                        "FROM ONLY / table * (inheritance forms; name the table alone)",
+                    ),
+                ];
+                if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
+                    return Err(self.refuse(what));
                 }
                 if let Some(args) = args {
                     // A set-returning function in FROM.
@@ -165,7 +170,11 @@ impl<'a> Rewriter<'a> {
                 self.check_function_name(name)?;
                 self.check_node(args, scope)
             }
-            _ => Err(self.refuse("this FROM item")),
+            TableFactor::Derived { .. } => Err(self.refuse("TABLESAMPLE on a subquery")),
+            other => Err(self.refuse(format!(
+                "the FROM item {other} (tables, subqueries, joins, set-returning functions and \
+                 UNNEST are supported)"
+            ))),
         }
     }
 
