@@ -195,6 +195,13 @@ pub const SAFE_FUNCTIONS: &[&str] = &[
     "format_type",
     "pg_get_expr",
     "pg_get_userbyid",
+    // psycopg's TypeInfo.fetch; resolves a type name like a cast to regtype does
+    "to_regtype",
+    // psql's `\d` footers; their arguments come from the filtered catalog stand-ins
+    "pg_get_triggerdef",
+    "pg_get_statisticsobjdef_columns",
+    "pg_partition_ancestors",
+    "pg_relation_is_publishable",
     "pg_get_constraintdef",
     "pg_get_indexdef",
     "pg_table_is_visible",
@@ -252,11 +259,13 @@ pub const SAFE_TYPES: &[&str] = &[
     "name",
     "oid",
     // name lookups drivers use (`'pg_catalog.array_in'::regproc`, psycopg's `'…'::regtype`):
-    // they resolve function and type names only. Not regclass/regnamespace/regrole: those
-    // resolve relation, schema and role names, i.e. reveal which tables exist.
+    // they resolve function and type names only. Not regrole, and regclass only through the
+    // rewriter's guard (`rewrite::introspect`), which answers for the service's own tables.
     "regproc",
     "regprocedure",
     "regtype",
+    // schema names: pg_namespace is readable anyway
+    "regnamespace",
 ];
 
 /// Session parameters any service may SET / RESET / SHOW: what drivers and ORMs send at
@@ -390,6 +399,11 @@ pub const CATALOG_RELATIONS: &[(&str, &str, Option<&[&str]>)] = &[
             "relrowsecurity",
             "relispopulated",
             "relreplident",
+            "relforcerowsecurity",
+            "reltablespace",
+            "reltoastrelid",
+            "reloptions",
+            "relpartbound",
         ]),
     ),
     (
@@ -415,6 +429,17 @@ pub const CATALOG_RELATIONS: &[(&str, &str, Option<&[&str]>)] = &[
         "pg_database",
         Some(&["oid", "datname", "encoding", "datcollate", "datctype"]),
     ),
+    // psql's `\d` footers: answered empty (`rewrite::introspect::EMPTY`)
+    ("pg_catalog", "pg_policy", None),
+    ("pg_catalog", "pg_statistic_ext", None),
+    ("pg_catalog", "pg_publication", None),
+    ("pg_catalog", "pg_publication_namespace", None),
+    ("pg_catalog", "pg_publication_rel", None),
+    ("pg_catalog", "pg_trigger", None),
+    ("pg_catalog", "pg_inherits", None),
+    ("pg_catalog", "pg_roles", None),
+    ("pg_catalog", "pg_rewrite", None),
+    ("pg_catalog", "pg_sequence", None),
     ("information_schema", "tables", None),
     ("information_schema", "columns", None),
     ("information_schema", "schemata", None),

@@ -43,6 +43,7 @@ use super::{PolicyDenied, StatementInfo};
 type R<T> = Result<T, PolicyDenied>;
 
 mod exprs;
+mod introspect;
 mod read;
 mod write;
 

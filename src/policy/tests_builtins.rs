@@ -152,8 +152,7 @@ fn type_names_resolve_like_the_server() {
         ok(sql);
     }
     for sql in [
-        "SELECT 'secrets'::regclass",
-        "SELECT 'public'::regnamespace",
+        "SELECT 'postgres'::regrole",
         "SELECT id::public.int4 FROM customers",
         "SELECT id::\"INT4\" FROM customers",
         "SELECT id::customers FROM customers",

@@ -76,9 +76,10 @@ const UNSAFE_ARG_TYPES: &[&str] = &[
 ];
 
 /// OID-alias types a cast may still name: their input resolves type, function or text-search
-/// configuration names only (drivers use `'…'::regtype` and `'pg_catalog.array_in'::regproc`).
+/// configuration or schema names only (drivers use `'…'::regtype` and `'pg_catalog.array_in'::regproc`).
 const SAFE_REG_TYPES: &[&str] = &[
     "regtype",
+    "regnamespace",
     "regproc",
     "regprocedure",
     "regconfig",
@@ -394,12 +395,19 @@ mod tests {
             t("information_schema_stuff", 'd'),
         ];
         let r = Routines::classify(&[], &[], &types);
-        for ok in ["inet", "point", "money", "tsvector", "int4range", "regtype"] {
+        for ok in [
+            "inet",
+            "point",
+            "money",
+            "tsvector",
+            "int4range",
+            "regtype",
+            "regnamespace",
+        ] {
             assert!(r.is_safe_type(ok), "{ok}");
         }
         for bad in [
             "regclass",
-            "regnamespace",
             "regrole",
             "record",
             "pg_node_tree",

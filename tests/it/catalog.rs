@@ -44,7 +44,7 @@ async fn builtins_are_classified_from_the_live_catalog() {
             "has_table_privilege",
         ),
         ("SELECT nextval('customers_id_seq')", "nextval"),
-        ("SELECT 'customers'::regclass", "cast to REGCLASS"),
+        ("SELECT 'postgres'::regrole", "cast to regrole"),
         ("SELECT lo_import('/etc/passwd')", "lo_import"),
     ] {
         let e = billing.query(sql, &[]).await.expect_err(sql);
@@ -125,4 +125,156 @@ async fn what_postgres_parses_is_read_or_refused_in_plain_words() {
             "{message}"
         );
     }
+}
+
+fn run(cmd: &mut std::process::Command) -> (bool, String, String) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// psql through pgward as `service` (its token as PGPASSWORD, TLS), one meta-command.
+fn psql(proxy: &crate::harness::TestProxy, database: &str, service: &str, command: &str) -> String {
+    let psql = pgward::pgserver::find_bindir()
+        .expect("PostgreSQL binaries")
+        .join("psql");
+    let token = crate::harness::token(service, serde_json::json!({ "tenant_id": 1 }));
+    let (ok, out, err) = run(std::process::Command::new(psql)
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &proxy.addr.port().to_string(),
+        ])
+        .args(["-U", service, "-d", database, "-c", command])
+        .env("PGPASSWORD", token)
+        .env("PGSSLMODE", "require"));
+    assert!(ok && err.is_empty(), "psql {command}: {out}\n{err}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_describes_only_what_the_policy_shows() {
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let (proxy_ref, db) = (&proxy, database.clone());
+    let (dt, d, d_customers) = tokio::task::block_in_place(|| {
+        (
+            psql(proxy_ref, &db, "support", "\\dt"),
+            psql(proxy_ref, &db, "support", "\\d"),
+            psql(proxy_ref, &db, "support", "\\d customers"),
+        )
+    });
+    for listing in [&dt, &d] {
+        assert!(
+            listing.contains("customers") && listing.contains("invoices"),
+            "{listing}"
+        );
+        assert!(
+            !listing.contains("tenants"),
+            "tenants is outside support's policy: {listing}"
+        );
+    }
+    assert!(
+        d_customers.contains("tenant_id") && d_customers.contains("email"),
+        "{d_customers}"
+    );
+    assert!(
+        !d_customers.contains("ssn"),
+        "ssn is hidden from support: {d_customers}"
+    );
+    // The foreign key to tenants (outside the policy) is not shown either.
+    assert!(!d_customers.contains("tenants"), "{d_customers}");
+}
+
+#[tokio::test]
+async fn information_schema_and_pg_catalog_hide_what_the_policy_hides() {
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let support = connect_as(&proxy, "support", &database, 1).await;
+    let columns: Vec<String> = support
+        .query(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = 'public' ORDER BY table_name, ordinal_position",
+            &[],
+        )
+        .await
+        .expect("information_schema.columns")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(columns.contains(&"email".to_string()), "{columns:?}");
+    assert!(!columns.contains(&"ssn".to_string()), "{columns:?}");
+    assert!(!columns.contains(&"card_number".to_string()), "{columns:?}");
+    let attributes: Vec<String> = support
+        .query(
+            "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
+             WHERE c.relname = 'customers' AND a.attnum > 0",
+            &[],
+        )
+        .await
+        .expect("pg_attribute")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(attributes.contains(&"name".to_string()), "{attributes:?}");
+    assert!(!attributes.contains(&"ssn".to_string()), "{attributes:?}");
+    let tables: Vec<String> = support
+        .query(
+            "SELECT relname::text FROM pg_class WHERE relkind = 'r' \
+             AND relnamespace = 'public'::regnamespace ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("pg_class")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tables, ["customers", "invoices"]);
+    // regclass answers for the service's own tables only.
+    let row = support
+        .query_one(
+            "SELECT 'customers'::regclass::text, 'tenants'::regclass::text",
+            &[],
+        )
+        .await
+        .expect("guarded regclass");
+    assert_eq!(
+        row.get::<_, Option<String>>(0).as_deref(),
+        Some("customers")
+    );
+    assert_eq!(row.get::<_, Option<String>>(1), None);
+    // Statistics stay hidden.
+    for (sql, needle) in [
+        ("SELECT * FROM pg_stats", "statistics"),
+        ("SELECT * FROM pg_stat_user_tables", "statistics"),
+        ("SELECT reltuples FROM pg_class", "reltuples"),
+    ] {
+        let e = support.query(sql, &[]).await.expect_err(sql);
+        assert_refused(&e, needle);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_introspects_as_a_bound_service_over_tls() {
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let token = crate::harness::token("billing", serde_json::json!({ "tenant_id": 1 }));
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=billing dbname={database} password={token} sslmode=require",
+        proxy.addr.port()
+    );
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/drivers/psycopg_introspect.py");
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        run(std::process::Command::new("python3")
+            .arg(&script)
+            .env("PGWARD_DSN", &dsn))
+    });
+    assert!(ok, "psycopg introspection failed:\n{out}\n{err}");
+    assert!(out.contains("all checks passed"));
 }

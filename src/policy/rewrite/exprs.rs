@@ -137,6 +137,9 @@ impl<'a> Rewriter<'a> {
             Expr::Cast {
                 data_type, format, ..
             } => {
+                if format.is_none() && is_regclass(data_type) {
+                    return Ok(()); // answered through `guarded_regclass` after the walk
+                }
                 if format.is_some() || !self.safe_type(data_type) {
                     return Err(self.refuse(format!(
                         "a cast to {data_type} (only built-in types whose input cannot read \
@@ -294,6 +297,18 @@ fn is_array_or_row_constructor(f: &sqlparser::ast::Function) -> bool {
     }
 }
 
+/// `regclass` or `pg_catalog.regclass`, as sqlparser spells it.
+fn is_regclass(dt: &DataType) -> bool {
+    match dt {
+        DataType::Regclass => true,
+        DataType::Custom(name, mods) if mods.is_empty() => {
+            matches!(object_name_parts(name).as_deref(), Some([n]) if n == "regclass")
+                || matches!(object_name_parts(name).as_deref(), Some([s, n]) if s == "pg_catalog" && n == "regclass")
+        }
+        _ => false,
+    }
+}
+
 struct ExprChecker<'r, 'a> {
     rw: &'r mut Rewriter<'a>,
     scope: &'r mut Vec<String>,
@@ -329,6 +344,29 @@ impl VisitorMut for ExprChecker<'_, '_> {
             Ok(()) => ControlFlow::Continue(()),
             Err(err) => ControlFlow::Break(err),
         }
+    }
+
+    /// After the operand was checked: a cast to regclass becomes its guarded form (built here,
+    /// so the guard itself is not walked again).
+    fn post_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<PolicyDenied> {
+        if self.depth > 0 {
+            return ControlFlow::Continue(());
+        }
+        if let Expr::Cast {
+            expr,
+            data_type,
+            format: None,
+            ..
+        } = e
+        {
+            if is_regclass(data_type) {
+                match self.rw.guarded_regclass(expr) {
+                    Ok(guarded) => *e = Expr::Nested(Box::new(guarded)),
+                    Err(err) => return ControlFlow::Break(err),
+                }
+            }
+        }
+        ControlFlow::Continue(())
     }
 }
 

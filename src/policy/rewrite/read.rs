@@ -125,23 +125,21 @@ impl<'a> Rewriter<'a> {
                     *tf = self.barrier(&tp, &alias_text, &pushed)?;
                     Ok(())
                 } else if let Some(cols) = allow::catalog_relation(&info.schema, &info.name) {
-                    if let Some(cols) = cols {
-                        let list: Vec<String> = info
-                            .columns
-                            .iter()
-                            .filter(|c| cols.contains(&c.name.as_str()))
-                            .map(|c| quote_ident(&c.name))
-                            .collect();
-                        let text = format!(
-                            "(SELECT {} FROM {}.{}) AS {alias_text}",
-                            list.join(", "),
-                            quote_ident(&info.schema),
-                            quote_ident(&info.name)
-                        );
-                        *tf = parse_table_factor(&text)
-                            .map_err(|e| self.refuse(format!("(internal: {e})")))?;
+                    if let Some(stand_in) = self.catalog_stand_in(&info, cols, &alias_text)? {
+                        *tf = stand_in;
                     }
                     Ok(())
+                } else if info.schema == "pg_catalog"
+                    && (info.name.starts_with("pg_stat") || info.name.starts_with("pg_statio"))
+                {
+                    Err(self.deny(
+                        format!(
+                            "may not read statistics relation {} (statistics describe every \
+                             tenant's rows)",
+                            info.qualified()
+                        ),
+                        Some(&format!("{}:1", self.policy.file)),
+                    ))
                 } else {
                     let what = if matches!(info.kind, crate::sql::RelKind::View) {
                         "view"
