@@ -108,6 +108,10 @@ fn refused(sql: &str) -> String {
 fn catalog_classified_functions_are_callable() {
     ok("SELECT pi(), current_user, pg_catalog.pi() FROM customers");
     ok("SELECT id FROM customers WHERE name = current_user");
+    // Settings the service may SHOW are readable the way asyncpg reads them.
+    ok("SELECT current_setting('jit'), pg_catalog.current_setting('TimeZone', true)");
+    ok("SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new");
+    ok("SELECT set_config('jit', $1, false)");
 }
 
 #[test]
@@ -118,6 +122,11 @@ fn functions_that_read_or_escape_stay_refused() {
         "SELECT has_table_privilege('secrets', 'select')",
         "SELECT pg_relation_size('customers')",
         "SELECT current_setting('data_directory')",
+        "SELECT current_setting('search_path' || '')",
+        "SELECT set_config('search_path', 'evil', false)",
+        "SELECT set_config('client_encoding', 'SJIS', false)",
+        "SELECT set_config('jit', current_setting('data_directory'), false)",
+        "SELECT set_config('role', 'postgres', false)",
         "SELECT public.pi() FROM customers",
         "SELECT \"PI\"() FROM customers",
     ] {

@@ -100,6 +100,60 @@ impl<'a> Rewriter<'a> {
         }
     }
 
+    /// `current_setting('<name>' [, missing_ok])` of a parameter the service may SHOW, and
+    /// `set_config('<name>', <literal or $n>, <bool>)` of one it may SET (never
+    /// client_encoding): the same as SHOW and SET, as asyncpg toggles `jit` around its type
+    /// introspection.
+    fn showable_setting(&self, f: &sqlparser::ast::Function) -> bool {
+        use sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments, Value};
+        let Some(parts) = object_name_parts(&f.name) else {
+            return false;
+        };
+        let name = match parts.as_slice() {
+            [n] => n.as_str(),
+            [s, n] if s == "pg_catalog" => n.as_str(),
+            _ => return false,
+        };
+        let FunctionArguments::List(list) = &f.args else {
+            return false;
+        };
+        if list.duplicate_treatment.is_some()
+            || !list.clauses.is_empty()
+            || f.filter.is_some()
+            || f.over.is_some()
+        {
+            return false;
+        }
+        let value = |a: &FunctionArg| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => Some(v.value.clone()),
+            _ => None,
+        };
+        let param = |a: &FunctionArg| match value(a) {
+            Some(Value::SingleQuotedString(p)) => Some(p.to_ascii_lowercase()),
+            _ => None,
+        };
+        let boolean = |a: &FunctionArg| matches!(value(a), Some(Value::Boolean(_)));
+        match (name, list.args.as_slice()) {
+            ("current_setting", [p]) | ("current_setting", [p, _]) => {
+                { list.args.len() == 1 || boolean(&list.args[1]) }
+                    .then(|| param(p))
+                    .flatten()
+                    .is_some_and(|p| {
+                        self.is_settable(&p) || allow::SAFE_SHOW_PARAMS.contains(&p.as_str())
+                    })
+            }
+            ("set_config", [p, v, local]) => {
+                boolean(local)
+                    && matches!(
+                        value(v),
+                        Some(Value::SingleQuotedString(_) | Value::Placeholder(_))
+                    )
+                    && param(p).is_some_and(|p| p != "client_encoding" && self.is_settable(&p))
+            }
+            _ => false,
+        }
+    }
+
     pub(super) fn check_column(&self, col: &str) -> R<()> {
         if let Some((table, rule)) = self.hidden.get(col) {
             return Err(self.deny(format!("may not read column {table}.{col}"), Some(rule)));
@@ -179,6 +233,9 @@ impl<'a> Rewriter<'a> {
                 if is_array_or_row_constructor(f) {
                     // `ARRAY(SELECT …)` / `ROW(a, b)` are syntax, not calls; the subquery
                     // inside ARRAY() is a query like any other (rewritten by the visitor).
+                    return Ok(());
+                }
+                if self.showable_setting(f) {
                     return Ok(());
                 }
                 let name = f.name.clone();
