@@ -249,6 +249,37 @@ async fn information_schema_and_pg_catalog_hide_what_the_policy_hides() {
         Some("customers")
     );
     assert_eq!(row.get::<_, Option<String>>(1), None);
+    // Catalog helpers describe only what the policy shows: probing another table's index
+    // (on tenants, outside support's policy) by OID yields NULL.
+    let direct = crate::policy_proxy::direct(&database).await;
+    let foreign_index: u32 = direct
+        .query_one(
+            "SELECT indexrelid FROM pg_index WHERE indrelid = 'tenants'::regclass LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let own_index: u32 = direct
+        .query_one(
+            "SELECT indexrelid FROM pg_index WHERE indrelid = 'customers'::regclass \
+             AND indisprimary",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let row = support
+        .query_one(
+            "SELECT pg_get_indexdef($1::oid), pg_get_indexdef($2::oid)",
+            &[&foreign_index, &own_index],
+        )
+        .await
+        .expect("guarded pg_get_indexdef");
+    assert_eq!(row.get::<_, Option<String>>(0), None);
+    assert!(row
+        .get::<_, Option<String>>(1)
+        .is_some_and(|d| d.contains("customers")));
     // Statistics stay hidden.
     for (sql, needle) in [
         ("SELECT * FROM pg_stats", "statistics"),

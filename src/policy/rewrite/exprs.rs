@@ -422,6 +422,10 @@ impl VisitorMut for ExprChecker<'_, '_> {
                     Err(err) => return ControlFlow::Break(err),
                 }
             }
+        } else if let Expr::Function(f) = e {
+            if let Err(err) = self.rw.guard_catalog_helper(f) {
+                return ControlFlow::Break(err);
+            }
         }
         ControlFlow::Continue(())
     }

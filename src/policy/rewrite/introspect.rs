@@ -252,4 +252,61 @@ impl<'a> Rewriter<'a> {
         parse_expr(&text)
             .map_err(|e| self.refuse(format!("(internal: regclass guard did not parse: {e})")))
     }
+
+    /// For the catalog helpers that take the OID of an object and describe it: the set of
+    /// OIDs the service may ask about (SQL subquery), so probing other OIDs yields NULL
+    /// instead of another table's index, constraint or comment.
+    fn oid_guard(&self, function: &str) -> Option<String> {
+        let relations = || {
+            self.introspection_filter("pg_catalog", "pg_class")
+                .map(|f| format!("SELECT oid FROM pg_catalog.pg_class WHERE {f}"))
+        };
+        match function {
+            "pg_get_indexdef" => Some(format!(
+                "SELECT indexrelid FROM pg_catalog.pg_index WHERE {}",
+                self.visible_index_condition()
+            )),
+            "pg_get_constraintdef" => Some(format!(
+                "SELECT oid FROM pg_catalog.pg_constraint WHERE {}",
+                self.visible_constraint_condition()
+            )),
+            // triggers and extended statistics are answered empty
+            "pg_get_triggerdef" | "pg_get_statisticsobjdef_columns" => Some("SELECT 0".into()),
+            "pg_partition_ancestors"
+            | "pg_relation_is_publishable"
+            | "pg_table_is_visible"
+            | "col_description"
+            | "obj_description" => relations(),
+            _ => None,
+        }
+    }
+
+    /// Replaces the first argument `x` of a guarded catalog helper by
+    /// `CASE WHEN CAST(x AS oid) IN (<allowed>) THEN CAST(x AS oid) END`.
+    pub(super) fn guard_catalog_helper(&self, f: &mut sqlparser::ast::Function) -> R<()> {
+        use sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments};
+        let Some(parts) = object_name_parts(&f.name) else {
+            return Ok(());
+        };
+        let name = match parts.as_slice() {
+            [n] => n.as_str(),
+            [s, n] if s == "pg_catalog" => n.as_str(),
+            _ => return Ok(()),
+        };
+        let Some(allowed) = self.oid_guard(name) else {
+            return Ok(());
+        };
+        let FunctionArguments::List(list) = &mut f.args else {
+            return Ok(());
+        };
+        let Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(first))) = list.args.first_mut() else {
+            return Err(self.refuse(format!("{name} with these arguments")));
+        };
+        let text = format!(
+            "CASE WHEN CAST(({first}) AS oid) IN ({allowed}) THEN CAST(({first}) AS oid) END"
+        );
+        *first = parse_expr(&text)
+            .map_err(|e| self.refuse(format!("(internal: catalog helper guard: {e})")))?;
+        Ok(())
+    }
 }
