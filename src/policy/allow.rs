@@ -202,6 +202,14 @@ pub const SAFE_FUNCTIONS: &[&str] = &[
     "pg_get_statisticsobjdef_columns",
     "pg_partition_ancestors",
     "pg_relation_is_publishable",
+    // SQLAlchemy's column reflection; the table name is guarded like a regclass cast
+    "pg_get_serial_sequence",
+    // visibility of non-relation objects in the search path (collations, operators…)
+    "pg_collation_is_visible",
+    "pg_operator_is_visible",
+    "pg_opclass_is_visible",
+    "pg_conversion_is_visible",
+    "pg_ts_config_is_visible",
     "pg_get_constraintdef",
     "pg_get_indexdef",
     "pg_table_is_visible",
@@ -354,6 +362,9 @@ pub const CATALOG_RELATIONS: &[(&str, &str, Option<&[&str]>)] = &[
     ("pg_catalog", "pg_description", None),
     ("pg_catalog", "pg_am", None),
     ("pg_catalog", "pg_collation", None),
+    ("pg_catalog", "pg_opclass", None),
+    ("pg_catalog", "pg_opfamily", None),
+    ("pg_catalog", "pg_operator", None),
     (
         "pg_catalog",
         "pg_attribute",
@@ -440,6 +451,7 @@ pub const CATALOG_RELATIONS: &[(&str, &str, Option<&[&str]>)] = &[
     ("pg_catalog", "pg_roles", None),
     ("pg_catalog", "pg_rewrite", None),
     ("pg_catalog", "pg_sequence", None),
+    ("pg_catalog", "pg_partitioned_table", None),
     ("information_schema", "tables", None),
     ("information_schema", "columns", None),
     ("information_schema", "schemata", None),

@@ -363,3 +363,25 @@ async fn node_postgres_reflects_as_a_bound_service_over_tls() {
         "node-postgres failed (scripts/test.sh runs `npm install` in tests/drivers/node):\n{output}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlalchemy_orm_runs_as_billing_without_refusals() {
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let token = crate::harness::token("billing", serde_json::json!({ "tenant_id": 1 }));
+    let dsn = format!(
+        "postgresql+psycopg://billing:{token}@127.0.0.1:{}/{database}?sslmode=require",
+        proxy.addr.port()
+    );
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/drivers/sqlalchemy_orm.py");
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        run(std::process::Command::new("python3")
+            .arg(&script)
+            .env("PGWARD_DSN", &dsn))
+    });
+    assert!(ok, "SQLAlchemy ORM failed:\n{out}\n{err}");
+    assert!(
+        out.contains("all checks passed") || out.contains("skipped"),
+        "{out}"
+    );
+}

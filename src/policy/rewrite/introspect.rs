@@ -23,6 +23,7 @@ const EMPTY: &[&str] = &[
     "pg_roles",
     "pg_rewrite",
     "pg_sequence",
+    "pg_partitioned_table",
 ];
 
 /// Namespaces whose relations are public knowledge (the server's own catalogs).
@@ -293,8 +294,14 @@ impl<'a> Rewriter<'a> {
             [s, n] if s == "pg_catalog" => n.as_str(),
             _ => return Ok(()),
         };
-        let Some(allowed) = self.oid_guard(name) else {
-            return Ok(());
+        let by_name = name == "pg_get_serial_sequence";
+        let allowed = if by_name {
+            self.visible_oids()
+        } else {
+            match self.oid_guard(name) {
+                Some(allowed) => allowed,
+                None => return Ok(()),
+            }
         };
         let FunctionArguments::List(list) = &mut f.args else {
             return Ok(());
@@ -302,9 +309,17 @@ impl<'a> Rewriter<'a> {
         let Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(first))) = list.args.first_mut() else {
             return Err(self.refuse(format!("{name} with these arguments")));
         };
-        let text = format!(
-            "CASE WHEN CAST(({first}) AS oid) IN ({allowed}) THEN CAST(({first}) AS oid) END"
-        );
+        // pg_get_serial_sequence takes the table by name: resolved the way the server will.
+        let text = if by_name {
+            format!(
+                "CASE WHEN CAST(to_regclass(CAST(({first}) AS text)) AS oid) IN ({allowed}) \
+                 THEN CAST(({first}) AS text) END"
+            )
+        } else {
+            format!(
+                "CASE WHEN CAST(({first}) AS oid) IN ({allowed}) THEN CAST(({first}) AS oid) END"
+            )
+        };
         *first = parse_expr(&text)
             .map_err(|e| self.refuse(format!("(internal: catalog helper guard: {e})")))?;
         Ok(())
