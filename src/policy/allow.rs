@@ -220,6 +220,11 @@ pub const SAFE_FUNCTIONS: &[&str] = &[
     "pg_encoding_to_char",
 ];
 
+/// Schema-qualified built-ins outside pg_catalog that drivers call: pgjdbc's getPrimaryKeys
+/// expands index keys with information_schema._pg_expandarray (an immutable SQL function over
+/// its array argument only).
+pub const SAFE_QUALIFIED_FUNCTIONS: &[&str] = &["information_schema._pg_expandarray"];
+
 /// Functions whose result differs per call. They are refused where the rewriter must evaluate
 /// an expression twice (UPDATE SET values re-evaluated in the write check).
 pub const VOLATILE_FUNCTIONS: &[&str] = &["random", "gen_random_uuid", "clock_timestamp"];

@@ -385,3 +385,29 @@ async fn sqlalchemy_orm_runs_as_billing_without_refusals() {
         "{out}"
     );
 }
+
+/// pgjdbc from Debian's libpostgresql-jdbc-java (scripts/test.sh installs it with Java).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc_introspects_as_a_bound_service_over_tls() {
+    let jar = "/usr/share/java/postgresql.jar";
+    assert!(
+        std::path::Path::new(jar).exists(),
+        "pgjdbc missing (apt-get install default-jre-headless libpostgresql-jdbc-java)"
+    );
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let token = crate::harness::token("billing", serde_json::json!({ "tenant_id": 1 }));
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        run(std::process::Command::new("java")
+            .args(["-cp", jar])
+            .arg(root.join("tests/drivers/jdbc/PgjdbcBound.java"))
+            .env("PGWARD_PORT", proxy.addr.port().to_string())
+            .env("PGWARD_TOKEN", token)
+            .env("PGWARD_DATABASE", &database)
+            .env("PGWARD_USER", "billing"))
+    });
+    assert!(
+        ok && out.contains("all checks passed"),
+        "pgjdbc failed:\n{out}\n{err}"
+    );
+}

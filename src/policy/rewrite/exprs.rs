@@ -35,7 +35,10 @@ impl<'a> Rewriter<'a> {
         let safe_builtin = builtin.is_some_and(|n| {
             allow::is_safe_function(n) || self.catalog.routines().is_safe_function(n)
         });
-        if safe_builtin || self.policy.allow.functions.contains(&full) {
+        if safe_builtin
+            || allow::SAFE_QUALIFIED_FUNCTIONS.contains(&full.as_str())
+            || self.policy.allow.functions.contains(&full)
+        {
             Ok(())
         } else {
             Err(self.deny(
