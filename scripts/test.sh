@@ -47,6 +47,11 @@ if ! python3 -c 'import sqlalchemy' 2>/dev/null; then
   python3 -m pip install -q 'sqlalchemy==2.1.9' 2>&1 | grep -v 'Running pip as the' || true
 fi
 
+if ! python3 -c 'import django' 2>/dev/null; then
+  echo "installing Django ..."
+  python3 -m pip install -q 'django==5.2.19' 2>&1 | grep -v 'Running pip as the' || true
+fi
+
 # node-postgres (pinned in tests/drivers/node/package.json).
 if [ ! -d tests/drivers/node/node_modules/pg ]; then
   if ! command -v npm >/dev/null; then

@@ -233,3 +233,14 @@ fn unparsable_and_unsupported_constructs_are_named_in_plain_words() {
         }
     }
 }
+
+#[test]
+fn default_for_a_preset_column_in_every_row_is_left_to_the_preset() {
+    // Django writes DEFAULT for fields with a database default, the preset tenant_id included.
+    let out = ok("INSERT INTO customers (tenant_id, name) VALUES (DEFAULT, 'a'), (DEFAULT, 'b')");
+    assert!(out.contains("(1)"), "the preset supplies tenant_id: {out}");
+    let m = refused("INSERT INTO customers (tenant_id, name) VALUES (DEFAULT, 'a'), (5, 'b')");
+    assert!(m.contains("preset column"), "{m}");
+    let m = refused("INSERT INTO customers (tenant_id, name) VALUES (2, 'a')");
+    assert!(m.contains("preset column"), "{m}");
+}

@@ -411,3 +411,12 @@ async fn pgjdbc_introspects_as_a_bound_service_over_tls() {
         "pgjdbc failed:\n{out}\n{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_orm_runs_as_billing_without_refusals() {
+    let (ok, output) = driver("python3", "tests/drivers/django_orm.py", None, "billing").await;
+    assert!(
+        ok || output.contains("skipped"),
+        "Django ORM failed:\n{output}"
+    );
+}
