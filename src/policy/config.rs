@@ -280,10 +280,20 @@ pub fn compile_file(
             let rule = ctx.rule(a.span());
             let a = a.get_ref();
             for p in &a.set {
-                if allow::FORBIDDEN_SET_PARAMS.contains(&p.to_ascii_lowercase().as_str()) {
+                let lower = p.to_ascii_lowercase();
+                if allow::FORBIDDEN_SET_PARAMS.contains(&lower.as_str()) {
                     ctx.err(
                         0..0,
                         format!("parameter {p:?} may never be set by a service"),
+                    );
+                }
+                // `app.<claim>` carries the token's claims to the server's own row-level
+                // security (`[policy] claims_as_settings`): a service that could set one could
+                // claim another tenant.
+                if lower.starts_with("app.") {
+                    ctx.err(
+                        0..0,
+                        format!("parameter {p:?} may never be set by a service: app.* settings carry the token's claims"),
                     );
                 }
             }

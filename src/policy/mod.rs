@@ -596,7 +596,7 @@ pub fn unrestricted_rewrite(
                 Some(t) => Err(PolicyDenied::transform(
                     RefusalKind::Encryption,
                     "0A000",
-                    format!("pgward cannot parse this statement, and it may touch {t}, which has encrypted columns, so it is refused: {}", sql::describe_parse_error(&e)),
+                    format!("pgward cannot parse this statement, and it may touch {t}, which has encrypted columns, so it is refused: {}", crate::sql::unsupported::describe_unparsable(sql, &e)),
                 )),
                 None => Ok(unchanged(statements)),
             };
@@ -701,7 +701,7 @@ pub fn rewrite_encrypted(
     encryption: Option<&dyn StatementTransform>,
 ) -> Result<(Rewritten, TransformOutcome), PolicyDenied> {
     let mut stmts = sql::parse_statements(sql).map_err(|e| {
-        PolicyDenied::new(format!("pgward: service {service:?} sent a statement pgward cannot parse, so it is refused: {}", sql::describe_parse_error(&e)), None)
+        PolicyDenied::new(format!("pgward: service {service:?} sent a statement pgward cannot parse, so it is refused (pgward refuses what it cannot read): {}", crate::sql::unsupported::describe_unparsable(sql, &e)), None)
     })?;
     let mut texts = Vec::with_capacity(stmts.len());
     let mut infos = Vec::with_capacity(stmts.len());
@@ -772,3 +772,5 @@ pub fn rewrite_encrypted(
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_builtins;

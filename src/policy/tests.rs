@@ -635,6 +635,18 @@ fn policy_validation_errors_have_lines() {
     assert!(config::compile_file("p.toml", "x", text, &cat).is_err());
 }
 
+/// `app.<claim>` settings carry the token's claims to the server's RLS: no policy may let its
+/// service set one (it would claim another tenant).
+#[test]
+fn claim_settings_can_never_be_allowed() {
+    let cat = demo_catalog();
+    for name in ["app.tenant_id", "APP.Tenant_Id"] {
+        let text = format!("[allow]\nset = [\"{name}\"]\n");
+        let errs = config::compile_file("p.toml", "x", &text, &cat).unwrap_err();
+        assert!(errs[0].to_string().contains("app.*"), "{}", errs[0]);
+    }
+}
+
 #[test]
 fn reload_is_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -246,7 +246,7 @@ impl Policies {
         let Some(client) = slot.as_ref() else {
             return;
         };
-        match Catalog::load(client).await {
+        match self.engine.catalog().refresh(client).await {
             // Unchanged: keep the compiled policies and their rewrite cache.
             Ok(catalog) if catalog == *self.engine.catalog() => {}
             Ok(catalog) => {

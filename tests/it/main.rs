@@ -4,6 +4,7 @@
 mod audit_integrity;
 mod audit_proxy;
 mod audit_report;
+mod catalog;
 mod check;
 mod compat;
 mod corpus;

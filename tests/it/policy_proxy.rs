@@ -109,7 +109,7 @@ fn assert_refused_or_own_data_error(error: &tokio_postgres::Error) {
 }
 
 /// Every `tenant_id` a simple query returned in its first column.
-fn first_column(messages: &[SimpleQueryMessage]) -> Vec<String> {
+pub(crate) fn first_column(messages: &[SimpleQueryMessage]) -> Vec<String> {
     messages
         .iter()
         .filter_map(|m| match m {
