@@ -12,7 +12,6 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
-use crate::crypto::sql::SqlEncryption;
 use crate::error::{ClientError, Refusal, RefusalKind};
 use crate::metrics::{inc, RewriteCounters};
 
@@ -29,6 +28,7 @@ pub use analysis::AnalysisMemo;
 // The analysis layer under the policy engine, under its former names for the engine's own
 // code and the tools built on it.
 pub use crate::sql::parse as sql;
+pub use crate::sql::stage::{StagePlan, StatementTransform, TransformOutcome};
 pub use crate::sql::{catalog, columns};
 pub use crate::sql::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
 pub use config::{Action, ServicePolicy, TablePolicy};
@@ -80,13 +80,14 @@ impl PolicyDenied {
         }
     }
 
-    /// A refusal by field encryption (SQLSTATE 0A000 unless the transform said otherwise).
-    fn encryption(sqlstate: &'static str, message: String) -> Self {
+    /// A refusal by the transform that runs beside the rewrite (field encryption), or about
+    /// text that transform would have to see.
+    fn transform(kind: RefusalKind, sqlstate: &'static str, message: String) -> Self {
         PolicyDenied {
             sqlstate,
             message,
             rule: None,
-            kind: RefusalKind::Encryption,
+            kind,
         }
     }
 }
@@ -131,8 +132,9 @@ pub struct Rewritten {
     /// The service is configured as unrestricted: `sql` is the client's text, unchanged
     /// unless field encryption transformed it.
     pub unrestricted: bool,
-    /// Parameters the relay must encrypt or blind-index at Bind (field encryption).
-    pub params: Option<Arc<crate::crypto::sql::ParamPlan>>,
+    /// What the relay must do per execution (field encryption: the parameters it encrypts
+    /// or blind-indexes at Bind), as the transform typed it.
+    pub params: Option<StagePlan>,
 }
 
 /// How a service is governed.
@@ -236,8 +238,8 @@ pub struct PolicyEngine {
     dir: RwLock<PathBuf>,
     /// Services configured unrestricted (changed by a SIGHUP reload of `[services]`).
     unrestricted: RwLock<Vec<String>>,
-    /// Field encryption's SQL transform, run on every statement before the policy rewrite.
-    encryption: RwLock<Option<Arc<SqlEncryption>>>,
+    /// The transform run on every statement before the policy rewrite (field encryption).
+    encryption: RwLock<Option<Arc<dyn StatementTransform>>>,
     counters: RwLock<Arc<RewriteCounters>>,
     /// Bumped after every change of what a rewrite depends on (policies, catalog, encryption,
     /// counters): sessions' memos from an older generation are emptied before use.
@@ -327,8 +329,9 @@ impl PolicyEngine {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
-    /// Apply field encryption to every statement (policy-bound and unrestricted services).
-    pub fn set_encryption(&self, encryption: Arc<SqlEncryption>) {
+    /// Apply this transform (field encryption) to every statement, policy-bound and
+    /// unrestricted services alike.
+    pub fn set_encryption(&self, encryption: Arc<dyn StatementTransform>) {
         *self.encryption.write() = Some(encryption);
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -486,7 +489,7 @@ impl PolicyEngine {
                     }
                 }
                 // Embedded ciphertext must not repeat across executions (see crypto::sql).
-                if outcome.encrypted_literals {
+                if outcome.unrepeatable {
                     return Ok((r, Reuse::None));
                 }
                 snap.cache.lock().put(key, r.clone());
@@ -513,10 +516,10 @@ impl PolicyEngine {
 fn learn_shape(
     shape: &shape::Shape<'_>,
     exact: &Rewritten,
-    outcome: &crate::crypto::sql::Outcome,
-    rewrite: impl Fn(&str) -> Result<(Rewritten, crate::crypto::sql::Outcome), PolicyDenied>,
+    outcome: &TransformOutcome,
+    rewrite: impl Fn(&str) -> Result<(Rewritten, TransformOutcome), PolicyDenied>,
 ) -> ShapeEntry {
-    let unencrypted = |o: &crate::crypto::sql::Outcome| !o.touched && o.params.is_none();
+    let unencrypted = |o: &TransformOutcome| !o.touched && o.plan.is_none();
     if !unencrypted(outcome) {
         return ShapeEntry::Exact;
     }
@@ -572,7 +575,7 @@ fn no_policy(service: &str) -> PolicyDenied {
 /// values could be plaintext going into encrypted columns).
 pub fn unrestricted_rewrite(
     sql: &str,
-    encryption: Option<&SqlEncryption>,
+    encryption: Option<&dyn StatementTransform>,
     catalog: Option<&Catalog>,
 ) -> Result<Rewritten, PolicyDenied> {
     let parsed = sql::parse_statements(sql);
@@ -596,15 +599,11 @@ pub fn unrestricted_rewrite(
     let mut stmts = match parsed {
         Ok(stmts) => stmts,
         Err(e) => {
-            let lower = sql.to_ascii_lowercase();
-            let suspect = encryption.table_names().find(|t| {
-                let name = t.rsplit('.').next().unwrap_or(t);
-                lower.contains(&name.to_ascii_lowercase())
-            });
-            return match suspect {
-                Some(t) => Err(PolicyDenied::encryption(
+            return match encryption.may_touch(sql) {
+                Some(t) => Err(PolicyDenied::transform(
+                    RefusalKind::Encryption,
                     "0A000",
-                    format!("pgward cannot parse this statement, and it may touch {t}, which has encrypted columns, so it is refused: {}", sql::describe_parse_error(&e)),
+                    format!("pgward cannot parse this statement, and it may touch {t}, which has encrypted columns, so it is refused: {}", crate::sql::unsupported::describe_unparsable(sql, &e)),
                 )),
                 None => Ok(unchanged(statements)),
             };
@@ -621,30 +620,32 @@ pub fn unrestricted_rewrite(
         sql: texts.join(";\n"),
         statements: statements.into(),
         unrestricted: true,
-        params: outcome.params,
+        params: outcome.plan,
     })
 }
 
 /// Sanitize and encrypt statements, returning their texts (checked to round-trip).
 fn encrypt_statements(
     stmts: &mut [sqlparser::ast::Statement],
-    encryption: &SqlEncryption,
+    encryption: &dyn StatementTransform,
     catalog: Option<&Catalog>,
-) -> Result<(Vec<String>, crate::crypto::sql::Outcome), PolicyDenied> {
+) -> Result<(Vec<String>, TransformOutcome), PolicyDenied> {
     for st in stmts.iter_mut() {
         sql::sanitize(st).map_err(|e| {
-            PolicyDenied::encryption(
+            PolicyDenied::transform(
+                RefusalKind::Encryption,
                 "0A000",
                 format!("pgward: cannot encrypt a statement with {}", e.0),
             )
         })?;
     }
     let outcome = encryption
-        .transform(stmts, catalog)
-        .map_err(encryption_refusal)?;
+        .apply(stmts, catalog)
+        .map_err(transform_refusal)?;
     let texts: Vec<String> = stmts.iter().map(ToString::to_string).collect();
     if outcome.touched && !texts.iter().all(|t| sql::round_trips(t)) {
-        return Err(PolicyDenied::encryption(
+        return Err(PolicyDenied::transform(
+            RefusalKind::Encryption,
             "0A000",
             "pgward: a statement on encrypted columns could not be rewritten faithfully, so it is refused".into(),
         ));
@@ -652,8 +653,8 @@ fn encrypt_statements(
     Ok((texts, outcome))
 }
 
-fn encryption_refusal(r: crate::crypto::sql::Refused) -> PolicyDenied {
-    PolicyDenied::encryption(r.sqlstate, r.message)
+fn transform_refusal(r: crate::sql::stage::TransformRefusal) -> PolicyDenied {
+    PolicyDenied::transform(r.kind, r.sqlstate, r.message)
 }
 
 /// The columns of `table` a policy-bound service sees (none of a table outside its policy).
@@ -704,10 +705,10 @@ pub fn rewrite_encrypted(
     catalog: &Catalog,
     claims: &serde_json::Map<String, serde_json::Value>,
     sql: &str,
-    encryption: Option<&SqlEncryption>,
-) -> Result<(Rewritten, crate::crypto::sql::Outcome), PolicyDenied> {
+    encryption: Option<&dyn StatementTransform>,
+) -> Result<(Rewritten, TransformOutcome), PolicyDenied> {
     let mut stmts = sql::parse_statements(sql).map_err(|e| {
-        PolicyDenied::new(format!("pgward: service {service:?} sent a statement pgward cannot parse, so it is refused: {}", sql::describe_parse_error(&e)), None)
+        PolicyDenied::new(format!("pgward: service {service:?} sent a statement pgward cannot parse, so it is refused (pgward refuses what it cannot read): {}", crate::sql::unsupported::describe_unparsable(sql, &e)), None)
     })?;
     let mut texts = Vec::with_capacity(stmts.len());
     let mut infos = Vec::with_capacity(stmts.len());
@@ -729,10 +730,19 @@ pub fn rewrite_encrypted(
         })
         .collect();
     let outcome = match encryption {
-        Some(enc) => enc
-            .transform(&mut stmts, Some(catalog))
-            .map_err(encryption_refusal)?,
-        None => crate::crypto::sql::Outcome::default(),
+        Some(enc) => {
+            // Policy before encryption: a column the service may not read must be refused as
+            // the policy refuses it, before encryption's checks could say that it exists and
+            // is encrypted ("… is not searchable"), and before its transform turns `email =
+            // 'x'` into a blind-index column the policy does not hide.
+            for st in &stmts {
+                rewrite::Rewriter::new(service, policy, catalog, claims)
+                    .statement(&mut st.clone())?;
+            }
+            enc.apply(&mut stmts, Some(catalog))
+                .map_err(transform_refusal)?
+        }
+        None => TransformOutcome::default(),
     };
     for (k, (st, (named, class))) in stmts.iter_mut().zip(named).enumerate() {
         let (text, mut info) =
@@ -759,7 +769,7 @@ pub fn rewrite_encrypted(
             sql: texts.join(";\n"),
             statements: infos.into(),
             unrestricted: false,
-            params: outcome.params.clone(),
+            params: outcome.plan.clone(),
         },
         outcome,
     ))
@@ -769,3 +779,5 @@ pub fn rewrite_encrypted(
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_builtins;

@@ -159,7 +159,7 @@ pub fn sync() -> Bytes {
 }
 
 /// Parse of `sql` as statement `name`, keeping a client's raw parameter-type list (as taken
-/// from its own Parse by `fields::parse_parts`).
+/// from its own Parse by [`super::view::ParseView::param_section`]).
 pub fn parse_with_param_types(name: &str, sql: &str, param_types: &[u8]) -> Bytes {
     let mut buf = begin(b'P', name.len() + sql.len() + 2 + param_types.len());
     put_cstr(&mut buf, name);

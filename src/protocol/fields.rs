@@ -1,6 +1,7 @@
-//! Reading the fields of the few messages the proxy looks inside.
+//! ErrorResponse fields and the password message (the other messages pgward reads are typed
+//! views in [`super::view`]).
 
-use super::startup::take_cstr;
+use super::cursor::take_cstr;
 use super::ProtocolError;
 
 /// Fields of an ErrorResponse or NoticeResponse.
@@ -38,29 +39,6 @@ impl ErrorFields {
     }
 }
 
-/// The SQL text of a Query message body.
-pub fn query_text(body: &[u8]) -> Result<&str, ProtocolError> {
-    let (sql, _) = take_cstr(body).ok_or(ProtocolError::Malformed { what: "Query" })?;
-    std::str::from_utf8(sql).map_err(|_| ProtocolError::Malformed { what: "Query" })
-}
-
-/// Statement name and SQL text of a Parse message body.
-pub fn parse_name_and_text(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
-    parse_parts(body).map(|(name, sql, _)| (name, sql))
-}
-
-/// Statement name, SQL text and the raw parameter-type list (count and OIDs) of a Parse body.
-pub fn parse_parts(body: &[u8]) -> Result<(&str, &str, &[u8]), ProtocolError> {
-    let malformed = || ProtocolError::Malformed { what: "Parse" };
-    let (name, rest) = take_cstr(body).ok_or_else(malformed)?;
-    let (sql, param_types) = take_cstr(rest).ok_or_else(malformed)?;
-    Ok((
-        std::str::from_utf8(name).map_err(|_| malformed())?,
-        std::str::from_utf8(sql).map_err(|_| malformed())?,
-        param_types,
-    ))
-}
-
 /// The password (here: the token) of a PasswordMessage body.
 pub fn password_text(body: &[u8]) -> Result<&str, ProtocolError> {
     let malformed = || ProtocolError::Malformed {
@@ -76,17 +54,6 @@ pub fn password_text(body: &[u8]) -> Result<&str, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_query_and_parse_bodies() {
-        assert_eq!(query_text(b"select 1\0").unwrap(), "select 1");
-        assert!(query_text(b"select 1").is_err());
-        assert_eq!(
-            parse_name_and_text(b"s1\0select $1\0\0\0").unwrap(),
-            ("s1", "select $1")
-        );
-        assert!(parse_name_and_text(b"s1\0select").is_err());
-    }
 
     #[test]
     fn password_must_be_exactly_one_string() {

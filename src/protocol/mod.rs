@@ -5,12 +5,16 @@
 //! - [`frame`]: splitting a byte stream into whole messages, zero-copy, with a size cap;
 //! - [`startup`]: the untagged startup packets (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage);
 //! - [`build`]: the messages pgward itself originates (ErrorResponse, AuthenticationOk, ...);
-//! - [`fields`]: reading fields of a few messages the proxy inspects (ErrorResponse, Parse, Query).
+//! - [`cursor`]: the one bounds-checked reader every body is read with;
+//! - [`view`]: typed zero-copy views of the messages pgward reads, decoded once per message;
+//! - [`fields`]: ErrorResponse fields and the password message.
 
 pub mod build;
+pub mod cursor;
 pub mod fields;
 pub mod frame;
 pub mod startup;
+pub mod view;
 
 pub use frame::{Batch, FrameReader, Message};
 

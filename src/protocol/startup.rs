@@ -6,6 +6,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::cursor::take_cstr;
 use super::{codes, ProtocolError, MAX_STARTUP_PACKET};
 
 /// One startup-phase packet.
@@ -154,12 +155,6 @@ fn parse_params(mut rest: &[u8]) -> Result<Vec<(String, String)>, ProtocolError>
         params.push((name.to_string(), value.to_string()));
         rest = after_value;
     }
-}
-
-/// Split a NUL-terminated string off the front of `buf`.
-pub fn take_cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = buf.iter().position(|&b| b == 0)?;
-    Some((&buf[..nul], &buf[nul + 1..]))
 }
 
 #[cfg(test)]

@@ -18,12 +18,14 @@ use crate::audit::{
 };
 use crate::error::Refusal;
 use crate::policy::{Rewritten, StatementInfo};
-use crate::protocol::fields::{parse_parts, query_text};
-use crate::protocol::{backend, frontend, Message};
+use crate::protocol::view::{BindView, Frontend, ParseView, Target};
+use crate::protocol::{backend, Message};
 
 /// What the interceptor decided about a message, as the audit record needs it.
 pub struct Observed<'a> {
     pub message: &'a Message,
+    /// The message decoded (once, by the relay).
+    pub view: &'a Frontend<'a>,
     pub refused: Option<&'a Refusal>,
     pub analysis: Option<Arc<Rewritten>>,
 }
@@ -132,12 +134,11 @@ impl SessionAudit {
     /// Add what one client message means for the audit log to `batch`.
     pub fn observe(&mut self, observed: Observed<'_>, batch: &mut BatchRecords) {
         let message = observed.message;
-        match message.tag() {
-            frontend::QUERY => {
-                let sql = query_text(message.body()).unwrap_or("<malformed Query>");
+        match observed.view {
+            Frontend::Query { sql } => {
                 self.query(sql, &observed, batch);
             }
-            frontend::FUNCTION_CALL => {
+            Frontend::FunctionCall => {
                 let oid = message
                     .body()
                     .get(..4)
@@ -147,11 +148,11 @@ impl SessionAudit {
                 let record = self.record(Protocol::Simple, None, &sql, &observed, Vec::new());
                 batch.push(AwaitKind::Query, record, observed.refused.is_none());
             }
-            frontend::PARSE => self.parse(observed, batch),
-            frontend::BIND => self.bind(message),
-            frontend::EXECUTE => self.execute(message, batch),
-            frontend::CLOSE => self.close(message),
-            frontend::SYNC => batch.awaiting.push((AwaitKind::Sync, None)),
+            Frontend::Parse(parse) => self.parse(parse, &observed, batch),
+            Frontend::Bind(bind) => self.bind(bind),
+            Frontend::Execute { portal, .. } => self.execute(&observed, portal, batch),
+            Frontend::Close(target) => self.close(target),
+            Frontend::Sync => batch.awaiting.push((AwaitKind::Sync, None)),
             _ => {}
         }
     }
@@ -208,20 +209,13 @@ impl SessionAudit {
         batch.awaiting.push((AwaitKind::Query, None));
     }
 
-    fn parse(&mut self, observed: Observed<'_>, batch: &mut BatchRecords) {
-        let Ok((name, sql, types)) = parse_parts(observed.message.body()) else {
-            return;
-        };
-        let param_types = types
-            .get(2..)
-            .unwrap_or_default()
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+    fn parse(&mut self, parse: &ParseView<'_>, observed: &Observed<'_>, batch: &mut BatchRecords) {
+        let (name, sql) = (parse.name, parse.sql);
+        let param_types = parse.param_types().collect();
         let refused = observed.refused.is_some();
         if refused {
             // The refusal is the record; nothing of this statement will run.
-            let event = self.record(Protocol::Extended, Some(name), sql, &observed, Vec::new());
+            let event = self.record(Protocol::Extended, Some(name), sql, observed, Vec::new());
             batch.events.push(event);
         }
         let text = SqlText::new(sql, self.literals_may_be_sensitive);
@@ -238,17 +232,16 @@ impl SessionAudit {
         );
     }
 
-    fn bind(&mut self, message: &Message) {
-        let Some((portal, statement_name, params)) = bind_parts(message.body()) else {
-            return;
-        };
+    fn bind(&mut self, bind: &BindView<'_>) {
+        let (portal, statement_name) = (bind.portal, bind.statement);
         let Some(statement) = self.statements.get(statement_name).cloned() else {
             return;
         };
-        let params = params
-            .into_iter()
+        let params = bind
+            .values
+            .iter()
             .enumerate()
-            .map(|(i, value)| {
+            .map(|(i, &value)| {
                 let type_oid = statement.param_types.get(i).copied().unwrap_or(0);
                 if self.literals_may_be_sensitive {
                     BoundParam::sensitive(type_oid)
@@ -267,10 +260,7 @@ impl SessionAudit {
         );
     }
 
-    fn execute(&mut self, message: &Message, batch: &mut BatchRecords) {
-        let portal_name = crate::protocol::startup::take_cstr(message.body())
-            .and_then(|(name, _)| std::str::from_utf8(name).ok())
-            .unwrap_or("");
+    fn execute(&mut self, execute: &Observed<'_>, portal_name: &str, batch: &mut BatchRecords) {
         let Some(portal) = self.portals.get(portal_name) else {
             // Unknown portal: the server will answer with an error; nothing ran.
             batch.awaiting.push((AwaitKind::Execute, None));
@@ -282,7 +272,8 @@ impl SessionAudit {
         }
         let statement = portal.statement.clone();
         let observed = Observed {
-            message,
+            message: execute.message,
+            view: execute.view,
             refused: None,
             analysis: statement.analysis.clone(),
         };
@@ -298,16 +289,8 @@ impl SessionAudit {
         batch.push(AwaitKind::Execute, event, true);
     }
 
-    fn close(&mut self, message: &Message) {
-        let body = message.body();
-        let Some((&kind, rest)) = body.split_first() else {
-            return;
-        };
-        let Some(name) = crate::protocol::startup::take_cstr(rest)
-            .and_then(|(name, _)| std::str::from_utf8(name).ok())
-        else {
-            return;
-        };
+    fn close(&mut self, target: &Target<'_>) {
+        let (kind, name) = (target.kind, target.name);
         if kind == b'S' {
             self.statements.remove(name);
         } else {
@@ -429,37 +412,6 @@ fn extend_unique(into: &mut Vec<String>, from: &[String]) {
     }
 }
 
-/// Parameter values of a Bind (`None` for NULL).
-type BindValues<'a> = Vec<Option<&'a [u8]>>;
-
-/// Portal name, statement name and parameter values of a Bind body.
-fn bind_parts(body: &[u8]) -> Option<(&str, &str, BindValues<'_>)> {
-    use crate::protocol::startup::take_cstr;
-    let (portal, rest) = take_cstr(body)?;
-    let (statement, mut rest) = take_cstr(rest)?;
-    let formats = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
-    rest = rest.get(2 + 2 * formats..)?;
-    let count = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
-    rest = rest.get(2..)?;
-    let mut values = Vec::with_capacity(count);
-    for _ in 0..count {
-        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
-        rest = rest.get(4..)?;
-        if len < 0 {
-            values.push(None);
-        } else {
-            let len = usize::try_from(len).ok()?;
-            values.push(Some(rest.get(..len)?));
-            rest = rest.get(len..)?;
-        }
-    }
-    Some((
-        std::str::from_utf8(portal).ok()?,
-        std::str::from_utf8(statement).ok()?,
-        values,
-    ))
-}
-
 /// The upstream direction's side: match responses to the records awaiting them.
 pub struct Completions {
     handle: AuditHandle,
@@ -571,9 +523,7 @@ impl AwaitKind {
 
 /// Command name and row count of a CommandComplete tag (`INSERT 0 5` → (`INSERT`, 5)).
 fn command_tag(body: &[u8]) -> (String, Option<u64>) {
-    let text = crate::protocol::startup::take_cstr(body)
-        .and_then(|(t, _)| std::str::from_utf8(t).ok())
-        .unwrap_or("");
+    let text = crate::protocol::view::command_tag(body).unwrap_or("");
     let mut words = text.split(' ');
     let command = words.next().unwrap_or("").to_string();
     let rows = text.rsplit(' ').next().and_then(|n| n.parse().ok());
@@ -589,19 +539,5 @@ mod tests {
         assert_eq!(command_tag(b"INSERT 0 5\0"), ("INSERT".into(), Some(5)));
         assert_eq!(command_tag(b"SELECT 12\0"), ("SELECT".into(), Some(12)));
         assert_eq!(command_tag(b"BEGIN\0"), ("BEGIN".into(), None));
-    }
-
-    #[test]
-    fn bind_bodies_are_split_without_trusting_lengths() {
-        let mut body = b"p\0s\0".to_vec();
-        body.extend_from_slice(&[0, 0, 0, 2, 0, 0, 0, 1, b'7', 0xff, 0xff, 0xff, 0xff]);
-        body.extend_from_slice(&[0, 0]);
-        let (portal, statement, values) = bind_parts(&body).unwrap();
-        assert_eq!((portal, statement), ("p", "s"));
-        assert_eq!(values, vec![Some(&b"7"[..]), None]);
-        // A length pointing past the end is rejected, not trusted.
-        let mut bad = b"\0\0".to_vec();
-        bad.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 99, b'x']);
-        assert!(bind_parts(&bad).is_none());
     }
 }

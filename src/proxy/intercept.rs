@@ -9,24 +9,23 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-
 use super::encryption::ClientHalf;
 use super::policy::{may_be_ddl, Policies, SessionPolicy};
 use crate::auth::Identity;
 use crate::crypto::sql::{ParamPlan, SqlEncryption};
 use crate::error::{sqlstate, Refusal, RefusalKind};
-use crate::policy::{AnalysisMemo, Rewritten, SessionMemo};
-use crate::protocol::fields::{parse_parts, query_text};
-use crate::protocol::{build, frontend, Message};
+use crate::policy::{AnalysisMemo, Rewritten, SessionMemo, StagePlan};
+use crate::protocol::view::{Frontend, ParseView};
 
 /// What happens to one client message.
 #[derive(Debug)]
 pub enum Verdict {
     /// Send it upstream as it arrived.
     Forward,
-    /// Send these bytes (one or more framed messages) instead.
-    Replace(Bytes),
+    /// Send the statement with this rewritten text instead (a Parse keeps its name and
+    /// declared parameter types; the relay builds the message, with field encryption's
+    /// parameter retyping when the rewrite has a parameter plan).
+    Rewrite(Arc<Rewritten>),
     /// Do not run it; the client gets the refusal's error in the message's place in the
     /// response stream, and the audit record the refusal as it is.
     Refuse(Refusal),
@@ -37,7 +36,7 @@ impl From<&Verdict> for crate::metrics::StatementDecision {
     fn from(verdict: &Verdict) -> Self {
         match verdict {
             Verdict::Forward => Self::Forwarded,
-            Verdict::Replace(_) => Self::Rewritten,
+            Verdict::Rewrite(_) => Self::Rewritten,
             Verdict::Refuse(_) => Self::Refused,
         }
     }
@@ -117,12 +116,13 @@ impl Interceptor {
         matches!(self.policy, SessionPolicy::Unrestricted) && self.encryption.is_none()
     }
 
-    /// Decide the fate of one client message.
-    pub async fn client_message(&mut self, message: &Message) -> Verdict {
+    /// Decide the fate of one client message (decoded once by the relay).
+    pub fn client_message(&mut self, view: &Frontend<'_>) -> Verdict {
         self.param_plan = None;
-        match (&self.policy, message.tag()) {
-            (SessionPolicy::Bound(_), frontend::QUERY | frontend::PARSE) => self.rewrite(message),
-            (SessionPolicy::Bound(_), frontend::FUNCTION_CALL) => {
+        match (&self.policy, view) {
+            (SessionPolicy::Bound(_), Frontend::Query { sql })
+            | (SessionPolicy::Bound(_), Frontend::Parse(ParseView { sql, .. })) => self.rewrite(sql),
+            (SessionPolicy::Bound(_), Frontend::FunctionCall) => {
                 Verdict::Refuse(Refusal::new(
                     RefusalKind::Policy,
                     sqlstate::INSUFFICIENT_PRIVILEGE,
@@ -134,16 +134,16 @@ impl Interceptor {
             }
             (
                 SessionPolicy::WatchDdl(_) | SessionPolicy::Unrestricted,
-                frontend::QUERY | frontend::PARSE,
+                Frontend::Query { sql } | Frontend::Parse(ParseView { sql, .. }),
             ) => {
                 let watch_ddl = matches!(self.policy, SessionPolicy::WatchDdl(_));
-                if watch_ddl && sql_of(message).is_ok_and(may_be_ddl) {
+                if watch_ddl && may_be_ddl(sql) {
                     self.ddl_pending = true;
                 }
                 if self.encryption.is_some() {
-                    return self.rewrite(message);
+                    return self.rewrite(sql);
                 }
-                self.analyse_for_audit(message);
+                self.analyse_for_audit(sql);
                 Verdict::Forward
             }
             _ => Verdict::Forward,
@@ -151,13 +151,9 @@ impl Interceptor {
     }
 
     /// An unrestricted, unencrypted statement forwarded as it is: what it touches, for its
-    /// audit record (a message that is not valid UTF-8 is forwarded unanalysed; the server
-    /// rejects it).
-    fn analyse_for_audit(&mut self, message: &Message) {
+    /// audit record.
+    fn analyse_for_audit(&mut self, sql: &str) {
         let Some(memo) = self.audit_analysis.as_mut() else {
-            return;
-        };
-        let Ok(sql) = sql_of(message) else {
             return;
         };
         let analysis = memo.analyse(sql, || match &self.policy {
@@ -205,18 +201,14 @@ impl Interceptor {
 
     /// Rewrite a Query or Parse: by the policy engine (which also applies field encryption)
     /// when the session has one, else by field encryption alone.
-    fn rewrite(&mut self, message: &Message) -> Verdict {
-        let sql = match sql_of(message) {
-            Ok(sql) => sql,
-            Err(refusal) => return Verdict::Refuse(*refusal),
-        };
+    fn rewrite(&mut self, sql: &str) -> Verdict {
         let result = match &self.policy {
             SessionPolicy::Bound(policies) | SessionPolicy::WatchDdl(policies) => {
                 policies.rewrite(&mut self.memo, &self.identity, sql)
             }
             SessionPolicy::Unrestricted => match &self.encryption {
                 Some(enc) => {
-                    crate::policy::unrestricted_rewrite(sql, Some(enc), None).map(Arc::new)
+                    crate::policy::unrestricted_rewrite(sql, Some(enc.as_ref()), None).map(Arc::new)
                 }
                 None => return Verdict::Forward,
             },
@@ -236,45 +228,20 @@ impl Interceptor {
                 return Verdict::Refuse(denied.into());
             }
         };
-        self.param_plan = rewritten.params.clone();
+        // Field encryption's plan, as its transform typed it.
+        self.param_plan = rewritten
+            .params
+            .as_ref()
+            .and_then(StagePlan::get::<ParamPlan>);
         if rewritten.statements.iter().any(|s| s.is_ddl) {
             self.ddl_pending = true;
         }
         let verdict = if rewritten.sql == sql {
             Verdict::Forward
         } else {
-            Verdict::Replace(rebuild(message, &rewritten))
+            Verdict::Rewrite(rewritten.clone())
         };
         self.last_analysis = Some(rewritten);
         verdict
-    }
-}
-
-/// The SQL text of a Query or Parse; a malformed one is refused (never forwarded unanalysed).
-fn sql_of(message: &Message) -> Result<&str, Box<Refusal>> {
-    let text = if message.tag() == frontend::QUERY {
-        query_text(message.body())
-    } else {
-        parse_parts(message.body()).map(|(_, sql, _)| sql)
-    };
-    text.map_err(|e| {
-        Box::new(Refusal::new(
-            RefusalKind::Protocol,
-            sqlstate::PROTOCOL_VIOLATION,
-            format!("pgward: {e}"),
-        ))
-    })
-}
-
-/// The client's Query or Parse with the rewritten SQL (Parse keeps its name and types).
-fn rebuild(message: &Message, rewritten: &Rewritten) -> Bytes {
-    if message.tag() != frontend::PARSE {
-        return build::query(&rewritten.sql);
-    }
-    match parse_parts(message.body()) {
-        Ok((name, _, param_types)) => {
-            build::parse_with_param_types(name, &rewritten.sql, param_types)
-        }
-        Err(_) => build::query(&rewritten.sql),
     }
 }

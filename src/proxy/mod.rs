@@ -15,6 +15,7 @@ pub mod copy_in;
 pub mod encryption;
 pub mod handshake;
 pub mod intercept;
+mod pipeline;
 pub mod policy;
 pub mod reload;
 pub mod session;

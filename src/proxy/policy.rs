@@ -170,6 +170,33 @@ impl Policies {
         Ok(SessionPolicy::Bound(self.clone()))
     }
 
+    /// With `claims_as_settings`: the startup parameters `app.<claim>` = value for each claim
+    /// the service's policy uses, which `policy export-rls`'s row-level security reads. The
+    /// service itself can never set them (startup parameters and SET are allowlisted).
+    pub fn claim_settings(&self, identity: &Identity) -> Vec<(String, String)> {
+        if !self.config.claims_as_settings {
+            return Vec::new();
+        }
+        let required = self
+            .engine
+            .required_claims(&identity.service)
+            .unwrap_or_default();
+        required
+            .into_iter()
+            .filter(|c| c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            .filter_map(|c| {
+                let value = match identity.claims.get(&c)? {
+                    serde_json::Value::String(s) => s.clone(),
+                    v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => {
+                        v.to_string()
+                    }
+                    _ => return None,
+                };
+                Some((format!("app.{c}"), value))
+            })
+            .collect()
+    }
+
     /// Rewrite one SQL string of a session of `identity` (cached by the engine and in the
     /// session's memo).
     pub fn rewrite(
@@ -230,7 +257,7 @@ impl Policies {
         let Some(client) = slot.as_ref() else {
             return;
         };
-        match Catalog::load(client).await {
+        match self.engine.catalog().refresh(client).await {
             // Unchanged: keep the compiled policies and their rewrite cache.
             Ok(catalog) if catalog == *self.engine.catalog() => {}
             Ok(catalog) => {

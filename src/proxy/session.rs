@@ -9,21 +9,21 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use super::audit::{BatchRecords, Completions, Observed, SessionAudit};
-use super::encryption::{ClientHalf, UpstreamHalf};
+use super::audit::{Completions, SessionAudit};
+use super::encryption::UpstreamHalf;
 use super::handshake::Authenticated;
-use super::intercept::{Interceptor, Verdict};
+use super::intercept::Interceptor;
+use super::pipeline;
 use super::policy::SessionPolicy;
 use super::state::SessionState;
 use super::Shared;
 use crate::audit::{AuditEvent, OnFailure, SessionInfo};
 use crate::auth::Identity;
-use crate::crypto::sql::ParamPlan;
-use crate::error::{sqlstate, ClientError, Refusal, RefusalKind};
+use crate::error::{sqlstate, ClientError};
 use crate::metrics::inc;
 use crate::net::{ConnReader, ConnWriter};
-use crate::protocol::fields::{parse_name_and_text, ErrorFields};
-use crate::protocol::{backend, build, frontend, Batch, FrameReader, Message, ProtocolError};
+use crate::protocol::fields::ErrorFields;
+use crate::protocol::{backend, build, frontend, Batch, FrameReader, ProtocolError};
 use crate::upstream::MAX_UPSTREAM_MESSAGE;
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
@@ -100,22 +100,13 @@ async fn open_session_audit(
         inc(&shared.metrics.audit_write_failures);
         tracing::error!(session = session_id, error = %e, "audit log cannot write");
         if handle.on_failure() == OnFailure::Refuse {
-            return Err(audit_unavailable(&e).into_fatal());
+            return Err(pipeline::audit_unavailable(&e).into_fatal());
         }
     }
     // Until the relay tells literals bound for encrypted columns apart, any configured
     // encrypted column makes every literal and parameter sensitive.
     let sensitive = !shared.config.encrypt.is_empty();
     Ok(Some(SessionAudit::new(handle.clone(), info, sensitive)))
-}
-
-/// The error a statement gets when its audit record cannot be made durable.
-fn audit_unavailable(error: &crate::audit::AuditError) -> ClientError {
-    ClientError::error(
-        sqlstate::IO_ERROR,
-        "pgward: the audit log cannot be written, so the statement was not run",
-    )
-    .with_hint(format!("ops: check the audit directory ({error})"))
 }
 
 /// Run a session to its end.
@@ -144,12 +135,15 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
             return;
         }
     };
-    let params: Vec<(String, String)> = startup
+    let mut params: Vec<(String, String)> = startup
         .params
         .iter()
         .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_."))
         .cloned()
         .collect();
+    if let SessionPolicy::Bound(policies) = &policy {
+        params.extend(policies.claim_settings(&identity));
+    }
     let upstream = match shared
         .upstream
         .connect(
@@ -357,7 +351,7 @@ async fn client_to_upstream(
         let outgoing = if interceptor.is_passthrough() && audit.is_none() {
             vec![batch.bytes().clone()]
         } else {
-            intercept_batch(
+            pipeline::run_batch(
                 shared,
                 state,
                 &mut interceptor,
@@ -367,8 +361,13 @@ async fn client_to_upstream(
             .await
         };
         let (terminate, executes) = account_client_batch(shared, state, &batch);
-        let _gate = state.cancel_gate.lock().await;
         if executes {
+            // Only the bump is serialized with cancel delivery, not the write: a cancel that
+            // arrived before this batch started is delivered first or dropped (it sees the new
+            // generation), so it never hits these statements; one that arrives while the
+            // batch is being written (a busy server reading slowly) goes out at once and
+            // cancels what the client sent before it, instead of waiting for the whole batch.
+            let _gate = state.cancel_gate.lock().await;
             state.bump_generation();
         }
         state.mark_busy();
@@ -423,194 +422,6 @@ fn account_client_batch(shared: &Shared, state: &SessionState, batch: &Batch) ->
             .fetch_add(statements, Ordering::Relaxed);
     }
     (terminate, statements > 0)
-}
-
-/// Run every message of a batch through the interceptor, make its audit records durable,
-/// then assemble what goes upstream; unchanged runs stay zero-copy slices.
-async fn intercept_batch(
-    shared: &Shared,
-    state: &SessionState,
-    interceptor: &mut Interceptor,
-    audit: Option<(&mut SessionAudit, &Completions)>,
-    batch: &Batch,
-) -> Vec<Bytes> {
-    let mut verdicts = Vec::new();
-    let mut plans = Vec::new();
-    let mut records = BatchRecords::default();
-    let (mut audit, completions) = audit.unzip();
-    for message in batch.messages() {
-        let verdict = interceptor.client_message(&message).await;
-        plans.push(interceptor.take_param_plan());
-        let analysis = interceptor.take_analysis();
-        if let Some(audit) = audit.as_deref_mut() {
-            let refused = match &verdict {
-                Verdict::Refuse(error) => Some(error),
-                _ => None,
-            };
-            let observed = Observed {
-                message: &message,
-                refused,
-                analysis,
-            };
-            audit.observe(observed, &mut records);
-        }
-        verdicts.push(verdict);
-    }
-    if let (Some(audit), Some(completions)) = (audit, completions) {
-        if !records.is_empty() {
-            let (awaiting, written) = audit.commit(records).await;
-            completions.track(awaiting);
-            match written {
-                Ok(receipt) => state.hold_responses_until(receipt),
-                Err(e) => {
-                    inc(&shared.metrics.audit_write_failures);
-                    tracing::error!(session = state.id, error = %e, "audit log cannot write");
-                    if audit.handle().on_failure() == OnFailure::Refuse {
-                        refuse_all_statements(batch, &mut verdicts, &e);
-                    }
-                }
-            }
-        }
-    }
-    assemble(
-        shared,
-        state,
-        batch,
-        verdicts,
-        plans,
-        interceptor.crypto_mut(),
-    )
-    .await
-}
-
-/// Unaudited statements must not run: every message of the batch that would start one is
-/// refused (the first refusal makes the server skip the rest up to Sync).
-fn refuse_all_statements(
-    batch: &Batch,
-    verdicts: &mut [Verdict],
-    error: &crate::audit::AuditError,
-) {
-    for (message, verdict) in batch.messages().zip(verdicts.iter_mut()) {
-        if matches!(
-            message.tag(),
-            frontend::QUERY | frontend::PARSE | frontend::EXECUTE | frontend::FUNCTION_CALL
-        ) {
-            *verdict = Verdict::Refuse(Refusal {
-                kind: RefusalKind::AuditUnavailable,
-                rule: None,
-                error: audit_unavailable(error),
-            });
-        }
-    }
-}
-
-/// The bytes to send upstream for a batch and the verdicts on its messages.
-async fn assemble(
-    shared: &Shared,
-    state: &SessionState,
-    batch: &Batch,
-    verdicts: Vec<Verdict>,
-    plans: Vec<Option<Arc<ParamPlan>>>,
-    mut crypto: Option<&mut ClientHalf>,
-) -> Vec<Bytes> {
-    let all = batch.bytes();
-    let mut out = Vec::new();
-    let mut run_start = 0;
-    let mut offset = 0;
-    for ((message, verdict), plan) in batch.messages().zip(verdicts).zip(plans) {
-        let len = message.raw().len();
-        state.series.judged(message.tag(), (&verdict).into());
-        let mut replacement = match verdict {
-            Verdict::Forward => None,
-            Verdict::Replace(bytes) => Some(bytes),
-            Verdict::Refuse(refusal) => {
-                inc(&shared.metrics.statements_refused);
-                Some(refusal_stand_in(state, &message, refusal.error))
-            }
-        };
-        if let Some(crypto) = crypto.as_deref_mut() {
-            if matches!(message.tag(), frontend::PARSE | frontend::QUERY) {
-                crypto.set_next_plan(plan);
-            }
-            replacement = encrypt_outgoing(shared, state, crypto, &message, replacement).await;
-        }
-        if let Some(bytes) = replacement {
-            if offset > run_start {
-                out.push(all.slice(run_start..offset));
-            }
-            out.push(bytes);
-            run_start = offset + len;
-        }
-        offset += len;
-    }
-    if offset > run_start {
-        out.push(all.slice(run_start..offset));
-    }
-    out
-}
-
-/// Field encryption's pass over what goes upstream for one client message (the message itself
-/// or what replaced it): Bind values encrypted, Describe inserted before Execute, responses
-/// expected. A value that cannot be encrypted refuses the message.
-async fn encrypt_outgoing(
-    shared: &Shared,
-    state: &SessionState,
-    crypto: &mut ClientHalf,
-    original: &Message,
-    replacement: Option<Bytes>,
-) -> Option<Bytes> {
-    let sent = match &replacement {
-        None => Batch::from_whole_messages(original.raw().clone()),
-        Some(bytes) => Batch::from_whole_messages(bytes.clone()),
-    };
-    let mut out = BytesMut::new();
-    let mut changed = false;
-    for message in sent.messages() {
-        match crypto.outgoing(&message).await {
-            Ok(None) => out.extend_from_slice(message.raw()),
-            Ok(Some(bytes)) => {
-                changed = true;
-                out.extend_from_slice(&bytes);
-            }
-            Err(error) => {
-                inc(&shared.metrics.statements_refused);
-                let stand_in = refusal_stand_in(state, &message, error);
-                if let Ok(Some(bytes)) = crypto
-                    .outgoing(&Message::from_raw(stand_in.clone()).ok()?)
-                    .await
-                {
-                    out.extend_from_slice(&bytes);
-                } else {
-                    out.extend_from_slice(&stand_in);
-                }
-                changed = true;
-            }
-        }
-    }
-    if changed {
-        Some(out.freeze())
-    } else {
-        replacement
-    }
-}
-
-/// The message sent upstream in place of a refused one: a statement that fails to parse and
-/// whose error carries a marker. The server then does exactly what it does for any failed
-/// statement — skips to Sync, aborts the transaction, sends the right ReadyForQuery status — and
-/// the upstream→client direction swaps the marker's error for pgward's refusal, in order.
-fn refusal_stand_in(state: &SessionState, message: &Message, error: ClientError) -> Bytes {
-    let marker = state.register_refusal(error);
-    match message.tag() {
-        // Both are answered with their own ReadyForQuery, no Sync follows.
-        frontend::QUERY | frontend::FUNCTION_CALL => build::query(&marker),
-        frontend::PARSE => {
-            let name = parse_name_and_text(message.body())
-                .map(|(name, _)| name)
-                .unwrap_or("");
-            build::parse(name, &marker)
-        }
-        _ => build::parse("", &marker),
-    }
 }
 
 /// Upstream → client: bookkeeping on ReadyForQuery/ErrorResponse, refusal substitution, forward.

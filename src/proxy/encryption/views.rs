@@ -11,9 +11,10 @@ use std::collections::HashMap;
 
 use tokio::io::AsyncWriteExt;
 
-use super::{parse_row_description, FieldRole, ROW_DESCRIPTION};
+use super::{FieldRole, ROW_DESCRIPTION};
 use crate::net::{ConnReader, ConnWriter};
 use crate::policy::sql::quote_literal;
+use crate::protocol::view::row_description;
 use crate::protocol::{backend, build, FrameReader};
 
 /// Most views described per session (the query's LIMIT): bounds the start-up work.
@@ -85,7 +86,7 @@ pub(super) async fn map_view_columns(
         for message in batch.messages() {
             match message.tag() {
                 ROW_DESCRIPTION => {
-                    let fields = parse_row_description(message.body()).ok_or("description")?;
+                    let fields = row_description(message.body()).map_err(|_| "description")?;
                     let oid = views.get(view).map_or(0, |(oid, _)| *oid);
                     origins.push((
                         oid,

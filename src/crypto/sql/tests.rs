@@ -1,0 +1,228 @@
+use super::*;
+use crate::crypto::config::EncryptColumn;
+use crate::crypto::manager::CachePolicy;
+use crate::keys::local::LocalProvider;
+use crate::keys::SecretKey;
+use crate::sql::parse::parse_statements;
+
+/// Encryption of the demo's personal columns under a local key (unit tests).
+pub(crate) async fn enc() -> SqlEncryption {
+    let col = |table: &str, column: &str, ty, searchable| EncryptColumn {
+        table: table.into(),
+        column: column.into(),
+        key: "pii".into(),
+        ty,
+        searchable,
+    };
+    let manager = Arc::new(
+        KeyManager::new(
+            Arc::new(LocalProvider::from_key(SecretKey::from_bytes([3; 32]))),
+            None,
+            &[
+                col("customers", "email", ClientType::Text, true),
+                col("customers", "ssn", ClientType::Text, false),
+                col("invoices", "card_number", ClientType::Text, true),
+                col("users", "email", ClientType::Text, true),
+                col("t", "n", ClientType::Int4, true),
+            ],
+            CachePolicy {
+                ttl: std::time::Duration::from_secs(60),
+                max_stale: std::time::Duration::from_secs(60),
+                blocking_threshold: 1 << 20,
+            },
+        )
+        .unwrap(),
+    );
+    assert!(manager.prefetch().await.is_empty());
+    SqlEncryption::new(manager)
+}
+
+fn run(enc: &SqlEncryption, sql: &str) -> Result<(String, Outcome), Refused> {
+    let mut stmts = parse_statements(sql).unwrap();
+    for st in &mut stmts {
+        crate::sql::parse::sanitize(st).unwrap();
+    }
+    let outcome = enc.transform(&mut stmts, None)?;
+    let text = stmts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    for st in text.split("; ") {
+        assert!(crate::sql::parse::round_trips(st), "{st}");
+    }
+    Ok((text, outcome))
+}
+
+#[tokio::test]
+async fn literals_are_encrypted_and_blind_indexed() {
+    let e = enc().await;
+    let (sql, out) = run(
+        &e,
+        "INSERT INTO customers (name, email, ssn) VALUES ('Ann', 'ann@x.example', '123-45-6789')",
+    )
+    .unwrap();
+    assert!(out.touched && out.encrypted_literals && out.params.is_none());
+    assert!(!sql.contains("ann@x") && !sql.contains("123-45"), "{sql}");
+    assert!(sql.contains("(name, email, ssn, email_bidx)"), "{sql}");
+    assert_eq!(sql.matches("::BYTEA").count(), 3, "{sql}");
+    // Fresh ciphertext each time: the same text never yields the same statement.
+    let (again, _) = run(
+        &e,
+        "INSERT INTO customers (name, email, ssn) VALUES ('Ann', 'ann@x.example', '123-45-6789')",
+    )
+    .unwrap();
+    assert_ne!(sql, again);
+}
+
+#[tokio::test]
+async fn parameters_get_a_plan_and_added_blind_index_parameters() {
+    let e = enc().await;
+    let (sql, out) = run(
+        &e,
+        "INSERT INTO customers (tenant_id, email) VALUES ($1, $2) ON CONFLICT (email) DO UPDATE SET email = EXCLUDED.email",
+    )
+    .unwrap();
+    assert!(!out.encrypted_literals);
+    assert!(
+        sql.contains("VALUES ($1, CAST($2 AS BYTEA), CAST($3 AS BYTEA))"),
+        "{sql}"
+    );
+    assert!(sql.contains("ON CONFLICT(email_bidx)"), "{sql}");
+    assert!(sql.contains("email_bidx = EXCLUDED.email_bidx"), "{sql}");
+    let plan = out.params.unwrap();
+    assert_eq!(plan.client_count, 2);
+    assert_eq!(plan.params[0], (0, ParamUse::Plain));
+    assert!(matches!(&plan.params[1], (1, ParamUse::Encrypt(c)) if c.column == "email"));
+    assert!(matches!(&plan.params[2], (1, ParamUse::BlindIndex(c)) if c.column == "email"));
+    assert_eq!(plan.client_type_oid(1), Some(25));
+}
+
+#[tokio::test]
+async fn equality_predicates_use_the_blind_index() {
+    let e = enc().await;
+    let (sql, out) = run(
+        &e,
+        "SELECT c.email, ssn AS s FROM customers c WHERE c.email = 'a@b' AND email IN ($1, 'c@d') AND ssn IS NOT NULL",
+    )
+    .unwrap();
+    assert!(!sql.contains("a@b") && !sql.contains("c@d"), "{sql}");
+    assert!(sql.contains("c.email_bidx = E'\\\\x"), "{sql}");
+    assert!(
+        sql.contains("email_bidx IN (CAST($1 AS BYTEA), E'"),
+        "{sql}"
+    );
+    assert!(sql.contains("ssn IS NOT NULL"), "{sql}");
+    // Blind indexes are deterministic: such statements may be cached.
+    assert!(!out.encrypted_literals);
+    let (_, out) = run(&e, "SELECT 1 FROM t WHERE n <> -5").unwrap();
+    assert!(out.touched);
+    let (sql, out) = run(&e, "SELECT id FROM orders WHERE note LIKE 'x%'").unwrap();
+    assert!(!out.touched && sql.contains("LIKE 'x%'"));
+}
+
+#[tokio::test]
+async fn computing_on_ciphertext_is_refused() {
+    let e = enc().await;
+    for sql in [
+        "SELECT * FROM customers WHERE email LIKE 'a%'",
+        "SELECT * FROM customers ORDER BY email",
+        "SELECT email, count(*) FROM customers GROUP BY email",
+        "SELECT DISTINCT email FROM customers",
+        "SELECT lower(email) FROM customers",
+        "SELECT * FROM customers WHERE ssn = 'x'",
+        "SELECT * FROM t WHERE n > 3",
+        "SELECT * FROM customers c JOIN invoices i ON c.email = i.card_number",
+        "SELECT email FROM customers UNION SELECT card_number FROM invoices",
+        "UPDATE customers SET email = lower('X')",
+        "UPDATE customers SET (email, name) = ('a', 'b')",
+        "INSERT INTO customers (email) SELECT 'x'",
+        "INSERT INTO customers (email_bidx) VALUES ('x')",
+        "INSERT INTO customers (email, name) VALUES ($1, $1)",
+        "COPY customers FROM STDIN",
+        "SELECT * FROM customers, users WHERE email = 'x'",
+        "INSERT INTO t (n) VALUES ('not a number')",
+        "SELECT (SELECT email FROM customers LIMIT 1)",
+        "SELECT id FROM invoices WHERE card_number IN (SELECT email FROM customers)",
+    ] {
+        let r = run(&e, sql).unwrap_err();
+        assert!(["0A000", "22P02"].contains(&r.sqlstate), "{sql}: {r:?}");
+        assert!(
+            !r.message.contains("'x'") && !r.message.contains("not a number"),
+            "{sql}: {}",
+            r.message
+        );
+    }
+    // Allowed: selection, IS NULL, DDL.
+    for sql in [
+        "SELECT email AS e, customers.ssn FROM customers WHERE email IS NULL",
+        "SELECT * FROM customers c JOIN customers d ON c.email = d.email",
+        "ALTER TABLE customers ADD COLUMN x int",
+        "DELETE FROM customers WHERE email = $1 RETURNING ssn",
+    ] {
+        run(&e, sql).unwrap_or_else(|r| panic!("{sql}: {r:?}"));
+    }
+    // Writes nested in a query are encrypted too.
+    let (sql, out) = run(
+        &e,
+        "WITH x AS (INSERT INTO customers (email) VALUES ('cte@x.example') RETURNING id) SELECT id FROM x",
+    )
+    .unwrap();
+    assert!(out.encrypted_literals && !sql.contains("cte@x"), "{sql}");
+    let (sql, _) = run(
+        &e,
+        "WITH x AS (UPDATE customers SET ssn = 'cte-ssn' WHERE email = 'a' RETURNING id) SELECT count(*) FROM x",
+    )
+    .unwrap();
+    assert!(
+        !sql.contains("cte-ssn") && sql.contains("email_bidx ="),
+        "{sql}"
+    );
+    for sql in ["SELECT 1", "SELECT email FROM customers WHERE id = 1"] {
+        run(&e, sql).unwrap_or_else(|r| panic!("{sql}: {r:?}"));
+    }
+}
+
+#[tokio::test]
+async fn computing_on_ciphertext_through_derived_tables_and_ctes_is_refused() {
+    let e = enc().await;
+    for sql in [
+        "SELECT length(x.e) FROM (SELECT email AS e FROM customers) x",
+        "SELECT length(e) FROM (SELECT email AS e FROM customers) x",
+        "SELECT upper(x.email) FROM (SELECT email FROM customers) x",
+        "SELECT length(y.email) FROM (SELECT * FROM customers) y",
+        "SELECT length(y.email) FROM (SELECT c.* FROM customers c) y",
+        "SELECT length(z.e) FROM (SELECT x.e FROM (SELECT email AS e FROM customers) x) z",
+        "WITH x AS (SELECT email AS e FROM customers) SELECT length(e) FROM x",
+        "WITH x AS (SELECT email FROM customers) SELECT * FROM x ORDER BY x.email",
+        "SELECT * FROM (SELECT email AS e FROM customers) x WHERE x.e LIKE 'a%'",
+        "SELECT x.e FROM (SELECT email AS e FROM customers) x WHERE x.e = 'a@b'",
+        "SELECT a FROM (SELECT email FROM customers) AS x(a)",
+        "SELECT count(DISTINCT x.e) FROM (SELECT email AS e FROM customers) x",
+        "SELECT length(l.e) FROM customers c, LATERAL (SELECT c.email AS e) l",
+    ] {
+        let r = run(&e, sql).unwrap_err();
+        assert_eq!(r.sqlstate, "0A000", "{sql}: {r:?}");
+        assert!(!r.message.contains("a@b"), "{sql}: {}", r.message);
+    }
+    // Selecting through them, testing IS NULL, and searching through `*` (the blind
+    // index comes along) still work.
+    for sql in [
+        "SELECT x.e FROM (SELECT email AS e FROM customers) x",
+        "SELECT e FROM (SELECT email AS e FROM customers) x WHERE e IS NOT NULL",
+        "WITH x AS (SELECT email FROM customers) SELECT email FROM x",
+        "SELECT y.email FROM (SELECT * FROM customers) y WHERE y.email = 'a@b'",
+        "SELECT n FROM (SELECT length(name) AS n FROM customers) x ORDER BY n",
+    ] {
+        run(&e, sql).unwrap_or_else(|r| panic!("{sql}: {r:?}"));
+    }
+    let (sql, _) = run(
+        &e,
+        "SELECT y.email FROM (SELECT * FROM customers) y WHERE y.email = 'a@b'",
+    )
+    .unwrap();
+    assert!(
+        sql.contains("y.email_bidx =") && !sql.contains("a@b"),
+        "{sql}"
+    );
+}

@@ -1,0 +1,390 @@
+//! The client → upstream half: Parse retyped, Bind values encrypted, COPY rows sealed, and
+//! the responses each forwarded message will produce queued for the other half.
+
+use super::*;
+
+/// The client → upstream half of a session's encryption state.
+pub struct ClientHalf {
+    encryption: Arc<Encryption>,
+    queue: Arc<Mutex<VecDeque<Expect>>>,
+    /// Parameter plans of the session's prepared statements, in client order.
+    statements: HashMap<String, Option<Arc<ParamPlan>>>,
+    /// Portals the client described since their last Bind or Execute.
+    described_portals: HashSet<String>,
+    /// The plan of the next Parse or Query (set by the SQL rewrite of that message).
+    next_plan: Option<Arc<ParamPlan>>,
+    /// Portal → statement, to find the COPY plan of an Execute.
+    portals: HashMap<String, String>,
+    /// A COPY FROM STDIN into encrypted columns is running.
+    copy_in: Option<CopyState>,
+}
+
+/// A running COPY FROM STDIN: its row encryptor, or failed (the rest of the data is dropped).
+pub(super) enum CopyState {
+    Running(Box<CopyIn>),
+    Failed,
+}
+
+impl ClientHalf {
+    pub(super) fn new(encryption: Arc<Encryption>, queue: Arc<Mutex<VecDeque<Expect>>>) -> Self {
+        Self {
+            encryption,
+            queue,
+            statements: HashMap::new(),
+            described_portals: HashSet::new(),
+            next_plan: None,
+            portals: HashMap::new(),
+            copy_in: None,
+        }
+    }
+
+    /// The SQL rewrite of the Parse about to be forwarded produced this parameter plan.
+    pub fn set_next_plan(&mut self, plan: Option<Arc<ParamPlan>>) {
+        self.next_plan = plan.filter(|p| p.is_active());
+    }
+
+    /// Record one message on its way upstream (decoded once by the relay); returns the bytes
+    /// to send instead, if any.
+    pub async fn outgoing(
+        &mut self,
+        message: &Message,
+        view: &Frontend<'_>,
+    ) -> Result<Option<Bytes>, ClientError> {
+        match view {
+            Frontend::Query { .. } => {
+                let plan = self.next_plan.take();
+                self.copy_in = copy_state(plan.as_deref());
+                self.push(Expect::Query);
+            }
+            Frontend::FunctionCall => self.push(Expect::Query),
+            Frontend::CopyData(payload) => return self.copy_data(payload).await,
+            Frontend::CopyDone => return Ok(self.copy_done(message).await),
+            Frontend::CopyFail => self.copy_in = None,
+            Frontend::Parse(parse) => return self.parse(parse),
+            Frontend::Bind(bind) => return self.bind(bind).await,
+            Frontend::Describe(target) => {
+                if target.is_statement() {
+                    self.push(Expect::DescribeStatement {
+                        name: target.name.to_owned(),
+                    });
+                } else {
+                    self.described_portals.insert(target.name.to_owned());
+                    self.push(Expect::DescribePortal { hidden: false });
+                }
+            }
+            Frontend::Execute { portal, .. } => {
+                let plan = self
+                    .portals
+                    .get(*portal)
+                    .and_then(|s| self.statements.get(s))
+                    .cloned()
+                    .flatten();
+                self.copy_in = copy_state(plan.as_deref());
+                // Each Execute needs a description right before it: a portal described once
+                // and executed in several row-limited steps gets one per step.
+                if self.described_portals.remove(*portal) {
+                    self.push(Expect::Execute);
+                } else {
+                    self.push(Expect::DescribePortal { hidden: true });
+                    self.push(Expect::Execute);
+                    let mut out = BytesMut::new();
+                    out.extend_from_slice(&build::describe(b'P', portal));
+                    out.extend_from_slice(message.raw());
+                    return Ok(Some(out.freeze()));
+                }
+            }
+            Frontend::Close(target) => {
+                if target.is_statement() {
+                    self.statements.remove(target.name);
+                }
+                self.push(Expect::Close);
+            }
+            Frontend::Sync => self.push(Expect::Sync),
+            Frontend::Flush | Frontend::Terminate | Frontend::Other(_) => {}
+        }
+        Ok(None)
+    }
+
+    /// CopyData of a COPY into encrypted columns: complete rows encrypted, the rest kept.
+    pub(super) async fn copy_data(&mut self, payload: &[u8]) -> Result<Option<Bytes>, ClientError> {
+        let manager = self.encryption.manager.clone();
+        match &mut self.copy_in {
+            None => Ok(None),
+            Some(CopyState::Failed) => Ok(Some(Bytes::new())),
+            Some(CopyState::Running(copy)) => match copy.data(&manager, payload).await {
+                Ok(rows) if rows.is_empty() => Ok(Some(Bytes::new())),
+                Ok(rows) => Ok(Some(copy_data_message(&rows))),
+                Err(e) => {
+                    self.copy_in = Some(CopyState::Failed);
+                    Ok(Some(copy_fail_message(&e.0)))
+                }
+            },
+        }
+    }
+
+    /// CopyDone: the last row (without newline) first.
+    pub(super) async fn copy_done(&mut self, message: &Message) -> Option<Bytes> {
+        let manager = self.encryption.manager.clone();
+        match self.copy_in.take() {
+            Some(CopyState::Running(mut copy)) => match copy.finish(&manager).await {
+                Ok(rows) if rows.is_empty() => None,
+                Ok(rows) => {
+                    let mut out = BytesMut::from(&copy_data_message(&rows)[..]);
+                    out.extend_from_slice(message.raw());
+                    Some(out.freeze())
+                }
+                Err(e) => Some(copy_fail_message(&e.0)),
+            },
+            // The server already left COPY (CopyFail sent): nothing more to say.
+            Some(CopyState::Failed) => Some(Bytes::new()),
+            None => None,
+        }
+    }
+
+    pub(super) fn push(&self, expect: Expect) {
+        self.queue.lock().push_back(expect);
+    }
+
+    /// Responses still awaited from upstream (bounded by the relay: see `MAX_AWAITED`).
+    pub fn awaited(&self) -> usize {
+        self.queue.lock().len()
+    }
+
+    /// Parse: remember the statement's plan; declare encrypted parameters as `bytea`.
+    pub(super) fn parse(&mut self, parse: &ParseView<'_>) -> Result<Option<Bytes>, ClientError> {
+        let plan = self.next_plan.take();
+        let replacement = match &plan {
+            Some(p) => Some(retype_parse(parse, p)?),
+            None => None,
+        };
+        let name = parse.name.to_owned();
+        self.statements.insert(name.clone(), plan.clone());
+        self.push(Expect::Parse { name, plan });
+        Ok(replacement)
+    }
+
+    /// Bind: encrypt the values of encrypted parameters, add derived ones.
+    pub(super) async fn bind(&mut self, bind: &BindView<'_>) -> Result<Option<Bytes>, ClientError> {
+        self.described_portals.remove(bind.portal);
+        self.portals
+            .insert(bind.portal.to_owned(), bind.statement.to_owned());
+        self.push(Expect::Bind);
+        let Some(Some(plan)) = self.statements.get(bind.statement).cloned() else {
+            return Ok(None);
+        };
+        if bind.values.len() != plan.client_count {
+            // The server reports the count mismatch itself.
+            return Ok(None);
+        }
+        let manager = &self.encryption.manager;
+        let mut formats = Vec::with_capacity(plan.params.len());
+        let mut values: Vec<Option<Vec<u8>>> = Vec::with_capacity(plan.params.len());
+        for (source, usage) in &plan.params {
+            let value = bind.values.get(*source).copied().flatten();
+            let format = bind.format_of(*source);
+            match (usage, value) {
+                (ParamUse::Plain, v) => {
+                    formats.push(format);
+                    values.push(v.map(<[u8]>::to_vec));
+                }
+                (_, None) => {
+                    formats.push(1);
+                    values.push(None);
+                }
+                (ParamUse::Encrypt(c), Some(v)) => {
+                    let canonical = canonical_param(c, format, v, *source)?;
+                    let sealed = manager
+                        .encrypt(&c.table, &c.column, &canonical)
+                        .await
+                        .map_err(|e| crypto_error(&e, c))?;
+                    formats.push(1);
+                    values.push(Some(sealed));
+                }
+                (ParamUse::BlindIndex(c), Some(v)) => {
+                    let canonical = canonical_param(c, format, v, *source)?;
+                    let index = manager
+                        .blind_index(&c.table, &c.column, &canonical)
+                        .await
+                        .map_err(|e| crypto_error(&e, c))?;
+                    formats.push(1);
+                    values.push(Some(index.to_vec()));
+                }
+            }
+        }
+        rebuild_bind(bind, &formats, &values).map(Some)
+    }
+}
+
+pub(super) fn copy_state(plan: Option<&ParamPlan>) -> Option<CopyState> {
+    plan.and_then(|p| p.copy.clone())
+        .map(|c| CopyState::Running(Box::new(CopyIn::new(c))))
+}
+
+pub(super) fn copy_data_message(payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 5);
+    out.put_u8(frontend::COPY_DATA);
+    out.put_u32(0);
+    out.extend_from_slice(payload);
+    finish(out)
+}
+
+pub(super) fn copy_fail_message(reason: &str) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u8(frontend::COPY_FAIL);
+    out.put_u32(0);
+    out.extend_from_slice(reason.replace('\0', "").as_bytes());
+    out.put_u8(0);
+    finish(out)
+}
+
+pub(super) fn malformed() -> ClientError {
+    ClientError::error(sqlstate::PROTOCOL_VIOLATION, "pgward: malformed message")
+}
+
+pub(super) fn canonical_param(
+    c: &ColumnRef,
+    format: i16,
+    value: &[u8],
+    index: usize,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ClientError> {
+    let format = WireFormat::from_code(format);
+    let widened = widen_binary_integer(c.ty, format, value);
+    encode_for_encryption(c.ty, format, widened.as_deref().unwrap_or(value))
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| {
+            ClientError::error(
+                INVALID_PARAMETER,
+                format!(
+                    "pgward: parameter ${} for encrypted column {}.{}: {e}",
+                    index + 1,
+                    c.table,
+                    c.column
+                ),
+            )
+        })
+}
+
+/// Drivers bind integers in binary at the width of the value's declared type (psycopg sends
+/// `-42` as int2): an int2/int4/int8 value for an int4/int8 column is re-encoded at the
+/// column's width (the codec then checks it), since the column's type is what the server
+/// was told. Out-of-range values are left alone for the codec to refuse.
+pub(super) fn widen_binary_integer(
+    ty: ClientType,
+    format: WireFormat,
+    value: &[u8],
+) -> Option<Vec<u8>> {
+    if format != WireFormat::Binary {
+        return None;
+    }
+    let n: i64 = match value.len() {
+        2 => i64::from(i16::from_be_bytes([value[0], value[1]])),
+        4 => i64::from(i32::from_be_bytes([value[0], value[1], value[2], value[3]])),
+        8 => i64::from_be_bytes(value.try_into().ok()?),
+        _ => return None,
+    };
+    match ty {
+        ClientType::Int4 if value.len() != 4 => {
+            i32::try_from(n).ok().map(|v| v.to_be_bytes().to_vec())
+        }
+        ClientType::Int8 if value.len() != 8 => Some(n.to_be_bytes().to_vec()),
+        _ => None,
+    }
+}
+
+/// The client-facing error for a crypto failure on `c` (never carries a value).
+pub(super) fn crypto_error(e: &CryptoError, c: &ColumnRef) -> ClientError {
+    match e {
+        CryptoError::Integrity { .. } | CryptoError::Malformed(_) | CryptoError::WrongKey { .. } => {
+            ClientError::error(
+                DATA_CORRUPTED,
+                format!(
+                    "pgward: a value of encrypted column {}.{} failed its integrity check (tampered, copied from another row or column, or under an unknown key)",
+                    c.table, c.column
+                ),
+            )
+        }
+        CryptoError::Codec(codec) => ClientError::error(
+            DATA_CORRUPTED,
+            format!(
+                "pgward: a decrypted value of {}.{} is not a valid {}: {codec}",
+                c.table, c.column, c.ty
+            ),
+        ),
+        other => {
+            tracing::warn!(table = %c.table, column = %c.column, error = %other, "encryption key unavailable");
+            ClientError::error(
+                KEY_UNAVAILABLE,
+                format!(
+                    "pgward: the key of encrypted column {}.{} is not available: {other}",
+                    c.table, c.column
+                ),
+            )
+        }
+    }
+}
+
+/// Parse with encrypted parameters declared `bytea` (the SQL casts them too).
+pub(super) fn retype_parse(parse: &ParseView<'_>, plan: &ParamPlan) -> Result<Bytes, ClientError> {
+    let declared: Vec<u32> = parse.param_types().collect();
+    if declared.len() > plan.client_count && plan.params.len() > plan.client_count {
+        // pgward numbers the blind-index parameters it adds after the client's highest $n.
+        return Err(ClientError::error(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "pgward: declare no more parameter types than the statement uses when writing searchable encrypted columns",
+        ));
+    }
+    let mut out = BytesMut::new();
+    out.put_u8(frontend::PARSE);
+    out.put_u32(0);
+    out.extend_from_slice(parse.name.as_bytes());
+    out.put_u8(0);
+    out.extend_from_slice(parse.sql.as_bytes());
+    out.put_u8(0);
+    let count = declared.len().max(plan.params.len());
+    out.put_u16(u16::try_from(count).map_err(|_| malformed())?);
+    for i in 0..count {
+        let oid = match plan.params.get(i) {
+            Some((_, ParamUse::Encrypt(_) | ParamUse::BlindIndex(_))) => BYTEA_OID,
+            _ => declared.get(i).copied().unwrap_or(0),
+        };
+        out.put_u32(oid);
+    }
+    Ok(finish(out))
+}
+
+/// A Bind with these parameter formats and values in place of the client's (the portal,
+/// statement and result formats are the client's).
+pub(super) fn rebuild_bind(
+    bind: &BindView<'_>,
+    formats: &[i16],
+    values: &[Option<Vec<u8>>],
+) -> Result<Bytes, ClientError> {
+    let count = |n: usize| u16::try_from(n).map_err(|_| too_many_parameters());
+    let mut out = BytesMut::new();
+    out.put_u8(frontend::BIND);
+    out.put_u32(0);
+    out.extend_from_slice(bind.portal.as_bytes());
+    out.put_u8(0);
+    out.extend_from_slice(bind.statement.as_bytes());
+    out.put_u8(0);
+    out.put_u16(count(formats.len())?);
+    for f in formats {
+        out.put_i16(*f);
+    }
+    out.put_u16(count(values.len())?);
+    for v in values {
+        match v {
+            None => out.put_i32(-1),
+            Some(v) => put_value(&mut out, v)?,
+        }
+    }
+    out.extend_from_slice(bind.results);
+    Ok(finish(out))
+}
+
+fn too_many_parameters() -> ClientError {
+    ClientError::error(
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        "pgward: the statement has too many parameters once encrypted columns are added",
+    )
+}

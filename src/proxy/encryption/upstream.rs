@@ -1,0 +1,376 @@
+//! The upstream → client half: RowDescription retyped, DataRow values decrypted, blind-index
+//! companions dropped, and the answers to pgward's own Describes kept from the client.
+
+use super::*;
+
+/// The upstream → client half of a session's encryption state.
+pub struct UpstreamHalf {
+    encryption: Arc<Encryption>,
+    queue: Arc<Mutex<VecDeque<Expect>>>,
+    /// (table OID, attnum) of encrypted and blind-index columns.
+    columns: HashMap<(u32, i16), FieldRole>,
+    /// Parameter plans of prepared statements, in server order (for ParameterDescription).
+    statements: HashMap<String, Option<Arc<ParamPlan>>>,
+    /// How DataRows of the running query or portal are decoded (`None`: unchanged).
+    current: Option<Arc<RowPlan>>,
+    /// A value failed to decrypt: drop the rest of the response up to ReadyForQuery.
+    failed: bool,
+}
+
+/// How one result column is transformed.
+#[derive(Clone, Debug)]
+pub(super) enum FieldAction {
+    Keep,
+    Drop,
+    Decrypt(ColumnRef, WireFormat),
+}
+
+/// How the rows of one row description are transformed.
+#[derive(Debug)]
+pub(super) struct RowPlan {
+    pub(super) fields: Vec<FieldAction>,
+}
+
+impl RowPlan {
+    /// How many columns the client sees (blind-index columns are dropped), as the u16 count
+    /// of RowDescription and DataRow.
+    pub(super) fn visible_count(&self) -> u16 {
+        let kept = self
+            .fields
+            .iter()
+            .filter(|a| !matches!(a, FieldAction::Drop))
+            .count();
+        u16::try_from(kept).unwrap_or(u16::MAX)
+    }
+}
+
+impl UpstreamHalf {
+    pub(super) fn new(
+        encryption: Arc<Encryption>,
+        queue: Arc<Mutex<VecDeque<Expect>>>,
+        columns: HashMap<(u32, i16), FieldRole>,
+    ) -> Self {
+        Self {
+            encryption,
+            queue,
+            columns,
+            statements: HashMap::new(),
+            current: None,
+            failed: false,
+        }
+    }
+
+    /// Transform one upstream batch; returns a batch to forward (the same one if untouched).
+    pub async fn incoming(&mut self, batch: Batch) -> Batch {
+        let mut out: Option<BytesMut> = None;
+        let all = batch.bytes().clone();
+        let mut offset = 0;
+        for message in batch.messages() {
+            let len = message.raw().len();
+            let replacement = self.message(&message).await;
+            match replacement {
+                None => {
+                    if let Some(out) = out.as_mut() {
+                        out.extend_from_slice(message.raw());
+                    }
+                }
+                Some(bytes) => {
+                    let out = out.get_or_insert_with(|| {
+                        let mut b = BytesMut::with_capacity(all.len());
+                        b.extend_from_slice(&all[..offset]);
+                        b
+                    });
+                    out.extend_from_slice(&bytes);
+                }
+            }
+            offset += len;
+        }
+        match out {
+            None => batch,
+            Some(bytes) => Batch::from_whole_messages(bytes.freeze()),
+        }
+    }
+
+    /// `None`: forward unchanged; `Some(bytes)`: forward these instead (possibly nothing).
+    pub(super) async fn message(&mut self, message: &Message) -> Option<Bytes> {
+        let tag = message.tag();
+        if matches!(
+            tag,
+            backend::PARAMETER_STATUS | backend::NOTICE_RESPONSE | NOTIFICATION_RESPONSE
+        ) {
+            return None;
+        }
+        let already_failed = self.failed;
+        let replacement = self.track(message).await;
+        if tag == backend::READY_FOR_QUERY {
+            self.failed = false;
+            self.current = None;
+            return replacement;
+        }
+        if already_failed {
+            return Some(Bytes::new());
+        }
+        replacement
+    }
+
+    pub(super) fn pop(&self) -> Option<Expect> {
+        self.queue.lock().pop_front()
+    }
+
+    pub(super) fn front_is_query(&self) -> bool {
+        matches!(self.queue.lock().front(), Some(Expect::Query))
+    }
+
+    /// Update the state for one response and transform it if needed.
+    pub(super) async fn track(&mut self, message: &Message) -> Option<Bytes> {
+        let body = message.body();
+        match message.tag() {
+            PARSE_COMPLETE => {
+                if let Some(Expect::Parse { name, plan }) = self.pop() {
+                    self.statements.insert(name, plan);
+                }
+                None
+            }
+            BIND_COMPLETE | CLOSE_COMPLETE => {
+                self.pop();
+                None
+            }
+            PARAMETER_DESCRIPTION => {
+                let plan = match self.queue.lock().front() {
+                    Some(Expect::DescribeStatement { name }) => {
+                        self.statements.get(name).cloned().flatten()
+                    }
+                    _ => None,
+                };
+                plan.and_then(|p| retype_parameter_description(body, &p))
+            }
+            ROW_DESCRIPTION => self.row_description(body),
+            NO_DATA => {
+                let hidden = matches!(self.pop(), Some(Expect::DescribePortal { hidden: true }));
+                self.current = None;
+                hidden.then(Bytes::new)
+            }
+            backend::DATA_ROW => {
+                let plan = self.current.clone()?;
+                match self.data_row(body, &plan).await {
+                    Ok(bytes) => Some(bytes),
+                    Err(error) => {
+                        self.failed = true;
+                        Some(error.to_message())
+                    }
+                }
+            }
+            backend::COMMAND_COMPLETE | EMPTY_QUERY_RESPONSE | PORTAL_SUSPENDED => {
+                self.current = None;
+                if !self.front_is_query() {
+                    self.pop();
+                }
+                None
+            }
+            backend::ERROR_RESPONSE => {
+                self.current = None;
+                None
+            }
+            backend::READY_FOR_QUERY => {
+                // Everything up to the request this answers is done (or skipped after an error).
+                let mut queue = self.queue.lock();
+                while let Some(e) = queue.pop_front() {
+                    if matches!(e, Expect::Sync | Expect::Query) {
+                        break;
+                    }
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    pub(super) fn row_description(&mut self, body: &[u8]) -> Option<Bytes> {
+        let fields = row_description(body).ok()?;
+        let plan = self.plan_for(&fields);
+        let rewritten = plan.as_ref().map(|p| rewrite_row_description(&fields, p));
+        let front = self.queue.lock().front().map(|e| match e {
+            Expect::DescribeStatement { .. } => 0,
+            Expect::DescribePortal { hidden: false } => 1,
+            Expect::DescribePortal { hidden: true } => 2,
+            _ => 3,
+        });
+        match front {
+            Some(0) => {
+                self.pop();
+                rewritten
+            }
+            Some(1) => {
+                self.pop();
+                self.current = plan.map(Arc::new);
+                rewritten
+            }
+            Some(2) => {
+                self.pop();
+                self.current = plan.map(Arc::new);
+                Some(Bytes::new())
+            }
+            _ => {
+                // A simple query's (or FETCH's) own description.
+                self.current = plan.map(Arc::new);
+                rewritten
+            }
+        }
+    }
+
+    /// `None` when no field is encrypted or a blind index.
+    pub(super) fn plan_for(&self, fields: &[RowField<'_>]) -> Option<RowPlan> {
+        let mut any = false;
+        let actions = fields
+            .iter()
+            .map(|f| match self.columns.get(&(f.table_oid, f.attnum)) {
+                _ if f.table_oid == 0 => FieldAction::Keep,
+                Some(FieldRole::Encrypted(c)) => {
+                    any = true;
+                    FieldAction::Decrypt(c.clone(), WireFormat::from_code(f.format))
+                }
+                Some(FieldRole::BlindIndex) => {
+                    any = true;
+                    FieldAction::Drop
+                }
+                None => FieldAction::Keep,
+            })
+            .collect();
+        any.then_some(RowPlan { fields: actions })
+    }
+
+    pub(super) async fn data_row(&self, body: &[u8], plan: &RowPlan) -> Result<Bytes, ClientError> {
+        let values = data_row(body).map_err(|_| malformed())?;
+        if values.len() != plan.fields.len() {
+            return Err(ClientError::error(
+                sqlstate::INTERNAL_ERROR,
+                "pgward: a result row does not match its description",
+            ));
+        }
+        let mut out = BytesMut::with_capacity(body.len() + 5);
+        out.put_u8(backend::DATA_ROW);
+        out.put_u32(0);
+        out.put_u16(plan.visible_count());
+        for (value, action) in values.iter().zip(&plan.fields) {
+            match (action, value) {
+                (FieldAction::Drop, _) => {}
+                (_, None) => out.put_i32(-1),
+                (FieldAction::Keep, Some(v)) => put_value(&mut out, v)?,
+                (FieldAction::Decrypt(c, format), Some(stored)) => {
+                    let plain = self.decrypt_field(c, *format, stored).await?;
+                    put_value(&mut out, &plain)?;
+                }
+            }
+        }
+        let len = u32::try_from(out.len() - 1).map_err(|_| too_large())?;
+        out[1..5].copy_from_slice(&len.to_be_bytes());
+        Ok(out.freeze())
+    }
+
+    pub(super) async fn decrypt_field(
+        &self,
+        c: &ColumnRef,
+        format: WireFormat,
+        stored: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
+        let ciphertext: std::borrow::Cow<'_, [u8]> = match format {
+            WireFormat::Binary => stored.into(),
+            // bytea in text output: `\x` then hex.
+            WireFormat::Text => stored
+                .strip_prefix(b"\\x")
+                .and_then(|h| hex::decode(h).ok())
+                .ok_or_else(|| crypto_error(&CryptoError::Malformed("not bytea hex"), c))?
+                .into(),
+        };
+        let manager = &self.encryption.manager;
+        let canonical = match manager.try_decrypt_now(&c.table, &c.column, &ciphertext) {
+            Some(result) => result,
+            None => manager.decrypt(&c.table, &c.column, &ciphertext).await,
+        }
+        .map(zeroize::Zeroizing::new)
+        .map_err(|e| crypto_error(&e, c))?;
+        decode_to_wire(c.ty, format, &canonical)
+            .map_err(|e| crypto_error(&CryptoError::Codec(e), c))
+    }
+}
+
+pub(super) fn too_large() -> ClientError {
+    ClientError::error(
+        sqlstate::INTERNAL_ERROR,
+        "pgward: a decrypted row is too large",
+    )
+}
+
+/// A length-prefixed value; one that does not fit the protocol's 32-bit length is an error.
+pub(super) fn put_value(out: &mut BytesMut, v: &[u8]) -> Result<(), ClientError> {
+    out.put_i32(i32::try_from(v.len()).map_err(|_| too_large())?);
+    out.extend_from_slice(v);
+    Ok(())
+}
+
+// Backend tags this module needs beyond `protocol::backend`.
+pub(super) const ROW_DESCRIPTION: u8 = b'T';
+pub(super) const PARSE_COMPLETE: u8 = b'1';
+pub(super) const BIND_COMPLETE: u8 = b'2';
+pub(super) const CLOSE_COMPLETE: u8 = b'3';
+pub(super) const NO_DATA: u8 = b'n';
+pub(super) const PARAMETER_DESCRIPTION: u8 = b't';
+pub(super) const EMPTY_QUERY_RESPONSE: u8 = b'I';
+pub(super) const PORTAL_SUSPENDED: u8 = b's';
+pub(super) const NOTIFICATION_RESPONSE: u8 = b'A';
+
+/// Storage size PostgreSQL reports for a client type (`typlen`).
+pub(super) fn typlen(ty: ClientType) -> i16 {
+    match ty {
+        ClientType::Int4 | ClientType::Date => 4,
+        ClientType::Int8 | ClientType::Timestamptz => 8,
+        ClientType::Bool => 1,
+        _ => -1,
+    }
+}
+
+pub(super) fn rewrite_row_description(fields: &[RowField<'_>], plan: &RowPlan) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u8(ROW_DESCRIPTION);
+    out.put_u32(0);
+    out.put_u16(plan.visible_count());
+    for (f, action) in fields.iter().zip(&plan.fields) {
+        let (type_oid, len, typmod) = match action {
+            FieldAction::Drop => continue,
+            FieldAction::Keep => (f.type_oid, f.typlen, f.typmod),
+            FieldAction::Decrypt(c, _) => (c.ty.oid(), typlen(c.ty), -1),
+        };
+        out.extend_from_slice(f.name);
+        out.put_u8(0);
+        out.put_u32(f.table_oid);
+        out.put_i16(f.attnum);
+        out.put_u32(type_oid);
+        out.put_i16(len);
+        out.put_i32(typmod);
+        out.put_i16(f.format);
+    }
+    finish(out)
+}
+
+pub(super) fn finish(mut out: BytesMut) -> Bytes {
+    let len = u32::try_from(out.len() - 1).unwrap_or(u32::MAX);
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
+}
+
+/// ParameterDescription as the client should see it: its own parameters, with the client
+/// types of encrypted ones.
+pub(super) fn retype_parameter_description(body: &[u8], plan: &ParamPlan) -> Option<Bytes> {
+    let mut c = Cursor::new(body, "ParameterDescription");
+    let n = c.u16().ok()?;
+    let oids: Vec<u32> = (0..n).map(|_| c.u32()).collect::<Result<_, _>>().ok()?;
+    let mut out = BytesMut::new();
+    out.put_u8(PARAMETER_DESCRIPTION);
+    out.put_u32(0);
+    let count = plan.client_count.min(oids.len());
+    out.put_u16(u16::try_from(count).ok()?);
+    for (i, oid) in oids.iter().take(count).enumerate() {
+        out.put_u32(plan.client_type_oid(i).unwrap_or(*oid));
+    }
+    Some(finish(out))
+}
