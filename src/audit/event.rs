@@ -255,6 +255,10 @@ pub enum AuditEvent {
         sqlstate: Option<String>,
         /// Never run: an earlier statement of the same Query or pipeline failed.
         skipped: bool,
+        /// An Execute with a row limit that stopped at PortalSuspended: `rows` are the rows
+        /// this Execute returned; the portal's further rows are on the records of the later
+        /// Executes of the same portal.
+        suspended: bool,
     },
 }
 
@@ -306,6 +310,8 @@ enum Wire<'a> {
         sqlstate: Option<&'a str>,
         #[serde(skip_serializing_if = "std::ops::Not::not")]
         skipped: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        suspended: bool,
     },
 }
 
@@ -514,6 +520,7 @@ impl AuditEvent {
                 duration,
                 sqlstate,
                 skipped,
+                suspended,
             } => Wire::StatementCompleted {
                 session_id: *session_id,
                 service,
@@ -523,6 +530,7 @@ impl AuditEvent {
                 duration_us: *duration,
                 sqlstate: sqlstate.as_deref(),
                 skipped: *skipped,
+                suspended: *suspended,
             },
         };
         serde_json::to_writer(out, &wire)

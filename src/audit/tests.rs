@@ -506,6 +506,7 @@ async fn mixed_log(fx: &Fixture) {
             duration: Duration::from_micros(250),
             sqlstate: None,
             skipped: false,
+            suspended: false,
         });
     }
     let mut st = StatementRecord::new(
@@ -537,6 +538,7 @@ async fn mixed_log(fx: &Fixture) {
         duration: Duration::from_millis(3),
         sqlstate: Some("40001".into()),
         skipped: false,
+        suspended: false,
     });
     h.append(AuditEvent::AuthFailed {
         client_addr: "10.1.1.1:1".into(),

@@ -61,6 +61,11 @@ pub struct Awaiting {
     sqlstate: Option<String>,
     /// Still awaited at ReadyForQuery: never run, after an earlier statement's error.
     skipped: bool,
+    /// DataRows seen for it: an Execute that stops at PortalSuspended has no CommandComplete
+    /// to count them, and the rows it returned must still be on record.
+    data_rows: u64,
+    /// Answered by PortalSuspended: the portal has more rows for later Executes.
+    suspended: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -372,6 +377,8 @@ impl SessionAudit {
                 command: None,
                 sqlstate: None,
                 skipped: false,
+                data_rows: 0,
+                suspended: false,
             })
             .collect();
         (awaiting, written.map(|(_, receipt)| receipt))
@@ -449,7 +456,8 @@ impl Completions {
         let tag = message.tag();
         if !matches!(
             tag,
-            backend::COMMAND_COMPLETE
+            backend::DATA_ROW
+                | backend::COMMAND_COMPLETE
                 | backend::EMPTY_QUERY_RESPONSE
                 | backend::PORTAL_SUSPENDED
                 | backend::ERROR_RESPONSE
@@ -476,6 +484,16 @@ impl Completions {
                     return;
                 };
                 match tag {
+                    backend::DATA_ROW => {
+                        front.data_rows += 1;
+                        return;
+                    }
+                    backend::PORTAL_SUSPENDED => {
+                        // This Execute's part of the portal's rows; each later Execute of the
+                        // portal gets its own record and completion with its own part.
+                        front.rows = Some(front.data_rows);
+                        front.suspended = true;
+                    }
                     backend::COMMAND_COMPLETE => {
                         let (command, rows) = command_tag(message.body());
                         front.command = Some(command);
@@ -510,6 +528,7 @@ impl Completions {
             duration: item.started.elapsed(),
             sqlstate: item.sqlstate,
             skipped: item.skipped,
+            suspended: item.suspended,
         });
     }
 }

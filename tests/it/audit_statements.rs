@@ -279,3 +279,58 @@ async fn a_policy_bound_query_of_several_statements_is_recorded_per_statement() 
         "SELECT count(*) FROM customers WHERE id > ?"
     );
 }
+
+/// A portal read in chunks (Execute with a row limit, as JDBC's fetch size and psycopg's
+/// server-side cursors do) has one record per Execute, and the completions together account
+/// for every row it returned; those that stopped at PortalSuspended say so.
+#[tokio::test]
+async fn every_fetch_of_a_portal_is_recorded_with_its_rows() {
+    let log = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("auditportal", false).await;
+    let proxy = harness::audited_proxy(log.path(), "").await;
+    let mut client = proxy.connect("app", &database).await;
+    client
+        .batch_execute(
+            "CREATE TABLE f (id int primary key); INSERT INTO f SELECT generate_series(1, 5)",
+        )
+        .await
+        .unwrap();
+    let tx = client.transaction().await.unwrap();
+    let statement = tx.prepare("SELECT id FROM f ORDER BY id").await.unwrap();
+    let portal = tx.bind(&statement, &[]).await.unwrap();
+    let mut fetched = Vec::new();
+    for _ in 0..3 {
+        let rows = tx.query_portal(&portal, 2).await.unwrap();
+        fetched.push(rows.len());
+    }
+    assert_eq!(fetched, [2, 2, 1]);
+    tx.commit().await.unwrap();
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+
+    let all = records(log.path());
+    let executes: Vec<&Value> = all
+        .iter()
+        .filter(|r| {
+            r["kind"] == "statement"
+                && r["protocol"] == "extended"
+                && r["sql"] == "SELECT id FROM f ORDER BY id"
+        })
+        .collect();
+    assert_eq!(executes.len(), 3, "one record per Execute of the portal");
+    let parts: Vec<(Value, Value)> = executes
+        .iter()
+        .map(|s| {
+            let c = completion_of(&all, s);
+            (c["rows"].clone(), c["suspended"].clone())
+        })
+        .collect();
+    let total: u64 = parts.iter().filter_map(|(rows, _)| rows.as_u64()).sum();
+    assert_eq!(total, 5, "the fetches account for every row: {parts:?}");
+    assert_eq!(
+        parts.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>(),
+        [json!(true), json!(true), Value::Null],
+        "{parts:?}"
+    );
+}
