@@ -50,6 +50,16 @@ pub enum CryptoError {
     /// names and HTTP statuses were logged where it happened and are not in this value.
     #[error("{0}")]
     KeyUnavailable(KeyFailure),
+    /// A per-tenant column (`context_claim`) used by a session without that claim: there is
+    /// no key to use, so nothing is written or read (fail closed).
+    #[error(
+        "the session's token has no {claim:?} claim, which selects the key of {table}.{column}"
+    )]
+    NoKeyContext {
+        table: String,
+        column: String,
+        claim: String,
+    },
     /// Invalid configuration (duplicate column, key-id collision, ...).
     #[error("invalid encryption configuration: {0}")]
     Config(String),

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
+use crate::crypto::scope::KeyScope;
 use crate::crypto::sql::SqlEncryption;
 use crate::error::{ClientError, Refusal, RefusalKind};
 use crate::metrics::{inc, RewriteCounters};
@@ -414,8 +415,12 @@ impl PolicyEngine {
         let encryption = self.encryption.read().clone();
         let Some(policy) = snap.policies.get(who.service) else {
             if self.unrestricted.iter().any(|s| s == who.service) {
-                let rewritten =
-                    unrestricted_rewrite(sql, encryption.as_deref(), Some(&snap.catalog))?;
+                let rewritten = unrestricted_rewrite(
+                    sql,
+                    encryption.as_deref(),
+                    Some(&snap.catalog),
+                    &KeyScope::from_claims(who.claims),
+                )?;
                 return Ok((Arc::new(rewritten), Reuse::None));
             }
             return Err(no_policy(who.service));
@@ -567,6 +572,7 @@ pub fn unrestricted_rewrite(
     sql: &str,
     encryption: Option<&SqlEncryption>,
     catalog: Option<&Catalog>,
+    scope: &KeyScope,
 ) -> Result<Rewritten, PolicyDenied> {
     let parsed = sql::parse_statements(sql);
     let mut statements: Vec<StatementInfo> = parsed
@@ -603,7 +609,7 @@ pub fn unrestricted_rewrite(
             };
         }
     };
-    let (texts, outcome) = encrypt_statements(&mut stmts, encryption, catalog)?;
+    let (texts, outcome) = encrypt_statements(&mut stmts, encryption, catalog, scope)?;
     if !outcome.touched {
         return Ok(unchanged(statements));
     }
@@ -623,6 +629,7 @@ fn encrypt_statements(
     stmts: &mut [sqlparser::ast::Statement],
     encryption: &SqlEncryption,
     catalog: Option<&Catalog>,
+    scope: &KeyScope,
 ) -> Result<(Vec<String>, crate::crypto::sql::Outcome), PolicyDenied> {
     for st in stmts.iter_mut() {
         sql::sanitize(st).map_err(|e| {
@@ -633,7 +640,7 @@ fn encrypt_statements(
         })?;
     }
     let outcome = encryption
-        .transform(stmts, catalog)
+        .transform(stmts, catalog, scope)
         .map_err(encryption_refusal)?;
     let texts: Vec<String> = stmts.iter().map(ToString::to_string).collect();
     if outcome.touched && !texts.iter().all(|t| sql::round_trips(t)) {
@@ -723,7 +730,7 @@ pub fn rewrite_encrypted(
         .collect();
     let outcome = match encryption {
         Some(enc) => enc
-            .transform(&mut stmts, Some(catalog))
+            .transform(&mut stmts, Some(catalog), &KeyScope::from_claims(claims))
             .map_err(encryption_refusal)?,
         None => crate::crypto::sql::Outcome::default(),
     };

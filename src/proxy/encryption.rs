@@ -43,6 +43,7 @@ use upstream::*;
 use super::copy_in::CopyIn;
 use crate::config::Config;
 use crate::crypto::manager::KeyManager;
+use crate::crypto::scope::KeyScope;
 use crate::crypto::sql::{ColumnRef, ParamPlan, ParamUse, SqlEncryption};
 use crate::crypto::ProviderKind;
 use crate::crypto::{decode_to_wire, encode_for_encryption, ClientType, CryptoError, WireFormat};
@@ -159,7 +160,13 @@ impl Encryption {
         self: &Arc<Self>,
         reader: &mut FrameReader<ConnReader>,
         writer: &mut ConnWriter,
+        scope: KeyScope,
     ) -> Result<(ClientHalf, UpstreamHalf), ClientError> {
+        // The session's per-tenant keys, loaded before its first statement (SQL literals
+        // are encrypted without waiting for Vault).
+        for e in self.manager.prefetch_scope(&scope).await {
+            tracing::warn!(error = %e, "could not load a per-tenant key for this session; statements needing it fail until it is available");
+        }
         let failed = |what: &str| {
             tracing::warn!(what, "encrypted-column lookup failed");
             ClientError::fatal(
@@ -239,8 +246,8 @@ impl Encryption {
         );
         let queue = Arc::new(Mutex::new(VecDeque::new()));
         Ok((
-            ClientHalf::new(self.clone(), queue.clone()),
-            UpstreamHalf::new(self.clone(), queue, columns),
+            ClientHalf::new(self.clone(), queue.clone(), scope.clone()),
+            UpstreamHalf::new(self.clone(), queue, columns, scope),
         ))
     }
 

@@ -208,7 +208,8 @@ impl Interceptor {
             }
             SessionPolicy::Unrestricted => match &self.encryption {
                 Some(enc) => {
-                    crate::policy::unrestricted_rewrite(sql, Some(enc), None).map(Arc::new)
+                    let scope = crate::crypto::scope::KeyScope::from_claims(&self.identity.claims);
+                    crate::policy::unrestricted_rewrite(sql, Some(enc), None, &scope).map(Arc::new)
                 }
                 None => return Verdict::Forward,
             },

@@ -19,6 +19,7 @@ mod policy;
 mod policy_proxy;
 mod protocol;
 mod reload;
+mod tenant_keys;
 mod tools;
 mod vault;
 mod vault_failures;
