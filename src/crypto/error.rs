@@ -76,6 +76,8 @@ pub enum KeyFailure {
     Sealed,
     /// The value names a data key version that does not exist.
     UnknownVersion,
+    /// The data key was destroyed on purpose (`pgward keys shred`): the value is gone.
+    Destroyed,
     /// Anything else (the wrapped-key store failed, malformed key material).
     Other,
 }
@@ -89,6 +91,9 @@ impl std::fmt::Display for KeyFailure {
             KeyFailure::Refused => "the key service refused access to the data key",
             KeyFailure::Sealed => "the key service is sealed",
             KeyFailure::UnknownVersion => "the value names a data key that does not exist",
+            KeyFailure::Destroyed => {
+                "the data key of this value was destroyed (crypto-shredded); it can never be decrypted again"
+            }
             KeyFailure::Other => "the data key could not be obtained",
         })
     }
@@ -109,6 +114,7 @@ impl KeyFailure {
                 ..
             } => KeyFailure::Refused,
             KeyError::UnknownDek { .. } => KeyFailure::UnknownVersion,
+            KeyError::Destroyed { .. } => KeyFailure::Destroyed,
             _ => KeyFailure::Other,
         }
     }

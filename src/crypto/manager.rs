@@ -450,6 +450,13 @@ impl KeyManager {
     }
 
     async fn refresh_key_from_vault(&self, key_name: &str) -> Result<RefreshOutcome, CryptoError> {
+        // Before asking Vault, which would create a shredded transit key afresh.
+        if self.provider.destroyed(key_name).await? {
+            return Err(KeyError::Destroyed {
+                key: key_name.to_string(),
+            }
+            .into());
+        }
         let kek = self.provider.kek_status(key_name).await?;
         let deks = self.provider.list_deks(key_name).await?;
         let (info, created) = match deks.last() {
@@ -502,7 +509,16 @@ impl KeyManager {
 
     /// Unwrap one DEK version from the provider into the cache (no block check, no backoff).
     async fn fetch_into_cache(&self, key_name: &str, version: u32) -> Result<Arc<Dek>, KeyError> {
-        let key = self.provider.fetch_dek(key_name, version).await?;
+        let key = match self.provider.fetch_dek(key_name, version).await {
+            Ok(key) => key,
+            // Its wrapped form is gone: say so when that was a shred, not a lost row.
+            Err(KeyError::UnknownDek { .. }) if self.provider.destroyed(key_name).await? => {
+                return Err(KeyError::Destroyed {
+                    key: key_name.to_string(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
         let dek = Arc::new(Dek::new(
             &key,
             KeyRef {

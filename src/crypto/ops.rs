@@ -17,7 +17,9 @@ use super::scope::KeyScope;
 use crate::keys::{DekInfo, KekStatus, KeyError};
 
 mod reencrypt;
+mod shred;
 pub use reencrypt::keys_reencrypt;
+pub use shred::{destroyed_keys, keys_shred, DestroyedKey, ShredReport};
 
 #[derive(Debug, Error)]
 pub enum OpsError {

@@ -42,6 +42,7 @@ use upstream::*;
 
 use super::copy_in::CopyIn;
 use crate::config::Config;
+use crate::crypto::error::KeyFailure;
 use crate::crypto::manager::KeyManager;
 use crate::crypto::scope::KeyScope;
 use crate::crypto::sql::{ColumnRef, ParamPlan, ParamUse, SqlEncryption};
@@ -59,6 +60,10 @@ use crate::upstream::UpstreamTarget;
 pub const DATA_CORRUPTED: &str = "XX001";
 /// SQLSTATE system_error: a key could not be obtained.
 pub const KEY_UNAVAILABLE: &str = "58000";
+/// SQLSTATE for a value whose data key was destroyed on purpose (`pgward keys shred`):
+/// object_not_in_prerequisite_state — the value exists but can never be decrypted, which no
+/// retry changes (unlike 58000).
+pub const KEY_DESTROYED: &str = "55000";
 /// SQLSTATE invalid_parameter_value: a bound value is not valid for its column's type.
 pub const INVALID_PARAMETER: &str = "22023";
 

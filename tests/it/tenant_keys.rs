@@ -257,3 +257,190 @@ async fn a_ciphertext_copied_to_another_tenants_row_fails_and_searches_stay_per_
         .unwrap()
         .is_empty());
 }
+
+/// `pgward keys shred` as an operator runs it: (exit code, stdout, stderr).
+fn keys_cli(config: &std::path::Path, database: &str, args: &[&str]) -> (i32, String, String) {
+    let pg = harness::postgres();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .arg("keys")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env(
+            "PGWARD_DATABASE_URL",
+            format!(
+                "postgresql://postgres:{}@127.0.0.1:{}/{database}",
+                pg.password, pg.port
+            ),
+        )
+        .env_remove("VAULT_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shredding_a_tenants_key_makes_its_values_unreadable_while_others_read_on() {
+    let bao = crate::vault::Bao::start().await;
+    let database = harness::fresh_database("tenantshred", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("vault-token");
+    std::fs::write(&token_file, &bao.token).unwrap();
+    let key = harness::unique_name("shred_pii");
+    let options = ProxyOptions {
+        extra_toml: config(&bao, &database, &token_file, &key),
+        ..ProxyOptions::default()
+    };
+    let config_file = dir.path().join("pgward.toml");
+    std::fs::write(&config_file, harness::proxy_config_text(&options)).unwrap();
+    let proxy = harness::start_proxy(options).await;
+    let one = session(
+        &proxy,
+        &database,
+        "billing",
+        serde_json::json!({ "tenant_id": 1 }),
+    )
+    .await;
+    let two = session(
+        &proxy,
+        &database,
+        "billing",
+        serde_json::json!({ "tenant_id": 2 }),
+    )
+    .await;
+    let insert = "INSERT INTO customers (name, email, ssn) VALUES ($1, $2, $3)";
+    one.execute(insert, &[&"s1", &"one@shred.example", &"111-11-1111"])
+        .await
+        .unwrap();
+    two.execute(insert, &[&"s2", &"two@shred.example", &"222-22-2222"])
+        .await
+        .unwrap();
+    let db = direct(&database).await;
+    // A backup taken before the shred: the wrapped data keys of tenant 2.
+    let name = pgward::crypto::scope::context_key_name(&key, "2");
+    let backup: Vec<String> = db
+        .query(
+            "SELECT wrapped FROM pgward.data_keys WHERE key_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!backup.is_empty());
+
+    // Refused without the confirmation flag; nothing destroyed.
+    let (code, _, stderr) = keys_cli(
+        &config_file,
+        &database,
+        &["shred", "--key", &key, "--context", "2"],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--confirm"), "{stderr}");
+    assert_eq!(
+        two.query_one("SELECT ssn FROM customers WHERE name = 's2'", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        "222-22-2222"
+    );
+
+    let (code, stdout, stderr) = keys_cli(
+        &config_file,
+        &database,
+        &["shred", "--key", &key, "--context", "2", "--confirm"],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains(&name), "{stdout}");
+
+    // Within one poll interval (1 s) tenant 2's values stop being served, in the open
+    // session (whose key was cached) and in a new one; tenant 1 reads on.
+    let mut refused = None;
+    for _ in 0..50 {
+        match two
+            .query("SELECT ssn FROM customers WHERE name = 's2'", &[])
+            .await
+        {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("tenant 2's values are refused after the shred");
+    let db_error = e.as_db_error().unwrap();
+    assert_eq!(db_error.code().code(), "55000", "{}", db_error.message());
+    assert!(
+        db_error.message().contains("customers.ssn") && db_error.message().contains("shredded")
+    );
+    assert!(!db_error.message().contains("222-22"));
+    let fresh = session(
+        &proxy,
+        &database,
+        "billing",
+        serde_json::json!({ "tenant_id": 2 }),
+    )
+    .await;
+    let e = fresh
+        .query("SELECT ssn FROM customers", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "55000", "{e}");
+    // Nor can tenant 2 write under a new key made afresh.
+    assert!(fresh
+        .execute(insert, &[&"s3", &"three@shred.example", &"333-33-3333"])
+        .await
+        .is_err());
+    assert_eq!(
+        one.query_one(
+            "SELECT ssn FROM customers WHERE email = $1",
+            &[&"one@shred.example"]
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0),
+        "111-11-1111"
+    );
+
+    // Gone everywhere: the wrapped keys, and the Vault key that a restored backup's copies need.
+    let left: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pgward.data_keys WHERE key_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    assert_eq!(
+        bao.api("GET", &format!("transit/keys/{name}"), None)
+            .await
+            .err(),
+        Some(404)
+    );
+    for wrapped in &backup {
+        let restored = bao
+            .api(
+                "POST",
+                &format!("transit/decrypt/{name}"),
+                Some(serde_json::json!({ "ciphertext": wrapped })),
+            )
+            .await;
+        assert!(restored.is_err(), "a backup's wrapped key still unwraps");
+    }
+    // keys status says which key was destroyed and since when.
+    let (code, stdout, stderr) = keys_cli(&config_file, &database, &["status", "--no-count"]);
+    assert!(code == 0 || code == 1, "{stderr}");
+    assert!(
+        stdout.contains("Destroyed keys")
+            && stdout.contains(&name)
+            && stdout.contains("shredded since"),
+        "{stdout}{stderr}"
+    );
+}

@@ -317,6 +317,11 @@ pub(super) fn crypto_error(e: &CryptoError, c: &ColumnRef) -> ClientError {
             sqlstate::INSUFFICIENT_PRIVILEGE,
             format!("pgward: encrypted column {}.{}: {e}", c.table, c.column),
         ),
+        // Shredded on purpose: the value is gone for good, not temporarily unavailable.
+        CryptoError::KeyUnavailable(KeyFailure::Destroyed) => ClientError::error(
+            KEY_DESTROYED,
+            format!("pgward: a value of encrypted column {}.{}: {e}", c.table, c.column),
+        ),
         CryptoError::Codec(codec) => ClientError::error(
             DATA_CORRUPTED,
             format!(
