@@ -42,6 +42,14 @@ pub async fn keys_shred(
             "key {key:?} has no per-tenant columns ([[encrypt]] with context_claim): nothing to shred per context"
         )));
     }
+    // Only transit keeps the KEK outside the database, where destroying it reaches backups
+    // (and only the transit store honours the tombstone); refuse before recording anything.
+    let kind = manager.provider().kind();
+    if kind != "transit" {
+        return Err(OpsError::Schema(format!(
+            "keys shred needs keys.provider = \"transit\" (this configuration uses {kind:?})"
+        )));
+    }
     let key_name = context_key_name(key, context);
     db.execute(
         "INSERT INTO pgward.destroyed_keys (key_name, configured_key, reason) VALUES ($1, $2, 'shredded') \
