@@ -60,15 +60,16 @@ impl KeyScope {
         }
     }
 
-    /// The per-context key of `base` selected by this session's `claim`, and whether it
-    /// was derived just now (first use in this session). `None`: the session lacks the claim.
-    pub(crate) fn context_key(&self, base: &str, claim: &str) -> Option<(ContextName, bool)> {
+    /// The per-context key of `base` selected by this session's `claim` (name, key id), and
+    /// whether it was derived just now (first use in this session). `None`: the session
+    /// lacks the claim. The hit path clones one `Arc`, nothing else.
+    pub(crate) fn context_key(&self, base: &str, claim: &str) -> Option<(Arc<str>, u32, bool)> {
         let mut names = self.names.lock();
         if let Some(found) = names
             .get(base)
             .and_then(|v| v.iter().find(|c| c.claim == claim))
         {
-            return Some((found.clone(), false));
+            return Some((found.name.clone(), found.key_id, false));
         }
         let value = self.claim(claim)?;
         let name = context_key_name(base, value);
@@ -77,11 +78,9 @@ impl KeyScope {
             key_id: super::envelope::key_name_id(&name),
             name: Arc::from(name),
         };
-        names
-            .entry(base.to_string())
-            .or_default()
-            .push(derived.clone());
-        Some((derived, true))
+        let found = (derived.name.clone(), derived.key_id, true);
+        names.entry(base.to_string()).or_default().push(derived);
+        Some(found)
     }
 
     /// The value of `claim`, if the session has one.

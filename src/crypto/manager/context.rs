@@ -59,21 +59,22 @@ impl KeyManager {
                 key_id: spec.key_id,
             });
         };
-        let (context, first_use) = scope.context_key(&spec.column.key, claim).ok_or_else(|| {
-            CryptoError::NoKeyContext {
-                table: spec.table.clone(),
-                column: spec.column.column.clone(),
-                claim: claim.clone(),
-            }
-        })?;
-        if first_use && !self.contexts.read().contains_key(&*context.name) {
+        let (name, key_id, first_use) =
+            scope.context_key(&spec.column.key, claim).ok_or_else(|| {
+                CryptoError::NoKeyContext {
+                    table: spec.table.clone(),
+                    column: spec.column.column.clone(),
+                    claim: claim.clone(),
+                }
+            })?;
+        if first_use && !self.contexts.read().contains_key(&*name) {
             self.contexts
                 .write()
-                .insert(context.name.to_string(), spec.column.key.clone());
+                .insert(name.to_string(), spec.column.key.clone());
         }
         Ok(ResolvedKey {
-            name: KeyNameRef::Context(context.name),
-            key_id: context.key_id,
+            name: KeyNameRef::Context(name),
+            key_id,
         })
     }
 
