@@ -91,6 +91,69 @@ fn bench_append(c: &mut Criterion) {
     group.finish();
 }
 
+/// The statement's own cost of auditing, without the disk: building and serialising an
+/// Execute's record (session with claims, two bound parameters) and handing it to the writer
+/// (`append_nowait`, what the completion path does; the append path serialises the same way).
+fn bench_serialise(c: &mut Criterion) {
+    #[allow(clippy::expect_used)]
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    #[allow(clippy::expect_used)]
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = AuditConfig::new(dir.path());
+    config.fsync = false;
+    #[allow(clippy::expect_used)]
+    let (log, handle) = rt.block_on(AuditLog::open(config)).expect("open");
+    let mut claims = serde_json::Map::new();
+    claims.insert("tenant_id".into(), serde_json::json!(42));
+    claims.insert("region".into(), serde_json::json!("eu-west"));
+    let session = Arc::new(SessionInfo {
+        session_id: 1,
+        service: "billing".into(),
+        database: "shop".into(),
+        client_addr: "10.1.2.3:50000".into(),
+        token_id: Some("0b9f7a52-5d35-4c5e-9d7e-3f0e4d0c8a11".into()),
+        claims_used: claims,
+        upstream_role: Some("billing_rw".into()),
+        backend_pid: Some(4242),
+        application_name: Some("billing-api".into()),
+        ..SessionInfo::default()
+    });
+    let text = SqlText::new(
+        "SELECT id, total FROM invoices WHERE customer_id = $1 AND status = $2",
+        false,
+    );
+    let fingerprint = pgward::audit::fingerprint(text.redacted());
+    const N: u64 = 1000;
+    let mut group = c.benchmark_group("audit_serialise");
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(N));
+    group.bench_function("execute_record", |b| {
+        b.iter(|| {
+            for _ in 0..N {
+                let mut st = StatementRecord::with_fingerprint(
+                    session.clone(),
+                    Protocol::Extended,
+                    text.clone(),
+                    fingerprint.clone(),
+                );
+                st.tables_read = vec!["public.invoices".into()];
+                st.columns_read = vec!["invoices.id".into(), "invoices.total".into()];
+                st.command_class = vec!["READ"];
+                st.params = vec![
+                    pgward::audit::BoundParam::plain(23, Some(b"1234")),
+                    pgward::audit::BoundParam::plain(25, Some(b"open")),
+                ];
+                handle.append_nowait(AuditEvent::Statement(Box::new(st)));
+            }
+        })
+    });
+    group.finish();
+    let _ = rt.block_on(log.shutdown());
+}
+
 /// Records in the searched log: a million under `cargo bench`; a few thousand when
 /// `cargo test --all-targets` runs the benchmarks once as a smoke test (debug build).
 fn search_records() -> u64 {
@@ -141,7 +204,23 @@ fn write_search_log(rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let _ = rt.block_on(log.shutdown());
 }
 
+/// Whether a name filter on the command line (`cargo bench --bench audit -- audit_serialise`)
+/// excludes every benchmark of `group`: then its setup (a million-record log) is skipped too.
+fn filtered_out(group: &str) -> bool {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-') && !a.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .collect();
+    !filters.is_empty()
+        && !filters
+            .iter()
+            .any(|f| group.contains(f.as_str()) || f.contains(group))
+}
+
 fn bench_search(c: &mut Criterion) {
+    if filtered_out("audit_search_1M") {
+        return;
+    }
     #[allow(clippy::expect_used)]
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     #[allow(clippy::expect_used)]
@@ -201,5 +280,5 @@ fn bench_search(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_append, bench_search);
+criterion_group!(benches, bench_serialise, bench_append, bench_search);
 criterion_main!(benches);

@@ -9,7 +9,9 @@
 #
 # SECTIONS is a comma-separated subset of proxies (direct / PgBouncer / pgward and p99),
 # features (policy and auditing against pass-through), policy (the policy part of features
-# alone), rls (the server's RLS reference) and encryption; all but policy by default.
+# alone), rls (the server's RLS reference), encryption, and demo (the demo workload —
+# billing's invoice lookup — with each feature added in turn, up to everything on, against
+# PgBouncer); all but policy by default.
 #
 # Installs pgbouncer (Debian package) when missing and running as root. Everything it starts
 # (PostgreSQL in a temp dir, PgBouncer, pgward) listens on 127.0.0.1 only and is stopped at exit.
@@ -21,7 +23,7 @@ ROUNDS=3
 CLIENTS=8
 THREADS=2
 SCALE=10
-ONLY=proxies,features,rls,encryption
+ONLY=proxies,features,rls,encryption,demo
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
@@ -66,6 +68,7 @@ cleanup() {
   [ -n "${AUDIT_NOSYNC_PID:-}" ] && kill "$AUDIT_NOSYNC_PID" 2>/dev/null || true
   [ -n "${AUDIT_FWD_PID:-}" ] && kill "$AUDIT_FWD_PID" 2>/dev/null || true
   [ -n "${CRYPT_PID:-}" ] && kill "$CRYPT_PID" 2>/dev/null || true
+  for pid in ${DEMO_PIDS:-}; do kill "$pid" 2>/dev/null || true; done
   [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
   "${RUN_AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
@@ -131,11 +134,18 @@ upstream_user = "postgres"
 unrestricted = true
 [services.tenant]
 upstream_user = "postgres"
+[services.billing]
+upstream_user = "postgres"
 [policy]
 dir = "$WORK/policies"
 database = "bench"
 catalog_service = "postgres"
 TOML
+# The demo workload: the demo schema and billing's policy (its invoices filtered by tenant).
+"${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -f migrations/0001_demo_schema.sql >/dev/null
+"${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -c "INSERT INTO tenants VALUES (1, 'one'), (2, 'two')"
+cp policies/billing.toml "$WORK/policies/billing.toml"
+BILLING_TOKEN=$("$PGWARD" token mint --service billing --claim tenant_id=1 --dir "$WORK/keys" --ttl 2h)
 sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$AUDIT_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-audit.toml"
 printf '[audit]\ndir = "%s"\n' "$WORK/audit" >> "$WORK/pgward-audit.toml"
 sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$AUDIT_NOSYNC_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-audit-nosync.toml"
@@ -172,6 +182,32 @@ type = "text"
 TOML
 "$PGWARD" serve --config "$WORK/pgward-crypt.toml" --log warn &
 CRYPT_PID=$!
+# The demo with each feature added: policy + encryption (card_number, searchable), then audit
+# with fsync = false, then everything as shipped (default durability).
+DEMO_ENC_PORT=$(free_port); DEMO_NOSYNC_PORT=$(free_port); DEMO_ALL_PORT=$(free_port)
+demo_config() { # port [audit lines]
+  sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$1/" "$WORK/pgward.toml"
+  cat <<TOML
+[keys]
+provider = "local"
+local_master_key_file = "$WORK/master.key"
+[[encrypt]]
+table = "invoices"
+column = "card_number"
+key = "demo"
+type = "text"
+searchable = true
+TOML
+  [ -z "${2:-}" ] || printf '%b\n' "$2"
+}
+demo_config "$DEMO_ENC_PORT" > "$WORK/demo-enc.toml"
+demo_config "$DEMO_NOSYNC_PORT" "[audit]\ndir = \"$WORK/demo-audit-nosync\"\nfsync = false" > "$WORK/demo-nosync.toml"
+demo_config "$DEMO_ALL_PORT" "[audit]\ndir = \"$WORK/demo-audit\"" > "$WORK/demo-all.toml"
+DEMO_PIDS=""
+for c in demo-enc demo-nosync demo-all; do
+  "$PGWARD" serve --config "$WORK/$c.toml" --log warn &
+  DEMO_PIDS="$DEMO_PIDS $!"
+done
 sleep 1
 
 run_pgbench() { # target-port mode clients [user token] -> tps
@@ -341,4 +377,57 @@ p=$(echo "${CRYPT[plain]}" | median); e=$(echo "${CRYPT[enc]}" | median)
 echo
 echo "== field encryption: SELECT of two columns by primary key through pgward, prepared, $CLIENTS clients"
 awk -v p="$p" -v e="$e" 'BEGIN { printf "plaintext %10.0f tps   encrypted %10.0f tps   encrypted/plaintext %.2f\n", p, e, e / p }'
+fi
+
+# The demo workload (billing's point lookup of its own invoices, card_number encrypted), with
+# each feature added in turn, against PgBouncer running the same statement, alternating
+# targets in every round.
+if want demo; then
+# 5 000 invoices of tenant 1 and 5 000 of tenant 2, card numbers encrypted by pgward itself.
+for batch in $(seq 0 19); do
+  printf 'INSERT INTO invoices (id, tenant_id, amount_cents, card_number, status) VALUES '
+  for i in $(seq $((batch * 500 + 1)) $((batch * 500 + 500))); do
+    [ "$i" -eq $((batch * 500 + 1)) ] || printf ','
+    printf "(%d, %d, %d, '4111-1111-1111-%04d', 'open')" "$i" $(( i <= 5000 ? 1 : 2 )) $((i * 7)) $((i % 10000))
+  done
+  printf ';\n'
+done > "$WORK/demo-seed.sql"
+PGPASSWORD=$TOKEN PGSSLMODE=disable "$BINDIR/psql" -h 127.0.0.1 -p "$DEMO_ENC_PORT" -U postgres -q -X bench -f "$WORK/demo-seed.sql" >/dev/null
+printf '\\set id random(1, 5000)\nSELECT id, status, amount_cents, card_number FROM invoices WHERE id = :id;\n' > "$WORK/demo.sql"
+DEMO=("pgbouncer:$BOUNCER_PORT:postgres:$TOKEN" "passthrough:$WARD_PORT:postgres:$TOKEN"
+      "policy:$WARD_PORT:billing:$BILLING_TOKEN" "policy+enc:$DEMO_ENC_PORT:billing:$BILLING_TOKEN"
+      "all-nosync:$DEMO_NOSYNC_PORT:billing:$BILLING_TOKEN" "all-on:$DEMO_ALL_PORT:billing:$BILLING_TOKEN")
+declare -A DEMO_TPS
+for mode in simple prepared; do
+  for round in $(seq 1 "$ROUNDS"); do
+    order=("${DEMO[@]}")
+    # Alternate the order each round so drift does not fall on one side.
+    if [ $((round % 2)) -eq 0 ]; then
+      order=(); for ((k=${#DEMO[@]}-1; k>=0; k--)); do order+=("${DEMO[k]}"); done
+    fi
+    for target in "${order[@]}"; do
+      IFS=: read -r name port user token <<<"$target"
+      sync
+      tps=$(PGPASSWORD=$token "$BINDIR/pgbench" -h 127.0.0.1 -p "$port" -U "$user" -n -M "$mode" \
+        -f "$WORK/demo.sql" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" bench 2>/dev/null | awk '/^tps/ {print $3; exit}')
+      DEMO_TPS[$mode,$name]="${DEMO_TPS[$mode,$name]:-} $tps"
+      printf '  round %s %-8s %-12s %10s tps\n' "$round" "$mode" "$name" "$tps"
+    done
+  done
+done
+echo
+echo "== demo workload: billing's SELECT id, status, amount_cents, card_number FROM invoices WHERE id = :id,"
+echo "   $CLIENTS clients, ${DURATION}s x $ROUNDS rounds; median TPS and ratio to PgBouncer (session mode)"
+echo "   policy = tenant filter; +enc = card_number encrypted; all-nosync = + audit, fsync = false;"
+echo "   all-on = + audit with the default durability (fsync'ed before results reach the client)"
+printf '%-9s %-12s %12s %14s\n' mode config tps /pgbouncer
+for mode in simple prepared; do
+  b=$(echo "${DEMO_TPS[$mode,pgbouncer]}" | median)
+  for target in "${DEMO[@]}"; do
+    name=${target%%:*}
+    t=$(echo "${DEMO_TPS[$mode,$name]}" | median)
+    awk -v m="$mode" -v n="$name" -v t="$t" -v b="$b" 'BEGIN { printf "%-9s %-12s %12.0f %14.2f\n", m, n, t, t / b }'
+  done
+done
+echo "demo audit log: $(cat "$WORK"/demo-audit/*.jsonl 2>/dev/null | wc -l) records written"
 fi

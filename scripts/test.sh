@@ -18,6 +18,9 @@ command -v psql >/dev/null || missing+=(postgresql-client)
 command -v openssl >/dev/null || missing+=(openssl)
 # A real headless browser renders `pgward audit report` in tests/it/audit_report.rs.
 command -v chromium >/dev/null || missing+=(chromium)
+# pgjdbc (Debian's package) and a JVM for the JDBC introspection test in tests/it/catalog.rs.
+command -v java >/dev/null || missing+=(default-jre-headless)
+[ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${missing[*]} — install them (e.g. sudo apt-get install -y ${missing[*]})" >&2
@@ -37,6 +40,16 @@ fi
 if ! python3 -c 'import asyncpg' 2>/dev/null; then
   echo "installing asyncpg ..."
   python3 -m pip install -q 'asyncpg==0.30.0' 2>&1 | grep -v 'Running pip as the' || true
+fi
+
+if ! python3 -c 'import sqlalchemy' 2>/dev/null; then
+  echo "installing SQLAlchemy ..."
+  python3 -m pip install -q 'sqlalchemy==2.1.9' 2>&1 | grep -v 'Running pip as the' || true
+fi
+
+if ! python3 -c 'import django' 2>/dev/null; then
+  echo "installing Django ..."
+  python3 -m pip install -q 'django==5.2.19' 2>&1 | grep -v 'Running pip as the' || true
 fi
 
 # node-postgres (pinned in tests/drivers/node/package.json).

@@ -76,6 +76,10 @@ pub struct PolicyConfig {
     /// How often the catalog is re-read, to notice DDL made around pgward; 0 disables.
     #[serde(default = "default_catalog_refresh", with = "humantime_serde")]
     pub catalog_refresh_interval: Duration,
+    /// Log a policy-bound session in upstream with each claim its policy uses as the setting
+    /// `app.<claim>`, so row-level security installed by `policy export-rls` applies too.
+    #[serde(default)]
+    pub claims_as_settings: bool,
 }
 
 /// Where and how clients connect.

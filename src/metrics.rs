@@ -48,6 +48,8 @@ pub struct Metrics {
     pub policy_reload_failures: AtomicU64,
     /// Key and Vault series of the field-encryption key manager, when one runs.
     keys: std::sync::OnceLock<std::sync::Arc<crate::keys::metrics::KeyMetrics>>,
+    /// The audit log's own counters (SIEM delivery), when one runs.
+    audit: std::sync::OnceLock<crate::audit::AuditHandle>,
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
@@ -65,6 +67,11 @@ impl Metrics {
     /// Render the key manager's series (see `keys::metrics`) with the others.
     pub fn set_key_metrics(&self, keys: std::sync::Arc<crate::keys::metrics::KeyMetrics>) {
         let _ = self.keys.set(keys);
+    }
+
+    /// Render the audit log's delivery series with the others.
+    pub fn set_audit(&self, handle: crate::audit::AuditHandle) {
+        let _ = self.audit.set(handle);
     }
 
     /// Count a failed authentication under a fixed reason label.
@@ -227,6 +234,17 @@ impl Metrics {
         );
         if let Some(keys) = self.keys.get() {
             keys.render(&mut out);
+        }
+        if let Some(audit) = self.audit.get() {
+            let stats = audit.stats();
+            let _ = writeln!(
+                out,
+                "# HELP pgward_audit_siem_sent_total Audit records delivered to the syslog-over-TLS collector.\n\
+                 # TYPE pgward_audit_siem_sent_total counter\npgward_audit_siem_sent_total {}\n\
+                 # HELP pgward_audit_siem_dropped_total Audit record copies dropped for the syslog-over-TLS collector (queue full or collector down; the files keep them).\n\
+                 # TYPE pgward_audit_siem_dropped_total counter\npgward_audit_siem_dropped_total {}",
+                stats.siem_sent, stats.siem_dropped
+            );
         }
         self.render_operations(&mut out);
         out

@@ -189,6 +189,23 @@ pub fn upstream_client_config(
     Ok(Arc::new(config))
 }
 
+/// Client config towards a verified TLS peer other than upstream (the audit log's syslog
+/// collector): roots from `ca_file` only, and a client certificate when `client` names one
+/// (mutual TLS, as RFC 5425 collectors often require).
+pub fn verified_client_config(
+    ca_file: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(root_store(ca_file)?);
+    let config = match client {
+        Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
 /// The server name to verify the upstream certificate against.
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_string()).map_err(|_| TlsError::ServerName(name.to_string()))

@@ -3,11 +3,19 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use pgward::protocol::startup::{parse_startup_body, StartupPacket};
-use pgward::proxy::handshake::{check_startup_parameters, parse_options};
+use pgward::proxy::handshake::{check_startup_parameters, parse_options, StartupRules};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(StartupPacket::Startup(startup)) = parse_startup_body(data) {
-        let _ = check_startup_parameters(&startup, false);
+        for rules in [
+            StartupRules::Open { search_path: false },
+            StartupRules::Open { search_path: true },
+            StartupRules::Bound {
+                settable: vec!["statement_timeout".into()],
+            },
+        ] {
+            let _ = check_startup_parameters(&startup, &rules);
+        }
         for (_, value) in &startup.params {
             let _ = parse_options(value);
         }

@@ -73,10 +73,38 @@ pub struct AuditConfig {
     /// Optional best-effort copy to syslog through this datagram socket (e.g. `/dev/log`).
     #[serde(default)]
     pub syslog_socket: Option<PathBuf>,
+    /// Optional live copy to a SIEM: syslog over TCP with TLS (RFC 5425).
+    #[serde(default)]
+    pub syslog_tls: Option<SyslogTlsConfig>,
     /// Extra time the writer waits to gather a batch. 0: write as soon as the writer is free;
     /// batching happens naturally while an fsync is in flight.
     #[serde(default, deserialize_with = "de_duration")]
     pub group_commit_max_delay: Duration,
+}
+
+/// `[audit.syslog_tls]`: where and how to reach the collector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyslogTlsConfig {
+    /// `host:port` of the collector (6514 is syslog over TLS's registered port).
+    pub address: String,
+    /// CA certificate(s) the collector's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// Client certificate and key, for collectors that require mutual TLS.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// Name the collector's certificate must carry; defaults to the host of `address`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Records waiting for the collector before further batches are dropped (counted).
+    #[serde(default = "default_syslog_queue")]
+    pub queue_records: usize,
+}
+
+fn default_syslog_queue() -> usize {
+    100_000
 }
 
 fn default_true() -> bool {
@@ -109,6 +137,7 @@ impl AuditConfig {
             node_id: None,
             table_sink_url: None,
             syslog_socket: None,
+            syslog_tls: None,
             group_commit_max_delay: Duration::ZERO,
         }
     }

@@ -105,11 +105,12 @@ impl BoundParam {
 
 /// The statement text. When it contains literals bound for encrypted columns the caller
 /// says so and the original is dropped at construction; only the redacted form remains.
+/// Shared strings: each execution of a prepared statement clones its text into the record.
 #[derive(Debug, Clone)]
 pub struct SqlText {
-    redacted: String,
+    redacted: Arc<str>,
     /// `None` when the text carried sensitive literals.
-    original: Option<String>,
+    original: Option<Arc<str>>,
 }
 
 impl SqlText {
@@ -117,8 +118,8 @@ impl SqlText {
     /// (or the caller cannot tell — then pass true).
     pub fn new(sql: &str, has_sensitive_literals: bool) -> Self {
         SqlText {
-            redacted: super::fingerprint::redact(sql),
-            original: (!has_sensitive_literals).then(|| sql.to_string()),
+            redacted: super::fingerprint::redact(sql).into(),
+            original: (!has_sensitive_literals).then(|| sql.into()),
         }
     }
 
@@ -162,6 +163,11 @@ pub struct StatementRecord {
     pub params: Vec<BoundParam>,
     /// SQLSTATE sent to the client when refused/failed here.
     pub sqlstate: Option<String>,
+    /// One statement of a simple Query that carried several: (its position from 1, how many).
+    pub part: Option<(u32, u32)>,
+    /// The session's fields as serialised once per session ([`statement_session_json`]);
+    /// serialised from `session` when absent.
+    pub session_json: Option<Arc<str>>,
 }
 
 impl StatementRecord {
@@ -197,6 +203,8 @@ impl StatementRecord {
             command_class: Vec::new(),
             params: Vec::new(),
             sqlstate: None,
+            part: None,
+            session_json: None,
         }
     }
 
@@ -229,6 +237,11 @@ pub enum AuditEvent {
         sqlstate: String,
     },
     Statement(Box<StatementRecord>),
+    /// A SIGHUP changed settings of the running log.
+    SettingsChanged {
+        changed: Vec<&'static str>,
+        settings: serde_json::Value,
+    },
     StatementCompleted {
         session_id: u64,
         service: String,
@@ -240,6 +253,8 @@ pub enum AuditEvent {
         duration: Duration,
         /// Set when the server returned an error. The message is not kept: it can quote values.
         sqlstate: Option<String>,
+        /// Never run: an earlier statement of the same Query or pipeline failed.
+        skipped: bool,
     },
 }
 
@@ -276,31 +291,9 @@ enum Wire<'a> {
         reason: &'a str,
         sqlstate: &'a str,
     },
-    Statement {
-        session_id: u64,
-        service: &'a str,
-        database: &'a str,
-        client_addr: &'a str,
-        cert_identity: Option<&'a str>,
-        token_id: Option<&'a str>,
-        claims_used: &'a serde_json::Map<String, serde_json::Value>,
-        protocol: Protocol,
-        statement_name: Option<&'a str>,
-        decision: Decision,
-        rule: Option<&'a str>,
-        reason: Option<&'a str>,
-        sqlstate: Option<&'a str>,
-        fingerprint: &'a str,
-        sql: &'a str,
-        rewritten_sha256: Option<&'a str>,
-        tables_read: &'a [String],
-        tables_written: &'a [String],
-        columns_read: &'a [String],
-        columns_written: &'a [String],
-        encrypted_columns: &'a [String],
-        command_class: &'a [&'static str],
-        param_count: usize,
-        params: Vec<BoundParam>,
+    AuditSettingsChanged {
+        changed: &'a [&'static str],
+        settings: &'a serde_json::Value,
     },
     StatementCompleted {
         session_id: u64,
@@ -311,23 +304,157 @@ enum Wire<'a> {
         #[serde(serialize_with = "micros")]
         duration_us: Duration,
         sqlstate: Option<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        skipped: bool,
     },
 }
 
-/// Parameters as recorded: values only when allowed and never for sensitive ones.
-fn recorded_params(params: &[BoundParam], record_values: bool) -> Vec<BoundParam> {
-    params
-        .iter()
-        .map(|p| BoundParam {
+/// The session's part of a statement record: the same for each statement of a session.
+#[derive(Serialize)]
+struct StatementSession<'a> {
+    session_id: u64,
+    service: &'a str,
+    database: &'a str,
+    client_addr: &'a str,
+    cert_identity: Option<&'a str>,
+    token_id: Option<&'a str>,
+    claims_used: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+/// The statement's own part of its record (after the session's, in this order on disk).
+#[derive(Serialize)]
+struct StatementBody<'a> {
+    protocol: Protocol,
+    statement_name: Option<&'a str>,
+    decision: Decision,
+    rule: Option<&'a str>,
+    reason: Option<&'a str>,
+    sqlstate: Option<&'a str>,
+    fingerprint: &'a str,
+    sql: &'a str,
+    rewritten_sha256: Option<&'a str>,
+    tables_read: &'a [String],
+    tables_written: &'a [String],
+    columns_read: &'a [String],
+    columns_written: &'a [String],
+    encrypted_columns: &'a [String],
+    command_class: &'a [&'static str],
+    param_count: usize,
+    params: RecordedParams<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parts: Option<u32>,
+}
+
+/// Parameters as recorded: values only when allowed and never for sensitive ones. Borrows
+/// the record's parameters (no copy per statement).
+struct RecordedParams<'a> {
+    params: &'a [BoundParam],
+    record_values: bool,
+}
+
+/// One parameter as recorded (same fields and order as [`BoundParam`]).
+#[derive(Serialize)]
+struct RecordedParam<'a> {
+    type_oid: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    sensitive: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+}
+
+impl Serialize for RecordedParams<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.params.iter().map(|p| RecordedParam {
             type_oid: p.type_oid,
             sensitive: p.sensitive,
-            value: if record_values && !p.sensitive {
-                p.value.clone()
+            value: if self.record_values && !p.sensitive {
+                p.value.as_deref()
             } else {
                 None
             },
-        })
-        .collect()
+        }))
+    }
+}
+
+/// `"session_id":…,"claims_used":{…}`: the session's fields of a statement record, which the
+/// proxy serialises once per session instead of once per statement.
+pub fn statement_session_json(session: &SessionInfo) -> Result<Arc<str>, serde_json::Error> {
+    let mut out = Vec::with_capacity(256);
+    write_fields(&mut out, &StatementSession::of(session))?;
+    Ok(String::from_utf8(out)
+        .map_err(|e| serde::ser::Error::custom(e.to_string()))?
+        .into())
+}
+
+impl<'a> StatementSession<'a> {
+    fn of(s: &'a SessionInfo) -> Self {
+        StatementSession {
+            session_id: s.session_id,
+            service: &s.service,
+            database: &s.database,
+            client_addr: &s.client_addr,
+            cert_identity: s.cert_identity.as_deref(),
+            token_id: s.token_id.as_deref(),
+            claims_used: &s.claims_used,
+        }
+    }
+}
+
+/// Serialises a struct's fields without its braces (`"a":1,"b":2`).
+fn write_fields(out: &mut Vec<u8>, value: &impl Serialize) -> Result<(), serde_json::Error> {
+    let start = out.len();
+    serde_json::to_writer(&mut *out, value)?;
+    if out.get(start) == Some(&b'{') && out.last() == Some(&b'}') {
+        out.remove(start);
+        out.pop();
+    }
+    Ok(())
+}
+
+/// A statement record: kind, the session's fields (pre-serialised when the proxy gave them),
+/// then the statement's own.
+fn write_statement(
+    st: &StatementRecord,
+    record_values: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), serde_json::Error> {
+    out.extend_from_slice(br#"{"kind":"statement","#);
+    match &st.session_json {
+        Some(json) => out.extend_from_slice(json.as_bytes()),
+        None => write_fields(out, &StatementSession::of(&st.session))?,
+    }
+    out.push(b',');
+    write_fields(
+        out,
+        &StatementBody {
+            protocol: st.protocol,
+            statement_name: st.statement_name.as_deref(),
+            decision: st.decision,
+            rule: st.rule.as_deref(),
+            reason: st.reason.as_deref(),
+            sqlstate: st.sqlstate.as_deref(),
+            fingerprint: &st.fingerprint,
+            sql: st.sql.recorded(record_values),
+            rewritten_sha256: st.rewritten_sha256.as_deref(),
+            tables_read: &st.tables_read,
+            tables_written: &st.tables_written,
+            columns_read: &st.columns_read,
+            columns_written: &st.columns_written,
+            encrypted_columns: &st.encrypted_columns,
+            command_class: &st.command_class,
+            param_count: st.params.len(),
+            params: RecordedParams {
+                params: &st.params,
+                record_values,
+            },
+            part: st.part.map(|(part, _)| part),
+            parts: st.part.map(|(_, parts)| parts),
+        },
+    )?;
+    out.push(b'}');
+    Ok(())
 }
 
 impl AuditEvent {
@@ -337,7 +464,6 @@ impl AuditEvent {
         record_values: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), serde_json::Error> {
-        let params;
         let wire = match self {
             AuditEvent::ConnectionOpened(s) => Wire::ConnectionOpened {
                 decision: Decision::Allowed,
@@ -375,34 +501,9 @@ impl AuditEvent {
                 reason,
                 sqlstate,
             },
-            AuditEvent::Statement(st) => {
-                params = recorded_params(&st.params, record_values);
-                Wire::Statement {
-                    session_id: st.session.session_id,
-                    service: &st.session.service,
-                    database: &st.session.database,
-                    client_addr: &st.session.client_addr,
-                    cert_identity: st.session.cert_identity.as_deref(),
-                    token_id: st.session.token_id.as_deref(),
-                    claims_used: &st.session.claims_used,
-                    protocol: st.protocol,
-                    statement_name: st.statement_name.as_deref(),
-                    decision: st.decision,
-                    rule: st.rule.as_deref(),
-                    reason: st.reason.as_deref(),
-                    sqlstate: st.sqlstate.as_deref(),
-                    fingerprint: &st.fingerprint,
-                    sql: st.sql.recorded(record_values),
-                    rewritten_sha256: st.rewritten_sha256.as_deref(),
-                    tables_read: &st.tables_read,
-                    tables_written: &st.tables_written,
-                    columns_read: &st.columns_read,
-                    columns_written: &st.columns_written,
-                    encrypted_columns: &st.encrypted_columns,
-                    command_class: &st.command_class,
-                    param_count: st.params.len(),
-                    params,
-                }
+            AuditEvent::Statement(st) => return write_statement(st, record_values, out),
+            AuditEvent::SettingsChanged { changed, settings } => {
+                Wire::AuditSettingsChanged { changed, settings }
             }
             AuditEvent::StatementCompleted {
                 session_id,
@@ -412,6 +513,7 @@ impl AuditEvent {
                 command,
                 duration,
                 sqlstate,
+                skipped,
             } => Wire::StatementCompleted {
                 session_id: *session_id,
                 service,
@@ -420,6 +522,7 @@ impl AuditEvent {
                 command: command.as_deref(),
                 duration_us: *duration,
                 sqlstate: sqlstate.as_deref(),
+                skipped: *skipped,
             },
         };
         serde_json::to_writer(out, &wire)
@@ -507,5 +610,42 @@ mod tests {
         let s = json(&AuditEvent::Statement(Box::new(st)), true);
         assert!(!s.contains("enc_secret"));
         assert!(s.contains(&hex::encode(Sha256::digest(b"select enc_secret"))));
+    }
+
+    /// The statement record as serialised before the session's fields were pre-serialised
+    /// once per session: byte for byte, with and without the pre-serialised form.
+    #[test]
+    fn statement_records_keep_their_bytes() {
+        let golden = [
+            (
+                false,
+                false,
+                r#"{"kind":"statement","session_id":7,"service":"orders","database":"shop","client_addr":"10.0.0.1:5555","cert_identity":"CN=orders","token_id":"jti-1","claims_used":{},"protocol":"extended","statement_name":null,"decision":"allowed","rule":null,"reason":null,"sqlstate":null,"fingerprint":"update people set ssn = ?, note = ? where id = $1","sql":"UPDATE people SET ssn = ?, note = ? WHERE id = $1","rewritten_sha256":null,"tables_read":[],"tables_written":[],"columns_read":[],"columns_written":[],"encrypted_columns":["people.ssn"],"command_class":["READ"],"param_count":2,"params":[{"type_oid":25,"sensitive":true},{"type_oid":23}],"part":2,"parts":3}"#,
+            ),
+            (
+                false,
+                true,
+                r#"{"kind":"statement","session_id":7,"service":"orders","database":"shop","client_addr":"10.0.0.1:5555","cert_identity":"CN=orders","token_id":"jti-1","claims_used":{},"protocol":"extended","statement_name":null,"decision":"allowed","rule":null,"reason":null,"sqlstate":null,"fingerprint":"update people set ssn = ?, note = ? where id = $1","sql":"UPDATE people SET ssn = '123-45-6789', note = 'hello' WHERE id = $1","rewritten_sha256":null,"tables_read":[],"tables_written":[],"columns_read":[],"columns_written":[],"encrypted_columns":["people.ssn"],"command_class":["READ"],"param_count":2,"params":[{"type_oid":25,"sensitive":true},{"type_oid":23,"value":"4711"}],"part":2,"parts":3}"#,
+            ),
+            (
+                true,
+                true,
+                r#"{"kind":"statement","session_id":7,"service":"orders","database":"shop","client_addr":"10.0.0.1:5555","cert_identity":"CN=orders","token_id":"jti-1","claims_used":{},"protocol":"extended","statement_name":null,"decision":"allowed","rule":null,"reason":null,"sqlstate":null,"fingerprint":"update people set ssn = ?, note = ? where id = $1","sql":"UPDATE people SET ssn = ?, note = ? WHERE id = $1","rewritten_sha256":null,"tables_read":[],"tables_written":[],"columns_read":[],"columns_written":[],"encrypted_columns":["people.ssn"],"command_class":[],"param_count":2,"params":[{"type_oid":25,"sensitive":true},{"type_oid":23,"value":"4711"}]}"#,
+            ),
+        ];
+        for (sensitive, record_values, expected) in golden {
+            let AuditEvent::Statement(mut st) = stmt(sensitive) else {
+                unreachable!()
+            };
+            if !sensitive {
+                st.part = Some((2, 3));
+                st.command_class = vec!["READ"];
+            }
+            let plain = AuditEvent::Statement(st.clone());
+            assert_eq!(json(&plain, record_values), expected);
+            st.session_json = Some(statement_session_json(&st.session).unwrap());
+            let pre = AuditEvent::Statement(st);
+            assert_eq!(json(&pre, record_values), expected);
+        }
     }
 }

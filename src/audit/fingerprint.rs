@@ -415,9 +415,105 @@ pub fn redact(sql: &str) -> String {
     out
 }
 
+/// The statements of a simple Query's text, in order, as PostgreSQL splits them: at each `;`
+/// outside literals, quoted identifiers, comments and parentheses, and — as psql does —
+/// not inside the `BEGIN ATOMIC … END` (or `CASE … END`) body of a `CREATE [OR REPLACE]
+/// FUNCTION|PROCEDURE`. Each piece is trimmed; pieces holding only spaces and comments
+/// (which the server skips) are left out.
+pub fn split_statements(sql: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut parens = 0usize;
+    let mut blocks = 0usize;
+    // The first words of the current statement (lowercased), to spot a routine body.
+    let mut lead: Vec<String> = Vec::new();
+    let mut has_code = false;
+    for t in lex(sql) {
+        let raw = &sql[t.start..t.end];
+        match t.kind {
+            Kind::Space | Kind::Comment => continue,
+            Kind::Punct if raw == ";" && parens == 0 && blocks == 0 => {
+                if has_code {
+                    out.push(sql[start..t.start].trim());
+                }
+                start = t.end;
+                lead.clear();
+                has_code = false;
+                continue;
+            }
+            Kind::Punct if raw == "(" => parens += 1,
+            Kind::Punct if raw == ")" => parens = parens.saturating_sub(1),
+            Kind::Word => {
+                let word = raw.to_ascii_lowercase();
+                if is_routine(&lead) {
+                    match word.as_str() {
+                        "begin" | "case" => blocks += 1,
+                        "end" => blocks = blocks.saturating_sub(1),
+                        _ => {}
+                    }
+                }
+                if lead.len() < 4 {
+                    lead.push(word);
+                }
+            }
+            _ => {}
+        }
+        has_code = true;
+    }
+    if has_code {
+        out.push(sql[start..].trim());
+    }
+    out
+}
+
+/// `CREATE [OR REPLACE] FUNCTION|PROCEDURE`: its SQL-standard body may hold semicolons.
+fn is_routine(lead: &[String]) -> bool {
+    let words: Vec<&str> = lead.iter().map(String::as_str).collect();
+    matches!(
+        words.as_slice(),
+        ["create", "function" | "procedure", ..]
+            | ["create", "or", "replace", "function" | "procedure", ..]
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statements_split_where_postgres_splits_them() {
+        assert_eq!(
+            split_statements(
+                "SELECT 1; UPDATE t SET a = ';' -- x;\n WHERE b = $$;$$;;  ; SELECT 3"
+            ),
+            vec![
+                "SELECT 1",
+                "UPDATE t SET a = ';' -- x;\n WHERE b = $$;$$",
+                "SELECT 3"
+            ]
+        );
+        assert_eq!(split_statements("select 1"), vec!["select 1"]);
+        assert_eq!(
+            split_statements(" ; -- only a comment\n"),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            split_statements(r#"select "a;b" /* ; */ from t; select E'\';'"#),
+            vec![r#"select "a;b" /* ; */ from t"#, r#"select E'\';'"#]
+        );
+        // A routine's SQL-standard body is one statement, as in psql.
+        let body = "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql \
+                    BEGIN ATOMIC SELECT CASE WHEN true THEN 1 END; SELECT 2; END";
+        assert_eq!(
+            split_statements(&format!("{body}; SELECT f()")),
+            vec![body, "SELECT f()"]
+        );
+        // An unterminated literal runs to the end, as the lexer says.
+        assert_eq!(
+            split_statements("select 1; select 'a;b"),
+            vec!["select 1", "select 'a;b"]
+        );
+    }
 
     #[test]
     fn literals_whitespace_and_case() {

@@ -10,6 +10,24 @@ use super::config::{Durability, OnFailure};
 use super::event::AuditEvent;
 use super::AuditError;
 
+/// The `[audit]` settings that apply per append, so a SIGHUP can change them live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LiveSettings {
+    pub(super) on_failure: OnFailure,
+    pub(super) durability: Durability,
+    pub(super) record_values: bool,
+}
+
+impl LiveSettings {
+    pub(super) fn of(config: &super::AuditConfig) -> Self {
+        LiveSettings {
+            on_failure: config.on_failure,
+            durability: config.durability,
+            record_values: config.record_values,
+        }
+    }
+}
+
 /// Answered with the sequence number of the first record of an append.
 pub(super) type Ack = oneshot::Sender<Result<u64, AuditError>>;
 
@@ -66,6 +84,9 @@ pub(super) struct Counters {
     pub(super) dropped_nowait: AtomicU64,
     /// Starts that found the log behind (or different from) its external anchor.
     pub(super) truncations_detected: AtomicU64,
+    /// Records delivered to / dropped for the syslog-over-TLS collector.
+    pub(super) siem_sent: AtomicU64,
+    pub(super) siem_dropped: AtomicU64,
 }
 
 /// A snapshot of the writer's counters.
@@ -79,6 +100,9 @@ pub struct AuditStats {
     pub failures: u64,
     /// `append_nowait` events that could not be written (log closed or write failed).
     pub dropped_nowait: u64,
+    /// Records delivered to the syslog-over-TLS collector, and copies dropped for it.
+    pub siem_sent: u64,
+    pub siem_dropped: u64,
 }
 
 /// A cheap, cloneable handle for sessions.
@@ -87,12 +111,19 @@ pub struct AuditHandle {
     pub(super) inner: Arc<HandleInner>,
 }
 
+impl std::fmt::Debug for AuditHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditHandle")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
 pub(super) struct HandleInner {
     /// `None` when auditing is disabled.
     pub(super) tx: Option<Sender<Cmd>>,
-    pub(super) on_failure: OnFailure,
-    pub(super) durability: Durability,
-    pub(super) record_values: bool,
+    /// The settings a SIGHUP may change while the log runs.
+    pub(super) live: parking_lot::RwLock<LiveSettings>,
     pub(super) counters: Arc<Counters>,
 }
 
@@ -148,7 +179,7 @@ impl AuditHandle {
             .map(|event| self.serialise(event))
             .collect::<Result<Vec<_>, _>>()?;
         let (durable, durable_rx) = oneshot::channel();
-        let wait_durable = wait_durable || self.inner.durability == Durability::BeforeForward;
+        let wait_durable = wait_durable || self.durability() == Durability::BeforeForward;
         let (first, receipt) = if wait_durable {
             send(tx, bodies, None, Some(durable))?;
             let first = durable_rx.await.map_err(|_| AuditError::Closed)??;
@@ -191,7 +222,7 @@ impl AuditHandle {
 
     /// When a statement's record must be durable (`[audit] durability`).
     pub fn durability(&self) -> Durability {
-        self.inner.durability
+        self.inner.live.read().durability
     }
 
     /// Whether this start found the log behind, or different from, its newest checkpoint
@@ -206,7 +237,44 @@ impl AuditHandle {
 
     /// What the proxy must do when `append` fails.
     pub fn on_failure(&self) -> OnFailure {
-        self.inner.on_failure
+        self.inner.live.read().on_failure
+    }
+
+    /// SIGHUP: applies the settings of `config` that can change while the log runs
+    /// (`on_failure`, `durability`, `record_values`) and records the change in the log
+    /// (`audit_settings_changed`, durable before this returns). Returns the names changed.
+    pub async fn apply_live(
+        &self,
+        config: &super::AuditConfig,
+    ) -> Result<Vec<&'static str>, AuditError> {
+        let new = LiveSettings::of(config);
+        let old = *self.inner.live.read();
+        let mut changed = Vec::new();
+        if old.on_failure != new.on_failure {
+            changed.push("on_failure");
+        }
+        if old.durability != new.durability {
+            changed.push("durability");
+        }
+        if old.record_values != new.record_values {
+            changed.push("record_values");
+        }
+        if changed.is_empty() {
+            return Ok(changed);
+        }
+        // Recorded under the old settings first: the trail shows the change before any
+        // statement is handled under the new ones.
+        self.append(AuditEvent::SettingsChanged {
+            changed: changed.clone(),
+            settings: serde_json::json!({
+                "on_failure": new.on_failure,
+                "durability": new.durability,
+                "record_values": new.record_values,
+            }),
+        })
+        .await?;
+        *self.inner.live.write() = new;
+        Ok(changed)
     }
 
     pub fn stats(&self) -> AuditStats {
@@ -217,12 +285,14 @@ impl AuditHandle {
             fsyncs: c.fsyncs.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
             dropped_nowait: c.dropped_nowait.load(Ordering::Relaxed),
+            siem_sent: c.siem_sent.load(Ordering::Relaxed),
+            siem_dropped: c.siem_dropped.load(Ordering::Relaxed),
         }
     }
 
     fn serialise(&self, event: &AuditEvent) -> Result<Vec<u8>, AuditError> {
         let mut body = Vec::with_capacity(512);
-        event.write_json(self.inner.record_values, &mut body)?;
+        event.write_json(self.inner.live.read().record_values, &mut body)?;
         Ok(body)
     }
 }

@@ -22,6 +22,7 @@ pub(crate) fn settings(config: &AuditConfig) -> Value {
         "signed": config.signing_key_file.is_some(),
         "table_sink": config.table_sink_url.is_some(),
         "syslog": config.syslog_socket.is_some(),
+        "syslog_tls": config.syslog_tls.is_some(),
         "pgward_version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
     })

@@ -79,6 +79,7 @@ mod report_sections;
 pub mod search;
 mod signing;
 mod syslog_sink;
+mod syslog_tls;
 mod table_sink;
 pub mod verify;
 mod writer;
@@ -88,12 +89,13 @@ mod durability_tests;
 #[cfg(test)]
 mod tests;
 
-pub use config::{AuditConfig, Durability, OnFailure};
+pub use config::{AuditConfig, Durability, OnFailure, SyslogTlsConfig};
 pub use error::AuditError;
 pub use event::{
-    AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText, StatementRecord,
+    statement_session_json, AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText,
+    StatementRecord,
 };
-pub use fingerprint::{fingerprint, redact};
+pub use fingerprint::{fingerprint, redact, split_statements};
 pub use handle::{AuditHandle, AuditStats, DurableReceipt};
 pub use report::{run_report, ReportArgs};
 pub use search::{run_search, SearchArgs};

@@ -54,7 +54,7 @@ pub struct SearchArgs {
 }
 
 /// Every record kind the writer produces (`--kind` accepts only these).
-pub const KINDS: [&str; 11] = [
+pub const KINDS: [&str; 13] = [
     "statement",
     "statement_completed",
     "connection_opened",
@@ -66,6 +66,8 @@ pub const KINDS: [&str; 11] = [
     "audit_stopped",
     "audit_outage",
     "truncation_detected",
+    "siem_dropped",
+    "audit_settings_changed",
 ];
 
 /// The fields search and report look at. Unknown fields are ignored.

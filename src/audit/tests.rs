@@ -505,6 +505,7 @@ async fn mixed_log(fx: &Fixture) {
             command: Some("SELECT".into()),
             duration: Duration::from_micros(250),
             sqlstate: None,
+            skipped: false,
         });
     }
     let mut st = StatementRecord::new(
@@ -535,6 +536,7 @@ async fn mixed_log(fx: &Fixture) {
         command: None,
         duration: Duration::from_millis(3),
         sqlstate: Some("40001".into()),
+        skipped: false,
     });
     h.append(AuditEvent::AuthFailed {
         client_addr: "10.1.1.1:1".into(),

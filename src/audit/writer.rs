@@ -19,7 +19,7 @@ use base64::Engine;
 use tokio::sync::oneshot;
 
 use super::config::AuditConfig;
-use super::handle::{AuditHandle, Cmd, Counters, HandleInner, Pending};
+use super::handle::{AuditHandle, Cmd, Counters, HandleInner, LiveSettings, Pending};
 use super::record::{self, Hash, Tail, FORMAT_VERSION};
 use super::signing::SigningKey;
 use super::AuditError;
@@ -43,9 +43,7 @@ impl AuditLog {
             let handle = AuditHandle {
                 inner: Arc::new(HandleInner {
                     tx: None,
-                    on_failure: config.on_failure,
-                    durability: config.durability,
-                    record_values: config.record_values,
+                    live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                     counters,
                 }),
             };
@@ -61,11 +59,17 @@ impl AuditLog {
             .table_sink_url
             .as_ref()
             .map(|url| super::table_sink::spawn(url.clone()));
+        // Built here, on the runtime: its sender task is a tokio task.
+        let syslog_tls = config
+            .syslog_tls
+            .as_ref()
+            .map(|c| super::syslog_tls::SyslogTlsSink::spawn(c, counters.clone()))
+            .transpose()?;
         let anchor = latest_anchor(&config).await;
         let cfg = config.clone();
         let c2 = counters.clone();
         let writer = tokio::task::spawn_blocking(move || {
-            let mut w = Writer::new(&cfg, c2, table_tx, anchor.as_ref())?;
+            let mut w = Writer::new(&cfg, c2, table_tx, syslog_tls, anchor.as_ref())?;
             w.write_start_or_abandon()?;
             Ok::<_, AuditError>(w)
         })
@@ -79,9 +83,7 @@ impl AuditLog {
         let handle = AuditHandle {
             inner: Arc::new(HandleInner {
                 tx: Some(tx.clone()),
-                on_failure: config.on_failure,
-                durability: config.durability,
-                record_values: config.record_values,
+                live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                 counters,
             }),
         };
@@ -158,6 +160,9 @@ struct Writer {
     counters: Arc<Counters>,
     table_tx: Option<tokio::sync::mpsc::Sender<String>>,
     syslog: Option<super::syslog_sink::SyslogSink>,
+    syslog_tls: Option<super::syslog_tls::SyslogTlsSink>,
+    /// SIEM drops already recorded in a `siem_dropped` record.
+    siem_dropped_recorded: u64,
     /// Found at start against the anchor: recorded before `audit_started`.
     truncation: Option<(super::anchor::Anchor, &'static str)>,
     /// Effective settings, recorded in `audit_started` / `audit_stopped`.
@@ -171,6 +176,7 @@ impl Writer {
         config: &AuditConfig,
         counters: Arc<Counters>,
         table_tx: Option<tokio::sync::mpsc::Sender<String>>,
+        syslog_tls: Option<super::syslog_tls::SyslogTlsSink>,
         anchor: Option<&super::anchor::Anchor>,
     ) -> Result<Self, AuditError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| AuditError::io(&config.dir, e))?;
@@ -229,6 +235,8 @@ impl Writer {
                 .map_err(|e| {
                     AuditError::io(config.syslog_socket.as_deref().unwrap_or(Path::new("")), e)
                 })?,
+            syslog_tls,
+            siem_dropped_recorded: 0,
             settings: super::lifecycle::settings(config),
             truncation,
             _lock: lock,
@@ -351,6 +359,7 @@ impl Writer {
             self.push_recovery(&r)?;
         }
         if checkpoint_due {
+            self.push_siem_dropped()?;
             self.push_checkpoint("interval")?;
         }
         let mut firsts = Vec::with_capacity(batch.len());
@@ -374,6 +383,27 @@ impl Writer {
                 let _ = ack.send(Ok(*first));
             }
         }
+        Ok(())
+    }
+
+    /// Copies dropped for the SIEM since the last such record leave a trace in the log itself
+    /// (written before each interval checkpoint while there are new drops).
+    fn push_siem_dropped(&mut self) -> Result<(), AuditError> {
+        if self.syslog_tls.is_none() {
+            return Ok(());
+        }
+        let total = self.counters.siem_dropped.load(Ordering::Relaxed);
+        if total <= self.siem_dropped_recorded {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&serde_json::json!({
+            "kind": "siem_dropped",
+            "sink": "syslog_tls",
+            "records_dropped": total - self.siem_dropped_recorded,
+            "total_dropped": total,
+        }))?;
+        self.push_record(&body);
+        self.siem_dropped_recorded = total;
         Ok(())
     }
 
@@ -553,6 +583,9 @@ impl Writer {
         self.copy_to_table_sink();
         if let Some(syslog) = &mut self.syslog {
             syslog.send_lines(&self.buf);
+        }
+        if let Some(siem) = &mut self.syslog_tls {
+            siem.send_batch(&self.buf);
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! Token verification.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
@@ -85,7 +86,8 @@ struct Keys {
 
 /// Verifies tokens; shared by all sessions.
 pub struct TokenVerifier {
-    config: AuthConfig,
+    /// Swapped whole on SIGHUP ([`TokenVerifier::reconfigure`]).
+    config: RwLock<Arc<AuthConfig>>,
     keys: RwLock<Keys>,
     last_refresh: parking_lot::Mutex<Instant>,
 }
@@ -207,7 +209,7 @@ impl TokenVerifier {
     pub async fn new(config: AuthConfig) -> Result<Self, AuthSetupError> {
         let keys = load_all(&config).await?;
         Ok(Self {
-            config,
+            config: RwLock::new(Arc::new(config)),
             keys: RwLock::new(keys),
             last_refresh: parking_lot::Mutex::new(Instant::now()),
         })
@@ -219,9 +221,23 @@ impl TokenVerifier {
         usize::from(keys.hs256.is_some()) + keys.asymmetric.len()
     }
 
+    /// The settings in force.
+    fn config(&self) -> Arc<AuthConfig> {
+        self.config.read().clone()
+    }
+
+    /// SIGHUP with a changed `[auth]`: the new settings and their keys, or (keys that do not
+    /// load) nothing changes. Tokens verified from then on use the new settings.
+    pub async fn reconfigure(&self, config: AuthConfig) -> Result<(), AuthSetupError> {
+        let keys = load_all(&config).await?;
+        *self.config.write() = Arc::new(config);
+        *self.keys.write() = keys;
+        Ok(())
+    }
+
     /// Re-read key files (SIGHUP); keeps the old keys if the new ones are invalid.
     pub async fn reload(&self) -> Result<(), AuthSetupError> {
-        let keys = load_all(&self.config).await?;
+        let keys = load_all(&self.config()).await?;
         *self.keys.write() = keys;
         Ok(())
     }
@@ -232,12 +248,12 @@ impl TokenVerifier {
     async fn refresh_for_unknown_kid(&self) -> bool {
         {
             let mut last = self.last_refresh.lock();
-            if last.elapsed() < self.config.jwks_refresh_min_interval {
+            if last.elapsed() < self.config().jwks_refresh_min_interval {
                 return false;
             }
             *last = Instant::now();
         }
-        match load_all(&self.config).await {
+        match load_all(&self.config()).await {
             Ok(keys) => {
                 *self.keys.write() = keys;
                 true
@@ -251,15 +267,15 @@ impl TokenVerifier {
 
     fn validation(&self, algorithm: Algorithm) -> Validation {
         let mut validation = Validation::new(algorithm);
-        validation.leeway = self.config.leeway.as_secs();
+        validation.leeway = self.config().leeway.as_secs();
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp"]);
-        if self.config.audience.is_empty() {
+        if self.config().audience.is_empty() {
             validation.validate_aud = false;
         } else {
-            validation.set_audience(&self.config.audience);
+            validation.set_audience(&self.config().audience);
         }
-        if let Some(issuer) = &self.config.issuer {
+        if let Some(issuer) = &self.config().issuer {
             validation.set_issuer(&[issuer]);
         }
         validation
@@ -270,7 +286,7 @@ impl TokenVerifier {
             ErrorKind::ExpiredSignature => AuthError::Expired,
             ErrorKind::ImmatureSignature => AuthError::NotYetValid,
             ErrorKind::InvalidAudience => AuthError::WrongAudience {
-                expected: self.config.audience.clone(),
+                expected: self.config().audience.clone(),
             },
             ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
             ErrorKind::InvalidSignature => AuthError::BadSignature,
@@ -344,10 +360,10 @@ impl TokenVerifier {
         };
         self.check_lifetime(&claims)?;
         let service = claims
-            .get(&self.config.identity_claim)
+            .get(&self.config().identity_claim)
             .and_then(Value::as_str)
             .ok_or_else(|| AuthError::MissingIdentityClaim {
-                claim: self.config.identity_claim.clone(),
+                claim: self.config().identity_claim.clone(),
             })?
             .to_string();
         // From here on the token is genuine and current: a refusal names it in the audit log.
@@ -394,7 +410,7 @@ impl TokenVerifier {
             .and_then(Value::as_i64)
             .unwrap_or_else(now_secs);
         let lifetime = exp - start;
-        let max = self.config.max_token_lifetime.as_secs();
+        let max = self.config().max_token_lifetime.as_secs();
         if lifetime > max as i64 {
             return Err(AuthError::LifetimeTooLong {
                 lifetime_secs: lifetime,
@@ -410,10 +426,10 @@ impl TokenVerifier {
         cert_identity: Option<&str>,
     ) -> Result<(), AuthError> {
         match cert_identity {
-            None if self.config.require_client_cert || self.config.cert_identity_must_match => {
+            None if self.config().require_client_cert || self.config().cert_identity_must_match => {
                 Err(AuthError::ClientCertRequired)
             }
-            Some(identity) if self.config.cert_identity_must_match => {
+            Some(identity) if self.config().cert_identity_must_match => {
                 let matches = identity == service
                     || (identity.starts_with("spiffe://")
                         && identity.rsplit('/').next() == Some(service));

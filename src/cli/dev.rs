@@ -29,8 +29,12 @@ pub const DEV_AUDIENCE: &str = "pgward";
 pub const DEV_ISSUER: &str = "pgward-dev";
 /// Database the demo schema goes into on the throwaway server.
 const DEMO_DATABASE: &str = "pgward_demo";
-/// Role the demo services log in as upstream.
+/// Role pgward's own connections use on the throwaway server (the policy catalog, the wrapped
+/// data keys, seeding the encrypted demo values), as the service `pgward_catalog`, which has no
+/// policy: no client can connect as it.
 const APP_ROLE: &str = "pgward_app";
+/// The service pgward reads the catalog and keys as.
+const CATALOG_SERVICE: &str = "pgward_catalog";
 
 /// The demo services and the claims of the tokens printed for them.
 const DEMO_SERVICES: [(&str, &[(&str, i64)]); 3] = [
@@ -69,6 +73,11 @@ pub struct DevArgs {
     /// Keep encryption keys with the `local` provider even when `bao` (OpenBao) is installed.
     #[arg(long)]
     pub local_keys: bool,
+    /// Also install the policies as PostgreSQL row-level security (`policy export-rls`) on the
+    /// throwaway server, with the claims passed as `app.<claim>` settings: a second line of
+    /// defence behind the rewriter.
+    #[arg(long)]
+    pub rls: bool,
 }
 
 /// Where the demo's upstream is and how the services log in to it.
@@ -78,6 +87,9 @@ struct Upstream {
     database: String,
     user: String,
     password: Option<String>,
+    /// Each demo service's own least-privilege role and its password (the throwaway server);
+    /// empty with `--upstream`, where every service logs in as `user`.
+    service_roles: Vec<(String, String)>,
     /// Kept alive for the life of the demo; dropped (stopped and deleted) at exit.
     _server: Option<EmbeddedPostgres>,
 }
@@ -103,9 +115,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let key = DevSigningKey::load_or_create(&dir).context("creating the dev signing key")?;
     let (cert, tls_key) = ensure_certificate(&dir)?;
     let (migrations, policies) = demo_files(&args, &dir)?;
+    if args.rls && args.upstream.is_some() {
+        bail!("--rls installs row-level security on the throwaway server only; with --upstream run `pgward policy export-rls` yourself");
+    }
     let upstream = match &args.upstream {
         Some(url) => existing_upstream(url, &migrations).await?,
-        None => throwaway_upstream(&migrations).await?,
+        None => throwaway_upstream(&migrations, &policies).await?,
     };
     let openbao = match args.local_keys {
         true => None,
@@ -127,6 +142,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let config = Config::from_file(&config_path)?;
     let seeded = seed_upstream(&config, &upstream).await?;
     eprintln!("pgward dev: encrypted demo values seeded: {seeded}");
+    if args.rls {
+        install_rls(&upstream, &policies).await?;
+    }
     if let Some(bao) = &openbao {
         eprintln!(
             "pgward dev: keys in an OpenBao dev server at {} (token in {}); rotate the demo key with\n  \
@@ -188,7 +206,7 @@ fn ensure_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((cert, key))
 }
 
-async fn throwaway_upstream(migrations: &Path) -> anyhow::Result<Upstream> {
+async fn throwaway_upstream(migrations: &Path, policies: &Path) -> anyhow::Result<Upstream> {
     eprintln!("pgward dev: starting a throwaway PostgreSQL ...");
     let server =
         tokio::task::spawn_blocking(|| EmbeddedPostgres::start(EmbeddedOptions::default()))
@@ -218,6 +236,7 @@ async fn throwaway_upstream(migrations: &Path) -> anyhow::Result<Upstream> {
              GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA pgward TO {APP_ROLE};"
         ))
         .await?;
+    let service_roles = create_service_roles(&client, &server, policies).await?;
     drop(client);
     let _ = driver.await;
     eprintln!(
@@ -233,8 +252,82 @@ async fn throwaway_upstream(migrations: &Path) -> anyhow::Result<Upstream> {
         database: DEMO_DATABASE.into(),
         user: APP_ROLE.into(),
         password: Some(password),
+        service_roles,
         _server: Some(server),
     })
+}
+
+/// `--rls`: the policies as row-level security on the throwaway server (after seeding, which
+/// writes as pgward's own role, which no policy names).
+async fn install_rls(upstream: &Upstream, policies: &Path) -> anyhow::Result<()> {
+    let Some(server) = &upstream._server else {
+        bail!("--rls needs the throwaway server");
+    };
+    let url = format!(
+        "postgresql://postgres:{}@127.0.0.1:{}/{DEMO_DATABASE}",
+        server.password(),
+        server.port()
+    );
+    let rls = crate::policy::cli::run_export_rls(&crate::policy::cli::ExportRlsArgs {
+        dir: policies.to_path_buf(),
+        database_url: url,
+    })
+    .await?;
+    let (client, connection) = server
+        .client_config(DEMO_DATABASE)
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(&rls)
+        .await
+        .context("installing the row-level security policy export-rls printed")?;
+    drop(client);
+    let _ = driver.await;
+    eprintln!("pgward dev: row-level security installed (policy export-rls), claims passed as app.<claim>");
+    Ok(())
+}
+
+/// One login role per demo service, named after it (as `pgward policy export-rls` expects),
+/// neither superuser nor owner of anything, with only the privileges its policy needs: the
+/// GRANTs `export-rls` prints, the sequences of the tables it may insert into, and the
+/// `pgward` schema's `assert_row` (write checks). The rewriter stays the first line of defence;
+/// these roles make a statement it should have refused fail in the server too.
+async fn create_service_roles(
+    client: &tokio_postgres::Client,
+    server: &EmbeddedPostgres,
+    policies: &Path,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let url = format!(
+        "postgresql://postgres:{}@127.0.0.1:{}/{DEMO_DATABASE}",
+        server.password(),
+        server.port()
+    );
+    let grants = crate::policy::cli::grants_for(policies, &url)
+        .await
+        .context("computing the demo services' privileges from their policies")?;
+    let mut roles = Vec::new();
+    for (service, _) in DEMO_SERVICES {
+        let password = pgserver::random_password();
+        // Service names and the password are plain identifiers/alphanumerics.
+        let mut sql = format!(
+            "CREATE ROLE {service} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD '{password}';
+             GRANT USAGE ON SCHEMA pgward TO {service};"
+        );
+        let role = format!("TO \"{service}\";");
+        if grants
+            .lines()
+            .any(|l| l.starts_with("GRANT INSERT") && l.ends_with(&role))
+        {
+            sql.push_str(&format!(
+                "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {service};"
+            ));
+        }
+        client.batch_execute(&sql).await?;
+        roles.push((service.to_string(), password));
+    }
+    client.batch_execute(&grants).await?;
+    Ok(roles)
 }
 
 async fn existing_upstream(url: &str, migrations: &Path) -> anyhow::Result<Upstream> {
@@ -263,6 +356,7 @@ async fn existing_upstream(url: &str, migrations: &Path) -> anyhow::Result<Upstr
         database,
         user,
         password,
+        service_roles: Vec::new(),
         _server: None,
     })
 }
@@ -299,7 +393,7 @@ fn dev_config(
          [upstream]\nhost = {host}\nport = {port}\n\n\
          [auth]\njwks_file = {jwks}\nissuer = {issuer}\naudience = [{audience}]\nmax_token_lifetime = \"24h\"\n\n\
          [admin]\naddress = {admin}\n\n\
-         [policy]\ndir = {policies}\ndatabase = {database}\n\n\
+         [policy]\ndir = {policies}\ndatabase = {database}\n{catalog}\n\
          [audit]\ndir = {audit}\nsigning_key_file = {audit_key}\ncheckpoint_interval = \"10s\"\n",
         config = dir.join("pgward.toml").display(),
         listen = toml_string(&args.listen.to_string()),
@@ -313,14 +407,41 @@ fn dev_config(
         admin = toml_string(&args.admin.to_string()),
         policies = toml_string(&absolute(policies)?.display().to_string()),
         database = toml_string(&upstream.database),
+        catalog = if upstream.service_roles.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "catalog_service = {}\n{}",
+                toml_string(CATALOG_SERVICE),
+                if args.rls { "claims_as_settings = true\n" } else { "" }
+            )
+        },
         audit = toml_string(&dir.join("audit").display().to_string()),
         audit_key = toml_string(&audit_signing_key(dir)?.display().to_string()),
     );
-    for (service, _) in DEMO_SERVICES {
+    if upstream.service_roles.is_empty() {
+        for (service, _) in DEMO_SERVICES {
+            text.push_str(&format!(
+                "\n[services.{service}]\nupstream_user = {}\n{password_line}",
+                toml_string(&upstream.user)
+            ));
+        }
+    } else {
         text.push_str(&format!(
-            "\n[services.{service}]\nupstream_user = {}\n{password_line}",
+            "\n# pgward's own logins (catalog, data keys); it has no policy, so no client can use it.\n\
+             [services.{CATALOG_SERVICE}]\nupstream_user = {}\n{password_line}",
             toml_string(&upstream.user)
         ));
+        for (service, password) in &upstream.service_roles {
+            let path = dir.join(format!("upstream-password-{service}"));
+            write_private(&path, password)?;
+            text.push_str(&format!(
+                "\n# Least-privilege role: only what policies/{service}.toml allows.\n\
+                 [services.{service}]\nupstream_user = {}\nupstream_password = {{ file = {} }}\n",
+                toml_string(service),
+                toml_string(&path.display().to_string())
+            ));
+        }
     }
     text.push('\n');
     match openbao {

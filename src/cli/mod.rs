@@ -266,23 +266,36 @@ async fn wait_for_upstream(target: &crate::upstream::UpstreamTarget) {
     }
 }
 
-/// SIGHUP re-reads the configuration file and, only if it is valid as a whole, the token key
-/// material, the listen certificate and key, the encryption keys and the policy files. A file
-/// that does not load changes nothing.
+/// SIGHUP re-reads the configuration file and, only if it is valid as a whole (it parses,
+/// validates, every upstream password and the token keys load), applies it: services and
+/// upstream passwords, `[auth]`, the live `[audit]` settings (`proxy::reload`), then the
+/// listen certificate and key, the encryption keys and the policy files. A file that does not
+/// load changes nothing; settings that need a restart are named in the log and ignored.
 pub fn spawn_reload_on_sighup(proxy: &Proxy, config_path: PathBuf) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup())?;
-    let verifier = proxy.verifier();
+    let reloader = proxy.reloader();
     let policies = proxy.policies();
     let encryption = proxy.encryption();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             notify::notify("RELOADING=1");
-            if let Err(e) = Config::from_file(&config_path) {
-                tracing::error!(error = %e, "SIGHUP: the configuration file is invalid; nothing reloaded, the running configuration stays");
+            let config = match Config::from_file(&config_path) {
+                Ok(config) => config,
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the configuration file is invalid; nothing reloaded, the running configuration stays");
+                    notify::notify("READY=1");
+                    continue;
+                }
+            };
+            if let Err(e) = reloader.apply(&config).await {
+                tracing::error!(error = %e, "SIGHUP: the configuration cannot be applied; nothing reloaded, the running configuration stays");
                 notify::notify("READY=1");
                 continue;
             }
+            tracing::info!(
+                "SIGHUP: services, upstream passwords, token settings and keys reloaded"
+            );
             match crate::tls::reload_server_certificates() {
                 Ok(0) => {}
                 Ok(_) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
@@ -300,12 +313,6 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy, config_path: PathBuf) -> anyhow::Re
                 policies.refresh_catalog().await;
                 if policies.reload_files().is_ok() {
                     tracing::info!("SIGHUP: catalog and policies reloaded");
-                }
-            }
-            match verifier.reload().await {
-                Ok(()) => tracing::info!("SIGHUP: token keys reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: reload failed, keeping the previous keys")
                 }
             }
             notify::notify("READY=1");

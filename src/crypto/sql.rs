@@ -48,8 +48,10 @@ use super::codec::{encode_for_encryption, ClientType, WireFormat};
 use super::error::CryptoError;
 use super::manager::KeyManager;
 use super::scope::KeyScope;
+use crate::error::RefusalKind;
 use crate::sql::catalog::Catalog;
 use crate::sql::parse::{ident_name, object_name_parts, parse_expr};
+use crate::sql::stage::{StagePlan, StatementTransform, TransformOutcome, TransformRefusal};
 
 /// An encrypted column as a statement uses it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -739,6 +741,41 @@ fn bytea_literal(bytes: &[u8]) -> Expr {
 
 fn bytea_param(n: usize) -> Expr {
     parse_expr(&format!("CAST(${n} AS BYTEA)")).unwrap_or_else(|_| null())
+}
+
+/// Field encryption as the stage the policy engine runs before its rewrite.
+impl StatementTransform for SqlEncryption {
+    fn apply(
+        &self,
+        statements: &mut [Statement],
+        catalog: Option<&Catalog>,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<TransformOutcome, TransformRefusal> {
+        let outcome = self
+            .transform(statements, catalog, &KeyScope::from_claims(claims))
+            .map_err(|r| TransformRefusal {
+                kind: RefusalKind::Encryption,
+                sqlstate: r.sqlstate,
+                message: r.message,
+            })?;
+        Ok(TransformOutcome {
+            touched: outcome.touched,
+            unrepeatable: outcome.encrypted_literals,
+            plan: outcome.params.map(StagePlan::new),
+            accessed: outcome.accessed,
+        })
+    }
+
+    /// An encrypted table whose name appears in the text (case-insensitively).
+    fn may_touch(&self, sql: &str) -> Option<String> {
+        let lower = sql.to_ascii_lowercase();
+        self.table_names()
+            .find(|t| {
+                let name = t.rsplit('.').next().unwrap_or(t);
+                lower.contains(&name.to_ascii_lowercase())
+            })
+            .map(str::to_string)
+    }
 }
 
 #[cfg(test)]

@@ -194,6 +194,22 @@ pub const SAFE_FUNCTIONS: &[&str] = &[
     // catalog helpers drivers use for type/schema introspection (read catalog metadata only)
     "format_type",
     "pg_get_expr",
+    "pg_get_userbyid",
+    // psycopg's TypeInfo.fetch; resolves a type name like a cast to regtype does
+    "to_regtype",
+    // psql's `\d` footers; their arguments come from the filtered catalog stand-ins
+    "pg_get_triggerdef",
+    "pg_get_statisticsobjdef_columns",
+    "pg_partition_ancestors",
+    "pg_relation_is_publishable",
+    // SQLAlchemy's column reflection; the table name is guarded like a regclass cast
+    "pg_get_serial_sequence",
+    // visibility of non-relation objects in the search path (collations, operators…)
+    "pg_collation_is_visible",
+    "pg_operator_is_visible",
+    "pg_opclass_is_visible",
+    "pg_conversion_is_visible",
+    "pg_ts_config_is_visible",
     "pg_get_constraintdef",
     "pg_get_indexdef",
     "pg_table_is_visible",
@@ -203,6 +219,11 @@ pub const SAFE_FUNCTIONS: &[&str] = &[
     "obj_description",
     "pg_encoding_to_char",
 ];
+
+/// Schema-qualified built-ins outside pg_catalog that drivers call: pgjdbc's getPrimaryKeys
+/// expands index keys with information_schema._pg_expandarray (an immutable SQL function over
+/// its array argument only).
+pub const SAFE_QUALIFIED_FUNCTIONS: &[&str] = &["information_schema._pg_expandarray"];
 
 /// Functions whose result differs per call. They are refused where the rewriter must evaluate
 /// an expression twice (UPDATE SET values re-evaluated in the write check).
@@ -250,12 +271,13 @@ pub const SAFE_TYPES: &[&str] = &[
     "bytea",
     "name",
     "oid",
-    // name lookups drivers use (`'pg_catalog.array_in'::regproc`); they resolve catalog
-    // names and never read table data
+    // name lookups drivers use (`'pg_catalog.array_in'::regproc`, psycopg's `'…'::regtype`):
+    // they resolve function and type names only. Not regrole, and regclass only through the
+    // rewriter's guard (`rewrite::introspect`), which answers for the service's own tables.
     "regproc",
     "regprocedure",
     "regtype",
-    "regclass",
+    // schema names: pg_namespace is readable anyway
     "regnamespace",
 ];
 
@@ -291,10 +313,28 @@ pub const SAFE_SET_PARAMS: &[&str] = &[
 
 /// The only client encodings a policy-bound session may use: the rewritten text is UTF-8, and
 /// a multibyte encoding such as SJIS or BIG5 would let the server read its quoting differently.
+///
+/// Names are compared the way PostgreSQL's `pg_char_to_encoding` does (`clean_encoding_name`
+/// in encnames.c): only ASCII letters and digits count, case-insensitively, so `'utf-8'`
+/// (quotes included, as asyncpg sends it), `UTF_8` and `Unicode` are all UTF8. Its alias table
+/// names UTF8 `utf8` and `unicode`; anything else that the server would read as another
+/// encoding is refused.
 pub fn is_utf8_encoding(name: &str) -> bool {
+    let clean: String = name
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    matches!(clean.as_str(), "utf8" | "unicode")
+}
+
+/// PostgreSQL's system columns (`ctid`, `xmin`, …): a row's physical place and the
+/// transactions that wrote it, which reveal other rows' inserts, updates and deletes. The server
+/// refuses user columns with these names, so a column reference with one is a system column.
+pub fn is_system_column(name: &str) -> bool {
     matches!(
-        name.to_ascii_lowercase().as_str(),
-        "utf8" | "utf-8" | "unicode"
+        name,
+        "ctid" | "xmin" | "xmax" | "cmin" | "cmax" | "tableoid"
     )
 }
 
@@ -345,6 +385,9 @@ pub const CATALOG_RELATIONS: &[(&str, &str, Option<&[&str]>)] = &[
     ("pg_catalog", "pg_description", None),
     ("pg_catalog", "pg_am", None),
     ("pg_catalog", "pg_collation", None),
+    ("pg_catalog", "pg_opclass", None),
+    ("pg_catalog", "pg_opfamily", None),
+    ("pg_catalog", "pg_operator", None),
     (
         "pg_catalog",
         "pg_attribute",
@@ -390,6 +433,11 @@ pub const CATALOG_RELATIONS: &[(&str, &str, Option<&[&str]>)] = &[
             "relrowsecurity",
             "relispopulated",
             "relreplident",
+            "relforcerowsecurity",
+            "reltablespace",
+            "reltoastrelid",
+            "reloptions",
+            "relpartbound",
         ]),
     ),
     (
@@ -415,6 +463,18 @@ pub const CATALOG_RELATIONS: &[(&str, &str, Option<&[&str]>)] = &[
         "pg_database",
         Some(&["oid", "datname", "encoding", "datcollate", "datctype"]),
     ),
+    // psql's `\d` footers: answered empty (`rewrite::introspect::EMPTY`)
+    ("pg_catalog", "pg_policy", None),
+    ("pg_catalog", "pg_statistic_ext", None),
+    ("pg_catalog", "pg_publication", None),
+    ("pg_catalog", "pg_publication_namespace", None),
+    ("pg_catalog", "pg_publication_rel", None),
+    ("pg_catalog", "pg_trigger", None),
+    ("pg_catalog", "pg_inherits", None),
+    ("pg_catalog", "pg_roles", None),
+    ("pg_catalog", "pg_rewrite", None),
+    ("pg_catalog", "pg_sequence", None),
+    ("pg_catalog", "pg_partitioned_table", None),
     ("information_schema", "tables", None),
     ("information_schema", "columns", None),
     ("information_schema", "schemata", None),
@@ -458,6 +518,27 @@ pub fn catalog_relation(schema: &str, name: &str) -> Option<Option<&'static [&'s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utf8_encoding_names_as_postgres_cleans_them() {
+        for name in [
+            "UTF8",
+            "utf8",
+            "utf-8",
+            "'utf-8'",
+            "\"UTF-8\"",
+            "Utf_8",
+            "UNICODE",
+            "unicode",
+        ] {
+            assert!(is_utf8_encoding(name), "{name}");
+        }
+        for name in [
+            "SJIS", "BIG5", "LATIN1", "utf16", "utf8mb4", "", "'", "win1252", "utf-8x",
+        ] {
+            assert!(!is_utf8_encoding(name), "{name}");
+        }
+    }
 
     #[test]
     fn types_normalize() {

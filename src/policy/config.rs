@@ -205,7 +205,14 @@ pub fn load_dir(
             .and_then(|s| s.to_str())
             .unwrap_or_default()
             .to_string();
-        match compile_file(&path.display().to_string(), &stem, &text, catalog) {
+        // Rules are named relative to the policy directory (`billing.toml:12`): they reach
+        // clients in refusals and audit records, which must not learn the server's layout.
+        let relative = path
+            .strip_prefix(dir)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        match compile_file(&relative, &stem, &text, catalog) {
             Ok(p) => {
                 if let Some(prev) = out.get(&p.service) {
                     errors.push(PolicyError::Invalid {
@@ -273,10 +280,20 @@ pub fn compile_file(
             let rule = ctx.rule(a.span());
             let a = a.get_ref();
             for p in &a.set {
-                if allow::FORBIDDEN_SET_PARAMS.contains(&p.to_ascii_lowercase().as_str()) {
+                let lower = p.to_ascii_lowercase();
+                if allow::FORBIDDEN_SET_PARAMS.contains(&lower.as_str()) {
                     ctx.err(
                         0..0,
                         format!("parameter {p:?} may never be set by a service"),
+                    );
+                }
+                // `app.<claim>` carries the token's claims to the server's own row-level
+                // security (`[policy] claims_as_settings`): a service that could set one could
+                // claim another tenant.
+                if lower.starts_with("app.") {
+                    ctx.err(
+                        0..0,
+                        format!("parameter {p:?} may never be set by a service: app.* settings carry the token's claims"),
                     );
                 }
             }

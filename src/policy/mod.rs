@@ -12,8 +12,6 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 
-use crate::crypto::scope::KeyScope;
-use crate::crypto::sql::SqlEncryption;
 use crate::error::{ClientError, Refusal, RefusalKind};
 use crate::metrics::{inc, RewriteCounters};
 
@@ -30,6 +28,7 @@ pub use analysis::AnalysisMemo;
 // The analysis layer under the policy engine, under its former names for the engine's own
 // code and the tools built on it.
 pub use crate::sql::parse as sql;
+pub use crate::sql::stage::{StagePlan, StatementTransform, TransformOutcome};
 pub use crate::sql::{catalog, columns};
 pub use crate::sql::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
 pub use config::{Action, ServicePolicy, TablePolicy};
@@ -81,13 +80,14 @@ impl PolicyDenied {
         }
     }
 
-    /// A refusal by field encryption (SQLSTATE 0A000 unless the transform said otherwise).
-    fn encryption(sqlstate: &'static str, message: String) -> Self {
+    /// A refusal by the transform that runs beside the rewrite (field encryption), or about
+    /// text that transform would have to see.
+    fn transform(kind: RefusalKind, sqlstate: &'static str, message: String) -> Self {
         PolicyDenied {
             sqlstate,
             message,
             rule: None,
-            kind: RefusalKind::Encryption,
+            kind,
         }
     }
 }
@@ -132,8 +132,9 @@ pub struct Rewritten {
     /// The service is configured as unrestricted: `sql` is the client's text, unchanged
     /// unless field encryption transformed it.
     pub unrestricted: bool,
-    /// Parameters the relay must encrypt or blind-index at Bind (field encryption).
-    pub params: Option<Arc<crate::crypto::sql::ParamPlan>>,
+    /// What the relay must do per execution (field encryption: the parameters it encrypts
+    /// or blind-indexes at Bind), as the transform typed it.
+    pub params: Option<StagePlan>,
 }
 
 /// How a service is governed.
@@ -235,9 +236,10 @@ impl Snapshot {
 pub struct PolicyEngine {
     current: RwLock<Arc<Snapshot>>,
     dir: RwLock<PathBuf>,
-    unrestricted: Vec<String>,
-    /// Field encryption's SQL transform, run on every statement before the policy rewrite.
-    encryption: RwLock<Option<Arc<SqlEncryption>>>,
+    /// Services configured unrestricted (changed by a SIGHUP reload of `[services]`).
+    unrestricted: RwLock<Vec<String>>,
+    /// The transform run on every statement before the policy rewrite (field encryption).
+    encryption: RwLock<Option<Arc<dyn StatementTransform>>>,
     counters: RwLock<Arc<RewriteCounters>>,
     /// Bumped after every change of what a rewrite depends on (policies, catalog, encryption,
     /// counters): sessions' memos from an older generation are emptied before use.
@@ -275,7 +277,7 @@ impl PolicyEngine {
         Ok(PolicyEngine {
             current: RwLock::new(Arc::new(Snapshot::new(policies, catalog))),
             dir: RwLock::new(dir.to_path_buf()),
-            unrestricted: unrestricted.to_vec(),
+            unrestricted: RwLock::new(unrestricted.to_vec()),
             encryption: RwLock::new(None),
             counters: RwLock::default(),
             generation: AtomicU64::new(1),
@@ -321,8 +323,15 @@ impl PolicyEngine {
         self.counters.read().clone()
     }
 
-    /// Apply field encryption to every statement (policy-bound and unrestricted services).
-    pub fn set_encryption(&self, encryption: Arc<SqlEncryption>) {
+    /// The services configured unrestricted, after a SIGHUP reload of `[services]`.
+    pub fn set_unrestricted(&self, services: Vec<String>) {
+        *self.unrestricted.write() = services;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Apply this transform (field encryption) to every statement, policy-bound and
+    /// unrestricted services alike.
+    pub fn set_encryption(&self, encryption: Arc<dyn StatementTransform>) {
         *self.encryption.write() = Some(encryption);
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -330,7 +339,7 @@ impl PolicyEngine {
     pub fn decision(&self, service: &str) -> Decision {
         if self.current.read().policies.contains_key(service) {
             Decision::Policy
-        } else if self.unrestricted.iter().any(|s| s == service) {
+        } else if self.unrestricted.read().iter().any(|s| s == service) {
             Decision::Unrestricted
         } else {
             Decision::NoPolicy
@@ -342,7 +351,7 @@ impl PolicyEngine {
         let snap = self.current.read().clone();
         match snap.policies.get(service) {
             Some(p) => Ok(p.claims.iter().cloned().collect()),
-            None if self.unrestricted.iter().any(|s| s == service) => Ok(Vec::new()),
+            None if self.unrestricted.read().iter().any(|s| s == service) => Ok(Vec::new()),
             None => Err(no_policy(service)),
         }
     }
@@ -414,12 +423,12 @@ impl PolicyEngine {
         let snap = self.current.read().clone();
         let encryption = self.encryption.read().clone();
         let Some(policy) = snap.policies.get(who.service) else {
-            if self.unrestricted.iter().any(|s| s == who.service) {
+            if self.unrestricted.read().iter().any(|s| s == who.service) {
                 let rewritten = unrestricted_rewrite(
                     sql,
                     encryption.as_deref(),
                     Some(&snap.catalog),
-                    &KeyScope::from_claims(who.claims),
+                    who.claims,
                 )?;
                 return Ok((Arc::new(rewritten), Reuse::None));
             }
@@ -484,7 +493,7 @@ impl PolicyEngine {
                     }
                 }
                 // Embedded ciphertext must not repeat across executions (see crypto::sql).
-                if outcome.encrypted_literals {
+                if outcome.unrepeatable {
                     return Ok((r, Reuse::None));
                 }
                 snap.cache.lock().put(key, r.clone());
@@ -511,10 +520,10 @@ impl PolicyEngine {
 fn learn_shape(
     shape: &shape::Shape<'_>,
     exact: &Rewritten,
-    outcome: &crate::crypto::sql::Outcome,
-    rewrite: impl Fn(&str) -> Result<(Rewritten, crate::crypto::sql::Outcome), PolicyDenied>,
+    outcome: &TransformOutcome,
+    rewrite: impl Fn(&str) -> Result<(Rewritten, TransformOutcome), PolicyDenied>,
 ) -> ShapeEntry {
-    let unencrypted = |o: &crate::crypto::sql::Outcome| !o.touched && o.params.is_none();
+    let unencrypted = |o: &TransformOutcome| !o.touched && o.plan.is_none();
     if !unencrypted(outcome) {
         return ShapeEntry::Exact;
     }
@@ -570,9 +579,9 @@ fn no_policy(service: &str) -> PolicyDenied {
 /// values could be plaintext going into encrypted columns).
 pub fn unrestricted_rewrite(
     sql: &str,
-    encryption: Option<&SqlEncryption>,
+    encryption: Option<&dyn StatementTransform>,
     catalog: Option<&Catalog>,
-    scope: &KeyScope,
+    claims: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<Rewritten, PolicyDenied> {
     let parsed = sql::parse_statements(sql);
     let mut statements: Vec<StatementInfo> = parsed
@@ -595,21 +604,17 @@ pub fn unrestricted_rewrite(
     let mut stmts = match parsed {
         Ok(stmts) => stmts,
         Err(e) => {
-            let lower = sql.to_ascii_lowercase();
-            let suspect = encryption.table_names().find(|t| {
-                let name = t.rsplit('.').next().unwrap_or(t);
-                lower.contains(&name.to_ascii_lowercase())
-            });
-            return match suspect {
-                Some(t) => Err(PolicyDenied::encryption(
+            return match encryption.may_touch(sql) {
+                Some(t) => Err(PolicyDenied::transform(
+                    RefusalKind::Encryption,
                     "0A000",
-                    format!("pgward cannot parse this statement, and it may touch {t}, which has encrypted columns, so it is refused: {}", sql::describe_parse_error(&e)),
+                    format!("pgward cannot parse this statement, and it may touch {t}, which has encrypted columns, so it is refused: {}", crate::sql::unsupported::describe_unparsable(sql, &e)),
                 )),
                 None => Ok(unchanged(statements)),
             };
         }
     };
-    let (texts, outcome) = encrypt_statements(&mut stmts, encryption, catalog, scope)?;
+    let (texts, outcome) = encrypt_statements(&mut stmts, encryption, catalog, claims)?;
     if !outcome.touched {
         return Ok(unchanged(statements));
     }
@@ -620,31 +625,33 @@ pub fn unrestricted_rewrite(
         sql: texts.join(";\n"),
         statements: statements.into(),
         unrestricted: true,
-        params: outcome.params,
+        params: outcome.plan,
     })
 }
 
 /// Sanitize and encrypt statements, returning their texts (checked to round-trip).
 fn encrypt_statements(
     stmts: &mut [sqlparser::ast::Statement],
-    encryption: &SqlEncryption,
+    encryption: &dyn StatementTransform,
     catalog: Option<&Catalog>,
-    scope: &KeyScope,
-) -> Result<(Vec<String>, crate::crypto::sql::Outcome), PolicyDenied> {
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(Vec<String>, TransformOutcome), PolicyDenied> {
     for st in stmts.iter_mut() {
         sql::sanitize(st).map_err(|e| {
-            PolicyDenied::encryption(
+            PolicyDenied::transform(
+                RefusalKind::Encryption,
                 "0A000",
                 format!("pgward: cannot encrypt a statement with {}", e.0),
             )
         })?;
     }
     let outcome = encryption
-        .transform(stmts, catalog, scope)
-        .map_err(encryption_refusal)?;
+        .apply(stmts, catalog, claims)
+        .map_err(transform_refusal)?;
     let texts: Vec<String> = stmts.iter().map(ToString::to_string).collect();
     if outcome.touched && !texts.iter().all(|t| sql::round_trips(t)) {
-        return Err(PolicyDenied::encryption(
+        return Err(PolicyDenied::transform(
+            RefusalKind::Encryption,
             "0A000",
             "pgward: a statement on encrypted columns could not be rewritten faithfully, so it is refused".into(),
         ));
@@ -652,8 +659,8 @@ fn encrypt_statements(
     Ok((texts, outcome))
 }
 
-fn encryption_refusal(r: crate::crypto::sql::Refused) -> PolicyDenied {
-    PolicyDenied::encryption(r.sqlstate, r.message)
+fn transform_refusal(r: crate::sql::stage::TransformRefusal) -> PolicyDenied {
+    PolicyDenied::transform(r.kind, r.sqlstate, r.message)
 }
 
 /// The columns of `table` a policy-bound service sees (none of a table outside its policy).
@@ -704,10 +711,10 @@ pub fn rewrite_encrypted(
     catalog: &Catalog,
     claims: &serde_json::Map<String, serde_json::Value>,
     sql: &str,
-    encryption: Option<&SqlEncryption>,
-) -> Result<(Rewritten, crate::crypto::sql::Outcome), PolicyDenied> {
+    encryption: Option<&dyn StatementTransform>,
+) -> Result<(Rewritten, TransformOutcome), PolicyDenied> {
     let mut stmts = sql::parse_statements(sql).map_err(|e| {
-        PolicyDenied::new(format!("pgward: service {service:?} sent a statement pgward cannot parse, so it is refused: {}", sql::describe_parse_error(&e)), None)
+        PolicyDenied::new(format!("pgward: service {service:?} sent a statement pgward cannot parse, so it is refused (pgward refuses what it cannot read): {}", crate::sql::unsupported::describe_unparsable(sql, &e)), None)
     })?;
     let mut texts = Vec::with_capacity(stmts.len());
     let mut infos = Vec::with_capacity(stmts.len());
@@ -729,10 +736,19 @@ pub fn rewrite_encrypted(
         })
         .collect();
     let outcome = match encryption {
-        Some(enc) => enc
-            .transform(&mut stmts, Some(catalog), &KeyScope::from_claims(claims))
-            .map_err(encryption_refusal)?,
-        None => crate::crypto::sql::Outcome::default(),
+        Some(enc) => {
+            // Policy before encryption: a column the service may not read must be refused as
+            // the policy refuses it, before encryption's checks could say that it exists and
+            // is encrypted ("… is not searchable"), and before its transform turns `email =
+            // 'x'` into a blind-index column the policy does not hide.
+            for st in &stmts {
+                rewrite::Rewriter::new(service, policy, catalog, claims)
+                    .statement(&mut st.clone())?;
+            }
+            enc.apply(&mut stmts, Some(catalog), claims)
+                .map_err(transform_refusal)?
+        }
+        None => TransformOutcome::default(),
     };
     for (k, (st, (named, class))) in stmts.iter_mut().zip(named).enumerate() {
         let (text, mut info) =
@@ -759,7 +775,7 @@ pub fn rewrite_encrypted(
             sql: texts.join(";\n"),
             statements: infos.into(),
             unrestricted: false,
-            params: outcome.params.clone(),
+            params: outcome.plan.clone(),
         },
         outcome,
     ))
@@ -769,3 +785,5 @@ pub fn rewrite_encrypted(
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_builtins;

@@ -42,7 +42,9 @@ use super::{PolicyDenied, StatementInfo};
 
 type R<T> = Result<T, PolicyDenied>;
 
+mod explain;
 mod exprs;
+mod introspect;
 mod read;
 mod write;
 
@@ -180,7 +182,12 @@ impl<'a> Rewriter<'a> {
             Statement::Explain {
                 statement,
                 describe_alias,
-                ..
+                analyze,
+                verbose,
+                query_plan,
+                estimate,
+                format,
+                options,
             } => {
                 if !self.policy.allow.explain {
                     return Err(self.refuse("EXPLAIN (allow.explain is off)"));
@@ -188,6 +195,7 @@ impl<'a> Rewriter<'a> {
                 if !matches!(describe_alias, DescribeAlias::Explain) || !is_plain_dml(statement) {
                     return Err(self.refuse("this EXPLAIN form"));
                 }
+                self.explain_options(analyze, verbose, format, options, *query_plan, *estimate)?;
                 self.top(statement)?;
             }
             Statement::Prepare {
@@ -196,7 +204,7 @@ impl<'a> Rewriter<'a> {
                 ..
             } => {
                 for t in data_types.iter() {
-                    if !allow::is_safe_type(&t.to_string()) {
+                    if !self.safe_type(t) {
                         return Err(self.refuse(format!("PREPARE with parameter type {t}")));
                     }
                 }
@@ -292,7 +300,18 @@ impl<'a> Rewriter<'a> {
             {
                 self.info.is_ddl = true
             }
-            _ => return Err(self.refuse(format!("{kind} statements"))),
+            _ => {
+                let kind = if kind == crate::sql::StatementKind::Other.as_str() {
+                    leading_keywords(st)
+                } else {
+                    kind.to_string()
+                };
+                return Err(self.refuse(format!(
+                    "{kind} statements (a policy-bound service may run SELECT and the writes \
+                     its policy allows, transactions, cursors, prepared statements, and SET/SHOW \
+                     of allowed parameters)"
+                )));
+            }
         }
         Ok(st.to_string())
     }
@@ -378,7 +397,9 @@ impl<'a> Rewriter<'a> {
             || q.format_clause.is_some()
             || !q.pipe_operators.is_empty()
         {
-            return Err(self.refuse("this query syntax"));
+            return Err(
+                self.refuse("FOR XML/JSON, SETTINGS, FORMAT or pipe clauses of other SQL dialects")
+            );
         }
         let base = scope.len();
         if let Some(with) = &mut q.with {
@@ -388,7 +409,7 @@ impl<'a> Rewriter<'a> {
             }
             for cte in &mut with.cte_tables {
                 if cte.from.is_some() {
-                    return Err(self.refuse("this CTE syntax"));
+                    return Err(self.refuse("a CTE with a FROM clause of another SQL dialect"));
                 }
                 // A non-recursive CTE's own name is not visible in its body: a reference
                 // there is the real table and gets filtered.
@@ -419,7 +440,7 @@ impl<'a> Rewriter<'a> {
             }
             SetExpr::Values(v) => self.check_node(v, scope),
             SetExpr::Insert(st) | SetExpr::Update(st) | SetExpr::Delete(st) => self.dml(st, scope),
-            _ => Err(self.refuse("this query form")),
+            other => Err(self.refuse(format!("the query form {other}"))),
         }
     }
 
@@ -438,7 +459,10 @@ impl<'a> Rewriter<'a> {
             || s.value_table_mode.is_some()
             || !matches!(s.flavor, SelectFlavor::Standard)
         {
-            return Err(self.refuse("this SELECT syntax"));
+            return Err(self.refuse(
+                "SELECT clauses of other SQL dialects (TOP, QUALIFY, CONNECT BY, PREWHERE, \
+                 LATERAL VIEW, CLUSTER/DISTRIBUTE/SORT BY, hints)",
+            ));
         }
         if s.into.is_some() {
             return Err(self.refuse("SELECT INTO"));
@@ -471,6 +495,23 @@ impl<'a> Rewriter<'a> {
         self.check_node(&mut s.having, scope)?;
         self.check_node(&mut s.named_window, scope)?;
         Ok(())
+    }
+}
+
+/// The statement's leading keywords (`CREATE FUNCTION`, `VACUUM`) to name a statement kind
+/// pgward does not classify: sqlparser prints keywords in upper case, and the first words of
+/// a statement are never a literal.
+fn leading_keywords(st: &Statement) -> String {
+    let text = st.to_string();
+    let words: Vec<&str> = text
+        .split_whitespace()
+        .take(3)
+        .take_while(|w| w.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect();
+    if words.is_empty() {
+        "these".to_string()
+    } else {
+        words.join(" ")
     }
 }
 

@@ -1,6 +1,6 @@
-//! The proxy's side of auditing: one record per statement (each simple Query, each extended
-//! Execute with its prepared statement, each refusal), made durable before the statement is
-//! forwarded, and a completion record when the server has answered it.
+//! The proxy's side of auditing: one record per statement (each statement of a simple Query,
+//! each extended Execute with its prepared statement, each refusal), made durable before the
+//! statement is forwarded, and a completion record when the server has answered it.
 //!
 //! Records are built from what the relay already has in hand: the client's message, the
 //! interceptor's verdict and the policy analysis. Completions are matched to their records
@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::audit::{
-    AuditError, AuditEvent, AuditHandle, BoundParam, Decision, DurableReceipt, Protocol,
-    SessionInfo, SqlText, StatementRecord,
+    split_statements, AuditError, AuditEvent, AuditHandle, BoundParam, Decision, DurableReceipt,
+    Protocol, SessionInfo, SqlText, StatementRecord,
 };
 use crate::error::Refusal;
-use crate::policy::Rewritten;
+use crate::policy::{Rewritten, StatementInfo};
 use crate::protocol::view::{BindView, Frontend, ParseView, Target};
 use crate::protocol::{backend, Message};
 
@@ -59,12 +59,18 @@ pub struct Awaiting {
     rows: Option<u64>,
     command: Option<String>,
     sqlstate: Option<String>,
+    /// Still awaited at ReadyForQuery: never run, after an earlier statement's error.
+    skipped: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AwaitKind {
-    /// A simple Query (possibly several statements): completes at its ReadyForQuery.
+    /// A simple Query: completes at its ReadyForQuery. With one statement it carries that
+    /// statement's record; with several it is only the boundary after their `QueryPart`s.
     Query,
+    /// One statement of a multi-statement Query: completes at its CommandComplete or error;
+    /// those after an error are never run (skipped at the ReadyForQuery).
+    QueryPart,
     /// An Execute: completes at CommandComplete, EmptyQuery, PortalSuspended or its error.
     Execute,
     /// A Sync: executes before it that got no answer were skipped after an error.
@@ -75,6 +81,8 @@ enum AwaitKind {
 pub struct SessionAudit {
     handle: AuditHandle,
     session: Arc<SessionInfo>,
+    /// The session's fields of every statement record, serialised once.
+    session_json: Option<Arc<str>>,
     statements: HashMap<String, Arc<Prepared>>,
     portals: HashMap<String, Portal>,
     /// Statement records written (for the connection-closed record).
@@ -106,6 +114,7 @@ impl SessionAudit {
     ) -> Self {
         Self {
             handle,
+            session_json: crate::audit::statement_session_json(&session).ok(),
             session,
             statements: HashMap::new(),
             portals: HashMap::new(),
@@ -127,8 +136,7 @@ impl SessionAudit {
         let message = observed.message;
         match observed.view {
             Frontend::Query { sql } => {
-                let record = self.record(Protocol::Simple, None, sql, &observed, Vec::new());
-                batch.push(AwaitKind::Query, record, observed.refused.is_none());
+                self.query(sql, &observed, batch);
             }
             Frontend::FunctionCall => {
                 let oid = message
@@ -147,6 +155,58 @@ impl SessionAudit {
             Frontend::Sync => batch.awaiting.push((AwaitKind::Sync, None)),
             _ => {}
         }
+    }
+
+    /// A simple Query: one record per statement of its text, as pgAudit logs substatements,
+    /// each with its own text, analysis and completion. A Query of one statement, or a
+    /// refused one (nothing of it runs: its refusal is the one record), is one record.
+    fn query(&mut self, sql: &str, observed: &Observed<'_>, batch: &mut BatchRecords) {
+        let parts = if observed.refused.is_none() {
+            split_statements(sql)
+        } else {
+            Vec::new()
+        };
+        if parts.len() < 2 {
+            let record = self.record(Protocol::Simple, None, sql, observed, Vec::new());
+            batch.push(AwaitKind::Query, record, observed.refused.is_none());
+            return;
+        }
+        let analysis = observed.analysis.as_deref();
+        // Each statement gets its own analysis when the parser saw the statements the split
+        // did; otherwise (a text the parser rejects) each names everything the text touches.
+        let infos = analysis.map(|a| &a.statements[..]);
+        let paired = infos.filter(|i| i.len() == parts.len());
+        let rewritten = analysis.filter(|a| !a.unrestricted).map(|a| {
+            let split = split_statements(&a.sql);
+            (
+                a.sql.as_str(),
+                (split.len() == parts.len()).then_some(split),
+            )
+        });
+        let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+        for (i, part) in parts.iter().enumerate() {
+            let mut record = StatementRecord::new(
+                self.session.clone(),
+                Protocol::Simple,
+                SqlText::new(part, self.literals_may_be_sensitive),
+            );
+            record.part = Some((u32::try_from(i + 1).unwrap_or(u32::MAX), count));
+            record.session_json = self.session_json.clone();
+            match (paired, infos) {
+                (Some(infos), _) => add_analysis(&mut record, infos.get(i..=i).unwrap_or(&[])),
+                (None, Some(infos)) => add_analysis(&mut record, infos),
+                (None, None) => {}
+            }
+            match &rewritten {
+                Some((_, Some(split))) => record.set_rewritten(split.get(i).unwrap_or(&"")),
+                Some((whole, None)) => record.set_rewritten(whole),
+                None => {}
+            }
+            self.statements_recorded += 1;
+            let event = AuditEvent::Statement(Box::new(record));
+            batch.push(AwaitKind::QueryPart, event, true);
+        }
+        batch.awaiting.push((AwaitKind::Query, None));
     }
 
     fn parse(&mut self, parse: &ParseView<'_>, observed: &Observed<'_>, batch: &mut BatchRecords) {
@@ -262,6 +322,7 @@ impl SessionAudit {
         mut record: StatementRecord,
         observed: &Observed<'_>,
     ) -> AuditEvent {
+        record.session_json = self.session_json.clone();
         if let Some(refusal) = observed.refused {
             record.decision = if refusal.kind.is_decision() {
                 Decision::Refused
@@ -276,18 +337,7 @@ impl SessionAudit {
             if !analysis.unrestricted {
                 record.set_rewritten(&analysis.sql);
             }
-            for info in analysis.statements.iter() {
-                extend_unique(&mut record.tables_read, &info.tables_read);
-                extend_unique(&mut record.tables_written, &info.tables_written);
-                extend_unique(&mut record.columns_read, &info.columns_read);
-                extend_unique(&mut record.columns_written, &info.columns_written);
-                extend_unique(&mut record.encrypted_columns, &info.encrypted_columns);
-                if let Some(class) = info.class.map(|c| c.as_str()) {
-                    if !record.command_class.contains(&class) {
-                        record.command_class.push(class);
-                    }
-                }
-            }
+            add_analysis(&mut record, &analysis.statements);
         }
         self.statements_recorded += 1;
         AuditEvent::Statement(Box::new(record))
@@ -321,6 +371,7 @@ impl SessionAudit {
                 rows: None,
                 command: None,
                 sqlstate: None,
+                skipped: false,
             })
             .collect();
         (awaiting, written.map(|(_, receipt)| receipt))
@@ -334,6 +385,22 @@ impl BatchRecords {
         self.awaiting
             .push((kind, completes.then_some(self.events.len())));
         self.events.push(event);
+    }
+}
+
+/// What the analysed statements touch, onto their record.
+fn add_analysis(record: &mut StatementRecord, infos: &[StatementInfo]) {
+    for info in infos {
+        extend_unique(&mut record.tables_read, &info.tables_read);
+        extend_unique(&mut record.tables_written, &info.tables_written);
+        extend_unique(&mut record.columns_read, &info.columns_read);
+        extend_unique(&mut record.columns_written, &info.columns_written);
+        extend_unique(&mut record.encrypted_columns, &info.encrypted_columns);
+        if let Some(class) = info.class.map(|c| c.as_str()) {
+            if !record.command_class.contains(&class) {
+                record.command_class.push(class);
+            }
+        }
     }
 }
 
@@ -393,14 +460,11 @@ impl Completions {
         let mut queue = self.queue.lock();
         match tag {
             backend::READY_FOR_QUERY => {
-                // Everything up to the request this answers is over; Executes still waiting
-                // were skipped after an error.
-                let error = queue.iter().find_map(|a| a.sqlstate.clone());
+                // Everything up to the request this answers is over; Executes and statements
+                // of a Query still waiting were skipped after an error (never run).
                 while let Some(mut item) = queue.pop_front() {
-                    let boundary = item.kind != AwaitKind::Execute;
-                    if item.kind == AwaitKind::Execute && item.sqlstate.is_none() {
-                        item.sqlstate = error.clone();
-                    }
+                    let boundary = !item.kind.per_statement();
+                    item.skipped = item.kind.per_statement();
                     self.complete(item);
                     if boundary {
                         break;
@@ -424,7 +488,7 @@ impl Completions {
                     }
                     _ => {}
                 }
-                if front.kind == AwaitKind::Execute {
+                if front.kind.per_statement() {
                     if let Some(done) = queue.pop_front() {
                         self.complete(done);
                     }
@@ -445,7 +509,15 @@ impl Completions {
             command: item.command,
             duration: item.started.elapsed(),
             sqlstate: item.sqlstate,
+            skipped: item.skipped,
         });
+    }
+}
+
+impl AwaitKind {
+    /// Answered by its own CommandComplete (or error), not by ReadyForQuery.
+    fn per_statement(self) -> bool {
+        matches!(self, AwaitKind::Execute | AwaitKind::QueryPart)
     }
 }
 

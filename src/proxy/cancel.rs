@@ -1,5 +1,12 @@
-//! CancelRequest routing: pgward hands every client its own backend key and maps it to the
-//! upstream backend, so a client can only ever cancel its own session's query.
+//! CancelRequest routing: pgward hands every client the upstream backend's PID with a secret
+//! key of its own, and maps that pair to the session, so a client can only ever cancel its own
+//! session's query.
+//!
+//! Sessions are one to one with server connections, so the PID a client is given is the PID
+//! of the backend that runs its statements: the one PostgreSQL puts in the NotificationResponses
+//! it sends, and the one `pg_backend_pid()` returns. The PID is not a secret (PostgreSQL shows it
+//! to every session); the secret key is pgward's own random value, never the server's, so a
+//! client never learns a key the server would accept directly.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,10 +16,12 @@ use rand::Rng;
 
 use super::state::SessionState;
 
-/// Maps the keys pgward handed out to the sessions they belong to.
+/// Maps the keys pgward handed out to the sessions they belong to. Keyed by both halves: a
+/// backend PID can be reused by the server while an older session holding it is still
+/// registered, and the two must never be confusable.
 #[derive(Default)]
 pub struct CancelRegistry {
-    sessions: Mutex<HashMap<u32, (u32, Arc<SessionState>)>>,
+    sessions: Mutex<HashMap<(u32, u32), Arc<SessionState>>>,
 }
 
 /// The key a client must present to cancel its session's query.
@@ -23,16 +32,18 @@ pub struct CancelKey {
 }
 
 impl CancelRegistry {
-    /// Register a session and return the key to hand to its client.
+    /// Register a session and return the key to hand to its client: its upstream backend's
+    /// PID and a fresh random secret unique for that PID.
     pub fn register(&self, session: Arc<SessionState>) -> CancelKey {
+        let process_id = session.upstream_process_id;
         let mut rng = rand::thread_rng();
         let mut sessions = self.sessions.lock();
         loop {
-            // Zero and values that look like real small PIDs are fine; uniqueness is what matters.
-            let process_id = rng.gen::<u32>() | 1;
-            if let std::collections::hash_map::Entry::Vacant(slot) = sessions.entry(process_id) {
-                let secret_key = rng.gen();
-                slot.insert((secret_key, session));
+            let secret_key = rng.gen::<u32>();
+            if let std::collections::hash_map::Entry::Vacant(slot) =
+                sessions.entry((process_id, secret_key))
+            {
+                slot.insert(session);
                 return CancelKey {
                     process_id,
                     secret_key,
@@ -43,16 +54,15 @@ impl CancelRegistry {
 
     /// Forget a session's key (at disconnect).
     pub fn unregister(&self, key: CancelKey) {
-        self.sessions.lock().remove(&key.process_id);
+        self.sessions
+            .lock()
+            .remove(&(key.process_id, key.secret_key));
     }
 
-    /// The session a key belongs to, if the key (both halves) is valid.
+    /// The session a key belongs to, if the key (both halves) is valid. The map hashes the
+    /// whole pair, so how long a lookup takes says nothing about how much of a secret matched.
     pub fn lookup(&self, process_id: u32, secret_key: u32) -> Option<Arc<SessionState>> {
-        let sessions = self.sessions.lock();
-        let (secret, session) = sessions.get(&process_id)?;
-        // Compare without an early exit so response timing says nothing about the secret.
-        let equal = (secret ^ secret_key) == 0;
-        equal.then(|| session.clone())
+        self.sessions.lock().get(&(process_id, secret_key)).cloned()
     }
 
     /// Number of live sessions (for tests and metrics).
@@ -77,33 +87,54 @@ mod tests {
         let b = Arc::new(SessionState::new(2, 101, 201));
         let key_a = registry.register(a);
         let key_b = registry.register(b);
+        // The client is given its upstream backend's PID, never the server's secret.
+        assert_eq!((key_a.process_id, key_b.process_id), (100, 101));
+        let id = |k: CancelKey| registry.lookup(k.process_id, k.secret_key).map(|s| s.id);
+        assert_eq!(id(key_a), Some(1));
+        assert_eq!(id(key_b), Some(2));
+        assert_eq!(registry.lookup(100, 200).map(|s| s.id), None);
         assert_eq!(
             registry
-                .lookup(key_a.process_id, key_a.secret_key)
-                .unwrap()
-                .id,
-            1
+                .lookup(key_a.process_id, key_b.secret_key)
+                .map(|s| s.id),
+            None
         );
         assert_eq!(
             registry
-                .lookup(key_b.process_id, key_b.secret_key)
-                .unwrap()
-                .id,
-            2
+                .lookup(key_a.process_id, key_a.secret_key.wrapping_add(1))
+                .map(|s| s.id),
+            None
         );
-        assert!(
-            registry
-                .lookup(key_a.process_id, key_b.secret_key ^ key_a.secret_key ^ 1)
-                .is_none()
-                || key_b.secret_key ^ 1 == 0
-        );
-        assert!(registry
-            .lookup(key_a.process_id, key_a.secret_key.wrapping_add(1))
-            .is_none());
         registry.unregister(key_a);
-        assert!(registry
-            .lookup(key_a.process_id, key_a.secret_key)
-            .is_none());
+        assert_eq!(id(key_a), None);
         assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn sessions_sharing_a_reused_backend_pid_are_never_confused() {
+        let registry = CancelRegistry::default();
+        let old = registry.register(Arc::new(SessionState::new(1, 4242, 1)));
+        let new = registry.register(Arc::new(SessionState::new(2, 4242, 2)));
+        assert_eq!(old.process_id, new.process_id);
+        assert_ne!(old.secret_key, new.secret_key);
+        assert_eq!(
+            registry
+                .lookup(old.process_id, old.secret_key)
+                .map(|s| s.id),
+            Some(1)
+        );
+        assert_eq!(
+            registry
+                .lookup(new.process_id, new.secret_key)
+                .map(|s| s.id),
+            Some(2)
+        );
+        registry.unregister(old);
+        assert_eq!(
+            registry
+                .lookup(new.process_id, new.secret_key)
+                .map(|s| s.id),
+            Some(2)
+        );
     }
 }

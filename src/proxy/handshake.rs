@@ -215,7 +215,7 @@ async fn handshake_inner(
         .unwrap_or(&user)
         .to_string();
     let target = || Some((user.clone(), database.clone()));
-    let Some(service) = shared.config.service(&user) else {
+    let Some(service) = shared.service(&user) else {
         // Ask for the token anyway? No: an unknown service can never authenticate, so say so.
         return Err(Refusal {
             target: target(),
@@ -690,6 +690,9 @@ mod tests {
             ]),
             startup(&[("options", "-c extra_float_digits=3 -c work_mem=64MB")]),
             startup(&[("TimeZone", "UTC"), ("client_encoding", "utf-8")]),
+            // asyncpg sends the quotes as part of the value; PostgreSQL ignores them.
+            startup(&[("client_encoding", "'utf-8'")]),
+            startup(&[("options", "-c client_encoding=Unicode")]),
         ] {
             assert!(check_startup_parameters(&ok, &bound).is_ok(), "{ok:?}");
         }

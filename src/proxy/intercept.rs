@@ -14,7 +14,7 @@ use super::policy::{may_be_ddl, Policies, SessionPolicy};
 use crate::auth::Identity;
 use crate::crypto::sql::{ParamPlan, SqlEncryption};
 use crate::error::{sqlstate, Refusal, RefusalKind};
-use crate::policy::{AnalysisMemo, Rewritten, SessionMemo};
+use crate::policy::{AnalysisMemo, Rewritten, SessionMemo, StagePlan};
 use crate::protocol::view::{Frontend, ParseView};
 
 /// What happens to one client message.
@@ -207,10 +207,13 @@ impl Interceptor {
                 policies.rewrite(&mut self.memo, &self.identity, sql)
             }
             SessionPolicy::Unrestricted => match &self.encryption {
-                Some(enc) => {
-                    let scope = crate::crypto::scope::KeyScope::from_claims(&self.identity.claims);
-                    crate::policy::unrestricted_rewrite(sql, Some(enc), None, &scope).map(Arc::new)
-                }
+                Some(enc) => crate::policy::unrestricted_rewrite(
+                    sql,
+                    Some(enc.as_ref()),
+                    None,
+                    &self.identity.claims,
+                )
+                .map(Arc::new),
                 None => return Verdict::Forward,
             },
         };
@@ -229,7 +232,11 @@ impl Interceptor {
                 return Verdict::Refuse(denied.into());
             }
         };
-        self.param_plan = rewritten.params.clone();
+        // Field encryption's plan, as its transform typed it.
+        self.param_plan = rewritten
+            .params
+            .as_ref()
+            .and_then(StagePlan::get::<ParamPlan>);
         if rewritten.statements.iter().any(|s| s.is_ddl) {
             self.ddl_pending = true;
         }

@@ -15,11 +15,12 @@ pub mod copy_in;
 pub mod encryption;
 pub mod handshake;
 pub mod intercept;
+mod pipeline;
 pub mod policy;
+pub mod reload;
 pub mod session;
 pub mod state;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -70,8 +71,9 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub verifier: Arc<TokenVerifier>,
     pub upstream: UpstreamTarget,
-    /// Resolved upstream passwords by service (read once at start, not per connection).
-    pub upstream_passwords: HashMap<String, Option<String>>,
+    /// `[services]` with their resolved upstream passwords (resolved at start and on SIGHUP,
+    /// not per connection); swapped whole by [`reload`].
+    services: parking_lot::RwLock<Arc<reload::Services>>,
     pub metrics: Arc<Metrics>,
     pub cancels: CancelRegistry,
     /// Row policies, when `[policy]` is configured.
@@ -103,19 +105,11 @@ impl Proxy {
         };
         let verifier = Arc::new(TokenVerifier::new(config.auth.clone()).await?);
         let upstream = UpstreamTarget::new(&config.upstream)?;
-        let mut upstream_passwords = HashMap::new();
-        for (name, service) in &config.services {
-            let password = service
-                .upstream_password
-                .as_ref()
-                .map(|s| s.resolve())
-                .transpose()?;
-            upstream_passwords.insert(name.clone(), password);
-        }
+        let services = reload::Services::resolve(&config)?;
+        let upstream_passwords = &services.passwords;
         let metrics = Arc::new(Metrics::default());
         let policies =
-            policy::Policies::load(&config, &upstream, &upstream_passwords, metrics.clone())
-                .await?;
+            policy::Policies::load(&config, &upstream, upstream_passwords, metrics.clone()).await?;
         // Bind before opening the audit log: a second instance on a taken address must fail
         // without touching the log, and one on a free address fails on the log's lock.
         let address = config.listen.address;
@@ -136,6 +130,7 @@ impl Proxy {
                 if handle.truncation_detected() {
                     inc(&metrics.audit_truncations_detected);
                 }
+                metrics.set_audit(handle.clone());
                 tracing::info!(dir = %audit.dir.display(), "audit log open");
                 (Some(log), Some(handle))
             }
@@ -145,7 +140,7 @@ impl Proxy {
             }
         };
         let encryption =
-            encryption::Encryption::start(&config, &upstream, &upstream_passwords).await?;
+            encryption::Encryption::start(&config, &upstream, upstream_passwords).await?;
         if let Some(encryption) = &encryption {
             metrics.set_key_metrics(encryption.manager.metrics());
         }
@@ -158,7 +153,7 @@ impl Proxy {
                 tls,
                 verifier,
                 upstream,
-                upstream_passwords,
+                services: parking_lot::RwLock::new(Arc::new(services)),
                 metrics,
                 cancels: CancelRegistry::default(),
                 policies,
@@ -199,6 +194,11 @@ impl Proxy {
     /// The loaded policies, if `[policy]` is configured.
     pub fn policies(&self) -> Option<Arc<policy::Policies>> {
         self.shared.policies.clone()
+    }
+
+    /// What SIGHUP uses to apply a new configuration to the running proxy.
+    pub fn reloader(&self) -> reload::Reloader {
+        reload::Reloader::new(self.shared.clone())
     }
 
     /// Serve until `shutdown` resolves, then stop accepting, let running statements finish

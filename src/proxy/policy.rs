@@ -44,7 +44,8 @@ pub struct Policies {
     engine: PolicyEngine,
     config: PolicyConfig,
     catalog_user: String,
-    catalog_password: Option<String>,
+    /// Replaced by a SIGHUP reload; used from the next catalog connection on.
+    catalog_password: Mutex<Option<String>>,
     upstream: UpstreamTarget,
     metrics: Arc<Metrics>,
     /// pgward's own connection for catalog reads, opened on first use and reused.
@@ -111,11 +112,20 @@ impl Policies {
             files_seen: Mutex::new(policy_files(&policy.dir)),
             config: policy,
             catalog_user: service.upstream_user.clone(),
-            catalog_password,
+            catalog_password: Mutex::new(catalog_password),
             upstream: upstream.clone(),
             metrics,
             catalog_client: tokio::sync::Mutex::new(Some(client)),
         })))
+    }
+
+    /// A SIGHUP reload: the catalog service's login (from its next connection) and the
+    /// services configured unrestricted. Returns the catalog service's role, which only a
+    /// restart changes.
+    pub fn reconfigure(&self, catalog_password: Option<String>, unrestricted: Vec<String>) -> &str {
+        *self.catalog_password.lock() = catalog_password;
+        self.engine.set_unrestricted(unrestricted);
+        &self.catalog_user
     }
 
     /// The engine (for tools and tests).
@@ -160,6 +170,33 @@ impl Policies {
         Ok(SessionPolicy::Bound(self.clone()))
     }
 
+    /// With `claims_as_settings`: the startup parameters `app.<claim>` = value for each claim
+    /// the service's policy uses, which `policy export-rls`'s row-level security reads. The
+    /// service itself can never set them (startup parameters and SET are allowlisted).
+    pub fn claim_settings(&self, identity: &Identity) -> Vec<(String, String)> {
+        if !self.config.claims_as_settings {
+            return Vec::new();
+        }
+        let required = self
+            .engine
+            .required_claims(&identity.service)
+            .unwrap_or_default();
+        required
+            .into_iter()
+            .filter(|c| c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+            .filter_map(|c| {
+                let value = match identity.claims.get(&c)? {
+                    serde_json::Value::String(s) => s.clone(),
+                    v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => {
+                        v.to_string()
+                    }
+                    _ => return None,
+                };
+                Some((format!("app.{c}"), value))
+            })
+            .collect()
+    }
+
     /// Rewrite one SQL string of a session of `identity` (cached by the engine and in the
     /// session's memo).
     pub fn rewrite(
@@ -200,11 +237,12 @@ impl Policies {
     pub async fn refresh_catalog(&self) {
         let mut slot = self.catalog_client.lock().await;
         if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            let password = self.catalog_password.lock().clone();
             match self
                 .upstream
                 .admin_client(
                     &self.catalog_user,
-                    self.catalog_password.as_deref(),
+                    password.as_deref(),
                     &self.config.database,
                 )
                 .await
@@ -219,7 +257,7 @@ impl Policies {
         let Some(client) = slot.as_ref() else {
             return;
         };
-        match Catalog::load(client).await {
+        match self.engine.catalog().refresh(client).await {
             // Unchanged: keep the compiled policies and their rewrite cache.
             Ok(catalog) if catalog == *self.engine.catalog() => {}
             Ok(catalog) => {

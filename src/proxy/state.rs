@@ -23,8 +23,11 @@ pub struct SessionState {
     pub upstream_secret_key: u32,
     /// Bumped (under `cancel_gate`) whenever a message that starts execution goes upstream.
     generation: AtomicU64,
-    /// Held while a message is written upstream, and while a cancel is delivered: a cancel can
-    /// never overtake into a request forwarded after it arrived.
+    /// Held while the generation is bumped for a batch that starts execution (before it is
+    /// written upstream), and while a cancel is delivered: a cancel is either delivered before
+    /// a later request is written or dropped, so it never hits a request forwarded after it
+    /// arrived. Not held across the write itself, so a cancel reaches a busy server while a
+    /// large pipeline is still being written to it.
     pub cancel_gate: tokio::sync::Mutex<()>,
     /// Transaction status byte of the last ReadyForQuery.
     tx_status: AtomicU8,

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 
 use thiserror::Error;
 
+use super::routines::{self, Routines};
+
 /// Errors while reading the catalog.
 #[derive(Debug, Error)]
 pub enum CatalogError {
@@ -72,6 +74,8 @@ impl TableInfo {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
     tables: HashMap<(String, String), TableInfo>,
+    /// `pg_catalog` functions, operators and types classified safe (`sql::routines`).
+    routines: Routines,
 }
 
 const LOAD_SQL: &str = "
@@ -92,12 +96,35 @@ impl Catalog {
             .into_iter()
             .map(|t| ((t.schema.clone(), t.name.clone()), t))
             .collect();
-        Catalog { tables }
+        Catalog {
+            tables,
+            routines: Routines::default(),
+        }
+    }
+
+    /// The same relations with classified routines (tests, tools).
+    pub fn with_routines(mut self, routines: Routines) -> Self {
+        self.routines = routines;
+        self
+    }
+
+    /// The `pg_catalog` functions, operators and types a bound service may use.
+    pub fn routines(&self) -> &Routines {
+        &self.routines
     }
 
     /// Reads every relation (including `pg_catalog` and `information_schema`, whose names
-    /// must be known to resolve unqualified references the way PostgreSQL does).
+    /// must be known to resolve unqualified references the way PostgreSQL does) and
+    /// classifies the built-in routines.
     pub async fn load(client: &tokio_postgres::Client) -> Result<Self, CatalogError> {
+        let tables = Self::load_tables(client).await?;
+        let routines = routines::load(client).await?;
+        Ok(Catalog { tables, routines })
+    }
+
+    async fn load_tables(
+        client: &tokio_postgres::Client,
+    ) -> Result<HashMap<(String, String), TableInfo>, CatalogError> {
         let rows = client.query(LOAD_SQL, &[]).await?;
         let mut tables: HashMap<(String, String), TableInfo> = HashMap::new();
         for row in rows {
@@ -125,12 +152,18 @@ impl Catalog {
             }
         }
         tracing::debug!(relations = tables.len(), "loaded upstream catalog");
-        Ok(Catalog { tables })
+        Ok(tables)
     }
 
-    /// Re-reads the catalog (call after DDL; then hand the result to `PolicyEngine::set_catalog`).
+    /// Re-reads the relations (call after DDL; then hand the result to
+    /// `PolicyEngine::set_catalog`). The classified routines are kept: `pg_catalog`'s
+    /// functions change only with the server's version, i.e. across a restart of pgward's
+    /// sessions, and a missing one is refused, never allowed.
     pub async fn refresh(&self, client: &tokio_postgres::Client) -> Result<Self, CatalogError> {
-        Self::load(client).await
+        Ok(Catalog {
+            tables: Self::load_tables(client).await?,
+            routines: self.routines.clone(),
+        })
     }
 
     pub fn get(&self, schema: &str, name: &str) -> Option<&TableInfo> {

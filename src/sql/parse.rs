@@ -9,8 +9,20 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::{Parser, ParserError};
 
+/// Parses `sql` as PostgreSQL would, or fails: syntax sqlparser would read differently from
+/// the server (`U&"…"` identifiers) is an error, and the bare `TABLE name` form, which sqlparser
+/// lacks, is read as the `SELECT * FROM name` PostgreSQL defines it to be.
 pub fn parse_statements(sql: &str) -> Result<Vec<Statement>, ParserError> {
-    Parser::parse_sql(&PostgreSqlDialect {}, sql)
+    if let Some(what) = super::unsupported::misread_construct(sql) {
+        return Err(ParserError::ParserError(what.to_string()));
+    }
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(statements) => Ok(statements),
+        Err(e) => match super::unsupported::table_statement_as_select(sql) {
+            Some(select) => Parser::parse_sql(&PostgreSqlDialect {}, &select).map_err(|_| e),
+            None => Err(e),
+        },
+    }
 }
 
 /// A parser error as it may be shown to a client, logged and audited: the token the parser

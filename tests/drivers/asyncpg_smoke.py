@@ -8,32 +8,15 @@ on the first failed check.
 import asyncio
 import datetime
 import decimal
-import os
-import ssl
-import sys
 import uuid
 
 import asyncpg
 
-
-def check(condition, what):
-    if not condition:
-        print(f"FAILED: {what}", file=sys.stderr)
-        sys.exit(1)
+from driver_check import check, connect_asyncpg
 
 
 async def main():
-    tls = ssl.create_default_context()
-    tls.check_hostname = False
-    tls.verify_mode = ssl.CERT_NONE  # the test certificate is self-signed
-    conn = await asyncpg.connect(
-        host="127.0.0.1",
-        port=int(os.environ["PGWARD_PORT"]),
-        user="app",
-        password=os.environ["PGWARD_TOKEN"],
-        database=os.environ["PGWARD_DATABASE"],
-        ssl=tls,
-    )
+    conn = await connect_asyncpg("app")
     check(conn.get_server_pid() != 0, "a backend key")
     # Binary types both ways.
     row = await conn.fetchrow(

@@ -8,16 +8,11 @@ exits non-zero on the first failed check.
 import datetime
 import decimal
 import os
-import sys
 
 import psycopg
 from psycopg.types.json import Jsonb
 
-
-def check(condition, what):
-    if not condition:
-        print(f"FAILED: {what}", file=sys.stderr)
-        sys.exit(1)
+from driver_check import check
 
 
 COLUMNS = "c_text, c_varchar, c_int4, c_int8, c_numeric, c_bool, c_date, c_tstz, c_bytea, c_jsonb"

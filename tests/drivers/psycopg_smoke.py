@@ -4,15 +4,10 @@ statements, pipeline mode, binary results, COPY, and recovery after an error.
 Run by tests/it/tools.rs with PGWARD_DSN set; exits non-zero on the first failed check.
 """
 import os
-import sys
 
 import psycopg
 
-
-def check(condition, what):
-    if not condition:
-        print(f"FAILED: {what}", file=sys.stderr)
-        sys.exit(1)
+from driver_check import check
 
 
 def main():

@@ -73,7 +73,7 @@ async fn every_statement_gets_one_durable_record_and_a_completion() {
     let proxy = harness::audited_proxy(log.path(), "").await;
     let client = proxy.connect("app", &database).await;
 
-    // 3 simple-protocol statements, 1 multi-statement Query (one record: one Query message).
+    // 3 simple-protocol statements, 1 Query of two statements (one record each).
     client
         .batch_execute("CREATE TABLE t (id int primary key, secret text)")
         .await
@@ -133,12 +133,12 @@ async fn every_statement_gets_one_durable_record_and_a_completion() {
 
     let all = records(log.path());
     let statements = of_kind(&all, "statement");
-    assert_eq!(statements.len(), 4 + 4 + 1 + 1, "{statements:#?}");
+    assert_eq!(statements.len(), 5 + 4 + 1 + 1, "{statements:#?}");
     let simple = statements
         .iter()
         .filter(|r| r["protocol"] == "simple")
         .count();
-    assert_eq!(simple, 6);
+    assert_eq!(simple, 7);
     let extended: Vec<_> = statements
         .iter()
         .filter(|r| r["protocol"] == "extended")
@@ -169,8 +169,8 @@ async fn every_statement_gets_one_durable_record_and_a_completion() {
     assert_eq!(rows_of("INSERT INTO t"), vec![json!(2)]);
     assert_eq!(
         rows_of("UPDATE t SET"),
-        vec![json!(3)],
-        "two UPDATEs in one Query: 1 + 2 rows"
+        vec![json!(1), json!(2)],
+        "two UPDATEs in one Query: a record each, 1 and 2 rows"
     );
     assert_eq!(rows_of("DELETE FROM t"), vec![json!(1)]);
     let failed: Vec<_> = completed

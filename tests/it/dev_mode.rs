@@ -156,6 +156,57 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
         "a tenant-2 token sees no tenant-1 rows"
     );
 
+    // Each demo service logs in upstream as its own role: no superuser, and nothing beyond
+    // what its policy needs, checked directly against the server (not through pgward).
+    let config: toml::Value = toml::from_str(
+        &std::fs::read_to_string(workdir.path().join(".pgward/pgward.toml")).unwrap(),
+    )
+    .unwrap();
+    let upstream_port = config["upstream"]["port"].as_integer().unwrap().to_string();
+    let direct = |service: &str, sql: &str| {
+        let svc = &config["services"][service];
+        assert_eq!(svc["upstream_user"].as_str(), Some(service));
+        let password_file = svc["upstream_password"]["file"].as_str().unwrap();
+        let password = std::fs::read_to_string(password_file).unwrap();
+        let out = Command::new("psql")
+            .args(["-X", "-A", "-t", "-h", "127.0.0.1", "-p", &upstream_port])
+            .args(["-U", service, "-d", "pgward_demo", "-c", sql])
+            .env("PGPASSWORD", password.trim())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    for service in ["billing", "support", "analytics"] {
+        let (ok, out, err) = direct(
+            service,
+            "select rolsuper, rolcreaterole, rolbypassrls from pg_roles where rolname = current_user",
+        );
+        assert!(ok && out == "f|f|f", "{service}: {out} {err}");
+    }
+    for (service, sql) in [
+        ("billing", "select count(*) from tenants"),
+        ("support", "select ssn from customers"),
+        ("support", "update customers set name = 'x'"),
+        ("analytics", "select email from customers"),
+        ("billing", "select * from pgward.data_keys"),
+        ("billing", "delete from invoices"),
+    ] {
+        let (ok, _, err) = direct(service, sql);
+        assert!(
+            !ok && err.contains("permission denied"),
+            "{service}: {sql}: {err}"
+        );
+    }
+    let (ok, out, err) = direct("billing", "select count(*) from customers");
+    assert!(
+        ok && out == "15",
+        "billing reads its table upstream: {out} {err}"
+    );
+
     // Ctrl-C stops everything and removes the throwaway server.
     // SAFETY: sending SIGINT to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -216,4 +267,123 @@ fn token_mint_creates_a_key_only_when_asked() {
     let again = mint(&["--ttl", "2h"]);
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("exceeds auth.max_token_lifetime (1h)"));
+}
+
+/// `pgward dev --rls`: the policies are also PostgreSQL row-level security on the throwaway
+/// server, and pgward passes the token's claims as `app.<claim>`; both lines answer alike.
+#[test]
+fn dev_mode_with_rls_filters_in_the_server_too() {
+    let workdir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .args([
+            "dev",
+            "--rls",
+            "--local-keys",
+            "--listen",
+            &listen,
+            "--admin",
+            &admin,
+        ])
+        .current_dir(workdir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut billing = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if let Some(command) = line.trim().strip_prefix("psql ") {
+            let command = command.trim_matches('"').to_string();
+            if command.starts_with("postgresql://billing:") {
+                billing = Some(command);
+            }
+        }
+        if line.contains("Press Ctrl-C") || Instant::now() > deadline {
+            break;
+        }
+    }
+    let stop = |child: &mut std::process::Child| {
+        // SAFETY: sending SIGINT to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log);
+        let _ = child.wait();
+        log
+    };
+    let Some(billing) = billing else {
+        panic!("no billing command; pgward dev said:\n{}", stop(&mut child));
+    };
+    let psql = |args: &[&str], password: Option<&str>| {
+        let mut cmd = Command::new("psql");
+        cmd.args(["-X", "-A", "-t"]).args(args);
+        if let Some(p) = password {
+            cmd.env("PGPASSWORD", p);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let through = psql(
+        &[
+            billing.as_str(),
+            "-c",
+            "select count(*), min(tenant_id), max(tenant_id) from customers",
+        ],
+        None,
+    );
+    let config: toml::Value = toml::from_str(
+        &std::fs::read_to_string(workdir.path().join(".pgward/pgward.toml")).unwrap(),
+    )
+    .unwrap();
+    let port = config["upstream"]["port"].as_integer().unwrap().to_string();
+    let password = std::fs::read_to_string(
+        config["services"]["billing"]["upstream_password"]["file"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let direct = |sql: &str| {
+        psql(
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "billing",
+                "-d",
+                "pgward_demo",
+                "-c",
+                sql,
+            ],
+            Some(password.trim()),
+        )
+    };
+    let without_claim = direct("select count(*) from customers");
+    let other_tenant = direct(
+        "set app.tenant_id = '2'; select count(*), min(tenant_id), max(tenant_id) from customers",
+    );
+    let log = stop(&mut child);
+    assert!(through.0 && through.1 == "5|1|1", "{through:?}\n{log}");
+    assert!(
+        config["policy"]["claims_as_settings"].as_bool() == Some(true),
+        "{config}"
+    );
+    // The role alone, without the claim pgward passes, sees nothing (or fails).
+    assert!(
+        !without_claim.0 || without_claim.1 == "0",
+        "{without_claim:?}"
+    );
+    assert!(
+        other_tenant.0 && other_tenant.1.lines().last() == Some("5|2|2"),
+        "{other_tenant:?}"
+    );
+    assert!(log.contains("row-level security installed"), "{log}");
 }

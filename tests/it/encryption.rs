@@ -1038,9 +1038,10 @@ async fn demo_schema_encrypted_behind_the_demo_policies() {
     assert_eq!(rows[0][3].as_deref(), Some("customer1@tenant1.example"));
     for (sql, code) in [
         ("SELECT ssn FROM customers", "42501"),
+        // The policy answers first: support must not learn that ssn is encrypted.
         (
             "SELECT id FROM customers WHERE ssn = '101-01-1001'",
-            "0A000",
+            "42501",
         ),
         ("SELECT card_number FROM invoices", "42501"),
         (
@@ -1054,6 +1055,11 @@ async fn demo_schema_encrypted_behind_the_demo_policies() {
         assert!(
             !db.message().contains("101-01") && !db.message().contains("4111"),
             "{sql}"
+        );
+        assert!(
+            !db.message().contains("encrypt") && !db.message().contains("searchable"),
+            "{sql}: {}",
+            db.message()
         );
     }
     // analytics: email hidden, so no equality search on it either.

@@ -432,10 +432,14 @@ async fn cursors_prepare_explain_params() {
     let r = db
         .rows(
             "billing",
-            "EXPLAIN ANALYZE SELECT * FROM customers WHERE 1 / (id - 100000) IS NOT NULL",
+            "EXPLAIN SELECT * FROM customers WHERE 1 / (id - 100000) IS NOT NULL",
         )
         .await;
     assert!(!r.is_empty());
+    // ANALYZE would count the rows the filter removes.
+    assert!(db
+        .rewrite("billing", 1, "EXPLAIN ANALYZE SELECT * FROM customers")
+        .is_err());
     // Extended protocol: parameters stay parameters with the right types.
     let sql = db.must("billing", "SELECT tenant_id FROM customers WHERE id = $1");
     assert!(db
@@ -762,7 +766,7 @@ async fn cli_tools_work_against_a_database() {
     .await
     .unwrap();
     assert!(
-        out.starts_with("REFUSED (42501)") && out.contains("rule: policies/support.toml:"),
+        out.starts_with("REFUSED (42501)") && out.contains("rule: support.toml:"),
         "{out}"
     );
     let out = cli::run_test(&cli::TestArgs {

@@ -13,7 +13,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::harness::{self, msg, ProxyOptions, TestProxy};
 
 /// A proxy bound to a fresh demo database with the policies of `dir`.
-async fn policy_proxy(dir: &Path, extra: &str) -> (TestProxy, String) {
+pub(crate) async fn policy_proxy(dir: &Path, extra: &str) -> (TestProxy, String) {
     let database = harness::fresh_plaintext_demo("pol").await;
     let extra_toml = format!(
         r#"
@@ -38,11 +38,11 @@ catalog_refresh_interval = "300ms"
     (proxy, database)
 }
 
-fn demo_policies() -> PathBuf {
+pub(crate) fn demo_policies() -> PathBuf {
     std::fs::canonicalize("policies").expect("policies dir")
 }
 
-fn config(
+pub(crate) fn config(
     proxy: &TestProxy,
     service: &str,
     database: &str,
@@ -53,7 +53,12 @@ fn config(
     config
 }
 
-async fn connect_as(proxy: &TestProxy, service: &str, database: &str, tenant: i64) -> Client {
+pub(crate) async fn connect_as(
+    proxy: &TestProxy,
+    service: &str,
+    database: &str,
+    tenant: i64,
+) -> Client {
     let (client, conn) = config(proxy, service, database, json!({ "tenant_id": tenant }))
         .connect(tokio_postgres::NoTls)
         .await
@@ -63,7 +68,7 @@ async fn connect_as(proxy: &TestProxy, service: &str, database: &str, tenant: i6
 }
 
 /// The direct (superuser) view of the database, for checking what really happened.
-async fn direct(database: &str) -> Client {
+pub(crate) async fn direct(database: &str) -> Client {
     let (client, conn) = harness::postgres()
         .direct(database)
         .connect(tokio_postgres::NoTls)
@@ -73,7 +78,7 @@ async fn direct(database: &str) -> Client {
     client
 }
 
-fn assert_refused(error: &tokio_postgres::Error, needle: &str) {
+pub(crate) fn assert_refused(error: &tokio_postgres::Error, needle: &str) {
     let db = error
         .as_db_error()
         .unwrap_or_else(|| panic!("not a server error: {error}"));
@@ -104,7 +109,7 @@ fn assert_refused_or_own_data_error(error: &tokio_postgres::Error) {
 }
 
 /// Every `tenant_id` a simple query returned in its first column.
-fn first_column(messages: &[SimpleQueryMessage]) -> Vec<String> {
+pub(crate) fn first_column(messages: &[SimpleQueryMessage]) -> Vec<String> {
     messages
         .iter()
         .filter_map(|m| match m {

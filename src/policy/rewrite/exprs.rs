@@ -1,6 +1,7 @@
 //! Expressions: every expression a statement carries is checked (functions, operators, casts,
 //! hidden columns, nested queries) and claims are substituted as literals.
 use super::*;
+use sqlparser::ast::{ArrayElemTypeDef, DataType};
 
 impl<'a> Rewriter<'a> {
     /// Checks every expression inside `node` (and rewrites nested queries).
@@ -31,19 +32,140 @@ impl<'a> Rewriter<'a> {
         if builtin.is_some_and(allow::is_volatile_function) {
             self.saw_volatile = true;
         }
-        if builtin.is_some_and(allow::is_safe_function)
+        let safe_builtin = builtin.is_some_and(|n| {
+            allow::is_safe_function(n) || self.catalog.routines().is_safe_function(n)
+        });
+        if safe_builtin
+            || allow::SAFE_QUALIFIED_FUNCTIONS.contains(&full.as_str())
             || self.policy.allow.functions.contains(&full)
         {
             Ok(())
         } else {
             Err(self.deny(
-                format!("may not call function {full}"),
+                format!(
+                    "may not call function {full} (only built-in functions that cannot read \
+                     tables, files or settings, and the policy's [allow] functions)"
+                ),
                 Some(&self.policy.allow.rule),
             ))
         }
     }
 
+    /// Operators spelled as symbols sqlparser does not know (`~<~`, `OPERATOR(pg_catalog.~)`):
+    /// allowed when every `pg_catalog` operator of that name is implemented by a safe function.
+    fn check_custom_operator(&self, op: &BinaryOperator) -> R<()> {
+        let symbol = match op {
+            BinaryOperator::Custom(s) => Some(s.as_str()),
+            BinaryOperator::PGCustomBinaryOperator(parts) => match parts.as_slice() {
+                [s] => Some(s.as_str()),
+                [schema, s] if schema == "pg_catalog" => Some(s.as_str()),
+                _ => None,
+            },
+            _ => return Ok(()),
+        };
+        if symbol.is_some_and(|s| self.catalog.routines().is_safe_operator(s)) {
+            Ok(())
+        } else {
+            Err(self.refuse(format!(
+                "operator {op} (only built-in operators whose function cannot read tables)"
+            )))
+        }
+    }
+
+    /// Whether a cast or typed literal may name `dt`: built-in types resolved the way the
+    /// server resolves them (quoted, `pg_catalog`-qualified, SQL aliases, arrays), whose
+    /// input cannot read data or resolve relation names.
+    pub(super) fn safe_type(&self, dt: &DataType) -> bool {
+        match dt {
+            DataType::Array(
+                ArrayElemTypeDef::SquareBracket(inner, _) | ArrayElemTypeDef::AngleBracket(inner),
+            ) => self.safe_type(inner),
+            DataType::Custom(name, _) => {
+                let Some(parts) = object_name_parts(name) else {
+                    return false;
+                };
+                let base = match parts.as_slice() {
+                    [n] => n.as_str(),
+                    [s, n] if s == "pg_catalog" => n.as_str(),
+                    _ => return false,
+                };
+                // exact: a quoted "INT4" is not int4 to the server either
+                allow::SAFE_TYPES.contains(&base) || self.catalog.routines().is_safe_type(base)
+            }
+            other => {
+                let rendered = other.to_string();
+                allow::is_safe_type(&rendered)
+                    || self
+                        .catalog
+                        .routines()
+                        .is_safe_type(&rendered.to_ascii_lowercase())
+            }
+        }
+    }
+
+    /// `current_setting('<name>' [, missing_ok])` of a parameter the service may SHOW, and
+    /// `set_config('<name>', <literal or $n>, <bool>)` of one it may SET (never
+    /// client_encoding): the same as SHOW and SET, as asyncpg toggles `jit` around its type
+    /// introspection.
+    fn showable_setting(&self, f: &sqlparser::ast::Function) -> bool {
+        use sqlparser::ast::{FunctionArg, FunctionArgExpr, FunctionArguments, Value};
+        let Some(parts) = object_name_parts(&f.name) else {
+            return false;
+        };
+        let name = match parts.as_slice() {
+            [n] => n.as_str(),
+            [s, n] if s == "pg_catalog" => n.as_str(),
+            _ => return false,
+        };
+        let FunctionArguments::List(list) = &f.args else {
+            return false;
+        };
+        if list.duplicate_treatment.is_some()
+            || !list.clauses.is_empty()
+            || f.filter.is_some()
+            || f.over.is_some()
+        {
+            return false;
+        }
+        let value = |a: &FunctionArg| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => Some(v.value.clone()),
+            _ => None,
+        };
+        let param = |a: &FunctionArg| match value(a) {
+            Some(Value::SingleQuotedString(p)) => Some(p.to_ascii_lowercase()),
+            _ => None,
+        };
+        let boolean = |a: &FunctionArg| matches!(value(a), Some(Value::Boolean(_)));
+        match (name, list.args.as_slice()) {
+            ("current_setting", [p]) | ("current_setting", [p, _]) => {
+                { list.args.len() == 1 || boolean(&list.args[1]) }
+                    .then(|| param(p))
+                    .flatten()
+                    .is_some_and(|p| {
+                        self.is_settable(&p) || allow::SAFE_SHOW_PARAMS.contains(&p.as_str())
+                    })
+            }
+            ("set_config", [p, v, local]) => {
+                boolean(local)
+                    && matches!(
+                        value(v),
+                        Some(Value::SingleQuotedString(_) | Value::Placeholder(_))
+                    )
+                    && param(p).is_some_and(|p| p != "client_encoding" && self.is_settable(&p))
+            }
+            _ => false,
+        }
+    }
+
     pub(super) fn check_column(&self, col: &str) -> R<()> {
+        if allow::is_system_column(col) {
+            // ctid, xmin, … of a visible row tell where and when rows were written, other
+            // tenants' included; no user column can carry these names.
+            return Err(self.deny(
+                format!("may not read system column {col} (it reveals other rows' writes)"),
+                Some(&self.policy.allow.rule),
+            ));
+        }
         if let Some((table, rule)) = self.hidden.get(col) {
             return Err(self.deny(format!("may not read column {table}.{col}"), Some(rule)));
         }
@@ -76,23 +198,28 @@ impl<'a> Rewriter<'a> {
                     None => Ok(()),
                 }
             }
-            Expr::BinaryOp { op, .. } => match op {
-                BinaryOperator::Custom(_) | BinaryOperator::PGCustomBinaryOperator(_) => {
-                    Err(self.refuse(format!("operator {op}")))
-                }
-                _ => Ok(()),
-            },
+            Expr::BinaryOp { op, .. } => self.check_custom_operator(op),
             Expr::Cast {
                 data_type, format, ..
             } => {
-                if format.is_some() || !allow::is_safe_type(&data_type.to_string()) {
-                    return Err(self.refuse(format!("a cast to {data_type}")));
+                if format.is_none() && is_regclass(data_type) {
+                    return Ok(()); // answered through `guarded_regclass` after the walk
+                }
+                if format.is_some() || !self.safe_type(data_type) {
+                    return Err(self.refuse(format!(
+                        "a cast to {data_type} (only built-in types whose input cannot read \
+                         data or resolve relation names)"
+                    )));
                 }
                 Ok(())
             }
             Expr::TypedString(ts) => {
-                if !allow::is_safe_type(&ts.data_type.to_string()) {
-                    return Err(self.refuse(format!("a literal of type {}", ts.data_type)));
+                if !self.safe_type(&ts.data_type) {
+                    return Err(self.refuse(format!(
+                        "a literal of type {} (only built-in types whose input cannot read \
+                         data or resolve relation names)",
+                        ts.data_type
+                    )));
                 }
                 Ok(())
             }
@@ -113,6 +240,14 @@ impl<'a> Rewriter<'a> {
                             }
                         }
                     }
+                }
+                if is_array_or_row_constructor(f) {
+                    // `ARRAY(SELECT …)` / `ROW(a, b)` are syntax, not calls; the subquery
+                    // inside ARRAY() is a query like any other (rewritten by the visitor).
+                    return Ok(());
+                }
+                if self.showable_setting(f) {
+                    return Ok(());
                 }
                 let name = f.name.clone();
                 self.check_function_name(&name)
@@ -204,6 +339,44 @@ impl<'a> Rewriter<'a> {
     }
 }
 
+/// sqlparser reads the `ARRAY(subquery)` and `ROW(…)` constructors as calls of functions
+/// named `array` / `row`. Only the unquoted, unqualified keyword spellings are constructors
+/// (`"array"(…)` would be a call of a function of that name).
+fn is_array_or_row_constructor(f: &sqlparser::ast::Function) -> bool {
+    use sqlparser::ast::{FunctionArguments, ObjectNamePart};
+    let [ObjectNamePart::Identifier(id)] = f.name.0.as_slice() else {
+        return false;
+    };
+    if id.quote_style.is_some()
+        || f.filter.is_some()
+        || f.over.is_some()
+        || !f.within_group.is_empty()
+    {
+        return false;
+    }
+    match &f.args {
+        FunctionArguments::Subquery(_) => id.value.eq_ignore_ascii_case("array"),
+        FunctionArguments::List(l) => {
+            id.value.eq_ignore_ascii_case("row")
+                && l.duplicate_treatment.is_none()
+                && l.clauses.is_empty()
+        }
+        FunctionArguments::None => false,
+    }
+}
+
+/// `regclass` or `pg_catalog.regclass`, as sqlparser spells it.
+fn is_regclass(dt: &DataType) -> bool {
+    match dt {
+        DataType::Regclass => true,
+        DataType::Custom(name, mods) if mods.is_empty() => {
+            matches!(object_name_parts(name).as_deref(), Some([n]) if n == "regclass")
+                || matches!(object_name_parts(name).as_deref(), Some([s, n]) if s == "pg_catalog" && n == "regclass")
+        }
+        _ => false,
+    }
+}
+
 struct ExprChecker<'r, 'a> {
     rw: &'r mut Rewriter<'a>,
     scope: &'r mut Vec<String>,
@@ -239,6 +412,33 @@ impl VisitorMut for ExprChecker<'_, '_> {
             Ok(()) => ControlFlow::Continue(()),
             Err(err) => ControlFlow::Break(err),
         }
+    }
+
+    /// After the operand was checked: a cast to regclass becomes its guarded form (built here,
+    /// so the guard itself is not walked again).
+    fn post_visit_expr(&mut self, e: &mut Expr) -> ControlFlow<PolicyDenied> {
+        if self.depth > 0 {
+            return ControlFlow::Continue(());
+        }
+        if let Expr::Cast {
+            expr,
+            data_type,
+            format: None,
+            ..
+        } = e
+        {
+            if is_regclass(data_type) {
+                match self.rw.guarded_regclass(expr) {
+                    Ok(guarded) => *e = Expr::Nested(Box::new(guarded)),
+                    Err(err) => return ControlFlow::Break(err),
+                }
+            }
+        } else if let Expr::Function(f) = e {
+            if let Err(err) = self.rw.guard_catalog_helper(f) {
+                return ControlFlow::Break(err);
+            }
+        }
+        ControlFlow::Continue(())
     }
 }
 

@@ -37,15 +37,20 @@ impl<'a> Rewriter<'a> {
                 index_directives,
                 inheritance,
             } => {
-                if !with_hints.is_empty()
-                    || version.is_some()
-                    || !partitions.is_empty()
-                    || json_path.is_some()
-                    || sample.is_some()
-                    || !index_directives.is_empty()
-                    || inheritance.is_some()
-                {
-                    return Err(self.refuse("this FROM syntax"));
+                let unsupported = [
+                    (!with_hints.is_empty(), "table hints WITH (…) in FROM"),
+                    (version.is_some(), "AS OF (time travel) in FROM"),
+                    (!partitions.is_empty(), "PARTITION (…) in FROM"),
+                    (json_path.is_some(), "a JSON path in FROM"),
+                    (sample.is_some(), "TABLESAMPLE"),
+                    (!index_directives.is_empty(), "index hints in FROM"),
+                    (
+                        inheritance.is_some(),
+                        "FROM ONLY / table * (inheritance forms; name the table alone)",
+                    ),
+                ];
+                if let Some((_, what)) = unsupported.iter().find(|(on, _)| *on) {
+                    return Err(self.refuse(what));
                 }
                 if let Some(args) = args {
                     // A set-returning function in FROM.
@@ -120,23 +125,21 @@ impl<'a> Rewriter<'a> {
                     *tf = self.barrier(&tp, &alias_text, &pushed)?;
                     Ok(())
                 } else if let Some(cols) = allow::catalog_relation(&info.schema, &info.name) {
-                    if let Some(cols) = cols {
-                        let list: Vec<String> = info
-                            .columns
-                            .iter()
-                            .filter(|c| cols.contains(&c.name.as_str()))
-                            .map(|c| quote_ident(&c.name))
-                            .collect();
-                        let text = format!(
-                            "(SELECT {} FROM {}.{}) AS {alias_text}",
-                            list.join(", "),
-                            quote_ident(&info.schema),
-                            quote_ident(&info.name)
-                        );
-                        *tf = parse_table_factor(&text)
-                            .map_err(|e| self.refuse(format!("(internal: {e})")))?;
+                    if let Some(stand_in) = self.catalog_stand_in(&info, cols, &alias_text)? {
+                        *tf = stand_in;
                     }
                     Ok(())
+                } else if info.schema == "pg_catalog"
+                    && (info.name.starts_with("pg_stat") || info.name.starts_with("pg_statio"))
+                {
+                    Err(self.deny(
+                        format!(
+                            "may not read statistics relation {} (statistics describe every \
+                             tenant's rows)",
+                            info.qualified()
+                        ),
+                        Some(&format!("{}:1", self.policy.file)),
+                    ))
                 } else {
                     let what = if matches!(info.kind, crate::sql::RelKind::View) {
                         "view"
@@ -165,7 +168,11 @@ impl<'a> Rewriter<'a> {
                 self.check_function_name(name)?;
                 self.check_node(args, scope)
             }
-            _ => Err(self.refuse("this FROM item")),
+            TableFactor::Derived { .. } => Err(self.refuse("TABLESAMPLE on a subquery")),
+            other => Err(self.refuse(format!(
+                "the FROM item {other} (tables, subqueries, joins, set-returning functions and \
+                 UNNEST are supported)"
+            ))),
         }
     }
 

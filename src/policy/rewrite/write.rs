@@ -395,8 +395,18 @@ impl<'a> Rewriter<'a> {
                 .map(|c| c.name.clone())
                 .collect();
         }
-        for c in &cols {
-            self.writable_column(&tp, c)?;
+        // A column that is DEFAULT in every VALUES row is not written by the client (it is
+        // dropped below): ORMs write DEFAULT for columns left to the database, presets included.
+        let all_default = |i: usize| match (&values_rows, &*source.body) {
+            (Some(_), SetExpr::Values(v)) => {
+                !v.rows.is_empty() && v.rows.iter().all(|r| r.get(i).is_some_and(is_default))
+            }
+            _ => false,
+        };
+        for (i, c) in cols.iter().enumerate() {
+            if !all_default(i) {
+                self.writable_column(&tp, c)?;
+            }
         }
         if values_rows.is_some() {
             let SetExpr::Values(v) = &mut *source.body else {

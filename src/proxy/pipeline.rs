@@ -1,0 +1,288 @@
+//! The client → upstream pipeline of one batch.
+//!
+//! Each client message is decoded once ([`Frontend`]); the same view then goes through the
+//! ordered stages over the session's state: the policy stage (the interceptor: the policy
+//! rewrite with field encryption's SQL transform in the same pass over the parsed statements),
+//! the audit stage (records written — and made durable per `[audit] durability` — before
+//! anything is forwarded), and field encryption's protocol stage (Parse retyped, Bind values
+//! encrypted). Decisions travel as typed values ([`Verdict`], [`Refusal`]); what goes upstream
+//! is assembled last, with unchanged runs of the batch kept as zero-copy slices.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::audit::{BatchRecords, Completions, Observed, SessionAudit};
+use super::encryption::ClientHalf;
+use super::intercept::{Interceptor, Verdict};
+use super::state::SessionState;
+use super::Shared;
+use crate::audit::OnFailure;
+use crate::crypto::sql::ParamPlan;
+use crate::error::{sqlstate, ClientError, Refusal, RefusalKind};
+use crate::metrics::inc;
+use crate::protocol::view::Frontend;
+use crate::protocol::{build, frontend, Batch, Message, ProtocolError};
+
+/// Run every message of a batch through the stages, make its audit records durable,
+/// then assemble what goes upstream; unchanged runs stay zero-copy slices.
+pub(super) async fn run_batch(
+    shared: &Shared,
+    state: &SessionState,
+    interceptor: &mut Interceptor,
+    audit: Option<(&mut SessionAudit, &Completions)>,
+    batch: &Batch,
+) -> Vec<Bytes> {
+    // Each message is decoded once; every stage reads the same view.
+    let messages: Vec<Message> = batch.messages().collect();
+    let views: Vec<Result<Frontend<'_>, ProtocolError>> =
+        messages.iter().map(Frontend::decode).collect();
+    let mut verdicts = Vec::with_capacity(messages.len());
+    let mut plans = Vec::with_capacity(messages.len());
+    let mut records = BatchRecords::default();
+    let (mut audit, completions) = audit.unzip();
+    for (message, view) in messages.iter().zip(&views) {
+        let verdict = match view {
+            Ok(view) => interceptor.client_message(view),
+            Err(e) => malformed_message(state, e),
+        };
+        plans.push(interceptor.take_param_plan());
+        let analysis = interceptor.take_analysis();
+        if let (Some(audit), Ok(view)) = (audit.as_deref_mut(), view) {
+            let refused = match &verdict {
+                Verdict::Refuse(error) => Some(error),
+                _ => None,
+            };
+            let observed = Observed {
+                message,
+                view,
+                refused,
+                analysis,
+            };
+            audit.observe(observed, &mut records);
+        }
+        verdicts.push(verdict);
+    }
+    if let (Some(audit), Some(completions)) = (audit, completions) {
+        if !records.is_empty() {
+            let (awaiting, written) = audit.commit(records).await;
+            completions.track(awaiting);
+            match written {
+                Ok(receipt) => state.hold_responses_until(receipt),
+                Err(e) => {
+                    inc(&shared.metrics.audit_write_failures);
+                    tracing::error!(session = state.id, error = %e, "audit log cannot write");
+                    if audit.handle().on_failure() == OnFailure::Refuse {
+                        refuse_all_statements(batch, &mut verdicts, &e);
+                    }
+                }
+            }
+        }
+    }
+    assemble(
+        shared,
+        state,
+        batch,
+        (&messages, &views),
+        verdicts,
+        plans,
+        interceptor.crypto_mut(),
+    )
+    .await
+}
+
+/// A message whose body does not match its type is refused (never forwarded unanalysed).
+fn malformed_message(state: &SessionState, error: &ProtocolError) -> Verdict {
+    tracing::info!(session = state.id, %error, "malformed client message refused");
+    Verdict::Refuse(Refusal::new(
+        RefusalKind::Protocol,
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("pgward: {error}"),
+    ))
+}
+
+/// Unaudited statements must not run: every message of the batch that would start one is
+/// refused (the first refusal makes the server skip the rest up to Sync).
+fn refuse_all_statements(
+    batch: &Batch,
+    verdicts: &mut [Verdict],
+    error: &crate::audit::AuditError,
+) {
+    for (message, verdict) in batch.messages().zip(verdicts.iter_mut()) {
+        if matches!(
+            message.tag(),
+            frontend::QUERY | frontend::PARSE | frontend::EXECUTE | frontend::FUNCTION_CALL
+        ) {
+            *verdict = Verdict::Refuse(Refusal {
+                kind: RefusalKind::AuditUnavailable,
+                rule: None,
+                error: audit_unavailable(error),
+            });
+        }
+    }
+}
+
+/// The bytes to send upstream for a batch and the verdicts on its messages.
+async fn assemble(
+    shared: &Shared,
+    state: &SessionState,
+    batch: &Batch,
+    (messages, views): (&[Message], &[Result<Frontend<'_>, ProtocolError>]),
+    verdicts: Vec<Verdict>,
+    plans: Vec<Option<Arc<ParamPlan>>>,
+    mut crypto: Option<&mut ClientHalf>,
+) -> Vec<Bytes> {
+    let all = batch.bytes();
+    let mut out = Vec::new();
+    let mut run_start = 0;
+    let mut offset = 0;
+    for (((message, view), verdict), plan) in messages.iter().zip(views).zip(verdicts).zip(plans) {
+        let len = message.raw().len();
+        state.series.judged(message.tag(), (&verdict).into());
+        if let Some(crypto) = crypto.as_deref_mut() {
+            if matches!(message.tag(), frontend::PARSE | frontend::QUERY) {
+                crypto.set_next_plan(plan);
+            }
+        }
+        let replacement = match (verdict, view) {
+            (Verdict::Forward, Ok(view)) => match crypto.as_deref_mut() {
+                Some(crypto) => encrypt_outgoing(shared, state, crypto, message, view).await,
+                None => None,
+            },
+            (Verdict::Forward, Err(_)) => None,
+            (Verdict::Rewrite(rewritten), Ok(view)) => Some(
+                rewritten_message(
+                    shared,
+                    state,
+                    crypto.as_deref_mut(),
+                    message,
+                    view,
+                    &rewritten.sql,
+                )
+                .await,
+            ),
+            (Verdict::Refuse(refusal), _) => {
+                inc(&shared.metrics.statements_refused);
+                Some(stand_in(state, crypto.as_deref_mut(), message, refusal.error).await)
+            }
+            // A rewrite comes from a decoded message; anything else is refused, never sent.
+            (Verdict::Rewrite(_), Err(e)) => {
+                let error =
+                    ClientError::error(sqlstate::PROTOCOL_VIOLATION, format!("pgward: {e}"));
+                Some(stand_in(state, crypto.as_deref_mut(), message, error).await)
+            }
+        };
+        if let Some(bytes) = replacement {
+            if offset > run_start {
+                out.push(all.slice(run_start..offset));
+            }
+            out.push(bytes);
+            run_start = offset + len;
+        }
+        offset += len;
+    }
+    if offset > run_start {
+        out.push(all.slice(run_start..offset));
+    }
+    out
+}
+
+/// Field encryption's pass over one client message on its way upstream: Bind values
+/// encrypted, Describe inserted before Execute, responses expected. A value that cannot be
+/// encrypted refuses the message.
+async fn encrypt_outgoing(
+    shared: &Shared,
+    state: &SessionState,
+    crypto: &mut ClientHalf,
+    message: &Message,
+    view: &Frontend<'_>,
+) -> Option<Bytes> {
+    match crypto.outgoing(message, view).await {
+        Ok(replacement) => replacement,
+        Err(error) => {
+            inc(&shared.metrics.statements_refused);
+            Some(stand_in(state, Some(crypto), message, error).await)
+        }
+    }
+}
+
+/// The Query or Parse to send for a rewritten statement: the rewritten text, with the
+/// client's statement name and declared parameter types (retyped by field encryption when
+/// the rewrite has a parameter plan).
+async fn rewritten_message(
+    shared: &Shared,
+    state: &SessionState,
+    crypto: Option<&mut ClientHalf>,
+    message: &Message,
+    view: &Frontend<'_>,
+    sql: &str,
+) -> Bytes {
+    let rewritten = match view {
+        Frontend::Parse(parse) => Frontend::Parse(parse.with_sql(sql)),
+        _ => Frontend::Query { sql },
+    };
+    if let Some(crypto) = crypto {
+        if let Some(bytes) = encrypt_outgoing(shared, state, crypto, message, &rewritten).await {
+            return bytes;
+        }
+    }
+    match &rewritten {
+        Frontend::Parse(parse) => {
+            build::parse_with_param_types(parse.name, sql, parse.param_section())
+        }
+        _ => build::query(sql),
+    }
+}
+
+/// The stand-in for a refused message (see [`refusal_stand_in`]), recorded by field
+/// encryption like any message it forwards so that responses stay matched.
+async fn stand_in(
+    state: &SessionState,
+    crypto: Option<&mut ClientHalf>,
+    message: &Message,
+    error: ClientError,
+) -> Bytes {
+    let stand_in = refusal_stand_in(state, message, error);
+    let Some(crypto) = crypto else {
+        return stand_in;
+    };
+    let Ok(built) = Message::from_raw(stand_in.clone()) else {
+        return stand_in;
+    };
+    match Frontend::decode(&built) {
+        Ok(view) => match crypto.outgoing(&built, &view).await {
+            Ok(Some(bytes)) => bytes,
+            _ => stand_in,
+        },
+        Err(_) => stand_in,
+    }
+}
+
+/// The message sent upstream in place of a refused one: a statement that fails to parse and
+/// whose error carries a marker. The server then does exactly what it does for any failed
+/// statement — skips to Sync, aborts the transaction, sends the right ReadyForQuery status — and
+/// the upstream→client direction swaps the marker's error for pgward's refusal, in order.
+fn refusal_stand_in(state: &SessionState, message: &Message, error: ClientError) -> Bytes {
+    let marker = state.register_refusal(error);
+    match message.tag() {
+        // Both are answered with their own ReadyForQuery, no Sync follows.
+        frontend::QUERY | frontend::FUNCTION_CALL => build::query(&marker),
+        frontend::PARSE => {
+            let name = match Frontend::decode(message) {
+                Ok(Frontend::Parse(parse)) => parse.name,
+                _ => "",
+            };
+            build::parse(name, &marker)
+        }
+        _ => build::parse("", &marker),
+    }
+}
+
+/// The error a statement gets when its audit record cannot be made durable.
+pub(super) fn audit_unavailable(error: &crate::audit::AuditError) -> ClientError {
+    ClientError::error(
+        sqlstate::IO_ERROR,
+        "pgward: the audit log cannot be written, so the statement was not run",
+    )
+    .with_hint(format!("ops: check the audit directory ({error})"))
+}

@@ -1,0 +1,183 @@
+//! SIGHUP: a new configuration applied to the running proxy without rebinding or dropping a
+//! session. The caller has parsed and validated the whole file; here everything that can fail
+//! (upstream passwords, token keys) is prepared before anything is swapped, so a reload either
+//! applies or leaves the running configuration as it was. Settings that need a restart are
+//! compared with the running ones and, when changed, named in an error log line and ignored.
+//!
+//! What a reload changes applies to what starts afterwards: new logins see the new services,
+//! passwords and token settings, new statements the new policies and audit settings. Sessions
+//! already open keep the service definition and upstream login they started with.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use crate::config::{Config, ConfigError, ServiceConfig};
+
+use super::Shared;
+
+/// `[services]` and the upstream passwords they resolve to.
+#[derive(Debug)]
+pub struct Services {
+    config: BTreeMap<String, ServiceConfig>,
+    pub(super) passwords: HashMap<String, Option<String>>,
+}
+
+impl Services {
+    /// Reads every service's password (file or environment); one that cannot be read fails
+    /// the whole set.
+    pub fn resolve(config: &Config) -> Result<Self, ConfigError> {
+        let mut passwords = HashMap::new();
+        for (name, service) in &config.services {
+            let password = service
+                .upstream_password
+                .as_ref()
+                .map(|s| s.resolve())
+                .transpose()?;
+            passwords.insert(name.clone(), password);
+        }
+        Ok(Services {
+            config: config.services.clone(),
+            passwords,
+        })
+    }
+
+    fn unrestricted(&self) -> Vec<String> {
+        self.config
+            .iter()
+            .filter(|(_, s)| s.unrestricted)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+impl Shared {
+    /// The service's configuration as of now (`None`: not configured).
+    pub fn service(&self, name: &str) -> Option<ServiceConfig> {
+        self.services.read().config.get(name).cloned()
+    }
+
+    /// The service's configuration and its upstream password, read together so a session
+    /// never pairs a role from one reload with a password from another.
+    pub fn service_login(&self, name: &str) -> Option<(ServiceConfig, Option<String>)> {
+        let services = self.services.read();
+        let service = services.config.get(name)?.clone();
+        let password = services.passwords.get(name).cloned().flatten();
+        Some((service, password))
+    }
+}
+
+/// Why a reload was rejected (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("token keys: {0}")]
+    Auth(#[from] crate::auth::AuthSetupError),
+}
+
+/// Applies new configurations to one running proxy.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+}
+
+impl Reloader {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Applies what can change without a restart from `new` (parsed and validated): the
+    /// services and their upstream passwords, `[auth]` (settings and keys), and the live
+    /// `[audit]` settings. Returns the sections that changed but need a restart (already
+    /// logged). On error nothing was changed.
+    pub async fn apply(&self, new: &Config) -> Result<Vec<&'static str>, ReloadError> {
+        let shared = &self.shared;
+        let services = Services::resolve(new)?;
+        // The last step that can fail; it swaps nothing unless the new keys load.
+        shared.verifier.reconfigure(new.auth.clone()).await?;
+        let added: Vec<&String> = services
+            .config
+            .keys()
+            .filter(|n| shared.service(n).is_none())
+            .collect();
+        let removed: Vec<String> = {
+            let running = shared.services.read();
+            running
+                .config
+                .keys()
+                .filter(|n| !services.config.contains_key(*n))
+                .cloned()
+                .collect()
+        };
+        tracing::info!(
+            ?added,
+            ?removed,
+            "SIGHUP: services and upstream passwords reloaded"
+        );
+        if let Some(policies) = &shared.policies {
+            let catalog_password = new
+                .catalog_service()
+                .and_then(|(name, _)| services.passwords.get(name).cloned().flatten());
+            policies.reconfigure(catalog_password, services.unrestricted());
+        }
+        *shared.services.write() = Arc::new(services);
+        let restart = restart_only_changes(&shared.config, new);
+        if let (Some(handle), Some(audit)) = (&shared.audit, &new.audit) {
+            match handle.apply_live(audit).await {
+                Ok(changed) if !changed.is_empty() => {
+                    tracing::info!(?changed, "SIGHUP: audit settings applied");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Not applied: the log could not record the change.
+                    tracing::error!(error = %e, "SIGHUP: audit settings not applied (the change could not be recorded)");
+                }
+            }
+        }
+        for section in &restart {
+            tracing::error!(
+                section,
+                "SIGHUP: changed, but needs a restart; the running value stays"
+            );
+        }
+        Ok(restart)
+    }
+}
+
+/// The settings that changed between the running configuration and `new` but cannot change
+/// without a restart (listen addresses and limits, upstream, admin, the policy directory and
+/// database, field encryption, and the audit log's own file settings).
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let mut changed = Vec::new();
+    let mut check = |name: &'static str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+        if !same(a, b) {
+            changed.push(name);
+        }
+    };
+    check("[listen]", &running.listen, &new.listen);
+    check("[upstream]", &running.upstream, &new.upstream);
+    check("[admin]", &running.admin, &new.admin);
+    check("[policy]", &running.policy, &new.policy);
+    check("[vault]", &running.vault, &new.vault);
+    check("[keys]", &running.keys, &new.keys);
+    check("[[encrypt]]", &running.encrypt, &new.encrypt);
+    let fixed = |c: &Option<crate::audit::AuditConfig>| {
+        c.as_ref().map(|a| {
+            let mut a = a.clone();
+            // The live ones are compared by `apply_live`.
+            a.on_failure = Default::default();
+            a.durability = Default::default();
+            a.record_values = false;
+            a
+        })
+    };
+    check("[audit]", &fixed(&running.audit), &fixed(&new.audit));
+    let catalog = |c: &Config| {
+        c.catalog_service()
+            .map(|(name, s)| (name.to_string(), s.upstream_user.clone()))
+    };
+    check("[policy] catalog_service", &catalog(running), &catalog(new));
+    changed
+}

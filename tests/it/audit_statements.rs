@@ -1,0 +1,281 @@
+//! A simple Query carrying several statements is audited as pgAudit does: one record per
+//! statement, each with its own text, analysis and completion; the statements after a
+//! failing one are recorded as skipped, and the auditor's tools see each of them.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_postgres::error::SqlState;
+
+use crate::harness;
+
+fn records(dir: &Path) -> Vec<Value> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<Value>>()
+        })
+        .collect()
+}
+
+/// The completion of the statement record `statement`.
+fn completion_of<'a>(all: &'a [Value], statement: &Value) -> &'a Value {
+    all.iter()
+        .find(|r| r["kind"] == "statement_completed" && r["statement_seq"] == statement["seq"])
+        .unwrap_or_else(|| panic!("no completion for {statement}"))
+}
+
+/// `pgward audit search … --json` as an auditor runs it: the matching records.
+fn search(dir: &Path, filter: &[&str]) -> Vec<Value> {
+    let mut args = vec![OsStr::new("audit"), OsStr::new("search"), dir.as_os_str()];
+    args.extend(filter.iter().map(OsStr::new));
+    args.push(OsStr::new("--json"));
+    let out = harness::pgward_cli(args);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn each_statement_of_a_query_has_its_record_and_completion() {
+    let log = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("auditmulti", false).await;
+    let proxy = harness::audited_proxy(log.path(), "").await;
+    let client = proxy.connect("app", &database).await;
+    client
+        .batch_execute("CREATE TABLE t (id int primary key, secret text)")
+        .await
+        .unwrap();
+
+    client
+        .simple_query(
+            "SELECT 1; INSERT INTO t VALUES (1, 'hunter2'), (2, 'swordfish'); \
+             SELECT * FROM t; -- done;\n",
+        )
+        .await
+        .unwrap();
+    // The middle statement fails: the first is rolled back with the implicit transaction,
+    // the last never runs.
+    let err = client
+        .simple_query("INSERT INTO t VALUES (3, 'x'); SELECT 1/0; DELETE FROM t")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
+    let left = client
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap();
+    assert_eq!(left.get::<_, i64>(0), 2, "nothing after the error ran");
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+
+    let all = records(log.path());
+    let statements: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["kind"] == "statement" && r["protocol"] == "simple")
+        .collect();
+    let texts: Vec<&str> = statements
+        .iter()
+        .map(|s| s["sql"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            "CREATE TABLE t (id int primary key, secret text)",
+            "SELECT ?",
+            "INSERT INTO t VALUES (?, ?), (?, ?)",
+            "SELECT * FROM t",
+            "INSERT INTO t VALUES (?, ?)",
+            "SELECT ?/?",
+            "DELETE FROM t",
+        ]
+    );
+    let first = &statements[1..4];
+    let parts: Vec<(Value, Value)> = first
+        .iter()
+        .map(|s| (s["part"].clone(), s["parts"].clone()))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            (json!(1), json!(3)),
+            (json!(2), json!(3)),
+            (json!(3), json!(3))
+        ]
+    );
+    assert!(
+        statements[0].get("part").is_none(),
+        "a single statement has no part"
+    );
+    let touched: Vec<(Value, Value, Value)> = first
+        .iter()
+        .map(|s| {
+            let t = (s["tables_read"].clone(), s["tables_written"].clone());
+            (t.0, t.1, s["command_class"].clone())
+        })
+        .collect();
+    assert_eq!(
+        touched,
+        [
+            (json!([]), json!([]), json!(["READ"])),
+            (json!([]), json!(["t"]), json!(["WRITE"])),
+            (json!(["t"]), json!([]), json!(["READ"])),
+        ]
+    );
+    let done: Vec<(Value, Value, Value)> = first
+        .iter()
+        .map(|s| {
+            let c = completion_of(&all, s);
+            (
+                c["command"].clone(),
+                c["rows"].clone(),
+                c["sqlstate"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        done,
+        [
+            (json!("SELECT"), json!(1), Value::Null),
+            (json!("INSERT"), json!(2), Value::Null),
+            (json!("SELECT"), json!(2), Value::Null),
+        ]
+    );
+    let failing = &statements[4..7];
+    let (insert, division, delete) = (
+        completion_of(&all, failing[0]),
+        completion_of(&all, failing[1]),
+        completion_of(&all, failing[2]),
+    );
+    assert_eq!(
+        (&insert["command"], &insert["rows"]),
+        (&json!("INSERT"), &json!(1))
+    );
+    assert_eq!(division["sqlstate"], "22012");
+    assert!(division.get("skipped").is_none());
+    assert_eq!(delete["skipped"], true, "{delete}");
+    assert_eq!(
+        delete["sqlstate"],
+        Value::Null,
+        "a skipped statement raised nothing"
+    );
+    // Every statement record got exactly one completion.
+    let completions = all
+        .iter()
+        .filter(|r| r["kind"] == "statement_completed")
+        .count();
+    let recorded = all.iter().filter(|r| r["kind"] == "statement").count();
+    assert_eq!(completions, recorded);
+    // Values never reach the log.
+    let text = all.iter().map(Value::to_string).collect::<String>();
+    assert!(!text.contains("hunter2") && !text.contains("swordfish"));
+
+    // The auditor's tools see each statement on its own.
+    let writes: Vec<Value> = search(log.path(), &["--table", "t", "--kind", "statement"])
+        .iter()
+        .map(|r| r["sql"].clone())
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            json!("CREATE TABLE t (id int primary key, secret text)"),
+            json!("INSERT INTO t VALUES (?, ?), (?, ?)"),
+            json!("SELECT * FROM t"),
+            json!("INSERT INTO t VALUES (?, ?)"),
+            json!("DELETE FROM t"),
+            json!("SELECT count(*) FROM t"),
+        ]
+    );
+    let failed = search(log.path(), &["--sqlstate", "22012"]);
+    let failed_texts: Vec<&Value> = failed.iter().map(|r| &r["sql"]).collect();
+    assert!(failed_texts.contains(&&json!("SELECT ?/?")), "{failed:#?}");
+    assert!(
+        !failed_texts.contains(&&json!("DELETE FROM t")),
+        "{failed:#?}"
+    );
+    let page = log.path().join("report.html");
+    harness::pgward_cli([
+        OsStr::new("audit"),
+        OsStr::new("report"),
+        OsStr::new("--out"),
+        page.as_os_str(),
+        log.path().as_os_str(),
+    ]);
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(
+        html.to_lowercase().contains("delete from t"),
+        "the report lists each statement"
+    );
+    harness::pgward_cli([
+        OsStr::new("audit"),
+        OsStr::new("verify"),
+        log.path().as_os_str(),
+    ]);
+}
+
+#[tokio::test]
+async fn a_policy_bound_query_of_several_statements_is_recorded_per_statement() {
+    let log = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("auditmultipol", true).await;
+    let policies = std::fs::canonicalize("policies").unwrap();
+    let proxy = harness::start_proxy(harness::ProxyOptions {
+        extra_toml: format!(
+            "{}\n[policy]\ndir = {:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n\n{}",
+            harness::audit_toml(log.path(), ""),
+            policies.display().to_string(),
+            harness::superuser_service("support")
+        ),
+        ..harness::ProxyOptions::default()
+    })
+    .await;
+    let mut config = proxy.client_config("support", &database);
+    config.password(harness::token(
+        "support",
+        json!({"tenant_id": 1, "email": "a@b"}),
+    ));
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .simple_query("SELECT name FROM customers; SELECT count(*) FROM customers WHERE id > 0")
+        .await
+        .unwrap();
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+
+    let all = records(log.path());
+    let statements: Vec<&Value> = all.iter().filter(|r| r["kind"] == "statement").collect();
+    assert_eq!(statements.len(), 2, "{statements:#?}");
+    for (i, s) in statements.iter().enumerate() {
+        assert_eq!((&s["part"], &s["parts"]), (&json!(i + 1), &json!(2)));
+        assert_eq!(s["decision"], "allowed");
+        assert_eq!(s["tables_read"], json!(["public.customers"]), "{s}");
+        assert!(s["rewritten_sha256"].is_string(), "{s}");
+        let done = completion_of(&all, s);
+        assert_eq!(done["command"], "SELECT", "{done}");
+    }
+    assert_ne!(
+        statements[0]["rewritten_sha256"], statements[1]["rewritten_sha256"],
+        "each record hashes its own rewritten statement"
+    );
+    assert_eq!(statements[0]["sql"], "SELECT name FROM customers");
+    assert_eq!(
+        statements[1]["sql"],
+        "SELECT count(*) FROM customers WHERE id > ?"
+    );
+}

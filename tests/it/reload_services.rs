@@ -1,0 +1,256 @@
+//! SIGHUP on a running `pgward serve` reloads what can change without rebinding: services
+//! added and removed, upstream passwords, policies (for the next statement of an open
+//! session), live audit settings; settings that need a restart are ignored, and a broken file
+//! changes nothing.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{self, ProxyOptions};
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn sighup(child: &Child) {
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(i32::try_from(child.0.id()).unwrap(), libc::SIGHUP) };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+}
+
+/// A session as `service` on `database`, or the server's (or pgward's) refusal.
+async fn session(
+    port: u16,
+    service: &str,
+    database: &str,
+    claims: serde_json::Value,
+) -> Result<tokio_postgres::Client, String> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user(service)
+        .password(harness::token(service, claims))
+        .dbname(database);
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
+        e.as_db_error()
+            .map_or(e.to_string(), |d| d.message().to_string())
+    })?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+async fn can_query(port: u16, service: &str, database: &str) -> Result<(), String> {
+    let client = session(port, service, database, json!({})).await?;
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn audit_text(dir: &Path) -> String {
+    let mut text = String::new();
+    for entry in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+        if entry.path().extension().is_some_and(|x| x == "jsonl") {
+            text.push_str(&std::fs::read_to_string(entry.path()).unwrap());
+        }
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_services_passwords_policies_and_audit_settings() {
+    let work = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("reloadsvc", true).await;
+    // A role whose password the test rotates.
+    let role = format!("rot_{}", std::process::id());
+    let (admin, conn) = harness::postgres()
+        .direct("postgres")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!(
+            "DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN PASSWORD 'first-password'"
+        ))
+        .await
+        .unwrap();
+    let password_file = work.path().join("rot.password");
+    std::fs::write(&password_file, "first-password").unwrap();
+    let policies = work.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    let support = std::fs::read_to_string("policies/support.toml").unwrap();
+    std::fs::write(policies.join("support.toml"), &support).unwrap();
+    let log = work.path().join("audit");
+
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let base = harness::proxy_config_text(&ProxyOptions::default()).replacen(
+        "address = \"127.0.0.1:0\"",
+        &format!("address = \"127.0.0.1:{port}\""),
+        1,
+    );
+    let text = |services: &str, audit: &str| {
+        format!(
+            "{base}\n{}\n[services.rotsvc]\nupstream_user = \"{role}\"\n\
+             upstream_password = {{ file = {password_file:?} }}\nunrestricted = true\n\
+             {services}\n[policy]\ndir = {policies:?}\ndatabase = \"{database}\"\n\
+             catalog_service = \"app\"\nwatch_interval = \"0s\"\ncatalog_refresh_interval = \"0s\"\n\n\
+             [audit]\ndir = {:?}\ncheckpoint_interval = \"1s\"\n{audit}\n",
+            harness::superuser_service("support"),
+            if audit.contains("dir =") { work.path().join("elsewhere") } else { log.clone() },
+        )
+    };
+    let config = work.path().join("pgward.toml");
+    std::fs::write(&config, text("", "")).unwrap();
+    let child = Child(
+        Command::new(env!("CARGO_BIN_EXE_pgward"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut up = false;
+    for _ in 0..100 {
+        if can_query(port, "app", &database).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "pgward serves");
+    assert!(can_query(port, "rotsvc", &database).await.is_ok());
+    let err = can_query(port, "newsvc", &database).await.unwrap_err();
+    assert!(err.contains("not configured"), "{err}");
+
+    // A service added, one removed: new logins see both changes.
+    let add = "[services.newsvc]\nupstream_user = \"postgres\"\n\
+               upstream_password = { env = \"PGWARD_TEST_SUPERUSER_PASSWORD\" }\nunrestricted = true\n";
+    let without_other = |t: String| {
+        t.replace(
+            "[services.other]\nupstream_user = \"postgres\"\n\
+             upstream_password = { env = \"PGWARD_TEST_SUPERUSER_PASSWORD\" }\nunrestricted = true\n",
+            "",
+        )
+    };
+    assert!(can_query(port, "other", &database).await.is_ok());
+    let open_other = session(port, "other", &database, json!({})).await.unwrap();
+    std::fs::write(&config, without_other(text(add, ""))).unwrap();
+    sighup(&child).await;
+    can_query(port, "newsvc", &database)
+        .await
+        .expect("the added service logs in (unrestricted, also under [policy])");
+    let err = can_query(port, "other", &database).await.unwrap_err();
+    assert!(err.contains("not configured"), "{err}");
+    open_other
+        .simple_query("SELECT 1")
+        .await
+        .expect("a session already open keeps running");
+
+    // The upstream password rotated: new sessions use the new one after SIGHUP.
+    admin
+        .batch_execute(&format!("ALTER ROLE {role} PASSWORD 'second-password'"))
+        .await
+        .unwrap();
+    std::fs::write(&password_file, "second-password").unwrap();
+    assert!(
+        can_query(port, "rotsvc", &database).await.is_err(),
+        "old password still in use"
+    );
+    sighup(&child).await;
+    can_query(port, "rotsvc", &database)
+        .await
+        .expect("the new upstream password is used");
+
+    // A changed policy applies to the next statement of an open session.
+    let support_session = session(port, "support", &database, json!({"tenant_id": 1}))
+        .await
+        .unwrap();
+    let refused = support_session
+        .simple_query("SELECT ssn FROM customers")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code().map(|c| c.code()), Some("42501"));
+    std::fs::write(
+        policies.join("support.toml"),
+        support.replacen("except_columns = [\"ssn\"]\n", "", 1),
+    )
+    .unwrap();
+    sighup(&child).await;
+    support_session
+        .simple_query("SELECT ssn FROM customers")
+        .await
+        .expect("the new policy allows ssn");
+
+    // Audit: record_values changes live (and leaves a record); dir needs a restart.
+    support_session
+        .simple_query("SELECT name FROM customers WHERE name = 'before-reload'")
+        .await
+        .unwrap();
+    std::fs::write(&config, without_other(text(add, "record_values = true"))).unwrap();
+    sighup(&child).await;
+    support_session
+        .simple_query("SELECT name FROM customers WHERE name = 'after-reload'")
+        .await
+        .unwrap();
+    // Another directory: needs a restart, so it is ignored (logged) and records stay here.
+    std::fs::write(
+        &config,
+        without_other(text(add, "record_values = true\n#dir =\n")),
+    )
+    .unwrap();
+    sighup(&child).await;
+    support_session
+        .simple_query("SELECT name FROM customers WHERE name = 'after-dir-change'")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!work.path().join("elsewhere").exists());
+    let audit = audit_text(&log);
+    assert!(audit.contains("after-dir-change"));
+    assert!(
+        audit.contains("\"kind\":\"audit_settings_changed\""),
+        "{audit}"
+    );
+    assert!(!audit.contains("before-reload"));
+    assert!(
+        audit.contains("after-reload"),
+        "record_values applies to new statements"
+    );
+
+    // A broken file: nothing of it applies (not the service it adds), the old one keeps running.
+    let broken = format!(
+        "{}\n[services.brokensvc]\nupstream_user = \"postgres\"\nunrestricted = true\nbogus = 1\n",
+        without_other(text(add, "record_values = true"))
+    );
+    std::fs::write(&config, broken).unwrap();
+    sighup(&child).await;
+    assert!(can_query(port, "brokensvc", &database).await.is_err());
+    can_query(port, "newsvc", &database)
+        .await
+        .expect("the running configuration stays");
+    // A file that parses but names a password file that cannot be read: rejected as a whole.
+    let missing = without_other(text(
+        &format!("{add}\n[services.late]\nupstream_user = \"postgres\"\nupstream_password = {{ file = \"/nonexistent/pw\" }}\nunrestricted = true\n"),
+        "record_values = true",
+    ));
+    std::fs::write(&config, missing).unwrap();
+    sighup(&child).await;
+    let err = can_query(port, "late", &database).await.unwrap_err();
+    assert!(err.contains("not configured"), "{err}");
+    drop(open_other);
+    drop(support_session);
+}
