@@ -10,6 +10,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use pgward::crypto::blind::IndexKey;
 use pgward::crypto::envelope::{key_name_id, Dek, KeyRef};
 use pgward::crypto::manager::{CachePolicy, KeyManager};
+use pgward::crypto::scope::KeyScope;
 use pgward::crypto::{ClientType, EncryptColumn};
 use pgward::keys::local::LocalProvider;
 use pgward::keys::SecretKey;
@@ -62,13 +63,25 @@ fn manager(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let cols = [EncryptColumn {
-        table: "t".into(),
-        column: "c".into(),
-        key: "bench".into(),
-        ty: ClientType::Bytea,
-        searchable: false,
-    }];
+    // `c`: one key for every row; `p`: per-tenant keys (the session's `tenant_id` claim).
+    let cols = [
+        EncryptColumn {
+            table: "t".into(),
+            column: "c".into(),
+            key: "bench".into(),
+            ty: ClientType::Bytea,
+            searchable: false,
+            context_claim: None,
+        },
+        EncryptColumn {
+            table: "t".into(),
+            column: "p".into(),
+            key: "bench".into(),
+            ty: ClientType::Bytea,
+            searchable: false,
+            context_claim: Some("tenant_id".into()),
+        },
+    ];
     let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([5; 32])));
     let policy = CachePolicy {
         ttl: Duration::from_secs(3600),
@@ -79,19 +92,26 @@ fn manager(c: &mut Criterion) {
     let value = vec![0x5au8; 1024];
     let mut g = c.benchmark_group("key_manager_1KiB");
     g.throughput(Throughput::Bytes(1024));
-    g.bench_function("encrypt+decrypt", |b| {
-        b.to_async(&rt).iter_batched(
-            || value.clone(),
-            |v| {
-                let m = &m;
-                async move {
-                    let ct = m.encrypt("t", "c", &v).await.unwrap();
-                    m.decrypt("t", "c", &ct).await.unwrap()
-                }
-            },
-            BatchSize::SmallInput,
-        )
-    });
+    // One session's scope, as the relay keeps it: per-tenant names are derived once.
+    let session = KeyScope::with([("tenant_id".to_string(), "1".to_string())]);
+    for (name, column) in [
+        ("encrypt+decrypt", "c"),
+        ("encrypt+decrypt_per_tenant", "p"),
+    ] {
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter_batched(
+                || value.clone(),
+                |v| {
+                    let (m, session) = (&m, &session);
+                    async move {
+                        let ct = m.encrypt("t", column, session, &v).await.unwrap();
+                        m.decrypt("t", column, session, &ct).await.unwrap()
+                    }
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
     g.finish();
 }
 
@@ -111,6 +131,7 @@ fn sql_transform(c: &mut Criterion) {
         key: "bench".into(),
         ty: ClientType::Text,
         searchable: true,
+        context_claim: None,
     }];
     let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([5; 32])));
     let policy = CachePolicy {
@@ -137,7 +158,7 @@ fn sql_transform(c: &mut Criterion) {
             b.iter(|| {
                 let mut st = parse_statements(std::hint::black_box(sql)).unwrap();
                 sanitize(&mut st[0]).unwrap();
-                let out = enc.transform(&mut st, None).unwrap();
+                let out = enc.transform(&mut st, None, &KeyScope::default()).unwrap();
                 (out.touched, st[0].to_string())
             })
         });

@@ -36,6 +36,19 @@ CREATE TABLE IF NOT EXISTS pgward.job_progress (
 -- random 96-bit GCM nonces allow a bounded number of encryptions per key (NIST SP 800-38D 8.3).
 ALTER TABLE pgward.data_keys ADD COLUMN IF NOT EXISTS encryptions bigint NOT NULL DEFAULT 0;
 
+-- Key names whose data keys were destroyed on purpose (`pgward keys shred`): their KEK is
+-- deleted from Vault and their wrapped DEKs from pgward.data_keys, so values under them can
+-- never be decrypted again, from this database or from any backup. The row stays so every
+-- pgward stops serving the name at its next poll (a restored backup still holds the old
+-- wrapped DEKs, useless without the KEK) and `keys status` can say since when.
+-- key_name is the per-tenant key name (a hash), never the tenant id itself.
+CREATE TABLE IF NOT EXISTS pgward.destroyed_keys (
+    key_name       text        PRIMARY KEY,
+    configured_key text        NOT NULL,
+    reason         text        NOT NULL,
+    destroyed_at   timestamptz NOT NULL DEFAULT now()
+);
+
 REVOKE ALL ON SCHEMA pgward FROM PUBLIC;
 
 -- Used by `pgward encrypt-existing` while it copies a plaintext column into its

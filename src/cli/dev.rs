@@ -569,7 +569,7 @@ fn demo_encrypt_columns() -> String {
         ("invoices", "card_number", true),
     ] {
         text.push_str(&format!(
-            "\n[[encrypt]]\ntable = \"{table}\"\ncolumn = \"{column}\"\nkey = \"{DEMO_KEY}\"\ntype = \"text\"\nsearchable = {searchable}\n"
+            "\n[[encrypt]]\ntable = \"{table}\"\ncolumn = \"{column}\"\nkey = \"{DEMO_KEY}\"\ntype = \"text\"\nsearchable = {searchable}\ncontext_claim = \"tenant_id\"\n"
         ));
     }
     text
@@ -625,18 +625,22 @@ pub async fn seed_encrypted_demo(
     let mut written = 0;
     for row in client
         .query(
-            "SELECT id, name FROM customers WHERE email IS NULL AND ssn IS NULL AND name LIKE 'Customer %'",
+            "SELECT id, name, tenant_id FROM customers WHERE email IS NULL AND ssn IS NULL AND name LIKE 'Customer %'",
             &[],
         )
         .await?
     {
-        let (id, name): (i64, String) = (row.try_get(0)?, row.try_get(1)?);
+        let (id, name, tenant): (i64, String, i64) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
         let Some((email, ssn)) = demo_customer_values(&name) else {
             continue;
         };
-        let email_ct = manager.encrypt("customers", "email", email.as_bytes()).await?;
-        let email_bidx = manager.blind_index("customers", "email", email.as_bytes()).await?;
-        let ssn_ct = manager.encrypt("customers", "ssn", ssn.as_bytes()).await?;
+        let scope = tenant_scope(tenant);
+        let email_ct = manager.encrypt("customers", "email", &scope, email.as_bytes()).await?;
+        let email_bidx = manager
+            .blind_index("customers", "email", &scope, email.as_bytes())
+            .await?;
+        let ssn_ct = manager.encrypt("customers", "ssn", &scope, ssn.as_bytes()).await?;
         written += client
             .execute(
                 "UPDATE customers SET email = $1, email_bidx = $2, ssn = $3 WHERE id = $4",
@@ -646,15 +650,21 @@ pub async fn seed_encrypted_demo(
     }
     for row in client
         .query(
-            "SELECT id, customer_id FROM invoices WHERE card_number IS NULL AND customer_id IS NOT NULL",
+            "SELECT id, customer_id, tenant_id FROM invoices WHERE card_number IS NULL AND customer_id IS NOT NULL",
             &[],
         )
         .await?
     {
-        let (id, customer): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let (id, customer, tenant): (i64, i64, i64) =
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
         let card = format!("4111-1111-1111-{customer:04}");
-        let ct = manager.encrypt("invoices", "card_number", card.as_bytes()).await?;
-        let bidx = manager.blind_index("invoices", "card_number", card.as_bytes()).await?;
+        let scope = tenant_scope(tenant);
+        let ct = manager
+            .encrypt("invoices", "card_number", &scope, card.as_bytes())
+            .await?;
+        let bidx = manager
+            .blind_index("invoices", "card_number", &scope, card.as_bytes())
+            .await?;
         written += client
             .execute(
                 "UPDATE invoices SET card_number = $1, card_number_bidx = $2 WHERE id = $3",
@@ -663,6 +673,11 @@ pub async fn seed_encrypted_demo(
             .await?;
     }
     Ok(written as usize)
+}
+
+/// The key context of a demo row: its tenant, as the `tenant_id` claim of that tenant's tokens.
+fn tenant_scope(tenant: i64) -> crate::crypto::scope::KeyScope {
+    crate::crypto::scope::KeyScope::with([("tenant_id".to_string(), tenant.to_string())])
 }
 
 fn print_banner(

@@ -43,6 +43,24 @@ pub enum KeysCommand {
     Rewrap(RewrapCommand),
     /// Rewrite every value not under its key's newest data key, in throttled, resumable batches.
     Reencrypt(ReencryptCommand),
+    /// Destroy one tenant's data key (crypto-shredding): its values can never be decrypted
+    /// again, from the database or any backup. Needs --confirm.
+    Shred(ShredCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ShredCommand {
+    #[command(flatten)]
+    pub target: Target,
+    /// The configured key name (`key` of the per-tenant [[encrypt]] columns).
+    #[arg(long)]
+    pub key: String,
+    /// The context whose key is destroyed: the tenant's `context_claim` value, e.g. `2`.
+    #[arg(long)]
+    pub context: String,
+    /// Required: shredding cannot be undone.
+    #[arg(long)]
+    pub confirm: bool,
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +146,7 @@ pub async fn run_keys(command: KeysCommand) -> anyhow::Result<i32> {
         KeysCommand::Status(c) => ("status", status(c).await),
         KeysCommand::Rewrap(c) => ("rewrap", rewrap(c).await),
         KeysCommand::Reencrypt(c) => ("reencrypt", reencrypt(c).await),
+        KeysCommand::Shred(c) => ("shred", shred(c).await),
     };
     Ok(report_failure(&format!("keys {name}"), result))
 }
@@ -151,6 +170,7 @@ async fn status(c: &StatusCommand) -> anyhow::Result<i32> {
     let s = open(&c.target).await?;
     let statuses = ops::keys_status(&s.manager, &s.db, &c.args).await?;
     print!("{}", render_status(&statuses, c.args.verify));
+    print!("{}", render_destroyed(&ops::destroyed_keys(&s.db).await?));
     let failed = statuses.iter().any(|k| !k.unwrap_ok());
     if failed {
         eprintln!("pgward keys status: some data keys could not be unwrapped (see UNWRAP)");
@@ -242,6 +262,23 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
     Ok(i32::from(skipped > 0))
 }
 
+async fn shred(c: &ShredCommand) -> anyhow::Result<i32> {
+    if !c.confirm {
+        anyhow::bail!(
+            "refusing to shred without --confirm: every value of context {:?} under key {:?} becomes unreadable for good, in this database and in every backup",
+            c.context,
+            c.key
+        );
+    }
+    let s = open(&c.target).await?;
+    let report = ops::keys_shred(&s.manager, &s.db, &c.key, &c.context).await?;
+    println!(
+        "{}: destroyed (Vault key deleted, {} wrapped data keys deleted); its values can never be decrypted again. Running pgward instances stop serving it within keys.poll_interval.",
+        report.key_name, report.wrapped_deleted
+    );
+    Ok(0)
+}
+
 async fn encrypt_existing(c: &EncryptExistingCommand) -> anyhow::Result<i32> {
     let s = open(&c.target).await?;
     let spec = s.manager.column(&c.args.table, &c.args.column)?.clone();
@@ -311,6 +348,24 @@ impl ProgressLine {
 }
 
 /// The `keys status` report: one table of keys, one of data keys, then what to do next.
+/// The destroyed keys: backups taken before `since` hold values under them that no restore
+/// can decrypt (the KEK is gone from Vault).
+pub fn render_destroyed(destroyed: &[ops::DestroyedKey]) -> String {
+    if destroyed.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\nDestroyed keys (values under them, in the database or any backup, can no longer be decrypted):\n",
+    );
+    for d in destroyed {
+        out.push_str(&format!(
+            "  {} (key {:?}): {} since {}\n",
+            d.key_name, d.configured_key, d.reason, d.since
+        ));
+    }
+    out
+}
+
 pub fn render_status(statuses: &[KeyStatus], verify: bool) -> String {
     let mut keys = vec![vec![
         "KEY".to_string(),

@@ -120,6 +120,11 @@ pub struct EncryptColumn {
     /// Maintain `<column>_bidx` for equality search.
     #[serde(default)]
     pub searchable: bool,
+    /// Per-tenant keys: the token claim (e.g. `tenant_id`) whose value selects the data key,
+    /// so each tenant's values are encrypted under that tenant's own key (see
+    /// [`super::scope`]). A session without the claim can neither write nor read the column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_claim: Option<String>,
 }
 
 /// The crypto sections of the pgward configuration file.
@@ -262,6 +267,14 @@ impl EncryptColumn {
                 "[[encrypt]] {}.{}: key {:?} must be non-empty letters, digits, '-', '_' or '.'",
                 self.table, self.column, self.key
             ));
+        }
+        if let Some(claim) = &self.context_claim {
+            if claim.is_empty() || claim.chars().any(char::is_control) {
+                return Err(format!(
+                    "[[encrypt]] {}.{}: context_claim must be a non-empty claim name",
+                    self.table, self.column
+                ));
+            }
         }
         Ok(())
     }

@@ -50,6 +50,16 @@ pub enum CryptoError {
     /// names and HTTP statuses were logged where it happened and are not in this value.
     #[error("{0}")]
     KeyUnavailable(KeyFailure),
+    /// A per-tenant column (`context_claim`) used by a session without that claim: there is
+    /// no key to use, so nothing is written or read (fail closed).
+    #[error(
+        "the session's token has no {claim:?} claim, which selects the key of {table}.{column}"
+    )]
+    NoKeyContext {
+        table: String,
+        column: String,
+        claim: String,
+    },
     /// Invalid configuration (duplicate column, key-id collision, ...).
     #[error("invalid encryption configuration: {0}")]
     Config(String),
@@ -66,6 +76,8 @@ pub enum KeyFailure {
     Sealed,
     /// The value names a data key version that does not exist.
     UnknownVersion,
+    /// The data key was destroyed on purpose (`pgward keys shred`): the value is gone.
+    Destroyed,
     /// Anything else (the wrapped-key store failed, malformed key material).
     Other,
 }
@@ -79,6 +91,9 @@ impl std::fmt::Display for KeyFailure {
             KeyFailure::Refused => "the key service refused access to the data key",
             KeyFailure::Sealed => "the key service is sealed",
             KeyFailure::UnknownVersion => "the value names a data key that does not exist",
+            KeyFailure::Destroyed => {
+                "the data key of this value was destroyed (crypto-shredded); it can never be decrypted again"
+            }
             KeyFailure::Other => "the data key could not be obtained",
         })
     }
@@ -99,6 +114,7 @@ impl KeyFailure {
                 ..
             } => KeyFailure::Refused,
             KeyError::UnknownDek { .. } => KeyFailure::UnknownVersion,
+            KeyError::Destroyed { .. } => KeyFailure::Destroyed,
             _ => KeyFailure::Other,
         }
     }

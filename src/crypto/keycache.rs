@@ -47,14 +47,16 @@ pub(crate) struct KeyCache {
     /// DEK version new writes use, per key name.
     current: RwLock<HashMap<String, u32>>,
     deks: RwLock<DekMap>,
-    /// Per-column blind-index keys, by (table, column).
-    index_keys: RwLock<HashMap<(String, String), Cached<CachedIndex>>>,
+    /// Per-column blind-index keys, by (table, column, key name): a per-context column has
+    /// one per context.
+    index_keys: RwLock<HashMap<(String, String, String), Cached<CachedIndex>>>,
     blocked: RwLock<HashMap<String, KeyFailure>>,
     /// `blocked.len()`, read without the lock: the hot path's check is one atomic load
     /// while nothing is blocked.
     blocked_count: std::sync::atomic::AtomicUsize,
     failures: Mutex<HashMap<(String, Slot), (Instant, KeyFailure)>>,
-    fetch_locks: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// Per key name; per-context names (see [`super::scope`]) are added on first use.
+    fetch_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<KeyMetrics>,
 }
 
@@ -67,9 +69,11 @@ impl KeyCache {
             blocked: RwLock::new(HashMap::new()),
             blocked_count: std::sync::atomic::AtomicUsize::new(0),
             failures: Mutex::new(HashMap::new()),
-            fetch_locks: key_names
-                .map(|k| (k.clone(), Arc::new(tokio::sync::Mutex::new(()))))
-                .collect(),
+            fetch_locks: Mutex::new(
+                key_names
+                    .map(|k| (k.clone(), Arc::new(tokio::sync::Mutex::new(()))))
+                    .collect(),
+            ),
             metrics,
         }
     }
@@ -198,17 +202,23 @@ impl KeyCache {
             .map(|((_, v), c)| (*v, c.value.clone()))
     }
 
-    pub fn index_key(&self, table: &str, column: &str, max_age: Duration) -> Option<Arc<IndexKey>> {
+    pub fn index_key(
+        &self,
+        key_name: &str,
+        table: &str,
+        column: &str,
+        max_age: Duration,
+    ) -> Option<Arc<IndexKey>> {
         self.index_keys
             .read()
-            .get(&(table.to_string(), column.to_string()))
+            .get(&(table.to_string(), column.to_string(), key_name.to_string()))
             .filter(|c| c.fetched.elapsed() < max_age)
             .map(|c| c.value.key.clone())
     }
 
     pub fn insert_index_key(&self, key_name: &str, table: &str, column: &str, key: Arc<IndexKey>) {
         self.index_keys.write().insert(
-            (table.to_string(), column.to_string()),
+            (table.to_string(), column.to_string(), key_name.to_string()),
             Cached {
                 value: CachedIndex {
                     key_name: key_name.to_string(),
@@ -238,8 +248,12 @@ impl KeyCache {
     }
 
     /// The lock that keeps data-path fetches of `key_name` to one at a time.
-    pub fn fetch_lock(&self, key_name: &str) -> Option<Arc<tokio::sync::Mutex<()>>> {
-        self.fetch_locks.get(key_name).cloned()
+    pub fn fetch_lock(&self, key_name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.fetch_locks
+            .lock()
+            .entry(key_name.to_string())
+            .or_default()
+            .clone()
     }
 }
 

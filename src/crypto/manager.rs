@@ -15,7 +15,9 @@ use super::error::{CryptoError, KeyFailure};
 use super::keycache::{KeyCache, Slot};
 pub use super::providers::{build_provider, vault_client, ProviderParts};
 
+mod context;
 mod poll;
+use super::scope::KeyScope;
 use crate::keys::metrics::KeyMetrics;
 use crate::keys::store::WrappedKeyStore;
 use crate::keys::vault::VaultClient;
@@ -66,7 +68,11 @@ pub struct KeyManager {
     provider: Arc<dyn KeyProvider>,
     vault: Option<Arc<VaultClient>>,
     columns: HashMap<(String, String), ColumnSpec>,
+    /// The configured key names of columns without a key context (polled, prefetched).
     key_names: BTreeSet<String>,
+    /// Per-context key names in use (see [`super::scope`]), with their configured key name:
+    /// polled like `key_names` from their first use on.
+    contexts: parking_lot::RwLock<std::collections::BTreeMap<String, String>>,
     policy: CachePolicy,
     cache: KeyCache,
     /// `[vault] token_file`, re-read at every poll and on SIGHUP.
@@ -125,7 +131,11 @@ impl KeyManager {
                 )));
             }
         }
-        let key_names: BTreeSet<String> = columns.iter().map(|c| c.key.clone()).collect();
+        let key_names: BTreeSet<String> = columns
+            .iter()
+            .filter(|c| c.context_claim.is_none())
+            .map(|c| c.key.clone())
+            .collect();
         let metrics = vault.as_ref().map(|v| v.metrics()).unwrap_or_default();
         Ok(KeyManager {
             provider,
@@ -135,6 +145,7 @@ impl KeyManager {
             usage_limit: DEFAULT_MAX_ENCRYPTIONS,
             local_usage: parking_lot::Mutex::new(HashMap::new()),
             key_names,
+            contexts: parking_lot::RwLock::default(),
             columns: by_column,
             policy,
             token_file: None,
@@ -216,10 +227,12 @@ impl KeyManager {
         &self,
         table: &str,
         column: &str,
+        scope: &KeyScope,
         canonical: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
-        let dek = self.current_dek(&spec.column.key).await?;
+        let key = self.resolve(spec, scope)?;
+        let dek = self.current_dek(&key.name).await?;
         if canonical.len() < self.policy.blocking_threshold {
             return dek.seal(&spec.table, column, canonical);
         }
@@ -238,9 +251,10 @@ impl KeyManager {
         &self,
         table: &str,
         column: &str,
+        scope: &KeyScope,
         ciphertext: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
-        let result = self.decrypt_inner(table, column, ciphertext).await;
+        let result = self.decrypt_inner(table, column, scope, ciphertext).await;
         self.count_integrity(result)
     }
 
@@ -261,19 +275,14 @@ impl KeyManager {
         &self,
         table: &str,
         column: &str,
+        scope: &KeyScope,
         ciphertext: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
+        let key = self.resolve(spec, scope)?;
         let key_ref = peek_key_ref(ciphertext)?;
-        if key_ref.key_id != spec.key_id {
-            return Err(CryptoError::WrongKey {
-                table: spec.table.clone(),
-                column: column.to_string(),
-                found: key_ref.key_id,
-                expected: spec.key_id,
-            });
-        }
-        let dek = self.dek(&spec.column.key, key_ref.dek_version).await?;
+        key.expect(spec, key_ref)?;
+        let dek = self.dek(&key.name, key_ref.dek_version).await?;
         if ciphertext.len() < self.policy.blocking_threshold {
             return dek.open(&spec.table, column, ciphertext);
         }
@@ -291,13 +300,15 @@ impl KeyManager {
         &self,
         table: &str,
         column: &str,
+        scope: &KeyScope,
         canonical: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
-        self.cache.check(&spec.column.key)?;
+        let key = self.resolve(spec, scope)?;
+        self.cache.check(&key.name)?;
         let dek = self
             .cache
-            .current(&spec.column.key, self.policy.max_stale)
+            .current(&key.name, self.policy.max_stale)
             .ok_or_else(|| CryptoError::KeyNotCached {
                 key: spec.column.key.clone(),
             })?;
@@ -311,33 +322,26 @@ impl KeyManager {
         &self,
         table: &str,
         column: &str,
+        scope: &KeyScope,
         ciphertext: &[u8],
     ) -> Option<Result<Vec<u8>, CryptoError>> {
         if ciphertext.len() >= self.policy.blocking_threshold {
             return None;
         }
-        let spec = match self.column(table, column) {
-            Ok(spec) => spec,
-            Err(e) => return Some(Err(e)),
+        let checked = self.column(table, column).and_then(|spec| {
+            let key = self.resolve(spec, scope)?;
+            let key_ref = peek_key_ref(ciphertext)?;
+            key.expect(spec, key_ref)?;
+            self.cache.check(&key.name)?;
+            Ok((spec, key, key_ref))
+        });
+        let (spec, key, key_ref) = match checked {
+            Ok(found) => found,
+            Err(e) => return Some(Err(self.count_integrity_err(e))),
         };
-        let key_ref = match peek_key_ref(ciphertext) {
-            Ok(r) => r,
-            Err(e) => return Some(Err(e)),
-        };
-        if key_ref.key_id != spec.key_id {
-            return Some(Err(CryptoError::WrongKey {
-                table: spec.table.clone(),
-                column: column.to_string(),
-                found: key_ref.key_id,
-                expected: spec.key_id,
-            }));
-        }
-        if let Err(e) = self.cache.check(&spec.column.key) {
-            return Some(Err(e));
-        }
         let dek = self
             .cache
-            .dek(&spec.column.key, key_ref.dek_version, self.policy.max_stale)?;
+            .dek(&key.name, key_ref.dek_version, self.policy.max_stale)?;
         self.count_hit(true);
         Some(self.count_integrity(dek.open(&spec.table, column, ciphertext)))
     }
@@ -360,13 +364,20 @@ impl KeyManager {
         &self,
         table: &str,
         column: &str,
+        scope: &KeyScope,
         canonical: &[u8],
     ) -> Result<[u8; BIDX_LEN], CryptoError> {
         let spec = self.searchable_column(table, column)?;
-        self.cache.check(&spec.column.key)?;
+        let name = self.resolve(spec, scope)?.name;
+        self.cache.check(&name)?;
         let key = self
             .cache
-            .index_key(&spec.table, &spec.column.column, self.policy.max_stale)
+            .index_key(
+                &name,
+                &spec.table,
+                &spec.column.column,
+                self.policy.max_stale,
+            )
             .ok_or_else(|| CryptoError::KeyNotCached {
                 key: spec.column.key.clone(),
             })?;
@@ -382,8 +393,12 @@ impl KeyManager {
                 errors.push(e);
             }
         }
-        for spec in self.columns.values().filter(|s| s.column.searchable) {
-            if let Err(e) = self.index_key(spec).await {
+        for spec in self
+            .columns
+            .values()
+            .filter(|s| s.column.searchable && s.column.context_claim.is_none())
+        {
+            if let Err(e) = self.index_key(spec, &spec.column.key).await {
                 errors.push(e);
             }
         }
@@ -395,10 +410,12 @@ impl KeyManager {
         &self,
         table: &str,
         column: &str,
+        scope: &KeyScope,
         canonical: &[u8],
     ) -> Result<[u8; BIDX_LEN], CryptoError> {
         let spec = self.searchable_column(table, column)?;
-        let key = self.index_key(spec).await?;
+        let name = self.resolve(spec, scope)?.name;
+        let key = self.index_key(spec, &name).await?;
         Ok(key.compute(spec.column.ty, canonical)?)
     }
 
@@ -410,8 +427,8 @@ impl KeyManager {
     /// Re-read every key's KEK state; create a new DEK where the KEK was rotated (SIGHUP).
     pub async fn refresh(&self) -> Result<Vec<RefreshOutcome>, CryptoError> {
         let mut out = Vec::new();
-        for name in &self.key_names {
-            out.push(self.refresh_key(name).await?);
+        for name in self.polled_key_names() {
+            out.push(self.refresh_key(&name).await?);
         }
         Ok(out)
     }
@@ -433,6 +450,13 @@ impl KeyManager {
     }
 
     async fn refresh_key_from_vault(&self, key_name: &str) -> Result<RefreshOutcome, CryptoError> {
+        // Before asking Vault, which would create a shredded transit key afresh.
+        if self.provider.destroyed(key_name).await? {
+            return Err(KeyError::Destroyed {
+                key: key_name.to_string(),
+            }
+            .into());
+        }
         let kek = self.provider.kek_status(key_name).await?;
         let deks = self.provider.list_deks(key_name).await?;
         let (info, created) = match deks.last() {
@@ -485,7 +509,16 @@ impl KeyManager {
 
     /// Unwrap one DEK version from the provider into the cache (no block check, no backoff).
     async fn fetch_into_cache(&self, key_name: &str, version: u32) -> Result<Arc<Dek>, KeyError> {
-        let key = self.provider.fetch_dek(key_name, version).await?;
+        let key = match self.provider.fetch_dek(key_name, version).await {
+            Ok(key) => key,
+            // Its wrapped form is gone: say so when that was a shred, not a lost row.
+            Err(KeyError::UnknownDek { .. }) if self.provider.destroyed(key_name).await? => {
+                return Err(KeyError::Destroyed {
+                    key: key_name.to_string(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
         let dek = Arc::new(Dek::new(
             &key,
             KeyRef {
@@ -497,13 +530,10 @@ impl KeyManager {
         Ok(dek)
     }
 
-    /// Derive and cache the index key of every searchable column under `key_name`.
+    /// Derive and cache the index key of every searchable column under `key_name` (for a
+    /// per-context name: the context's own index keys, derived from its own root).
     fn install_index_keys(&self, key_name: &str, root: &crate::keys::SecretKey) {
-        for spec in self
-            .columns
-            .values()
-            .filter(|s| s.column.searchable && s.column.key == key_name)
-        {
+        for spec in self.specs_of_key(key_name).filter(|s| s.column.searchable) {
             let key = Arc::new(IndexKey::derive(
                 root,
                 key_name,
@@ -554,10 +584,7 @@ impl KeyManager {
         if let Some(failure) = self.cache.recent_failure(key_name, slot) {
             return Err(CryptoError::KeyUnavailable(failure));
         }
-        let lock = self
-            .cache
-            .fetch_lock(key_name)
-            .ok_or_else(|| CryptoError::Config(format!("unknown key name {key_name}")))?;
+        let lock = self.cache.fetch_lock(key_name);
         let _in_flight = lock.lock().await;
         self.cache.check(key_name)?;
         if let Some(v) = cached() {
@@ -621,13 +648,16 @@ impl KeyManager {
         .await
     }
 
-    async fn index_key(&self, spec: &ColumnSpec) -> Result<Arc<IndexKey>, CryptoError> {
-        let key_name = spec.column.key.as_str();
+    async fn index_key(
+        &self,
+        spec: &ColumnSpec,
+        key_name: &str,
+    ) -> Result<Arc<IndexKey>, CryptoError> {
         self.cache.check(key_name)?;
         let max_stale = self.policy.max_stale;
         let cached = || {
             self.cache
-                .index_key(&spec.table, &spec.column.column, max_stale)
+                .index_key(key_name, &spec.table, &spec.column.column, max_stale)
         };
         if let Some(key) = cached() {
             self.count_hit(true);
@@ -638,7 +668,7 @@ impl KeyManager {
             let root = self.provider.index_root(key_name).await?;
             self.install_index_keys(key_name, &root);
             self.cache
-                .index_key(&spec.table, &spec.column.column, max_stale)
+                .index_key(key_name, &spec.table, &spec.column.column, max_stale)
                 .ok_or_else(|| KeyError::Store("index key vanished".into()))
         })
         .await
@@ -660,6 +690,7 @@ mod tests {
                 key: "pii".into(),
                 ty: ClientType::Text,
                 searchable: true,
+                context_claim: None,
             },
             EncryptColumn {
                 table: "public.users".into(),
@@ -667,6 +698,7 @@ mod tests {
                 key: "pii".into(),
                 ty: ClientType::Text,
                 searchable: false,
+                context_claim: None,
             },
             EncryptColumn {
                 table: "orders".into(),
@@ -674,6 +706,7 @@ mod tests {
                 key: "pci".into(),
                 ty: ClientType::Text,
                 searchable: false,
+                context_claim: None,
             },
         ];
         let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([9; 32])));
@@ -693,27 +726,41 @@ mod tests {
     #[tokio::test]
     async fn round_trip_binding_and_index() {
         let m = manager();
-        let ct = m.encrypt("users", "email", b"a@b.c").await.unwrap();
+        let ct = m
+            .encrypt("users", "email", &KeyScope::default(), b"a@b.c")
+            .await
+            .unwrap();
         assert_eq!(
-            m.decrypt("public.users", "email", &ct).await.unwrap(),
+            m.decrypt("public.users", "email", &KeyScope::default(), &ct)
+                .await
+                .unwrap(),
             b"a@b.c"
         );
         assert!(matches!(
-            m.decrypt("users", "ssn", &ct).await,
+            m.decrypt("users", "ssn", &KeyScope::default(), &ct).await,
             Err(CryptoError::Integrity { .. })
         ));
         assert!(matches!(
-            m.decrypt("orders", "card", &ct).await,
+            m.decrypt("orders", "card", &KeyScope::default(), &ct).await,
             Err(CryptoError::WrongKey { .. })
         ));
         assert!(matches!(
-            m.decrypt("orders", "nope", &ct).await,
+            m.decrypt("orders", "nope", &KeyScope::default(), &ct).await,
             Err(CryptoError::UnknownColumn { .. })
         ));
-        let a = m.blind_index("users", "email", b"a@b.c").await.unwrap();
-        assert_eq!(a, m.blind_index("users", "email", b"a@b.c").await.unwrap());
+        let a = m
+            .blind_index("users", "email", &KeyScope::default(), b"a@b.c")
+            .await
+            .unwrap();
+        assert_eq!(
+            a,
+            m.blind_index("users", "email", &KeyScope::default(), b"a@b.c")
+                .await
+                .unwrap()
+        );
         assert!(matches!(
-            m.blind_index("users", "ssn", b"x").await,
+            m.blind_index("users", "ssn", &KeyScope::default(), b"x")
+                .await,
             Err(CryptoError::NotSearchable { .. })
         ));
     }
@@ -722,8 +769,16 @@ mod tests {
     async fn large_values_go_through_the_blocking_pool() {
         let m = manager();
         let big = vec![0x5a; 200 * 1024];
-        let ct = m.encrypt("users", "email", &big).await.unwrap();
-        assert_eq!(m.decrypt("users", "email", &ct).await.unwrap(), big);
+        let ct = m
+            .encrypt("users", "email", &KeyScope::default(), &big)
+            .await
+            .unwrap();
+        assert_eq!(
+            m.decrypt("users", "email", &KeyScope::default(), &ct)
+                .await
+                .unwrap(),
+            big
+        );
     }
 
     #[test]
@@ -734,6 +789,7 @@ mod tests {
             key: "k".into(),
             ty: ClientType::Int4,
             searchable: false,
+            context_claim: None,
         };
         let p = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([1; 32])));
         let policy = CachePolicy {

@@ -49,6 +49,7 @@ mod keycache;
 pub mod manager;
 pub mod ops;
 mod providers;
+pub mod scope;
 pub mod sql;
 
 pub use blind::{IndexKey, BIDX_LEN};

@@ -13,10 +13,13 @@ use super::codec::{encode_for_encryption, WireFormat};
 use super::envelope::KeyRef;
 use super::error::CryptoError;
 use super::manager::{ColumnSpec, KeyManager};
+use super::scope::KeyScope;
 use crate::keys::{DekInfo, KekStatus, KeyError};
 
 mod reencrypt;
+mod shred;
 pub use reencrypt::keys_reencrypt;
+pub use shred::{destroyed_keys, keys_shred, DestroyedKey, ShredReport};
 
 #[derive(Debug, Error)]
 pub enum OpsError {
@@ -539,6 +542,7 @@ pub async fn encrypt_existing(
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Progress, OpsError> {
     let spec = manager.column(&args.table, &args.column)?.clone();
+    reencrypt::refuse_per_context(&spec)?;
     let (table, column) = (spec.table.clone(), spec.column.column.clone());
     let twin_name = format!("{column}__pgward_enc");
     let bidx_name = format!("{column}_bidx");
@@ -696,11 +700,21 @@ async fn encrypt_rows(
                 .map_err(|e| OpsError::Crypto(e.into()).at_row(spec, &id))?,
         );
         let ct = manager
-            .encrypt(&spec.table, &spec.column.column, &canonical)
+            .encrypt(
+                &spec.table,
+                &spec.column.column,
+                &KeyScope::default(),
+                &canonical,
+            )
             .await?;
         let n = if spec.column.searchable {
             let bidx = manager
-                .blind_index(&spec.table, &spec.column.column, &canonical)
+                .blind_index(
+                    &spec.table,
+                    &spec.column.column,
+                    &KeyScope::default(),
+                    &canonical,
+                )
                 .await?
                 .to_vec();
             db.execute(update, &[&ct, &id, &text, &bidx]).await?

@@ -47,6 +47,7 @@ mod write;
 use super::codec::{encode_for_encryption, ClientType, WireFormat};
 use super::error::CryptoError;
 use super::manager::KeyManager;
+use super::scope::KeyScope;
 use crate::error::RefusalKind;
 use crate::sql::catalog::Catalog;
 use crate::sql::parse::{ident_name, object_name_parts, parse_expr};
@@ -201,10 +202,12 @@ impl SqlEncryption {
 
     /// Transform the statements of one Query or Parse in place. `catalog` resolves unqualified
     /// table names and column lists; without it, unqualified names mean `public`.
+    /// `scope`: the session's claims, selecting per-tenant keys for literals.
     pub fn transform(
         &self,
         statements: &mut [Statement],
         catalog: Option<&Catalog>,
+        scope: &KeyScope,
     ) -> Result<Outcome, Refused> {
         let mut outcome = Outcome::default();
         let mut params = Params::default();
@@ -218,6 +221,7 @@ impl SqlEncryption {
                 derived: HashMap::new(),
                 params: &mut params,
                 literals: false,
+                scope,
             };
             if !t.collect_tables(st) {
                 outcome.accessed.push(Vec::new());
@@ -346,6 +350,7 @@ struct Transform<'a> {
     derived: HashMap<String, HashMap<String, EncCol>>,
     params: &'a mut Params,
     literals: bool,
+    scope: &'a KeyScope,
 }
 
 /// A value a client wrote for an encrypted column.
@@ -613,7 +618,7 @@ impl Transform<'_> {
                 let sealed = self
                     .enc
                     .manager
-                    .encrypt_now(&c.col.table, &c.col.column, &canonical)
+                    .encrypt_now(&c.col.table, &c.col.column, self.scope, &canonical)
                     .map_err(|e| self.key_error(c, e))?;
                 self.literals = true;
                 Ok(bytea_literal(&sealed))
@@ -640,8 +645,14 @@ impl Transform<'_> {
                 let index = self
                     .enc
                     .manager
-                    .blind_index_now(&c.col.table, &c.col.column, &canonical)
+                    .blind_index_now(&c.col.table, &c.col.column, self.scope, &canonical)
                     .map_err(|e| self.key_error(c, e))?;
+                // A per-tenant index value differs per session: never cached for another.
+                self.literals |= self
+                    .enc
+                    .manager
+                    .column(&c.col.table, &c.col.column)
+                    .is_ok_and(|s| s.column.context_claim.is_some());
                 Ok(bytea_literal(&index))
             }
         }
@@ -738,9 +749,10 @@ impl StatementTransform for SqlEncryption {
         &self,
         statements: &mut [Statement],
         catalog: Option<&Catalog>,
+        claims: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<TransformOutcome, TransformRefusal> {
         let outcome = self
-            .transform(statements, catalog)
+            .transform(statements, catalog, &KeyScope::from_claims(claims))
             .map_err(|r| TransformRefusal {
                 kind: RefusalKind::Encryption,
                 sqlstate: r.sqlstate,

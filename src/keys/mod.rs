@@ -91,6 +91,9 @@ pub enum KeyError {
     /// The provider cannot do this (e.g. rewrap for `local`).
     #[error("{0} is not supported by the {1} provider")]
     Unsupported(&'static str, &'static str),
+    /// The key name was destroyed on purpose (crypto-shredded): its values are gone.
+    #[error("key {key} was destroyed (crypto-shredded)")]
+    Destroyed { key: String },
     /// Local master key file problems.
     #[error("master key file {path}: {reason}")]
     MasterKey { path: String, reason: String },
@@ -116,7 +119,8 @@ impl KeyError {
     /// True when Vault refused (revoked token, permission denied, sealed): keys under this
     /// name must stop serving, cached or not.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, KeyError::Vault { source, .. } if source.is_refusal())
+        matches!(self, KeyError::Destroyed { .. })
+            || matches!(self, KeyError::Vault { source, .. } if source.is_refusal())
     }
 
     /// True when the failure is Vault being unreachable (cached keys may keep serving).
@@ -181,5 +185,16 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
         _delta: u64,
     ) -> KeyFuture<'a, Option<u64>> {
         Box::pin(async move { Ok(None) })
+    }
+
+    /// The key name was destroyed on purpose (see [`KeyProvider::destroy`]).
+    fn destroyed<'a>(&'a self, _key_name: &'a str) -> KeyFuture<'a, bool> {
+        Box::pin(async move { Ok(false) })
+    }
+
+    /// Destroy the KEK of `key_name` where backups cannot bring it back (transit: delete the
+    /// transit key), so every wrapped DEK of the name, in any copy of the database, is useless.
+    fn destroy<'a>(&'a self, _key_name: &'a str) -> KeyFuture<'a, ()> {
+        Box::pin(async move { Err(KeyError::Unsupported("destroying a key", self.kind())) })
     }
 }

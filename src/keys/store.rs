@@ -31,6 +31,10 @@ pub trait WrappedKeyStore: Send + Sync + std::fmt::Debug {
         dek_version: u32,
         delta: u64,
     ) -> KeyFuture<'a, u64>;
+    /// The key name was destroyed on purpose (`pgward.destroyed_keys`): serve nothing under it.
+    fn destroyed<'a>(&'a self, _key_name: &'a str) -> KeyFuture<'a, bool> {
+        Box::pin(async move { Ok(false) })
+    }
 }
 
 /// In-memory store: tests and throwaway setups only (keys vanish on restart).
@@ -150,6 +154,26 @@ impl PgKeyStore {
 }
 
 impl WrappedKeyStore for PgKeyStore {
+    fn destroyed<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, bool> {
+        Box::pin(async move {
+            let row = self
+                .client
+                .query_opt(
+                    "SELECT 1 FROM pgward.destroyed_keys WHERE key_name = $1",
+                    &[&key_name],
+                )
+                .await;
+            match row {
+                Ok(found) => Ok(found.is_some()),
+                // A database not migrated yet has no destroyed keys.
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                    Ok(false)
+                }
+                Err(e) => Err(store_err(e)),
+            }
+        })
+    }
+
     fn list<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, Vec<WrappedDek>> {
         Box::pin(async move {
             let rows = self

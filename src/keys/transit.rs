@@ -267,6 +267,36 @@ impl KeyProvider for TransitProvider {
         })
     }
 
+    fn destroyed<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, bool> {
+        self.store.destroyed(key_name)
+    }
+
+    /// Delete the transit key: allow deletion in its config, then delete it. A key that was
+    /// never created (no value was ever written under the name) is already gone.
+    fn destroy<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, ()> {
+        Box::pin(async move {
+            let path = format!("{}/keys/{key_name}", self.mount);
+            let vault = |e| KeyError::from_vault(key_name, 0, e);
+            match self.vault.get(&path).await {
+                Err(VaultError::NotFound { .. }) => return Ok(()),
+                other => other.map_err(vault)?,
+            };
+            self.vault
+                .post(
+                    &format!("{path}/config"),
+                    json!({ "deletion_allowed": true }),
+                )
+                .await
+                .map_err(vault)?;
+            self.vault.delete(&path).await.map_err(vault)?;
+            tracing::warn!(
+                key = key_name,
+                "transit key deleted: values under it can never be decrypted again"
+            );
+            Ok(())
+        })
+    }
+
     fn rewrap<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, usize> {
         Box::pin(async move {
             let latest = self

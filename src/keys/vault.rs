@@ -191,6 +191,7 @@ impl std::fmt::Debug for VaultClient {
 enum Method {
     Get,
     Post,
+    Delete,
 }
 
 impl VaultClient {
@@ -288,6 +289,10 @@ impl VaultClient {
 
     pub async fn post(&self, path: &str, body: Value) -> Result<Value, VaultError> {
         self.call(Method::Post, path, Some(body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Result<Value, VaultError> {
+        self.call(Method::Delete, path, None).await
     }
 
     /// Renew or re-login if the token is past two thirds of its lease. Called on every
@@ -500,6 +505,7 @@ impl VaultClient {
         let mut req = match method {
             Method::Get => self.http.get(&url),
             Method::Post => self.http.post(&url),
+            Method::Delete => self.http.delete(&url),
         };
         if let Some(t) = token {
             req = req.header("X-Vault-Token", t);

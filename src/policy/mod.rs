@@ -424,8 +424,12 @@ impl PolicyEngine {
         let encryption = self.encryption.read().clone();
         let Some(policy) = snap.policies.get(who.service) else {
             if self.unrestricted.read().iter().any(|s| s == who.service) {
-                let rewritten =
-                    unrestricted_rewrite(sql, encryption.as_deref(), Some(&snap.catalog))?;
+                let rewritten = unrestricted_rewrite(
+                    sql,
+                    encryption.as_deref(),
+                    Some(&snap.catalog),
+                    who.claims,
+                )?;
                 return Ok((Arc::new(rewritten), Reuse::None));
             }
             return Err(no_policy(who.service));
@@ -577,6 +581,7 @@ pub fn unrestricted_rewrite(
     sql: &str,
     encryption: Option<&dyn StatementTransform>,
     catalog: Option<&Catalog>,
+    claims: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<Rewritten, PolicyDenied> {
     let parsed = sql::parse_statements(sql);
     let mut statements: Vec<StatementInfo> = parsed
@@ -609,7 +614,7 @@ pub fn unrestricted_rewrite(
             };
         }
     };
-    let (texts, outcome) = encrypt_statements(&mut stmts, encryption, catalog)?;
+    let (texts, outcome) = encrypt_statements(&mut stmts, encryption, catalog, claims)?;
     if !outcome.touched {
         return Ok(unchanged(statements));
     }
@@ -629,6 +634,7 @@ fn encrypt_statements(
     stmts: &mut [sqlparser::ast::Statement],
     encryption: &dyn StatementTransform,
     catalog: Option<&Catalog>,
+    claims: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<(Vec<String>, TransformOutcome), PolicyDenied> {
     for st in stmts.iter_mut() {
         sql::sanitize(st).map_err(|e| {
@@ -640,7 +646,7 @@ fn encrypt_statements(
         })?;
     }
     let outcome = encryption
-        .apply(stmts, catalog)
+        .apply(stmts, catalog, claims)
         .map_err(transform_refusal)?;
     let texts: Vec<String> = stmts.iter().map(ToString::to_string).collect();
     if outcome.touched && !texts.iter().all(|t| sql::round_trips(t)) {
@@ -739,7 +745,7 @@ pub fn rewrite_encrypted(
                 rewrite::Rewriter::new(service, policy, catalog, claims)
                     .statement(&mut st.clone())?;
             }
-            enc.apply(&mut stmts, Some(catalog))
+            enc.apply(&mut stmts, Some(catalog), claims)
                 .map_err(transform_refusal)?
         }
         None => TransformOutcome::default(),

@@ -891,6 +891,7 @@ impl StatementTransform for SealsCustomerLiterals {
         &self,
         statements: &mut [sqlparser::ast::Statement],
         _catalog: Option<&Catalog>,
+        _claims: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<TransformOutcome, crate::sql::stage::TransformRefusal> {
         use sqlparser::ast::{Value, ValueWithSpan, VisitMut, VisitorMut};
         struct Seal<'a>(&'a std::sync::atomic::AtomicU64);
@@ -1082,6 +1083,7 @@ impl StatementTransform for RefusesSecretColumns {
         &self,
         statements: &mut [sqlparser::ast::Statement],
         _catalog: Option<&Catalog>,
+        _claims: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<TransformOutcome, crate::sql::stage::TransformRefusal> {
         for st in statements.iter() {
             let text = st.to_string().to_lowercase();

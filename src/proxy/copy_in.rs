@@ -4,6 +4,7 @@
 //! (from `crypto::sql`) says. Rows end at LF (or CRLF); a row that cannot be read or whose
 //! value is invalid for its column's type fails the COPY (the client's CopyData is replaced by
 //! a CopyFail upstream, so the server rolls the whole COPY back).
+use crate::crypto::scope::KeyScope;
 use crate::crypto::sql::{ColumnRef, CopyPlan};
 use crate::crypto::{encode_for_encryption, CryptoError, KeyManager, WireFormat};
 
@@ -34,7 +35,12 @@ impl CopyIn {
     }
 
     /// Take one CopyData payload; returns the encrypted rows completed so far.
-    pub async fn data(&mut self, manager: &KeyManager, chunk: &[u8]) -> Result<Vec<u8>, CopyError> {
+    pub async fn data(
+        &mut self,
+        manager: &KeyManager,
+        scope: &KeyScope,
+        chunk: &[u8],
+    ) -> Result<Vec<u8>, CopyError> {
         if self.ended {
             return Ok(chunk.to_vec());
         }
@@ -43,7 +49,7 @@ impl CopyIn {
         let mut start = 0;
         while let Some(end) = self.row_end(start) {
             let line = self.pending[start..end].to_vec();
-            self.line(manager, &line, &mut out).await?;
+            self.line(manager, scope, &line, &mut out).await?;
             start = end + 1;
             if self.ended {
                 out.extend_from_slice(&self.pending[start..]);
@@ -56,11 +62,15 @@ impl CopyIn {
     }
 
     /// CopyDone: a last row without a newline is still a row.
-    pub async fn finish(&mut self, manager: &KeyManager) -> Result<Vec<u8>, CopyError> {
+    pub async fn finish(
+        &mut self,
+        manager: &KeyManager,
+        scope: &KeyScope,
+    ) -> Result<Vec<u8>, CopyError> {
         let mut out = Vec::new();
         if !self.pending.is_empty() && !self.ended {
             let line = std::mem::take(&mut self.pending);
-            self.line(manager, &line, &mut out).await?;
+            self.line(manager, scope, &line, &mut out).await?;
         }
         Ok(out)
     }
@@ -100,6 +110,7 @@ impl CopyIn {
     async fn line(
         &mut self,
         manager: &KeyManager,
+        scope: &KeyScope,
         line: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), CopyError> {
@@ -154,7 +165,7 @@ impl CopyIn {
                             .map_err(|e| self.error(c, &e.to_string()))?,
                     );
                     let sealed = manager
-                        .encrypt(&c.table, &c.column, &canonical)
+                        .encrypt(&c.table, &c.column, scope, &canonical)
                         .await
                         .map_err(|e| self.crypto_error(c, &e))?;
                     self.put_bytea(out, &sealed);
@@ -167,7 +178,7 @@ impl CopyIn {
             match (&canonicals[i], &self.plan.fields[i]) {
                 (Some(canonical), Some(c)) => {
                     let index = manager
-                        .blind_index(&c.table, &c.column, canonical)
+                        .blind_index(&c.table, &c.column, scope, canonical)
                         .await
                         .map_err(|e| self.crypto_error(c, &e))?;
                     self.put_bytea(out, &index);

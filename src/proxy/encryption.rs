@@ -42,7 +42,9 @@ use upstream::*;
 
 use super::copy_in::CopyIn;
 use crate::config::Config;
+use crate::crypto::error::KeyFailure;
 use crate::crypto::manager::KeyManager;
+use crate::crypto::scope::KeyScope;
 use crate::crypto::sql::{ColumnRef, ParamPlan, ParamUse, SqlEncryption};
 use crate::crypto::ProviderKind;
 use crate::crypto::{decode_to_wire, encode_for_encryption, ClientType, CryptoError, WireFormat};
@@ -58,6 +60,10 @@ use crate::upstream::UpstreamTarget;
 pub const DATA_CORRUPTED: &str = "XX001";
 /// SQLSTATE system_error: a key could not be obtained.
 pub const KEY_UNAVAILABLE: &str = "58000";
+/// SQLSTATE for a value whose data key was destroyed on purpose (`pgward keys shred`):
+/// object_not_in_prerequisite_state — the value exists but can never be decrypted, which no
+/// retry changes (unlike 58000).
+pub const KEY_DESTROYED: &str = "55000";
 /// SQLSTATE invalid_parameter_value: a bound value is not valid for its column's type.
 pub const INVALID_PARAMETER: &str = "22023";
 
@@ -159,7 +165,13 @@ impl Encryption {
         self: &Arc<Self>,
         reader: &mut FrameReader<ConnReader>,
         writer: &mut ConnWriter,
+        scope: KeyScope,
     ) -> Result<(ClientHalf, UpstreamHalf), ClientError> {
+        // The session's per-tenant keys, loaded before its first statement (SQL literals
+        // are encrypted without waiting for Vault).
+        for e in self.manager.prefetch_scope(&scope).await {
+            tracing::warn!(error = %e, "could not load a per-tenant key for this session; statements needing it fail until it is available");
+        }
         let failed = |what: &str| {
             tracing::warn!(what, "encrypted-column lookup failed");
             ClientError::fatal(
@@ -239,8 +251,8 @@ impl Encryption {
         );
         let queue = Arc::new(Mutex::new(VecDeque::new()));
         Ok((
-            ClientHalf::new(self.clone(), queue.clone()),
-            UpstreamHalf::new(self.clone(), queue, columns),
+            ClientHalf::new(self.clone(), queue.clone(), scope.clone()),
+            UpstreamHalf::new(self.clone(), queue, columns, scope),
         ))
     }
 

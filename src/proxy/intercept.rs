@@ -207,9 +207,13 @@ impl Interceptor {
                 policies.rewrite(&mut self.memo, &self.identity, sql)
             }
             SessionPolicy::Unrestricted => match &self.encryption {
-                Some(enc) => {
-                    crate::policy::unrestricted_rewrite(sql, Some(enc.as_ref()), None).map(Arc::new)
-                }
+                Some(enc) => crate::policy::unrestricted_rewrite(
+                    sql,
+                    Some(enc.as_ref()),
+                    None,
+                    &self.identity.claims,
+                )
+                .map(Arc::new),
                 None => return Verdict::Forward,
             },
         };

@@ -19,6 +19,7 @@ use super::state::SessionState;
 use super::Shared;
 use crate::audit::{AuditEvent, OnFailure, SessionInfo};
 use crate::auth::Identity;
+use crate::crypto::scope::KeyScope;
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::inc;
 use crate::net::{ConnReader, ConnWriter};
@@ -219,7 +220,11 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
         FrameReader::with_buffered(upstream_read, MAX_UPSTREAM_MESSAGE, upstream.buffered);
     let (client_crypto, upstream_crypto) = match &shared.encryption {
         Some(encryption) => match encryption
-            .open_session(&mut upstream_reader, &mut upstream_write)
+            .open_session(
+                &mut upstream_reader,
+                &mut upstream_write,
+                KeyScope::from_claims(&interceptor.identity().claims),
+            )
             .await
         {
             Ok((c, u)) => (Some(c), Some(u)),

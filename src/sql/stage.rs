@@ -17,11 +17,13 @@ use crate::error::RefusalKind;
 
 /// A transform of parsed statements, applied before the row-policy rewrite.
 pub trait StatementTransform: Send + Sync + fmt::Debug {
-    /// Transform the statements of one Query or Parse in place.
+    /// Transform the statements of one Query or Parse in place. `claims`: the session's token
+    /// claims, which may select what the transform applies (field encryption's per-tenant keys).
     fn apply(
         &self,
         statements: &mut [Statement],
         catalog: Option<&Catalog>,
+        claims: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<TransformOutcome, TransformRefusal>;
 
     /// For text that does not parse: a relation this transform governs whose name appears in

@@ -1,4 +1,5 @@
 //! Field encryption and key management against a real OpenBao and PostgreSQL.
+use pgward::crypto::scope::KeyScope;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ fn col(table: &str, column: &str, key: &str, searchable: bool) -> EncryptColumn 
         key: key.into(),
         ty: ClientType::Text,
         searchable,
+        context_claim: None,
     }
 }
 
@@ -81,7 +83,7 @@ async fn transit_datakey_unwrap_and_cache() {
         Duration::from_secs(600),
     );
     let ct = writer
-        .encrypt("users", "email", b"alice@example.com")
+        .encrypt("users", "email", &KeyScope::default(), b"alice@example.com")
         .await
         .unwrap();
     assert_eq!(peek_key_ref(&ct).unwrap().dek_version, 1);
@@ -102,17 +104,29 @@ async fn transit_datakey_unwrap_and_cache() {
         Duration::from_secs(600),
     );
     assert_eq!(
-        reader.decrypt("users", "email", &ct).await.unwrap(),
+        reader
+            .decrypt("users", "email", &KeyScope::default(), &ct)
+            .await
+            .unwrap(),
         b"alice@example.com"
     );
     assert_eq!(
-        writer.blind_index("users", "email", b"x").await.unwrap(),
-        reader.blind_index("users", "email", b"x").await.unwrap()
+        writer
+            .blind_index("users", "email", &KeyScope::default(), b"x")
+            .await
+            .unwrap(),
+        reader
+            .blind_index("users", "email", &KeyScope::default(), b"x")
+            .await
+            .unwrap()
     );
     let mut bao = bao;
     bao.stop();
     assert_eq!(
-        reader.decrypt("users", "email", &ct).await.unwrap(),
+        reader
+            .decrypt("users", "email", &KeyScope::default(), &ct)
+            .await
+            .unwrap(),
         b"alice@example.com",
         "served from cache"
     );
@@ -143,7 +157,9 @@ async fn kek_rotation_during_write_loop() {
                 let v = format!("card-{i}");
                 out.push((
                     v.clone(),
-                    m.encrypt("orders", "card", v.as_bytes()).await.unwrap(),
+                    m.encrypt("orders", "card", &KeyScope::default(), v.as_bytes())
+                        .await
+                        .unwrap(),
                 ));
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -183,7 +199,9 @@ async fn kek_rotation_during_write_loop() {
     );
     for (plain, ct) in &written {
         assert_eq!(
-            cold.decrypt("orders", "card", ct).await.unwrap(),
+            cold.decrypt("orders", "card", &KeyScope::default(), ct)
+                .await
+                .unwrap(),
             plain.as_bytes()
         );
     }
@@ -192,9 +210,13 @@ async fn kek_rotation_during_write_loop() {
     let outcome = m.refresh().await.unwrap();
     assert!(outcome[0].created && outcome[0].kek_version == 3);
     assert_eq!(
-        peek_key_ref(&m.encrypt("orders", "card", b"x").await.unwrap())
-            .unwrap()
-            .dek_version,
+        peek_key_ref(
+            &m.encrypt("orders", "card", &KeyScope::default(), b"x")
+                .await
+                .unwrap()
+        )
+        .unwrap()
+        .dek_version,
         3
     );
 }
@@ -211,11 +233,17 @@ async fn rewrap_then_min_decryption_version() {
         &cols,
         Duration::from_secs(600),
     );
-    let old_ct = m.encrypt("t", "c", b"old value").await.unwrap();
+    let old_ct = m
+        .encrypt("t", "c", &KeyScope::default(), b"old value")
+        .await
+        .unwrap();
     let old_wrapped = store.get("t3-key", 1).await.unwrap().unwrap().wrapped;
     bao.rotate("t3-key").await;
     m.refresh().await.unwrap();
-    let new_ct = m.encrypt("t", "c", b"new value").await.unwrap();
+    let new_ct = m
+        .encrypt("t", "c", &KeyScope::default(), b"new value")
+        .await
+        .unwrap();
 
     let provider = transit(&vault, &store);
     // DEK 1 (KEK v1) and the index root (KEK v1) are rewrapped; DEK 2 is already on v2.
@@ -242,8 +270,18 @@ async fn rewrap_then_min_decryption_version() {
         &cols,
         Duration::from_secs(600),
     );
-    assert_eq!(cold.decrypt("t", "c", &old_ct).await.unwrap(), b"old value");
-    assert_eq!(cold.decrypt("t", "c", &new_ct).await.unwrap(), b"new value");
+    assert_eq!(
+        cold.decrypt("t", "c", &KeyScope::default(), &old_ct)
+            .await
+            .unwrap(),
+        b"old value"
+    );
+    assert_eq!(
+        cold.decrypt("t", "c", &KeyScope::default(), &new_ct)
+            .await
+            .unwrap(),
+        b"new value"
+    );
 
     // The pre-rewrap copy of DEK 1 is now refused by Vault: a typed, non-"unavailable" error.
     let stale_store: Arc<dyn WrappedKeyStore> = Arc::new(MemoryKeyStore::default());
@@ -347,8 +385,14 @@ async fn vault_down_cached_keys_serve_uncached_fail() {
         &cols,
         Duration::from_secs(600),
     );
-    let ct_a = writer.encrypt("a", "x", b"cached").await.unwrap();
-    let ct_b = writer.encrypt("b", "y", b"uncached").await.unwrap();
+    let ct_a = writer
+        .encrypt("a", "x", &KeyScope::default(), b"cached")
+        .await
+        .unwrap();
+    let ct_b = writer
+        .encrypt("b", "y", &KeyScope::default(), b"uncached")
+        .await
+        .unwrap();
 
     // Short TTL: the outage outlasts it, and stale keys must still serve.
     let reader = manager(
@@ -357,26 +401,53 @@ async fn vault_down_cached_keys_serve_uncached_fail() {
         &cols,
         Duration::from_millis(200),
     );
-    assert_eq!(reader.decrypt("a", "x", &ct_a).await.unwrap(), b"cached");
-    let bidx = reader.blind_index("a", "x", b"v").await.unwrap();
+    assert_eq!(
+        reader
+            .decrypt("a", "x", &KeyScope::default(), &ct_a)
+            .await
+            .unwrap(),
+        b"cached"
+    );
+    let bidx = reader
+        .blind_index("a", "x", &KeyScope::default(), b"v")
+        .await
+        .unwrap();
     bao.stop();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(matches!(
         vault.health().await,
         Err(VaultError::Unreachable { .. })
     ));
-    assert_eq!(reader.decrypt("a", "x", &ct_a).await.unwrap(), b"cached");
-    assert_eq!(reader.blind_index("a", "x", b"v").await.unwrap(), bidx);
+    assert_eq!(
+        reader
+            .decrypt("a", "x", &KeyScope::default(), &ct_a)
+            .await
+            .unwrap(),
+        b"cached"
+    );
+    assert_eq!(
+        reader
+            .blind_index("a", "x", &KeyScope::default(), b"v")
+            .await
+            .unwrap(),
+        bidx
+    );
     let new_ct = reader
-        .encrypt("a", "x", b"written during outage")
+        .encrypt("a", "x", &KeyScope::default(), b"written during outage")
         .await
         .unwrap();
     assert_eq!(
-        reader.decrypt("a", "x", &new_ct).await.unwrap(),
+        reader
+            .decrypt("a", "x", &KeyScope::default(), &new_ct)
+            .await
+            .unwrap(),
         b"written during outage"
     );
     let started = Instant::now();
-    let err = reader.decrypt("b", "y", &ct_b).await.unwrap_err();
+    let err = reader
+        .decrypt("b", "y", &KeyScope::default(), &ct_b)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, CryptoError::KeyUnavailable(KeyFailure::Unreachable)),
         "{err:?}"
@@ -389,7 +460,10 @@ async fn vault_down_cached_keys_serve_uncached_fail() {
     );
     // The failed fetch is remembered: the next rows fail at once instead of asking again.
     let again = Instant::now();
-    assert!(reader.decrypt("b", "y", &ct_b).await.is_err());
+    assert!(reader
+        .decrypt("b", "y", &KeyScope::default(), &ct_b)
+        .await
+        .is_err());
     assert!(
         again.elapsed() < Duration::from_millis(50) && started.elapsed() < Duration::from_secs(4)
     );
@@ -428,7 +502,10 @@ async fn revoked_token_is_a_clear_error() {
         &cols,
         Duration::from_millis(100),
     );
-    let ct = m.encrypt("t", "c", b"secret").await.unwrap();
+    let ct = m
+        .encrypt("t", "c", &KeyScope::default(), b"secret")
+        .await
+        .unwrap();
 
     bao.api("POST", "auth/token/revoke", Some(json!({ "token": token })))
         .await
@@ -436,19 +513,25 @@ async fn revoked_token_is_a_clear_error() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     // The next poll sees the refusal: the key stops serving reads and writes, cached or not.
     m.poll_once().await;
-    let err = m.decrypt("t", "c", &ct).await.unwrap_err();
+    let err = m
+        .decrypt("t", "c", &KeyScope::default(), &ct)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, CryptoError::KeyUnavailable(KeyFailure::Refused)),
         "{err:?}"
     );
     assert!(
         matches!(
-            m.encrypt_now("t", "c", b"x"),
+            m.encrypt_now("t", "c", &KeyScope::default(), b"x"),
             Err(CryptoError::KeyUnavailable(KeyFailure::Refused))
         ),
         "writes stop too"
     );
-    assert!(m.encrypt("t", "c", b"x").await.is_err());
+    assert!(m
+        .encrypt("t", "c", &KeyScope::default(), b"x")
+        .await
+        .is_err());
     let msg = err.to_string();
     assert!(
         msg.contains("refused") && !msg.contains("permission denied") && !msg.contains("t6-key"),
@@ -469,10 +552,19 @@ async fn kv2_provider_round_trip() {
         &cols,
         Duration::from_secs(600),
     );
-    let ct1 = m.encrypt("people", "name", b"Ada").await.unwrap();
-    let idx1 = m.blind_index("people", "name", b"Ada").await.unwrap();
+    let ct1 = m
+        .encrypt("people", "name", &KeyScope::default(), b"Ada")
+        .await
+        .unwrap();
+    let idx1 = m
+        .blind_index("people", "name", &KeyScope::default(), b"Ada")
+        .await
+        .unwrap();
     assert_eq!(m.rotate_dek("t7-key").await.unwrap().dek_version, 2);
-    let ct2 = m.encrypt("people", "name", b"Grace").await.unwrap();
+    let ct2 = m
+        .encrypt("people", "name", &KeyScope::default(), b"Grace")
+        .await
+        .unwrap();
     assert_eq!(peek_key_ref(&ct2).unwrap().dek_version, 2);
 
     let cold = manager(
@@ -481,13 +573,22 @@ async fn kv2_provider_round_trip() {
         &cols,
         Duration::from_secs(600),
     );
-    assert_eq!(cold.decrypt("people", "name", &ct1).await.unwrap(), b"Ada");
     assert_eq!(
-        cold.decrypt("people", "name", &ct2).await.unwrap(),
+        cold.decrypt("people", "name", &KeyScope::default(), &ct1)
+            .await
+            .unwrap(),
+        b"Ada"
+    );
+    assert_eq!(
+        cold.decrypt("people", "name", &KeyScope::default(), &ct2)
+            .await
+            .unwrap(),
         b"Grace"
     );
     assert_eq!(
-        cold.blind_index("people", "name", b"Ada").await.unwrap(),
+        cold.blind_index("people", "name", &KeyScope::default(), b"Ada")
+            .await
+            .unwrap(),
         idx1,
         "index stable across DEK rotation"
     );
@@ -545,6 +646,7 @@ async fn db_key_store_and_ops_against_postgres() {
             key: key.into(),
             ty: ClientType::Text,
             searchable: true,
+            context_claim: None,
         },
         EncryptColumn {
             table: table.clone(),
@@ -552,6 +654,7 @@ async fn db_key_store_and_ops_against_postgres() {
             key: key.into(),
             ty: ClientType::Date,
             searchable: false,
+            context_claim: None,
         },
     ];
     let m = manager(
@@ -600,20 +703,24 @@ async fn db_key_store_and_ops_against_postgres() {
     let (email, born, ty): (Vec<u8>, Vec<u8>, String) = (row.get(0), row.get(1), row.get(2));
     assert_eq!(ty, "bytea");
     assert_eq!(
-        m.decrypt(&table, "email", &email).await.unwrap(),
+        m.decrypt(&table, "email", &KeyScope::default(), &email)
+            .await
+            .unwrap(),
         b"user5@example.com"
     );
     let born_text = pgward::crypto::decode_to_wire(
         ClientType::Date,
         WireFormat::Text,
-        &m.decrypt(&table, "born", &born).await.unwrap(),
+        &m.decrypt(&table, "born", &KeyScope::default(), &born)
+            .await
+            .unwrap(),
     )
     .unwrap();
     assert_eq!(born_text, b"1970-01-06");
     let probe =
         encode_for_encryption(ClientType::Text, WireFormat::Text, b"user42@example.com").unwrap();
     let bidx = m
-        .blind_index(&table, "email", &probe)
+        .blind_index(&table, "email", &KeyScope::default(), &probe)
         .await
         .unwrap()
         .to_vec();
@@ -725,7 +832,9 @@ async fn db_key_store_and_ops_against_postgres() {
     {
         let (id, ct): (i64, Vec<u8>) = (row.get(0), row.get(1));
         assert_eq!(
-            cold.decrypt(&table, "email", &ct).await.unwrap(),
+            cold.decrypt(&table, "email", &KeyScope::default(), &ct)
+                .await
+                .unwrap(),
             format!("user{id}@example.com").as_bytes()
         );
     }
@@ -768,6 +877,14 @@ async fn tls_with_ca_file_and_token_file() {
         &[col("t", "c", "t9-key", false)],
         Duration::from_secs(60),
     );
-    let ct = m.encrypt("t", "c", b"over tls").await.unwrap();
-    assert_eq!(m.decrypt("t", "c", &ct).await.unwrap(), b"over tls");
+    let ct = m
+        .encrypt("t", "c", &KeyScope::default(), b"over tls")
+        .await
+        .unwrap();
+    assert_eq!(
+        m.decrypt("t", "c", &KeyScope::default(), &ct)
+            .await
+            .unwrap(),
+        b"over tls"
+    );
 }

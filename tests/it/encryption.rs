@@ -1,5 +1,6 @@
 //! Field encryption through the proxy: a real PostgreSQL, the `local` key provider, and
 //! clients that only ever see plaintext of the configured types.
+use pgward::crypto::scope::KeyScope;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +45,7 @@ fn encrypt_columns() -> Vec<EncryptColumn> {
             key: "pii".into(),
             ty: *ty,
             searchable: *searchable,
+            context_claim: None,
         })
         .collect()
 }
@@ -159,13 +161,13 @@ impl Fixture {
                         encode_for_encryption(ty, WireFormat::Text, t.as_bytes()).unwrap();
                     let ct = self
                         .manager
-                        .encrypt("vault_items", c, &canonical)
+                        .encrypt("vault_items", c, &KeyScope::default(), &canonical)
                         .await
                         .unwrap();
                     let bidx = if searchable {
                         Some(
                             self.manager
-                                .blind_index("vault_items", c, &canonical)
+                                .blind_index("vault_items", c, &KeyScope::default(), &canonical)
                                 .await
                                 .unwrap()
                                 .to_vec(),

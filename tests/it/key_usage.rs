@@ -1,4 +1,5 @@
 //! Data-key usage limits and key metrics against a real OpenBao and PostgreSQL.
+use pgward::crypto::scope::KeyScope;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,7 @@ fn instance(bao: &Bao, store: &Arc<dyn WrappedKeyStore>, key: &str, limit: u64) 
         key: key.into(),
         ty: ClientType::Text,
         searchable: false,
+        context_claim: None,
     }];
     let policy = CachePolicy {
         ttl: Duration::from_secs(600),
@@ -77,14 +79,14 @@ async fn data_key_replaced_at_its_usage_limit_counted_across_instances() {
     let mut written = Vec::new();
     for i in 0..6 {
         written.push(
-            a.encrypt("t", "c", format!("a{i}").as_bytes())
+            a.encrypt("t", "c", &KeyScope::default(), format!("a{i}").as_bytes())
                 .await
                 .unwrap(),
         );
     }
     for i in 0..3 {
         written.push(
-            b.encrypt("t", "c", format!("b{i}").as_bytes())
+            b.encrypt("t", "c", &KeyScope::default(), format!("b{i}").as_bytes())
                 .await
                 .unwrap(),
         );
@@ -94,19 +96,25 @@ async fn data_key_replaced_at_its_usage_limit_counted_across_instances() {
     assert!(written.iter().all(|ct| dek_version(ct) == 1));
     for i in 0..2 {
         written.push(
-            a.encrypt("t", "c", format!("c{i}").as_bytes())
+            a.encrypt("t", "c", &KeyScope::default(), format!("c{i}").as_bytes())
                 .await
                 .unwrap(),
         );
     }
     a.poll_once().await; // 11: a replaces the data key
-    let after_a = a.encrypt("t", "c", b"after").await.unwrap();
+    let after_a = a
+        .encrypt("t", "c", &KeyScope::default(), b"after")
+        .await
+        .unwrap();
     assert_eq!(dek_version(&after_a), 2);
     b.poll_once().await; // b adopts the new key instead of creating one more
-    let after_b = b.encrypt("t", "c", b"after").await.unwrap();
+    let after_b = b
+        .encrypt("t", "c", &KeyScope::default(), b"after")
+        .await
+        .unwrap();
     assert_eq!(dek_version(&after_b), 2);
     for ct in &written {
-        b.decrypt("t", "c", ct).await.unwrap();
+        b.decrypt("t", "c", &KeyScope::default(), ct).await.unwrap();
     }
     let metrics = a.metrics();
     assert_eq!(
@@ -132,7 +140,10 @@ async fn data_key_replaced_at_its_usage_limit_counted_across_instances() {
     let mut bad = after_a.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    assert!(a.decrypt("t", "c", &bad).await.is_err());
+    assert!(a
+        .decrypt("t", "c", &KeyScope::default(), &bad)
+        .await
+        .is_err());
     let mut text = String::new();
     metrics.render(&mut text);
     assert!(text.contains("pgward_integrity_failures_total 1"), "{text}");

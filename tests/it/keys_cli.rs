@@ -1,5 +1,6 @@
 //! The key-operations CLI, end to end: the real `pgward` binary against the harness
 //! PostgreSQL and a real OpenBao dev server, following the README's key-rotation runbook.
+use pgward::crypto::scope::KeyScope;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -234,7 +235,9 @@ async fn assert_all_decrypt(m: &KeyManager, db: &tokio_postgres::Client, expecte
     for row in rows {
         let (id, ct): (i64, Vec<u8>) = (row.get(0), row.get(1));
         assert_eq!(
-            m.decrypt("people", "email", &ct).await.unwrap(),
+            m.decrypt("people", "email", &KeyScope::default(), &ct)
+                .await
+                .unwrap(),
             format!("user{id}@example.com").as_bytes(),
             "row {id}"
         );
@@ -332,7 +335,7 @@ async fn keys_cli_encrypt_existing_then_full_rotation_runbook() {
     let probe =
         encode_for_encryption(ClientType::Text, WireFormat::Text, b"user42@example.com").unwrap();
     let bidx = m
-        .blind_index("people", "email", &probe)
+        .blind_index("people", "email", &KeyScope::default(), &probe)
         .await
         .unwrap()
         .to_vec();
@@ -357,6 +360,7 @@ async fn keys_cli_encrypt_existing_then_full_rotation_runbook() {
             .encrypt(
                 "people",
                 "email",
+                &KeyScope::default(),
                 format!("user{id}@example.com").as_bytes(),
             )
             .await
@@ -455,12 +459,14 @@ async fn keys_cli_encrypt_existing_then_full_rotation_runbook() {
     for row in rows {
         let (id, ct): (i64, Vec<u8>) = (row.get(0), row.get(1));
         assert_eq!(
-            cold.decrypt("people", "email", &ct).await.unwrap(),
+            cold.decrypt("people", "email", &KeyScope::default(), &ct)
+                .await
+                .unwrap(),
             format!("user{id}@example.com").as_bytes()
         );
     }
     assert_eq!(
-        cold.blind_index("people", "email", &probe)
+        cold.blind_index("people", "email", &KeyScope::default(), &probe)
             .await
             .unwrap()
             .to_vec(),
@@ -616,7 +622,9 @@ async fn keys_cli_encrypt_existing_bytea_column_is_never_encrypted_twice() {
     for row in db.query("SELECT id, photo FROM people", &[]).await.unwrap() {
         let (id, ct): (i64, Vec<u8>) = (row.get(0), row.get(1));
         assert_eq!(
-            m.decrypt("people", "photo", &ct).await.unwrap(),
+            m.decrypt("people", "photo", &KeyScope::default(), &ct)
+                .await
+                .unwrap(),
             format!("photo {id}").as_bytes()
         );
     }

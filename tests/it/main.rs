@@ -25,6 +25,7 @@ mod policy_proxy;
 mod protocol;
 mod reload;
 mod reload_services;
+mod tenant_keys;
 mod tools;
 mod vault;
 mod vault_failures;

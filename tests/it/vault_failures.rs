@@ -1,5 +1,6 @@
 //! Vault failures through the proxy, in bounded time: a hung OpenBao (SIGSTOP), a revoked
 //! token, a sealed OpenBao, and a rotated token file. Real OpenBao, real PostgreSQL.
+use pgward::crypto::scope::KeyScope;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -309,19 +310,30 @@ async fn reload_rereads_the_token_file() {
             key,
             ty: ClientType::Text,
             searchable: false,
+            context_claim: None,
         }],
         ..config
     };
     let store: Arc<dyn WrappedKeyStore> = Arc::new(MemoryKeyStore::default());
     let m = KeyManager::from_config(&config, Some(store)).unwrap();
-    let ct = m.encrypt("t", "c", b"v").await.unwrap();
+    let ct = m
+        .encrypt("t", "c", &KeyScope::default(), b"v")
+        .await
+        .unwrap();
     bao.revoke(&first).await;
     m.reload().await;
     assert!(
-        m.decrypt("t", "c", &ct).await.is_err(),
+        m.decrypt("t", "c", &KeyScope::default(), &ct)
+            .await
+            .is_err(),
         "revoked token blocks"
     );
     write_token(&token_file, &bao.transit_token().await);
     m.reload().await;
-    assert_eq!(m.decrypt("t", "c", &ct).await.unwrap(), b"v");
+    assert_eq!(
+        m.decrypt("t", "c", &KeyScope::default(), &ct)
+            .await
+            .unwrap(),
+        b"v"
+    );
 }

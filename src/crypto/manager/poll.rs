@@ -64,7 +64,8 @@ impl KeyManager {
                 tracing::warn!(error = %e, "Vault token maintenance failed");
             }
         }
-        for name in &self.key_names {
+        for name in self.polled_key_names() {
+            let name = name.as_str();
             match self.refresh_key(name).await {
                 Ok(o) if o.created => tracing::info!(
                     key = name,
@@ -141,12 +142,11 @@ impl KeyManager {
             }
         }
         let aged_index = self
-            .columns
-            .values()
-            .filter(|s| s.column.searchable && s.column.key == key_name)
+            .specs_of_key(key_name)
+            .filter(|s| s.column.searchable)
             .any(|s| {
                 self.cache
-                    .index_key(&s.table, &s.column.column, self.policy.ttl)
+                    .index_key(key_name, &s.table, &s.column.column, self.policy.ttl)
                     .is_none()
             });
         if aged_index {

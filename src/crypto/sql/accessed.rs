@@ -255,7 +255,9 @@ mod tests {
         for st in &mut stmts {
             sanitize(st).unwrap();
         }
-        let outcome = e.transform(&mut stmts, None).unwrap();
+        let outcome = e
+            .transform(&mut stmts, None, &crate::crypto::scope::KeyScope::default())
+            .unwrap();
         assert_eq!(outcome.accessed.len(), stmts.len(), "{sql}");
         outcome.accessed
     }

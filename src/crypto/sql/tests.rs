@@ -13,6 +13,7 @@ pub(crate) async fn enc() -> SqlEncryption {
         key: "pii".into(),
         ty,
         searchable,
+        context_claim: None,
     };
     let manager = Arc::new(
         KeyManager::new(
@@ -42,7 +43,7 @@ fn run(enc: &SqlEncryption, sql: &str) -> Result<(String, Outcome), Refused> {
     for st in &mut stmts {
         crate::sql::parse::sanitize(st).unwrap();
     }
-    let outcome = enc.transform(&mut stmts, None)?;
+    let outcome = enc.transform(&mut stmts, None, &crate::crypto::scope::KeyScope::default())?;
     let text = stmts
         .iter()
         .map(ToString::to_string)

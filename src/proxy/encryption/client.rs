@@ -17,6 +17,8 @@ pub struct ClientHalf {
     portals: HashMap<String, String>,
     /// A COPY FROM STDIN into encrypted columns is running.
     copy_in: Option<CopyState>,
+    /// The session's claims that select per-tenant keys.
+    scope: KeyScope,
 }
 
 /// A running COPY FROM STDIN: its row encryptor, or failed (the rest of the data is dropped).
@@ -26,8 +28,13 @@ pub(super) enum CopyState {
 }
 
 impl ClientHalf {
-    pub(super) fn new(encryption: Arc<Encryption>, queue: Arc<Mutex<VecDeque<Expect>>>) -> Self {
+    pub(super) fn new(
+        encryption: Arc<Encryption>,
+        queue: Arc<Mutex<VecDeque<Expect>>>,
+        scope: KeyScope,
+    ) -> Self {
         Self {
+            scope,
             encryption,
             queue,
             statements: HashMap::new(),
@@ -108,10 +115,11 @@ impl ClientHalf {
     /// CopyData of a COPY into encrypted columns: complete rows encrypted, the rest kept.
     pub(super) async fn copy_data(&mut self, payload: &[u8]) -> Result<Option<Bytes>, ClientError> {
         let manager = self.encryption.manager.clone();
+        let scope = self.scope.clone();
         match &mut self.copy_in {
             None => Ok(None),
             Some(CopyState::Failed) => Ok(Some(Bytes::new())),
-            Some(CopyState::Running(copy)) => match copy.data(&manager, payload).await {
+            Some(CopyState::Running(copy)) => match copy.data(&manager, &scope, payload).await {
                 Ok(rows) if rows.is_empty() => Ok(Some(Bytes::new())),
                 Ok(rows) => Ok(Some(copy_data_message(&rows))),
                 Err(e) => {
@@ -125,8 +133,9 @@ impl ClientHalf {
     /// CopyDone: the last row (without newline) first.
     pub(super) async fn copy_done(&mut self, message: &Message) -> Option<Bytes> {
         let manager = self.encryption.manager.clone();
+        let scope = self.scope.clone();
         match self.copy_in.take() {
-            Some(CopyState::Running(mut copy)) => match copy.finish(&manager).await {
+            Some(CopyState::Running(mut copy)) => match copy.finish(&manager, &scope).await {
                 Ok(rows) if rows.is_empty() => None,
                 Ok(rows) => {
                     let mut out = BytesMut::from(&copy_data_message(&rows)[..]);
@@ -194,7 +203,7 @@ impl ClientHalf {
                 (ParamUse::Encrypt(c), Some(v)) => {
                     let canonical = canonical_param(c, format, v, *source)?;
                     let sealed = manager
-                        .encrypt(&c.table, &c.column, &canonical)
+                        .encrypt(&c.table, &c.column, &self.scope, &canonical)
                         .await
                         .map_err(|e| crypto_error(&e, c))?;
                     formats.push(1);
@@ -203,7 +212,7 @@ impl ClientHalf {
                 (ParamUse::BlindIndex(c), Some(v)) => {
                     let canonical = canonical_param(c, format, v, *source)?;
                     let index = manager
-                        .blind_index(&c.table, &c.column, &canonical)
+                        .blind_index(&c.table, &c.column, &self.scope, &canonical)
                         .await
                         .map_err(|e| crypto_error(&e, c))?;
                     formats.push(1);
@@ -303,6 +312,16 @@ pub(super) fn crypto_error(e: &CryptoError, c: &ColumnRef) -> ClientError {
                 ),
             )
         }
+        // The column has per-tenant keys and the session's token lacks the claim choosing one.
+        CryptoError::NoKeyContext { .. } => ClientError::error(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!("pgward: encrypted column {}.{}: {e}", c.table, c.column),
+        ),
+        // Shredded on purpose: the value is gone for good, not temporarily unavailable.
+        CryptoError::KeyUnavailable(KeyFailure::Destroyed) => ClientError::error(
+            KEY_DESTROYED,
+            format!("pgward: a value of encrypted column {}.{}: {e}", c.table, c.column),
+        ),
         CryptoError::Codec(codec) => ClientError::error(
             DATA_CORRUPTED,
             format!(

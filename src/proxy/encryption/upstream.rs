@@ -15,6 +15,8 @@ pub struct UpstreamHalf {
     current: Option<Arc<RowPlan>>,
     /// A value failed to decrypt: drop the rest of the response up to ReadyForQuery.
     failed: bool,
+    /// The session's claims that select per-tenant keys.
+    scope: KeyScope,
 }
 
 /// How one result column is transformed.
@@ -49,8 +51,10 @@ impl UpstreamHalf {
         encryption: Arc<Encryption>,
         queue: Arc<Mutex<VecDeque<Expect>>>,
         columns: HashMap<(u32, i16), FieldRole>,
+        scope: KeyScope,
     ) -> Self {
         Self {
+            scope,
             encryption,
             queue,
             columns,
@@ -283,12 +287,17 @@ impl UpstreamHalf {
                 .into(),
         };
         let manager = &self.encryption.manager;
-        let canonical = match manager.try_decrypt_now(&c.table, &c.column, &ciphertext) {
-            Some(result) => result,
-            None => manager.decrypt(&c.table, &c.column, &ciphertext).await,
-        }
-        .map(zeroize::Zeroizing::new)
-        .map_err(|e| crypto_error(&e, c))?;
+        let canonical =
+            match manager.try_decrypt_now(&c.table, &c.column, &self.scope, &ciphertext) {
+                Some(result) => result,
+                None => {
+                    manager
+                        .decrypt(&c.table, &c.column, &self.scope, &ciphertext)
+                        .await
+                }
+            }
+            .map(zeroize::Zeroizing::new)
+            .map_err(|e| crypto_error(&e, c))?;
         decode_to_wire(c.ty, format, &canonical)
             .map_err(|e| crypto_error(&CryptoError::Codec(e), c))
     }

@@ -1,0 +1,253 @@
+//! Per-tenant keys in the key manager: which key name serves a column in a session, the
+//! per-context names in use, and loading a session's keys before its first statement.
+use std::sync::Arc;
+
+use super::{ColumnSpec, KeyManager};
+use crate::crypto::envelope::KeyRef;
+use crate::crypto::error::CryptoError;
+use crate::crypto::scope::KeyScope;
+
+/// A key name: the configured one, or a per-context one derived for the session.
+pub(crate) enum KeyNameRef<'a> {
+    Configured(&'a str),
+    Context(Arc<str>),
+}
+
+impl std::ops::Deref for KeyNameRef<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            KeyNameRef::Configured(s) => s,
+            KeyNameRef::Context(s) => s,
+        }
+    }
+}
+
+/// The key serving one column in one session, with the key id its ciphertexts carry.
+pub(crate) struct ResolvedKey<'a> {
+    pub name: KeyNameRef<'a>,
+    pub key_id: u32,
+}
+
+impl ResolvedKey<'_> {
+    /// A stored value must name this key: a value of another tenant (another per-context
+    /// key) or another key name is refused before any key is fetched for it.
+    pub fn expect(&self, spec: &ColumnSpec, found: KeyRef) -> Result<(), CryptoError> {
+        if found.key_id == self.key_id {
+            return Ok(());
+        }
+        Err(CryptoError::WrongKey {
+            table: spec.table.clone(),
+            column: spec.column.column.clone(),
+            found: found.key_id,
+            expected: self.key_id,
+        })
+    }
+}
+
+impl KeyManager {
+    /// The key serving `spec` for a session with `scope`. Fails closed (no key at all) when
+    /// the column has a `context_claim` the session's token does not carry.
+    pub(crate) fn resolve<'a>(
+        &self,
+        spec: &'a ColumnSpec,
+        scope: &KeyScope,
+    ) -> Result<ResolvedKey<'a>, CryptoError> {
+        let Some(claim) = &spec.column.context_claim else {
+            return Ok(ResolvedKey {
+                name: KeyNameRef::Configured(&spec.column.key),
+                key_id: spec.key_id,
+            });
+        };
+        let (name, key_id, first_use) =
+            scope.context_key(&spec.column.key, claim).ok_or_else(|| {
+                CryptoError::NoKeyContext {
+                    table: spec.table.clone(),
+                    column: spec.column.column.clone(),
+                    claim: claim.clone(),
+                }
+            })?;
+        if first_use && !self.contexts.read().contains_key(&*name) {
+            self.contexts
+                .write()
+                .insert(name.to_string(), spec.column.key.clone());
+        }
+        Ok(ResolvedKey {
+            name: KeyNameRef::Context(name),
+            key_id,
+        })
+    }
+
+    /// Every key name the poller maintains: the configured names of columns without a
+    /// context, then the per-context names used so far.
+    pub(crate) fn polled_key_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.key_names.iter().cloned().collect();
+        names.extend(self.contexts.read().keys().cloned());
+        names
+    }
+
+    /// The columns whose keys `key_name` serves.
+    pub(crate) fn specs_of_key<'a>(
+        &'a self,
+        key_name: &str,
+    ) -> impl Iterator<Item = &'a ColumnSpec> + 'a {
+        let (base, per_context) = match self.contexts.read().get(key_name) {
+            Some(base) => (base.clone(), true),
+            None => (key_name.to_string(), false),
+        };
+        self.columns.values().filter(move |s| {
+            s.column.key == base && s.column.context_claim.is_some() == per_context
+        })
+    }
+
+    /// Load the per-context keys of a new session (write DEK, index keys) so its first
+    /// statement does not wait for Vault and SQL literals, which are encrypted without
+    /// waiting, find them cached. Errors are returned per key, not fatal: statements
+    /// needing a missing key fail closed.
+    pub async fn prefetch_scope(&self, scope: &KeyScope) -> Vec<CryptoError> {
+        let mut errors = Vec::new();
+        for spec in self
+            .columns
+            .values()
+            .filter(|s| s.column.context_claim.is_some())
+        {
+            let name = match self.resolve(spec, scope) {
+                Ok(key) => key.name,
+                // A session without the claim cannot use the column; it is refused there.
+                Err(_) => continue,
+            };
+            if self.cache.current(&name, self.policy.ttl).is_none() {
+                if let Err(e) = self.current_key_ref(&name).await {
+                    errors.push(e);
+                    continue;
+                }
+            }
+            if spec.column.searchable {
+                if let Err(e) = self.index_key(spec, &name).await {
+                    errors.push(e);
+                }
+            }
+        }
+        errors
+    }
+
+    /// Count a refusal of a value that names the wrong key (`pgward_integrity_failures_total`).
+    pub(crate) fn count_integrity_err(&self, e: CryptoError) -> CryptoError {
+        match self.count_integrity(Err(e)) {
+            Err(e) => e,
+            Ok(_) => CryptoError::Encrypt,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::crypto::codec::ClientType;
+    use crate::crypto::config::EncryptColumn;
+    use crate::crypto::manager::CachePolicy;
+    use crate::keys::local::LocalProvider;
+    use crate::keys::SecretKey;
+
+    fn manager() -> KeyManager {
+        let col = |column: &str, claim: Option<&str>| EncryptColumn {
+            table: "customers".into(),
+            column: column.into(),
+            key: "pii".into(),
+            ty: ClientType::Text,
+            searchable: true,
+            context_claim: claim.map(String::from),
+        };
+        let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([9; 32])));
+        KeyManager::new(
+            provider,
+            None,
+            &[col("email", Some("tenant_id")), col("note", None)],
+            CachePolicy {
+                ttl: Duration::from_secs(60),
+                max_stale: Duration::from_secs(60),
+                blocking_threshold: 64 * 1024,
+            },
+        )
+        .unwrap()
+    }
+
+    fn tenant(t: &str) -> KeyScope {
+        KeyScope::with([("tenant_id".to_string(), t.to_string())])
+    }
+
+    #[tokio::test]
+    async fn a_value_of_another_tenant_fails_integrity() {
+        let m = manager();
+        let (one, two) = (tenant("1"), tenant("2"));
+        let ct = m
+            .encrypt("customers", "email", &two, b"b@two")
+            .await
+            .unwrap();
+        assert_eq!(
+            m.decrypt("customers", "email", &two, &ct).await.unwrap(),
+            b"b@two"
+        );
+        assert!(matches!(
+            m.decrypt("customers", "email", &one, &ct).await,
+            Err(CryptoError::WrongKey { .. })
+        ));
+        assert!(matches!(
+            m.try_decrypt_now("customers", "email", &one, &ct),
+            Some(Err(CryptoError::WrongKey { .. }))
+        ));
+        // The per-tenant key is not the column's configured key either.
+        assert!(m.decrypt("customers", "note", &two, &ct).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn blind_indexes_differ_per_tenant_and_need_the_claim() {
+        let m = manager();
+        let a = m
+            .blind_index("customers", "email", &tenant("1"), b"x")
+            .await
+            .unwrap();
+        let b = m
+            .blind_index("customers", "email", &tenant("2"), b"x")
+            .await
+            .unwrap();
+        assert_ne!(a, b, "equal values must not link across tenants");
+        assert_eq!(
+            a,
+            m.blind_index("customers", "email", &tenant("1"), b"x")
+                .await
+                .unwrap()
+        );
+        let none = KeyScope::default();
+        assert!(matches!(
+            m.encrypt("customers", "email", &none, b"x").await,
+            Err(CryptoError::NoKeyContext { .. })
+        ));
+        assert!(matches!(
+            m.blind_index_now("customers", "email", &none, b"x"),
+            Err(CryptoError::NoKeyContext { .. })
+        ));
+        // Columns without a context do not need the claim.
+        assert!(m.encrypt("customers", "note", &none, b"x").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_sessions_keys_are_loaded_for_literals_and_polled() {
+        let m = manager();
+        let one = tenant("1");
+        assert!(m.prefetch_scope(&one).await.is_empty());
+        let ct = m.encrypt_now("customers", "email", &one, b"lit").unwrap();
+        assert!(m
+            .blind_index_now("customers", "email", &one, b"lit")
+            .is_ok());
+        assert_eq!(
+            m.decrypt("customers", "email", &one, &ct).await.unwrap(),
+            b"lit"
+        );
+        let polled = m.polled_key_names();
+        assert!(polled.contains(&"pii".to_string()));
+        assert!(polled.iter().any(|n| n.starts_with("pii-t")), "{polled:?}");
+    }
+}
