@@ -418,3 +418,53 @@ async fn forged_cancels_through_the_fleet_cancel_nothing() {
         String::from_utf8_lossy(&error.1)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_reload_on_sighup_a_bad_secret_rejects_the_reload_and_node_id_needs_a_restart() {
+    let (secret_dir, secret_file) = cluster_secret();
+    let (one, two) = start_fleet(&secret_file).await;
+    // A secret file too short: the reload is rejected as a whole.
+    let short = secret_dir.path().join("short.key");
+    std::fs::write(&short, "too short").unwrap();
+    let bad = replica_config(1, &[(2, two.addr)], &short, one.audit.path());
+    let err = one.reloader.apply(&bad).await.unwrap_err();
+    assert!(err.to_string().contains("cluster.secret"), "{err}");
+    // A new node id is named as restart-only, and [cluster] stays as it runs.
+    let renumbered = replica_config(5, &[(2, two.addr)], &secret_file, one.audit.path());
+    let restart = one.reloader.apply(&renumbered).await.unwrap();
+    assert_eq!(restart, vec!["[cluster] node_id"]);
+
+    // `pgward check` loads the secret and reports each peer (unreachable ones as warnings).
+    let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let gone = unused.local_addr().unwrap();
+    drop(unused);
+    let dir = tempfile::tempdir().unwrap();
+    let write = |secret: &Path| {
+        let config = harness::proxy_config_text(&ProxyOptions {
+            extra_toml: format!(
+                "[cluster]\nnode_id = 3\nsecret = {{ file = {secret:?} }}\npeer_timeout = \"1s\"\n[[cluster.peers]]\nnode_id = 1\naddress = \"{}\"\n[[cluster.peers]]\nnode_id = 9\naddress = \"{gone}\"\n",
+                one.addr
+            ),
+            ..ProxyOptions::default()
+        });
+        let path = dir.path().join("pgward.toml");
+        std::fs::write(&path, config).unwrap();
+        path
+    };
+    let report = pgward::cli::check::check(&write(&secret_file), None).await;
+    let text = report.render();
+    assert_eq!(report.failures(), 0, "{text}");
+    for expected in [
+        "ok    cluster: node 3, 2 peer(s), secret loaded",
+        "ok    cluster peer 1: ",
+        "warn  cluster peer 9: ",
+    ] {
+        assert!(text.contains(expected), "{expected:?} not in:\n{text}");
+    }
+    let report = pgward::cli::check::check(&write(&short), None).await;
+    assert!(
+        report.render().contains("FAIL  cluster: ") && report.failures() == 1,
+        "{}",
+        report.render()
+    );
+}
