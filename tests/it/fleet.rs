@@ -49,13 +49,24 @@ fn replica_config(
     secret_file: &Path,
     audit: &Path,
 ) -> Config {
+    replica_config_with(node_id, peers, secret_file, audit, "")
+}
+
+/// [`replica_config`] with more sections (the same on every replica).
+fn replica_config_with(
+    node_id: u8,
+    peers: &[(u8, SocketAddr)],
+    secret_file: &Path,
+    audit: &Path,
+    extra: &str,
+) -> Config {
     let peers: String = peers
         .iter()
         .map(|(id, addr)| format!("[[cluster.peers]]\nnode_id = {id}\naddress = \"{addr}\"\n"))
         .collect();
     let text = harness::proxy_config_text(&ProxyOptions {
         extra_toml: format!(
-            "{}\n[cluster]\nnode_id = {node_id}\nsecret = {{ file = {secret_file:?} }}\npeer_timeout = \"2s\"\n{peers}",
+            "{}\n{extra}\n[cluster]\nnode_id = {node_id}\nsecret = {{ file = {secret_file:?} }}\npeer_timeout = \"2s\"\n{peers}",
             harness::audit_toml(audit, ""),
         ),
         ..ProxyOptions::default()
@@ -64,8 +75,17 @@ fn replica_config(
 }
 
 async fn start_replica(node_id: u8, peers: &[(u8, SocketAddr)], secret_file: &Path) -> Replica {
+    start_replica_with(node_id, peers, secret_file, "").await
+}
+
+async fn start_replica_with(
+    node_id: u8,
+    peers: &[(u8, SocketAddr)],
+    secret_file: &Path,
+    extra: &str,
+) -> Replica {
     let audit = tempfile::tempdir().unwrap();
-    let config = replica_config(node_id, peers, secret_file, audit.path());
+    let config = replica_config_with(node_id, peers, secret_file, audit.path(), extra);
     let proxy = Proxy::bind(config).await.expect("replica binds");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let replica = Replica {
@@ -204,14 +224,20 @@ async fn direct(database: &str) -> tokio_postgres::Client {
     client
 }
 
-/// Wait until backend `pid` is running `pg_sleep` (so a cancel now can only hit that query).
-async fn wait_until_sleeping(direct: &tokio_postgres::Client, pid: i32) {
+/// The text of sleep number `n`: distinct, so that the server's activity view cannot show a
+/// session's previous sleep (still `active` for a moment after its error was sent) as this one.
+fn sleep_sql(n: usize) -> String {
+    format!("SELECT pg_sleep(30), {n} AS sleep")
+}
+
+/// Wait until backend `pid` is running sleep number `n` (so a cancel now can only hit it).
+async fn wait_until_sleeping(direct: &tokio_postgres::Client, pid: i32, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let row = direct
             .query_opt(
-                "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
-                &[&pid],
+                "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND state = 'active' AND query = $2",
+                &[&pid, &sleep_sql(n)],
             )
             .await
             .unwrap();
@@ -253,7 +279,59 @@ async fn settle(done: impl Fn() -> bool) {
     }
 }
 
-const ATTEMPTS: usize = 30;
+const ATTEMPTS: usize = 100;
+
+/// A session through the load balancer: its client, upstream PID and cancel token.
+struct Session {
+    client: Option<tokio_postgres::Client>,
+    pid: i32,
+    token: tokio_postgres::CancelToken,
+}
+
+impl Session {
+    async fn open(lb: &Haproxy, database: &str) -> Self {
+        let client = lb.connect(database).await;
+        let pid = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let token = client.cancel_token();
+        Self {
+            client: Some(client),
+            pid,
+            token,
+        }
+    }
+
+    /// Start sleep number `n`; the handle gives the client back with the query's result.
+    fn sleep(
+        &mut self,
+        n: usize,
+    ) -> tokio::task::JoinHandle<(
+        tokio_postgres::Client,
+        Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>,
+    )> {
+        let client = self.client.take().expect("session idle");
+        tokio::spawn(async move {
+            let result = client.simple_query(&sleep_sql(n)).await;
+            (client, result)
+        })
+    }
+}
+
+/// The cancel counters of a replica, for failure messages.
+fn cancel_counts(replica: &Replica) -> String {
+    format!(
+        "delivered {} dropped {} sent {} failed {} received {} refused {}",
+        replica.count(|m| &m.cancels_forwarded),
+        replica.count(|m| &m.cancels_dropped),
+        replica.count(|m| &m.peer_cancels_sent),
+        replica.count(|m| &m.peer_cancels_failed),
+        replica.count(|m| &m.peer_cancels_received),
+        replica.count(|m| &m.peer_cancels_refused),
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_through_the_load_balancer_cancels_the_right_query_every_time() {
@@ -262,42 +340,72 @@ async fn a_cancel_through_the_load_balancer_cancels_the_right_query_every_time()
     let (one, two) = start_fleet(&secret_file).await;
     let lb = Haproxy::start(&[one.addr, two.addr]).await;
     let watch = direct(&database).await;
+    // Round robin puts the two sessions on different replicas, and alternates the replica
+    // each cancel connection lands on. Cancelling session (attempt / 2) % 2 makes the pairs
+    // (session's replica, cancel's replica) run through all four combinations: half of the
+    // cancels land on the replica holding the session, half on the other one.
+    let mut sessions = [
+        Session::open(&lb, &database).await,
+        Session::open(&lb, &database).await,
+    ];
     let started = Instant::now();
     let mut slowest = Duration::ZERO;
     for attempt in 0..ATTEMPTS {
-        let client = lb.connect(&database).await;
-        let pid: i32 = client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let token = client.cancel_token();
-        let sleeper = tokio::spawn(async move {
-            let result = client.simple_query("SELECT pg_sleep(30)").await;
-            (client, result)
-        });
-        wait_until_sleeping(&watch, pid).await;
-        // Round robin alternates per connection: on odd attempts one more session shifts the
-        // cancel onto the replica holding the session, on even ones it lands on the other.
-        let bystander = if attempt % 2 == 1 {
-            Some(lb.connect(&database).await)
+        let target = (attempt / 2) % 2;
+        let other = 1 - target;
+        // Both sessions run a query; only the target's may be cancelled.
+        let sleepers = [sessions[0].sleep(attempt), sessions[1].sleep(attempt)];
+        for session in &sessions {
+            wait_until_sleeping(&watch, session.pid, attempt).await;
+        }
+        let [first, second] = sleepers;
+        let (target_sleeper, other_sleeper) = if target == 0 {
+            (first, second)
         } else {
-            None
+            (second, first)
         };
         let sent = Instant::now();
-        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-        let (_client, result) = tokio::time::timeout(Duration::from_secs(5), sleeper)
+        sessions[target]
+            .token
+            .cancel_query(tokio_postgres::NoTls)
             .await
-            .unwrap_or_else(|_| panic!("attempt {attempt}: the query was not cancelled"))
+            .unwrap();
+        let (client, result) = tokio::time::timeout(Duration::from_secs(5), target_sleeper)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "attempt {attempt}: the query was not cancelled; replica one {}, replica two {}",
+                    cancel_counts(&one),
+                    cancel_counts(&two)
+                )
+            })
             .unwrap();
         slowest = slowest.max(sent.elapsed());
+        sessions[target].client = Some(client);
         let error = result.expect_err("the sleep must be cancelled");
         assert_eq!(
             error.code(),
             Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
             "attempt {attempt}: {error}"
         );
-        drop(bystander);
+        // The other session's query still runs; stop it from the server side.
+        let running = watch
+            .query_opt(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE pid = $1 AND state = 'active' AND query = $2",
+                &[&sessions[other].pid, &sleep_sql(attempt)],
+            )
+            .await
+            .unwrap();
+        assert!(
+            running.is_some(),
+            "attempt {attempt}: the other session's query was stopped"
+        );
+        let (client, result) = tokio::time::timeout(Duration::from_secs(5), other_sleeper)
+            .await
+            .unwrap()
+            .unwrap();
+        sessions[other].client = Some(client);
+        assert!(result.is_err());
     }
     // Counters move once the server has closed the cancel connection, which can be just
     // after the client saw its error.
@@ -360,10 +468,8 @@ async fn forged_cancels_through_the_fleet_cancel_nothing() {
     let (pid, key) = backend_key(&startup);
     let node = pgward::proxy::cancel::node_of(key);
     assert!(node == 1 || node == 2, "the key names its replica: {node}");
-    session
-        .send(&harness::msg::query("SELECT pg_sleep(30)"))
-        .await;
-    wait_until_sleeping(&watch, i32::try_from(pid).unwrap()).await;
+    session.send(&harness::msg::query(&sleep_sql(0))).await;
+    wait_until_sleeping(&watch, i32::try_from(pid).unwrap(), 0).await;
 
     let dropped_before = one.count(|m| &m.cancels_dropped) + two.count(|m| &m.cancels_dropped);
     // A wrong secret naming the right node, and keys naming no configured node; each sent
@@ -467,4 +573,151 @@ async fn peers_reload_on_sighup_a_bad_secret_rejects_the_reload_and_node_id_need
         "{}",
         report.render()
     );
+}
+
+/// Insert a customer named `name` through `client`; the data-key version its email was
+/// written with (read from the server directly).
+async fn write_customer(
+    client: &tokio_postgres::Client,
+    watch: &tokio_postgres::Client,
+    name: String,
+) -> u32 {
+    let email = format!("{name}@fleet.example");
+    client
+        .execute(
+            "INSERT INTO customers (name, email, ssn) VALUES ($1, $2, $3)",
+            &[&name, &email, &"123-45-6789"],
+        )
+        .await
+        .unwrap();
+    let row = watch
+        .query_one("SELECT email FROM customers WHERE name = $1", &[&name])
+        .await
+        .unwrap();
+    pgward::crypto::peek_key_ref(&row.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .dek_version
+}
+
+/// A policy-bound `billing` session (tenant 1) straight to one replica.
+async fn billing_on(replica: &Replica, database: &str) -> tokio_postgres::Client {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(replica.addr.port())
+        .user("billing")
+        .password(harness::token(
+            "billing",
+            serde_json::json!({ "tenant_id": 1 }),
+        ))
+        .dbname(database);
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+/// Both replicas encrypt `customers.email`/`ssn` under one transit key of the harness's
+/// OpenBao, with the data keys in the shared database: after a KEK rotation each replica
+/// writes with the new data key within a poll interval (both the same one), and each reads
+/// and searches what the other wrote, before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_key_rotation_every_replica_writes_with_the_new_key_and_reads_the_others() {
+    const POLL: Duration = Duration::from_secs(1);
+    let bao = crate::vault::Bao::start().await;
+    let database = harness::fresh_database("fleetkeys", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("vault-token");
+    std::fs::write(&token_file, &bao.token).unwrap();
+    let key = harness::unique_name("fleet_pii");
+    let policies = std::fs::canonicalize("policies").unwrap();
+    let mut extra = format!(
+        "[policy]\ndir = {policies:?}\ndatabase = \"{database}\"\ncatalog_service = \"billing\"\n\
+         [services.billing]\nupstream_user = \"postgres\"\nupstream_password = {{ env = \"PGWARD_TEST_SUPERUSER_PASSWORD\" }}\n\
+         [vault]\naddress = {:?}\ntoken_file = {token_file:?}\n\
+         [keys]\nprovider = \"transit\"\npoll_interval = \"{}s\"\n",
+        bao.addr,
+        POLL.as_secs()
+    );
+    for (column, searchable) in [("email", true), ("ssn", false)] {
+        extra.push_str(&format!(
+            "[[encrypt]]\ntable = \"customers\"\ncolumn = \"{column}\"\nkey = \"{key}\"\ntype = \"text\"\nsearchable = {searchable}\n"
+        ));
+    }
+    let (_secret_dir, secret_file) = cluster_secret();
+    let one = start_replica_with(1, &[], &secret_file, &extra).await;
+    let two = start_replica_with(2, &[(1, one.addr)], &secret_file, &extra).await;
+    let clients = [
+        ("one", billing_on(&one, &database).await),
+        ("two", billing_on(&two, &database).await),
+    ];
+    let watch = direct(&database).await;
+    let mut before = Vec::new();
+    for (replica, client) in &clients {
+        before.push(write_customer(client, &watch, format!("{replica}-before")).await);
+    }
+    assert_eq!(before[0], before[1], "the replicas share one data key");
+
+    bao.rotate(&key).await;
+    let rotated = Instant::now();
+    let mut moved: [Option<(Duration, u32)>; 2] = [None, None];
+    for attempt in 0.. {
+        for (i, (replica, client)) in clients.iter().enumerate() {
+            if moved[i].is_none() {
+                let version =
+                    write_customer(client, &watch, format!("{replica}-after-{attempt}")).await;
+                if version > before[i] {
+                    moved[i] = Some((rotated.elapsed(), version));
+                }
+            }
+        }
+        if moved.iter().all(Option::is_some) || rotated.elapsed() > 5 * POLL {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "after the rotation: replica one {:?}, replica two {:?}",
+        moved[0], moved[1]
+    );
+    let [Some((took_one, new_one)), Some((took_two, new_two))] = moved else {
+        panic!("a replica kept writing with the old data key: {moved:?}");
+    };
+    assert_eq!(new_one, new_two, "one new data key for the fleet");
+    // One poll interval, plus the poll's own work and this loop's step on a shared machine.
+    let bound = POLL + Duration::from_millis(1500);
+    assert!(
+        took_one < bound && took_two < bound,
+        "picked up in {took_one:?} / {took_two:?}"
+    );
+
+    // Every replica reads, and finds by the encrypted column, what any replica wrote.
+    let mut written = vec!["one-before".to_string(), "two-before".to_string()];
+    for (replica, client) in &clients {
+        let rows = client
+            .query(
+                "SELECT name FROM customers WHERE name LIKE $1 || '-after-%' ORDER BY name DESC LIMIT 1",
+                &[replica],
+            )
+            .await
+            .unwrap();
+        written.push(rows[0].get(0));
+    }
+    for (replica, client) in &clients {
+        for name in &written {
+            let email = format!("{name}@fleet.example");
+            let row = client
+                .query_one(
+                    "SELECT name, email, ssn FROM customers WHERE email = $1",
+                    &[&email],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("replica {replica} reading {name}: {e}"));
+            let got: (String, String, String) = (row.get(0), row.get(1), row.get(2));
+            assert_eq!(
+                got,
+                (name.clone(), email.clone(), "123-45-6789".to_string()),
+                "replica {replica}"
+            );
+        }
+    }
 }
