@@ -321,8 +321,8 @@ async fn serve_connection(
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Forward a CancelRequest for this replica to its own session's upstream backend — and only if no
-/// request was forwarded after the cancel arrived, so a cancel never hits a later query.
+/// Forward a CancelRequest for this replica to its own session's upstream backend — and only
+/// if no request was forwarded after the cancel arrived, so a cancel never hits a later query.
 async fn deliver_cancel(shared: &Shared, process_id: u32, secret_key: u32) {
     let Some(state) = shared.cancels.lookup(process_id, secret_key) else {
         inc(&shared.metrics.cancels_dropped);
