@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run pgward's whole test suite on a fresh machine: installs what is missing
-# (PostgreSQL server binaries, psql/pgbench, chromium, Python drivers), then `cargo test`.
+# (PostgreSQL server binaries, psql/pgbench, chromium, haproxy, Python drivers), then `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +21,8 @@ command -v chromium >/dev/null || missing+=(chromium)
 # pgjdbc (Debian's package) and a JVM for the JDBC introspection test in tests/it/catalog.rs.
 command -v java >/dev/null || missing+=(default-jre-headless)
 [ -f /usr/share/java/postgresql.jar ] || missing+=(libpostgresql-jdbc-java)
+# The fleet tests (tests/it/fleet.rs) put two replicas behind a real haproxy.
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing: ${missing[*]} — install them (e.g. sudo apt-get install -y ${missing[*]})" >&2

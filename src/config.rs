@@ -58,6 +58,80 @@ pub struct Config {
     /// `[[encrypt]]`: the encrypted columns.
     #[serde(default)]
     pub encrypt: Vec<crate::crypto::EncryptColumn>,
+    /// `[cluster]`: this replica's node id and its peers, so cancels reach the right replica.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Largest `cluster.node_id`: the node id takes the top 6 bits of every secret key handed out.
+pub const MAX_NODE_ID: u8 = 63;
+
+/// One replica of a fleet of pgwards serving the same services behind a load balancer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This replica's id (0–63), unique in the fleet; carried in the secret key of every
+    /// BackendKeyData it hands out. Changing it needs a restart.
+    pub node_id: u8,
+    /// The secret every replica shares (at least 32 bytes): it authenticates forwarded cancels.
+    pub secret: SecretRef,
+    /// How long handing a cancel to a peer may take (connect, send, the peer's delivery).
+    #[serde(default = "default_peer_timeout", with = "humantime_serde")]
+    pub peer_timeout: Duration,
+    /// The other replicas.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// Another replica: where its client listener is reachable directly (not through the load
+/// balancer).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub node_id: u8,
+    /// `host:port` of the peer's `listen.address`.
+    pub address: String,
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), String> {
+        let in_range = |id: u8, what: &str| {
+            if id > MAX_NODE_ID {
+                Err(format!("{what} {id} is out of range (0–{MAX_NODE_ID})"))
+            } else {
+                Ok(())
+            }
+        };
+        in_range(self.node_id, "cluster.node_id")?;
+        if self.peer_timeout.is_zero() || self.peer_timeout > Duration::from_secs(60) {
+            return Err("cluster.peer_timeout must be between 1ms and 60s".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for peer in &self.peers {
+            in_range(peer.node_id, "cluster.peers node_id")?;
+            if peer.node_id == self.node_id {
+                return Err(format!(
+                    "cluster.peers: node_id {} is this replica's own cluster.node_id",
+                    peer.node_id
+                ));
+            }
+            if !seen.insert(peer.node_id) {
+                return Err(format!(
+                    "cluster.peers: node_id {} is listed twice",
+                    peer.node_id
+                ));
+            }
+            let valid_address = peer.address.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !valid_address {
+                return Err(format!(
+                    "cluster.peers node_id {}: address {:?} is not host:port",
+                    peer.node_id, peer.address
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where the row policies live and which database they describe.
@@ -215,6 +289,9 @@ fn default_policy_watch() -> Duration {
 fn default_catalog_refresh() -> Duration {
     Duration::from_secs(60)
 }
+fn default_peer_timeout() -> Duration {
+    Duration::from_secs(5)
+}
 fn default_upstream_host() -> String {
     "127.0.0.1".into()
 }
@@ -280,6 +357,9 @@ impl Config {
             ));
         }
         self.crypto().validate().map_err(ConfigError::Invalid)?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate().map_err(ConfigError::Invalid)?;
+        }
         Ok(())
     }
 
@@ -421,6 +501,56 @@ mod tests {
             "not both",
         );
         refused(full.replace("\"30s\"", "\"0s\""), "poll_interval");
+    }
+
+    const CLUSTER: &str = r#"
+        [cluster]
+        node_id = 1
+        secret = { file = "/etc/pgward/cluster.key" }
+        [[cluster.peers]]
+        node_id = 2
+        address = "10.0.0.12:6432"
+        [[cluster.peers]]
+        node_id = 3
+        address = "pgward-3.internal:6432"
+    "#;
+
+    #[test]
+    fn cluster_section_loads_and_its_mistakes_are_refused() {
+        let full = format!("{MINIMAL}{CLUSTER}");
+        let config = load(&full).unwrap();
+        let cluster = config.cluster.unwrap();
+        assert_eq!((cluster.node_id, cluster.peers.len()), (1, 2));
+        assert_eq!(cluster.peer_timeout, Duration::from_secs(5));
+        let refused = |text: String, needle: &str| {
+            let err = load(&text).unwrap_err();
+            assert!(err.contains(needle), "{needle:?} not in: {err}");
+        };
+        refused(full.replace("node_id = 3", "node_id = 2"), "listed twice");
+        refused(
+            full.replace("node_id = 3", "node_id = 1"),
+            "own cluster.node_id",
+        );
+        refused(full.replace("node_id = 1", "node_id = 64"), "out of range");
+        refused(full.replace("node_id = 3", "node_id = 99"), "out of range");
+        refused(full.replace("node_id = 1", "node_id = 300"), "node_id");
+        refused(
+            full.replace(":6432\"\n        [[", "\"\n        [["),
+            "not host:port",
+        );
+        refused(full.replace("10.0.0.12:6432", ":6432"), "not host:port");
+        refused(
+            full.replace("secret = { file = \"/etc/pgward/cluster.key\" }", ""),
+            "missing field `secret`",
+        );
+        refused(
+            full.replace("node_id = 1\n", "node_id = 1\npeer_timeout = \"0s\"\n"),
+            "peer_timeout",
+        );
+        refused(full.replace("address =", "addr ="), "unknown field");
+        // A cluster of one (no peers yet) is valid.
+        let alone = &CLUSTER[..CLUSTER.find("[[cluster.peers]]").unwrap()];
+        assert!(load(&format!("{MINIMAL}{alone}")).is_ok());
     }
 
     #[test]

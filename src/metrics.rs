@@ -38,6 +38,14 @@ pub struct Metrics {
     pub statements_refused: AtomicU64,
     pub cancels_forwarded: AtomicU64,
     pub cancels_dropped: AtomicU64,
+    /// Cancels handed to the replica their key names, and acknowledged by it.
+    pub peer_cancels_sent: AtomicU64,
+    /// Cancels that could not be handed to their replica (unreachable, timed out).
+    pub peer_cancels_failed: AtomicU64,
+    /// Authenticated cancels received from a peer (then delivered like a client's).
+    pub peer_cancels_received: AtomicU64,
+    /// Peer cancels refused (bad tag, unknown origin, stale, for another node).
+    pub peer_cancels_refused: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub upstream_connect_errors: AtomicU64,
     pub upstream_error_responses: AtomicU64,
@@ -178,6 +186,22 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP pgward_peer_cancels_total Cancel requests between fleet replicas ([cluster]) by outcome.\n# TYPE pgward_peer_cancels_total counter"
+        );
+        for (outcome, counter) in [
+            ("sent", &self.peer_cancels_sent),
+            ("failed", &self.peer_cancels_failed),
+            ("received", &self.peer_cancels_received),
+            ("refused", &self.peer_cancels_refused),
+        ] {
+            let _ = writeln!(
+                out,
+                "pgward_peer_cancels_total{{outcome=\"{outcome}\"}} {}",
+                load(counter)
             );
         }
         let _ = writeln!(

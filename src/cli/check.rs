@@ -133,6 +133,35 @@ async fn check_local_material(config: &Config, report: &mut Report) {
         },
         _ => report.warn("audit", "no [audit]: statements would not be audited"),
     }
+    if let Some(cluster) = &config.cluster {
+        check_cluster(cluster, report).await;
+    }
+}
+
+/// The fleet's shared secret loads; each peer's port answers (a warning otherwise: peers may
+/// simply not be up yet).
+async fn check_cluster(cluster: &crate::config::ClusterConfig, report: &mut Report) {
+    if let Err(e) = crate::proxy::cluster::PeerSet::prepare(cluster) {
+        report.fail("cluster", e);
+        return;
+    }
+    report.ok(
+        "cluster",
+        format!(
+            "node {}, {} peer(s), secret loaded",
+            cluster.node_id,
+            cluster.peers.len()
+        ),
+    );
+    for peer in &cluster.peers {
+        let item = format!("cluster peer {}", peer.node_id);
+        let connect = tokio::net::TcpStream::connect(peer.address.as_str());
+        match tokio::time::timeout(cluster.peer_timeout, connect).await {
+            Ok(Ok(_)) => report.ok(&item, format!("{} answers", peer.address)),
+            Ok(Err(e)) => report.warn(&item, format!("{}: {e}", peer.address)),
+            Err(_) => report.warn(&item, format!("{}: no answer", peer.address)),
+        }
+    }
 }
 
 /// Creates (if needed) `dir` and writes and removes a probe file in it.

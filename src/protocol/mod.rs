@@ -4,6 +4,7 @@
 //! "nothing may follow an SSLRequest" rule are enforced in one place:
 //! - [`frame`]: splitting a byte stream into whole messages, zero-copy, with a size cap;
 //! - [`startup`]: the untagged startup packets (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage);
+//! - [`peer_cancel`]: pgward's own PeerCancelRequest, a cancel one replica hands on to another;
 //! - [`build`]: the messages pgward itself originates (ErrorResponse, AuthenticationOk, ...);
 //! - [`cursor`]: the one bounds-checked reader every body is read with;
 //! - [`view`]: typed zero-copy views of the messages pgward reads, decoded once per message;
@@ -13,6 +14,7 @@ pub mod build;
 pub mod cursor;
 pub mod fields;
 pub mod frame;
+pub mod peer_cancel;
 pub mod startup;
 pub mod view;
 
@@ -28,6 +30,8 @@ pub mod codes {
     pub const GSSENC_REQUEST: u32 = 80_877_104;
     /// CancelRequest.
     pub const CANCEL_REQUEST: u32 = 80_877_102;
+    /// pgward's PeerCancelRequest (1234.5701): a cancel forwarded by another replica.
+    pub const PEER_CANCEL_REQUEST: u32 = 80_877_125;
     /// Protocol version 3.0.
     pub const PROTOCOL_3_0: u32 = 196_608;
 }

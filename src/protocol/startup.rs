@@ -18,6 +18,8 @@ pub enum StartupPacket {
     GssEncRequest,
     /// Cancel the query running on the session with this key.
     CancelRequest { process_id: u32, secret_key: u32 },
+    /// A cancel forwarded by another pgward replica (its tag not yet checked).
+    PeerCancel(super::peer_cancel::PeerCancelRequest),
     /// A protocol-3 StartupMessage.
     Startup(StartupMessage),
 }
@@ -105,6 +107,9 @@ pub fn parse_startup_body(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
                 secret_key: u32::from_be_bytes(*key),
             })
         }
+        codes::PEER_CANCEL_REQUEST => Ok(StartupPacket::PeerCancel(
+            super::peer_cancel::PeerCancelRequest::decode(rest)?,
+        )),
         codes::SSL_REQUEST | codes::GSSENC_REQUEST => Err(ProtocolError::Malformed {
             what: "encryption request",
         }),

@@ -7,6 +7,11 @@
 //! it sends, and the one `pg_backend_pid()` returns. The PID is not a secret (PostgreSQL shows it
 //! to every session); the secret key is pgward's own random value, never the server's, so a
 //! client never learns a key the server would accept directly.
+//!
+//! In a fleet (`[cluster]`), the top [`NODE_BITS`] bits of every secret key name the replica
+//! that issued it ([`node_of`]), so whichever replica a load balancer hands the CancelRequest
+//! to can send it on to the right one (`proxy::cluster`); the other 26 bits stay random. Without
+//! `[cluster]` all 32 bits are random.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,12 +21,28 @@ use rand::Rng;
 
 use super::state::SessionState;
 
+/// Bits of a secret key that carry the issuing replica's node id in a fleet.
+pub const NODE_BITS: u32 = 6;
+
+/// The node id a secret key names (meaningful only for keys issued by a replica in a fleet).
+pub fn node_of(secret_key: u32) -> u8 {
+    // The shift leaves NODE_BITS (6) bits: always fits.
+    u8::try_from(secret_key >> (32 - NODE_BITS)).unwrap_or(u8::MAX)
+}
+
+/// A secret key naming `node` in its top bits, the rest taken from `random`.
+fn with_node(random: u32, node: u8) -> u32 {
+    (u32::from(node) << (32 - NODE_BITS)) | (random >> NODE_BITS)
+}
+
 /// Maps the keys pgward handed out to the sessions they belong to. Keyed by both halves: a
 /// backend PID can be reused by the server while an older session holding it is still
 /// registered, and the two must never be confusable.
 #[derive(Default)]
 pub struct CancelRegistry {
     sessions: Mutex<HashMap<(u32, u32), Arc<SessionState>>>,
+    /// This replica's `cluster.node_id`, carried in every secret key it draws.
+    node: Option<u8>,
 }
 
 /// The key a client must present to cancel its session's query.
@@ -32,6 +53,14 @@ pub struct CancelKey {
 }
 
 impl CancelRegistry {
+    /// A registry whose secret keys name this node (`None`: not in a fleet, all bits random).
+    pub fn for_node(node: Option<u8>) -> Self {
+        Self {
+            sessions: Mutex::default(),
+            node,
+        }
+    }
+
     /// Register a session and return the key to hand to its client: its upstream backend's
     /// PID and a fresh random secret unique for that PID.
     pub fn register(&self, session: Arc<SessionState>) -> CancelKey {
@@ -39,7 +68,8 @@ impl CancelRegistry {
         let mut rng = rand::thread_rng();
         let mut sessions = self.sessions.lock();
         loop {
-            let secret_key = rng.gen::<u32>();
+            let random = rng.gen::<u32>();
+            let secret_key = self.node.map_or(random, |node| with_node(random, node));
             if let std::collections::hash_map::Entry::Vacant(slot) =
                 sessions.entry((process_id, secret_key))
             {
@@ -108,6 +138,24 @@ mod tests {
         registry.unregister(key_a);
         assert_eq!(id(key_a), None);
         assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn a_fleet_replica_names_itself_in_every_key_and_keeps_the_rest_random() {
+        let registry = CancelRegistry::for_node(Some(37));
+        let keys: Vec<CancelKey> = (0..200)
+            .map(|i| registry.register(Arc::new(SessionState::new(i, 7, 1))))
+            .collect();
+        assert!(keys.iter().all(|k| node_of(k.secret_key) == 37));
+        let distinct: std::collections::HashSet<u32> = keys.iter().map(|k| k.secret_key).collect();
+        assert_eq!(distinct.len(), keys.len());
+        // The low bits vary: both values of the lowest random bit show up.
+        assert!(keys.iter().any(|k| k.secret_key & 1 == 1));
+        assert!(keys.iter().any(|k| k.secret_key & 1 == 0));
+        for node in [0, 1, 62, 63] {
+            assert_eq!(node_of(with_node(u32::MAX, node)), node);
+            assert_eq!(node_of(with_node(0, node)), node);
+        }
     }
 
     #[test]

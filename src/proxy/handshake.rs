@@ -16,6 +16,7 @@ use crate::auth::Identity;
 use crate::error::{sqlstate, ClientError};
 use crate::net::Conn;
 use crate::policy::allow;
+use crate::protocol::peer_cancel::PeerCancelRequest;
 use crate::protocol::startup::{read_startup_packet, StartupMessage, StartupPacket};
 use crate::protocol::{build, fields, frontend, FrameReader, ProtocolError};
 use crate::tls::ALPN_POSTGRESQL;
@@ -50,6 +51,12 @@ pub enum HandshakeOutcome {
     Cancel {
         process_id: u32,
         secret_key: u32,
+    },
+    /// A cancel another replica of the fleet sent on (tag not yet checked); the connection is
+    /// kept open until it is acted on, so the sender learns when.
+    PeerCancel {
+        request: PeerCancelRequest,
+        conn: Conn,
     },
     /// The client went away or was refused; nothing more to do.
     Closed,
@@ -173,6 +180,9 @@ async fn handshake_inner(
                 secret_key,
             })
         }
+        Negotiated::PeerCancel(conn, request) => {
+            return Ok(HandshakeOutcome::PeerCancel { request, conn })
+        }
     };
     if startup.minor_version > 0 || startup.params.iter().any(|(k, _)| k.starts_with("_pq_.")) {
         // Tell a newer client we speak 3.0 and none of its protocol extensions (as PostgreSQL does).
@@ -254,6 +264,7 @@ async fn handshake_inner(
 enum Negotiated {
     Startup(Conn, StartupMessage),
     Cancel { process_id: u32, secret_key: u32 },
+    PeerCancel(Conn, PeerCancelRequest),
 }
 
 /// SSLRequest / GSSENCRequest / direct TLS, until a StartupMessage or CancelRequest arrives.
@@ -313,6 +324,7 @@ async fn negotiate(shared: &Shared, tcp: TcpStream) -> Result<Negotiated, Refusa
                     secret_key,
                 })
             }
+            StartupPacket::PeerCancel(request) => return Ok(Negotiated::PeerCancel(conn, request)),
             StartupPacket::Startup(startup) => return Ok(Negotiated::Startup(conn, startup)),
         }
     }

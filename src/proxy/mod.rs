@@ -6,11 +6,13 @@
 //! - [`audit`]: statement records made durable before forwarding, and their completions;
 //! - [`policy`]: row policies at connect time and per statement, kept current;
 //! - [`state`]: what the two directions and the cancel path share;
-//! - [`cancel`]: the map from the keys pgward hands out to sessions.
+//! - [`cancel`]: the map from the keys pgward hands out to sessions;
+//! - [`cluster`]: cancels sent on to the fleet replica whose key they carry.
 
 mod admin;
 pub mod audit;
 pub mod cancel;
+pub mod cluster;
 pub mod copy_in;
 pub mod encryption;
 pub mod handshake;
@@ -76,6 +78,8 @@ pub struct Shared {
     services: parking_lot::RwLock<Arc<reload::Services>>,
     pub metrics: Arc<Metrics>,
     pub cancels: CancelRegistry,
+    /// This replica's place in a fleet, when `[cluster]` is configured.
+    pub cluster: Option<cluster::Cluster>,
     /// Row policies, when `[policy]` is configured.
     pub policies: Option<Arc<policy::Policies>>,
     /// The audit log, when `[audit]` is configured and enabled.
@@ -106,6 +110,11 @@ impl Proxy {
         let verifier = Arc::new(TokenVerifier::new(config.auth.clone()).await?);
         let upstream = UpstreamTarget::new(&config.upstream)?;
         let services = reload::Services::resolve(&config)?;
+        let cluster = config
+            .cluster
+            .as_ref()
+            .map(cluster::Cluster::start)
+            .transpose()?;
         let upstream_passwords = &services.passwords;
         let metrics = Arc::new(Metrics::default());
         let policies =
@@ -155,7 +164,8 @@ impl Proxy {
                 upstream,
                 services: parking_lot::RwLock::new(Arc::new(services)),
                 metrics,
-                cancels: CancelRegistry::default(),
+                cancels: CancelRegistry::for_node(cluster.as_ref().map(cluster::Cluster::node_id)),
+                cluster,
                 policies,
                 audit,
                 encryption,
@@ -299,7 +309,10 @@ async fn serve_connection(
         HandshakeOutcome::Cancel {
             process_id,
             secret_key,
-        } => deliver_cancel(&shared, process_id, secret_key).await,
+        } => cluster::route_cancel(&shared, process_id, secret_key).await,
+        HandshakeOutcome::PeerCancel { request, conn } => {
+            cluster::accept_peer_cancel(&shared, request, conn).await;
+        }
         HandshakeOutcome::Closed => {}
     }
     shared
@@ -308,8 +321,8 @@ async fn serve_connection(
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Forward a client's CancelRequest to its own session's upstream backend — and only if no
-/// request was forwarded after the cancel arrived, so a cancel never hits a later query.
+/// Forward a CancelRequest for this replica to its own session's upstream backend — and only
+/// if no request was forwarded after the cancel arrived, so a cancel never hits a later query.
 async fn deliver_cancel(shared: &Shared, process_id: u32, secret_key: u32) {
     let Some(state) = shared.cancels.lookup(process_id, secret_key) else {
         inc(&shared.metrics.cancels_dropped);

@@ -87,12 +87,20 @@ impl Reloader {
     }
 
     /// Applies what can change without a restart from `new` (parsed and validated): the
-    /// services and their upstream passwords, `[auth]` (settings and keys), and the live
-    /// `[audit]` settings. Returns the sections that changed but need a restart (already
-    /// logged). On error nothing was changed.
+    /// services and their upstream passwords, `[auth]` (settings and keys), the live
+    /// `[audit]` settings and `[cluster]`'s peers, secret and timeout. Returns the sections
+    /// that changed but need a restart (already logged). On error nothing was changed.
     pub async fn apply(&self, new: &Config) -> Result<Vec<&'static str>, ReloadError> {
         let shared = &self.shared;
         let services = Services::resolve(new)?;
+        // Peers reload only while the node id stays (a new id, or joining or leaving a fleet,
+        // needs a restart: keys already handed out name the running one).
+        let peers = match (&shared.cluster, &new.cluster) {
+            (Some(running), Some(cluster)) if running.node_id() == cluster.node_id => {
+                Some(super::cluster::PeerSet::prepare(cluster)?)
+            }
+            _ => None,
+        };
         // The last step that can fail; it swaps nothing unless the new keys load.
         shared.verifier.reconfigure(new.auth.clone()).await?;
         let added: Vec<&String> = services
@@ -121,6 +129,9 @@ impl Reloader {
             policies.reconfigure(catalog_password, services.unrestricted());
         }
         *shared.services.write() = Arc::new(services);
+        if let (Some(cluster), Some(peers)) = (&shared.cluster, peers) {
+            cluster.install(peers);
+        }
         let restart = restart_only_changes(&shared.config, new);
         if let (Some(handle), Some(audit)) = (&shared.audit, &new.audit) {
             match handle.apply_live(audit).await {
@@ -163,6 +174,8 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
     check("[vault]", &running.vault, &new.vault);
     check("[keys]", &running.keys, &new.keys);
     check("[[encrypt]]", &running.encrypt, &new.encrypt);
+    let node = |c: &Config| c.cluster.as_ref().map(|c| c.node_id);
+    check("[cluster] node_id", &node(running), &node(new));
     let fixed = |c: &Option<crate::audit::AuditConfig>| {
         c.as_ref().map(|a| {
             let mut a = a.clone();

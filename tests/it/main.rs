@@ -15,6 +15,7 @@ mod dev_mode;
 mod edges;
 mod encryption;
 mod examples;
+mod fleet;
 mod harness;
 mod key_usage;
 mod keys_cli;
