@@ -252,7 +252,7 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
                 n => format!(" and {n} more"),
             };
             eprintln!(
-                "pgward keys reencrypt: {}.{}: {} values could not be read (malformed, failed integrity or under an unknown key) and were left as they are; primary keys: {}{more}",
+                "pgward keys reencrypt: {}.{}: {} values could not be read (malformed, failed integrity, or under an unknown or retired key) and were left as they are; primary keys: {}{more}",
                 r.table,
                 r.column,
                 r.rows_skipped(),
@@ -561,7 +561,7 @@ fn key_advice(k: &KeyStatus, out: &mut String) {
         Some(oldest) if k.kek.min_decryption_version < oldest => {
             let _ = writeln!(
                 out,
-                "{name}: every data key is wrapped by KEK v{oldest}; min_decryption_version may be raised to {oldest}"
+                "{name}: every data key is wrapped by KEK v{oldest}; min_decryption_version may be raised to {oldest} for the live data (older backups may need older versions)"
             );
         }
         _ => {}

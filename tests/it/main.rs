@@ -18,6 +18,7 @@ mod examples;
 mod harness;
 mod key_usage;
 mod keys_cli;
+mod keys_retire;
 mod ops;
 mod pipeline;
 mod policy;
