@@ -537,7 +537,7 @@ fn key_advice(k: &KeyStatus, out: &mut String) {
     if k.unknown_rows > 0 {
         let _ = writeln!(
             out,
-            "{name}: {} values name a data key that is not stored (wrong key or restored from another database?)",
+            "{name}: {} values name a data key that is not stored (restored from a backup older than a `keys retire`, or from another database?)",
             k.unknown_rows
         );
     }

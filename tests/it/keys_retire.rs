@@ -210,6 +210,24 @@ async fn keys_cli_retire_after_rotation_reencrypt_and_rewrap() {
     assert_eq!(stored(&db, &key).await.len(), 3);
     age("1 hour").await;
 
+    // Fail closed: a column of the key that cannot be counted holds the whole key.
+    let uncounted = dir.path().join("uncounted.toml");
+    std::fs::write(
+        &uncounted,
+        format!(
+            "{}[[encrypt]]\ntable = \"customers\"\ncolumn = \"name\"\nkey = \"{key}\"\ntype = \"text\"\n",
+            std::fs::read_to_string(&config_file).unwrap()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = keys(&uncounted, &database, &["retire", "--confirm"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("column public.customers.name could not be counted (stored as text"),
+        "{err}"
+    );
+    assert_eq!(stored(&db, &key).await.len(), 3);
+
     // Dry run: says what would go, changes nothing, exits 1.
     let (code, out, err) = keys(&config_file, &database, &["retire"]).await;
     assert_eq!(code, 1, "{out}{err}");
