@@ -281,6 +281,10 @@ async fn check_database(
             "table pgward.data_keys",
             "SELECT to_regclass('pgward.data_keys') IS NOT NULL",
         ));
+        required.push((
+            "table pgward.retired_keys",
+            "SELECT to_regclass('pgward.retired_keys') IS NOT NULL",
+        ));
     }
     for (what, sql) in required {
         match client

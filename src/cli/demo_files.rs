@@ -23,6 +23,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0100_pgward_keys.sql",
         include_str!("../../migrations/0100_pgward_keys.sql"),
     ),
+    (
+        "0110_pgward_retired_keys.sql",
+        include_str!("../../migrations/0110_pgward_retired_keys.sql"),
+    ),
 ];
 
 /// `policies/*.toml` and their tests.
@@ -103,6 +107,9 @@ mod tests {
         );
         assert!(dir.path().join("tests/demo.toml").exists());
         write_migrations(&dir.path().join("m")).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join("m")).unwrap().count(), 4);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("m")).unwrap().count(),
+            MIGRATIONS.len()
+        );
     }
 }

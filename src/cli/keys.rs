@@ -1,4 +1,4 @@
-//! `pgward keys status|rewrap|reencrypt` and `pgward encrypt-existing`: key operations an
+//! `pgward keys status|rewrap|reencrypt|retire|shred` and `pgward encrypt-existing`: key operations an
 //! operator runs against the upstream database, beside (not through) the proxy.
 //!
 //! Each reads `[vault]`, `[keys]` and `[[encrypt]]` from the configuration file and opens an
@@ -17,8 +17,8 @@ use clap::{Args, Subcommand};
 use crate::config::Config;
 use crate::crypto::manager::KeyManager;
 use crate::crypto::ops::{
-    self, DekStatus, EncryptExistingArgs, KeyStatus, KeysReencryptArgs, KeysRewrapArgs,
-    KeysStatusArgs, Progress,
+    self, DekStatus, EncryptExistingArgs, KeyStatus, KeysReencryptArgs, KeysRetireArgs,
+    KeysRewrapArgs, KeysStatusArgs, Progress,
 };
 use crate::keys::store::PgKeyStore;
 
@@ -43,6 +43,9 @@ pub enum KeysCommand {
     Rewrap(RewrapCommand),
     /// Rewrite every value not under its key's newest data key, in throttled, resumable batches.
     Reencrypt(ReencryptCommand),
+    /// Remove the data keys no value is left under (after reencrypt and rewrap); `keys status`
+    /// then says which KEK versions backups taken before still need. Dry run without --confirm.
+    Retire(RetireCommand),
     /// Destroy one tenant's data key (crypto-shredding): its values can never be decrypted
     /// again, from the database or any backup. Needs --confirm.
     Shred(ShredCommand),
@@ -61,6 +64,14 @@ pub struct ShredCommand {
     /// Required: shredding cannot be undone.
     #[arg(long)]
     pub confirm: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RetireCommand {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub args: KeysRetireArgs,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +111,9 @@ pub struct EncryptExistingCommand {
 struct Session {
     manager: KeyManager,
     db: tokio_postgres::Client,
+    /// How long a pgward may keep writing under a data key older than the newest:
+    /// `keys.poll_interval + keys.dek_cache_max_stale`.
+    stale_writes: Duration,
 }
 
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
@@ -135,9 +149,15 @@ async fn open(target: &Target) -> anyhow::Result<Session> {
     store
         .migrate()
         .await
-        .context("creating the pgward schema (pgward.data_keys, pgward.job_progress)")?;
-    let manager = KeyManager::from_config(&config.crypto(), Some(Arc::new(store)))?;
-    Ok(Session { manager, db })
+        .context("creating the pgward schema (pgward.data_keys, pgward.retired_keys, ...)")?;
+    let crypto = config.crypto();
+    let stale_writes = crypto.keys.poll_interval + crypto.keys.dek_cache_max_stale;
+    let manager = KeyManager::from_config(&crypto, Some(Arc::new(store)))?;
+    Ok(Session {
+        manager,
+        db,
+        stale_writes,
+    })
 }
 
 /// `pgward keys ...`; returns the exit code.
@@ -146,6 +166,7 @@ pub async fn run_keys(command: KeysCommand) -> anyhow::Result<i32> {
         KeysCommand::Status(c) => ("status", status(c).await),
         KeysCommand::Rewrap(c) => ("rewrap", rewrap(c).await),
         KeysCommand::Reencrypt(c) => ("reencrypt", reencrypt(c).await),
+        KeysCommand::Retire(c) => ("retire", retire(c).await),
         KeysCommand::Shred(c) => ("shred", shred(c).await),
     };
     Ok(report_failure(&format!("keys {name}"), result))
@@ -170,7 +191,10 @@ async fn status(c: &StatusCommand) -> anyhow::Result<i32> {
     let s = open(&c.target).await?;
     let statuses = ops::keys_status(&s.manager, &s.db, &c.args).await?;
     print!("{}", render_status(&statuses, c.args.verify));
-    print!("{}", render_destroyed(&ops::destroyed_keys(&s.db).await?));
+    let destroyed = ops::destroyed_keys(&s.db).await?;
+    print!("{}", render_destroyed(&destroyed));
+    let retired = ops::retired_keys(&s.db).await?;
+    print!("{}", ops::backup_advice(&retired, &destroyed, &statuses));
     let failed = statuses.iter().any(|k| !k.unwrap_ok());
     if failed {
         eprintln!("pgward keys status: some data keys could not be unwrapped (see UNWRAP)");
@@ -228,7 +252,7 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
                 n => format!(" and {n} more"),
             };
             eprintln!(
-                "pgward keys reencrypt: {}.{}: {} values could not be read (malformed, failed integrity or under an unknown key) and were left as they are; primary keys: {}{more}",
+                "pgward keys reencrypt: {}.{}: {} values could not be read (malformed, failed integrity, or under an unknown or retired key) and were left as they are; primary keys: {}{more}",
                 r.table,
                 r.column,
                 r.rows_skipped(),
@@ -260,6 +284,48 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
         return Ok(1);
     }
     Ok(i32::from(skipped > 0))
+}
+
+async fn retire(c: &RetireCommand) -> anyhow::Result<i32> {
+    let s = open(&c.target).await?;
+    let reports = ops::keys_retire(&s.manager, &s.db, &c.args, s.stale_writes).await?;
+    let verb = if c.args.confirm {
+        "retired"
+    } else {
+        "would retire"
+    };
+    let mut held = false;
+    let mut pending = false;
+    for r in &reports {
+        let key = &r.key_name;
+        if let Some(why) = &r.skipped {
+            println!("{key}: skipped: {why}");
+            continue;
+        }
+        if let Some(why) = &r.held {
+            held = true;
+            eprintln!("pgward keys retire: {key}: {why}");
+        }
+        for d in &r.retire {
+            pending |= !c.args.confirm;
+            println!(
+                "{key}: {verb} DEK {} (wrapped by KEK v{}): no value left under it",
+                d.dek_version, d.kek_version
+            );
+        }
+        for (version, why) in &r.kept {
+            println!("{key}: kept DEK {version}: {why}");
+        }
+        if r.retire.is_empty() && r.held.is_none() {
+            println!("{key}: nothing to retire");
+        }
+    }
+    if pending {
+        eprintln!("pgward keys retire: dry run, nothing changed; rerun with --confirm to retire");
+    } else if c.args.confirm && reports.iter().any(|r| !r.retire.is_empty()) {
+        println!("`pgward keys status` now says which KEK versions backups taken before this retirement still need.");
+    }
+    Ok(i32::from(held || pending))
 }
 
 async fn shred(c: &ShredCommand) -> anyhow::Result<i32> {
@@ -451,7 +517,7 @@ fn dek_state(k: &KeyStatus, d: &DekStatus, newest: Option<u32>) -> String {
     } else if d.rows.unwrap_or(0) > 0 {
         parts.push("old: reencrypt");
     } else {
-        parts.push("old, unused");
+        parts.push("old, unused: `keys retire`");
     }
     if k.provider == "transit" && d.info.kek_version < k.kek.latest_version {
         parts.push("rewrap");
@@ -471,7 +537,7 @@ fn key_advice(k: &KeyStatus, out: &mut String) {
     if k.unknown_rows > 0 {
         let _ = writeln!(
             out,
-            "{name}: {} values name a data key that is not stored (wrong key or restored from another database?)",
+            "{name}: {} values name a data key that is not stored (restored from a backup older than a `keys retire`, or from another database?)",
             k.unknown_rows
         );
     }
@@ -495,7 +561,7 @@ fn key_advice(k: &KeyStatus, out: &mut String) {
         Some(oldest) if k.kek.min_decryption_version < oldest => {
             let _ = writeln!(
                 out,
-                "{name}: every data key is wrapped by KEK v{oldest}; min_decryption_version may be raised to {oldest}"
+                "{name}: every data key is wrapped by KEK v{oldest}; min_decryption_version may be raised to {oldest} for the live data (older backups may need older versions)"
             );
         }
         _ => {}

@@ -78,6 +78,9 @@ pub enum KeyFailure {
     UnknownVersion,
     /// The data key was destroyed on purpose (`pgward keys shred`): the value is gone.
     Destroyed,
+    /// The data key was retired (`pgward keys retire`) after every value had been moved off
+    /// it: the value predates the retirement (restored from an old backup?).
+    Retired,
     /// Anything else (the wrapped-key store failed, malformed key material).
     Other,
 }
@@ -93,6 +96,9 @@ impl std::fmt::Display for KeyFailure {
             KeyFailure::UnknownVersion => "the value names a data key that does not exist",
             KeyFailure::Destroyed => {
                 "the data key of this value was destroyed (crypto-shredded); it can never be decrypted again"
+            }
+            KeyFailure::Retired => {
+                "the value is under a data key that was retired after every value was re-encrypted (restored from an older backup?); re-encrypting it needs that backup's data key"
             }
             KeyFailure::Other => "the data key could not be obtained",
         })
@@ -115,6 +121,7 @@ impl KeyFailure {
             } => KeyFailure::Refused,
             KeyError::UnknownDek { .. } => KeyFailure::UnknownVersion,
             KeyError::Destroyed { .. } => KeyFailure::Destroyed,
+            KeyError::Retired { .. } => KeyFailure::Retired,
             _ => KeyFailure::Other,
         }
     }

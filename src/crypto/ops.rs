@@ -17,8 +17,12 @@ use super::scope::KeyScope;
 use crate::keys::{DekInfo, KekStatus, KeyError};
 
 mod reencrypt;
+mod retire;
 mod shred;
 pub use reencrypt::keys_reencrypt;
+pub use retire::{
+    backup_advice, keys_retire, retired_keys, KeysRetireArgs, RetireReport, RetiredKey,
+};
 pub use shred::{destroyed_keys, keys_shred, DestroyedKey, ShredReport};
 
 #[derive(Debug, Error)]
@@ -307,78 +311,87 @@ pub async fn keys_status(
 ) -> Result<Vec<KeyStatus>, OpsError> {
     let mut out = Vec::new();
     for key_name in manager.key_names() {
-        let provider = manager.provider();
-        let kek = provider.kek_status(key_name).await?;
-        let deks = provider.list_deks(key_name).await?;
-        let mut counts: BTreeMap<u32, i64> = BTreeMap::new();
-        let mut unknown_rows = 0;
-        let mut pending_columns = Vec::new();
-        for spec in manager.columns().filter(|s| s.column.key == key_name) {
-            let name = format!("{}.{}", spec.table, spec.column.column);
-            match column_type(db, &spec.table, &spec.column.column).await {
-                Ok(ty) if ty == "bytea" => {}
-                Ok(ty) => {
-                    pending_columns.push((name, format!("stored as {ty}: run encrypt-existing")));
-                    continue;
-                }
-                Err(OpsError::Schema(reason)) => {
-                    pending_columns.push((name, reason));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            if args.no_count {
+        out.push(key_status(manager, db, key_name, args).await?);
+    }
+    Ok(out)
+}
+
+/// `keys status` of one configured key name.
+async fn key_status(
+    manager: &KeyManager,
+    db: &tokio_postgres::Client,
+    key_name: &str,
+    args: &KeysStatusArgs,
+) -> Result<KeyStatus, OpsError> {
+    let provider = manager.provider();
+    let kek = provider.kek_status(key_name).await?;
+    let deks = provider.list_deks(key_name).await?;
+    let mut counts: BTreeMap<u32, i64> = BTreeMap::new();
+    let mut unknown_rows = 0;
+    let mut pending_columns = Vec::new();
+    for spec in manager.columns().filter(|s| s.column.key == key_name) {
+        let name = format!("{}.{}", spec.table, spec.column.column);
+        match column_type(db, &spec.table, &spec.column.column).await {
+            Ok(ty) if ty == "bytea" => {}
+            Ok(ty) => {
+                pending_columns.push((name, format!("stored as {ty}: run encrypt-existing")));
                 continue;
             }
-            for (key_ref, n) in count_by_dek(db, spec).await? {
-                if key_ref.key_id == spec.key_id
-                    && deks.iter().any(|d| d.dek_version == key_ref.dek_version)
-                {
-                    *counts.entry(key_ref.dek_version).or_default() += n;
-                } else {
-                    unknown_rows += n;
-                }
+            Err(OpsError::Schema(reason)) => {
+                pending_columns.push((name, reason));
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        if args.no_count {
+            continue;
+        }
+        for (key_ref, n) in count_by_dek(db, spec).await? {
+            if key_ref.key_id == spec.key_id
+                && deks.iter().any(|d| d.dek_version == key_ref.dek_version)
+            {
+                *counts.entry(key_ref.dek_version).or_default() += n;
+            } else {
+                unknown_rows += n;
             }
         }
-        let mut dek_statuses = Vec::new();
-        for info in deks {
-            let rows =
-                (!args.no_count).then(|| counts.get(&info.dek_version).copied().unwrap_or(0));
+    }
+    let mut dek_statuses = Vec::new();
+    for info in deks {
+        let rows = (!args.no_count).then(|| counts.get(&info.dek_version).copied().unwrap_or(0));
+        let unwrap = if args.verify {
+            Some(unwrap_check(
+                provider.fetch_dek(key_name, info.dek_version).await,
+            ))
+        } else {
+            None
+        };
+        dek_statuses.push(DekStatus { info, rows, unwrap });
+    }
+    let index_root = match stored_index_root(db, provider.kind(), key_name).await? {
+        Some(info) => {
             let unwrap = if args.verify {
-                Some(unwrap_check(
-                    provider.fetch_dek(key_name, info.dek_version).await,
-                ))
+                Some(unwrap_check(provider.index_root(key_name).await))
             } else {
                 None
             };
-            dek_statuses.push(DekStatus { info, rows, unwrap });
+            Some(DekStatus {
+                info,
+                rows: None,
+                unwrap,
+            })
         }
-        let index_root = match stored_index_root(db, provider.kind(), key_name).await? {
-            Some(info) => {
-                let unwrap = if args.verify {
-                    Some(unwrap_check(provider.index_root(key_name).await))
-                } else {
-                    None
-                };
-                Some(DekStatus {
-                    info,
-                    rows: None,
-                    unwrap,
-                })
-            }
-            None => None,
-        };
-        out.push(KeyStatus {
-            key_name: key_name.to_string(),
-            provider: provider.kind(),
-            kek,
-            deks: dek_statuses,
-            unknown_rows,
-            index_root,
-            pending_columns,
-        });
-    }
-    Ok(out)
+        None => None,
+    };
+    Ok(KeyStatus {
+        key_name: key_name.to_string(),
+        provider: provider.kind(),
+        kek,
+        deks: dek_statuses,
+        unknown_rows,
+        index_root,
+        pending_columns,
+    })
 }
 
 fn unwrap_check<T>(result: Result<T, KeyError>) -> Result<(), String> {

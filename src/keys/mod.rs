@@ -91,6 +91,14 @@ pub enum KeyError {
     /// The provider cannot do this (e.g. rewrap for `local`).
     #[error("{0} is not supported by the {1} provider")]
     Unsupported(&'static str, &'static str),
+    /// The DEK version was retired (`pgward keys retire`) after every value under it had been
+    /// re-encrypted: a value still naming it predates the retirement (restored from a backup).
+    #[error("DEK version {dek_version} of key {key} was retired at {since}")]
+    Retired {
+        key: String,
+        dek_version: u32,
+        since: String,
+    },
     /// The key name was destroyed on purpose (crypto-shredded): its values are gone.
     #[error("key {key} was destroyed (crypto-shredded)")]
     Destroyed { key: String },

@@ -4,8 +4,18 @@ use std::sync::Arc;
 
 use super::{DekInfo, KeyError, KeyFuture};
 
-/// The schema (`pgward.data_keys`, `pgward.job_progress`), applied idempotently.
-pub const MIGRATION_SQL: &str = include_str!("../../migrations/0100_pgward_keys.sql");
+/// The schema (`pgward.data_keys`, `pgward.job_progress`, `pgward.destroyed_keys`,
+/// `pgward.retired_keys`), applied idempotently, in order.
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0100_pgward_keys.sql",
+        include_str!("../../migrations/0100_pgward_keys.sql"),
+    ),
+    (
+        "0110_pgward_retired_keys.sql",
+        include_str!("../../migrations/0110_pgward_retired_keys.sql"),
+    ),
+];
 
 /// A DEK in its wrapped (KEK-encrypted) form.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +44,15 @@ pub trait WrappedKeyStore: Send + Sync + std::fmt::Debug {
     /// The key name was destroyed on purpose (`pgward.destroyed_keys`): serve nothing under it.
     fn destroyed<'a>(&'a self, _key_name: &'a str) -> KeyFuture<'a, bool> {
         Box::pin(async move { Ok(false) })
+    }
+    /// When this DEK version was retired (`pgward.retired_keys`), if it was: a value under it
+    /// comes from before its retirement (e.g. a restored row).
+    fn retired<'a>(
+        &'a self,
+        _key_name: &'a str,
+        _dek_version: u32,
+    ) -> KeyFuture<'a, Option<String>> {
+        Box::pin(async move { Ok(None) })
     }
 }
 
@@ -144,16 +163,40 @@ impl PgKeyStore {
         PgKeyStore { client }
     }
 
-    /// Create the schema if missing (same SQL as the migration file).
+    /// Create the schema if missing (same SQL as the migration files).
     pub async fn migrate(&self) -> Result<(), KeyError> {
-        self.client
-            .batch_execute(MIGRATION_SQL)
-            .await
-            .map_err(store_err)
+        for (file, sql) in MIGRATIONS {
+            self.client
+                .batch_execute(sql)
+                .await
+                .map_err(|e| KeyError::Store(format!("{file}: {e}")))?;
+        }
+        Ok(())
     }
 }
 
 impl WrappedKeyStore for PgKeyStore {
+    fn retired<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let row = self
+                .client
+                .query_opt(
+                    "SELECT retired_at::text FROM pgward.retired_keys WHERE key_name = $1 AND dek_version = $2",
+                    &[&key_name, &to_i32(dek_version)?],
+                )
+                .await;
+            match row {
+                Ok(Some(row)) => Ok(Some(row.try_get(0).map_err(store_err)?)),
+                Ok(None) => Ok(None),
+                // A database not migrated yet has no retired keys.
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                    Ok(None)
+                }
+                Err(e) => Err(store_err(e)),
+            }
+        })
+    }
+
     fn destroyed<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, bool> {
         Box::pin(async move {
             let row = self

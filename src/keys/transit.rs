@@ -226,14 +226,19 @@ impl KeyProvider for TransitProvider {
 
     fn fetch_dek<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, SecretKey> {
         Box::pin(async move {
-            let stored =
-                self.store
-                    .get(key_name, dek_version)
-                    .await?
-                    .ok_or(KeyError::UnknownDek {
+            let Some(stored) = self.store.get(key_name, dek_version).await? else {
+                return Err(match self.store.retired(key_name, dek_version).await? {
+                    Some(since) => KeyError::Retired {
                         key: key_name.to_string(),
                         dek_version,
-                    })?;
+                        since,
+                    },
+                    None => KeyError::UnknownDek {
+                        key: key_name.to_string(),
+                        dek_version,
+                    },
+                });
+            };
             self.unwrap_dek(key_name, &stored.wrapped)
                 .await
                 .map_err(|e| KeyError::from_vault(key_name, dek_version, e))

@@ -60,7 +60,8 @@ use crate::upstream::UpstreamTarget;
 pub const DATA_CORRUPTED: &str = "XX001";
 /// SQLSTATE system_error: a key could not be obtained.
 pub const KEY_UNAVAILABLE: &str = "58000";
-/// SQLSTATE for a value whose data key was destroyed on purpose (`pgward keys shred`):
+/// SQLSTATE for a value whose data key was destroyed on purpose (`pgward keys shred`) or
+/// retired after every value was moved off it (`pgward keys retire`, a restored row):
 /// object_not_in_prerequisite_state — the value exists but can never be decrypted, which no
 /// retry changes (unlike 58000).
 pub const KEY_DESTROYED: &str = "55000";
@@ -295,14 +296,17 @@ async fn key_store(
         .await
         .map_err(|e| CryptoError::Config(format!("connecting to the wrapped-key store: {e}")))?;
     let exists = client
-        .query_one("SELECT to_regclass('pgward.data_keys') IS NOT NULL", &[])
+        .query_one(
+            "SELECT to_regclass('pgward.data_keys') IS NOT NULL AND to_regclass('pgward.retired_keys') IS NOT NULL",
+            &[],
+        )
         .await
         .and_then(|row| row.try_get::<_, bool>(0))
         .unwrap_or(false);
     let store = PgKeyStore::new(Arc::new(client));
     if !exists {
         if let Err(e) = store.migrate().await {
-            tracing::warn!(error = %e, "could not create pgward.data_keys (apply migrations/0100_pgward_keys.sql)");
+            tracing::warn!(error = %e, "could not create pgward.data_keys or pgward.retired_keys (apply migrations/0100_pgward_keys.sql and 0110_pgward_retired_keys.sql)");
         }
     }
     Ok(Arc::new(store))

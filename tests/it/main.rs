@@ -19,6 +19,7 @@ mod fleet;
 mod harness;
 mod key_usage;
 mod keys_cli;
+mod keys_retire;
 mod ops;
 mod pipeline;
 mod policy;

@@ -154,7 +154,10 @@ fn unreadable_value(e: &CryptoError) -> bool {
             | CryptoError::Integrity { .. }
             | CryptoError::WrongKey { .. }
             | CryptoError::Codec(_)
-            | CryptoError::KeyUnavailable(crate::crypto::error::KeyFailure::UnknownVersion)
+            | CryptoError::KeyUnavailable(
+                crate::crypto::error::KeyFailure::UnknownVersion
+                    | crate::crypto::error::KeyFailure::Retired
+            )
     )
 }
 

@@ -318,7 +318,8 @@ pub(super) fn crypto_error(e: &CryptoError, c: &ColumnRef) -> ClientError {
             format!("pgward: encrypted column {}.{}: {e}", c.table, c.column),
         ),
         // Shredded on purpose: the value is gone for good, not temporarily unavailable.
-        CryptoError::KeyUnavailable(KeyFailure::Destroyed) => ClientError::error(
+        // Retired: the value predates its key's retirement (a restored row); same state.
+        CryptoError::KeyUnavailable(KeyFailure::Destroyed | KeyFailure::Retired) => ClientError::error(
             KEY_DESTROYED,
             format!("pgward: a value of encrypted column {}.{}: {e}", c.table, c.column),
         ),
