@@ -102,3 +102,12 @@ pub use search::{run_search, SearchArgs};
 pub use signing::{load_public_key, public_key_path, SigningKey};
 pub use verify::{run_verify, VerifyArgs, VerifyReport};
 pub use writer::AuditLog;
+
+/// Creates (if needed) `dir` and writes and removes a probe file in it: whether an audit log
+/// could be written there (`pgward check`, `/readyz`).
+pub fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".pgward-check-{}", std::process::id()));
+    std::fs::write(&probe, b"probe")?;
+    std::fs::remove_file(&probe)
+}

@@ -127,7 +127,7 @@ async fn check_local_material(config: &Config, report: &mut Report) {
         Err(e) => report.fail("token keys", e),
     }
     match &config.audit {
-        Some(audit) if audit.enabled => match probe_writable(&audit.dir) {
+        Some(audit) if audit.enabled => match crate::audit::probe_writable(&audit.dir) {
             Ok(()) => report.ok("audit", format!("{} is writable", audit.dir.display())),
             Err(e) => report.fail("audit", format!("{}: {e}", audit.dir.display())),
         },
@@ -162,14 +162,6 @@ async fn check_cluster(cluster: &crate::config::ClusterConfig, report: &mut Repo
             Err(_) => report.warn(&item, format!("{}: no answer", peer.address)),
         }
     }
-}
-
-/// Creates (if needed) `dir` and writes and removes a probe file in it.
-pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let probe = dir.join(format!(".pgward-check-{}", std::process::id()));
-    std::fs::write(&probe, b"probe")?;
-    std::fs::remove_file(&probe)
 }
 
 /// Logs in upstream as each service's role; returns the resolved passwords.

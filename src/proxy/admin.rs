@@ -91,7 +91,7 @@ pub async fn readiness(shared: &Shared) -> (bool, String) {
         Err(_) => (false, "upstream", "no answer in time".into()),
     });
     items.push(match &shared.config.audit {
-        Some(audit) if audit.enabled => match crate::cli::check::probe_writable(&audit.dir) {
+        Some(audit) if audit.enabled => match crate::audit::probe_writable(&audit.dir) {
             Ok(()) => (true, "audit", "writable".into()),
             Err(e) => (false, "audit", e.to_string()),
         },
