@@ -43,6 +43,8 @@ pub(super) struct Pending {
 
 pub(super) enum Cmd {
     Append(Pending),
+    /// A SIGHUP changed the live settings: `audit_stopped` must name the ones in force.
+    Settings(LiveSettings),
     Shutdown(oneshot::Sender<Result<(), AuditError>>),
 }
 
@@ -274,6 +276,10 @@ impl AuditHandle {
         })
         .await?;
         *self.inner.live.write() = new;
+        if let Some(tx) = &self.inner.tx {
+            // Behind the change record in the writer's queue, ahead of any shutdown.
+            let _ = tx.send(Cmd::Settings(new));
+        }
         Ok(changed)
     }
 

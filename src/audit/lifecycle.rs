@@ -14,6 +14,7 @@ pub(crate) fn settings(config: &AuditConfig) -> Value {
     json!({
         "enabled": config.enabled,
         "on_failure": config.on_failure,
+        "durability": config.durability,
         "fsync": config.fsync,
         "record_values": config.record_values,
         "checkpoint_interval_ms": millis(config.checkpoint_interval),

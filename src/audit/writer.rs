@@ -272,6 +272,7 @@ impl Writer {
                         records += pending.bodies.len();
                         batch.push(pending);
                     }
+                    Cmd::Settings(live) => self.settings_changed(live),
                     Cmd::Shutdown(done) => {
                         shutdown = Some(done);
                         break;
@@ -649,6 +650,18 @@ impl Writer {
             file: Some(seg.name),
             torn_bytes,
         });
+    }
+
+    /// The effective settings `audit_stopped` reports, after a SIGHUP changed the live ones.
+    fn settings_changed(&mut self, live: super::handle::LiveSettings) {
+        if let Some(settings) = self.settings.as_object_mut() {
+            settings.insert("on_failure".into(), serde_json::json!(live.on_failure));
+            settings.insert("durability".into(), serde_json::json!(live.durability));
+            settings.insert(
+                "record_values".into(),
+                serde_json::json!(live.record_values),
+            );
+        }
     }
 
     /// Final checkpoint, unless the log already ends with one and nothing was written since.

@@ -253,4 +253,23 @@ async fn sighup_reloads_services_passwords_policies_and_audit_settings() {
     assert!(err.contains("not configured"), "{err}");
     drop(open_other);
     drop(support_session);
+
+    // A graceful stop: `audit_stopped` names the settings in force, the reloaded ones.
+    let mut child = child;
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(i32::try_from(child.0.id()).unwrap(), libc::SIGTERM) };
+    for _ in 0..100 {
+        if child.0.try_wait().unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stopped: Vec<serde_json::Value> = audit_text(&log)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["kind"] == "audit_stopped")
+        .collect();
+    let last = stopped.last().expect("an audit_stopped record");
+    assert_eq!(last["settings"]["record_values"], true, "{last}");
+    assert!(last["settings"]["durability"].is_string(), "{last}");
 }
