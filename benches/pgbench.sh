@@ -440,14 +440,20 @@ echo "demo audit log: $(cat "$WORK"/demo-audit/*.jsonl 2>/dev/null | wc -l) reco
 fi
 
 if want pooling; then
-# Transaction pooling: POOL_CLIENTS clients on POOL_SIZE server connections of their own role
-# (pool_bench), so pg_stat_activity counts exactly the pool's connections.
+# Transaction pooling: POOL_CLIENTS clients on POOL_SIZE server connections. Each pooler logs
+# in upstream as a role of its own (pgward: pool_bench, PgBouncer: pool_bouncer), so
+# pg_stat_activity counts exactly one pool's connections (PgBouncer keeps its idle ones open).
 "${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -c \
-  "CREATE ROLE pool_bench LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO pool_bench"
+  "CREATE ROLE pool_bench LOGIN; CREATE ROLE pool_bouncer LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO pool_bench, pool_bouncer"
 POOL_BOUNCER_PORT=$(free_port); POOL_WARD_PORT=$(free_port)
+BOUNCER_VERSION=$("$PGBOUNCER" --version | awk 'NR == 1 {print $2}')
+# Protocol-level prepared statements in transaction mode need PgBouncer 1.21.
+bouncer_prepares() { [ "$(printf '%s\n1.21\n' "$BOUNCER_VERSION" | sort -V | head -1)" = 1.21 ]; }
+BOUNCER_PREPARED=""
+bouncer_prepares && BOUNCER_PREPARED="max_prepared_statements = 100"
 cat > "$WORK/pgbouncer-tx.ini" <<INI
 [databases]
-bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench user=pool_bouncer
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $POOL_BOUNCER_PORT
@@ -457,7 +463,7 @@ auth_file = $WORK/userlist-tx.txt
 pool_mode = transaction
 max_client_conn = $((POOL_CLIENTS + 20))
 default_pool_size = $POOL_SIZE
-max_prepared_statements = 100
+$BOUNCER_PREPARED
 logfile = $WORK/pgbouncer-tx.log
 pidfile = $WORK/pgbouncer-tx.pid
 INI
@@ -465,7 +471,6 @@ echo '"pool_bench" ""' > "$WORK/userlist-tx.txt"
 chmod 644 "$WORK/pgbouncer-tx.ini" "$WORK/userlist-tx.txt"
 "${RUN_AS[@]}" "$PGBOUNCER" -q "$WORK/pgbouncer-tx.ini" &
 POOL_BOUNCER_PID=$!
-BOUNCER_VERSION=$("$PGBOUNCER" --version | awk 'NR == 1 {print $2}')
 cat > "$WORK/pgward-pool.toml" <<TOML
 [listen]
 address = "127.0.0.1:$POOL_WARD_PORT"
@@ -490,19 +495,18 @@ POOL_TOKEN=$("$PGWARD" token mint --service pool_bench --dir "$WORK/keys" --ttl 
 "$PGWARD" serve --config "$WORK/pgward-pool.toml" --log warn &
 POOL_WARD_PID=$!
 sleep 1
-pool_conns() {
+pool_conns() { # upstream role -> its server connections now
   "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -At bench -c \
-    "SELECT count(*) FROM pg_stat_activity WHERE usename = 'pool_bench' AND backend_type = 'client backend'"
+    "SELECT count(*) FROM pg_stat_activity WHERE usename = '$1' AND backend_type = 'client backend'"
 }
 echo
 echo "== transaction pooling: $POOL_CLIENTS clients, pool of $POOL_SIZE server connections, ${DURATION}s x $ROUNDS rounds (select-only)"
 declare -A POOL_TPS POOL_MAX
 for ((round = 1; round <= ROUNDS; round++)); do
   for mode in simple prepared; do
-    for target in "pgbouncer:$POOL_BOUNCER_PORT:" "pgward:$POOL_WARD_PORT:$POOL_TOKEN"; do
-      IFS=: read -r name port token <<<"$target"
-      if [ "$name" = pgbouncer ] && [ "$mode" = prepared ] && \
-         [ "$(printf '%s\n1.21\n' "$BOUNCER_VERSION" | sort -V | head -1)" != 1.21 ]; then
+    for target in "pgbouncer:$POOL_BOUNCER_PORT:pool_bouncer:" "pgward:$POOL_WARD_PORT:pool_bench:$POOL_TOKEN"; do
+      IFS=: read -r name port role token <<<"$target"
+      if [ "$name" = pgbouncer ] && [ "$mode" = prepared ] && ! bouncer_prepares; then
         printf '  round %s %-8s %-9s %10s\n' "$round" "$mode" "$name" "n/a (PgBouncer $BOUNCER_VERSION < 1.21: no prepared statements in transaction mode)"
         continue
       fi
@@ -512,7 +516,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
       bench_pid=$!
       most=0
       while kill -0 "$bench_pid" 2>/dev/null; do
-        n=$(pool_conns); [ "${n:-0}" -gt "$most" ] && most=$n
+        n=$(pool_conns "$role"); [ "${n:-0}" -gt "$most" ] && most=$n
         sleep 0.5
       done
       wait "$bench_pid" || true
