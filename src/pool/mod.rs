@@ -262,4 +262,109 @@ impl Pools {
     pub fn all(&self) -> Vec<Arc<Pool>> {
         self.pools.lock().values().cloned().collect()
     }
+
+    /// The pools' Prometheus series (labels: upstream role and database, fixed by the
+    /// configuration), appended to `/metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let mut pools = self.all();
+        if pools.is_empty() {
+            return;
+        }
+        pools.sort_by(|a, b| (&a.role, &a.database).cmp(&(&b.role, &b.database)));
+        type Read = fn(&Pool) -> u64;
+        let series: [(&str, &str, &str, Read); 6] = [
+            (
+                "pgward_pool_size",
+                "gauge",
+                "Server connections a pool may open (pool_size).",
+                |p| p.size as u64,
+            ),
+            (
+                "pgward_pool_server_connections_active",
+                "gauge",
+                "Server connections lent to a client now.",
+                |p| p.stats.lent.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "pgward_pool_server_connections_idle",
+                "gauge",
+                "Server connections open and idle now.",
+                |p| p.idle_count() as u64,
+            ),
+            (
+                "pgward_pool_clients_waiting",
+                "gauge",
+                "Clients waiting for a server connection now.",
+                |p| p.stats.waiting.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "pgward_pool_leases_total",
+                "counter",
+                "Server connections lent to clients (one per transaction or statement).",
+                |p| p.stats.leases.load(Ordering::Relaxed),
+            ),
+            (
+                "pgward_pool_timeouts_total",
+                "counter",
+                "Clients that waited longer than pool_timeout (53300).",
+                |p| p.stats.timeouts.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, help, read) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for pool in &pools {
+                let _ = writeln!(
+                    out,
+                    "{name}{{role=\"{}\",database=\"{}\"}} {}",
+                    label(&pool.role),
+                    label(&pool.database),
+                    read(pool)
+                );
+            }
+        }
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PoolMode;
+
+    #[test]
+    fn pools_are_shared_per_role_and_database_and_rendered_for_prometheus() {
+        let pools = Pools::default();
+        let settings = PoolSettings {
+            mode: PoolMode::Transaction,
+            size: 5,
+            timeout: Duration::from_secs(1),
+        };
+        let a = pools.pool("app", "db", settings);
+        let b = pools.pool(
+            "app",
+            "db",
+            PoolSettings {
+                size: 9,
+                ..settings
+            },
+        );
+        assert!(Arc::ptr_eq(&a, &b));
+        pools.pool("we\"ird", "db", settings);
+        let mut out = String::new();
+        pools.render_metrics(&mut out);
+        assert!(
+            out.contains("pgward_pool_size{role=\"app\",database=\"db\"} 5"),
+            "{out}"
+        );
+        assert!(out.contains("role=\"we\\\"ird\""), "{out}");
+        assert!(out.contains("# TYPE pgward_pool_leases_total counter"));
+    }
 }

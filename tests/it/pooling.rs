@@ -100,6 +100,17 @@ async fn fifty_clients_run_on_five_server_connections() {
         .get(0);
     assert_eq!(total, 500);
     assert!(server_backends(&database).await <= 5);
+    // The pool's figures in /metrics.
+    let metrics = harness::http_get(proxy.admin.unwrap(), "/metrics").await;
+    let series = format!("pgward_pool_size{{role=\"postgres\",database=\"{database}\"}} 5");
+    assert!(metrics.contains(&series), "{metrics}");
+    let leases = format!("pgward_pool_leases_total{{role=\"postgres\",database=\"{database}\"}} ");
+    let count: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&leases))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(count >= 1500, "{count} leases for 1500 requests");
 }
 
 fn tenants_seen(messages: &[SimpleQueryMessage]) -> HashSet<String> {
