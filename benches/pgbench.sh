@@ -11,7 +11,9 @@
 # features (policy and auditing against pass-through), policy (the policy part of features
 # alone), rls (the server's RLS reference), encryption, and demo (the demo workload —
 # billing's invoice lookup — with each feature added in turn, up to everything on, against
-# PgBouncer); all but policy by default.
+# PgBouncer), and pooling (transaction pooling: 200 clients through pgward and through PgBouncer,
+# both in pool_mode = transaction with 20 server connections, the server connections counted
+# in pg_stat_activity); all but policy by default.
 #
 # Installs pgbouncer (Debian package) when missing and running as root. Everything it starts
 # (PostgreSQL in a temp dir, PgBouncer, pgward) listens on 127.0.0.1 only and is stopped at exit.
@@ -23,7 +25,9 @@ ROUNDS=3
 CLIENTS=8
 THREADS=2
 SCALE=10
-ONLY=proxies,features,rls,encryption,demo
+ONLY=proxies,features,rls,encryption,demo,pooling
+POOL_CLIENTS=200
+POOL_SIZE=20
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
@@ -31,6 +35,7 @@ while [ $# -gt 0 ]; do
     --clients) CLIENTS=$2; shift 2 ;;
     --scale) SCALE=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
+    --pool-clients) POOL_CLIENTS=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -70,6 +75,8 @@ cleanup() {
   [ -n "${CRYPT_PID:-}" ] && kill "$CRYPT_PID" 2>/dev/null || true
   for pid in ${DEMO_PIDS:-}; do kill "$pid" 2>/dev/null || true; done
   [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
+  [ -n "${POOL_WARD_PID:-}" ] && kill "$POOL_WARD_PID" 2>/dev/null || true
+  [ -n "${POOL_BOUNCER_PID:-}" ] && kill "$POOL_BOUNCER_PID" 2>/dev/null || true
   "${RUN_AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -78,7 +85,7 @@ trap cleanup EXIT
 echo "== setting up PostgreSQL (port $PG_PORT), PgBouncer ($BOUNCER_PORT), pgward ($WARD_PORT)"
 "${RUN_AS[@]}" "$BINDIR/initdb" -D "$WORK/data" -U postgres -A trust --no-instructions >/dev/null
 "${RUN_AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -l "$WORK/pg.log" -w \
-  -o "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=100 -c shared_buffers=256MB" start >/dev/null
+  -o "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=150 -c shared_buffers=256MB" start >/dev/null
 "$BINDIR/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres bench
 "$BINDIR/pgbench" -h 127.0.0.1 -p "$PG_PORT" -U postgres -i -s "$SCALE" -q bench >/dev/null 2>&1
 
@@ -430,4 +437,104 @@ for mode in simple prepared; do
   done
 done
 echo "demo audit log: $(cat "$WORK"/demo-audit/*.jsonl 2>/dev/null | wc -l) records written"
+fi
+
+if want pooling; then
+# Transaction pooling: POOL_CLIENTS clients on POOL_SIZE server connections. Each pooler logs
+# in upstream as a role of its own (pgward: pool_bench, PgBouncer: pool_bouncer), so
+# pg_stat_activity counts exactly one pool's connections (PgBouncer keeps its idle ones open).
+"${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -c \
+  "CREATE ROLE pool_bench LOGIN; CREATE ROLE pool_bouncer LOGIN; GRANT ALL ON ALL TABLES IN SCHEMA public TO pool_bench, pool_bouncer"
+POOL_BOUNCER_PORT=$(free_port); POOL_WARD_PORT=$(free_port)
+BOUNCER_VERSION=$("$PGBOUNCER" --version | awk 'NR == 1 {print $2}')
+# Protocol-level prepared statements in transaction mode need PgBouncer 1.21.
+bouncer_prepares() { [ "$(printf '%s\n1.21\n' "$BOUNCER_VERSION" | sort -V | head -1)" = 1.21 ]; }
+BOUNCER_PREPARED=""
+bouncer_prepares && BOUNCER_PREPARED="max_prepared_statements = 100"
+cat > "$WORK/pgbouncer-tx.ini" <<INI
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench user=pool_bouncer
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $POOL_BOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist-tx.txt
+pool_mode = transaction
+max_client_conn = $((POOL_CLIENTS + 20))
+default_pool_size = $POOL_SIZE
+$BOUNCER_PREPARED
+logfile = $WORK/pgbouncer-tx.log
+pidfile = $WORK/pgbouncer-tx.pid
+INI
+echo '"pool_bench" ""' > "$WORK/userlist-tx.txt"
+chmod 644 "$WORK/pgbouncer-tx.ini" "$WORK/userlist-tx.txt"
+"${RUN_AS[@]}" "$PGBOUNCER" -q "$WORK/pgbouncer-tx.ini" &
+POOL_BOUNCER_PID=$!
+cat > "$WORK/pgward-pool.toml" <<TOML
+[listen]
+address = "127.0.0.1:$POOL_WARD_PORT"
+allow_plaintext_loopback = true
+max_client_connections = $((POOL_CLIENTS + 20))
+[upstream]
+host = "127.0.0.1"
+port = $PG_PORT
+[auth]
+jwks_file = "$WORK/keys/jwks.json"
+issuer = "pgward-dev"
+audience = ["pgward"]
+max_token_lifetime = "3h"
+[services.pool_bench]
+upstream_user = "pool_bench"
+unrestricted = true
+pool_mode = "transaction"
+pool_size = $POOL_SIZE
+pool_timeout = "60s"
+TOML
+POOL_TOKEN=$("$PGWARD" token mint --service pool_bench --dir "$WORK/keys" --ttl 2h)
+"$PGWARD" serve --config "$WORK/pgward-pool.toml" --log warn &
+POOL_WARD_PID=$!
+sleep 1
+pool_conns() { # upstream role -> its server connections now
+  "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -At bench -c \
+    "SELECT count(*) FROM pg_stat_activity WHERE usename = '$1' AND backend_type = 'client backend'"
+}
+echo
+echo "== transaction pooling: $POOL_CLIENTS clients, pool of $POOL_SIZE server connections, ${DURATION}s x $ROUNDS rounds (select-only)"
+declare -A POOL_TPS POOL_MAX
+for ((round = 1; round <= ROUNDS; round++)); do
+  for mode in simple prepared; do
+    for target in "pgbouncer:$POOL_BOUNCER_PORT:pool_bouncer:" "pgward:$POOL_WARD_PORT:pool_bench:$POOL_TOKEN"; do
+      IFS=: read -r name port role token <<<"$target"
+      if [ "$name" = pgbouncer ] && [ "$mode" = prepared ] && ! bouncer_prepares; then
+        printf '  round %s %-8s %-9s %10s\n' "$round" "$mode" "$name" "n/a (PgBouncer $BOUNCER_VERSION < 1.21: no prepared statements in transaction mode)"
+        continue
+      fi
+      out="$WORK/pool-$name-$mode.out"
+      PGPASSWORD=$token "$BINDIR/pgbench" -h 127.0.0.1 -p "$port" -U pool_bench -n -S -M "$mode" \
+        -c "$POOL_CLIENTS" -j "$THREADS" -T "$DURATION" bench >"$out" 2>&1 &
+      bench_pid=$!
+      most=0
+      while kill -0 "$bench_pid" 2>/dev/null; do
+        n=$(pool_conns "$role"); [ "${n:-0}" -gt "$most" ] && most=$n
+        sleep 0.5
+      done
+      wait "$bench_pid" || true
+      tps=$(awk '/^tps/ {print $3; exit}' "$out")
+      POOL_TPS[$mode,$name]="${POOL_TPS[$mode,$name]:-} ${tps:-0}"
+      [ "$most" -gt "${POOL_MAX[$mode,$name]:-0}" ] && POOL_MAX[$mode,$name]=$most
+      printf '  round %s %-8s %-9s %10s tps, at most %s server connections\n' "$round" "$mode" "$name" "${tps:-failed}" "$most"
+    done
+  done
+done
+echo
+echo "== transaction pooling: median TPS, most server connections seen (pool_size $POOL_SIZE)"
+printf '%-9s %-10s %12s %12s\n' mode target tps servers
+for mode in simple prepared; do
+  for name in pgbouncer pgward; do
+    [ -n "${POOL_TPS[$mode,$name]:-}" ] || continue
+    t=$(echo "${POOL_TPS[$mode,$name]}" | median)
+    printf '%-9s %-10s %12.0f %12s\n' "$mode" "$name" "$t" "${POOL_MAX[$mode,$name]:-0}"
+  done
+done
 fi

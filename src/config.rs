@@ -60,6 +60,61 @@ pub struct Config {
     pub encrypt: Vec<crate::crypto::EncryptColumn>,
     /// `[cluster]`: this replica's node id and its peers, so cancels reach the right replica.
     pub cluster: Option<ClusterConfig>,
+    /// `[pool]`: the pooling defaults of services that do not set their own.
+    #[serde(default)]
+    pub pool: PoolDefaults,
+}
+
+/// How a service's client sessions use upstream server connections (PgBouncer's `pool_mode`).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    /// Each client session holds its own server connection from login to logout.
+    #[default]
+    Session,
+    /// A server connection is lent for one transaction (or one statement outside a
+    /// transaction) and returned to the pool of its (upstream role, database).
+    Transaction,
+}
+
+/// `[pool]`: defaults for every service (each may override them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolDefaults {
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// Server connections per (upstream role, database) in transaction mode.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// How long a client waits for a server connection before 53300.
+    #[serde(default = "default_pool_timeout", with = "humantime_serde")]
+    pub pool_timeout: Duration,
+}
+
+impl Default for PoolDefaults {
+    fn default() -> Self {
+        Self {
+            pool_mode: PoolMode::Session,
+            pool_size: default_pool_size(),
+            pool_timeout: default_pool_timeout(),
+        }
+    }
+}
+
+fn default_pool_size() -> usize {
+    20
+}
+
+fn default_pool_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A service's pooling, its own settings over `[pool]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub mode: PoolMode,
+    pub size: usize,
+    pub timeout: Duration,
 }
 
 /// Largest `cluster.node_id`: the node id takes the top 6 bits of every secret key handed out.
@@ -230,6 +285,26 @@ pub struct ServiceConfig {
     /// Not bound by a row policy (still authenticated and audited).
     #[serde(default)]
     pub unrestricted: bool,
+    /// `session` or `transaction` (default: `[pool] pool_mode`).
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    /// Server connections per (upstream role, database) in transaction mode.
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+    /// How long a client waits for a server connection before 53300.
+    #[serde(default, with = "humantime_serde")]
+    pub pool_timeout: Option<Duration>,
+}
+
+impl ServiceConfig {
+    /// This service's pooling: its own settings, else the `[pool]` defaults.
+    pub fn pooling(&self, defaults: &PoolDefaults) -> PoolSettings {
+        PoolSettings {
+            mode: self.pool_mode.unwrap_or(defaults.pool_mode),
+            size: self.pool_size.unwrap_or(defaults.pool_size),
+            timeout: self.pool_timeout.unwrap_or(defaults.pool_timeout),
+        }
+    }
 }
 
 /// A secret, by file or environment variable — never inline.
@@ -356,6 +431,7 @@ impl Config {
                 "upstream.tls_ca_file is set but upstream.tls is \"disable\"".into(),
             ));
         }
+        self.validate_pooling()?;
         self.crypto().validate().map_err(ConfigError::Invalid)?;
         if let Some(cluster) = &self.cluster {
             cluster.validate().map_err(ConfigError::Invalid)?;
@@ -375,6 +451,35 @@ impl Config {
     /// The upstream settings of a service, if it is configured.
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.get(name)
+    }
+
+    /// Pool sizes are usable, and no transaction-mode service relies on session settings.
+    fn validate_pooling(&self) -> Result<(), ConfigError> {
+        let claims_as_settings = self.policy.as_ref().is_some_and(|p| p.claims_as_settings);
+        for (name, service) in &self.services {
+            let pool = service.pooling(&self.pool);
+            if pool.size == 0 || pool.size > 10_000 {
+                return Err(ConfigError::Invalid(format!(
+                    "services.{name}: pool_size must be between 1 and 10000"
+                )));
+            }
+            if pool.timeout.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "services.{name}: pool_timeout must be more than 0"
+                )));
+            }
+            if pool.mode == PoolMode::Transaction && claims_as_settings && !service.unrestricted {
+                return Err(ConfigError::Invalid(format!(
+                    "services.{name}: pool_mode = \"transaction\" cannot be combined with [policy] claims_as_settings: the claims would be session settings of a server connection other clients share; use pool_mode = \"session\" for this service or turn claims_as_settings off"
+                )));
+            }
+        }
+        if self.pool.pool_size == 0 {
+            return Err(ConfigError::Invalid(
+                "pool.pool_size must be at least 1".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The service whose upstream login loads the policy catalog.
@@ -413,6 +518,32 @@ mod tests {
             config.service("billing").unwrap().upstream_password,
             Some(SecretRef::Env(_))
         ));
+    }
+
+    #[test]
+    fn pooling_defaults_overrides_and_the_claims_as_settings_conflict() {
+        let config: Config = toml::from_str(MINIMAL).unwrap();
+        let pool = config.service("billing").unwrap().pooling(&config.pool);
+        assert_eq!(pool.mode, PoolMode::Session);
+        let text = format!(
+            "{MINIMAL}\npool_mode = \"transaction\"\npool_size = 5\npool_timeout = \"2s\"\n"
+        );
+        let config: Config = toml::from_str(&text).unwrap();
+        config.validate().unwrap();
+        let pool = config.service("billing").unwrap().pooling(&config.pool);
+        assert_eq!(
+            (pool.mode, pool.size, pool.timeout),
+            (PoolMode::Transaction, 5, Duration::from_secs(2))
+        );
+        let zero = text.replace("pool_size = 5", "pool_size = 0");
+        assert!(toml::from_str::<Config>(&zero).unwrap().validate().is_err());
+        let rls =
+            format!("{text}[policy]\ndir = \"p\"\ndatabase = \"d\"\nclaims_as_settings = true\n");
+        let error = toml::from_str::<Config>(&rls)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(error.to_string().contains("claims_as_settings"), "{error}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod net;
 pub mod pgserver;
 pub mod policy;
+pub mod pool;
 pub mod protocol;
 pub mod proxy;
 pub mod sql;

@@ -47,7 +47,7 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         (b"GET", b"/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4",
-            render_metrics(&shared.metrics),
+            render_metrics(&shared.metrics, &shared.pools),
         ),
         (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         (b"GET", b"/readyz") => {
@@ -74,8 +74,10 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     stream.shutdown().await
 }
 
-fn render_metrics(metrics: &Metrics) -> String {
-    metrics.render()
+fn render_metrics(metrics: &Metrics, pools: &crate::pool::Pools) -> String {
+    let mut out = metrics.render();
+    pools.render_metrics(&mut out);
+    out
 }
 
 /// Time one readiness item may take (the whole page must answer a load balancer promptly).

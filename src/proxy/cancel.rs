@@ -2,11 +2,15 @@
 //! key of its own, and maps that pair to the session, so a client can only ever cancel its own
 //! session's query.
 //!
-//! Sessions are one to one with server connections, so the PID a client is given is the PID
+//! In session mode, sessions are one to one with server connections, so the PID a client is given is the PID
 //! of the backend that runs its statements: the one PostgreSQL puts in the NotificationResponses
 //! it sends, and the one `pg_backend_pid()` returns. The PID is not a secret (PostgreSQL shows it
 //! to every session); the secret key is pgward's own random value, never the server's, so a
 //! client never learns a key the server would accept directly.
+//!
+//! In transaction pooling mode the PID is that of the first server connection the session
+//! borrowed, and a cancel goes to the connection it holds when the cancel arrives
+//! (`SessionState::cancel_target`), or nowhere when it holds none.
 //!
 //! In a fleet (`[cluster]`), the top [`NODE_BITS`] bits of every secret key name the replica
 //! that issued it ([`node_of`]), so whichever replica a load balancer hands the CancelRequest

@@ -19,6 +19,7 @@ pub mod handshake;
 pub mod intercept;
 mod pipeline;
 pub mod policy;
+mod pooled;
 pub mod reload;
 pub mod session;
 pub mod state;
@@ -86,6 +87,8 @@ pub struct Shared {
     pub audit: Option<crate::audit::AuditHandle>,
     /// Field encryption, when `[[encrypt]]` columns are configured.
     pub encryption: Option<Arc<encryption::Encryption>>,
+    /// Server-connection pools of services in transaction pooling mode.
+    pub pools: crate::pool::Pools,
 }
 
 /// A bound, ready-to-run proxy.
@@ -169,6 +172,7 @@ impl Proxy {
                 policies,
                 audit,
                 encryption,
+                pools: crate::pool::Pools::default(),
             }),
             audit_log,
             listener,
@@ -334,9 +338,12 @@ async fn deliver_cancel(shared: &Shared, process_id: u32, secret_key: u32) {
         inc(&shared.metrics.cancels_dropped);
         return;
     }
-    let delivery = shared
-        .upstream
-        .cancel(state.upstream_process_id, state.upstream_secret_key);
+    let Some((process_id, secret_key)) = state.cancel_target() else {
+        // Transaction pooling, and the session holds no server connection: nothing runs.
+        inc(&shared.metrics.cancels_dropped);
+        return;
+    };
+    let delivery = shared.upstream.cancel(process_id, secret_key);
     match tokio::time::timeout(Duration::from_secs(5), delivery).await {
         Ok(Ok(())) => inc(&shared.metrics.cancels_forwarded),
         Ok(Err(e)) => tracing::warn!(session = state.id, error = %e, "cancel delivery failed"),

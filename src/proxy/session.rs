@@ -19,6 +19,7 @@ use super::state::SessionState;
 use super::Shared;
 use crate::audit::{AuditEvent, OnFailure, SessionInfo};
 use crate::auth::Identity;
+use crate::config::PoolMode;
 use crate::crypto::scope::KeyScope;
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::inc;
@@ -30,13 +31,13 @@ use crate::upstream::MAX_UPSTREAM_MESSAGE;
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Most responses a session may have outstanding while field encryption tracks them.
-const MAX_AWAITED: usize = 1 << 20;
+pub(super) const MAX_AWAITED: usize = 1 << 20;
 
 type ClientWriter = Arc<tokio::sync::Mutex<ConnWriter>>;
 
 /// Why a relay direction stopped.
 #[derive(Debug)]
-enum End {
+pub(super) enum End {
     ClientClosed,
     UpstreamClosed,
     /// Send this to the client, then close.
@@ -46,7 +47,7 @@ enum End {
 
 impl End {
     /// The reason recorded in the connection-closed audit record.
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match self {
             End::ClientClosed => "client closed".into(),
             End::UpstreamClosed => "upstream closed".into(),
@@ -58,20 +59,20 @@ impl End {
 
 /// What the connection-opened record says about a session besides its identity: enough to
 /// find the same session in PostgreSQL's own log.
-struct SessionFacts<'a> {
-    id: u64,
-    client_addr: std::net::SocketAddr,
-    tls: bool,
-    database: &'a str,
-    upstream_role: &'a str,
-    backend_pid: u32,
-    application_name: Option<&'a str>,
+pub(super) struct SessionFacts<'a> {
+    pub(super) id: u64,
+    pub(super) client_addr: std::net::SocketAddr,
+    pub(super) tls: bool,
+    pub(super) database: &'a str,
+    pub(super) upstream_role: &'a str,
+    pub(super) backend_pid: u32,
+    pub(super) application_name: Option<&'a str>,
 }
 
 /// Start the session's audit trail: its connection-opened record is durable before anything
 /// runs. `None` when auditing is off; an error (FATAL for the client) when the log cannot
 /// write and `on_failure = "refuse"`.
-async fn open_session_audit(
+pub(super) async fn open_session_audit(
     shared: &Shared,
     interceptor: &Interceptor,
     session: SessionFacts<'_>,
@@ -136,6 +137,22 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
             return;
         }
     };
+    let pooling = service.pooling(&shared.config.pool);
+    if pooling.mode == PoolMode::Transaction {
+        let session = super::pooled::PooledSession {
+            id: session_id,
+            conn,
+            startup,
+            identity,
+            database,
+            client_addr,
+            service,
+            password,
+            policy,
+            pooling,
+        };
+        return super::pooled::run(shared, session, shutdown).await;
+    }
     let mut params: Vec<(String, String)> = startup
         .params
         .iter()
@@ -403,7 +420,11 @@ async fn client_to_upstream(
 
 /// Bookkeeping for one client batch, in one pass over its tags: returns whether it ends the
 /// session (Terminate) and whether it starts execution (Query, Execute, FunctionCall).
-fn account_client_batch(shared: &Shared, state: &SessionState, batch: &Batch) -> (bool, bool) {
+pub(super) fn account_client_batch(
+    shared: &Shared,
+    state: &SessionState,
+    batch: &Batch,
+) -> (bool, bool) {
     let mut now = None;
     let mut terminate = false;
     let mut statements = 0;
@@ -480,7 +501,10 @@ async fn upstream_to_client(
 /// (`[audit] durability = "before_response"`: the fsync overlapped the execution). A record
 /// that cannot be made durable withholds the results: the session ends with 58030 unless
 /// `on_failure = "continue"`.
-async fn await_durable_records(shared: &Shared, state: &SessionState) -> Result<(), End> {
+pub(super) async fn await_durable_records(
+    shared: &Shared,
+    state: &SessionState,
+) -> Result<(), End> {
     for receipt in state.take_undurable() {
         let Err(e) = receipt.wait().await else {
             continue;
@@ -505,7 +529,7 @@ async fn await_durable_records(shared: &Shared, state: &SessionState) -> Result<
 }
 
 /// Track ReadyForQuery and errors; swap refusal markers' errors. Returns what to send.
-fn account_upstream_batch(
+pub(super) fn account_upstream_batch(
     shared: &Shared,
     state: &SessionState,
     batch: &Batch,

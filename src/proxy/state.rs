@@ -44,6 +44,10 @@ pub struct SessionState {
     undurable: Mutex<Vec<DurableReceipt>>,
     /// The service's statement series in `/metrics` (set with [`SessionState::with_series`]).
     pub series: Arc<crate::metrics::ServiceSeries>,
+    /// Transaction pooling: the session holds a server connection only while it runs a
+    /// transaction; cancels go to the one it holds now (`None`: dropped).
+    pooled: bool,
+    held: Mutex<Option<(u32, u32)>>,
 }
 
 /// How many request start times are kept; extra Syncs (e.g. during COPY) must not grow memory.
@@ -69,6 +73,32 @@ impl SessionState {
             pending_requests: Mutex::new(VecDeque::new()),
             undurable: Mutex::new(Vec::new()),
             series: Arc::default(),
+            pooled: false,
+            held: Mutex::new(None),
+        }
+    }
+
+    /// State of a session in transaction pooling mode; `client_process_id` is the PID its
+    /// client is given (that of the server connection it first borrowed).
+    pub fn pooled(id: u64, client_process_id: u32) -> Self {
+        Self {
+            pooled: true,
+            ..Self::new(id, client_process_id, 0)
+        }
+    }
+
+    /// Transaction pooling: the server connection (its cancel key) the session holds now;
+    /// call with `cancel_gate` held.
+    pub fn hold_server(&self, key: Option<(u32, u32)>) {
+        *self.held.lock() = key;
+    }
+
+    /// The upstream cancel key a cancel of this session goes to, if any.
+    pub fn cancel_target(&self) -> Option<(u32, u32)> {
+        if self.pooled {
+            *self.held.lock()
+        } else {
+            Some((self.upstream_process_id, self.upstream_secret_key))
         }
     }
 

@@ -24,6 +24,7 @@ mod ops;
 mod pipeline;
 mod policy;
 mod policy_proxy;
+mod pooling;
 mod protocol;
 mod reload;
 mod reload_services;

@@ -1,0 +1,502 @@
+//! Protocol-level prepared statements in transaction mode.
+//!
+//! A client's named statements live in its session ([`ClientStatements`]), not on a server
+//! connection: each is given a server-side name of pgward's own, `pgward_` and a hash of the
+//! exact text sent upstream (after policy rewriting and encryption, so the tenant's filter and
+//! ciphertexts are part of it) with its declared parameter types. Identical statements of
+//! different clients share one server-side statement; statements that differ in anything —
+//! including the tenant literal a policy put in — never do.
+//!
+//! [`translate`] rewrites what a session sends upstream on the server connection it holds:
+//!
+//! * Parse of a named statement: `Close` of the server name (answer swallowed) and a Parse
+//!   under the server name, so the client's own Parse gets the server's ParseComplete or error.
+//! * Bind / Describe of a named statement the lent connection has not prepared: its Parse
+//!   (and a Close before it) inserted ahead, their answers swallowed.
+//! * Bind / Describe of the unnamed statement on a connection this client has not parsed it
+//!   on in this lease: the client's last unnamed Parse inserted ahead (or a Close of the
+//!   unnamed statement when it has none), so it never runs another client's unnamed statement.
+//! * Close of a named statement: forgotten by the session; upstream gets a Close of a name
+//!   that does not exist (PostgreSQL answers CloseComplete), the shared statement stays.
+//! * `DEALLOCATE name|ALL` (a Query of its own): forgotten by the session; upstream runs
+//!   `DEALLOCATE ALL` on the lent connection, which then has no statements prepared.
+//!
+//! [`Tracker`] is the other direction: it drops the answers to inserted messages and, when the
+//! server reports an error (it then skips to Sync), forgets the statements it did not prepare.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+
+use super::session_state::{deallocate_target, refused_construct};
+use crate::error::ClientError;
+use crate::protocol::view::Frontend;
+use crate::protocol::{backend, build, frontend, Batch, ProtocolError};
+use crate::proxy::state::REFUSAL_MARKER_PREFIX;
+
+/// Prefix of every server-side statement name pgward gives.
+pub const SERVER_PREFIX: &str = "pgward_";
+/// A statement name that is never prepared (a client name pgward must not pass on).
+const NEVER_PREPARED: &str = "pgward_unknown_statement";
+/// Most named statements one client session may hold.
+pub const MAX_CLIENT_STATEMENTS: usize = 10_000;
+
+const PARSE_COMPLETE: u8 = b'1';
+const CLOSE_COMPLETE: u8 = b'3';
+
+/// SQLSTATE duplicate_prepared_statement.
+const DUPLICATE_STATEMENT: &str = "42P05";
+/// SQLSTATE invalid_sql_statement_name.
+const UNKNOWN_STATEMENT: &str = "26000";
+
+/// The server-side name of a statement: its text and declared types, hashed.
+pub fn server_name(sql: &str, param_section: &[u8]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(sql.as_bytes());
+    hash.update([0]);
+    hash.update(param_section);
+    let digest = hash.finalize();
+    format!("{SERVER_PREFIX}{}", hex::encode(&digest[..16]))
+}
+
+/// A client's named statement: its server-side name and the Parse that prepares it there.
+#[derive(Debug, Clone)]
+struct Prepared {
+    server: String,
+    parse: Bytes,
+}
+
+/// The prepared statements of one client session (they outlive its server connections).
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    named: HashMap<String, Prepared>,
+    /// The client's last Parse of the unnamed statement, as sent upstream.
+    unnamed: Option<Bytes>,
+}
+
+impl ClientStatements {
+    /// Number of named statements.
+    pub fn len(&self) -> usize {
+        self.named.len()
+    }
+
+    /// Whether the client has no named statement.
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty()
+    }
+}
+
+/// An answer the server owes for something sent during the current lease.
+#[derive(Debug)]
+enum Owed {
+    /// ParseComplete; `forget` names the server statement to drop from the connection's set
+    /// if the server skips or fails the Parse.
+    Parse {
+        swallow: bool,
+        forget: Option<String>,
+    },
+    /// CloseComplete.
+    Close { swallow: bool },
+    /// ReadyForQuery (Sync, Query or FunctionCall).
+    Ready,
+}
+
+/// The answers owed by the server connection a session holds (fresh for each lease).
+#[derive(Debug, Default)]
+pub struct Tracker {
+    owed: VecDeque<Owed>,
+    /// The client's unnamed statement is the server's unnamed statement in this lease.
+    unnamed_ready: bool,
+}
+
+impl Tracker {
+    /// Every request has been answered with its ReadyForQuery.
+    pub fn is_settled(&self) -> bool {
+        self.owed.is_empty()
+    }
+
+    /// Drop the answers to messages pgward inserted; keep the connection's statement set
+    /// right when the server skips messages after an error. `None`: the batch is unchanged.
+    pub fn incoming(&mut self, batch: &Batch, prepared: &mut HashSet<String>) -> Option<Batch> {
+        let mut kept: Option<BytesMut> = None;
+        let mut offset = 0;
+        let all = batch.bytes();
+        for message in batch.messages() {
+            let len = message.raw().len();
+            let swallow = match message.tag() {
+                PARSE_COMPLETE => match self.owed.front() {
+                    Some(Owed::Parse { swallow, .. }) => {
+                        let swallow = *swallow;
+                        self.owed.pop_front();
+                        swallow
+                    }
+                    _ => false,
+                },
+                CLOSE_COMPLETE => match self.owed.front() {
+                    Some(Owed::Close { swallow }) => {
+                        let swallow = *swallow;
+                        self.owed.pop_front();
+                        swallow
+                    }
+                    _ => false,
+                },
+                backend::ERROR_RESPONSE => {
+                    // The failing message and the rest up to Sync get no completion.
+                    while let Some(owed) = self.owed.front() {
+                        if matches!(owed, Owed::Ready) {
+                            break;
+                        }
+                        if let Some(Owed::Parse {
+                            forget: Some(name), ..
+                        }) = self.owed.pop_front()
+                        {
+                            prepared.remove(&name);
+                        }
+                    }
+                    false
+                }
+                backend::READY_FOR_QUERY => {
+                    while let Some(owed) = self.owed.pop_front() {
+                        match owed {
+                            Owed::Ready => break,
+                            Owed::Parse {
+                                forget: Some(name), ..
+                            } => {
+                                prepared.remove(&name);
+                            }
+                            _ => {}
+                        }
+                    }
+                    false
+                }
+                _ => false,
+            };
+            match (&mut kept, swallow) {
+                (None, true) => {
+                    let mut buf = BytesMut::with_capacity(all.len());
+                    buf.extend_from_slice(&all[..offset]);
+                    kept = Some(buf);
+                }
+                (Some(buf), false) => buf.extend_from_slice(message.raw()),
+                _ => {}
+            }
+            offset += len;
+        }
+        kept.map(|buf| Batch::from_whole_messages(buf.freeze()))
+    }
+}
+
+/// What [`translate`] made of a batch.
+#[derive(Debug, Default)]
+pub struct Translation {
+    /// The bytes to write to the server connection.
+    pub bytes: Bytes,
+    /// The client sent Terminate (not passed on: the server connection is the pool's).
+    pub terminate: bool,
+    /// Messages after the last Sync/Query (the server holds unfinished extended-protocol
+    /// state: the connection must stay with this client); `None` when the batch was empty.
+    pub unsynced: Option<bool>,
+}
+
+/// The connection-side state `translate` reads and updates.
+pub struct OnServer<'a> {
+    pub tracker: &'a mut Tracker,
+    pub prepared: &'a mut HashSet<String>,
+}
+
+/// Rewrite a batch (as the pipeline assembled it) for the lent server connection. `refuse`
+/// registers a refusal and returns its marker statement.
+pub fn translate(
+    outgoing: &[Bytes],
+    client: &mut ClientStatements,
+    server: OnServer<'_>,
+    refuse: &mut dyn FnMut(ClientError) -> String,
+) -> Result<Translation, ProtocolError> {
+    let bytes = match outgoing {
+        [one] => one.clone(),
+        many => {
+            let mut all = BytesMut::new();
+            for chunk in many {
+                all.extend_from_slice(chunk);
+            }
+            all.freeze()
+        }
+    };
+    let OnServer { tracker, prepared } = server;
+    let batch = Batch::from_whole_messages(bytes);
+    let mut out = BytesMut::with_capacity(batch.bytes().len() + 64);
+    let mut result = Translation::default();
+    for message in batch.messages() {
+        let raw = message.raw();
+        match message.tag() {
+            frontend::SYNC | frontend::FUNCTION_CALL => {
+                tracker.owed.push_back(Owed::Ready);
+                result.unsynced = Some(false);
+                out.extend_from_slice(raw);
+                continue;
+            }
+            frontend::TERMINATE => {
+                result.terminate = true;
+                continue;
+            }
+            frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+                out.extend_from_slice(raw);
+                continue;
+            }
+            frontend::QUERY => result.unsynced = Some(false),
+            _ => result.unsynced = Some(true),
+        }
+        match Frontend::decode(&message)? {
+            Frontend::Query { sql } => {
+                tracker.owed.push_back(Owed::Ready);
+                if let Some(target) = deallocate_target(sql) {
+                    match target {
+                        None => client.named.clear(),
+                        Some(name) => {
+                            if client.named.remove(&name).is_none() {
+                                let error = ClientError::error(
+                                    UNKNOWN_STATEMENT,
+                                    format!("prepared statement \"{name}\" does not exist"),
+                                );
+                                out.extend_from_slice(&build::query(&refuse(error)));
+                                continue;
+                            }
+                        }
+                    }
+                    prepared.clear();
+                    out.extend_from_slice(&build::query("DEALLOCATE ALL"));
+                } else if let Some(construct) = refused_construct(sql) {
+                    out.extend_from_slice(&build::query(&refuse(not_supported(construct))));
+                } else {
+                    out.extend_from_slice(raw);
+                }
+            }
+            Frontend::Parse(parse) => {
+                let refusal = if parse.sql.starts_with(REFUSAL_MARKER_PREFIX) {
+                    // Already refused by the pipeline: keep its marker, never prepare it.
+                    Some(parse.sql.to_string())
+                } else if let Some(construct) = refused_construct(parse.sql) {
+                    Some(refuse(not_supported(construct)))
+                } else if !parse.name.is_empty() && client.named.contains_key(parse.name) {
+                    Some(refuse(ClientError::error(
+                        DUPLICATE_STATEMENT,
+                        format!("prepared statement \"{}\" already exists", parse.name),
+                    )))
+                } else if !parse.name.is_empty() && client.named.len() >= MAX_CLIENT_STATEMENTS {
+                    Some(refuse(ClientError::error(
+                        crate::error::sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                        format!("pgward: more than {MAX_CLIENT_STATEMENTS} prepared statements in one session"),
+                    )))
+                } else {
+                    None
+                };
+                if let Some(marker) = refusal {
+                    // A failed Parse of the unnamed statement also drops the server's one.
+                    if parse.name.is_empty() {
+                        client.unnamed = None;
+                    }
+                    tracker.unnamed_ready = false;
+                    out.extend_from_slice(&build::parse("", &marker));
+                    tracker.owed.push_back(Owed::Parse {
+                        swallow: false,
+                        forget: None,
+                    });
+                } else if parse.name.is_empty() {
+                    client.unnamed = Some(raw.clone());
+                    tracker.unnamed_ready = true;
+                    out.extend_from_slice(raw);
+                    tracker.owed.push_back(Owed::Parse {
+                        swallow: false,
+                        forget: None,
+                    });
+                } else {
+                    let server = server_name(parse.sql, parse.param_section());
+                    let rebuilt =
+                        build::parse_with_param_types(&server, parse.sql, parse.param_section());
+                    out.extend_from_slice(&build::close(b'S', &server));
+                    tracker.owed.push_back(Owed::Close { swallow: true });
+                    out.extend_from_slice(&rebuilt);
+                    tracker.owed.push_back(Owed::Parse {
+                        swallow: false,
+                        forget: Some(server.clone()),
+                    });
+                    prepared.insert(server.clone());
+                    client.named.insert(
+                        parse.name.to_string(),
+                        Prepared {
+                            server,
+                            parse: rebuilt,
+                        },
+                    );
+                }
+            }
+            Frontend::Bind(bind) => {
+                let name = resolve(bind.statement, client, tracker, prepared, &mut out);
+                if name == bind.statement {
+                    out.extend_from_slice(raw);
+                } else {
+                    out.extend_from_slice(&rename_bind(
+                        message.body(),
+                        bind.portal,
+                        bind.statement,
+                        &name,
+                    ));
+                }
+            }
+            Frontend::Describe(target) if target.is_statement() => {
+                let name = resolve(target.name, client, tracker, prepared, &mut out);
+                out.extend_from_slice(&build::describe(b'S', &name));
+            }
+            Frontend::Close(target) => {
+                tracker.owed.push_back(Owed::Close { swallow: false });
+                if !target.is_statement() {
+                    out.extend_from_slice(raw);
+                } else if target.name.is_empty() {
+                    client.unnamed = None;
+                    out.extend_from_slice(raw);
+                } else {
+                    client.named.remove(target.name);
+                    // The shared server statement stays; the client still gets CloseComplete.
+                    out.extend_from_slice(&build::close(b'S', NEVER_PREPARED));
+                }
+            }
+            _ => out.extend_from_slice(raw),
+        }
+    }
+    result.bytes = out.freeze();
+    Ok(result)
+}
+
+/// Prepare named statements without a server connection: a batch of nothing but Parses of
+/// named statements and a final Sync (libpq's `PQprepare`), sent while the client holds no
+/// server connection, is recorded in the session and answered by pgward (ParseComplete per
+/// Parse, then ReadyForQuery idle); each statement is prepared on a server connection when a
+/// Bind or Describe first needs it there, and errors in its text are reported then. Returns
+/// the answer, or `None` when the batch needs the server. Without this, a client that
+/// prepares synchronously while its other connections hold server connections (pgbench
+/// threads) could wait for a slot its own transactions hold.
+pub fn answer_locally(outgoing: &[Bytes], client: &mut ClientStatements) -> Option<Bytes> {
+    let mut all = BytesMut::new();
+    for chunk in outgoing {
+        all.extend_from_slice(chunk);
+    }
+    let batch = Batch::from_whole_messages(all.freeze());
+    let messages: Vec<_> = batch.messages().collect();
+    let (last, parses) = messages.split_last()?;
+    if last.tag() != frontend::SYNC || parses.is_empty() {
+        return None;
+    }
+    let mut new = Vec::with_capacity(parses.len());
+    for message in parses {
+        let Ok(Frontend::Parse(parse)) = Frontend::decode(message) else {
+            return None;
+        };
+        let acceptable = !parse.name.is_empty()
+            && !parse.sql.starts_with(REFUSAL_MARKER_PREFIX)
+            && refused_construct(parse.sql).is_none()
+            && !client.named.contains_key(parse.name)
+            && !new
+                .iter()
+                .any(|(name, _): &(String, Prepared)| name == parse.name);
+        if !acceptable {
+            return None;
+        }
+        let server = server_name(parse.sql, parse.param_section());
+        let rebuilt = build::parse_with_param_types(&server, parse.sql, parse.param_section());
+        new.push((
+            parse.name.to_string(),
+            Prepared {
+                server,
+                parse: rebuilt,
+            },
+        ));
+    }
+    if client.named.len() + new.len() > MAX_CLIENT_STATEMENTS {
+        return None;
+    }
+    let mut answer = BytesMut::new();
+    for (name, prepared) in new {
+        client.named.insert(name, prepared);
+        answer.put_u8(PARSE_COMPLETE);
+        answer.put_u32(4);
+    }
+    answer.extend_from_slice(&build::ready_for_query(b'I'));
+    Some(answer.freeze())
+}
+
+/// The server-side name for a statement a client names in Bind or Describe, inserting what
+/// makes it exist on the lent connection.
+fn resolve(
+    name: &str,
+    client: &ClientStatements,
+    tracker: &mut Tracker,
+    prepared: &mut HashSet<String>,
+    out: &mut BytesMut,
+) -> String {
+    if name.is_empty() {
+        if !tracker.unnamed_ready {
+            match &client.unnamed {
+                Some(parse) => {
+                    out.extend_from_slice(parse);
+                    tracker.owed.push_back(Owed::Parse {
+                        swallow: true,
+                        forget: None,
+                    });
+                }
+                None => {
+                    out.extend_from_slice(&build::close(b'S', ""));
+                    tracker.owed.push_back(Owed::Close { swallow: true });
+                }
+            }
+            tracker.unnamed_ready = true;
+        }
+        return String::new();
+    }
+    match client.named.get(name) {
+        Some(statement) => {
+            if !prepared.contains(&statement.server) {
+                out.extend_from_slice(&build::close(b'S', &statement.server));
+                tracker.owed.push_back(Owed::Close { swallow: true });
+                out.extend_from_slice(&statement.parse);
+                tracker.owed.push_back(Owed::Parse {
+                    swallow: true,
+                    forget: Some(statement.server.clone()),
+                });
+                prepared.insert(statement.server.clone());
+            }
+            statement.server.clone()
+        }
+        // Server-side names are pgward's own: a client can never name one directly.
+        None if name.starts_with(SERVER_PREFIX) => NEVER_PREPARED.to_string(),
+        None => name.to_string(),
+    }
+}
+
+/// A Bind naming another statement (body: portal, statement, then the rest unchanged).
+fn rename_bind(body: &[u8], portal: &str, statement: &str, new: &str) -> Bytes {
+    let rest_at = portal.len() + 1 + statement.len() + 1;
+    let rest = body.get(rest_at..).unwrap_or_default();
+    let len = 4 + portal.len() + 1 + new.len() + 1 + rest.len();
+    let mut buf = BytesMut::with_capacity(len + 1);
+    buf.put_u8(frontend::BIND);
+    buf.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    buf.put_slice(portal.as_bytes());
+    buf.put_u8(0);
+    buf.put_slice(new.as_bytes());
+    buf.put_u8(0);
+    buf.put_slice(rest);
+    buf.freeze()
+}
+
+/// The refusal of a construct that cannot survive transaction pooling.
+pub fn not_supported(construct: &str) -> ClientError {
+    ClientError::error(
+        crate::error::sqlstate::FEATURE_NOT_SUPPORTED,
+        format!("pgward: {construct} is not supported: this service is in transaction pooling mode (server connections are shared between transactions)"),
+    )
+}
+
+#[cfg(test)]
+#[path = "prepared_tests.rs"]
+mod tests;
