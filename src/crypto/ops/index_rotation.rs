@@ -263,9 +263,63 @@ async fn reindex_value(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::crypto::codec::ClientType;
+    use crate::crypto::config::EncryptColumn;
+    use crate::crypto::manager::CachePolicy;
+    use crate::keys::local::LocalProvider;
+    use crate::keys::SecretKey;
+
     #[test]
     fn each_root_version_has_its_own_job() {
-        assert_eq!(super::job_name(2), "reindex_v2");
-        assert_ne!(super::job_name(2), super::job_name(3));
+        assert_eq!(job_name(2), "reindex_v2");
+        assert_ne!(job_name(2), job_name(3));
+    }
+
+    fn manager(context_claim: Option<&str>, searchable: bool) -> KeyManager {
+        let column = EncryptColumn {
+            table: "people".into(),
+            column: "email".into(),
+            key: "pii".into(),
+            ty: ClientType::Text,
+            searchable,
+            context_claim: context_claim.map(str::to_string),
+        };
+        let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([3; 32])));
+        let policy = CachePolicy {
+            ttl: Duration::from_secs(60),
+            max_stale: Duration::from_secs(60),
+            blocking_threshold: 64 * 1024,
+        };
+        KeyManager::new(provider, None, &[column], policy).unwrap()
+    }
+
+    fn args(key: &str) -> KeysRotateIndexArgs {
+        KeysRotateIndexArgs {
+            key: key.into(),
+            confirm: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn rotate_index_refuses_what_the_batch_tools_cannot_finish() {
+        let refused = |r: Result<RotationStarted, OpsError>| match r {
+            Err(OpsError::Schema(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let m = refused(keys_rotate_index(&manager(Some("tenant_id"), true), &args("pii")).await);
+        assert!(m.contains("per-tenant"), "{m}");
+        let m = refused(keys_rotate_index(&manager(None, false), &args("pii")).await);
+        assert!(m.contains("no searchable column"), "{m}");
+        let m = refused(keys_rotate_index(&manager(None, true), &args("other")).await);
+        assert!(m.contains("not used by any"), "{m}");
+        // The local provider cannot rotate the root: a typed refusal, not a panic.
+        assert!(matches!(
+            keys_rotate_index(&manager(None, true), &args("pii")).await,
+            Err(OpsError::Key(crate::keys::KeyError::Unsupported(..)))
+        ));
     }
 }
