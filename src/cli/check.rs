@@ -277,6 +277,10 @@ async fn check_database(
             "table pgward.retired_keys",
             "SELECT to_regclass('pgward.retired_keys') IS NOT NULL",
         ));
+        required.push((
+            "table pgward.index_roots",
+            "SELECT to_regclass('pgward.index_roots') IS NOT NULL",
+        ));
     }
     for (what, sql) in required {
         match client

@@ -27,6 +27,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0110_pgward_retired_keys.sql",
         include_str!("../../migrations/0110_pgward_retired_keys.sql"),
     ),
+    (
+        "0120_pgward_index_roots.sql",
+        include_str!("../../migrations/0120_pgward_index_roots.sql"),
+    ),
 ];
 
 /// `policies/*.toml` and their tests.

@@ -1,4 +1,4 @@
-//! `pgward keys status|rewrap|reencrypt|retire|shred` and `pgward encrypt-existing`: key operations an
+//! `pgward keys status|rewrap|reencrypt|rotate-index|retire|shred` and `pgward encrypt-existing`: key operations an
 //! operator runs against the upstream database, beside (not through) the proxy.
 //!
 //! Each reads `[vault]`, `[keys]` and `[[encrypt]]` from the configuration file and opens an
@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::crypto::manager::KeyManager;
 use crate::crypto::ops::{
     self, DekStatus, EncryptExistingArgs, KeyStatus, KeysReencryptArgs, KeysRetireArgs,
-    KeysRewrapArgs, KeysStatusArgs, Progress,
+    KeysRewrapArgs, KeysRotateIndexArgs, KeysStatusArgs, Progress,
 };
 use crate::keys::store::PgKeyStore;
 
@@ -46,6 +46,9 @@ pub enum KeysCommand {
     /// Remove the data keys no value is left under (after reencrypt and rewrap); `keys status`
     /// then says which KEK versions backups taken before still need. Dry run without --confirm.
     Retire(RetireCommand),
+    /// Start replacing a key's blind-index root: new index values use a new root, searches
+    /// match either until `keys reencrypt` has recomputed every index value. Needs --confirm.
+    RotateIndex(RotateIndexCommand),
     /// Destroy one tenant's data key (crypto-shredding): its values can never be decrypted
     /// again, from the database or any backup. Needs --confirm.
     Shred(ShredCommand),
@@ -64,6 +67,14 @@ pub struct ShredCommand {
     /// Required: shredding cannot be undone.
     #[arg(long)]
     pub confirm: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RotateIndexCommand {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub args: KeysRotateIndexArgs,
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +125,9 @@ struct Session {
     /// How long a pgward may keep writing under a data key older than the newest:
     /// `keys.poll_interval + keys.dek_cache_max_stale`.
     stale_writes: Duration,
+    /// How long after an index root rotation started every proxy indexes with the new root:
+    /// two `keys.poll_interval`s.
+    index_settle: Duration,
 }
 
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
@@ -152,11 +166,13 @@ async fn open(target: &Target) -> anyhow::Result<Session> {
         .context("creating the pgward schema (pgward.data_keys, pgward.retired_keys, ...)")?;
     let crypto = config.crypto();
     let stale_writes = crypto.keys.poll_interval + crypto.keys.dek_cache_max_stale;
+    let index_settle = crypto.keys.poll_interval * 2;
     let manager = KeyManager::from_config(&crypto, Some(Arc::new(store)))?;
     Ok(Session {
         manager,
         db,
         stale_writes,
+        index_settle,
     })
 }
 
@@ -168,6 +184,7 @@ pub async fn run_keys(command: KeysCommand) -> anyhow::Result<i32> {
         KeysCommand::Reencrypt(c) => ("reencrypt", reencrypt(c).await),
         KeysCommand::Retire(c) => ("retire", retire(c).await),
         KeysCommand::Shred(c) => ("shred", shred(c).await),
+        KeysCommand::RotateIndex(c) => ("rotate-index", rotate_index(c).await),
     };
     Ok(report_failure(&format!("keys {name}"), result))
 }
@@ -260,6 +277,49 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
             );
         }
     }
+    let rotations = ops::reindex_rotating_keys(
+        &s.manager,
+        &s.db,
+        c.args.table.as_deref(),
+        &c.args.batch,
+        s.index_settle,
+        &mut |p| line.update(p),
+    )
+    .await?;
+    let mut rotation_pending = false;
+    for r in &rotations {
+        for p in &r.columns {
+            println!(
+                "{}.{}: {} blind-index values recomputed with index root v{}",
+                p.table, p.column, p.rows_changed, r.root_version
+            );
+            if p.rows_skipped() > 0 {
+                eprintln!(
+                    "pgward keys reencrypt: {}.{}: {} values could not be read, so their blind index cannot be recomputed",
+                    p.table,
+                    p.column,
+                    p.rows_skipped()
+                );
+            }
+        }
+        if r.completed {
+            println!(
+                "{}: index root rotation complete: v{} is the only index root",
+                r.key_name, r.root_version
+            );
+        } else {
+            rotation_pending = true;
+            let waiting = if r.waiting_for.is_empty() {
+                "unreadable values".to_string()
+            } else {
+                r.waiting_for.join(", ")
+            };
+            eprintln!(
+                "pgward keys reencrypt: {}: index root rotation to v{} is still in progress (waiting for {waiting}); rerun",
+                r.key_name, r.root_version
+            );
+        }
+    }
     // Count what is left under older data keys: rows a proxy still wrote under the old key
     // (it picks up a rotation within keys.poll_interval).
     let count = KeysStatusArgs::default();
@@ -283,7 +343,30 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
         );
         return Ok(1);
     }
-    Ok(i32::from(skipped > 0))
+    Ok(i32::from(skipped > 0 || rotation_pending))
+}
+
+async fn rotate_index(c: &RotateIndexCommand) -> anyhow::Result<i32> {
+    if !c.args.confirm {
+        anyhow::bail!(
+            "rotating the index root of {:?} makes every search match two index values until `pgward keys reencrypt` has recomputed them all; rerun with --confirm",
+            c.args.key
+        );
+    }
+    let s = open(&c.target).await?;
+    let started = ops::keys_rotate_index(&s.manager, &c.args).await?;
+    if started.created {
+        println!(
+            "{}: index root rotation to v{} started; proxies index with it within keys.poll_interval; run `pgward keys reencrypt` to recompute every blind index and complete it",
+            started.key_name, started.root_version
+        );
+    } else {
+        println!(
+            "{}: index root rotation to v{} is already in progress; run `pgward keys reencrypt` to complete it",
+            started.key_name, started.root_version
+        );
+    }
+    Ok(0)
 }
 
 async fn retire(c: &RetireCommand) -> anyhow::Result<i32> {
@@ -511,7 +594,13 @@ fn kek_label(transit: bool, version: u32) -> String {
 fn dek_state(k: &KeyStatus, d: &DekStatus, newest: Option<u32>) -> String {
     let mut parts = Vec::new();
     if d.info.dek_version == 0 {
-        parts.push("blind-index root, never rotates");
+        return match k.index_rotation {
+            Some(next) => format!(
+                "blind-index root v{}, rotating to v{next}: reencrypt",
+                k.index_root_version
+            ),
+            None => format!("blind-index root v{}", k.index_root_version),
+        };
     } else if Some(d.info.dek_version) == newest && d.info.kek_version >= k.kek.latest_version {
         parts.push("current (new writes)");
     } else if d.rows.unwrap_or(0) > 0 {
@@ -628,6 +717,8 @@ mod tests {
                 rows: None,
                 ..dek(0, 1, 0)
             }),
+            index_root_version: 1,
+            index_rotation: None,
             pending_columns: vec![],
         }
     }

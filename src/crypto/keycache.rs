@@ -34,10 +34,19 @@ pub(crate) struct Cached<V> {
     pub fetched: Instant,
 }
 
-/// A derived index key and the key name it came from (for eviction by key name).
+/// A column's index keys: the one new index values are computed with and, while a
+/// rotation of the key name's index root is in progress, the one it replaces.
+pub(crate) struct IndexKeys {
+    /// Root version `write` was derived from.
+    pub version: u32,
+    pub write: IndexKey,
+    pub previous: Option<IndexKey>,
+}
+
+/// A column's derived index keys and the key name they came from (for eviction by key name).
 pub(crate) struct CachedIndex {
     pub key_name: String,
-    pub key: Arc<IndexKey>,
+    pub keys: Arc<IndexKeys>,
 }
 
 /// Cached DEKs by (key name, DEK version).
@@ -208,21 +217,31 @@ impl KeyCache {
         table: &str,
         column: &str,
         max_age: Duration,
-    ) -> Option<Arc<IndexKey>> {
+    ) -> Option<Arc<IndexKeys>> {
         self.index_keys
             .read()
             .get(&(table.to_string(), column.to_string(), key_name.to_string()))
             .filter(|c| c.fetched.elapsed() < max_age)
-            .map(|c| c.value.key.clone())
+            .map(|c| c.value.keys.clone())
     }
 
-    pub fn insert_index_key(&self, key_name: &str, table: &str, column: &str, key: Arc<IndexKey>) {
+    /// The root version and rotation state (a previous root held) the cached index keys of
+    /// `key_name` were derived with, if any are cached and some differ from `wanted`.
+    pub fn index_roots_differ(&self, key_name: &str, wanted: (u32, bool)) -> bool {
+        self.index_keys
+            .read()
+            .values()
+            .filter(|c| c.value.key_name == key_name)
+            .any(|c| (c.value.keys.version, c.value.keys.previous.is_some()) != wanted)
+    }
+
+    pub fn insert_index_key(&self, key_name: &str, table: &str, column: &str, key: Arc<IndexKeys>) {
         self.index_keys.write().insert(
             (table.to_string(), column.to_string(), key_name.to_string()),
             Cached {
                 value: CachedIndex {
                     key_name: key_name.to_string(),
-                    key,
+                    keys: key,
                 },
                 fetched: Instant::now(),
             },
@@ -230,6 +249,13 @@ impl KeyCache {
         self.failures
             .lock()
             .remove(&(key_name.to_string(), Slot::IndexRoot));
+    }
+
+    /// Forget the index keys of `key_name` (its roots changed and the new ones cannot be had).
+    pub fn evict_index_keys(&self, key_name: &str) {
+        self.index_keys
+            .write()
+            .retain(|_, c| c.value.key_name != key_name);
     }
 
     /// A fetch of this slot failed less than [`FAILED_FETCH_BACKOFF`] ago.

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use zeroize::Zeroizing;
 
-use super::blind::{IndexKey, BIDX_LEN};
 use super::config::DEFAULT_MAX_ENCRYPTIONS;
 use super::config::{qualify_table, CryptoConfig, EncryptColumn, KeysConfig};
 use super::envelope::{key_name_id, peek_key_ref, Dek, KeyRef};
@@ -16,12 +15,14 @@ use super::keycache::{KeyCache, Slot};
 pub use super::providers::{build_provider, vault_client, ProviderParts};
 
 mod context;
+mod index;
 mod poll;
 use super::scope::KeyScope;
 use crate::keys::metrics::KeyMetrics;
 use crate::keys::store::WrappedKeyStore;
 use crate::keys::vault::VaultClient;
 use crate::keys::{DekInfo, KeyError, KeyProvider};
+pub use index::SearchIndexes;
 
 /// One configured column with its derived key id.
 #[derive(Clone, Debug)]
@@ -346,44 +347,6 @@ impl KeyManager {
         Some(self.count_integrity(dek.open(&spec.table, column, ciphertext)))
     }
 
-    /// The spec of a column that has a blind index (else `NotSearchable`).
-    fn searchable_column(&self, table: &str, column: &str) -> Result<&ColumnSpec, CryptoError> {
-        let spec = self.column(table, column)?;
-        if !spec.column.searchable {
-            return Err(CryptoError::NotSearchable {
-                table: spec.table.clone(),
-                column: column.to_string(),
-            });
-        }
-        Ok(spec)
-    }
-
-    /// Blind index without waiting, from the cached index key (served up to `max_stale`
-    /// old; the poller refreshes it). Fails closed with [`CryptoError::KeyNotCached`].
-    pub fn blind_index_now(
-        &self,
-        table: &str,
-        column: &str,
-        scope: &KeyScope,
-        canonical: &[u8],
-    ) -> Result<[u8; BIDX_LEN], CryptoError> {
-        let spec = self.searchable_column(table, column)?;
-        let name = self.resolve(spec, scope)?.name;
-        self.cache.check(&name)?;
-        let key = self
-            .cache
-            .index_key(
-                &name,
-                &spec.table,
-                &spec.column.column,
-                self.policy.max_stale,
-            )
-            .ok_or_else(|| CryptoError::KeyNotCached {
-                key: spec.column.key.clone(),
-            })?;
-        Ok(key.compute(spec.column.ty, canonical)?)
-    }
-
     /// Load every key's current DEK and every searchable column's index key into the
     /// caches, so the synchronous paths work. Errors are returned per key, not fatal.
     pub async fn prefetch(&self) -> Vec<CryptoError> {
@@ -403,20 +366,6 @@ impl KeyManager {
             }
         }
         errors
-    }
-
-    /// Blind index (16 bytes) of a canonical plaintext for a searchable column.
-    pub async fn blind_index(
-        &self,
-        table: &str,
-        column: &str,
-        scope: &KeyScope,
-        canonical: &[u8],
-    ) -> Result<[u8; BIDX_LEN], CryptoError> {
-        let spec = self.searchable_column(table, column)?;
-        let name = self.resolve(spec, scope)?.name;
-        let key = self.index_key(spec, &name).await?;
-        Ok(key.compute(spec.column.ty, canonical)?)
     }
 
     /// The key identity new writes of this column would carry (for SQL row counting).
@@ -530,21 +479,6 @@ impl KeyManager {
         Ok(dek)
     }
 
-    /// Derive and cache the index key of every searchable column under `key_name` (for a
-    /// per-context name: the context's own index keys, derived from its own root).
-    fn install_index_keys(&self, key_name: &str, root: &crate::keys::SecretKey) {
-        for spec in self.specs_of_key(key_name).filter(|s| s.column.searchable) {
-            let key = Arc::new(IndexKey::derive(
-                root,
-                key_name,
-                &spec.table,
-                &spec.column.column,
-            ));
-            self.cache
-                .insert_index_key(key_name, &spec.table, &spec.column.column, key);
-        }
-    }
-
     fn count_hit(&self, hit: bool) {
         let counter = if hit {
             &self.metrics.cache_hits
@@ -644,32 +578,6 @@ impl KeyManager {
         let cached = || self.cache.dek(key_name, dek_version, max_stale);
         self.single_flight(key_name, Slot::Dek(dek_version), cached, || {
             self.fetch_into_cache(key_name, dek_version)
-        })
-        .await
-    }
-
-    async fn index_key(
-        &self,
-        spec: &ColumnSpec,
-        key_name: &str,
-    ) -> Result<Arc<IndexKey>, CryptoError> {
-        self.cache.check(key_name)?;
-        let max_stale = self.policy.max_stale;
-        let cached = || {
-            self.cache
-                .index_key(key_name, &spec.table, &spec.column.column, max_stale)
-        };
-        if let Some(key) = cached() {
-            self.count_hit(true);
-            return Ok(key);
-        }
-        self.count_hit(false);
-        self.single_flight(key_name, Slot::IndexRoot, cached, || async {
-            let root = self.provider.index_root(key_name).await?;
-            self.install_index_keys(key_name, &root);
-            self.cache
-                .index_key(key_name, &spec.table, &spec.column.column, max_stale)
-                .ok_or_else(|| KeyError::Store("index key vanished".into()))
         })
         .await
     }

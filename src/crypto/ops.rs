@@ -16,9 +16,14 @@ use super::manager::{ColumnSpec, KeyManager};
 use super::scope::KeyScope;
 use crate::keys::{DekInfo, KekStatus, KeyError};
 
+mod index_rotation;
 mod reencrypt;
 mod retire;
 mod shred;
+pub use index_rotation::{
+    keys_rotate_index, reindex_rotating_keys, IndexRotationReport, KeysRotateIndexArgs,
+    RotationStarted,
+};
 pub use reencrypt::keys_reencrypt;
 pub use retire::{
     backup_advice, keys_retire, retired_keys, KeysRetireArgs, RetireReport, RetiredKey,
@@ -144,6 +149,10 @@ pub struct KeyStatus {
     /// The blind-index root key (DEK version 0), when one is stored: it is wrapped by a KEK
     /// version too, and must be rewrapped before `min_decryption_version` passes it.
     pub index_root: Option<DekStatus>,
+    /// Version of the index root in `index_root` (1 until a rotation completed).
+    pub index_root_version: u32,
+    /// The new index root's version while a rotation is in progress (`keys rotate-index`).
+    pub index_rotation: Option<u32>,
     /// Configured columns of this key that are not stored encrypted yet, with the reason
     /// (e.g. still `text`: run `encrypt-existing`).
     pub pending_columns: Vec<(String, String)>,
@@ -383,7 +392,10 @@ async fn key_status(
         }
         None => None,
     };
+    let roots = provider.index_root_state(key_name).await?;
     Ok(KeyStatus {
+        index_root_version: roots.version,
+        index_rotation: roots.pending.map(|p| p.root_version),
         key_name: key_name.to_string(),
         provider: provider.kind(),
         kek,
@@ -472,7 +484,7 @@ pub async fn keys_rewrap(
 }
 
 struct Job<'a> {
-    name: &'static str,
+    name: &'a str,
     db: &'a tokio_postgres::Client,
     table: String,
     column: String,

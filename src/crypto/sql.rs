@@ -71,6 +71,10 @@ pub enum ParamUse {
     Encrypt(ColumnRef),
     /// Replaced by the blind index of the value, in binary format.
     BlindIndex(ColumnRef),
+    /// Added by pgward next to a searched [`ParamUse::BlindIndex`]: the value's blind index
+    /// under the index root being replaced while a rotation is in progress, else the same
+    /// index again.
+    PreviousBlindIndex(ColumnRef),
 }
 
 /// How the parameters the server sees are made from the parameters the client binds.
@@ -115,7 +119,10 @@ impl ParamPlan {
     /// changed it.
     pub fn client_type_oid(&self, i: usize) -> Option<u32> {
         match self.params.get(i) {
-            Some((_, ParamUse::Encrypt(c) | ParamUse::BlindIndex(c))) => Some(c.ty.oid()),
+            Some((
+                _,
+                ParamUse::Encrypt(c) | ParamUse::BlindIndex(c) | ParamUse::PreviousBlindIndex(c),
+            )) => Some(c.ty.oid()),
             _ => None,
         }
     }

@@ -154,13 +154,25 @@ pub struct KekStatus {
     pub versions: Vec<u32>,
 }
 
+/// The blind-index roots of a key name as the data path uses them.
+#[derive(Debug)]
+pub struct IndexRoots {
+    /// Version of `write` (1 for a key name's first root).
+    pub version: u32,
+    /// The root new index values are computed with.
+    pub write: SecretKey,
+    /// While a rotation is in progress: the root it replaces (searches match either).
+    pub previous: Option<SecretKey>,
+}
+
 /// A boxed, sendable future: keeps the trait object-safe without `async-trait`.
 pub type KeyFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, KeyError>> + Send + 'a>>;
 
 /// Where DEKs and index root keys come from.
 ///
-/// DEK version 0 is reserved for the key name's blind-index root key, which never
-/// rotates (so equality search survives DEK rotation).
+/// DEK version 0 is reserved for the key name's blind-index root key, which DEK rotation
+/// leaves alone (so equality search survives it); `keys rotate-index` replaces it (see
+/// [`KeyProvider::start_index_rotation`]).
 pub trait KeyProvider: Send + Sync + std::fmt::Debug {
     /// Short provider name for logs and `keys status`.
     fn kind(&self) -> &'static str;
@@ -179,6 +191,44 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
 
     /// The blind-index root key of a key name, created on first use.
     fn index_root<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, SecretKey>;
+
+    /// The root versions of a key name, without unwrapping anything (polled by every proxy).
+    fn index_root_state<'a>(&'a self, _key_name: &'a str) -> KeyFuture<'a, store::IndexRootState> {
+        Box::pin(async move { Ok(store::IndexRootState::default()) })
+    }
+
+    /// The roots index values are computed and searched with.
+    fn index_roots<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, IndexRoots> {
+        Box::pin(async move {
+            Ok(IndexRoots {
+                version: 1,
+                write: self.index_root(key_name).await?,
+                previous: None,
+            })
+        })
+    }
+
+    /// Create the next blind-index root of `key_name` and make it the rotation in progress;
+    /// returns its version and whether this call created it (`false`: one was in progress).
+    fn start_index_rotation<'a>(&'a self, _key_name: &'a str) -> KeyFuture<'a, (u32, bool)> {
+        Box::pin(async move {
+            Err(KeyError::Unsupported(
+                "rotating the index root",
+                self.kind(),
+            ))
+        })
+    }
+
+    /// Make the rotation's root the only one (the old root is overwritten); `false` when no
+    /// rotation was in progress.
+    fn complete_index_rotation<'a>(&'a self, _key_name: &'a str) -> KeyFuture<'a, bool> {
+        Box::pin(async move {
+            Err(KeyError::Unsupported(
+                "rotating the index root",
+                self.kind(),
+            ))
+        })
+    }
 
     /// Re-wrap every stored DEK of `key_name` under the newest KEK version; returns how many changed.
     fn rewrap<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, usize>;

@@ -4,8 +4,11 @@ use std::sync::Arc;
 
 use super::{DekInfo, KeyError, KeyFuture};
 
+mod index_roots;
+pub use index_roots::{IndexRootState, PendingRoot};
+
 /// The schema (`pgward.data_keys`, `pgward.job_progress`, `pgward.destroyed_keys`,
-/// `pgward.retired_keys`), applied idempotently, in order.
+/// `pgward.retired_keys`, `pgward.index_roots`), applied idempotently, in order.
 pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0100_pgward_keys.sql",
@@ -14,6 +17,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0110_pgward_retired_keys.sql",
         include_str!("../../migrations/0110_pgward_retired_keys.sql"),
+    ),
+    (
+        "0120_pgward_index_roots.sql",
+        include_str!("../../migrations/0120_pgward_index_roots.sql"),
     ),
 ];
 
@@ -53,6 +60,20 @@ pub trait WrappedKeyStore: Send + Sync + std::fmt::Debug {
         _dek_version: u32,
     ) -> KeyFuture<'a, Option<String>> {
         Box::pin(async move { Ok(None) })
+    }
+    /// The blind-index root versions of a key name (`pgward.index_roots`): the version of
+    /// the root in DEK version 0 and the rotation in progress, if any.
+    fn index_root_state<'a>(&'a self, _key_name: &'a str) -> KeyFuture<'a, IndexRootState> {
+        Box::pin(async move { Ok(IndexRootState::default()) })
+    }
+    /// Record a new root as the rotation in progress; `false` when one already is.
+    fn start_index_rotation<'a>(&'a self, _pending: &'a PendingRoot) -> KeyFuture<'a, bool> {
+        Box::pin(async move { Err(KeyError::Unsupported("rotating the index root", "memory")) })
+    }
+    /// Move the rotation's root into DEK version 0 (overwriting the old root) and mark the
+    /// rotation completed, in one transaction; `false` when none was in progress.
+    fn complete_index_rotation<'a>(&'a self, _key_name: &'a str) -> KeyFuture<'a, bool> {
+        Box::pin(async move { Err(KeyError::Unsupported("rotating the index root", "memory")) })
     }
 }
 
@@ -124,7 +145,7 @@ impl WrappedKeyStore for MemoryKeyStore {
 /// `pgward.data_keys` in the upstream database.
 #[derive(Clone)]
 pub struct PgKeyStore {
-    client: Arc<tokio_postgres::Client>,
+    pub(super) client: Arc<tokio_postgres::Client>,
 }
 
 impl std::fmt::Debug for PgKeyStore {
@@ -133,11 +154,11 @@ impl std::fmt::Debug for PgKeyStore {
     }
 }
 
-fn store_err(e: tokio_postgres::Error) -> KeyError {
+pub(super) fn store_err(e: tokio_postgres::Error) -> KeyError {
     KeyError::Store(e.to_string())
 }
 
-fn to_i32(v: u32) -> Result<i32, KeyError> {
+pub(super) fn to_i32(v: u32) -> Result<i32, KeyError> {
     i32::try_from(v).map_err(|_| KeyError::Store(format!("version {v} out of range")))
 }
 
@@ -176,6 +197,18 @@ impl PgKeyStore {
 }
 
 impl WrappedKeyStore for PgKeyStore {
+    fn index_root_state<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, IndexRootState> {
+        Box::pin(self.read_index_root_state(key_name))
+    }
+
+    fn start_index_rotation<'a>(&'a self, pending: &'a PendingRoot) -> KeyFuture<'a, bool> {
+        Box::pin(self.insert_pending_root(pending))
+    }
+
+    fn complete_index_rotation<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, bool> {
+        Box::pin(self.move_pending_root(key_name))
+    }
+
     fn retired<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, Option<String>> {
         Box::pin(async move {
             let row = self

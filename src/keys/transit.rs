@@ -5,9 +5,9 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
-use super::store::{WrappedDek, WrappedKeyStore};
+use super::store::{IndexRootState, PendingRoot, WrappedDek, WrappedKeyStore};
 use super::vault::{data_str, response_err, VaultClient, VaultError};
-use super::{DekInfo, KekStatus, KeyError, KeyFuture, KeyProvider, SecretKey};
+use super::{DekInfo, IndexRoots, KekStatus, KeyError, KeyFuture, KeyProvider, SecretKey};
 
 /// Index root keys are stored as DEK version 0.
 const INDEX_ROOT_VERSION: u32 = 0;
@@ -255,6 +255,74 @@ impl KeyProvider for TransitProvider {
                 None => Ok(self.create_version(key_name, INDEX_ROOT_VERSION).await?.1),
             }
         })
+    }
+
+    fn index_root_state<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, IndexRootState> {
+        self.store.index_root_state(key_name)
+    }
+
+    fn index_roots<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, IndexRoots> {
+        Box::pin(async move {
+            let state = self.store.index_root_state(key_name).await?;
+            let current = self.index_root(key_name).await?;
+            Ok(match state.pending {
+                Some(p) => IndexRoots {
+                    version: p.root_version,
+                    write: self
+                        .unwrap_dek(key_name, &p.wrapped)
+                        .await
+                        .map_err(|e| KeyError::from_vault(key_name, INDEX_ROOT_VERSION, e))?,
+                    previous: Some(current),
+                },
+                None => IndexRoots {
+                    version: state.version,
+                    write: current,
+                    previous: None,
+                },
+            })
+        })
+    }
+
+    fn start_index_rotation<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, (u32, bool)> {
+        Box::pin(async move {
+            // The root being replaced must exist first (created here if nothing was indexed).
+            self.index_root(key_name).await?;
+            let state = self.store.index_root_state(key_name).await?;
+            if let Some(p) = state.pending {
+                return Ok((p.root_version, false));
+            }
+            let (wrapped, _key) = self
+                .generate(key_name)
+                .await
+                .map_err(|e| KeyError::from_vault(key_name, INDEX_ROOT_VERSION, e))?;
+            let kek_version = kek_version_of(&wrapped).ok_or_else(|| {
+                KeyError::BadKeyMaterial("unexpected transit ciphertext prefix".into())
+            })?;
+            let pending = PendingRoot {
+                key_name: key_name.to_string(),
+                root_version: state.version + 1,
+                kek_version,
+                wrapped,
+            };
+            if self.store.start_index_rotation(&pending).await? {
+                tracing::info!(
+                    key = key_name,
+                    root_version = pending.root_version,
+                    kek_version,
+                    "blind-index root rotation started"
+                );
+                return Ok((pending.root_version, true));
+            }
+            // Another caller started one first: that one is the rotation.
+            let theirs = self.store.index_root_state(key_name).await?.pending;
+            theirs.map(|p| (p.root_version, false)).ok_or_else(|| {
+                KeyError::Store("index root rotation vanished while starting".into())
+            })
+        })
+    }
+
+    fn complete_index_rotation<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, bool> {
+        self.store.complete_index_rotation(key_name)
     }
 
     fn record_encryptions<'a>(

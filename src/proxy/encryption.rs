@@ -306,7 +306,7 @@ async fn key_store(
     let store = PgKeyStore::new(Arc::new(client));
     if !exists {
         if let Err(e) = store.migrate().await {
-            tracing::warn!(error = %e, "could not create pgward.data_keys or pgward.retired_keys (apply migrations/0100_pgward_keys.sql and 0110_pgward_retired_keys.sql)");
+            tracing::warn!(error = %e, "could not create the pgward key tables (apply migrations/0100_pgward_keys.sql, 0110_pgward_retired_keys.sql and 0120_pgward_index_roots.sql)");
         }
     }
     Ok(Arc::new(store))

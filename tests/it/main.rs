@@ -17,6 +17,7 @@ mod encryption;
 mod examples;
 mod fleet;
 mod harness;
+mod index_rotation;
 mod key_usage;
 mod keys_cli;
 mod keys_retire;

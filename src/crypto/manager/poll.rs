@@ -77,6 +77,9 @@ impl KeyManager {
                     tracing::warn!(key = name, error = %e, "key refresh failed; cached keys serve until dek_cache_max_stale unless Vault refused")
                 }
             }
+            // Also when Vault could not be asked: a rotation of the index root is read from the
+            // store, and a root that cannot be obtained stops indexing under the old one.
+            self.refresh_index_roots(name).await;
             self.account_usage(name).await;
         }
     }
@@ -141,23 +144,9 @@ impl KeyManager {
                 self.background_failure(key_name, version, &e);
             }
         }
-        let aged_index = self
-            .specs_of_key(key_name)
-            .filter(|s| s.column.searchable)
-            .any(|s| {
-                self.cache
-                    .index_key(key_name, &s.table, &s.column.column, self.policy.ttl)
-                    .is_none()
-            });
-        if aged_index {
-            match self.provider.index_root(key_name).await {
-                Ok(root) => self.install_index_keys(key_name, &root),
-                Err(e) => self.background_failure(key_name, 0, &e),
-            }
-        }
     }
 
-    fn background_failure(&self, key_name: &str, version: u32, e: &KeyError) {
+    pub(super) fn background_failure(&self, key_name: &str, version: u32, e: &KeyError) {
         if e.is_refusal() {
             self.cache.block(key_name, KeyFailure::of(e));
         } else if e.is_unavailable() {

@@ -147,7 +147,7 @@ async fn reencrypt_column(
 }
 
 /// A failure of this one value (as opposed to the key service or the database).
-fn unreadable_value(e: &CryptoError) -> bool {
+pub(super) fn unreadable_value(e: &CryptoError) -> bool {
     matches!(
         e,
         CryptoError::Malformed(_)

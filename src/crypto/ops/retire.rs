@@ -394,6 +394,8 @@ mod tests {
             deks,
             unknown_rows: 0,
             index_root: Some(dek(0, 3, None)),
+            index_root_version: 1,
+            index_rotation: None,
             pending_columns: vec![],
         }
     }

@@ -116,11 +116,12 @@ impl Transform<'_> {
             Expr::IsNull(inner) | Expr::IsNotNull(inner) => Ok(self.column_of(inner)?.map(|_| 1)),
             Expr::BinaryOp {
                 left,
-                op: BinaryOperator::Eq | BinaryOperator::NotEq,
+                op: op @ (BinaryOperator::Eq | BinaryOperator::NotEq),
                 right,
             } => {
+                let negated = matches!(op, BinaryOperator::NotEq);
                 let (lc, rc) = (self.column_of(left)?, self.column_of(right)?);
-                match (lc, rc) {
+                let (col, values) = match (lc, rc) {
                     (Some(a), Some(b)) => {
                         if a.col != b.col || !a.searchable {
                             return Err(refuse(format!(
@@ -130,12 +131,16 @@ impl Transform<'_> {
                         }
                         to_bidx(left);
                         to_bidx(right);
-                        Ok(Some(0))
+                        return Ok(Some(0));
                     }
-                    (Some(c), None) => self.compare(c, left, right),
-                    (None, Some(c)) => self.compare(c, right, left),
-                    (None, None) => Ok(None),
-                }
+                    (Some(c), None) => (&mut **left, self.compare(c, right)?),
+                    (None, Some(c)) => (&mut **right, self.compare(c, left)?),
+                    (None, None) => return Ok(None),
+                };
+                to_bidx(col);
+                let col = col.clone();
+                *expr = match_any(col, values, negated);
+                Ok(Some(0))
             }
             Expr::In {
                 expr: col,
@@ -149,7 +154,7 @@ impl Transform<'_> {
                 let mut out = Vec::with_capacity(list.len());
                 for v in list.iter() {
                     let w = self.comparand(v, &c)?;
-                    out.push(self.index(&c, &w, false)?);
+                    out.extend(self.search_values(&c, &w)?);
                 }
                 *list = out;
                 to_bidx(col);
@@ -180,16 +185,66 @@ impl Transform<'_> {
         }
     }
 
-    pub(super) fn compare(
-        &mut self,
-        c: EncCol,
-        col: &mut Expr,
-        value: &mut Expr,
-    ) -> Result<Option<usize>, Refused> {
+    /// The index values a comparison of `c` with `value` matches.
+    pub(super) fn compare(&mut self, c: EncCol, value: &Expr) -> Result<Vec<Expr>, Refused> {
         self.searchable(&c)?;
         let w = self.comparand(value, &c)?;
-        *value = self.index(&c, &w, false)?;
-        to_bidx(col);
-        Ok(Some(0))
+        self.search_values(&c, &w)
+    }
+
+    /// The SQL values an equality search for `w` in `c` matches: the value's index under the
+    /// root writes use and, while the index root rotates, under the root it replaces. A
+    /// parameter always becomes two (pgward adds the second, and binds the same index twice
+    /// when no rotation is in progress), so a prepared statement outlives a rotation; a
+    /// literal becomes two only during a rotation, and its statement is never cached (the
+    /// roots may change before it is run again).
+    pub(super) fn search_values(&mut self, c: &EncCol, w: &Written) -> Result<Vec<Expr>, Refused> {
+        match w {
+            Written::Null => Ok(vec![null()]),
+            Written::Default => Ok(vec![default()]),
+            Written::Param(i) => {
+                self.params.claim(*i, ParamUse::BlindIndex(c.col.clone()))?;
+                let n = self
+                    .params
+                    .add(*i, ParamUse::PreviousBlindIndex(c.col.clone()));
+                Ok(vec![
+                    bytea_param(*i + 1),
+                    bytea_param(self.params.max_client + n),
+                ])
+            }
+            Written::Literal(text) => {
+                let canonical = self.canonical(c, text)?;
+                let indexes = self
+                    .enc
+                    .manager
+                    .search_indexes_now(&c.col.table, &c.col.column, self.scope, &canonical)
+                    .map_err(|e| self.key_error(c, e))?;
+                self.literals = true;
+                Ok(indexes.values().iter().map(|v| bytea_literal(v)).collect())
+            }
+        }
+    }
+}
+
+/// `col = v` (`<>` when negated) for one value, `col [NOT] IN (…)` for several.
+fn match_any(col: Expr, mut values: Vec<Expr>, negated: bool) -> Expr {
+    if values.len() == 1 {
+        if let Some(value) = values.pop() {
+            return Expr::BinaryOp {
+                left: Box::new(col),
+                op: if negated {
+                    BinaryOperator::NotEq
+                } else {
+                    BinaryOperator::Eq
+                },
+                right: Box::new(value),
+            };
+        }
+    }
+    Expr::In {
+        expr: Box::new(col),
+        target: sqlparser::ast::InTarget::List(values),
+        negated,
+        global: false,
     }
 }

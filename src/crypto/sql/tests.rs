@@ -109,13 +109,23 @@ async fn equality_predicates_use_the_blind_index() {
     .unwrap();
     assert!(!sql.contains("a@b") && !sql.contains("c@d"), "{sql}");
     assert!(sql.contains("c.email_bidx = E'\\\\x"), "{sql}");
+    // A parameter is searched under both index roots (pgward adds the second parameter).
     assert!(
-        sql.contains("email_bidx IN (CAST($1 AS BYTEA), E'"),
+        sql.contains("email_bidx IN (CAST($1 AS BYTEA), CAST($2 AS BYTEA), E'"),
         "{sql}"
     );
     assert!(sql.contains("ssn IS NOT NULL"), "{sql}");
-    // Blind indexes are deterministic: such statements may be cached.
-    assert!(!out.encrypted_literals);
+    // The index root may rotate before the statement runs again: never cached.
+    assert!(out.encrypted_literals);
+    let plan = out.params.unwrap();
+    assert_eq!(plan.client_count, 1);
+    assert!(matches!(&plan.params[0], (0, ParamUse::BlindIndex(c)) if c.column == "email"));
+    assert!(matches!(&plan.params[1], (0, ParamUse::PreviousBlindIndex(c)) if c.column == "email"));
+    let (sql, _) = run(&e, "SELECT 1 FROM customers WHERE email <> $1").unwrap();
+    assert!(
+        sql.contains("email_bidx NOT IN (CAST($1 AS BYTEA), CAST($2 AS BYTEA))"),
+        "{sql}"
+    );
     let (_, out) = run(&e, "SELECT 1 FROM t WHERE n <> -5").unwrap();
     assert!(out.touched);
     let (sql, out) = run(&e, "SELECT id FROM orders WHERE note LIKE 'x%'").unwrap();

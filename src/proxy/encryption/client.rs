@@ -218,6 +218,16 @@ impl ClientHalf {
                     formats.push(1);
                     values.push(Some(index.to_vec()));
                 }
+                (ParamUse::PreviousBlindIndex(c), Some(v)) => {
+                    let canonical = canonical_param(c, format, v, *source)?;
+                    let index = manager
+                        .search_indexes(&c.table, &c.column, &self.scope, &canonical)
+                        .await
+                        .map_err(|e| crypto_error(&e, c))?
+                        .previous_or_write();
+                    formats.push(1);
+                    values.push(Some(index.to_vec()));
+                }
             }
         }
         rebuild_bind(bind, &formats, &values).map(Some)
@@ -350,7 +360,7 @@ pub(super) fn retype_parse(parse: &ParseView<'_>, plan: &ParamPlan) -> Result<By
         // pgward numbers the blind-index parameters it adds after the client's highest $n.
         return Err(ClientError::error(
             sqlstate::FEATURE_NOT_SUPPORTED,
-            "pgward: declare no more parameter types than the statement uses when writing searchable encrypted columns",
+            "pgward: declare no more parameter types than the statement uses when writing or searching searchable encrypted columns",
         ));
     }
     let mut out = BytesMut::new();
@@ -364,7 +374,10 @@ pub(super) fn retype_parse(parse: &ParseView<'_>, plan: &ParamPlan) -> Result<By
     out.put_u16(u16::try_from(count).map_err(|_| malformed())?);
     for i in 0..count {
         let oid = match plan.params.get(i) {
-            Some((_, ParamUse::Encrypt(_) | ParamUse::BlindIndex(_))) => BYTEA_OID,
+            Some((
+                _,
+                ParamUse::Encrypt(_) | ParamUse::BlindIndex(_) | ParamUse::PreviousBlindIndex(_),
+            )) => BYTEA_OID,
             _ => declared.get(i).copied().unwrap_or(0),
         };
         out.put_u32(oid);
