@@ -147,3 +147,7 @@ impl std::fmt::Display for ClientError {
         write!(f, "{} ({})", self.message, self.sqlstate)
     }
 }
+
+/// Prefix of the statement pgward sends upstream in place of a refused one (the session
+/// state's `refusal_marker`; the pool recognises the stand-ins by it).
+pub const REFUSAL_MARKER_PREFIX: &str = "pgward_refused_";

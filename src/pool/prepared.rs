@@ -31,9 +31,9 @@ use sha2::{Digest, Sha256};
 
 use super::session_state::{deallocate_target, refused_construct};
 use crate::error::ClientError;
+use crate::error::REFUSAL_MARKER_PREFIX;
 use crate::protocol::view::Frontend;
 use crate::protocol::{backend, build, frontend, Batch, ProtocolError};
-use crate::proxy::state::REFUSAL_MARKER_PREFIX;
 
 /// Prefix of every server-side statement name pgward gives.
 pub const SERVER_PREFIX: &str = "pgward_";

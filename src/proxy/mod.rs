@@ -10,6 +10,7 @@
 //! - [`cluster`]: cancels sent on to the fleet replica whose key they carry.
 
 mod admin;
+mod admission;
 pub mod audit;
 pub mod cancel;
 pub mod cluster;
@@ -309,7 +310,7 @@ async fn serve_connection(
         .connections_active
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match handshake::handshake(&shared, tcp, peer).await {
-        HandshakeOutcome::Session(auth) => session::run(shared.clone(), *auth, stop).await,
+        HandshakeOutcome::Session(auth) => admission::run(shared.clone(), *auth, stop).await,
         HandshakeOutcome::Cancel {
             process_id,
             secret_key,

@@ -1,7 +1,7 @@
 //! One authenticated session: connect upstream, finish the client's startup, then relay both
 //! directions concurrently until either side ends.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,6 @@ use tokio::sync::watch;
 
 use super::audit::{Completions, SessionAudit};
 use super::encryption::UpstreamHalf;
-use super::handshake::Authenticated;
 use super::intercept::Interceptor;
 use super::pipeline;
 use super::policy::SessionPolicy;
@@ -19,16 +18,15 @@ use super::state::SessionState;
 use super::Shared;
 use crate::audit::{AuditEvent, OnFailure, SessionInfo};
 use crate::auth::Identity;
-use crate::config::PoolMode;
+use crate::config::ServiceConfig;
 use crate::crypto::scope::KeyScope;
 use crate::error::{sqlstate, ClientError};
 use crate::metrics::inc;
-use crate::net::{ConnReader, ConnWriter};
+use crate::net::{Conn, ConnReader, ConnWriter};
 use crate::protocol::fields::ErrorFields;
+use crate::protocol::startup::StartupMessage;
 use crate::protocol::{backend, build, frontend, Batch, FrameReader, ProtocolError};
 use crate::upstream::MAX_UPSTREAM_MESSAGE;
-
-static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Most responses a session may have outstanding while field encryption tracks them.
 pub(super) const MAX_AWAITED: usize = 1 << 20;
@@ -111,48 +109,33 @@ pub(super) async fn open_session_audit(
     Ok(Some(SessionAudit::new(handle.clone(), info, sensitive)))
 }
 
-/// Run a session to its end.
-pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Receiver<bool>) {
-    let session_id = NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!("session", id = session_id, service = %auth.identity.service, client = %auth.client_addr);
-    let _entered = span.enter();
-    drop(_entered);
-    let Authenticated {
+/// A client admitted to its service (login and policy settled by `admission`), to be run
+/// with a server connection of its own.
+pub(super) struct Admitted {
+    pub id: u64,
+    pub conn: Conn,
+    pub startup: StartupMessage,
+    pub identity: Identity,
+    pub database: String,
+    pub client_addr: std::net::SocketAddr,
+    pub service: ServiceConfig,
+    pub password: Option<String>,
+    pub policy: SessionPolicy,
+}
+
+/// Run a session-mode session to its end: one upstream connection for its whole life.
+pub(super) async fn run(shared: Arc<Shared>, admitted: Admitted, shutdown: watch::Receiver<bool>) {
+    let Admitted {
+        id: session_id,
         mut conn,
         startup,
         identity,
         database,
         client_addr,
-    } = auth;
-    let Some((service, password)) = shared.service_login(&identity.service) else {
-        return;
-    };
-    let policy = match admit(&shared, &identity, &database, service.unrestricted) {
-        Ok(policy) => policy,
-        Err(error) => {
-            inc(&shared.metrics.statements_refused);
-            tracing::info!(session = session_id, service = %identity.service, reason = %error.message, "session refused by policy");
-            let _ = conn.write_all(&error.to_message()).await;
-            let _ = conn.shutdown().await;
-            return;
-        }
-    };
-    let pooling = service.pooling(&shared.config.pool);
-    if pooling.mode == PoolMode::Transaction {
-        let session = super::pooled::PooledSession {
-            id: session_id,
-            conn,
-            startup,
-            identity,
-            database,
-            client_addr,
-            service,
-            password,
-            policy,
-            pooling,
-        };
-        return super::pooled::run(shared, session, shutdown).await;
-    }
+        service,
+        password,
+        policy,
+    } = admitted;
     let mut params: Vec<(String, String)> = startup
         .params
         .iter()
@@ -283,26 +266,6 @@ pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Rece
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
     tracing::info!(session = session_id, end = ?end, "session closed");
-}
-
-/// What binds the session, or the FATAL error refusing it.
-fn admit(
-    shared: &Shared,
-    identity: &Identity,
-    database: &str,
-    unrestricted: bool,
-) -> Result<SessionPolicy, ClientError> {
-    match &shared.policies {
-        Some(policies) => policies.admit(identity, database, unrestricted),
-        None if unrestricted => Ok(SessionPolicy::Unrestricted),
-        None => Err(ClientError::fatal(
-            sqlstate::INSUFFICIENT_PRIVILEGE,
-            format!(
-                "pgward: service {:?} has no policy (no [policy] is configured and the service is not unrestricted)",
-                identity.service
-            ),
-        )),
-    }
 }
 
 /// Client → upstream: frame, intercept, forward; idle timeout and graceful shutdown live here.

@@ -10,8 +10,7 @@ use parking_lot::Mutex;
 use crate::audit::DurableReceipt;
 use crate::error::ClientError;
 
-/// Prefix of the statement pgward sends upstream in place of a refused one (see `refusal_marker`).
-pub const REFUSAL_MARKER_PREFIX: &str = "pgward_refused_";
+pub use crate::error::REFUSAL_MARKER_PREFIX;
 
 /// State one session's relay directions share.
 #[derive(Debug)]
