@@ -424,6 +424,9 @@ pub struct Completions {
     handle: AuditHandle,
     session: Arc<SessionInfo>,
     queue: parking_lot::Mutex<VecDeque<Awaiting>>,
+    /// DataRows seen since the last tracked message: counted without the lock (a result set
+    /// is mostly DataRows) and credited to the awaited request when its completion arrives.
+    pending_rows: std::sync::atomic::AtomicU64,
 }
 
 /// Most awaited responses kept; a client flooding Syncs must not grow memory without bound.
@@ -435,6 +438,7 @@ impl Completions {
             handle,
             session,
             queue: parking_lot::Mutex::new(VecDeque::new()),
+            pending_rows: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -454,10 +458,14 @@ impl Completions {
     /// Look at one upstream message.
     pub fn observe(&self, message: &Message) {
         let tag = message.tag();
+        if tag == backend::DATA_ROW {
+            self.pending_rows
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         if !matches!(
             tag,
-            backend::DATA_ROW
-                | backend::COMMAND_COMPLETE
+            backend::COMMAND_COMPLETE
                 | backend::EMPTY_QUERY_RESPONSE
                 | backend::PORTAL_SUSPENDED
                 | backend::ERROR_RESPONSE
@@ -466,6 +474,13 @@ impl Completions {
             return;
         }
         let mut queue = self.queue.lock();
+        // The rows before this message answered the request at the front.
+        let rows = self
+            .pending_rows
+            .swap(0, std::sync::atomic::Ordering::Relaxed);
+        if let Some(front) = queue.front_mut() {
+            front.data_rows += rows;
+        }
         match tag {
             backend::READY_FOR_QUERY => {
                 // Everything up to the request this answers is over; Executes and statements
@@ -484,10 +499,6 @@ impl Completions {
                     return;
                 };
                 match tag {
-                    backend::DATA_ROW => {
-                        front.data_rows += 1;
-                        return;
-                    }
                     backend::PORTAL_SUSPENDED => {
                         // This Execute's part of the portal's rows; each later Execute of the
                         // portal gets its own record and completion with its own part.
