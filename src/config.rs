@@ -335,12 +335,16 @@ impl SecretRef {
     }
 }
 
-/// The admin HTTP endpoint (`/metrics`, `/healthz`).
+/// The admin HTTP endpoint (`/metrics`, `/healthz`) and who may use the admin console.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address to serve on; no admin endpoint when absent.
     pub address: Option<SocketAddr>,
+    /// Services (from `[services]`) whose clients may open the admin console, database
+    /// `pgward` on the client listener (`SHOW POOLS` …). Reloaded on SIGHUP.
+    #[serde(default)]
+    pub console_services: Vec<String>,
 }
 
 fn default_listen_address() -> SocketAddr {
@@ -432,6 +436,16 @@ impl Config {
             ));
         }
         self.validate_pooling()?;
+        if let Some(name) = self
+            .admin
+            .console_services
+            .iter()
+            .find(|name| !self.services.contains_key(*name))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "admin.console_services: {name:?} is not a configured service"
+            )));
+        }
         self.crypto().validate().map_err(ConfigError::Invalid)?;
         if let Some(cluster) = &self.cluster {
             cluster.validate().map_err(ConfigError::Invalid)?;
@@ -544,6 +558,17 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(error.to_string().contains("claims_as_settings"), "{error}");
+    }
+
+    #[test]
+    fn console_services_must_be_configured_services() {
+        let text = format!("{MINIMAL}\n[admin]\nconsole_services = [\"billing\"]\n");
+        assert_eq!(load(&text).unwrap().admin.console_services, ["billing"]);
+        let error = load(&text.replace("[\"billing\"]", "[\"ops\"]")).unwrap_err();
+        assert!(
+            error.contains("\"ops\" is not a configured service"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub mod sqlstate {
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
     /// feature_not_supported
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    /// syntax_error
+    pub const SYNTAX_ERROR: &str = "42601";
     /// io_error (the audit log cannot be written)
     pub const IO_ERROR: &str = "58030";
     /// program_limit_exceeded

@@ -352,6 +352,33 @@ pub struct ServiceSeries {
     rewritten: AtomicU64,
     refused: AtomicU64,
     latency: Histogram,
+    /// Queries run: simple Queries, Executes and function calls (a share of
+    /// `pgward_statements_total`).
+    queries: AtomicU64,
+    /// Transactions ended (a ReadyForQuery with status `I`: explicit or implicit ones).
+    transactions: AtomicU64,
+    /// Bytes from the service's clients, and to them.
+    received: AtomicU64,
+    sent: AtomicU64,
+    /// Waits for a pooled server connection (transaction mode), and their total length.
+    waits: AtomicU64,
+    wait_micros: AtomicU64,
+}
+
+/// One service's totals, read at once (`SHOW STATS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceTotals {
+    pub statement_texts: u64,
+    pub rewritten: u64,
+    pub refused: u64,
+    pub queries: u64,
+    pub transactions: u64,
+    pub requests: u64,
+    pub request_micros: u64,
+    pub received: u64,
+    pub sent: u64,
+    pub waits: u64,
+    pub wait_micros: u64,
 }
 
 /// Whether a client message carries a statement text pgward judges.
@@ -379,6 +406,51 @@ impl ServiceSeries {
             StatementDecision::Forwarded => {}
             StatementDecision::Rewritten => inc(&self.rewritten),
             StatementDecision::Refused => inc(&self.refused),
+        }
+    }
+
+    /// A client batch of `bytes` carrying `queries` queries (Query, Execute, FunctionCall).
+    pub fn client_batch(&self, bytes: usize, queries: u64) {
+        self.received.fetch_add(bytes as u64, Ordering::Relaxed);
+        if queries > 0 {
+            self.queries.fetch_add(queries, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes written to a client of this service.
+    pub fn sent(&self, bytes: usize) {
+        self.sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// A ReadyForQuery with status `I`: a transaction (explicit or implicit) ended.
+    pub fn transaction_ended(&self) {
+        inc(&self.transactions);
+    }
+
+    /// A client waited this long for a pooled server connection.
+    pub fn waited(&self, elapsed: Duration) {
+        inc(&self.waits);
+        self.wait_micros.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Every total of this service.
+    pub fn totals(&self) -> ServiceTotals {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ServiceTotals {
+            statement_texts: load(&self.texts),
+            rewritten: load(&self.rewritten),
+            refused: load(&self.refused),
+            queries: load(&self.queries),
+            transactions: load(&self.transactions),
+            requests: load(&self.latency.count),
+            request_micros: load(&self.latency.sum_micros),
+            received: load(&self.received),
+            sent: load(&self.sent),
+            waits: load(&self.waits),
+            wait_micros: load(&self.wait_micros),
         }
     }
 
@@ -413,6 +485,16 @@ impl Metrics {
         table.entry(key.to_string()).or_default().clone()
     }
 
+    /// Each service's totals, by service name (`SHOW STATS`).
+    pub fn service_totals(&self) -> Vec<(String, ServiceTotals)> {
+        self.services
+            .series
+            .lock()
+            .iter()
+            .map(|(name, series)| (name.clone(), series.totals()))
+            .collect()
+    }
+
     /// A request's latency, globally and in its service's histogram.
     pub fn observe_statement(&self, series: &ServiceSeries, elapsed: Duration) {
         self.observe_latency(elapsed);
@@ -440,6 +522,52 @@ impl Metrics {
                     decision.label(),
                     series.decisions(decision)
                 );
+            }
+        }
+        type Read = fn(&ServiceTotals) -> u64;
+        let counters: [(&str, &str, Read); 6] = [
+            (
+                "pgward_service_queries_total",
+                "Queries run (simple Queries, Executes, function calls) by service.",
+                |t| t.queries,
+            ),
+            (
+                "pgward_service_transactions_total",
+                "Transactions ended (explicit or implicit: ReadyForQuery with status I) by service.",
+                |t| t.transactions,
+            ),
+            (
+                "pgward_service_received_bytes_total",
+                "Bytes received from the service's clients.",
+                |t| t.received,
+            ),
+            (
+                "pgward_service_sent_bytes_total",
+                "Bytes sent to the service's clients.",
+                |t| t.sent,
+            ),
+            (
+                "pgward_service_pool_waits_total",
+                "Times a client of the service waited for a pooled server connection.",
+                |t| t.waits,
+            ),
+            (
+                "pgward_service_pool_wait_seconds_total",
+                "Time the service's clients spent waiting for a pooled server connection.",
+                |t| t.wait_micros,
+            ),
+        ];
+        for (name, help, read) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (service, series) in table.iter() {
+                let value = read(&series.totals());
+                let service = label_value(service);
+                if name.ends_with("_seconds_total") {
+                    let seconds = value as f64 / 1e6;
+                    let _ = writeln!(out, "{name}{{service=\"{service}\"}} {seconds}");
+                } else {
+                    let _ = writeln!(out, "{name}{{service=\"{service}\"}} {value}");
+                }
             }
         }
         let _ = writeln!(

@@ -13,10 +13,10 @@
 //! statements that would leave session state behind, and `prepared` gives protocol-level
 //! prepared statements server-side names of pgward's own.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -42,9 +42,33 @@ pub enum PoolError {
     Connect(#[from] UpstreamError),
 }
 
+/// What the admin console shows of one server connection of a pool; shared by the
+/// connection and its pool's list, so the console reads it without touching the connection.
+#[derive(Debug)]
+pub struct ServerEntry {
+    pub id: u64,
+    /// The backend's process id (`pg_stat_activity.pid`).
+    pub process_id: u32,
+    pub connected_at: SystemTime,
+    /// The client session it is lent to (0: idle in the pool).
+    client: AtomicU64,
+}
+
+impl ServerEntry {
+    /// The client session this connection is lent to, if any.
+    pub fn client(&self) -> Option<u64> {
+        match self.client.load(Ordering::Relaxed) {
+            0 => None,
+            id => Some(id),
+        }
+    }
+}
+
 /// One upstream server connection of a pool.
 pub struct ServerConn {
     pub id: u64,
+    /// Its row in the pool's list of connections (`SHOW SERVERS`).
+    pub entry: Arc<ServerEntry>,
     pub reader: FrameReader<ConnReader>,
     pub writer: ConnWriter,
     /// The backend's cancel key.
@@ -99,10 +123,17 @@ pub struct PoolStats {
 pub struct Pool {
     pub role: String,
     pub database: String,
-    pub size: usize,
-    pub timeout: Duration,
+    /// `pool_size` now (changed by [`Pool::resize`] on SIGHUP).
+    size: AtomicUsize,
+    /// `pool_timeout` now, in milliseconds.
+    timeout_ms: AtomicU64,
     permits: Arc<Semaphore>,
+    /// Permits still to be taken out of circulation after a shrink: each lease that ends
+    /// while this is positive gives up its permit instead of returning it.
+    shrink_debt: AtomicUsize,
     idle: Mutex<Vec<ServerConn>>,
+    /// Every open connection, idle or lent (inserted at login, removed at close).
+    servers: Mutex<BTreeMap<u64, Arc<ServerEntry>>>,
     pub stats: PoolStats,
 }
 
@@ -111,7 +142,7 @@ impl std::fmt::Debug for Pool {
         f.debug_struct("Pool")
             .field("role", &self.role)
             .field("database", &self.database)
-            .field("size", &self.size)
+            .field("size", &self.size())
             .finish()
     }
 }
@@ -121,23 +152,81 @@ impl Pool {
         Self {
             role: role.to_string(),
             database: database.to_string(),
-            size: settings.size,
-            timeout: settings.timeout,
+            size: AtomicUsize::new(settings.size),
+            timeout_ms: AtomicU64::new(millis(settings.timeout)),
             permits: Arc::new(Semaphore::new(settings.size)),
+            shrink_debt: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
+            servers: Mutex::new(BTreeMap::new()),
             stats: PoolStats::default(),
         }
     }
 
+    /// `pool_size` now.
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// `pool_timeout` now.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Apply a new `pool_size` and `pool_timeout` (SIGHUP). Growing frees the new slots at
+    /// once (waiting clients get them); shrinking takes free slots out of circulation, closes
+    /// surplus idle connections now and lent ones when their lease ends (a transaction is
+    /// never interrupted).
+    pub fn resize(&self, settings: PoolSettings) {
+        self.timeout_ms
+            .store(millis(settings.timeout), Ordering::Relaxed);
+        let old = self.size.swap(settings.size, Ordering::Relaxed);
+        if settings.size > old {
+            let mut grow = settings.size - old;
+            // Slots still owed from an earlier shrink are cancelled before new ones are added.
+            let _ = self
+                .shrink_debt
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |debt| {
+                    let paid = debt.min(grow);
+                    grow -= paid;
+                    Some(debt - paid)
+                });
+            self.permits.add_permits(grow);
+        } else if settings.size < old {
+            let shrink = old - settings.size;
+            let taken = self.permits.forget_permits(shrink);
+            self.shrink_debt
+                .fetch_add(shrink - taken, Ordering::Relaxed);
+        }
+        let surplus: Vec<ServerConn> = {
+            let mut idle = self.idle.lock();
+            let open = self.stats.open.load(Ordering::Relaxed);
+            let excess = open.saturating_sub(settings.size).min(idle.len());
+            let keep = idle.len() - excess;
+            idle.split_off(keep)
+        };
+        for conn in surplus {
+            self.close(conn);
+        }
+        tracing::info!(role = %self.role, database = %self.database, pool_size = settings.size, pool_timeout = ?settings.timeout, "pool resized");
+    }
+
+    /// Every open server connection of the pool (for the admin console).
+    pub fn servers(&self) -> Vec<Arc<ServerEntry>> {
+        self.servers.lock().values().cloned().collect()
+    }
+
     /// Borrow a server connection: an idle one still in good shape, else a new login. Waits
     /// at most `pool_timeout` for one of the `pool_size` slots.
+    /// `client` is the session id the connection is lent to (shown by `SHOW SERVERS`).
     pub async fn acquire(
         self: &Arc<Self>,
         upstream: &UpstreamTarget,
         password: Option<&str>,
+        client: u64,
     ) -> Result<Lease, PoolError> {
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit = tokio::time::timeout(self.timeout, self.permits.clone().acquire_owned()).await;
+        let timeout = self.timeout();
+        let permit = tokio::time::timeout(timeout, self.permits.clone().acquire_owned()).await;
         self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
         let permit = match permit {
             Ok(Ok(permit)) => permit,
@@ -145,8 +234,8 @@ impl Pool {
             Ok(Err(_)) | Err(_) => {
                 self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
                 return Err(PoolError::Timeout {
-                    waited: self.timeout,
-                    size: self.size,
+                    waited: timeout,
+                    size: self.size(),
                 });
             }
         };
@@ -154,7 +243,7 @@ impl Pool {
             let candidate = self.idle.lock().pop();
             let Some(mut conn) = candidate else { break };
             if conn.still_idle().await {
-                return Ok(self.lend(conn, permit));
+                return Ok(self.lend(conn, permit, client));
             }
             tracing::info!(
                 server = conn.id,
@@ -168,8 +257,17 @@ impl Pool {
             .connect(&self.role, password, &self.database, &[])
             .await?;
         let (reader, writer) = session.conn.split();
+        let id = NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(ServerEntry {
+            id,
+            process_id: session.process_id,
+            connected_at: SystemTime::now(),
+            client: AtomicU64::new(0),
+        });
+        self.servers.lock().insert(id, entry.clone());
         let conn = ServerConn {
-            id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
+            id,
+            entry,
             reader: FrameReader::with_buffered(reader, MAX_UPSTREAM_MESSAGE, session.buffered),
             writer,
             process_id: session.process_id,
@@ -180,23 +278,50 @@ impl Pool {
         };
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(server = conn.id, role = %self.role, database = %self.database, "pooled server connection opened");
-        Ok(self.lend(conn, permit))
+        Ok(self.lend(conn, permit, client))
     }
 
-    fn lend(self: &Arc<Self>, conn: ServerConn, permit: OwnedSemaphorePermit) -> Lease {
+    fn lend(
+        self: &Arc<Self>,
+        conn: ServerConn,
+        permit: OwnedSemaphorePermit,
+        client: u64,
+    ) -> Lease {
+        conn.entry.client.store(client, Ordering::Relaxed);
         self.stats.lent.fetch_add(1, Ordering::Relaxed);
         self.stats.leases.fetch_add(1, Ordering::Relaxed);
         Lease {
             conn,
             pool: self.clone(),
-            _permit: permit,
+            permit,
         }
     }
 
     fn forget(&self, conn: ServerConn) {
-        self.stats.open.fetch_sub(1, Ordering::Relaxed);
         self.stats.discarded.fetch_add(1, Ordering::Relaxed);
+        self.close(conn);
+    }
+
+    /// Close a connection and take it off the pool's list.
+    fn close(&self, conn: ServerConn) {
+        self.servers.lock().remove(&conn.id);
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
         drop(conn);
+    }
+
+    /// A lease ended: its slot goes back, unless a shrink still owes one.
+    fn end_lease(&self, permit: OwnedSemaphorePermit) {
+        let owed = self
+            .shrink_debt
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |debt| {
+                debt.checked_sub(1)
+            })
+            .is_ok();
+        if owed {
+            permit.forget();
+        } else {
+            drop(permit);
+        }
     }
 
     /// Idle server connections right now.
@@ -210,34 +335,38 @@ impl Pool {
 pub struct Lease {
     pub conn: ServerConn,
     pool: Arc<Pool>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 impl Lease {
     /// Give the connection back: the caller saw it idle, outside a transaction, with every
     /// request answered.
     pub fn release(self) {
-        let Lease {
-            conn,
-            pool,
-            _permit,
-        } = self;
+        let Lease { conn, pool, permit } = self;
         pool.stats.lent.fetch_sub(1, Ordering::Relaxed);
-        pool.idle.lock().push(conn);
-        // The permit is dropped after the connection is back, so the next borrower finds it.
-        drop(_permit);
+        conn.entry.client.store(0, Ordering::Relaxed);
+        let surplus = pool.stats.open.load(Ordering::Relaxed) > pool.size();
+        if surplus {
+            // The pool shrank while this connection was lent.
+            tracing::debug!(
+                server = conn.id,
+                "pooled server connection closed: pool_size shrank"
+            );
+            pool.close(conn);
+        } else {
+            pool.idle.lock().push(conn);
+        }
+        // The permit goes after the connection is back, so the next borrower finds it.
+        pool.end_lease(permit);
     }
 
     /// Close the connection (its state is unknown or broken); a new one replaces it on demand.
     pub fn discard(self) {
-        let Lease {
-            conn,
-            pool,
-            _permit,
-        } = self;
+        let Lease { conn, pool, permit } = self;
         pool.stats.lent.fetch_sub(1, Ordering::Relaxed);
         tracing::debug!(server = conn.id, "pooled server connection closed");
         pool.forget(conn);
+        pool.end_lease(permit);
     }
 }
 
@@ -248,8 +377,8 @@ pub struct Pools {
 }
 
 impl Pools {
-    /// The pool of this role and database (created with `settings` on first use; later
-    /// changes of `pool_size`/`pool_timeout` apply after a restart).
+    /// The pool of this role and database (created with `settings` on first use; SIGHUP
+    /// applies later changes with [`Pool::resize`]).
     pub fn pool(&self, role: &str, database: &str, settings: PoolSettings) -> Arc<Pool> {
         self.pools
             .lock()
@@ -278,7 +407,7 @@ impl Pools {
                 "pgward_pool_size",
                 "gauge",
                 "Server connections a pool may open (pool_size).",
-                |p| p.size as u64,
+                |p| p.size() as u64,
             ),
             (
                 "pgward_pool_server_connections_active",
@@ -326,6 +455,10 @@ impl Pools {
     }
 }
 
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// A Prometheus label value, escaped.
 fn label(value: &str) -> String {
     value
@@ -338,6 +471,42 @@ fn label(value: &str) -> String {
 mod tests {
     use super::*;
     use crate::config::PoolMode;
+
+    #[tokio::test]
+    async fn resizing_adds_slots_at_once_and_withdraws_busy_ones_when_they_come_back() {
+        let settings = |size| PoolSettings {
+            mode: PoolMode::Transaction,
+            size,
+            timeout: Duration::from_secs(1),
+        };
+        let pool = Pool::new("app", "db", settings(2));
+        let first = pool.permits.clone().acquire_owned().await.unwrap();
+        let second = pool.permits.clone().acquire_owned().await.unwrap();
+        // Both slots are lent: shrinking to 1 owes one slot, taken when a lease ends.
+        pool.resize(settings(1));
+        assert_eq!((pool.size(), pool.permits.available_permits()), (1, 0));
+        pool.end_lease(first);
+        assert_eq!(pool.permits.available_permits(), 0);
+        pool.end_lease(second);
+        assert_eq!(pool.permits.available_permits(), 1);
+        // Growing frees the new slots at once.
+        pool.resize(PoolSettings {
+            timeout: Duration::from_secs(7),
+            ..settings(4)
+        });
+        assert_eq!(pool.permits.available_permits(), 4);
+        assert_eq!(pool.timeout(), Duration::from_secs(7));
+        // A shrink that is paid back by a growth before any lease ended.
+        let held: Vec<_> = (0..4)
+            .map(|_| pool.permits.clone().try_acquire_owned().unwrap())
+            .collect();
+        pool.resize(settings(2));
+        pool.resize(settings(3));
+        for permit in held {
+            pool.end_lease(permit);
+        }
+        assert_eq!(pool.permits.available_permits(), 3);
+    }
 
     #[test]
     fn pools_are_shared_per_role_and_database_and_rendered_for_prometheus() {

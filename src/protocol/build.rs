@@ -121,6 +121,52 @@ pub fn negotiate_protocol_version(newest_minor: u32, unrecognized: &[&str]) -> B
     finish(buf)
 }
 
+/// RowDescription of a result set pgward answers itself: each column's name and type OID,
+/// sent in text format (no table, type size and modifier unknown).
+pub fn row_description(columns: &[(&str, u32)]) -> Bytes {
+    let mut buf = begin(b'T', 2 + columns.len() * 24);
+    buf.put_i16(i16::try_from(columns.len()).unwrap_or(i16::MAX));
+    for (name, type_oid) in columns.iter().take(i16::MAX as usize) {
+        put_cstr(&mut buf, name);
+        buf.put_u32(0); // table OID
+        buf.put_i16(0); // column number
+        buf.put_u32(*type_oid);
+        buf.put_i16(-1); // type size: variable
+        buf.put_i32(-1); // type modifier
+        buf.put_i16(0); // text format
+    }
+    finish(buf)
+}
+
+/// DataRow of text values (`None`: SQL NULL).
+pub fn data_row(values: &[Option<&str>]) -> Bytes {
+    let size: usize = values.iter().map(|v| 4 + v.map_or(0, str::len)).sum();
+    let mut buf = begin(b'D', 2 + size);
+    buf.put_i16(i16::try_from(values.len()).unwrap_or(i16::MAX));
+    for value in values.iter().take(i16::MAX as usize) {
+        match value {
+            Some(text) => {
+                buf.put_i32(i32::try_from(text.len()).unwrap_or(i32::MAX));
+                buf.extend_from_slice(text.as_bytes());
+            }
+            None => buf.put_i32(-1),
+        }
+    }
+    finish(buf)
+}
+
+/// EmptyQueryResponse (a Query with no statement in it).
+pub fn empty_query_response() -> Bytes {
+    finish(begin(b'I', 0))
+}
+
+/// CommandComplete with its tag (e.g. `SHOW`, `SELECT 3`).
+pub fn command_complete(tag: &str) -> Bytes {
+    let mut buf = begin(b'C', tag.len() + 1);
+    put_cstr(&mut buf, tag);
+    finish(buf)
+}
+
 /// Query (simple protocol).
 pub fn query(sql: &str) -> Bytes {
     let mut buf = begin(b'Q', sql.len() + 1);
@@ -205,6 +251,19 @@ mod tests {
         assert_eq!(fields.code.as_deref(), Some("28P01"));
         assert_eq!(fields.message.as_deref(), Some("badtoken"));
         assert_eq!(fields.severity.as_deref(), Some("FATAL"));
+    }
+
+    #[test]
+    fn result_set_messages_read_back_with_the_views() {
+        let raw = row_description(&[("database", 25), ("cl_active", 20)]);
+        let msg = Message::from_raw(raw).unwrap();
+        let fields = crate::protocol::view::row_description(msg.body()).unwrap();
+        assert_eq!(fields.len(), 2);
+        let raw = data_row(&[Some("db"), None]);
+        let msg = Message::from_raw(raw).unwrap();
+        let values = crate::protocol::view::data_row(msg.body()).unwrap();
+        assert_eq!(values, vec![Some(&b"db"[..]), None]);
+        assert_eq!(&command_complete("SHOW")[..], b"C\0\0\0\x09SHOW\0");
     }
 
     #[test]

@@ -12,7 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Shared;
-use crate::metrics::Metrics;
 
 const MAX_REQUEST: usize = 8 * 1024;
 
@@ -47,7 +46,7 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         (b"GET", b"/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4",
-            render_metrics(&shared.metrics, &shared.pools),
+            render_metrics(shared),
         ),
         (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         (b"GET", b"/readyz") => {
@@ -74,9 +73,10 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     stream.shutdown().await
 }
 
-fn render_metrics(metrics: &Metrics, pools: &crate::pool::Pools) -> String {
-    let mut out = metrics.render();
-    pools.render_metrics(&mut out);
+fn render_metrics(shared: &Shared) -> String {
+    let mut out = shared.metrics.render();
+    shared.pools.render_metrics(&mut out);
+    super::console::render_metrics(shared, &mut out);
     out
 }
 

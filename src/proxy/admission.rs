@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::handshake::Authenticated;
 use super::policy::SessionPolicy;
 use super::pooled::{self, PooledSession};
+use super::registry::{ClientFacts, ClientMode};
 use super::session::{self, Admitted};
 use super::Shared;
 use crate::auth::Identity;
@@ -22,9 +23,14 @@ use crate::metrics::inc;
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
+/// A new session id (client sessions and console sessions share the sequence).
+pub(super) fn next_session_id() -> u64 {
+    NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Run an authenticated client's session to its end, inside a span naming it.
 pub async fn run(shared: Arc<Shared>, auth: Authenticated, shutdown: watch::Receiver<bool>) {
-    let id = NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed);
+    let id = next_session_id();
     let span = tracing::info_span!("session", id, service = %auth.identity.service, client = %auth.client_addr);
     admit_and_run(shared, auth, shutdown, id)
         .instrument(span)
@@ -57,8 +63,25 @@ async fn admit_and_run(
             return;
         }
     };
-    let pooling = service.pooling(&shared.config.pool);
-    if pooling.mode == PoolMode::Transaction {
+    let pooling = shared.pooling(&service);
+    let transaction = pooling.mode == PoolMode::Transaction;
+    let registered = shared.registry.register(ClientFacts {
+        id,
+        service: identity.service.clone(),
+        database: database.clone(),
+        addr: client_addr,
+        tls: conn.is_tls(),
+        mode: if transaction {
+            ClientMode::Transaction
+        } else {
+            ClientMode::Session
+        },
+        token_id: identity.token_id.clone(),
+        application_name: startup.get("application_name").map(str::to_string),
+        upstream_role: Some(service.upstream_user.clone()),
+    });
+    let client = registered.entry.clone();
+    if transaction {
         let session = PooledSession {
             id,
             conn,
@@ -70,8 +93,9 @@ async fn admit_and_run(
             password,
             policy,
             pooling,
+            client,
         };
-        return pooled::run(shared, session, shutdown).await;
+        return pooled::run(shared.clone(), session, shutdown).await;
     }
     let session = Admitted {
         id,
@@ -83,8 +107,9 @@ async fn admit_and_run(
         service,
         password,
         policy,
+        client,
     };
-    session::run(shared, session, shutdown).await;
+    session::run(shared.clone(), session, shutdown).await;
 }
 
 /// What binds the session, or the FATAL error refusing it.

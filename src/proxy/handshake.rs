@@ -48,6 +48,9 @@ pub struct Authenticated {
 /// How a connection's startup phase ended other than in a session.
 pub enum HandshakeOutcome {
     Session(Box<Authenticated>),
+    /// An authenticated client of a console service asking for the admin console (database
+    /// `pgward`): it is answered by pgward and never reaches upstream.
+    Console(Box<Authenticated>),
     Cancel {
         process_id: u32,
         secret_key: u32,
@@ -252,13 +255,38 @@ async fn handshake_inner(
             target: target(),
             ..refusal
         })?;
-    Ok(HandshakeOutcome::Session(Box::new(Authenticated {
+    let console = database == super::console::DATABASE;
+    if console && !shared.may_use_console(&user) {
+        // As PostgreSQL refuses a role without CONNECT on a database: after authentication,
+        // 42501, so that only a genuine token learns the console exists for others.
+        return Err(Refusal {
+            target: target(),
+            token_id: identity.token_id.clone(),
+            ..Refusal::new(
+                conn,
+                ClientError::fatal(
+                    sqlstate::INSUFFICIENT_PRIVILEGE,
+                    format!(
+                        "permission denied for database \"{}\": service \"{user}\" may not use the pgward admin console",
+                        super::console::DATABASE
+                    ),
+                ),
+                "console_not_allowed",
+            )
+        });
+    }
+    let authenticated = Box::new(Authenticated {
         conn,
         startup,
         identity,
         database,
         client_addr,
-    })))
+    });
+    Ok(if console {
+        HandshakeOutcome::Console(authenticated)
+    } else {
+        HandshakeOutcome::Session(authenticated)
+    })
 }
 
 enum Negotiated {

@@ -7,13 +7,16 @@
 //! - [`policy`]: row policies at connect time and per statement, kept current;
 //! - [`state`]: what the two directions and the cancel path share;
 //! - [`cancel`]: the map from the keys pgward hands out to sessions;
-//! - [`cluster`]: cancels sent on to the fleet replica whose key they carry.
+//! - [`cluster`]: cancels sent on to the fleet replica whose key they carry;
+//! - [`console`]: the admin console (database `pgward`: `SHOW POOLS`, …) and [`registry`],
+//!   the live client sessions it lists.
 
 mod admin;
 mod admission;
 pub mod audit;
 pub mod cancel;
 pub mod cluster;
+mod console;
 pub mod copy_in;
 pub mod encryption;
 pub mod handshake;
@@ -21,6 +24,7 @@ pub mod intercept;
 mod pipeline;
 pub mod policy;
 mod pooled;
+pub mod registry;
 pub mod reload;
 pub mod session;
 pub mod state;
@@ -90,6 +94,8 @@ pub struct Shared {
     pub encryption: Option<Arc<encryption::Encryption>>,
     /// Server-connection pools of services in transaction pooling mode.
     pub pools: crate::pool::Pools,
+    /// The live client sessions (admin console, client gauges).
+    pub registry: registry::Registry,
 }
 
 /// A bound, ready-to-run proxy.
@@ -174,6 +180,7 @@ impl Proxy {
                 audit,
                 encryption,
                 pools: crate::pool::Pools::default(),
+                registry: registry::Registry::default(),
             }),
             audit_log,
             listener,
@@ -311,6 +318,7 @@ async fn serve_connection(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match handshake::handshake(&shared, tcp, peer).await {
         HandshakeOutcome::Session(auth) => admission::run(shared.clone(), *auth, stop).await,
+        HandshakeOutcome::Console(auth) => console::run(shared.clone(), *auth, stop).await,
         HandshakeOutcome::Cancel {
             process_id,
             secret_key,

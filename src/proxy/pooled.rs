@@ -27,6 +27,7 @@ use super::encryption::UpstreamHalf;
 use super::intercept::Interceptor;
 use super::pipeline;
 use super::policy::SessionPolicy;
+use super::registry::ClientEntry;
 use super::session::{
     account_client_batch, account_upstream_batch, await_durable_records, open_session_audit, End,
     SessionFacts, MAX_AWAITED,
@@ -38,7 +39,7 @@ use crate::auth::Identity;
 use crate::config::{PoolSettings, ServiceConfig};
 use crate::crypto::scope::KeyScope;
 use crate::error::{sqlstate, ClientError};
-use crate::metrics::inc;
+use crate::metrics::{inc, ServiceSeries};
 use crate::net::{Conn, ConnReader, ConnWriter};
 use crate::pool::prepared::{self, ClientStatements, OnServer, Tracker};
 use crate::pool::{Lease, Pool, PoolError};
@@ -59,6 +60,8 @@ pub(super) struct PooledSession {
     pub password: Option<String>,
     pub policy: SessionPolicy,
     pub pooling: PoolSettings,
+    /// Its row in the registry of live sessions.
+    pub client: Arc<ClientEntry>,
 }
 
 /// The server connection a session holds, with what is owed on it.
@@ -75,14 +78,29 @@ struct Source<'a> {
     pool: Arc<Pool>,
     password: Option<String>,
     service: &'a str,
+    /// The session's registry row: shows it waiting while it waits.
+    client: Arc<ClientEntry>,
+    series: Arc<ServiceSeries>,
 }
 
 impl Source<'_> {
     async fn acquire(&self) -> Result<Lease, ClientError> {
-        self.pool
-            .acquire(&self.shared.upstream, self.password.as_deref())
-            .await
-            .map_err(|e| pool_error(&e, self.service))
+        self.lease().await.map_err(|e| pool_error(&e, self.service))
+    }
+
+    /// Borrow a server connection, counted as a wait of this client and its service.
+    async fn lease(&self) -> Result<Lease, PoolError> {
+        self.client.begin_wait();
+        let lease = self
+            .pool
+            .acquire(
+                &self.shared.upstream,
+                self.password.as_deref(),
+                self.client.facts.id,
+            )
+            .await;
+        self.series.waited(self.client.end_wait());
+        lease
     }
 }
 
@@ -128,24 +146,25 @@ pub(super) async fn run(
         password,
         policy,
         pooling,
+        client,
     } = session;
     let service_name = identity.service.clone();
+    let settings = shared.pool_settings(&service.upstream_user, pooling);
     let pool = shared
         .pools
-        .pool(&service.upstream_user, &database, pooling);
+        .pool(&service.upstream_user, &database, settings);
+    let series = shared.metrics.service_series(&service_name);
     let source = Source {
         shared: &shared,
         pool,
         password,
         service: &service_name,
+        client: client.clone(),
+        series: series.clone(),
     };
     // The first lease logs in (its errors are the client's login errors) and tells the client
     // the server's parameters.
-    let mut lease = match source
-        .pool
-        .acquire(&shared.upstream, source.password.as_deref())
-        .await
-    {
+    let mut lease = match source.lease().await {
         Ok(lease) => lease,
         Err(PoolError::Connect(e)) => {
             inc(&shared.metrics.upstream_connect_errors);
@@ -162,10 +181,8 @@ pub(super) async fn run(
             return refuse(&mut conn, &error.to_message()).await;
         }
     };
-    let state = Arc::new(
-        SessionState::pooled(id, lease.conn.process_id)
-            .with_series(shared.metrics.service_series(&service_name)),
-    );
+    let state = Arc::new(SessionState::pooled(id, lease.conn.process_id).with_series(series));
+    client.attach(state.clone());
     let key = shared.cancels.register(state.clone());
     inc(&shared.metrics.sessions_established);
     tracing::info!(session = id, service = %service_name, database = %database, "session established (transaction pooling)");

@@ -8,10 +8,10 @@
 //! passwords and token settings, new statements the new policies and audit settings. Sessions
 //! already open keep the service definition and upstream login they started with.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use crate::config::{Config, ConfigError, ServiceConfig};
+use crate::config::{Config, ConfigError, PoolDefaults, PoolMode, PoolSettings, ServiceConfig};
 
 use super::Shared;
 
@@ -20,6 +20,10 @@ use super::Shared;
 pub struct Services {
     config: BTreeMap<String, ServiceConfig>,
     pub(super) passwords: HashMap<String, Option<String>>,
+    /// `[pool]`: the defaults of services that do not set their own.
+    pool: PoolDefaults,
+    /// `[admin] console_services`.
+    console: BTreeSet<String>,
 }
 
 impl Services {
@@ -38,7 +42,24 @@ impl Services {
         Ok(Services {
             config: config.services.clone(),
             passwords,
+            pool: config.pool.clone(),
+            console: config.admin.console_services.iter().cloned().collect(),
         })
+    }
+
+    /// The pool settings of `role`'s pools: those of the transaction-mode services logging
+    /// in as it; when they differ, the largest `pool_size` and the longest `pool_timeout`.
+    fn pool_settings_for_role(&self, role: &str) -> Option<PoolSettings> {
+        self.config
+            .values()
+            .filter(|s| s.upstream_user == role)
+            .map(|s| s.pooling(&self.pool))
+            .filter(|p| p.mode == PoolMode::Transaction)
+            .reduce(|a, b| PoolSettings {
+                mode: PoolMode::Transaction,
+                size: a.size.max(b.size),
+                timeout: a.timeout.max(b.timeout),
+            })
     }
 
     fn unrestricted(&self) -> Vec<String> {
@@ -54,6 +75,25 @@ impl Shared {
     /// The service's configuration as of now (`None`: not configured).
     pub fn service(&self, name: &str) -> Option<ServiceConfig> {
         self.services.read().config.get(name).cloned()
+    }
+
+    /// The service's pooling as of now: its own settings, else `[pool]`'s.
+    pub fn pooling(&self, service: &ServiceConfig) -> PoolSettings {
+        service.pooling(&self.services.read().pool)
+    }
+
+    /// The settings a new pool of `role` gets (see [`Services`]); `fallback` when no
+    /// transaction-mode service logs in as it any more.
+    pub fn pool_settings(&self, role: &str, fallback: PoolSettings) -> PoolSettings {
+        self.services
+            .read()
+            .pool_settings_for_role(role)
+            .unwrap_or(fallback)
+    }
+
+    /// Whether `service` may open the admin console (`[admin] console_services`).
+    pub fn may_use_console(&self, service: &str) -> bool {
+        self.services.read().console.contains(service)
     }
 
     /// The service's configuration and its upstream password, read together so a session
@@ -129,6 +169,7 @@ impl Reloader {
             policies.reconfigure(catalog_password, services.unrestricted());
         }
         *shared.services.write() = Arc::new(services);
+        self.resize_pools();
         if let (Some(cluster), Some(peers)) = (&shared.cluster, peers) {
             cluster.install(peers);
         }
@@ -155,6 +196,22 @@ impl Reloader {
     }
 }
 
+impl Reloader {
+    /// Existing pools take their role's `pool_size` and `pool_timeout` as now configured
+    /// (a role no transaction-mode service logs in as any more keeps its pools as they are).
+    fn resize_pools(&self) {
+        let services = self.shared.services.read().clone();
+        for pool in self.shared.pools.all() {
+            let Some(settings) = services.pool_settings_for_role(&pool.role) else {
+                continue;
+            };
+            if settings.size != pool.size() || settings.timeout != pool.timeout() {
+                pool.resize(settings);
+            }
+        }
+    }
+}
+
 /// The settings that changed between the running configuration and `new` but cannot change
 /// without a restart (listen addresses and limits, upstream, admin, the policy directory and
 /// database, field encryption, and the audit log's own file settings).
@@ -169,7 +226,12 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
     };
     check("[listen]", &running.listen, &new.listen);
     check("[upstream]", &running.upstream, &new.upstream);
-    check("[admin]", &running.admin, &new.admin);
+    // `console_services` is reloaded with the services.
+    check(
+        "[admin] address",
+        &running.admin.address,
+        &new.admin.address,
+    );
     check("[policy]", &running.policy, &new.policy);
     check("[vault]", &running.vault, &new.vault);
     check("[keys]", &running.keys, &new.keys);

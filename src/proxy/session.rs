@@ -14,6 +14,7 @@ use super::encryption::UpstreamHalf;
 use super::intercept::Interceptor;
 use super::pipeline;
 use super::policy::SessionPolicy;
+use super::registry::ClientEntry;
 use super::state::SessionState;
 use super::Shared;
 use crate::audit::{AuditEvent, OnFailure, SessionInfo};
@@ -121,6 +122,8 @@ pub(super) struct Admitted {
     pub service: ServiceConfig,
     pub password: Option<String>,
     pub policy: SessionPolicy,
+    /// Its row in the registry of live sessions.
+    pub client: Arc<ClientEntry>,
 }
 
 /// Run a session-mode session to its end: one upstream connection for its whole life.
@@ -135,6 +138,7 @@ pub(super) async fn run(shared: Arc<Shared>, admitted: Admitted, shutdown: watch
         service,
         password,
         policy,
+        client,
     } = admitted;
     let mut params: Vec<(String, String)> = startup
         .params
@@ -165,10 +169,12 @@ pub(super) async fn run(shared: Arc<Shared>, admitted: Admitted, shutdown: watch
             return;
         }
     };
+    client.attach_server(upstream.process_id);
     let state = Arc::new(
         SessionState::new(session_id, upstream.process_id, upstream.secret_key)
             .with_series(shared.metrics.service_series(&identity.service)),
     );
+    client.attach(state.clone());
     let key = shared.cancels.register(state.clone());
     inc(&shared.metrics.sessions_established);
     tracing::info!(session = session_id, service = %identity.service, database = %database, "session established");
@@ -410,6 +416,7 @@ pub(super) fn account_client_batch(
             .statements
             .fetch_add(statements, Ordering::Relaxed);
     }
+    state.series.client_batch(batch.bytes().len(), statements);
     (terminate, statements > 0)
 }
 
@@ -511,6 +518,9 @@ pub(super) fn account_upstream_batch(
         match message.tag() {
             backend::READY_FOR_QUERY => {
                 let status = message.body().first().copied().unwrap_or(b'I');
+                if status == b'I' {
+                    state.series.transaction_ended();
+                }
                 if let Some(started) = state.ready_for_query(status, offset + len == total) {
                     shared
                         .metrics
@@ -541,5 +551,6 @@ pub(super) fn account_upstream_batch(
     if offset > run_start {
         out.push(all.slice(run_start..offset));
     }
+    state.series.sent(out.iter().map(Bytes::len).sum());
     out
 }

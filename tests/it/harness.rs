@@ -372,8 +372,12 @@ pub fn superuser_service(name: &str) -> String {
 
 /// Start a proxy in the current runtime.
 pub async fn start_proxy(options: ProxyOptions) -> TestProxy {
-    let text = proxy_config_text(&options);
-    let config: Config = toml::from_str(&text).expect("test config parses");
+    start_proxy_text(&proxy_config_text(&options)).await
+}
+
+/// Start a proxy from a whole configuration text (e.g. [`proxy_config_text`] edited).
+pub async fn start_proxy_text(text: &str) -> TestProxy {
+    let config: Config = toml::from_str(text).expect("test config parses");
     let proxy = Proxy::bind(config).await.expect("proxy binds");
     let addr = proxy.local_addr().expect("addr");
     let admin = proxy.admin_addr();

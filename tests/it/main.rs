@@ -9,6 +9,7 @@ mod audit_statements;
 mod catalog;
 mod check;
 mod compat;
+mod console;
 mod corpus;
 mod crypto;
 mod dev_mode;
