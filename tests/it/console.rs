@@ -383,7 +383,10 @@ async fn only_console_services_may_open_it_errors_keep_it_usable_and_it_is_audit
     assert_eq!(denied["user"], "app");
     assert_eq!(denied["sqlstate"], "42501");
     assert!(denied["token_id"].is_string(), "{denied}");
-    assert!(records.iter().any(|r| r["kind"] == "connection_opened"
-        && r["session"]["database"] == "pgward"
-        || r["kind"] == "connection_opened" && r["database"] == "pgward"));
+    let opened = records
+        .iter()
+        .find(|r| r["kind"] == "connection_opened" && r["session"]["database"] == "pgward")
+        .expect("the console session's connection_opened record");
+    assert_eq!(opened["session"]["service"], "ops");
+    assert!(opened["session"]["upstream_role"].is_null(), "{opened}");
 }

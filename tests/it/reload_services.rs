@@ -273,3 +273,124 @@ async fn sighup_reloads_services_passwords_policies_and_audit_settings() {
     assert_eq!(last["settings"]["record_values"], true, "{last}");
     assert!(last["settings"]["durability"].is_string(), "{last}");
 }
+
+/// Client backends of `database`, seen from another database.
+async fn backends(database: &str) -> i64 {
+    crate::policy_proxy::direct("postgres")
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND backend_type = 'client backend'",
+            &[&database],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_resizes_pools_in_place_and_a_new_pool_mode_applies_to_new_sessions() {
+    let work = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("reloadpool", false).await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let base = harness::proxy_config_text(&ProxyOptions::default()).replacen(
+        "address = \"127.0.0.1:0\"",
+        &format!("address = \"127.0.0.1:{port}\""),
+        1,
+    );
+    let text = |mode: &str, size: usize| {
+        format!(
+            "{base}\n{}pool_mode = \"{mode}\"\npool_size = {size}\npool_timeout = \"30s\"\n",
+            harness::superuser_service("pooled").replace(
+                "upstream_password",
+                "unrestricted = true\nupstream_password"
+            )
+        )
+    };
+    let config = work.path().join("pgward.toml");
+    std::fs::write(&config, text("transaction", 2)).unwrap();
+    let child = Child(
+        Command::new(env!("CARGO_BIN_EXE_pgward"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut up = false;
+    for _ in 0..100 {
+        if can_query(port, "pooled", &database).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "pgward serve did not come up");
+    let connect = || session(port, "pooled", &database, json!({}));
+    let holders = [connect().await.unwrap(), connect().await.unwrap()];
+    for client in &holders {
+        client.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    }
+    // Both server connections are in transactions: two more clients wait (a new session
+    // borrows one to log in).
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let database = database.clone();
+        waiting.push(tokio::spawn(async move {
+            let client = session(port, "pooled", &database, json!({})).await.unwrap();
+            client.simple_query("SELECT 1").await.unwrap();
+            client
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(waiting.iter().all(|w| !w.is_finished()));
+    assert_eq!(backends(&database).await, 2);
+
+    // pool_size 2 → 4: the waiting clients get new connections at once, while the two
+    // transactions are still open.
+    std::fs::write(&config, text("transaction", 4)).unwrap();
+    sighup(&child).await;
+    let mut idle_clients = Vec::new();
+    for task in waiting {
+        idle_clients.push(
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("a waiting client got one of the new connections")
+                .unwrap(),
+        );
+    }
+    assert_eq!(backends(&database).await, 4);
+
+    // 4 → 1: the two idle connections close now; the two in transactions finish undisturbed
+    // and close when they come back, down to one.
+    std::fs::write(&config, text("transaction", 1)).unwrap();
+    sighup(&child).await;
+    assert_eq!(backends(&database).await, 2);
+    for client in &holders {
+        let rows = client.simple_query("SELECT 2").await.unwrap();
+        assert!(!rows.is_empty());
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(backends(&database).await, 1);
+    for client in &idle_clients {
+        client.simple_query("SELECT 3").await.unwrap();
+    }
+    assert_eq!(backends(&database).await, 1);
+
+    // pool_mode: sessions opened after the reload run in session mode (SET is theirs),
+    // sessions already open keep transaction mode (SET is refused there).
+    let set = "SET work_mem = '8MB'";
+    std::fs::write(&config, text("session", 1)).unwrap();
+    sighup(&child).await;
+    let refused = holders[0].batch_execute(set).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED)
+    );
+    let fresh = connect().await.unwrap();
+    fresh.batch_execute(set).await.unwrap();
+    drop((holders, idle_clients, fresh));
+}
