@@ -5,8 +5,10 @@
 //! compared with the running ones and, when changed, named in an error log line and ignored.
 //!
 //! What a reload changes applies to what starts afterwards: new logins see the new services,
-//! passwords and token settings, new statements the new policies and audit settings. Sessions
-//! already open keep the service definition and upstream login they started with.
+//! passwords, pool modes, console services and token settings, new statements the new policies
+//! and audit settings. Sessions already open keep the service definition and upstream login
+//! they started with. Running pools are the exception: they take a new `pool_size` and
+//! `pool_timeout` at once ([`crate::pool::Pool::resize`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
