@@ -33,6 +33,10 @@ pub mod sqlstate {
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     /// syntax_error
     pub const SYNTAX_ERROR: &str = "42601";
+    /// invalid_sql_statement_name (no such prepared statement)
+    pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+    /// invalid_cursor_name (no such portal)
+    pub const INVALID_CURSOR_NAME: &str = "34000";
     /// io_error (the audit log cannot be written)
     pub const IO_ERROR: &str = "58030";
     /// program_limit_exceeded

@@ -121,36 +121,56 @@ pub fn negotiate_protocol_version(newest_minor: u32, unrecognized: &[&str]) -> B
     finish(buf)
 }
 
-/// RowDescription of a result set pgward answers itself: each column's name and type OID,
-/// sent in text format (no table, type size and modifier unknown).
-pub fn row_description(columns: &[(&str, u32)]) -> Bytes {
+/// RowDescription of a result set pgward answers itself: each column's name, type OID and
+/// format code (0 text, 1 binary); no table, type size and modifier unknown.
+pub fn row_description(columns: &[(&str, u32, i16)]) -> Bytes {
     let mut buf = begin(b'T', 2 + columns.len() * 24);
     buf.put_i16(i16::try_from(columns.len()).unwrap_or(i16::MAX));
-    for (name, type_oid) in columns.iter().take(i16::MAX as usize) {
+    for (name, type_oid, format) in columns.iter().take(i16::MAX as usize) {
         put_cstr(&mut buf, name);
         buf.put_u32(0); // table OID
         buf.put_i16(0); // column number
         buf.put_u32(*type_oid);
         buf.put_i16(-1); // type size: variable
         buf.put_i32(-1); // type modifier
-        buf.put_i16(0); // text format
+        buf.put_i16(*format);
     }
     finish(buf)
 }
 
-/// DataRow of text values (`None`: SQL NULL).
-pub fn data_row(values: &[Option<&str>]) -> Bytes {
-    let size: usize = values.iter().map(|v| 4 + v.map_or(0, str::len)).sum();
+/// DataRow of values, text or binary as described (`None`: SQL NULL).
+pub fn data_row<T: AsRef<[u8]>>(values: &[Option<T>]) -> Bytes {
+    let size: usize = values
+        .iter()
+        .map(|v| 4 + v.as_ref().map_or(0, |v| v.as_ref().len()))
+        .sum();
     let mut buf = begin(b'D', 2 + size);
     buf.put_i16(i16::try_from(values.len()).unwrap_or(i16::MAX));
     for value in values.iter().take(i16::MAX as usize) {
         match value {
-            Some(text) => {
-                buf.put_i32(i32::try_from(text.len()).unwrap_or(i32::MAX));
-                buf.extend_from_slice(text.as_bytes());
+            Some(value) => {
+                let value = value.as_ref();
+                buf.put_i32(i32::try_from(value.len()).unwrap_or(i32::MAX));
+                buf.extend_from_slice(value);
             }
             None => buf.put_i32(-1),
         }
+    }
+    finish(buf)
+}
+
+/// ParseComplete, BindComplete or CloseComplete: the bodiless acknowledgements of the
+/// extended protocol (`b'1'`, `b'2'`, `b'3'`).
+pub fn acknowledgement(tag: u8) -> Bytes {
+    finish(begin(tag, 0))
+}
+
+/// ParameterDescription of a statement taking parameters of these types.
+pub fn parameter_description(type_oids: &[u32]) -> Bytes {
+    let mut buf = begin(b't', 2 + 4 * type_oids.len());
+    buf.put_i16(i16::try_from(type_oids.len()).unwrap_or(i16::MAX));
+    for oid in type_oids.iter().take(i16::MAX as usize) {
+        buf.put_u32(*oid);
     }
     finish(buf)
 }
@@ -255,7 +275,7 @@ mod tests {
 
     #[test]
     fn result_set_messages_read_back_with_the_views() {
-        let raw = row_description(&[("database", 25), ("cl_active", 20)]);
+        let raw = row_description(&[("database", 25, 0), ("cl_active", 20, 1)]);
         let msg = Message::from_raw(raw).unwrap();
         let fields = crate::protocol::view::row_description(msg.body()).unwrap();
         assert_eq!(fields.len(), 2);

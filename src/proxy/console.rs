@@ -4,9 +4,9 @@
 //! is handed here by the handshake (anyone else is refused there, 42501). It is answered by
 //! pgward itself and never reaches upstream: there is no upstream connection at all. Commands
 //! come as simple Queries (`SHOW POOLS`, `SHOW CLIENTS`, `SHOW SERVERS`, `SHOW STATS`,
-//! `SHOW HELP`, see [`command`]); each is recorded in the audit log, durably, before it is
-//! answered. Anything else gets an ErrorResponse and the session goes on. The extended
-//! protocol is refused with 0A000 (its messages are skipped up to the Sync).
+//! `SHOW HELP`, see [`command`]), or through the extended protocol without parameters
+//! ([`extended`]); each is recorded in the audit log, durably, before it is answered.
+//! Anything else gets an ErrorResponse and the session goes on.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,10 +25,11 @@ use crate::audit::{
 };
 use crate::error::{sqlstate, ClientError};
 use crate::net::{ConnReader, ConnWriter};
-use crate::protocol::cursor::Cursor;
-use crate::protocol::{build, frontend, FrameReader, Message, ProtocolError};
+use crate::protocol::view::Frontend;
+use crate::protocol::{build, FrameReader, Message, ProtocolError};
 
 mod command;
+mod extended;
 mod views;
 
 pub use views::render_metrics;
@@ -63,12 +64,10 @@ impl Audit {
         &mut self,
         text: &str,
         refused: Option<&ClientError>,
+        protocol: Protocol,
     ) -> Result<(), ClientError> {
-        let mut record = StatementRecord::new(
-            self.session.clone(),
-            Protocol::Simple,
-            SqlText::new(text, false),
-        );
+        let mut record =
+            StatementRecord::new(self.session.clone(), protocol, SqlText::new(text, false));
         record.command_class = vec!["MISC"];
         if let Some(error) = refused {
             record.decision = Decision::Refused;
@@ -225,8 +224,7 @@ async fn serve(
     mut audit: Option<&mut Audit>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> ConsoleEnd {
-    // After an extended-protocol message, everything up to the next Sync is skipped.
-    let mut skipping = false;
+    let mut extended = extended::Extended::default();
     loop {
         if *shutdown.borrow() {
             return ConsoleEnd::Fatal(ClientError::fatal(
@@ -252,7 +250,7 @@ async fn serve(
         };
         let mut out = BytesMut::new();
         for message in batch.messages() {
-            match answer(shared, id, &message, audit.as_deref_mut(), &mut skipping).await {
+            match answer(shared, id, &message, audit.as_deref_mut(), &mut extended).await {
                 Ok(bytes) => out.extend_from_slice(&bytes),
                 Err(end) => {
                     let _ = send(writer, &out).await;
@@ -272,44 +270,36 @@ async fn answer(
     id: u64,
     message: &Message,
     audit: Option<&mut Audit>,
-    skipping: &mut bool,
+    extended: &mut extended::Extended,
 ) -> Result<BytesMut, ConsoleEnd> {
     let mut out = BytesMut::new();
-    match message.tag() {
-        frontend::QUERY => {
-            let text = Cursor::new(message.body(), "Query").cstr().map_err(|e| {
-                ConsoleEnd::Fatal(ClientError::fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    format!("pgward: {e}"),
-                ))
-            })?;
-            run_query(shared, id, text, audit, &mut out).await;
+    let decoded = Frontend::decode(message).map_err(|e| {
+        ConsoleEnd::Fatal(ClientError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("pgward: {e}"),
+        ))
+    })?;
+    match decoded {
+        Frontend::Terminate => return Err(ConsoleEnd::Closed),
+        Frontend::Sync => {
+            extended.skipping = false;
             out.extend_from_slice(&build::ready_for_query(b'I'));
         }
-        frontend::TERMINATE => return Err(ConsoleEnd::Closed),
-        frontend::SYNC => {
-            *skipping = false;
+        Frontend::Flush => {}
+        _ if extended.skipping => {}
+        Frontend::Query { sql } => {
+            run_query(shared, id, sql, audit, &mut out).await;
             out.extend_from_slice(&build::ready_for_query(b'I'));
         }
-        frontend::FLUSH => {}
-        _ if *skipping => {}
-        frontend::PARSE
-        | frontend::BIND
-        | frontend::DESCRIBE
-        | frontend::EXECUTE
-        | frontend::CLOSE => {
-            *skipping = true;
-            let error = ClientError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                "the pgward admin console answers only the simple query protocol",
-            )
-            .with_hint("send SHOW commands as simple queries (psql does)");
-            out.extend_from_slice(&error.to_message());
-        }
+        Frontend::Parse(_)
+        | Frontend::Bind(_)
+        | Frontend::Describe(_)
+        | Frontend::Execute { .. }
+        | Frontend::Close(_) => extended.answer(shared, id, &decoded, audit, &mut out).await,
         _ => {
             let error = ClientError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                "the pgward admin console answers only SHOW commands sent as simple queries",
+                "the pgward admin console answers only SHOW commands",
             );
             out.extend_from_slice(&error.to_message());
             out.extend_from_slice(&build::ready_for_query(b'I'));
@@ -334,7 +324,8 @@ async fn run_query(
     for statement in statements {
         let parsed = command::parse(statement).map_err(|e| e.to_client());
         if let Some(audit) = audit.as_deref_mut() {
-            if let Err(error) = audit.record(statement, parsed.as_ref().err()).await {
+            let refused = parsed.as_ref().err();
+            if let Err(error) = audit.record(statement, refused, Protocol::Simple).await {
                 out.extend_from_slice(&error.to_message());
                 return;
             }
@@ -353,10 +344,7 @@ async fn run_query(
 }
 
 fn write_table(table: &views::Table, out: &mut BytesMut) {
-    out.extend_from_slice(&build::row_description(&table.columns));
-    for row in &table.rows {
-        let values: Vec<Option<&str>> = row.iter().map(Option::as_deref).collect();
-        out.extend_from_slice(&build::data_row(&values));
-    }
-    out.extend_from_slice(&build::command_complete("SHOW"));
+    let text = vec![false; table.columns.len()];
+    out.extend_from_slice(&table.row_description(&text));
+    table.write_rows(&text, out);
 }

@@ -346,11 +346,22 @@ async fn only_console_services_may_open_it_errors_keep_it_usable_and_it_is_audit
             "{text}"
         );
     }
-    // The extended protocol is refused with 0A000 and the session stays usable.
-    let error = console.query("SHOW POOLS", &[]).await.unwrap_err();
+    // The extended protocol (tokio-postgres prepares, then binds with binary results).
+    let listed = console.query("show clients;", &[]).await.unwrap();
+    assert_eq!(listed.len(), 1, "only the console session itself");
+    assert_eq!(listed[0].get::<_, String>("user"), "ops");
+    assert_eq!(listed[0].get::<_, String>("state"), "active");
+    assert!(listed[0].get::<_, i64>("port") > 0);
+    assert_eq!(listed[0].get::<_, Option<i64>>("server_pid"), None);
+    let error = console
+        .prepare_typed("SHOW CLIENTS", &[tokio_postgres::types::Type::INT4])
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED));
+    let error = console.prepare("SELECT 1").await.unwrap_err();
     assert_eq!(error.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED));
     let clients = console.simple_query("SHOW CLIENTS").await.unwrap();
-    assert_eq!(rows(&clients), 1, "only the console session itself");
+    assert_eq!(rows(&clients), 1);
     drop(console);
     tokio::time::sleep(Duration::from_millis(300)).await;
     proxy.shutdown().await;
@@ -367,6 +378,12 @@ async fn only_console_services_may_open_it_errors_keep_it_usable_and_it_is_audit
         .collect();
     assert!(allowed.contains(&"SHOW HELP"), "{console_statements:#?}");
     assert!(allowed.contains(&"SHOW CLIENTS"), "{console_statements:#?}");
+    assert!(
+        console_statements
+            .iter()
+            .any(|r| r["protocol"] == "extended" && r["sql"] == "show clients"),
+        "{console_statements:#?}"
+    );
     assert!(console_statements
         .iter()
         .all(|r| r["service"] == "ops" && r["token_id"].is_string()));

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use super::super::registry::{ClientActivity, ClientMode};
 use super::super::Shared;
 use super::command::Command;
+use crate::protocol::build;
 
 /// Type OIDs of the console's columns.
 const TEXT: u32 = 25;
@@ -26,6 +27,42 @@ impl Table {
             columns: columns.to_vec(),
             rows: Vec::new(),
         }
+    }
+
+    /// The RowDescription, with `binary[i]` the format of column `i`.
+    pub fn row_description(&self, binary: &[bool]) -> bytes::Bytes {
+        let columns: Vec<(&str, u32, i16)> = self
+            .columns
+            .iter()
+            .zip(binary.iter().chain(std::iter::repeat(&false)))
+            .map(|((name, oid), binary)| (*name, *oid, i16::from(*binary)))
+            .collect();
+        build::row_description(&columns)
+    }
+
+    /// The DataRows and the CommandComplete, each column in its format (binary: `int8` as 8
+    /// bytes big-endian, `text` as its bytes).
+    pub fn write_rows(&self, binary: &[bool], out: &mut bytes::BytesMut) {
+        for row in &self.rows {
+            let values: Vec<Option<Vec<u8>>> = row
+                .iter()
+                .zip(&self.columns)
+                .enumerate()
+                .map(|(i, (value, (_, oid)))| {
+                    let value = value.as_deref()?;
+                    Some(match binary.get(i) {
+                        Some(true) if *oid == INT8 => value
+                            .parse::<i64>()
+                            .unwrap_or_default()
+                            .to_be_bytes()
+                            .to_vec(),
+                        _ => value.as_bytes().to_vec(),
+                    })
+                })
+                .collect();
+            out.extend_from_slice(&build::data_row(&values));
+        }
+        out.extend_from_slice(&build::command_complete("SHOW"));
     }
 }
 
@@ -362,4 +399,27 @@ fn label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{view, Message};
+
+    #[test]
+    fn rows_are_sent_in_the_format_each_column_was_bound_with() {
+        let mut table = Table::new(&[("user", TEXT), ("port", INT8), ("pool_size", INT8)]);
+        table.rows.push(vec![text("ops"), text(5432), None]);
+        let mut out = bytes::BytesMut::new();
+        table.write_rows(&[false, true, true], &mut out);
+        let row = Message::from_raw(out.split_to(out.len() - 10).freeze()).unwrap();
+        let values = view::data_row(row.body()).unwrap();
+        assert_eq!(values[0], Some(&b"ops"[..]));
+        assert_eq!(values[1], Some(&5432i64.to_be_bytes()[..]));
+        assert_eq!(values[2], None);
+        let description = Message::from_raw(table.row_description(&[false, true])).unwrap();
+        let fields = view::row_description(description.body()).unwrap();
+        let formats: Vec<i16> = fields.iter().map(|f| f.format).collect();
+        assert_eq!(formats, [0, 1, 0]);
+    }
 }
