@@ -234,7 +234,13 @@ async fn serve(
         }
         let batch = tokio::select! {
             batch = reader.next_batch() => batch,
-            _ = shutdown.changed() => continue,
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    // The proxy is gone: nothing will tell this session to stop any more.
+                    return ConsoleEnd::Closed;
+                }
+                continue;
+            }
         };
         let batch = match batch {
             Ok(Some(batch)) => batch,
