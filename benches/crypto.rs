@@ -72,6 +72,7 @@ fn manager(c: &mut Criterion) {
             ty: ClientType::Bytea,
             searchable: false,
             context_claim: None,
+            bind_primary_key: false,
         },
         EncryptColumn {
             table: "t".into(),
@@ -80,6 +81,7 @@ fn manager(c: &mut Criterion) {
             ty: ClientType::Bytea,
             searchable: false,
             context_claim: Some("tenant_id".into()),
+            bind_primary_key: false,
         },
     ];
     let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([5; 32])));
@@ -132,6 +134,7 @@ fn sql_transform(c: &mut Criterion) {
         ty: ClientType::Text,
         searchable: true,
         context_claim: None,
+        bind_primary_key: false,
     }];
     let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([5; 32])));
     let policy = CachePolicy {

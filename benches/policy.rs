@@ -41,6 +41,7 @@ fn catalog() -> Catalog {
             column("abalance", "integer"),
             column("filler", "character(84)"),
         ],
+        primary_key: vec!["aid".into()],
     }])
 }
 

@@ -447,6 +447,14 @@ impl Config {
             )));
         }
         self.crypto().validate().map_err(ConfigError::Invalid)?;
+        if let Some(bound) = self.encrypt.iter().find(|e| e.bind_primary_key) {
+            if self.policy.is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "[[encrypt]] {}.{} has bind_primary_key, which needs the table's primary key from the catalog: configure [policy]",
+                    bound.table, bound.column
+                )));
+            }
+        }
         if let Some(cluster) = &self.cluster {
             cluster.validate().map_err(ConfigError::Invalid)?;
         }
@@ -657,6 +665,13 @@ mod tests {
             "not both",
         );
         refused(full.replace("\"30s\"", "\"0s\""), "poll_interval");
+        refused(
+            full.replace(
+                "key = \"pci\"\n",
+                "key = \"pci\"\nbind_primary_key = true\n",
+            ),
+            "bind_primary_key, which needs the table's primary key from the catalog",
+        );
     }
 
     const CLUSTER: &str = r#"

@@ -301,6 +301,21 @@ async fn check_database(
     }
 }
 
+/// Every `bind_primary_key` column's table has a single-column primary key of a type whose
+/// canonical text pgward computes (else its statements would be refused).
+fn check_row_binding(config: &Config, catalog: &Catalog, report: &mut Report) {
+    for entry in config.encrypt.iter().filter(|e| e.bind_primary_key) {
+        let table = crate::crypto::config::qualify_table(&entry.table);
+        match crate::crypto::sql::primary_key_of(Some(catalog), &table) {
+            Ok((pk, _)) => report.ok(
+                "row binding",
+                format!("{table}.{} is bound to primary key {pk}", entry.column),
+            ),
+            Err(e) => report.fail("row binding", e),
+        }
+    }
+}
+
 fn db_reason(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
         .map(|d| format!("{} (SQLSTATE {})", d.message(), d.code().code()))
@@ -321,6 +336,7 @@ async fn check_policies(
             return;
         }
     };
+    check_row_binding(config, &catalog, report);
     let policies = match policy_config::load_dir(dir, &catalog) {
         Ok(policies) => policies,
         Err(errors) => {

@@ -563,14 +563,18 @@ pub fn demo_encryption_toml(master_key: &Path) -> String {
 /// The `[[encrypt]]` entries of the demo.
 fn demo_encrypt_columns() -> String {
     let mut text = String::new();
-    for (table, column, searchable) in [
-        ("customers", "email", true),
-        ("customers", "ssn", false),
-        ("invoices", "card_number", true),
+    for (table, column, searchable, bound) in [
+        ("customers", "email", true, false),
+        ("customers", "ssn", false, true),
+        ("invoices", "card_number", true, false),
     ] {
         text.push_str(&format!(
             "\n[[encrypt]]\ntable = \"{table}\"\ncolumn = \"{column}\"\nkey = \"{DEMO_KEY}\"\ntype = \"text\"\nsearchable = {searchable}\ncontext_claim = \"tenant_id\"\n"
         ));
+        if bound {
+            // Each ssn is bound to its customer's id: copied into another row, it fails.
+            text.push_str("bind_primary_key = true\n");
+        }
     }
     text
 }
@@ -640,7 +644,14 @@ pub async fn seed_encrypted_demo(
         let email_bidx = manager
             .blind_index("customers", "email", &scope, email.as_bytes())
             .await?;
-        let ssn_ct = manager.encrypt("customers", "ssn", &scope, ssn.as_bytes()).await?;
+        let ssn_ct = match manager.column("customers", "ssn") {
+            Ok(spec) if spec.column.bind_primary_key => {
+                manager
+                    .encrypt_row("customers", "ssn", &scope, Some(&id.to_string()), ssn.as_bytes())
+                    .await?
+            }
+            _ => manager.encrypt("customers", "ssn", &scope, ssn.as_bytes()).await?,
+        };
         written += client
             .execute(
                 "UPDATE customers SET email = $1, email_bidx = $2, ssn = $3 WHERE id = $4",

@@ -125,6 +125,12 @@ pub struct EncryptColumn {
     /// [`super::scope`]). A session without the claim can neither write nor read the column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_claim: Option<String>,
+    /// Bind each value to its row's primary key (the key's canonical text joins the AAD), so
+    /// a value copied into another row of the same table — same tenant included — fails its
+    /// integrity check. Needs a single-column primary key of type smallint, integer, bigint,
+    /// text, varchar or uuid; values written without the key (see the README) stay unbound.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bind_primary_key: bool,
 }
 
 /// The crypto sections of the pgward configuration file.

@@ -23,6 +23,11 @@ pub enum CryptoError {
         found: u32,
         expected: u32,
     },
+    /// A row-bound value (`bind_primary_key`) was read where its row's primary key is not
+    /// known (through a view, or a result pgward could not add the key to): it cannot be
+    /// verified, so it is not returned.
+    #[error("a value of {table}.{column} is bound to its row's primary key, which this result does not carry")]
+    RowKeyMissing { table: String, column: String },
     /// No `[[encrypt]]` entry for this table and column.
     #[error("column {table}.{column} is not configured for encryption")]
     UnknownColumn { table: String, column: String },

@@ -231,18 +231,33 @@ impl KeyManager {
         scope: &KeyScope,
         canonical: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
+        self.encrypt_row(table, column, scope, None, canonical)
+            .await
+    }
+
+    /// [`KeyManager::encrypt`], bound to the row whose primary key has the canonical text
+    /// `row` when it is given (a row-bound envelope, see [`super::envelope`]).
+    pub async fn encrypt_row(
+        &self,
+        table: &str,
+        column: &str,
+        scope: &KeyScope,
+        row: Option<&str>,
+        canonical: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
         let key = self.resolve(spec, scope)?;
         let dek = self.current_dek(&key.name).await?;
         if canonical.len() < self.policy.blocking_threshold {
-            return dek.seal(&spec.table, column, canonical);
+            return dek.seal_row(&spec.table, column, row, canonical);
         }
-        let (table, column, data) = (
+        let (table, column, data, row) = (
             spec.table.clone(),
             column.to_string(),
             Zeroizing::new(canonical.to_vec()),
+            row.map(str::to_string),
         );
-        tokio::task::spawn_blocking(move || dek.seal(&table, &column, &data))
+        tokio::task::spawn_blocking(move || dek.seal_row(&table, &column, row.as_deref(), &data))
             .await
             .map_err(|e| CryptoError::Worker(e.to_string()))?
     }
@@ -255,7 +270,24 @@ impl KeyManager {
         scope: &KeyScope,
         ciphertext: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
-        let result = self.decrypt_inner(table, column, scope, ciphertext).await;
+        self.decrypt_row(table, column, scope, None, ciphertext)
+            .await
+    }
+
+    /// [`KeyManager::decrypt`] of a value read from the row whose primary key has the
+    /// canonical text `row` (`None`: not known; a row-bound value then fails
+    /// [`CryptoError::RowKeyMissing`]).
+    pub async fn decrypt_row(
+        &self,
+        table: &str,
+        column: &str,
+        scope: &KeyScope,
+        row: Option<&str>,
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let result = self
+            .decrypt_inner(table, column, scope, row, ciphertext)
+            .await;
         self.count_integrity(result)
     }
 
@@ -277,6 +309,7 @@ impl KeyManager {
         table: &str,
         column: &str,
         scope: &KeyScope,
+        row: Option<&str>,
         ciphertext: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
@@ -285,10 +318,15 @@ impl KeyManager {
         key.expect(spec, key_ref)?;
         let dek = self.dek(&key.name, key_ref.dek_version).await?;
         if ciphertext.len() < self.policy.blocking_threshold {
-            return dek.open(&spec.table, column, ciphertext);
+            return dek.open_row(&spec.table, column, row, ciphertext);
         }
-        let (table, column, data) = (spec.table.clone(), column.to_string(), ciphertext.to_vec());
-        tokio::task::spawn_blocking(move || dek.open(&table, &column, &data))
+        let (table, column, data, row) = (
+            spec.table.clone(),
+            column.to_string(),
+            ciphertext.to_vec(),
+            row.map(str::to_string),
+        );
+        tokio::task::spawn_blocking(move || dek.open_row(&table, &column, row.as_deref(), &data))
             .await
             .map_err(|e| CryptoError::Worker(e.to_string()))?
     }
@@ -304,6 +342,19 @@ impl KeyManager {
         scope: &KeyScope,
         canonical: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
+        self.encrypt_now_row(table, column, scope, None, canonical)
+    }
+
+    /// [`KeyManager::encrypt_now`], bound to the row whose primary key has the canonical
+    /// text `row` when it is given.
+    pub fn encrypt_now_row(
+        &self,
+        table: &str,
+        column: &str,
+        scope: &KeyScope,
+        row: Option<&str>,
+        canonical: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
         let key = self.resolve(spec, scope)?;
         self.cache.check(&key.name)?;
@@ -314,7 +365,7 @@ impl KeyManager {
                 key: spec.column.key.clone(),
             })?;
         self.count_hit(true);
-        dek.seal(&spec.table, column, canonical)
+        dek.seal_row(&spec.table, column, row, canonical)
     }
 
     /// Decrypt on the calling thread if the DEK is cached (up to `max_stale`) and the value is small;
@@ -324,6 +375,19 @@ impl KeyManager {
         table: &str,
         column: &str,
         scope: &KeyScope,
+        ciphertext: &[u8],
+    ) -> Option<Result<Vec<u8>, CryptoError>> {
+        self.try_decrypt_now_row(table, column, scope, None, ciphertext)
+    }
+
+    /// [`KeyManager::try_decrypt_now`] of a value read from the row whose primary key has
+    /// the canonical text `row`.
+    pub fn try_decrypt_now_row(
+        &self,
+        table: &str,
+        column: &str,
+        scope: &KeyScope,
+        row: Option<&str>,
         ciphertext: &[u8],
     ) -> Option<Result<Vec<u8>, CryptoError>> {
         if ciphertext.len() >= self.policy.blocking_threshold {
@@ -344,7 +408,7 @@ impl KeyManager {
             .cache
             .dek(&key.name, key_ref.dek_version, self.policy.max_stale)?;
         self.count_hit(true);
-        Some(self.count_integrity(dek.open(&spec.table, column, ciphertext)))
+        Some(self.count_integrity(dek.open_row(&spec.table, column, row, ciphertext)))
     }
 
     /// Load every key's current DEK and every searchable column's index key into the
@@ -599,6 +663,7 @@ mod tests {
                 ty: ClientType::Text,
                 searchable: true,
                 context_claim: None,
+                bind_primary_key: false,
             },
             EncryptColumn {
                 table: "public.users".into(),
@@ -607,6 +672,7 @@ mod tests {
                 ty: ClientType::Text,
                 searchable: false,
                 context_claim: None,
+                bind_primary_key: false,
             },
             EncryptColumn {
                 table: "orders".into(),
@@ -615,6 +681,7 @@ mod tests {
                 ty: ClientType::Text,
                 searchable: false,
                 context_claim: None,
+                bind_primary_key: false,
             },
         ];
         let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([9; 32])));
@@ -698,6 +765,7 @@ mod tests {
             ty: ClientType::Int4,
             searchable: false,
             context_claim: None,
+            bind_primary_key: false,
         };
         let p = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([1; 32])));
         let policy = CachePolicy {

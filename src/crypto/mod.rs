@@ -6,11 +6,11 @@
 //! see the same data. Keys come from a [`crate::keys::KeyProvider`] through
 //! [`manager::KeyManager`].
 //!
-//! # Ciphertext byte format (version 1)
+//! # Ciphertext byte format (versions 1 and 2)
 //!
 //! ```text
 //! offset  size  field
-//! 0       1     format version = 0x01
+//! 0       1     format version = 0x01 (unbound), 0x02 (row-bound: `bind_primary_key`)
 //! 1       4     key name id, u32 big-endian = first 4 bytes of SHA-256("pgward/key-name/v1\0" || key name)
 //! 5       4     DEK version, u32 big-endian (>= 1; 0 is reserved for the blind-index root key)
 //! 9       12    nonce, 96 random bits from the OS-seeded CSPRNG, fresh for every value
@@ -24,13 +24,27 @@
 //! "pgward/v1" || header (bytes 0..21) || u32be(len(table)) || table || u32be(len(column)) || column
 //! ```
 //!
+//! and for a row-bound value (version 0x02) additionally
+//!
+//! ```text
+//! ... || u32be(len(pk)) || pk
+//! ```
+//!
+//! where `pk` is the canonical text of the row's primary key, as PostgreSQL prints it
+//! (`crypto::sql::PkType`). The version byte is in the header, so stripping the binding
+//! (0x02 → 0x01) or adding one fails authentication. Opening a row-bound value needs the
+//! row's key (the relay gets it from a column the SQL transform adds, see
+//! `crypto::sql::rowkey`); without it the value is not returned
+//! ([`CryptoError::RowKeyMissing`]). Unbound values ignore the row they are read from.
+//!
 //! where `table` is schema-qualified (`public.users`). Consequences:
 //! * a value copied into another column or table fails to decrypt ([`CryptoError::Integrity`]);
+//!   a row-bound value also when copied into another row of its table;
 //!   renaming an encrypted column or table therefore needs a re-encryption;
 //! * editing the version, key id or DEK version bytes fails authentication;
 //! * an integrity failure is always an error, never a plaintext fallback.
 //!
-//! Bytes 1..9 (`substring(col from 2 for 8)` in SQL) identify the DEK, which lets
+//! Both versions share the layout, so bytes 1..9 (`substring(col from 2 for 8)` in SQL) identify the DEK, which lets
 //! `keys status` count rows per DEK and `keys reencrypt` find rows under old DEKs
 //! without decrypting anything.
 //!

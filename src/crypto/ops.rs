@@ -693,14 +693,17 @@ async fn all_values_encrypted(
     if spec.column.ty != super::codec::ClientType::Bytea {
         return Ok(true);
     }
+    // Either format version (unbound or row-bound) counts as this column's envelope.
     let mut prefix = vec![super::envelope::FORMAT_V1];
     prefix.extend_from_slice(&spec.key_id.to_be_bytes());
+    let mut bound = prefix.clone();
+    bound[0] = super::envelope::FORMAT_ROW_BOUND;
     let c = quote_ident(&spec.column.column);
     let sql = format!(
-        "SELECT EXISTS (SELECT 1 FROM {} WHERE {c} IS NOT NULL AND substring({c} from 1 for 5) IS DISTINCT FROM $1)",
+        "SELECT EXISTS (SELECT 1 FROM {} WHERE {c} IS NOT NULL AND substring({c} from 1 for 5) IS DISTINCT FROM $1 AND substring({c} from 1 for 5) IS DISTINCT FROM $2)",
         quote_table(&spec.table)
     );
-    let plaintext_left: bool = db.query_one(&sql, &[&prefix]).await?.try_get(0)?;
+    let plaintext_left: bool = db.query_one(&sql, &[&prefix, &bound]).await?.try_get(0)?;
     Ok(!plaintext_left)
 }
 
@@ -724,11 +727,14 @@ async fn encrypt_rows(
             encode_for_encryption(spec.column.ty, WireFormat::Text, text.as_bytes())
                 .map_err(|e| OpsError::Crypto(e.into()).at_row(spec, &id))?,
         );
+        // `id` is the primary key as PostgreSQL prints it: what a row-bound column binds.
+        let row = spec.column.bind_primary_key.then_some(id.as_str());
         let ct = manager
-            .encrypt(
+            .encrypt_row(
                 &spec.table,
                 &spec.column.column,
                 &KeyScope::default(),
+                row,
                 &canonical,
             )
             .await?;

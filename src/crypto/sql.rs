@@ -41,8 +41,11 @@ use sqlparser::ast::{
 
 mod accessed;
 mod derived;
+mod rowkey;
 mod search;
 mod write;
+
+pub use rowkey::{primary_key_of, PkType, RowKey, CARRIED_KEY_PREFIX, RESULT_KEY_PREFIX};
 
 use super::codec::{encode_for_encryption, ClientType, WireFormat};
 use super::error::CryptoError;
@@ -87,6 +90,12 @@ pub struct ParamPlan {
     pub params: Vec<(usize, ParamUse)>,
     /// `COPY … FROM STDIN` into a table with encrypted columns: how its rows are encrypted.
     pub copy: Option<CopyPlan>,
+    /// Encrypted parameters sealed row-bound (`bind_primary_key`): the client parameter
+    /// (0-based) of the value, and where its row's primary key comes from.
+    pub row_keys: Vec<(usize, RowKey)>,
+    /// Result columns pgward appended (row keys, see `rowkey.rs`): a Bind naming one
+    /// result format per column gets a text format for each.
+    pub result_keys: usize,
 }
 
 /// How the rows of a `COPY … FROM STDIN` (text or CSV) are encrypted on their way upstream.
@@ -111,8 +120,19 @@ impl ParamPlan {
     /// True when some parameter needs work in the relay.
     pub fn is_active(&self) -> bool {
         self.copy.is_some()
+            || self.result_keys > 0
+            || !self.row_keys.is_empty()
             || self.params.len() != self.client_count
             || self.params.iter().any(|(_, u)| *u != ParamUse::Plain)
+    }
+
+    /// Where the row key of client parameter `i` (an encrypted value) comes from, if it is
+    /// sealed row-bound.
+    pub fn row_key(&self, i: usize) -> Option<&RowKey> {
+        self.row_keys
+            .iter()
+            .find(|(index, _)| *index == i)
+            .map(|(_, key)| key)
     }
 
     /// The type OID the client should be told for its parameter `i` (0-based), if pgward
@@ -160,6 +180,8 @@ pub struct Outcome {
 struct EncCol {
     col: ColumnRef,
     searchable: bool,
+    /// `bind_primary_key`: values are sealed bound to their row's primary key.
+    bind_row: bool,
 }
 
 /// The encrypted columns, as the SQL transform needs them, and the keys for literals.
@@ -195,6 +217,7 @@ impl SqlEncryption {
                         ty: spec.column.ty,
                     },
                     searchable: spec.column.searchable,
+                    bind_row: spec.column.bind_primary_key,
                 },
             );
         }
@@ -238,6 +261,7 @@ impl SqlEncryption {
             outcome.accessed.push(t.accessed_columns(st));
             t.collect_derived(st)?;
             t.statement(st)?;
+            t.add_row_keys(st)?;
             outcome.encrypted_literals |= t.literals;
         }
         outcome.params = params.plan()?;
@@ -296,6 +320,8 @@ struct Params {
     added: Vec<(usize, ParamUse)>,
     max_client: usize,
     copy: Option<CopyPlan>,
+    row_keys: Vec<(usize, RowKey)>,
+    result_keys: usize,
 }
 
 impl Params {
@@ -314,6 +340,21 @@ impl Params {
         Ok(())
     }
 
+    /// Client parameter `index` (an encrypted value) is sealed bound to the row key `key`.
+    fn bind_row(&mut self, index: usize, key: RowKey) -> Result<(), Refused> {
+        match self.row_keys.iter().find(|(i, _)| *i == index) {
+            Some((_, existing)) if *existing != key => Err(refuse(format!(
+                "pgward: parameter ${} is written to rows with different primary keys; bind it once per row",
+                index + 1
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                self.row_keys.push((index, key));
+                Ok(())
+            }
+        }
+    }
+
     /// A parameter pgward adds, carrying `usage` of client parameter `source`; its number.
     fn add(&mut self, source: usize, usage: ParamUse) -> usize {
         self.added.push((source, usage));
@@ -329,7 +370,11 @@ impl Params {
                 )));
             }
         }
-        if self.uses.is_empty() && self.added.is_empty() && self.copy.is_none() {
+        if self.uses.is_empty()
+            && self.added.is_empty()
+            && self.copy.is_none()
+            && self.result_keys == 0
+        {
             return Ok(None);
         }
         let mut params: Vec<(usize, ParamUse)> = (0..self.max_client)
@@ -340,6 +385,8 @@ impl Params {
             client_count: self.max_client,
             params,
             copy: self.copy.clone(),
+            row_keys: self.row_keys.clone(),
+            result_keys: self.result_keys,
         })))
     }
 }
@@ -611,21 +658,36 @@ impl Transform<'_> {
         }
     }
 
-    /// The SQL for a value stored in `c` (ciphertext literal, cast parameter, NULL, DEFAULT).
-    fn sealed(&mut self, c: &EncCol, w: &Written) -> Result<Expr, Refused> {
+    /// The SQL for a value stored in `c` (ciphertext literal, cast parameter, NULL, DEFAULT),
+    /// sealed bound to `row` when the column binds rows and the row's key is known.
+    fn sealed(&mut self, c: &EncCol, w: &Written, row: Option<&RowKey>) -> Result<Expr, Refused> {
+        let row = row.filter(|_| c.bind_row);
         match w {
             Written::Null => Ok(null()),
             Written::Default => Ok(default()),
             Written::Param(i) => {
                 self.params.claim(*i, ParamUse::Encrypt(c.col.clone()))?;
+                if let Some(key) = row {
+                    self.params.bind_row(*i, key.clone())?;
+                }
                 Ok(bytea_param(*i + 1))
             }
             Written::Literal(text) => {
+                let key = match row {
+                    None => None,
+                    Some(RowKey::Literal(key)) => Some(key.as_str()),
+                    Some(RowKey::Param { .. }) => {
+                        return Err(refuse(format!(
+                            "pgward: {}.{} is bound to its row's primary key, which this statement binds as a parameter: bind the value as a parameter too",
+                            c.col.table, c.col.column
+                        )))
+                    }
+                };
                 let canonical = self.canonical(c, text)?;
                 let sealed = self
                     .enc
                     .manager
-                    .encrypt_now(&c.col.table, &c.col.column, self.scope, &canonical)
+                    .encrypt_now_row(&c.col.table, &c.col.column, self.scope, key, &canonical)
                     .map_err(|e| self.key_error(c, e))?;
                 self.literals = true;
                 Ok(bytea_literal(&sealed))

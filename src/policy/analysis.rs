@@ -291,6 +291,7 @@ mod tests {
             oid: 1,
             kind: crate::policy::RelKind::Table,
             columns: Vec::new(),
+            primary_key: Vec::new(),
         }]);
         let st = &parse_statements("SELECT * FROM customers, unknown").unwrap()[0];
         assert_eq!(

@@ -147,6 +147,7 @@ mod tests {
             oid: 1,
             kind: RelKind::Table,
             columns: vec![column("id", "bigint"), column("tenant_id", "bigint")],
+            primary_key: vec!["id".into()],
         }])
     }
 

@@ -20,6 +20,11 @@ fn table(schema: &str, name: &str, cols: &[(&str, &str)]) -> TableInfo {
         oid: 0,
         kind: RelKind::Table,
         columns: cols.iter().map(|(n, t)| col(n, t)).collect(),
+        primary_key: cols
+            .iter()
+            .filter(|(n, _)| *n == "id")
+            .map(|(n, _)| n.to_string())
+            .collect(),
     }
 }
 

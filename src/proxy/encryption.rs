@@ -45,7 +45,9 @@ use crate::config::Config;
 use crate::crypto::error::KeyFailure;
 use crate::crypto::manager::KeyManager;
 use crate::crypto::scope::KeyScope;
-use crate::crypto::sql::{ColumnRef, ParamPlan, ParamUse, SqlEncryption};
+use crate::crypto::sql::{
+    ColumnRef, ParamPlan, ParamUse, RowKey, SqlEncryption, CARRIED_KEY_PREFIX, RESULT_KEY_PREFIX,
+};
 use crate::crypto::ProviderKind;
 use crate::crypto::{decode_to_wire, encode_for_encryption, ClientType, CryptoError, WireFormat};
 use crate::error::{sqlstate, ClientError};
@@ -321,6 +323,8 @@ pub fn bidx_name(column: &str) -> String {
 #[derive(Clone, Debug)]
 enum FieldRole {
     Encrypted(ColumnRef),
+    /// An encrypted column read through a view: its row key is never in the result.
+    EncryptedViaView(ColumnRef),
     BlindIndex,
 }
 

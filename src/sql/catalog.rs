@@ -58,6 +58,8 @@ pub struct TableInfo {
     pub kind: RelKind,
     /// In `attnum` order, dropped columns excluded.
     pub columns: Vec<ColumnInfo>,
+    /// The primary key's columns, in key order (empty: none).
+    pub primary_key: Vec<String>,
 }
 
 impl TableInfo {
@@ -88,6 +90,14 @@ LEFT JOIN pg_catalog.pg_attribute a
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
   AND n.nspname <> 'pg_toast' AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast_temp%'
 ORDER BY n.nspname, c.relname, a.attnum";
+
+/// The primary keys' columns, in key order.
+const PRIMARY_KEYS_SQL: &str = "
+SELECT k.conrelid, a.attname::text
+FROM pg_catalog.pg_constraint k
+JOIN pg_catalog.pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY (k.conkey)
+WHERE k.contype = 'p'
+ORDER BY k.conrelid, array_position(k.conkey, a.attnum)";
 
 impl Catalog {
     /// Builds a catalog from known relations (tests, tools).
@@ -140,6 +150,7 @@ impl Catalog {
                     oid,
                     kind: RelKind::from_relkind(&kind),
                     columns: Vec::new(),
+                    primary_key: Vec::new(),
                 });
             let column: Option<String> = row.try_get(4)?;
             if let Some(column) = column {
@@ -149,6 +160,17 @@ impl Catalog {
                     type_oid: row.try_get(6)?,
                     not_null: row.try_get(7)?,
                 });
+            }
+        }
+        let mut keys: HashMap<u32, Vec<String>> = HashMap::new();
+        for row in client.query(PRIMARY_KEYS_SQL, &[]).await? {
+            keys.entry(row.try_get(0)?)
+                .or_default()
+                .push(row.try_get(1)?);
+        }
+        for table in tables.values_mut() {
+            if let Some(key) = keys.remove(&table.oid) {
+                table.primary_key = key;
             }
         }
         tracing::debug!(relations = tables.len(), "loaded upstream catalog");

@@ -190,6 +190,7 @@ mod tests {
                     not_null: false,
                 })
                 .collect(),
+            primary_key: Vec::new(),
         }
     }
 

@@ -23,6 +23,7 @@ fn col(table: &str, column: &str, key: &str, searchable: bool) -> EncryptColumn 
         ty: ClientType::Text,
         searchable,
         context_claim: None,
+        bind_primary_key: false,
     }
 }
 
@@ -647,6 +648,7 @@ async fn db_key_store_and_ops_against_postgres() {
             ty: ClientType::Text,
             searchable: true,
             context_claim: None,
+            bind_primary_key: false,
         },
         EncryptColumn {
             table: table.clone(),
@@ -655,6 +657,7 @@ async fn db_key_store_and_ops_against_postgres() {
             ty: ClientType::Date,
             searchable: false,
             context_claim: None,
+            bind_primary_key: false,
         },
     ];
     let m = manager(

@@ -46,6 +46,7 @@ fn encrypt_columns() -> Vec<EncryptColumn> {
             ty: *ty,
             searchable: *searchable,
             context_claim: None,
+            bind_primary_key: false,
         })
         .collect()
 }

@@ -52,6 +52,7 @@ fn instance(bao: &Bao, store: &Arc<dyn WrappedKeyStore>, key: &str, limit: u64) 
         ty: ClientType::Text,
         searchable: false,
         context_claim: None,
+        bind_primary_key: false,
     }];
     let policy = CachePolicy {
         ttl: Duration::from_secs(600),

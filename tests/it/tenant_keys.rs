@@ -46,10 +46,10 @@ fn config(
          [keys]\nprovider = \"transit\"\npoll_interval = \"1s\"\n",
         bao.addr
     );
-    for (column, searchable) in [("email", true), ("ssn", false)] {
+    for (column, searchable, bound) in [("email", true, false), ("ssn", false, true)] {
         toml.push_str(&format!(
             "[[encrypt]]\ntable = \"customers\"\ncolumn = \"{column}\"\nkey = \"{key}\"\ntype = \"text\"\n\
-             searchable = {searchable}\ncontext_claim = \"tenant_id\"\n"
+             searchable = {searchable}\ncontext_claim = \"tenant_id\"\nbind_primary_key = {bound}\n"
         ));
     }
     toml
@@ -256,6 +256,196 @@ async fn a_ciphertext_copied_to_another_tenants_row_fails_and_searches_stay_per_
         .await
         .unwrap()
         .is_empty());
+}
+
+/// The rows of a simple query's first column.
+async fn simple_rows(
+    client: &Client,
+    sql: &str,
+) -> Result<Vec<Option<String>>, tokio_postgres::Error> {
+    Ok(client
+        .simple_query(sql)
+        .await?
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).map(String::from)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// An integrity failure naming `customers.ssn` and none of the values.
+fn assert_integrity_failure(e: &tokio_postgres::Error, values: &[&str]) {
+    let db_error = e.as_db_error().expect("a server error");
+    assert_eq!(db_error.code().code(), "XX001", "{}", db_error.message());
+    assert!(
+        db_error.message().contains("customers.ssn"),
+        "{}",
+        db_error.message()
+    );
+    for v in values {
+        assert!(!db_error.message().contains(v), "{}", db_error.message());
+    }
+}
+
+/// `bind_primary_key` on `customers.ssn`: a ciphertext copied between two rows of the same
+/// tenant (same key) fails integrity, read plainly, through a derived table or a CTE, in both
+/// protocols; rows written without their key stay unbound (the documented gap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_copied_between_rows_of_one_tenant_fails_when_bound_to_the_primary_key() {
+    let bao = crate::vault::Bao::start().await;
+    let database = harness::fresh_database("pkbind", true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("vault-token");
+    std::fs::write(&token_file, &bao.token).unwrap();
+    let key = harness::unique_name("pk_pii");
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_toml: config(&bao, &database, &token_file, &key),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let one = session(
+        &proxy,
+        &database,
+        "billing",
+        serde_json::json!({ "tenant_id": 1 }),
+    )
+    .await;
+
+    // Row A by literals (simple protocol, key written `0901`), row B by parameters (extended),
+    // row C without its key (bigserial default).
+    one.batch_execute("INSERT INTO customers (id, name, ssn) VALUES (0901, 'A', '111-11-1111')")
+        .await
+        .unwrap();
+    one.execute(
+        "INSERT INTO customers (id, name, ssn) VALUES ($1, $2, $3)",
+        &[&902i64, &"B", &"222-22-2222"],
+    )
+    .await
+    .unwrap();
+    one.execute(
+        "INSERT INTO customers (name, ssn) VALUES ($1, $2)",
+        &[&"C", &"333-33-3333"],
+    )
+    .await
+    .unwrap();
+    let db = direct(&database).await;
+    let format_of = |name: &'static str| {
+        let db = &db;
+        async move {
+            let row = db
+                .query_one("SELECT ssn FROM customers WHERE name = $1", &[&name])
+                .await
+                .unwrap();
+            row.get::<_, Vec<u8>>(0)[0]
+        }
+    };
+    assert_eq!(
+        format_of("A").await,
+        pgward::crypto::envelope::FORMAT_ROW_BOUND
+    );
+    assert_eq!(
+        format_of("B").await,
+        pgward::crypto::envelope::FORMAT_ROW_BOUND
+    );
+    assert_eq!(format_of("C").await, pgward::crypto::envelope::FORMAT_V1);
+
+    // Reads verify against each row's own key: plain, *, derived table, CTE, both protocols.
+    let reads = [
+        "SELECT ssn FROM customers WHERE id = {id}",
+        "SELECT * FROM customers WHERE id = {id}",
+        "SELECT x.s FROM (SELECT ssn AS s, id FROM customers) x WHERE x.id = {id}",
+        "WITH c AS (SELECT * FROM customers) SELECT c.ssn FROM c WHERE c.id = {id}",
+        "SELECT c.name, c.ssn FROM customers c JOIN customers d ON d.id = c.id WHERE c.id = {id}",
+    ];
+    for (id, ssn) in [(901, "111-11-1111"), (902, "222-22-2222")] {
+        for sql in reads {
+            let sql = sql.replace("{id}", &id.to_string());
+            let rows = one.query(sql.as_str(), &[]).await.unwrap();
+            assert_eq!(rows.len(), 1, "{sql}");
+            let column = rows[0]
+                .columns()
+                .iter()
+                .position(|c| c.name() == "ssn" || c.name() == "s")
+                .unwrap();
+            assert_eq!(rows[0].get::<_, String>(column), ssn, "{sql}");
+            assert!(
+                rows[0]
+                    .columns()
+                    .iter()
+                    .all(|c| !c.name().starts_with("pgward_")),
+                "row keys reach the client: {sql}"
+            );
+        }
+        let simple = simple_rows(&one, &format!("SELECT ssn FROM customers WHERE id = {id}"))
+            .await
+            .unwrap();
+        assert_eq!(simple, [Some(ssn.to_string())]);
+    }
+    // What a driver sees of the result is what it saw before: no key columns, client type.
+    let stmt = one
+        .prepare("SELECT id, ssn FROM customers WHERE id = $1")
+        .await
+        .unwrap();
+    let names: Vec<&str> = stmt.columns().iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["id", "ssn"]);
+    assert_eq!(
+        stmt.columns()[1].type_(),
+        &tokio_postgres::types::Type::TEXT
+    );
+    // An UPDATE by primary key re-binds (parameters); RETURNING verifies too.
+    let row = one
+        .query_one(
+            "UPDATE customers SET ssn = $1 WHERE id = $2 RETURNING ssn",
+            &[&"222-00-0000", &902i64],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "222-00-0000");
+    assert_eq!(
+        format_of("B").await,
+        pgward::crypto::envelope::FORMAT_ROW_BOUND
+    );
+    // The primary key of a row with bound values cannot be changed through pgward.
+    let e = one
+        .batch_execute("UPDATE customers SET id = 999 WHERE id = 902")
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "0A000", "{e}");
+
+    // The attack: as the DBA, copy row A's ssn ciphertext into row B (same tenant, same key).
+    db.batch_execute(
+        "UPDATE customers SET ssn = (SELECT ssn FROM customers WHERE id = 901) WHERE id = 902",
+    )
+    .await
+    .unwrap();
+    for sql in reads {
+        let sql = sql.replace("{id}", "902");
+        let e = one.query(sql.as_str(), &[]).await.unwrap_err();
+        assert_integrity_failure(&e, &["111-11", "222-"]);
+    }
+    let e = simple_rows(&one, "SELECT ssn FROM customers WHERE id = 902")
+        .await
+        .unwrap_err();
+    assert_integrity_failure(&e, &["111-11", "222-"]);
+    // Row A still reads, also in a result that does not include row B.
+    let rows = one
+        .query("SELECT ssn FROM customers WHERE id = $1", &[&901i64])
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "111-11-1111");
+
+    // The gap: a value written without its key is unbound, and moves undetected.
+    db.batch_execute(
+        "UPDATE customers SET ssn = (SELECT ssn FROM customers WHERE name = 'C') WHERE id = 902",
+    )
+    .await
+    .unwrap();
+    let rows = one
+        .query("SELECT ssn FROM customers WHERE id = $1", &[&902i64])
+        .await
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "333-33-3333");
 }
 
 /// `pgward keys shred` as an operator runs it: (exit code, stdout, stderr).

@@ -311,6 +311,7 @@ async fn reload_rereads_the_token_file() {
             ty: ClientType::Text,
             searchable: false,
             context_claim: None,
+            bind_primary_key: false,
         }],
         ..config
     };

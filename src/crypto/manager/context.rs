@@ -159,6 +159,7 @@ mod tests {
             ty: ClientType::Text,
             searchable: true,
             context_claim: claim.map(String::from),
+            bind_primary_key: false,
         };
         let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([9; 32])));
         KeyManager::new(

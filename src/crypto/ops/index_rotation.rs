@@ -287,6 +287,7 @@ mod tests {
             ty: ClientType::Text,
             searchable,
             context_claim: context_claim.map(str::to_string),
+            bind_primary_key: false,
         };
         let provider = Arc::new(LocalProvider::from_key(SecretKey::from_bytes([3; 32])));
         let policy = CachePolicy {

@@ -170,21 +170,25 @@ async fn reencrypt_value(
     id: &str,
     stored: &[u8],
 ) -> Result<i64, OpsError> {
+    // A row-bound value stays bound to its row (`id` is the key as PostgreSQL prints it).
+    let row = crate::crypto::envelope::is_row_bound(stored).then_some(id);
     let plain = zeroize::Zeroizing::new(
         manager
-            .decrypt(
+            .decrypt_row(
                 &spec.table,
                 &spec.column.column,
                 &KeyScope::default(),
+                row,
                 stored,
             )
             .await?,
     );
     let fresh = manager
-        .encrypt(
+        .encrypt_row(
             &spec.table,
             &spec.column.column,
             &KeyScope::default(),
+            row,
             &plain,
         )
         .await?;

@@ -3,6 +3,7 @@ use crate::crypto::config::EncryptColumn;
 use crate::crypto::manager::CachePolicy;
 use crate::keys::local::LocalProvider;
 use crate::keys::SecretKey;
+use crate::sql::catalog::Catalog;
 use crate::sql::parse::parse_statements;
 
 /// Encryption of the demo's personal columns under a local key (unit tests).
@@ -14,6 +15,7 @@ pub(crate) async fn enc() -> SqlEncryption {
         ty,
         searchable,
         context_claim: None,
+        bind_primary_key: false,
     };
     let manager = Arc::new(
         KeyManager::new(
@@ -235,5 +237,255 @@ async fn computing_on_ciphertext_through_derived_tables_and_ctes_is_refused() {
     assert!(
         sql.contains("y.email_bidx =") && !sql.contains("a@b"),
         "{sql}"
+    );
+}
+
+/// `customers.ssn` bound to its row's primary key (`id bigint`), with the catalog that says so.
+async fn bound_enc() -> (SqlEncryption, Catalog) {
+    let col = |column: &str, searchable, bind| EncryptColumn {
+        table: "customers".into(),
+        column: column.into(),
+        key: "pii".into(),
+        ty: ClientType::Text,
+        searchable,
+        context_claim: None,
+        bind_primary_key: bind,
+    };
+    let manager = Arc::new(
+        KeyManager::new(
+            Arc::new(LocalProvider::from_key(SecretKey::from_bytes([4; 32]))),
+            None,
+            &[col("email", true, false), col("ssn", false, true)],
+            CachePolicy {
+                ttl: std::time::Duration::from_secs(60),
+                max_stale: std::time::Duration::from_secs(60),
+                blocking_threshold: 1 << 20,
+            },
+        )
+        .unwrap(),
+    );
+    assert!(manager.prefetch().await.is_empty());
+    let column = |name: &str, ty: &str| crate::sql::ColumnInfo {
+        name: name.into(),
+        type_name: ty.into(),
+        type_oid: 0,
+        not_null: false,
+    };
+    let catalog = Catalog::from_tables(vec![crate::sql::catalog::TableInfo {
+        schema: "public".into(),
+        name: "customers".into(),
+        oid: 1,
+        kind: crate::sql::RelKind::Table,
+        columns: vec![
+            column("id", "bigint"),
+            column("name", "text"),
+            column("email", "bytea"),
+            column("email_bidx", "bytea"),
+            column("ssn", "bytea"),
+        ],
+        primary_key: vec!["id".into()],
+    }]);
+    (SqlEncryption::new(manager), catalog)
+}
+
+fn run_bound(
+    enc: &SqlEncryption,
+    catalog: &Catalog,
+    sql: &str,
+) -> Result<(String, Outcome), Refused> {
+    let mut stmts = parse_statements(sql).unwrap();
+    let outcome = enc.transform(
+        &mut stmts,
+        Some(catalog),
+        &crate::crypto::scope::KeyScope::default(),
+    )?;
+    let text = stmts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    assert!(crate::sql::parse::round_trips(&text), "{text}");
+    Ok((text, outcome))
+}
+
+/// The ciphertexts embedded in a rewritten statement, in order.
+fn embedded(text: &str) -> Vec<Vec<u8>> {
+    text.split("E'\\\\x")
+        .skip(1)
+        .filter_map(|rest| hex::decode(&rest[..rest.find('\'')?]).ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn literal_writes_are_bound_to_the_primary_key_they_supply() {
+    let (enc, catalog) = bound_enc().await;
+    let scope = crate::crypto::scope::KeyScope::default();
+    let (text, _) = run_bound(
+        &enc,
+        &catalog,
+        "INSERT INTO customers (id, name, ssn) VALUES (05, 'a', '123-45')",
+    )
+    .unwrap();
+    let ct = embedded(&text).pop().unwrap();
+    assert_eq!(ct[0], crate::crypto::envelope::FORMAT_ROW_BOUND);
+    let m = &enc.manager;
+    // `05` is bound as PostgreSQL prints it: `5`.
+    assert_eq!(
+        m.decrypt_row("customers", "ssn", &scope, Some("5"), &ct)
+            .await
+            .unwrap(),
+        b"123-45"
+    );
+    assert!(matches!(
+        m.decrypt_row("customers", "ssn", &scope, Some("6"), &ct)
+            .await,
+        Err(CryptoError::Integrity { .. })
+    ));
+    // Without the key (a serial default) the value is sealed unbound, as documented.
+    let (text, _) = run_bound(
+        &enc,
+        &catalog,
+        "INSERT INTO customers (name, ssn) VALUES ('a', '1')",
+    )
+    .unwrap();
+    assert_eq!(embedded(&text)[0][0], crate::crypto::envelope::FORMAT_V1);
+    // Unbound columns of the same table stay unbound.
+    let (text, _) = run_bound(
+        &enc,
+        &catalog,
+        "INSERT INTO customers (id, email) VALUES (7, 'e')",
+    )
+    .unwrap();
+    assert_eq!(embedded(&text)[0][0], crate::crypto::envelope::FORMAT_V1);
+    // UPDATE … WHERE id = v binds; another predicate does not; a new key is refused.
+    let (text, _) = run_bound(
+        &enc,
+        &catalog,
+        "UPDATE customers SET ssn = '9' WHERE id = 7 AND name = 'a'",
+    )
+    .unwrap();
+    let ct = embedded(&text).pop().unwrap();
+    assert!(m
+        .decrypt_row("customers", "ssn", &scope, Some("7"), &ct)
+        .await
+        .is_ok());
+    let (text, _) = run_bound(
+        &enc,
+        &catalog,
+        "UPDATE customers SET ssn = '9' WHERE name = 'a'",
+    )
+    .unwrap();
+    assert_eq!(embedded(&text)[0][0], crate::crypto::envelope::FORMAT_V1);
+    let refused =
+        run_bound(&enc, &catalog, "UPDATE customers SET id = 8 WHERE id = 7").unwrap_err();
+    assert!(
+        refused.message.contains("cannot be changed"),
+        "{}",
+        refused.message
+    );
+}
+
+#[tokio::test]
+async fn parameter_writes_name_the_parameter_holding_the_key() {
+    let (enc, catalog) = bound_enc().await;
+    let (_, out) = run_bound(
+        &enc,
+        &catalog,
+        "INSERT INTO customers (id, ssn, email) VALUES ($1, $2, $3)",
+    )
+    .unwrap();
+    let plan = out.params.unwrap();
+    assert_eq!(
+        plan.row_keys,
+        vec![(
+            1,
+            RowKey::Param {
+                index: 0,
+                ty: PkType::Int
+            }
+        )]
+    );
+    let (_, out) = run_bound(
+        &enc,
+        &catalog,
+        "UPDATE customers SET ssn = $1 WHERE customers.id = '12'",
+    )
+    .unwrap();
+    assert_eq!(
+        out.params.unwrap().row_keys,
+        vec![(0, RowKey::Literal("12".into()))]
+    );
+    // A literal value for a parameter key cannot be sealed here.
+    assert!(run_bound(
+        &enc,
+        &catalog,
+        "INSERT INTO customers (id, ssn) VALUES ($1, 'x')"
+    )
+    .is_err());
+    // ON CONFLICT on another column must not copy a value bound to the inserted row.
+    let refused = run_bound(
+        &enc,
+        &catalog,
+        "INSERT INTO customers (id, email, ssn) VALUES (1, 'e', 's') ON CONFLICT (email) DO UPDATE SET ssn = EXCLUDED.ssn",
+    )
+    .unwrap_err();
+    assert!(
+        refused.message.contains("EXCLUDED.ssn"),
+        "{}",
+        refused.message
+    );
+    assert!(run_bound(
+        &enc,
+        &catalog,
+        "INSERT INTO customers (id, ssn) VALUES (1, 's') ON CONFLICT (id) DO UPDATE SET ssn = EXCLUDED.ssn",
+    )
+    .is_ok());
+}
+
+#[tokio::test]
+async fn reads_of_bound_columns_carry_the_row_key() {
+    let (enc, catalog) = bound_enc().await;
+    let check = |sql: &str, needles: &[&str], keys: usize| {
+        let (text, out) = run_bound(&enc, &catalog, sql).unwrap();
+        for n in needles {
+            assert!(text.contains(n), "{n} not in {text}");
+        }
+        assert_eq!(out.params.map_or(0, |p| p.result_keys), keys, "{text}");
+    };
+    check(
+        "SELECT name, ssn FROM customers WHERE id = 1",
+        &[r#"SELECT name, ssn, "customers"."id"::TEXT AS "pgward_rk:ssn" FROM"#],
+        1,
+    );
+    check(
+        "SELECT c.ssn AS s, * FROM customers c",
+        &[r#""c"."id"::TEXT AS "pgward_rk:s", "c"."id"::TEXT AS "pgward_rk:ssn""#],
+        2,
+    );
+    check(
+        "SELECT x.s FROM (SELECT ssn AS s FROM customers) AS x",
+        &[
+            r#"SELECT ssn AS s, "customers"."id"::TEXT AS "pgward_dk:s" FROM customers"#,
+            r#"SELECT x.s, "x"."pgward_dk:s" AS "pgward_rk:s" FROM"#,
+        ],
+        1,
+    );
+    check(
+        "WITH c AS (SELECT * FROM customers) SELECT ssn FROM c",
+        &[
+            r#"SELECT *, "customers"."id"::TEXT AS "pgward_dk:ssn" FROM customers"#,
+            r#"SELECT ssn, "c"."pgward_dk:ssn" AS "pgward_rk:ssn" FROM c"#,
+        ],
+        1,
+    );
+    check(
+        "INSERT INTO customers (id, ssn) VALUES (1, 'x') RETURNING id, ssn",
+        &[r#"RETURNING id, ssn, "customers"."id"::TEXT AS "pgward_rk:ssn""#],
+        1,
+    );
+    check(
+        "SELECT email FROM customers",
+        &["SELECT email FROM customers"],
+        0,
     );
 }

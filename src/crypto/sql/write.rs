@@ -35,6 +35,17 @@ impl Transform<'_> {
             .enumerate()
             .filter_map(|(k, n)| cols.get(n).map(|c| (k, c.clone())))
             .collect();
+        // Row binding: the primary key's position in the column list, if any target binds.
+        let bound = targets.iter().any(|(_, c)| c.bind_row);
+        let pk = if bound {
+            Some(self.primary_key(&table)?)
+        } else {
+            None
+        };
+        let pk_pos = pk
+            .as_ref()
+            .and_then(|(pk, _)| names.iter().position(|n| n == pk));
+        let mut row_keys: Vec<Option<RowKey>> = Vec::new();
         if !targets.is_empty() {
             let Some(source) = i.source.as_mut() else {
                 return Ok(());
@@ -52,22 +63,40 @@ impl Transform<'_> {
                     ))]));
             }
             for row in values.rows.iter_mut() {
+                let row_key = match (&pk, pk_pos.and_then(|p| row.content.get(p))) {
+                    (Some((_, ty)), Some(expr)) => self.row_key_of(&table, expr, *ty)?,
+                    _ => None,
+                };
                 let mut extra = Vec::new();
                 for (k, c) in &targets {
                     let Some(expr) = row.content.get(*k) else {
                         continue;
                     };
                     let w = self.written(expr, c)?;
-                    let sealed = self.sealed(c, &w)?;
+                    let sealed = self.sealed(c, &w, row_key.as_ref())?;
                     if c.searchable {
                         extra.push(self.index(c, &w, true)?);
                     }
                     row.content[*k] = sealed;
                 }
                 row.content.extend(extra);
+                row_keys.push(row_key);
             }
         }
         if let Some(OnInsert::OnConflict(oc)) = &mut i.on {
+            // The conflicting row has the inserted row's key only when the conflict is on
+            // the primary key; otherwise values bound to the inserted row must not move there.
+            let on_pk = match (&pk, &oc.conflict_target) {
+                (Some((pk, _)), Some(ConflictTarget::Columns { columns, .. })) => {
+                    columns.len() == 1 && ident_name(&columns[0]) == *pk
+                }
+                _ => false,
+            };
+            let conflict_row = match row_keys.as_slice() {
+                [Some(key)] if on_pk => Some(key.clone()),
+                _ => None,
+            };
+            let excluded_bound = !on_pk && row_keys.iter().any(Option::is_some);
             if let Some(ConflictTarget::Columns { columns, .. }) = &mut oc.conflict_target {
                 for id in columns.iter_mut() {
                     if let Some(c) = cols.get(&ident_name(id)) {
@@ -83,7 +112,18 @@ impl Transform<'_> {
                 }
             }
             if let OnConflictAction::DoUpdate(du) = &mut oc.action {
-                self.assignments(&table, &cols, &mut du.assignments, true)?;
+                let excluded = if excluded_bound {
+                    Excluded::RefusedBound
+                } else {
+                    Excluded::Allowed
+                };
+                self.assignments(
+                    &table,
+                    &cols,
+                    &mut du.assignments,
+                    excluded,
+                    conflict_row.as_ref(),
+                )?;
             }
         }
         Ok(())
@@ -266,17 +306,47 @@ impl Transform<'_> {
         let Some(cols) = self.enc_table(&table).cloned() else {
             return Ok(());
         };
-        self.assignments(&table, &cols, &mut u.assignments, false)
+        let row = if cols.values().any(|c| c.bind_row) {
+            self.update_row_key(u, &table)?
+        } else {
+            None
+        };
+        self.assignments(
+            &table,
+            &cols,
+            &mut u.assignments,
+            Excluded::No,
+            row.as_ref(),
+        )
     }
 
-    /// `SET col = v` of UPDATE or ON CONFLICT DO UPDATE (`excluded`: `EXCLUDED.col` allowed).
+    /// `SET col = v` of UPDATE or ON CONFLICT DO UPDATE (`excluded`: whether `EXCLUDED.col`
+    /// may be copied), sealing row-bound columns to `row` when it is known.
     pub(super) fn assignments(
         &mut self,
         table: &str,
         cols: &HashMap<String, EncCol>,
         assignments: &mut Vec<sqlparser::ast::Assignment>,
-        excluded: bool,
+        excluded: Excluded,
+        row: Option<&RowKey>,
     ) -> Result<(), Refused> {
+        if cols.values().any(|c| c.bind_row) {
+            // A new primary key would orphan every value bound to the old one.
+            let (pk, _) = self.primary_key(table)?;
+            let sets_pk = assignments.iter().any(|a| match &a.target {
+                AssignmentTarget::ColumnName(n) => {
+                    object_name_parts(n).and_then(|p| p.last().cloned()) == Some(pk.clone())
+                }
+                AssignmentTarget::Tuple(ns) => ns.iter().any(|n| {
+                    object_name_parts(n).and_then(|p| p.last().cloned()) == Some(pk.clone())
+                }),
+            });
+            if sets_pk {
+                return Err(refuse(format!(
+                    "pgward: the primary key {pk} of {table} cannot be changed through pgward: values of its encrypted columns are bound to it"
+                )));
+            }
+        }
         let mut extra = Vec::new();
         for a in assignments.iter_mut() {
             let names: Vec<String> = match &a.target {
@@ -303,7 +373,13 @@ impl Transform<'_> {
                 AssignmentTarget::ColumnName(ObjectName(vec![ObjectNamePart::Identifier(
                     Ident::new(bidx_column(&c.col.column)),
                 )]));
-            if excluded && is_excluded_copy(&a.value, &c.col.column) {
+            if excluded != Excluded::No && is_excluded_copy(&a.value, &c.col.column) {
+                if excluded == Excluded::RefusedBound && c.bind_row {
+                    return Err(refuse(format!(
+                        "pgward: EXCLUDED.{} is bound to the inserted row's primary key; with ON CONFLICT on another column it would land in a row with another key (conflict on the primary key, or set it from a value)",
+                        c.col.column
+                    )));
+                }
                 if c.searchable {
                     extra.push(sqlparser::ast::Assignment {
                         target: bidx_target,
@@ -321,7 +397,7 @@ impl Transform<'_> {
                 continue;
             }
             let w = self.written(&a.value, &c)?;
-            let sealed = self.sealed(&c, &w)?;
+            let sealed = self.sealed(&c, &w, row)?;
             if c.searchable {
                 extra.push(sqlparser::ast::Assignment {
                     target: bidx_target,
@@ -333,6 +409,16 @@ impl Transform<'_> {
         assignments.extend(extra);
         Ok(())
     }
+}
+
+/// Whether `EXCLUDED.col` may be copied in an assignment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Excluded {
+    /// Not an ON CONFLICT: `EXCLUDED` means nothing.
+    No,
+    Allowed,
+    /// Allowed except for row-bound columns (their inserted values are bound to another key).
+    RefusedBound,
 }
 
 /// Refuse writing a blind-index column directly: pgward maintains it.

@@ -202,8 +202,9 @@ impl ClientHalf {
                 }
                 (ParamUse::Encrypt(c), Some(v)) => {
                     let canonical = canonical_param(c, format, v, *source)?;
+                    let row = row_key(bind, plan.row_key(*source), c)?;
                     let sealed = manager
-                        .encrypt(&c.table, &c.column, &self.scope, &canonical)
+                        .encrypt_row(&c.table, &c.column, &self.scope, row.as_deref(), &canonical)
                         .await
                         .map_err(|e| crypto_error(&e, c))?;
                     formats.push(1);
@@ -230,8 +231,68 @@ impl ClientHalf {
                 }
             }
         }
-        rebuild_bind(bind, &formats, &values).map(Some)
+        let results = with_key_formats(bind.results, plan.result_keys);
+        rebuild_bind(
+            bind,
+            &formats,
+            &values,
+            results.as_deref().unwrap_or(bind.results),
+        )
+        .map(Some)
     }
+}
+
+/// The canonical text of the primary key a row-bound parameter value is sealed to.
+fn row_key(
+    bind: &BindView<'_>,
+    key: Option<&RowKey>,
+    c: &ColumnRef,
+) -> Result<Option<String>, ClientError> {
+    let (index, ty) = match key {
+        None => return Ok(None),
+        Some(RowKey::Literal(text)) => return Ok(Some(text.clone())),
+        Some(RowKey::Param { index, ty }) => (*index, *ty),
+    };
+    let invalid = || {
+        ClientError::error(
+            INVALID_PARAMETER,
+            format!(
+                "pgward: parameter ${} is the primary key the value of {}.{} is bound to, and it is NULL or not a valid key",
+                index + 1,
+                c.table,
+                c.column
+            ),
+        )
+    };
+    let value = bind
+        .values
+        .get(index)
+        .copied()
+        .flatten()
+        .ok_or_else(invalid)?;
+    let canonical = match bind.format_of(index) {
+        1 => ty.canonical_binary(value),
+        _ => std::str::from_utf8(value)
+            .ok()
+            .and_then(|t| ty.canonical_text(t)),
+    };
+    canonical.map(Some).ok_or_else(invalid)
+}
+
+/// A Bind's result-format section with a text code for each of the `keys` row-key columns
+/// pgward appended, when it names one format per column (`None`: unchanged — none or one
+/// code applies to every column, the keys included).
+pub(super) fn with_key_formats(results: &[u8], keys: usize) -> Option<Vec<u8>> {
+    let count = usize::from(u16::from_be_bytes([*results.first()?, *results.get(1)?]));
+    if keys == 0 || count <= 1 {
+        return None;
+    }
+    let total = u16::try_from(count + keys).ok()?;
+    let mut out = Vec::with_capacity(results.len() + 2 * keys);
+    out.extend_from_slice(&total.to_be_bytes());
+    out.extend_from_slice(results.get(2..)?);
+    out.resize(out.len() + 2 * keys, 0);
+    Some(out)
 }
 
 pub(super) fn copy_state(plan: Option<&ParamPlan>) -> Option<CopyState> {
@@ -322,6 +383,14 @@ pub(super) fn crypto_error(e: &CryptoError, c: &ColumnRef) -> ClientError {
                 ),
             )
         }
+        // A row-bound value where the result carries no row key (a view, an ambiguous name).
+        CryptoError::RowKeyMissing { .. } => ClientError::error(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            format!(
+                "pgward: values of encrypted column {}.{} are bound to their rows' primary keys, which this result does not carry (read through a view?): select the column from its table",
+                c.table, c.column
+            ),
+        ),
         // The column has per-tenant keys and the session's token lacks the claim choosing one.
         CryptoError::NoKeyContext { .. } => ClientError::error(
             sqlstate::INSUFFICIENT_PRIVILEGE,
@@ -391,6 +460,7 @@ pub(super) fn rebuild_bind(
     bind: &BindView<'_>,
     formats: &[i16],
     values: &[Option<Vec<u8>>],
+    results: &[u8],
 ) -> Result<Bytes, ClientError> {
     let count = |n: usize| u16::try_from(n).map_err(|_| too_many_parameters());
     let mut out = BytesMut::new();
@@ -411,7 +481,7 @@ pub(super) fn rebuild_bind(
             Some(v) => put_value(&mut out, v)?,
         }
     }
-    out.extend_from_slice(bind.results);
+    out.extend_from_slice(results);
     Ok(finish(out))
 }
 

@@ -34,6 +34,7 @@ fn row_description_is_retyped_and_blind_indexes_dropped() {
                     ty: ClientType::Int8,
                 },
                 WireFormat::Binary,
+                None,
             ),
             FieldAction::Drop,
         ],
@@ -89,7 +90,13 @@ fn bind_rebuild_adds_derived_parameters() {
     };
     assert_eq!(bind.statement, "s1");
     assert_eq!(bind.format_of(1), 0);
-    let out = rebuild_bind(&bind, &[1, 0, 1], &[Some(vec![9]), None, Some(vec![8, 8])]).unwrap();
+    let out = rebuild_bind(
+        &bind,
+        &[1, 0, 1],
+        &[Some(vec![9]), None, Some(vec![8, 8])],
+        bind.results,
+    )
+    .unwrap();
     let msg = Message::from_raw(out).unwrap();
     let Ok(Frontend::Bind(again)) = Frontend::decode(&msg) else {
         panic!("not a Bind")
@@ -109,6 +116,8 @@ fn bind_rebuild_adds_derived_parameters() {
 fn parameter_description_shows_client_types_and_hides_added_parameters() {
     let plan = ParamPlan {
         copy: None,
+        row_keys: Vec::new(),
+        result_keys: 0,
         client_count: 2,
         params: vec![
             (
@@ -138,4 +147,104 @@ fn parameter_description_shows_client_types_and_hides_added_parameters() {
     let out = retype_parameter_description(&body, &plan).unwrap();
     let msg = Message::from_raw(out).unwrap();
     assert_eq!(msg.body(), &[0, 2, 0, 0, 4, 58, 0, 0, 0, 23]);
+}
+
+#[test]
+fn result_formats_gain_a_text_code_per_row_key_only_when_listed_per_column() {
+    // Two codes for two columns, one key appended: three codes.
+    assert_eq!(
+        with_key_formats(&[0, 2, 0, 1, 0, 1], 1),
+        Some(vec![0, 3, 0, 1, 0, 1, 0, 0])
+    );
+    // None, or one code for every column (the key included): unchanged.
+    assert_eq!(with_key_formats(&[0, 0], 2), None);
+    assert_eq!(with_key_formats(&[0, 1, 0, 1], 2), None);
+    assert_eq!(with_key_formats(&[0, 2, 0, 1, 0, 1], 0), None);
+}
+
+#[tokio::test]
+async fn row_keys_pair_in_order_by_name_and_never_with_a_views_column() {
+    use crate::crypto::config::EncryptColumn;
+    let column = EncryptColumn {
+        table: "customers".into(),
+        column: "ssn".into(),
+        key: "pii".into(),
+        ty: ClientType::Text,
+        searchable: false,
+        context_claim: None,
+        bind_primary_key: true,
+    };
+    let manager = Arc::new(
+        KeyManager::new(
+            Arc::new(crate::keys::local::LocalProvider::from_key(
+                crate::keys::SecretKey::from_bytes([5; 32]),
+            )),
+            None,
+            &[column],
+            crate::crypto::manager::CachePolicy {
+                ttl: std::time::Duration::from_secs(60),
+                max_stale: std::time::Duration::from_secs(60),
+                blocking_threshold: 1 << 20,
+            },
+        )
+        .unwrap(),
+    );
+    let encryption = Arc::new(Encryption {
+        sql: Arc::new(SqlEncryption::new(manager.clone())),
+        manager,
+        _poller: tokio::spawn(async {}),
+    });
+    let ssn = ColumnRef {
+        table: "public.customers".into(),
+        column: "ssn".into(),
+        ty: ClientType::Text,
+    };
+    let mut columns = HashMap::new();
+    columns.insert((10, 2), FieldRole::Encrypted(ssn.clone()));
+    columns.insert((20, 1), FieldRole::EncryptedViaView(ssn));
+    let half = UpstreamHalf::new(encryption, Arc::default(), columns, KeyScope::default());
+    let keys = |fields: &[(&str, u32, i16, u32, i16)]| -> Vec<Option<usize>> {
+        let body = row_description(fields);
+        let fields = crate::protocol::view::row_description(&body).unwrap();
+        let plan = half.plan_for(&fields).unwrap();
+        plan.fields
+            .iter()
+            .map(|a| match a {
+                FieldAction::Decrypt(_, _, key) => *key,
+                _ => None,
+            })
+            .collect()
+    };
+    // Two table columns named ssn, two keys: the first with the first, in order.
+    assert_eq!(
+        keys(&[
+            ("ssn", 10, 2, 17, 0),
+            ("ssn", 10, 2, 17, 0),
+            ("pgward_rk:ssn", 0, 0, 25, 0),
+            ("pgward_rk:ssn", 0, 0, 25, 0),
+        ]),
+        [Some(2), Some(3), None, None]
+    );
+    // A view's column is never paired; a count that does not match pairs nothing.
+    assert_eq!(
+        keys(&[
+            ("ssn", 20, 1, 17, 0),
+            ("ssn", 10, 2, 17, 0),
+            ("pgward_rk:ssn", 0, 0, 25, 0)
+        ]),
+        [None, Some(2), None]
+    );
+    assert_eq!(
+        keys(&[
+            ("ssn", 10, 2, 17, 0),
+            ("ssn", 10, 2, 17, 0),
+            ("pgward_rk:ssn", 0, 0, 25, 0)
+        ]),
+        [None, None, None]
+    );
+    // Key columns never reach the client, also when nothing is decrypted.
+    let body = row_description(&[("id", 0, 0, 20, 0), ("pgward_rk:ssn", 0, 0, 25, 0)]);
+    let fields = crate::protocol::view::row_description(&body).unwrap();
+    let plan = half.plan_for(&fields).unwrap();
+    assert_eq!(plan.visible_count(), 1);
 }

@@ -24,7 +24,9 @@ pub struct UpstreamHalf {
 pub(super) enum FieldAction {
     Keep,
     Drop,
-    Decrypt(ColumnRef, WireFormat),
+    /// Decrypt, verifying a row-bound value with the row key in field `.2` of the same row
+    /// (a key column pgward appended, see `crypto::sql::rowkey`; dropped from the result).
+    Decrypt(ColumnRef, WireFormat, Option<usize>),
 }
 
 /// How the rows of one row description are transformed.
@@ -222,16 +224,28 @@ impl UpstreamHalf {
         }
     }
 
-    /// `None` when no field is encrypted or a blind index.
+    /// `None` when no field is encrypted, a blind index or a row key.
+    ///
+    /// Row keys: each field of an encrypted table column (not one through a view) is paired
+    /// with the first unused `pgward_rk:<its name>` field, in order — the transform appends
+    /// one per such output column, in the order of the SELECT list.
     pub(super) fn plan_for(&self, fields: &[RowField<'_>]) -> Option<RowPlan> {
         let mut any = false;
-        let actions = fields
+        let is_key = |name: &[u8]| {
+            name.starts_with(RESULT_KEY_PREFIX.as_bytes())
+                || name.starts_with(CARRIED_KEY_PREFIX.as_bytes())
+        };
+        let mut actions: Vec<FieldAction> = fields
             .iter()
             .map(|f| match self.columns.get(&(f.table_oid, f.attnum)) {
-                _ if f.table_oid == 0 => FieldAction::Keep,
-                Some(FieldRole::Encrypted(c)) => {
+                _ if is_key(f.name) => {
                     any = true;
-                    FieldAction::Decrypt(c.clone(), WireFormat::from_code(f.format))
+                    FieldAction::Drop
+                }
+                _ if f.table_oid == 0 => FieldAction::Keep,
+                Some(FieldRole::Encrypted(c) | FieldRole::EncryptedViaView(c)) => {
+                    any = true;
+                    FieldAction::Decrypt(c.clone(), WireFormat::from_code(f.format), None)
                 }
                 Some(FieldRole::BlindIndex) => {
                     any = true;
@@ -240,6 +254,38 @@ impl UpstreamHalf {
                 None => FieldAction::Keep,
             })
             .collect();
+        let mut used = vec![false; fields.len()];
+        let table_column = |f: &RowField<'_>| {
+            matches!(
+                self.columns.get(&(f.table_oid, f.attnum)),
+                Some(FieldRole::Encrypted(_))
+            )
+        };
+        for (i, f) in fields.iter().enumerate() {
+            if !table_column(f) {
+                continue;
+            }
+            // The transform appends exactly one key per such output column of a name; any
+            // other count means one went without (never guess: its values fail closed).
+            let columns = fields
+                .iter()
+                .filter(|g| g.name == f.name && table_column(g))
+                .count();
+            let keys = fields
+                .iter()
+                .filter(|k| k.name.strip_prefix(RESULT_KEY_PREFIX.as_bytes()) == Some(f.name))
+                .count();
+            if columns != keys {
+                continue;
+            }
+            let key = fields.iter().enumerate().position(|(j, k)| {
+                !used[j] && k.name.strip_prefix(RESULT_KEY_PREFIX.as_bytes()) == Some(f.name)
+            });
+            if let (Some(j), Some(FieldAction::Decrypt(_, _, slot))) = (key, actions.get_mut(i)) {
+                used[j] = true;
+                *slot = Some(j);
+            }
+        }
         any.then_some(RowPlan { fields: actions })
     }
 
@@ -260,8 +306,12 @@ impl UpstreamHalf {
                 (FieldAction::Drop, _) => {}
                 (_, None) => out.put_i32(-1),
                 (FieldAction::Keep, Some(v)) => put_value(&mut out, v)?,
-                (FieldAction::Decrypt(c, format), Some(stored)) => {
-                    let plain = self.decrypt_field(c, *format, stored).await?;
+                (FieldAction::Decrypt(c, format, key), Some(stored)) => {
+                    let row = match key.and_then(|k| values.get(k).copied().flatten()) {
+                        Some(k) => Some(std::str::from_utf8(k).map_err(|_| malformed())?),
+                        None => None,
+                    };
+                    let plain = self.decrypt_field(c, *format, stored, row).await?;
                     put_value(&mut out, &plain)?;
                 }
             }
@@ -271,11 +321,14 @@ impl UpstreamHalf {
         Ok(out.freeze())
     }
 
+    /// Decrypt one stored value of `c`, read from the row whose primary key has the
+    /// canonical text `row` when the result carries it.
     pub(super) async fn decrypt_field(
         &self,
         c: &ColumnRef,
         format: WireFormat,
         stored: &[u8],
+        row: Option<&str>,
     ) -> Result<Vec<u8>, ClientError> {
         let ciphertext: std::borrow::Cow<'_, [u8]> = match format {
             WireFormat::Binary => stored.into(),
@@ -288,11 +341,11 @@ impl UpstreamHalf {
         };
         let manager = &self.encryption.manager;
         let canonical =
-            match manager.try_decrypt_now(&c.table, &c.column, &self.scope, &ciphertext) {
+            match manager.try_decrypt_now_row(&c.table, &c.column, &self.scope, row, &ciphertext) {
                 Some(result) => result,
                 None => {
                     manager
-                        .decrypt(&c.table, &c.column, &self.scope, &ciphertext)
+                        .decrypt_row(&c.table, &c.column, &self.scope, row, &ciphertext)
                         .await
                 }
             }
@@ -347,7 +400,7 @@ pub(super) fn rewrite_row_description(fields: &[RowField<'_>], plan: &RowPlan) -
         let (type_oid, len, typmod) = match action {
             FieldAction::Drop => continue,
             FieldAction::Keep => (f.type_oid, f.typlen, f.typmod),
-            FieldAction::Decrypt(c, _) => (c.ty.oid(), typlen(c.ty), -1),
+            FieldAction::Decrypt(c, _, _) => (c.ty.oid(), typlen(c.ty), -1),
         };
         out.extend_from_slice(f.name);
         out.put_u8(0);

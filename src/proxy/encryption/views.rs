@@ -122,6 +122,11 @@ fn resolve(origins: &[(u32, Vec<(u32, i16)>)], columns: &mut HashMap<(u32, i16),
                     continue;
                 }
                 if let Some(role) = columns.get(origin).cloned() {
+                    // A view column carries no row key: keep that it came through a view.
+                    let role = match role {
+                        FieldRole::Encrypted(c) => FieldRole::EncryptedViaView(c),
+                        other => other,
+                    };
                     columns.insert((*view, attnum), role);
                     added = true;
                 }
@@ -162,11 +167,11 @@ mod tests {
         ];
         resolve(&origins, &mut columns);
         assert!(
-            matches!(columns.get(&(20, 2)), Some(FieldRole::Encrypted(c)) if c.column == "email")
+            matches!(columns.get(&(20, 2)), Some(FieldRole::EncryptedViaView(c)) if c.column == "email")
         );
         assert!(matches!(columns.get(&(20, 3)), Some(FieldRole::BlindIndex)));
         assert!(
-            matches!(columns.get(&(30, 1)), Some(FieldRole::Encrypted(c)) if c.column == "email")
+            matches!(columns.get(&(30, 1)), Some(FieldRole::EncryptedViaView(c)) if c.column == "email")
         );
         assert!(!columns.contains_key(&(20, 1)), "name is not encrypted");
         assert!(!columns.contains_key(&(30, 2)) && !columns.contains_key(&(40, 1)));
