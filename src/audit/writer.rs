@@ -19,7 +19,9 @@ use base64::Engine;
 use tokio::sync::oneshot;
 
 use super::config::AuditConfig;
-use super::handle::{AuditHandle, Cmd, Counters, HandleInner, LiveSettings, Pending};
+use super::handle::{
+    AuditHandle, Cmd, Counters, Deferred, HandleInner, LiveSettings, Pending, DEFERRED_MAX_DELAY,
+};
 use super::record::{self, Hash, Tail, FORMAT_VERSION};
 use super::signing::SigningKey;
 use super::AuditError;
@@ -43,6 +45,7 @@ impl AuditLog {
             let handle = AuditHandle {
                 inner: Arc::new(HandleInner {
                     tx: None,
+                    deferred: Arc::default(),
                     live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                     counters,
                 }),
@@ -76,13 +79,16 @@ impl AuditLog {
         .await
         .map_err(|_| AuditError::Closed)??;
         let (tx, rx) = std::sync::mpsc::channel();
+        let deferred = Arc::new(Deferred::default());
+        let queue = deferred.clone();
         let thread = std::thread::Builder::new()
             .name("pgward-audit".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, &queue))
             .map_err(|e| AuditError::io(&config.dir, e))?;
         let handle = AuditHandle {
             inner: Arc::new(HandleInner {
                 tx: Some(tx.clone()),
+                deferred,
                 live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                 counters,
             }),
@@ -246,19 +252,23 @@ impl Writer {
         Ok(w)
     }
 
-    fn run(mut self, rx: Receiver<Cmd>) {
+    fn run(mut self, rx: Receiver<Cmd>, deferred: &Deferred) {
         let mut batch: Vec<Pending> = Vec::new();
         let mut records = 0;
         loop {
-            let first = match rx.recv_timeout(self.until_checkpoint()) {
+            let tick = self.until_checkpoint().min(DEFERRED_MAX_DELAY);
+            let first = match rx.recv_timeout(tick) {
                 Ok(cmd) => cmd,
                 Err(RecvTimeoutError::Timeout) => {
+                    batch.extend(deferred.take());
                     self.commit(&mut batch);
                     records = 0;
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     // Every handle and the log were dropped without shutdown: still close cleanly.
+                    batch.extend(deferred.take());
+                    self.commit(&mut batch);
                     let _ = self.close();
                     return;
                 }
@@ -272,6 +282,7 @@ impl Writer {
                         records += pending.bodies.len();
                         batch.push(pending);
                     }
+                    Cmd::Wake => {}
                     Cmd::Settings(live) => self.settings_changed(live),
                     Cmd::Shutdown(done) => {
                         shutdown = Some(done);
@@ -287,6 +298,11 @@ impl Writer {
                         .then(|| rx.recv_timeout(deadline - now).ok())
                         .flatten()
                 });
+            }
+            // Taken after the batch was gathered, ahead of it: a session's completion of its
+            // previous statement precedes the record of its next one, which it sent later.
+            if let Some(earlier) = deferred.take() {
+                batch.insert(0, earlier);
             }
             self.commit(&mut batch);
             records = 0;
