@@ -102,3 +102,84 @@ async fn a_failed_write_fails_both_stages() {
         .await;
     assert!(result.is_err(), "the write must fail");
 }
+
+fn completion(statement_seq: u64) -> AuditEvent {
+    AuditEvent::StatementCompleted {
+        session_id: 7,
+        service: "billing".into(),
+        statement_seq,
+        rows: Some(1),
+        command: Some("SELECT".into()),
+        duration: std::time::Duration::from_micros(300),
+        sqlstate: None,
+        skipped: false,
+        suspended: false,
+    }
+}
+
+fn kinds(dir: &std::path::Path) -> Vec<(String, Option<u64>)> {
+    log_text(dir)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|r| {
+            (
+                r["kind"].as_str().unwrap_or("").to_string(),
+                r["statement_seq"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn without_fsync_a_session_appends_inline_with_its_deferred_completions_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = AuditConfig::new(tmp.path());
+    config.fsync = false;
+    let (log, handle) = AuditLog::open(config).await.unwrap();
+    let (first, receipt) = handle
+        .append_staged(vec![statement("select 1")], false)
+        .await
+        .unwrap();
+    assert!(
+        !receipt.is_pending(),
+        "without fsync, written is all there is"
+    );
+    let statements = |dir| kinds(dir).iter().filter(|(k, _)| k == "statement").count();
+    assert_eq!(statements(tmp.path()), 1, "in the file on return");
+    handle.append_nowait(completion(first[0]));
+    let (second, _) = handle
+        .append_staged(vec![statement("select 2")], false)
+        .await
+        .unwrap();
+    let records = kinds(tmp.path());
+    let done = records
+        .iter()
+        .position(|(k, s)| k == "statement_completed" && *s == Some(first[0]))
+        .expect("the deferred completion went out with the next record");
+    let next = records.iter().rposition(|(k, _)| k == "statement").unwrap();
+    assert!(
+        done < next,
+        "a completion precedes the session's next statement: {records:?}"
+    );
+    assert_eq!(second[0], first[0] + 2);
+    log.shutdown().await.unwrap();
+    // Nothing may follow the final checkpoint.
+    assert!(handle
+        .append_staged(vec![statement("select 3")], false)
+        .await
+        .is_err());
+    assert_eq!(statements(tmp.path()), 2);
+}
+
+#[tokio::test]
+async fn deferred_completions_are_written_within_the_tick_when_nothing_else_is() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, handle) = AuditLog::open(AuditConfig::new(tmp.path())).await.unwrap();
+    let seq = handle.append(statement("select 1")).await.unwrap();
+    handle.append_nowait(completion(seq));
+    tokio::time::sleep(super::handle::DEFERRED_MAX_DELAY * 10).await;
+    assert!(kinds(tmp.path())
+        .iter()
+        .any(|(k, s)| k == "statement_completed" && *s == Some(seq)));
+    log.shutdown().await.unwrap();
+}

@@ -43,6 +43,8 @@ pub(super) struct Pending {
 
 pub(super) enum Cmd {
     Append(Pending),
+    /// The deferred queue is long: write it now rather than at the next batch or tick.
+    Wake,
     /// A SIGHUP changed the live settings: `audit_stopped` must name the ones in force.
     Settings(LiveSettings),
     Shutdown(oneshot::Sender<Result<(), AuditError>>),
@@ -124,9 +126,48 @@ impl std::fmt::Debug for AuditHandle {
 pub(super) struct HandleInner {
     /// `None` when auditing is disabled.
     pub(super) tx: Option<Sender<Cmd>>,
+    /// Records nobody waits for (completions, session ends): queued without waking the writer.
+    pub(super) deferred: Arc<Deferred>,
+    /// With `fsync = false`: the log itself, appended to by sessions without a hand-off.
+    pub(super) inline: Option<Arc<parking_lot::Mutex<super::writer::Writer>>>,
     /// The settings a SIGHUP may change while the log runs.
     pub(super) live: parking_lot::RwLock<LiveSettings>,
     pub(super) counters: Arc<Counters>,
+}
+
+/// How many deferred records make the writer come for them at once.
+const DEFERRED_WAKE_AT: usize = 256;
+
+/// Records nobody waits for, queued by sessions without a hand-off to the writer thread: the
+/// writer takes them with the next batch it writes (a statement's record, which every
+/// statement sends) or at its next tick ([`DEFERRED_MAX_DELAY`]), whichever comes first. A
+/// completion therefore costs a lock and a push, not a wake-up of the writer and a write of
+/// its own.
+#[derive(Default)]
+pub(super) struct Deferred {
+    bodies: parking_lot::Mutex<Vec<Vec<u8>>>,
+}
+
+/// The longest a deferred record waits for the writer when nothing else is written.
+pub(super) const DEFERRED_MAX_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Deferred {
+    /// Queues `body`; returns the queue's length after the push.
+    fn push(&self, body: Vec<u8>) -> usize {
+        let mut bodies = self.bodies.lock();
+        bodies.push(body);
+        bodies.len()
+    }
+
+    /// Everything queued so far, as one batch entry nobody waits for (`None` when empty).
+    pub(super) fn take(&self) -> Option<Pending> {
+        let bodies = std::mem::take(&mut *self.bodies.lock());
+        (!bodies.is_empty()).then_some(Pending {
+            bodies,
+            written: None,
+            durable: None,
+        })
+    }
 }
 
 fn send(
@@ -180,6 +221,14 @@ impl AuditHandle {
             .iter()
             .map(|event| self.serialise(event))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(writer) = &self.inner.inline {
+            // Without fsync, written is as durable as this log gets.
+            let first = self.append_inline(writer, bodies)?;
+            return Ok((
+                (first..first + count).collect(),
+                DurableReceipt::already_durable(),
+            ));
+        }
         let (durable, durable_rx) = oneshot::channel();
         let wait_durable = wait_durable || self.durability() == Durability::BeforeForward;
         let (first, receipt) = if wait_durable {
@@ -198,27 +247,52 @@ impl AuditHandle {
         Ok(((first..first + count).collect(), receipt))
     }
 
+    /// Frames and writes `bodies` (after the deferred records) on this thread: one write to
+    /// the page cache under the log's lock, no hand-off to the writer thread and back.
+    fn append_inline(
+        &self,
+        writer: &parking_lot::Mutex<super::writer::Writer>,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<u64, AuditError> {
+        let (written, mut answer) = oneshot::channel();
+        let mut batch: Vec<Pending> = self.inner.deferred.take().into_iter().collect();
+        batch.push(Pending {
+            bodies,
+            written: Some(written),
+            durable: None,
+        });
+        writer.lock().commit_inline(&mut batch);
+        answer.try_recv().map_err(|_| AuditError::Closed)?
+    }
+
     /// Whether records are written at all (`enabled = false` gives a handle that drops them).
     pub fn is_enabled(&self) -> bool {
         self.inner.tx.is_some()
     }
 
-    /// Queues `event` without waiting (for completion records). Failures are logged and
-    /// counted in [`AuditStats::dropped_nowait`].
+    /// Queues `event` without waiting (for completion records): it is written with the next
+    /// batch, at most [`DEFERRED_MAX_DELAY`] later. Failures are logged and counted in
+    /// [`AuditStats::dropped_nowait`].
     pub fn append_nowait(&self, event: AuditEvent) {
         let Some(tx) = &self.inner.tx else {
             return;
         };
-        let sent = self
-            .serialise(&event)
-            .ok()
-            .map(|body| send(tx, vec![body], None, None).is_ok());
-        if sent != Some(true) {
+        let Ok(body) = self.serialise(&event) else {
             self.inner
                 .counters
                 .dropped_nowait
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::error!("audit record dropped: log closed");
+            tracing::error!("audit record dropped: it could not be serialised");
+            return;
+        };
+        let queued = self.inner.deferred.push(body);
+        if queued >= DEFERRED_WAKE_AT && tx.send(Cmd::Wake).is_err() {
+            let lost = self.inner.deferred.take().map_or(0, |p| p.bodies.len());
+            self.inner
+                .counters
+                .dropped_nowait
+                .fetch_add(lost as u64, Ordering::Relaxed);
+            tracing::error!(records = lost, "audit records dropped: log closed");
         }
     }
 

@@ -19,7 +19,9 @@ use base64::Engine;
 use tokio::sync::oneshot;
 
 use super::config::AuditConfig;
-use super::handle::{AuditHandle, Cmd, Counters, HandleInner, LiveSettings, Pending};
+use super::handle::{
+    AuditHandle, Cmd, Counters, Deferred, HandleInner, LiveSettings, Pending, DEFERRED_MAX_DELAY,
+};
 use super::record::{self, Hash, Tail, FORMAT_VERSION};
 use super::signing::SigningKey;
 use super::AuditError;
@@ -43,6 +45,8 @@ impl AuditLog {
             let handle = AuditHandle {
                 inner: Arc::new(HandleInner {
                     tx: None,
+                    deferred: Arc::default(),
+                    inline: None,
                     live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                     counters,
                 }),
@@ -76,13 +80,21 @@ impl AuditLog {
         .await
         .map_err(|_| AuditError::Closed)??;
         let (tx, rx) = std::sync::mpsc::channel();
+        let deferred = Arc::new(Deferred::default());
+        let queue = deferred.clone();
+        let writer = Arc::new(parking_lot::Mutex::new(writer));
+        // Without fsync a statement's record needs only a write to the page cache: the session
+        // does it itself under the log's lock, which saves two thread hand-offs per statement.
+        let inline = (!config.fsync).then(|| writer.clone());
         let thread = std::thread::Builder::new()
             .name("pgward-audit".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || run(&writer, rx, &queue))
             .map_err(|e| AuditError::io(&config.dir, e))?;
         let handle = AuditHandle {
             inner: Arc::new(HandleInner {
                 tx: Some(tx.clone()),
+                deferred,
+                inline,
                 live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                 counters,
             }),
@@ -132,7 +144,9 @@ struct Recovery {
     torn_bytes: u64,
 }
 
-struct Writer {
+pub(super) struct Writer {
+    /// Shut down: nothing may follow the final checkpoint.
+    stopped: bool,
     dir: PathBuf,
     node: String,
     node_json: String,
@@ -206,6 +220,7 @@ impl Writer {
         });
         let node = config.resolved_node_id();
         let w = Writer {
+            stopped: false,
             dir: config.dir.clone(),
             node_json: serde_json::to_string(&node)?,
             node,
@@ -246,55 +261,26 @@ impl Writer {
         Ok(w)
     }
 
-    fn run(mut self, rx: Receiver<Cmd>) {
-        let mut batch: Vec<Pending> = Vec::new();
-        let mut records = 0;
-        loop {
-            let first = match rx.recv_timeout(self.until_checkpoint()) {
-                Ok(cmd) => cmd,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.commit(&mut batch);
-                    records = 0;
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    // Every handle and the log were dropped without shutdown: still close cleanly.
-                    let _ = self.close();
-                    return;
-                }
-            };
-            let mut shutdown = None;
-            let mut next = Some(first);
-            let deadline = Instant::now() + self.max_delay;
-            while let Some(cmd) = next.take() {
-                match cmd {
-                    Cmd::Append(pending) => {
-                        records += pending.bodies.len();
-                        batch.push(pending);
-                    }
-                    Cmd::Settings(live) => self.settings_changed(live),
-                    Cmd::Shutdown(done) => {
-                        shutdown = Some(done);
-                        break;
-                    }
-                }
-                if records >= MAX_BATCH {
-                    break;
-                }
-                next = rx.try_recv().ok().or_else(|| {
-                    let now = Instant::now();
-                    (now < deadline)
-                        .then(|| rx.recv_timeout(deadline - now).ok())
-                        .flatten()
-                });
-            }
-            self.commit(&mut batch);
-            records = 0;
-            if let Some(done) = shutdown {
-                let _ = done.send(self.close());
-                return;
+    /// Writes `batch` on the caller's thread (the inline path of `fsync = false`), after the
+    /// deferred records taken with it; answers like [`Writer::commit`]. After shutdown every
+    /// waiter gets [`AuditError::Closed`].
+    pub(super) fn commit_inline(&mut self, batch: &mut Vec<Pending>) {
+        if !self.stopped {
+            self.commit(batch);
+            return;
+        }
+        for pending in batch.drain(..) {
+            for ack in [pending.written, pending.durable].into_iter().flatten() {
+                let _ = ack.send(Err(AuditError::Closed));
             }
         }
+    }
+
+    /// The final commit and checkpoint; later inline appends are refused.
+    fn stop(&mut self, batch: &mut Vec<Pending>) -> Result<(), AuditError> {
+        self.commit(batch);
+        self.stopped = true;
+        self.close()
     }
 
     /// A checkpoint is due every interval even when idle: a live log's newest signature is
@@ -686,6 +672,70 @@ impl Writer {
             self.abandon_segment();
         }
         r
+    }
+}
+
+/// The writer thread: gathers the records sent to it into group commits, writes deferred
+/// records at least every [`DEFERRED_MAX_DELAY`] and a checkpoint every interval. The log's
+/// lock is taken per commit, never while waiting.
+fn run(writer: &parking_lot::Mutex<Writer>, rx: Receiver<Cmd>, deferred: &Deferred) {
+    let mut batch: Vec<Pending> = Vec::new();
+    let mut records = 0;
+    loop {
+        let tick = writer.lock().until_checkpoint().min(DEFERRED_MAX_DELAY);
+        let first = match rx.recv_timeout(tick) {
+            Ok(cmd) => cmd,
+            Err(RecvTimeoutError::Timeout) => {
+                batch.extend(deferred.take());
+                writer.lock().commit(&mut batch);
+                records = 0;
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                // Every handle and the log were dropped without shutdown: still close cleanly.
+                batch.extend(deferred.take());
+                let _ = writer.lock().stop(&mut batch);
+                return;
+            }
+        };
+        let mut shutdown = None;
+        let mut next = Some(first);
+        let deadline = Instant::now() + writer.lock().max_delay;
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Cmd::Append(pending) => {
+                    records += pending.bodies.len();
+                    batch.push(pending);
+                }
+                Cmd::Wake => {}
+                Cmd::Settings(live) => writer.lock().settings_changed(live),
+                Cmd::Shutdown(done) => {
+                    shutdown = Some(done);
+                    break;
+                }
+            }
+            if records >= MAX_BATCH {
+                break;
+            }
+            next = rx.try_recv().ok().or_else(|| {
+                let now = Instant::now();
+                (now < deadline)
+                    .then(|| rx.recv_timeout(deadline - now).ok())
+                    .flatten()
+            });
+        }
+        // Taken after the batch was gathered, ahead of it: a session's completion of its
+        // previous statement precedes the record of its next one, which it sent later.
+        if let Some(earlier) = deferred.take() {
+            batch.insert(0, earlier);
+        }
+        let mut w = writer.lock();
+        if let Some(done) = shutdown {
+            let _ = done.send(w.stop(&mut batch));
+            return;
+        }
+        w.commit(&mut batch);
+        records = 0;
     }
 }
 
