@@ -22,6 +22,8 @@ use crate::keys::metrics::KeyMetrics;
 use crate::keys::store::WrappedKeyStore;
 use crate::keys::vault::VaultClient;
 use crate::keys::{DekInfo, KeyError, KeyProvider};
+pub use context::NamedKey;
+use context::ResolvedKey;
 pub use index::SearchIndexes;
 
 /// One configured column with its derived key id.
@@ -233,7 +235,18 @@ impl KeyManager {
     ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
         let key = self.resolve(spec, scope)?;
+        self.seal_with(spec, &key, canonical).await
+    }
+
+    /// Encrypt under the newest DEK of the resolved key.
+    async fn seal_with(
+        &self,
+        spec: &ColumnSpec,
+        key: &ResolvedKey<'_>,
+        canonical: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let dek = self.current_dek(&key.name).await?;
+        let column = spec.column.column.as_str();
         if canonical.len() < self.policy.blocking_threshold {
             return dek.seal(&spec.table, column, canonical);
         }
@@ -281,9 +294,20 @@ impl KeyManager {
     ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
         let key = self.resolve(spec, scope)?;
+        self.open_with(spec, &key, ciphertext).await
+    }
+
+    /// Decrypt a value that must name the resolved key.
+    async fn open_with(
+        &self,
+        spec: &ColumnSpec,
+        key: &ResolvedKey<'_>,
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let key_ref = peek_key_ref(ciphertext)?;
         key.expect(spec, key_ref)?;
         let dek = self.dek(&key.name, key_ref.dek_version).await?;
+        let column = spec.column.column.as_str();
         if ciphertext.len() < self.policy.blocking_threshold {
             return dek.open(&spec.table, column, ciphertext);
         }
