@@ -208,6 +208,13 @@ async fn status(c: &StatusCommand) -> anyhow::Result<i32> {
     let s = open(&c.target).await?;
     let statuses = ops::keys_status(&s.manager, &s.db, &c.args).await?;
     print!("{}", render_status(&statuses, c.args.verify));
+    let per_context = ops::context_keys_status(&s.manager, &s.db, !c.args.no_count).await?;
+    if !per_context.is_empty() {
+        println!("\nPer-tenant keys (context_claim; each context's key is a transit key <key>-t<hash> of its own):");
+        for k in &per_context {
+            println!("  {k}");
+        }
+    }
     let destroyed = ops::destroyed_keys(&s.db).await?;
     print!("{}", render_destroyed(&destroyed));
     let retired = ops::retired_keys(&s.db).await?;
@@ -222,8 +229,17 @@ async fn status(c: &StatusCommand) -> anyhow::Result<i32> {
 async fn rewrap(c: &RewrapCommand) -> anyhow::Result<i32> {
     let s = open(&c.target).await?;
     if let Some(key) = &c.args.key {
-        if !s.manager.key_names().any(|k| k == key) {
+        // A configured key name, or one tenant's key of a per-tenant column (`<key>-t<hash>`).
+        let per_context = s.manager.columns().any(|c| {
+            c.column.context_claim.is_some()
+                && crate::crypto::scope::is_context_key_name(&c.column.key, key)
+        });
+        if !per_context && !s.manager.key_names().any(|k| k == key) {
             anyhow::bail!("key {key:?} is not used by any [[encrypt]] column");
+        }
+        // Asking Vault about a shredded name would create its transit key afresh.
+        if per_context && s.manager.provider().destroyed(key).await? {
+            anyhow::bail!("key {key:?} was shredded: nothing to rewrap");
         }
     }
     let mut behind_any = false;
@@ -269,7 +285,7 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
                 n => format!(" and {n} more"),
             };
             eprintln!(
-                "pgward keys reencrypt: {}.{}: {} values could not be read (malformed, failed integrity, or under an unknown or retired key) and were left as they are; primary keys: {}{more}",
+                "pgward keys reencrypt: {}.{}: {} values could not be read (malformed, failed integrity, or under an unknown, retired or shredded key) and were left as they are; primary keys: {}{more}",
                 r.table,
                 r.column,
                 r.rows_skipped(),
@@ -302,7 +318,12 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
                 );
             }
         }
-        if r.completed {
+        if let (true, Some(n)) = (r.completed, r.contexts) {
+            println!(
+                "{}: index root rotation complete in {n} per-tenant contexts: each has one index root again",
+                r.key_name
+            );
+        } else if r.completed {
             println!(
                 "{}: index root rotation complete: v{} is the only index root",
                 r.key_name, r.root_version
@@ -334,6 +355,12 @@ async fn reencrypt(c: &ReencryptCommand) -> anyhow::Result<i32> {
             .filter_map(|d| d.rows)
             .sum::<i64>();
     }
+    // Per-tenant values not under their context's newest data key (or under none).
+    for k in ops::context_keys_status(&s.manager, &s.db, true).await? {
+        if let Some((_, older, unknown)) = k.values {
+            left += older + unknown;
+        }
+    }
     // The skipped values are still under their old (or no) data key.
     let left = left - skipped;
     if left > 0 {
@@ -354,8 +381,16 @@ async fn rotate_index(c: &RotateIndexCommand) -> anyhow::Result<i32> {
         );
     }
     let s = open(&c.target).await?;
-    let started = ops::keys_rotate_index(&s.manager, &c.args).await?;
-    if started.created {
+    let started = ops::keys_rotate_index(&s.manager, &s.db, &c.args).await?;
+    if started.contexts > 0 {
+        println!(
+            "{}: index root rotation of {} per-tenant contexts {} (up to v{}); proxies index with the new roots within keys.poll_interval; run `pgward keys reencrypt` to recompute every blind index and complete it",
+            started.key_name,
+            started.contexts,
+            if started.created { "started" } else { "already in progress" },
+            started.root_version
+        );
+    } else if started.created {
         println!(
             "{}: index root rotation to v{} started; proxies index with it within keys.poll_interval; run `pgward keys reencrypt` to recompute every blind index and complete it",
             started.key_name, started.root_version
@@ -380,11 +415,10 @@ async fn retire(c: &RetireCommand) -> anyhow::Result<i32> {
     let mut held = false;
     let mut pending = false;
     for r in &reports {
-        let key = &r.key_name;
-        if let Some(why) = &r.skipped {
-            println!("{key}: skipped: {why}");
-            continue;
-        }
+        let key = match &r.context_of {
+            Some(base) => format!("{} (per-tenant key of {base})", r.key_name),
+            None => r.key_name.clone(),
+        };
         if let Some(why) = &r.held {
             held = true;
             eprintln!("pgward keys retire: {key}: {why}");

@@ -22,6 +22,8 @@ use crate::keys::metrics::KeyMetrics;
 use crate::keys::store::WrappedKeyStore;
 use crate::keys::vault::VaultClient;
 use crate::keys::{DekInfo, KeyError, KeyProvider};
+pub use context::NamedKey;
+use context::ResolvedKey;
 pub use index::SearchIndexes;
 
 /// One configured column with its derived key id.
@@ -247,7 +249,19 @@ impl KeyManager {
     ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
         let key = self.resolve(spec, scope)?;
+        self.seal_with(spec, &key, row, canonical).await
+    }
+
+    /// Encrypt under the newest DEK of the resolved key (bound to `row` when given).
+    async fn seal_with(
+        &self,
+        spec: &ColumnSpec,
+        key: &ResolvedKey<'_>,
+        row: Option<&str>,
+        canonical: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let dek = self.current_dek(&key.name).await?;
+        let column = spec.column.column.as_str();
         if canonical.len() < self.policy.blocking_threshold {
             return dek.seal_row(&spec.table, column, row, canonical);
         }
@@ -314,9 +328,21 @@ impl KeyManager {
     ) -> Result<Vec<u8>, CryptoError> {
         let spec = self.column(table, column)?;
         let key = self.resolve(spec, scope)?;
+        self.open_with(spec, &key, row, ciphertext).await
+    }
+
+    /// Decrypt a value that must name the resolved key (read from the row `row`, when known).
+    async fn open_with(
+        &self,
+        spec: &ColumnSpec,
+        key: &ResolvedKey<'_>,
+        row: Option<&str>,
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let key_ref = peek_key_ref(ciphertext)?;
         key.expect(spec, key_ref)?;
         let dek = self.dek(&key.name, key_ref.dek_version).await?;
+        let column = spec.column.column.as_str();
         if ciphertext.len() < self.policy.blocking_threshold {
             return dek.open_row(&spec.table, column, row, ciphertext);
         }

@@ -16,10 +16,13 @@ use super::manager::{ColumnSpec, KeyManager};
 use super::scope::KeyScope;
 use crate::keys::{DekInfo, KekStatus, KeyError};
 
+mod context_keys;
 mod index_rotation;
 mod reencrypt;
 mod retire;
 mod shred;
+mod status;
+mod sweep;
 pub use index_rotation::{
     keys_rotate_index, reindex_rotating_keys, IndexRotationReport, KeysRotateIndexArgs,
     RotationStarted,
@@ -29,6 +32,7 @@ pub use retire::{
     backup_advice, keys_retire, retired_keys, KeysRetireArgs, RetireReport, RetiredKey,
 };
 pub use shred::{destroyed_keys, keys_shred, DestroyedKey, ShredReport};
+pub use status::{context_keys_status, ContextKeysStatus};
 
 #[derive(Debug, Error)]
 pub enum OpsError {
@@ -76,7 +80,8 @@ pub struct KeysStatusArgs {
 /// `pgward keys rewrap`.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct KeysRewrapArgs {
-    /// Only this key name (default: every configured key).
+    /// Only this key name (default: every configured key), or one tenant's key of a
+    /// per-tenant column (`<key>-t<hash>`, as `pgward.data_keys` lists it).
     #[arg(long)]
     pub key: Option<String>,
 }
@@ -485,12 +490,18 @@ pub async fn keys_rewrap(
 
 struct Job<'a> {
     name: &'a str,
+    /// What progress lines call the job.
+    label: &'static str,
     db: &'a tokio_postgres::Client,
     table: String,
     column: String,
 }
 
 impl Job<'_> {
+    fn progress_name(&self) -> &'static str {
+        self.label
+    }
+
     /// Where a previous unfinished run stopped (`None`: start from the beginning).
     async fn resume_point(&self) -> Result<(Option<String>, i64), OpsError> {
         let row = self
@@ -567,7 +578,13 @@ pub async fn encrypt_existing(
     progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Progress, OpsError> {
     let spec = manager.column(&args.table, &args.column)?.clone();
-    reencrypt::refuse_per_context(&spec)?;
+    // A plaintext value carries no tenant: there is no context to choose its key by.
+    if let Some(claim) = &spec.column.context_claim {
+        return Err(OpsError::Schema(format!(
+            "{}.{} has per-tenant keys (context_claim = {claim:?}): encrypt-existing cannot tell which tenant's key a plaintext value belongs under; write such values through the proxy",
+            spec.table, spec.column.column
+        )));
+    }
     let (table, column) = (spec.table.clone(), spec.column.column.clone());
     let twin_name = format!("{column}__pgward_enc");
     let bidx_name = format!("{column}_bidx");
@@ -627,6 +644,7 @@ pub async fn encrypt_existing(
     );
     let job = Job {
         name: "encrypt_existing",
+        label: "encrypt_existing",
         db,
         table: table.clone(),
         column: column.clone(),

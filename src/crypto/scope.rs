@@ -9,26 +9,49 @@
 //! (whose key id is derived from the per-context name and is part of the AAD) binds each
 //! value to its context: a value copied into another tenant's row names a key that is not
 //! that tenant's and fails integrity.
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256};
+
+/// How many per-context key names a session memoises (one per configured key name and
+/// claim it uses; more are derived on every use, correctly but slower).
+const MEMO_SLOTS: usize = 4;
 
 /// The claim values of one session that select per-context keys. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct KeyScope {
     claims: Arc<HashMap<String, String>>,
-    /// Per-context key names already derived in this session, by configured key name:
-    /// (claim, key name, key id). Keeps the two hashes off the per-value path.
-    names: Arc<parking_lot::Mutex<HashMap<String, Vec<ContextName>>>>,
+    /// Per-context key names already derived in this session, each written once and then
+    /// only read: the per-value path is an atomic load and two short string comparisons,
+    /// no lock, no hashing, no allocation.
+    names: Arc<[OnceLock<ContextName>; MEMO_SLOTS]>,
 }
 
-/// A derived per-context key name and its header key id.
-#[derive(Clone, Debug)]
+/// A derived per-context key name and its header key id, with what it was derived from.
+#[derive(Debug)]
 pub(crate) struct ContextName {
-    claim: String,
-    pub name: Arc<str>,
+    base: Box<str>,
+    claim: Box<str>,
+    pub name: Box<str>,
     pub key_id: u32,
+}
+
+impl ContextName {
+    fn derive(base: &str, claim: &str, value: &str) -> Self {
+        let name = context_key_name(base, value);
+        ContextName {
+            base: base.into(),
+            claim: claim.into(),
+            key_id: super::envelope::key_name_id(&name),
+            name: name.into(),
+        }
+    }
+
+    fn is(&self, base: &str, claim: &str) -> bool {
+        *self.base == *base && *self.claim == *claim
+    }
 }
 
 impl KeyScope {
@@ -62,25 +85,36 @@ impl KeyScope {
 
     /// The per-context key of `base` selected by this session's `claim` (name, key id), and
     /// whether it was derived just now (first use in this session). `None`: the session
-    /// lacks the claim. The hit path clones one `Arc`, nothing else.
-    pub(crate) fn context_key(&self, base: &str, claim: &str) -> Option<(Arc<str>, u32, bool)> {
-        let mut names = self.names.lock();
-        if let Some(found) = names
-            .get(base)
-            .and_then(|v| v.iter().find(|c| c.claim == claim))
-        {
-            return Some((found.name.clone(), found.key_id, false));
+    /// lacks the claim. The hit path borrows the memoised name.
+    pub(crate) fn context_key(&self, base: &str, claim: &str) -> Option<(Cow<'_, str>, u32, bool)> {
+        for slot in self.names.iter() {
+            match slot.get() {
+                Some(c) if c.is(base, claim) => {
+                    return Some((Cow::Borrowed(&c.name), c.key_id, false))
+                }
+                Some(_) => continue,
+                None => break,
+            }
         }
-        let value = self.claim(claim)?;
-        let name = context_key_name(base, value);
-        let derived = ContextName {
-            claim: claim.to_string(),
-            key_id: super::envelope::key_name_id(&name),
-            name: Arc::from(name),
-        };
-        let found = (derived.name.clone(), derived.key_id, true);
-        names.entry(base.to_string()).or_default().push(derived);
-        Some(found)
+        let mut derived = ContextName::derive(base, claim, self.claim(claim)?);
+        for slot in self.names.iter() {
+            // A concurrent first use may fill the slot first (with this name or another).
+            match slot.set(derived) {
+                Ok(()) => {
+                    let c = slot.get()?;
+                    return Some((Cow::Borrowed(&c.name), c.key_id, true));
+                }
+                Err(back) => derived = back,
+            }
+            match slot.get() {
+                Some(c) if c.is(base, claim) => {
+                    return Some((Cow::Borrowed(&c.name), c.key_id, false))
+                }
+                _ => continue,
+            }
+        }
+        // Every slot holds another key: derive on each use rather than grow a shared map.
+        Some((Cow::Owned(derived.name.into()), derived.key_id, true))
     }
 
     /// The value of `claim`, if the session has one.
@@ -108,6 +142,20 @@ pub fn context_key_name(base: &str, context: &str) -> String {
     name
 }
 
+/// Whether `name` has the form [`context_key_name`] gives for `base` (`<base>-t` and 16
+/// lowercase hex digits): how the batch tools recognise per-context key names in pgward's
+/// tables without knowing the contexts.
+pub fn is_context_key_name(base: &str, name: &str) -> bool {
+    name.strip_prefix(base)
+        .and_then(|rest| rest.strip_prefix("-t"))
+        .is_some_and(|hex| {
+            hex.len() == 16
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,8 +170,31 @@ mod tests {
             "{a}"
         );
         assert_eq!(a, context_key_name("pii", "1"));
+        assert!(is_context_key_name("pii", &a) && !is_context_key_name("pi", &a));
+        assert!(
+            !is_context_key_name("pii", "pii") && !is_context_key_name("pii", &a[..a.len() - 1])
+        );
+        assert!(!is_context_key_name("pii", "pii-t0123456789ABCDEF"));
         // The separator keeps (base, context) pairs apart.
         assert_ne!(context_key_name("pi", "i1"), context_key_name("pii", "1"));
+    }
+
+    #[test]
+    fn memoised_names_are_the_derived_ones_also_beyond_the_memo() {
+        let scope = KeyScope::with([("t".to_string(), "7".to_string())]);
+        for round in 0..2 {
+            for i in 0..MEMO_SLOTS + 2 {
+                let base = format!("k{i}");
+                let (name, id, first) = scope.context_key(&base, "t").unwrap();
+                assert_eq!(name, context_key_name(&base, "7"));
+                assert_eq!(id, crate::crypto::envelope::key_name_id(&name));
+                // Memoised names are new once; the ones beyond the memo every time.
+                assert_eq!(first, round == 0 || i >= MEMO_SLOTS, "{base} round {round}");
+            }
+        }
+        assert!(scope.context_key("k0", "missing").is_none());
+        // Clones share the memo (a session's scope is cloned into its halves).
+        assert!(!scope.clone().context_key("k0", "t").unwrap().2);
     }
 
     #[test]

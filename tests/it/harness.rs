@@ -762,3 +762,43 @@ pub fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// A superuser client connected directly to `database` (not through pgward).
+pub async fn direct(database: &str) -> tokio_postgres::Client {
+    let (client, conn) = postgres()
+        .direct(database)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect directly");
+    tokio::spawn(conn);
+    client
+}
+
+/// `pgward keys <args> --config <config>` against `database` as an operator runs it, off
+/// the runtime's threads (a proxy in the same runtime keeps serving): (exit code, stdout,
+/// stderr), both streams echoed for a failing test's log.
+pub async fn keys_cli(config: &Path, database: &str, args: &[&str]) -> (i32, String, String) {
+    let pg = postgres();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgward"))
+        .arg("keys")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env(
+            "PGWARD_DATABASE_URL",
+            format!(
+                "postgresql://postgres:{}@127.0.0.1:{}/{database}",
+                pg.password, pg.port
+            ),
+        )
+        .env_remove("VAULT_TOKEN")
+        .output()
+        .await
+        .expect("run pgward keys");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("$ pgward keys {}\n{stdout}{stderr}", args.join(" "));
+    (out.status.code().unwrap_or(-1), stdout, stderr)
+}

@@ -5,16 +5,6 @@ use std::time::Duration;
 use crate::harness::{self, ProxyOptions};
 use crate::vault::Bao;
 
-async fn direct(database: &str) -> tokio_postgres::Client {
-    let (client, conn) = harness::postgres()
-        .direct(database)
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-}
-
 /// The stored index of row `id`.
 async fn index_of(db: &tokio_postgres::Client, id: i32) -> Vec<u8> {
     db.query_one("SELECT email_bidx FROM people WHERE id = $1", &[&id])
@@ -76,7 +66,7 @@ async fn index_root_rotation_keeps_every_row_findable_and_reencrypt_completes_it
     let bao = Bao::start().await;
     // Transit keeps wrapped keys in the policy database: the demo one, with a table of our own.
     let database = harness::fresh_database("bidxrot", true).await;
-    let db = direct(&database).await;
+    let db = harness::direct(&database).await;
     db.batch_execute("CREATE TABLE people (id int PRIMARY KEY, email bytea, email_bidx bytea)")
         .await
         .unwrap();

@@ -6,16 +6,6 @@ use tokio_postgres::Client;
 
 use crate::harness::{self, ProxyOptions, TestProxy};
 
-async fn direct(database: &str) -> Client {
-    let (c, conn) = harness::postgres()
-        .direct(database)
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    c
-}
-
 async fn session(proxy: &TestProxy, database: &str) -> Client {
     let mut cfg = proxy.client_config("billing", database);
     cfg.password(harness::token(
@@ -53,29 +43,7 @@ fn config(
 
 /// `pgward keys <args> --config <config>`: (exit code, stdout, stderr).
 async fn keys(config: &std::path::Path, database: &str, args: &[&str]) -> (i32, String, String) {
-    let pg = harness::postgres();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgward"))
-        .arg("keys")
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env(
-            "PGWARD_DATABASE_URL",
-            format!(
-                "postgresql://postgres:{}@127.0.0.1:{}/{database}",
-                pg.password, pg.port
-            ),
-        )
-        .env_remove("VAULT_TOKEN")
-        .output()
-        .await
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    eprintln!("$ pgward keys {}\n{stdout}{stderr}", args.join(" "));
-    (out.status.code().unwrap_or(-1), stdout, stderr)
+    harness::keys_cli(config, database, args).await
 }
 
 /// (DEK version, KEK version, first KEK version) of every stored key of `key`, index root first.
@@ -126,7 +94,7 @@ async fn keys_cli_retire_after_rotation_reencrypt_and_rewrap() {
     std::fs::write(&config_file, harness::proxy_config_text(&options)).unwrap();
     let proxy = harness::start_proxy(options.clone()).await;
     let app = session(&proxy, &database).await;
-    let db = direct(&database).await;
+    let db = harness::direct(&database).await;
     let insert = "INSERT INTO customers (name, email, ssn) VALUES ($1, $2, $3)";
     for i in 1..=4 {
         app.execute(

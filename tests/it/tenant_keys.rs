@@ -8,16 +8,6 @@ use tokio_postgres::Client;
 
 use crate::harness::{self, ProxyOptions, TestProxy};
 
-async fn direct(database: &str) -> Client {
-    let (c, conn) = harness::postgres()
-        .direct(database)
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    c
-}
-
 /// A session of `service` whose token carries `claims`.
 async fn session(
     proxy: &TestProxy,
@@ -121,7 +111,7 @@ async fn a_ciphertext_copied_to_another_tenants_row_fails_and_searches_stay_per_
     assert_eq!(ssn, ["222-22-2222"]);
 
     // Stored: two different per-tenant keys (header key ids), named without the tenant id.
-    let db = direct(&database).await;
+    let db = harness::direct(&database).await;
     let id_of = |name: &'static str| {
         let db = &db;
         async move {
@@ -329,7 +319,7 @@ async fn a_value_copied_between_rows_of_one_tenant_fails_when_bound_to_the_prima
     )
     .await
     .unwrap();
-    let db = direct(&database).await;
+    let db = harness::direct(&database).await;
     let format_of = |name: &'static str| {
         let db = &db;
         async move {
@@ -448,60 +438,63 @@ async fn a_value_copied_between_rows_of_one_tenant_fails_when_bound_to_the_prima
     assert_eq!(rows[0].get::<_, String>(0), "333-33-3333");
 }
 
-/// `pgward keys shred` as an operator runs it: (exit code, stdout, stderr).
-fn keys_cli(config: &std::path::Path, database: &str, args: &[&str]) -> (i32, String, String) {
-    let pg = harness::postgres();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgward"))
-        .arg("keys")
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env(
-            "PGWARD_DATABASE_URL",
-            format!(
-                "postgresql://postgres:{}@127.0.0.1:{}/{database}",
-                pg.password, pg.port
-            ),
-        )
-        .env_remove("VAULT_TOKEN")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// A proxy serving the demo schema with per-tenant `email`/`ssn`, its configuration file
+/// for the key commands, and the OpenBao and database behind it.
+struct Tenants {
+    bao: crate::vault::Bao,
+    database: String,
+    key: String,
+    config_file: std::path::PathBuf,
+    proxy: TestProxy,
+    _dir: tempfile::TempDir,
+}
+
+impl Tenants {
+    async fn start(prefix: &str) -> Self {
+        let bao = crate::vault::Bao::start().await;
+        let database = harness::fresh_database(prefix, true).await;
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("vault-token");
+        std::fs::write(&token_file, &bao.token).unwrap();
+        let key = harness::unique_name(&format!("{prefix}_pii"));
+        let options = ProxyOptions {
+            extra_toml: config(&bao, &database, &token_file, &key),
+            ..ProxyOptions::default()
+        };
+        let config_file = dir.path().join("pgward.toml");
+        std::fs::write(&config_file, harness::proxy_config_text(&options)).unwrap();
+        let proxy = harness::start_proxy(options).await;
+        Tenants {
+            bao,
+            database,
+            key,
+            config_file,
+            proxy,
+            _dir: dir,
+        }
+    }
+
+    /// A billing session of `tenant`.
+    async fn tenant(&self, tenant: i64) -> Client {
+        let claims = serde_json::json!({ "tenant_id": tenant });
+        session(&self.proxy, &self.database, "billing", claims).await
+    }
+
+    async fn keys(&self, args: &[&str]) -> (i32, String, String) {
+        harness::keys_cli(&self.config_file, &self.database, args).await
+    }
+
+    /// The per-context key name of `tenant`.
+    fn name(&self, tenant: &str) -> String {
+        pgward::crypto::scope::context_key_name(&self.key, tenant)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shredding_a_tenants_key_makes_its_values_unreadable_while_others_read_on() {
-    let bao = crate::vault::Bao::start().await;
-    let database = harness::fresh_database("tenantshred", true).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("vault-token");
-    std::fs::write(&token_file, &bao.token).unwrap();
-    let key = harness::unique_name("shred_pii");
-    let options = ProxyOptions {
-        extra_toml: config(&bao, &database, &token_file, &key),
-        ..ProxyOptions::default()
-    };
-    let config_file = dir.path().join("pgward.toml");
-    std::fs::write(&config_file, harness::proxy_config_text(&options)).unwrap();
-    let proxy = harness::start_proxy(options).await;
-    let one = session(
-        &proxy,
-        &database,
-        "billing",
-        serde_json::json!({ "tenant_id": 1 }),
-    )
-    .await;
-    let two = session(
-        &proxy,
-        &database,
-        "billing",
-        serde_json::json!({ "tenant_id": 2 }),
-    )
-    .await;
+    let t = Tenants::start("tenantshred").await;
+    let (bao, database, key) = (&t.bao, &t.database, &t.key);
+    let (one, two) = (t.tenant(1).await, t.tenant(2).await);
     let insert = "INSERT INTO customers (name, email, ssn) VALUES ($1, $2, $3)";
     one.execute(insert, &[&"s1", &"one@shred.example", &"111-11-1111"])
         .await
@@ -509,9 +502,9 @@ async fn shredding_a_tenants_key_makes_its_values_unreadable_while_others_read_o
     two.execute(insert, &[&"s2", &"two@shred.example", &"222-22-2222"])
         .await
         .unwrap();
-    let db = direct(&database).await;
+    let db = harness::direct(database).await;
     // A backup taken before the shred: the wrapped data keys of tenant 2.
-    let name = pgward::crypto::scope::context_key_name(&key, "2");
+    let name = t.name("2");
     let backup: Vec<String> = db
         .query(
             "SELECT wrapped FROM pgward.data_keys WHERE key_name = $1",
@@ -525,11 +518,7 @@ async fn shredding_a_tenants_key_makes_its_values_unreadable_while_others_read_o
     assert!(!backup.is_empty());
 
     // Refused without the confirmation flag; nothing destroyed.
-    let (code, _, stderr) = keys_cli(
-        &config_file,
-        &database,
-        &["shred", "--key", &key, "--context", "2"],
-    );
+    let (code, _, stderr) = t.keys(&["shred", "--key", key, "--context", "2"]).await;
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("--confirm"), "{stderr}");
     assert_eq!(
@@ -540,11 +529,9 @@ async fn shredding_a_tenants_key_makes_its_values_unreadable_while_others_read_o
         "222-22-2222"
     );
 
-    let (code, stdout, stderr) = keys_cli(
-        &config_file,
-        &database,
-        &["shred", "--key", &key, "--context", "2", "--confirm"],
-    );
+    let (code, stdout, stderr) = t
+        .keys(&["shred", "--key", key, "--context", "2", "--confirm"])
+        .await;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains(&name), "{stdout}");
 
@@ -570,13 +557,7 @@ async fn shredding_a_tenants_key_makes_its_values_unreadable_while_others_read_o
         db_error.message().contains("customers.ssn") && db_error.message().contains("shredded")
     );
     assert!(!db_error.message().contains("222-22"));
-    let fresh = session(
-        &proxy,
-        &database,
-        "billing",
-        serde_json::json!({ "tenant_id": 2 }),
-    )
-    .await;
+    let fresh = t.tenant(2).await;
     let e = fresh
         .query("SELECT ssn FROM customers", &[])
         .await
@@ -625,7 +606,7 @@ async fn shredding_a_tenants_key_makes_its_values_unreadable_while_others_read_o
         assert!(restored.is_err(), "a backup's wrapped key still unwraps");
     }
     // keys status says which key was destroyed and since when.
-    let (code, stdout, stderr) = keys_cli(&config_file, &database, &["status", "--no-count"]);
+    let (code, stdout, stderr) = t.keys(&["status", "--no-count"]).await;
     assert!(code == 0 || code == 1, "{stderr}");
     assert!(
         stdout.contains("Destroyed keys")
@@ -633,4 +614,293 @@ async fn shredding_a_tenants_key_makes_its_values_unreadable_while_others_read_o
             && stdout.contains("shredded since"),
         "{stdout}{stderr}"
     );
+}
+
+/// (key id, DEK version) in the header of `column` of the row named `name`.
+async fn header_of(db: &Client, column: &str, name: &str) -> (u32, u32) {
+    let row = db
+        .query_one(
+            &format!("SELECT {column} FROM customers WHERE name = $1"),
+            &[&name],
+        )
+        .await
+        .unwrap();
+    let key_ref = pgward::crypto::peek_key_ref(&row.get::<_, Vec<u8>>(0)).unwrap();
+    (key_ref.key_id, key_ref.dek_version)
+}
+
+/// The names of the rows a tenant finds by equality on `email`, by parameter and by literal.
+async fn found_by_email(session: &Client, email: &str) -> Vec<String> {
+    let by_param: Vec<String> = session
+        .query(
+            "SELECT name FROM customers WHERE email = $1 ORDER BY name",
+            &[&email],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let by_literal: Vec<String> = session
+        .simple_query(&format!(
+            "SELECT name FROM customers WHERE email = '{email}' ORDER BY name"
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(String::from),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(by_param, by_literal, "search for {email}");
+    by_param
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_tools_rotate_reindex_and_retire_each_tenants_keys_and_skip_shredded_ones() {
+    let t = Tenants::start("tenantbatch").await;
+    let (one, two, three) = (t.tenant(1).await, t.tenant(2).await, t.tenant(3).await);
+    let insert = "INSERT INTO customers (name, email, ssn) VALUES ($1, $2, $3)";
+    for (session, name, email, ssn) in [
+        (&one, "a1", "a1@one.example", "111-00-0001"),
+        (&one, "a2", "a2@one.example", "111-00-0002"),
+        (&two, "b1", "b1@two.example", "222-00-0001"),
+        (&three, "c1", "c1@three.example", "333-00-0001"),
+    ] {
+        session
+            .execute(insert, &[&name, &email, &ssn])
+            .await
+            .unwrap();
+    }
+    let db = harness::direct(&t.database).await;
+    let (id1, id2, id3) = (
+        pgward::crypto::key_name_id(&t.name("1")),
+        pgward::crypto::key_name_id(&t.name("2")),
+        pgward::crypto::key_name_id(&t.name("3")),
+    );
+    assert_eq!(header_of(&db, "ssn", "a1").await, (id1, 1));
+    assert_eq!(header_of(&db, "ssn", "b1").await, (id2, 1));
+    // A backup of b1's ssn under tenant 2's first data key, restored later.
+    let b1_backup: Vec<u8> = db
+        .query_one("SELECT ssn FROM customers WHERE name = 'b1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The attack: tenant 2's ciphertext copied into tenant 1's row a2.
+    db.execute(
+        "UPDATE customers SET ssn = $1 WHERE name = 'a2'",
+        &[&b1_backup],
+    )
+    .await
+    .unwrap();
+
+    // Rotate both tenants' KEKs: the proxy writes under each context's DEK 2 from its next poll.
+    for tenant in ["1", "2"] {
+        t.bao.rotate(&t.name(tenant)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pgward.data_keys WHERE key_name = ANY($1) AND dek_version = 2",
+                &[&vec![t.name("1"), t.name("2")]],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no DEK 2 per tenant");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    one.execute(insert, &[&"a3", &"a3@one.example", &"111-00-0003"])
+        .await
+        .unwrap();
+    assert_eq!(header_of(&db, "ssn", "a3").await, (id1, 2));
+
+    // Tenant 3 is shredded: its values must stay unreadable, whatever the batch tools do.
+    let (code, _, err) = t
+        .keys(&["shred", "--key", &t.key, "--context", "3", "--confirm"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let c1_before: Vec<u8> = db
+        .query_one("SELECT ssn FROM customers WHERE name = 'c1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let c1_id: i64 = db
+        .query_one("SELECT id FROM customers WHERE name = 'c1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    // keys status: one line for the per-tenant key, not one per tenant.
+    let (_, out, _) = t.keys(&["status"]).await;
+    assert!(
+        out.contains(&format!(
+            "{}: 2 contexts with a key of their own, 1 shredded",
+            t.key
+        )) && out.contains("under older ones (`keys reencrypt`)"),
+        "{out}"
+    );
+
+    // reencrypt: every value under its own context's newest data key; the shredded tenant's
+    // values are named by primary key and left as they are; exit 1 says some were skipped.
+    let (code, _, err) = t.keys(&["reencrypt", "--pause-ms", "1"]).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("customers.ssn: 1 values could not be read")
+            && err.contains(&format!("primary keys: {c1_id}")),
+        "{err}"
+    );
+    for (name, id) in [("a1", id1), ("a2", id2), ("a3", id1), ("b1", id2)] {
+        assert_eq!(header_of(&db, "ssn", name).await, (id, 2), "{name}.ssn");
+    }
+    for (name, id) in [("a1", id1), ("a2", id1), ("b1", id2)] {
+        assert_eq!(header_of(&db, "email", name).await, (id, 2), "{name}.email");
+    }
+    let c1_after: Vec<u8> = db
+        .query_one("SELECT ssn FROM customers WHERE name = 'c1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(c1_after, c1_before, "the shredded value was rewritten");
+    assert_eq!(header_of(&db, "email", "c1").await, (id3, 1));
+    let resurrected: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pgward.data_keys WHERE key_name = $1",
+            &[&t.name("3")],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        resurrected, 0,
+        "a data key of the shredded tenant came back"
+    );
+    assert_eq!(
+        t.bao
+            .api("GET", &format!("transit/keys/{}", t.name("3")), None)
+            .await
+            .err(),
+        Some(404),
+        "the shredded tenant's transit key came back"
+    );
+    // Both tenants read their own values through the proxy; the copied value still fails.
+    let r = one
+        .query_one("SELECT email, ssn FROM customers WHERE name = 'a1'", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.get::<_, String>(0), r.get::<_, String>(1)),
+        ("a1@one.example".into(), "111-00-0001".into())
+    );
+    let r = two
+        .query_one("SELECT email, ssn FROM customers WHERE name = 'b1'", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.get::<_, String>(0), r.get::<_, String>(1)),
+        ("b1@two.example".into(), "222-00-0001".into())
+    );
+    let e = one
+        .query("SELECT ssn FROM customers WHERE name = 'a2'", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().unwrap().code().code(), "XX001", "{e}");
+
+    // retire: the restored backup keeps tenant 2's DEK 1 in use; tenant 1's DEK 1 goes.
+    db.execute(
+        "UPDATE customers SET ssn = $1 WHERE name = 'b1'",
+        &[&b1_backup],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "UPDATE pgward.data_keys SET created_at = now() - interval '2 days' WHERE dek_version = 2",
+        &[],
+    )
+    .await
+    .unwrap();
+    let (one_name, two_name) = (t.name("1"), t.name("2"));
+    let (code, out, err) = t.keys(&["retire"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "{one_name} (per-tenant key of {}): would retire DEK 1",
+            t.key
+        )) && out.contains(&format!(
+            "{two_name} (per-tenant key of {}): kept DEK 1: 1 values left",
+            t.key
+        )),
+        "{out}"
+    );
+    let (code, out, err) = t.keys(&["retire", "--key", &t.key, "--confirm"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "{one_name} (per-tenant key of {}): retired DEK 1",
+            t.key
+        )),
+        "{out}"
+    );
+    let retired: Vec<(String, i32)> = db
+        .query("SELECT key_name, dek_version FROM pgward.retired_keys", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(retired, [(one_name.clone(), 1)]);
+    let r = two
+        .query_one("SELECT ssn FROM customers WHERE name = 'b1'", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "222-00-0001");
+
+    // rotate-index: each tenant's blind-index root is replaced; searches keep working during
+    // and after, and reencrypt completes every context's rotation.
+    let a1_index: Vec<u8> = db
+        .query_one("SELECT email_bidx FROM customers WHERE name = 'a1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (code, out, err) = t
+        .keys(&["rotate-index", "--key", &t.key, "--confirm"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("index root rotation of 2 per-tenant contexts started"),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    one.execute(insert, &[&"a4", &"a1@one.example", &"111-00-0004"])
+        .await
+        .unwrap();
+    assert_eq!(found_by_email(&one, "a1@one.example").await, ["a1", "a4"]);
+    let (code, out, err) = t.keys(&["reencrypt", "--pause-ms", "1"]).await;
+    // Still 1: tenant 3's values are unreadable for good.
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains(&format!(
+            "{}: index root rotation complete in 2 per-tenant contexts",
+            t.key
+        )),
+        "{out}{err}"
+    );
+    let a1_new: Vec<u8> = db
+        .query_one("SELECT email_bidx FROM customers WHERE name = 'a1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(a1_new, a1_index, "a1's index was not recomputed");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(found_by_email(&one, "a1@one.example").await, ["a1", "a4"]);
+    assert_eq!(found_by_email(&one, "a2@one.example").await, ["a2"]);
+    assert_eq!(found_by_email(&two, "b1@two.example").await, ["b1"]);
+    assert!(found_by_email(&one, "b1@two.example").await.is_empty());
+    let (_, out, _) = t.keys(&["status"]).await;
+    assert!(!out.contains("rotation in progress"), "{out}");
 }

@@ -1,16 +1,45 @@
 //! Per-tenant keys in the key manager: which key name serves a column in a session, the
 //! per-context names in use, and loading a session's keys before its first statement.
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use super::{ColumnSpec, KeyManager};
-use crate::crypto::envelope::KeyRef;
+use crate::crypto::blind::BIDX_LEN;
+use crate::crypto::envelope::{key_name_id, KeyRef};
 use crate::crypto::error::CryptoError;
-use crate::crypto::scope::KeyScope;
+use crate::crypto::scope::{is_context_key_name, KeyScope};
+
+/// A key named explicitly instead of selected by a session's claims: what the batch tools
+/// use. They find per-context key names in pgward's own tables, never the claim values, and
+/// hold one of these per name; a value is decrypted and re-encrypted under the same one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedKey {
+    name: Arc<str>,
+    key_id: u32,
+}
+
+impl NamedKey {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The key id the headers of values under this key carry.
+    pub fn key_id(&self) -> u32 {
+        self.key_id
+    }
+
+    fn resolved(&self) -> ResolvedKey<'_> {
+        ResolvedKey {
+            name: KeyNameRef::Context(Cow::Borrowed(&self.name)),
+            key_id: self.key_id,
+        }
+    }
+}
 
 /// A key name: the configured one, or a per-context one derived for the session.
 pub(crate) enum KeyNameRef<'a> {
     Configured(&'a str),
-    Context(Arc<str>),
+    Context(Cow<'a, str>),
 }
 
 impl std::ops::Deref for KeyNameRef<'_> {
@@ -51,7 +80,7 @@ impl KeyManager {
     pub(crate) fn resolve<'a>(
         &self,
         spec: &'a ColumnSpec,
-        scope: &KeyScope,
+        scope: &'a KeyScope,
     ) -> Result<ResolvedKey<'a>, CryptoError> {
         let Some(claim) = &spec.column.context_claim else {
             return Ok(ResolvedKey {
@@ -76,6 +105,69 @@ impl KeyManager {
             name: KeyNameRef::Context(name),
             key_id,
         })
+    }
+
+    /// The key `name` of column `spec`: its configured key name, or, for a per-context column,
+    /// a name of the form [`crate::crypto::scope::context_key_name`] gives for its key (the
+    /// context itself stays unknown). A per-context name is then served like one a session
+    /// selected: its index keys are derived for the column and it is polled.
+    pub fn named_key(&self, spec: &ColumnSpec, name: &str) -> Result<NamedKey, CryptoError> {
+        let valid = match spec.column.context_claim {
+            None => name == spec.column.key,
+            Some(_) => is_context_key_name(&spec.column.key, name),
+        };
+        if !valid {
+            return Err(CryptoError::Config(format!(
+                "{name:?} is not a key of {}.{} (key {:?})",
+                spec.table, spec.column.column, spec.column.key
+            )));
+        }
+        if spec.column.context_claim.is_some() && !self.contexts.read().contains_key(name) {
+            self.contexts
+                .write()
+                .insert(name.to_string(), spec.column.key.clone());
+        }
+        Ok(NamedKey {
+            name: Arc::from(name),
+            key_id: key_name_id(name),
+        })
+    }
+
+    /// Encrypt a canonical plaintext of `spec` under the newest DEK of `key`, bound to the
+    /// row whose primary key has the canonical text `row` when given.
+    pub async fn encrypt_named(
+        &self,
+        spec: &ColumnSpec,
+        key: &NamedKey,
+        row: Option<&str>,
+        canonical: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        self.seal_with(spec, &key.resolved(), row, canonical).await
+    }
+
+    /// Decrypt a stored value of `spec` that must be under `key` (`WrongKey` otherwise),
+    /// read from the row `row` (needed for a row-bound value).
+    pub async fn decrypt_named(
+        &self,
+        spec: &ColumnSpec,
+        key: &NamedKey,
+        row: Option<&str>,
+        ciphertext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
+        let result = self.open_with(spec, &key.resolved(), row, ciphertext).await;
+        self.count_integrity(result)
+    }
+
+    /// The blind index a value of searchable `spec` written now under `key` gets.
+    pub async fn blind_index_named(
+        &self,
+        spec: &ColumnSpec,
+        key: &NamedKey,
+        canonical: &[u8],
+    ) -> Result<[u8; BIDX_LEN], CryptoError> {
+        let spec = self.searchable_column(&spec.table, &spec.column.column)?;
+        let keys = self.index_key(spec, key.name()).await?;
+        Ok(keys.write.compute(spec.column.ty, canonical)?)
     }
 
     /// Every key name the poller maintains: the configured names of columns without a
@@ -142,6 +234,7 @@ impl KeyManager {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;

@@ -35,7 +35,11 @@ impl SearchIndexes {
 
 impl KeyManager {
     /// The spec of a column that has a blind index (else `NotSearchable`).
-    fn searchable_column(&self, table: &str, column: &str) -> Result<&ColumnSpec, CryptoError> {
+    pub(super) fn searchable_column(
+        &self,
+        table: &str,
+        column: &str,
+    ) -> Result<&ColumnSpec, CryptoError> {
         let spec = self.column(table, column)?;
         if !spec.column.searchable {
             return Err(CryptoError::NotSearchable {

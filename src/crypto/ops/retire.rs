@@ -14,8 +14,15 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
+use super::context_keys::context_key_names;
 use super::OpsError;
-use super::{count_by_dek, in_transaction, key_status, DestroyedKey, KeyStatus, KeysStatusArgs};
+use super::{
+    column_type, count_by_dek, in_transaction, key_status, DekStatus, DestroyedKey, KeyStatus,
+    KeysStatusArgs,
+};
+use crate::crypto::envelope::{key_name_id, KeyRef};
 use crate::crypto::manager::{ColumnSpec, KeyManager};
 use crate::keys::transit::kek_version_of;
 use crate::keys::DekInfo;
@@ -35,12 +42,12 @@ pub struct KeysRetireArgs {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RetireReport {
     pub key_name: String,
+    /// For a per-context key name: the configured key it serves a context of.
+    pub context_of: Option<String>,
     /// DEKs with no value left: retired (with `--confirm`) or retirable (dry run).
     pub retire: Vec<DekInfo>,
     /// DEKs kept, with the reason (newest, values left), oldest first.
     pub kept: Vec<(u32, String)>,
-    /// Why this key name was not examined at all (informational, e.g. per-tenant keys).
-    pub skipped: Option<String>,
     /// Why nothing of this key name could be retired safely (a count could not be made,
     /// the newest DEK is too recent): the command fails.
     pub held: Option<String>,
@@ -57,12 +64,12 @@ impl RetireReport {
 
 /// Which DEKs of a counted key may go: not the newest, not the blind-index root, and no
 /// value left under them. Any DEK not counted (`rows: None`) keeps every DEK (fail closed).
-pub(super) fn retirable(status: &KeyStatus) -> (Vec<DekInfo>, Vec<(u32, String)>) {
-    let newest = status.deks.iter().map(|d| d.info.dek_version).max();
-    let counted = status.deks.iter().all(|d| d.rows.is_some());
+pub(super) fn retirable(deks: &[DekStatus]) -> (Vec<DekInfo>, Vec<(u32, String)>) {
+    let newest = deks.iter().map(|d| d.info.dek_version).max();
+    let counted = deks.iter().all(|d| d.rows.is_some());
     let mut retire = Vec::new();
     let mut kept = Vec::new();
-    for d in &status.deks {
+    for d in deks {
         let v = d.info.dek_version;
         if v == 0 {
             continue;
@@ -94,7 +101,7 @@ pub async fn keys_retire(
         )));
     }
     let names: Vec<String> = match &args.key {
-        Some(k) if manager.key_names().any(|n| n == k) => vec![k.clone()],
+        Some(k) if manager.columns().any(|s| s.column.key == *k) => vec![k.clone()],
         Some(k) => {
             return Err(OpsError::Schema(format!(
                 "key {k:?} is not used by any [[encrypt]] column"
@@ -102,9 +109,40 @@ pub async fn keys_retire(
         }
         None => manager.key_names().map(str::to_string).collect(),
     };
+    let mut names = names;
+    // Keys only per-tenant columns use are not in `key_names` (no key of that name serves).
+    if args.key.is_none() {
+        let mut bases: Vec<String> = manager
+            .columns()
+            .filter(|s| s.column.context_claim.is_some())
+            .map(|s| s.column.key.clone())
+            .collect();
+        bases.sort();
+        bases.dedup();
+        for base in bases {
+            if !names.contains(&base) {
+                names.push(base);
+            }
+        }
+    }
     let mut reports = Vec::new();
     for name in names {
-        reports.push(retire_key(manager, db, &name, args.confirm, min_age).await?);
+        let specs: Vec<ColumnSpec> = manager
+            .columns()
+            .filter(|s| s.column.key == name)
+            .cloned()
+            .collect();
+        let (plain, per_context): (Vec<ColumnSpec>, Vec<ColumnSpec>) = specs
+            .into_iter()
+            .partition(|s| s.column.context_claim.is_none());
+        if !plain.is_empty() {
+            reports.push(retire_key(manager, db, &name, &plain, args.confirm, min_age).await?);
+        }
+        if !per_context.is_empty() {
+            reports.extend(
+                retire_contexts(manager, db, &name, &per_context, args.confirm, min_age).await?,
+            );
+        }
     }
     Ok(reports)
 }
@@ -113,22 +151,11 @@ async fn retire_key(
     manager: &KeyManager,
     db: &tokio_postgres::Client,
     key_name: &str,
+    specs: &[ColumnSpec],
     confirm: bool,
     min_age: Duration,
 ) -> Result<RetireReport, OpsError> {
     let mut report = RetireReport::new(key_name);
-    let specs: Vec<ColumnSpec> = manager
-        .columns()
-        .filter(|s| s.column.key == key_name)
-        .cloned()
-        .collect();
-    if let Some(s) = specs.iter().find(|s| s.column.context_claim.is_some()) {
-        report.skipped = Some(format!(
-            "{}.{} has per-tenant keys (context_claim): their data keys are not retired (the batch tools cannot count values per tenant key yet)",
-            s.table, s.column.column
-        ));
-        return Ok(report);
-    }
     let status = key_status(manager, db, key_name, &KeysStatusArgs::default()).await?;
     if let Some((column, reason)) = status.pending_columns.first() {
         report.held = Some(format!(
@@ -136,7 +163,7 @@ async fn retire_key(
         ));
         return Ok(report);
     }
-    let (retire, kept) = retirable(&status);
+    let (retire, kept) = retirable(&status.deks);
     report.kept = kept;
     let Some(newest) = status.deks.iter().map(|d| d.info.dek_version).max() else {
         return Ok(report);
@@ -157,17 +184,120 @@ async fn retire_key(
         report.retire = retire;
         return Ok(report);
     }
-    report.retire =
-        in_transaction(db, retire_in_transaction(db, &specs, key_name, &retire)).await?;
-    for d in &report.retire {
+    report.retire = in_transaction(db, retire_in_transaction(db, specs, &retire)).await?;
+    log_retired(&report.retire);
+    Ok(report)
+}
+
+fn log_retired(retired: &[DekInfo]) {
+    for d in retired {
         tracing::warn!(
-            key = key_name,
+            key = %d.key_name,
             dek_version = d.dek_version,
             kek_version = d.kek_version,
             "data key retired: no value was left under it"
         );
     }
-    Ok(report)
+}
+
+/// `keys retire` for the per-tenant columns of `base`: every per-context key name found in
+/// `pgward.data_keys` is examined like a key of its own, its data keys counted from the
+/// header key ids of the columns' values (one scan per column for every context). One
+/// report per context name; the retirements of all contexts happen in one transaction.
+async fn retire_contexts(
+    manager: &KeyManager,
+    db: &tokio_postgres::Client,
+    base: &str,
+    specs: &[ColumnSpec],
+    confirm: bool,
+    min_age: Duration,
+) -> Result<Vec<RetireReport>, OpsError> {
+    let mut held = RetireReport::new(base);
+    let kind = manager.provider().kind();
+    if kind != "transit" {
+        held.held = Some(format!("per-tenant keys are found in pgward.data_keys, which keys.provider {kind:?} does not use"));
+        return Ok(vec![held]);
+    }
+    let mut counts: HashMap<KeyRef, i64> = HashMap::new();
+    for spec in specs {
+        match column_type(db, &spec.table, &spec.column.column).await {
+            Ok(ty) if ty == "bytea" => {}
+            Ok(ty) => {
+                held.held = Some(format!(
+                    "column {}.{} could not be counted (stored as {ty}); nothing retired",
+                    spec.table, spec.column.column
+                ));
+                return Ok(vec![held]);
+            }
+            Err(OpsError::Schema(reason)) => {
+                held.held = Some(format!(
+                    "column {}.{} could not be counted ({reason}); nothing retired",
+                    spec.table, spec.column.column
+                ));
+                return Ok(vec![held]);
+            }
+            Err(e) => return Err(e),
+        }
+        for (key_ref, n) in count_by_dek(db, spec).await? {
+            *counts.entry(key_ref).or_default() += n;
+        }
+    }
+    let (names, _) = context_key_names(db, base).await?;
+    let mut reports = Vec::new();
+    let mut candidates = Vec::new();
+    for name in names {
+        let mut report = RetireReport::new(&name);
+        report.context_of = Some(base.to_string());
+        let key_id = key_name_id(&name);
+        let deks: Vec<DekStatus> = manager
+            .provider()
+            .list_deks(&name)
+            .await?
+            .into_iter()
+            .map(|info| DekStatus {
+                rows: Some(
+                    counts
+                        .get(&KeyRef {
+                            key_id,
+                            dek_version: info.dek_version,
+                        })
+                        .copied()
+                        .unwrap_or(0),
+                ),
+                info,
+                unwrap: None,
+            })
+            .collect();
+        let (retire, kept) = retirable(&deks);
+        report.kept = kept;
+        if let (false, Some(newest)) = (retire.is_empty(), deks.last()) {
+            let newest = newest.info.dek_version;
+            let age = newest_age(db, &name, newest).await?;
+            if age < min_age {
+                report.held = Some(format!(
+                    "the newest data key (DEK {newest}) was created {}s ago; a pgward that has not picked it up yet may still write under older ones (keys.poll_interval + keys.dek_cache_max_stale = {}s): retry after that",
+                    age.as_secs(),
+                    min_age.as_secs()
+                ));
+            } else {
+                candidates.extend(retire.iter().cloned());
+                report.retire = retire;
+            }
+        }
+        reports.push(report);
+    }
+    if confirm && !candidates.is_empty() {
+        let retired = in_transaction(db, retire_in_transaction(db, specs, &candidates)).await?;
+        log_retired(&retired);
+        for report in &mut reports {
+            report.retire = retired
+                .iter()
+                .filter(|d| d.key_name == report.key_name)
+                .cloned()
+                .collect();
+        }
+    }
+    Ok(reports)
 }
 
 /// How long ago the DEK was created (by the database's clock).
@@ -191,44 +321,53 @@ fn version_i32(v: u32) -> Result<i32, OpsError> {
     i32::try_from(v).map_err(|_| OpsError::Schema(format!("DEK version {v} out of range")))
 }
 
-/// Lock the candidates' rows, count again, record and delete; any value found under a
-/// candidate now fails the whole key (rolled back, nothing retired).
+/// Lock the candidates' rows (each of its own key name), count again, record and delete; any
+/// value found under a candidate now fails the whole transaction (nothing retired).
 async fn retire_in_transaction(
     db: &tokio_postgres::Client,
     specs: &[ColumnSpec],
-    key_name: &str,
     candidates: &[DekInfo],
 ) -> Result<Vec<DekInfo>, OpsError> {
     db.batch_execute("SET LOCAL lock_timeout = '10s'").await?;
-    let versions = candidates
-        .iter()
-        .map(|d| version_i32(d.dek_version))
-        .collect::<Result<Vec<i32>, _>>()?;
-    // Never the blind-index root (0) nor the newest DEK, whatever the caller computed.
-    let locked = db
-        .query(
-            "SELECT dek_version, wrapped FROM pgward.data_keys WHERE key_name = $1 AND dek_version = ANY($2) \
-             AND dek_version > 0 AND dek_version < (SELECT max(dek_version) FROM pgward.data_keys WHERE key_name = $1) \
-             ORDER BY dek_version FOR UPDATE",
-            &[&key_name, &versions],
-        )
-        .await?;
-    let mut retired = Vec::new();
-    for row in &locked {
-        let version: i32 = row.try_get(0)?;
-        let wrapped: String = row.try_get(1)?;
-        retired.push(DekInfo {
-            key_name: key_name.to_string(),
-            dek_version: u32::try_from(version)
-                .map_err(|_| OpsError::Schema(format!("negative DEK version {version}")))?,
-            // What Vault unwraps by, not the table's copy.
-            kek_version: kek_version_of(&wrapped).unwrap_or(0),
-        });
+    let mut by_name: std::collections::BTreeMap<&str, Vec<i32>> = Default::default();
+    for d in candidates {
+        by_name
+            .entry(d.key_name.as_str())
+            .or_default()
+            .push(version_i32(d.dek_version)?);
     }
+    let mut retired = Vec::new();
+    for (key_name, versions) in &by_name {
+        // Never the blind-index root (0) nor the newest DEK, whatever the caller computed.
+        let locked = db
+            .query(
+                "SELECT dek_version, wrapped FROM pgward.data_keys WHERE key_name = $1 AND dek_version = ANY($2) \
+                 AND dek_version > 0 AND dek_version < (SELECT max(dek_version) FROM pgward.data_keys WHERE key_name = $1) \
+                 ORDER BY dek_version FOR UPDATE",
+                &[key_name, versions],
+            )
+            .await?;
+        for row in &locked {
+            let version: i32 = row.try_get(0)?;
+            let wrapped: String = row.try_get(1)?;
+            retired.push(DekInfo {
+                key_name: key_name.to_string(),
+                dek_version: u32::try_from(version)
+                    .map_err(|_| OpsError::Schema(format!("negative DEK version {version}")))?,
+                // What Vault unwraps by, not the table's copy.
+                kek_version: kek_version_of(&wrapped).unwrap_or(0),
+            });
+        }
+    }
+    let ids: HashMap<u32, &str> = by_name.keys().map(|n| (key_name_id(n), *n)).collect();
     for spec in specs {
         for (key_ref, n) in count_by_dek(db, spec).await? {
-            let hit = key_ref.key_id == spec.key_id
-                && retired.iter().any(|d| d.dek_version == key_ref.dek_version);
+            let Some(key_name) = ids.get(&key_ref.key_id) else {
+                continue;
+            };
+            let hit = retired
+                .iter()
+                .any(|d| d.key_name == *key_name && d.dek_version == key_ref.dek_version);
             if hit && n > 0 {
                 return Err(OpsError::Schema(format!(
                     "{}.{} has {n} values under DEK {} of key {key_name} again (written by a pgward that had not picked up the newest data key?): nothing retired; run `pgward keys reencrypt` and retry",
@@ -244,12 +383,12 @@ async fn retire_in_transaction(
             "INSERT INTO pgward.retired_keys (key_name, dek_version, kek_version, first_kek_version, created_at, rewrapped_at) \
              SELECT key_name, dek_version, $3, first_kek_version, created_at, rewrapped_at FROM pgward.data_keys \
              WHERE key_name = $1 AND dek_version = $2 ON CONFLICT (key_name, dek_version) DO NOTHING",
-            &[&key_name, &version, &kek],
+            &[&d.key_name, &version, &kek],
         )
         .await?;
         db.execute(
             "DELETE FROM pgward.data_keys WHERE key_name = $1 AND dek_version = $2",
-            &[&key_name, &version],
+            &[&d.key_name, &version],
         )
         .await?;
     }
@@ -366,7 +505,6 @@ pub fn backup_advice(
 
 #[cfg(test)]
 mod tests {
-    use super::super::DekStatus;
     use super::*;
     use crate::keys::KekStatus;
 
@@ -402,11 +540,14 @@ mod tests {
 
     #[test]
     fn only_old_empty_data_keys_are_retirable() {
-        let (retire, kept) = retirable(&status(vec![
-            dek(1, 3, Some(0)),
-            dek(2, 3, Some(7)),
-            dek(3, 3, Some(0)),
-        ]));
+        let (retire, kept) = retirable(
+            &status(vec![
+                dek(1, 3, Some(0)),
+                dek(2, 3, Some(7)),
+                dek(3, 3, Some(0)),
+            ])
+            .deks,
+        );
         let versions: Vec<u32> = retire.iter().map(|d| d.dek_version).collect();
         assert_eq!(versions, [1]);
         assert_eq!(kept[0].0, 2);
@@ -416,18 +557,21 @@ mod tests {
 
     #[test]
     fn the_newest_is_kept_even_when_empty_and_uncounted_keys_keep_everything() {
-        let (retire, kept) = retirable(&status(vec![dek(4, 3, Some(0))]));
+        let (retire, kept) = retirable(&status(vec![dek(4, 3, Some(0))]).deks);
         assert!(retire.is_empty());
         assert_eq!(kept, [(4, "newest (new writes)".to_string())]);
         // One DEK not counted: nothing goes (fail closed).
-        let (retire, _) = retirable(&status(vec![
-            dek(1, 3, Some(0)),
-            dek(2, 3, None),
-            dek(3, 3, Some(5)),
-        ]));
+        let (retire, _) = retirable(
+            &status(vec![
+                dek(1, 3, Some(0)),
+                dek(2, 3, None),
+                dek(3, 3, Some(5)),
+            ])
+            .deks,
+        );
         assert!(retire.is_empty());
         // The blind-index root is never a candidate, even if listed among the DEKs.
-        let (retire, _) = retirable(&status(vec![dek(0, 1, Some(0)), dek(1, 3, Some(1))]));
+        let (retire, _) = retirable(&status(vec![dek(0, 1, Some(0)), dek(1, 3, Some(1))]).deks);
         assert!(retire.is_empty());
     }
 
