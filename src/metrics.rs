@@ -584,7 +584,7 @@ impl Metrics {
 }
 
 /// A label value escaped as the exposition format requires.
-fn label_value(value: &str) -> String {
+pub(crate) fn label_value(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")

@@ -446,8 +446,8 @@ impl Pools {
                 let _ = writeln!(
                     out,
                     "{name}{{role=\"{}\",database=\"{}\"}} {}",
-                    label(&pool.role),
-                    label(&pool.database),
+                    crate::metrics::label_value(&pool.role),
+                    crate::metrics::label_value(&pool.database),
                     read(pool)
                 );
             }
@@ -457,14 +457,6 @@ impl Pools {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// A Prometheus label value, escaped.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

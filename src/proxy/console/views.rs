@@ -366,8 +366,8 @@ pub fn render_metrics(shared: &Shared, out: &mut String) {
             let _ = writeln!(
                 out,
                 "{name}{{role=\"{}\",database=\"{}\"}} {}",
-                label(role),
-                label(database),
+                crate::metrics::label_value(role),
+                crate::metrics::label_value(database),
                 read(row)
             );
         }
@@ -389,16 +389,9 @@ pub fn render_metrics(shared: &Shared, out: &mut String) {
         let _ = writeln!(
             out,
             "pgward_clients{{service=\"{}\",pool_mode=\"{mode}\",state=\"{state}\"}} {count}",
-            label(&service)
+            crate::metrics::label_value(&service)
         );
     }
-}
-
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
