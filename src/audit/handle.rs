@@ -129,10 +129,16 @@ pub(super) struct HandleInner {
     /// Records nobody waits for (completions, session ends): queued without waking the writer.
     pub(super) deferred: Arc<Deferred>,
     /// With `fsync = false`: the log itself, appended to by sessions without a hand-off.
-    pub(super) inline: Option<Arc<parking_lot::Mutex<super::writer::Writer>>>,
+    pub(super) inline: Option<Arc<dyn InlineLog>>,
     /// The settings a SIGHUP may change while the log runs.
     pub(super) live: parking_lot::RwLock<LiveSettings>,
     pub(super) counters: Arc<Counters>,
+}
+
+/// The log as sessions append to it directly (`fsync = false`): frame and write a batch on
+/// the caller's thread, answering its acks as the writer thread would.
+pub(super) trait InlineLog: Send + Sync {
+    fn commit_inline(&self, batch: &mut Vec<Pending>);
 }
 
 /// How many deferred records make the writer come for them at once.
@@ -251,7 +257,7 @@ impl AuditHandle {
     /// the page cache under the log's lock, no hand-off to the writer thread and back.
     fn append_inline(
         &self,
-        writer: &parking_lot::Mutex<super::writer::Writer>,
+        writer: &Arc<dyn InlineLog>,
         bodies: Vec<Vec<u8>>,
     ) -> Result<u64, AuditError> {
         let (written, mut answer) = oneshot::channel();
@@ -261,7 +267,7 @@ impl AuditHandle {
             written: Some(written),
             durable: None,
         });
-        writer.lock().commit_inline(&mut batch);
+        writer.commit_inline(&mut batch);
         answer.try_recv().map_err(|_| AuditError::Closed)?
     }
 

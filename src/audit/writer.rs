@@ -20,7 +20,8 @@ use tokio::sync::oneshot;
 
 use super::config::AuditConfig;
 use super::handle::{
-    AuditHandle, Cmd, Counters, Deferred, HandleInner, LiveSettings, Pending, DEFERRED_MAX_DELAY,
+    AuditHandle, Cmd, Counters, Deferred, HandleInner, InlineLog, LiveSettings, Pending,
+    DEFERRED_MAX_DELAY,
 };
 use super::record::{self, Hash, Tail, FORMAT_VERSION};
 use super::signing::SigningKey;
@@ -85,7 +86,7 @@ impl AuditLog {
         let writer = Arc::new(parking_lot::Mutex::new(writer));
         // Without fsync a statement's record needs only a write to the page cache: the session
         // does it itself under the log's lock, which saves two thread hand-offs per statement.
-        let inline = (!config.fsync).then(|| writer.clone());
+        let inline = (!config.fsync).then(|| writer.clone() as Arc<dyn InlineLog>);
         let thread = std::thread::Builder::new()
             .name("pgward-audit".into())
             .spawn(move || run(&writer, rx, &queue))
@@ -736,6 +737,12 @@ fn run(writer: &parking_lot::Mutex<Writer>, rx: Receiver<Cmd>, deferred: &Deferr
         }
         w.commit(&mut batch);
         records = 0;
+    }
+}
+
+impl InlineLog for parking_lot::Mutex<Writer> {
+    fn commit_inline(&self, batch: &mut Vec<Pending>) {
+        self.lock().commit_inline(batch);
     }
 }
 

@@ -34,9 +34,6 @@ mod views;
 
 pub use views::render_metrics;
 
-/// The database name that opens the console.
-pub const DATABASE: &str = "pgward";
-
 /// Largest message a console client may send.
 const MAX_CONSOLE_MESSAGE: usize = 64 * 1024;
 

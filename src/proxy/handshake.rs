@@ -21,6 +21,9 @@ use crate::protocol::startup::{read_startup_packet, StartupMessage, StartupPacke
 use crate::protocol::{build, fields, frontend, FrameReader, ProtocolError};
 use crate::tls::ALPN_POSTGRESQL;
 
+/// The database name that opens the admin console (`proxy::console`) instead of a session.
+pub const CONSOLE_DATABASE: &str = "pgward";
+
 /// First byte of a TLS ClientHello record: a client using direct TLS (PostgreSQL 17).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -255,7 +258,7 @@ async fn handshake_inner(
             target: target(),
             ..refusal
         })?;
-    let console = database == super::console::DATABASE;
+    let console = database == CONSOLE_DATABASE;
     if console && !shared.may_use_console(&user) {
         // As PostgreSQL refuses a role without CONNECT on a database: after authentication,
         // 42501, so that only a genuine token learns the console exists for others.
@@ -268,7 +271,7 @@ async fn handshake_inner(
                     sqlstate::INSUFFICIENT_PRIVILEGE,
                     format!(
                         "permission denied for database \"{}\": service \"{user}\" may not use the pgward admin console",
-                        super::console::DATABASE
+                        CONSOLE_DATABASE
                     ),
                 ),
                 "console_not_allowed",

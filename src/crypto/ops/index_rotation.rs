@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Row;
 
 use super::context_keys::{context_key_names, require_discoverable, ColumnKeys};
-use super::reencrypt::unreadable_value;
+use super::sweep::unreadable_value;
 use super::sweep::{sweep, RowJob};
 use super::{primary_key, quote_ident, quote_table, BatchArgs, Job, OpsError, Progress};
 use crate::crypto::envelope::{key_name_id, peek_key_ref};

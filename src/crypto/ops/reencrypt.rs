@@ -8,7 +8,6 @@ use super::sweep::{sweep, RowJob};
 use super::{
     column_type, primary_key, quote_ident, quote_table, Job, KeysReencryptArgs, OpsError, Progress,
 };
-use crate::crypto::error::CryptoError;
 use crate::crypto::manager::{ColumnSpec, KeyManager};
 use crate::crypto::ops::BatchArgs;
 
@@ -133,20 +132,4 @@ impl RowJob for Reencrypt<'_> {
             .execute(self.update, &[&fresh, &id, &stored])
             .await? as i64)
     }
-}
-
-/// A failure of this one value (as opposed to the key service or the database).
-pub(super) fn unreadable_value(e: &CryptoError) -> bool {
-    matches!(
-        e,
-        CryptoError::Malformed(_)
-            | CryptoError::Integrity { .. }
-            | CryptoError::WrongKey { .. }
-            | CryptoError::Codec(_)
-            | CryptoError::KeyUnavailable(
-                crate::crypto::error::KeyFailure::UnknownVersion
-                    | crate::crypto::error::KeyFailure::Retired
-                    | crate::crypto::error::KeyFailure::Destroyed
-            )
-    )
 }

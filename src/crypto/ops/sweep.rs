@@ -4,8 +4,8 @@
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use super::reencrypt::unreadable_value;
 use super::{batch_size, BatchArgs, Job, OpsError, Progress};
+use crate::crypto::error::CryptoError;
 use crate::crypto::manager::ColumnSpec;
 
 /// Sweeps from the first row after the main pass, at most: each catches rows written under
@@ -80,4 +80,20 @@ pub(super) async fn sweep(
         sweeps += 1;
         state.last_pk = None;
     }
+}
+
+/// A failure of this one value (as opposed to the key service or the database).
+pub(super) fn unreadable_value(e: &CryptoError) -> bool {
+    matches!(
+        e,
+        CryptoError::Malformed(_)
+            | CryptoError::Integrity { .. }
+            | CryptoError::WrongKey { .. }
+            | CryptoError::Codec(_)
+            | CryptoError::KeyUnavailable(
+                crate::crypto::error::KeyFailure::UnknownVersion
+                    | crate::crypto::error::KeyFailure::Retired
+                    | crate::crypto::error::KeyFailure::Destroyed
+            )
+    )
 }
