@@ -1,5 +1,7 @@
-//! What sessions hold: [`AuditHandle`] sends serialised records to the writer thread and
-//! waits for the stage it needs — written to the file, or durable ([`DurableReceipt`]).
+//! What sessions hold: [`AuditHandle`] sends serialised records to the writer thread (or,
+//! with `fsync = false`, writes them itself through [`InlineLog`]) and waits for the stage it
+//! needs — written to the file, or durable ([`DurableReceipt`]); records nobody waits for go
+//! on the [`Deferred`] queue.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;

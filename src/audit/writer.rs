@@ -5,8 +5,13 @@
 //! batch with one `write`, answers the callers waiting for the write, then makes it durable
 //! with one `fdatasync` and answers the callers waiting for durability. While one fsync is
 //! in flight the next batch accumulates in the channel, so batch size grows with load and
-//! the number of fsyncs stays far below the number of records. No lock is held across I/O:
-//! the only shared structure is the channel.
+//! the number of fsyncs stays far below the number of records.
+//!
+//! The writer's state sits behind one lock, taken per commit and never while waiting on the
+//! channel. With `fsync = false` sessions take it themselves for their one `write` (there is
+//! no fsync to overlap, so the hand-off would only add two wake-ups); with fsync the thread
+//! is the only one that writes. Records nobody waits for wait on the deferred queue for the
+//! next commit or the 20 ms tick.
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
