@@ -664,9 +664,15 @@ impl StatementTransform for SqlEncryption {
                 sqlstate: r.sqlstate,
                 message: r.message,
             })?;
+        let transforms_values = outcome.encrypted_literals
+            || outcome
+                .params
+                .as_ref()
+                .is_some_and(|p| p.transforms_values());
         Ok(TransformOutcome {
             touched: outcome.touched,
             unrepeatable: outcome.encrypted_literals,
+            transforms_values,
             plan: outcome.params.map(StagePlan::new),
             accessed: outcome.accessed,
         })

@@ -198,6 +198,9 @@ enum ShapeEntry {
 struct ShapeTemplate {
     template: shape::Template,
     statements: Arc<[StatementInfo]>,
+    /// The relay's plan of every statement of this shape (field encryption: result columns it
+    /// added), the same whatever the literals: a template never transforms values.
+    params: Option<StagePlan>,
 }
 
 impl ShapeTemplate {
@@ -206,7 +209,7 @@ impl ShapeTemplate {
             sql: self.template.fill(shape),
             statements: self.statements.clone(),
             unrestricted: false,
-            params: None,
+            params: self.params.clone(),
         }
     }
 }
@@ -514,23 +517,31 @@ impl PolicyEngine {
 }
 
 /// Learns a statement shape from the first statement of that shape and its exact rewrite:
-/// rewrites the parameterised text and keeps the template only if it involves no field
-/// encryption, analyses the same, and filled with this statement's literals is this
-/// statement's exact rewrite. Anything else makes the shape take the exact path.
+/// rewrites the parameterised text and keeps the template only if no value of it goes
+/// through field encryption, it analyses the same, and filled with this statement's literals
+/// it is this statement's exact rewrite. Anything else makes the shape take the exact path.
+///
+/// A statement that only *reads* encrypted columns (`SELECT card_number … WHERE id = 5`)
+/// takes a template: the transform decided on the columns, not on the literal, and the
+/// values are decrypted from the results (the template keeps the exact rewrite's plan, e.g.
+/// the row-key columns it added). Any literal the transform would seal, blind-index or bind
+/// to a row shows up as transformed values — embedded ciphertext in the exact rewrite, or a
+/// parameter plan for its placeholder in the parameterised one — and keeps the shape on the
+/// exact path, so no literal meant for an encrypted column is ever filled in as is.
 fn learn_shape(
     shape: &shape::Shape<'_>,
     exact: &Rewritten,
     outcome: &TransformOutcome,
     rewrite: impl Fn(&str) -> Result<(Rewritten, TransformOutcome), PolicyDenied>,
 ) -> ShapeEntry {
-    let unencrypted = |o: &TransformOutcome| !o.touched && o.plan.is_none();
-    if !unencrypted(outcome) {
+    let literal_free = |o: &TransformOutcome| !o.unrepeatable && !o.transforms_values;
+    if !literal_free(outcome) {
         return ShapeEntry::Exact;
     }
     let Ok((parameterized, p_outcome)) = rewrite(shape.parameterized()) else {
         return ShapeEntry::Exact;
     };
-    if !unencrypted(&p_outcome) || parameterized.statements != exact.statements {
+    if !literal_free(&p_outcome) || parameterized.statements != exact.statements {
         return ShapeEntry::Exact;
     }
     let Some(template) = shape::Template::from_rewritten(&parameterized.sql, shape.literal_count())
@@ -544,6 +555,7 @@ fn learn_shape(
     ShapeEntry::Template(Arc::new(ShapeTemplate {
         template,
         statements: parameterized.statements,
+        params: exact.params.clone(),
     }))
 }
 

@@ -29,8 +29,9 @@
 //! * a text that already has `$n` placeholders is left alone.
 //!
 //! The engine also checks, when it learns a shape, that the template filled with the first
-//! statement's literals is the statement's own exact rewrite, and it never uses a shape whose
-//! rewrite involves field encryption (those literals must be encrypted one by one).
+//! statement's literals is the statement's own exact rewrite, and it never uses a shape in
+//! which field encryption seals or blind-indexes a value (those literals must be encrypted one
+//! by one); a shape that only reads encrypted columns is a template like any other.
 
 use std::ops::Range;
 

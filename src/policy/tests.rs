@@ -921,6 +921,7 @@ impl StatementTransform for SealsCustomerLiterals {
         Ok(TransformOutcome {
             touched,
             unrepeatable: touched,
+            transforms_values: touched,
             plan: None,
             accessed: vec![Vec::new(); statements.len()],
         })
@@ -960,6 +961,68 @@ fn an_unrepeatable_transform_result_never_takes_a_template_or_the_cache() {
         }
     }
     assert_eq!(shape_hits(&e), 0);
+}
+
+/// A transform standing in for field encryption on reads: statements on `customers` are
+/// touched and get a plan (as row-key result columns do); `values` says whether it also
+/// transforms their values (as sealing a literal does).
+#[derive(Debug)]
+struct ReadsCustomers {
+    values: bool,
+    plan: crate::sql::stage::StagePlan,
+}
+
+impl StatementTransform for ReadsCustomers {
+    fn apply(
+        &self,
+        statements: &mut [sqlparser::ast::Statement],
+        _catalog: Option<&Catalog>,
+        _claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<TransformOutcome, crate::sql::stage::TransformRefusal> {
+        let touched = statements
+            .iter()
+            .any(|st| st.to_string().to_lowercase().contains("customers"));
+        Ok(TransformOutcome {
+            touched,
+            unrepeatable: false,
+            transforms_values: touched && self.values,
+            plan: touched.then(|| self.plan.clone()),
+            accessed: vec![Vec::new(); statements.len()],
+        })
+    }
+
+    fn may_touch(&self, _sql: &str) -> Option<String> {
+        None
+    }
+}
+
+#[test]
+fn reads_of_governed_columns_share_a_template_with_its_plan_and_value_transforms_never_do() {
+    for values in [false, true] {
+        let e = engine();
+        let plan = crate::sql::stage::StagePlan::new(Arc::new("row keys"));
+        e.set_encryption(Arc::new(ReadsCustomers {
+            values,
+            plan: plan.clone(),
+        }));
+        let c = claims(serde_json::json!(1));
+        let who = PolicyIdentity {
+            service: "billing",
+            claims: &c,
+        };
+        for id in 1..=3 {
+            let sql = format!("SELECT name FROM customers WHERE id = {id}");
+            let out = e.rewrite(&who, &sql).unwrap();
+            assert!(out.sql.contains(&format!("id = {id}")), "{}", out.sql);
+            assert_eq!(
+                out.params.as_ref(),
+                Some(&plan),
+                "the plan travels with the template"
+            );
+        }
+        let expected = if values { 0 } else { 2 };
+        assert_eq!(shape_hits(&e), expected, "transforms values: {values}");
+    }
 }
 
 fn session_rewrite(

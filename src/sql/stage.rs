@@ -41,6 +41,11 @@ pub struct TransformOutcome {
     pub unrepeatable: bool,
     /// What the relay must do per execution (e.g. encrypt bound parameters), if anything.
     pub plan: Option<StagePlan>,
+    /// Some value of the text, a literal or a bound parameter, is transformed on its own
+    /// (sealed, blind-indexed, bound to its row): a text of the same shape with other literals
+    /// needs its own transform. False when the transform decided on the statement's
+    /// structure alone (e.g. it only reads governed columns).
+    pub transforms_values: bool,
     /// Per statement, the columns the transform governs that the statement touches
     /// (`table.column`, for its audit record).
     pub accessed: Vec<Vec<String>>,

@@ -407,3 +407,36 @@ async fn only_console_services_may_open_it_errors_keep_it_usable_and_it_is_audit
     assert_eq!(opened["session"]["service"], "ops");
     assert!(opened["session"]["upstream_role"].is_null(), "{opened}");
 }
+
+/// asyncpg (named statements, binary results) and psycopg 3 (extended protocol for every
+/// execute, server-prepared and binary cursors) read the console as they would a database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_and_psycopg_read_the_console_over_the_extended_protocol() {
+    let database = harness::fresh_database("console_drivers", false).await;
+    let proxy = console_proxy(None).await;
+    // A transaction-mode client, so that its pool exists and SHOW POOLS lists it.
+    let pooled = proxy.connect("pooled", &database).await;
+    pooled.simple_query("SELECT 1").await.unwrap();
+    let token = harness::token("ops", json!({}));
+    let port = proxy.addr.port().to_string();
+    let dsn = format!(
+        "host=127.0.0.1 port={port} user=ops dbname=pgward password={token} sslmode=require"
+    );
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/drivers/console_drivers.py");
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        crate::tools::run(
+            std::process::Command::new("python3")
+                .arg(&script)
+                .env("PGWARD_PORT", port)
+                .env("PGWARD_TOKEN", token)
+                .env("PGWARD_DATABASE", "pgward")
+                .env("PGWARD_DSN", dsn),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(ok, "console drivers failed:\n{out}\n{err}");
+    assert!(out.contains("all checks passed"), "{out}");
+    drop(pooled);
+}

@@ -937,8 +937,9 @@ async fn portals_executed_in_steps_and_pipelines_decode_every_row() {
 
 /// The demo: encrypted customers.email (searchable), customers.ssn, invoices.card_number
 /// (searchable), seeded through the library, behind the demo policies.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_schema_encrypted_behind_the_demo_policies() {
+/// The demo schema, seeded with values encrypted by the demo keys, behind the demo policies
+/// (billing, support, analytics) and the demo encryption settings.
+async fn demo_proxy() -> (TestProxy, String, tempfile::TempDir) {
     let database = harness::fresh_database("encdemo", true).await;
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("master.key");
@@ -965,18 +966,25 @@ async fn demo_schema_encrypted_behind_the_demo_policies() {
         ..ProxyOptions::default()
     })
     .await;
-    let connect = |service: &'static str| {
-        let mut cfg = proxy.client_config(service, &database);
-        cfg.password(harness::token(
-            service,
-            serde_json::json!({ "tenant_id": 1 }),
-        ));
-        async move {
-            let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
-            tokio::spawn(conn);
-            c
-        }
-    };
+    (proxy, database, dir)
+}
+
+/// A client of `service` for tenant 1 of the demo.
+async fn demo_client(proxy: &TestProxy, database: &str, service: &str) -> Client {
+    let mut cfg = proxy.client_config(service, database);
+    cfg.password(harness::token(
+        service,
+        serde_json::json!({ "tenant_id": 1 }),
+    ));
+    let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_schema_encrypted_behind_the_demo_policies() {
+    let (proxy, database, _dir) = demo_proxy().await;
+    let connect = |service: &'static str| demo_client(&proxy, &database, service);
     let billing = connect("billing").await;
     let rows = billing
         .query("SELECT name, email, ssn FROM customers ORDER BY id", &[])
@@ -1130,6 +1138,110 @@ async fn demo_schema_encrypted_behind_the_demo_policies() {
         .await
         .unwrap();
     assert!(leaked.is_empty());
+}
+
+/// Simple-protocol reads of encrypted columns that differ only in their literals share one
+/// rewrite template (the transform decided on the columns, not the values), and still
+/// decrypt, bind and filter per row; a literal that is sealed or blind-indexed never takes a
+/// template — each is encrypted on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_encrypted_columns_share_a_template_and_sealed_literals_never_do() {
+    let (proxy, database, _dir) = demo_proxy().await;
+    let billing = demo_client(&proxy, &database, "billing").await;
+    let db = direct(&database).await;
+    let shape_hits = || {
+        proxy
+            .metrics
+            .rewrites
+            .shape_hits
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let customers: Vec<(i64, i64, String)> = db
+        .query("SELECT id, tenant_id, name FROM customers ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    // ssn is bound to its row's key: the template carries the key column too.
+    let before = shape_hits();
+    for (id, tenant, name) in &customers {
+        let rows = simple_rows(
+            &billing,
+            &format!("SELECT name, ssn FROM customers WHERE id = {id}"),
+        )
+        .await;
+        if *tenant == 1 {
+            let (_, ssn) = pgward::cli::dev::demo_customer_values(name).unwrap();
+            assert_eq!(rows, vec![vec![Some(name.clone()), Some(ssn)]], "id {id}");
+        } else {
+            assert!(
+                rows.is_empty(),
+                "tenant 2's customer {id} through a template"
+            );
+        }
+    }
+    let ssn_hits = shape_hits() - before;
+    // The same shape through Parse/Bind with binary results: the template keeps the plan
+    // of the row-key column it adds.
+    for (id, _, name) in customers.iter().filter(|c| c.1 == 1).take(3) {
+        let row = billing
+            .query_one(&format!("SELECT ssn FROM customers WHERE id = {id}"), &[])
+            .await
+            .unwrap();
+        let (_, ssn) = pgward::cli::dev::demo_customer_values(name).unwrap();
+        assert_eq!(row.get::<_, String>(0), ssn);
+        assert_eq!(row.len(), 1, "the row-key column stays hidden");
+    }
+    let before = shape_hits();
+    for (id, _, _) in &customers {
+        let cards = simple_rows(
+            &billing,
+            &format!("SELECT card_number FROM invoices WHERE customer_id = {id}"),
+        )
+        .await;
+        for card in cards.iter().flatten().flatten() {
+            assert!(card.starts_with("4111-1111-1111-"), "{card}");
+        }
+    }
+    let card_hits = shape_hits() - before;
+    // Each shape learned once; every other statement filled its template.
+    let others = customers.len() as u64 - 1;
+    assert_eq!(
+        (ssn_hits, card_hits),
+        (others, others),
+        "template hits (ssn, card_number)"
+    );
+
+    // Sealed and blind-indexed literals: the exact path, one fresh ciphertext each.
+    let before = shape_hits();
+    for n in 1..=3 {
+        billing
+            .simple_query(&format!(
+                "UPDATE customers SET email = 'shape{n}@tenant1.example' WHERE id = 1"
+            ))
+            .await
+            .unwrap();
+        let found = simple_rows(
+            &billing,
+            &format!("SELECT id FROM customers WHERE email = 'shape{n}@tenant1.example'"),
+        )
+        .await;
+        assert_eq!(found, vec![vec![Some("1".to_string())]], "search {n}");
+    }
+    assert_eq!(shape_hits(), before, "a sealed literal took a template");
+    let stored: Vec<u8> = db
+        .query_one("SELECT email FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!stored.is_empty() && !contains(&stored, b"shape3@tenant1.example"));
+    let stored_bidx: Vec<u8> = db
+        .query_one("SELECT email_bidx FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!contains(&stored_bidx, b"shape3"));
 }
 
 /// The default provider: OpenBao's transit engine wraps the data keys, which live in the

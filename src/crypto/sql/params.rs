@@ -58,6 +58,14 @@ pub struct CopyPlan {
 }
 
 impl ParamPlan {
+    /// True when some value is sealed, blind-indexed or bound to a row on its way upstream
+    /// (not merely a result column added).
+    pub fn transforms_values(&self) -> bool {
+        self.copy.is_some()
+            || !self.row_keys.is_empty()
+            || self.params.iter().any(|(_, u)| *u != ParamUse::Plain)
+    }
+
     /// True when some parameter needs work in the relay.
     pub fn is_active(&self) -> bool {
         self.copy.is_some()
