@@ -24,8 +24,8 @@ fn event(s: &Arc<SessionInfo>, i: u64) -> AuditEvent {
             false,
         ),
     );
-    st.tables_read = vec!["pgbench_accounts".into()];
-    st.columns_read = vec![
+    st.touched_mut().tables_read = vec!["pgbench_accounts".into()];
+    st.touched_mut().columns_read = vec![
         "pgbench_accounts.abalance".into(),
         "pgbench_accounts.aid".into(),
     ];
@@ -122,7 +122,14 @@ fn bench_serialise(c: &mut Criterion) {
         "SELECT id, total FROM invoices WHERE customer_id = $1 AND status = $2",
         false,
     );
-    let fingerprint = pgward::audit::fingerprint(text.redacted());
+    let fingerprint: Arc<str> = pgward::audit::fingerprint(text.redacted()).into();
+    // What the statement touches: built once per prepared statement and shared by the
+    // records of its executions, as the proxy does.
+    let mut touched = pgward::audit::Touched::default();
+    touched.tables_read = vec!["public.invoices".into()];
+    touched.columns_read = vec!["invoices.id".into(), "invoices.total".into()];
+    touched.command_class = vec!["READ"];
+    let touched = Arc::new(touched);
     const N: u64 = 1000;
     let mut group = c.benchmark_group("audit_serialise");
     group
@@ -139,9 +146,7 @@ fn bench_serialise(c: &mut Criterion) {
                     text.clone(),
                     fingerprint.clone(),
                 );
-                st.tables_read = vec!["public.invoices".into()];
-                st.columns_read = vec!["invoices.id".into(), "invoices.total".into()];
-                st.command_class = vec!["READ"];
+                st.touched = touched.clone();
                 st.params = vec![
                     pgward::audit::BoundParam::plain(23, Some(b"1234")),
                     pgward::audit::BoundParam::plain(25, Some(b"open")),

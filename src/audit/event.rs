@@ -1,6 +1,6 @@
 //! What callers hand to the audit log. Serialising an event yields the kind-specific part of
 //! a record; the writer adds the envelope (`v`, `seq`, `ts`, `node`, `prev`).
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
@@ -144,22 +144,14 @@ pub struct StatementRecord {
     /// Prepared-statement / portal name for extended protocol, if named.
     pub statement_name: Option<String>,
     pub sql: SqlText,
-    pub fingerprint: String,
-    /// Hex SHA-256 of the statement actually forwarded after rewriting.
-    pub rewritten_sha256: Option<String>,
+    /// Computed once per text (per prepared statement for all its executions).
+    pub fingerprint: Arc<str>,
     pub decision: Decision,
     pub rule: Option<String>,
     pub reason: Option<String>,
-    pub tables_read: Vec<String>,
-    pub tables_written: Vec<String>,
-    /// `table.column`.
-    pub columns_read: Vec<String>,
-    pub columns_written: Vec<String>,
-    /// Encrypted columns (`table.column`) this statement touches, read or written.
-    pub encrypted_columns: Vec<String>,
-    /// pgAudit's class of each statement of the text (`READ`, `WRITE`, `DDL`, `ROLE`,
-    /// `FUNCTION`, `MISC`), distinct, in order; empty when the text did not parse.
-    pub command_class: Vec<&'static str>,
+    /// What the statement touches: shared by every record of the same analysis (see
+    /// [`StatementRecord::touched_mut`] to fill it in).
+    pub touched: Arc<Touched>,
     pub params: Vec<BoundParam>,
     /// SQLSTATE sent to the client when refused/failed here.
     pub sqlstate: Option<String>,
@@ -170,10 +162,78 @@ pub struct StatementRecord {
     pub session_json: Option<Arc<str>>,
 }
 
+/// What a statement touches, as its record names it. Built once per analysis and shared by
+/// every record made from it (each execution of a prepared statement), with its part of the
+/// record serialised once.
+#[derive(Debug, Default)]
+pub struct Touched {
+    /// Hex SHA-256 of the statement actually forwarded after rewriting.
+    pub rewritten_sha256: Option<String>,
+    pub tables_read: Vec<String>,
+    pub tables_written: Vec<String>,
+    /// `table.column`.
+    pub columns_read: Vec<String>,
+    pub columns_written: Vec<String>,
+    /// Encrypted columns (`table.column`) this statement touches, read or written.
+    pub encrypted_columns: Vec<String>,
+    /// pgAudit's class of each statement of the text (`READ`, `WRITE`, `DDL`, `ROLE`,
+    /// `FUNCTION`, `MISC`), distinct, in order; empty when the text did not parse.
+    pub command_class: Vec<&'static str>,
+    /// `"rewritten_sha256":…,"tables_read":[…],…,"command_class":[…]`, once serialised.
+    json: OnceLock<Box<str>>,
+}
+
+impl Clone for Touched {
+    /// A copy to change: its serialised form is made again.
+    fn clone(&self) -> Self {
+        Touched {
+            rewritten_sha256: self.rewritten_sha256.clone(),
+            tables_read: self.tables_read.clone(),
+            tables_written: self.tables_written.clone(),
+            columns_read: self.columns_read.clone(),
+            columns_written: self.columns_written.clone(),
+            encrypted_columns: self.encrypted_columns.clone(),
+            command_class: self.command_class.clone(),
+            json: OnceLock::new(),
+        }
+    }
+}
+
+impl Touched {
+    /// Stores the SHA-256 of the rewritten statement (never its text: it may hold ciphertext).
+    pub fn set_rewritten(&mut self, rewritten_sql: &str) {
+        self.rewritten_sha256 = Some(hex::encode(Sha256::digest(rewritten_sql.as_bytes())));
+    }
+
+    /// This part of the record, serialised (once).
+    fn json(&self) -> Result<&str, serde_json::Error> {
+        if let Some(json) = self.json.get() {
+            return Ok(json);
+        }
+        let mut out = Vec::with_capacity(192);
+        write_fields(
+            &mut out,
+            &TouchedWire {
+                rewritten_sha256: self.rewritten_sha256.as_deref(),
+                tables_read: &self.tables_read,
+                tables_written: &self.tables_written,
+                columns_read: &self.columns_read,
+                columns_written: &self.columns_written,
+                encrypted_columns: &self.encrypted_columns,
+                command_class: &self.command_class,
+            },
+        )?;
+        let json = String::from_utf8(out)
+            .map_err(|e| serde::ser::Error::custom(e.to_string()))?
+            .into_boxed_str();
+        Ok(self.json.get_or_init(|| json))
+    }
+}
+
 impl StatementRecord {
     /// A record with the fingerprint computed; other fields start empty/allowed.
     pub fn new(session: Arc<SessionInfo>, protocol: Protocol, sql: SqlText) -> Self {
-        let fingerprint = super::fingerprint::fingerprint(sql.redacted());
+        let fingerprint = super::fingerprint::fingerprint(sql.redacted()).into();
         Self::with_fingerprint(session, protocol, sql, fingerprint)
     }
 
@@ -183,7 +243,7 @@ impl StatementRecord {
         session: Arc<SessionInfo>,
         protocol: Protocol,
         sql: SqlText,
-        fingerprint: String,
+        fingerprint: Arc<str>,
     ) -> Self {
         StatementRecord {
             session,
@@ -191,16 +251,10 @@ impl StatementRecord {
             statement_name: None,
             sql,
             fingerprint,
-            rewritten_sha256: None,
             decision: Decision::Allowed,
             rule: None,
             reason: None,
-            tables_read: Vec::new(),
-            tables_written: Vec::new(),
-            columns_read: Vec::new(),
-            columns_written: Vec::new(),
-            encrypted_columns: Vec::new(),
-            command_class: Vec::new(),
+            touched: Arc::default(),
             params: Vec::new(),
             sqlstate: None,
             part: None,
@@ -208,9 +262,11 @@ impl StatementRecord {
         }
     }
 
-    /// Stores the SHA-256 of the rewritten statement (never its text: it may hold ciphertext).
-    pub fn set_rewritten(&mut self, rewritten_sql: &str) {
-        self.rewritten_sha256 = Some(hex::encode(Sha256::digest(rewritten_sql.as_bytes())));
+    /// What the statement touches, to fill in (copied first when it is shared).
+    pub fn touched_mut(&mut self) -> &mut Touched {
+        let touched = Arc::make_mut(&mut self.touched);
+        touched.json.take();
+        touched
     }
 }
 
@@ -327,7 +383,8 @@ struct StatementSession<'a> {
     claims_used: &'a serde_json::Map<String, serde_json::Value>,
 }
 
-/// The statement's own part of its record (after the session's, in this order on disk).
+/// The statement's own part of its record (after the session's, in this order on disk): this,
+/// then [`TouchedWire`], then [`StatementTail`].
 #[derive(Serialize)]
 struct StatementBody<'a> {
     protocol: Protocol,
@@ -338,6 +395,11 @@ struct StatementBody<'a> {
     sqlstate: Option<&'a str>,
     fingerprint: &'a str,
     sql: &'a str,
+}
+
+/// What the statement touches, as serialised in its record (once per [`Touched`]).
+#[derive(Serialize)]
+struct TouchedWire<'a> {
     rewritten_sha256: Option<&'a str>,
     tables_read: &'a [String],
     tables_written: &'a [String],
@@ -345,6 +407,11 @@ struct StatementBody<'a> {
     columns_written: &'a [String],
     encrypted_columns: &'a [String],
     command_class: &'a [&'static str],
+}
+
+/// The end of a statement record: its parameters and its place in a multi-statement Query.
+#[derive(Serialize)]
+struct StatementTail<'a> {
     param_count: usize,
     params: RecordedParams<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -443,13 +510,14 @@ fn write_statement(
             sqlstate: st.sqlstate.as_deref(),
             fingerprint: &st.fingerprint,
             sql: st.sql.recorded(record_values),
-            rewritten_sha256: st.rewritten_sha256.as_deref(),
-            tables_read: &st.tables_read,
-            tables_written: &st.tables_written,
-            columns_read: &st.columns_read,
-            columns_written: &st.columns_written,
-            encrypted_columns: &st.encrypted_columns,
-            command_class: &st.command_class,
+        },
+    )?;
+    out.push(b',');
+    out.extend_from_slice(st.touched.json()?.as_bytes());
+    out.push(b',');
+    write_fields(
+        out,
+        &StatementTail {
             param_count: st.params.len(),
             params: RecordedParams {
                 params: &st.params,
@@ -574,7 +642,7 @@ mod tests {
             BoundParam::sensitive(25),
             BoundParam::plain(23, Some(b"4711")),
         ];
-        st.encrypted_columns = vec!["people.ssn".into()];
+        st.touched_mut().encrypted_columns = vec!["people.ssn".into()];
         AuditEvent::Statement(Box::new(st))
     }
 
@@ -614,7 +682,7 @@ mod tests {
     fn rewritten_is_hashed() {
         let mut st =
             StatementRecord::new(session(), Protocol::Simple, SqlText::new("select 1", false));
-        st.set_rewritten("select enc_secret");
+        st.touched_mut().set_rewritten("select enc_secret");
         let s = json(&AuditEvent::Statement(Box::new(st)), true);
         assert!(!s.contains("enc_secret"));
         assert!(s.contains(&hex::encode(Sha256::digest(b"select enc_secret"))));
@@ -647,7 +715,7 @@ mod tests {
             };
             if !sensitive {
                 st.part = Some((2, 3));
-                st.command_class = vec!["READ"];
+                st.touched_mut().command_class = vec!["READ"];
             }
             let plain = AuditEvent::Statement(st.clone());
             assert_eq!(json(&plain, record_values), expected);

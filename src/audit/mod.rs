@@ -93,7 +93,7 @@ pub use config::{AuditConfig, Durability, OnFailure, SyslogTlsConfig};
 pub use error::AuditError;
 pub use event::{
     statement_session_json, AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText,
-    StatementRecord,
+    StatementRecord, Touched,
 };
 pub use fingerprint::{fingerprint, redact, split_statements};
 pub use handle::{AuditHandle, AuditStats, DurableReceipt};

@@ -27,8 +27,8 @@ fn session(id: u64, service: &str) -> Arc<SessionInfo> {
 
 fn stmt(s: &Arc<SessionInfo>, sql: &str) -> AuditEvent {
     let mut st = StatementRecord::new(s.clone(), Protocol::Simple, SqlText::new(sql, false));
-    st.tables_read = vec!["orders".into()];
-    st.columns_read = vec!["orders.id".into()];
+    st.touched_mut().tables_read = vec!["orders".into()];
+    st.touched_mut().columns_read = vec!["orders.id".into()];
     AuditEvent::Statement(Box::new(st))
 }
 
@@ -514,9 +514,9 @@ async fn mixed_log(fx: &Fixture) {
         Protocol::Extended,
         SqlText::new("select ssn from people where id = $1", false),
     );
-    st.tables_read = vec!["people".into()];
-    st.columns_read = vec!["people.ssn".into()];
-    st.encrypted_columns = vec!["people.ssn".into()];
+    st.touched_mut().tables_read = vec!["people".into()];
+    st.touched_mut().columns_read = vec!["people.ssn".into()];
+    st.touched_mut().encrypted_columns = vec!["people.ssn".into()];
     h.append(AuditEvent::Statement(Box::new(st))).await.unwrap();
     let mut st = StatementRecord::new(
         hr.clone(),
@@ -527,7 +527,7 @@ async fn mixed_log(fx: &Fixture) {
     st.rule = Some("no-bulk-delete".into());
     st.reason = Some("DELETE without WHERE".into());
     st.sqlstate = Some("42501".into());
-    st.tables_written = vec!["people".into()];
+    st.touched_mut().tables_written = vec!["people".into()];
     h.append(AuditEvent::Statement(Box::new(st))).await.unwrap();
     h.append_nowait(AuditEvent::StatementCompleted {
         session_id: 1,

@@ -94,11 +94,12 @@ impl std::fmt::Debug for ServerConn {
 impl ServerConn {
     /// Whether an idle connection is still usable: nothing may have arrived on it (an idle
     /// server says nothing unless it is going away, e.g. terminated by an administrator).
-    async fn still_idle(&mut self) -> bool {
-        // A zero timeout polls the read once: ready means EOF, an error or an unexpected message.
-        tokio::time::timeout(Duration::ZERO, self.reader.next_batch())
-            .await
-            .is_err()
+    fn still_idle(&mut self) -> bool {
+        // One poll of the read, without a timer: ready means EOF, an error or an unexpected
+        // message. (The read is cancel-safe: whatever it buffered stays for the next one.)
+        let read = std::pin::pin!(self.reader.next_batch());
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        std::future::Future::poll(read, &mut context).is_pending()
     }
 }
 
@@ -224,25 +225,11 @@ impl Pool {
         password: Option<&str>,
         client: u64,
     ) -> Result<Lease, PoolError> {
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        let timeout = self.timeout();
-        let permit = tokio::time::timeout(timeout, self.permits.clone().acquire_owned()).await;
-        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
-        let permit = match permit {
-            Ok(Ok(permit)) => permit,
-            // The semaphore is never closed; treat it like a timeout all the same.
-            Ok(Err(_)) | Err(_) => {
-                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                return Err(PoolError::Timeout {
-                    waited: timeout,
-                    size: self.size(),
-                });
-            }
-        };
+        let permit = self.slot().await?;
         loop {
             let candidate = self.idle.lock().pop();
             let Some(mut conn) = candidate else { break };
-            if conn.still_idle().await {
+            if conn.still_idle() {
                 return Ok(self.lend(conn, permit, client));
             }
             tracing::info!(
@@ -279,6 +266,31 @@ impl Pool {
         self.stats.open.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(server = conn.id, role = %self.role, database = %self.database, "pooled server connection opened");
         Ok(self.lend(conn, permit, client))
+    }
+
+    /// One of the `pool_size` slots: at once when one is free (no timer armed — the common
+    /// case under load costs one atomic operation), else after waiting in line at most
+    /// `pool_timeout`. A free slot is never taken ahead of a waiting client: the semaphore
+    /// hands released slots to its waiters first.
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, PoolError> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.timeout();
+        let permit = tokio::time::timeout(timeout, self.permits.clone().acquire_owned()).await;
+        self.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        match permit {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; treat it like a timeout all the same.
+            Ok(Err(_)) | Err(_) => {
+                self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(PoolError::Timeout {
+                    waited: timeout,
+                    size: self.size(),
+                })
+            }
+        }
     }
 
     fn lend(

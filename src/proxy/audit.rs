@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use crate::audit::{
     split_statements, AuditError, AuditEvent, AuditHandle, BoundParam, Decision, DurableReceipt,
-    Protocol, SessionInfo, SqlText, StatementRecord,
+    Protocol, SessionInfo, SqlText, StatementRecord, Touched,
 };
 use crate::error::Refusal;
 use crate::policy::{Rewritten, StatementInfo};
@@ -32,10 +32,11 @@ pub struct Observed<'a> {
 
 /// A prepared statement of this session, for the records of its Executes.
 struct Prepared {
-    /// Redacted text and fingerprint, computed once at Parse for all its executions.
+    /// Redacted text, fingerprint and what it touches, computed once at Parse for all its
+    /// executions.
     text: SqlText,
-    fingerprint: String,
-    analysis: Option<Arc<Rewritten>>,
+    fingerprint: Arc<str>,
+    touched: Arc<Touched>,
     /// Declared parameter types (0 = unspecified).
     param_types: Vec<u32>,
     /// Refused at Parse: its Executes never run (the refusal has its own record).
@@ -197,14 +198,15 @@ impl SessionAudit {
             );
             record.part = Some((u32::try_from(i + 1).unwrap_or(u32::MAX), count));
             record.session_json = self.session_json.clone();
+            let touched = record.touched_mut();
             match (paired, infos) {
-                (Some(infos), _) => add_analysis(&mut record, infos.get(i..=i).unwrap_or(&[])),
-                (None, Some(infos)) => add_analysis(&mut record, infos),
+                (Some(infos), _) => add_analysis(touched, infos.get(i..=i).unwrap_or(&[])),
+                (None, Some(infos)) => add_analysis(touched, infos),
                 (None, None) => {}
             }
             match &rewritten {
-                Some((_, Some(split))) => record.set_rewritten(split.get(i).unwrap_or(&"")),
-                Some((whole, None)) => record.set_rewritten(whole),
+                Some((_, Some(split))) => touched.set_rewritten(split.get(i).unwrap_or(&"")),
+                Some((whole, None)) => touched.set_rewritten(whole),
                 None => {}
             }
             self.statements_recorded += 1;
@@ -224,13 +226,13 @@ impl SessionAudit {
             batch.events.push(event);
         }
         let text = SqlText::new(sql, self.literals_may_be_sensitive);
-        let fingerprint = crate::audit::fingerprint(text.redacted());
+        let fingerprint = crate::audit::fingerprint(text.redacted()).into();
         self.statements.insert(
             name.to_string(),
             Arc::new(Prepared {
                 text,
                 fingerprint,
-                analysis: observed.analysis.clone(),
+                touched: Arc::new(touched_by(observed.analysis.as_deref())),
                 param_types,
                 refused,
             }),
@@ -276,11 +278,12 @@ impl SessionAudit {
             return;
         }
         let statement = portal.statement.clone();
+        // Allowed (a refused Parse never gets here), and what it touches was found at Parse.
         let observed = Observed {
             message: execute.message,
             view: execute.view,
             refused: None,
-            analysis: statement.analysis.clone(),
+            analysis: None,
         };
         let mut record = StatementRecord::with_fingerprint(
             self.session.clone(),
@@ -288,6 +291,7 @@ impl SessionAudit {
             statement.text.clone(),
             statement.fingerprint.clone(),
         );
+        record.touched = statement.touched.clone();
         record.statement_name = Some(portal.statement_name.clone()).filter(|n| !n.is_empty());
         record.params = portal.params.clone();
         let event = self.finish_record(record, &observed);
@@ -338,11 +342,8 @@ impl SessionAudit {
             record.reason = Some(refusal.error.message.clone());
             record.sqlstate = Some(refusal.error.sqlstate.to_string());
         }
-        if let Some(analysis) = &observed.analysis {
-            if !analysis.unrestricted {
-                record.set_rewritten(&analysis.sql);
-            }
-            add_analysis(&mut record, &analysis.statements);
+        if observed.analysis.is_some() {
+            record.touched = Arc::new(touched_by(observed.analysis.as_deref()));
         }
         self.statements_recorded += 1;
         AuditEvent::Statement(Box::new(record))
@@ -395,17 +396,29 @@ impl BatchRecords {
     }
 }
 
+/// What an analysed text touches, for its records (nothing known without an analysis).
+fn touched_by(analysis: Option<&Rewritten>) -> Touched {
+    let mut touched = Touched::default();
+    if let Some(analysis) = analysis {
+        if !analysis.unrestricted {
+            touched.set_rewritten(&analysis.sql);
+        }
+        add_analysis(&mut touched, &analysis.statements);
+    }
+    touched
+}
+
 /// What the analysed statements touch, onto their record.
-fn add_analysis(record: &mut StatementRecord, infos: &[StatementInfo]) {
+fn add_analysis(touched: &mut Touched, infos: &[StatementInfo]) {
     for info in infos {
-        extend_unique(&mut record.tables_read, &info.tables_read);
-        extend_unique(&mut record.tables_written, &info.tables_written);
-        extend_unique(&mut record.columns_read, &info.columns_read);
-        extend_unique(&mut record.columns_written, &info.columns_written);
-        extend_unique(&mut record.encrypted_columns, &info.encrypted_columns);
+        extend_unique(&mut touched.tables_read, &info.tables_read);
+        extend_unique(&mut touched.tables_written, &info.tables_written);
+        extend_unique(&mut touched.columns_read, &info.columns_read);
+        extend_unique(&mut touched.columns_written, &info.columns_written);
+        extend_unique(&mut touched.encrypted_columns, &info.encrypted_columns);
         if let Some(class) = info.class.map(|c| c.as_str()) {
-            if !record.command_class.contains(&class) {
-                record.command_class.push(class);
+            if !touched.command_class.contains(&class) {
+                touched.command_class.push(class);
             }
         }
     }

@@ -65,7 +65,7 @@ impl Audit {
     ) -> Result<(), ClientError> {
         let mut record =
             StatementRecord::new(self.session.clone(), protocol, SqlText::new(text, false));
-        record.command_class = vec!["MISC"];
+        record.touched_mut().command_class = vec!["MISC"];
         if let Some(error) = refused {
             record.decision = Decision::Refused;
             record.reason = Some(error.message.clone());

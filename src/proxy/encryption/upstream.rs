@@ -13,10 +13,21 @@ pub struct UpstreamHalf {
     statements: HashMap<String, Option<Arc<ParamPlan>>>,
     /// How DataRows of the running query or portal are decoded (`None`: unchanged).
     current: Option<Arc<RowPlan>>,
+    /// The last row description seen and what it became: a session repeating a statement
+    /// gets the same description every time, planned once.
+    last_description: Option<Described>,
     /// A value failed to decrypt: drop the rest of the response up to ReadyForQuery.
     failed: bool,
     /// The session's claims that select per-tenant keys.
     scope: KeyScope,
+}
+
+/// A row description (its body), the plan of its rows and the description the client gets
+/// (`None`: no field is transformed).
+struct Described {
+    body: Bytes,
+    plan: Option<Arc<RowPlan>>,
+    rewritten: Option<Bytes>,
 }
 
 /// How one result column is transformed.
@@ -62,6 +73,7 @@ impl UpstreamHalf {
             columns,
             statements: HashMap::new(),
             current: None,
+            last_description: None,
             failed: false,
         }
     }
@@ -192,9 +204,7 @@ impl UpstreamHalf {
     }
 
     pub(super) fn row_description(&mut self, body: &[u8]) -> Option<Bytes> {
-        let fields = row_description(body).ok()?;
-        let plan = self.plan_for(&fields);
-        let rewritten = plan.as_ref().map(|p| rewrite_row_description(&fields, p));
+        let (plan, rewritten) = self.described(body)?;
         let front = self.queue.lock().front().map(|e| match e {
             Expect::DescribeStatement { .. } => 0,
             Expect::DescribePortal { hidden: false } => 1,
@@ -208,20 +218,38 @@ impl UpstreamHalf {
             }
             Some(1) => {
                 self.pop();
-                self.current = plan.map(Arc::new);
+                self.current = plan;
                 rewritten
             }
             Some(2) => {
                 self.pop();
-                self.current = plan.map(Arc::new);
+                self.current = plan;
                 Some(Bytes::new())
             }
             _ => {
                 // A simple query's (or FETCH's) own description.
-                self.current = plan.map(Arc::new);
+                self.current = plan;
                 rewritten
             }
         }
+    }
+
+    /// The plan and the client's description of a row description body (`None`: it does
+    /// not decode; it is forwarded as it is). The same body as last time is not planned again.
+    fn described(&mut self, body: &[u8]) -> Option<(Option<Arc<RowPlan>>, Option<Bytes>)> {
+        if let Some(last) = self.last_description.as_ref().filter(|d| d.body == body) {
+            return Some((last.plan.clone(), last.rewritten.clone()));
+        }
+        let fields = row_description(body).ok()?;
+        let plan = self.plan_for(&fields);
+        let rewritten = plan.as_ref().map(|p| rewrite_row_description(&fields, p));
+        let plan = plan.map(Arc::new);
+        self.last_description = Some(Described {
+            body: Bytes::copy_from_slice(body),
+            plan: plan.clone(),
+            rewritten: rewritten.clone(),
+        });
+        Some((plan, rewritten))
     }
 
     /// `None` when no field is encrypted, a blind index or a row key.
