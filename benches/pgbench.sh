@@ -503,8 +503,11 @@ echo
 echo "== transaction pooling: $POOL_CLIENTS clients, pool of $POOL_SIZE server connections, ${DURATION}s x $ROUNDS rounds (select-only)"
 declare -A POOL_TPS POOL_MAX
 for ((round = 1; round <= ROUNDS; round++)); do
+  # Alternate which pooler goes first each round, so drift does not fall on one side.
+  targets=("pgbouncer:$POOL_BOUNCER_PORT:pool_bouncer:" "pgward:$POOL_WARD_PORT:pool_bench:$POOL_TOKEN")
+  [ $((round % 2)) -eq 0 ] && targets=("${targets[1]}" "${targets[0]}")
   for mode in simple prepared; do
-    for target in "pgbouncer:$POOL_BOUNCER_PORT:pool_bouncer:" "pgward:$POOL_WARD_PORT:pool_bench:$POOL_TOKEN"; do
+    for target in "${targets[@]}"; do
       IFS=: read -r name port role token <<<"$target"
       if [ "$name" = pgbouncer ] && [ "$mode" = prepared ] && ! bouncer_prepares; then
         printf '  round %s %-8s %-9s %10s\n' "$round" "$mode" "$name" "n/a (PgBouncer $BOUNCER_VERSION < 1.21: no prepared statements in transaction mode)"
