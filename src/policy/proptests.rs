@@ -275,7 +275,7 @@ proptest! {
         let templated = e.rewrite(&who, &sql);
         match (exact, templated) {
             (Ok(exact), Ok(templated)) => {
-                prop_assert!(super::same_statements(&templated.sql, &exact.sql), "{sql}\ntemplate: {}\nexact:    {}", templated.sql, exact.sql);
+                prop_assert!(super::template::same_statements(&templated.sql, &exact.sql), "{sql}\ntemplate: {}\nexact:    {}", templated.sql, exact.sql);
                 prop_assert_eq!(&templated.statements, &exact.statements);
             }
             (exact, templated) => prop_assert!(false, "{sql}: exact {exact:?} vs template {templated:?}"),

@@ -1156,13 +1156,7 @@ async fn reads_of_encrypted_columns_share_a_template_and_sealed_literals_never_d
             .shape_hits
             .load(std::sync::atomic::Ordering::Relaxed)
     };
-    let customers: Vec<(i64, i64, String)> = db
-        .query("SELECT id, tenant_id, name FROM customers ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let customers = crate::policy_proxy::demo_customers(&database).await;
     // ssn is bound to its row's key: the template carries the key column too.
     let before = shape_hits();
     for (id, tenant, name) in &customers {

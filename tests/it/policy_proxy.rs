@@ -219,14 +219,7 @@ async fn a_tenant_sees_only_its_rows_whatever_it_sends() {
 #[tokio::test]
 async fn statements_differing_only_in_literals_share_a_rewrite_and_stay_filtered() {
     let (proxy, database) = policy_proxy(&demo_policies(), "").await;
-    let all: Vec<(i64, i64, String)> = direct(&database)
-        .await
-        .query("SELECT id, tenant_id, name FROM customers ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let all = demo_customers(&database).await;
     for tenant in [1i64, 2] {
         let client = connect_as(&proxy, "billing", &database, tenant).await;
         let mut seen = 0;
@@ -275,6 +268,18 @@ async fn statements_differing_only_in_literals_share_a_rewrite_and_stay_filtered
         hits >= (2 * 4 * all.len() - 2 * 4) as u64,
         "only {hits} shape hits"
     );
+}
+
+/// The demo's customers as stored: (id, tenant, name), read directly.
+pub(crate) async fn demo_customers(database: &str) -> Vec<(i64, i64, String)> {
+    direct(database)
+        .await
+        .query("SELECT id, tenant_id, name FROM customers ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
 }
 
 #[tokio::test]
