@@ -63,6 +63,20 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
     Ok(client)
 }
 
+/// The newest checkpoint of this node in the table sink's database, read before the writer
+/// starts. Unreachable: logged, and the start goes on (the anchor check is then `verify
+/// --anchor`'s job).
+pub(super) async fn latest_of_config(config: &super::AuditConfig) -> Option<Anchor> {
+    let url = config.table_sink_url.as_deref()?;
+    match latest(url, &config.resolved_node_id()).await {
+        Ok(anchor) => anchor,
+        Err(e) => {
+            tracing::warn!(error = %e, "audit anchor unreachable: cannot check the log against it at start");
+            None
+        }
+    }
+}
+
 /// The newest anchored checkpoint of `node`, if the table has one.
 pub(crate) async fn latest(url: &str, node: &str) -> Result<Option<Anchor>, String> {
     let client = connect(url).await?;

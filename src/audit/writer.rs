@@ -75,7 +75,7 @@ impl AuditLog {
             .as_ref()
             .map(|c| super::syslog_tls::SyslogTlsSink::spawn(c, counters.clone()))
             .transpose()?;
-        let anchor = latest_anchor(&config).await;
+        let anchor = super::anchor::latest_of_config(&config).await;
         let cfg = config.clone();
         let c2 = counters.clone();
         let writer = tokio::task::spawn_blocking(move || {
@@ -748,20 +748,6 @@ fn run(writer: &parking_lot::Mutex<Writer>, rx: Receiver<Cmd>, deferred: &Deferr
 impl InlineLog for parking_lot::Mutex<Writer> {
     fn commit_inline(&self, batch: &mut Vec<Pending>) {
         self.lock().commit_inline(batch);
-    }
-}
-
-/// The newest checkpoint of this node in the table sink's database, read before the writer
-/// starts. Unreachable: logged, and the start goes on (the anchor check is then `verify
-/// --anchor`'s job).
-async fn latest_anchor(config: &AuditConfig) -> Option<super::anchor::Anchor> {
-    let url = config.table_sink_url.as_deref()?;
-    match super::anchor::latest(url, &config.resolved_node_id()).await {
-        Ok(anchor) => anchor,
-        Err(e) => {
-            tracing::warn!(error = %e, "audit anchor unreachable: cannot check the log against it at start");
-            None
-        }
     }
 }
 
