@@ -48,6 +48,25 @@ async fn session(
     Ok(client)
 }
 
+/// `pgward serve --config config`, once `service` can query `database` through it.
+async fn serve_until_it_answers(config: &Path, port: u16, service: &str, database: &str) -> Child {
+    let child = Child(
+        Command::new(env!("CARGO_BIN_EXE_pgward"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        if can_query(port, service, database).await.is_ok() {
+            return child;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("pgward serve did not come up");
+}
+
 async fn can_query(port: u16, service: &str, database: &str) -> Result<(), String> {
     let client = session(port, service, database, json!({})).await?;
     client
@@ -115,23 +134,7 @@ async fn sighup_reloads_services_passwords_policies_and_audit_settings() {
     };
     let config = work.path().join("pgward.toml");
     std::fs::write(&config, text("", "")).unwrap();
-    let child = Child(
-        Command::new(env!("CARGO_BIN_EXE_pgward"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut up = false;
-    for _ in 0..100 {
-        if can_query(port, "app", &database).await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "pgward serves");
+    let child = serve_until_it_answers(&config, port, "app", &database).await;
     assert!(can_query(port, "rotsvc", &database).await.is_ok());
     let err = can_query(port, "newsvc", &database).await.unwrap_err();
     assert!(err.contains("not configured"), "{err}");
@@ -311,23 +314,7 @@ async fn sighup_resizes_pools_in_place_and_a_new_pool_mode_applies_to_new_sessio
     };
     let config = work.path().join("pgward.toml");
     std::fs::write(&config, text("transaction", 2)).unwrap();
-    let child = Child(
-        Command::new(env!("CARGO_BIN_EXE_pgward"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut up = false;
-    for _ in 0..100 {
-        if can_query(port, "pooled", &database).await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(up, "pgward serve did not come up");
+    let child = serve_until_it_answers(&config, port, "pooled", &database).await;
     let connect = || session(port, "pooled", &database, json!({}));
     let holders = [connect().await.unwrap(), connect().await.unwrap()];
     for client in &holders {

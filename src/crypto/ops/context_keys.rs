@@ -11,6 +11,19 @@ use crate::crypto::error::{CryptoError, KeyFailure};
 use crate::crypto::manager::{ColumnSpec, KeyManager, NamedKey};
 use crate::crypto::scope::is_context_key_name;
 
+/// The configured keys (`[[encrypt]] key`) of per-tenant columns, sorted, each once: the bases
+/// of the per-context key names [`context_key_names`] finds.
+pub(super) fn per_tenant_key_bases(manager: &KeyManager) -> Vec<String> {
+    let mut bases: Vec<String> = manager
+        .columns()
+        .filter(|s| s.column.context_claim.is_some())
+        .map(|s| s.column.key.clone())
+        .collect();
+    bases.sort();
+    bases.dedup();
+    bases
+}
+
 /// The per-context key names of configured key `base` in pgward's tables: (live, destroyed).
 /// Live names are those with a stored data key or index root that were not shredded.
 pub(super) async fn context_key_names(

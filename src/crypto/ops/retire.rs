@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use super::context_keys::context_key_names;
+use super::context_keys::{context_key_names, per_tenant_key_bases};
 use super::OpsError;
 use super::{
     column_type, count_by_dek, in_transaction, key_status, DekStatus, DestroyedKey, KeyStatus,
@@ -112,14 +112,7 @@ pub async fn keys_retire(
     let mut names = names;
     // Keys only per-tenant columns use are not in `key_names` (no key of that name serves).
     if args.key.is_none() {
-        let mut bases: Vec<String> = manager
-            .columns()
-            .filter(|s| s.column.context_claim.is_some())
-            .map(|s| s.column.key.clone())
-            .collect();
-        bases.sort();
-        bases.dedup();
-        for base in bases {
+        for base in per_tenant_key_bases(manager) {
             if !names.contains(&base) {
                 names.push(base);
             }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use super::context_keys::context_key_names;
+use super::context_keys::{context_key_names, per_tenant_key_bases};
 use super::{column_type, count_by_dek, OpsError};
 use crate::crypto::envelope::{key_name_id, KeyRef};
 use crate::crypto::manager::KeyManager;
@@ -38,15 +38,8 @@ pub async fn context_keys_status(
     if manager.provider().kind() != "transit" {
         return Ok(Vec::new());
     }
-    let mut bases: Vec<String> = manager
-        .columns()
-        .filter(|s| s.column.context_claim.is_some())
-        .map(|s| s.column.key.clone())
-        .collect();
-    bases.sort();
-    bases.dedup();
     let mut out = Vec::new();
-    for base in bases {
+    for base in per_tenant_key_bases(manager) {
         let (live, destroyed) = context_key_names(db, &base).await?;
         let mut counts: Option<HashMap<KeyRef, i64>> = count.then(HashMap::new);
         for spec in manager
