@@ -183,3 +183,58 @@ async fn deferred_completions_are_written_within_the_tick_when_nothing_else_is()
         .any(|(k, s)| k == "statement_completed" && *s == Some(seq)));
     log.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_statement_is_written_while_an_earlier_fsync_is_in_flight_and_waits_for_the_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, handle) = AuditLog::open(AuditConfig::new(tmp.path())).await.unwrap();
+    let slow = std::time::Duration::from_millis(400);
+    handle.inner.inline.as_ref().unwrap().delay_syncs(slow);
+    let fsyncs = handle.stats().fsyncs;
+    let (first, first_receipt) = handle
+        .append_staged(vec![statement("SELECT a FROM one")], false)
+        .await
+        .unwrap();
+    assert!(first_receipt.is_pending());
+    // The writer thread has noted how far to sync and is (slowly) syncing.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let first_durable = tokio::spawn(first_receipt.wait());
+    let (second, second_receipt) = handle
+        .append_staged(vec![statement("SELECT b FROM two")], false)
+        .await
+        .unwrap();
+    // Written — so the statement may be forwarded — while the fsync before it still runs.
+    assert!(
+        !first_durable.is_finished(),
+        "the second record waited for the first one's fsync before it was written"
+    );
+    assert_eq!(second, vec![first[0] + 1]);
+    assert!(log_text(tmp.path()).contains("FROM two"));
+    first_durable.await.unwrap().unwrap();
+    // That fsync began before the second record was written: it takes one more.
+    assert!(second_receipt.is_pending());
+    second_receipt.wait().await.unwrap();
+    assert!(handle.stats().fsyncs >= fsyncs + 2);
+    log.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_append_waiting_for_durability_gets_an_answer_when_the_log_shuts_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, handle) = AuditLog::open(AuditConfig::new(tmp.path())).await.unwrap();
+    handle
+        .inner
+        .inline
+        .as_ref()
+        .unwrap()
+        .delay_syncs(std::time::Duration::from_millis(200));
+    let (_, receipt) = handle
+        .append_staged(vec![statement("SELECT c FROM three")], false)
+        .await
+        .unwrap();
+    let durable = tokio::spawn(receipt.wait());
+    log.shutdown().await.unwrap();
+    // The shutdown's final fsync covers it (or the delayed one did): durable either way.
+    durable.await.unwrap().unwrap();
+    assert!(log_text(tmp.path()).contains("FROM three"));
+}

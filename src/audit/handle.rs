@@ -1,7 +1,7 @@
-//! What sessions hold: [`AuditHandle`] sends serialised records to the writer thread (or,
-//! with `fsync = false`, writes them itself through [`InlineLog`]) and waits for the stage it
-//! needs — written to the file, or durable ([`DurableReceipt`]); records nobody waits for go
-//! on the [`Deferred`] queue.
+//! What sessions hold: [`AuditHandle`] writes serialised records to the log itself (through
+//! [`InlineLog`], under the log's lock) and waits for the stage it needs — written to the
+//! file, or durable ([`DurableReceipt`], answered by the writer thread's fsync); records
+//! nobody waits for go on the [`Deferred`] queue.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -44,7 +44,8 @@ pub(super) struct Pending {
 }
 
 pub(super) enum Cmd {
-    Append(Pending),
+    /// Records were written that wait for an fsync the thread has not begun.
+    Sync,
     /// The deferred queue is long: write it now rather than at the next batch or tick.
     Wake,
     /// A SIGHUP changed the live settings: `audit_stopped` must name the ones in force.
@@ -130,17 +131,22 @@ pub(super) struct HandleInner {
     pub(super) tx: Option<Sender<Cmd>>,
     /// Records nobody waits for (completions, session ends): queued without waking the writer.
     pub(super) deferred: Arc<Deferred>,
-    /// With `fsync = false`: the log itself, appended to by sessions without a hand-off.
+    /// The log itself, appended to by sessions without a hand-off (`None` when disabled).
     pub(super) inline: Option<Arc<dyn InlineLog>>,
     /// The settings a SIGHUP may change while the log runs.
     pub(super) live: parking_lot::RwLock<LiveSettings>,
     pub(super) counters: Arc<Counters>,
 }
 
-/// The log as sessions append to it directly (`fsync = false`): frame and write a batch on
-/// the caller's thread, answering its acks as the writer thread would.
+/// The log as sessions append to it directly: frame and write a batch on the caller's
+/// thread and answer its written ack; its durable ack is answered by the fsync that covers
+/// it. Returns whether the writer thread must be woken for that fsync.
 pub(super) trait InlineLog: Send + Sync {
-    fn commit_inline(&self, batch: &mut Vec<Pending>);
+    fn commit_inline(&self, batch: &mut Vec<Pending>) -> bool;
+
+    /// Holds the writer thread this long before each fsync (tests of the overlap).
+    #[cfg(test)]
+    fn delay_syncs(&self, by: std::time::Duration);
 }
 
 /// How many deferred records make the writer come for them at once.
@@ -178,31 +184,12 @@ impl Deferred {
     }
 }
 
-fn send(
-    tx: &Sender<Cmd>,
-    bodies: Vec<Vec<u8>>,
-    written: Option<Ack>,
-    durable: Option<Ack>,
-) -> Result<(), AuditError> {
-    tx.send(Cmd::Append(Pending {
-        bodies,
-        written,
-        durable,
-    }))
-    .map_err(|_| AuditError::Closed)
-}
-
 impl AuditHandle {
     /// Appends `event` and resolves with its sequence number once the batch holding it was
     /// written and fsync'ed. On error the caller consults [`AuditHandle::on_failure`].
     pub async fn append(&self, event: AuditEvent) -> Result<u64, AuditError> {
-        let Some(tx) = &self.inner.tx else {
-            return Ok(0);
-        };
-        let bodies = vec![self.serialise(&event)?];
-        let (durable, done) = oneshot::channel();
-        send(tx, bodies, None, Some(durable))?;
-        done.await.map_err(|_| AuditError::Closed)?
+        let (seqs, _) = self.append_staged(vec![event], true).await?;
+        Ok(seqs.first().copied().unwrap_or(0))
     }
 
     /// Appends several events and resolves with their sequence numbers once all are durable.
@@ -221,7 +208,7 @@ impl AuditHandle {
         events: Vec<AuditEvent>,
         wait_durable: bool,
     ) -> Result<(Vec<u64>, DurableReceipt), AuditError> {
-        let Some(tx) = &self.inner.tx else {
+        let (Some(tx), Some(log)) = (&self.inner.tx, &self.inner.inline) else {
             return Ok((vec![0; events.len()], DurableReceipt::already_durable()));
         };
         let count = events.len() as u64;
@@ -229,48 +216,45 @@ impl AuditHandle {
             .iter()
             .map(|event| self.serialise(event))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(writer) = &self.inner.inline {
-            // Without fsync, written is as durable as this log gets.
-            let first = self.append_inline(writer, bodies)?;
-            return Ok((
-                (first..first + count).collect(),
-                DurableReceipt::already_durable(),
-            ));
+        let (first, receipt) = self.append_inline(tx, log, bodies)?;
+        let seqs = (first..first + count).collect();
+        if wait_durable || self.durability() == Durability::BeforeForward {
+            receipt.wait().await?;
+            return Ok((seqs, DurableReceipt::already_durable()));
         }
-        let (durable, durable_rx) = oneshot::channel();
-        let wait_durable = wait_durable || self.durability() == Durability::BeforeForward;
-        let (first, receipt) = if wait_durable {
-            send(tx, bodies, None, Some(durable))?;
-            let first = durable_rx.await.map_err(|_| AuditError::Closed)??;
-            (first, DurableReceipt::already_durable())
-        } else {
-            let (written, written_rx) = oneshot::channel();
-            send(tx, bodies, Some(written), Some(durable))?;
-            let first = written_rx.await.map_err(|_| AuditError::Closed)??;
-            let receipt = DurableReceipt {
-                done: Some(durable_rx),
-            };
-            (first, receipt)
-        };
-        Ok(((first..first + count).collect(), receipt))
+        Ok((seqs, receipt))
     }
 
     /// Frames and writes `bodies` (after the deferred records) on this thread: one write to
-    /// the page cache under the log's lock, no hand-off to the writer thread and back.
+    /// the page cache under the log's lock, no hand-off to the writer thread and back. The
+    /// receipt resolves once the writer thread's fsync covers them.
     fn append_inline(
         &self,
-        writer: &Arc<dyn InlineLog>,
+        tx: &Sender<Cmd>,
+        log: &Arc<dyn InlineLog>,
         bodies: Vec<Vec<u8>>,
-    ) -> Result<u64, AuditError> {
-        let (written, mut answer) = oneshot::channel();
+    ) -> Result<(u64, DurableReceipt), AuditError> {
+        let (written, mut written_rx) = oneshot::channel();
+        let (durable, mut durable_rx) = oneshot::channel();
         let mut batch: Vec<Pending> = self.inner.deferred.take().into_iter().collect();
         batch.push(Pending {
             bodies,
             written: Some(written),
-            durable: None,
+            durable: Some(durable),
         });
-        writer.commit_inline(&mut batch);
-        answer.try_recv().map_err(|_| AuditError::Closed)?
+        if log.commit_inline(&mut batch) {
+            // A closed channel means the thread is gone, and with it answered every waiter.
+            let _ = tx.send(Cmd::Sync);
+        }
+        let first = written_rx.try_recv().map_err(|_| AuditError::Closed)??;
+        let receipt = match durable_rx.try_recv() {
+            Ok(done) => done.map(|_| DurableReceipt::already_durable())?,
+            Err(oneshot::error::TryRecvError::Empty) => DurableReceipt {
+                done: Some(durable_rx),
+            },
+            Err(oneshot::error::TryRecvError::Closed) => return Err(AuditError::Closed),
+        };
+        Ok((first, receipt))
     }
 
     /// Whether records are written at all (`enabled = false` gives a handle that drops them).

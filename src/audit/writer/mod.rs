@@ -1,17 +1,20 @@
-//! The durable writer: one OS thread owns the current segment file and does group commit.
+//! The durable writer: the current segment file, its chain head, and group commit.
 //!
-//! Callers serialise their event on their own task and send the bytes over a channel.
-//! The writer takes everything queued, frames each body into a chained record, writes the
-//! batch with one `write`, answers the callers waiting for the write, then makes it durable
-//! with one `fdatasync` and answers the callers waiting for durability. While one fsync is
-//! in flight the next batch accumulates in the channel, so batch size grows with load and
-//! the number of fsyncs stays far below the number of records.
+//! Sessions append on their own thread: under the writer's lock they frame their records
+//! into the chain and write them with one `write` (from then on they survive a crash of
+//! pgward), are answered "written" at once, and leave their durability acknowledgement on
+//! the writer's queue. The writer thread makes what was written durable: it notes how far
+//! the file was written, releases the lock, runs one `fdatasync` while sessions go on
+//! writing, and then answers everyone whose records that fsync covered. Records written
+//! during an fsync are covered by the next one, so batches grow with load, the number of
+//! fsyncs stays far below the number of records, and a statement is forwarded without
+//! waiting behind an fsync in flight. With `fsync = false` written is as durable as the log
+//! gets, and no one waits for the thread at all.
 //!
-//! The writer's state sits behind one lock, taken per commit and never while waiting on the
-//! channel. With `fsync = false` sessions take it themselves for their one `write` (there is
-//! no fsync to overlap, so the hand-off would only add two wake-ups); with fsync the thread
-//! is the only one that writes. Records nobody waits for wait on the deferred queue for the
-//! next commit or the 20 ms tick.
+//! The lock is held for a write, never for an fsync — except the rare ones that must
+//! complete before anything else is written (start, rotation, shutdown). Records nobody
+//! waits for wait on the deferred queue for the next append or the 20 ms tick.
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,20 +23,19 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine;
 use tokio::sync::oneshot;
 
 use super::config::AuditConfig;
 use super::handle::{
-    AuditHandle, Cmd, Counters, Deferred, HandleInner, InlineLog, LiveSettings, Pending,
+    Ack, AuditHandle, Cmd, Counters, Deferred, HandleInner, InlineLog, LiveSettings, Pending,
     DEFERRED_MAX_DELAY,
 };
-use super::record::{self, Hash, Tail, FORMAT_VERSION};
+use super::record::{self, Hash, Tail};
 use super::signing::SigningKey;
 use super::AuditError;
 
-/// Most records framed into one write; bounds the writer's buffer under overload.
-const MAX_BATCH: usize = 8192;
+mod frame;
+mod sync;
 
 /// Owns the writer thread. Dropping it without [`AuditLog::shutdown`] still stops the writer
 /// once every handle is gone, but without waiting for it.
@@ -89,9 +91,9 @@ impl AuditLog {
         let deferred = Arc::new(Deferred::default());
         let queue = deferred.clone();
         let writer = Arc::new(parking_lot::Mutex::new(writer));
-        // Without fsync a statement's record needs only a write to the page cache: the session
-        // does it itself under the log's lock, which saves two thread hand-offs per statement.
-        let inline = (!config.fsync).then(|| writer.clone() as Arc<dyn InlineLog>);
+        // Sessions write their records themselves under the log's lock: no hand-off to the
+        // thread and back before a statement may be forwarded.
+        let inline = writer.clone() as Arc<dyn InlineLog>;
         let thread = std::thread::Builder::new()
             .name("pgward-audit".into())
             .spawn(move || run(&writer, rx, &queue))
@@ -100,7 +102,7 @@ impl AuditLog {
             inner: Arc::new(HandleInner {
                 tx: Some(tx.clone()),
                 deferred,
-                inline,
+                inline: Some(inline),
                 live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                 counters,
             }),
@@ -134,12 +136,23 @@ impl AuditLog {
 
 /// The file currently appended to.
 struct Segment {
-    file: File,
+    /// Shared with the fsync the writer thread runs outside the lock.
+    file: Arc<File>,
     path: PathBuf,
     name: String,
     /// Bytes known durable.
     len: u64,
+    /// Bytes written (durable or not).
+    written: u64,
     opened: Instant,
+}
+
+/// A durability acknowledgement waiting for the fsync that covers its records.
+struct Unsynced {
+    /// The chain head after the records: durable once the durable head reaches it.
+    end_seq: u64,
+    first: u64,
+    ack: Ack,
 }
 
 /// Why the next segment must start with a `recovery` record.
@@ -169,6 +182,19 @@ pub(super) struct Writer {
     prev: Hash,
     /// Chain head as of the last successful fsync; restored when a write fails.
     durable: (u64, Hash),
+    /// Durability acknowledgements of records written since the last fsync, in order.
+    unsynced: VecDeque<Unsynced>,
+    /// Bytes written since the last fsync, for the sinks (kept only when one is configured):
+    /// copies leave the host only once durable here.
+    sink_backlog: Vec<u8>,
+    /// Changes whenever the segment does (rotation, abandonment): an fsync begun on an
+    /// older one says nothing about the current file.
+    generation: u64,
+    /// A session wrote and woke the writer thread for an fsync it has not begun yet.
+    sync_requested: bool,
+    /// Tests hold the writer thread between noting how far to sync and the fsync itself.
+    #[cfg(test)]
+    test_sync_delay: Duration,
     /// The last durable record is a shutdown checkpoint.
     closed_cleanly: bool,
     since_checkpoint: u64,
@@ -187,8 +213,9 @@ pub(super) struct Writer {
     truncation: Option<(super::anchor::Anchor, &'static str)>,
     /// Effective settings, recorded in `audit_started` / `audit_stopped`.
     settings: serde_json::Value,
-    /// Held for the writer's lifetime: one writer per directory.
-    _lock: super::lock::DirLock,
+    /// Held until the log stops: one writer per directory. Released then, not when the last
+    /// session's handle goes, so a restart in the same process can take the directory.
+    dir_lock: Option<super::lock::DirLock>,
 }
 
 impl Writer {
@@ -240,6 +267,12 @@ impl Writer {
             next_seq: tail.next_seq,
             prev: tail.prev,
             durable: (tail.next_seq, tail.prev),
+            unsynced: VecDeque::new(),
+            sink_backlog: Vec::new(),
+            generation: 0,
+            sync_requested: false,
+            #[cfg(test)]
+            test_sync_delay: Duration::ZERO,
             closed_cleanly: tail.clean,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
@@ -260,33 +293,39 @@ impl Writer {
             siem_dropped_recorded: 0,
             settings: super::lifecycle::settings(config),
             truncation,
-            _lock: lock,
+            dir_lock: Some(lock),
         };
         // Fail at startup, not on the first statement, if the directory is unusable; and make
         // a recovery durable right away.
         Ok(w)
     }
 
-    /// Writes `batch` on the caller's thread (the inline path of `fsync = false`), after the
-    /// deferred records taken with it; answers like [`Writer::commit`]. After shutdown every
-    /// waiter gets [`AuditError::Closed`].
-    pub(super) fn commit_inline(&mut self, batch: &mut Vec<Pending>) {
+    /// Writes `batch` on the caller's thread, after the deferred records taken with it;
+    /// answers like [`Writer::commit`]. Returns whether the caller must wake the writer
+    /// thread for an fsync (it is woken once per fsync, not once per append). After
+    /// shutdown every waiter gets [`AuditError::Closed`].
+    pub(super) fn commit_inline(&mut self, batch: &mut Vec<Pending>) -> bool {
         if !self.stopped {
             self.commit(batch);
-            return;
+            let wake = self.has_unsynced() && !self.sync_requested;
+            self.sync_requested |= wake;
+            return wake;
         }
         for pending in batch.drain(..) {
             for ack in [pending.written, pending.durable].into_iter().flatten() {
                 let _ = ack.send(Err(AuditError::Closed));
             }
         }
+        false
     }
 
     /// The final commit and checkpoint; later inline appends are refused.
     fn stop(&mut self, batch: &mut Vec<Pending>) -> Result<(), AuditError> {
         self.commit(batch);
         self.stopped = true;
-        self.close()
+        let closed = self.close();
+        self.dir_lock = None;
+        closed
     }
 
     /// A checkpoint is due every interval even when idle: a live log's newest signature is
@@ -300,9 +339,9 @@ impl Writer {
         self.last_checkpoint.elapsed() >= self.checkpoint_interval
     }
 
-    /// Writes `batch` durably and answers every waiter: the written acks after the write,
-    /// the durable acks after the fsync; on failure every waiter not yet answered gets the
-    /// error.
+    /// Writes `batch` and answers every waiter: the written acks after the write, the
+    /// durable acks once an fsync covers it (at once without fsync); on failure every waiter
+    /// not yet answered gets the error.
     fn commit(&mut self, batch: &mut Vec<Pending>) {
         let result = self.write_batch(batch);
         for pending in batch.drain(..) {
@@ -320,22 +359,17 @@ impl Writer {
         }
     }
 
-    /// Frames, writes and fsyncs; returns after the data is durable. Records that must
-    /// precede the batch (recovery, due checkpoint, rotation) are handled here too.
+    /// Frames and writes; returns once the data is in the file. Records that must precede
+    /// the batch (recovery, due checkpoint, rotation) are handled here too.
     fn write_batch(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
         let result = self.try_write_batch(batch);
-        match &result {
-            Err(e) => {
-                self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, "audit write failed");
-                self.count_outage(e, batch);
-                self.abandon_segment();
-                // Retry a due checkpoint one interval later instead of spinning on a broken disk.
-                self.last_checkpoint = Instant::now();
-            }
-            // The recovery (and with it the outage record) is durable.
-            Ok(()) if self.recovery.is_none() => self.outage = None,
-            Ok(()) => {}
+        if let Err(e) = &result {
+            self.counters.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "audit write failed");
+            self.count_outage(e, batch);
+            self.abandon_segment(e);
+            // Retry a due checkpoint one interval later instead of spinning on a broken disk.
+            self.last_checkpoint = Instant::now();
         }
         result
     }
@@ -363,115 +397,33 @@ impl Writer {
             }
         }
         self.write_buf()?;
-        // Written: callers that forward before durability may go on while the fsync runs.
+        // Written, and the recovery with it (a failed fsync asks for a new one).
+        self.recovery = None;
+        // Callers that forward before durability may go on while the fsync runs.
         for (pending, first) in batch.iter_mut().zip(&firsts) {
             if let Some(ack) = pending.written.take() {
                 let _ = ack.send(Ok(*first));
             }
-        }
-        self.sync_buf()?;
-        self.recovery = None;
-        for (pending, first) in batch.iter_mut().zip(&firsts) {
             if let Some(ack) = pending.durable.take() {
-                let _ = ack.send(Ok(*first));
+                self.unsynced.push_back(Unsynced {
+                    end_seq: self.next_seq,
+                    first: *first,
+                    ack,
+                });
             }
         }
-        Ok(())
-    }
-
-    /// Copies dropped for the SIEM since the last such record leave a trace in the log itself
-    /// (written before each interval checkpoint while there are new drops).
-    fn push_siem_dropped(&mut self) -> Result<(), AuditError> {
-        if self.syslog_tls.is_none() {
-            return Ok(());
+        if !self.fsync {
+            // Written is as durable as this log gets.
+            self.sync_written()?;
         }
-        let total = self.counters.siem_dropped.load(Ordering::Relaxed);
-        if total <= self.siem_dropped_recorded {
-            return Ok(());
-        }
-        let body = serde_json::to_vec(&serde_json::json!({
-            "kind": "siem_dropped",
-            "sink": "syslog_tls",
-            "records_dropped": total - self.siem_dropped_recorded,
-            "total_dropped": total,
-        }))?;
-        self.push_record(&body);
-        self.siem_dropped_recorded = total;
-        Ok(())
-    }
-
-    /// Appends one framed record to `buf` and advances the chain head.
-    fn push_record(&mut self, body: &[u8]) -> u64 {
-        let seq = self.next_seq;
-        let ts = record::format_ts(SystemTime::now());
-        self.frame(seq, &ts, body);
-        seq
-    }
-
-    fn frame(&mut self, seq: u64, ts: &str, body: &[u8]) {
-        debug_assert!(body.len() > 2 && body[0] == b'{');
-        let start = self.begin_frame(seq, ts);
-        self.buf.extend_from_slice(&body[1..]);
-        self.end_frame(start, seq);
-    }
-
-    /// Writes the envelope of record `seq` up to and including the comma before `kind`;
-    /// returns where the line starts in `buf`.
-    fn begin_frame(&mut self, seq: u64, ts: &str) -> usize {
-        let start = self.buf.len();
-        let mut prev_hex = [0u8; 64];
-        // Infallible: the output buffer is exactly twice the input.
-        let _ = hex::encode_to_slice(self.prev, &mut prev_hex);
-        let _ = write!(
-            self.buf,
-            "{{\"v\":{FORMAT_VERSION},\"seq\":{seq},\"ts\":\"{ts}\",\"node\":{},\"prev\":\"",
-            self.node_json
-        );
-        self.buf.extend_from_slice(&prev_hex);
-        self.buf.extend_from_slice(b"\",");
-        start
-    }
-
-    /// Hashes the complete line that starts at `start`, ends it and advances the chain head.
-    fn end_frame(&mut self, start: usize, seq: u64) {
-        self.prev = record::record_hash(&self.buf[start..]);
-        self.buf.push(b'\n');
-        self.next_seq = seq + 1;
-        self.since_checkpoint += 1;
-    }
-
-    /// A checkpoint signs every byte of its own line before `"sig"` (envelope with `prev`,
-    /// reason, `covers_seq`, `interval_ms`, `key_id`): see [`record::checkpoint_message_v2`].
-    /// Without a key the same record is written without `key_id`/`sig`.
-    fn push_checkpoint(&mut self, reason: &str) -> Result<(), AuditError> {
-        let seq = self.next_seq;
-        let ts = record::format_ts(SystemTime::now());
-        let body = super::lifecycle::checkpoint_body(
-            reason,
-            seq,
-            self.checkpoint_interval,
-            self.key.as_ref().map(SigningKey::key_id),
-        )?;
-        let start = self.begin_frame(seq, &ts);
-        // The body without its closing brace: the signature is appended as the last field.
-        self.buf.extend_from_slice(&body[1..body.len() - 1]);
-        if let Some(key) = &self.key {
-            let msg = record::checkpoint_message_v2(&self.buf[start..]);
-            let sig = base64::engine::general_purpose::STANDARD.encode(key.sign(&msg).to_bytes());
-            let _ = write!(self.buf, ",\"sig\":\"{sig}\"");
-        }
-        self.buf.push(b'}');
-        self.end_frame(start, seq);
-        self.since_checkpoint = 0;
-        self.last_checkpoint = Instant::now();
         Ok(())
     }
 
     /// Fails at startup, not on the first statement, if the directory is unusable.
     fn write_start_or_abandon(&mut self) -> Result<(), AuditError> {
         let r = self.write_start();
-        if r.is_err() {
-            self.abandon_segment();
+        if let Err(e) = &r {
+            self.abandon_segment(e);
         }
         r
     }
@@ -492,26 +444,7 @@ impl Writer {
         self.push_record(&body);
         self.push_checkpoint("start")?;
         self.flush()?;
-        self.recovery = None;
         tracing::info!(node = %self.node, seq = self.next_seq, "audit log started");
-        Ok(())
-    }
-
-    fn push_recovery(&mut self, r: &Recovery) -> Result<(), AuditError> {
-        let body = serde_json::json!({
-            "kind": "recovery",
-            "reason": r.reason,
-            "file": r.file,
-            "torn_bytes": r.torn_bytes,
-            "resumed_after_seq": self.next_seq.checked_sub(1),
-        });
-        let bytes = serde_json::to_vec(&body)?;
-        self.push_record(&bytes);
-        if let Some(outage) = &self.outage {
-            let now = record::format_ts(SystemTime::now());
-            let body = outage.body(&now)?;
-            self.push_record(&body);
-        }
         Ok(())
     }
 
@@ -539,10 +472,12 @@ impl Writer {
         }
     }
 
-    /// One write, one fdatasync (unless `fsync = false`) for the whole buffer.
+    /// One write, one fdatasync (unless `fsync = false`) of the whole buffer, under the lock:
+    /// for the records that must be durable before anything else is written.
     fn flush(&mut self) -> Result<(), AuditError> {
         self.write_buf()?;
-        self.sync_buf()
+        self.recovery = None;
+        self.sync_written()
     }
 
     /// One write of the whole buffer to the segment (in the kernel from here on: survives a
@@ -551,52 +486,22 @@ impl Writer {
         let Some(seg) = self.seg.as_mut() else {
             return Err(AuditError::Closed);
         };
-        seg.file
+        (&*seg.file)
             .write_all(&self.buf)
-            .map_err(|e| AuditError::io(&seg.path, e))
-    }
-
-    /// Makes the written buffer durable and advances the durable chain head.
-    fn sync_buf(&mut self) -> Result<(), AuditError> {
-        let Some(seg) = self.seg.as_mut() else {
-            return Err(AuditError::Closed);
-        };
-        if self.fsync {
-            seg.file
-                .sync_data()
-                .map_err(|e| AuditError::io(&seg.path, e))?;
-            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-        }
-        seg.len += self.buf.len() as u64;
-        let lines = self.buf.iter().filter(|&&b| b == b'\n').count() as u64;
-        self.durable = (self.next_seq, self.prev);
+            .map_err(|e| AuditError::io(&seg.path, e))?;
+        seg.written += self.buf.len() as u64;
         self.closed_cleanly = false;
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
-        self.counters.records.fetch_add(lines, Ordering::Relaxed);
-        self.copy_to_table_sink();
-        if let Some(syslog) = &mut self.syslog {
-            syslog.send_lines(&self.buf);
-        }
-        if let Some(siem) = &mut self.syslog_tls {
-            siem.send_batch(&self.buf);
+        if self.table_tx.is_some() || self.syslog.is_some() || self.syslog_tls.is_some() {
+            self.sink_backlog.extend_from_slice(&self.buf);
         }
         Ok(())
     }
 
-    /// Best effort: a full sink queue drops the copy, never blocks the durable path.
-    fn copy_to_table_sink(&self) {
-        let Some(tx) = &self.table_tx else {
-            return;
-        };
-        let text = String::from_utf8_lossy(&self.buf).into_owned();
-        if tx.try_send(text).is_err() {
-            tracing::warn!("audit table sink is behind; batch not copied");
-        }
-    }
-
     fn rotate_if_due(&mut self) -> Result<(), AuditError> {
         let due = self.seg.as_ref().is_some_and(|s| {
-            s.len > 0 && (s.len >= self.rotate_size || s.opened.elapsed() >= self.rotate_interval)
+            s.written > 0
+                && (s.written >= self.rotate_size || s.opened.elapsed() >= self.rotate_interval)
         });
         if !due {
             return Ok(());
@@ -605,6 +510,7 @@ impl Writer {
         self.push_checkpoint("rotation")?;
         self.flush()?;
         self.seg = None;
+        self.generation += 1;
         Ok(())
     }
 
@@ -615,10 +521,13 @@ impl Writer {
         Ok(())
     }
 
-    /// After a failed write the file's tail is unknown: cut it back to the last durable
-    /// byte, drop it, rewind the chain, and start the next segment with a recovery record.
-    fn abandon_segment(&mut self) {
+    /// After a failed write or fsync the file's tail is unknown: cut it back to the last
+    /// durable byte, drop it, rewind the chain, fail everyone still waiting for an fsync of
+    /// what is cut, and start the next segment with a recovery record.
+    fn abandon_segment(&mut self, error: &AuditError) {
+        self.fail_unsynced(error);
         (self.next_seq, self.prev) = self.durable;
+        self.generation += 1;
         let Some(seg) = self.seg.take() else {
             return;
         };
@@ -671,31 +580,39 @@ impl Writer {
         self.push_record(&body);
         self.push_checkpoint("shutdown")?;
         let r = self.flush();
-        if r.is_ok() {
-            self.closed_cleanly = true;
-            self.recovery = None;
-        } else {
-            self.abandon_segment();
+        match &r {
+            Ok(()) => self.closed_cleanly = true,
+            Err(e) => self.abandon_segment(e),
         }
         r
     }
 }
 
-/// The writer thread: gathers the records sent to it into group commits, writes deferred
-/// records at least every [`DEFERRED_MAX_DELAY`] and a checkpoint every interval. The log's
-/// lock is taken per commit, never while waiting.
+/// The writer thread: makes what sessions wrote durable (one fsync at a time, outside the
+/// log's lock, each covering everything written before it began), writes deferred records
+/// at least every [`DEFERRED_MAX_DELAY`] and a checkpoint every interval.
 fn run(writer: &parking_lot::Mutex<Writer>, rx: Receiver<Cmd>, deferred: &Deferred) {
+    // However the thread ends, no one may wait for an fsync that will never come.
+    let _stop = StopOnExit(writer);
+    let gather = writer.lock().max_delay;
     let mut batch: Vec<Pending> = Vec::new();
-    let mut records = 0;
     loop {
+        if sync::sync_written_outside_lock(writer, gather) {
+            continue;
+        }
         let tick = writer.lock().until_checkpoint().min(DEFERRED_MAX_DELAY);
-        let first = match rx.recv_timeout(tick) {
-            Ok(cmd) => cmd,
-            Err(RecvTimeoutError::Timeout) => {
+        match rx.recv_timeout(tick) {
+            Ok(Cmd::Sync) => {}
+            Ok(Cmd::Settings(live)) => writer.lock().settings_changed(live),
+            // The deferred queue is long, or a tick passed: write it (and a due checkpoint).
+            Ok(Cmd::Wake) | Err(RecvTimeoutError::Timeout) => {
                 batch.extend(deferred.take());
                 writer.lock().commit(&mut batch);
-                records = 0;
-                continue;
+            }
+            Ok(Cmd::Shutdown(done)) => {
+                batch.extend(deferred.take());
+                let _ = done.send(writer.lock().stop(&mut batch));
+                return;
             }
             Err(RecvTimeoutError::Disconnected) => {
                 // Every handle and the log were dropped without shutdown: still close cleanly.
@@ -703,51 +620,31 @@ fn run(writer: &parking_lot::Mutex<Writer>, rx: Receiver<Cmd>, deferred: &Deferr
                 let _ = writer.lock().stop(&mut batch);
                 return;
             }
-        };
-        let mut shutdown = None;
-        let mut next = Some(first);
-        let deadline = Instant::now() + writer.lock().max_delay;
-        while let Some(cmd) = next.take() {
-            match cmd {
-                Cmd::Append(pending) => {
-                    records += pending.bodies.len();
-                    batch.push(pending);
-                }
-                Cmd::Wake => {}
-                Cmd::Settings(live) => writer.lock().settings_changed(live),
-                Cmd::Shutdown(done) => {
-                    shutdown = Some(done);
-                    break;
-                }
-            }
-            if records >= MAX_BATCH {
-                break;
-            }
-            next = rx.try_recv().ok().or_else(|| {
-                let now = Instant::now();
-                (now < deadline)
-                    .then(|| rx.recv_timeout(deadline - now).ok())
-                    .flatten()
-            });
         }
-        // Taken after the batch was gathered, ahead of it: a session's completion of its
-        // previous statement precedes the record of its next one, which it sent later.
-        if let Some(earlier) = deferred.take() {
-            batch.insert(0, earlier);
-        }
-        let mut w = writer.lock();
-        if let Some(done) = shutdown {
-            let _ = done.send(w.stop(&mut batch));
-            return;
-        }
-        w.commit(&mut batch);
-        records = 0;
+    }
+}
+
+/// Ends the log when the writer thread ends, even by a panic: later appends are refused and
+/// everyone waiting for an fsync is told it will not come, instead of waiting forever.
+struct StopOnExit<'a>(&'a parking_lot::Mutex<Writer>);
+
+impl Drop for StopOnExit<'_> {
+    fn drop(&mut self) {
+        let mut writer = self.0.lock();
+        writer.stopped = true;
+        writer.fail_unsynced(&AuditError::Closed);
+        writer.dir_lock = None;
     }
 }
 
 impl InlineLog for parking_lot::Mutex<Writer> {
-    fn commit_inline(&self, batch: &mut Vec<Pending>) {
-        self.lock().commit_inline(batch);
+    fn commit_inline(&self, batch: &mut Vec<Pending>) -> bool {
+        self.lock().commit_inline(batch)
+    }
+
+    #[cfg(test)]
+    fn delay_syncs(&self, by: Duration) {
+        self.lock().test_sync_delay = by;
     }
 }
 
@@ -769,10 +666,11 @@ fn open_segment(dir: &Path, first_seq: u64) -> Result<Segment, AuditError> {
                     .map_err(|e| AuditError::io(dir, e))?;
                 tracing::debug!(file = %path.display(), "opened audit segment");
                 return Ok(Segment {
-                    file,
+                    file: Arc::new(file),
                     path,
                     name,
                     len: 0,
+                    written: 0,
                     opened: Instant::now(),
                 });
             }

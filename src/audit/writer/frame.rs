@@ -1,0 +1,120 @@
+//! Framing records into the writer's buffer: the chained envelope of each line, signed
+//! checkpoints, and the records the writer adds itself (recovery, outage, SIEM drops).
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use base64::Engine;
+
+use super::{Recovery, Writer};
+use crate::audit::record::{self, FORMAT_VERSION};
+use crate::audit::signing::SigningKey;
+use crate::audit::AuditError;
+
+impl Writer {
+    /// Copies dropped for the SIEM since the last such record leave a trace in the log itself
+    /// (written before each interval checkpoint while there are new drops).
+    pub(super) fn push_siem_dropped(&mut self) -> Result<(), AuditError> {
+        if self.syslog_tls.is_none() {
+            return Ok(());
+        }
+        let total = self.counters.siem_dropped.load(Ordering::Relaxed);
+        if total <= self.siem_dropped_recorded {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&serde_json::json!({
+            "kind": "siem_dropped",
+            "sink": "syslog_tls",
+            "records_dropped": total - self.siem_dropped_recorded,
+            "total_dropped": total,
+        }))?;
+        self.push_record(&body);
+        self.siem_dropped_recorded = total;
+        Ok(())
+    }
+
+    /// Appends one framed record to `buf` and advances the chain head.
+    pub(super) fn push_record(&mut self, body: &[u8]) -> u64 {
+        let seq = self.next_seq;
+        let ts = record::format_ts(SystemTime::now());
+        self.frame(seq, &ts, body);
+        seq
+    }
+
+    fn frame(&mut self, seq: u64, ts: &str, body: &[u8]) {
+        debug_assert!(body.len() > 2 && body[0] == b'{');
+        let start = self.begin_frame(seq, ts);
+        self.buf.extend_from_slice(&body[1..]);
+        self.end_frame(start, seq);
+    }
+
+    /// Writes the envelope of record `seq` up to and including the comma before `kind`;
+    /// returns where the line starts in `buf`.
+    fn begin_frame(&mut self, seq: u64, ts: &str) -> usize {
+        let start = self.buf.len();
+        let mut prev_hex = [0u8; 64];
+        // Infallible: the output buffer is exactly twice the input.
+        let _ = hex::encode_to_slice(self.prev, &mut prev_hex);
+        let _ = write!(
+            self.buf,
+            "{{\"v\":{FORMAT_VERSION},\"seq\":{seq},\"ts\":\"{ts}\",\"node\":{},\"prev\":\"",
+            self.node_json
+        );
+        self.buf.extend_from_slice(&prev_hex);
+        self.buf.extend_from_slice(b"\",");
+        start
+    }
+
+    /// Hashes the complete line that starts at `start`, ends it and advances the chain head.
+    fn end_frame(&mut self, start: usize, seq: u64) {
+        self.prev = record::record_hash(&self.buf[start..]);
+        self.buf.push(b'\n');
+        self.next_seq = seq + 1;
+        self.since_checkpoint += 1;
+    }
+
+    /// A checkpoint signs every byte of its own line before `"sig"` (envelope with `prev`,
+    /// reason, `covers_seq`, `interval_ms`, `key_id`): see [`record::checkpoint_message_v2`].
+    /// Without a key the same record is written without `key_id`/`sig`.
+    pub(super) fn push_checkpoint(&mut self, reason: &str) -> Result<(), AuditError> {
+        let seq = self.next_seq;
+        let ts = record::format_ts(SystemTime::now());
+        let body = crate::audit::lifecycle::checkpoint_body(
+            reason,
+            seq,
+            self.checkpoint_interval,
+            self.key.as_ref().map(SigningKey::key_id),
+        )?;
+        let start = self.begin_frame(seq, &ts);
+        // The body without its closing brace: the signature is appended as the last field.
+        self.buf.extend_from_slice(&body[1..body.len() - 1]);
+        if let Some(key) = &self.key {
+            let msg = record::checkpoint_message_v2(&self.buf[start..]);
+            let sig = base64::engine::general_purpose::STANDARD.encode(key.sign(&msg).to_bytes());
+            let _ = write!(self.buf, ",\"sig\":\"{sig}\"");
+        }
+        self.buf.push(b'}');
+        self.end_frame(start, seq);
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    pub(super) fn push_recovery(&mut self, r: &Recovery) -> Result<(), AuditError> {
+        let body = serde_json::json!({
+            "kind": "recovery",
+            "reason": r.reason,
+            "file": r.file,
+            "torn_bytes": r.torn_bytes,
+            "resumed_after_seq": self.next_seq.checked_sub(1),
+        });
+        let bytes = serde_json::to_vec(&body)?;
+        self.push_record(&bytes);
+        if let Some(outage) = &self.outage {
+            let now = record::format_ts(SystemTime::now());
+            let body = outage.body(&now)?;
+            self.push_record(&body);
+        }
+        Ok(())
+    }
+}

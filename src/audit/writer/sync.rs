@@ -1,0 +1,166 @@
+//! Durability: the writer thread's fsync outside the log's lock, and what follows it —
+//! answering the appends it covered, copying their bytes to the sinks — or, when it fails,
+//! failing them and abandoning the segment.
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Writer;
+use crate::audit::record::Hash;
+use crate::audit::AuditError;
+
+/// How far the file was written when an fsync began: what that fsync makes durable.
+pub(super) struct SyncTarget {
+    file: Arc<File>,
+    path: PathBuf,
+    generation: u64,
+    seq: u64,
+    prev: Hash,
+    len: u64,
+    backlog: usize,
+    #[cfg(test)]
+    delay: Duration,
+}
+
+/// One fsync of everything written so far, if anything waits for one: the lock is taken to
+/// note how far to sync and again to record the outcome, not during the fsync, so sessions
+/// keep writing (their records wait for the next fsync). Returns whether it synced.
+pub(super) fn sync_written_outside_lock(
+    writer: &parking_lot::Mutex<Writer>,
+    gather: Duration,
+) -> bool {
+    if !gather.is_zero() && writer.lock().has_unsynced() {
+        // `group_commit_max_delay`: let more records join this fsync.
+        std::thread::sleep(gather);
+    }
+    let Some(target) = writer.lock().sync_target() else {
+        return false;
+    };
+    #[cfg(test)]
+    std::thread::sleep(target.delay);
+    let result = target.file.sync_data();
+    writer.lock().synced(target, result);
+    true
+}
+
+impl Writer {
+    /// Written bytes no fsync has covered yet.
+    pub(super) fn has_unsynced(&self) -> bool {
+        self.seg.as_ref().is_some_and(|s| s.written > s.len)
+    }
+
+    /// What an fsync begun now covers (`None` when everything written is durable). Clears
+    /// the request: a session writing after this wakes the thread again.
+    fn sync_target(&mut self) -> Option<SyncTarget> {
+        self.sync_requested = false;
+        let seg = self.seg.as_ref().filter(|s| s.written > s.len)?;
+        Some(SyncTarget {
+            file: seg.file.clone(),
+            path: seg.path.clone(),
+            generation: self.generation,
+            seq: self.next_seq,
+            prev: self.prev,
+            len: seg.written,
+            backlog: self.sink_backlog.len(),
+            #[cfg(test)]
+            delay: self.test_sync_delay,
+        })
+    }
+
+    /// The outcome of the fsync of `target`. One begun on a segment since rotated or
+    /// abandoned says nothing about the current one (a rotation made everything durable
+    /// under the lock; an abandonment failed everyone waiting).
+    fn synced(&mut self, target: SyncTarget, result: std::io::Result<()>) {
+        if target.generation != self.generation || target.seq <= self.durable.0 {
+            if let Err(e) = result {
+                tracing::error!(file = %target.path.display(), error = %e,
+                    "fsync of an audit segment already closed failed");
+            }
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.mark_durable(target.seq, target.prev, target.len, target.backlog);
+            }
+            Err(e) => {
+                let error = AuditError::io(&target.path, e);
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %error, "audit fsync failed");
+                self.count_outage(&error, &[]);
+                self.abandon_segment(&error);
+            }
+        }
+    }
+
+    /// Makes everything written so far durable, under the lock (one fdatasync unless
+    /// `fsync = false`).
+    pub(super) fn sync_written(&mut self) -> Result<(), AuditError> {
+        let Some(seg) = self.seg.as_ref() else {
+            return Err(AuditError::Closed);
+        };
+        if self.fsync {
+            seg.file
+                .sync_data()
+                .map_err(|e| AuditError::io(&seg.path, e))?;
+            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        let len = seg.written;
+        self.mark_durable(self.next_seq, self.prev, len, self.sink_backlog.len());
+        Ok(())
+    }
+
+    /// The chain is durable up to `seq`: answer the appends that ends, and copy the
+    /// newly durable bytes to the sinks.
+    fn mark_durable(&mut self, seq: u64, prev: Hash, len: u64, backlog: usize) {
+        let records = seq.saturating_sub(self.durable.0);
+        self.counters.records.fetch_add(records, Ordering::Relaxed);
+        self.durable = (seq, prev);
+        if let Some(seg) = self.seg.as_mut() {
+            seg.len = len;
+        }
+        while self.unsynced.front().is_some_and(|u| u.end_seq <= seq) {
+            if let Some(done) = self.unsynced.pop_front() {
+                let _ = done.ack.send(Ok(done.first));
+            }
+        }
+        if self.recovery.is_none() {
+            // The recovery, and with it the outage record, is durable.
+            self.outage = None;
+        }
+        let durable_bytes: Vec<u8> = self.sink_backlog.drain(..backlog).collect();
+        self.copy_to_sinks(&durable_bytes);
+    }
+
+    /// Everyone still waiting for an fsync learns it failed (what they wrote is being cut).
+    pub(super) fn fail_unsynced(&mut self, error: &AuditError) {
+        if let Some(outage) = self.outage.as_mut() {
+            outage.appends_failed += self.unsynced.len() as u64;
+        }
+        for waiting in self.unsynced.drain(..) {
+            let _ = waiting.ack.send(Err(error.clone()));
+        }
+        self.sink_backlog.clear();
+    }
+
+    /// Best effort: a full sink queue drops the copy, never blocks the durable path.
+    fn copy_to_sinks(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if let Some(tx) = &self.table_tx {
+            let text = String::from_utf8_lossy(bytes).into_owned();
+            if tx.try_send(text).is_err() {
+                tracing::warn!("audit table sink is behind; batch not copied");
+            }
+        }
+        if let Some(syslog) = &mut self.syslog {
+            syslog.send_lines(bytes);
+        }
+        if let Some(siem) = &mut self.syslog_tls {
+            siem.send_batch(bytes);
+        }
+    }
+}
