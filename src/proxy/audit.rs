@@ -8,17 +8,18 @@
 //! ([`Awaiting`]), the upstream direction pops the queue as CommandComplete, errors and
 //! ReadyForQuery arrive ([`Completions`]). The log itself lives in [`crate::audit`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::statements::{Portal, SessionStatements};
 use crate::audit::{
     split_statements, AuditError, AuditEvent, AuditHandle, BoundParam, Decision, DurableReceipt,
     Protocol, SessionInfo, SqlText, StatementRecord, Touched,
 };
 use crate::error::Refusal;
 use crate::policy::{Rewritten, StatementInfo};
-use crate::protocol::view::{BindView, Frontend, ParseView, Target};
+use crate::protocol::view::{BindView, Frontend, ParseView};
 use crate::protocol::{backend, Message};
 
 /// What the interceptor decided about a message, as the audit record needs it.
@@ -30,8 +31,10 @@ pub struct Observed<'a> {
     pub analysis: Option<Arc<Rewritten>>,
 }
 
-/// A prepared statement of this session, for the records of its Executes.
-struct Prepared {
+/// The audit's view of a prepared statement, for the records of its Executes (kept in the
+/// session's registry, [`super::statements`]).
+#[derive(Debug)]
+pub struct Prepared {
     /// Redacted text, fingerprint and what it touches, computed once at Parse for all its
     /// executions.
     text: SqlText,
@@ -43,11 +46,13 @@ struct Prepared {
     refused: bool,
 }
 
-/// A bound portal: its statement and parameters.
-struct Portal {
-    statement_name: String,
-    statement: Arc<Prepared>,
-    params: Vec<BoundParam>,
+/// What the audit stage gives the session's registry for one message.
+pub enum Registered {
+    /// A Parse's statement.
+    Statement(Arc<Prepared>),
+    /// A Bind's parameters.
+    Params(Vec<BoundParam>),
+    Nothing,
 }
 
 /// A response the server owes for something audited (or a boundary between requests).
@@ -89,8 +94,6 @@ pub struct SessionAudit {
     session: Arc<SessionInfo>,
     /// The session's fields of every statement record, serialised once.
     session_json: Option<Arc<str>>,
-    statements: HashMap<String, Arc<Prepared>>,
-    portals: HashMap<String, Portal>,
     /// Statement records written (for the connection-closed record).
     pub statements_recorded: u64,
     /// Encrypted columns are configured: literals and parameters may be plaintext of one, so
@@ -122,8 +125,6 @@ impl SessionAudit {
             handle,
             session_json: crate::audit::statement_session_json(&session).ok(),
             session,
-            statements: HashMap::new(),
-            portals: HashMap::new(),
             statements_recorded: 0,
             literals_may_be_sensitive,
         }
@@ -137,8 +138,15 @@ impl SessionAudit {
         &self.handle
     }
 
-    /// Add what one client message means for the audit log to `batch`.
-    pub fn observe(&mut self, observed: Observed<'_>, batch: &mut BatchRecords) {
+    /// Add what one client message means for the audit log to `batch`; an Execute's record
+    /// is made from its portal in the session's registry. Returns what the registry keeps of
+    /// a Parse's statement or a Bind's parameters for the records of later Executes.
+    pub fn observe(
+        &mut self,
+        observed: Observed<'_>,
+        batch: &mut BatchRecords,
+        statements: &SessionStatements,
+    ) -> Registered {
         let message = observed.message;
         match observed.view {
             Frontend::Query { sql } => {
@@ -154,13 +162,21 @@ impl SessionAudit {
                 let record = self.record(Protocol::Simple, None, &sql, &observed, Vec::new());
                 batch.push(AwaitKind::Query, record, observed.refused.is_none());
             }
-            Frontend::Parse(parse) => self.parse(parse, &observed, batch),
-            Frontend::Bind(bind) => self.bind(bind),
-            Frontend::Execute { portal, .. } => self.execute(&observed, portal, batch),
-            Frontend::Close(target) => self.close(target),
+            Frontend::Parse(parse) => {
+                return Registered::Statement(self.parse(parse, &observed, batch));
+            }
+            Frontend::Bind(bind) => {
+                let statement = statements.resolve(observed.view);
+                let prepared = statement.as_ref().and_then(|s| s.audit.as_deref());
+                return Registered::Params(self.bound_params(bind, prepared));
+            }
+            Frontend::Execute { portal, .. } => {
+                self.execute(&observed, statements.portal(portal), batch)
+            }
             Frontend::Sync => batch.awaiting.push((AwaitKind::Sync, None)),
             _ => {}
         }
+        Registered::Nothing
     }
 
     /// A simple Query: one record per statement of its text, as pgAudit logs substatements,
@@ -216,7 +232,12 @@ impl SessionAudit {
         batch.awaiting.push((AwaitKind::Query, None));
     }
 
-    fn parse(&mut self, parse: &ParseView<'_>, observed: &Observed<'_>, batch: &mut BatchRecords) {
+    fn parse(
+        &mut self,
+        parse: &ParseView<'_>,
+        observed: &Observed<'_>,
+        batch: &mut BatchRecords,
+    ) -> Arc<Prepared> {
         let (name, sql) = (parse.name, parse.sql);
         let param_types = parse.param_types().collect();
         let refused = observed.refused.is_some();
@@ -227,25 +248,22 @@ impl SessionAudit {
         }
         let text = SqlText::new(sql, self.literals_may_be_sensitive);
         let fingerprint = crate::audit::fingerprint(text.redacted()).into();
-        self.statements.insert(
-            name.to_string(),
-            Arc::new(Prepared {
-                text,
-                fingerprint,
-                touched: Arc::new(touched_by(observed.analysis.as_deref())),
-                param_types,
-                refused,
-            }),
-        );
+        Arc::new(Prepared {
+            text,
+            fingerprint,
+            touched: Arc::new(touched_by(observed.analysis.as_deref())),
+            param_types,
+            refused,
+        })
     }
 
-    fn bind(&mut self, bind: &BindView<'_>) {
-        let (portal, statement_name) = (bind.portal, bind.statement);
-        let Some(statement) = self.statements.get(statement_name).cloned() else {
-            return;
+    /// A Bind's parameters as its Executes' records show them (types only when literals may
+    /// be plaintext of an encrypted column).
+    fn bound_params(&self, bind: &BindView<'_>, statement: Option<&Prepared>) -> Vec<BoundParam> {
+        let Some(statement) = statement else {
+            return Vec::new();
         };
-        let params = bind
-            .values
+        bind.values
             .iter()
             .enumerate()
             .map(|(i, &value)| {
@@ -256,28 +274,25 @@ impl SessionAudit {
                     BoundParam::plain(type_oid, value)
                 }
             })
-            .collect();
-        self.portals.insert(
-            portal.to_string(),
-            Portal {
-                statement_name: statement_name.to_string(),
-                statement,
-                params,
-            },
-        );
+            .collect()
     }
 
-    fn execute(&mut self, execute: &Observed<'_>, portal_name: &str, batch: &mut BatchRecords) {
-        let Some(portal) = self.portals.get(portal_name) else {
+    fn execute(
+        &mut self,
+        execute: &Observed<'_>,
+        portal: Option<&Portal>,
+        batch: &mut BatchRecords,
+    ) {
+        let Some((portal, statement)) = portal.and_then(|p| Some((p, p.statement.audit.clone()?)))
+        else {
             // Unknown portal: the server will answer with an error; nothing ran.
             batch.awaiting.push((AwaitKind::Execute, None));
             return;
         };
-        if portal.statement.refused {
+        if statement.refused {
             batch.awaiting.push((AwaitKind::Execute, None));
             return;
         }
-        let statement = portal.statement.clone();
         // Allowed (a refused Parse never gets here), and what it touches was found at Parse.
         let observed = Observed {
             message: execute.message,
@@ -296,15 +311,6 @@ impl SessionAudit {
         record.params = portal.params.clone();
         let event = self.finish_record(record, &observed);
         batch.push(AwaitKind::Execute, event, true);
-    }
-
-    fn close(&mut self, target: &Target<'_>) {
-        let (kind, name) = (target.kind, target.name);
-        if kind == b'S' {
-            self.statements.remove(name);
-        } else {
-            self.portals.remove(name);
-        }
     }
 
     fn record(

@@ -41,6 +41,7 @@ pub use upstream::UpstreamHalf;
 use upstream::*;
 
 use super::copy_in::CopyIn;
+use super::statements::Statement;
 use crate::config::Config;
 use crate::crypto::error::KeyFailure;
 use crate::crypto::manager::KeyManager;
@@ -333,13 +334,11 @@ enum FieldRole {
 enum Expect {
     /// Simple query or function call: responses until ReadyForQuery.
     Query,
-    Parse {
-        name: String,
-        plan: Option<Arc<ParamPlan>>,
-    },
+    Parse,
     Bind,
+    /// The described statement's parameter plan, for its ParameterDescription.
     DescribeStatement {
-        name: String,
+        plan: Option<Arc<ParamPlan>>,
     },
     /// `hidden`: inserted by pgward before an Execute; its answer is not forwarded.
     DescribePortal {

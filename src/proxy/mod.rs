@@ -28,6 +28,7 @@ pub mod registry;
 pub mod reload;
 pub mod session;
 pub mod state;
+pub mod statements;
 
 use std::future::Future;
 use std::net::SocketAddr;

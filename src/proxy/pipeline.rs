@@ -12,10 +12,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::audit::{BatchRecords, Completions, Observed, SessionAudit};
+use super::audit::{BatchRecords, Completions, Observed, Registered, SessionAudit};
 use super::encryption::ClientHalf;
 use super::intercept::{Interceptor, Verdict};
 use super::state::SessionState;
+use super::statements::{SessionStatements, Statement};
 use super::Shared;
 use crate::audit::OnFailure;
 use crate::crypto::sql::ParamPlan;
@@ -29,7 +30,7 @@ use crate::protocol::{build, frontend, Batch, Message, ProtocolError};
 pub(super) async fn run_batch(
     shared: &Shared,
     state: &SessionState,
-    interceptor: &mut Interceptor,
+    (interceptor, statements): (&mut Interceptor, &mut SessionStatements),
     audit: Option<(&mut SessionAudit, &Completions)>,
     batch: &Batch,
 ) -> Vec<Bytes> {
@@ -39,15 +40,20 @@ pub(super) async fn run_batch(
         messages.iter().map(Frontend::decode).collect();
     let mut verdicts = Vec::with_capacity(messages.len());
     let mut plans = Vec::with_capacity(messages.len());
+    let mut resolved = Vec::with_capacity(messages.len());
     let mut records = BatchRecords::default();
     let (mut audit, completions) = audit.unzip();
     for (message, view) in messages.iter().zip(&views) {
         let verdict = match view {
+            Ok(view) if statements.would_overflow(view) => too_many_statements(state),
             Ok(view) => interceptor.client_message(view),
             Err(e) => malformed_message(state, e),
         };
-        plans.push(interceptor.take_param_plan());
+        let plan = interceptor.take_param_plan();
         let analysis = interceptor.take_analysis();
+        // Looked up once, in message order, before this message changes the registry.
+        let statement = view.as_ref().ok().and_then(|view| statements.resolve(view));
+        let mut registered = Registered::Nothing;
         if let (Some(audit), Ok(view)) = (audit.as_deref_mut(), view) {
             let refused = match &verdict {
                 Verdict::Refuse(error) => Some(error),
@@ -59,8 +65,20 @@ pub(super) async fn run_batch(
                 refused,
                 analysis,
             };
-            audit.observe(observed, &mut records);
+            registered = audit.observe(observed, &mut records, statements);
         }
+        if let Ok(view) = view {
+            register(
+                statements,
+                view,
+                &verdict,
+                &plan,
+                statement.as_ref(),
+                registered,
+            );
+        }
+        plans.push(plan);
+        resolved.push(statement);
         verdicts.push(verdict);
     }
     if let (Some(audit), Some(completions)) = (audit, completions) {
@@ -84,11 +102,74 @@ pub(super) async fn run_batch(
         state,
         batch,
         (&messages, &views),
-        verdicts,
-        plans,
+        Decided {
+            verdicts,
+            plans,
+            statements: resolved,
+        },
         interceptor.crypto_mut(),
     )
     .await
+}
+
+/// What the session's registry keeps of one message: a Parse's statement (with field
+/// encryption's plan and the audit's view), a Bind's portal, a Close. A Parse refused for
+/// the registry's size registers nothing.
+fn register(
+    statements: &mut SessionStatements,
+    view: &Frontend<'_>,
+    verdict: &Verdict,
+    plan: &Option<Arc<ParamPlan>>,
+    statement: Option<&Arc<Statement>>,
+    registered: Registered,
+) {
+    match view {
+        Frontend::Parse(parse) if !statements.would_overflow(view) => {
+            let refused = matches!(verdict, Verdict::Refuse(_));
+            let statement = Statement {
+                plan: plan.clone().filter(|p| !refused && p.is_active()),
+                audit: match registered {
+                    Registered::Statement(prepared) => Some(prepared),
+                    _ => None,
+                },
+            };
+            statements.parsed(parse.name, statement);
+        }
+        Frontend::Bind(bind) if !statements.would_overflow(view) => {
+            let params = match registered {
+                Registered::Params(params) => params,
+                _ => Vec::new(),
+            };
+            statements.bound(bind.portal, bind.statement, statement, params);
+        }
+        Frontend::Close(target) => statements.closed(target.kind, target.name),
+        _ => {}
+    }
+}
+
+/// A Parse or Bind of a new name when the session holds all the statements and portals it
+/// may ([`super::statements::MAX_STATEMENTS`]).
+fn too_many_statements(state: &SessionState) -> Verdict {
+    tracing::info!(
+        session = state.id,
+        "prepared statement refused: the session holds too many"
+    );
+    Verdict::Refuse(Refusal::new(
+        RefusalKind::Protocol,
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        format!(
+            "pgward: this session holds {} prepared statements and portals, the most it may; close some before preparing more",
+            super::statements::MAX_STATEMENTS
+        ),
+    ))
+}
+
+/// The stages' decisions on each message of a batch, in order: the verdict, the parameter
+/// plan of a Parse's or Query's rewrite, and the registered statement the message refers to.
+struct Decided {
+    verdicts: Vec<Verdict>,
+    plans: Vec<Option<Arc<ParamPlan>>>,
+    statements: Vec<Option<Arc<Statement>>>,
 }
 
 /// A message whose body does not match its type is refused (never forwarded unanalysed).
@@ -128,15 +209,21 @@ async fn assemble(
     state: &SessionState,
     batch: &Batch,
     (messages, views): (&[Message], &[Result<Frontend<'_>, ProtocolError>]),
-    verdicts: Vec<Verdict>,
-    plans: Vec<Option<Arc<ParamPlan>>>,
+    decided: Decided,
     mut crypto: Option<&mut ClientHalf>,
 ) -> Vec<Bytes> {
     let all = batch.bytes();
     let mut out = Vec::new();
     let mut run_start = 0;
     let mut offset = 0;
-    for (((message, view), verdict), plan) in messages.iter().zip(views).zip(verdicts).zip(plans) {
+    let decisions = decided
+        .verdicts
+        .into_iter()
+        .zip(decided.plans)
+        .zip(decided.statements);
+    for ((message, view), ((verdict, plan), statement)) in messages.iter().zip(views).zip(decisions)
+    {
+        let statement = statement.as_deref();
         let len = message.raw().len();
         state.series.judged(message.tag(), (&verdict).into());
         if let Some(crypto) = crypto.as_deref_mut() {
@@ -146,7 +233,9 @@ async fn assemble(
         }
         let replacement = match (verdict, view) {
             (Verdict::Forward, Ok(view)) => match crypto.as_deref_mut() {
-                Some(crypto) => encrypt_outgoing(shared, state, crypto, message, view).await,
+                Some(crypto) => {
+                    encrypt_outgoing(shared, state, crypto, (message, view, statement)).await
+                }
                 None => None,
             },
             (Verdict::Forward, Err(_)) => None,
@@ -194,10 +283,9 @@ async fn encrypt_outgoing(
     shared: &Shared,
     state: &SessionState,
     crypto: &mut ClientHalf,
-    message: &Message,
-    view: &Frontend<'_>,
+    (message, view, statement): (&Message, &Frontend<'_>, Option<&Statement>),
 ) -> Option<Bytes> {
-    match crypto.outgoing(message, view).await {
+    match crypto.outgoing(message, view, statement).await {
         Ok(replacement) => replacement,
         Err(error) => {
             inc(&shared.metrics.statements_refused);
@@ -222,7 +310,9 @@ async fn rewritten_message(
         _ => Frontend::Query { sql },
     };
     if let Some(crypto) = crypto {
-        if let Some(bytes) = encrypt_outgoing(shared, state, crypto, message, &rewritten).await {
+        // A rewritten Query or Parse refers to no registered statement.
+        let outgoing = (message, &rewritten, None);
+        if let Some(bytes) = encrypt_outgoing(shared, state, crypto, outgoing).await {
             return bytes;
         }
     }
@@ -250,7 +340,7 @@ async fn stand_in(
         return stand_in;
     };
     match Frontend::decode(&built) {
-        Ok(view) => match crypto.outgoing(&built, &view).await {
+        Ok(view) => match crypto.outgoing(&built, &view, None).await {
             Ok(Some(bytes)) => bytes,
             _ => stand_in,
         },

@@ -33,6 +33,7 @@ use super::session::{
     SessionFacts, MAX_AWAITED,
 };
 use super::state::SessionState;
+use super::statements::SessionStatements;
 use super::Shared;
 use crate::audit::AuditEvent;
 use crate::auth::Identity;
@@ -250,6 +251,7 @@ pub(super) async fn run(
     let mut interceptor = interceptor;
     interceptor.set_crypto(client_crypto);
     let client = Client {
+        statements: SessionStatements::default(),
         reader: FrameReader::new(client_read, shared.config.listen.max_message_bytes),
         writer: &mut client_write,
         interceptor,
@@ -288,6 +290,8 @@ struct Client<'a> {
     reader: FrameReader<ConnReader>,
     writer: &'a mut ConnWriter,
     interceptor: Interceptor,
+    /// The client's prepared statements and portals, as every stage reads them.
+    statements: SessionStatements,
     audit: Option<(&'a mut SessionAudit, &'a Completions)>,
     completions: Option<&'a Completions>,
     crypto: Option<UpstreamHalf>,
@@ -436,7 +440,7 @@ async fn client_batch(
         pipeline::run_batch(
             shared,
             state,
-            &mut client.interceptor,
+            (&mut client.interceptor, &mut client.statements),
             client.audit.as_mut().map(|(a, c)| (&mut **a, *c)),
             &batch,
         )

@@ -16,6 +16,7 @@ use super::pipeline;
 use super::policy::SessionPolicy;
 use super::registry::ClientEntry;
 use super::state::SessionState;
+use super::statements::SessionStatements;
 use super::Shared;
 use crate::audit::{AuditEvent, OnFailure, SessionInfo};
 use crate::auth::Identity;
@@ -290,6 +291,8 @@ async fn client_to_upstream(
     let idle_timer = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle_timer);
     let idle_checks = !idle_timeout.is_zero();
+    // The client's prepared statements and portals, as every stage reads them.
+    let mut statements = SessionStatements::default();
     loop {
         let batch = tokio::select! {
             biased;
@@ -345,7 +348,7 @@ async fn client_to_upstream(
             pipeline::run_batch(
                 shared,
                 state,
-                &mut interceptor,
+                (&mut interceptor, &mut statements),
                 audit.as_mut().map(|(a, c)| (&mut **a, *c)),
                 &batch,
             )

@@ -560,3 +560,50 @@ async fn mutual_tls_binds_the_certificate_identity_to_the_token() {
         .message()
         .contains("spiffe://pgward.test/svc/app"));
 }
+
+/// A session's prepared statements and portals are held by pgward too (each with its
+/// analysis): past the cap a new name is refused with 54000, and the session stays usable.
+#[tokio::test]
+async fn a_session_cannot_grow_its_prepared_statements_without_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = harness::audited_proxy(dir.path(), "").await;
+    let mut session = harness::raw_proxied(&proxy, "postgres").await;
+    let limit = pgward::proxy::statements::MAX_STATEMENTS;
+    let mut parts: Vec<_> = (0..limit)
+        .map(|i| msg::parse(&format!("s{i}"), "SELECT 1"))
+        .collect();
+    parts.push(msg::sync());
+    session.send(&msg::batch(&parts)).await;
+    let replies = session.until_ready(1).await;
+    assert_eq!(replies.iter().filter(|(t, _)| *t == b'1').count(), limit);
+    session
+        .send(&msg::batch(&[
+            msg::parse("one_more", "SELECT 1"),
+            msg::sync(),
+        ]))
+        .await;
+    let replies = session.until_ready(1).await;
+    let (_, error) = replies
+        .iter()
+        .find(|(t, _)| *t == b'E')
+        .expect("the statement past the cap is refused");
+    let text = String::from_utf8_lossy(error);
+    assert!(
+        text.contains("54000") && text.contains(&limit.to_string()),
+        "{text}"
+    );
+    // The unnamed statement is always free; closing a named one makes room for another.
+    session
+        .send(&msg::batch(&[
+            msg::parse("", "SELECT 7"),
+            msg::close_statement("s1"),
+            msg::parse("one_more", "SELECT 2"),
+            msg::bind("", "one_more", &[], false),
+            msg::execute("", 0),
+            msg::sync(),
+        ]))
+        .await;
+    let replies = session.until_ready(1).await;
+    assert!(!replies.iter().any(|(t, _)| *t == b'E'), "{replies:?}");
+    assert!(replies.iter().any(|(t, _)| *t == b'C'), "{replies:?}");
+}

@@ -760,6 +760,53 @@ async fn copy_rows(
     sink.finish().await
 }
 
+/// A portal runs the statement it was bound to, as in PostgreSQL, even when its name is
+/// closed and parsed again before the Execute: the COPY's rows are still sealed by the
+/// COPY's plan (looking the plan up by the statement's name at Execute sent them in clear).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_portal_keeps_its_statement_when_the_name_is_parsed_again_before_execute() {
+    use harness::msg;
+    let fx = fixture().await;
+    let mut raw = harness::raw_proxied(&fx.proxy, &fx.database).await;
+    raw.send(&msg::batch(&[
+        msg::parse("s1", "COPY vault_items (id, c_text) FROM STDIN"),
+        msg::bind("p1", "s1", &[], false),
+        msg::close_statement("s1"),
+        msg::parse("s1", "SELECT 1"),
+        msg::execute("p1", 0),
+    ]))
+    .await;
+    let mut seen = Vec::new();
+    while let Some(message) = raw.recv().await {
+        seen.push(message.tag());
+        if matches!(message.tag(), b'G' | b'E') {
+            break;
+        }
+    }
+    assert_eq!(seen.last(), Some(&b'G'), "no CopyInResponse: {seen:?}");
+    raw.send(&msg::batch(&[
+        msg::copy_data(b"31\treparsed-copy-secret\n"),
+        msg::copy_done(),
+        msg::sync(),
+    ]))
+    .await;
+    let replies = raw.until_ready(1).await;
+    assert!(
+        replies.iter().any(|(tag, _)| *tag == b'C') && !replies.iter().any(|(tag, _)| *tag == b'E'),
+        "{replies:?}"
+    );
+    assert!(!table_dump(&fx.database)
+        .await
+        .contains("reparsed-copy-secret"));
+    let row = fx
+        .client()
+        .await
+        .query_one("SELECT c_text FROM vault_items WHERE id = 31", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "reparsed-copy-secret");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_from_stdin_encrypts_text_and_csv_rows() {
     let fx = fixture().await;

@@ -7,14 +7,10 @@ use super::*;
 pub struct ClientHalf {
     encryption: Arc<Encryption>,
     queue: Arc<Mutex<VecDeque<Expect>>>,
-    /// Parameter plans of the session's prepared statements, in client order.
-    statements: HashMap<String, Option<Arc<ParamPlan>>>,
     /// Portals the client described since their last Bind or Execute.
     described_portals: HashSet<String>,
     /// The plan of the next Parse or Query (set by the SQL rewrite of that message).
     next_plan: Option<Arc<ParamPlan>>,
-    /// Portal → statement, to find the COPY plan of an Execute.
-    portals: HashMap<String, String>,
     /// A COPY FROM STDIN into encrypted columns is running.
     copy_in: Option<CopyState>,
     /// The session's claims that select per-tenant keys.
@@ -37,10 +33,8 @@ impl ClientHalf {
             scope,
             encryption,
             queue,
-            statements: HashMap::new(),
             described_portals: HashSet::new(),
             next_plan: None,
-            portals: HashMap::new(),
             copy_in: None,
         }
     }
@@ -51,12 +45,15 @@ impl ClientHalf {
     }
 
     /// Record one message on its way upstream (decoded once by the relay); returns the bytes
-    /// to send instead, if any.
+    /// to send instead, if any. `statement` is the prepared statement the message refers to
+    /// (a Bind's, an Execute's portal's, a described one), looked up by the pipeline.
     pub async fn outgoing(
         &mut self,
         message: &Message,
         view: &Frontend<'_>,
+        statement: Option<&Statement>,
     ) -> Result<Option<Bytes>, ClientError> {
+        let plan = statement.and_then(|s| s.plan.clone());
         match view {
             Frontend::Query { .. } => {
                 let plan = self.next_plan.take();
@@ -68,24 +65,16 @@ impl ClientHalf {
             Frontend::CopyDone => return Ok(self.copy_done(message).await),
             Frontend::CopyFail => self.copy_in = None,
             Frontend::Parse(parse) => return self.parse(parse),
-            Frontend::Bind(bind) => return self.bind(bind).await,
+            Frontend::Bind(bind) => return self.bind(bind, plan).await,
             Frontend::Describe(target) => {
                 if target.is_statement() {
-                    self.push(Expect::DescribeStatement {
-                        name: target.name.to_owned(),
-                    });
+                    self.push(Expect::DescribeStatement { plan });
                 } else {
                     self.described_portals.insert(target.name.to_owned());
                     self.push(Expect::DescribePortal { hidden: false });
                 }
             }
             Frontend::Execute { portal, .. } => {
-                let plan = self
-                    .portals
-                    .get(*portal)
-                    .and_then(|s| self.statements.get(s))
-                    .cloned()
-                    .flatten();
                 self.copy_in = copy_state(plan.as_deref());
                 // Each Execute needs a description right before it: a portal described once
                 // and executed in several row-limited steps gets one per step.
@@ -100,12 +89,7 @@ impl ClientHalf {
                     return Ok(Some(out.freeze()));
                 }
             }
-            Frontend::Close(target) => {
-                if target.is_statement() {
-                    self.statements.remove(target.name);
-                }
-                self.push(Expect::Close);
-            }
+            Frontend::Close(_) => self.push(Expect::Close),
             Frontend::Sync => self.push(Expect::Sync),
             Frontend::Flush | Frontend::Terminate | Frontend::Other(_) => {}
         }
@@ -159,26 +143,27 @@ impl ClientHalf {
         self.queue.lock().len()
     }
 
-    /// Parse: remember the statement's plan; declare encrypted parameters as `bytea`.
+    /// Parse: declare encrypted parameters as `bytea` (the pipeline registers the plan).
     pub(super) fn parse(&mut self, parse: &ParseView<'_>) -> Result<Option<Bytes>, ClientError> {
         let plan = self.next_plan.take();
         let replacement = match &plan {
             Some(p) => Some(retype_parse(parse, p)?),
             None => None,
         };
-        let name = parse.name.to_owned();
-        self.statements.insert(name.clone(), plan.clone());
-        self.push(Expect::Parse { name, plan });
+        self.push(Expect::Parse);
         Ok(replacement)
     }
 
-    /// Bind: encrypt the values of encrypted parameters, add derived ones.
-    pub(super) async fn bind(&mut self, bind: &BindView<'_>) -> Result<Option<Bytes>, ClientError> {
+    /// Bind: encrypt the values of encrypted parameters (by the plan of the statement it
+    /// binds), add derived ones.
+    pub(super) async fn bind(
+        &mut self,
+        bind: &BindView<'_>,
+        plan: Option<Arc<ParamPlan>>,
+    ) -> Result<Option<Bytes>, ClientError> {
         self.described_portals.remove(bind.portal);
-        self.portals
-            .insert(bind.portal.to_owned(), bind.statement.to_owned());
         self.push(Expect::Bind);
-        let Some(Some(plan)) = self.statements.get(bind.statement).cloned() else {
+        let Some(plan) = plan else {
             return Ok(None);
         };
         if bind.values.len() != plan.client_count {

@@ -9,8 +9,6 @@ pub struct UpstreamHalf {
     queue: Arc<Mutex<VecDeque<Expect>>>,
     /// (table OID, attnum) of encrypted and blind-index columns.
     columns: HashMap<(u32, i16), FieldRole>,
-    /// Parameter plans of prepared statements, in server order (for ParameterDescription).
-    statements: HashMap<String, Option<Arc<ParamPlan>>>,
     /// How DataRows of the running query or portal are decoded (`None`: unchanged).
     current: Option<Arc<RowPlan>>,
     /// The last row description seen and what it became: a session repeating a statement
@@ -71,7 +69,6 @@ impl UpstreamHalf {
             encryption,
             queue,
             columns,
-            statements: HashMap::new(),
             current: None,
             last_description: None,
             failed: false,
@@ -143,21 +140,13 @@ impl UpstreamHalf {
     pub(super) async fn track(&mut self, message: &Message) -> Option<Bytes> {
         let body = message.body();
         match message.tag() {
-            PARSE_COMPLETE => {
-                if let Some(Expect::Parse { name, plan }) = self.pop() {
-                    self.statements.insert(name, plan);
-                }
-                None
-            }
-            BIND_COMPLETE | CLOSE_COMPLETE => {
+            PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE => {
                 self.pop();
                 None
             }
             PARAMETER_DESCRIPTION => {
                 let plan = match self.queue.lock().front() {
-                    Some(Expect::DescribeStatement { name }) => {
-                        self.statements.get(name).cloned().flatten()
-                    }
+                    Some(Expect::DescribeStatement { plan }) => plan.clone(),
                     _ => None,
                 };
                 plan.and_then(|p| retype_parameter_description(body, &p))
