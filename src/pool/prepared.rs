@@ -42,8 +42,7 @@ const NEVER_PREPARED: &str = "pgward_unknown_statement";
 /// Most named statements one client session may hold.
 pub const MAX_CLIENT_STATEMENTS: usize = 10_000;
 
-const PARSE_COMPLETE: u8 = b'1';
-const CLOSE_COMPLETE: u8 = b'3';
+use crate::protocol::backend::{CLOSE_COMPLETE, PARSE_COMPLETE};
 
 /// SQLSTATE duplicate_prepared_statement.
 const DUPLICATE_STATEMENT: &str = "42P05";

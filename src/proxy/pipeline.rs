@@ -43,11 +43,17 @@ pub(super) async fn run_batch(
     let mut resolved = Vec::with_capacity(messages.len());
     let mut records = BatchRecords::default();
     let (mut audit, completions) = audit.unzip();
+    statements.forget_failed(&state.parses);
     for (message, view) in messages.iter().zip(&views) {
-        let verdict = match view {
-            Ok(view) if statements.would_overflow(view) => too_many_statements(state),
-            Ok(view) => interceptor.client_message(view),
-            Err(e) => malformed_message(state, e),
+        let registry_refusal = view
+            .as_ref()
+            .ok()
+            .and_then(|v| registry_refusal(state, statements, v));
+        let registrable = registry_refusal.is_none();
+        let verdict = match (view, registry_refusal) {
+            (_, Some(refusal)) => Verdict::Refuse(refusal),
+            (Ok(view), None) => interceptor.client_message(view),
+            (Err(e), None) => malformed_message(state, e),
         };
         let plan = interceptor.take_param_plan();
         let analysis = interceptor.take_analysis();
@@ -67,16 +73,20 @@ pub(super) async fn run_batch(
             };
             registered = audit.observe(observed, &mut records, statements);
         }
-        if let Ok(view) = view {
-            register(
+        let named = match view {
+            Ok(view) if registrable => register(
                 statements,
                 view,
                 &verdict,
                 &plan,
                 statement.as_ref(),
                 registered,
-            );
-        }
+            ),
+            _ => None,
+        };
+        state
+            .parses
+            .sent(message.tag(), named.as_ref().map(|(n, s)| (*n, s)));
         plans.push(plan);
         resolved.push(statement);
         verdicts.push(verdict);
@@ -112,19 +122,19 @@ pub(super) async fn run_batch(
     .await
 }
 
-/// What the session's registry keeps of one message: a Parse's statement (with field
-/// encryption's plan and the audit's view), a Bind's portal, a Close. A Parse refused for
-/// the registry's size registers nothing.
-fn register(
+/// What the session's registry keeps of one message it did not refuse: a Parse's statement
+/// (with field encryption's plan and the audit's view; returned with its name when named, for
+/// the outcome of its Parse), a Bind's portal, a Close, a `DEALLOCATE`.
+fn register<'a>(
     statements: &mut SessionStatements,
-    view: &Frontend<'_>,
+    view: &Frontend<'a>,
     verdict: &Verdict,
     plan: &Option<Arc<ParamPlan>>,
     statement: Option<&Arc<Statement>>,
     registered: Registered,
-) {
+) -> Option<(&'a str, Arc<Statement>)> {
     match view {
-        Frontend::Parse(parse) if !statements.would_overflow(view) => {
+        Frontend::Parse(parse) => {
             let refused = matches!(verdict, Verdict::Refuse(_));
             let statement = Statement {
                 plan: plan.clone().filter(|p| !refused && p.is_active()),
@@ -133,9 +143,10 @@ fn register(
                     _ => None,
                 },
             };
-            statements.parsed(parse.name, statement);
+            let entry = statements.parsed(parse.name, statement);
+            return (!parse.name.is_empty()).then_some((parse.name, entry));
         }
-        Frontend::Bind(bind) if !statements.would_overflow(view) => {
+        Frontend::Bind(bind) => {
             let params = match registered {
                 Registered::Params(params) => params,
                 _ => Vec::new(),
@@ -143,25 +154,45 @@ fn register(
             statements.bound(bind.portal, bind.statement, statement, params);
         }
         Frontend::Close(target) => statements.closed(target.kind, target.name),
+        Frontend::Query { sql } if !matches!(verdict, Verdict::Refuse(_)) => {
+            statements.deallocated(sql)
+        }
         _ => {}
     }
+    None
+}
+
+/// A message the registry refuses: it would take the session past its statements (54000),
+/// or PostgreSQL would not run it as the registry sees it (a Parse of a name already
+/// prepared, 42P05; a Bind of a statement never prepared, 26000).
+fn registry_refusal(
+    state: &SessionState,
+    statements: &SessionStatements,
+    view: &Frontend<'_>,
+) -> Option<Refusal> {
+    if let Some((code, message)) = statements.conflict(view) {
+        return Some(Refusal::new(RefusalKind::Protocol, code, message));
+    }
+    statements
+        .would_overflow(view)
+        .then(|| too_many_statements(state))
 }
 
 /// A Parse or Bind of a new name when the session holds all the statements and portals it
 /// may ([`super::statements::MAX_STATEMENTS`]).
-fn too_many_statements(state: &SessionState) -> Verdict {
+fn too_many_statements(state: &SessionState) -> Refusal {
     tracing::info!(
         session = state.id,
         "prepared statement refused: the session holds too many"
     );
-    Verdict::Refuse(Refusal::new(
+    Refusal::new(
         RefusalKind::Protocol,
         sqlstate::PROGRAM_LIMIT_EXCEEDED,
         format!(
             "pgward: this session holds {} prepared statements and portals, the most it may; close some before preparing more",
             super::statements::MAX_STATEMENTS
         ),
-    ))
+    )
 }
 
 /// The stages' decisions on each message of a batch, in order: the verdict, the parameter

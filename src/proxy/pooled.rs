@@ -372,8 +372,13 @@ async fn relay(
         let from_client = match event {
             Event::Client(batch) => batch,
             Event::Server(read) => {
-                server_batch(shared, state, &mut client, held, read).await?;
+                let answers = server_batch(state, held, read)?;
+                // Back in the pool before the client sees the answer that ends its
+                // transaction: its next transaction, or another client's, finds it idle.
                 release_if_done(state, held, unsynced).await;
+                if let Some(answers) = answers {
+                    forward_to_client(shared, state, &mut client, answers).await?;
+                }
                 continue;
             }
         };
@@ -517,17 +522,15 @@ async fn client_batch(
     Ok(())
 }
 
-/// One batch from the held server connection: drop the answers to inserted messages, decrypt,
-/// account, wait for audit durability, forward to the client.
-async fn server_batch(
-    shared: &Shared,
+/// One batch from the held server connection, with the answers to inserted messages dropped
+/// and the connection's transaction status noted: what the client is to get.
+fn server_batch(
     state: &SessionState,
-    client: &mut Client<'_>,
     held: &mut Option<Held>,
     read: Result<Option<Batch>, ProtocolError>,
-) -> Result<(), End> {
+) -> Result<Option<Batch>, End> {
     let Some(h) = held.as_mut() else {
-        return Ok(());
+        return Ok(None);
     };
     let batch = match read {
         Ok(Some(batch)) => batch,
@@ -548,7 +551,7 @@ async fn server_batch(
             h.status = message.body().first().copied().unwrap_or(b'E');
         }
     }
-    forward_to_client(shared, state, client, batch).await
+    Ok(Some(batch))
 }
 
 /// Decrypt, account, wait for audit durability and write a batch of answers to the client.

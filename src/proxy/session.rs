@@ -518,6 +518,7 @@ pub(super) fn account_upstream_batch(
         if let Some(completions) = completions {
             completions.observe(&message);
         }
+        state.parses.answered(message.tag());
         match message.tag() {
             backend::READY_FOR_QUERY => {
                 let status = message.body().first().copied().unwrap_or(b'I');

@@ -8,14 +8,28 @@
 //! statement up once, in order, before any stage acts, and hands the entry to the stages
 //! ([`SessionStatements::resolve`]): a batch that closes and re-parses a name between a Bind
 //! and its Execute still encrypts and records the statement the portal was bound to.
+//!
+//! The registry must never disagree with the server about what a name runs: a Parse of a
+//! name it holds is refused as PostgreSQL refuses it (42P05) instead of replacing the entry
+//! (the server keeps the old statement, so its Binds would be encrypted and audited as the
+//! new one); a Bind of a name it does not hold is refused as PostgreSQL refuses it (26000)
+//! instead of forwarding values no plan has looked at; and a named Parse the server rejected
+//! is forgotten once its answer comes back ([`ParseOutcomes`]), so the name can be prepared
+//! again.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 
 use super::audit::Prepared;
 use crate::audit::BoundParam;
 use crate::crypto::sql::ParamPlan;
 use crate::protocol::view::Frontend;
+use crate::protocol::{backend, frontend};
+
+/// PostgreSQL's `duplicate_prepared_statement`.
+const DUPLICATE_STATEMENT: &str = "42P05";
 
 /// Named statements and portals above which a session is refused more (each entry holds
 /// a statement's analysis: a client must not grow the proxy's memory without bound). Far
@@ -63,9 +77,59 @@ impl SessionStatements {
         }
     }
 
-    /// A Parse: `name` now stands for this statement (replacing any before it).
-    pub fn parsed(&mut self, name: &str, statement: Statement) {
-        self.statements.insert(name.to_owned(), Arc::new(statement));
+    /// A Parse: `name` now stands for this statement (replacing the unnamed one; a named one
+    /// it holds is refused before it gets here, see [`SessionStatements::conflict`]).
+    pub fn parsed(&mut self, name: &str, statement: Statement) -> Arc<Statement> {
+        let statement = Arc::new(statement);
+        self.statements.insert(name.to_owned(), statement.clone());
+        statement
+    }
+
+    /// Why PostgreSQL will not run `view` as pgward would see it: a Parse of a name already
+    /// prepared, a Bind of a statement never prepared. Refused here, the registry never holds
+    /// an entry the server does not run.
+    pub fn conflict(&self, view: &Frontend<'_>) -> Option<(&'static str, String)> {
+        match view {
+            Frontend::Parse(parse)
+                if !parse.name.is_empty() && self.statements.contains_key(parse.name) =>
+            {
+                Some((
+                    DUPLICATE_STATEMENT,
+                    format!("prepared statement \"{}\" already exists", parse.name),
+                ))
+            }
+            Frontend::Bind(bind) if !self.statements.contains_key(bind.statement) => Some((
+                crate::error::sqlstate::INVALID_SQL_STATEMENT_NAME,
+                if bind.statement.is_empty() {
+                    "unnamed prepared statement does not exist".to_owned()
+                } else {
+                    format!("prepared statement \"{}\" does not exist", bind.statement)
+                },
+            )),
+            _ => None,
+        }
+    }
+
+    /// A simple Query that deallocates statements (`DEALLOCATE name`, `DEALLOCATE ALL`).
+    pub fn deallocated(&mut self, sql: &str) {
+        match crate::pool::session_state::deallocate_target(sql) {
+            Some(Some(name)) => {
+                self.statements.remove(&name);
+            }
+            Some(None) => self.statements.clear(),
+            None => {}
+        }
+    }
+
+    /// Forgets the named statements whose Parse the server rejected or skipped (unless the
+    /// name was closed and prepared again since).
+    pub fn forget_failed(&mut self, outcomes: &ParseOutcomes) {
+        for (name, failed) in outcomes.take_failed() {
+            let current = self.statements.get(&name);
+            if current.is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), failed.as_ptr())) {
+                self.statements.remove(&name);
+            }
+        }
     }
 
     /// A Bind of `portal` to `statement` (resolved before it): the portal runs that entry
@@ -124,6 +188,127 @@ impl SessionStatements {
                 !bind.portal.is_empty() && !self.portals.contains_key(bind.portal)
             }
             _ => false,
+        }
+    }
+}
+
+/// Parses on their way to the server and what became of them, shared by the two relay
+/// directions. The registry takes a Parse's statement before the server has answered; a named
+/// one the server rejected — or skipped, after an earlier error, up to the next Sync — must be
+/// forgotten, or the client could never prepare the name again. The client direction notes
+/// what it sends in order; the upstream direction notes each answer the client gets.
+///
+/// Misjudging which answer is whose errs safe: a statement forgotten too early makes its Bind
+/// refused (26000), one forgotten too late makes a new Parse of its name refused (42P05);
+/// neither forwards a value under the wrong plan or runs a statement under the wrong record.
+#[derive(Debug, Default)]
+pub struct ParseOutcomes {
+    inner: Mutex<Outcomes>,
+}
+
+#[derive(Debug, Default)]
+struct Outcomes {
+    in_flight: VecDeque<InFlight>,
+    failed: Vec<(String, Weak<Statement>)>,
+    /// Boundaries noted since the last Execute or Query: the Syncs a COPY's copy-in mode
+    /// ignores, should copy data follow.
+    syncs_since_execute: usize,
+}
+
+#[derive(Debug)]
+enum InFlight {
+    /// A Parse, with its registered entry when it names one.
+    Parse(Option<(String, Weak<Statement>)>),
+    /// A Sync, Query or FunctionCall: ends with a ReadyForQuery.
+    Boundary,
+}
+
+/// Most requests noted while unanswered; past it nothing more is noted (a client that never
+/// reads its answers must not grow the proxy's memory), which at worst forgets a failed name
+/// late.
+const MAX_IN_FLIGHT: usize = 65_536;
+
+impl ParseOutcomes {
+    /// The client direction forwards `tag` (Parse with its registered entry when named).
+    pub fn sent(&self, tag: u8, named: Option<(&str, &Arc<Statement>)>) {
+        let mut o = self.inner.lock();
+        match tag {
+            frontend::PARSE => {
+                let named = named.map(|(name, s)| (name.to_owned(), Arc::downgrade(s)));
+                o.push(InFlight::Parse(named));
+            }
+            frontend::SYNC => {
+                o.syncs_since_execute += 1;
+                o.push(InFlight::Boundary);
+            }
+            frontend::QUERY | frontend::FUNCTION_CALL => {
+                o.syncs_since_execute = 0;
+                o.push(InFlight::Boundary);
+            }
+            frontend::EXECUTE => o.syncs_since_execute = 0,
+            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+                // Syncs sent after the COPY's Execute reached the server in copy-in mode,
+                // which ignores them: no ReadyForQuery will answer them.
+                let ignored = std::mem::take(&mut o.syncs_since_execute);
+                for _ in 0..ignored {
+                    match o
+                        .in_flight
+                        .iter()
+                        .rposition(|e| matches!(e, InFlight::Boundary))
+                    {
+                        Some(i) => drop(o.in_flight.remove(i)),
+                        None => break,
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The client receives a message of `tag` (in the order the server answers).
+    pub fn answered(&self, tag: u8) {
+        let mut o = self.inner.lock();
+        match tag {
+            backend::PARSE_COMPLETE => {
+                if let Some(i) = o
+                    .in_flight
+                    .iter()
+                    .position(|e| matches!(e, InFlight::Parse(_)))
+                {
+                    o.in_flight.remove(i);
+                }
+            }
+            // The failed request, and every one after it up to the next Sync, is not run.
+            backend::ERROR_RESPONSE => o.fail_until_boundary(false),
+            backend::READY_FOR_QUERY => o.fail_until_boundary(true),
+            _ => {}
+        }
+    }
+
+    fn take_failed(&self) -> Vec<(String, Weak<Statement>)> {
+        std::mem::take(&mut self.inner.lock().failed)
+    }
+}
+
+impl Outcomes {
+    fn push(&mut self, entry: InFlight) {
+        if self.in_flight.len() < MAX_IN_FLIGHT {
+            self.in_flight.push_back(entry);
+        }
+    }
+
+    /// Every Parse not answered before the first boundary failed; with `through`, that
+    /// boundary is answered too.
+    fn fail_until_boundary(&mut self, through: bool) {
+        while let Some(entry) = self.in_flight.pop_front() {
+            match entry {
+                InFlight::Parse(named) => self.failed.extend(named),
+                InFlight::Boundary if through => return,
+                InFlight::Boundary => {
+                    self.in_flight.push_front(InFlight::Boundary);
+                    return;
+                }
+            }
         }
     }
 }
@@ -214,5 +399,93 @@ mod tests {
         assert!(registry.would_overflow(&Frontend::decode(&named_portal).unwrap()));
         registry.closed(b'S', "s1");
         assert!(!registry.would_overflow(&Frontend::decode(&new).unwrap()));
+    }
+
+    #[test]
+    fn a_named_parse_the_server_rejects_or_skips_is_forgotten_and_one_it_completes_is_kept() {
+        let mut registry = SessionStatements::default();
+        let outcomes = ParseOutcomes::default();
+        let send_parse = |registry: &mut SessionStatements, name: &str| {
+            let entry = registry.parsed(name, Statement::default());
+            outcomes.sent(frontend::PARSE, Some((name, &entry)));
+        };
+        // Parse a (completes), Parse b (fails), Parse c (skipped), Sync.
+        send_parse(&mut registry, "a");
+        send_parse(&mut registry, "b");
+        send_parse(&mut registry, "c");
+        outcomes.sent(frontend::SYNC, None);
+        // Then, before any answer: Parse d, Sync — a later segment, answered on its own.
+        send_parse(&mut registry, "d");
+        outcomes.sent(frontend::SYNC, None);
+        for tag in [
+            backend::PARSE_COMPLETE,
+            backend::ERROR_RESPONSE,
+            backend::READY_FOR_QUERY,
+        ] {
+            outcomes.answered(tag);
+        }
+        registry.forget_failed(&outcomes);
+        let parse_of = |name: &str| parse(name);
+        let held = |registry: &SessionStatements, name: &str| {
+            registry
+                .conflict(&Frontend::decode(&parse_of(name)).unwrap())
+                .is_some()
+        };
+        assert!(held(&registry, "a"));
+        assert!(!held(&registry, "b") && !held(&registry, "c"));
+        assert!(held(&registry, "d"), "d's own segment is not answered yet");
+        outcomes.answered(backend::PARSE_COMPLETE);
+        outcomes.answered(backend::READY_FOR_QUERY);
+        registry.forget_failed(&outcomes);
+        assert!(held(&registry, "d"));
+    }
+
+    #[test]
+    fn syncs_a_copy_ignores_do_not_shift_later_answers() {
+        let mut registry = SessionStatements::default();
+        let outcomes = ParseOutcomes::default();
+        // tokio-postgres' COPY: Bind, Execute, Sync (ignored in copy-in mode), data, CopyDone, Sync.
+        for tag in [frontend::BIND, frontend::EXECUTE, frontend::SYNC] {
+            outcomes.sent(tag, None);
+        }
+        for tag in [frontend::COPY_DATA, frontend::COPY_DONE, frontend::SYNC] {
+            outcomes.sent(tag, None);
+        }
+        outcomes.answered(backend::COMMAND_COMPLETE);
+        outcomes.answered(backend::READY_FOR_QUERY);
+        // Then a Parse that fails: forgotten at its own error, not one segment late.
+        let entry = registry.parsed("x", Statement::default());
+        outcomes.sent(frontend::PARSE, Some(("x", &entry)));
+        outcomes.sent(frontend::SYNC, None);
+        outcomes.answered(backend::ERROR_RESPONSE);
+        registry.forget_failed(&outcomes);
+        assert!(registry
+            .conflict(&Frontend::decode(&parse("x")).unwrap())
+            .is_none());
+    }
+
+    #[test]
+    fn a_parse_of_a_held_name_and_a_bind_of_an_unknown_one_are_what_postgres_refuses() {
+        let mut registry = SessionStatements::default();
+        registry.parsed("s1", Statement::default());
+        let again = parse("s1");
+        let (code, _) = registry
+            .conflict(&Frontend::decode(&again).unwrap())
+            .unwrap();
+        assert_eq!(code, "42P05");
+        let unnamed = parse("");
+        assert!(registry
+            .conflict(&Frontend::decode(&unnamed).unwrap())
+            .is_none());
+        let unknown = bind("", "nope");
+        let (code, message) = registry
+            .conflict(&Frontend::decode(&unknown).unwrap())
+            .unwrap();
+        assert_eq!(code, "26000");
+        assert!(message.contains("\"nope\""), "{message}");
+        registry.deallocated("DEALLOCATE s1");
+        assert!(registry
+            .conflict(&Frontend::decode(&again).unwrap())
+            .is_none());
     }
 }

@@ -318,3 +318,75 @@ async fn every_fetch_of_a_portal_is_recorded_with_its_rows() {
         "{parts:?}"
     );
 }
+
+/// A name runs what the server prepared under it: a second Parse of a prepared name is
+/// refused as PostgreSQL refuses it, so the Execute after it is recorded as the statement the
+/// server runs — never as the text of the refused Parse.
+#[tokio::test]
+async fn a_second_parse_of_a_prepared_name_cannot_disguise_its_executions() {
+    use harness::msg;
+    let log = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("auditreparse", false).await;
+    let proxy = harness::audited_proxy(log.path(), "").await;
+    let mut raw = harness::raw_proxied(&proxy, &database).await;
+    raw.send(&msg::batch(&[
+        msg::parse("s1", "SELECT 'what really ran' AS first"),
+        msg::sync(),
+    ]))
+    .await;
+    raw.until_ready(1).await;
+    raw.send(&msg::batch(&[
+        msg::parse("s1", "SELECT 'a harmless disguise' AS second"),
+        msg::sync(),
+        msg::bind("", "s1", &[], false),
+        msg::execute("", 0),
+        msg::sync(),
+    ]))
+    .await;
+    let replies = raw.until_ready(2).await;
+    let errors: Vec<String> = replies
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, body)| String::from_utf8_lossy(body).into_owned())
+        .collect();
+    assert_eq!(errors.len(), 1, "{replies:?}");
+    assert!(errors[0].contains("42P05"), "{errors:?}");
+    let row = replies
+        .iter()
+        .find(|(t, _)| *t == b'D')
+        .expect("the Execute ran");
+    assert!(String::from_utf8_lossy(&row.1).contains("what really ran"));
+    // A failed Parse leaves its name free, as in PostgreSQL.
+    raw.send(&msg::batch(&[
+        msg::parse("s2", "SELECT nonsense FROM"),
+        msg::sync(),
+    ]))
+    .await;
+    raw.until_ready(1).await;
+    raw.send(&msg::batch(&[msg::parse("s2", "SELECT 2"), msg::sync()]))
+        .await;
+    let replies = raw.until_ready(1).await;
+    assert!(!replies.iter().any(|(t, _)| *t == b'E'), "{replies:?}");
+    drop(raw);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+
+    let all = records(log.path());
+    let executed: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["kind"] == "statement" && r["protocol"] == "extended")
+        .filter(|r| r["decision"] != "refused")
+        .collect();
+    assert!(
+        executed
+            .iter()
+            .any(|r| r["sql"].as_str().unwrap_or("").contains("AS first")),
+        "{executed:?}"
+    );
+    assert!(
+        !executed
+            .iter()
+            .any(|r| r["sql"].as_str().unwrap_or("").contains("AS second")),
+        "the Execute was recorded as the refused Parse's text: {executed:?}"
+    );
+}

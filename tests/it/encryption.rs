@@ -760,6 +760,47 @@ async fn copy_rows(
     sink.finish().await
 }
 
+/// A second Parse of a prepared name is refused as PostgreSQL refuses it, so the Binds after
+/// it are sealed by the plan of the statement the server runs (replacing the plan sent the
+/// value in clear into the encrypted column of the first statement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_parse_of_a_prepared_name_cannot_change_how_its_binds_are_sealed() {
+    use harness::msg;
+    let fx = fixture().await;
+    let mut raw = harness::raw_proxied(&fx.proxy, &fx.database).await;
+    raw.send(&msg::batch(&[
+        msg::parse("s7", "INSERT INTO vault_items (id, c_text) VALUES ($1, $2)"),
+        msg::sync(),
+    ]))
+    .await;
+    let replies = raw.until_ready(1).await;
+    assert!(replies.iter().any(|(t, _)| *t == b'1'), "{replies:?}");
+    raw.send(&msg::batch(&[
+        msg::parse("s7", "SELECT $1::int, $2::text"),
+        msg::sync(),
+        msg::bind("", "s7", &[Some("41"), Some("reparse-secret")], false),
+        msg::execute("", 0),
+        msg::sync(),
+    ]))
+    .await;
+    let replies = raw.until_ready(2).await;
+    let errors: Vec<String> = replies
+        .iter()
+        .filter(|(t, _)| *t == b'E')
+        .map(|(_, body)| String::from_utf8_lossy(body).into_owned())
+        .collect();
+    assert_eq!(errors.len(), 1, "{replies:?}");
+    assert!(errors[0].contains("42P05"), "{errors:?}");
+    assert!(!table_dump(&fx.database).await.contains("reparse-secret"));
+    let row = fx
+        .client()
+        .await
+        .query_one("SELECT c_text FROM vault_items WHERE id = 41", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "reparse-secret");
+}
+
 /// A portal runs the statement it was bound to, as in PostgreSQL, even when its name is
 /// closed and parsed again before the Execute: the COPY's rows are still sealed by the
 /// COPY's plan (looking the plan up by the statement's name at Execute sent them in clear).

@@ -387,16 +387,10 @@ pub(super) fn put_value(out: &mut BytesMut, v: &[u8]) -> Result<(), ClientError>
     Ok(())
 }
 
-// Backend tags this module needs beyond `protocol::backend`.
-pub(super) const ROW_DESCRIPTION: u8 = b'T';
-pub(super) const PARSE_COMPLETE: u8 = b'1';
-pub(super) const BIND_COMPLETE: u8 = b'2';
-pub(super) const CLOSE_COMPLETE: u8 = b'3';
-pub(super) const NO_DATA: u8 = b'n';
-pub(super) const PARAMETER_DESCRIPTION: u8 = b't';
-pub(super) const EMPTY_QUERY_RESPONSE: u8 = b'I';
-pub(super) const PORTAL_SUSPENDED: u8 = b's';
-pub(super) const NOTIFICATION_RESPONSE: u8 = b'A';
+pub(super) use crate::protocol::backend::{
+    BIND_COMPLETE, CLOSE_COMPLETE, EMPTY_QUERY_RESPONSE, NOTIFICATION_RESPONSE, NO_DATA,
+    PARAMETER_DESCRIPTION, PARSE_COMPLETE, PORTAL_SUSPENDED, ROW_DESCRIPTION,
+};
 
 /// Storage size PostgreSQL reports for a client type (`typlen`).
 pub(super) fn typlen(ty: ClientType) -> i16 {
