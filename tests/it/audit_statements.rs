@@ -344,11 +344,7 @@ async fn a_second_parse_of_a_prepared_name_cannot_disguise_its_executions() {
     ]))
     .await;
     let replies = raw.until_ready(2).await;
-    let errors: Vec<String> = replies
-        .iter()
-        .filter(|(t, _)| *t == b'E')
-        .map(|(_, body)| String::from_utf8_lossy(body).into_owned())
-        .collect();
+    let errors = harness::error_texts(&replies);
     assert_eq!(errors.len(), 1, "{replies:?}");
     assert!(errors[0].contains("42P05"), "{errors:?}");
     let row = replies

@@ -784,11 +784,7 @@ async fn a_second_parse_of_a_prepared_name_cannot_change_how_its_binds_are_seale
     ]))
     .await;
     let replies = raw.until_ready(2).await;
-    let errors: Vec<String> = replies
-        .iter()
-        .filter(|(t, _)| *t == b'E')
-        .map(|(_, body)| String::from_utf8_lossy(body).into_owned())
-        .collect();
+    let errors = harness::error_texts(&replies);
     assert_eq!(errors.len(), 1, "{replies:?}");
     assert!(errors[0].contains("42P05"), "{errors:?}");
     assert!(!table_dump(&fx.database).await.contains("reparse-secret"));

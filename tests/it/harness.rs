@@ -549,6 +549,15 @@ pub async fn raw_proxied(proxy: &TestProxy, database: &str) -> RawClient<TcpStre
     client
 }
 
+/// The ErrorResponses among `replies`, each as its body's text (fields NUL-separated).
+pub fn error_texts(replies: &[Received]) -> Vec<String> {
+    replies
+        .iter()
+        .filter(|(tag, _)| *tag == b'E')
+        .map(|(_, body)| String::from_utf8_lossy(body).into_owned())
+        .collect()
+}
+
 /// A raw TCP connection (no startup yet).
 pub async fn raw_tcp(addr: SocketAddr) -> RawClient<TcpStream> {
     RawClient::new(TcpStream::connect(addr).await.expect("tcp connect"))

@@ -379,12 +379,7 @@ impl Writer {
         if batch.is_empty() && self.recovery.is_none() && !checkpoint_due {
             return Ok(());
         }
-        self.rotate_if_due()?;
-        self.ensure_segment()?;
-        self.buf.clear();
-        if let Some(r) = self.recovery.clone() {
-            self.push_recovery(&r)?;
-        }
+        self.begin_buffer()?;
         if checkpoint_due {
             self.push_siem_dropped()?;
             self.push_checkpoint("interval")?;
@@ -419,6 +414,18 @@ impl Writer {
         Ok(())
     }
 
+    /// A segment to write to (rotated when due) and an empty buffer, which starts with the
+    /// recovery record when one is owed.
+    fn begin_buffer(&mut self) -> Result<(), AuditError> {
+        self.rotate_if_due()?;
+        self.ensure_segment()?;
+        self.buf.clear();
+        if let Some(r) = self.recovery.clone() {
+            self.push_recovery(&r)?;
+        }
+        Ok(())
+    }
+
     /// Fails at startup, not on the first statement, if the directory is unusable.
     fn write_start_or_abandon(&mut self) -> Result<(), AuditError> {
         let r = self.write_start();
@@ -431,11 +438,7 @@ impl Writer {
     /// `audit_started` (effective settings) and a `start` checkpoint, so that every run of a
     /// signed log begins with a signature and says how it was configured.
     fn write_start(&mut self) -> Result<(), AuditError> {
-        self.ensure_segment()?;
-        self.buf.clear();
-        if let Some(r) = self.recovery.clone() {
-            self.push_recovery(&r)?;
-        }
+        self.begin_buffer()?;
         if let Some((anchor, why)) = &self.truncation {
             let body = super::lifecycle::truncation_body(anchor, why, self.next_seq)?;
             self.push_record(&body);
@@ -570,12 +573,7 @@ impl Writer {
         if self.closed_cleanly && self.recovery.is_none() {
             return Ok(());
         }
-        self.rotate_if_due()?;
-        self.ensure_segment()?;
-        self.buf.clear();
-        if let Some(r) = self.recovery.clone() {
-            self.push_recovery(&r)?;
-        }
+        self.begin_buffer()?;
         let body = super::lifecycle::stopped_body(&self.settings)?;
         self.push_record(&body);
         self.push_checkpoint("shutdown")?;
