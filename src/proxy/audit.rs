@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::statements::{Portal, SessionStatements};
+use super::statements::{Portal, Prepared, SessionStatements};
 use crate::audit::{
     split_statements, AuditError, AuditEvent, AuditHandle, BoundParam, Decision, DurableReceipt,
     Protocol, SessionInfo, SqlText, StatementRecord, Touched,
@@ -29,21 +29,6 @@ pub struct Observed<'a> {
     pub view: &'a Frontend<'a>,
     pub refused: Option<&'a Refusal>,
     pub analysis: Option<Arc<Rewritten>>,
-}
-
-/// The audit's view of a prepared statement, for the records of its Executes (kept in the
-/// session's registry, [`super::statements`]).
-#[derive(Debug)]
-pub struct Prepared {
-    /// Redacted text, fingerprint and what it touches, computed once at Parse for all its
-    /// executions.
-    text: SqlText,
-    fingerprint: Arc<str>,
-    touched: Arc<Touched>,
-    /// Declared parameter types (0 = unspecified).
-    param_types: Vec<u32>,
-    /// Refused at Parse: its Executes never run (the refusal has its own record).
-    refused: bool,
 }
 
 /// What the audit stage gives the session's registry for one message.

@@ -22,8 +22,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
-use super::audit::Prepared;
-use crate::audit::BoundParam;
+use crate::audit::{BoundParam, SqlText, Touched};
 use crate::crypto::sql::ParamPlan;
 use crate::protocol::view::Frontend;
 use crate::protocol::{backend, frontend};
@@ -35,6 +34,21 @@ const DUPLICATE_STATEMENT: &str = "42P05";
 /// a statement's analysis: a client must not grow the proxy's memory without bound). Far
 /// above what drivers keep (their statement caches hold a few hundred).
 pub const MAX_STATEMENTS: usize = 10_000;
+
+/// The audit's view of a prepared statement, for the records of its Executes (made by the
+/// audit stage, `proxy::audit`, at Parse).
+#[derive(Debug)]
+pub struct Prepared {
+    /// Redacted text, fingerprint and what it touches, computed once at Parse for all its
+    /// executions.
+    pub(super) text: SqlText,
+    pub(super) fingerprint: Arc<str>,
+    pub(super) touched: Arc<Touched>,
+    /// Declared parameter types (0 = unspecified).
+    pub(super) param_types: Vec<u32>,
+    /// Refused at Parse: its Executes never run (the refusal has its own record).
+    pub(super) refused: bool,
+}
 
 /// One prepared statement: what each stage knows of it.
 #[derive(Debug, Default)]
