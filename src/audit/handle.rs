@@ -37,10 +37,22 @@ pub(super) type Ack = oneshot::Sender<Result<u64, AuditError>>;
 /// one answer covers them all).
 pub(super) struct Pending {
     pub(super) bodies: Vec<Vec<u8>>,
-    /// Answered once the records are written to the file (before the fsync).
-    pub(super) written: Option<Ack>,
-    /// Answered once the records are durable.
+    /// A caller waits for the write (it gets the commit's result), so a failure costs it its
+    /// statement rather than losing a record nobody waits for.
+    pub(super) awaited: bool,
+    /// Answered once the records are durable (`None`: nobody waits for an fsync).
     pub(super) durable: Option<Ack>,
+}
+
+impl Pending {
+    /// Records nobody waits for.
+    pub(super) fn unawaited(bodies: Vec<Vec<u8>>) -> Self {
+        Pending {
+            bodies,
+            awaited: false,
+            durable: None,
+        }
+    }
 }
 
 pub(super) enum Cmd {
@@ -133,20 +145,29 @@ pub(super) struct HandleInner {
     pub(super) deferred: Arc<Deferred>,
     /// The log itself, appended to by sessions without a hand-off (`None` when disabled).
     pub(super) inline: Option<Arc<dyn InlineLog>>,
+    /// The log fsyncs (`AuditConfig::fsync`): appends wait for durability after the write.
+    pub(super) fsync: bool,
     /// The settings a SIGHUP may change while the log runs.
     pub(super) live: parking_lot::RwLock<LiveSettings>,
     pub(super) counters: Arc<Counters>,
 }
 
 /// The log as sessions append to it directly: frame and write a batch on the caller's
-/// thread and answer its written ack; its durable ack is answered by the fsync that covers
-/// it. Returns whether the writer thread must be woken for that fsync.
+/// thread; durable acks are answered by the fsync that covers them.
 pub(super) trait InlineLog: Send + Sync {
-    fn commit_inline(&self, batch: &mut Vec<Pending>) -> bool;
+    fn commit_inline(&self, batch: &mut Vec<Pending>) -> InlineCommit;
 
     /// Holds the writer thread this long before each fsync (tests of the overlap).
     #[cfg(test)]
     fn delay_syncs(&self, by: std::time::Duration);
+}
+
+/// What an inline commit did: the sequence number of the first record of the batch's last
+/// entry (the caller's), and whether the writer thread must be woken for an fsync (it is
+/// woken once per fsync, not once per append).
+pub(super) struct InlineCommit {
+    pub(super) first: Result<u64, AuditError>,
+    pub(super) wake: bool,
 }
 
 /// How many deferred records make the writer come for them at once.
@@ -176,11 +197,7 @@ impl Deferred {
     /// Everything queued so far, as one batch entry nobody waits for (`None` when empty).
     pub(super) fn take(&self) -> Option<Pending> {
         let bodies = std::mem::take(&mut *self.bodies.lock());
-        (!bodies.is_empty()).then_some(Pending {
-            bodies,
-            written: None,
-            durable: None,
-        })
+        (!bodies.is_empty()).then(|| Pending::unawaited(bodies))
     }
 }
 
@@ -227,26 +244,36 @@ impl AuditHandle {
 
     /// Frames and writes `bodies` (after the deferred records) on this thread: one write to
     /// the page cache under the log's lock, no hand-off to the writer thread and back. The
-    /// receipt resolves once the writer thread's fsync covers them.
+    /// receipt resolves once the writer thread's fsync covers them (at once without fsync).
     fn append_inline(
         &self,
         tx: &Sender<Cmd>,
         log: &Arc<dyn InlineLog>,
         bodies: Vec<Vec<u8>>,
     ) -> Result<(u64, DurableReceipt), AuditError> {
-        let (written, mut written_rx) = oneshot::channel();
-        let (durable, mut durable_rx) = oneshot::channel();
+        let (durable, durable_rx) = match self.inner.fsync {
+            true => {
+                let (ack, done) = oneshot::channel();
+                (Some(ack), Some(done))
+            }
+            false => (None, None),
+        };
         let mut batch: Vec<Pending> = self.inner.deferred.take().into_iter().collect();
         batch.push(Pending {
             bodies,
-            written: Some(written),
-            durable: Some(durable),
+            awaited: true,
+            durable,
         });
-        if log.commit_inline(&mut batch) {
+        let commit = log.commit_inline(&mut batch);
+        if commit.wake {
             // A closed channel means the thread is gone, and with it answered every waiter.
             let _ = tx.send(Cmd::Sync);
         }
-        let first = written_rx.try_recv().map_err(|_| AuditError::Closed)??;
+        let first = commit.first?;
+        let Some(mut durable_rx) = durable_rx else {
+            // Without fsync, written is as durable as this log gets.
+            return Ok((first, DurableReceipt::already_durable()));
+        };
         let receipt = match durable_rx.try_recv() {
             Ok(done) => done.map(|_| DurableReceipt::already_durable())?,
             Err(oneshot::error::TryRecvError::Empty) => DurableReceipt {

@@ -27,8 +27,8 @@ use tokio::sync::oneshot;
 
 use super::config::AuditConfig;
 use super::handle::{
-    Ack, AuditHandle, Cmd, Counters, Deferred, HandleInner, InlineLog, LiveSettings, Pending,
-    DEFERRED_MAX_DELAY,
+    Ack, AuditHandle, Cmd, Counters, Deferred, HandleInner, InlineCommit, InlineLog, LiveSettings,
+    Pending, DEFERRED_MAX_DELAY,
 };
 use super::record::{self, Hash, Tail};
 use super::signing::SigningKey;
@@ -55,6 +55,7 @@ impl AuditLog {
                     tx: None,
                     deferred: Arc::default(),
                     inline: None,
+                    fsync: config.fsync,
                     live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                     counters,
                 }),
@@ -103,6 +104,7 @@ impl AuditLog {
                 tx: Some(tx.clone()),
                 deferred,
                 inline: Some(inline),
+                fsync: config.fsync,
                 live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                 counters,
             }),
@@ -301,27 +303,29 @@ impl Writer {
     }
 
     /// Writes `batch` on the caller's thread, after the deferred records taken with it;
-    /// answers like [`Writer::commit`]. Returns whether the caller must wake the writer
-    /// thread for an fsync (it is woken once per fsync, not once per append). After
-    /// shutdown every waiter gets [`AuditError::Closed`].
-    pub(super) fn commit_inline(&mut self, batch: &mut Vec<Pending>) -> bool {
+    /// answers like [`Writer::commit`]. After shutdown every waiter gets
+    /// [`AuditError::Closed`].
+    pub(super) fn commit_inline(&mut self, batch: &mut Vec<Pending>) -> InlineCommit {
         if !self.stopped {
-            self.commit(batch);
+            let first = self.commit(batch);
             let wake = self.has_unsynced() && !self.sync_requested;
             self.sync_requested |= wake;
-            return wake;
+            return InlineCommit { first, wake };
         }
         for pending in batch.drain(..) {
-            for ack in [pending.written, pending.durable].into_iter().flatten() {
+            if let Some(ack) = pending.durable {
                 let _ = ack.send(Err(AuditError::Closed));
             }
         }
-        false
+        InlineCommit {
+            first: Err(AuditError::Closed),
+            wake: false,
+        }
     }
 
     /// The final commit and checkpoint; later inline appends are refused.
     fn stop(&mut self, batch: &mut Vec<Pending>) -> Result<(), AuditError> {
-        self.commit(batch);
+        let _ = self.commit(batch);
         self.stopped = true;
         let closed = self.close();
         self.dir_lock = None;
@@ -339,29 +343,30 @@ impl Writer {
         self.last_checkpoint.elapsed() >= self.checkpoint_interval
     }
 
-    /// Writes `batch` and answers every waiter: the written acks after the write, the
-    /// durable acks once an fsync covers it (at once without fsync); on failure every waiter
-    /// not yet answered gets the error.
-    fn commit(&mut self, batch: &mut Vec<Pending>) {
+    /// Writes `batch`; returns the sequence number of the first record of its last entry
+    /// (the inline caller's). Durable acks are answered once an fsync covers them (at once
+    /// without fsync); on failure every one not yet answered gets the error.
+    fn commit(&mut self, batch: &mut Vec<Pending>) -> Result<u64, AuditError> {
         let result = self.write_batch(batch);
         for pending in batch.drain(..) {
             let Err(e) = &result else {
                 continue;
             };
-            if pending.written.is_none() && pending.durable.is_none() {
+            if !pending.awaited {
                 self.counters
                     .dropped_nowait
                     .fetch_add(pending.bodies.len() as u64, Ordering::Relaxed);
             }
-            for ack in [pending.written, pending.durable].into_iter().flatten() {
+            if let Some(ack) = pending.durable {
                 let _ = ack.send(Err(e.clone()));
             }
         }
+        result
     }
 
     /// Frames and writes; returns once the data is in the file. Records that must precede
     /// the batch (recovery, due checkpoint, rotation) are handled here too.
-    fn write_batch(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
+    fn write_batch(&mut self, batch: &mut [Pending]) -> Result<u64, AuditError> {
         let result = self.try_write_batch(batch);
         if let Err(e) = &result {
             self.counters.failures.fetch_add(1, Ordering::Relaxed);
@@ -374,44 +379,41 @@ impl Writer {
         result
     }
 
-    fn try_write_batch(&mut self, batch: &mut [Pending]) -> Result<(), AuditError> {
+    fn try_write_batch(&mut self, batch: &mut [Pending]) -> Result<u64, AuditError> {
         let checkpoint_due = self.checkpoint_due();
         if batch.is_empty() && self.recovery.is_none() && !checkpoint_due {
-            return Ok(());
+            return Ok(self.next_seq);
         }
         self.begin_buffer()?;
         if checkpoint_due {
             self.push_siem_dropped()?;
             self.push_checkpoint("interval")?;
         }
-        let mut firsts = Vec::with_capacity(batch.len());
-        for pending in batch.iter() {
-            firsts.push(self.next_seq);
-            for body in &pending.bodies {
-                self.push_record(body);
-            }
+        let first_of_batch = self.next_seq;
+        for body in batch.iter().flat_map(|p| &p.bodies) {
+            self.push_record(body);
         }
         self.write_buf()?;
         // Written, and the recovery with it (a failed fsync asks for a new one).
         self.recovery = None;
-        // Callers that forward before durability may go on while the fsync runs.
-        for (pending, first) in batch.iter_mut().zip(&firsts) {
-            if let Some(ack) = pending.written.take() {
-                let _ = ack.send(Ok(*first));
-            }
+        // Callers that forward before durability go on while the fsync runs.
+        let (mut entry_first, mut last_first) = (first_of_batch, first_of_batch);
+        for pending in batch.iter_mut() {
+            last_first = entry_first;
             if let Some(ack) = pending.durable.take() {
                 self.unsynced.push_back(Unsynced {
                     end_seq: self.next_seq,
-                    first: *first,
+                    first: entry_first,
                     ack,
                 });
             }
+            entry_first += pending.bodies.len() as u64;
         }
         if !self.fsync {
             // Written is as durable as this log gets.
             self.sync_written()?;
         }
-        Ok(())
+        Ok(last_first)
     }
 
     /// A segment to write to (rotated when due) and an empty buffer, which starts with the
@@ -460,7 +462,7 @@ impl Writer {
         outage.failed_writes += 1;
         for pending in batch {
             let records = pending.bodies.len() as u64;
-            if pending.written.is_some() || pending.durable.is_some() {
+            if pending.awaited {
                 outage.appends_failed += records;
             } else {
                 outage.records_lost += records;
@@ -605,7 +607,8 @@ fn run(writer: &parking_lot::Mutex<Writer>, rx: Receiver<Cmd>, deferred: &Deferr
             // The deferred queue is long, or a tick passed: write it (and a due checkpoint).
             Ok(Cmd::Wake) | Err(RecvTimeoutError::Timeout) => {
                 batch.extend(deferred.take());
-                writer.lock().commit(&mut batch);
+                // Nobody waits for these: a failure is counted and logged by the commit.
+                let _ = writer.lock().commit(&mut batch);
             }
             Ok(Cmd::Shutdown(done)) => {
                 batch.extend(deferred.take());
@@ -636,7 +639,7 @@ impl Drop for StopOnExit<'_> {
 }
 
 impl InlineLog for parking_lot::Mutex<Writer> {
-    fn commit_inline(&self, batch: &mut Vec<Pending>) -> bool {
+    fn commit_inline(&self, batch: &mut Vec<Pending>) -> InlineCommit {
         self.lock().commit_inline(batch)
     }
 
