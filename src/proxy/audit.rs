@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::statements::{Portal, Prepared, SessionStatements};
+use super::statements::{Portal, Prepared, SessionStatements, Statement};
 use crate::audit::{
     split_statements, AuditError, AuditEvent, AuditHandle, BoundParam, Decision, DurableReceipt,
     Protocol, SessionInfo, SqlText, StatementRecord, Touched,
@@ -131,6 +131,7 @@ impl SessionAudit {
         observed: Observed<'_>,
         batch: &mut BatchRecords,
         statements: &SessionStatements,
+        statement: Option<&Statement>,
     ) -> Registered {
         let message = observed.message;
         match observed.view {
@@ -151,8 +152,7 @@ impl SessionAudit {
                 return Registered::Statement(self.parse(parse, &observed, batch));
             }
             Frontend::Bind(bind) => {
-                let statement = statements.resolve(observed.view);
-                let prepared = statement.as_ref().and_then(|s| s.audit.as_deref());
+                let prepared = statement.and_then(|s| s.audit.as_deref());
                 return Registered::Params(self.bound_params(bind, prepared));
             }
             Frontend::Execute { portal, .. } => {
@@ -292,7 +292,8 @@ impl SessionAudit {
             statement.fingerprint.clone(),
         );
         record.touched = statement.touched.clone();
-        record.statement_name = Some(portal.statement_name.clone()).filter(|n| !n.is_empty());
+        let name = &portal.statement.name;
+        record.statement_name = (!name.is_empty()).then(|| name.to_string());
         record.params = portal.params.clone();
         let event = self.finish_record(record, &observed);
         batch.push(AwaitKind::Execute, event, true);

@@ -45,10 +45,12 @@ pub(super) async fn run_batch(
     let (mut audit, completions) = audit.unzip();
     statements.forget_failed(&state.parses);
     for (message, view) in messages.iter().zip(&views) {
+        // Looked up once, in message order, before this message changes the registry.
+        let statement = view.as_ref().ok().and_then(|view| statements.resolve(view));
         let registry_refusal = view
             .as_ref()
             .ok()
-            .and_then(|v| registry_refusal(state, statements, v));
+            .and_then(|v| registry_refusal(state, statements, v, statement.as_ref()));
         let registrable = registry_refusal.is_none();
         let verdict = match (view, registry_refusal) {
             (_, Some(refusal)) => Verdict::Refuse(refusal),
@@ -57,8 +59,6 @@ pub(super) async fn run_batch(
         };
         let plan = interceptor.take_param_plan();
         let analysis = interceptor.take_analysis();
-        // Looked up once, in message order, before this message changes the registry.
-        let statement = view.as_ref().ok().and_then(|view| statements.resolve(view));
         let mut registered = Registered::Nothing;
         if let (Some(audit), Ok(view)) = (audit.as_deref_mut(), view) {
             let refused = match &verdict {
@@ -71,7 +71,7 @@ pub(super) async fn run_batch(
                 refused,
                 analysis,
             };
-            registered = audit.observe(observed, &mut records, statements);
+            registered = audit.observe(observed, &mut records, statements, statement.as_deref());
         }
         let named = match view {
             Ok(view) if registrable => register(
@@ -84,9 +84,7 @@ pub(super) async fn run_batch(
             ),
             _ => None,
         };
-        state
-            .parses
-            .sent(message.tag(), named.as_ref().map(|(n, s)| (*n, s)));
+        state.parses.sent(message.tag(), named.as_ref());
         plans.push(plan);
         resolved.push(statement);
         verdicts.push(verdict);
@@ -123,35 +121,35 @@ pub(super) async fn run_batch(
 }
 
 /// What the session's registry keeps of one message it did not refuse: a Parse's statement
-/// (with field encryption's plan and the audit's view; returned with its name when named, for
+/// (with field encryption's plan and the audit's view; returned when named, for
 /// the outcome of its Parse), a Bind's portal, a Close, a `DEALLOCATE`.
-fn register<'a>(
+fn register(
     statements: &mut SessionStatements,
-    view: &Frontend<'a>,
+    view: &Frontend<'_>,
     verdict: &Verdict,
     plan: &Option<Arc<ParamPlan>>,
     statement: Option<&Arc<Statement>>,
     registered: Registered,
-) -> Option<(&'a str, Arc<Statement>)> {
+) -> Option<Arc<Statement>> {
     match view {
         Frontend::Parse(parse) => {
             let refused = matches!(verdict, Verdict::Refuse(_));
-            let statement = Statement {
-                plan: plan.clone().filter(|p| !refused && p.is_active()),
-                audit: match registered {
-                    Registered::Statement(prepared) => Some(prepared),
-                    _ => None,
-                },
+            let plan = plan.clone().filter(|p| !refused && p.is_active());
+            let audit = match registered {
+                Registered::Statement(prepared) => Some(prepared),
+                _ => None,
             };
-            let entry = statements.parsed(parse.name, statement);
-            return (!parse.name.is_empty()).then_some((parse.name, entry));
+            let entry = statements.parsed(parse.name, plan, audit);
+            return (!parse.name.is_empty()).then_some(entry);
         }
         Frontend::Bind(bind) => {
             let params = match registered {
                 Registered::Params(params) => params,
                 _ => Vec::new(),
             };
-            statements.bound(bind.portal, bind.statement, statement, params);
+            if let Some(statement) = statement {
+                statements.bound(bind.portal, statement, params);
+            }
         }
         Frontend::Close(target) => statements.closed(target.kind, target.name),
         Frontend::Query { sql } if !matches!(verdict, Verdict::Refuse(_)) => {
@@ -169,8 +167,9 @@ fn registry_refusal(
     state: &SessionState,
     statements: &SessionStatements,
     view: &Frontend<'_>,
+    statement: Option<&Arc<Statement>>,
 ) -> Option<Refusal> {
-    if let Some((code, message)) = statements.conflict(view) {
+    if let Some((code, message)) = statements.conflict(view, statement) {
         return Some(Refusal::new(RefusalKind::Protocol, code, message));
     }
     statements

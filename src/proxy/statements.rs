@@ -51,8 +51,10 @@ pub struct Prepared {
 }
 
 /// One prepared statement: what each stage knows of it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Statement {
+    /// The client's name for it, as records name it.
+    pub name: Arc<str>,
     /// Field encryption's plan for its parameters (`None`: nothing to encrypt).
     pub plan: Option<Arc<ParamPlan>>,
     /// The audit's view of it (`None` when the session is not audited).
@@ -62,8 +64,6 @@ pub struct Statement {
 /// One bound portal.
 #[derive(Debug)]
 pub struct Portal {
-    /// The client's name of the statement it was bound from, as its records name it.
-    pub statement_name: String,
     pub statement: Arc<Statement>,
     /// Its parameters as the audit records them.
     pub params: Vec<BoundParam>,
@@ -93,16 +93,30 @@ impl SessionStatements {
 
     /// A Parse: `name` now stands for this statement (replacing the unnamed one; a named one
     /// it holds is refused before it gets here, see [`SessionStatements::conflict`]).
-    pub fn parsed(&mut self, name: &str, statement: Statement) -> Arc<Statement> {
-        let statement = Arc::new(statement);
+    pub fn parsed(
+        &mut self,
+        name: &str,
+        plan: Option<Arc<ParamPlan>>,
+        audit: Option<Arc<Prepared>>,
+    ) -> Arc<Statement> {
+        let statement = Arc::new(Statement {
+            name: name.into(),
+            plan,
+            audit,
+        });
         self.statements.insert(name.to_owned(), statement.clone());
         statement
     }
 
     /// Why PostgreSQL will not run `view` as pgward would see it: a Parse of a name already
-    /// prepared, a Bind of a statement never prepared. Refused here, the registry never holds
+    /// prepared, a Bind of a statement never prepared (`statement`: what
+    /// [`SessionStatements::resolve`] found for it). Refused here, the registry never holds
     /// an entry the server does not run.
-    pub fn conflict(&self, view: &Frontend<'_>) -> Option<(&'static str, String)> {
+    pub fn conflict(
+        &self,
+        view: &Frontend<'_>,
+        statement: Option<&Arc<Statement>>,
+    ) -> Option<(&'static str, String)> {
         match view {
             Frontend::Parse(parse)
                 if !parse.name.is_empty() && self.statements.contains_key(parse.name) =>
@@ -112,7 +126,7 @@ impl SessionStatements {
                     format!("prepared statement \"{}\" already exists", parse.name),
                 ))
             }
-            Frontend::Bind(bind) if !self.statements.contains_key(bind.statement) => Some((
+            Frontend::Bind(bind) if statement.is_none() => Some((
                 crate::error::sqlstate::INVALID_SQL_STATEMENT_NAME,
                 if bind.statement.is_empty() {
                     "unnamed prepared statement does not exist".to_owned()
@@ -126,6 +140,14 @@ impl SessionStatements {
 
     /// A simple Query that deallocates statements (`DEALLOCATE name`, `DEALLOCATE ALL`).
     pub fn deallocated(&mut self, sql: &str) {
+        // Every Query passes here: only a text that names the word is lexed.
+        let names_it = sql
+            .as_bytes()
+            .windows(b"deallocate".len())
+            .any(|w| w.eq_ignore_ascii_case(b"deallocate"));
+        if !names_it {
+            return;
+        }
         match crate::pool::session_state::deallocate_target(sql) {
             Some(Some(name)) => {
                 self.statements.remove(&name);
@@ -138,37 +160,27 @@ impl SessionStatements {
     /// Forgets the named statements whose Parse the server rejected or skipped (unless the
     /// name was closed and prepared again since).
     pub fn forget_failed(&mut self, outcomes: &ParseOutcomes) {
-        for (name, failed) in outcomes.take_failed() {
-            let current = self.statements.get(&name);
-            if current.is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), failed.as_ptr())) {
-                self.statements.remove(&name);
+        // Entries dropped since (closed, deallocated) are gone already.
+        for failed in outcomes.take_failed().iter().filter_map(Weak::upgrade) {
+            let current = self.statements.get(&*failed.name);
+            if current.is_some_and(|c| Arc::ptr_eq(c, &failed)) {
+                self.statements.remove(&*failed.name);
             }
         }
     }
 
     /// A Bind of `portal` to `statement` (resolved before it): the portal runs that entry
-    /// until it is bound again or closed. An unknown statement binds nothing (the server
-    /// answers with an error).
-    pub fn bound(
-        &mut self,
-        portal: &str,
-        statement_name: &str,
-        statement: Option<&Arc<Statement>>,
-        params: Vec<BoundParam>,
-    ) {
-        match statement {
-            Some(statement) => {
-                self.portals.insert(
-                    portal.to_owned(),
-                    Portal {
-                        statement_name: statement_name.to_owned(),
-                        statement: statement.clone(),
-                        params,
-                    },
-                );
-            }
+    /// until it is bound again or closed.
+    pub fn bound(&mut self, portal: &str, statement: &Arc<Statement>, params: Vec<BoundParam>) {
+        let portal_entry = Portal {
+            statement: statement.clone(),
+            params,
+        };
+        match self.portals.get_mut(portal) {
+            // The unnamed portal, bound again and again: no new key each time.
+            Some(held) => *held = portal_entry,
             None => {
-                self.portals.remove(portal);
+                self.portals.insert(portal.to_owned(), portal_entry);
             }
         }
     }
@@ -189,6 +201,10 @@ impl SessionStatements {
     /// Whether registering what `view` names would take the session past [`MAX_STATEMENTS`]
     /// (replacing a name it holds, or the unnamed statement or portal, never does).
     pub fn would_overflow(&self, view: &Frontend<'_>) -> bool {
+        // Cheap first: below the cap (plus the unnamed pair) no message can pass it.
+        if self.statements.len() + self.portals.len() < MAX_STATEMENTS {
+            return false;
+        }
         // The unnamed statement and portal are one each at most: only names count.
         let named = |len: usize, unnamed: bool| len - usize::from(unnamed);
         let held = named(self.statements.len(), self.statements.contains_key(""))
@@ -223,7 +239,7 @@ pub struct ParseOutcomes {
 #[derive(Debug, Default)]
 struct Outcomes {
     in_flight: VecDeque<InFlight>,
-    failed: Vec<(String, Weak<Statement>)>,
+    failed: Vec<Weak<Statement>>,
     /// Boundaries noted since the last Execute or Query: the Syncs a COPY's copy-in mode
     /// ignores, should copy data follow.
     syncs_since_execute: usize,
@@ -232,7 +248,7 @@ struct Outcomes {
 #[derive(Debug)]
 enum InFlight {
     /// A Parse, with its registered entry when it names one.
-    Parse(Option<(String, Weak<Statement>)>),
+    Parse(Option<Weak<Statement>>),
     /// A Sync, Query or FunctionCall: ends with a ReadyForQuery.
     Boundary,
 }
@@ -244,13 +260,23 @@ const MAX_IN_FLIGHT: usize = 65_536;
 
 impl ParseOutcomes {
     /// The client direction forwards `tag` (Parse with its registered entry when named).
-    pub fn sent(&self, tag: u8, named: Option<(&str, &Arc<Statement>)>) {
+    pub fn sent(&self, tag: u8, named: Option<&Arc<Statement>>) {
+        if !matches!(
+            tag,
+            frontend::PARSE
+                | frontend::SYNC
+                | frontend::QUERY
+                | frontend::FUNCTION_CALL
+                | frontend::EXECUTE
+                | frontend::COPY_DATA
+                | frontend::COPY_DONE
+                | frontend::COPY_FAIL
+        ) {
+            return;
+        }
         let mut o = self.inner.lock();
         match tag {
-            frontend::PARSE => {
-                let named = named.map(|(name, s)| (name.to_owned(), Arc::downgrade(s)));
-                o.push(InFlight::Parse(named));
-            }
+            frontend::PARSE => o.push(InFlight::Parse(named.map(Arc::downgrade))),
             frontend::SYNC => {
                 o.syncs_since_execute += 1;
                 o.push(InFlight::Boundary);
@@ -281,6 +307,14 @@ impl ParseOutcomes {
 
     /// The client receives a message of `tag` (in the order the server answers).
     pub fn answered(&self, tag: u8) {
+        // Called for every message the client gets (DataRows too): lock only for answers
+        // that settle a Parse.
+        if !matches!(
+            tag,
+            backend::PARSE_COMPLETE | backend::ERROR_RESPONSE | backend::READY_FOR_QUERY
+        ) {
+            return;
+        }
         let mut o = self.inner.lock();
         match tag {
             backend::PARSE_COMPLETE => {
@@ -299,7 +333,7 @@ impl ParseOutcomes {
         }
     }
 
-    fn take_failed(&self) -> Vec<(String, Weak<Statement>)> {
+    fn take_failed(&self) -> Vec<Weak<Statement>> {
         std::mem::take(&mut self.inner.lock().failed)
     }
 }
@@ -368,39 +402,34 @@ mod tests {
     #[test]
     fn a_portal_keeps_the_statement_it_was_bound_to_when_the_name_is_parsed_again() {
         let mut registry = SessionStatements::default();
-        registry.parsed(
-            "s1",
-            Statement {
-                plan: Some(Arc::new(ParamPlan::default())),
-                audit: None,
-            },
-        );
-        let bind = bind("p1", "s1");
-        let bind_view = Frontend::decode(&bind).unwrap();
+        registry.parsed("s1", Some(Arc::new(ParamPlan::default())), None);
+        let bind_p1 = bind("p1", "s1");
+        let bind_view = Frontend::decode(&bind_p1).unwrap();
         let statement = registry.resolve(&bind_view);
         assert!(statement.as_deref().is_some_and(plan_marker));
-        registry.bound("p1", "s1", statement.as_ref(), Vec::new());
+        registry.bound("p1", statement.as_ref().unwrap(), Vec::new());
         registry.closed(b'S', "s1");
-        registry.parsed("s1", Statement::default());
+        registry.parsed("s1", None, None);
         let execute = execute("p1");
         let resolved = registry.resolve(&Frontend::decode(&execute).unwrap());
         assert!(
             resolved.as_deref().is_some_and(plan_marker),
             "the Execute runs the statement its portal was bound to"
         );
-        assert_eq!(registry.portal("p1").unwrap().statement_name, "s1");
-        // A Bind of an unknown statement leaves no portal behind.
-        registry.bound("p1", "nope", None, Vec::new());
+        assert_eq!(&*registry.portal("p1").unwrap().statement.name, "s1");
+        // A Bind of an unknown statement is what PostgreSQL refuses.
+        let unknown = bind("p1", "nope");
+        let view = Frontend::decode(&unknown).unwrap();
         assert!(registry
-            .resolve(&Frontend::decode(&execute).unwrap())
-            .is_none());
+            .conflict(&view, registry.resolve(&view).as_ref())
+            .is_some());
     }
 
     #[test]
     fn a_session_cannot_register_statements_without_bound() {
         let mut registry = SessionStatements::default();
         for i in 0..MAX_STATEMENTS {
-            registry.parsed(&format!("s{i}"), Statement::default());
+            registry.parsed(&format!("s{i}"), None, None);
         }
         let new = parse("one_more");
         assert!(registry.would_overflow(&Frontend::decode(&new).unwrap()));
@@ -420,8 +449,8 @@ mod tests {
         let mut registry = SessionStatements::default();
         let outcomes = ParseOutcomes::default();
         let send_parse = |registry: &mut SessionStatements, name: &str| {
-            let entry = registry.parsed(name, Statement::default());
-            outcomes.sent(frontend::PARSE, Some((name, &entry)));
+            let entry = registry.parsed(name, None, None);
+            outcomes.sent(frontend::PARSE, Some(&entry));
         };
         // Parse a (completes), Parse b (fails), Parse c (skipped), Sync.
         send_parse(&mut registry, "a");
@@ -442,7 +471,7 @@ mod tests {
         let parse_of = |name: &str| parse(name);
         let held = |registry: &SessionStatements, name: &str| {
             registry
-                .conflict(&Frontend::decode(&parse_of(name)).unwrap())
+                .conflict(&Frontend::decode(&parse_of(name)).unwrap(), None)
                 .is_some()
         };
         assert!(held(&registry, "a"));
@@ -468,38 +497,38 @@ mod tests {
         outcomes.answered(backend::COMMAND_COMPLETE);
         outcomes.answered(backend::READY_FOR_QUERY);
         // Then a Parse that fails: forgotten at its own error, not one segment late.
-        let entry = registry.parsed("x", Statement::default());
-        outcomes.sent(frontend::PARSE, Some(("x", &entry)));
+        let entry = registry.parsed("x", None, None);
+        outcomes.sent(frontend::PARSE, Some(&entry));
         outcomes.sent(frontend::SYNC, None);
         outcomes.answered(backend::ERROR_RESPONSE);
         registry.forget_failed(&outcomes);
         assert!(registry
-            .conflict(&Frontend::decode(&parse("x")).unwrap())
+            .conflict(&Frontend::decode(&parse("x")).unwrap(), None)
             .is_none());
     }
 
     #[test]
     fn a_parse_of_a_held_name_and_a_bind_of_an_unknown_one_are_what_postgres_refuses() {
         let mut registry = SessionStatements::default();
-        registry.parsed("s1", Statement::default());
+        registry.parsed("s1", None, None);
         let again = parse("s1");
         let (code, _) = registry
-            .conflict(&Frontend::decode(&again).unwrap())
+            .conflict(&Frontend::decode(&again).unwrap(), None)
             .unwrap();
         assert_eq!(code, "42P05");
         let unnamed = parse("");
         assert!(registry
-            .conflict(&Frontend::decode(&unnamed).unwrap())
+            .conflict(&Frontend::decode(&unnamed).unwrap(), None)
             .is_none());
         let unknown = bind("", "nope");
         let (code, message) = registry
-            .conflict(&Frontend::decode(&unknown).unwrap())
+            .conflict(&Frontend::decode(&unknown).unwrap(), None)
             .unwrap();
         assert_eq!(code, "26000");
         assert!(message.contains("\"nope\""), "{message}");
         registry.deallocated("DEALLOCATE s1");
         assert!(registry
-            .conflict(&Frontend::decode(&again).unwrap())
+            .conflict(&Frontend::decode(&again).unwrap(), None)
             .is_none());
     }
 }
