@@ -130,7 +130,9 @@ impl Writer {
             // The recovery, and with it the outage record, is durable.
             self.outage = None;
         }
-        let durable_bytes: Vec<u8> = self.sink_backlog.drain(..backlog).collect();
+        // Usually the whole backlog: handed over without a copy.
+        let rest = self.sink_backlog.split_off(backlog.min(self.sink_backlog.len()));
+        let durable_bytes = std::mem::replace(&mut self.sink_backlog, rest);
         self.copy_to_sinks(&durable_bytes);
     }
 
