@@ -131,7 +131,9 @@ impl Writer {
             self.outage = None;
         }
         // Usually the whole backlog: handed over without a copy.
-        let rest = self.sink_backlog.split_off(backlog.min(self.sink_backlog.len()));
+        let rest = self
+            .sink_backlog
+            .split_off(backlog.min(self.sink_backlog.len()));
         let durable_bytes = std::mem::replace(&mut self.sink_backlog, rest);
         self.copy_to_sinks(&durable_bytes);
     }
