@@ -121,6 +121,22 @@ pub fn deallocate_target(sql: &str) -> Option<Option<String>> {
     Some(Some(name))
 }
 
+/// Whether the text is a single `DISCARD ALL`, which deallocates every prepared statement of
+/// the session too (`DISCARD PLANS` does not).
+pub fn is_discard_all(sql: &str) -> bool {
+    let statements = split_statements(sql);
+    let [statement] = statements.as_slice() else {
+        return false;
+    };
+    let text = strip_comments(statement);
+    let mut words = text.trim().trim_end_matches(';').split_whitespace();
+    matches!(
+        (words.next(), words.next(), words.next()),
+        (Some(verb), Some(all), None)
+            if verb.eq_ignore_ascii_case("discard") && all.eq_ignore_ascii_case("all")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,5 +186,19 @@ mod tests {
         );
         assert_eq!(deallocate_target("SELECT 1"), None);
         assert_eq!(deallocate_target("DEALLOCATE a; SELECT 1"), None);
+    }
+
+    #[test]
+    fn discard_all_is_told_from_the_other_discards() {
+        for sql in ["DISCARD ALL", "discard all;", "/* pool */ Discard  ALL ; "] {
+            assert!(is_discard_all(sql), "{sql}");
+        }
+        for sql in [
+            "DISCARD PLANS",
+            "DISCARD ALL; SELECT 1",
+            "SELECT 'discard all'",
+        ] {
+            assert!(!is_discard_all(sql), "{sql}");
+        }
     }
 }

@@ -607,3 +607,52 @@ async fn a_session_cannot_grow_its_prepared_statements_without_bound() {
     assert!(!replies.iter().any(|(t, _)| *t == b'E'), "{replies:?}");
     assert!(replies.iter().any(|(t, _)| *t == b'C'), "{replies:?}");
 }
+
+/// `DISCARD ALL` (what connection pools send when a connection is returned) and `DEALLOCATE
+/// ALL` drop the server's prepared statements: pgward forgets them too, so the next Parse of
+/// the same name is not refused as a duplicate the server no longer holds.
+#[tokio::test]
+async fn discard_all_and_deallocate_all_free_the_names_of_prepared_statements() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = harness::audited_proxy(dir.path(), "").await;
+    let mut session = harness::raw_proxied(&proxy, "postgres").await;
+    for reset in ["DISCARD ALL", "DEALLOCATE ALL", "discard all;"] {
+        session
+            .send(&msg::batch(&[msg::parse("kept", "SELECT 1"), msg::sync()]))
+            .await;
+        let replies = session.until_ready(1).await;
+        assert!(!replies.iter().any(|(t, _)| *t == b'E'), "{replies:?}");
+        session.send(&msg::query(reset)).await;
+        let replies = session.until_ready(1).await;
+        assert!(
+            !replies.iter().any(|(t, _)| *t == b'E'),
+            "{reset}: {replies:?}"
+        );
+    }
+    // The name is free again, and what it now names is what runs.
+    session
+        .send(&msg::batch(&[
+            msg::parse("kept", "SELECT 42"),
+            msg::bind("", "kept", &[], false),
+            msg::execute("", 0),
+            msg::sync(),
+        ]))
+        .await;
+    let replies = session.until_ready(1).await;
+    assert!(!replies.iter().any(|(t, _)| *t == b'E'), "{replies:?}");
+    let row = replies
+        .iter()
+        .find(|(t, _)| *t == b'D')
+        .expect("a row of the statement prepared again");
+    assert!(row.1.ends_with(b"42"), "{row:?}");
+    // DISCARD PLANS keeps them: preparing the name again is still a duplicate.
+    session.send(&msg::query("DISCARD PLANS")).await;
+    session.until_ready(1).await;
+    session
+        .send(&msg::batch(&[msg::parse("kept", "SELECT 1"), msg::sync()]))
+        .await;
+    let replies = session.until_ready(1).await;
+    let errors: Vec<_> = replies.iter().filter(|(t, _)| *t == b'E').collect();
+    assert_eq!(errors.len(), 1, "{replies:?}");
+    assert!(String::from_utf8_lossy(&errors[0].1).contains("42P05"));
+}
