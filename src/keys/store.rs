@@ -142,10 +142,20 @@ impl WrappedKeyStore for MemoryKeyStore {
     }
 }
 
+/// Opens a new connection to the key store, for when the held one has closed.
+pub type Reconnect = Arc<dyn Fn() -> KeyFuture<'static, tokio_postgres::Client> + Send + Sync>;
+
+/// How long a reconnection may take before the operation that needed it fails.
+const RECONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `pgward.data_keys` in the upstream database.
 #[derive(Clone)]
 pub struct PgKeyStore {
-    pub(super) client: Arc<tokio_postgres::Client>,
+    held: Arc<parking_lot::Mutex<Arc<tokio_postgres::Client>>>,
+    /// `None`: the connection is not replaced (one-shot commands).
+    reconnect: Option<Reconnect>,
+    /// One reconnection at a time: callers arriving meanwhile use its connection.
+    reconnecting: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for PgKeyStore {
@@ -181,13 +191,48 @@ fn row_to_dek(row: &tokio_postgres::Row) -> Result<WrappedDek, KeyError> {
 
 impl PgKeyStore {
     pub fn new(client: Arc<tokio_postgres::Client>) -> Self {
-        PgKeyStore { client }
+        PgKeyStore {
+            held: Arc::new(parking_lot::Mutex::new(client)),
+            reconnect: None,
+            reconnecting: Arc::default(),
+        }
+    }
+
+    /// A store that outlives its connection: once the server closed it (a restart, a
+    /// terminated backend), the next operation opens another with `reconnect` instead of
+    /// failing until pgward restarts.
+    pub fn reconnecting(client: tokio_postgres::Client, reconnect: Reconnect) -> Self {
+        PgKeyStore {
+            reconnect: Some(reconnect),
+            ..Self::new(Arc::new(client))
+        }
+    }
+
+    /// The connection to use: the held one while it is open, else a new one.
+    pub(super) async fn client(&self) -> Result<Arc<tokio_postgres::Client>, KeyError> {
+        let held = self.held.lock().clone();
+        let Some(reconnect) = self.reconnect.as_ref().filter(|_| held.is_closed()) else {
+            return Ok(held);
+        };
+        let _only_one = self.reconnecting.lock().await;
+        let held = self.held.lock().clone();
+        if !held.is_closed() {
+            return Ok(held);
+        }
+        let fresh = tokio::time::timeout(RECONNECT_TIMEOUT, reconnect())
+            .await
+            .map_err(|_| KeyError::Store("reconnecting to the key store timed out".into()))??;
+        tracing::info!("reconnected to the wrapped-key store");
+        let fresh = Arc::new(fresh);
+        *self.held.lock() = fresh.clone();
+        Ok(fresh)
     }
 
     /// Create the schema if missing (same SQL as the migration files).
     pub async fn migrate(&self) -> Result<(), KeyError> {
         for (file, sql) in MIGRATIONS {
-            self.client
+            self.client()
+                .await?
                 .batch_execute(sql)
                 .await
                 .map_err(|e| KeyError::Store(format!("{file}: {e}")))?;
@@ -212,7 +257,7 @@ impl WrappedKeyStore for PgKeyStore {
     fn retired<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, Option<String>> {
         Box::pin(async move {
             let row = self
-                .client
+                .client().await?
                 .query_opt(
                     "SELECT retired_at::text FROM pgward.retired_keys WHERE key_name = $1 AND dek_version = $2",
                     &[&key_name, &to_i32(dek_version)?],
@@ -233,7 +278,8 @@ impl WrappedKeyStore for PgKeyStore {
     fn destroyed<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, bool> {
         Box::pin(async move {
             let row = self
-                .client
+                .client()
+                .await?
                 .query_opt(
                     "SELECT 1 FROM pgward.destroyed_keys WHERE key_name = $1",
                     &[&key_name],
@@ -253,7 +299,7 @@ impl WrappedKeyStore for PgKeyStore {
     fn list<'a>(&'a self, key_name: &'a str) -> KeyFuture<'a, Vec<WrappedDek>> {
         Box::pin(async move {
             let rows = self
-                .client
+                .client().await?
                 .query(
                     "SELECT key_name, dek_version, kek_version, wrapped FROM pgward.data_keys WHERE key_name = $1 ORDER BY dek_version",
                     &[&key_name],
@@ -267,7 +313,7 @@ impl WrappedKeyStore for PgKeyStore {
     fn get<'a>(&'a self, key_name: &'a str, dek_version: u32) -> KeyFuture<'a, Option<WrappedDek>> {
         Box::pin(async move {
             let row = self
-                .client
+                .client().await?
                 .query_opt(
                     "SELECT key_name, dek_version, kek_version, wrapped FROM pgward.data_keys WHERE key_name = $1 AND dek_version = $2",
                     &[&key_name, &to_i32(dek_version)?],
@@ -281,7 +327,7 @@ impl WrappedKeyStore for PgKeyStore {
     fn insert<'a>(&'a self, dek: &'a WrappedDek, provider: &'a str) -> KeyFuture<'a, bool> {
         Box::pin(async move {
             let n = self
-                .client
+                .client().await?
                 .execute(
                     "INSERT INTO pgward.data_keys (key_name, dek_version, kek_version, provider, wrapped) VALUES ($1, $2, $3, $4, $5) \
                      ON CONFLICT (key_name, dek_version) DO NOTHING",
@@ -295,7 +341,7 @@ impl WrappedKeyStore for PgKeyStore {
 
     fn update_wrapped<'a>(&'a self, dek: &'a WrappedDek) -> KeyFuture<'a, ()> {
         Box::pin(async move {
-            self.client
+            self.client().await?
                 .execute(
                     "UPDATE pgward.data_keys SET wrapped = $3, kek_version = $4, rewrapped_at = now() WHERE key_name = $1 AND dek_version = $2",
                     &[&dek.info.key_name, &to_i32(dek.info.dek_version)?, &dek.wrapped, &to_i32(dek.info.kek_version)?],
@@ -316,7 +362,7 @@ impl WrappedKeyStore for PgKeyStore {
             let delta = i64::try_from(delta)
                 .map_err(|_| KeyError::Store(format!("encryption count {delta} out of range")))?;
             let row = self
-                .client
+                .client().await?
                 .query_opt(
                     "UPDATE pgward.data_keys SET encryptions = encryptions + $3 WHERE key_name = $1 AND dek_version = $2 RETURNING encryptions",
                     &[&key_name, &to_i32(dek_version)?, &delta],

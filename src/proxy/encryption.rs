@@ -306,13 +306,45 @@ async fn key_store(
         .await
         .and_then(|row| row.try_get::<_, bool>(0))
         .unwrap_or(false);
-    let store = PgKeyStore::new(Arc::new(client));
+    let store = PgKeyStore::reconnecting(
+        client,
+        reconnect_key_store(upstream, service, password, policy),
+    );
     if !exists {
         if let Err(e) = store.migrate().await {
             tracing::warn!(error = %e, "could not create the pgward key tables (apply migrations/0100_pgward_keys.sql, 0110_pgward_retired_keys.sql and 0120_pgward_index_roots.sql)");
         }
     }
     Ok(Arc::new(store))
+}
+
+/// How the key store opens a new connection when the upstream closed its own (a restart, a
+/// terminated backend): the same login as the first.
+fn reconnect_key_store(
+    upstream: &UpstreamTarget,
+    service: &crate::config::ServiceConfig,
+    password: Option<String>,
+    policy: &crate::config::PolicyConfig,
+) -> crate::keys::store::Reconnect {
+    let upstream = upstream.clone();
+    let user = service.upstream_user.clone();
+    let database = policy.database.clone();
+    Arc::new(move || {
+        let (upstream, user, password, database) = (
+            upstream.clone(),
+            user.clone(),
+            password.clone(),
+            database.clone(),
+        );
+        Box::pin(async move {
+            upstream
+                .admin_client(&user, password.as_deref(), &database)
+                .await
+                .map_err(|e| {
+                    crate::keys::KeyError::Store(format!("reconnecting to the key store: {e}"))
+                })
+        })
+    })
 }
 
 /// The companion blind-index column of a searchable column.

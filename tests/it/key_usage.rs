@@ -149,3 +149,75 @@ async fn data_key_replaced_at_its_usage_limit_counted_across_instances() {
     metrics.render(&mut text);
     assert!(text.contains("pgward_integrity_failures_total 1"), "{text}");
 }
+
+/// The key store's connection to the database is lost (the server restarted, an operator
+/// terminated its backend): the next operation opens another instead of failing until pgward
+/// restarts.
+#[tokio::test]
+async fn the_key_store_reconnects_after_its_backend_is_terminated() {
+    let database = harness::fresh_database("keystore_reconnect", false).await;
+    let connect = {
+        let database = database.clone();
+        move || {
+            let mut config = harness::postgres().direct(&database);
+            config.application_name("key_store_under_test");
+            async move {
+                let (client, conn) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| pgward::keys::KeyError::Store(e.to_string()))?;
+                tokio::spawn(conn);
+                Ok(client)
+            }
+        }
+    };
+    let first = connect().await.unwrap();
+    let reconnect = connect.clone();
+    let store = PgKeyStore::reconnecting(first, Arc::new(move || Box::pin(reconnect())));
+    store.migrate().await.unwrap();
+    assert!(store.list("k").await.unwrap().is_empty());
+
+    let (admin, conn) = harness::postgres()
+        .direct(&database)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let backends =
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'key_store_under_test'";
+    let before: Vec<i32> = admin
+        .query(backends, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(before.len(), 1, "{before:?}");
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&before[0]])
+        .await
+        .unwrap();
+
+    // The operation that finds the connection dead may fail; the ones after it must not.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let listed = loop {
+        match store.list("k").await {
+            Ok(listed) => break listed,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "key store not back yet");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the key store never reconnected: {e}"),
+        }
+    };
+    assert!(listed.is_empty());
+    let after: Vec<i32> = admin
+        .query(backends, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(after[0], before[0], "served by a new backend");
+}

@@ -57,7 +57,7 @@ impl PgKeyStore {
         key_name: &str,
     ) -> Result<IndexRootState, KeyError> {
         let row = self
-            .client
+            .client().await?
             .query_one(
                 "SELECT coalesce(max(root_version) FILTER (WHERE completed_at IS NOT NULL), 1), \
                         max(root_version) FILTER (WHERE completed_at IS NULL), \
@@ -105,7 +105,7 @@ impl PgKeyStore {
         pending: &PendingRoot,
     ) -> Result<bool, KeyError> {
         let n = self
-            .client
+            .client().await?
             .execute(
                 "INSERT INTO pgward.index_roots (key_name, root_version, kek_version, provider, wrapped) \
                  VALUES ($1, $2, $3, 'transit', $4) ON CONFLICT DO NOTHING",
@@ -125,7 +125,7 @@ impl PgKeyStore {
     /// rotation is marked completed together, or neither happens.
     pub(super) async fn move_pending_root(&self, key_name: &str) -> Result<bool, KeyError> {
         let n = self
-            .client
+            .client().await?
             .execute(
                 "WITH pending AS ( \
                      SELECT key_name, kek_version, wrapped FROM pgward.index_roots \
