@@ -227,6 +227,10 @@ pub struct ListenConfig {
     /// Accept clients without TLS, but only from loopback addresses (development only).
     #[serde(default)]
     pub allow_plaintext_loopback: bool,
+    /// Load balancers that open each connection with a PROXY protocol header (v1 or v2)
+    /// naming the client: required from them, never read from anyone else.
+    #[serde(default)]
+    pub proxy_protocol_from: crate::protocol::proxy_header::TrustedPeers,
     /// Most client connections at once; more get SQLSTATE 53300.
     #[serde(default = "default_max_connections")]
     pub max_client_connections: usize,

@@ -5,6 +5,7 @@
 //! - [`frame`]: splitting a byte stream into whole messages, zero-copy, with a size cap;
 //! - [`startup`]: the untagged startup packets (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage);
 //! - [`peer_cancel`]: pgward's own PeerCancelRequest, a cancel one replica hands on to another;
+//! - [`proxy_header`]: the PROXY protocol header a load balancer sends before all of these;
 //! - [`build`]: the messages pgward itself originates (ErrorResponse, AuthenticationOk, ...);
 //! - [`cursor`]: the one bounds-checked reader every body is read with;
 //! - [`view`]: typed zero-copy views of the messages pgward reads, decoded once per message;
@@ -15,6 +16,7 @@ pub mod cursor;
 pub mod fields;
 pub mod frame;
 pub mod peer_cancel;
+pub mod proxy_header;
 pub mod startup;
 pub mod view;
 

@@ -17,6 +17,7 @@ use crate::error::{sqlstate, ClientError};
 use crate::net::Conn;
 use crate::policy::allow;
 use crate::protocol::peer_cancel::PeerCancelRequest;
+use crate::protocol::proxy_header::{self, ProxyHeaderError};
 use crate::protocol::startup::{read_startup_packet, StartupMessage, StartupPacket};
 use crate::protocol::{build, fields, frontend, FrameReader, ProtocolError};
 use crate::tls::ALPN_POSTGRESQL;
@@ -92,13 +93,16 @@ impl Refusal {
 }
 
 /// Run the startup phase, bounded by the configured startup timeout.
-pub async fn handshake(
-    shared: &Shared,
-    tcp: TcpStream,
-    client_addr: SocketAddr,
-) -> HandshakeOutcome {
+pub async fn handshake(shared: &Shared, mut tcp: TcpStream, peer: SocketAddr) -> HandshakeOutcome {
     let timeout = shared.config.listen.startup_timeout;
-    match tokio::time::timeout(timeout, handshake_inner(shared, tcp, client_addr)).await {
+    // The peer until a load balancer's PROXY header names the client behind it.
+    let mut client_addr = peer;
+    let attempt = tokio::time::timeout(timeout, async {
+        client_addr = client_behind(shared, &mut tcp, peer).await?;
+        handshake_inner(shared, tcp, client_addr, peer).await
+    })
+    .await;
+    match attempt {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(refusal)) => {
             if refusal.reason != "client_gone" {
@@ -119,6 +123,40 @@ pub async fn handshake(
             HandshakeOutcome::Closed
         }
     }
+}
+
+/// The client a connection serves: its peer, or — from a load balancer listed in
+/// `listen.proxy_protocol_from`, which must open with a PROXY header — the client it names.
+async fn client_behind(
+    shared: &Shared,
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+) -> Result<SocketAddr, Refusal> {
+    if !shared
+        .config
+        .listen
+        .proxy_protocol_from
+        .sends_header(peer.ip())
+    {
+        return Ok(peer);
+    }
+    let (message, reason) = match proxy_header::read_source(tcp).await {
+        Ok(source) => return Ok(source.unwrap_or(peer)),
+        Err(ProxyHeaderError::Closed) => ("connection closed".to_owned(), "client_gone"),
+        Err(e) => (format!("pgward: {e}"), "bad_proxy_header"),
+    };
+    let error = ClientError::fatal(sqlstate::PROTOCOL_VIOLATION, message);
+    if reason != "client_gone" {
+        // Before any Postgres message: the balancer passes the error on to its client.
+        let _ = tcp.write_all(&error.to_message()).await;
+    }
+    Err(Refusal {
+        conn: None,
+        error,
+        reason,
+        target: None,
+        token_id: None,
+    })
 }
 
 /// Record a failed connection attempt in the audit log (not waited for: nothing runs).
@@ -173,6 +211,7 @@ async fn handshake_inner(
     shared: &Shared,
     tcp: TcpStream,
     client_addr: SocketAddr,
+    peer: SocketAddr,
 ) -> Result<HandshakeOutcome, Refusal> {
     let _ = tcp.set_nodelay(true);
     let (mut conn, startup) = match negotiate(shared, tcp).await? {
@@ -202,8 +241,10 @@ async fn handshake_inner(
             .write_all(&build::negotiate_protocol_version(0, &unrecognized))
             .await;
     }
-    let plaintext_allowed =
-        shared.config.listen.allow_plaintext_loopback && client_addr.ip().is_loopback();
+    // Both hops must be local: a balancer on loopback may relay a client from afar.
+    let plaintext_allowed = shared.config.listen.allow_plaintext_loopback
+        && client_addr.ip().is_loopback()
+        && peer.ip().is_loopback();
     if !conn.is_tls() && !plaintext_allowed {
         return Err(Refusal::new(
             conn,

@@ -438,7 +438,7 @@ pub struct RawClient<S> {
 pub type Received = (u8, Vec<u8>);
 
 impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> RawClient<S> {
-    fn new(stream: S) -> Self {
+    pub fn new(stream: S) -> Self {
         let (r, w) = tokio::io::split(stream);
         Self {
             reader: FrameReader::new(r, 1 << 30),
