@@ -332,6 +332,36 @@ pub fn fingerprint(sql: &str) -> String {
     out
 }
 
+/// Fingerprints of the redacted texts a session ran before. Statements that differ only in
+/// their literals redact alike, so a workload of the simple protocol (a new text per value)
+/// lexes each shape for its fingerprint once instead of once per statement.
+#[derive(Debug, Default)]
+pub struct FingerprintMemo {
+    known: std::collections::HashMap<std::sync::Arc<str>, std::sync::Arc<str>>,
+}
+
+impl FingerprintMemo {
+    /// Shapes kept; past it the memo starts over (a session of ever-new shapes gains nothing).
+    const MAX_SHAPES: usize = 256;
+    /// Longer texts are fingerprinted each time rather than kept per session.
+    const MAX_TEXT: usize = 4096;
+
+    /// `fingerprint(redacted)`, computed once per distinct text.
+    pub fn of(&mut self, redacted: &str) -> std::sync::Arc<str> {
+        if let Some(known) = self.known.get(redacted) {
+            return known.clone();
+        }
+        let computed: std::sync::Arc<str> = fingerprint(redacted).into();
+        if redacted.len() <= Self::MAX_TEXT {
+            if self.known.len() >= Self::MAX_SHAPES {
+                self.known.clear();
+            }
+            self.known.insert(redacted.into(), computed.clone());
+        }
+        computed
+    }
+}
+
 fn prev_allows_unary(prev: Option<&(Kind, String)>) -> bool {
     match prev {
         None => true,
@@ -479,6 +509,21 @@ fn is_routine(lead: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memo_gives_the_fingerprint_of_each_text_and_stays_bounded() {
+        let mut memo = FingerprintMemo::default();
+        for id in 0..1000 {
+            let redacted = redact(&format!("SELECT a FROM t WHERE id = {id} AND b = -{id}"));
+            assert_eq!(&*memo.of(&redacted), fingerprint(&redacted));
+            let other = format!("SELECT a{id} FROM t WHERE id = ?");
+            assert_eq!(&*memo.of(&other), fingerprint(&other));
+            assert!(memo.known.len() <= FingerprintMemo::MAX_SHAPES);
+        }
+        let long = format!("SELECT '{}'", "x".repeat(5000));
+        assert_eq!(&*memo.of(&long), fingerprint(&long));
+        assert!(!memo.known.contains_key(long.as_str()));
+    }
 
     #[test]
     fn statements_split_where_postgres_splits_them() {

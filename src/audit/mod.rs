@@ -95,7 +95,7 @@ pub use event::{
     statement_session_json, AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText,
     StatementRecord, Touched,
 };
-pub use fingerprint::{fingerprint, redact, split_statements};
+pub use fingerprint::{fingerprint, redact, split_statements, FingerprintMemo};
 pub use handle::{AuditHandle, AuditStats, DurableReceipt};
 pub use report::{run_report, ReportArgs};
 pub use search::{run_search, SearchArgs};

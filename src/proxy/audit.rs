@@ -84,6 +84,7 @@ pub struct SessionAudit {
     /// Encrypted columns are configured: literals and parameters may be plaintext of one, so
     /// only redacted text and parameter types are ever recorded, whatever `record_values` says.
     literals_may_be_sensitive: bool,
+    fingerprints: crate::audit::FingerprintMemo,
 }
 
 /// One audited batch: records to make durable, then what to await for each.
@@ -112,6 +113,7 @@ impl SessionAudit {
             session,
             statements_recorded: 0,
             literals_may_be_sensitive,
+            fingerprints: Default::default(),
         }
     }
 
@@ -168,7 +170,8 @@ impl SessionAudit {
     /// each with its own text, analysis and completion. A Query of one statement, or a
     /// refused one (nothing of it runs: its refusal is the one record), is one record.
     fn query(&mut self, sql: &str, observed: &Observed<'_>, batch: &mut BatchRecords) {
-        let parts = if observed.refused.is_none() {
+        // Without a `;` the text is one statement at most: no need to lex it for the split.
+        let parts = if observed.refused.is_none() && sql.contains(';') {
             split_statements(sql)
         } else {
             Vec::new()
@@ -192,11 +195,7 @@ impl SessionAudit {
         });
         let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
         for (i, part) in parts.iter().enumerate() {
-            let mut record = StatementRecord::new(
-                self.session.clone(),
-                Protocol::Simple,
-                SqlText::new(part, self.literals_may_be_sensitive),
-            );
+            let mut record = self.new_record(Protocol::Simple, part);
             record.part = Some((u32::try_from(i + 1).unwrap_or(u32::MAX), count));
             record.session_json = self.session_json.clone();
             let touched = record.touched_mut();
@@ -232,7 +231,7 @@ impl SessionAudit {
             batch.events.push(event);
         }
         let text = SqlText::new(sql, self.literals_may_be_sensitive);
-        let fingerprint = crate::audit::fingerprint(text.redacted()).into();
+        let fingerprint = self.fingerprints.of(text.redacted());
         Arc::new(Prepared {
             text,
             fingerprint,
@@ -307,14 +306,17 @@ impl SessionAudit {
         observed: &Observed<'_>,
         params: Vec<BoundParam>,
     ) -> AuditEvent {
-        let mut record = StatementRecord::new(
-            self.session.clone(),
-            protocol,
-            SqlText::new(sql, self.literals_may_be_sensitive),
-        );
+        let mut record = self.new_record(protocol, sql);
         record.statement_name = name.filter(|n| !n.is_empty()).map(str::to_string);
         record.params = params;
         self.finish_record(record, observed)
+    }
+
+    /// A record of `sql`, redacted as the session's settings require.
+    fn new_record(&mut self, protocol: Protocol, sql: &str) -> StatementRecord {
+        let text = SqlText::new(sql, self.literals_may_be_sensitive);
+        let fingerprint = self.fingerprints.of(text.redacted());
+        StatementRecord::with_fingerprint(self.session.clone(), protocol, text, fingerprint)
     }
 
     /// Decision, rule and policy analysis onto a record.
