@@ -177,21 +177,20 @@ async fn the_key_store_reconnects_after_its_backend_is_terminated() {
     store.migrate().await.unwrap();
     assert!(store.list("k").await.unwrap().is_empty());
 
-    let (admin, conn) = harness::postgres()
-        .direct(&database)
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let backends =
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'key_store_under_test'";
-    let before: Vec<i32> = admin
-        .query(backends, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let admin = harness::direct(&database).await;
+    let backends = || async {
+        admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'key_store_under_test'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<_>>()
+    };
+    let before = backends().await;
     assert_eq!(before.len(), 1, "{before:?}");
     admin
         .execute("SELECT pg_terminate_backend($1)", &[&before[0]])
@@ -211,13 +210,7 @@ async fn the_key_store_reconnects_after_its_backend_is_terminated() {
         }
     };
     assert!(listed.is_empty());
-    let after: Vec<i32> = admin
-        .query(backends, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let after = backends().await;
     assert_eq!(after.len(), 1, "{after:?}");
     assert_ne!(after[0], before[0], "served by a new backend");
 }

@@ -50,6 +50,26 @@ fn audited_addresses(audit: &Path, alias: &str) -> Vec<String> {
         .collect()
 }
 
+/// Connects from `source` straight to `proxy` (after `header`), runs a statement naming
+/// `alias`, and returns the connection's own address and the addresses its records carry.
+async fn run_from(
+    source: &str,
+    proxy: &harness::TestProxy,
+    header: &[u8],
+    audit: &Path,
+    alias: &str,
+) -> (String, Vec<String>) {
+    let stream = connect_from(source, proxy.addr).await;
+    let own = stream.local_addr().unwrap().to_string();
+    let (mut client, replies) = start_as_app(stream, header).await;
+    assert_eq!(replies.last().map(|r| r.0), Some(b'Z'), "{replies:?}");
+    client
+        .send(&msg::query(&format!("SELECT 1 AS {alias}")))
+        .await;
+    client.until_ready(1).await;
+    (own, audited_addresses(audit, alias))
+}
+
 #[tokio::test]
 async fn a_client_behind_haproxy_is_audited_under_its_own_address() {
     for (version, option) in [("v1", "send-proxy"), ("v2", "send-proxy-v2")] {
@@ -102,28 +122,14 @@ async fn only_a_listed_balancer_names_the_client_and_it_must() {
     );
 
     // … and served under its own address when it sends none.
-    let stream = connect_from("127.0.0.3", proxy.addr).await;
-    let own = stream.local_addr().unwrap();
-    let (mut client, replies) = start_as_app(stream, b"").await;
-    assert_eq!(replies.last().map(|r| r.0), Some(b'Z'), "{replies:?}");
-    client.send(&msg::query("SELECT 1 AS not_behind")).await;
-    client.until_ready(1).await;
-    assert_eq!(
-        audited_addresses(audit.path(), "not_behind"),
-        vec![own.to_string()]
-    );
+    let (own, audited) = run_from("127.0.0.3", &proxy, b"", audit.path(), "not_behind").await;
+    assert_eq!(audited, vec![own]);
 
     // A health check's header (UNKNOWN) names nobody: the balancer's own address stands.
-    let stream = connect_from("127.0.0.1", proxy.addr).await;
-    let own = stream.local_addr().unwrap();
-    let (mut client, replies) = start_as_app(stream, b"PROXY UNKNOWN\r\n").await;
-    assert_eq!(replies.last().map(|r| r.0), Some(b'Z'), "{replies:?}");
-    client.send(&msg::query("SELECT 1 AS unknown_source")).await;
-    client.until_ready(1).await;
-    assert_eq!(
-        audited_addresses(audit.path(), "unknown_source"),
-        vec![own.to_string()]
-    );
+    let header = b"PROXY UNKNOWN\r\n";
+    let (own, audited) =
+        run_from("127.0.0.1", &proxy, header, audit.path(), "unknown_source").await;
+    assert_eq!(audited, vec![own]);
 
     // A client relayed from afar gets no plaintext, even though the balancer is local.
     let remote = b"PROXY TCP4 198.51.100.20 127.0.0.1 5000 6432\r\n";
