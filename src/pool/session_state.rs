@@ -155,7 +155,7 @@ mod tests {
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
             "PREPARE p AS SELECT 1",
             "EXECUTE p",
-            "DISCARD ALL",
+            "DISCARD TEMP",
         ] {
             assert!(refused_construct(sql).is_some(), "{sql}");
         }

@@ -198,6 +198,25 @@ async fn a_prepared_statement_follows_its_client_across_server_connections() {
     let row = owner.query_one(&again, &[&"x"]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "x");
     owner.batch_execute("DEALLOCATE ALL").await.unwrap();
+    // DISCARD ALL (sent by pool clients such as Npgsql when a connection goes back to their
+    // pool) forgets the client's statements too: the same statement prepares again.
+    let before = owner.prepare("SELECT $1::int * 3").await.unwrap();
+    owner.batch_execute("DISCARD ALL").await.unwrap();
+    let error = owner.query_one(&before, &[&1i32]).await.unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME),
+        "{error}"
+    );
+    let after = owner.prepare("SELECT $1::int * 3").await.unwrap();
+    let row = owner.query_one(&after, &[&5i32]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 15);
+    // The other DISCARDs still leave state behind them: refused as before.
+    let refused = owner.batch_execute("DISCARD TEMP").await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
