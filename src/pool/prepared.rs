@@ -191,6 +191,8 @@ impl Tracker {
 /// is served as `DEALLOCATE ALL` (what pool clients such as Npgsql send when a connection
 /// goes back to their pool works instead of failing).
 fn deallocation(sql: &str) -> Option<Option<String>> {
+    // Every Query of a pooled client passes here: only a short text naming the word is
+    // lexed (a reset is sent alone; a longer one is refused as a DISCARD, as before).
     let discards = sql.len() < 64
         && sql
             .as_bytes()

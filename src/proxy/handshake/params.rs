@@ -1,10 +1,10 @@
 //! The startup parameters a client may send: identity-changing ones are refused for everyone,
 //! and a policy-bound service may set only what its `SET` statements may (including through
 //! `options`, split as the server splits it).
-use crate::proxy::Shared;
 use crate::error::{sqlstate, ClientError};
 use crate::policy::allow;
 use crate::protocol::startup::StartupMessage;
+use crate::proxy::Shared;
 
 /// Parameters that change identity or name resolution; refused at connect.
 const IDENTITY_PARAMETERS: [&str; 5] = [
