@@ -29,7 +29,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
-use super::session_state::{deallocate_target, is_discard_all, refused_construct};
+use super::session_state::{deallocation, refused_construct};
 use crate::error::ClientError;
 use crate::error::REFUSAL_MARKER_PREFIX;
 use crate::protocol::view::Frontend;
@@ -186,24 +186,6 @@ impl Tracker {
     }
 }
 
-/// What a client's Query deallocates: `DEALLOCATE name|ALL`, or `DISCARD ALL` — which, with
-/// every other kind of session state refused in this mode, leaves nothing else to reset: it
-/// is served as `DEALLOCATE ALL` (what pool clients such as Npgsql send when a connection
-/// goes back to their pool works instead of failing).
-fn deallocation(sql: &str) -> Option<Option<String>> {
-    // Every Query of a pooled client passes here: only a short text naming the word is
-    // lexed (a reset is sent alone; a longer one is refused as a DISCARD, as before).
-    let discards = sql.len() < 64
-        && sql
-            .as_bytes()
-            .windows(b"discard".len())
-            .any(|w| w.eq_ignore_ascii_case(b"discard"));
-    if discards && is_discard_all(sql) {
-        return Some(None);
-    }
-    deallocate_target(sql)
-}
-
 /// What [`translate`] made of a batch.
 #[derive(Debug, Default)]
 pub struct Translation {
@@ -267,6 +249,9 @@ pub fn translate(
         match Frontend::decode(&message)? {
             Frontend::Query { sql } => {
                 tracker.owed.push_back(Owed::Ready);
+                // `DISCARD ALL` too (Npgsql's reset when a connection goes back to its pool):
+                // every other state it would reset is refused in this mode, so it is served
+                // as `DEALLOCATE ALL`.
                 if let Some(target) = deallocation(sql) {
                     match target {
                         None => client.named.clear(),

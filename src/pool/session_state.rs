@@ -91,9 +91,28 @@ fn strip_comments(sql: &str) -> String {
     out
 }
 
+/// What a simple Query deallocates: `Some(None)` for every statement (`DEALLOCATE ALL`, or
+/// `DISCARD ALL`), `Some(Some(name))` for one, `None` for anything else. Every Query passes
+/// here (the session's registry, the pool's statement map): only a text that names one of
+/// the words is lexed.
+pub fn deallocation(sql: &str) -> Option<Option<String>> {
+    let names = |word: &[u8]| {
+        sql.as_bytes()
+            .windows(word.len())
+            .any(|w| w.eq_ignore_ascii_case(word))
+    };
+    if names(b"discard") && is_discard_all(sql) {
+        return Some(None);
+    }
+    if !names(b"deallocate") {
+        return None;
+    }
+    deallocate_target(sql)
+}
+
 /// What `DEALLOCATE` names: `Some(None)` for ALL, `Some(Some(name))` for one statement;
 /// `None` when the text is not a single DEALLOCATE.
-pub fn deallocate_target(sql: &str) -> Option<Option<String>> {
+fn deallocate_target(sql: &str) -> Option<Option<String>> {
     let statements = split_statements(sql);
     let [statement] = statements.as_slice() else {
         return None;
@@ -123,7 +142,7 @@ pub fn deallocate_target(sql: &str) -> Option<Option<String>> {
 
 /// Whether the text is a single `DISCARD ALL`, which deallocates every prepared statement of
 /// the session too (`DISCARD PLANS` does not).
-pub fn is_discard_all(sql: &str) -> bool {
+fn is_discard_all(sql: &str) -> bool {
     let statements = split_statements(sql);
     let [statement] = statements.as_slice() else {
         return false;

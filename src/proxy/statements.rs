@@ -141,20 +141,7 @@ impl SessionStatements {
     /// A simple Query that deallocates statements (`DEALLOCATE name`, `DEALLOCATE ALL`,
     /// `DISCARD ALL`).
     pub fn deallocated(&mut self, sql: &str) {
-        // Every Query passes here: only a text that names one of the words is lexed.
-        let names = |word: &[u8]| {
-            sql.as_bytes()
-                .windows(word.len())
-                .any(|w| w.eq_ignore_ascii_case(word))
-        };
-        if names(b"discard") && crate::pool::session_state::is_discard_all(sql) {
-            self.statements.clear();
-            return;
-        }
-        if !names(b"deallocate") {
-            return;
-        }
-        match crate::pool::session_state::deallocate_target(sql) {
+        match crate::pool::session_state::deallocation(sql) {
             Some(Some(name)) => {
                 self.statements.remove(&name);
             }

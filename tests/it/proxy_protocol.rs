@@ -22,6 +22,15 @@ async fn behind_balancer(audit: &Path) -> harness::TestProxy {
     .await
 }
 
+/// `replies` end in one error, and its text names each of `words`.
+fn refused_with(replies: &[Received], words: &[&str]) {
+    let errors = harness::error_texts(replies);
+    assert!(
+        errors.len() == 1 && words.iter().all(|w| errors[0].contains(w)),
+        "expected one error naming {words:?}: {replies:?}"
+    );
+}
+
 /// A TCP connection from `source` (another loopback address than the balancer's).
 async fn connect_from(source: &str, to: SocketAddr) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -106,20 +115,12 @@ async fn only_a_listed_balancer_names_the_client_and_it_must() {
 
     // The balancer's address without a header: refused, not served as the balancer.
     let (_, replies) = start_as_app(connect_from("127.0.0.1", proxy.addr).await, b"").await;
-    let errors = harness::error_texts(&replies);
-    assert!(
-        errors.len() == 1 && errors[0].contains("08P01") && errors[0].contains("PROXY protocol"),
-        "{replies:?}"
-    );
+    refused_with(&replies, &["08P01", "PROXY protocol"]);
 
     // Anyone else claiming an address with a header: it is not read as one.
     let forged = b"PROXY TCP4 203.0.113.66 127.0.0.1 4242 6432\r\n";
     let (_, replies) = start_as_app(connect_from("127.0.0.3", proxy.addr).await, forged).await;
-    let errors = harness::error_texts(&replies);
-    assert!(
-        errors.len() == 1 && errors[0].contains("invalid startup packet"),
-        "{replies:?}"
-    );
+    refused_with(&replies, &["invalid startup packet"]);
 
     // … and served under its own address when it sends none.
     let (own, audited) = run_from("127.0.0.3", &proxy, b"", audit.path(), "not_behind").await;
@@ -134,11 +135,7 @@ async fn only_a_listed_balancer_names_the_client_and_it_must() {
     // A client relayed from afar gets no plaintext, even though the balancer is local.
     let remote = b"PROXY TCP4 198.51.100.20 127.0.0.1 5000 6432\r\n";
     let (_, replies) = start_as_app(connect_from("127.0.0.1", proxy.addr).await, remote).await;
-    let errors = harness::error_texts(&replies);
-    assert!(
-        errors.len() == 1 && errors[0].contains("TLS is required"),
-        "{replies:?}"
-    );
+    refused_with(&replies, &["TLS is required"]);
     // Refusals are recorded without holding anyone up: wait for the writer's next round.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     let refused = loop {
