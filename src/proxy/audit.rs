@@ -84,6 +84,7 @@ pub struct SessionAudit {
     /// Encrypted columns are configured: literals and parameters may be plaintext of one, so
     /// only redacted text and parameter types are ever recorded, whatever `record_values` says.
     literals_may_be_sensitive: bool,
+    /// Fingerprints by redacted text: a shape is lexed for its fingerprint once per session.
     fingerprints: crate::audit::FingerprintMemo,
 }
 
