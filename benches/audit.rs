@@ -122,7 +122,7 @@ fn bench_serialise(c: &mut Criterion) {
         "SELECT id, total FROM invoices WHERE customer_id = $1 AND status = $2",
         false,
     );
-    let fingerprint: Arc<str> = pgward::audit::fingerprint(text.redacted()).into();
+    let fingerprint: Arc<str> = pgward::sql::fingerprint::fingerprint(text.redacted()).into();
     // What the statement touches: built once per prepared statement and shared by the
     // records of its executions, as the proxy does.
     let mut touched = pgward::audit::Touched::default();

@@ -118,7 +118,7 @@ impl SqlText {
     /// (or the caller cannot tell — then pass true).
     pub fn new(sql: &str, has_sensitive_literals: bool) -> Self {
         SqlText {
-            redacted: super::fingerprint::redact(sql).into(),
+            redacted: crate::sql::fingerprint::redact(sql).into(),
             original: (!has_sensitive_literals).then(|| sql.into()),
         }
     }
@@ -233,7 +233,7 @@ impl Touched {
 impl StatementRecord {
     /// A record with the fingerprint computed; other fields start empty/allowed.
     pub fn new(session: Arc<SessionInfo>, protocol: Protocol, sql: SqlText) -> Self {
-        let fingerprint = super::fingerprint::fingerprint(sql.redacted()).into();
+        let fingerprint = crate::sql::fingerprint::fingerprint(sql.redacted()).into();
         Self::with_fingerprint(session, protocol, sql, fingerprint)
     }
 

@@ -69,7 +69,6 @@ mod config;
 mod error;
 pub mod event;
 pub mod export;
-mod fingerprint;
 mod handle;
 mod lifecycle;
 mod lock;
@@ -95,7 +94,6 @@ pub use event::{
     statement_session_json, AuditEvent, BoundParam, Decision, Protocol, SessionInfo, SqlText,
     StatementRecord, Touched,
 };
-pub use fingerprint::{fingerprint, redact, split_statements, FingerprintMemo};
 pub use handle::{AuditHandle, AuditStats, DurableReceipt};
 pub use report::{run_report, ReportArgs};
 pub use search::{run_search, SearchArgs};

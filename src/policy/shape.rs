@@ -11,8 +11,9 @@
 //! for a Parse whose values arrive later in a Bind, so the template is as safe for a literal as
 //! the extended protocol already is for a bound value. What remains is making sure a literal
 //! put back in a placeholder's place means to the server exactly what the placeholder meant to
-//! the rewriter: one constant, nothing more. That is what this lexer is strict about — it only
-//! normalises literals it can delimit exactly as PostgreSQL does, in positions where a constant
+//! the rewriter: one constant, nothing more. That is what shaping is strict about, over the
+//! tokens of the one lexer (`sql::lex`, which marks every constant by how exactly it
+//! delimits) — it only normalises literals it can delimit exactly as PostgreSQL does, in positions where a constant
 //! is a value, and gives up (the caller falls back to the exact-text path) on anything else:
 //!
 //! * only statements that start with `SELECT`, `INSERT`, `UPDATE`, `DELETE`, `WITH`, `VALUES`
@@ -35,13 +36,7 @@
 
 use std::ops::Range;
 
-/// What kind of constant a normalised literal is; part of the shape, because `'5'` (unknown
-/// type, resolved from context) and `5` (an integer) are typed differently by the server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum LiteralKind {
-    String,
-    Number,
-}
+use crate::sql::lex::{is_ident_char, lex, Kind, StrForm, Token};
 
 /// A statement split into its shape and its literals.
 #[derive(Debug)]
@@ -140,98 +135,59 @@ impl Prev {
     }
 }
 
-fn is_ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
-}
-
-fn is_ident_cont(c: u8) -> bool {
-    is_ident_start(c) || c.is_ascii_digit() || c == b'$'
-}
-
-fn is_space(c: u8) -> bool {
-    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | b'\x0c')
-}
-
 /// Splits `sql` into its shape and literals, or `None` when the statement must take the
 /// exact-text path: it has no literal to take out, or it does not qualify (see the module
 /// documentation).
 pub fn shape_of(sql: &str) -> Option<Shape<'_>> {
+    shape_of_tokens(sql, &lex(sql))
+}
+
+/// [`shape_of`] over the text's tokens, for a caller that lexed it already.
+pub fn shape_of_tokens<'a>(sql: &'a str, tokens: &[Token]) -> Option<Shape<'a>> {
     let b = sql.as_bytes();
     let mut key = String::with_capacity(sql.len() + 8);
     let mut literals = Vec::new();
     let mut copied = 0;
     let mut prev = Prev::Start;
-    let mut i = 0;
-    while i < b.len() {
-        let c = b[i];
-        if is_space(c) {
-            i += 1;
-            continue;
+    for (n, token) in tokens.iter().enumerate() {
+        let text = token.text(sql);
+        match token.kind {
+            Kind::Space | Kind::Comment { closed: true } => continue,
+            Kind::Comment { closed: false } | Kind::QuotedIdent { closed: false } => return None,
+            _ => {}
         }
-        if let Some(end) = comment_end(b, i) {
-            i = end?;
-            continue;
+        if prev == Prev::Start && text != ";" && !is_shaped_statement(token, text) {
+            return None;
         }
-        if prev == Prev::Start && c != b';' {
-            let end = word_end(b, i);
-            let first = sql.get(i..end)?;
-            if end == i
-                || !SHAPED_STATEMENTS
-                    .iter()
-                    .any(|s| first.eq_ignore_ascii_case(s))
-            {
-                return None;
+        match token.kind {
+            Kind::Str {
+                form: StrForm::Plain,
+                closed: true,
             }
-        }
-        let (end, kind) = match c {
-            b'\'' => (string_end(b, i)?, Some(LiteralKind::String)),
-            b'0'..=b'9' => (number_end(b, i)?, Some(LiteralKind::Number)),
-            b'.' if b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
-                (number_end(b, i)?, Some(LiteralKind::Number))
-            }
-            b'"' => {
-                let end = quoted_ident_end(b, i)?;
-                prev = Prev::QuotedIdent;
-                i = end;
-                continue;
-            }
-            b'$' => return None,
-            c if is_ident_start(c) => {
-                let end = word_end(b, i);
-                // E'..', B'..', X'..', N'..', U&'..': literal kinds this lexer does not take.
-                if matches!(b.get(end), Some(b'\'') | Some(b'&')) {
-                    return None;
+            | Kind::Number { decimal: true } => {
+                literal_may_end_here(sql, tokens, n)?;
+                if prev.admits_literal() {
+                    key.push_str(sql.get(copied..token.start)?);
+                    literals.push(token.start..token.end);
+                    key.push('$');
+                    push_decimal(&mut key, literals.len());
+                    copied = token.end;
                 }
-                let word = sql.get(i..end)?;
+                prev = Prev::Literal;
+            }
+            Kind::QuotedIdent { .. } if text.starts_with('"') => prev = Prev::QuotedIdent,
+            // A word glued to a quote or `&` starts a constant of a form this path does not take.
+            Kind::Word if !matches!(b.get(token.end), Some(b'\'' | b'&')) => {
                 prev = Prev::Word {
-                    admits_value: is_value_keyword(word),
-                };
-                i = end;
-                continue;
+                    admits_value: is_value_keyword(text),
+                }
             }
-            b';' => {
-                prev = Prev::Start;
-                i += 1;
-                continue;
-            }
-            _ => {
-                prev = Prev::Punct(c);
-                i += 1;
-                continue;
-            }
-        };
-        if let Some(kind) = kind {
-            literal_may_end_here(b, end, kind)?;
-            if prev.admits_literal() {
-                key.push_str(sql.get(copied..i)?);
-                literals.push(i..end);
-                key.push('$');
-                push_decimal(&mut key, literals.len());
-                copied = end;
-            }
-            prev = Prev::Literal;
+            Kind::Punct if text == ";" => prev = Prev::Start,
+            Kind::Punct if !text.starts_with('$') => prev = Prev::Punct(b[token.end - 1]),
+            // `$n` placeholders, dollar quotes, a lone `$`, strings with a backslash or a
+            // prefix, unterminated ones, numbers PostgreSQL 15 does not lex as one constant.
+            _ => return None,
         }
-        i = end;
     }
     if literals.is_empty() {
         return None; // the exact-text cache serves it without a copy
@@ -253,6 +209,14 @@ pub fn shape_of(sql: &str) -> Option<Shape<'_>> {
     })
 }
 
+/// The first word of a statement is one whose literals the rewriter only carries along.
+fn is_shaped_statement(token: &Token, text: &str) -> bool {
+    token.kind == Kind::Word
+        && SHAPED_STATEMENTS
+            .iter()
+            .any(|s| text.eq_ignore_ascii_case(s))
+}
+
 fn push_decimal(out: &mut String, n: usize) {
     if n < 10 {
         // The common case, without the formatting machinery.
@@ -263,123 +227,23 @@ fn push_decimal(out: &mut String, n: usize) {
     }
 }
 
-/// If a comment starts at `i`: `Some(Some(end))`, or `Some(None)` when it never ends.
-fn comment_end(b: &[u8], i: usize) -> Option<Option<usize>> {
-    match (b[i], b.get(i + 1)) {
-        (b'-', Some(b'-')) => Some(Some(
-            b[i..]
-                .iter()
-                .position(|&c| c == b'\n' || c == b'\r')
-                .map_or(b.len(), |p| i + p),
-        )),
-        (b'/', Some(b'*')) => {
-            // PostgreSQL's block comments nest.
-            let mut depth = 0usize;
-            let mut j = i;
-            while j + 1 < b.len() {
-                match (b[j], b[j + 1]) {
-                    (b'/', b'*') => {
-                        depth += 1;
-                        j += 2;
-                    }
-                    (b'*', b'/') => {
-                        depth -= 1;
-                        j += 2;
-                        if depth == 0 {
-                            return Some(Some(j));
-                        }
-                    }
-                    _ => j += 1,
-                }
-            }
-            Some(None)
-        }
-        _ => None,
-    }
-}
-
-fn word_end(b: &[u8], i: usize) -> usize {
-    let mut j = i;
-    if j < b.len() && is_ident_start(b[j]) {
-        j += 1;
-        while j < b.len() && is_ident_cont(b[j]) {
-            j += 1;
-        }
-    }
-    j
-}
-
-/// End of a plain `'...'` string (quotes doubled inside); `None` when unterminated or when it
-/// holds a backslash (whose meaning depends on `standard_conforming_strings`).
-fn string_end(b: &[u8], i: usize) -> Option<usize> {
-    let mut j = i + 1;
-    loop {
-        match b.get(j)? {
-            b'\\' => return None,
-            b'\'' if b.get(j + 1) == Some(&b'\'') => j += 2,
-            b'\'' => return Some(j + 1),
-            _ => j += 1,
-        }
-    }
-}
-
-fn quoted_ident_end(b: &[u8], i: usize) -> Option<usize> {
-    let mut j = i + 1;
-    loop {
-        match b.get(j)? {
-            b'"' if b.get(j + 1) == Some(&b'"') => j += 2,
-            b'"' => return Some(j + 1),
-            _ => j += 1,
-        }
-    }
-}
-
-/// End of a number as PostgreSQL lexes it (`1`, `1.5`, `.5`, `1.`, `1e10`, `1.5E-3`).
-fn number_end(b: &[u8], i: usize) -> Option<usize> {
-    let digits = |mut j: usize| {
-        while b.get(j).is_some_and(u8::is_ascii_digit) {
-            j += 1;
-        }
-        j
-    };
-    let mut j = digits(i);
-    if b.get(j) == Some(&b'.') {
-        if b.get(j + 1) == Some(&b'.') {
-            return None; // `1..2`
-        }
-        j = digits(j + 1);
-    }
-    if matches!(b.get(j), Some(b'e') | Some(b'E')) {
-        let mut k = j + 1;
-        if matches!(b.get(k), Some(b'+') | Some(b'-')) {
-            k += 1;
-        }
-        if !b.get(k).is_some_and(u8::is_ascii_digit) {
-            return None; // `1e`, `1e+`: trailing junk
-        }
-        j = digits(k);
-    }
-    Some(j)
-}
-
-/// What may follow a literal: not an identifier character, `.` or quote glued to it (PostgreSQL
-/// would lex that differently, or reject it), and not another string after only whitespace and
-/// comments (which PostgreSQL would join into one constant).
-fn literal_may_end_here(b: &[u8], end: usize, kind: LiteralKind) -> Option<()> {
-    if let Some(&next) = b.get(end) {
-        if is_ident_cont(next) || matches!(next, b'.' | b'\'' | b'"') {
+/// What may follow the literal `tokens[n]`: not an identifier character, `.` or quote glued to
+/// it (PostgreSQL would lex that differently, or reject it), and for a string not another
+/// string after only whitespace and comments (which PostgreSQL would join into one constant).
+fn literal_may_end_here(sql: &str, tokens: &[Token], n: usize) -> Option<()> {
+    let b = sql.as_bytes();
+    let literal = tokens.get(n)?;
+    if let Some(&next) = b.get(literal.end) {
+        if is_ident_char(next) || matches!(next, b'.' | b'\'' | b'"') {
             return None;
         }
     }
-    if kind == LiteralKind::String {
-        let mut j = end;
-        while j < b.len() {
-            if is_space(b[j]) {
-                j += 1;
-            } else if let Some(comment) = comment_end(b, j) {
-                j = comment?;
-            } else {
-                return (b[j] != b'\'').then_some(());
+    if matches!(literal.kind, Kind::Str { .. }) {
+        for next in &tokens[n + 1..] {
+            match next.kind {
+                Kind::Space | Kind::Comment { closed: true } => continue,
+                Kind::Comment { closed: false } => return None,
+                _ => return (b[next.start] != b'\'').then_some(()),
             }
         }
     }
@@ -402,43 +266,40 @@ impl Template {
     /// placeholder number out of range.
     pub fn from_rewritten(text: &str, literal_count: usize) -> Option<Template> {
         let b = text.as_bytes();
+        let glued_to_word = |at: usize| at > 0 && is_ident_char(b[at - 1]);
         let mut pieces = Vec::new();
         let mut slots = Vec::new();
         let mut piece_start = 0;
-        let mut i = 0;
-        while i < b.len() {
-            match b[i] {
-                b'\'' => {
-                    let escaped = i > 0
-                        && matches!(b[i - 1], b'E' | b'e')
-                        && (i < 2 || !is_ident_cont(b[i - 2]));
-                    if !escaped && i > 0 && is_ident_cont(b[i - 1]) {
-                        return None;
-                    }
-                    i = printed_string_end(b, i, escaped)?;
-                }
-                b'"' => i = quoted_ident_end(b, i)?,
-                // A word, `$` included (`a$1` is an identifier, not a placeholder).
-                c if is_ident_start(c) => i = word_end(b, i),
-                b'$' => {
-                    let digits_end =
-                        i + 1 + b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
-                    let n: usize = text.get(i + 1..digits_end)?.parse().ok()?;
-                    let glued_before = i > 0 && (is_ident_cont(b[i - 1]) || b[i - 1] == b'.');
+        for token in lex(text) {
+            match token.kind {
+                // The printer writes `'…'` and `E'…'`, never glued to a word.
+                Kind::Str {
+                    form: StrForm::Plain | StrForm::Backslash,
+                    closed: true,
+                } if !glued_to_word(token.start) => {}
+                Kind::Str {
+                    form: StrForm::Prefixed,
+                    closed: true,
+                } if matches!(b[token.start], b'E' | b'e') && !glued_to_word(token.start) => {}
+                Kind::QuotedIdent { closed: true } | Kind::Word | Kind::Space => {}
+                Kind::Number { .. } => {}
+                Kind::Punct if !token.text(text).starts_with('$') => {}
+                Kind::Param => {
+                    let n: usize = token.text(text).get(1..)?.parse().ok()?;
+                    let glued_before = glued_to_word(token.start)
+                        || (token.start > 0 && b[token.start - 1] == b'.');
                     let glued_after = b
-                        .get(digits_end)
-                        .is_some_and(|&c| is_ident_cont(c) || c == b'.' || c == b'\'');
+                        .get(token.end)
+                        .is_some_and(|&c| is_ident_char(c) || c == b'.' || c == b'\'');
                     if n == 0 || n > literal_count || glued_before || glued_after {
                         return None;
                     }
-                    pieces.push(text.get(piece_start..i)?.to_string());
+                    pieces.push(text.get(piece_start..token.start)?.to_string());
                     slots.push(n - 1);
-                    piece_start = digits_end;
-                    i = digits_end;
+                    piece_start = token.end;
                 }
-                b'-' if b.get(i + 1) == Some(&b'-') => return None,
-                b'/' if b.get(i + 1) == Some(&b'*') => return None,
-                _ => i += 1,
+                // Comments, dollar quotes, a lone `$`, anything unterminated or unexpected.
+                _ => return None,
             }
         }
         pieces.push(text.get(piece_start..)?.to_string());
@@ -458,20 +319,6 @@ impl Template {
             out.push_str(last);
         }
         out
-    }
-}
-
-/// End of a string literal in printed output: `'..'` with doubled quotes, or `E'..'` where a
-/// backslash escapes the next character.
-fn printed_string_end(b: &[u8], i: usize, escaped: bool) -> Option<usize> {
-    let mut j = i + 1;
-    loop {
-        match b.get(j)? {
-            b'\\' if escaped => j += 2,
-            b'\'' if b.get(j + 1) == Some(&b'\'') => j += 2,
-            b'\'' => return Some(j + 1),
-            _ => j += 1,
-        }
     }
 }
 

@@ -12,7 +12,7 @@
 //! names of session-level advisory-lock functions anywhere in the text); it errs towards
 //! refusing.
 
-use crate::audit::split_statements;
+use crate::sql::fingerprint::split_statements;
 
 /// The construct a statement uses that cannot survive transaction pooling, if any.
 pub fn refused_construct(sql: &str) -> Option<&'static str> {

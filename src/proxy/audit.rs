@@ -14,13 +14,14 @@ use std::time::Instant;
 
 use super::statements::{Portal, Prepared, SessionStatements, Statement};
 use crate::audit::{
-    split_statements, AuditError, AuditEvent, AuditHandle, BoundParam, Decision, DurableReceipt,
-    Protocol, SessionInfo, SqlText, StatementRecord, Touched,
+    AuditError, AuditEvent, AuditHandle, BoundParam, Decision, DurableReceipt, Protocol,
+    SessionInfo, SqlText, StatementRecord, Touched,
 };
 use crate::error::Refusal;
 use crate::policy::{Rewritten, StatementInfo};
 use crate::protocol::view::{BindView, Frontend, ParseView};
 use crate::protocol::{backend, Message};
+use crate::sql::fingerprint::split_statements;
 
 /// What the interceptor decided about a message, as the audit record needs it.
 pub struct Observed<'a> {
@@ -85,7 +86,7 @@ pub struct SessionAudit {
     /// only redacted text and parameter types are ever recorded, whatever `record_values` says.
     literals_may_be_sensitive: bool,
     /// Fingerprints by redacted text: a shape is lexed for its fingerprint once per session.
-    fingerprints: crate::audit::FingerprintMemo,
+    fingerprints: crate::sql::fingerprint::FingerprintMemo,
 }
 
 /// One audited batch: records to make durable, then what to await for each.

@@ -1,13 +1,16 @@
 //! SQL analysis shared by every stage: parsing and sanitizing statements (`parse`; what
 //! sqlparser cannot parse faithfully, named or normalised first: `unsupported`), the upstream
 //! catalog (`catalog`; `routines`: which built-in functions, operators and types are safe),
-//! what kind of statement a text is (`kind`), which columns it names (`columns`), and the
+//! the one lexer (`lex`) and what the audit makes of a text with it — redaction, fingerprint,
+//! statement split (`fingerprint`) —, what kind of statement a text is (`kind`), which columns it names (`columns`), and the
 //! interface of a transform that runs beside the policy rewrite (`stage`). The policy engine
 //! (`crate::policy`) and field encryption's SQL transform (`crate::crypto::sql`) both build on
 //! this module; it depends on neither.
 pub mod catalog;
 pub mod columns;
+pub mod fingerprint;
 pub mod kind;
+pub mod lex;
 pub mod parse;
 pub mod routines;
 pub mod stage;

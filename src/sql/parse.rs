@@ -31,7 +31,7 @@ pub fn parse_statements(sql: &str) -> Result<Vec<Statement>, ParserError> {
 pub fn describe_parse_error(error: &ParserError) -> String {
     let text = error.to_string();
     let Some(start) = text.find("found: ").map(|i| i + "found: ".len()) else {
-        return crate::audit::redact(&text);
+        return super::fingerprint::redact(&text);
     };
     let end = text[start..]
         .rfind(" at Line")
@@ -39,7 +39,7 @@ pub fn describe_parse_error(error: &ParserError) -> String {
     format!(
         "{}{}{}",
         &text[..start],
-        crate::audit::redact(&text[start..end]),
+        super::fingerprint::redact(&text[start..end]),
         &text[end..]
     )
 }

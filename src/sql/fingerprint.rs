@@ -1,252 +1,16 @@
-//! A small SQL lexer for PostgreSQL's lexical rules, used for two things:
+//! What the audit makes of a statement's text, on the one lexer (`sql::lex`):
 //!
 //! * [`fingerprint`]: a normalised form that groups statements differing only in literal
 //!   values, spacing, comments and keyword case (literals become `?`, `$n` parameters stay,
 //!   `IN (1, 2, 3)` lists collapse to `in (...)`);
 //! * [`redact`]: the statement as sent, with literals replaced by `?` and comments dropped,
-//!   which is what the audit log stores unless values may be recorded.
+//!   which is what the audit log stores unless values may be recorded;
+//! * [`split_statements`]: a simple Query's statements, split where PostgreSQL splits them.
 //!
-//! It is a lexer, not a parser: it never fails, and malformed input (an unterminated
-//! string) simply runs to the end of the text, which is then treated as a literal —
-//! erring on the side of never leaking a value.
+//! The lexer never fails: malformed input (an unterminated string) runs to the end of the
+//! text, which is then one literal — erring on the side of never leaking a value.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Space,
-    Comment,
-    /// String, bit-string, hex, escape or dollar-quoted literal.
-    Str,
-    Number,
-    /// `$1`, `$2`: a bound-parameter placeholder, kept.
-    Param,
-    Word,
-    QuotedIdent,
-    Punct,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Token {
-    kind: Kind,
-    start: usize,
-    end: usize,
-}
-
-fn is_ident_start(b: u8) -> bool {
-    b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
-}
-fn is_ident_char(b: u8) -> bool {
-    is_ident_start(b) || b.is_ascii_digit() || b == b'$'
-}
-fn is_op_char(b: u8) -> bool {
-    matches!(
-        b,
-        b'+' | b'-'
-            | b'*'
-            | b'/'
-            | b'<'
-            | b'>'
-            | b'='
-            | b'~'
-            | b'!'
-            | b'@'
-            | b'#'
-            | b'%'
-            | b'^'
-            | b'&'
-            | b'|'
-            | b'`'
-            | b'?'
-    )
-}
-
-/// Splits `sql` into tokens. Every byte belongs to exactly one token; token boundaries
-/// are always on ASCII bytes, so slicing the `&str` at them is valid.
-fn lex(sql: &str) -> Vec<Token> {
-    let b = sql.as_bytes();
-    let mut out = Vec::with_capacity(b.len() / 3);
-    let mut i = 0;
-    while i < b.len() {
-        let (kind, end) = next_token(b, i);
-        debug_assert!(end > i);
-        out.push(Token {
-            kind,
-            start: i,
-            end,
-        });
-        i = end;
-    }
-    out
-}
-
-fn next_token(b: &[u8], i: usize) -> (Kind, usize) {
-    let c = b[i];
-    let next = b.get(i + 1).copied();
-    match c {
-        b' ' | b'\t' | b'\n' | b'\r' | 0x0c => {
-            let mut j = i + 1;
-            while j < b.len() && matches!(b[j], b' ' | b'\t' | b'\n' | b'\r' | 0x0c) {
-                j += 1;
-            }
-            (Kind::Space, j)
-        }
-        b'-' if next == Some(b'-') => {
-            let end = b[i..]
-                .iter()
-                .position(|&x| x == b'\n')
-                .map_or(b.len(), |p| i + p);
-            (Kind::Comment, end)
-        }
-        b'/' if next == Some(b'*') => (Kind::Comment, block_comment_end(b, i)),
-        b'\'' => (Kind::Str, quoted_end(b, i, b'\'', false)),
-        b'"' => (Kind::QuotedIdent, quoted_end(b, i, b'"', false)),
-        b'$' => dollar(b, i),
-        b'0'..=b'9' => (Kind::Number, number_end(b, i)),
-        b'.' if next.is_some_and(|n| n.is_ascii_digit()) => (Kind::Number, number_end(b, i)),
-        _ if is_ident_start(c) => word_or_prefixed_literal(b, i),
-        b':' if next == Some(b':') => (Kind::Punct, i + 2),
-        _ if is_op_char(c) => {
-            let mut j = i + 1;
-            // An operator stops where a comment starts (`a=-- x` is `=` then a comment).
-            while j < b.len()
-                && is_op_char(b[j])
-                && !(b[j] == b'-' && b.get(j + 1) == Some(&b'-'))
-                && !(b[j] == b'/' && b.get(j + 1) == Some(&b'*'))
-            {
-                j += 1;
-            }
-            (Kind::Punct, j)
-        }
-        _ => (Kind::Punct, i + 1),
-    }
-}
-
-/// PostgreSQL block comments nest.
-fn block_comment_end(b: &[u8], i: usize) -> usize {
-    let mut depth = 0usize;
-    let mut j = i;
-    while j + 1 < b.len() {
-        if b[j] == b'/' && b[j + 1] == b'*' {
-            depth += 1;
-            j += 2;
-        } else if b[j] == b'*' && b[j + 1] == b'/' {
-            depth -= 1;
-            j += 2;
-            if depth == 0 {
-                return j;
-            }
-        } else {
-            j += 1;
-        }
-    }
-    b.len()
-}
-
-/// End of a quoted token opened at `i` by `q`; a doubled quote is an escaped quote.
-/// With `backslash`, `\x` escapes the next byte (E'' strings).
-fn quoted_end(b: &[u8], i: usize, q: u8, backslash: bool) -> usize {
-    let mut j = i + 1;
-    while j < b.len() {
-        if backslash && b[j] == b'\\' {
-            j += 2;
-            continue;
-        }
-        if b[j] == q {
-            if b.get(j + 1) == Some(&q) {
-                j += 2;
-                continue;
-            }
-            return j + 1;
-        }
-        j += 1;
-    }
-    b.len()
-}
-
-/// `$1` parameter, `$tag$...$tag$` / `$$...$$` literal, or a lone `$`.
-fn dollar(b: &[u8], i: usize) -> (Kind, usize) {
-    let mut j = i + 1;
-    if b.get(j).is_some_and(|c| c.is_ascii_digit()) {
-        while j < b.len() && b[j].is_ascii_digit() {
-            j += 1;
-        }
-        return (Kind::Param, j);
-    }
-    // A tag is an identifier without `$`.
-    if b.get(j).is_some_and(|&c| is_ident_start(c)) {
-        while j < b.len() && (is_ident_start(b[j]) || b[j].is_ascii_digit()) {
-            j += 1;
-        }
-    }
-    if b.get(j) != Some(&b'$') {
-        return (Kind::Punct, i + 1);
-    }
-    let tag = &b[i..=j];
-    let body = j + 1;
-    let end = b[body..]
-        .windows(tag.len())
-        .position(|w| w == tag)
-        .map_or(b.len(), |p| body + p + tag.len());
-    (Kind::Str, end)
-}
-
-/// Decimal, `.5`, `1e-3`, `0x1F`, `0o17`, `0b101`, `1_000`.
-fn number_end(b: &[u8], i: usize) -> usize {
-    let mut j = i;
-    if b[i] == b'0' && matches!(b.get(i + 1), Some(b'x' | b'X' | b'o' | b'O' | b'b' | b'B')) {
-        j = i + 2;
-        while j < b.len() && (b[j].is_ascii_hexdigit() || b[j] == b'_') {
-            j += 1;
-        }
-        return j;
-    }
-    while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'_') {
-        j += 1;
-    }
-    if b.get(j) == Some(&b'.') && b.get(j + 1) != Some(&b'.') {
-        j += 1;
-        while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'_') {
-            j += 1;
-        }
-    }
-    if matches!(b.get(j), Some(b'e' | b'E')) {
-        let mut k = j + 1;
-        if matches!(b.get(k), Some(b'+' | b'-')) {
-            k += 1;
-        }
-        if b.get(k).is_some_and(|c| c.is_ascii_digit()) {
-            j = k;
-            while j < b.len() && b[j].is_ascii_digit() {
-                j += 1;
-            }
-        }
-    }
-    j
-}
-
-/// A word, or a literal with a letter prefix: E'..', B'..', X'..', N'..', U&'..', U&"..".
-fn word_or_prefixed_literal(b: &[u8], i: usize) -> (Kind, usize) {
-    let c = b[i].to_ascii_lowercase();
-    let next = b.get(i + 1).copied();
-    if next == Some(b'\'') {
-        match c {
-            b'e' => return (Kind::Str, quoted_end(b, i + 1, b'\'', true)),
-            b'b' | b'x' | b'n' => return (Kind::Str, quoted_end(b, i + 1, b'\'', false)),
-            _ => {}
-        }
-    }
-    if c == b'u' && next == Some(b'&') {
-        match b.get(i + 2) {
-            Some(b'\'') => return (Kind::Str, quoted_end(b, i + 2, b'\'', false)),
-            Some(b'"') => return (Kind::QuotedIdent, quoted_end(b, i + 2, b'"', false)),
-            _ => {}
-        }
-    }
-    let mut j = i + 1;
-    while j < b.len() && is_ident_char(b[j]) {
-        j += 1;
-    }
-    (Kind::Word, j)
-}
+use super::lex::{lex, Kind, Token};
 
 /// Keywords after which `(` is separated by a space (`in (`, `values (`), unlike a
 /// function call (`count(`).
@@ -290,7 +54,7 @@ const SPACED_BEFORE_PAREN: &[&str] = &[
 pub fn fingerprint(sql: &str) -> String {
     let tokens: Vec<Token> = lex(sql)
         .into_iter()
-        .filter(|t| !matches!(t.kind, Kind::Space | Kind::Comment))
+        .filter(|t| !matches!(t.kind, Kind::Space | Kind::Comment { .. }))
         .collect();
     let mut out = String::with_capacity(sql.len());
     let mut prev: Option<(Kind, String)> = None;
@@ -301,7 +65,9 @@ pub fn fingerprint(sql: &str) -> String {
         // A unary minus glued to a number is part of the literal.
         if t.kind == Kind::Punct
             && raw == "-"
-            && tokens.get(i + 1).is_some_and(|n| n.kind == Kind::Number)
+            && tokens
+                .get(i + 1)
+                .is_some_and(|n| matches!(n.kind, Kind::Number { .. }))
             && prev_allows_unary(prev.as_ref())
         {
             i += 1;
@@ -321,7 +87,7 @@ pub fn fingerprint(sql: &str) -> String {
             }
         }
         let text = match t.kind {
-            Kind::Str | Kind::Number => "?".to_string(),
+            Kind::Str { .. } | Kind::Number { .. } => "?".to_string(),
             Kind::Word => raw.to_lowercase(),
             _ => raw.to_string(),
         };
@@ -383,7 +149,7 @@ fn literal_list_len(sql: &str, tokens: &[Token], i: usize) -> Option<usize> {
             j += 1;
             continue;
         }
-        if !matches!(t.kind, Kind::Str | Kind::Number | Kind::Param) {
+        if !matches!(t.kind, Kind::Str { .. } | Kind::Number { .. } | Kind::Param) {
             return None;
         }
         items += 1;
@@ -416,7 +182,7 @@ fn needs_space(pk: Kind, pt: &str, kind: Kind, text: &str) -> bool {
     if kind == Kind::Punct && text == "(" {
         return match pk {
             Kind::Word => SPACED_BEFORE_PAREN.contains(&pt),
-            Kind::QuotedIdent => false,
+            Kind::QuotedIdent { .. } => false,
             _ => true,
         };
     }
@@ -430,9 +196,9 @@ pub fn redact(sql: &str) -> String {
     let mut after_comment = false;
     for t in lex(sql) {
         match t.kind {
-            Kind::Str | Kind::Number => out.push('?'),
+            Kind::Str { .. } | Kind::Number { .. } => out.push('?'),
             // A comment becomes at most one space, merged with the spacing around it.
-            Kind::Comment => {
+            Kind::Comment { .. } => {
                 if !out.ends_with(|c: char| c.is_whitespace()) && !out.is_empty() {
                     out.push(' ');
                 }
@@ -440,7 +206,7 @@ pub fn redact(sql: &str) -> String {
             Kind::Space if after_comment && out.ends_with(|c: char| c.is_whitespace()) => {}
             _ => out.push_str(&sql[t.start..t.end]),
         }
-        after_comment = t.kind == Kind::Comment;
+        after_comment = matches!(t.kind, Kind::Comment { .. });
     }
     out
 }
@@ -461,7 +227,7 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
     for t in lex(sql) {
         let raw = &sql[t.start..t.end];
         match t.kind {
-            Kind::Space | Kind::Comment => continue,
+            Kind::Space | Kind::Comment { .. } => continue,
             Kind::Punct if raw == ";" && parens == 0 && blocks == 0 => {
                 if has_code {
                     out.push(sql[start..t.start].trim());
@@ -613,6 +379,9 @@ mod tests {
             "select ? from t"
         );
         assert_eq!(fingerprint("select a--b\nfrom t"), "select a from t");
+        // PostgreSQL ends a line comment at a carriage return too: what follows is code, and
+        // its literals are redacted as such.
+        assert_eq!(redact("select 1 -- c\r, 'x'"), "select ? , ?");
     }
 
     #[test]
