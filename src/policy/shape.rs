@@ -36,7 +36,7 @@
 
 use std::ops::Range;
 
-use crate::sql::lex::{is_ident_char, lex, Kind, StrForm, Token};
+use crate::sql::lex::{is_ident_char, Kind, StrForm, Token, Tokens};
 
 /// A statement split into its shape and its literals.
 #[derive(Debug)]
@@ -139,24 +139,19 @@ impl Prev {
 /// exact-text path: it has no literal to take out, or it does not qualify (see the module
 /// documentation).
 pub fn shape_of(sql: &str) -> Option<Shape<'_>> {
-    shape_of_tokens(sql, &lex(sql))
-}
-
-/// [`shape_of`] over the text's tokens, for a caller that lexed it already.
-pub fn shape_of_tokens<'a>(sql: &'a str, tokens: &[Token]) -> Option<Shape<'a>> {
     let b = sql.as_bytes();
     let mut key = String::with_capacity(sql.len() + 8);
     let mut literals = Vec::new();
     let mut copied = 0;
     let mut prev = Prev::Start;
-    for (n, token) in tokens.iter().enumerate() {
+    for token in Tokens::from(sql, 0) {
         let text = token.text(sql);
         match token.kind {
             Kind::Space | Kind::Comment { closed: true } => continue,
             Kind::Comment { closed: false } | Kind::QuotedIdent { closed: false } => return None,
             _ => {}
         }
-        if prev == Prev::Start && text != ";" && !is_shaped_statement(token, text) {
+        if prev == Prev::Start && text != ";" && !is_shaped_statement(&token, text) {
             return None;
         }
         match token.kind {
@@ -165,7 +160,7 @@ pub fn shape_of_tokens<'a>(sql: &'a str, tokens: &[Token]) -> Option<Shape<'a>> 
                 closed: true,
             }
             | Kind::Number { decimal: true } => {
-                literal_may_end_here(sql, tokens, n)?;
+                literal_may_end_here(sql, &token)?;
                 if prev.admits_literal() {
                     key.push_str(sql.get(copied..token.start)?);
                     literals.push(token.start..token.end);
@@ -227,19 +222,18 @@ fn push_decimal(out: &mut String, n: usize) {
     }
 }
 
-/// What may follow the literal `tokens[n]`: not an identifier character, `.` or quote glued to
+/// What may follow a literal: not an identifier character, `.` or quote glued to
 /// it (PostgreSQL would lex that differently, or reject it), and for a string not another
 /// string after only whitespace and comments (which PostgreSQL would join into one constant).
-fn literal_may_end_here(sql: &str, tokens: &[Token], n: usize) -> Option<()> {
+fn literal_may_end_here(sql: &str, literal: &Token) -> Option<()> {
     let b = sql.as_bytes();
-    let literal = tokens.get(n)?;
     if let Some(&next) = b.get(literal.end) {
         if is_ident_char(next) || matches!(next, b'.' | b'\'' | b'"') {
             return None;
         }
     }
     if matches!(literal.kind, Kind::Str { .. }) {
-        for next in &tokens[n + 1..] {
+        for next in Tokens::from(sql, literal.end) {
             match next.kind {
                 Kind::Space | Kind::Comment { closed: true } => continue,
                 Kind::Comment { closed: false } => return None,
@@ -270,7 +264,7 @@ impl Template {
         let mut pieces = Vec::new();
         let mut slots = Vec::new();
         let mut piece_start = 0;
-        for token in lex(text) {
+        for token in Tokens::from(text, 0) {
             match token.kind {
                 // The printer writes `'…'` and `E'…'`, never glued to a word.
                 Kind::Str {

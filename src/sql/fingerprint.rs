@@ -10,7 +10,7 @@
 //! The lexer never fails: malformed input (an unterminated string) runs to the end of the
 //! text, which is then one literal — erring on the side of never leaking a value.
 
-use super::lex::{lex, Kind, Token};
+use super::lex::{lex, Kind, Token, Tokens};
 
 /// Keywords after which `(` is separated by a space (`in (`, `values (`), unlike a
 /// function call (`count(`).
@@ -194,7 +194,7 @@ fn needs_space(pk: Kind, pt: &str, kind: Kind, text: &str) -> bool {
 pub fn redact(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     let mut after_comment = false;
-    for t in lex(sql) {
+    for t in Tokens::from(sql, 0) {
         match t.kind {
             Kind::Str { .. } | Kind::Number { .. } => out.push('?'),
             // A comment becomes at most one space, merged with the spacing around it.
@@ -224,7 +224,7 @@ pub fn split_statements(sql: &str) -> Vec<&str> {
     // The first words of the current statement (lowercased), to spot a routine body.
     let mut lead: Vec<String> = Vec::new();
     let mut has_code = false;
-    for t in lex(sql) {
+    for t in Tokens::from(sql, 0) {
         let raw = &sql[t.start..t.end];
         match t.kind {
             Kind::Space | Kind::Comment { .. } => continue,

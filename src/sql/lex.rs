@@ -116,20 +116,41 @@ fn is_op_char(b: u8) -> bool {
 
 /// The tokens of `sql`, in order; together they cover every byte.
 pub fn lex(sql: &str) -> Vec<Token> {
-    let b = sql.as_bytes();
-    let mut out = Vec::with_capacity(b.len() / 3 + 1);
-    let mut i = 0;
-    while i < b.len() {
-        let (kind, end) = next_token(b, i);
-        debug_assert!(end > i);
-        out.push(Token {
-            kind,
-            start: i,
-            end,
-        });
-        i = end;
-    }
+    let mut out = Vec::with_capacity(sql.len() / 3 + 1);
+    out.extend(Tokens::from(sql, 0));
     out
+}
+
+/// The tokens of a text from a byte offset on (a token boundary), lexed as they are read: a
+/// reader that stops early or looks ahead from one token pays for no more.
+#[derive(Clone)]
+pub struct Tokens<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Tokens<'a> {
+    pub fn from(sql: &'a str, at: usize) -> Self {
+        Tokens {
+            bytes: sql.as_bytes(),
+            at,
+        }
+    }
+}
+
+impl Iterator for Tokens<'_> {
+    type Item = Token;
+
+    fn next(&mut self) -> Option<Token> {
+        let start = self.at;
+        if start >= self.bytes.len() {
+            return None;
+        }
+        let (kind, end) = next_token(self.bytes, start);
+        debug_assert!(end > start);
+        self.at = end;
+        Some(Token { kind, start, end })
+    }
 }
 
 fn next_token(b: &[u8], i: usize) -> (Kind, usize) {
