@@ -68,19 +68,9 @@ impl Token {
     pub fn text<'a>(&self, sql: &'a str) -> &'a str {
         &sql[self.start..self.end]
     }
-
-    /// A string or numeric constant (of any form).
-    pub fn is_literal(&self) -> bool {
-        matches!(self.kind, Kind::Str { .. } | Kind::Number { .. })
-    }
-
-    /// Neither space nor comment.
-    pub fn is_significant(&self) -> bool {
-        !matches!(self.kind, Kind::Space | Kind::Comment { .. })
-    }
 }
 
-pub fn is_ident_start(b: u8) -> bool {
+fn is_ident_start(b: u8) -> bool {
     b.is_ascii_alphabetic() || b == b'_' || b >= 0x80
 }
 
@@ -88,7 +78,7 @@ pub fn is_ident_char(b: u8) -> bool {
     is_ident_start(b) || b.is_ascii_digit() || b == b'$'
 }
 
-pub fn is_space(b: u8) -> bool {
+fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0c)
 }
 
