@@ -13,8 +13,9 @@
 //! put back in a placeholder's place means to the server exactly what the placeholder meant to
 //! the rewriter: one constant, nothing more. That is what shaping is strict about, over the
 //! tokens of the one lexer (`sql::lex`, which marks every constant by how exactly it
-//! delimits) — it only normalises literals it can delimit exactly as PostgreSQL does, in positions where a constant
-//! is a value, and gives up (the caller falls back to the exact-text path) on anything else:
+//! delimits) — it only normalises literals it can delimit exactly as PostgreSQL does, in
+//! positions where a constant is a value, and gives up (the caller falls back to the
+//! exact-text path) on anything else:
 //!
 //! * only statements that start with `SELECT`, `INSERT`, `UPDATE`, `DELETE`, `WITH`, `VALUES`
 //!   or `TABLE` (the rewriter inspects values in `SET client_encoding`, so utility statements

@@ -10,7 +10,7 @@
 //! The lexer never fails: malformed input (an unterminated string) runs to the end of the
 //! text, which is then one literal — erring on the side of never leaking a value.
 
-use super::lex::{lex, Kind, Token, Tokens};
+use super::lex::{Kind, Token, Tokens};
 
 /// Keywords after which `(` is separated by a space (`in (`, `values (`), unlike a
 /// function call (`count(`).
@@ -52,8 +52,7 @@ const SPACED_BEFORE_PAREN: &[&str] = &[
 /// Normalises `sql` so that statements differing only in literal values, whitespace,
 /// comments and keyword case share one fingerprint.
 pub fn fingerprint(sql: &str) -> String {
-    let tokens: Vec<Token> = lex(sql)
-        .into_iter()
+    let tokens: Vec<Token> = Tokens::from(sql, 0)
         .filter(|t| !matches!(t.kind, Kind::Space | Kind::Comment { .. }))
         .collect();
     let mut out = String::with_capacity(sql.len());

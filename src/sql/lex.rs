@@ -104,15 +104,9 @@ fn is_op_char(b: u8) -> bool {
     )
 }
 
-/// The tokens of `sql`, in order; together they cover every byte.
-pub fn lex(sql: &str) -> Vec<Token> {
-    let mut out = Vec::with_capacity(sql.len() / 3 + 1);
-    out.extend(Tokens::from(sql, 0));
-    out
-}
-
 /// The tokens of a text from a byte offset on (a token boundary), lexed as they are read: a
-/// reader that stops early or looks ahead from one token pays for no more.
+/// reader that stops early or looks ahead from one token pays for no more. From offset 0
+/// they cover every byte of the text, in order.
 #[derive(Clone)]
 pub struct Tokens<'a> {
     bytes: &'a [u8],
@@ -364,7 +358,9 @@ mod tests {
     use super::*;
 
     fn kinds(sql: &str) -> Vec<(Kind, &str)> {
-        lex(sql).iter().map(|t| (t.kind, t.text(sql))).collect()
+        Tokens::from(sql, 0)
+            .map(|t| (t.kind, t.text(sql)))
+            .collect()
     }
 
     #[test]
@@ -433,7 +429,7 @@ mod tests {
         #[test]
         fn tokens_cover_every_byte(sql in "[ -~é\n\r]{0,80}") {
             let mut at = 0;
-            for token in lex(&sql) {
+            for token in Tokens::from(&sql, 0) {
                 proptest::prop_assert_eq!(token.start, at);
                 proptest::prop_assert!(token.end > token.start);
                 proptest::prop_assert!(sql.is_char_boundary(token.end));
