@@ -21,10 +21,11 @@
 //! * `DEALLOCATE name|ALL` (a Query of its own): forgotten by the session; upstream runs
 //!   `DEALLOCATE ALL` on the lent connection, which then has no statements prepared.
 //!
-//! [`Tracker`] is the other direction: it drops the answers to inserted messages and, when the
-//! server reports an error (it then skips to Sync), forgets the statements it did not prepare.
+//! [`Tracker`] is the other direction: it queues every request sent on the lent connection
+//! (matched to their answers by [`Replies`]), drops the answers to inserted ones and, when
+//! the server fails or skips a Parse, forgets the statement it did not prepare.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
@@ -32,8 +33,9 @@ use sha2::{Digest, Sha256};
 use super::session_state::{deallocation, refused_construct};
 use crate::error::ClientError;
 use crate::error::REFUSAL_MARKER_PREFIX;
+use crate::protocol::replies::{Outcome, Replies, Request};
 use crate::protocol::view::Frontend;
-use crate::protocol::{backend, build, frontend, Batch, ProtocolError};
+use crate::protocol::{build, frontend, Batch, ProtocolError};
 
 /// Prefix of every server-side statement name pgward gives.
 pub const SERVER_PREFIX: &str = "pgward_";
@@ -42,7 +44,7 @@ const NEVER_PREPARED: &str = "pgward_unknown_statement";
 /// Most named statements one client session may hold.
 pub const MAX_CLIENT_STATEMENTS: usize = 10_000;
 
-use crate::protocol::backend::{CLOSE_COMPLETE, PARSE_COMPLETE};
+use crate::protocol::backend::PARSE_COMPLETE;
 
 /// SQLSTATE duplicate_prepared_statement.
 const DUPLICATE_STATEMENT: &str = "42P05";
@@ -86,25 +88,28 @@ impl ClientStatements {
     }
 }
 
-/// An answer the server owes for something sent during the current lease.
-#[derive(Debug)]
-enum Owed {
-    /// ParseComplete; `forget` names the server statement to drop from the connection's set
-    /// if the server skips or fails the Parse.
-    Parse {
-        swallow: bool,
-        forget: Option<String>,
-    },
-    /// CloseComplete.
-    Close { swallow: bool },
-    /// ReadyForQuery (Sync, Query or FunctionCall).
-    Ready,
+/// What pgward keeps of a request sent during the current lease, for its answer.
+#[derive(Debug, Default)]
+struct Owed {
+    /// pgward inserted the request: its answer is not the client's and is not forwarded.
+    swallow: bool,
+    /// A Parse's server statement, dropped from the connection's set if the server fails or
+    /// skips the Parse.
+    forget: Option<String>,
+}
+
+impl Owed {
+    /// The client's own request.
+    const CLIENT: Owed = Owed {
+        swallow: false,
+        forget: None,
+    };
 }
 
 /// The answers owed by the server connection a session holds (fresh for each lease).
 #[derive(Debug, Default)]
 pub struct Tracker {
-    owed: VecDeque<Owed>,
+    owed: Replies<Owed>,
     /// The client's unnamed statement is the server's unnamed statement in this lease.
     unnamed_ready: bool,
 }
@@ -116,61 +121,21 @@ impl Tracker {
     }
 
     /// Drop the answers to messages pgward inserted; keep the connection's statement set
-    /// right when the server skips messages after an error. `None`: the batch is unchanged.
+    /// right when the server fails or skips a Parse. `None`: the batch is unchanged.
     pub fn incoming(&mut self, batch: &Batch, prepared: &mut HashSet<String>) -> Option<Batch> {
         let mut kept: Option<BytesMut> = None;
         let mut offset = 0;
         let all = batch.bytes();
         for message in batch.messages() {
             let len = message.raw().len();
-            let swallow = match message.tag() {
-                PARSE_COMPLETE => match self.owed.front() {
-                    Some(Owed::Parse { swallow, .. }) => {
-                        let swallow = *swallow;
-                        self.owed.pop_front();
-                        swallow
-                    }
-                    _ => false,
-                },
-                CLOSE_COMPLETE => match self.owed.front() {
-                    Some(Owed::Close { swallow }) => {
-                        let swallow = *swallow;
-                        self.owed.pop_front();
-                        swallow
-                    }
-                    _ => false,
-                },
-                backend::ERROR_RESPONSE => {
-                    // The failing message and the rest up to Sync get no completion.
-                    while let Some(owed) = self.owed.front() {
-                        if matches!(owed, Owed::Ready) {
-                            break;
-                        }
-                        if let Some(Owed::Parse {
-                            forget: Some(name), ..
-                        }) = self.owed.pop_front()
-                        {
-                            prepared.remove(&name);
-                        }
-                    }
-                    false
+            let mut swallow = false;
+            self.owed.answer(message.tag(), |_, outcome, owed| {
+                match (outcome, owed.forget) {
+                    (Outcome::Done, _) => swallow |= owed.swallow,
+                    (_, Some(name)) => drop(prepared.remove(&name)),
+                    (_, None) => {}
                 }
-                backend::READY_FOR_QUERY => {
-                    while let Some(owed) = self.owed.pop_front() {
-                        match owed {
-                            Owed::Ready => break,
-                            Owed::Parse {
-                                forget: Some(name), ..
-                            } => {
-                                prepared.remove(&name);
-                            }
-                            _ => {}
-                        }
-                    }
-                    false
-                }
-                _ => false,
-            };
+            });
             match (&mut kept, swallow) {
                 (None, true) => {
                     let mut buf = BytesMut::with_capacity(all.len());
@@ -183,6 +148,15 @@ impl Tracker {
             offset += len;
         }
         kept.map(|buf| Batch::from_whole_messages(buf.freeze()))
+    }
+
+    /// pgward sends a request of its own, whose answer the client must not get.
+    fn inserted(&mut self, request: Request, forget: Option<String>) {
+        let owed = Owed {
+            swallow: true,
+            forget,
+        };
+        self.owed.sent(request, owed);
     }
 }
 
@@ -230,7 +204,9 @@ pub fn translate(
         let raw = message.raw();
         match message.tag() {
             frontend::SYNC | frontend::FUNCTION_CALL => {
-                tracker.owed.push_back(Owed::Ready);
+                if let Some(request) = Request::of(&message) {
+                    tracker.owed.sent(request, Owed::CLIENT);
+                }
                 result.unsynced = Some(false);
                 out.extend_from_slice(raw);
                 continue;
@@ -239,7 +215,13 @@ pub fn translate(
                 result.terminate = true;
                 continue;
             }
-            frontend::FLUSH | frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+            frontend::FLUSH => {
+                out.extend_from_slice(raw);
+                continue;
+            }
+            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+                // Syncs sent into COPY FROM STDIN are ignored there: none of them is owed.
+                tracker.owed.copy_sent();
                 out.extend_from_slice(raw);
                 continue;
             }
@@ -248,7 +230,7 @@ pub fn translate(
         }
         match Frontend::decode(&message)? {
             Frontend::Query { sql } => {
-                tracker.owed.push_back(Owed::Ready);
+                tracker.owed.sent(Request::Query, Owed::CLIENT);
                 // `DISCARD ALL` too (Npgsql's reset when a connection goes back to its pool):
                 // every other state it would reset is refused in this mode, so it is served
                 // as `DEALLOCATE ALL`.
@@ -300,29 +282,24 @@ pub fn translate(
                     }
                     tracker.unnamed_ready = false;
                     out.extend_from_slice(&build::parse("", &marker));
-                    tracker.owed.push_back(Owed::Parse {
-                        swallow: false,
-                        forget: None,
-                    });
+                    tracker.owed.sent(Request::Parse, Owed::CLIENT);
                 } else if parse.name.is_empty() {
                     client.unnamed = Some(raw.clone());
                     tracker.unnamed_ready = true;
                     out.extend_from_slice(raw);
-                    tracker.owed.push_back(Owed::Parse {
-                        swallow: false,
-                        forget: None,
-                    });
+                    tracker.owed.sent(Request::Parse, Owed::CLIENT);
                 } else {
                     let server = server_name(parse.sql, parse.param_section());
                     let rebuilt =
                         build::parse_with_param_types(&server, parse.sql, parse.param_section());
                     out.extend_from_slice(&build::close(b'S', &server));
-                    tracker.owed.push_back(Owed::Close { swallow: true });
+                    tracker.inserted(Request::Close, None);
                     out.extend_from_slice(&rebuilt);
-                    tracker.owed.push_back(Owed::Parse {
+                    let owed = Owed {
                         swallow: false,
                         forget: Some(server.clone()),
-                    });
+                    };
+                    tracker.owed.sent(Request::Parse, owed);
                     prepared.insert(server.clone());
                     client.named.insert(
                         parse.name.to_string(),
@@ -335,6 +312,7 @@ pub fn translate(
             }
             Frontend::Bind(bind) => {
                 let name = resolve(bind.statement, client, tracker, prepared, &mut out);
+                tracker.owed.sent(Request::Bind, Owed::CLIENT);
                 if name == bind.statement {
                     out.extend_from_slice(raw);
                 } else {
@@ -348,10 +326,11 @@ pub fn translate(
             }
             Frontend::Describe(target) if target.is_statement() => {
                 let name = resolve(target.name, client, tracker, prepared, &mut out);
+                tracker.owed.sent(Request::DescribeStatement, Owed::CLIENT);
                 out.extend_from_slice(&build::describe(b'S', &name));
             }
             Frontend::Close(target) => {
-                tracker.owed.push_back(Owed::Close { swallow: false });
+                tracker.owed.sent(Request::Close, Owed::CLIENT);
                 if !target.is_statement() {
                     out.extend_from_slice(raw);
                 } else if target.name.is_empty() {
@@ -363,7 +342,12 @@ pub fn translate(
                     out.extend_from_slice(&build::close(b'S', NEVER_PREPARED));
                 }
             }
-            _ => out.extend_from_slice(raw),
+            _ => {
+                if let Some(request) = Request::of(&message) {
+                    tracker.owed.sent(request, Owed::CLIENT);
+                }
+                out.extend_from_slice(raw);
+            }
         }
     }
     result.bytes = out.freeze();
@@ -441,14 +425,11 @@ fn resolve(
             match &client.unnamed {
                 Some(parse) => {
                     out.extend_from_slice(parse);
-                    tracker.owed.push_back(Owed::Parse {
-                        swallow: true,
-                        forget: None,
-                    });
+                    tracker.inserted(Request::Parse, None);
                 }
                 None => {
                     out.extend_from_slice(&build::close(b'S', ""));
-                    tracker.owed.push_back(Owed::Close { swallow: true });
+                    tracker.inserted(Request::Close, None);
                 }
             }
             tracker.unnamed_ready = true;
@@ -459,12 +440,9 @@ fn resolve(
         Some(statement) => {
             if !prepared.contains(&statement.server) {
                 out.extend_from_slice(&build::close(b'S', &statement.server));
-                tracker.owed.push_back(Owed::Close { swallow: true });
+                tracker.inserted(Request::Close, None);
                 out.extend_from_slice(&statement.parse);
-                tracker.owed.push_back(Owed::Parse {
-                    swallow: true,
-                    forget: Some(statement.server.clone()),
-                });
+                tracker.inserted(Request::Parse, Some(statement.server.clone()));
                 prepared.insert(statement.server.clone());
             }
             statement.server.clone()

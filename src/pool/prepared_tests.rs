@@ -245,3 +245,39 @@ fn a_bare_prepare_is_answered_without_a_server_and_prepared_on_first_use() {
     .is_none());
     assert!(answer_locally(&[build::parse("p3", "SELECT 1")], &mut f.client).is_none());
 }
+
+#[test]
+fn a_sync_sent_into_copy_in_mode_is_not_owed_an_answer() {
+    let mut f = Fixture::new();
+    let mut execute = BytesMut::new();
+    execute.put_u8(b'E');
+    execute.put_u32(9);
+    execute.put_u8(0);
+    execute.put_i32(0);
+    let copy_data = Bytes::from_static(b"d\0\0\0\x061\n");
+    // psql-style pipelining: Execute of a COPY FROM STDIN and its Sync in one go, then the
+    // data; the server ignores that Sync, so only the last one is answered.
+    f.send(&[
+        build::parse("", "COPY t FROM STDIN"),
+        bind("", ""),
+        execute.freeze(),
+        build::sync(),
+    ]);
+    f.send(&[copy_data, backend(b'c'), build::sync()]);
+    let answers = Batch::from_whole_messages(
+        [
+            backend(b'1'),
+            backend(b'2'),
+            backend(b'G'),
+            build::command_complete("COPY 1"),
+            ready(),
+        ]
+        .concat()
+        .into(),
+    );
+    assert!(f.tracker.incoming(&answers, &mut f.prepared).is_none());
+    assert!(
+        f.tracker.is_settled(),
+        "the lent connection can go back to the pool"
+    );
+}

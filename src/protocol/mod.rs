@@ -9,7 +9,8 @@
 //! - [`build`]: the messages pgward itself originates (ErrorResponse, AuthenticationOk, ...);
 //! - [`cursor`]: the one bounds-checked reader every body is read with;
 //! - [`view`]: typed zero-copy views of the messages pgward reads, decoded once per message;
-//! - [`fields`]: ErrorResponse fields and the password message.
+//! - [`fields`]: ErrorResponse fields and the password message;
+//! - [`replies`]: which request each backend message answers.
 
 pub mod build;
 pub mod cursor;
@@ -17,6 +18,7 @@ pub mod fields;
 pub mod frame;
 pub mod peer_cancel;
 pub mod proxy_header;
+pub mod replies;
 pub mod startup;
 pub mod view;
 
