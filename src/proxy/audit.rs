@@ -3,10 +3,10 @@
 //! statement is forwarded, and a completion record when the server has answered it.
 //!
 //! Records are built from what the relay already has in hand: the client's message, the
-//! interceptor's verdict and the policy analysis. Completions are matched to their records
-//! by the order of responses: the client direction queues what it sent
-//! ([`Awaiting`]), the upstream direction pops the queue as CommandComplete, errors and
-//! ReadyForQuery arrive ([`Completions`]). The log itself lives in [`crate::audit`].
+//! interceptor's verdict and the policy analysis. Each record's [`Awaiting`] rides with its
+//! request in the session's one response tracker (`proxy::replies`), which hands it back with
+//! the server's answer; [`Completions`] writes the completion record from it. The log itself
+//! lives in [`crate::audit`].
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,12 +19,15 @@ use crate::audit::{
 };
 use crate::error::Refusal;
 use crate::policy::{Rewritten, StatementInfo};
+use crate::protocol::replies::{Outcome, Request};
 use crate::protocol::view::{BindView, Frontend, ParseView};
 use crate::protocol::{backend, Message};
 use crate::sql::fingerprint::split_statements;
 
 /// What the interceptor decided about a message, as the audit record needs it.
 pub struct Observed<'a> {
+    /// Where the message is in its batch (its records are awaited with it).
+    pub position: usize,
     pub message: &'a Message,
     /// The message decoded (once, by the relay).
     pub view: &'a Frontend<'a>,
@@ -41,12 +44,15 @@ pub enum Registered {
     Nothing,
 }
 
-/// A response the server owes for something audited (or a boundary between requests).
+/// The completion a request's answer makes of its statement record.
 #[derive(Debug)]
 pub struct Awaiting {
-    /// Sequence number of the statement record; `None` for boundaries and unaudited requests.
+    /// Sequence number of the statement record; `None` when it has none of its own (a
+    /// multi-statement Query: its statements have) or its record was not written.
     seq: Option<u64>,
-    kind: AwaitKind,
+    /// The statements of a multi-statement Query, in order: each completes at its own
+    /// CommandComplete or error; those still here at the ReadyForQuery were skipped.
+    parts: VecDeque<Awaiting>,
     started: Instant,
     rows: Option<u64>,
     command: Option<String>,
@@ -58,20 +64,6 @@ pub struct Awaiting {
     data_rows: u64,
     /// Answered by PortalSuspended: the portal has more rows for later Executes.
     suspended: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AwaitKind {
-    /// A simple Query: completes at its ReadyForQuery. With one statement it carries that
-    /// statement's record; with several it is only the boundary after their `QueryPart`s.
-    Query,
-    /// One statement of a multi-statement Query: completes at its CommandComplete or error;
-    /// those after an error are never run (skipped at the ReadyForQuery).
-    QueryPart,
-    /// An Execute: completes at CommandComplete, EmptyQuery, PortalSuspended or its error.
-    Execute,
-    /// A Sync: executes before it that got no answer were skipped after an error.
-    Sync,
 }
 
 /// Per-session audit state of the client direction.
@@ -93,8 +85,16 @@ pub struct SessionAudit {
 #[derive(Default)]
 pub struct BatchRecords {
     events: Vec<AuditEvent>,
-    /// For each awaited response in order: the index into `events` of its record, if any.
-    awaiting: Vec<(AwaitKind, Option<usize>)>,
+    /// For each message whose answer completes records (by its position in the batch): the
+    /// index into `events` of its own record and of each statement's of a multi-statement
+    /// Query.
+    awaiting: Vec<(usize, AwaitedRecords)>,
+}
+
+#[derive(Default)]
+struct AwaitedRecords {
+    record: Option<usize>,
+    parts: Vec<usize>,
 }
 
 impl BatchRecords {
@@ -150,7 +150,7 @@ impl SessionAudit {
                     .unwrap_or(0);
                 let sql = format!("<fast-path function call, function oid {oid}>");
                 let record = self.record(Protocol::Simple, None, &sql, &observed, Vec::new());
-                batch.push(AwaitKind::Query, record, observed.refused.is_none());
+                batch.push(observed.position, record, observed.refused.is_none());
             }
             Frontend::Parse(parse) => {
                 return Registered::Statement(self.parse(parse, &observed, batch));
@@ -162,7 +162,6 @@ impl SessionAudit {
             Frontend::Execute { portal, .. } => {
                 self.execute(&observed, statements.portal(portal), batch)
             }
-            Frontend::Sync => batch.awaiting.push((AwaitKind::Sync, None)),
             _ => {}
         }
         Registered::Nothing
@@ -180,7 +179,7 @@ impl SessionAudit {
         };
         if parts.len() < 2 {
             let record = self.record(Protocol::Simple, None, sql, observed, Vec::new());
-            batch.push(AwaitKind::Query, record, observed.refused.is_none());
+            batch.push(observed.position, record, observed.refused.is_none());
             return;
         }
         let analysis = observed.analysis.as_deref();
@@ -196,6 +195,7 @@ impl SessionAudit {
             )
         });
         let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+        let mut awaited = AwaitedRecords::default();
         for (i, part) in parts.iter().enumerate() {
             let mut record = self.new_record(Protocol::Simple, part);
             record.part = Some((u32::try_from(i + 1).unwrap_or(u32::MAX), count));
@@ -212,10 +212,10 @@ impl SessionAudit {
                 None => {}
             }
             self.statements_recorded += 1;
-            let event = AuditEvent::Statement(Box::new(record));
-            batch.push(AwaitKind::QueryPart, event, true);
+            awaited.parts.push(batch.events.len());
+            batch.events.push(AuditEvent::Statement(Box::new(record)));
         }
-        batch.awaiting.push((AwaitKind::Query, None));
+        batch.awaiting.push((observed.position, awaited));
     }
 
     fn parse(
@@ -272,15 +272,14 @@ impl SessionAudit {
         let Some((portal, statement)) = portal.and_then(|p| Some((p, p.statement.audit.clone()?)))
         else {
             // Unknown portal: the server will answer with an error; nothing ran.
-            batch.awaiting.push((AwaitKind::Execute, None));
             return;
         };
         if statement.refused {
-            batch.awaiting.push((AwaitKind::Execute, None));
             return;
         }
         // Allowed (a refused Parse never gets here), and what it touches was found at Parse.
         let observed = Observed {
+            position: execute.position,
             message: execute.message,
             view: execute.view,
             refused: None,
@@ -297,7 +296,7 @@ impl SessionAudit {
         record.statement_name = (!name.is_empty()).then(|| name.to_string());
         record.params = portal.params.clone();
         let event = self.finish_record(record, &observed);
-        batch.push(AwaitKind::Execute, event, true);
+        batch.push(observed.position, event, true);
     }
 
     fn record(
@@ -346,13 +345,13 @@ impl SessionAudit {
     }
 
     /// Write the batch's records to the log (durable too with `durability =
-    /// "before_forward"`). Returns what the upstream direction must await (always, so
-    /// responses stay matched) and whether the records were written, with the receipt of
-    /// their durability.
+    /// "before_forward"`). Returns what the answers to the batch's messages complete (by
+    /// position in the batch; always, so completions stay matched) and whether the records
+    /// were written, with the receipt of their durability.
     pub async fn commit(
         &self,
         batch: BatchRecords,
-    ) -> (Vec<Awaiting>, Result<DurableReceipt, AuditError>) {
+    ) -> (Vec<(usize, Awaiting)>, Result<DurableReceipt, AuditError>) {
         let started = Instant::now();
         let written = if batch.events.is_empty() {
             Ok((Vec::new(), DurableReceipt::already_durable()))
@@ -363,31 +362,44 @@ impl SessionAudit {
             .as_ref()
             .map(|(seqs, _)| seqs.as_slice())
             .unwrap_or_default();
-        let awaiting = batch
+        let awaiting = |index: Option<usize>| Awaiting {
+            seq: index.and_then(|i| seqs.get(i).copied()),
+            parts: VecDeque::new(),
+            started,
+            rows: None,
+            command: None,
+            sqlstate: None,
+            skipped: false,
+            data_rows: 0,
+            suspended: false,
+        };
+        let awaited = batch
             .awaiting
             .into_iter()
-            .map(|(kind, index)| Awaiting {
-                seq: index.and_then(|i| seqs.get(i).copied()),
-                kind,
-                started,
-                rows: None,
-                command: None,
-                sqlstate: None,
-                skipped: false,
-                data_rows: 0,
-                suspended: false,
+            .map(|(position, records)| {
+                let mut own = awaiting(records.record);
+                own.parts = records
+                    .parts
+                    .into_iter()
+                    .map(|i| awaiting(Some(i)))
+                    .collect();
+                (position, own)
             })
             .collect();
-        (awaiting, written.map(|(_, receipt)| receipt))
+        (awaited, written.map(|(_, receipt)| receipt))
     }
 }
 
 impl BatchRecords {
-    /// A record, and the response its request awaits (a refusal's own record gets no
-    /// completion: the server's answer to its stand-in says nothing about it).
-    fn push(&mut self, kind: AwaitKind, event: AuditEvent, completes: bool) {
-        self.awaiting
-            .push((kind, completes.then_some(self.events.len())));
+    /// A message's record, completed by the message's answer unless `completes` is false (a
+    /// refusal's own record: the server's answer to its stand-in says nothing about it).
+    fn push(&mut self, position: usize, event: AuditEvent, completes: bool) {
+        if completes {
+            let record = Some(self.events.len());
+            let parts = Vec::new();
+            self.awaiting
+                .push((position, AwaitedRecords { record, parts }));
+        }
         self.events.push(event);
     }
 }
@@ -428,111 +440,59 @@ fn extend_unique(into: &mut Vec<String>, from: &[String]) {
     }
 }
 
-/// The upstream direction's side: match responses to the records awaiting them.
+/// The upstream direction's side: completion records, written from the [`Awaiting`] the
+/// session's response tracker hands back with each answer.
 pub struct Completions {
     handle: AuditHandle,
     session: Arc<SessionInfo>,
-    queue: parking_lot::Mutex<VecDeque<Awaiting>>,
-    /// DataRows seen since the last tracked message: counted without the lock (a result set
-    /// is mostly DataRows) and credited to the awaited request when its completion arrives.
-    pending_rows: std::sync::atomic::AtomicU64,
 }
-
-/// Most awaited responses kept; a client flooding Syncs must not grow memory without bound.
-const MAX_AWAITING: usize = 65_536;
 
 impl Completions {
     pub fn new(handle: AuditHandle, session: Arc<SessionInfo>) -> Self {
-        Self {
-            handle,
-            session,
-            queue: parking_lot::Mutex::new(VecDeque::new()),
-            pending_rows: std::sync::atomic::AtomicU64::new(0),
-        }
+        Self { handle, session }
     }
 
-    /// Queue what a forwarded batch awaits (call before the batch goes upstream).
-    pub fn track(&self, awaiting: Vec<Awaiting>) {
-        let mut queue = self.queue.lock();
-        for item in awaiting {
-            if queue.len() >= MAX_AWAITING {
-                if let Some(dropped) = queue.pop_front() {
-                    self.complete(dropped);
-                }
-            }
-            queue.push_back(item);
-        }
-    }
-
-    /// Look at one upstream message.
-    pub fn observe(&self, message: &Message) {
-        let tag = message.tag();
-        if tag == backend::DATA_ROW {
-            self.pending_rows
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return;
-        }
+    /// A message that is part of the answer to a Query or FunctionCall still awaited: each
+    /// CommandComplete, EmptyQueryResponse or error ends one of its statements.
+    pub fn part(&self, awaiting: &mut Awaiting, message: &Message) {
         if !matches!(
-            tag,
-            backend::COMMAND_COMPLETE
-                | backend::EMPTY_QUERY_RESPONSE
-                | backend::PORTAL_SUSPENDED
-                | backend::ERROR_RESPONSE
-                | backend::READY_FOR_QUERY
+            message.tag(),
+            backend::COMMAND_COMPLETE | backend::EMPTY_QUERY_RESPONSE | backend::ERROR_RESPONSE
         ) {
             return;
         }
-        let mut queue = self.queue.lock();
-        // The rows before this message answered the request at the front.
-        let rows = self
-            .pending_rows
-            .swap(0, std::sync::atomic::Ordering::Relaxed);
-        if let Some(front) = queue.front_mut() {
-            front.data_rows += rows;
+        match awaiting.parts.pop_front() {
+            Some(mut statement) => {
+                statement.answered_by(message);
+                self.complete(statement);
+            }
+            // A Query of one statement completes at its ReadyForQuery.
+            None => awaiting.answered_by(message),
         }
-        match tag {
-            backend::READY_FOR_QUERY => {
-                // Everything up to the request this answers is over; Executes and statements
-                // of a Query still waiting were skipped after an error (never run).
-                while let Some(mut item) = queue.pop_front() {
-                    let boundary = !item.kind.per_statement();
-                    item.skipped = item.kind.per_statement();
-                    self.complete(item);
-                    if boundary {
-                        break;
-                    }
+    }
+
+    /// A request left the tracker: `message` settled it (an error, a completion, or the
+    /// ReadyForQuery that closed its segment).
+    pub fn settled(
+        &self,
+        request: Request,
+        outcome: Outcome,
+        mut awaiting: Awaiting,
+        message: &Message,
+    ) {
+        match (request, outcome) {
+            (Request::Query | Request::FunctionCall, _) => {
+                // Statements still awaited at the ReadyForQuery were skipped after an error.
+                let skipped = outcome == Outcome::Failed;
+                for mut statement in std::mem::take(&mut awaiting.parts) {
+                    statement.skipped = skipped;
+                    self.complete(statement);
                 }
             }
-            _ => {
-                let Some(front) = queue.front_mut() else {
-                    return;
-                };
-                match tag {
-                    backend::PORTAL_SUSPENDED => {
-                        // This Execute's part of the portal's rows; each later Execute of the
-                        // portal gets its own record and completion with its own part.
-                        front.rows = Some(front.data_rows);
-                        front.suspended = true;
-                    }
-                    backend::COMMAND_COMPLETE => {
-                        let (command, rows) = command_tag(message.body());
-                        front.command = Some(command);
-                        front.rows = Some(front.rows.unwrap_or(0) + rows.unwrap_or(0));
-                    }
-                    backend::ERROR_RESPONSE => {
-                        let fields = crate::protocol::fields::ErrorFields::parse(message.body())
-                            .unwrap_or_default();
-                        front.sqlstate = Some(fields.code.unwrap_or_else(|| "XX000".into()));
-                    }
-                    _ => {}
-                }
-                if front.kind.per_statement() {
-                    if let Some(done) = queue.pop_front() {
-                        self.complete(done);
-                    }
-                }
-            }
+            (_, Outcome::Skipped) => awaiting.skipped = true,
+            (_, Outcome::Done | Outcome::Failed) => awaiting.answered_by(message),
         }
+        self.complete(awaiting);
     }
 
     fn complete(&self, item: Awaiting) {
@@ -553,10 +513,34 @@ impl Completions {
     }
 }
 
-impl AwaitKind {
-    /// Answered by its own CommandComplete (or error), not by ReadyForQuery.
-    fn per_statement(self) -> bool {
-        matches!(self, AwaitKind::Execute | AwaitKind::QueryPart)
+impl Awaiting {
+    /// DataRows answered for it: an Execute that stops at PortalSuspended has no
+    /// CommandComplete to count them.
+    pub fn rows_seen(&mut self, rows: u64) {
+        self.data_rows += rows;
+    }
+
+    /// What the server's answer says about the statement.
+    fn answered_by(&mut self, message: &Message) {
+        match message.tag() {
+            backend::PORTAL_SUSPENDED => {
+                // This Execute's part of the portal's rows; each later Execute of the
+                // portal gets its own record and completion with its own part.
+                self.rows = Some(self.data_rows);
+                self.suspended = true;
+            }
+            backend::COMMAND_COMPLETE => {
+                let (command, rows) = command_tag(message.body());
+                self.command = Some(command);
+                self.rows = Some(self.rows.unwrap_or(0) + rows.unwrap_or(0));
+            }
+            backend::ERROR_RESPONSE => {
+                let fields =
+                    crate::protocol::fields::ErrorFields::parse(message.body()).unwrap_or_default();
+                self.sqlstate = Some(fields.code.unwrap_or_else(|| "XX000".into()));
+            }
+            _ => {}
+        }
     }
 }
 

@@ -26,6 +26,7 @@ pub mod policy;
 mod pooled;
 pub mod registry;
 pub mod reload;
+pub mod replies;
 pub mod session;
 pub mod state;
 pub mod statements;

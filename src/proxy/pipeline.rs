@@ -8,13 +8,14 @@
 //! encrypted). Decisions travel as typed values ([`Verdict`], [`Refusal`]); what goes upstream
 //! is assembled last, with unchanged runs of the batch kept as zero-copy slices.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 
-use super::audit::{BatchRecords, Completions, Observed, Registered, SessionAudit};
+use super::audit::{Awaiting, BatchRecords, Observed, Registered, SessionAudit};
 use super::encryption::ClientHalf;
 use super::intercept::{Interceptor, Verdict};
+use super::replies::{Awaited, Sent};
 use super::state::SessionState;
 use super::statements::{SessionStatements, Statement};
 use super::Shared;
@@ -22,6 +23,7 @@ use crate::audit::OnFailure;
 use crate::crypto::sql::ParamPlan;
 use crate::error::{sqlstate, ClientError, Refusal, RefusalKind};
 use crate::metrics::inc;
+use crate::protocol::replies::Request;
 use crate::protocol::view::Frontend;
 use crate::protocol::{build, frontend, Batch, Message, ProtocolError};
 
@@ -31,7 +33,7 @@ pub(super) async fn run_batch(
     shared: &Shared,
     state: &SessionState,
     (interceptor, statements): (&mut Interceptor, &mut SessionStatements),
-    audit: Option<(&mut SessionAudit, &Completions)>,
+    mut audit: Option<&mut SessionAudit>,
     batch: &Batch,
 ) -> Vec<Bytes> {
     // Each message is decoded once; every stage reads the same view.
@@ -41,10 +43,10 @@ pub(super) async fn run_batch(
     let mut verdicts = Vec::with_capacity(messages.len());
     let mut plans = Vec::with_capacity(messages.len());
     let mut resolved = Vec::with_capacity(messages.len());
+    let mut named_parses = Vec::with_capacity(messages.len());
     let mut records = BatchRecords::default();
-    let (mut audit, completions) = audit.unzip();
-    statements.forget_failed(&state.parses);
-    for (message, view) in messages.iter().zip(&views) {
+    statements.forget_failed(state.replies.take_failed());
+    for (position, (message, view)) in messages.iter().zip(&views).enumerate() {
         // Looked up once, in message order, before this message changes the registry.
         let statement = view.as_ref().ok().and_then(|view| statements.resolve(view));
         let registry_refusal = view
@@ -66,6 +68,7 @@ pub(super) async fn run_batch(
                 _ => None,
             };
             let observed = Observed {
+                position,
                 message,
                 view,
                 refused,
@@ -84,15 +87,16 @@ pub(super) async fn run_batch(
             ),
             _ => None,
         };
-        state.parses.sent(message.tag(), named.as_ref());
+        named_parses.push(named.as_ref().map(Arc::downgrade));
         plans.push(plan);
         resolved.push(statement);
         verdicts.push(verdict);
     }
-    if let (Some(audit), Some(completions)) = (audit, completions) {
+    let mut audited = Vec::new();
+    if let Some(audit) = audit {
         if !records.is_empty() {
             let (awaiting, written) = audit.commit(records).await;
-            completions.track(awaiting);
+            audited = awaiting;
             match written {
                 Ok(receipt) => state.hold_responses_until(receipt),
                 Err(e) => {
@@ -105,6 +109,12 @@ pub(super) async fn run_batch(
             }
         }
     }
+    state.replies.sent(awaited_requests(
+        &messages,
+        &verdicts,
+        named_parses,
+        audited,
+    ));
     assemble(
         shared,
         state,
@@ -118,6 +128,45 @@ pub(super) async fn run_batch(
         interceptor.crypto_mut(),
     )
     .await
+}
+
+/// What the session's response tracker awaits for each message of the batch, in order: the
+/// request the server will answer (for a refused message, its stand-in's), the named Parse's
+/// registry entry and the audit records its answer completes.
+fn awaited_requests(
+    messages: &[Message],
+    verdicts: &[Verdict],
+    named_parses: Vec<Option<Weak<Statement>>>,
+    audited: Vec<(usize, Awaiting)>,
+) -> Vec<Sent> {
+    let mut audited = audited.into_iter().peekable();
+    let mut sent = Vec::with_capacity(messages.len());
+    for (position, ((message, verdict), statement)) in
+        messages.iter().zip(verdicts).zip(named_parses).enumerate()
+    {
+        let tag = message.tag();
+        let request = match verdict {
+            Verdict::Refuse(_) if !matches!(tag, frontend::QUERY | frontend::FUNCTION_CALL) => {
+                Some(Request::Parse)
+            }
+            _ => Request::of(message),
+        };
+        let audit = audited
+            .next_if(|(at, _)| *at == position)
+            .map(|(_, awaiting)| awaiting);
+        match request {
+            Some(request) => sent.push(Sent::Request(request, Awaited { statement, audit })),
+            None if matches!(
+                tag,
+                frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
+            ) =>
+            {
+                sent.push(Sent::Copy)
+            }
+            None => {}
+        }
+    }
+    sent
 }
 
 /// What the session's registry keeps of one message it did not refuse: a Parse's statement

@@ -29,8 +29,8 @@ use super::pipeline;
 use super::policy::SessionPolicy;
 use super::registry::ClientEntry;
 use super::session::{
-    account_client_batch, account_upstream_batch, await_durable_records, open_session_audit, End,
-    SessionFacts, MAX_AWAITED,
+    account_client_batch, account_upstream_batch, await_durable_records, check_awaited,
+    open_session_audit, End, SessionFacts,
 };
 use super::state::SessionState;
 use super::statements::SessionStatements;
@@ -255,7 +255,7 @@ pub(super) async fn run(
         reader: FrameReader::new(client_read, shared.config.listen.max_message_bytes),
         writer: &mut client_write,
         interceptor,
-        audit: audit.as_mut().zip(completions.as_ref()),
+        audit: audit.as_mut(),
         completions: completions.as_ref(),
         crypto: upstream_crypto,
     };
@@ -292,7 +292,7 @@ struct Client<'a> {
     interceptor: Interceptor,
     /// The client's prepared statements and portals, as every stage reads them.
     statements: SessionStatements,
-    audit: Option<(&'a mut SessionAudit, &'a Completions)>,
+    audit: Option<&'a mut SessionAudit>,
     completions: Option<&'a Completions>,
     crypto: Option<UpstreamHalf>,
 }
@@ -446,7 +446,7 @@ async fn client_batch(
             shared,
             state,
             (&mut client.interceptor, &mut client.statements),
-            client.audit.as_mut().map(|(a, c)| (&mut **a, *c)),
+            client.audit.as_deref_mut(),
             &batch,
         )
         .await
@@ -509,17 +509,7 @@ async fn client_batch(
     if terminate || translation.terminate {
         return Err(End::ClientClosed);
     }
-    if client
-        .interceptor
-        .crypto_mut()
-        .is_some_and(|crypto| crypto.awaited() > MAX_AWAITED)
-    {
-        return Err(End::Fatal(ClientError::fatal(
-            sqlstate::PROGRAM_LIMIT_EXCEEDED,
-            format!("pgward: more than {MAX_AWAITED} pipelined messages without a Sync"),
-        )));
-    }
-    Ok(())
+    check_awaited(state, &mut client.interceptor)
 }
 
 /// One batch from the held server connection, with the answers to inserted messages dropped

@@ -30,7 +30,7 @@ use crate::protocol::startup::StartupMessage;
 use crate::protocol::{backend, build, frontend, Batch, FrameReader, ProtocolError};
 use crate::upstream::MAX_UPSTREAM_MESSAGE;
 
-/// Most responses a session may have outstanding while field encryption tracks them.
+/// Most requests a session may have unanswered.
 pub(super) const MAX_AWAITED: usize = 1 << 20;
 
 type ClientWriter = Arc<tokio::sync::Mutex<ConnWriter>>;
@@ -250,11 +250,10 @@ pub(super) async fn run(shared: Arc<Shared>, admitted: Admitted, shutdown: watch
         .as_ref()
         .map(|a| Completions::new(a.handle().clone(), a.session().clone()));
     let mut audit = audit;
-    let audit_pair = audit.as_mut().zip(completions.as_ref());
     let mut interceptor = interceptor;
     interceptor.set_crypto(client_crypto);
     let end = tokio::select! {
-        end = client_to_upstream(&shared, &state, client_reader, upstream_write, interceptor, audit_pair, shutdown) => end,
+        end = client_to_upstream(&shared, &state, client_reader, upstream_write, interceptor, audit.as_mut(), shutdown) => end,
         end = upstream_to_client(&shared, &state, upstream_reader, client_writer.clone(), completions.as_ref(), upstream_crypto) => end,
     };
     if let Some(audit) = &audit {
@@ -282,7 +281,7 @@ async fn client_to_upstream(
     mut reader: FrameReader<ConnReader>,
     mut upstream: ConnWriter,
     mut interceptor: Interceptor,
-    mut audit: Option<(&mut SessionAudit, &Completions)>,
+    mut audit: Option<&mut SessionAudit>,
     mut shutdown: watch::Receiver<bool>,
 ) -> End {
     let idle_timeout = shared.config.listen.idle_timeout;
@@ -349,7 +348,7 @@ async fn client_to_upstream(
                 shared,
                 state,
                 (&mut interceptor, &mut statements),
-                audit.as_mut().map(|(a, c)| (&mut **a, *c)),
+                audit.as_deref_mut(),
                 &batch,
             )
             .await
@@ -376,18 +375,29 @@ async fn client_to_upstream(
         if terminate {
             return End::ClientClosed;
         }
-        if interceptor
-            .crypto_mut()
-            .is_some_and(|crypto| crypto.awaited() > MAX_AWAITED)
-        {
-            // After an error the server discards messages until Sync without answering;
-            // every one still costs an entry in the response map field encryption keeps.
-            return End::Fatal(ClientError::fatal(
-                sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                format!("pgward: more than {MAX_AWAITED} pipelined messages without a Sync"),
-            ));
+        if let Err(end) = check_awaited(state, &mut interceptor) {
+            return end;
         }
     }
+}
+
+/// After an error the server discards messages until Sync without answering; every one
+/// still costs an entry in the session's response tracker and field encryption's. A client
+/// that pipelines more than [`MAX_AWAITED`] of them without a Sync is disconnected (54000).
+pub(super) fn check_awaited(
+    state: &SessionState,
+    interceptor: &mut Interceptor,
+) -> Result<(), End> {
+    let encryption = interceptor
+        .crypto_mut()
+        .map_or(0, |crypto| crypto.awaited());
+    if encryption.max(state.replies.len()) <= MAX_AWAITED {
+        return Ok(());
+    }
+    Err(End::Fatal(ClientError::fatal(
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        format!("pgward: more than {MAX_AWAITED} pipelined messages without a Sync"),
+    )))
 }
 
 /// Bookkeeping for one client batch, in one pass over its tags: returns whether it ends the
@@ -515,10 +525,7 @@ pub(super) fn account_upstream_batch(
     let total = all.len();
     for message in batch.messages() {
         let len = message.raw().len();
-        if let Some(completions) = completions {
-            completions.observe(&message);
-        }
-        state.parses.answered(message.tag());
+        state.replies.answered(&message, completions);
         match message.tag() {
             backend::READY_FOR_QUERY => {
                 let status = message.body().first().copied().unwrap_or(b'I');

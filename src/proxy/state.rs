@@ -41,9 +41,9 @@ pub struct SessionState {
     /// Audit records written but maybe not yet durable, of statements already forwarded: no
     /// response goes to the client before these resolve (`[audit] durability`).
     undurable: Mutex<Vec<DurableReceipt>>,
-    /// Parses in flight and the named statements the server rejected, for the client
-    /// direction's registry (`proxy::statements`).
-    pub parses: super::statements::ParseOutcomes,
+    /// The session's one response tracker: the requests forwarded and not yet answered, with
+    /// what the registry and the audit await of each.
+    pub replies: super::replies::SessionReplies,
     /// The service's statement series in `/metrics` (set with [`SessionState::with_series`]).
     pub series: Arc<crate::metrics::ServiceSeries>,
     /// Transaction pooling: the session holds a server connection only while it runs a
@@ -74,7 +74,7 @@ impl SessionState {
             next_refusal: AtomicU64::new(1),
             pending_requests: Mutex::new(VecDeque::new()),
             undurable: Mutex::new(Vec::new()),
-            parses: Default::default(),
+            replies: Default::default(),
             series: Arc::default(),
             pooled: false,
             held: Mutex::new(None),

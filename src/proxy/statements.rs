@@ -14,18 +14,15 @@
 //! (the server keeps the old statement, so its Binds would be encrypted and audited as the
 //! new one); a Bind of a name it does not hold is refused as PostgreSQL refuses it (26000)
 //! instead of forwarding values no plan has looked at; and a named Parse the server rejected
-//! is forgotten once its answer comes back ([`ParseOutcomes`]), so the name can be prepared
-//! again.
+//! is forgotten once its answer comes back (the session's response tracker,
+//! [`super::replies`], reports it), so the name can be prepared again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-
-use parking_lot::Mutex;
 
 use crate::audit::{BoundParam, SqlText, Touched};
 use crate::crypto::sql::ParamPlan;
 use crate::protocol::view::Frontend;
-use crate::protocol::{backend, frontend};
 
 /// PostgreSQL's `duplicate_prepared_statement`.
 const DUPLICATE_STATEMENT: &str = "42P05";
@@ -152,9 +149,9 @@ impl SessionStatements {
 
     /// Forgets the named statements whose Parse the server rejected or skipped (unless the
     /// name was closed and prepared again since).
-    pub fn forget_failed(&mut self, outcomes: &ParseOutcomes) {
+    pub fn forget_failed(&mut self, failed: Vec<Weak<Statement>>) {
         // Entries dropped since (closed, deallocated) are gone already.
-        for failed in outcomes.take_failed().iter().filter_map(Weak::upgrade) {
+        for failed in failed.iter().filter_map(Weak::upgrade) {
             let current = self.statements.get(&*failed.name);
             if current.is_some_and(|c| Arc::ptr_eq(c, &failed)) {
                 self.statements.remove(&*failed.name);
@@ -211,145 +208,6 @@ impl SessionStatements {
                 !bind.portal.is_empty() && !self.portals.contains_key(bind.portal)
             }
             _ => false,
-        }
-    }
-}
-
-/// Parses on their way to the server and what became of them, shared by the two relay
-/// directions. The registry takes a Parse's statement before the server has answered; a named
-/// one the server rejected — or skipped, after an earlier error, up to the next Sync — must be
-/// forgotten, or the client could never prepare the name again. The client direction notes
-/// what it sends in order; the upstream direction notes each answer the client gets.
-///
-/// Misjudging which answer is whose errs safe: a statement forgotten too early makes its Bind
-/// refused (26000), one forgotten too late makes a new Parse of its name refused (42P05);
-/// neither forwards a value under the wrong plan or runs a statement under the wrong record.
-#[derive(Debug, Default)]
-pub struct ParseOutcomes {
-    inner: Mutex<Outcomes>,
-}
-
-#[derive(Debug, Default)]
-struct Outcomes {
-    in_flight: VecDeque<InFlight>,
-    failed: Vec<Weak<Statement>>,
-    /// Boundaries noted since the last Execute or Query: the Syncs a COPY's copy-in mode
-    /// ignores, should copy data follow.
-    syncs_since_execute: usize,
-}
-
-#[derive(Debug)]
-enum InFlight {
-    /// A Parse, with its registered entry when it names one.
-    Parse(Option<Weak<Statement>>),
-    /// A Sync, Query or FunctionCall: ends with a ReadyForQuery.
-    Boundary,
-}
-
-/// Most requests noted while unanswered; past it nothing more is noted (a client that never
-/// reads its answers must not grow the proxy's memory), which at worst forgets a failed name
-/// late.
-const MAX_IN_FLIGHT: usize = 65_536;
-
-impl ParseOutcomes {
-    /// The client direction forwards `tag` (Parse with its registered entry when named).
-    pub fn sent(&self, tag: u8, named: Option<&Arc<Statement>>) {
-        if !matches!(
-            tag,
-            frontend::PARSE
-                | frontend::SYNC
-                | frontend::QUERY
-                | frontend::FUNCTION_CALL
-                | frontend::EXECUTE
-                | frontend::COPY_DATA
-                | frontend::COPY_DONE
-                | frontend::COPY_FAIL
-        ) {
-            return;
-        }
-        let mut o = self.inner.lock();
-        match tag {
-            frontend::PARSE => o.push(InFlight::Parse(named.map(Arc::downgrade))),
-            frontend::SYNC => {
-                o.syncs_since_execute += 1;
-                o.push(InFlight::Boundary);
-            }
-            frontend::QUERY | frontend::FUNCTION_CALL => {
-                o.syncs_since_execute = 0;
-                o.push(InFlight::Boundary);
-            }
-            frontend::EXECUTE => o.syncs_since_execute = 0,
-            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
-                // Syncs sent after the COPY's Execute reached the server in copy-in mode,
-                // which ignores them: no ReadyForQuery will answer them.
-                let ignored = std::mem::take(&mut o.syncs_since_execute);
-                for _ in 0..ignored {
-                    match o
-                        .in_flight
-                        .iter()
-                        .rposition(|e| matches!(e, InFlight::Boundary))
-                    {
-                        Some(i) => drop(o.in_flight.remove(i)),
-                        None => break,
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// The client receives a message of `tag` (in the order the server answers).
-    pub fn answered(&self, tag: u8) {
-        // Called for every message the client gets (DataRows too): lock only for answers
-        // that settle a Parse.
-        if !matches!(
-            tag,
-            backend::PARSE_COMPLETE | backend::ERROR_RESPONSE | backend::READY_FOR_QUERY
-        ) {
-            return;
-        }
-        let mut o = self.inner.lock();
-        match tag {
-            backend::PARSE_COMPLETE => {
-                if let Some(i) = o
-                    .in_flight
-                    .iter()
-                    .position(|e| matches!(e, InFlight::Parse(_)))
-                {
-                    o.in_flight.remove(i);
-                }
-            }
-            // The failed request, and every one after it up to the next Sync, is not run.
-            backend::ERROR_RESPONSE => o.fail_until_boundary(false),
-            backend::READY_FOR_QUERY => o.fail_until_boundary(true),
-            _ => {}
-        }
-    }
-
-    fn take_failed(&self) -> Vec<Weak<Statement>> {
-        std::mem::take(&mut self.inner.lock().failed)
-    }
-}
-
-impl Outcomes {
-    fn push(&mut self, entry: InFlight) {
-        if self.in_flight.len() < MAX_IN_FLIGHT {
-            self.in_flight.push_back(entry);
-        }
-    }
-
-    /// Every Parse not answered before the first boundary failed; with `through`, that
-    /// boundary is answered too.
-    fn fail_until_boundary(&mut self, through: bool) {
-        while let Some(entry) = self.in_flight.pop_front() {
-            match entry {
-                InFlight::Parse(named) => self.failed.extend(named),
-                InFlight::Boundary if through => return,
-                InFlight::Boundary => {
-                    self.in_flight.push_front(InFlight::Boundary);
-                    return;
-                }
-            }
         }
     }
 }
@@ -435,69 +293,6 @@ mod tests {
         assert!(registry.would_overflow(&Frontend::decode(&named_portal).unwrap()));
         registry.closed(b'S', "s1");
         assert!(!registry.would_overflow(&Frontend::decode(&new).unwrap()));
-    }
-
-    #[test]
-    fn a_named_parse_the_server_rejects_or_skips_is_forgotten_and_one_it_completes_is_kept() {
-        let mut registry = SessionStatements::default();
-        let outcomes = ParseOutcomes::default();
-        let send_parse = |registry: &mut SessionStatements, name: &str| {
-            let entry = registry.parsed(name, None, None);
-            outcomes.sent(frontend::PARSE, Some(&entry));
-        };
-        // Parse a (completes), Parse b (fails), Parse c (skipped), Sync.
-        send_parse(&mut registry, "a");
-        send_parse(&mut registry, "b");
-        send_parse(&mut registry, "c");
-        outcomes.sent(frontend::SYNC, None);
-        // Then, before any answer: Parse d, Sync — a later segment, answered on its own.
-        send_parse(&mut registry, "d");
-        outcomes.sent(frontend::SYNC, None);
-        for tag in [
-            backend::PARSE_COMPLETE,
-            backend::ERROR_RESPONSE,
-            backend::READY_FOR_QUERY,
-        ] {
-            outcomes.answered(tag);
-        }
-        registry.forget_failed(&outcomes);
-        let parse_of = |name: &str| parse(name);
-        let held = |registry: &SessionStatements, name: &str| {
-            registry
-                .conflict(&Frontend::decode(&parse_of(name)).unwrap(), None)
-                .is_some()
-        };
-        assert!(held(&registry, "a"));
-        assert!(!held(&registry, "b") && !held(&registry, "c"));
-        assert!(held(&registry, "d"), "d's own segment is not answered yet");
-        outcomes.answered(backend::PARSE_COMPLETE);
-        outcomes.answered(backend::READY_FOR_QUERY);
-        registry.forget_failed(&outcomes);
-        assert!(held(&registry, "d"));
-    }
-
-    #[test]
-    fn syncs_a_copy_ignores_do_not_shift_later_answers() {
-        let mut registry = SessionStatements::default();
-        let outcomes = ParseOutcomes::default();
-        // tokio-postgres' COPY: Bind, Execute, Sync (ignored in copy-in mode), data, CopyDone, Sync.
-        for tag in [frontend::BIND, frontend::EXECUTE, frontend::SYNC] {
-            outcomes.sent(tag, None);
-        }
-        for tag in [frontend::COPY_DATA, frontend::COPY_DONE, frontend::SYNC] {
-            outcomes.sent(tag, None);
-        }
-        outcomes.answered(backend::COMMAND_COMPLETE);
-        outcomes.answered(backend::READY_FOR_QUERY);
-        // Then a Parse that fails: forgotten at its own error, not one segment late.
-        let entry = registry.parsed("x", None, None);
-        outcomes.sent(frontend::PARSE, Some(&entry));
-        outcomes.sent(frontend::SYNC, None);
-        outcomes.answered(backend::ERROR_RESPONSE);
-        registry.forget_failed(&outcomes);
-        assert!(registry
-            .conflict(&Frontend::decode(&parse("x")).unwrap(), None)
-            .is_none());
     }
 
     #[test]

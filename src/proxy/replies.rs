@@ -1,0 +1,124 @@
+//! The session's one response tracker: every request the client's stream sends upstream, in
+//! order, with what each stage keeps for its answer ([`Awaited`]); the upstream direction
+//! hands each answer back to the stage that waits for it.
+//!
+//! Which message answers which request is the protocol's rule, kept in
+//! [`crate::protocol::replies`]; this is the session's queue of it:
+//!
+//! * the statement registry learns which named Parses the server failed or skipped (it then
+//!   forgets the name, so the client can prepare it again);
+//! * the audit gets each statement's answer for its completion record (rows, command tag,
+//!   SQLSTATE, skipped after an error, suspended portal).
+//!
+//! The queue holds the client's requests as the client sent them: what field encryption
+//! inserts (a Describe before an Execute) and what the pool inserts (Parse and Close on a lent
+//! connection) are answered out of the stream before it reaches this tracker, each by its own
+//! queue under the same rules.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Weak;
+
+use parking_lot::Mutex;
+
+use super::audit::{Awaiting, Completions};
+use super::statements::Statement;
+use crate::protocol::replies::{Outcome, Replies, Reply, Request};
+use crate::protocol::{backend, Message};
+
+/// What the session keeps of one forwarded request until the server answers it.
+#[derive(Debug, Default)]
+pub struct Awaited {
+    /// A named Parse's entry in the registry: forgotten if the server fails or skips it.
+    pub statement: Option<Weak<Statement>>,
+    /// The completion its answer makes of its audit records.
+    pub audit: Option<Awaiting>,
+}
+
+/// One message of a forwarded batch, as the tracker sees it.
+#[derive(Debug)]
+pub enum Sent {
+    /// A request the server will answer.
+    Request(Request, Awaited),
+    /// CopyData, CopyDone or CopyFail: the server ignores Syncs sent into COPY FROM STDIN.
+    Copy,
+}
+
+/// The requests a session forwarded and not yet answered.
+#[derive(Debug, Default)]
+pub struct SessionReplies {
+    inner: Mutex<Inner>,
+    /// DataRows since the last other message: counted without the lock (a result set is mostly
+    /// DataRows) and credited to the request at the front when the next other message comes.
+    data_rows: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    queue: Replies<Awaited>,
+    /// Named statements whose Parse the server failed or skipped, for the registry.
+    failed: Vec<Weak<Statement>>,
+}
+
+impl SessionReplies {
+    /// The requests of a batch about to go upstream, in order (call before it is written, so
+    /// that every answer finds its request).
+    pub fn sent(&self, batch: impl IntoIterator<Item = Sent>) {
+        let mut inner = self.inner.lock();
+        for sent in batch {
+            match sent {
+                Sent::Request(request, awaited) => inner.queue.sent(request, awaited),
+                Sent::Copy => drop(inner.queue.copy_sent()),
+            }
+        }
+    }
+
+    /// One upstream message on its way to the client (after field encryption's and the pool's
+    /// own answers were taken out).
+    pub fn answered(&self, message: &Message, completions: Option<&Completions>) {
+        let tag = message.tag();
+        if tag == backend::DATA_ROW {
+            self.data_rows.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut inner = self.inner.lock();
+        let Inner { queue, failed } = &mut *inner;
+        let rows = self.data_rows.swap(0, Ordering::Relaxed);
+        if let Some(audit) = queue.front_mut().and_then(|(_, a)| a.audit.as_mut()) {
+            audit.rows_seen(rows);
+        }
+        let reply = queue.answer(tag, |request, outcome, awaited| {
+            if outcome != Outcome::Done {
+                failed.extend(awaited.statement);
+            }
+            if let (Some(completions), Some(audit)) = (completions, awaited.audit) {
+                completions.settled(request, outcome, audit, message);
+            }
+        });
+        if reply != Reply::Part {
+            return;
+        }
+        if let (Some(completions), Some((_, front))) = (completions, queue.front_mut()) {
+            if let Some(audit) = front.audit.as_mut() {
+                completions.part(audit, message);
+            }
+        }
+    }
+
+    /// The named statements the server failed or skipped since the last call.
+    pub fn take_failed(&self) -> Vec<Weak<Statement>> {
+        std::mem::take(&mut self.inner.lock().failed)
+    }
+
+    /// Requests awaiting their answer.
+    pub fn len(&self) -> usize {
+        self.inner.lock().queue.len()
+    }
+
+    /// Every request has been answered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,126 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::protocol::view::Frontend;
+use crate::proxy::statements::SessionStatements;
+
+/// A backend message of `tag` with an empty body (ReadyForQuery: idle).
+fn backend(tag: u8) -> Message {
+    let raw: Vec<u8> = match tag {
+        backend::READY_FOR_QUERY => vec![tag, 0, 0, 0, 5, b'I'],
+        _ => vec![tag, 0, 0, 0, 4],
+    };
+    Message::from_raw(raw.into()).unwrap()
+}
+
+fn answer(replies: &SessionReplies, tags: &[u8]) {
+    for &tag in tags {
+        replies.answered(&backend(tag), None);
+    }
+}
+
+fn parse_of(name: &str) -> Message {
+    let raw = [
+        &b"P"[..],
+        &(u32::try_from(name.len() + 16).unwrap()).to_be_bytes(),
+        name.as_bytes(),
+        b"\0SELECT 1\0\0\0",
+    ]
+    .concat();
+    Message::from_raw(raw.into()).unwrap()
+}
+
+fn held(registry: &SessionStatements, name: &str) -> bool {
+    let parse = parse_of(name);
+    registry
+        .conflict(&Frontend::decode(&parse).unwrap(), None)
+        .is_some()
+}
+
+fn request(request: Request) -> Sent {
+    Sent::Request(request, Awaited::default())
+}
+
+#[test]
+fn a_named_parse_the_server_rejects_or_skips_is_forgotten_and_one_it_completes_is_kept() {
+    let mut registry = SessionStatements::default();
+    let replies = SessionReplies::default();
+    let named_parse = |registry: &mut SessionStatements, name: &str| {
+        let entry = registry.parsed(name, None, None);
+        let awaited = Awaited {
+            statement: Some(Arc::downgrade(&entry)),
+            audit: None,
+        };
+        Sent::Request(Request::Parse, awaited)
+    };
+    // Parse a (completes), Parse b (fails), Parse c (skipped), Sync; then, before any
+    // answer, Parse d, Sync — a later segment, answered on its own.
+    let batch = vec![
+        named_parse(&mut registry, "a"),
+        named_parse(&mut registry, "b"),
+        named_parse(&mut registry, "c"),
+        request(Request::Sync),
+        named_parse(&mut registry, "d"),
+        request(Request::Sync),
+    ];
+    replies.sent(batch);
+    answer(
+        &replies,
+        &[
+            backend::PARSE_COMPLETE,
+            backend::ERROR_RESPONSE,
+            backend::READY_FOR_QUERY,
+        ],
+    );
+    registry.forget_failed(replies.take_failed());
+    assert!(held(&registry, "a"));
+    assert!(!held(&registry, "b") && !held(&registry, "c"));
+    assert!(held(&registry, "d"), "d's own segment is not answered yet");
+    answer(
+        &replies,
+        &[backend::PARSE_COMPLETE, backend::READY_FOR_QUERY],
+    );
+    registry.forget_failed(replies.take_failed());
+    assert!(held(&registry, "d"));
+    assert!(replies.is_empty());
+}
+
+#[test]
+fn syncs_a_copy_ignores_do_not_shift_later_answers() {
+    let mut registry = SessionStatements::default();
+    let replies = SessionReplies::default();
+    // tokio-postgres' COPY: Bind, Execute, Sync (ignored in copy-in mode), data, CopyDone, Sync.
+    replies.sent([
+        request(Request::Bind),
+        request(Request::Execute),
+        request(Request::Sync),
+        Sent::Copy,
+        Sent::Copy,
+        request(Request::Sync),
+    ]);
+    answer(
+        &replies,
+        &[
+            backend::BIND_COMPLETE,
+            b'G', // CopyInResponse
+            backend::COMMAND_COMPLETE,
+            backend::READY_FOR_QUERY,
+        ],
+    );
+    assert!(replies.is_empty());
+    // Then a Parse that fails: forgotten at its own error, not one segment late.
+    let entry = registry.parsed("x", None, None);
+    replies.sent([
+        Sent::Request(
+            Request::Parse,
+            Awaited {
+                statement: Some(Arc::downgrade(&entry)),
+                audit: None,
+            },
+        ),
+        request(Request::Sync),
+    ]);
+    answer(&replies, &[backend::ERROR_RESPONSE]);
+    registry.forget_failed(replies.take_failed());
+    assert!(!held(&registry, "x"));
+}
