@@ -24,7 +24,7 @@
 //! the statement with SQLSTATE XX001 and a message naming the column, never the value; the
 //! rest of that response, up to ReadyForQuery, is dropped (statements the server already ran
 //! in the same batch are not rolled back by this).
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -55,6 +55,7 @@ use crate::error::{sqlstate, ClientError};
 use crate::keys::store::{PgKeyStore, WrappedKeyStore};
 use crate::net::{ConnReader, ConnWriter};
 use crate::protocol::cursor::Cursor;
+use crate::protocol::replies::{Replies, Reply, Request};
 use crate::protocol::view::{data_row, row_description, BindView, Frontend, ParseView, RowField};
 use crate::protocol::{backend, build, frontend, Batch, FrameReader, Message};
 use crate::upstream::UpstreamTarget;
@@ -253,7 +254,7 @@ impl Encryption {
             views = views.len(),
             "encrypted columns located upstream"
         );
-        let queue = Arc::new(Mutex::new(VecDeque::new()));
+        let queue = Arc::new(Mutex::new(Replies::default()));
         Ok((
             ClientHalf::new(self.clone(), queue.clone(), scope.clone()),
             UpstreamHalf::new(self.clone(), queue, columns, scope),
@@ -361,25 +362,19 @@ enum FieldRole {
     BlindIndex,
 }
 
-/// A client message the relay forwarded and whose response it must recognise.
-#[derive(Debug)]
-enum Expect {
-    /// Simple query or function call: responses until ReadyForQuery.
-    Query,
-    Parse,
-    Bind,
-    /// The described statement's parameter plan, for its ParameterDescription.
-    DescribeStatement {
-        plan: Option<Arc<ParamPlan>>,
-    },
-    /// `hidden`: inserted by pgward before an Execute; its answer is not forwarded.
-    DescribePortal {
-        hidden: bool,
-    },
-    Execute,
-    Close,
-    Sync,
+/// What field encryption keeps of a request it forwarded, for its answer (the request
+/// itself and the reply rules are the queue's, [`Replies`]).
+#[derive(Debug, Default)]
+struct Expect {
+    /// A described statement's parameter plan, for its ParameterDescription.
+    plan: Option<Arc<ParamPlan>>,
+    /// A Describe of a portal inserted by pgward before an Execute: its answer is not
+    /// forwarded.
+    hidden: bool,
 }
+
+/// The requests field encryption forwarded, shared by its two halves.
+type Expected = Arc<Mutex<Replies<Expect>>>;
 
 #[cfg(test)]
 mod tests;

@@ -1,12 +1,12 @@
 //! The client → upstream half: Parse retyped, Bind values encrypted, COPY rows sealed, and
-//! the responses each forwarded message will produce queued for the other half.
+//! each forwarded request queued for the other half, which reads the answers by it.
 
 use super::*;
 
 /// The client → upstream half of a session's encryption state.
 pub struct ClientHalf {
     encryption: Arc<Encryption>,
-    queue: Arc<Mutex<VecDeque<Expect>>>,
+    queue: Expected,
     /// Portals the client described since their last Bind or Execute.
     described_portals: HashSet<String>,
     /// The plan of the next Parse or Query (set by the SQL rewrite of that message).
@@ -24,11 +24,7 @@ pub(super) enum CopyState {
 }
 
 impl ClientHalf {
-    pub(super) fn new(
-        encryption: Arc<Encryption>,
-        queue: Arc<Mutex<VecDeque<Expect>>>,
-        scope: KeyScope,
-    ) -> Self {
+    pub(super) fn new(encryption: Arc<Encryption>, queue: Expected, scope: KeyScope) -> Self {
         Self {
             scope,
             encryption,
@@ -58,20 +54,33 @@ impl ClientHalf {
             Frontend::Query { .. } => {
                 let plan = self.next_plan.take();
                 self.copy_in = copy_state(plan.as_deref());
-                self.push(Expect::Query);
+                self.push(Request::Query, Expect::default());
             }
-            Frontend::FunctionCall => self.push(Expect::Query),
-            Frontend::CopyData(payload) => return self.copy_data(payload).await,
-            Frontend::CopyDone => return Ok(self.copy_done(message).await),
-            Frontend::CopyFail => self.copy_in = None,
+            Frontend::FunctionCall => self.push(Request::FunctionCall, Expect::default()),
+            Frontend::CopyData(payload) => {
+                self.copy_sent();
+                return self.copy_data(payload).await;
+            }
+            Frontend::CopyDone => {
+                self.copy_sent();
+                return Ok(self.copy_done(message).await);
+            }
+            Frontend::CopyFail => {
+                self.copy_sent();
+                self.copy_in = None;
+            }
             Frontend::Parse(parse) => return self.parse(parse),
             Frontend::Bind(bind) => return self.bind(bind, plan).await,
             Frontend::Describe(target) => {
                 if target.is_statement() {
-                    self.push(Expect::DescribeStatement { plan });
+                    let expect = Expect {
+                        plan,
+                        hidden: false,
+                    };
+                    self.push(Request::DescribeStatement, expect);
                 } else {
                     self.described_portals.insert(target.name.to_owned());
-                    self.push(Expect::DescribePortal { hidden: false });
+                    self.push(Request::DescribePortal, Expect::default());
                 }
             }
             Frontend::Execute { portal, .. } => {
@@ -79,18 +88,22 @@ impl ClientHalf {
                 // Each Execute needs a description right before it: a portal described once
                 // and executed in several row-limited steps gets one per step.
                 if self.described_portals.remove(*portal) {
-                    self.push(Expect::Execute);
+                    self.push(Request::Execute, Expect::default());
                 } else {
-                    self.push(Expect::DescribePortal { hidden: true });
-                    self.push(Expect::Execute);
+                    let hidden = Expect {
+                        plan: None,
+                        hidden: true,
+                    };
+                    self.push(Request::DescribePortal, hidden);
+                    self.push(Request::Execute, Expect::default());
                     let mut out = BytesMut::new();
                     out.extend_from_slice(&build::describe(b'P', portal));
                     out.extend_from_slice(message.raw());
                     return Ok(Some(out.freeze()));
                 }
             }
-            Frontend::Close(_) => self.push(Expect::Close),
-            Frontend::Sync => self.push(Expect::Sync),
+            Frontend::Close(_) => self.push(Request::Close, Expect::default()),
+            Frontend::Sync => self.push(Request::Sync, Expect::default()),
             Frontend::Flush | Frontend::Terminate | Frontend::Other(_) => {}
         }
         Ok(None)
@@ -134,8 +147,13 @@ impl ClientHalf {
         }
     }
 
-    pub(super) fn push(&self, expect: Expect) {
-        self.queue.lock().push_back(expect);
+    pub(super) fn push(&self, request: Request, expect: Expect) {
+        self.queue.lock().sent(request, expect);
+    }
+
+    /// Copy data goes upstream: Syncs sent into COPY FROM STDIN get no answer.
+    fn copy_sent(&self) {
+        drop(self.queue.lock().copy_sent());
     }
 
     /// Responses still awaited from upstream (bounded by the relay: see `MAX_AWAITED`).
@@ -150,7 +168,7 @@ impl ClientHalf {
             Some(p) => Some(retype_parse(parse, p)?),
             None => None,
         };
-        self.push(Expect::Parse);
+        self.push(Request::Parse, Expect::default());
         Ok(replacement)
     }
 
@@ -162,7 +180,7 @@ impl ClientHalf {
         plan: Option<Arc<ParamPlan>>,
     ) -> Result<Option<Bytes>, ClientError> {
         self.described_portals.remove(bind.portal);
-        self.push(Expect::Bind);
+        self.push(Request::Bind, Expect::default());
         let Some(plan) = plan else {
             return Ok(None);
         };

@@ -162,8 +162,8 @@ fn result_formats_gain_a_text_code_per_row_key_only_when_listed_per_column() {
     assert_eq!(with_key_formats(&[0, 2, 0, 1, 0, 1], 0), None);
 }
 
-#[tokio::test]
-async fn row_keys_pair_in_order_by_name_and_never_with_a_views_column() {
+/// Field encryption of `customers.ssn` (row-bound) with a local key (call in a runtime).
+fn ssn_encryption() -> Arc<Encryption> {
     use crate::crypto::config::EncryptColumn;
     let column = EncryptColumn {
         table: "customers".into(),
@@ -189,11 +189,16 @@ async fn row_keys_pair_in_order_by_name_and_never_with_a_views_column() {
         )
         .unwrap(),
     );
-    let encryption = Arc::new(Encryption {
+    Arc::new(Encryption {
         sql: Arc::new(SqlEncryption::new(manager.clone())),
         manager,
         _poller: tokio::spawn(async {}),
-    });
+    })
+}
+
+#[tokio::test]
+async fn row_keys_pair_in_order_by_name_and_never_with_a_views_column() {
+    let encryption = ssn_encryption();
     let ssn = ColumnRef {
         table: "public.customers".into(),
         column: "ssn".into(),
@@ -247,4 +252,33 @@ async fn row_keys_pair_in_order_by_name_and_never_with_a_views_column() {
     let fields = crate::protocol::view::row_description(&body).unwrap();
     let plan = half.plan_for(&fields).unwrap();
     assert_eq!(plan.visible_count(), 1);
+}
+
+#[tokio::test]
+async fn the_answer_to_pgwards_own_describe_never_reaches_the_client() {
+    let queue: Expected = Arc::default();
+    let client = ClientHalf::new(ssn_encryption(), queue.clone(), KeyScope::default());
+    let mut upstream =
+        UpstreamHalf::new(ssn_encryption(), queue, HashMap::new(), KeyScope::default());
+    let message = |raw: &[u8]| Message::from_raw(Bytes::copy_from_slice(raw)).unwrap();
+    // An Execute of a portal the client did not describe: pgward describes it first.
+    client.push(
+        Request::DescribePortal,
+        Expect {
+            plan: None,
+            hidden: true,
+        },
+    );
+    client.push(Request::Execute, Expect::default());
+    client.push(Request::Sync, Expect::default());
+    // Its answer is dropped even when it does not decode; the rest is the client's.
+    let undecodable = message(b"T\0\0\0\x06\0\x01");
+    assert_eq!(upstream.message(&undecodable).await, Some(Bytes::new()));
+    let row = message(b"D\0\0\0\x0b\0\x01\0\0\0\x011");
+    assert_eq!(upstream.message(&row).await, None);
+    let complete = message(b"C\0\0\0\x0dSELECT 1\0");
+    assert_eq!(upstream.message(&complete).await, None);
+    assert_eq!(client.awaited(), 1);
+    assert_eq!(upstream.message(&message(b"Z\0\0\0\x05I")).await, None);
+    assert_eq!(client.awaited(), 0);
 }

@@ -6,7 +6,7 @@ use super::*;
 /// The upstream → client half of a session's encryption state.
 pub struct UpstreamHalf {
     encryption: Arc<Encryption>,
-    queue: Arc<Mutex<VecDeque<Expect>>>,
+    queue: Expected,
     /// (table OID, attnum) of encrypted and blind-index columns.
     columns: HashMap<(u32, i16), FieldRole>,
     /// How DataRows of the running query or portal are decoded (`None`: unchanged).
@@ -60,7 +60,7 @@ impl RowPlan {
 impl UpstreamHalf {
     pub(super) fn new(
         encryption: Arc<Encryption>,
-        queue: Arc<Mutex<VecDeque<Expect>>>,
+        queue: Expected,
         columns: HashMap<(u32, i16), FieldRole>,
         scope: KeyScope,
     ) -> Self {
@@ -128,32 +128,35 @@ impl UpstreamHalf {
         replacement
     }
 
-    pub(super) fn pop(&self) -> Option<Expect> {
-        self.queue.lock().pop_front()
-    }
-
-    pub(super) fn front_is_query(&self) -> bool {
-        matches!(self.queue.lock().front(), Some(Expect::Query))
+    /// The request `tag` answers leaves the queue if it settles it; returns what field
+    /// encryption kept of the request this message answers last (`None`: the message is part
+    /// of an answer still going on, or answers nothing).
+    fn answer(&self, tag: u8) -> Option<(Request, Expect)> {
+        let mut answered = None;
+        let reply = self.queue.lock().answer(tag, |request, _, expect| {
+            // The first settled request is the one this message answers; the rest were
+            // skipped after an error.
+            if answered.is_none() {
+                answered = Some((request, expect));
+            }
+        });
+        answered.filter(|_| reply == Reply::Settled)
     }
 
     /// Update the state for one response and transform it if needed.
     pub(super) async fn track(&mut self, message: &Message) -> Option<Bytes> {
         let body = message.body();
         match message.tag() {
-            PARSE_COMPLETE | BIND_COMPLETE | CLOSE_COMPLETE => {
-                self.pop();
-                None
-            }
             PARAMETER_DESCRIPTION => {
                 let plan = match self.queue.lock().front() {
-                    Some(Expect::DescribeStatement { plan }) => plan.clone(),
+                    Some((Request::DescribeStatement, expect)) => expect.plan.clone(),
                     _ => None,
                 };
                 plan.and_then(|p| retype_parameter_description(body, &p))
             }
             ROW_DESCRIPTION => self.row_description(body),
             NO_DATA => {
-                let hidden = matches!(self.pop(), Some(Expect::DescribePortal { hidden: true }));
+                let hidden = self.answer(NO_DATA).is_some_and(|(_, e)| e.hidden);
                 self.current = None;
                 hidden.then(Bytes::new)
             }
@@ -167,56 +170,37 @@ impl UpstreamHalf {
                     }
                 }
             }
-            backend::COMMAND_COMPLETE | EMPTY_QUERY_RESPONSE | PORTAL_SUSPENDED => {
-                self.current = None;
-                if !self.front_is_query() {
-                    self.pop();
+            tag => {
+                if matches!(
+                    tag,
+                    backend::COMMAND_COMPLETE
+                        | EMPTY_QUERY_RESPONSE
+                        | PORTAL_SUSPENDED
+                        | backend::ERROR_RESPONSE
+                ) {
+                    self.current = None;
                 }
+                self.answer(tag);
                 None
             }
-            backend::ERROR_RESPONSE => {
-                self.current = None;
-                None
-            }
-            backend::READY_FOR_QUERY => {
-                // Everything up to the request this answers is done (or skipped after an error).
-                let mut queue = self.queue.lock();
-                while let Some(e) = queue.pop_front() {
-                    if matches!(e, Expect::Sync | Expect::Query) {
-                        break;
-                    }
-                }
-                None
-            }
-            _ => None,
         }
     }
 
     pub(super) fn row_description(&mut self, body: &[u8]) -> Option<Bytes> {
-        let (plan, rewritten) = self.described(body)?;
-        let front = self.queue.lock().front().map(|e| match e {
-            Expect::DescribeStatement { .. } => 0,
-            Expect::DescribePortal { hidden: false } => 1,
-            Expect::DescribePortal { hidden: true } => 2,
-            _ => 3,
-        });
-        match front {
-            Some(0) => {
-                self.pop();
-                rewritten
-            }
-            Some(1) => {
-                self.pop();
-                self.current = plan;
-                rewritten
-            }
-            Some(2) => {
-                self.pop();
+        let answered = self.answer(ROW_DESCRIPTION);
+        let hidden = matches!(answered, Some((_, Expect { hidden: true, .. })));
+        let Some((plan, rewritten)) = self.described(body) else {
+            // Forwarded as it is, unless pgward asked for it.
+            return hidden.then(Bytes::new);
+        };
+        match answered {
+            Some((Request::DescribeStatement, _)) => rewritten,
+            Some((_, Expect { hidden: true, .. })) => {
                 self.current = plan;
                 Some(Bytes::new())
             }
             _ => {
-                // A simple query's (or FETCH's) own description.
+                // A Describe of a portal, or a simple query's (or FETCH's) own description.
                 self.current = plan;
                 rewritten
             }
@@ -388,8 +372,8 @@ pub(super) fn put_value(out: &mut BytesMut, v: &[u8]) -> Result<(), ClientError>
 }
 
 pub(super) use crate::protocol::backend::{
-    BIND_COMPLETE, CLOSE_COMPLETE, EMPTY_QUERY_RESPONSE, NOTIFICATION_RESPONSE, NO_DATA,
-    PARAMETER_DESCRIPTION, PARSE_COMPLETE, PORTAL_SUSPENDED, ROW_DESCRIPTION,
+    EMPTY_QUERY_RESPONSE, NOTIFICATION_RESPONSE, NO_DATA, PARAMETER_DESCRIPTION, PORTAL_SUSPENDED,
+    ROW_DESCRIPTION,
 };
 
 /// Storage size PostgreSQL reports for a client type (`typlen`).
