@@ -130,6 +130,27 @@ pub(super) async fn run_batch(
     .await
 }
 
+/// A batch of a pass-through, unaudited session: forwarded as it is, its requests queued in
+/// the session's response tracker (for the statement latency and the pipelining cap).
+pub(super) fn forward_unchanged(state: &SessionState, batch: &Batch) -> Vec<Bytes> {
+    let requests = batch.messages().filter_map(|message| {
+        let tag = message.tag();
+        match Request::of(&message) {
+            Some(request) => Some(Sent::Request(request, Awaited::default())),
+            None => is_copy(tag).then_some(Sent::Copy),
+        }
+    });
+    state.replies.sent(requests);
+    vec![batch.bytes().clone()]
+}
+
+fn is_copy(tag: u8) -> bool {
+    matches!(
+        tag,
+        frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
+    )
+}
+
 /// What the session's response tracker awaits for each message of the batch, in order: the
 /// request the server will answer (for a refused message, its stand-in's), the named Parse's
 /// registry entry and the audit records its answer completes.
@@ -155,14 +176,8 @@ fn awaited_requests(
             .next_if(|(at, _)| *at == position)
             .map(|(_, awaiting)| awaiting);
         match request {
-            Some(request) => sent.push(Sent::Request(request, Awaited { statement, audit })),
-            None if matches!(
-                tag,
-                frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL
-            ) =>
-            {
-                sent.push(Sent::Copy)
-            }
+            Some(request) => sent.push(Sent::Request(request, Awaited::new(statement, audit))),
+            None if is_copy(tag) => sent.push(Sent::Copy),
             None => {}
         }
     }

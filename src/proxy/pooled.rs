@@ -440,7 +440,7 @@ async fn client_batch(
         }
     }
     let outgoing = if client.interceptor.is_passthrough() && client.audit.is_none() {
-        vec![batch.bytes().clone()]
+        pipeline::forward_unchanged(state, &batch)
     } else {
         pipeline::run_batch(
             shared,

@@ -17,6 +17,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Weak;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -29,9 +30,22 @@ use crate::protocol::{backend, Message};
 #[derive(Debug, Default)]
 pub struct Awaited {
     /// A named Parse's entry in the registry: forgotten if the server fails or skips it.
-    pub statement: Option<Weak<Statement>>,
+    statement: Option<Weak<Statement>>,
     /// The completion its answer makes of its audit records.
-    pub audit: Option<Awaiting>,
+    audit: Option<Awaiting>,
+    /// When a Sync, Query or FunctionCall went upstream: the statement latency histogram
+    /// measures to its ReadyForQuery.
+    sent_at: Option<Instant>,
+}
+
+impl Awaited {
+    pub fn new(statement: Option<Weak<Statement>>, audit: Option<Awaiting>) -> Self {
+        Self {
+            statement,
+            audit,
+            sent_at: None,
+        }
+    }
 }
 
 /// One message of a forwarded batch, as the tracker sees it.
@@ -63,23 +77,35 @@ impl SessionReplies {
     /// The requests of a batch about to go upstream, in order (call before it is written, so
     /// that every answer finds its request).
     pub fn sent(&self, batch: impl IntoIterator<Item = Sent>) {
+        let mut now = None;
         let mut inner = self.inner.lock();
         for sent in batch {
             match sent {
-                Sent::Request(request, awaited) => inner.queue.sent(request, awaited),
+                Sent::Request(request, mut awaited) => {
+                    if request.ends_with_ready() {
+                        awaited.sent_at = Some(*now.get_or_insert_with(Instant::now));
+                    }
+                    inner.queue.sent(request, awaited)
+                }
                 Sent::Copy => drop(inner.queue.copy_sent()),
             }
         }
     }
 
     /// One upstream message on its way to the client (after field encryption's and the pool's
-    /// own answers were taken out).
-    pub fn answered(&self, message: &Message, completions: Option<&Completions>) {
+    /// own answers were taken out). Returns, for a ReadyForQuery, when the request it answers
+    /// went upstream.
+    pub fn answered(
+        &self,
+        message: &Message,
+        completions: Option<&Completions>,
+    ) -> Option<Instant> {
         let tag = message.tag();
         if tag == backend::DATA_ROW {
             self.data_rows.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         }
+        let mut sent_at = None;
         let mut inner = self.inner.lock();
         let Inner { queue, failed } = &mut *inner;
         let rows = self.data_rows.swap(0, Ordering::Relaxed);
@@ -87,6 +113,9 @@ impl SessionReplies {
             audit.rows_seen(rows);
         }
         let reply = queue.answer(tag, |request, outcome, awaited| {
+            if request.ends_with_ready() {
+                sent_at = awaited.sent_at;
+            }
             if outcome != Outcome::Done {
                 failed.extend(awaited.statement);
             }
@@ -95,13 +124,14 @@ impl SessionReplies {
             }
         });
         if reply != Reply::Part {
-            return;
+            return sent_at;
         }
         if let (Some(completions), Some((_, front))) = (completions, queue.front_mut()) {
             if let Some(audit) = front.audit.as_mut() {
                 completions.part(audit, message);
             }
         }
+        None
     }
 
     /// The named statements the server failed or skipped since the last call.

@@ -342,7 +342,7 @@ async fn client_to_upstream(
             }
         }
         let outgoing = if interceptor.is_passthrough() && audit.is_none() {
-            vec![batch.bytes().clone()]
+            pipeline::forward_unchanged(state, &batch)
         } else {
             pipeline::run_batch(
                 shared,
@@ -407,18 +407,12 @@ pub(super) fn account_client_batch(
     state: &SessionState,
     batch: &Batch,
 ) -> (bool, bool) {
-    let mut now = None;
     let mut terminate = false;
     let mut statements = 0;
     for message in batch.messages() {
         state.series.seen(message.tag());
         match message.tag() {
-            frontend::QUERY => {
-                statements += 1;
-                state.request_started(*now.get_or_insert_with(Instant::now));
-            }
-            frontend::EXECUTE | frontend::FUNCTION_CALL => statements += 1,
-            frontend::SYNC => state.request_started(*now.get_or_insert_with(Instant::now)),
+            frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL => statements += 1,
             frontend::TERMINATE => terminate = true,
             _ => {}
         }
@@ -525,14 +519,15 @@ pub(super) fn account_upstream_batch(
     let total = all.len();
     for message in batch.messages() {
         let len = message.raw().len();
-        state.replies.answered(&message, completions);
+        let sent_at = state.replies.answered(&message, completions);
         match message.tag() {
             backend::READY_FOR_QUERY => {
                 let status = message.body().first().copied().unwrap_or(b'I');
                 if status == b'I' {
                     state.series.transaction_ended();
                 }
-                if let Some(started) = state.ready_for_query(status, offset + len == total) {
+                state.ready_for_query(status, offset + len == total);
+                if let Some(started) = sent_at {
                     shared
                         .metrics
                         .observe_statement(&state.series, started.elapsed());

@@ -1,9 +1,8 @@
 //! Per-session state shared by the two relay directions and the cancel path.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -36,13 +35,11 @@ pub struct SessionState {
     refusals: Mutex<HashMap<u64, ClientError>>,
     refusals_pending: AtomicU64,
     next_refusal: AtomicU64,
-    /// Start times of request batches (Query or Sync) awaiting their ReadyForQuery.
-    pending_requests: Mutex<VecDeque<Instant>>,
     /// Audit records written but maybe not yet durable, of statements already forwarded: no
     /// response goes to the client before these resolve (`[audit] durability`).
     undurable: Mutex<Vec<DurableReceipt>>,
     /// The session's one response tracker: the requests forwarded and not yet answered, with
-    /// what the registry and the audit await of each.
+    /// what the registry, the audit and the latency histogram await of each.
     pub replies: super::replies::SessionReplies,
     /// The service's statement series in `/metrics` (set with [`SessionState::with_series`]).
     pub series: Arc<crate::metrics::ServiceSeries>,
@@ -51,9 +48,6 @@ pub struct SessionState {
     pooled: bool,
     held: Mutex<Option<(u32, u32)>>,
 }
-
-/// How many request start times are kept; extra Syncs (e.g. during COPY) must not grow memory.
-const MAX_PENDING_REQUESTS: usize = 256;
 
 /// Most refusals remembered while their markers are in flight.
 const MAX_PENDING_REFUSALS: usize = 1024;
@@ -72,7 +66,6 @@ impl SessionState {
             refusals: Mutex::new(HashMap::new()),
             refusals_pending: AtomicU64::new(0),
             next_refusal: AtomicU64::new(1),
-            pending_requests: Mutex::new(VecDeque::new()),
             undurable: Mutex::new(Vec::new()),
             replies: Default::default(),
             series: Arc::default(),
@@ -126,27 +119,12 @@ impl SessionState {
         self.upstream_idle.store(false, Ordering::Release);
     }
 
-    /// A request batch (Query or Sync) went upstream at `at`.
-    pub fn request_started(&self, at: Instant) {
-        let mut pending = self.pending_requests.lock();
-        if pending.len() < MAX_PENDING_REQUESTS {
-            pending.push_back(at);
-        }
-    }
-
-    /// A ReadyForQuery arrived; returns the start time of the request it answers.
-    pub fn ready_for_query(&self, status: u8, last_in_batch: bool) -> Option<Instant> {
+    /// A ReadyForQuery with transaction status `status` arrived.
+    pub fn ready_for_query(&self, status: u8, last_in_batch: bool) {
         self.tx_status.store(status, Ordering::Release);
         if last_in_batch {
             self.upstream_idle.store(true, Ordering::Release);
         }
-        let mut pending = self.pending_requests.lock();
-        let started = pending.pop_front();
-        if last_in_batch && status == b'I' && pending.len() > 8 {
-            // Syncs the server ignored (COPY) leave stale entries; an idle session has none.
-            pending.clear();
-        }
-        started
     }
 
     /// Idle outside a transaction: safe to close for idle timeout or shutdown.

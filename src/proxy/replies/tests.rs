@@ -47,10 +47,7 @@ fn a_named_parse_the_server_rejects_or_skips_is_forgotten_and_one_it_completes_i
     let replies = SessionReplies::default();
     let named_parse = |registry: &mut SessionStatements, name: &str| {
         let entry = registry.parsed(name, None, None);
-        let awaited = Awaited {
-            statement: Some(Arc::downgrade(&entry)),
-            audit: None,
-        };
+        let awaited = Awaited::new(Some(Arc::downgrade(&entry)), None);
         Sent::Request(Request::Parse, awaited)
     };
     // Parse a (completes), Parse b (fails), Parse c (skipped), Sync; then, before any
@@ -113,14 +110,34 @@ fn syncs_a_copy_ignores_do_not_shift_later_answers() {
     replies.sent([
         Sent::Request(
             Request::Parse,
-            Awaited {
-                statement: Some(Arc::downgrade(&entry)),
-                audit: None,
-            },
+            Awaited::new(Some(Arc::downgrade(&entry)), None),
         ),
         request(Request::Sync),
     ]);
     answer(&replies, &[backend::ERROR_RESPONSE]);
     registry.forget_failed(replies.take_failed());
     assert!(!held(&registry, "x"));
+}
+
+#[test]
+fn each_ready_for_query_times_the_request_it_answers() {
+    let replies = SessionReplies::default();
+    replies.sent([request(Request::FunctionCall)]);
+    replies.sent([request(Request::Parse), request(Request::Sync)]);
+    let times: Vec<Option<Instant>> = [
+        backend::READY_FOR_QUERY,
+        backend::PARSE_COMPLETE,
+        backend::READY_FOR_QUERY,
+        backend::READY_FOR_QUERY,
+    ]
+    .iter()
+    .map(|&tag| replies.answered(&backend(tag), None))
+    .collect();
+    assert!(times[0].is_some() && times[2].is_some());
+    assert!(times[0] <= times[2]);
+    assert_eq!(times[1], None, "only a ReadyForQuery ends a timed request");
+    assert_eq!(
+        times[3], None,
+        "a ReadyForQuery nothing awaited times nothing"
+    );
 }
