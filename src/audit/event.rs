@@ -123,6 +123,15 @@ impl SqlText {
         }
     }
 
+    /// The text whose redaction the caller already has (every statement of a shape redacts
+    /// alike: see [`crate::sql::fingerprint::RedactedText`]).
+    pub fn with_redacted(sql: &str, redacted: Arc<str>, has_sensitive_literals: bool) -> Self {
+        SqlText {
+            redacted,
+            original: (!has_sensitive_literals).then(|| sql.into()),
+        }
+    }
+
     pub fn redacted(&self) -> &str {
         &self.redacted
     }

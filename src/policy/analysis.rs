@@ -227,6 +227,7 @@ impl AnalysisMemo {
             statements,
             unrestricted: true,
             params: None,
+            client_text: None,
         })
     }
 

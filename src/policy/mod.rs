@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::error::{ClientError, Refusal, RefusalKind};
 use crate::metrics::{inc, RewriteCounters};
+use crate::sql::fingerprint::RedactedText;
 
 pub mod allow;
 pub mod analysis;
@@ -137,6 +138,9 @@ pub struct Rewritten {
     /// What the relay must do per execution (field encryption: the parameters it encrypts
     /// or blind-indexes at Bind), as the transform typed it.
     pub params: Option<StagePlan>,
+    /// The client's text, redacted and fingerprinted for the audit, when the engine made it
+    /// while analysing the text (a rewrite, and every statement of its shape after it).
+    pub client_text: Option<RedactedText>,
 }
 
 /// How a service is governed.
@@ -459,7 +463,8 @@ impl PolicyEngine {
             )
         };
         match rewrite(sql) {
-            Ok((r, outcome)) => {
+            Ok((mut r, outcome)) => {
+                r.client_text = Some(RedactedText::of(sql));
                 let r = Arc::new(r);
                 tracing::debug!(service = who.service, "rewrote statement");
                 if let Some((shape, shape_key)) = learn {
@@ -521,6 +526,7 @@ pub fn unrestricted_rewrite(
         statements: statements.into(),
         unrestricted: true,
         params: None,
+        client_text: None,
     };
     let Some(encryption) = encryption else {
         return Ok(unchanged(statements));
@@ -550,6 +556,7 @@ pub fn unrestricted_rewrite(
         statements: statements.into(),
         unrestricted: true,
         params: outcome.plan,
+        client_text: None,
     })
 }
 
@@ -612,6 +619,7 @@ pub fn refused_analysis(sql: &str, catalog: Option<&Catalog>) -> Rewritten {
         statements: statements.into(),
         unrestricted: true,
         params: None,
+        client_text: None,
     }
 }
 
@@ -700,6 +708,7 @@ pub fn rewrite_encrypted(
             statements: infos.into(),
             unrestricted: false,
             params: outcome.plan.clone(),
+            client_text: None,
         },
         outcome,
     ))

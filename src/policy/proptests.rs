@@ -277,6 +277,9 @@ proptest! {
             (Ok(exact), Ok(templated)) => {
                 prop_assert!(super::template::same_statements(&templated.sql, &exact.sql), "{sql}\ntemplate: {}\nexact:    {}", templated.sql, exact.sql);
                 prop_assert_eq!(&templated.statements, &exact.statements);
+                // The audit's text of it comes from the template, made from the first statement.
+                let own = crate::sql::fingerprint::RedactedText::of(&sql);
+                prop_assert_eq!(templated.client_text.as_ref(), Some(&own));
             }
             (exact, templated) => prop_assert!(false, "{sql}: exact {exact:?} vs template {templated:?}"),
         }

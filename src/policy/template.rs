@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::shape;
 use super::{sql, PolicyDenied, Rewritten, StagePlan, StatementInfo, TransformOutcome};
+use crate::sql::fingerprint::RedactedText;
 
 /// What the engine learned about a statement shape (see `shape.rs`).
 #[derive(Clone)]
@@ -20,6 +21,9 @@ pub(super) struct ShapeTemplate {
     /// The relay's plan of every statement of this shape (field encryption: result columns it
     /// added), the same whatever the literals: a template never transforms values.
     params: Option<StagePlan>,
+    /// The redacted client text and fingerprint of the first statement of the shape: every
+    /// statement of the shape redacts alike (they differ only in literals).
+    client_text: Option<RedactedText>,
 }
 
 impl ShapeTemplate {
@@ -29,6 +33,7 @@ impl ShapeTemplate {
             statements: self.statements.clone(),
             unrestricted: false,
             params: self.params.clone(),
+            client_text: self.client_text.clone(),
         }
     }
 }
@@ -73,6 +78,7 @@ pub(super) fn learn_shape(
         template,
         statements: parameterized.statements,
         params: exact.params.clone(),
+        client_text: exact.client_text.clone(),
     }))
 }
 

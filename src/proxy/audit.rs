@@ -197,7 +197,8 @@ impl SessionAudit {
         let count = u32::try_from(parts.len()).unwrap_or(u32::MAX);
         let mut awaited = AwaitedRecords::default();
         for (i, part) in parts.iter().enumerate() {
-            let mut record = self.new_record(Protocol::Simple, part);
+            // Each part is redacted on its own: the analysis's text is the whole Query's.
+            let mut record = self.new_record(Protocol::Simple, part, None);
             record.part = Some((u32::try_from(i + 1).unwrap_or(u32::MAX), count));
             record.session_json = self.session_json.clone();
             let touched = record.touched_mut();
@@ -232,8 +233,7 @@ impl SessionAudit {
             let event = self.record(Protocol::Extended, Some(name), sql, observed, Vec::new());
             batch.events.push(event);
         }
-        let text = SqlText::new(sql, self.literals_may_be_sensitive);
-        let fingerprint = self.fingerprints.of(text.redacted());
+        let (text, fingerprint) = self.text_of(sql, observed.analysis.as_deref());
         Arc::new(Prepared {
             text,
             fingerprint,
@@ -307,17 +307,40 @@ impl SessionAudit {
         observed: &Observed<'_>,
         params: Vec<BoundParam>,
     ) -> AuditEvent {
-        let mut record = self.new_record(protocol, sql);
+        // The analysis is of this text only for a Query or Parse (a function call's record
+        // text is pgward's own).
+        let analysis = match observed.view {
+            Frontend::Query { .. } | Frontend::Parse(_) => observed.analysis.as_deref(),
+            _ => None,
+        };
+        let mut record = self.new_record(protocol, sql, analysis);
         record.statement_name = name.filter(|n| !n.is_empty()).map(str::to_string);
         record.params = params;
         self.finish_record(record, observed)
     }
 
     /// A record of `sql`, redacted as the session's settings require.
-    fn new_record(&mut self, protocol: Protocol, sql: &str) -> StatementRecord {
-        let text = SqlText::new(sql, self.literals_may_be_sensitive);
-        let fingerprint = self.fingerprints.of(text.redacted());
+    fn new_record(
+        &mut self,
+        protocol: Protocol,
+        sql: &str,
+        analysis: Option<&Rewritten>,
+    ) -> StatementRecord {
+        let (text, fingerprint) = self.text_of(sql, analysis);
         StatementRecord::with_fingerprint(self.session.clone(), protocol, text, fingerprint)
+    }
+
+    /// `sql` as its records carry it, and its fingerprint: from the analysis of the text when
+    /// the policy engine made them (once per statement shape), else redacted here.
+    fn text_of(&mut self, sql: &str, analysis: Option<&Rewritten>) -> (SqlText, Arc<str>) {
+        let sensitive = self.literals_may_be_sensitive;
+        if let Some(known) = analysis.and_then(|a| a.client_text.as_ref()) {
+            let text = SqlText::with_redacted(sql, known.redacted.clone(), sensitive);
+            return (text, known.fingerprint.clone());
+        }
+        let text = SqlText::new(sql, sensitive);
+        let fingerprint = self.fingerprints.of(text.redacted());
+        (text, fingerprint)
     }
 
     /// Decision, rule and policy analysis onto a record.

@@ -97,6 +97,27 @@ pub fn fingerprint(sql: &str) -> String {
     out
 }
 
+/// A statement's text as the audit records it: redacted, with its fingerprint. Statements that
+/// differ only in their literals share both, so what analyses a text once for its shape
+/// ([`crate::policy`]'s templates) hands them to every statement of the shape, and the audit
+/// lexes none of those again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedactedText {
+    pub redacted: std::sync::Arc<str>,
+    pub fingerprint: std::sync::Arc<str>,
+}
+
+impl RedactedText {
+    pub fn of(sql: &str) -> Self {
+        let redacted = redact(sql);
+        let fingerprint = fingerprint(&redacted).into();
+        Self {
+            redacted: redacted.into(),
+            fingerprint,
+        }
+    }
+}
+
 /// Fingerprints of the redacted texts a session ran before. Statements that differ only in
 /// their literals redact alike, so a workload of the simple protocol (a new text per value)
 /// lexes each shape for its fingerprint once instead of once per statement.
