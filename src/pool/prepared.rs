@@ -150,13 +150,34 @@ impl Tracker {
         kept.map(|buf| Batch::from_whole_messages(buf.freeze()))
     }
 
-    /// pgward sends a request of its own, whose answer the client must not get.
-    fn inserted(&mut self, request: Request, forget: Option<String>) {
+    /// The client's own request goes upstream (nothing to undo if the server skips it).
+    fn client(&mut self, request: Request) {
+        let _skipped = self.owed.sent_unless_skipped(request, Owed::CLIENT);
+    }
+
+    /// pgward sends a Close or an unnamed Parse of its own, whose answer the client must not
+    /// get.
+    fn inserted(&mut self, request: Request) {
         let owed = Owed {
             swallow: true,
-            forget,
+            forget: None,
         };
-        self.owed.sent(request, owed);
+        let _skipped = self.owed.sent_unless_skipped(request, owed);
+    }
+
+    /// A Parse of server statement `server` goes upstream (pgward's own when `swallow`): the
+    /// connection has it from now on, unless the server fails or skips the Parse.
+    fn parse(&mut self, server: String, swallow: bool, prepared: &mut HashSet<String>) {
+        prepared.insert(server.clone());
+        let owed = Owed {
+            swallow,
+            forget: Some(server),
+        };
+        if let Some(skipped) = self.owed.sent_unless_skipped(Request::Parse, owed) {
+            if let Some(server) = skipped.forget {
+                prepared.remove(&server);
+            }
+        }
     }
 }
 
@@ -205,7 +226,7 @@ pub fn translate(
         match message.tag() {
             frontend::SYNC | frontend::FUNCTION_CALL => {
                 if let Some(request) = Request::of(&message) {
-                    tracker.owed.sent(request, Owed::CLIENT);
+                    tracker.client(request);
                 }
                 result.unsynced = Some(false);
                 out.extend_from_slice(raw);
@@ -230,7 +251,7 @@ pub fn translate(
         }
         match Frontend::decode(&message)? {
             Frontend::Query { sql } => {
-                tracker.owed.sent(Request::Query, Owed::CLIENT);
+                tracker.client(Request::Query);
                 // `DISCARD ALL` too (Npgsql's reset when a connection goes back to its pool):
                 // every other state it would reset is refused in this mode, so it is served
                 // as `DEALLOCATE ALL`.
@@ -282,25 +303,20 @@ pub fn translate(
                     }
                     tracker.unnamed_ready = false;
                     out.extend_from_slice(&build::parse("", &marker));
-                    tracker.owed.sent(Request::Parse, Owed::CLIENT);
+                    tracker.client(Request::Parse);
                 } else if parse.name.is_empty() {
                     client.unnamed = Some(raw.clone());
                     tracker.unnamed_ready = true;
                     out.extend_from_slice(raw);
-                    tracker.owed.sent(Request::Parse, Owed::CLIENT);
+                    tracker.client(Request::Parse);
                 } else {
                     let server = server_name(parse.sql, parse.param_section());
                     let rebuilt =
                         build::parse_with_param_types(&server, parse.sql, parse.param_section());
                     out.extend_from_slice(&build::close(b'S', &server));
-                    tracker.inserted(Request::Close, None);
+                    tracker.inserted(Request::Close);
                     out.extend_from_slice(&rebuilt);
-                    let owed = Owed {
-                        swallow: false,
-                        forget: Some(server.clone()),
-                    };
-                    tracker.owed.sent(Request::Parse, owed);
-                    prepared.insert(server.clone());
+                    tracker.parse(server.clone(), false, prepared);
                     client.named.insert(
                         parse.name.to_string(),
                         Prepared {
@@ -312,7 +328,7 @@ pub fn translate(
             }
             Frontend::Bind(bind) => {
                 let name = resolve(bind.statement, client, tracker, prepared, &mut out);
-                tracker.owed.sent(Request::Bind, Owed::CLIENT);
+                tracker.client(Request::Bind);
                 if name == bind.statement {
                     out.extend_from_slice(raw);
                 } else {
@@ -326,11 +342,11 @@ pub fn translate(
             }
             Frontend::Describe(target) if target.is_statement() => {
                 let name = resolve(target.name, client, tracker, prepared, &mut out);
-                tracker.owed.sent(Request::DescribeStatement, Owed::CLIENT);
+                tracker.client(Request::DescribeStatement);
                 out.extend_from_slice(&build::describe(b'S', &name));
             }
             Frontend::Close(target) => {
-                tracker.owed.sent(Request::Close, Owed::CLIENT);
+                tracker.client(Request::Close);
                 if !target.is_statement() {
                     out.extend_from_slice(raw);
                 } else if target.name.is_empty() {
@@ -344,7 +360,7 @@ pub fn translate(
             }
             _ => {
                 if let Some(request) = Request::of(&message) {
-                    tracker.owed.sent(request, Owed::CLIENT);
+                    tracker.client(request);
                 }
                 out.extend_from_slice(raw);
             }
@@ -425,11 +441,11 @@ fn resolve(
             match &client.unnamed {
                 Some(parse) => {
                     out.extend_from_slice(parse);
-                    tracker.inserted(Request::Parse, None);
+                    tracker.inserted(Request::Parse);
                 }
                 None => {
                     out.extend_from_slice(&build::close(b'S', ""));
-                    tracker.inserted(Request::Close, None);
+                    tracker.inserted(Request::Close);
                 }
             }
             tracker.unnamed_ready = true;
@@ -440,10 +456,9 @@ fn resolve(
         Some(statement) => {
             if !prepared.contains(&statement.server) {
                 out.extend_from_slice(&build::close(b'S', &statement.server));
-                tracker.inserted(Request::Close, None);
+                tracker.inserted(Request::Close);
                 out.extend_from_slice(&statement.parse);
-                tracker.inserted(Request::Parse, Some(statement.server.clone()));
-                prepared.insert(statement.server.clone());
+                tracker.parse(statement.server.clone(), true, prepared);
             }
             statement.server.clone()
         }

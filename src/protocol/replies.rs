@@ -131,6 +131,9 @@ pub struct Replies<T> {
     /// Syncs queued since the last Execute, Query or FunctionCall: the ones a COPY FROM STDIN
     /// started by it ignores, should copy data follow.
     syncs_since_execute: usize,
+    /// The server failed a request and no Sync (Query, FunctionCall) has been sent since: it
+    /// skips whatever comes before the next one.
+    skipping: bool,
 }
 
 impl<T> Default for Replies<T> {
@@ -138,6 +141,7 @@ impl<T> Default for Replies<T> {
         Self {
             queue: VecDeque::new(),
             syncs_since_execute: 0,
+            skipping: false,
         }
     }
 }
@@ -165,6 +169,9 @@ impl<T> Replies<T> {
 
     /// A request goes upstream.
     pub fn sent(&mut self, request: Request, item: T) {
+        if request.ends_with_ready() {
+            self.skipping = false;
+        }
         match request {
             Request::Sync => self.syncs_since_execute += 1,
             Request::Execute | Request::Query | Request::FunctionCall => {
@@ -177,6 +184,18 @@ impl<T> Replies<T> {
             failed: false,
             item,
         });
+    }
+
+    /// A request goes upstream; `Some(item)` when it is settled at once as skipped: the server
+    /// failed an earlier request and skips everything up to the next Sync, none of which has
+    /// been sent. A client that goes on sending after an error (no answer comes until its
+    /// Sync) then costs no memory per request.
+    pub fn sent_unless_skipped(&mut self, request: Request, item: T) -> Option<T> {
+        if self.skipping && !request.ends_with_ready() {
+            return Some(item);
+        }
+        self.sent(request, item);
+        None
     }
 
     /// CopyData, CopyDone or CopyFail goes upstream: the server is in COPY FROM STDIN mode
@@ -204,6 +223,9 @@ impl<T> Replies<T> {
         ) {
             return Reply::Unsolicited;
         }
+        if tag == backend::READY_FOR_QUERY {
+            self.skipping = false;
+        }
         let Some(front) = self.queue.front_mut() else {
             return Reply::Unsolicited;
         };
@@ -229,6 +251,8 @@ impl<T> Replies<T> {
                         settle(skipped.request, Outcome::Skipped, skipped.item);
                     }
                 }
+                // Nothing left before a Sync: what comes next is skipped too, until one is sent.
+                self.skipping = self.queue.is_empty();
                 Reply::Settled
             }
             _ if front.request.settled_by(tag) => {

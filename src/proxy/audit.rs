@@ -494,14 +494,14 @@ impl Completions {
         }
     }
 
-    /// A request left the tracker: `message` settled it (an error, a completion, or the
-    /// ReadyForQuery that closed its segment).
+    /// A request left the tracker: `answer` settled it (an error, a completion, or the
+    /// ReadyForQuery that closed its segment; none when it was skipped before it was sent).
     pub fn settled(
         &self,
         request: Request,
         outcome: Outcome,
         mut awaiting: Awaiting,
-        message: &Message,
+        answer: Option<&Message>,
     ) {
         match (request, outcome) {
             (Request::Query | Request::FunctionCall, _) => {
@@ -513,7 +513,11 @@ impl Completions {
                 }
             }
             (_, Outcome::Skipped) => awaiting.skipped = true,
-            (_, Outcome::Done | Outcome::Failed) => awaiting.answered_by(message),
+            (_, Outcome::Done | Outcome::Failed) => {
+                if let Some(answer) = answer {
+                    awaiting.answered_by(answer);
+                }
+            }
         }
         self.complete(awaiting);
     }

@@ -244,9 +244,10 @@ pub(super) async fn run(
     };
     lease.release();
 
-    let completions = audit
-        .as_ref()
-        .map(|a| Completions::new(a.handle().clone(), a.session().clone()));
+    if let Some(audit) = &audit {
+        let completions = Completions::new(audit.handle().clone(), audit.session().clone());
+        state.replies.audit_with(completions);
+    }
     let mut audit = audit;
     let mut interceptor = interceptor;
     interceptor.set_crypto(client_crypto);
@@ -256,7 +257,6 @@ pub(super) async fn run(
         writer: &mut client_write,
         interceptor,
         audit: audit.as_mut(),
-        completions: completions.as_ref(),
         crypto: upstream_crypto,
     };
     let mut held = None;
@@ -293,7 +293,6 @@ struct Client<'a> {
     /// The client's prepared statements and portals, as every stage reads them.
     statements: SessionStatements,
     audit: Option<&'a mut SessionAudit>,
-    completions: Option<&'a Completions>,
     crypto: Option<UpstreamHalf>,
 }
 
@@ -555,8 +554,8 @@ async fn forward_to_client(
         Some(crypto) => crypto.incoming(batch).await,
         None => batch,
     };
-    let outgoing = account_upstream_batch(shared, state, &batch, client.completions);
-    if client.completions.is_some() {
+    let outgoing = account_upstream_batch(shared, state, &batch);
+    if state.replies.is_audited() {
         await_durable_records(shared, state).await?;
     }
     for chunk in &outgoing {

@@ -8,7 +8,13 @@
 //! * the statement registry learns which named Parses the server failed or skipped (it then
 //!   forgets the name, so the client can prepare it again);
 //! * the audit gets each statement's answer for its completion record (rows, command tag,
-//!   SQLSTATE, skipped after an error, suspended portal).
+//!   SQLSTATE, skipped after an error, suspended portal);
+//! * the latency histogram gets, with each ReadyForQuery, when its Sync, Query or
+//!   FunctionCall went upstream.
+//!
+//! A request sent after an error and before any Sync is settled as skipped as it is sent:
+//! the server discards it without an answer, and a client that goes on sending must not cost
+//! an entry per request.
 //!
 //! The queue holds the client's requests as the client sent them: what field encryption
 //! inserts (a Describe before an Execute) and what the pool inserts (Parse and Close on a lent
@@ -16,7 +22,7 @@
 //! queue under the same rules.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Weak;
+use std::sync::{OnceLock, Weak};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -58,9 +64,11 @@ pub enum Sent {
 }
 
 /// The requests a session forwarded and not yet answered.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SessionReplies {
     inner: Mutex<Inner>,
+    /// An audited session's completion writer (set once, when its audit opens).
+    completions: OnceLock<Completions>,
     /// DataRows since the last other message: counted without the lock (a result set is mostly
     /// DataRows) and credited to the request at the front when the next other message comes.
     data_rows: AtomicU64,
@@ -73,33 +81,71 @@ struct Inner {
     failed: Vec<Weak<Statement>>,
 }
 
+impl std::fmt::Debug for SessionReplies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionReplies")
+            .field("awaited", &self.len())
+            .field("audited", &self.is_audited())
+            .finish()
+    }
+}
+
 impl SessionReplies {
+    /// The session is audited: settled requests complete their records through `completions`.
+    pub fn audit_with(&self, completions: Completions) {
+        // Set once per session; a second audit cannot open.
+        let _ = self.completions.set(completions);
+    }
+
+    /// Whether the session is audited.
+    pub fn is_audited(&self) -> bool {
+        self.completions.get().is_some()
+    }
+
     /// The requests of a batch about to go upstream, in order (call before it is written, so
-    /// that every answer finds its request).
+    /// that every answer finds its request). A request the server will skip (it failed an
+    /// earlier one and no Sync has been sent since) is settled at once.
     pub fn sent(&self, batch: impl IntoIterator<Item = Sent>) {
         let mut now = None;
         let mut inner = self.inner.lock();
+        let Inner { queue, failed } = &mut *inner;
         for sent in batch {
             match sent {
                 Sent::Request(request, mut awaited) => {
                     if request.ends_with_ready() {
                         awaited.sent_at = Some(*now.get_or_insert_with(Instant::now));
                     }
-                    inner.queue.sent(request, awaited)
+                    if let Some(skipped) = queue.sent_unless_skipped(request, awaited) {
+                        self.settle(failed, request, Outcome::Skipped, skipped, None);
+                    }
                 }
-                Sent::Copy => drop(inner.queue.copy_sent()),
+                Sent::Copy => drop(queue.copy_sent()),
             }
+        }
+    }
+
+    /// What a settled request means to the registry and the audit; `answer` is the message
+    /// that settled it, if the server sent one.
+    fn settle(
+        &self,
+        failed: &mut Vec<Weak<Statement>>,
+        request: Request,
+        outcome: Outcome,
+        awaited: Awaited,
+        answer: Option<&Message>,
+    ) {
+        if outcome != Outcome::Done {
+            failed.extend(awaited.statement);
+        }
+        if let (Some(completions), Some(audit)) = (self.completions.get(), awaited.audit) {
+            completions.settled(request, outcome, audit, answer);
         }
     }
 
     /// One upstream message on its way to the client (after field encryption's and the pool's
     /// own answers were taken out). Returns, for a ReadyForQuery, when the request it answers
     /// went upstream.
-    pub fn answered(
-        &self,
-        message: &Message,
-        completions: Option<&Completions>,
-    ) -> Option<Instant> {
+    pub fn answered(&self, message: &Message) -> Option<Instant> {
         let tag = message.tag();
         if tag == backend::DATA_ROW {
             self.data_rows.fetch_add(1, Ordering::Relaxed);
@@ -116,17 +162,12 @@ impl SessionReplies {
             if request.ends_with_ready() {
                 sent_at = awaited.sent_at;
             }
-            if outcome != Outcome::Done {
-                failed.extend(awaited.statement);
-            }
-            if let (Some(completions), Some(audit)) = (completions, awaited.audit) {
-                completions.settled(request, outcome, audit, message);
-            }
+            self.settle(failed, request, outcome, awaited, Some(message));
         });
         if reply != Reply::Part {
             return sent_at;
         }
-        if let (Some(completions), Some((_, front))) = (completions, queue.front_mut()) {
+        if let (Some(completions), Some((_, front))) = (self.completions.get(), queue.front_mut()) {
             if let Some(audit) = front.audit.as_mut() {
                 completions.part(audit, message);
             }

@@ -31,7 +31,7 @@ use crate::protocol::{backend, build, frontend, Batch, FrameReader, ProtocolErro
 use crate::upstream::MAX_UPSTREAM_MESSAGE;
 
 /// Most requests a session may have unanswered.
-pub(super) const MAX_AWAITED: usize = 1 << 20;
+pub(super) const MAX_AWAITED: usize = 1 << 18;
 
 type ClientWriter = Arc<tokio::sync::Mutex<ConnWriter>>;
 
@@ -246,15 +246,16 @@ pub(super) async fn run(shared: Arc<Shared>, admitted: Admitted, shutdown: watch
         },
         None => (None, None),
     };
-    let completions = audit
-        .as_ref()
-        .map(|a| Completions::new(a.handle().clone(), a.session().clone()));
+    if let Some(audit) = &audit {
+        let completions = Completions::new(audit.handle().clone(), audit.session().clone());
+        state.replies.audit_with(completions);
+    }
     let mut audit = audit;
     let mut interceptor = interceptor;
     interceptor.set_crypto(client_crypto);
     let end = tokio::select! {
         end = client_to_upstream(&shared, &state, client_reader, upstream_write, interceptor, audit.as_mut(), shutdown) => end,
-        end = upstream_to_client(&shared, &state, upstream_reader, client_writer.clone(), completions.as_ref(), upstream_crypto) => end,
+        end = upstream_to_client(&shared, &state, upstream_reader, client_writer.clone(), upstream_crypto) => end,
     };
     if let Some(audit) = &audit {
         audit.handle().append_nowait(AuditEvent::ConnectionClosed {
@@ -381,9 +382,10 @@ async fn client_to_upstream(
     }
 }
 
-/// After an error the server discards messages until Sync without answering; every one
-/// still costs an entry in the session's response tracker and field encryption's. A client
-/// that pipelines more than [`MAX_AWAITED`] of them without a Sync is disconnected (54000).
+/// Every request awaiting its answer costs an entry in the session's response tracker (and
+/// field encryption's). Those the server skips after an error are settled as they are sent,
+/// so only a client that keeps sending without reading its answers piles them up: past
+/// [`MAX_AWAITED`] it is disconnected (54000).
 pub(super) fn check_awaited(
     state: &SessionState,
     interceptor: &mut Interceptor,
@@ -396,7 +398,7 @@ pub(super) fn check_awaited(
     }
     Err(End::Fatal(ClientError::fatal(
         sqlstate::PROGRAM_LIMIT_EXCEEDED,
-        format!("pgward: more than {MAX_AWAITED} pipelined messages without a Sync"),
+        format!("pgward: more than {MAX_AWAITED} requests sent without reading their answers"),
     )))
 }
 
@@ -433,7 +435,6 @@ async fn upstream_to_client(
     state: &SessionState,
     mut reader: FrameReader<ConnReader>,
     client: ClientWriter,
-    completions: Option<&Completions>,
     mut crypto: Option<UpstreamHalf>,
 ) -> End {
     loop {
@@ -455,9 +456,9 @@ async fn upstream_to_client(
             Some(crypto) => crypto.incoming(batch).await,
             None => batch,
         };
-        let outgoing = account_upstream_batch(shared, state, &batch, completions);
-        // Only an audited session (it has completions) leaves durability receipts.
-        if completions.is_some() {
+        let outgoing = account_upstream_batch(shared, state, &batch);
+        // Only an audited session leaves durability receipts.
+        if state.replies.is_audited() {
             if let Err(end) = await_durable_records(shared, state).await {
                 return end;
             }
@@ -510,7 +511,6 @@ pub(super) fn account_upstream_batch(
     shared: &Shared,
     state: &SessionState,
     batch: &Batch,
-    completions: Option<&Completions>,
 ) -> Vec<Bytes> {
     let all = batch.bytes();
     let mut out = Vec::new();
@@ -519,7 +519,7 @@ pub(super) fn account_upstream_batch(
     let total = all.len();
     for message in batch.messages() {
         let len = message.raw().len();
-        let sent_at = state.replies.answered(&message, completions);
+        let sent_at = state.replies.answered(&message);
         match message.tag() {
             backend::READY_FOR_QUERY => {
                 let status = message.body().first().copied().unwrap_or(b'I');

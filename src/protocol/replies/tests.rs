@@ -74,6 +74,29 @@ fn an_error_fails_its_request_and_skips_the_rest_up_to_sync() {
 }
 
 #[test]
+fn requests_sent_after_an_error_and_before_a_sync_are_skipped_at_once() {
+    use Request::*;
+    let mut replies = queue(&[Bind, Execute]);
+    run(&mut replies, &[BIND_COMPLETE, ERROR_RESPONSE]);
+    assert!(replies.is_empty());
+    // The server discards everything up to the next Sync: nothing of it is queued.
+    assert_eq!(replies.sent_unless_skipped(Bind, 2), Some(2));
+    assert_eq!(replies.sent_unless_skipped(Execute, 3), Some(3));
+    assert_eq!(replies.sent_unless_skipped(Sync, 4), None);
+    assert_eq!(replies.sent_unless_skipped(Parse, 5), None);
+    assert_eq!(replies.len(), 2);
+    let settled = run(&mut replies, &[READY_FOR_QUERY, PARSE_COMPLETE]);
+    assert_eq!(
+        settled,
+        vec![(Sync, Outcome::Done, 4), (Parse, Outcome::Done, 5)]
+    );
+    // A Sync already on its way ends the skipping when it is sent, not when it is answered.
+    let mut replies = queue(&[Execute, Sync]);
+    run(&mut replies, &[ERROR_RESPONSE]);
+    assert_eq!(replies.sent_unless_skipped(Execute, 2), None);
+}
+
+#[test]
 fn a_query_collects_its_statements_and_fails_on_an_error() {
     let mut replies = queue(&[Request::Query]);
     let parts = [

@@ -147,8 +147,10 @@ impl ClientHalf {
         }
     }
 
+    /// A request goes upstream (forgotten at once when the server will skip it after an
+    /// error: its answer never comes).
     pub(super) fn push(&self, request: Request, expect: Expect) {
-        self.queue.lock().sent(request, expect);
+        let _skipped = self.queue.lock().sent_unless_skipped(request, expect);
     }
 
     /// Copy data goes upstream: Syncs sent into COPY FROM STDIN get no answer.

@@ -15,7 +15,7 @@ fn backend(tag: u8) -> Message {
 
 fn answer(replies: &SessionReplies, tags: &[u8]) {
     for &tag in tags {
-        replies.answered(&backend(tag), None);
+        replies.answered(&backend(tag));
     }
 }
 
@@ -131,7 +131,7 @@ fn each_ready_for_query_times_the_request_it_answers() {
         backend::READY_FOR_QUERY,
     ]
     .iter()
-    .map(|&tag| replies.answered(&backend(tag), None))
+    .map(|&tag| replies.answered(&backend(tag)))
     .collect();
     assert!(times[0].is_some() && times[2].is_some());
     assert!(times[0] <= times[2]);
@@ -140,4 +140,24 @@ fn each_ready_for_query_times_the_request_it_answers() {
         times[3], None,
         "a ReadyForQuery nothing awaited times nothing"
     );
+}
+
+#[test]
+fn a_named_parse_sent_after_an_error_before_any_sync_is_forgotten_at_once() {
+    let mut registry = SessionStatements::default();
+    let replies = SessionReplies::default();
+    replies.sent([request(Request::Execute)]);
+    answer(&replies, &[backend::ERROR_RESPONSE]);
+    // The client goes on without reading the error: the server skips this Parse.
+    let entry = registry.parsed("late", None, None);
+    replies.sent([Sent::Request(
+        Request::Parse,
+        Awaited::new(Some(Arc::downgrade(&entry)), None),
+    )]);
+    assert!(
+        replies.is_empty(),
+        "nothing is kept for a request the server skips"
+    );
+    registry.forget_failed(replies.take_failed());
+    assert!(!held(&registry, "late"));
 }
