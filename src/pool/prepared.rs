@@ -96,6 +96,9 @@ struct Owed {
     /// A Parse's server statement, dropped from the connection's set if the server fails or
     /// skips the Parse.
     forget: Option<String>,
+    /// A Parse or Close of the unnamed statement: until it is done, the server's unnamed
+    /// statement is not the client's (it may be another client's).
+    unnamed: bool,
 }
 
 impl Owed {
@@ -103,6 +106,7 @@ impl Owed {
     const CLIENT: Owed = Owed {
         swallow: false,
         forget: None,
+        unnamed: false,
     };
 }
 
@@ -130,10 +134,18 @@ impl Tracker {
             let len = message.raw().len();
             let mut swallow = false;
             self.owed.answer(message.tag(), |_, outcome, owed| {
-                match (outcome, owed.forget) {
-                    (Outcome::Done, _) => swallow |= owed.swallow,
-                    (_, Some(name)) => drop(prepared.remove(&name)),
-                    (_, None) => {}
+                if outcome == Outcome::Done {
+                    swallow |= owed.swallow;
+                    return;
+                }
+                if let Some(name) = owed.forget {
+                    prepared.remove(&name);
+                }
+                if owed.unnamed {
+                    // Failed: the server has no unnamed statement; skipped: it still has the
+                    // one before, maybe another client's. Either way the next Bind of it
+                    // prepares the client's own first.
+                    self.unnamed_ready = false;
                 }
             });
             match (&mut kept, swallow) {
@@ -155,14 +167,25 @@ impl Tracker {
         let _skipped = self.owed.sent_unless_skipped(request, Owed::CLIENT);
     }
 
-    /// pgward sends a Close or an unnamed Parse of its own, whose answer the client must not
-    /// get.
-    fn inserted(&mut self, request: Request) {
+    /// pgward sends a Close of a server statement of its own, whose answer the client must
+    /// not get.
+    fn inserted_close(&mut self) {
         let owed = Owed {
             swallow: true,
-            forget: None,
+            ..Owed::CLIENT
         };
-        let _skipped = self.owed.sent_unless_skipped(request, owed);
+        let _skipped = self.owed.sent_unless_skipped(Request::Close, owed);
+    }
+
+    /// A Parse or Close of the unnamed statement goes upstream (pgward's own when `swallow`):
+    /// once done, the server's unnamed statement is the client's.
+    fn unnamed(&mut self, request: Request, swallow: bool) {
+        let owed = Owed {
+            swallow,
+            forget: None,
+            unnamed: true,
+        };
+        self.unnamed_ready = self.owed.sent_unless_skipped(request, owed).is_none();
     }
 
     /// A Parse of server statement `server` goes upstream (pgward's own when `swallow`): the
@@ -172,6 +195,7 @@ impl Tracker {
         let owed = Owed {
             swallow,
             forget: Some(server),
+            unnamed: false,
         };
         if let Some(skipped) = self.owed.sent_unless_skipped(Request::Parse, owed) {
             if let Some(server) = skipped.forget {
@@ -306,15 +330,14 @@ pub fn translate(
                     tracker.client(Request::Parse);
                 } else if parse.name.is_empty() {
                     client.unnamed = Some(raw.clone());
-                    tracker.unnamed_ready = true;
                     out.extend_from_slice(raw);
-                    tracker.client(Request::Parse);
+                    tracker.unnamed(Request::Parse, false);
                 } else {
                     let server = server_name(parse.sql, parse.param_section());
                     let rebuilt =
                         build::parse_with_param_types(&server, parse.sql, parse.param_section());
                     out.extend_from_slice(&build::close(b'S', &server));
-                    tracker.inserted(Request::Close);
+                    tracker.inserted_close();
                     out.extend_from_slice(&rebuilt);
                     tracker.parse(server.clone(), false, prepared);
                     client.named.insert(
@@ -441,14 +464,13 @@ fn resolve(
             match &client.unnamed {
                 Some(parse) => {
                     out.extend_from_slice(parse);
-                    tracker.inserted(Request::Parse);
+                    tracker.unnamed(Request::Parse, true);
                 }
                 None => {
                     out.extend_from_slice(&build::close(b'S', ""));
-                    tracker.inserted(Request::Close);
+                    tracker.unnamed(Request::Close, true);
                 }
             }
-            tracker.unnamed_ready = true;
         }
         return String::new();
     }
@@ -456,7 +478,7 @@ fn resolve(
         Some(statement) => {
             if !prepared.contains(&statement.server) {
                 out.extend_from_slice(&build::close(b'S', &statement.server));
-                tracker.inserted(Request::Close);
+                tracker.inserted_close();
                 out.extend_from_slice(&statement.parse);
                 tracker.parse(statement.server.clone(), true, prepared);
             }

@@ -281,3 +281,33 @@ fn a_sync_sent_into_copy_in_mode_is_not_owed_an_answer() {
         "the lent connection can go back to the pool"
     );
 }
+
+#[test]
+fn an_unnamed_parse_the_server_skips_leaves_no_other_clients_statement_to_bind() {
+    let mut f = Fixture::new();
+    let mut execute = BytesMut::new();
+    execute.put_u8(b'E');
+    execute.put_u32(9);
+    execute.put_u8(0);
+    execute.put_i32(0);
+    let execute = execute.freeze();
+    // The lent connection's unnamed statement is another client's. This client's unnamed
+    // Parse comes after a failing one, so the server skips it.
+    f.send(&[
+        build::parse("bad", "SELECT nope"),
+        build::parse("", "SELECT 1"),
+        build::sync(),
+    ]);
+    let mut in_transaction = BytesMut::new();
+    in_transaction.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'E']);
+    let answers = Batch::from_whole_messages(
+        [backend(b'3'), backend(b'E'), in_transaction.freeze()]
+            .concat()
+            .into(),
+    );
+    f.tracker.incoming(&answers, &mut f.prepared);
+    // A Bind of the unnamed statement on the same lease prepares the client's own first.
+    let sent = f.send(&[bind("", ""), execute, build::sync()]);
+    let tags: Vec<char> = summary(&sent.bytes).iter().map(|(tag, _)| *tag).collect();
+    assert_eq!(tags, ['P', 'B', 'E', 'S'], "{:?}", summary(&sent.bytes));
+}

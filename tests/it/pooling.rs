@@ -412,3 +412,88 @@ async fn pgbench_with_fifty_clients_in_every_mode_on_five_server_connections() {
         assert!(most <= 5, "-M {mode}: {most} server connections");
     }
 }
+
+/// A raw session as `billing` for `tenant`.
+async fn raw_tenant(
+    proxy: &TestProxy,
+    database: &str,
+    tenant: i64,
+) -> harness::RawClient<tokio::net::TcpStream> {
+    let mut client = harness::raw_tcp(proxy.addr).await;
+    let token = harness::token("billing", json!({ "tenant_id": tenant }));
+    let startup = client.startup_with("billing", database, &token).await;
+    assert_eq!(startup.last().map(|m| m.0), Some(b'Z'), "{startup:?}");
+    client
+}
+
+/// The values of the first column of every DataRow among `answers` (text format).
+fn first_column(answers: &[harness::Received]) -> Vec<String> {
+    answers
+        .iter()
+        .filter(|(tag, _)| *tag == b'D')
+        .filter_map(|(_, body)| {
+            let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+            let value = body.get(6..6 + usize::try_from(len).ok()?)?;
+            Some(String::from_utf8_lossy(value).into_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_unnamed_parse_never_lets_a_tenant_run_another_tenants_unnamed_statement() {
+    use harness::msg;
+    let extra = "[pool]\npool_mode = \"transaction\"\npool_size = 1\n";
+    let (proxy, database) = policy_proxy(&demo_policies(), extra).await;
+    // Tenant 2 leaves its unnamed statement (with its tenant filter) on the one server
+    // connection.
+    let mut victim = raw_tenant(&proxy, &database, 2).await;
+    victim
+        .send(&msg::batch(&[
+            msg::parse("", "SELECT tenant_id FROM customers"),
+            msg::bind("", "", &[], false),
+            msg::execute("", 0),
+            msg::sync(),
+        ]))
+        .await;
+    let answers = victim.until_ready(1).await;
+    assert_eq!(
+        first_column(&answers).first().map(String::as_str),
+        Some("2")
+    );
+    // Tenant 1 keeps the connection in a transaction, makes it fail so that the server
+    // skips its own unnamed Parse, rolls back and binds the unnamed statement.
+    let mut tenant = raw_tenant(&proxy, &database, 1).await;
+    tenant
+        .send(&msg::batch(&[
+            msg::parse("b", "BEGIN"),
+            msg::bind("", "b", &[], false),
+            msg::execute("", 0),
+            msg::parse("z", "SELECT 1 / 0"),
+            msg::bind("", "z", &[], false),
+            msg::execute("", 0),
+            msg::parse("", "SELECT tenant_id FROM customers"),
+            msg::sync(),
+        ]))
+        .await;
+    let answers = tenant.until_ready(1).await;
+    assert_eq!(harness::error_texts(&answers).len(), 1, "{answers:?}");
+    tenant
+        .send(&msg::batch(&[
+            msg::parse("r", "ROLLBACK"),
+            msg::bind("", "r", &[], false),
+            msg::execute("", 0),
+            msg::bind("", "", &[], false),
+            msg::execute("", 0),
+            msg::sync(),
+        ]))
+        .await;
+    let answers = tenant.until_ready(1).await;
+    let seen = first_column(&answers);
+    assert!(
+        seen.iter().all(|t| t == "1"),
+        "tenant 1 saw rows of {seen:?}: {:?}",
+        harness::error_texts(&answers)
+    );
+    assert!(!seen.is_empty(), "{answers:?}");
+    assert_eq!(server_backends(&database).await, 1);
+}
