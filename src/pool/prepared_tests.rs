@@ -76,6 +76,16 @@ impl Fixture {
     }
 }
 
+/// Execute of the unnamed portal, all rows.
+fn execute() -> Bytes {
+    let mut buf = BytesMut::new();
+    buf.put_u8(b'E');
+    buf.put_u32(9);
+    buf.put_u8(0);
+    buf.put_i32(0);
+    buf.freeze()
+}
+
 fn backend(tag: u8) -> Bytes {
     let mut buf = BytesMut::new();
     buf.put_u8(tag);
@@ -249,18 +259,13 @@ fn a_bare_prepare_is_answered_without_a_server_and_prepared_on_first_use() {
 #[test]
 fn a_sync_sent_into_copy_in_mode_is_not_owed_an_answer() {
     let mut f = Fixture::new();
-    let mut execute = BytesMut::new();
-    execute.put_u8(b'E');
-    execute.put_u32(9);
-    execute.put_u8(0);
-    execute.put_i32(0);
     let copy_data = Bytes::from_static(b"d\0\0\0\x061\n");
     // psql-style pipelining: Execute of a COPY FROM STDIN and its Sync in one go, then the
     // data; the server ignores that Sync, so only the last one is answered.
     f.send(&[
         build::parse("", "COPY t FROM STDIN"),
         bind("", ""),
-        execute.freeze(),
+        execute(),
         build::sync(),
     ]);
     f.send(&[copy_data, backend(b'c'), build::sync()]);
@@ -285,12 +290,6 @@ fn a_sync_sent_into_copy_in_mode_is_not_owed_an_answer() {
 #[test]
 fn an_unnamed_parse_the_server_skips_leaves_no_other_clients_statement_to_bind() {
     let mut f = Fixture::new();
-    let mut execute = BytesMut::new();
-    execute.put_u8(b'E');
-    execute.put_u32(9);
-    execute.put_u8(0);
-    execute.put_i32(0);
-    let execute = execute.freeze();
     // The lent connection's unnamed statement is another client's. This client's unnamed
     // Parse comes after a failing one, so the server skips it.
     f.send(&[
@@ -307,7 +306,7 @@ fn an_unnamed_parse_the_server_skips_leaves_no_other_clients_statement_to_bind()
     );
     f.tracker.incoming(&answers, &mut f.prepared);
     // A Bind of the unnamed statement on the same lease prepares the client's own first.
-    let sent = f.send(&[bind("", ""), execute, build::sync()]);
+    let sent = f.send(&[bind("", ""), execute(), build::sync()]);
     let tags: Vec<char> = summary(&sent.bytes).iter().map(|(tag, _)| *tag).collect();
     assert_eq!(tags, ['P', 'B', 'E', 'S'], "{:?}", summary(&sent.bytes));
 }
