@@ -154,17 +154,15 @@ fn is_copy(tag: u8) -> bool {
 /// What the session's response tracker awaits for each message of the batch, in order: the
 /// request the server will answer (for a refused message, its stand-in's), the named Parse's
 /// registry entry and the audit records its answer completes.
-fn awaited_requests(
-    messages: &[Message],
-    verdicts: &[Verdict],
+fn awaited_requests<'a>(
+    messages: &'a [Message],
+    verdicts: &'a [Verdict],
     named_parses: Vec<Option<Weak<Statement>>>,
     audited: Vec<(usize, Awaiting)>,
-) -> Vec<Sent> {
+) -> impl Iterator<Item = Sent> + 'a {
     let mut audited = audited.into_iter().peekable();
-    let mut sent = Vec::with_capacity(messages.len());
-    for (position, ((message, verdict), statement)) in
-        messages.iter().zip(verdicts).zip(named_parses).enumerate()
-    {
+    let batch = messages.iter().zip(verdicts).zip(named_parses).enumerate();
+    batch.filter_map(move |(position, ((message, verdict), statement))| {
         let tag = message.tag();
         let request = match verdict {
             Verdict::Refuse(_) if !matches!(tag, frontend::QUERY | frontend::FUNCTION_CALL) => {
@@ -172,16 +170,15 @@ fn awaited_requests(
             }
             _ => Request::of(message),
         };
+        // Taken in order whether or not the message makes a request, so none is left behind.
         let audit = audited
             .next_if(|(at, _)| *at == position)
             .map(|(_, awaiting)| awaiting);
         match request {
-            Some(request) => sent.push(Sent::Request(request, Awaited::new(statement, audit))),
-            None if is_copy(tag) => sent.push(Sent::Copy),
-            None => {}
+            Some(request) => Some(Sent::Request(request, Awaited::new(statement, audit))),
+            None => is_copy(tag).then_some(Sent::Copy),
         }
-    }
-    sent
+    })
 }
 
 /// What the session's registry keeps of one message it did not refuse: a Parse's statement

@@ -432,9 +432,9 @@ fn first_column(answers: &[harness::Received]) -> Vec<String> {
         .iter()
         .filter(|(tag, _)| *tag == b'D')
         .filter_map(|(_, body)| {
-            let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-            let value = body.get(6..6 + usize::try_from(len).ok()?)?;
-            Some(String::from_utf8_lossy(value).into_owned())
+            let values = pgward::protocol::view::data_row(body).ok()?;
+            let first = values.first().copied().flatten()?;
+            Some(String::from_utf8_lossy(first).into_owned())
         })
         .collect()
 }
