@@ -155,6 +155,25 @@ fn bench_serialise(c: &mut Criterion) {
             }
         })
     });
+    // The statement record on the proxy's path with `fsync = false`: serialised, framed into
+    // the chain and written to the file before the statement may be forwarded.
+    group.bench_function("statement_written", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                for _ in 0..N {
+                    let mut st = StatementRecord::with_fingerprint(
+                        session.clone(),
+                        Protocol::Extended,
+                        text.clone(),
+                        fingerprint.clone(),
+                    );
+                    st.touched = touched.clone();
+                    let event = AuditEvent::Statement(Box::new(st));
+                    let _ = handle.append_staged(vec![event], false).await;
+                }
+            })
+        })
+    });
     group.finish();
     let _ = rt.block_on(log.shutdown());
 }

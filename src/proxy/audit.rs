@@ -547,6 +547,16 @@ impl Awaiting {
         self.data_rows += rows;
     }
 
+    /// The client got an error with `sqlstate` instead of the rest of this statement's rows
+    /// (of the statement running, for a multi-statement Query).
+    pub fn failed_for_client(&mut self, sqlstate: &str) {
+        let statement = match self.parts.front_mut() {
+            Some(part) => part,
+            None => self,
+        };
+        statement.sqlstate = Some(sqlstate.to_owned());
+    }
+
     /// What the server's answer says about the statement.
     fn answered_by(&mut self, message: &Message) {
         match message.tag() {

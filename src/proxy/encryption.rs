@@ -23,7 +23,8 @@
 //! A value that fails to decrypt (tampered, moved to another row's column, unknown key) ends
 //! the statement with SQLSTATE XX001 and a message naming the column, never the value; the
 //! rest of that response, up to ReadyForQuery, is dropped (statements the server already ran
-//! in the same batch are not rolled back by this).
+//! in the same batch are not rolled back by this). The session's response tracker still reads
+//! what was dropped ([`Tracked`]): the audit and the registry follow what the server ran.
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -37,8 +38,8 @@ mod views;
 
 pub use client::ClientHalf;
 use client::*;
-pub use upstream::UpstreamHalf;
 use upstream::*;
+pub use upstream::{Incoming, Tracked, UpstreamHalf};
 
 use super::copy_in::CopyIn;
 use super::statements::Statement;

@@ -550,11 +550,14 @@ async fn forward_to_client(
     client: &mut Client<'_>,
     batch: Batch,
 ) -> Result<(), End> {
-    let batch = match client.crypto.as_mut() {
-        Some(crypto) => crypto.incoming(batch).await,
-        None => batch,
+    let (batch, tracked) = match client.crypto.as_mut() {
+        Some(crypto) => {
+            let incoming = crypto.incoming(batch).await;
+            (incoming.client, incoming.tracked)
+        }
+        None => (batch, None),
     };
-    let outgoing = account_upstream_batch(shared, state, &batch);
+    let outgoing = account_upstream_batch(shared, state, &batch, tracked.as_ref());
     if state.replies.is_audited() {
         await_durable_records(shared, state).await?;
     }

@@ -143,8 +143,9 @@ impl SessionReplies {
     }
 
     /// One upstream message on its way to the client (after field encryption's and the pool's
-    /// own answers were taken out). Returns, for a ReadyForQuery, when the request it answers
-    /// went upstream.
+    /// own answers were taken out; after a value failed to decrypt, the server's message the
+    /// client does not get). Returns, for a ReadyForQuery, when the request it answers went
+    /// upstream.
     pub fn answered(&self, message: &Message) -> Option<Instant> {
         let tag = message.tag();
         if tag == backend::DATA_ROW {
@@ -173,6 +174,15 @@ impl SessionReplies {
             }
         }
         None
+    }
+
+    /// The client got an error with `sqlstate` in place of a row of the request being
+    /// answered (a value failed to decrypt); the server's own answer still settles it.
+    pub fn failed_for_client(&self, sqlstate: &'static str) {
+        let mut inner = self.inner.lock();
+        if let Some(audit) = inner.queue.front_mut().and_then(|(_, a)| a.audit.as_mut()) {
+            audit.failed_for_client(sqlstate);
+        }
     }
 
     /// The named statements the server failed or skipped since the last call.

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::audit::{Completions, SessionAudit};
-use super::encryption::UpstreamHalf;
+use super::encryption::{Tracked, UpstreamHalf};
 use super::intercept::Interceptor;
 use super::pipeline;
 use super::policy::SessionPolicy;
@@ -452,11 +452,14 @@ async fn upstream_to_client(
                 ));
             }
         };
-        let batch = match crypto.as_mut() {
-            Some(crypto) => crypto.incoming(batch).await,
-            None => batch,
+        let (batch, tracked) = match crypto.as_mut() {
+            Some(crypto) => {
+                let incoming = crypto.incoming(batch).await;
+                (incoming.client, incoming.tracked)
+            }
+            None => (batch, None),
         };
-        let outgoing = account_upstream_batch(shared, state, &batch);
+        let outgoing = account_upstream_batch(shared, state, &batch, tracked.as_ref());
         // Only an audited session leaves durability receipts.
         if state.replies.is_audited() {
             if let Err(end) = await_durable_records(shared, state).await {
@@ -507,11 +510,17 @@ pub(super) async fn await_durable_records(
 }
 
 /// Track ReadyForQuery and errors; swap refusal markers' errors. Returns what to send.
+/// `tracked`: what the session's tracker reads instead of `batch` (field encryption kept
+/// answers from the client after a value failed to decrypt).
 pub(super) fn account_upstream_batch(
     shared: &Shared,
     state: &SessionState,
     batch: &Batch,
+    tracked: Option<&Tracked>,
 ) -> Vec<Bytes> {
+    if let Some(tracked) = tracked {
+        track_server_answers(shared, state, tracked);
+    }
     let all = batch.bytes();
     let mut out = Vec::new();
     let mut run_start = 0;
@@ -519,7 +528,10 @@ pub(super) fn account_upstream_batch(
     let total = all.len();
     for message in batch.messages() {
         let len = message.raw().len();
-        let sent_at = state.replies.answered(&message);
+        let sent_at = match tracked {
+            None => state.replies.answered(&message),
+            Some(_) => None,
+        };
         match message.tag() {
             backend::READY_FOR_QUERY => {
                 let status = message.body().first().copied().unwrap_or(b'I');
@@ -559,4 +571,23 @@ pub(super) fn account_upstream_batch(
     }
     state.series.sent(out.iter().map(Bytes::len).sum());
     out
+}
+
+/// The server's answers, to the session's tracker: the client got an error in place of a row
+/// (and nothing more up to ReadyForQuery), but the server ran that statement and the requests
+/// after it, and the audit and the registry of prepared statements must say what it did.
+fn track_server_answers(shared: &Shared, state: &SessionState, tracked: &Tracked) {
+    let mut failures = tracked.failures.iter().peekable();
+    let mut offset = 0;
+    for message in tracked.batch.messages() {
+        while let Some((_, sqlstate)) = failures.next_if(|(at, _)| *at == offset) {
+            state.replies.failed_for_client(sqlstate);
+        }
+        if let Some(started) = state.replies.answered(&message) {
+            shared
+                .metrics
+                .observe_statement(&state.series, started.elapsed());
+        }
+        offset += message.raw().len();
+    }
 }

@@ -69,6 +69,11 @@ fn encrypt_toml(key_file: &std::path::Path) -> String {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(|_| String::new()).await
+}
+
+/// [`fixture`] with more proxy settings, made from the fixture's temp dir.
+async fn fixture_with(extra: impl FnOnce(&std::path::Path) -> String) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("master.key");
     LocalProvider::generate_file(&key_file).unwrap();
@@ -83,7 +88,7 @@ async fn fixture() -> Fixture {
     ddl.push(')');
     direct(&database).await.batch_execute(&ddl).await.unwrap();
     let proxy = harness::start_proxy(ProxyOptions {
-        extra_toml: encrypt_toml(&key_file),
+        extra_toml: encrypt_toml(&key_file) + &extra(dir.path()),
         ..ProxyOptions::default()
     })
     .await;
@@ -306,6 +311,91 @@ async fn reads_decrypt_every_type_in_text_and_binary() {
     assert_eq!(star.columns().len(), 2 + COLUMNS.len());
     let star_rows = simple_rows(&client, "SELECT * FROM vault_items WHERE id = 1").await;
     assert_eq!(star_rows[0].len(), 2 + COLUMNS.len());
+}
+
+/// A row that fails to decrypt ends the client's view of its pipeline at the error, but the
+/// server runs everything after it up to the Sync: the audit records and the registry of
+/// prepared statements follow the server, not the client's truncated view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_value_fails_to_decrypt_the_audit_and_prepared_statements_follow_the_server() {
+    let fx = fixture_with(|dir| harness::audit_toml(&dir.join("audit"), "fsync = false")).await;
+    let log = fx._dir.path().join("audit");
+    fx.seed_directly(1, 1).await;
+    let db = direct(&fx.database).await;
+    db.batch_execute(
+        "UPDATE vault_items SET c_text = overlay(c_text placing '\\x00'::bytea from 30 for 1) WHERE id = 1;
+         CREATE TABLE pipeline_log (n int)",
+    )
+    .await
+    .unwrap();
+    let mut raw = harness::raw_proxied(&fx.proxy, &fx.database).await;
+    use harness::msg;
+    raw.send(&msg::batch(&[
+        msg::parse("", "SELECT c_text FROM vault_items WHERE id = 1"),
+        msg::bind("", "", &[], false),
+        msg::execute("", 0),
+        msg::parse("logged", "INSERT INTO pipeline_log VALUES (7)"),
+        msg::bind("", "logged", &[], false),
+        msg::execute("", 0),
+        msg::sync(),
+    ]))
+    .await;
+    let replies = raw.until_ready(1).await;
+    let errors = harness::error_texts(&replies);
+    assert_eq!(errors.len(), 1, "{replies:?}");
+    assert!(errors[0].contains("XX001"), "{errors:?}");
+    // The server ran the INSERT after the row the client got an error for, and committed it.
+    let count: i64 = db
+        .query_one("SELECT count(*) FROM pipeline_log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+    // pgward knows the server prepared `logged`: a Bind of it is forwarded and runs.
+    raw.send(&msg::batch(&[
+        msg::bind("", "logged", &[], false),
+        msg::execute("", 0),
+        msg::sync(),
+    ]))
+    .await;
+    let replies = raw.until_ready(1).await;
+    assert!(harness::error_texts(&replies).is_empty(), "{replies:?}");
+    assert!(replies.iter().any(|(tag, _)| *tag == b'C'), "{replies:?}");
+    drop(raw);
+    // The audit says what the server did: the SELECT ran (its client got XX001), and both
+    // INSERTs ran and completed.
+    let completion_of = |needle: &str| -> Vec<serde_json::Value> {
+        let all = harness::audit_records(&log);
+        let seqs: Vec<_> = all
+            .iter()
+            .filter(|r| {
+                r["kind"] == "statement" && r["sql"].as_str().unwrap_or("").contains(needle)
+            })
+            .map(|r| r["seq"].clone())
+            .collect();
+        all.iter()
+            .filter(|r| r["kind"] == "statement_completed" && seqs.contains(&r["statement_seq"]))
+            .cloned()
+            .collect()
+    };
+    let mut select = Vec::new();
+    let mut inserts = Vec::new();
+    for _ in 0..100 {
+        select = completion_of("FROM vault_items");
+        inserts = completion_of("INTO pipeline_log");
+        if select.len() == 1 && inserts.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(select.len(), 1, "{select:?}");
+    assert_eq!(select[0]["sqlstate"], "XX001", "{select:?}");
+    assert_eq!(inserts.len(), 2, "{inserts:?}");
+    for insert in &inserts {
+        assert!(insert.get("skipped").is_none(), "{insert}");
+        assert_eq!(insert["command"], "INSERT", "{insert}");
+        assert_eq!(insert["rows"], 1, "{insert}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

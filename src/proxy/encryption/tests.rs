@@ -273,12 +273,85 @@ async fn the_answer_to_pgwards_own_describe_never_reaches_the_client() {
     client.push(Request::Sync, Expect::default());
     // Its answer is dropped even when it does not decode; the rest is the client's.
     let undecodable = message(b"T\0\0\0\x06\0\x01");
-    assert_eq!(upstream.message(&undecodable).await, Some(Bytes::new()));
+    assert!(matches!(
+        upstream.message(&undecodable).await,
+        Relayed::Hidden
+    ));
     let row = message(b"D\0\0\0\x0b\0\x01\0\0\0\x011");
-    assert_eq!(upstream.message(&row).await, None);
+    assert!(matches!(upstream.message(&row).await, Relayed::Unchanged));
     let complete = message(b"C\0\0\0\x0dSELECT 1\0");
-    assert_eq!(upstream.message(&complete).await, None);
+    assert!(matches!(
+        upstream.message(&complete).await,
+        Relayed::Unchanged
+    ));
     assert_eq!(client.awaited(), 1);
-    assert_eq!(upstream.message(&message(b"Z\0\0\0\x05I")).await, None);
+    let ready = message(b"Z\0\0\0\x05I");
+    assert!(matches!(upstream.message(&ready).await, Relayed::Unchanged));
     assert_eq!(client.awaited(), 0);
+}
+
+fn framed(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// A DataRow of one value.
+fn one_value_row(value: &[u8]) -> Vec<u8> {
+    let mut body = 1u16.to_be_bytes().to_vec();
+    body.extend_from_slice(&(value.len() as u32).to_be_bytes());
+    body.extend_from_slice(value);
+    framed(b'D', &body)
+}
+
+#[tokio::test]
+async fn after_a_value_fails_to_decrypt_the_tracker_still_reads_what_the_server_ran() {
+    let ssn = ColumnRef {
+        table: "public.customers".into(),
+        column: "ssn".into(),
+        ty: ClientType::Text,
+    };
+    let columns = HashMap::from([((20, 1), FieldRole::EncryptedViaView(ssn))]);
+    let queue: Expected = Arc::default();
+    let client = ClientHalf::new(ssn_encryption(), queue.clone(), KeyScope::default());
+    let mut upstream = UpstreamHalf::new(ssn_encryption(), queue, columns, KeyScope::default());
+    // `SELECT ssn FROM customers_view; INSERT …`: the first statement's row is not a
+    // ciphertext, the server goes on and runs the INSERT.
+    client.push(Request::Query, Expect::default());
+    let description = framed(b'T', &row_description(&[("ssn", 20, 1, 17, 0)]));
+    let bad_row = one_value_row(b"not a ciphertext");
+    let mut server = description.clone();
+    server.extend_from_slice(&bad_row);
+    server.extend_from_slice(&framed(b'C', b"SELECT 1\0"));
+    server.extend_from_slice(&framed(b'C', b"INSERT 0 1\0"));
+    server.extend_from_slice(&framed(b'Z', b"I"));
+    let incoming = upstream
+        .incoming(Batch::from_whole_messages(Bytes::from(server.clone())))
+        .await;
+    let tags = |batch: &Batch| batch.messages().map(|m| m.tag()).collect::<Vec<_>>();
+    // The client: its retyped description, the error instead of the row, nothing more up
+    // to ReadyForQuery.
+    assert_eq!(tags(&incoming.client), b"TEZ");
+    let tracked = incoming
+        .tracked
+        .expect("the tracker reads the server's answers");
+    assert_eq!(tags(&tracked.batch), b"TDCCZ");
+    let row_at = tracked.batch.messages().next().unwrap().raw().len();
+    assert_eq!(tracked.failures, vec![(row_at, DATA_CORRUPTED)]);
+    assert_eq!(
+        &tracked.batch.bytes()[row_at..],
+        &server[description.len()..]
+    );
+    // The next response is the client's again, and untouched.
+    client.push(Request::Query, Expect::default());
+    let next = framed(b'C', b"INSERT 0 1\0")
+        .into_iter()
+        .chain(framed(b'Z', b"I"))
+        .collect::<Vec<_>>();
+    let incoming = upstream
+        .incoming(Batch::from_whole_messages(Bytes::from(next)))
+        .await;
+    assert_eq!(tags(&incoming.client), b"CZ");
+    assert!(incoming.tracked.is_none());
 }

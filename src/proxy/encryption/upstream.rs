@@ -20,6 +20,87 @@ pub struct UpstreamHalf {
     scope: KeyScope,
 }
 
+/// What one upstream message becomes for the client and for the session's tracker.
+#[derive(Debug)]
+pub(super) enum Relayed {
+    /// Forwarded as it is.
+    Unchanged,
+    /// The client gets these bytes instead (a retyped description, a decrypted row); the
+    /// tracker reads the server's message, an answer of the same kind.
+    Replaced(Bytes),
+    /// The answer to pgward's own Describe: neither the client nor the tracker sees it.
+    Hidden,
+    /// A value of this row failed to decrypt: the client gets this error instead, and nothing
+    /// more up to ReadyForQuery.
+    Failed(ClientError),
+    /// Kept from the client after such a failure; the tracker still reads it (the server ran
+    /// the statement, and the requests after it).
+    Withheld,
+}
+
+impl Relayed {
+    fn replaced(bytes: Option<Bytes>) -> Self {
+        bytes.map_or(Relayed::Unchanged, Relayed::Replaced)
+    }
+}
+
+/// One upstream batch as field encryption relays it.
+pub struct Incoming {
+    /// What the client gets.
+    pub client: Batch,
+    /// What the session's tracker reads instead, when that differs (`None`: the client's).
+    pub tracked: Option<Tracked>,
+}
+
+/// The server's answers as the session's tracker must read them after a value failed to
+/// decrypt: the client got an error and nothing more up to ReadyForQuery, but the server ran
+/// that statement and every later request of the pipeline, and its records and registry must
+/// say so.
+pub struct Tracked {
+    /// The server's answers, without those to pgward's own Describes.
+    pub batch: Batch,
+    /// Where (byte offset in `batch`) each row the client got an error for instead starts,
+    /// with that error's SQLSTATE.
+    pub failures: Vec<(usize, &'static str)>,
+}
+
+impl Tracked {
+    /// Starts with what the client was sent so far in the batch.
+    fn starting_with(sent: &[u8]) -> Tracking {
+        let mut bytes = BytesMut::with_capacity(sent.len() * 2);
+        bytes.extend_from_slice(sent);
+        Tracking {
+            bytes,
+            failures: Vec::new(),
+        }
+    }
+}
+
+/// A [`Tracked`] being built.
+struct Tracking {
+    bytes: BytesMut,
+    failures: Vec<(usize, &'static str)>,
+}
+
+impl Tracking {
+    /// The tracker reads the server's message `raw`, unless it answers pgward's own Describe.
+    fn read(&mut self, raw: &[u8], relayed: &Relayed) {
+        match relayed {
+            Relayed::Hidden => return,
+            Relayed::Failed(error) => self.failures.push((self.bytes.len(), error.sqlstate)),
+            _ => {}
+        }
+        self.bytes.extend_from_slice(raw);
+    }
+
+    fn finish(self) -> Tracked {
+        Tracked {
+            batch: Batch::from_whole_messages(self.bytes.freeze()),
+            failures: self.failures,
+        }
+    }
+}
+
 /// A row description (its body), the plan of its rows and the description the client gets
 /// (`None`: no field is transformed).
 struct Described {
@@ -75,21 +156,36 @@ impl UpstreamHalf {
         }
     }
 
-    /// Transform one upstream batch; returns a batch to forward (the same one if untouched).
-    pub async fn incoming(&mut self, batch: Batch) -> Batch {
-        let mut out: Option<BytesMut> = None;
+    /// Transform one upstream batch: what the client gets (the same batch if untouched) and,
+    /// after a value failed to decrypt, what the session's tracker must read instead.
+    pub async fn incoming(&mut self, batch: Batch) -> Incoming {
         let all = batch.bytes().clone();
+        let mut out: Option<BytesMut> = None;
+        let mut tracking: Option<Tracking> = None;
         let mut offset = 0;
         for message in batch.messages() {
-            let len = message.raw().len();
-            let replacement = self.message(&message).await;
-            match replacement {
-                None => {
-                    if let Some(out) = out.as_mut() {
-                        out.extend_from_slice(message.raw());
-                    }
-                }
-                Some(bytes) => {
+            let raw = message.raw();
+            let relayed = self.message(&message).await;
+            let diverges = matches!(relayed, Relayed::Failed(_) | Relayed::Withheld);
+            if diverges && tracking.is_none() {
+                // Up to here the tracker reads what the client gets (a retyped description
+                // answers the same request as the server's).
+                let sent = out.as_ref().map_or(&all[..offset], |out| &out[..]);
+                tracking = Some(Tracked::starting_with(sent));
+            }
+            if let Some(tracking) = tracking.as_mut() {
+                tracking.read(raw, &relayed);
+            }
+            let replacement = match relayed {
+                Relayed::Unchanged => None,
+                Relayed::Replaced(bytes) => Some(bytes),
+                Relayed::Failed(error) => Some(error.to_message()),
+                Relayed::Hidden | Relayed::Withheld => Some(Bytes::new()),
+            };
+            match (replacement, out.as_mut()) {
+                (None, None) => {}
+                (None, Some(out)) => out.extend_from_slice(raw),
+                (Some(bytes), _) => {
                     let out = out.get_or_insert_with(|| {
                         let mut b = BytesMut::with_capacity(all.len());
                         b.extend_from_slice(&all[..offset]);
@@ -98,34 +194,39 @@ impl UpstreamHalf {
                     out.extend_from_slice(&bytes);
                 }
             }
-            offset += len;
+            offset += raw.len();
         }
-        match out {
+        let client = match out {
             None => batch,
             Some(bytes) => Batch::from_whole_messages(bytes.freeze()),
+        };
+        Incoming {
+            client,
+            tracked: tracking.map(Tracking::finish),
         }
     }
 
-    /// `None`: forward unchanged; `Some(bytes)`: forward these instead (possibly nothing).
-    pub(super) async fn message(&mut self, message: &Message) -> Option<Bytes> {
+    /// What one upstream message becomes for the client and for the session's tracker.
+    pub(super) async fn message(&mut self, message: &Message) -> Relayed {
         let tag = message.tag();
         if matches!(
             tag,
             backend::PARAMETER_STATUS | backend::NOTICE_RESPONSE | NOTIFICATION_RESPONSE
         ) {
-            return None;
+            return Relayed::Unchanged;
         }
         let already_failed = self.failed;
-        let replacement = self.track(message).await;
+        let relayed = self.track(message).await;
         if tag == backend::READY_FOR_QUERY {
             self.failed = false;
             self.current = None;
-            return replacement;
+            return relayed;
         }
-        if already_failed {
-            return Some(Bytes::new());
+        match relayed {
+            Relayed::Hidden => Relayed::Hidden,
+            _ if already_failed => Relayed::Withheld,
+            relayed => relayed,
         }
-        replacement
     }
 
     /// The request `tag` answers leaves the queue if it settles it; returns what field
@@ -144,7 +245,7 @@ impl UpstreamHalf {
     }
 
     /// Update the state for one response and transform it if needed.
-    pub(super) async fn track(&mut self, message: &Message) -> Option<Bytes> {
+    pub(super) async fn track(&mut self, message: &Message) -> Relayed {
         let body = message.body();
         match message.tag() {
             PARAMETER_DESCRIPTION => {
@@ -152,21 +253,27 @@ impl UpstreamHalf {
                     Some((Request::DescribeStatement, expect)) => expect.plan.clone(),
                     _ => None,
                 };
-                plan.and_then(|p| retype_parameter_description(body, &p))
+                Relayed::replaced(plan.and_then(|p| retype_parameter_description(body, &p)))
             }
             ROW_DESCRIPTION => self.row_description(body),
             NO_DATA => {
                 let hidden = self.answer(NO_DATA).is_some_and(|(_, e)| e.hidden);
                 self.current = None;
-                hidden.then(Bytes::new)
+                match hidden {
+                    true => Relayed::Hidden,
+                    false => Relayed::Unchanged,
+                }
             }
             backend::DATA_ROW => {
-                let plan = self.current.clone()?;
+                // After a failure the rest of the response is withheld: nothing to decrypt.
+                let Some(plan) = self.current.clone().filter(|_| !self.failed) else {
+                    return Relayed::Unchanged;
+                };
                 match self.data_row(body, &plan).await {
-                    Ok(bytes) => Some(bytes),
+                    Ok(bytes) => Relayed::Replaced(bytes),
                     Err(error) => {
                         self.failed = true;
-                        Some(error.to_message())
+                        Relayed::Failed(error)
                     }
                 }
             }
@@ -181,28 +288,31 @@ impl UpstreamHalf {
                     self.current = None;
                 }
                 self.answer(tag);
-                None
+                Relayed::Unchanged
             }
         }
     }
 
-    pub(super) fn row_description(&mut self, body: &[u8]) -> Option<Bytes> {
+    pub(super) fn row_description(&mut self, body: &[u8]) -> Relayed {
         let answered = self.answer(ROW_DESCRIPTION);
         let hidden = matches!(answered, Some((_, Expect { hidden: true, .. })));
         let Some((plan, rewritten)) = self.described(body) else {
             // Forwarded as it is, unless pgward asked for it.
-            return hidden.then(Bytes::new);
+            return match hidden {
+                true => Relayed::Hidden,
+                false => Relayed::Unchanged,
+            };
         };
         match answered {
-            Some((Request::DescribeStatement, _)) => rewritten,
+            Some((Request::DescribeStatement, _)) => Relayed::replaced(rewritten),
             Some((_, Expect { hidden: true, .. })) => {
                 self.current = plan;
-                Some(Bytes::new())
+                Relayed::Hidden
             }
             _ => {
                 // A Describe of a portal, or a simple query's (or FETCH's) own description.
                 self.current = plan;
-                rewritten
+                Relayed::replaced(rewritten)
             }
         }
     }
