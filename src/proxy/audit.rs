@@ -171,8 +171,13 @@ impl SessionAudit {
     /// each with its own text, analysis and completion. A Query of one statement, or a
     /// refused one (nothing of it runs: its refusal is the one record), is one record.
     fn query(&mut self, sql: &str, observed: &Observed<'_>, batch: &mut BatchRecords) {
-        // Without a `;` the text is one statement at most: no need to lex it for the split.
-        let parts = if observed.refused.is_none() && sql.contains(';') {
+        // Without a `;` the text is one statement at most, and so it is when the parser saw
+        // one (`SELECT …;`): no need to lex it for the split.
+        let one_parsed = observed
+            .analysis
+            .as_ref()
+            .is_some_and(|a| a.statements.len() == 1);
+        let parts = if observed.refused.is_none() && !one_parsed && sql.contains(';') {
             split_statements(sql)
         } else {
             Vec::new()
