@@ -91,9 +91,10 @@ fn bench_append(c: &mut Criterion) {
     group.finish();
 }
 
-/// The statement's own cost of auditing, without the disk: building and serialising an
-/// Execute's record (session with claims, two bound parameters) and handing it to the writer
-/// (`append_nowait`, what the completion path does; the append path serialises the same way).
+/// The statement's own cost of auditing: building and serialising an Execute's record (session
+/// with claims, two bound parameters) and handing it to the writer (`append_nowait`, what the
+/// completion path does), and the same record written to the log as a statement's record is
+/// before the statement is forwarded (`fsync = false`: serialise, chain, one write).
 fn bench_serialise(c: &mut Criterion) {
     #[allow(clippy::expect_used)]
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -137,21 +138,25 @@ fn bench_serialise(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(5))
         .warm_up_time(Duration::from_secs(1));
     group.throughput(Throughput::Elements(N));
+    // An Execute's record as the proxy builds it from its prepared statement's entry.
+    let execute_record = || {
+        let mut st = StatementRecord::with_fingerprint(
+            session.clone(),
+            Protocol::Extended,
+            text.clone(),
+            fingerprint.clone(),
+        );
+        st.touched = touched.clone();
+        st.params = vec![
+            pgward::audit::BoundParam::plain(23, Some(b"1234")),
+            pgward::audit::BoundParam::plain(25, Some(b"open")),
+        ];
+        AuditEvent::Statement(Box::new(st))
+    };
     group.bench_function("execute_record", |b| {
         b.iter(|| {
             for _ in 0..N {
-                let mut st = StatementRecord::with_fingerprint(
-                    session.clone(),
-                    Protocol::Extended,
-                    text.clone(),
-                    fingerprint.clone(),
-                );
-                st.touched = touched.clone();
-                st.params = vec![
-                    pgward::audit::BoundParam::plain(23, Some(b"1234")),
-                    pgward::audit::BoundParam::plain(25, Some(b"open")),
-                ];
-                handle.append_nowait(AuditEvent::Statement(Box::new(st)));
+                handle.append_nowait(execute_record());
             }
         })
     });
@@ -161,15 +166,7 @@ fn bench_serialise(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 for _ in 0..N {
-                    let mut st = StatementRecord::with_fingerprint(
-                        session.clone(),
-                        Protocol::Extended,
-                        text.clone(),
-                        fingerprint.clone(),
-                    );
-                    st.touched = touched.clone();
-                    let event = AuditEvent::Statement(Box::new(st));
-                    let _ = handle.append_staged(vec![event], false).await;
+                    let _ = handle.append_staged(vec![execute_record()], false).await;
                 }
             })
         })
