@@ -23,7 +23,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::audit::{Completions, SessionAudit};
-use super::encryption::UpstreamHalf;
+use super::encryption::{Incoming, UpstreamHalf};
 use super::intercept::Interceptor;
 use super::pipeline;
 use super::policy::SessionPolicy;
@@ -550,12 +550,12 @@ async fn forward_to_client(
     client: &mut Client<'_>,
     batch: Batch,
 ) -> Result<(), End> {
-    let (batch, tracked) = match client.crypto.as_mut() {
-        Some(crypto) => {
-            let incoming = crypto.incoming(batch).await;
-            (incoming.client, incoming.tracked)
-        }
-        None => (batch, None),
+    let Incoming {
+        client: batch,
+        tracked,
+    } = match client.crypto.as_mut() {
+        Some(crypto) => crypto.incoming(batch).await,
+        None => Incoming::unchanged(batch),
     };
     let outgoing = account_upstream_batch(shared, state, &batch, tracked.as_ref());
     if state.replies.is_audited() {

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use super::audit::{Completions, SessionAudit};
-use super::encryption::{Tracked, UpstreamHalf};
+use super::encryption::{Incoming, Tracked, UpstreamHalf};
 use super::intercept::Interceptor;
 use super::pipeline;
 use super::policy::SessionPolicy;
@@ -452,12 +452,12 @@ async fn upstream_to_client(
                 ));
             }
         };
-        let (batch, tracked) = match crypto.as_mut() {
-            Some(crypto) => {
-                let incoming = crypto.incoming(batch).await;
-                (incoming.client, incoming.tracked)
-            }
-            None => (batch, None),
+        let Incoming {
+            client: batch,
+            tracked,
+        } = match crypto.as_mut() {
+            Some(crypto) => crypto.incoming(batch).await,
+            None => Incoming::unchanged(batch),
         };
         let outgoing = account_upstream_batch(shared, state, &batch, tracked.as_ref());
         // Only an audited session leaves durability receipts.

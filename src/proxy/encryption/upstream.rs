@@ -64,14 +64,12 @@ pub struct Tracked {
     pub failures: Vec<(usize, &'static str)>,
 }
 
-impl Tracked {
-    /// Starts with what the client was sent so far in the batch.
-    fn starting_with(sent: &[u8]) -> Tracking {
-        let mut bytes = BytesMut::with_capacity(sent.len() * 2);
-        bytes.extend_from_slice(sent);
-        Tracking {
-            bytes,
-            failures: Vec::new(),
+impl Incoming {
+    /// A batch relayed as it is (the session has no field encryption).
+    pub fn unchanged(batch: Batch) -> Self {
+        Incoming {
+            client: batch,
+            tracked: None,
         }
     }
 }
@@ -83,6 +81,16 @@ struct Tracking {
 }
 
 impl Tracking {
+    /// Starts with what the client was sent so far in the batch.
+    fn starting_with(sent: &[u8]) -> Self {
+        let mut bytes = BytesMut::with_capacity(sent.len() * 2);
+        bytes.extend_from_slice(sent);
+        Tracking {
+            bytes,
+            failures: Vec::new(),
+        }
+    }
+
     /// The tracker reads the server's message `raw`, unless it answers pgward's own Describe.
     fn read(&mut self, raw: &[u8], relayed: &Relayed) {
         match relayed {
@@ -171,7 +179,7 @@ impl UpstreamHalf {
                 // Up to here the tracker reads what the client gets (a retyped description
                 // answers the same request as the server's).
                 let sent = out.as_ref().map_or(&all[..offset], |out| &out[..]);
-                tracking = Some(Tracked::starting_with(sent));
+                tracking = Some(Tracking::starting_with(sent));
             }
             if let Some(tracking) = tracking.as_mut() {
                 tracking.read(raw, &relayed);
