@@ -127,6 +127,11 @@ impl SessionAudit {
         &self.handle
     }
 
+    /// The writer of this session's completion records (the upstream direction's side).
+    pub fn completions(&self) -> Completions {
+        Completions::new(self.handle.clone(), self.session.clone())
+    }
+
     /// Add what one client message means for the audit log to `batch`; an Execute's record
     /// is made from its portal in the session's registry. Returns what the registry keeps of
     /// a Parse's statement or a Bind's parameters for the records of later Executes.

@@ -39,7 +39,7 @@ mod views;
 pub use client::ClientHalf;
 use client::*;
 use upstream::*;
-pub use upstream::{Incoming, Tracked, UpstreamHalf};
+pub use upstream::{relay, Incoming, Tracked, UpstreamHalf};
 
 use super::copy_in::CopyIn;
 use super::statements::Statement;

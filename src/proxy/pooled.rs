@@ -22,8 +22,8 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use super::audit::{Completions, SessionAudit};
-use super::encryption::{Incoming, UpstreamHalf};
+use super::audit::SessionAudit;
+use super::encryption::{self, Incoming, UpstreamHalf};
 use super::intercept::Interceptor;
 use super::pipeline;
 use super::policy::SessionPolicy;
@@ -245,8 +245,7 @@ pub(super) async fn run(
     lease.release();
 
     if let Some(audit) = &audit {
-        let completions = Completions::new(audit.handle().clone(), audit.session().clone());
-        state.replies.audit_with(completions);
+        state.replies.audit_with(audit.completions());
     }
     let mut audit = audit;
     let mut interceptor = interceptor;
@@ -553,10 +552,7 @@ async fn forward_to_client(
     let Incoming {
         client: batch,
         tracked,
-    } = match client.crypto.as_mut() {
-        Some(crypto) => crypto.incoming(batch).await,
-        None => Incoming::unchanged(batch),
-    };
+    } = encryption::relay(client.crypto.as_mut(), batch).await;
     let outgoing = account_upstream_batch(shared, state, &batch, tracked.as_ref());
     if state.replies.is_audited() {
         await_durable_records(shared, state).await?;

@@ -9,8 +9,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use super::audit::{Completions, SessionAudit};
-use super::encryption::{Incoming, Tracked, UpstreamHalf};
+use super::audit::SessionAudit;
+use super::encryption::{self, Incoming, Tracked, UpstreamHalf};
 use super::intercept::Interceptor;
 use super::pipeline;
 use super::policy::SessionPolicy;
@@ -27,7 +27,7 @@ use crate::metrics::inc;
 use crate::net::{Conn, ConnReader, ConnWriter};
 use crate::protocol::fields::ErrorFields;
 use crate::protocol::startup::StartupMessage;
-use crate::protocol::{backend, build, frontend, Batch, FrameReader, ProtocolError};
+use crate::protocol::{backend, build, frontend, Batch, FrameReader, Message, ProtocolError};
 use crate::upstream::MAX_UPSTREAM_MESSAGE;
 
 /// Most requests a session may have unanswered.
@@ -247,8 +247,7 @@ pub(super) async fn run(shared: Arc<Shared>, admitted: Admitted, shutdown: watch
         None => (None, None),
     };
     if let Some(audit) = &audit {
-        let completions = Completions::new(audit.handle().clone(), audit.session().clone());
-        state.replies.audit_with(completions);
+        state.replies.audit_with(audit.completions());
     }
     let mut audit = audit;
     let mut interceptor = interceptor;
@@ -455,10 +454,7 @@ async fn upstream_to_client(
         let Incoming {
             client: batch,
             tracked,
-        } = match crypto.as_mut() {
-            Some(crypto) => crypto.incoming(batch).await,
-            None => Incoming::unchanged(batch),
-        };
+        } = encryption::relay(crypto.as_mut(), batch).await;
         let outgoing = account_upstream_batch(shared, state, &batch, tracked.as_ref());
         // Only an audited session leaves durability receipts.
         if state.replies.is_audited() {
@@ -528,10 +524,9 @@ pub(super) fn account_upstream_batch(
     let total = all.len();
     for message in batch.messages() {
         let len = message.raw().len();
-        let sent_at = match tracked {
-            None => state.replies.answered(&message),
-            Some(_) => None,
-        };
+        if tracked.is_none() {
+            track_answer(shared, state, &message);
+        }
         match message.tag() {
             backend::READY_FOR_QUERY => {
                 let status = message.body().first().copied().unwrap_or(b'I');
@@ -539,11 +534,6 @@ pub(super) fn account_upstream_batch(
                     state.series.transaction_ended();
                 }
                 state.ready_for_query(status, offset + len == total);
-                if let Some(started) = sent_at {
-                    shared
-                        .metrics
-                        .observe_statement(&state.series, started.elapsed());
-                }
             }
             backend::ERROR_RESPONSE => {
                 inc(&shared.metrics.upstream_error_responses);
@@ -583,11 +573,16 @@ fn track_server_answers(shared: &Shared, state: &SessionState, tracked: &Tracked
         while let Some((_, sqlstate)) = failures.next_if(|(at, _)| *at == offset) {
             state.replies.failed_for_client(sqlstate);
         }
-        if let Some(started) = state.replies.answered(&message) {
-            shared
-                .metrics
-                .observe_statement(&state.series, started.elapsed());
-        }
+        track_answer(shared, state, &message);
         offset += message.raw().len();
+    }
+}
+
+/// One answer to the session's tracker; a ReadyForQuery times the request it answers.
+fn track_answer(shared: &Shared, state: &SessionState, message: &Message) {
+    if let Some(started) = state.replies.answered(message) {
+        shared
+            .metrics
+            .observe_statement(&state.series, started.elapsed());
     }
 }

@@ -64,13 +64,14 @@ pub struct Tracked {
     pub failures: Vec<(usize, &'static str)>,
 }
 
-impl Incoming {
-    /// A batch relayed as it is (the session has no field encryption).
-    pub fn unchanged(batch: Batch) -> Self {
-        Incoming {
+/// `batch` as the session's field encryption relays it (as it is, when it has none).
+pub async fn relay(crypto: Option<&mut UpstreamHalf>, batch: Batch) -> Incoming {
+    match crypto {
+        Some(crypto) => crypto.incoming(batch).await,
+        None => Incoming {
             client: batch,
             tracked: None,
-        }
+        },
     }
 }
 
