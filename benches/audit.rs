@@ -94,7 +94,9 @@ fn bench_append(c: &mut Criterion) {
 /// The statement's own cost of auditing: building and serialising an Execute's record (session
 /// with claims, two bound parameters) and handing it to the writer (`append_nowait`, what the
 /// completion path does), and the same record written to the log as a statement's record is
-/// before the statement is forwarded (`fsync = false`: serialise, chain, one write).
+/// before the statement is forwarded (`fsync = false`: serialise, chain, one write), and one
+/// transaction's records as the proxy makes them (that record with the session's fields
+/// serialised once, and its completion queued).
 fn bench_serialise(c: &mut Criterion) {
     #[allow(clippy::expect_used)]
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -167,6 +169,42 @@ fn bench_serialise(c: &mut Criterion) {
             rt.block_on(async {
                 for _ in 0..N {
                     let _ = handle.append_staged(vec![execute_record()], false).await;
+                }
+            })
+        })
+    });
+    // One transaction's records as the proxy makes them: the session's fields serialised once
+    // per session, the statement's record written before it is forwarded, and its completion
+    // queued with the server's answer (written with the next statement's record).
+    #[allow(clippy::expect_used)]
+    let session_json = pgward::audit::statement_session_json(&session).expect("session json");
+    let proxied_record = || {
+        let mut event = execute_record();
+        if let AuditEvent::Statement(st) = &mut event {
+            st.session_json = Some(session_json.clone());
+        }
+        event
+    };
+    let service: Arc<str> = session.service.as_str().into();
+    group.bench_function("transaction_records", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                for _ in 0..N {
+                    let seq = match handle.append_staged(vec![proxied_record()], false).await {
+                        Ok((seqs, _)) => seqs.first().copied().unwrap_or(0),
+                        Err(_) => 0,
+                    };
+                    handle.append_nowait(AuditEvent::StatementCompleted {
+                        session_id: session.session_id,
+                        service: service.clone(),
+                        statement_seq: seq,
+                        rows: Some(1),
+                        command: Some("SELECT".into()),
+                        duration: Duration::from_micros(180),
+                        sqlstate: None,
+                        skipped: false,
+                        suspended: false,
+                    });
                 }
             })
         })

@@ -309,7 +309,8 @@ pub enum AuditEvent {
     },
     StatementCompleted {
         session_id: u64,
-        service: String,
+        /// Shared by every completion of a session (no copy of the name per statement).
+        service: Arc<str>,
         /// The `seq` returned by `append` for the statement.
         statement_seq: u64,
         rows: Option<u64>,

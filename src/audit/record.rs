@@ -1,7 +1,7 @@
 //! The on-disk record envelope, segment files, and the hash chain primitives shared by the
 //! writer and the verifier. See the module docs of `audit` for the format specification.
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -26,7 +26,59 @@ pub fn record_hash(line: &[u8]) -> Hash {
 
 /// RFC 3339 UTC with microseconds, fixed width, so string order is time order.
 pub(crate) fn format_ts(t: SystemTime) -> String {
-    humantime::format_rfc3339_micros(t).to_string()
+    humantime::format_rfc3339_micros(UNIX_EPOCH + representable(t)).to_string()
+}
+
+/// The latest time a record's timestamp shows: 9999-12-31T23:59:59.999999Z.
+const TS_MAX: Duration = Duration::new(253_402_300_799, 999_999_000);
+
+/// `t` as time since the epoch, within what a fixed-width timestamp can show: a clock set
+/// before 1970 or past 9999 is recorded as the nearest bound (the formatter panics outside
+/// them, which took the log's writer down with it).
+fn representable(t: SystemTime) -> Duration {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .min(TS_MAX)
+}
+
+/// Length of a [`format_ts`] timestamp: `2026-12-04T14:24:46.879488Z`.
+const TS_LEN: usize = 27;
+/// Where its microseconds start, after `…:46.`.
+const TS_MICROS_AT: usize = 20;
+
+/// [`format_ts`] for the writer's every record: the date and time up to the second are
+/// formatted once per second and only the microseconds per record (the calendar arithmetic
+/// and formatting machinery cost more than the rest of a record's envelope).
+#[derive(Debug, Default)]
+pub(crate) struct Timestamps {
+    /// The second of `last` since the epoch.
+    second: Option<u64>,
+    last: [u8; TS_LEN],
+}
+
+impl Timestamps {
+    /// `t` as [`format_ts`] writes it, appended to `out`.
+    pub(crate) fn write(&mut self, t: SystemTime, out: &mut Vec<u8>) {
+        let since_epoch = representable(t);
+        let second = since_epoch.as_secs();
+        if self.second != Some(second) {
+            let formatted = format_ts(t);
+            let Ok(last) = <[u8; TS_LEN]>::try_from(formatted.as_bytes()) else {
+                // Every representable time has the fixed width; as formatted if not.
+                out.extend_from_slice(formatted.as_bytes());
+                return;
+            };
+            self.last = last;
+            self.second = Some(second);
+        }
+        let mut micros = since_epoch.subsec_micros();
+        for digit in self.last[TS_MICROS_AT..TS_LEN - 1].iter_mut().rev() {
+            // Below 10: a decimal digit.
+            *digit = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        out.extend_from_slice(&self.last);
+    }
 }
 
 /// The message a checkpoint signs: it binds node, position, time and the hash of every
@@ -234,7 +286,6 @@ fn last_valid_line(data: &[u8]) -> Option<(&[u8], usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn segment_names_sort_and_carry_time() {
@@ -244,6 +295,48 @@ mod tests {
         assert_eq!(segment_start_ts(&n).as_deref(), Some("2024-05-01T10:00:00"));
         assert!(segment_name(9, t, 0) < segment_name(10, t, 0));
         assert!(is_segment_name(&segment_name(1, t, 2)));
+    }
+
+    proptest::proptest! {
+        /// The cached formatter writes what `format_ts` writes, whether the second changed
+        /// since its last record or not (each case is a run of times a few ms apart).
+        #[test]
+        fn timestamps_are_written_as_format_ts_writes_them(
+            start in 0u64..253_402_300_000_000_000,
+            steps in proptest::collection::vec(0u64..3_000_000, 1..20),
+        ) {
+            let mut stamps = Timestamps::default();
+            let mut micros = start;
+            for step in steps {
+                micros += step;
+                let t = UNIX_EPOCH
+                    + Duration::from_micros(micros)
+                    + Duration::from_nanos(step % 1000);
+                let mut out = Vec::new();
+                stamps.write(t, &mut out);
+                proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), format_ts(t));
+            }
+        }
+    }
+
+    #[test]
+    fn clocks_outside_the_fixed_width_are_recorded_at_its_bounds() {
+        let mut stamps = Timestamps::default();
+        for (t, shown) in [
+            (
+                UNIX_EPOCH - Duration::from_secs(1),
+                "1970-01-01T00:00:00.000000Z",
+            ),
+            (
+                UNIX_EPOCH + Duration::from_secs(253_402_300_800), // year 10000
+                "9999-12-31T23:59:59.999999Z",
+            ),
+        ] {
+            assert_eq!(format_ts(t), shown);
+            let mut out = Vec::new();
+            stamps.write(t, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), shown);
+        }
     }
 
     #[test]

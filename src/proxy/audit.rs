@@ -129,7 +129,7 @@ impl SessionAudit {
 
     /// The writer of this session's completion records (the upstream direction's side).
     pub fn completions(&self) -> Completions {
-        Completions::new(self.handle.clone(), self.session.clone())
+        Completions::new(self.handle.clone(), &self.session)
     }
 
     /// Add what one client message means for the audit log to `batch`; an Execute's record
@@ -477,12 +477,17 @@ fn extend_unique(into: &mut Vec<String>, from: &[String]) {
 /// session's response tracker hands back with each answer.
 pub struct Completions {
     handle: AuditHandle,
-    session: Arc<SessionInfo>,
+    session_id: u64,
+    service: Arc<str>,
 }
 
 impl Completions {
-    pub fn new(handle: AuditHandle, session: Arc<SessionInfo>) -> Self {
-        Self { handle, session }
+    pub fn new(handle: AuditHandle, session: &SessionInfo) -> Self {
+        Self {
+            handle,
+            session_id: session.session_id,
+            service: session.service.as_str().into(),
+        }
     }
 
     /// A message that is part of the answer to a Query or FunctionCall still awaited: each
@@ -537,8 +542,8 @@ impl Completions {
             return;
         };
         self.handle.append_nowait(AuditEvent::StatementCompleted {
-            session_id: self.session.session_id,
-            service: self.session.service.clone(),
+            session_id: self.session_id,
+            service: self.service.clone(),
             statement_seq,
             rows: item.rows,
             command: item.command,

@@ -35,31 +35,33 @@ impl Writer {
 
     /// Appends one framed record to `buf` and advances the chain head.
     pub(super) fn push_record(&mut self, body: &[u8]) -> u64 {
+        debug_assert!(body.len() > 2 && body[0] == b'{');
         let seq = self.next_seq;
-        let ts = record::format_ts(SystemTime::now());
-        self.frame(seq, &ts, body);
+        let start = self.begin_frame(seq);
+        self.buf.extend_from_slice(&body[1..]);
+        self.end_frame(start, seq);
         seq
     }
 
-    fn frame(&mut self, seq: u64, ts: &str, body: &[u8]) {
-        debug_assert!(body.len() > 2 && body[0] == b'{');
-        let start = self.begin_frame(seq, ts);
-        self.buf.extend_from_slice(&body[1..]);
-        self.end_frame(start, seq);
-    }
-
-    /// Writes the envelope of record `seq` up to and including the comma before `kind`;
-    /// returns where the line starts in `buf`.
-    fn begin_frame(&mut self, seq: u64, ts: &str) -> usize {
+    /// Writes the envelope of record `seq`, stamped now, up to and including the comma
+    /// before `kind`; returns where the line starts in `buf`. Written piece by piece, not
+    /// through the formatting machinery: every record of the log passes here under its lock.
+    fn begin_frame(&mut self, seq: u64) -> usize {
         let start = self.buf.len();
+        let mut number = itoa::Buffer::new();
+        self.buf.extend_from_slice(br#"{"v":"#);
+        self.buf
+            .extend_from_slice(number.format(FORMAT_VERSION).as_bytes());
+        self.buf.extend_from_slice(br#","seq":"#);
+        self.buf.extend_from_slice(number.format(seq).as_bytes());
+        self.buf.extend_from_slice(br#","ts":""#);
+        self.stamps.write(SystemTime::now(), &mut self.buf);
+        self.buf.extend_from_slice(br#"","node":"#);
+        self.buf.extend_from_slice(self.node_json.as_bytes());
+        self.buf.extend_from_slice(br#","prev":""#);
         let mut prev_hex = [0u8; 64];
         // Infallible: the output buffer is exactly twice the input.
         let _ = hex::encode_to_slice(self.prev, &mut prev_hex);
-        let _ = write!(
-            self.buf,
-            "{{\"v\":{FORMAT_VERSION},\"seq\":{seq},\"ts\":\"{ts}\",\"node\":{},\"prev\":\"",
-            self.node_json
-        );
         self.buf.extend_from_slice(&prev_hex);
         self.buf.extend_from_slice(b"\",");
         start
@@ -78,14 +80,13 @@ impl Writer {
     /// Without a key the same record is written without `key_id`/`sig`.
     pub(super) fn push_checkpoint(&mut self, reason: &str) -> Result<(), AuditError> {
         let seq = self.next_seq;
-        let ts = record::format_ts(SystemTime::now());
         let body = crate::audit::lifecycle::checkpoint_body(
             reason,
             seq,
             self.checkpoint_interval,
             self.key.as_ref().map(SigningKey::key_id),
         )?;
-        let start = self.begin_frame(seq, &ts);
+        let start = self.begin_frame(seq);
         // The body without its closing brace: the signature is appended as the last field.
         self.buf.extend_from_slice(&body[1..body.len() - 1]);
         if let Some(key) = &self.key {

@@ -171,6 +171,8 @@ pub(super) struct Writer {
     dir: PathBuf,
     node: String,
     node_json: String,
+    /// Record timestamps, the part up to the second formatted once per second.
+    stamps: record::Timestamps,
     rotate_size: u64,
     rotate_interval: Duration,
     checkpoint_interval: Duration,
@@ -258,6 +260,7 @@ impl Writer {
             stopped: false,
             dir: config.dir.clone(),
             node_json: serde_json::to_string(&node)?,
+            stamps: record::Timestamps::default(),
             node,
             rotate_size: config.rotate_size.max(1),
             rotate_interval: config.rotate_interval,
