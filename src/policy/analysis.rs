@@ -17,12 +17,12 @@ use super::catalog::Catalog;
 use super::memo::BoundedMap;
 use super::shape;
 use super::sql::{ident_name, object_name_parts, parse_statements};
-use super::{rewrite, Rewritten, StatementInfo};
+use super::{Rewritten, StatementInfo};
 
 /// The analysis of one statement of an unrestricted service. `catalog` qualifies names
 /// (`public.customers`); without one they are recorded as written, case-folded (`customers`).
 pub fn unrestricted_info(st: &Statement, catalog: Option<&Catalog>) -> StatementInfo {
-    let kind = rewrite::statement_kind(st);
+    let kind = crate::sql::StatementKind::of(st);
     let (tables_read, tables_written) = tables_touched(st, catalog);
     let columns_read = catalog
         .map(|c| {
@@ -32,13 +32,13 @@ pub fn unrestricted_info(st: &Statement, catalog: Option<&Catalog>) -> Statement
         })
         .unwrap_or_default();
     StatementInfo {
-        kind: kind.to_string(),
-        is_ddl: kind == "DDL"
-            || matches!(st, Statement::CreateView(_) | Statement::CreateFunction(_)),
+        kind: Some(kind),
+        is_ddl: kind.is_ddl(),
         tables_read,
         tables_written,
         columns_read,
         class: Some(crate::sql::CommandClass::of(st)),
+        cursor: crate::sql::CursorUse::of(st),
         ..StatementInfo::default()
     }
 }

@@ -108,8 +108,8 @@ impl From<PolicyDenied> for Refusal {
 /// What one statement of a rewritten string does.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StatementInfo {
-    /// `SELECT`, `INSERT`, `UPDATE`, `DELETE`, `SET`, `COPY`, `DDL`, ...
-    pub kind: String,
+    /// What kind of statement it is (`None` until the analysis has looked at it).
+    pub kind: Option<crate::sql::StatementKind>,
     /// pgAudit's class of the statement, for its audit record.
     pub class: Option<crate::sql::CommandClass>,
     /// `schema.table` of protected tables read (after rewriting, through their filter).
@@ -124,6 +124,9 @@ pub struct StatementInfo {
     pub encrypted_columns: Vec<String>,
     /// The caller refreshes the catalog (`Catalog::refresh` + `PolicyEngine::set_catalog`).
     pub is_ddl: bool,
+    /// The SQL cursor it declares, fetches from or closes (the audit names a FETCH's reads
+    /// by its cursor's).
+    pub cursor: Option<crate::sql::CursorUse>,
 }
 
 /// The result of a rewrite: the SQL to forward.
@@ -687,9 +690,10 @@ pub fn rewrite_encrypted(
             rewrite::Rewriter::new(service, policy, catalog, claims).statement(st)?;
         info.columns_read = named;
         info.class = Some(class);
+        info.cursor = crate::sql::CursorUse::of(st);
         info.encrypted_columns = outcome.accessed.get(k).cloned().unwrap_or_default();
         // COPY FROM verifies its two parts itself (sqlparser has no COPY ... WHERE).
-        if info.kind != "COPY FROM" && !sql::round_trips(&text) {
+        if info.kind != Some(crate::sql::StatementKind::CopyFrom) && !sql::round_trips(&text) {
             tracing::warn!(
                 service,
                 "rewritten statement does not round-trip; refused: {text}"

@@ -167,10 +167,8 @@ impl<'a> Rewriter<'a> {
     }
 
     fn top(&mut self, st: &mut Statement) -> R<String> {
-        let kind = statement_kind(st);
-        if self.info.kind.is_empty() {
-            self.info.kind = kind.to_string();
-        }
+        let kind = crate::sql::StatementKind::of(st);
+        self.info.kind.get_or_insert(kind);
         match st {
             Statement::Query(q) => {
                 self.top_level_select = q.with.is_none() && matches!(&*q.body, SetExpr::Select(_));
@@ -301,10 +299,9 @@ impl<'a> Rewriter<'a> {
                 self.info.is_ddl = true
             }
             _ => {
-                let kind = if kind == crate::sql::StatementKind::Other.as_str() {
-                    leading_keywords(st)
-                } else {
-                    kind.to_string()
+                let kind = match kind {
+                    crate::sql::StatementKind::Other => leading_keywords(st),
+                    known => known.as_str().to_string(),
                 };
                 return Err(self.refuse(format!(
                     "{kind} statements (a policy-bound service may run SELECT and the writes \
@@ -587,10 +584,6 @@ fn is_plain_dml(st: &Statement) -> bool {
         st,
         Statement::Query(_) | Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_)
     )
-}
-
-pub fn statement_kind(st: &Statement) -> &'static str {
-    crate::sql::StatementKind::of(st).as_str()
 }
 
 /// Top-level AND-ed parts of a predicate.

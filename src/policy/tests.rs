@@ -562,6 +562,8 @@ fn multi_statement() {
         r.statements[1].tables_read,
         vec!["public.customers".to_string()]
     );
+    let kinds: Vec<_> = r.statements.iter().map(|s| s.kind).collect();
+    assert_eq!(kinds, [Some(crate::sql::StatementKind::Select); 2]);
     assert!(e
         .rewrite(
             &PolicyIdentity {

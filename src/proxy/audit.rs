@@ -8,7 +8,7 @@
 //! the server's answer; [`Completions`] writes the completion record from it. The log itself
 //! lives in [`crate::audit`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,6 +23,7 @@ use crate::protocol::replies::{Outcome, Request};
 use crate::protocol::view::{BindView, Frontend, ParseView};
 use crate::protocol::{backend, Message};
 use crate::sql::fingerprint::split_statements;
+use crate::sql::CursorUse;
 
 /// What the interceptor decided about a message, as the audit record needs it.
 pub struct Observed<'a> {
@@ -79,6 +80,74 @@ pub struct SessionAudit {
     literals_may_be_sensitive: bool,
     /// Fingerprints by redacted text: a shape is lexed for its fingerprint once per session.
     fingerprints: crate::sql::fingerprint::FingerprintMemo,
+    cursors: Cursors,
+}
+
+/// The SQL cursors the session declared, with what each one's query reads: the record of a
+/// `FETCH` names them, where its own text names only the cursor. A cursor is forgotten at its
+/// `CLOSE`, at `CLOSE ALL` and `DISCARD ALL`, and when a `DECLARE` reuses its name; one the
+/// server dropped with its transaction is kept until then (a `FETCH` of it fails on the
+/// server, and its record names what it tried to read).
+#[derive(Default)]
+struct Cursors {
+    reads: HashMap<String, CursorReads>,
+    /// DECLAREs seen, to tell the oldest cursor.
+    declared: u64,
+}
+
+/// What a cursor's query reads, as its `DECLARE` was analysed.
+struct CursorReads {
+    /// Its `DECLARE`'s place among the session's.
+    order: u64,
+    tables_read: Vec<String>,
+    columns_read: Vec<String>,
+    encrypted_columns: Vec<String>,
+}
+
+/// Cursors remembered per session; a session holding more at once has its oldest forgotten
+/// rather than growing without bound (each `DECLARE` is on record, so pushing a cursor out
+/// this way shows in the log).
+const MAX_CURSORS: usize = 1024;
+
+impl Cursors {
+    /// What `info` does with a cursor: a `DECLARE` that will run is remembered, a `FETCH`
+    /// names its cursor's reads in `touched`, a `CLOSE` forgets.
+    fn apply(&mut self, info: &StatementInfo, runs: bool, touched: &mut Touched) {
+        match &info.cursor {
+            Some(CursorUse::Declare(name)) if runs => {
+                if self.reads.len() >= MAX_CURSORS && !self.reads.contains_key(name) {
+                    self.forget_oldest();
+                }
+                self.declared += 1;
+                let reads = CursorReads {
+                    order: self.declared,
+                    tables_read: info.tables_read.clone(),
+                    columns_read: info.columns_read.clone(),
+                    encrypted_columns: info.encrypted_columns.clone(),
+                };
+                self.reads.insert(name.clone(), reads);
+            }
+            Some(CursorUse::Fetch(name)) => {
+                if let Some(reads) = self.reads.get(name) {
+                    extend_unique(&mut touched.tables_read, &reads.tables_read);
+                    extend_unique(&mut touched.columns_read, &reads.columns_read);
+                    extend_unique(&mut touched.encrypted_columns, &reads.encrypted_columns);
+                }
+            }
+            Some(CursorUse::Close(name)) if runs => {
+                self.reads.remove(name);
+            }
+            Some(CursorUse::CloseAll) if runs => self.reads.clear(),
+            _ => {}
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        let oldest = self.reads.iter().min_by_key(|(_, r)| r.order);
+        if let Some(name) = oldest.map(|(name, _)| name.clone()) {
+            self.reads.remove(&name);
+        }
+    }
 }
 
 /// One audited batch: records to make durable, then what to await for each.
@@ -116,6 +185,7 @@ impl SessionAudit {
             statements_recorded: 0,
             literals_may_be_sensitive,
             fingerprints: Default::default(),
+            cursors: Cursors::default(),
         }
     }
 
@@ -213,8 +283,11 @@ impl SessionAudit {
             record.session_json = self.session_json.clone();
             let touched = record.touched_mut();
             match (paired, infos) {
-                (Some(infos), _) => add_analysis(touched, infos.get(i..=i).unwrap_or(&[])),
-                (None, Some(infos)) => add_analysis(touched, infos),
+                (Some(infos), _) => {
+                    let info = infos.get(i..=i).unwrap_or(&[]);
+                    add_analysis(touched, info, &mut self.cursors, true)
+                }
+                (None, Some(infos)) => add_analysis(touched, infos, &mut self.cursors, true),
                 (None, None) => {}
             }
             match &rewritten {
@@ -247,7 +320,7 @@ impl SessionAudit {
         Arc::new(Prepared {
             text,
             fingerprint,
-            touched: Arc::new(touched_by(observed.analysis.as_deref())),
+            touched: Arc::new(self.touched_by(observed.analysis.as_deref(), !refused)),
             param_types,
             refused,
         })
@@ -371,7 +444,8 @@ impl SessionAudit {
             record.sqlstate = Some(refusal.error.sqlstate.to_string());
         }
         if observed.analysis.is_some() {
-            record.touched = Arc::new(touched_by(observed.analysis.as_deref()));
+            let runs = observed.refused.is_none();
+            record.touched = Arc::new(self.touched_by(observed.analysis.as_deref(), runs));
         }
         self.statements_recorded += 1;
         AuditEvent::Statement(Box::new(record))
@@ -437,21 +511,25 @@ impl BatchRecords {
     }
 }
 
-/// What an analysed text touches, for its records (nothing known without an analysis).
-fn touched_by(analysis: Option<&Rewritten>) -> Touched {
-    let mut touched = Touched::default();
-    if let Some(analysis) = analysis {
-        if !analysis.unrestricted {
-            touched.set_rewritten(&analysis.sql);
+impl SessionAudit {
+    /// What an analysed text touches, for its records (nothing known without an analysis);
+    /// `runs`: it will be forwarded (a refused `DECLARE` declares nothing).
+    fn touched_by(&mut self, analysis: Option<&Rewritten>, runs: bool) -> Touched {
+        let mut touched = Touched::default();
+        if let Some(analysis) = analysis {
+            if !analysis.unrestricted {
+                touched.set_rewritten(&analysis.sql);
+            }
+            add_analysis(&mut touched, &analysis.statements, &mut self.cursors, runs);
         }
-        add_analysis(&mut touched, &analysis.statements);
+        touched
     }
-    touched
 }
 
-/// What the analysed statements touch, onto their record.
-fn add_analysis(touched: &mut Touched, infos: &[StatementInfo]) {
+/// What the analysed statements touch, onto their record (a `FETCH`: what its cursor reads).
+fn add_analysis(touched: &mut Touched, infos: &[StatementInfo], cursors: &mut Cursors, runs: bool) {
     for info in infos {
+        cursors.apply(info, runs, touched);
         extend_unique(&mut touched.tables_read, &info.tables_read);
         extend_unique(&mut touched.tables_written, &info.tables_written);
         extend_unique(&mut touched.columns_read, &info.columns_read);
@@ -608,6 +686,74 @@ fn command_tag(body: &[u8]) -> (String, Option<u64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cursor_info(cursor: CursorUse, columns: &[&str]) -> StatementInfo {
+        StatementInfo {
+            cursor: Some(cursor),
+            columns_read: columns.iter().map(|c| c.to_string()).collect(),
+            ..StatementInfo::default()
+        }
+    }
+
+    /// The columns a FETCH of `name` is recorded as reading.
+    fn fetched(cursors: &mut Cursors, name: &str) -> Vec<String> {
+        let mut touched = Touched::default();
+        cursors.apply(
+            &cursor_info(CursorUse::Fetch(name.into()), &[]),
+            true,
+            &mut touched,
+        );
+        touched.columns_read
+    }
+
+    #[test]
+    fn a_fetch_reads_what_its_cursor_declared_until_it_is_closed() {
+        let mut cursors = Cursors::default();
+        let mut touched = Touched::default();
+        let declare =
+            |name: &str, column: &str| cursor_info(CursorUse::Declare(name.into()), &[column]);
+        cursors.apply(&declare("c", "t.secret"), true, &mut touched);
+        cursors.apply(&declare("refused", "t.secret"), false, &mut touched);
+        assert_eq!(fetched(&mut cursors, "c"), ["t.secret"]);
+        assert!(
+            fetched(&mut cursors, "refused").is_empty(),
+            "never declared"
+        );
+        // A refused CLOSE closes nothing; a new DECLARE of the name replaces its reads.
+        cursors.apply(
+            &cursor_info(CursorUse::Close("c".into()), &[]),
+            false,
+            &mut touched,
+        );
+        cursors.apply(&declare("c", "t.other"), true, &mut touched);
+        assert_eq!(fetched(&mut cursors, "c"), ["t.other"]);
+        cursors.apply(
+            &cursor_info(CursorUse::Close("c".into()), &[]),
+            true,
+            &mut touched,
+        );
+        assert!(fetched(&mut cursors, "c").is_empty());
+        cursors.apply(&declare("d", "t.secret"), true, &mut touched);
+        cursors.apply(&cursor_info(CursorUse::CloseAll, &[]), true, &mut touched);
+        assert!(fetched(&mut cursors, "d").is_empty());
+    }
+
+    #[test]
+    fn a_session_holding_too_many_cursors_forgets_only_its_oldest() {
+        let mut cursors = Cursors::default();
+        let mut touched = Touched::default();
+        for i in 0..=MAX_CURSORS {
+            let declare = cursor_info(CursorUse::Declare(format!("c{i}")), &["t.a"]);
+            cursors.apply(&declare, true, &mut touched);
+        }
+        assert_eq!(cursors.reads.len(), MAX_CURSORS);
+        assert!(
+            fetched(&mut cursors, "c0").is_empty(),
+            "the oldest is forgotten"
+        );
+        assert_eq!(fetched(&mut cursors, "c1"), ["t.a"]);
+        assert_eq!(fetched(&mut cursors, &format!("c{MAX_CURSORS}")), ["t.a"]);
+    }
 
     #[test]
     fn command_tags_give_command_and_rows() {

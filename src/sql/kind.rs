@@ -1,6 +1,8 @@
 //! What kind of statement a parsed statement is, as a value: the policy engine decides by it,
 //! refusals name it, and audit records carry its command class.
-use sqlparser::ast::Statement;
+use sqlparser::ast::{CloseCursor, DeclareType, DiscardObject, Statement};
+
+use super::parse::ident_name;
 
 /// The kind of one statement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -12,7 +14,10 @@ pub enum StatementKind {
     Explain,
     Prepare,
     Execute,
-    Copy,
+    /// COPY … TO (a read).
+    CopyTo,
+    /// COPY … FROM (a write).
+    CopyFrom,
     Declare,
     Set,
     Show,
@@ -59,7 +64,8 @@ impl StatementKind {
             Statement::Explain { .. } => StatementKind::Explain,
             Statement::Prepare { .. } => StatementKind::Prepare,
             Statement::Execute { .. } => StatementKind::Execute,
-            Statement::Copy { .. } => StatementKind::Copy,
+            Statement::Copy { to: true, .. } => StatementKind::CopyTo,
+            Statement::Copy { .. } => StatementKind::CopyFrom,
             Statement::Declare { .. } => StatementKind::Declare,
             Statement::Set(_) => StatementKind::Set,
             Statement::ShowVariable { .. } => StatementKind::Show,
@@ -90,7 +96,8 @@ impl StatementKind {
             StatementKind::Explain => "EXPLAIN",
             StatementKind::Prepare => "PREPARE",
             StatementKind::Execute => "EXECUTE",
-            StatementKind::Copy => "COPY",
+            StatementKind::CopyTo => "COPY TO",
+            StatementKind::CopyFrom => "COPY FROM",
             StatementKind::Declare => "DECLARE",
             StatementKind::Set => "SET",
             StatementKind::Show => "SHOW",
@@ -117,16 +124,50 @@ impl StatementKind {
     }
 }
 
+/// What a statement does with a SQL cursor of its session, by the name the server knows it
+/// by: a `FETCH` reads what its cursor's query reads, which only its `DECLARE` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CursorUse {
+    Declare(String),
+    Fetch(String),
+    Close(String),
+    /// `CLOSE ALL`, `DISCARD ALL`.
+    CloseAll,
+}
+
+impl CursorUse {
+    /// The cursor `st` declares, reads or closes, if any.
+    pub fn of(st: &Statement) -> Option<Self> {
+        match st {
+            Statement::Declare { stmts, .. } => stmts
+                .iter()
+                .find(|d| d.declare_type == Some(DeclareType::Cursor) && d.for_query.is_some())
+                .and_then(|d| d.names.first())
+                .map(|name| CursorUse::Declare(ident_name(name))),
+            Statement::Fetch { name, .. } => Some(CursorUse::Fetch(ident_name(name))),
+            Statement::Close {
+                cursor: CloseCursor::Specific { name },
+            } => Some(CursorUse::Close(ident_name(name))),
+            Statement::Close {
+                cursor: CloseCursor::All,
+            }
+            | Statement::Discard {
+                object_type: DiscardObject::ALL,
+            } => Some(CursorUse::CloseAll),
+            _ => None,
+        }
+    }
+}
+
 impl CommandClass {
     /// The class of `st` (a COPY reads or writes by its direction).
     pub fn of(st: &Statement) -> Self {
         match StatementKind::of(st) {
-            StatementKind::Select | StatementKind::Declare => CommandClass::Read,
-            StatementKind::Copy => match st {
-                Statement::Copy { to: true, .. } => CommandClass::Read,
-                _ => CommandClass::Write,
-            },
-            StatementKind::Insert
+            StatementKind::Select | StatementKind::Declare | StatementKind::CopyTo => {
+                CommandClass::Read
+            }
+            StatementKind::CopyFrom
+            | StatementKind::Insert
             | StatementKind::Update
             | StatementKind::Delete
             | StatementKind::Truncate => CommandClass::Write,
@@ -157,6 +198,30 @@ mod tests {
 
     fn class(sql: &str) -> &'static str {
         CommandClass::of(&parse_statements(sql).unwrap()[0]).as_str()
+    }
+
+    fn cursor(sql: &str) -> Option<CursorUse> {
+        CursorUse::of(&parse_statements(sql).unwrap()[0])
+    }
+
+    #[test]
+    fn cursor_statements_name_their_cursor_as_the_server_does() {
+        let declared = cursor("DECLARE Big_C NO SCROLL CURSOR WITH HOLD FOR SELECT 1");
+        assert_eq!(declared, Some(CursorUse::Declare("big_c".into())));
+        let fetched = cursor(r#"FETCH FORWARD 10 FROM "Big_C""#);
+        assert_eq!(fetched, Some(CursorUse::Fetch("Big_C".into())));
+        assert_eq!(
+            cursor("FETCH ALL IN big_c"),
+            Some(CursorUse::Fetch("big_c".into()))
+        );
+        assert_eq!(
+            cursor("CLOSE big_c"),
+            Some(CursorUse::Close("big_c".into()))
+        );
+        assert_eq!(cursor("CLOSE ALL"), Some(CursorUse::CloseAll));
+        assert_eq!(cursor("DISCARD ALL"), Some(CursorUse::CloseAll));
+        assert_eq!(cursor("DISCARD PLANS"), None);
+        assert_eq!(cursor("SELECT 1"), None);
     }
 
     #[test]

@@ -386,3 +386,76 @@ async fn a_second_parse_of_a_prepared_name_cannot_disguise_its_executions() {
         "the Execute was recorded as the refused Parse's text: {executed:?}"
     );
 }
+
+/// A `FETCH` on a SQL cursor is recorded with what the cursor's query reads (its own text names
+/// only the cursor), so an auditor's search for a column finds every fetch of it with its
+/// rows; a closed cursor's name reads nothing any more.
+#[tokio::test]
+async fn every_fetch_of_a_sql_cursor_names_what_the_cursor_reads() {
+    let log = tempfile::tempdir().unwrap();
+    let database = harness::fresh_database("auditcursor", true).await;
+    let policies = std::fs::canonicalize("policies").unwrap();
+    let proxy = harness::start_proxy(harness::ProxyOptions {
+        extra_toml: format!(
+            "{}\n[policy]\ndir = {:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n\n{}",
+            harness::audit_toml(log.path(), ""),
+            policies.display().to_string(),
+            harness::superuser_service("support")
+        ),
+        ..harness::ProxyOptions::default()
+    })
+    .await;
+    let mut config = proxy.client_config("support", &database);
+    config.password(harness::token("support", json!({"tenant_id": 1})));
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let visible: i64 = client
+        .query_one("SELECT count(*) FROM customers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(visible >= 2, "the demo tenant has customers to fetch");
+    client
+        .batch_execute("BEGIN; DECLARE c CURSOR FOR SELECT name FROM customers ORDER BY id")
+        .await
+        .unwrap();
+    // One row by the simple protocol, the rest by the extended one.
+    client.simple_query("FETCH 1 FROM c").await.unwrap();
+    let rest = client.query("FETCH ALL FROM c", &[]).await.unwrap();
+    assert_eq!(rest.len() as i64, visible - 1);
+    client.batch_execute("CLOSE c; COMMIT").await.unwrap();
+    let closed = client.simple_query("FETCH 1 FROM c").await.unwrap_err();
+    assert_eq!(closed.code(), Some(&SqlState::INVALID_CURSOR_NAME));
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+
+    let all = records(log.path());
+    let fetches: Vec<&Value> = all
+        .iter()
+        .filter(|r| {
+            r["kind"] == "statement" && r["sql"].as_str().unwrap_or("").starts_with("FETCH")
+        })
+        .collect();
+    assert_eq!(fetches.len(), 3, "{fetches:#?}");
+    let mut rows = 0;
+    for open in &fetches[..2] {
+        assert_eq!(open["tables_read"], json!(["public.customers"]), "{open}");
+        let named = json!(["customers.name", "customers.id"]);
+        assert_eq!(open["columns_read"], named, "{open}");
+        rows += completion_of(&all, open)["rows"].as_i64().unwrap();
+    }
+    assert_eq!(
+        rows, visible,
+        "the fetches account for every row the cursor returned"
+    );
+    let after_close = fetches[2];
+    assert_eq!(after_close["columns_read"], json!([]), "{after_close}");
+    assert_eq!(completion_of(&all, after_close)["sqlstate"], "34000");
+    let found = search(log.path(), &["--column", "customers.name"]);
+    let found_fetches = found
+        .iter()
+        .filter(|r| r["sql"].as_str().unwrap_or("").starts_with("FETCH"))
+        .count();
+    assert_eq!(found_fetches, 2, "{found:#?}");
+}

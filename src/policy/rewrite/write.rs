@@ -658,7 +658,6 @@ impl<'a> Rewriter<'a> {
             // COPY FROM ... WHERE runs per row inside the server: bound data is verified there.
             text.push_str(&format!(" WHERE {assert}"));
         }
-        self.info.kind = "COPY FROM".into();
         self.note_write(&tp.info);
         Ok(text)
     }
