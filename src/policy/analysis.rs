@@ -38,7 +38,7 @@ pub fn unrestricted_info(st: &Statement, catalog: Option<&Catalog>) -> Statement
         tables_written,
         columns_read,
         class: Some(crate::sql::CommandClass::of(st)),
-        cursor: crate::sql::CursorUse::of(st),
+        session_name: crate::sql::SessionName::of(st),
         ..StatementInfo::default()
     }
 }

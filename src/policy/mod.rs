@@ -124,9 +124,9 @@ pub struct StatementInfo {
     pub encrypted_columns: Vec<String>,
     /// The caller refreshes the catalog (`Catalog::refresh` + `PolicyEngine::set_catalog`).
     pub is_ddl: bool,
-    /// The SQL cursor it declares, fetches from or closes (the audit names a FETCH's reads
-    /// by its cursor's).
-    pub cursor: Option<crate::sql::CursorUse>,
+    /// The cursor or SQL prepared statement it creates, runs or drops (the audit names what a
+    /// `FETCH` or `EXECUTE` touches by what created its name).
+    pub session_name: Option<crate::sql::SessionName>,
 }
 
 /// The result of a rewrite: the SQL to forward.
@@ -690,7 +690,7 @@ pub fn rewrite_encrypted(
             rewrite::Rewriter::new(service, policy, catalog, claims).statement(st)?;
         info.columns_read = named;
         info.class = Some(class);
-        info.cursor = crate::sql::CursorUse::of(st);
+        info.session_name = crate::sql::SessionName::of(st);
         info.encrypted_columns = outcome.accessed.get(k).cloned().unwrap_or_default();
         // COPY FROM verifies its two parts itself (sqlparser has no COPY ... WHERE).
         if info.kind != Some(crate::sql::StatementKind::CopyFrom) && !sql::round_trips(&text) {

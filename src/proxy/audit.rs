@@ -23,7 +23,7 @@ use crate::protocol::replies::{Outcome, Request};
 use crate::protocol::view::{BindView, Frontend, ParseView};
 use crate::protocol::{backend, Message};
 use crate::sql::fingerprint::split_statements;
-use crate::sql::CursorUse;
+use crate::sql::{NameKind, SessionName};
 
 /// What the interceptor decided about a message, as the audit record needs it.
 pub struct Observed<'a> {
@@ -80,72 +80,83 @@ pub struct SessionAudit {
     literals_may_be_sensitive: bool,
     /// Fingerprints by redacted text: a shape is lexed for its fingerprint once per session.
     fingerprints: crate::sql::fingerprint::FingerprintMemo,
-    cursors: Cursors,
+    names: SessionNames,
 }
 
-/// The SQL cursors the session declared, with what each one's query reads: the record of a
-/// `FETCH` names them, where its own text names only the cursor. A cursor is forgotten at its
-/// `CLOSE`, at `CLOSE ALL` and `DISCARD ALL`, and when a `DECLARE` reuses its name; one the
-/// server dropped with its transaction is kept until then (a `FETCH` of it fails on the
-/// server, and its record names what it tried to read).
+/// The cursors and SQL prepared statements the session created, with what each one's
+/// statement touches: the record of a `FETCH` or `EXECUTE` names it, where its own text names
+/// only the cursor or statement. A name is forgotten when it is closed or deallocated (one by
+/// one, or all: `CLOSE ALL`, `DEALLOCATE ALL`, `DISCARD ALL`) and replaced when it is created
+/// again; a cursor the server dropped with its transaction is kept until then (a `FETCH` of it
+/// fails on the server, and its record names what it tried to read).
 #[derive(Default)]
-struct Cursors {
-    reads: HashMap<String, CursorReads>,
-    /// DECLAREs seen, to tell the oldest cursor.
-    declared: u64,
+struct SessionNames {
+    created: HashMap<(NameKind, String), NamedTouch>,
+    /// Names created so far, to tell the oldest.
+    count: u64,
 }
 
-/// What a cursor's query reads, as its `DECLARE` was analysed.
-struct CursorReads {
-    /// Its `DECLARE`'s place among the session's.
+/// What the statement that created a name touches, as it was analysed.
+struct NamedTouch {
+    /// Its place among the session's creations.
     order: u64,
     tables_read: Vec<String>,
+    tables_written: Vec<String>,
     columns_read: Vec<String>,
+    columns_written: Vec<String>,
     encrypted_columns: Vec<String>,
 }
 
-/// Cursors remembered per session; a session holding more at once has its oldest forgotten
-/// rather than growing without bound (each `DECLARE` is on record, so pushing a cursor out
-/// this way shows in the log).
-const MAX_CURSORS: usize = 1024;
+/// Names remembered per session; a session holding more at once has its oldest forgotten
+/// rather than growing without bound (each creation is on record, so pushing a name out this
+/// way shows in the log).
+const MAX_SESSION_NAMES: usize = 1024;
 
-impl Cursors {
-    /// What `info` does with a cursor: a `DECLARE` that will run is remembered, a `FETCH`
-    /// names its cursor's reads in `touched`, a `CLOSE` forgets.
+impl SessionNames {
+    /// What `info` does with a name: a creation that will run is remembered, a statement
+    /// running a name gets what it touches in `touched`, a drop that will run forgets.
     fn apply(&mut self, info: &StatementInfo, runs: bool, touched: &mut Touched) {
-        match &info.cursor {
-            Some(CursorUse::Declare(name)) if runs => {
-                if self.reads.len() >= MAX_CURSORS && !self.reads.contains_key(name) {
+        match &info.session_name {
+            Some(SessionName::Create(kind, name)) if runs => {
+                let key = (*kind, name.clone());
+                if self.created.len() >= MAX_SESSION_NAMES && !self.created.contains_key(&key) {
                     self.forget_oldest();
                 }
-                self.declared += 1;
-                let reads = CursorReads {
-                    order: self.declared,
+                self.count += 1;
+                let touch = NamedTouch {
+                    order: self.count,
                     tables_read: info.tables_read.clone(),
+                    tables_written: info.tables_written.clone(),
                     columns_read: info.columns_read.clone(),
+                    columns_written: info.columns_written.clone(),
                     encrypted_columns: info.encrypted_columns.clone(),
                 };
-                self.reads.insert(name.clone(), reads);
+                self.created.insert(key, touch);
             }
-            Some(CursorUse::Fetch(name)) => {
-                if let Some(reads) = self.reads.get(name) {
-                    extend_unique(&mut touched.tables_read, &reads.tables_read);
-                    extend_unique(&mut touched.columns_read, &reads.columns_read);
-                    extend_unique(&mut touched.encrypted_columns, &reads.encrypted_columns);
+            Some(SessionName::Run(kind, name)) => {
+                if let Some(t) = self.created.get(&(*kind, name.clone())) {
+                    extend_unique(&mut touched.tables_read, &t.tables_read);
+                    extend_unique(&mut touched.tables_written, &t.tables_written);
+                    extend_unique(&mut touched.columns_read, &t.columns_read);
+                    extend_unique(&mut touched.columns_written, &t.columns_written);
+                    extend_unique(&mut touched.encrypted_columns, &t.encrypted_columns);
                 }
             }
-            Some(CursorUse::Close(name)) if runs => {
-                self.reads.remove(name);
+            Some(SessionName::Drop(kind, name)) if runs => {
+                self.created.remove(&(*kind, name.clone()));
             }
-            Some(CursorUse::CloseAll) if runs => self.reads.clear(),
+            Some(SessionName::DropAll(kind)) if runs => {
+                self.created
+                    .retain(|(k, _), _| kind.is_some_and(|dropped| dropped != *k));
+            }
             _ => {}
         }
     }
 
     fn forget_oldest(&mut self) {
-        let oldest = self.reads.iter().min_by_key(|(_, r)| r.order);
-        if let Some(name) = oldest.map(|(name, _)| name.clone()) {
-            self.reads.remove(&name);
+        let oldest = self.created.iter().min_by_key(|(_, t)| t.order);
+        if let Some(key) = oldest.map(|(key, _)| key.clone()) {
+            self.created.remove(&key);
         }
     }
 }
@@ -185,7 +196,7 @@ impl SessionAudit {
             statements_recorded: 0,
             literals_may_be_sensitive,
             fingerprints: Default::default(),
-            cursors: Cursors::default(),
+            names: SessionNames::default(),
         }
     }
 
@@ -285,9 +296,9 @@ impl SessionAudit {
             match (paired, infos) {
                 (Some(infos), _) => {
                     let info = infos.get(i..=i).unwrap_or(&[]);
-                    add_analysis(touched, info, &mut self.cursors, true)
+                    add_analysis(touched, info, &mut self.names, true)
                 }
-                (None, Some(infos)) => add_analysis(touched, infos, &mut self.cursors, true),
+                (None, Some(infos)) => add_analysis(touched, infos, &mut self.names, true),
                 (None, None) => {}
             }
             match &rewritten {
@@ -513,23 +524,29 @@ impl BatchRecords {
 
 impl SessionAudit {
     /// What an analysed text touches, for its records (nothing known without an analysis);
-    /// `runs`: it will be forwarded (a refused `DECLARE` declares nothing).
+    /// `runs`: it will be forwarded (a refused `DECLARE` or `PREPARE` creates nothing).
     fn touched_by(&mut self, analysis: Option<&Rewritten>, runs: bool) -> Touched {
         let mut touched = Touched::default();
         if let Some(analysis) = analysis {
             if !analysis.unrestricted {
                 touched.set_rewritten(&analysis.sql);
             }
-            add_analysis(&mut touched, &analysis.statements, &mut self.cursors, runs);
+            add_analysis(&mut touched, &analysis.statements, &mut self.names, runs);
         }
         touched
     }
 }
 
-/// What the analysed statements touch, onto their record (a `FETCH`: what its cursor reads).
-fn add_analysis(touched: &mut Touched, infos: &[StatementInfo], cursors: &mut Cursors, runs: bool) {
+/// What the analysed statements touch, onto their record (a `FETCH` or `EXECUTE`: what the
+/// statement that created its cursor or prepared statement touches).
+fn add_analysis(
+    touched: &mut Touched,
+    infos: &[StatementInfo],
+    names: &mut SessionNames,
+    runs: bool,
+) {
     for info in infos {
-        cursors.apply(info, runs, touched);
+        names.apply(info, runs, touched);
         extend_unique(&mut touched.tables_read, &info.tables_read);
         extend_unique(&mut touched.tables_written, &info.tables_written);
         extend_unique(&mut touched.columns_read, &info.columns_read);
@@ -687,72 +704,82 @@ fn command_tag(body: &[u8]) -> (String, Option<u64>) {
 mod tests {
     use super::*;
 
-    fn cursor_info(cursor: CursorUse, columns: &[&str]) -> StatementInfo {
+    fn named_info(use_of: SessionName, columns: &[&str]) -> StatementInfo {
         StatementInfo {
-            cursor: Some(cursor),
+            session_name: Some(use_of),
             columns_read: columns.iter().map(|c| c.to_string()).collect(),
             ..StatementInfo::default()
         }
     }
 
-    /// The columns a FETCH of `name` is recorded as reading.
-    fn fetched(cursors: &mut Cursors, name: &str) -> Vec<String> {
+    fn create(kind: NameKind, name: &str, column: &str) -> StatementInfo {
+        named_info(SessionName::Create(kind, name.into()), &[column])
+    }
+
+    fn drop(kind: NameKind, name: &str) -> StatementInfo {
+        named_info(SessionName::Drop(kind, name.into()), &[])
+    }
+
+    /// The columns a statement running `name` is recorded as reading.
+    fn run(names: &mut SessionNames, kind: NameKind, name: &str) -> Vec<String> {
         let mut touched = Touched::default();
-        cursors.apply(
-            &cursor_info(CursorUse::Fetch(name.into()), &[]),
-            true,
-            &mut touched,
-        );
+        let info = named_info(SessionName::Run(kind, name.into()), &[]);
+        names.apply(&info, true, &mut touched);
         touched.columns_read
     }
 
     #[test]
-    fn a_fetch_reads_what_its_cursor_declared_until_it_is_closed() {
-        let mut cursors = Cursors::default();
+    fn a_fetch_or_execute_touches_what_created_its_name_until_it_is_dropped() {
+        use NameKind::{Cursor, Prepared};
+        let mut names = SessionNames::default();
         let mut touched = Touched::default();
-        let declare =
-            |name: &str, column: &str| cursor_info(CursorUse::Declare(name.into()), &[column]);
-        cursors.apply(&declare("c", "t.secret"), true, &mut touched);
-        cursors.apply(&declare("refused", "t.secret"), false, &mut touched);
-        assert_eq!(fetched(&mut cursors, "c"), ["t.secret"]);
+        names.apply(&create(Cursor, "c", "t.secret"), true, &mut touched);
+        names.apply(&create(Cursor, "refused", "t.secret"), false, &mut touched);
+        names.apply(&create(Prepared, "c", "t.other"), true, &mut touched);
+        assert_eq!(run(&mut names, Cursor, "c"), ["t.secret"]);
+        assert_eq!(
+            run(&mut names, Prepared, "c"),
+            ["t.other"],
+            "its own namespace"
+        );
         assert!(
-            fetched(&mut cursors, "refused").is_empty(),
+            run(&mut names, Cursor, "refused").is_empty(),
             "never declared"
         );
-        // A refused CLOSE closes nothing; a new DECLARE of the name replaces its reads.
-        cursors.apply(
-            &cursor_info(CursorUse::Close("c".into()), &[]),
-            false,
-            &mut touched,
-        );
-        cursors.apply(&declare("c", "t.other"), true, &mut touched);
-        assert_eq!(fetched(&mut cursors, "c"), ["t.other"]);
-        cursors.apply(
-            &cursor_info(CursorUse::Close("c".into()), &[]),
-            true,
-            &mut touched,
-        );
-        assert!(fetched(&mut cursors, "c").is_empty());
-        cursors.apply(&declare("d", "t.secret"), true, &mut touched);
-        cursors.apply(&cursor_info(CursorUse::CloseAll, &[]), true, &mut touched);
-        assert!(fetched(&mut cursors, "d").is_empty());
+        // A refused CLOSE closes nothing; a new DECLARE of the name replaces what it reads.
+        names.apply(&drop(Cursor, "c"), false, &mut touched);
+        names.apply(&create(Cursor, "c", "t.third"), true, &mut touched);
+        assert_eq!(run(&mut names, Cursor, "c"), ["t.third"]);
+        names.apply(&drop(Cursor, "c"), true, &mut touched);
+        assert!(run(&mut names, Cursor, "c").is_empty());
+        assert_eq!(run(&mut names, Prepared, "c"), ["t.other"]);
+        // CLOSE ALL closes cursors only; DISCARD ALL forgets everything.
+        names.apply(&create(Cursor, "d", "t.secret"), true, &mut touched);
+        let close_all = named_info(SessionName::DropAll(Some(Cursor)), &[]);
+        names.apply(&close_all, true, &mut touched);
+        assert!(run(&mut names, Cursor, "d").is_empty());
+        assert_eq!(run(&mut names, Prepared, "c"), ["t.other"]);
+        let discard_all = named_info(SessionName::DropAll(None), &[]);
+        names.apply(&discard_all, true, &mut touched);
+        assert!(run(&mut names, Prepared, "c").is_empty());
     }
 
     #[test]
-    fn a_session_holding_too_many_cursors_forgets_only_its_oldest() {
-        let mut cursors = Cursors::default();
+    fn a_session_holding_too_many_names_forgets_only_its_oldest() {
+        let mut names = SessionNames::default();
         let mut touched = Touched::default();
-        for i in 0..=MAX_CURSORS {
-            let declare = cursor_info(CursorUse::Declare(format!("c{i}")), &["t.a"]);
-            cursors.apply(&declare, true, &mut touched);
+        for i in 0..=MAX_SESSION_NAMES {
+            let declare = create(NameKind::Cursor, &format!("c{i}"), "t.a");
+            names.apply(&declare, true, &mut touched);
         }
-        assert_eq!(cursors.reads.len(), MAX_CURSORS);
+        assert_eq!(names.created.len(), MAX_SESSION_NAMES);
         assert!(
-            fetched(&mut cursors, "c0").is_empty(),
-            "the oldest is forgotten"
+            run(&mut names, NameKind::Cursor, "c0").is_empty(),
+            "the oldest"
         );
-        assert_eq!(fetched(&mut cursors, "c1"), ["t.a"]);
-        assert_eq!(fetched(&mut cursors, &format!("c{MAX_CURSORS}")), ["t.a"]);
+        assert_eq!(run(&mut names, NameKind::Cursor, "c1"), ["t.a"]);
+        let newest = format!("c{MAX_SESSION_NAMES}");
+        assert_eq!(run(&mut names, NameKind::Cursor, &newest), ["t.a"]);
     }
 
     #[test]

@@ -124,36 +124,68 @@ impl StatementKind {
     }
 }
 
-/// What a statement does with a SQL cursor of its session, by the name the server knows it
-/// by: a `FETCH` reads what its cursor's query reads, which only its `DECLARE` names.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CursorUse {
-    Declare(String),
-    Fetch(String),
-    Close(String),
-    /// `CLOSE ALL`, `DISCARD ALL`.
-    CloseAll,
+/// The two kinds of name a statement can give something for later statements of its session
+/// to run: a cursor (`DECLARE`, then `FETCH`, `CLOSE`) and a prepared statement (`PREPARE`,
+/// then `EXECUTE`, `DEALLOCATE`). Separate namespaces, as in PostgreSQL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NameKind {
+    Cursor,
+    Prepared,
 }
 
-impl CursorUse {
-    /// The cursor `st` declares, reads or closes, if any.
+/// What a statement does with a name of its session, as the server knows the name: a
+/// statement that runs one (`FETCH`, `EXECUTE`) touches what the statement that created it
+/// names, which only that statement's text shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionName {
+    Create(NameKind, String),
+    Run(NameKind, String),
+    Drop(NameKind, String),
+    /// `CLOSE ALL` (cursors), `DEALLOCATE ALL` (prepared statements), `DISCARD ALL` (both:
+    /// `None`).
+    DropAll(Option<NameKind>),
+}
+
+impl SessionName {
+    /// The name `st` creates, runs or drops, if any.
     pub fn of(st: &Statement) -> Option<Self> {
+        use NameKind::{Cursor, Prepared};
         match st {
             Statement::Declare { stmts, .. } => stmts
                 .iter()
                 .find(|d| d.declare_type == Some(DeclareType::Cursor) && d.for_query.is_some())
                 .and_then(|d| d.names.first())
-                .map(|name| CursorUse::Declare(ident_name(name))),
-            Statement::Fetch { name, .. } => Some(CursorUse::Fetch(ident_name(name))),
+                .map(|name| SessionName::Create(Cursor, ident_name(name))),
+            Statement::Fetch { name, .. } => Some(SessionName::Run(Cursor, ident_name(name))),
             Statement::Close {
                 cursor: CloseCursor::Specific { name },
-            } => Some(CursorUse::Close(ident_name(name))),
+            } => Some(SessionName::Drop(Cursor, ident_name(name))),
             Statement::Close {
                 cursor: CloseCursor::All,
+            } => Some(SessionName::DropAll(Some(Cursor))),
+            Statement::Prepare { name, .. } => {
+                Some(SessionName::Create(Prepared, ident_name(name)))
             }
-            | Statement::Discard {
+            Statement::Execute {
+                name: Some(name), ..
+            } => match &name.0[..] {
+                [part] => part
+                    .as_ident()
+                    .map(|id| SessionName::Run(Prepared, ident_name(id))),
+                _ => None,
+            },
+            // `DEALLOCATE ALL` is the keyword only unquoted.
+            Statement::Deallocate { name, .. }
+                if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") =>
+            {
+                Some(SessionName::DropAll(Some(Prepared)))
+            }
+            Statement::Deallocate { name, .. } => {
+                Some(SessionName::Drop(Prepared, ident_name(name)))
+            }
+            Statement::Discard {
                 object_type: DiscardObject::ALL,
-            } => Some(CursorUse::CloseAll),
+            } => Some(SessionName::DropAll(None)),
             _ => None,
         }
     }
@@ -200,28 +232,38 @@ mod tests {
         CommandClass::of(&parse_statements(sql).unwrap()[0]).as_str()
     }
 
-    fn cursor(sql: &str) -> Option<CursorUse> {
-        CursorUse::of(&parse_statements(sql).unwrap()[0])
+    fn named(sql: &str) -> Option<SessionName> {
+        SessionName::of(&parse_statements(sql).unwrap()[0])
     }
 
     #[test]
-    fn cursor_statements_name_their_cursor_as_the_server_does() {
-        let declared = cursor("DECLARE Big_C NO SCROLL CURSOR WITH HOLD FOR SELECT 1");
-        assert_eq!(declared, Some(CursorUse::Declare("big_c".into())));
-        let fetched = cursor(r#"FETCH FORWARD 10 FROM "Big_C""#);
-        assert_eq!(fetched, Some(CursorUse::Fetch("Big_C".into())));
+    fn session_names_are_the_names_the_server_knows() {
+        use NameKind::{Cursor, Prepared};
+        let name = |kind, n: &str| (kind, n.to_string());
+        let create = |(k, n)| Some(SessionName::Create(k, n));
+        let run = |(k, n)| Some(SessionName::Run(k, n));
+        let drop = |(k, n)| Some(SessionName::Drop(k, n));
+        let declared = named("DECLARE Big_C NO SCROLL CURSOR WITH HOLD FOR SELECT 1");
+        assert_eq!(declared, create(name(Cursor, "big_c")));
         assert_eq!(
-            cursor("FETCH ALL IN big_c"),
-            Some(CursorUse::Fetch("big_c".into()))
+            named(r#"FETCH FORWARD 10 FROM "Big_C""#),
+            run(name(Cursor, "Big_C"))
         );
+        assert_eq!(named("FETCH ALL IN big_c"), run(name(Cursor, "big_c")));
+        assert_eq!(named("CLOSE big_c"), drop(name(Cursor, "big_c")));
+        assert_eq!(named("CLOSE ALL"), Some(SessionName::DropAll(Some(Cursor))));
+        let prepared = named("PREPARE Q (int) AS SELECT $1");
+        assert_eq!(prepared, create(name(Prepared, "q")));
+        assert_eq!(named("EXECUTE q(1)"), run(name(Prepared, "q")));
+        assert_eq!(named("DEALLOCATE PREPARE q"), drop(name(Prepared, "q")));
         assert_eq!(
-            cursor("CLOSE big_c"),
-            Some(CursorUse::Close("big_c".into()))
+            named("DEALLOCATE ALL"),
+            Some(SessionName::DropAll(Some(Prepared)))
         );
-        assert_eq!(cursor("CLOSE ALL"), Some(CursorUse::CloseAll));
-        assert_eq!(cursor("DISCARD ALL"), Some(CursorUse::CloseAll));
-        assert_eq!(cursor("DISCARD PLANS"), None);
-        assert_eq!(cursor("SELECT 1"), None);
+        assert_eq!(named(r#"DEALLOCATE "ALL""#), drop(name(Prepared, "ALL")));
+        assert_eq!(named("DISCARD ALL"), Some(SessionName::DropAll(None)));
+        assert_eq!(named("DISCARD PLANS"), None);
+        assert_eq!(named("SELECT 1"), None);
     }
 
     #[test]

@@ -17,4 +17,4 @@ pub mod stage;
 pub mod unsupported;
 
 pub use catalog::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
-pub use kind::{CommandClass, CursorUse, StatementKind};
+pub use kind::{CommandClass, NameKind, SessionName, StatementKind};

@@ -387,11 +387,12 @@ async fn a_second_parse_of_a_prepared_name_cannot_disguise_its_executions() {
     );
 }
 
-/// A `FETCH` on a SQL cursor is recorded with what the cursor's query reads (its own text names
-/// only the cursor), so an auditor's search for a column finds every fetch of it with its
-/// rows; a closed cursor's name reads nothing any more.
+/// A `FETCH` on a SQL cursor is recorded with what the cursor's query reads, and an `EXECUTE`
+/// of a SQL prepared statement with what that statement touches (their own texts name only the
+/// cursor or statement), so an auditor's search for a column finds every fetch and execution
+/// of it with its rows; a closed cursor's or deallocated statement's name touches nothing.
 #[tokio::test]
-async fn every_fetch_of_a_sql_cursor_names_what_the_cursor_reads() {
+async fn every_fetch_and_execute_names_what_its_cursor_or_prepared_statement_reads() {
     let log = tempfile::tempdir().unwrap();
     let database = harness::fresh_database("auditcursor", true).await;
     let policies = std::fs::canonicalize("policies").unwrap();
@@ -426,6 +427,19 @@ async fn every_fetch_of_a_sql_cursor_names_what_the_cursor_reads() {
     client.batch_execute("CLOSE c; COMMIT").await.unwrap();
     let closed = client.simple_query("FETCH 1 FROM c").await.unwrap_err();
     assert_eq!(closed.code(), Some(&SqlState::INVALID_CURSOR_NAME));
+    client
+        .batch_execute("PREPARE q (int) AS SELECT name FROM customers WHERE id > $1")
+        .await
+        .unwrap();
+    let executed = client.simple_query("EXECUTE q(0)").await.unwrap();
+    let executed_rows = executed
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(executed_rows as i64, visible);
+    client.batch_execute("DEALLOCATE q").await.unwrap();
+    let gone = client.simple_query("EXECUTE q(0)").await.unwrap_err();
+    assert_eq!(gone.code(), Some(&SqlState::INVALID_SQL_STATEMENT_NAME));
     drop(client);
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.shutdown().await;
@@ -458,4 +472,29 @@ async fn every_fetch_of_a_sql_cursor_names_what_the_cursor_reads() {
         .filter(|r| r["sql"].as_str().unwrap_or("").starts_with("FETCH"))
         .count();
     assert_eq!(found_fetches, 2, "{found:#?}");
+
+    let executes: Vec<&Value> = all
+        .iter()
+        .filter(|r| {
+            r["kind"] == "statement" && r["sql"].as_str().unwrap_or("").starts_with("EXECUTE")
+        })
+        .collect();
+    assert_eq!(executes.len(), 2, "{executes:#?}");
+    assert_eq!(
+        executes[0]["tables_read"],
+        json!(["public.customers"]),
+        "{}",
+        executes[0]
+    );
+    assert_eq!(
+        executes[0]["columns_read"],
+        json!(["customers.name", "customers.id"])
+    );
+    assert_eq!(completion_of(&all, executes[0])["rows"], json!(visible));
+    assert_eq!(
+        executes[1]["columns_read"],
+        json!([]),
+        "deallocated: {}",
+        executes[1]
+    );
 }
