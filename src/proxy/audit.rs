@@ -86,9 +86,12 @@ pub struct SessionAudit {
 /// The cursors and SQL prepared statements the session created, with what each one's
 /// statement touches: the record of a `FETCH` or `EXECUTE` names it, where its own text names
 /// only the cursor or statement. A name is forgotten when it is closed or deallocated (one by
-/// one, or all: `CLOSE ALL`, `DEALLOCATE ALL`, `DISCARD ALL`) and replaced when it is created
-/// again; a cursor the server dropped with its transaction is kept until then (a `FETCH` of it
-/// fails on the server, and its record names what it tried to read).
+/// one, or all: `CLOSE ALL`, `DEALLOCATE ALL`, `DISCARD ALL`). Creations are noted as they
+/// are forwarded, before the server says whether they succeeded, so a name created again adds
+/// what the new statement touches to what it had: the server refuses a `DECLARE` or `PREPARE`
+/// of a name that is still open, and replacing would let a second, failing one make the
+/// first one's fetches look harmless. A cursor the server dropped with its transaction is kept
+/// (a `FETCH` of it fails on the server, and its record names what it tried to read).
 #[derive(Default)]
 struct SessionNames {
     created: HashMap<(NameKind, String), NamedTouch>,
@@ -123,15 +126,20 @@ impl SessionNames {
                     self.forget_oldest();
                 }
                 self.count += 1;
-                let touch = NamedTouch {
-                    order: self.count,
-                    tables_read: info.tables_read.clone(),
-                    tables_written: info.tables_written.clone(),
-                    columns_read: info.columns_read.clone(),
-                    columns_written: info.columns_written.clone(),
-                    encrypted_columns: info.encrypted_columns.clone(),
-                };
-                self.created.insert(key, touch);
+                let touch = self.created.entry(key).or_insert_with(|| NamedTouch {
+                    order: 0,
+                    tables_read: Vec::new(),
+                    tables_written: Vec::new(),
+                    columns_read: Vec::new(),
+                    columns_written: Vec::new(),
+                    encrypted_columns: Vec::new(),
+                });
+                touch.order = self.count;
+                extend_unique(&mut touch.tables_read, &info.tables_read);
+                extend_unique(&mut touch.tables_written, &info.tables_written);
+                extend_unique(&mut touch.columns_read, &info.columns_read);
+                extend_unique(&mut touch.columns_written, &info.columns_written);
+                extend_unique(&mut touch.encrypted_columns, &info.encrypted_columns);
             }
             Some(SessionName::Run(kind, name)) => {
                 if let Some(t) = self.created.get(&(*kind, name.clone())) {
@@ -746,12 +754,16 @@ mod tests {
             run(&mut names, Cursor, "refused").is_empty(),
             "never declared"
         );
-        // A refused CLOSE closes nothing; a new DECLARE of the name replaces what it reads.
+        // A refused CLOSE closes nothing; a second DECLARE of the open name (which the server
+        // refuses) cannot make the first one's fetches look harmless: they name both.
         names.apply(&drop(Cursor, "c"), false, &mut touched);
-        names.apply(&create(Cursor, "c", "t.third"), true, &mut touched);
-        assert_eq!(run(&mut names, Cursor, "c"), ["t.third"]);
+        names.apply(&create(Cursor, "c", "t.harmless"), true, &mut touched);
+        assert_eq!(run(&mut names, Cursor, "c"), ["t.secret", "t.harmless"]);
         names.apply(&drop(Cursor, "c"), true, &mut touched);
         assert!(run(&mut names, Cursor, "c").is_empty());
+        names.apply(&create(Cursor, "c", "t.third"), true, &mut touched);
+        assert_eq!(run(&mut names, Cursor, "c"), ["t.third"], "closed, then declared anew");
+        names.apply(&drop(Cursor, "c"), true, &mut touched);
         assert_eq!(run(&mut names, Prepared, "c"), ["t.other"]);
         // CLOSE ALL closes cursors only; DISCARD ALL forgets everything.
         names.apply(&create(Cursor, "d", "t.secret"), true, &mut touched);
