@@ -762,7 +762,11 @@ mod tests {
         names.apply(&drop(Cursor, "c"), true, &mut touched);
         assert!(run(&mut names, Cursor, "c").is_empty());
         names.apply(&create(Cursor, "c", "t.third"), true, &mut touched);
-        assert_eq!(run(&mut names, Cursor, "c"), ["t.third"], "closed, then declared anew");
+        assert_eq!(
+            run(&mut names, Cursor, "c"),
+            ["t.third"],
+            "closed, then declared anew"
+        );
         names.apply(&drop(Cursor, "c"), true, &mut touched);
         assert_eq!(run(&mut names, Prepared, "c"), ["t.other"]);
         // CLOSE ALL closes cursors only; DISCARD ALL forgets everything.

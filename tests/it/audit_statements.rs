@@ -212,15 +212,15 @@ async fn each_statement_of_a_query_has_its_record_and_completion() {
     ]);
 }
 
-#[tokio::test]
-async fn a_policy_bound_query_of_several_statements_is_recorded_per_statement() {
-    let log = tempfile::tempdir().unwrap();
-    let database = harness::fresh_database("auditmultipol", true).await;
+/// A proxy auditing into `log` in front of a fresh demo database, and a client of the
+/// policy-bound `support` service (tenant 1) on it.
+async fn support_audited(log: &Path, prefix: &str) -> (harness::TestProxy, tokio_postgres::Client) {
+    let database = harness::fresh_database(prefix, true).await;
     let policies = std::fs::canonicalize("policies").unwrap();
     let proxy = harness::start_proxy(harness::ProxyOptions {
         extra_toml: format!(
             "{}\n[policy]\ndir = {:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n\n{}",
-            harness::audit_toml(log.path(), ""),
+            harness::audit_toml(log, ""),
             policies.display().to_string(),
             harness::superuser_service("support")
         ),
@@ -234,6 +234,13 @@ async fn a_policy_bound_query_of_several_statements_is_recorded_per_statement() 
     ));
     let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
+    (proxy, client)
+}
+
+#[tokio::test]
+async fn a_policy_bound_query_of_several_statements_is_recorded_per_statement() {
+    let log = tempfile::tempdir().unwrap();
+    let (proxy, client) = support_audited(log.path(), "auditmultipol").await;
     client
         .simple_query("SELECT name FROM customers; SELECT count(*) FROM customers WHERE id > 0")
         .await
@@ -394,22 +401,7 @@ async fn a_second_parse_of_a_prepared_name_cannot_disguise_its_executions() {
 #[tokio::test]
 async fn every_fetch_and_execute_names_what_its_cursor_or_prepared_statement_reads() {
     let log = tempfile::tempdir().unwrap();
-    let database = harness::fresh_database("auditcursor", true).await;
-    let policies = std::fs::canonicalize("policies").unwrap();
-    let proxy = harness::start_proxy(harness::ProxyOptions {
-        extra_toml: format!(
-            "{}\n[policy]\ndir = {:?}\ndatabase = \"{database}\"\ncatalog_service = \"app\"\n\n{}",
-            harness::audit_toml(log.path(), ""),
-            policies.display().to_string(),
-            harness::superuser_service("support")
-        ),
-        ..harness::ProxyOptions::default()
-    })
-    .await;
-    let mut config = proxy.client_config("support", &database);
-    config.password(harness::token("support", json!({"tenant_id": 1})));
-    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(conn);
+    let (proxy, client) = support_audited(log.path(), "auditcursor").await;
     let visible: i64 = client
         .query_one("SELECT count(*) FROM customers", &[])
         .await
