@@ -8,7 +8,7 @@
 //! the server's answer; [`Completions`] writes the completion record from it. The log itself
 //! lives in [`crate::audit`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,7 +23,9 @@ use crate::protocol::replies::{Outcome, Request};
 use crate::protocol::view::{BindView, Frontend, ParseView};
 use crate::protocol::{backend, Message};
 use crate::sql::fingerprint::split_statements;
-use crate::sql::{NameKind, SessionName};
+
+mod names;
+use names::SessionNames;
 
 /// What the interceptor decided about a message, as the audit record needs it.
 pub struct Observed<'a> {
@@ -81,92 +83,6 @@ pub struct SessionAudit {
     /// Fingerprints by redacted text: a shape is lexed for its fingerprint once per session.
     fingerprints: crate::sql::fingerprint::FingerprintMemo,
     names: SessionNames,
-}
-
-/// The cursors and SQL prepared statements the session created, with what each one's
-/// statement touches: the record of a `FETCH` or `EXECUTE` names it, where its own text names
-/// only the cursor or statement. A name is forgotten when it is closed or deallocated (one by
-/// one, or all: `CLOSE ALL`, `DEALLOCATE ALL`, `DISCARD ALL`). Creations are noted as they
-/// are forwarded, before the server says whether they succeeded, so a name created again adds
-/// what the new statement touches to what it had: the server refuses a `DECLARE` or `PREPARE`
-/// of a name that is still open, and replacing would let a second, failing one make the
-/// first one's fetches look harmless. A cursor the server dropped with its transaction is kept
-/// (a `FETCH` of it fails on the server, and its record names what it tried to read).
-#[derive(Default)]
-struct SessionNames {
-    created: HashMap<(NameKind, String), NamedTouch>,
-    /// Names created so far, to tell the oldest.
-    count: u64,
-}
-
-/// What the statement that created a name touches, as it was analysed.
-struct NamedTouch {
-    /// Its place among the session's creations.
-    order: u64,
-    tables_read: Vec<String>,
-    tables_written: Vec<String>,
-    columns_read: Vec<String>,
-    columns_written: Vec<String>,
-    encrypted_columns: Vec<String>,
-}
-
-/// Names remembered per session; a session holding more at once has its oldest forgotten
-/// rather than growing without bound (each creation is on record, so pushing a name out this
-/// way shows in the log).
-const MAX_SESSION_NAMES: usize = 1024;
-
-impl SessionNames {
-    /// What `info` does with a name: a creation that will run is remembered, a statement
-    /// running a name gets what it touches in `touched`, a drop that will run forgets.
-    fn apply(&mut self, info: &StatementInfo, runs: bool, touched: &mut Touched) {
-        match &info.session_name {
-            Some(SessionName::Create(kind, name)) if runs => {
-                let key = (*kind, name.clone());
-                if self.created.len() >= MAX_SESSION_NAMES && !self.created.contains_key(&key) {
-                    self.forget_oldest();
-                }
-                self.count += 1;
-                let touch = self.created.entry(key).or_insert_with(|| NamedTouch {
-                    order: 0,
-                    tables_read: Vec::new(),
-                    tables_written: Vec::new(),
-                    columns_read: Vec::new(),
-                    columns_written: Vec::new(),
-                    encrypted_columns: Vec::new(),
-                });
-                touch.order = self.count;
-                extend_unique(&mut touch.tables_read, &info.tables_read);
-                extend_unique(&mut touch.tables_written, &info.tables_written);
-                extend_unique(&mut touch.columns_read, &info.columns_read);
-                extend_unique(&mut touch.columns_written, &info.columns_written);
-                extend_unique(&mut touch.encrypted_columns, &info.encrypted_columns);
-            }
-            Some(SessionName::Run(kind, name)) => {
-                if let Some(t) = self.created.get(&(*kind, name.clone())) {
-                    extend_unique(&mut touched.tables_read, &t.tables_read);
-                    extend_unique(&mut touched.tables_written, &t.tables_written);
-                    extend_unique(&mut touched.columns_read, &t.columns_read);
-                    extend_unique(&mut touched.columns_written, &t.columns_written);
-                    extend_unique(&mut touched.encrypted_columns, &t.encrypted_columns);
-                }
-            }
-            Some(SessionName::Drop(kind, name)) if runs => {
-                self.created.remove(&(*kind, name.clone()));
-            }
-            Some(SessionName::DropAll(kind)) if runs => {
-                self.created
-                    .retain(|(k, _), _| kind.is_some_and(|dropped| dropped != *k));
-            }
-            _ => {}
-        }
-    }
-
-    fn forget_oldest(&mut self) {
-        let oldest = self.created.iter().min_by_key(|(_, t)| t.order);
-        if let Some(key) = oldest.map(|(key, _)| key.clone()) {
-            self.created.remove(&key);
-        }
-    }
 }
 
 /// One audited batch: records to make durable, then what to await for each.
@@ -470,6 +386,19 @@ impl SessionAudit {
         AuditEvent::Statement(Box::new(record))
     }
 
+    /// What an analysed text touches, for its records (nothing known without an analysis);
+    /// `runs`: it will be forwarded (a refused `DECLARE` or `PREPARE` creates nothing).
+    fn touched_by(&mut self, analysis: Option<&Rewritten>, runs: bool) -> Touched {
+        let mut touched = Touched::default();
+        if let Some(analysis) = analysis {
+            if !analysis.unrestricted {
+                touched.set_rewritten(&analysis.sql);
+            }
+            add_analysis(&mut touched, &analysis.statements, &mut self.names, runs);
+        }
+        touched
+    }
+
     /// Write the batch's records to the log (durable too with `durability =
     /// "before_forward"`). Returns what the answers to the batch's messages complete (by
     /// position in the batch; always, so completions stay matched) and whether the records
@@ -530,21 +459,6 @@ impl BatchRecords {
     }
 }
 
-impl SessionAudit {
-    /// What an analysed text touches, for its records (nothing known without an analysis);
-    /// `runs`: it will be forwarded (a refused `DECLARE` or `PREPARE` creates nothing).
-    fn touched_by(&mut self, analysis: Option<&Rewritten>, runs: bool) -> Touched {
-        let mut touched = Touched::default();
-        if let Some(analysis) = analysis {
-            if !analysis.unrestricted {
-                touched.set_rewritten(&analysis.sql);
-            }
-            add_analysis(&mut touched, &analysis.statements, &mut self.names, runs);
-        }
-        touched
-    }
-}
-
 /// What the analysed statements touch, onto their record (a `FETCH` or `EXECUTE`: what the
 /// statement that created its cursor or prepared statement touches).
 fn add_analysis(
@@ -555,17 +469,56 @@ fn add_analysis(
 ) {
     for info in infos {
         names.apply(info, runs, touched);
-        extend_unique(&mut touched.tables_read, &info.tables_read);
-        extend_unique(&mut touched.tables_written, &info.tables_written);
-        extend_unique(&mut touched.columns_read, &info.columns_read);
-        extend_unique(&mut touched.columns_written, &info.columns_written);
-        extend_unique(&mut touched.encrypted_columns, &info.encrypted_columns);
+        add_touched(touched, &info.into());
         if let Some(class) = info.class.map(|c| c.as_str()) {
             if !touched.command_class.contains(&class) {
                 touched.command_class.push(class);
             }
         }
     }
+}
+
+/// The tables and columns a statement touches, wherever they were found (its analysis, or
+/// the statement that created the name it runs).
+struct TouchedLists<'a> {
+    tables_read: &'a [String],
+    tables_written: &'a [String],
+    columns_read: &'a [String],
+    columns_written: &'a [String],
+    encrypted_columns: &'a [String],
+}
+
+impl<'a> From<&'a StatementInfo> for TouchedLists<'a> {
+    fn from(i: &'a StatementInfo) -> Self {
+        TouchedLists {
+            tables_read: &i.tables_read,
+            tables_written: &i.tables_written,
+            columns_read: &i.columns_read,
+            columns_written: &i.columns_written,
+            encrypted_columns: &i.encrypted_columns,
+        }
+    }
+}
+
+impl<'a> From<&'a Touched> for TouchedLists<'a> {
+    fn from(t: &'a Touched) -> Self {
+        TouchedLists {
+            tables_read: &t.tables_read,
+            tables_written: &t.tables_written,
+            columns_read: &t.columns_read,
+            columns_written: &t.columns_written,
+            encrypted_columns: &t.encrypted_columns,
+        }
+    }
+}
+
+/// Adds `lists` to what `touched` names, each item once.
+fn add_touched(touched: &mut Touched, lists: &TouchedLists<'_>) {
+    extend_unique(&mut touched.tables_read, lists.tables_read);
+    extend_unique(&mut touched.tables_written, lists.tables_written);
+    extend_unique(&mut touched.columns_read, lists.columns_read);
+    extend_unique(&mut touched.columns_written, lists.columns_written);
+    extend_unique(&mut touched.encrypted_columns, lists.encrypted_columns);
 }
 
 fn extend_unique(into: &mut Vec<String>, from: &[String]) {
@@ -711,92 +664,6 @@ fn command_tag(body: &[u8]) -> (String, Option<u64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn named_info(use_of: SessionName, columns: &[&str]) -> StatementInfo {
-        StatementInfo {
-            session_name: Some(use_of),
-            columns_read: columns.iter().map(|c| c.to_string()).collect(),
-            ..StatementInfo::default()
-        }
-    }
-
-    fn create(kind: NameKind, name: &str, column: &str) -> StatementInfo {
-        named_info(SessionName::Create(kind, name.into()), &[column])
-    }
-
-    fn drop(kind: NameKind, name: &str) -> StatementInfo {
-        named_info(SessionName::Drop(kind, name.into()), &[])
-    }
-
-    /// The columns a statement running `name` is recorded as reading.
-    fn run(names: &mut SessionNames, kind: NameKind, name: &str) -> Vec<String> {
-        let mut touched = Touched::default();
-        let info = named_info(SessionName::Run(kind, name.into()), &[]);
-        names.apply(&info, true, &mut touched);
-        touched.columns_read
-    }
-
-    #[test]
-    fn a_fetch_or_execute_touches_what_created_its_name_until_it_is_dropped() {
-        use NameKind::{Cursor, Prepared};
-        let mut names = SessionNames::default();
-        let mut touched = Touched::default();
-        names.apply(&create(Cursor, "c", "t.secret"), true, &mut touched);
-        names.apply(&create(Cursor, "refused", "t.secret"), false, &mut touched);
-        names.apply(&create(Prepared, "c", "t.other"), true, &mut touched);
-        assert_eq!(run(&mut names, Cursor, "c"), ["t.secret"]);
-        assert_eq!(
-            run(&mut names, Prepared, "c"),
-            ["t.other"],
-            "its own namespace"
-        );
-        assert!(
-            run(&mut names, Cursor, "refused").is_empty(),
-            "never declared"
-        );
-        // A refused CLOSE closes nothing; a second DECLARE of the open name (which the server
-        // refuses) cannot make the first one's fetches look harmless: they name both.
-        names.apply(&drop(Cursor, "c"), false, &mut touched);
-        names.apply(&create(Cursor, "c", "t.harmless"), true, &mut touched);
-        assert_eq!(run(&mut names, Cursor, "c"), ["t.secret", "t.harmless"]);
-        names.apply(&drop(Cursor, "c"), true, &mut touched);
-        assert!(run(&mut names, Cursor, "c").is_empty());
-        names.apply(&create(Cursor, "c", "t.third"), true, &mut touched);
-        assert_eq!(
-            run(&mut names, Cursor, "c"),
-            ["t.third"],
-            "closed, then declared anew"
-        );
-        names.apply(&drop(Cursor, "c"), true, &mut touched);
-        assert_eq!(run(&mut names, Prepared, "c"), ["t.other"]);
-        // CLOSE ALL closes cursors only; DISCARD ALL forgets everything.
-        names.apply(&create(Cursor, "d", "t.secret"), true, &mut touched);
-        let close_all = named_info(SessionName::DropAll(Some(Cursor)), &[]);
-        names.apply(&close_all, true, &mut touched);
-        assert!(run(&mut names, Cursor, "d").is_empty());
-        assert_eq!(run(&mut names, Prepared, "c"), ["t.other"]);
-        let discard_all = named_info(SessionName::DropAll(None), &[]);
-        names.apply(&discard_all, true, &mut touched);
-        assert!(run(&mut names, Prepared, "c").is_empty());
-    }
-
-    #[test]
-    fn a_session_holding_too_many_names_forgets_only_its_oldest() {
-        let mut names = SessionNames::default();
-        let mut touched = Touched::default();
-        for i in 0..=MAX_SESSION_NAMES {
-            let declare = create(NameKind::Cursor, &format!("c{i}"), "t.a");
-            names.apply(&declare, true, &mut touched);
-        }
-        assert_eq!(names.created.len(), MAX_SESSION_NAMES);
-        assert!(
-            run(&mut names, NameKind::Cursor, "c0").is_empty(),
-            "the oldest"
-        );
-        assert_eq!(run(&mut names, NameKind::Cursor, "c1"), ["t.a"]);
-        let newest = format!("c{MAX_SESSION_NAMES}");
-        assert_eq!(run(&mut names, NameKind::Cursor, &newest), ["t.a"]);
-    }
 
     #[test]
     fn command_tags_give_command_and_rows() {
