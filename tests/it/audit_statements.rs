@@ -490,3 +490,76 @@ async fn every_fetch_and_execute_names_what_its_cursor_or_prepared_statement_rea
         executes[1]
     );
 }
+
+/// psycopg's server-side cursor (DECLARE, FETCH FORWARD per `itersize`, CLOSE, as the driver
+/// sends them) works for a policy-bound service, and each of its fetches is recorded with what
+/// the cursor reads and the rows it returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_psycopg_server_side_cursor_is_recorded_fetch_by_fetch() {
+    let log = tempfile::tempdir().unwrap();
+    let (proxy, client) = support_audited(log.path(), "auditpsycur").await;
+    let database: String = client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop(client);
+    let token = harness::token("support", json!({"tenant_id": 1, "email": "a@b"}));
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=support dbname={database} password={token} sslmode=disable",
+        proxy.addr.port()
+    );
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/drivers/psycopg_server_cursor.py");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(&script)
+            .env("PGWARD_DSN", &dsn)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("python3 runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "psycopg's server-side cursor failed:\n{stdout}\n{stderr}"
+    );
+    let read: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("rows read: "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+
+    let all = records(log.path());
+    let fetches: Vec<&Value> = all
+        .iter()
+        .filter(|r| r["kind"] == "statement")
+        .filter(|r| {
+            r["sql"]
+                .as_str()
+                .unwrap_or("")
+                .to_uppercase()
+                .starts_with("FETCH")
+        })
+        .collect();
+    assert!(fetches.len() >= 2, "fetched in chunks of 2: {fetches:#?}");
+    let mut rows = 0;
+    for fetch in &fetches {
+        assert_eq!(
+            fetch["columns_read"],
+            json!(["customers.name", "customers.id"]),
+            "{fetch}"
+        );
+        rows += completion_of(&all, fetch)["rows"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(
+        rows, read,
+        "the fetches' completions account for every row psycopg read"
+    );
+}
