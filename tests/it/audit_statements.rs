@@ -511,21 +511,15 @@ async fn a_psycopg_server_side_cursor_is_recorded_fetch_by_fetch() {
     );
     let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/drivers/psycopg_server_cursor.py");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(&script)
-            .env("PGWARD_DSN", &dsn)
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 runs");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
+    let (ok, stdout, stderr) = tokio::task::block_in_place(|| {
+        crate::tools::run(
+            std::process::Command::new("python3")
+                .arg(&script)
+                .env("PGWARD_DSN", &dsn),
+        )
+    });
     assert!(
-        out.status.success() && stdout.contains("all checks passed"),
+        ok && stdout.contains("all checks passed"),
         "psycopg's server-side cursor failed:\n{stdout}\n{stderr}"
     );
     let read: u64 = stdout

@@ -4,6 +4,7 @@
 //! shows only the tables and columns the service may see.
 
 use crate::policy_proxy::{assert_refused, connect_as, demo_policies, first_column, policy_proxy};
+use crate::tools::run;
 
 #[tokio::test]
 async fn builtins_are_classified_from_the_live_catalog() {
@@ -125,17 +126,6 @@ async fn what_postgres_parses_is_read_or_refused_in_plain_words() {
             "{message}"
         );
     }
-}
-
-fn run(cmd: &mut std::process::Command) -> (bool, String, String) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// psql through pgward as `service` (its token as PGPASSWORD, TLS), one meta-command.
