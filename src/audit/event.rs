@@ -4,7 +4,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
-use sha2::{Digest, Sha256};
 
 /// The facts of one authenticated client connection, shared by all its records.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -176,8 +175,10 @@ pub struct StatementRecord {
 /// record serialised once.
 #[derive(Debug, Default)]
 pub struct Touched {
-    /// Hex SHA-256 of the statement actually forwarded after rewriting.
-    pub rewritten_sha256: Option<String>,
+    /// Hex SHA-256 of the statement actually forwarded after rewriting, with its literals
+    /// redacted ([`crate::sql::fingerprint::redacted_sha256`]): a hash of the text with its
+    /// values would let whoever reads the log test guesses at them.
+    pub rewritten_redacted_sha256: Option<Arc<str>>,
     pub tables_read: Vec<String>,
     pub tables_written: Vec<String>,
     /// `table.column`.
@@ -188,7 +189,7 @@ pub struct Touched {
     /// pgAudit's class of each statement of the text (`READ`, `WRITE`, `DDL`, `ROLE`,
     /// `FUNCTION`, `MISC`), distinct, in order; empty when the text did not parse.
     pub command_class: Vec<&'static str>,
-    /// `"rewritten_sha256":…,"tables_read":[…],…,"command_class":[…]`, once serialised.
+    /// `"rewritten_redacted_sha256":…,"tables_read":[…],…,"command_class":[…]`, once serialised.
     json: OnceLock<Box<str>>,
 }
 
@@ -196,7 +197,7 @@ impl Clone for Touched {
     /// A copy to change: its serialised form is made again.
     fn clone(&self) -> Self {
         Touched {
-            rewritten_sha256: self.rewritten_sha256.clone(),
+            rewritten_redacted_sha256: self.rewritten_redacted_sha256.clone(),
             tables_read: self.tables_read.clone(),
             tables_written: self.tables_written.clone(),
             columns_read: self.columns_read.clone(),
@@ -209,9 +210,13 @@ impl Clone for Touched {
 }
 
 impl Touched {
-    /// Stores the SHA-256 of the rewritten statement (never its text: it may hold ciphertext).
-    pub fn set_rewritten(&mut self, rewritten_sql: &str) {
-        self.rewritten_sha256 = Some(hex::encode(Sha256::digest(rewritten_sql.as_bytes())));
+    /// Stores the hash of the rewritten statement, redacted (never its text: it may hold
+    /// ciphertext and values), made here from `rewritten_sql` unless the caller has it.
+    pub fn set_rewritten(&mut self, rewritten_sql: &str, hash: Option<&Arc<str>>) {
+        self.rewritten_redacted_sha256 = Some(match hash {
+            Some(hash) => hash.clone(),
+            None => crate::sql::fingerprint::redacted_sha256(rewritten_sql),
+        });
     }
 
     /// This part of the record, serialised (once).
@@ -223,7 +228,7 @@ impl Touched {
         write_fields(
             &mut out,
             &TouchedWire {
-                rewritten_sha256: self.rewritten_sha256.as_deref(),
+                rewritten_redacted_sha256: self.rewritten_redacted_sha256.as_deref(),
                 tables_read: &self.tables_read,
                 tables_written: &self.tables_written,
                 columns_read: &self.columns_read,
@@ -410,7 +415,7 @@ struct StatementBody<'a> {
 /// What the statement touches, as serialised in its record (once per [`Touched`]).
 #[derive(Serialize)]
 struct TouchedWire<'a> {
-    rewritten_sha256: Option<&'a str>,
+    rewritten_redacted_sha256: Option<&'a str>,
     tables_read: &'a [String],
     tables_written: &'a [String],
     columns_read: &'a [String],
@@ -618,6 +623,7 @@ impl AuditEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn session() -> Arc<SessionInfo> {
         Arc::new(SessionInfo {
@@ -689,13 +695,17 @@ mod tests {
     }
 
     #[test]
-    fn rewritten_is_hashed() {
+    fn the_rewritten_statement_is_hashed_redacted() {
         let mut st =
             StatementRecord::new(session(), Protocol::Simple, SqlText::new("select 1", false));
-        st.touched_mut().set_rewritten("select enc_secret");
+        let rewritten = "select enc_secret from t where ssn = '123-45-6789' and tenant_id = 7";
+        st.touched_mut().set_rewritten(rewritten, None);
         let s = json(&AuditEvent::Statement(Box::new(st)), true);
         assert!(!s.contains("enc_secret"));
-        assert!(s.contains(&hex::encode(Sha256::digest(b"select enc_secret"))));
+        // Not the hash of the text itself: that one would confirm a guess at the SSN.
+        assert!(!s.contains(&hex::encode(Sha256::digest(rewritten))), "{s}");
+        let redacted = "select enc_secret from t where ssn = ? and tenant_id = ?";
+        assert!(s.contains(&hex::encode(Sha256::digest(redacted))), "{s}");
     }
 
     /// The statement record as serialised before the session's fields were pre-serialised
@@ -706,17 +716,17 @@ mod tests {
             (
                 false,
                 false,
-                r#"{"kind":"statement","session_id":7,"service":"orders","database":"shop","client_addr":"10.0.0.1:5555","cert_identity":"CN=orders","token_id":"jti-1","claims_used":{},"protocol":"extended","statement_name":null,"decision":"allowed","rule":null,"reason":null,"sqlstate":null,"fingerprint":"update people set ssn = ?, note = ? where id = $1","sql":"UPDATE people SET ssn = ?, note = ? WHERE id = $1","rewritten_sha256":null,"tables_read":[],"tables_written":[],"columns_read":[],"columns_written":[],"encrypted_columns":["people.ssn"],"command_class":["READ"],"param_count":2,"params":[{"type_oid":25,"sensitive":true},{"type_oid":23}],"part":2,"parts":3}"#,
+                r#"{"kind":"statement","session_id":7,"service":"orders","database":"shop","client_addr":"10.0.0.1:5555","cert_identity":"CN=orders","token_id":"jti-1","claims_used":{},"protocol":"extended","statement_name":null,"decision":"allowed","rule":null,"reason":null,"sqlstate":null,"fingerprint":"update people set ssn = ?, note = ? where id = $1","sql":"UPDATE people SET ssn = ?, note = ? WHERE id = $1","rewritten_redacted_sha256":null,"tables_read":[],"tables_written":[],"columns_read":[],"columns_written":[],"encrypted_columns":["people.ssn"],"command_class":["READ"],"param_count":2,"params":[{"type_oid":25,"sensitive":true},{"type_oid":23}],"part":2,"parts":3}"#,
             ),
             (
                 false,
                 true,
-                r#"{"kind":"statement","session_id":7,"service":"orders","database":"shop","client_addr":"10.0.0.1:5555","cert_identity":"CN=orders","token_id":"jti-1","claims_used":{},"protocol":"extended","statement_name":null,"decision":"allowed","rule":null,"reason":null,"sqlstate":null,"fingerprint":"update people set ssn = ?, note = ? where id = $1","sql":"UPDATE people SET ssn = '123-45-6789', note = 'hello' WHERE id = $1","rewritten_sha256":null,"tables_read":[],"tables_written":[],"columns_read":[],"columns_written":[],"encrypted_columns":["people.ssn"],"command_class":["READ"],"param_count":2,"params":[{"type_oid":25,"sensitive":true},{"type_oid":23,"value":"4711"}],"part":2,"parts":3}"#,
+                r#"{"kind":"statement","session_id":7,"service":"orders","database":"shop","client_addr":"10.0.0.1:5555","cert_identity":"CN=orders","token_id":"jti-1","claims_used":{},"protocol":"extended","statement_name":null,"decision":"allowed","rule":null,"reason":null,"sqlstate":null,"fingerprint":"update people set ssn = ?, note = ? where id = $1","sql":"UPDATE people SET ssn = '123-45-6789', note = 'hello' WHERE id = $1","rewritten_redacted_sha256":null,"tables_read":[],"tables_written":[],"columns_read":[],"columns_written":[],"encrypted_columns":["people.ssn"],"command_class":["READ"],"param_count":2,"params":[{"type_oid":25,"sensitive":true},{"type_oid":23,"value":"4711"}],"part":2,"parts":3}"#,
             ),
             (
                 true,
                 true,
-                r#"{"kind":"statement","session_id":7,"service":"orders","database":"shop","client_addr":"10.0.0.1:5555","cert_identity":"CN=orders","token_id":"jti-1","claims_used":{},"protocol":"extended","statement_name":null,"decision":"allowed","rule":null,"reason":null,"sqlstate":null,"fingerprint":"update people set ssn = ?, note = ? where id = $1","sql":"UPDATE people SET ssn = ?, note = ? WHERE id = $1","rewritten_sha256":null,"tables_read":[],"tables_written":[],"columns_read":[],"columns_written":[],"encrypted_columns":["people.ssn"],"command_class":[],"param_count":2,"params":[{"type_oid":25,"sensitive":true},{"type_oid":23,"value":"4711"}]}"#,
+                r#"{"kind":"statement","session_id":7,"service":"orders","database":"shop","client_addr":"10.0.0.1:5555","cert_identity":"CN=orders","token_id":"jti-1","claims_used":{},"protocol":"extended","statement_name":null,"decision":"allowed","rule":null,"reason":null,"sqlstate":null,"fingerprint":"update people set ssn = ?, note = ? where id = $1","sql":"UPDATE people SET ssn = ?, note = ? WHERE id = $1","rewritten_redacted_sha256":null,"tables_read":[],"tables_written":[],"columns_read":[],"columns_written":[],"encrypted_columns":["people.ssn"],"command_class":[],"param_count":2,"params":[{"type_oid":25,"sensitive":true},{"type_oid":23,"value":"4711"}]}"#,
             ),
         ];
         for (sensitive, record_values, expected) in golden {

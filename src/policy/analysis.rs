@@ -228,6 +228,7 @@ impl AnalysisMemo {
             unrestricted: true,
             params: None,
             client_text: None,
+            rewritten_redacted_sha256: None,
         })
     }
 

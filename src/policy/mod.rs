@@ -144,6 +144,10 @@ pub struct Rewritten {
     /// The client's text, redacted and fingerprinted for the audit, when the engine made it
     /// while analysing the text (a rewrite, and every statement of its shape after it).
     pub client_text: Option<RedactedText>,
+    /// For the audit: the SHA-256 of `sql` redacted ([`crate::sql::fingerprint::redacted_sha256`]),
+    /// made with the rewrite (a template's is its first statement's: the shape's statements
+    /// redact alike). `None` where the engine did not rewrite; the audit makes it then.
+    pub rewritten_redacted_sha256: Option<Arc<str>>,
 }
 
 /// How a service is governed.
@@ -468,6 +472,8 @@ impl PolicyEngine {
         match rewrite(sql) {
             Ok((mut r, outcome)) => {
                 r.client_text = Some(RedactedText::of(sql));
+                r.rewritten_redacted_sha256 =
+                    Some(crate::sql::fingerprint::redacted_sha256(&r.sql));
                 let r = Arc::new(r);
                 tracing::debug!(service = who.service, "rewrote statement");
                 if let Some((shape, shape_key)) = learn {
@@ -530,6 +536,7 @@ pub fn unrestricted_rewrite(
         unrestricted: true,
         params: None,
         client_text: None,
+        rewritten_redacted_sha256: None,
     };
     let Some(encryption) = encryption else {
         return Ok(unchanged(statements));
@@ -560,6 +567,7 @@ pub fn unrestricted_rewrite(
         unrestricted: true,
         params: outcome.plan,
         client_text: None,
+        rewritten_redacted_sha256: None,
     })
 }
 
@@ -623,6 +631,7 @@ pub fn refused_analysis(sql: &str, catalog: Option<&Catalog>) -> Rewritten {
         unrestricted: true,
         params: None,
         client_text: None,
+        rewritten_redacted_sha256: None,
     }
 }
 
@@ -713,6 +722,7 @@ pub fn rewrite_encrypted(
             unrestricted: false,
             params: outcome.plan.clone(),
             client_text: None,
+            rewritten_redacted_sha256: None,
         },
         outcome,
     ))

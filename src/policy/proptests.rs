@@ -280,6 +280,9 @@ proptest! {
                 // The audit's text of it comes from the template, made from the first statement.
                 let own = crate::sql::fingerprint::RedactedText::of(&sql);
                 prop_assert_eq!(templated.client_text.as_ref(), Some(&own));
+                // So does the audit's hash of the rewrite: the one its own rewrite would give.
+                let own_hash = crate::sql::fingerprint::redacted_sha256(&exact.sql);
+                prop_assert_eq!(templated.rewritten_redacted_sha256.as_ref(), Some(&own_hash));
             }
             (exact, templated) => prop_assert!(false, "{sql}: exact {exact:?} vs template {templated:?}"),
         }

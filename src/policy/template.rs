@@ -24,6 +24,9 @@ pub(super) struct ShapeTemplate {
     /// The redacted client text and fingerprint of the first statement of the shape: every
     /// statement of the shape redacts alike (they differ only in literals).
     client_text: Option<RedactedText>,
+    /// The hash of the first statement's rewrite, redacted: the same for every statement of
+    /// the shape, since they differ only in literals.
+    rewritten_redacted_sha256: Option<Arc<str>>,
 }
 
 impl ShapeTemplate {
@@ -34,6 +37,7 @@ impl ShapeTemplate {
             unrestricted: false,
             params: self.params.clone(),
             client_text: self.client_text.clone(),
+            rewritten_redacted_sha256: self.rewritten_redacted_sha256.clone(),
         }
     }
 }
@@ -79,6 +83,7 @@ pub(super) fn learn_shape(
         statements: parameterized.statements,
         params: exact.params.clone(),
         client_text: exact.client_text.clone(),
+        rewritten_redacted_sha256: exact.rewritten_redacted_sha256.clone(),
     }))
 }
 

@@ -226,8 +226,8 @@ impl SessionAudit {
                 (None, None) => {}
             }
             match &rewritten {
-                Some((_, Some(split))) => touched.set_rewritten(split.get(i).unwrap_or(&"")),
-                Some((whole, None)) => touched.set_rewritten(whole),
+                Some((_, Some(split))) => touched.set_rewritten(split.get(i).unwrap_or(&""), None),
+                Some((whole, None)) => touched.set_rewritten(whole, None),
                 None => {}
             }
             self.statements_recorded += 1;
@@ -392,7 +392,7 @@ impl SessionAudit {
         let mut touched = Touched::default();
         if let Some(analysis) = analysis {
             if !analysis.unrestricted {
-                touched.set_rewritten(&analysis.sql);
+                touched.set_rewritten(&analysis.sql, analysis.rewritten_redacted_sha256.as_ref());
             }
             add_analysis(&mut touched, &analysis.statements, &mut self.names, runs);
         }

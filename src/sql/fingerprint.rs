@@ -5,6 +5,8 @@
 //!   `IN (1, 2, 3)` lists collapse to `in (...)`);
 //! * [`redact`]: the statement as sent, with literals replaced by `?` and comments dropped,
 //!   which is what the audit log stores unless values may be recorded;
+//! * [`redacted_sha256`]: the SHA-256 of a redaction, which names a statement's form (the
+//!   audit's hash of the rewritten statement) without being a hash of its values;
 //! * [`split_statements`]: a simple Query's statements, split where PostgreSQL splits them.
 //!
 //! The lexer never fails: malformed input (an unterminated string) runs to the end of the
@@ -231,6 +233,15 @@ pub fn redact(sql: &str) -> String {
     out
 }
 
+/// Hex SHA-256 of the text's redaction ([`redact`]). Never the hash of a text that holds
+/// values: an unkeyed hash of `… WHERE ssn = '123-45-6789'` lets anyone who reads it try every
+/// candidate value until one hashes alike, so the hash would give away the literal the
+/// redaction hid.
+pub fn redacted_sha256(sql: &str) -> std::sync::Arc<str> {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(redact(sql).as_bytes())).into()
+}
+
 /// The statements of a simple Query's text, in order, as PostgreSQL splits them: at each `;`
 /// outside literals, quoted identifiers, comments and parentheses, and — as psql does —
 /// not inside the `BEGIN ATOMIC … END` (or `CASE … END`) body of a `CREATE [OR REPLACE]
@@ -295,6 +306,26 @@ fn is_routine(lead: &[String]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_redacted_hash_is_the_same_whatever_the_values() {
+        let a = redacted_sha256("SELECT name FROM people WHERE ssn = '123-45-6789' AND id = 4711");
+        let b = redacted_sha256("SELECT name FROM people WHERE ssn = '987-65-4321' AND id = 1");
+        assert_eq!(
+            a, b,
+            "a hash that changes with a value is an oracle for that value"
+        );
+        assert_eq!(
+            &*a,
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                "SELECT name FROM people WHERE ssn = ? AND id = ?"
+            ))
+        );
+        assert_ne!(
+            a,
+            redacted_sha256("SELECT name FROM people WHERE id = 4711")
+        );
+    }
 
     #[test]
     fn the_memo_gives_the_fingerprint_of_each_text_and_stays_bounded() {

@@ -263,7 +263,7 @@ async fn refusals_and_failed_logins_are_recorded_with_rule_and_claims() {
         "{}",
         allowed[0]
     );
-    assert!(allowed[0]["rewritten_sha256"].is_string());
+    assert!(allowed[0]["rewritten_redacted_sha256"].is_string());
     // Records name the columns the statement named, not every column the service may see;
     // a refused statement names its tables and columns like any other.
     assert_eq!(allowed[0]["columns_read"], json!(["customers.name"]));
@@ -271,7 +271,7 @@ async fn refusals_and_failed_logins_are_recorded_with_rule_and_claims() {
     assert_eq!(refused[0]["columns_read"], json!(["customers.ssn"]));
     assert_eq!(refused[0]["command_class"], json!(["READ"]));
     assert!(
-        refused[0]["rewritten_sha256"].is_null(),
+        refused[0]["rewritten_redacted_sha256"].is_null(),
         "nothing was forwarded"
     );
     // The auditor's question "who tried to read ssn" finds the refused attempt only.

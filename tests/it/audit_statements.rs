@@ -256,12 +256,12 @@ async fn a_policy_bound_query_of_several_statements_is_recorded_per_statement() 
         assert_eq!((&s["part"], &s["parts"]), (&json!(i + 1), &json!(2)));
         assert_eq!(s["decision"], "allowed");
         assert_eq!(s["tables_read"], json!(["public.customers"]), "{s}");
-        assert!(s["rewritten_sha256"].is_string(), "{s}");
+        assert!(s["rewritten_redacted_sha256"].is_string(), "{s}");
         let done = completion_of(&all, s);
         assert_eq!(done["command"], "SELECT", "{done}");
     }
     assert_ne!(
-        statements[0]["rewritten_sha256"], statements[1]["rewritten_sha256"],
+        statements[0]["rewritten_redacted_sha256"], statements[1]["rewritten_redacted_sha256"],
         "each record hashes its own rewritten statement"
     );
     assert_eq!(statements[0]["sql"], "SELECT name FROM customers");
@@ -269,6 +269,44 @@ async fn a_policy_bound_query_of_several_statements_is_recorded_per_statement() 
         statements[1]["sql"],
         "SELECT count(*) FROM customers WHERE id > ?"
     );
+}
+
+/// The hash of the rewritten statement says which rewrite ran, not with which values: an
+/// unkeyed hash of the text itself would let anyone who reads the log try candidate values
+/// (an id, an SSN of a plain column) until one hashes alike, undoing the redaction of `sql`.
+#[tokio::test]
+async fn the_hash_of_a_rewritten_statement_gives_away_none_of_its_values() {
+    let log = tempfile::tempdir().unwrap();
+    let (proxy, client) = support_audited(log.path(), "auditrewritehash").await;
+    for sql in [
+        "SELECT name FROM customers WHERE id = 4711 AND name = 'Ada Lovelace'",
+        "SELECT name FROM customers WHERE id = 1 AND name = 'Grace Hopper'",
+        "SELECT name FROM customers WHERE id = 4711",
+    ] {
+        client.simple_query(sql).await.unwrap();
+    }
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+
+    let all = records(log.path());
+    let statements: Vec<&Value> = all.iter().filter(|r| r["kind"] == "statement").collect();
+    assert_eq!(statements.len(), 3, "{statements:#?}");
+    let hash = |i: usize| statements[i]["rewritten_redacted_sha256"].as_str().unwrap();
+    assert_eq!(
+        hash(0),
+        hash(1),
+        "statements that differ only in values hash alike"
+    );
+    assert_ne!(hash(0), hash(2), "another rewrite, another hash");
+    assert_eq!(
+        statements[0]["sql"],
+        "SELECT name FROM customers WHERE id = ? AND name = ?"
+    );
+    let text: String = all.iter().map(Value::to_string).collect();
+    for value in ["Ada Lovelace", "Grace Hopper"] {
+        assert!(!text.contains(value), "{value} reached the log");
+    }
 }
 
 /// A portal read in chunks (Execute with a row limit, as JDBC's fetch size and psycopg's
