@@ -39,6 +39,7 @@ use super::sql::{
     quote_literal,
 };
 use super::{PolicyDenied, StatementInfo};
+use crate::sql::fingerprint::without_values;
 
 type R<T> = Result<T, PolicyDenied>;
 
@@ -380,7 +381,7 @@ impl<'a> Rewriter<'a> {
             match v {
                 Expr::Value(_) | Expr::Identifier(_) | Expr::UnaryOp { .. } | Expr::Interval(_) => {
                 }
-                _ => return Err(self.refuse(format!("SET with value {v}"))),
+                _ => return Err(self.refuse(format!("SET with value {}", without_values(v)))),
             }
         }
         Ok(())
@@ -437,7 +438,7 @@ impl<'a> Rewriter<'a> {
             }
             SetExpr::Values(v) => self.check_node(v, scope),
             SetExpr::Insert(st) | SetExpr::Update(st) | SetExpr::Delete(st) => self.dml(st, scope),
-            other => Err(self.refuse(format!("the query form {other}"))),
+            other => Err(self.refuse(format!("the query form {}", without_values(other)))),
         }
     }
 

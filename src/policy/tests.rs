@@ -1243,3 +1243,35 @@ fn system_columns_are_refused_on_every_path() {
         }
     }
 }
+
+/// A refusal names what it refused without the values in it: its message reaches the client,
+/// pgward's log and the audit record's `reason`, none of which may hold a literal.
+#[test]
+fn refusals_quote_no_literal_values() {
+    for sql in [
+        "SELECT name FROM customers WHERE 'xsecretx' IS NORMALIZED",
+        "SELECT name FROM customers WHERE CONVERT('xsecretx' USING utf8) = name",
+        "SET application_name = 'xsecretx' || 'b'",
+        "SELECT * FROM JSON_TABLE('[{\"a\":\"xsecretx\"}]', '$[*]' COLUMNS (a text PATH '$.a')) AS j",
+        "SELECT name FROM customers WHERE name = U&'xsecretx'",
+        "SELECT name FROM customers WHERE name = N'xsecretx'",
+        "SELECT ssn FROM customers WHERE name = 'xsecretx'",
+    ] {
+        let denied = refused("support", sql);
+        assert!(
+            !denied.message.contains("xsecretx"),
+            "{sql}: {}",
+            denied.message
+        );
+    }
+    // What was refused is still named, with `?` for its values.
+    let denied = refused(
+        "support",
+        "SELECT name FROM customers WHERE 'xsecretx' IS NORMALIZED",
+    );
+    assert!(
+        denied.message.contains("the expression ? IS NORMALIZED"),
+        "{}",
+        denied.message
+    );
+}

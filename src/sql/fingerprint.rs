@@ -5,6 +5,7 @@
 //!   `IN (1, 2, 3)` lists collapse to `in (...)`);
 //! * [`redact`]: the statement as sent, with literals replaced by `?` and comments dropped,
 //!   which is what the audit log stores unless values may be recorded;
+//! * [`without_values`]: a parsed construct, printed for a message without its literals;
 //! * [`redacted_sha256`]: the SHA-256 of a redaction, which names a statement's form (the
 //!   audit's hash of the rewritten statement) without being a hash of its values;
 //! * [`split_statements`]: a simple Query's statements, split where PostgreSQL splits them.
@@ -231,6 +232,13 @@ pub fn redact(sql: &str) -> String {
         after_comment = matches!(t.kind, Kind::Comment { .. });
     }
     out
+}
+
+/// A parsed construct as a message may quote it: printed, with its literals redacted. A
+/// refusal names the construct it refused, never the values in it: its message reaches the
+/// client, pgward's log and the audit record.
+pub fn without_values(node: &impl std::fmt::Display) -> String {
+    redact(&node.to_string())
 }
 
 /// Hex SHA-256 of the text's redaction ([`redact`]). Never the hash of a text that holds

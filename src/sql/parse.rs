@@ -180,7 +180,12 @@ impl VisitorMut for Sanitizer {
                 })
             }
             Value::Number(..) | Value::Boolean(_) | Value::Null | Value::Placeholder(_) => None,
-            other => return ControlFlow::Break(Unsafe(format!("unsupported literal {other}"))),
+            other => {
+                return ControlFlow::Break(Unsafe(format!(
+                    "unsupported literal {}",
+                    super::fingerprint::without_values(other)
+                )))
+            }
         };
         if let Some(r) = replacement {
             v.value = r;

@@ -274,8 +274,9 @@ async fn a_policy_bound_query_of_several_statements_is_recorded_per_statement() 
 /// The hash of the rewritten statement says which rewrite ran, not with which values: an
 /// unkeyed hash of the text itself would let anyone who reads the log try candidate values
 /// (an id, an SSN of a plain column) until one hashes alike, undoing the redaction of `sql`.
+/// Nor does a refusal's reason quote the values of what it refused.
 #[tokio::test]
-async fn the_hash_of_a_rewritten_statement_gives_away_none_of_its_values() {
+async fn statement_records_give_away_no_values_through_hashes_or_refusals() {
     let log = tempfile::tempdir().unwrap();
     let (proxy, client) = support_audited(log.path(), "auditrewritehash").await;
     for sql in [
@@ -285,13 +286,33 @@ async fn the_hash_of_a_rewritten_statement_gives_away_none_of_its_values() {
     ] {
         client.simple_query(sql).await.unwrap();
     }
+    // A refusal names the construct it refused, without its values, to the client and in the
+    // record's reason.
+    let refused = client
+        .simple_query("SELECT name FROM customers WHERE 'Ada Lovelace' IS NORMALIZED")
+        .await
+        .unwrap_err();
+    let refused = refused.as_db_error().unwrap();
+    assert_eq!(refused.code(), &SqlState::INSUFFICIENT_PRIVILEGE);
+    assert!(
+        refused.message().contains("the expression ? IS NORMALIZED"),
+        "{refused:?}"
+    );
     drop(client);
     tokio::time::sleep(Duration::from_millis(200)).await;
     proxy.shutdown().await;
 
     let all = records(log.path());
     let statements: Vec<&Value> = all.iter().filter(|r| r["kind"] == "statement").collect();
-    assert_eq!(statements.len(), 3, "{statements:#?}");
+    assert_eq!(statements.len(), 4, "{statements:#?}");
+    assert!(
+        statements[3]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the expression ? IS NORMALIZED"),
+        "{}",
+        statements[3]
+    );
     let hash = |i: usize| statements[i]["rewritten_redacted_sha256"].as_str().unwrap();
     assert_eq!(
         hash(0),

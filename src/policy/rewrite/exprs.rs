@@ -291,7 +291,7 @@ impl<'a> Rewriter<'a> {
             | Expr::Array(_)
             | Expr::Interval(_)
             | Expr::CompoundFieldAccess { .. } => Ok(()),
-            other => Err(self.refuse(format!("the expression {other}"))),
+            other => Err(self.refuse(format!("the expression {}", without_values(other)))),
         }
     }
 

@@ -170,8 +170,9 @@ impl<'a> Rewriter<'a> {
             }
             TableFactor::Derived { .. } => Err(self.refuse("TABLESAMPLE on a subquery")),
             other => Err(self.refuse(format!(
-                "the FROM item {other} (tables, subqueries, joins, set-returning functions and \
-                 UNNEST are supported)"
+                "the FROM item {} (tables, subqueries, joins, set-returning functions and \
+                 UNNEST are supported)",
+                without_values(other)
             ))),
         }
     }
