@@ -25,7 +25,9 @@ use crate::protocol::{backend, Message};
 use crate::sql::fingerprint::split_statements;
 
 mod names;
+mod reuse;
 use names::SessionNames;
+use reuse::TouchedReuse;
 
 /// What the interceptor decided about a message, as the audit record needs it.
 pub struct Observed<'a> {
@@ -83,6 +85,8 @@ pub struct SessionAudit {
     /// Fingerprints by redacted text: a shape is lexed for its fingerprint once per session.
     fingerprints: crate::sql::fingerprint::FingerprintMemo,
     names: SessionNames,
+    /// What recent analyses touch, for the next statements of the same analysis.
+    touched_reuse: TouchedReuse,
 }
 
 /// One audited batch: records to make durable, then what to await for each.
@@ -121,6 +125,7 @@ impl SessionAudit {
             literals_may_be_sensitive,
             fingerprints: Default::default(),
             names: SessionNames::default(),
+            touched_reuse: TouchedReuse::default(),
         }
     }
 
@@ -255,7 +260,7 @@ impl SessionAudit {
         Arc::new(Prepared {
             text,
             fingerprint,
-            touched: Arc::new(self.touched_by(observed.analysis.as_deref(), !refused)),
+            touched: self.touched_by(observed.analysis.as_deref(), !refused),
             param_types,
             refused,
         })
@@ -380,7 +385,7 @@ impl SessionAudit {
         }
         if observed.analysis.is_some() {
             let runs = observed.refused.is_none();
-            record.touched = Arc::new(self.touched_by(observed.analysis.as_deref(), runs));
+            record.touched = self.touched_by(observed.analysis.as_deref(), runs);
         }
         self.statements_recorded += 1;
         AuditEvent::Statement(Box::new(record))
@@ -388,13 +393,29 @@ impl SessionAudit {
 
     /// What an analysed text touches, for its records (nothing known without an analysis);
     /// `runs`: it will be forwarded (a refused `DECLARE` or `PREPARE` creates nothing).
-    fn touched_by(&mut self, analysis: Option<&Rewritten>, runs: bool) -> Touched {
-        let mut touched = Touched::default();
-        if let Some(analysis) = analysis {
-            if !analysis.unrestricted {
-                touched.set_rewritten(&analysis.sql, analysis.rewritten_redacted_sha256.as_ref());
+    fn touched_by(&mut self, analysis: Option<&Rewritten>, runs: bool) -> Arc<Touched> {
+        let Some(analysis) = analysis else {
+            return Arc::default();
+        };
+        // A policy-bound analysis whose hash the engine did not make is hashed from its text
+        // here, per statement: only reused where the hash is the analysis's own.
+        let hash = analysis.rewritten_redacted_sha256.as_ref();
+        let reusable = TouchedReuse::applies_to(&analysis.statements)
+            && (analysis.unrestricted || hash.is_some());
+        if reusable {
+            if let Some(touched) = self.touched_reuse.get(&analysis.statements, hash) {
+                return touched;
             }
-            add_analysis(&mut touched, &analysis.statements, &mut self.names, runs);
+        }
+        let mut touched = Touched::default();
+        if !analysis.unrestricted {
+            touched.set_rewritten(&analysis.sql, hash);
+        }
+        add_analysis(&mut touched, &analysis.statements, &mut self.names, runs);
+        let touched = Arc::new(touched);
+        if reusable {
+            self.touched_reuse
+                .put(&analysis.statements, hash, touched.clone());
         }
         touched
     }
