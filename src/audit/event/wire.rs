@@ -1,0 +1,324 @@
+//! How events are written: each kind's JSON object, in its on-disk field order. The two records
+//! every statement makes — its own and its completion — are written by hand (constant keys,
+//! values through serde_json's string escaping): serde's map serialisation escapes each key
+//! and costs more than the values. The derived forms they replace are kept in the tests as the
+//! reference they must equal byte for byte.
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use super::{AuditEvent, BoundParam, Decision, Protocol, SessionInfo, StatementRecord, Touched};
+
+impl Touched {
+    /// This part of the record, serialised (once).
+    fn json(&self) -> Result<&str, serde_json::Error> {
+        if let Some(json) = self.json.get() {
+            return Ok(json);
+        }
+        let mut out = Vec::with_capacity(192);
+        write_fields(
+            &mut out,
+            &TouchedWire {
+                rewritten_redacted_sha256: self.rewritten_redacted_sha256.as_deref(),
+                tables_read: &self.tables_read,
+                tables_written: &self.tables_written,
+                columns_read: &self.columns_read,
+                columns_written: &self.columns_written,
+                encrypted_columns: &self.encrypted_columns,
+                command_class: &self.command_class,
+            },
+        )?;
+        let json = String::from_utf8(out)
+            .map_err(|e| serde::ser::Error::custom(e.to_string()))?
+            .into_boxed_str();
+        Ok(self.json.get_or_init(|| json))
+    }
+}
+
+fn micros<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The serialised shape of an event. Field order here is the on-disk field order.
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+// Built on the stack for one serialisation and dropped at once; boxing would only add allocations.
+#[allow(clippy::large_enum_variant)]
+enum Wire<'a> {
+    ConnectionOpened {
+        decision: Decision,
+        session: &'a SessionInfo,
+    },
+    ConnectionClosed {
+        session_id: u64,
+        service: &'a str,
+        #[serde(serialize_with = "micros")]
+        duration_us: Duration,
+        statements: u64,
+        reason: Option<&'a str>,
+    },
+    AuthFailed {
+        decision: Decision,
+        client_addr: &'a str,
+        tls: bool,
+        cert_identity: Option<&'a str>,
+        user: Option<&'a str>,
+        database: Option<&'a str>,
+        token_id: Option<&'a str>,
+        reason: &'a str,
+        sqlstate: &'a str,
+    },
+    AuditSettingsChanged {
+        changed: &'a [&'static str],
+        settings: &'a serde_json::Value,
+    },
+    StatementCompleted {
+        session_id: u64,
+        service: &'a str,
+        statement_seq: u64,
+        rows: Option<u64>,
+        command: Option<&'a str>,
+        #[serde(serialize_with = "micros")]
+        duration_us: Duration,
+        sqlstate: Option<&'a str>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        skipped: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        suspended: bool,
+    },
+}
+
+/// The session's part of a statement record: the same for each statement of a session.
+#[derive(Serialize)]
+struct StatementSession<'a> {
+    session_id: u64,
+    service: &'a str,
+    database: &'a str,
+    client_addr: &'a str,
+    cert_identity: Option<&'a str>,
+    token_id: Option<&'a str>,
+    claims_used: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+/// The statement's own part of its record (after the session's, in this order on disk): this,
+/// then [`TouchedWire`], then [`StatementTail`].
+#[derive(Serialize)]
+struct StatementBody<'a> {
+    protocol: Protocol,
+    statement_name: Option<&'a str>,
+    decision: Decision,
+    rule: Option<&'a str>,
+    reason: Option<&'a str>,
+    sqlstate: Option<&'a str>,
+    fingerprint: &'a str,
+    sql: &'a str,
+}
+
+/// What the statement touches, as serialised in its record (once per [`Touched`]).
+#[derive(Serialize)]
+struct TouchedWire<'a> {
+    rewritten_redacted_sha256: Option<&'a str>,
+    tables_read: &'a [String],
+    tables_written: &'a [String],
+    columns_read: &'a [String],
+    columns_written: &'a [String],
+    encrypted_columns: &'a [String],
+    command_class: &'a [&'static str],
+}
+
+/// The end of a statement record: its parameters and its place in a multi-statement Query.
+#[derive(Serialize)]
+struct StatementTail<'a> {
+    param_count: usize,
+    params: RecordedParams<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parts: Option<u32>,
+}
+
+/// Parameters as recorded: values only when allowed and never for sensitive ones. Borrows
+/// the record's parameters (no copy per statement).
+struct RecordedParams<'a> {
+    params: &'a [BoundParam],
+    record_values: bool,
+}
+
+/// One parameter as recorded (same fields and order as [`BoundParam`]).
+#[derive(Serialize)]
+struct RecordedParam<'a> {
+    type_oid: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    sensitive: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+}
+
+impl Serialize for RecordedParams<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.params.iter().map(|p| RecordedParam {
+            type_oid: p.type_oid,
+            sensitive: p.sensitive,
+            value: if self.record_values && !p.sensitive {
+                p.value.as_deref()
+            } else {
+                None
+            },
+        }))
+    }
+}
+
+/// `"session_id":…,"claims_used":{…}`: the session's fields of a statement record, which the
+/// proxy serialises once per session instead of once per statement.
+pub fn statement_session_json(session: &SessionInfo) -> Result<Arc<str>, serde_json::Error> {
+    let mut out = Vec::with_capacity(256);
+    write_fields(&mut out, &StatementSession::of(session))?;
+    Ok(String::from_utf8(out)
+        .map_err(|e| serde::ser::Error::custom(e.to_string()))?
+        .into())
+}
+
+impl<'a> StatementSession<'a> {
+    fn of(s: &'a SessionInfo) -> Self {
+        StatementSession {
+            session_id: s.session_id,
+            service: &s.service,
+            database: &s.database,
+            client_addr: &s.client_addr,
+            cert_identity: s.cert_identity.as_deref(),
+            token_id: s.token_id.as_deref(),
+            claims_used: &s.claims_used,
+        }
+    }
+}
+
+/// Serialises a struct's fields without its braces (`"a":1,"b":2`).
+fn write_fields(out: &mut Vec<u8>, value: &impl Serialize) -> Result<(), serde_json::Error> {
+    let start = out.len();
+    serde_json::to_writer(&mut *out, value)?;
+    if out.get(start) == Some(&b'{') && out.last() == Some(&b'}') {
+        out.remove(start);
+        out.pop();
+    }
+    Ok(())
+}
+
+/// A statement record: kind, the session's fields (pre-serialised when the proxy gave them),
+/// then the statement's own.
+fn write_statement(
+    st: &StatementRecord,
+    record_values: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), serde_json::Error> {
+    out.extend_from_slice(br#"{"kind":"statement","#);
+    match &st.session_json {
+        Some(json) => out.extend_from_slice(json.as_bytes()),
+        None => write_fields(out, &StatementSession::of(&st.session))?,
+    }
+    out.push(b',');
+    write_fields(
+        out,
+        &StatementBody {
+            protocol: st.protocol,
+            statement_name: st.statement_name.as_deref(),
+            decision: st.decision,
+            rule: st.rule.as_deref(),
+            reason: st.reason.as_deref(),
+            sqlstate: st.sqlstate.as_deref(),
+            fingerprint: &st.fingerprint,
+            sql: st.sql.recorded(record_values),
+        },
+    )?;
+    out.push(b',');
+    out.extend_from_slice(st.touched.json()?.as_bytes());
+    out.push(b',');
+    write_fields(
+        out,
+        &StatementTail {
+            param_count: st.params.len(),
+            params: RecordedParams {
+                params: &st.params,
+                record_values,
+            },
+            part: st.part.map(|(part, _)| part),
+            parts: st.part.map(|(_, parts)| parts),
+        },
+    )?;
+    out.push(b'}');
+    Ok(())
+}
+
+impl AuditEvent {
+    /// Serialises the kind-specific JSON object (`{"kind":...}`) into `out`.
+    pub(crate) fn write_json(
+        &self,
+        record_values: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<(), serde_json::Error> {
+        let wire = match self {
+            AuditEvent::ConnectionOpened(s) => Wire::ConnectionOpened {
+                decision: Decision::Allowed,
+                session: s,
+            },
+            AuditEvent::ConnectionClosed {
+                session,
+                duration,
+                statements,
+                reason,
+            } => Wire::ConnectionClosed {
+                session_id: session.session_id,
+                service: &session.service,
+                duration_us: *duration,
+                statements: *statements,
+                reason: reason.as_deref(),
+            },
+            AuditEvent::AuthFailed {
+                client_addr,
+                tls,
+                cert_identity,
+                user,
+                database,
+                token_id,
+                reason,
+                sqlstate,
+            } => Wire::AuthFailed {
+                decision: Decision::Failed,
+                client_addr,
+                tls: *tls,
+                cert_identity: cert_identity.as_deref(),
+                user: user.as_deref(),
+                database: database.as_deref(),
+                token_id: token_id.as_deref(),
+                reason,
+                sqlstate,
+            },
+            AuditEvent::Statement(st) => return write_statement(st, record_values, out),
+            AuditEvent::SettingsChanged { changed, settings } => {
+                Wire::AuditSettingsChanged { changed, settings }
+            }
+            AuditEvent::StatementCompleted {
+                session_id,
+                service,
+                statement_seq,
+                rows,
+                command,
+                duration,
+                sqlstate,
+                skipped,
+                suspended,
+            } => Wire::StatementCompleted {
+                session_id: *session_id,
+                service,
+                statement_seq: *statement_seq,
+                rows: *rows,
+                command: command.as_deref(),
+                duration_us: *duration,
+                sqlstate: sqlstate.as_deref(),
+                skipped: *skipped,
+                suspended: *suspended,
+            },
+        };
+        serde_json::to_writer(out, &wire)
+    }
+}
