@@ -59,6 +59,15 @@ pub enum Protocol {
     Extended,
 }
 
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Simple => "simple",
+            Protocol::Extended => "extended",
+        }
+    }
+}
+
 /// One bound parameter. The value of a sensitive parameter (bound to an encrypted column)
 /// is dropped by its constructor, so no setting can ever serialise it.
 #[derive(Debug, Clone, Serialize)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-use super::{AuditEvent, BoundParam, Decision, Protocol, SessionInfo, StatementRecord, Touched};
+use super::{AuditEvent, BoundParam, Decision, SessionInfo, StatementRecord, Touched};
 
 impl Touched {
     /// This part of the record, serialised (once).
@@ -73,20 +73,6 @@ enum Wire<'a> {
         changed: &'a [&'static str],
         settings: &'a serde_json::Value,
     },
-    StatementCompleted {
-        session_id: u64,
-        service: &'a str,
-        statement_seq: u64,
-        rows: Option<u64>,
-        command: Option<&'a str>,
-        #[serde(serialize_with = "micros")]
-        duration_us: Duration,
-        sqlstate: Option<&'a str>,
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        skipped: bool,
-        #[serde(skip_serializing_if = "std::ops::Not::not")]
-        suspended: bool,
-    },
 }
 
 /// The session's part of a statement record: the same for each statement of a session.
@@ -101,20 +87,6 @@ struct StatementSession<'a> {
     claims_used: &'a serde_json::Map<String, serde_json::Value>,
 }
 
-/// The statement's own part of its record (after the session's, in this order on disk): this,
-/// then [`TouchedWire`], then [`StatementTail`].
-#[derive(Serialize)]
-struct StatementBody<'a> {
-    protocol: Protocol,
-    statement_name: Option<&'a str>,
-    decision: Decision,
-    rule: Option<&'a str>,
-    reason: Option<&'a str>,
-    sqlstate: Option<&'a str>,
-    fingerprint: &'a str,
-    sql: &'a str,
-}
-
 /// What the statement touches, as serialised in its record (once per [`Touched`]).
 #[derive(Serialize)]
 struct TouchedWire<'a> {
@@ -125,48 +97,6 @@ struct TouchedWire<'a> {
     columns_written: &'a [String],
     encrypted_columns: &'a [String],
     command_class: &'a [&'static str],
-}
-
-/// The end of a statement record: its parameters and its place in a multi-statement Query.
-#[derive(Serialize)]
-struct StatementTail<'a> {
-    param_count: usize,
-    params: RecordedParams<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    part: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parts: Option<u32>,
-}
-
-/// Parameters as recorded: values only when allowed and never for sensitive ones. Borrows
-/// the record's parameters (no copy per statement).
-struct RecordedParams<'a> {
-    params: &'a [BoundParam],
-    record_values: bool,
-}
-
-/// One parameter as recorded (same fields and order as [`BoundParam`]).
-#[derive(Serialize)]
-struct RecordedParam<'a> {
-    type_oid: u32,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    sensitive: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    value: Option<&'a str>,
-}
-
-impl Serialize for RecordedParams<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.params.iter().map(|p| RecordedParam {
-            type_oid: p.type_oid,
-            sensitive: p.sensitive,
-            value: if self.record_values && !p.sensitive {
-                p.value.as_deref()
-            } else {
-                None
-            },
-        }))
-    }
 }
 
 /// `"session_id":…,"claims_used":{…}`: the session's fields of a statement record, which the
@@ -217,34 +147,11 @@ fn write_statement(
         None => write_fields(out, &StatementSession::of(&st.session))?,
     }
     out.push(b',');
-    write_fields(
-        out,
-        &StatementBody {
-            protocol: st.protocol,
-            statement_name: st.statement_name.as_deref(),
-            decision: st.decision,
-            rule: st.rule.as_deref(),
-            reason: st.reason.as_deref(),
-            sqlstate: st.sqlstate.as_deref(),
-            fingerprint: &st.fingerprint,
-            sql: st.sql.recorded(record_values),
-        },
-    )?;
+    write_statement_body(st, record_values, out)?;
     out.push(b',');
     out.extend_from_slice(st.touched.json()?.as_bytes());
     out.push(b',');
-    write_fields(
-        out,
-        &StatementTail {
-            param_count: st.params.len(),
-            params: RecordedParams {
-                params: &st.params,
-                record_values,
-            },
-            part: st.part.map(|(part, _)| part),
-            parts: st.part.map(|(_, parts)| parts),
-        },
-    )?;
+    write_statement_tail(st, record_values, out)?;
     out.push(b'}');
     Ok(())
 }
@@ -307,18 +214,157 @@ impl AuditEvent {
                 sqlstate,
                 skipped,
                 suspended,
-            } => Wire::StatementCompleted {
-                session_id: *session_id,
-                service,
-                statement_seq: *statement_seq,
-                rows: *rows,
-                command: command.as_deref(),
-                duration_us: *duration,
-                sqlstate: sqlstate.as_deref(),
-                skipped: *skipped,
-                suspended: *suspended,
-            },
+            } => {
+                return write_completion(
+                    &Completion {
+                        session_id: *session_id,
+                        service,
+                        statement_seq: *statement_seq,
+                        rows: *rows,
+                        command: command.as_deref(),
+                        duration: *duration,
+                        sqlstate: sqlstate.as_deref(),
+                        skipped: *skipped,
+                        suspended: *suspended,
+                    },
+                    out,
+                )
+            }
         };
         serde_json::to_writer(out, &wire)
     }
 }
+
+/// A statement's own fields, after the session's: `"protocol":…,"sql":…`.
+fn write_statement_body(
+    st: &StatementRecord,
+    record_values: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), serde_json::Error> {
+    out.extend_from_slice(br#""protocol":""#);
+    out.extend_from_slice(st.protocol.as_str().as_bytes());
+    out.extend_from_slice(br#"","statement_name":"#);
+    put_opt_str(out, st.statement_name.as_deref())?;
+    out.extend_from_slice(br#","decision":""#);
+    out.extend_from_slice(st.decision.as_str().as_bytes());
+    out.extend_from_slice(br#"","rule":"#);
+    put_opt_str(out, st.rule.as_deref())?;
+    out.extend_from_slice(br#","reason":"#);
+    put_opt_str(out, st.reason.as_deref())?;
+    out.extend_from_slice(br#","sqlstate":"#);
+    put_opt_str(out, st.sqlstate.as_deref())?;
+    out.extend_from_slice(br#","fingerprint":"#);
+    put_str(out, &st.fingerprint)?;
+    out.extend_from_slice(br#","sql":"#);
+    put_str(out, st.sql.recorded(record_values))
+}
+
+/// The end of a statement record: its parameters (values only when allowed, never for
+/// sensitive ones) and its place in a multi-statement Query.
+fn write_statement_tail(
+    st: &StatementRecord,
+    record_values: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), serde_json::Error> {
+    out.extend_from_slice(br#""param_count":"#);
+    put_u64(out, st.params.len() as u64);
+    out.extend_from_slice(br#","params":["#);
+    for (i, param) in st.params.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#"{"type_oid":"#);
+        put_u64(out, param.type_oid.into());
+        if param.sensitive {
+            out.extend_from_slice(br#","sensitive":true"#);
+        }
+        if let Some(value) = recorded_value(param, record_values) {
+            out.extend_from_slice(br#","value":"#);
+            put_str(out, value)?;
+        }
+        out.push(b'}');
+    }
+    out.push(b']');
+    if let Some((part, parts)) = st.part {
+        out.extend_from_slice(br#","part":"#);
+        put_u64(out, part.into());
+        out.extend_from_slice(br#","parts":"#);
+        put_u64(out, parts.into());
+    }
+    Ok(())
+}
+
+/// A parameter's value as recorded: only with `record_values`, never a sensitive one's.
+fn recorded_value(param: &BoundParam, record_values: bool) -> Option<&str> {
+    if record_values && !param.sensitive {
+        param.value()
+    } else {
+        None
+    }
+}
+
+/// The fields of a `statement_completed` record.
+struct Completion<'a> {
+    session_id: u64,
+    service: &'a str,
+    statement_seq: u64,
+    rows: Option<u64>,
+    command: Option<&'a str>,
+    duration: Duration,
+    sqlstate: Option<&'a str>,
+    skipped: bool,
+    suspended: bool,
+}
+
+fn write_completion(c: &Completion<'_>, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    out.extend_from_slice(br#"{"kind":"statement_completed","session_id":"#);
+    put_u64(out, c.session_id);
+    out.extend_from_slice(br#","service":"#);
+    put_str(out, c.service)?;
+    out.extend_from_slice(br#","statement_seq":"#);
+    put_u64(out, c.statement_seq);
+    out.extend_from_slice(br#","rows":"#);
+    match c.rows {
+        Some(rows) => put_u64(out, rows),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(br#","command":"#);
+    put_opt_str(out, c.command)?;
+    out.extend_from_slice(br#","duration_us":"#);
+    put_u64(
+        out,
+        u64::try_from(c.duration.as_micros()).unwrap_or(u64::MAX),
+    );
+    out.extend_from_slice(br#","sqlstate":"#);
+    put_opt_str(out, c.sqlstate)?;
+    if c.skipped {
+        out.extend_from_slice(br#","skipped":true"#);
+    }
+    if c.suspended {
+        out.extend_from_slice(br#","suspended":true"#);
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// A string value, quoted and escaped exactly as serde_json writes it.
+fn put_str(out: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
+    serde_json::to_writer(&mut *out, s)
+}
+
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) -> Result<(), serde_json::Error> {
+    match s {
+        Some(s) => put_str(out, s),
+        None => {
+            out.extend_from_slice(b"null");
+            Ok(())
+        }
+    }
+}
+
+fn put_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+#[cfg(test)]
+mod tests;
