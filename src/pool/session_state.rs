@@ -96,18 +96,29 @@ fn strip_comments(sql: &str) -> String {
 /// here (the session's registry, the pool's statement map): only a text that names one of
 /// the words is lexed.
 pub fn deallocation(sql: &str) -> Option<Option<String>> {
-    let names = |word: &[u8]| {
-        sql.as_bytes()
-            .windows(word.len())
-            .any(|w| w.eq_ignore_ascii_case(word))
-    };
-    if names(b"discard") && is_discard_all(sql) {
+    let (discard, deallocate) = mentions_deallocation_words(sql.as_bytes());
+    if discard && is_discard_all(sql) {
         return Some(None);
     }
-    if !names(b"deallocate") {
+    if !deallocate {
         return None;
     }
     deallocate_target(sql)
+}
+
+/// Whether the text holds `discard`, `deallocate` (any case). Both start with a `d`: only
+/// where one is does the scan compare, so a Query costs a pass of `memchr` over its text.
+fn mentions_deallocation_words(sql: &[u8]) -> (bool, bool) {
+    let at = |i: usize, word: &[u8]| {
+        sql.get(i..i + word.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    };
+    let (mut discard, mut deallocate) = (false, false);
+    for i in memchr::memchr2_iter(b'd', b'D', sql) {
+        discard |= at(i, b"discard");
+        deallocate |= at(i, b"deallocate");
+    }
+    (discard, deallocate)
 }
 
 /// What `DEALLOCATE` names: `Some(None)` for ALL, `Some(Some(name))` for one statement;
@@ -205,6 +216,29 @@ mod tests {
         );
         assert_eq!(deallocate_target("SELECT 1"), None);
         assert_eq!(deallocate_target("DEALLOCATE a; SELECT 1"), None);
+    }
+
+    #[test]
+    fn every_case_of_the_words_is_found_and_only_those() {
+        assert_eq!(deallocation("DeAlLoCaTe ALL"), Some(None));
+        assert_eq!(
+            deallocation("/* d */ dEALLOCATE s1"),
+            Some(Some("s1".into()))
+        );
+        assert_eq!(deallocation("DISCARD ALL"), Some(None));
+        assert_eq!(deallocation("  discard all ;"), Some(None));
+        // A `d` at the very end, words cut short, other statements.
+        for sql in [
+            "SELECT id FROM d",
+            "SELECT 1 -- dealloc",
+            "DISCARD PLANS",
+            "SELECT 'x'",
+        ] {
+            assert_eq!(deallocation(sql), None, "{sql}");
+        }
+        assert_eq!(mentions_deallocation_words(b"xDiScArDy"), (true, false));
+        assert_eq!(mentions_deallocation_words(b"ddeallocate"), (false, true));
+        assert_eq!(mentions_deallocation_words(b"d"), (false, false));
     }
 
     #[test]
