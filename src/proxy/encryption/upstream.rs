@@ -455,7 +455,7 @@ impl UpstreamHalf {
             // bytea in text output: `\x` then hex.
             WireFormat::Text => stored
                 .strip_prefix(b"\\x")
-                .and_then(|h| hex::decode(h).ok())
+                .and_then(crate::crypto::codec::bytes_of_hex)
                 .ok_or_else(|| crypto_error(&CryptoError::Malformed("not bytea hex"), c))?
                 .into(),
         };
