@@ -87,7 +87,7 @@ impl ClientHalf {
                 self.copy_in = copy_state(plan.as_deref());
                 // Each Execute needs a description right before it: a portal described once
                 // and executed in several row-limited steps gets one per step.
-                if self.described_portals.remove(*portal) {
+                if self.forget_described(portal) {
                     self.push(Request::Execute, Expect::default());
                 } else {
                     let hidden = Expect {
@@ -174,6 +174,13 @@ impl ClientHalf {
         Ok(replacement)
     }
 
+    /// Forgets that the client described `portal`; whether it had. Every Bind and Execute
+    /// asks, and most sessions never describe a portal: an empty set is not asked (which would
+    /// hash the name each time).
+    fn forget_described(&mut self, portal: &str) -> bool {
+        !self.described_portals.is_empty() && self.described_portals.remove(portal)
+    }
+
     /// Bind: encrypt the values of encrypted parameters (by the plan of the statement it
     /// binds), add derived ones.
     pub(super) async fn bind(
@@ -181,7 +188,7 @@ impl ClientHalf {
         bind: &BindView<'_>,
         plan: Option<Arc<ParamPlan>>,
     ) -> Result<Option<Bytes>, ClientError> {
-        self.described_portals.remove(bind.portal);
+        self.forget_described(bind.portal);
         self.push(Request::Bind, Expect::default());
         let Some(plan) = plan else {
             return Ok(None);
