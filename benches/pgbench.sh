@@ -13,7 +13,9 @@
 # billing's invoice lookup — with each feature added in turn, up to everything on, against
 # PgBouncer), and pooling (transaction pooling: 200 clients through pgward and through PgBouncer,
 # both in pool_mode = transaction with 20 server connections, the server connections counted
-# in pg_stat_activity); all but policy by default.
+# in pg_stat_activity), and instructions (the demo's instructions per transaction in pgward's
+# own process, counted by callgrind under valgrind: repeatable on a busy machine, for comparing
+# two builds with PGWARD=…); all but policy and instructions by default.
 #
 # Installs pgbouncer (Debian package) when missing and running as root. Everything it starts
 # (PostgreSQL in a temp dir, PgBouncer, pgward) listens on 127.0.0.1 only and is stopped at exit.
@@ -217,6 +219,22 @@ for c in demo-enc demo-nosync demo-all; do
 done
 sleep 1
 
+# 5 000 invoices of tenant 1 and 5 000 of tenant 2, card numbers encrypted by pgward itself;
+# the demo's statement as a pgbench script.
+seed_demo() {
+  [ -f "$WORK/demo.sql" ] && return
+  for batch in $(seq 0 19); do
+    printf 'INSERT INTO invoices (id, tenant_id, amount_cents, card_number, status) VALUES '
+    for i in $(seq $((batch * 500 + 1)) $((batch * 500 + 500))); do
+      [ "$i" -eq $((batch * 500 + 1)) ] || printf ','
+      printf "(%d, %d, %d, '4111-1111-1111-%04d', 'open')" "$i" $(( i <= 5000 ? 1 : 2 )) $((i * 7)) $((i % 10000))
+    done
+    printf ';\n'
+  done > "$WORK/demo-seed.sql"
+  PGPASSWORD=$TOKEN PGSSLMODE=disable "$BINDIR/psql" -h 127.0.0.1 -p "$DEMO_ENC_PORT" -U postgres -q -X bench -f "$WORK/demo-seed.sql" >/dev/null
+  printf '\\set id random(1, 5000)\nSELECT id, status, amount_cents, card_number FROM invoices WHERE id = :id;\n' > "$WORK/demo.sql"
+}
+
 run_pgbench() { # target-port mode clients [user token] -> tps
   local port=$1 mode=$2 clients=$3 user=${4:-postgres} token=${5:-$TOKEN}
   PGPASSWORD=$token "$BINDIR/pgbench" -h 127.0.0.1 -p "$port" -U "$user" -S -M "$mode" \
@@ -390,17 +408,7 @@ fi
 # each feature added in turn, against PgBouncer running the same statement, alternating
 # targets in every round.
 if want demo; then
-# 5 000 invoices of tenant 1 and 5 000 of tenant 2, card numbers encrypted by pgward itself.
-for batch in $(seq 0 19); do
-  printf 'INSERT INTO invoices (id, tenant_id, amount_cents, card_number, status) VALUES '
-  for i in $(seq $((batch * 500 + 1)) $((batch * 500 + 500))); do
-    [ "$i" -eq $((batch * 500 + 1)) ] || printf ','
-    printf "(%d, %d, %d, '4111-1111-1111-%04d', 'open')" "$i" $(( i <= 5000 ? 1 : 2 )) $((i * 7)) $((i % 10000))
-  done
-  printf ';\n'
-done > "$WORK/demo-seed.sql"
-PGPASSWORD=$TOKEN PGSSLMODE=disable "$BINDIR/psql" -h 127.0.0.1 -p "$DEMO_ENC_PORT" -U postgres -q -X bench -f "$WORK/demo-seed.sql" >/dev/null
-printf '\\set id random(1, 5000)\nSELECT id, status, amount_cents, card_number FROM invoices WHERE id = :id;\n' > "$WORK/demo.sql"
+seed_demo
 DEMO=("pgbouncer:$BOUNCER_PORT:postgres:$TOKEN" "passthrough:$WARD_PORT:postgres:$TOKEN"
       "policy:$WARD_PORT:billing:$BILLING_TOKEN" "policy+enc:$DEMO_ENC_PORT:billing:$BILLING_TOKEN"
       "all-nosync:$DEMO_NOSYNC_PORT:billing:$BILLING_TOKEN" "all-on:$DEMO_ALL_PORT:billing:$BILLING_TOKEN")
@@ -540,4 +548,67 @@ for mode in simple prepared; do
     printf '%-9s %-10s %12.0f %12s\n' "$mode" "$name" "$t" "${POOL_MAX[$mode,$name]:-0}"
   done
 done
+fi
+
+# Instructions per transaction of the demo workload in pgward's own process, counted by
+# callgrind: the same count whatever else the machine is doing, so it resolves changes far
+# smaller than TPS can (user space only: what the kernel does for a socket or a write(2) is not
+# counted, nor waiting). Each configuration runs in a pgward of its own under valgrind; a short
+# run warms its caches, then two counted runs of one client, IR_SHORT and IR_LONG transactions,
+# whose difference divided by IR_LONG - IR_SHORT leaves the connection's setup out.
+if want instructions; then
+command -v valgrind >/dev/null || {
+  [ "$(id -u)" -eq 0 ] || { echo "valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
+  apt-get install -y -qq valgrind >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq valgrind >/dev/null; }
+}
+seed_demo
+IR_SHORT=${IR_SHORT:-300}; IR_LONG=${IR_LONG:-1300}
+mkdir -p "$WORK/callgrind"
+counted_run() { # port mode user token transactions -> instructions since the last dump
+  local port=$1 mode=$2 user=$3 token=$4 n=$5 pid=$6 before
+  before=$(ls "$WORK/callgrind" | wc -l)
+  PGPASSWORD=$token "$BINDIR/pgbench" -h 127.0.0.1 -p "$port" -U "$user" -n -M "$mode" \
+    -f "$WORK/demo.sql" -c 1 -j 1 -t "$n" bench >/dev/null 2>&1
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  while [ "$(ls "$WORK/callgrind" | wc -l)" -le "$before" ]; do sleep 0.2; done
+  sleep 0.5
+  local dump total sha
+  dump=$(ls -t "$WORK"/callgrind/* | head -1)
+  total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
+  # valgrind hides the CPU's SHA extensions, so SHA-256 runs its portable code there (several
+  # times the native cost): counted apart, so that the rest can be compared.
+  sha=$(callgrind_annotate --threshold=100 "$dump" 2>/dev/null \
+    | awk '/:sha2::sha256::soft::compress( \[|$)/ {gsub(",", "", $1); s += $1} END {print s + 0}')
+  echo "$total $sha"
+}
+echo
+echo "== demo workload, instructions per transaction in pgward (callgrind, 1 client, $IR_SHORT and $IR_LONG transactions)"
+echo "   (of them in SHA-256's portable code, which valgrind makes pgward use instead of the CPU's SHA instructions)"
+printf '%-12s %14s %14s %14s %14s\n' config simple "(sha-256)" prepared "(sha-256)"
+for target in "passthrough:pgward.toml:postgres:$TOKEN" "policy:pgward.toml:billing:$BILLING_TOKEN" \
+    "policy+enc:demo-enc.toml:billing:$BILLING_TOKEN" "all-nosync:demo-nosync.toml:billing:$BILLING_TOKEN" \
+    "all-on:demo-all.toml:billing:$BILLING_TOKEN"; do
+  IFS=: read -r name config user token <<<"$target"
+  port=$(free_port)
+  # Its own port and audit directory: the demo's pgwards may still hold theirs.
+  sed -E -e "s/^address = \"127.0.0.1:[0-9]+\"/address = \"127.0.0.1:$port\"/" \
+    -e "s#$WORK/demo-audit#$WORK/callgrind-audit#" "$WORK/$config" > "$WORK/callgrind-$name.toml"
+  valgrind --tool=callgrind --callgrind-out-file="$WORK/callgrind/$name.%p" \
+    "$PGWARD" serve --config "$WORK/callgrind-$name.toml" --log warn >/dev/null 2>&1 &
+  cg_pid=$!
+  for _ in $(seq 1 600); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.2; done
+  row=()
+  for mode in simple prepared; do
+    PGPASSWORD=$token "$BINDIR/pgbench" -h 127.0.0.1 -p "$port" -U "$user" -n -M "$mode" \
+      -f "$WORK/demo.sql" -c 1 -j 1 -t 100 bench >/dev/null 2>&1
+    callgrind_control -z "$cg_pid" >/dev/null 2>&1
+    read -r short short_sha <<<"$(counted_run "$port" "$mode" "$user" "$token" "$IR_SHORT" "$cg_pid")"
+    read -r long long_sha <<<"$(counted_run "$port" "$mode" "$user" "$token" "$IR_LONG" "$cg_pid")"
+    row+=("$(( (long - short) / (IR_LONG - IR_SHORT) ))" "$(( (long_sha - short_sha) / (IR_LONG - IR_SHORT) ))")
+  done
+  kill "$cg_pid" 2>/dev/null; wait "$cg_pid" 2>/dev/null || true
+  printf '%-12s %14s %14s %14s %14s\n' "$name" "${row[@]}"
+done
+# CALLGRIND_KEEP=dir keeps the counted runs' profiles (for callgrind_annotate).
+[ -z "${CALLGRIND_KEEP:-}" ] || { mkdir -p "$CALLGRIND_KEEP" && cp "$WORK"/callgrind/* "$CALLGRIND_KEEP"/; }
 fi
