@@ -59,10 +59,7 @@ impl Writer {
         self.buf.extend_from_slice(br#"","node":"#);
         self.buf.extend_from_slice(self.node_json.as_bytes());
         self.buf.extend_from_slice(br#","prev":""#);
-        let mut prev_hex = [0u8; 64];
-        // Infallible: the output buffer is exactly twice the input.
-        let _ = hex::encode_to_slice(self.prev, &mut prev_hex);
-        self.buf.extend_from_slice(&prev_hex);
+        self.buf.extend_from_slice(&lower_hex(&self.prev));
         self.buf.extend_from_slice(b"\",");
         start
     }
@@ -117,5 +114,29 @@ impl Writer {
             self.push_record(&body);
         }
         Ok(())
+    }
+}
+
+/// The chain head as lower-case hex, one table lookup per digit (every record's envelope
+/// carries it; the `hex` crate's encoder spends several times that).
+fn lower_hex(hash: &[u8; 32]) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(hash) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0f)];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn the_chain_head_is_written_as_the_hex_crate_writes_it(hash in any::<[u8; 32]>()) {
+            prop_assert_eq!(super::lower_hex(&hash).to_vec(), hex::encode(hash).into_bytes());
+        }
     }
 }
