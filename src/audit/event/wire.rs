@@ -1,8 +1,10 @@
 //! How events are written: each kind's JSON object, in its on-disk field order. The two records
 //! every statement makes — its own and its completion — are written by hand (constant keys,
 //! values through serde_json's string escaping): serde's map serialisation escapes each key
-//! and costs more than the values. The derived forms they replace are kept in the tests as the
-//! reference they must equal byte for byte.
+//! and costs more than the values; a statement's redacted text and fingerprint, the same for
+//! every record of its shape or prepared statement, are escaped once and kept (`TextJson`). The
+//! derived forms they replace are kept in the tests as the reference they must equal byte for
+//! byte.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -253,10 +255,86 @@ fn write_statement_body(
     put_opt_str(out, st.reason.as_deref())?;
     out.extend_from_slice(br#","sqlstate":"#);
     put_opt_str(out, st.sqlstate.as_deref())?;
-    out.extend_from_slice(br#","fingerprint":"#);
-    put_str(out, &st.fingerprint)?;
+    out.push(b',');
+    let sql = st.sql.recorded(record_values);
+    if std::ptr::eq(sql, &*st.sql.redacted) {
+        // The redacted text: the same for every statement of a shape and every execution of
+        // a prepared statement, so its escaped form is kept (see `TextJson`).
+        TEXT_JSON.with(|cache| match cache.try_borrow_mut() {
+            Ok(mut cache) => {
+                out.extend_from_slice(cache.of(&st.fingerprint, &st.sql.redacted)?.as_bytes());
+                Ok(())
+            }
+            Err(_) => write_text_fields(out, &st.fingerprint, sql),
+        })
+    } else {
+        write_text_fields(out, &st.fingerprint, sql)
+    }
+}
+
+/// `"fingerprint":…,"sql":…`.
+fn write_text_fields(
+    out: &mut Vec<u8>,
+    fingerprint: &str,
+    sql: &str,
+) -> Result<(), serde_json::Error> {
+    out.extend_from_slice(br#""fingerprint":"#);
+    put_str(out, fingerprint)?;
     out.extend_from_slice(br#","sql":"#);
-    put_str(out, st.sql.recorded(record_values))
+    put_str(out, sql)
+}
+
+/// Texts escaped recently, by the identity of their fingerprint and redacted text: the
+/// records of one statement shape or one prepared statement share both (the policy engine's
+/// template, the session's registry), so their JSON is escaped once per writing thread rather
+/// than once per record. The cache holds the texts it is keyed by, so no other text can take
+/// their addresses while they are in it.
+#[derive(Default)]
+struct TextJson {
+    entries: Vec<(Arc<str>, Arc<str>, Box<str>)>,
+    /// Where the next entry goes once all are taken.
+    next: usize,
+}
+
+/// Texts kept per thread.
+const TEXTS_KEPT: usize = 16;
+
+thread_local! {
+    static TEXT_JSON: std::cell::RefCell<TextJson> = std::cell::RefCell::default();
+}
+
+impl TextJson {
+    fn of(
+        &mut self,
+        fingerprint: &Arc<str>,
+        redacted: &Arc<str>,
+    ) -> Result<&str, serde_json::Error> {
+        let found = self
+            .entries
+            .iter()
+            .position(|(f, r, _)| Arc::ptr_eq(f, fingerprint) && Arc::ptr_eq(r, redacted));
+        let at = match found {
+            Some(at) => at,
+            None => {
+                let mut json = Vec::with_capacity(fingerprint.len() + redacted.len() + 24);
+                write_text_fields(&mut json, fingerprint, redacted)?;
+                let json = String::from_utf8(json)
+                    .map_err(|e| serde::ser::Error::custom(e.to_string()))?
+                    .into_boxed_str();
+                let entry = (fingerprint.clone(), redacted.clone(), json);
+                if self.entries.len() < TEXTS_KEPT {
+                    self.entries.push(entry);
+                    self.entries.len() - 1
+                } else {
+                    let at = self.next;
+                    self.entries[at] = entry;
+                    self.next = (at + 1) % TEXTS_KEPT;
+                    at
+                }
+            }
+        };
+        Ok(&self.entries[at].2)
+    }
 }
 
 /// The end of a statement record: its parameters (values only when allowed, never for

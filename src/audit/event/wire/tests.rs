@@ -190,3 +190,29 @@ proptest! {
         prop_assert_eq!(String::from_utf8(written).unwrap(), String::from_utf8(expected).unwrap());
     }
 }
+
+/// The kept escaped texts are the ones of the record written, whichever entry the record hits
+/// and whichever the cache gave away to make room.
+#[test]
+fn kept_texts_are_those_of_the_record_written() {
+    let session = std::sync::Arc::new(SessionInfo::default());
+    let records: Vec<StatementRecord> = (0..TEXTS_KEPT + 4)
+        .map(|i| {
+            let sql = format!("SELECT \"col{i}\" FROM t WHERE a = 'x' -- {i}");
+            StatementRecord::new(session.clone(), Protocol::Simple, SqlText::new(&sql, false))
+        })
+        .collect();
+    for _ in 0..3 {
+        for st in records.iter().chain(records.iter().rev()) {
+            let mut written = Vec::new();
+            write_statement_body(st, false, &mut written).unwrap();
+            let mut expected = Vec::new();
+            write_text_fields(&mut expected, &st.fingerprint, st.sql.redacted()).unwrap();
+            assert!(
+                written.ends_with(&expected),
+                "{}",
+                String::from_utf8_lossy(&written)
+            );
+        }
+    }
+}
