@@ -257,7 +257,7 @@ fn write_statement_body(
     put_opt_str(out, st.sqlstate.as_deref())?;
     out.push(b',');
     let sql = st.sql.recorded(record_values);
-    if std::ptr::eq(sql, &*st.sql.redacted) {
+    if std::ptr::eq(sql, &*st.sql.redacted) && sql.len() + st.fingerprint.len() <= LONGEST_KEPT {
         // The redacted text: the same for every statement of a shape and every execution of
         // a prepared statement, so its escaped form is kept (see `TextJson`).
         TEXT_JSON.with(|cache| match cache.try_borrow_mut() {
@@ -298,6 +298,11 @@ struct TextJson {
 
 /// Texts kept per thread.
 const TEXTS_KEPT: usize = 16;
+
+/// Longest text (redacted text and fingerprint together, in bytes) whose escaped form is kept:
+/// a client may send statements up to `max_message_bytes`, and sixteen of those kept per thread
+/// would hold memory no session asked for; a long statement is escaped each time.
+const LONGEST_KEPT: usize = 8 * 1024;
 
 thread_local! {
     static TEXT_JSON: std::cell::RefCell<TextJson> = std::cell::RefCell::default();

@@ -216,3 +216,33 @@ fn kept_texts_are_those_of_the_record_written() {
         }
     }
 }
+
+/// A long statement's text is written right but not kept: the cache stays small whatever the
+/// statements' size.
+#[test]
+fn long_texts_are_not_kept() {
+    let session = std::sync::Arc::new(SessionInfo::default());
+    let sql = format!("SELECT '{}'", "x".repeat(LONGEST_KEPT));
+    let st = StatementRecord::new(session, Protocol::Simple, SqlText::new(&sql, false));
+    let before = TEXT_JSON.with(|c| c.borrow().entries.len());
+    let mut written = Vec::new();
+    write_statement_body(&st, false, &mut written).unwrap();
+    let mut expected = Vec::new();
+    write_text_fields(&mut expected, &st.fingerprint, st.sql.redacted()).unwrap();
+    assert!(written.ends_with(&expected));
+    // The redaction shortened the literal; a long identifier list is not shortened.
+    let long: String = (0..2000).map(|i| format!("c{i}, ")).collect();
+    let st = StatementRecord::new(
+        std::sync::Arc::new(SessionInfo::default()),
+        Protocol::Simple,
+        SqlText::new(&format!("SELECT {long} 1"), false),
+    );
+    write_statement_body(&st, false, &mut Vec::new()).unwrap();
+    let after = TEXT_JSON.with(|c| c.borrow().entries.len());
+    assert!(after <= before + 1, "only the short one may be kept");
+    assert!(TEXT_JSON.with(|c| c
+        .borrow()
+        .entries
+        .iter()
+        .all(|(f, r, _)| f.len() + r.len() <= LONGEST_KEPT)));
+}
