@@ -11,6 +11,11 @@ use super::{StatementInfo, Touched};
 /// Analyses remembered per session; the oldest makes room for a new one.
 const REMEMBERED: usize = 16;
 
+/// Largest record part remembered, as the bytes of the names it lists: a statement may name
+/// as many tables and columns as `max_message_bytes` holds, and sixteen of those kept for each
+/// session would hold memory no session asked for. A larger one is made per statement.
+const LARGEST_REMEMBERED: usize = 8 * 1024;
+
 #[derive(Default)]
 pub(super) struct TouchedReuse {
     entries: Vec<Entry>,
@@ -54,6 +59,9 @@ impl TouchedReuse {
         rewritten_hash: Option<&Arc<str>>,
         touched: Arc<Touched>,
     ) {
+        if name_bytes(&touched) > LARGEST_REMEMBERED {
+            return;
+        }
         let entry = Entry {
             statements: statements.clone(),
             rewritten_hash: rewritten_hash.cloned(),
@@ -66,6 +74,21 @@ impl TouchedReuse {
             self.next = (self.next + 1) % REMEMBERED;
         }
     }
+}
+
+/// The bytes of the names a record part lists.
+fn name_bytes(touched: &Touched) -> usize {
+    [
+        &touched.tables_read,
+        &touched.tables_written,
+        &touched.columns_read,
+        &touched.columns_written,
+        &touched.encrypted_columns,
+    ]
+    .into_iter()
+    .flatten()
+    .map(String::len)
+    .sum()
 }
 
 #[cfg(test)]
@@ -103,6 +126,17 @@ mod tests {
             "the oldest made room"
         );
         assert!(later.iter().all(|a| reuse.get(a, None).is_some()));
+    }
+
+    #[test]
+    fn a_part_naming_more_than_the_limit_is_not_remembered() {
+        let mut reuse = TouchedReuse::default();
+        let statements = analysis("public.wide");
+        let mut wide = Touched::default();
+        wide.columns_read = (0..2000).map(|i| format!("wide.column_{i}")).collect();
+        assert!(name_bytes(&wide) > LARGEST_REMEMBERED);
+        reuse.put(&statements, None, Arc::new(wide));
+        assert!(reuse.get(&statements, None).is_none());
     }
 
     #[test]
