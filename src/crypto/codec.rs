@@ -383,7 +383,7 @@ fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
-/// The bytes of bytea's hex digits as the server prints them (`\\x` stripped), either case;
+/// The bytes of bytea's hex digits as the server prints them (`\x` stripped), either case;
 /// `None` for an odd count or a byte that is not a hex digit. Every encrypted value read in
 /// text format passes here, so each digit is one table lookup (the `hex` crate's decoder spends
 /// several times that per digit).
