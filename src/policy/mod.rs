@@ -162,6 +162,11 @@ pub enum Decision {
 }
 
 const CACHE_CAPACITY: usize = 4096;
+/// Longest statement text (or shape key) the shared caches keep. Any service may send
+/// statements up to `max_message_bytes`; four thousand of those kept, with their rewrites,
+/// would hold memory far beyond what serving them needs. A longer statement is rewritten each
+/// time it comes (its cost grows with its length either way).
+const CACHE_TEXT_LIMIT: usize = 16 * 1024;
 
 /// (service, the claims as canonical JSON, sql) → rewrite. The claims are part of the key, so a
 /// hit can only return the rewrite made for the same identity.
@@ -188,6 +193,9 @@ impl<V: Clone> Cache<V> {
 
     /// FIFO eviction keeps the bound without per-hit bookkeeping.
     fn put(&mut self, k: CacheKey, v: V) {
+        if k.2.len() > CACHE_TEXT_LIMIT {
+            return;
+        }
         if self.map.len() >= CACHE_CAPACITY {
             if let Some(old) = self.order.pop_front() {
                 self.map.remove(&old);

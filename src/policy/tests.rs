@@ -1275,3 +1275,43 @@ fn refusals_quote_no_literal_values() {
         denied.message
     );
 }
+
+/// A statement longer than the shared caches keep is rewritten each time it comes, and the
+/// same for its shape: memory a service can make pgward hold stays bounded by size, not only by
+/// count.
+#[test]
+fn long_statements_are_not_kept_by_the_shared_caches() {
+    let e = engine();
+    let c = claims(serde_json::json!(1));
+    let who = PolicyIdentity {
+        service: "support",
+        claims: &c,
+    };
+    let list: Vec<String> = (0..4000).map(|i| format!("'name-{i}'")).collect();
+    let sql = format!(
+        "SELECT name FROM customers WHERE name IN ({})",
+        list.join(", ")
+    );
+    assert!(sql.len() > CACHE_TEXT_LIMIT);
+    let misses = || {
+        e.counters()
+            .misses
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = misses();
+    for _ in 0..2 {
+        e.rewrite(&who, &sql).expect("allowed");
+    }
+    assert_eq!(
+        misses(),
+        before + 2,
+        "the second was not served from a cache"
+    );
+    // A short statement is still served from the cache the second time.
+    let before = misses();
+    for _ in 0..2 {
+        e.rewrite(&who, "SELECT name FROM customers WHERE id = 7")
+            .expect("allowed");
+    }
+    assert_eq!(misses(), before + 1);
+}
