@@ -146,7 +146,8 @@ pub struct Rewritten {
     pub client_text: Option<RedactedText>,
     /// For the audit: the SHA-256 of `sql` redacted ([`crate::sql::fingerprint::redacted_sha256`]),
     /// made with the rewrite (a template's is its first statement's: the shape's statements
-    /// redact alike). `None` where the engine did not rewrite; the audit makes it then.
+    /// redact alike). `None` where the engine did not rewrite, or made a rewrite it serves only once
+    /// (embedded ciphertext); the audit makes it then.
     pub rewritten_redacted_sha256: Option<Arc<str>>,
 }
 
@@ -480,8 +481,13 @@ impl PolicyEngine {
         match rewrite(sql) {
             Ok((mut r, outcome)) => {
                 r.client_text = Some(RedactedText::of(sql));
-                r.rewritten_redacted_sha256 =
-                    Some(crate::sql::fingerprint::redacted_sha256(&r.sql));
+                // Made once for what is served again (a template, a cached rewrite). An
+                // unrepeatable rewrite is served once: the audit hashes it if it records it,
+                // and an unaudited session never pays for it.
+                if !outcome.unrepeatable {
+                    r.rewritten_redacted_sha256 =
+                        Some(crate::sql::fingerprint::redacted_sha256(&r.sql));
+                }
                 let r = Arc::new(r);
                 tracing::debug!(service = who.service, "rewrote statement");
                 if let Some((shape, shape_key)) = learn {
