@@ -16,9 +16,14 @@
 //!   CTEs (`resorigtbl`/`resorigcol`); the OIDs are looked up on the session's own upstream
 //!   connection when it starts, with the columns of views that carry them (`views.rs`).
 //!
-//! DataRows of an Execute carry no description of their own, so before every Execute whose
+//! DataRows of an Execute carry no description of their own, so before an Execute whose
 //! portal the client did not describe, pgward inserts a `Describe` of that portal and keeps
 //! its answer to itself: every DataRow is then decoded with the formats that produced it.
+//! A query's or data change's result columns are fixed when it is prepared, so what that
+//! answer says of a portal holds for every later portal of the same statement bound with the
+//! same result formats ([`StatementRows`]): drivers that prepare once and then only Bind and
+//! Execute (tokio-postgres, asyncpg, JDBC) cost one such Describe per statement, not one
+//! per Execute.
 //!
 //! A value that fails to decrypt (tampered, moved to another row's column, unknown key) ends
 //! the statement with SQLSTATE XX001 and a message naming the column, never the value; the
@@ -39,7 +44,7 @@ mod views;
 pub use client::ClientHalf;
 use client::*;
 use upstream::*;
-pub use upstream::{relay, Incoming, Tracked, UpstreamHalf};
+pub use upstream::{relay, Incoming, StatementRows, Tracked, UpstreamHalf};
 
 use super::copy_in::CopyIn;
 use super::statements::Statement;
@@ -372,6 +377,12 @@ struct Expect {
     /// A Describe of a portal inserted by pgward before an Execute: its answer is not
     /// forwarded.
     hidden: bool,
+    /// Such a Describe whose answer describes every portal of its statement bound with these
+    /// result formats (the client's Bind section): learned for the Executes after it.
+    learn: Option<(Arc<StatementRows>, Box<[u8]>)>,
+    /// An Execute pgward sent no Describe before: how its rows are transformed, as learned
+    /// for its statement.
+    rows: Option<Arc<RowPlan>>,
 }
 
 /// The requests field encryption forwarded, shared by its two halves.

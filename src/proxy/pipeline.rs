@@ -13,7 +13,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 
 use super::audit::{Awaiting, BatchRecords, Observed, Registered, SessionAudit};
-use super::encryption::ClientHalf;
+use super::encryption::{ClientHalf, StatementRows};
 use super::intercept::{Interceptor, Verdict};
 use super::replies::{Awaited, Sent};
 use super::state::SessionState;
@@ -23,6 +23,7 @@ use crate::audit::OnFailure;
 use crate::crypto::sql::ParamPlan;
 use crate::error::{sqlstate, ClientError, Refusal, RefusalKind};
 use crate::metrics::inc;
+use crate::policy::Rewritten;
 use crate::protocol::replies::Request;
 use crate::protocol::view::Frontend;
 use crate::protocol::{build, frontend, Batch, Message, ProtocolError};
@@ -46,6 +47,7 @@ pub(super) async fn run_batch(
     let mut named_parses = Vec::with_capacity(messages.len());
     let mut records = BatchRecords::default();
     statements.forget_failed(state.replies.take_failed());
+    let encrypting = interceptor.crypto_mut().is_some();
     for (position, (message, view)) in messages.iter().zip(&views).enumerate() {
         // Looked up once, in message order, before this message changes the registry.
         let statement = view.as_ref().ok().and_then(|view| statements.resolve(view));
@@ -61,6 +63,10 @@ pub(super) async fn run_batch(
         };
         let plan = interceptor.take_param_plan();
         let analysis = interceptor.take_analysis();
+        let rows = match view {
+            Ok(Frontend::Parse(_)) if encrypting => statement_rows(analysis.as_deref()),
+            _ => None,
+        };
         let mut registered = Registered::Nothing;
         if let (Some(audit), Ok(view)) = (audit.as_deref_mut(), view) {
             let refused = match &verdict {
@@ -81,7 +87,7 @@ pub(super) async fn run_batch(
                 statements,
                 view,
                 &verdict,
-                &plan,
+                (&plan, rows),
                 statement.as_ref(),
                 registered,
             ),
@@ -181,14 +187,26 @@ fn awaited_requests<'a>(
     })
 }
 
+/// Field encryption's slot for what it learns of a prepared statement's rows, for a
+/// statement whose result columns PostgreSQL fixes when it is prepared (one query or data
+/// change; a statement the analysis did not type gets none).
+fn statement_rows(analysis: Option<&Rewritten>) -> Option<Arc<StatementRows>> {
+    let [statement] = &*analysis?.statements else {
+        return None;
+    };
+    let fixed = statement.kind.is_some_and(|kind| kind.has_fixed_result());
+    fixed.then(Arc::default)
+}
+
 /// What the session's registry keeps of one message it did not refuse: a Parse's statement
-/// (with field encryption's plan and the audit's view; returned when named, for
-/// the outcome of its Parse), a Bind's portal, a Close, a `DEALLOCATE`.
+/// (with field encryption's parameter plan and slot for its rows, and the audit's view;
+/// returned when named, for the outcome of its Parse), a Bind's portal, a Close, a
+/// `DEALLOCATE`.
 fn register(
     statements: &mut SessionStatements,
     view: &Frontend<'_>,
     verdict: &Verdict,
-    plan: &Option<Arc<ParamPlan>>,
+    (plan, rows): (&Option<Arc<ParamPlan>>, Option<Arc<StatementRows>>),
     statement: Option<&Arc<Statement>>,
     registered: Registered,
 ) -> Option<Arc<Statement>> {
@@ -200,7 +218,7 @@ fn register(
                 Registered::Statement(prepared) => Some(prepared),
                 _ => None,
             };
-            let entry = statements.parsed(parse.name, plan, audit);
+            let entry = statements.parsed(parse.name, plan, audit, rows);
             return (!parse.name.is_empty()).then_some(entry);
         }
         Frontend::Bind(bind) => {

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
+use super::encryption::StatementRows;
 use crate::audit::{BoundParam, SqlText, Touched};
 use crate::crypto::sql::ParamPlan;
 use crate::protocol::view::Frontend;
@@ -56,6 +57,9 @@ pub struct Statement {
     pub plan: Option<Arc<ParamPlan>>,
     /// The audit's view of it (`None` when the session is not audited).
     pub audit: Option<Arc<Prepared>>,
+    /// What field encryption learns of its rows, for the Executes of its portals (`None`:
+    /// no field encryption, or a statement whose result columns are not fixed at Parse).
+    pub rows: Option<Arc<StatementRows>>,
 }
 
 /// One bound portal.
@@ -95,11 +99,13 @@ impl SessionStatements {
         name: &str,
         plan: Option<Arc<ParamPlan>>,
         audit: Option<Arc<Prepared>>,
+        rows: Option<Arc<StatementRows>>,
     ) -> Arc<Statement> {
         let statement = Arc::new(Statement {
             name: name.into(),
             plan,
             audit,
+            rows,
         });
         self.statements.insert(name.to_owned(), statement.clone());
         statement
@@ -253,14 +259,14 @@ mod tests {
     #[test]
     fn a_portal_keeps_the_statement_it_was_bound_to_when_the_name_is_parsed_again() {
         let mut registry = SessionStatements::default();
-        registry.parsed("s1", Some(Arc::new(ParamPlan::default())), None);
+        registry.parsed("s1", Some(Arc::new(ParamPlan::default())), None, None);
         let bind_p1 = bind("p1", "s1");
         let bind_view = Frontend::decode(&bind_p1).unwrap();
         let statement = registry.resolve(&bind_view);
         assert!(statement.as_deref().is_some_and(plan_marker));
         registry.bound("p1", statement.as_ref().unwrap(), Vec::new());
         registry.closed(b'S', "s1");
-        registry.parsed("s1", None, None);
+        registry.parsed("s1", None, None, None);
         let execute = execute("p1");
         let resolved = registry.resolve(&Frontend::decode(&execute).unwrap());
         assert!(
@@ -280,7 +286,7 @@ mod tests {
     fn a_session_cannot_register_statements_without_bound() {
         let mut registry = SessionStatements::default();
         for i in 0..MAX_STATEMENTS {
-            registry.parsed(&format!("s{i}"), None, None);
+            registry.parsed(&format!("s{i}"), None, None, None);
         }
         let new = parse("one_more");
         assert!(registry.would_overflow(&Frontend::decode(&new).unwrap()));
@@ -298,7 +304,7 @@ mod tests {
     #[test]
     fn a_parse_of_a_held_name_and_a_bind_of_an_unknown_one_are_what_postgres_refuses() {
         let mut registry = SessionStatements::default();
-        registry.parsed("s1", None, None);
+        registry.parsed("s1", None, None, None);
         let again = parse("s1");
         let (code, _) = registry
             .conflict(&Frontend::decode(&again).unwrap(), None)

@@ -122,6 +122,21 @@ impl StatementKind {
             StatementKind::Ddl | StatementKind::CreateView | StatementKind::CreateFunction
         )
     }
+
+    /// Whether PostgreSQL fixes the result columns of a prepared statement of this kind when
+    /// it is prepared: a query's or a data change's (`RETURNING`) columns never change while
+    /// the statement lives (a schema change that would change them makes its next execution
+    /// fail, "cached plan must not change result type"), while a `FETCH`, `EXECUTE`, `SHOW`
+    /// or `EXPLAIN` describes what its cursor, prepared statement or setting is at each run.
+    pub fn has_fixed_result(self) -> bool {
+        matches!(
+            self,
+            StatementKind::Select
+                | StatementKind::Insert
+                | StatementKind::Update
+                | StatementKind::Delete
+        )
+    }
 }
 
 /// The two kinds of name a statement can give something for later statements of its session
@@ -234,6 +249,32 @@ mod tests {
 
     fn named(sql: &str) -> Option<SessionName> {
         SessionName::of(&parse_statements(sql).unwrap()[0])
+    }
+
+    #[test]
+    fn only_queries_and_data_changes_have_results_fixed_at_prepare() {
+        let fixed =
+            |sql: &str| StatementKind::of(&parse_statements(sql).unwrap()[0]).has_fixed_result();
+        for sql in [
+            "SELECT 1",
+            "WITH x AS (SELECT 1) SELECT * FROM x",
+            "VALUES (1)",
+            "INSERT INTO t VALUES (1) RETURNING *",
+            "UPDATE t SET a = 1 RETURNING a",
+            "DELETE FROM t RETURNING a",
+        ] {
+            assert!(fixed(sql), "{sql}");
+        }
+        // Each describes what its cursor, prepared statement or setting is when it runs.
+        for sql in [
+            "FETCH 10 FROM c",
+            "EXECUTE q(1)",
+            "SHOW search_path",
+            "EXPLAIN SELECT 1",
+            "CALL p()",
+        ] {
+            assert!(!fixed(sql), "{sql}");
+        }
     }
 
     #[test]

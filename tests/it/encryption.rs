@@ -1108,6 +1108,44 @@ async fn portals_executed_in_steps_and_pipelines_decode_every_row() {
         1,
         "the bad Parse"
     );
+
+    // The statement's rows are described once per result formats: portals bound with binary
+    // and text results in turn each decode in their own format.
+    let mut batch = Vec::new();
+    for binary in [true, false, true, false] {
+        batch.push(msg::bind("", "s", &[], binary));
+        batch.push(msg::execute("", 0));
+    }
+    batch.push(msg::sync());
+    raw.send(&msg::batch(&batch)).await;
+    let got = raw.until_ready(1).await;
+    let rows: Vec<Vec<u8>> = got
+        .iter()
+        .filter(|(tag, _)| *tag == b'D')
+        .map(|(_, body)| body.to_vec())
+        .collect();
+    assert_eq!(rows.len(), 12);
+    for (n, body) in rows.iter().enumerate() {
+        let i = n % 3;
+        let binary = (n / 3) % 2 == 0;
+        let id_len = if binary { 4 } else { i.to_string().len() };
+        let id = &body[6..6 + id_len];
+        match binary {
+            true => assert_eq!(id, (i as i32).to_be_bytes(), "row {n}"),
+            false => assert_eq!(id, i.to_string().as_bytes(), "row {n}"),
+        }
+        // Text in binary format is its UTF-8 bytes, as in text format.
+        assert_eq!(
+            text(&{
+                let mut one = vec![0, 1];
+                one.extend_from_slice(&body[6 + id_len..]);
+                one
+            })[0]
+                .as_deref(),
+            samples(ClientType::Text)[i],
+            "row {n}"
+        );
+    }
 }
 
 /// The demo: encrypted customers.email (searchable), customers.ssn, invoices.card_number

@@ -9,6 +9,9 @@ pub struct ClientHalf {
     queue: Expected,
     /// Portals the client described since their last Bind or Execute.
     described_portals: HashSet<String>,
+    /// The portal of the last Bind and its result-format section as the client sent it: how
+    /// the portal's Execute is described (buffers kept from Bind to Bind).
+    last_bind: (String, Vec<u8>),
     /// The plan of the next Parse or Query (set by the SQL rewrite of that message).
     next_plan: Option<Arc<ParamPlan>>,
     /// A COPY FROM STDIN into encrypted columns is running.
@@ -30,6 +33,7 @@ impl ClientHalf {
             encryption,
             queue,
             described_portals: HashSet::new(),
+            last_bind: (String::new(), Vec::new()),
             next_plan: None,
             copy_in: None,
         }
@@ -75,7 +79,7 @@ impl ClientHalf {
                 if target.is_statement() {
                     let expect = Expect {
                         plan,
-                        hidden: false,
+                        ..Expect::default()
                     };
                     self.push(Request::DescribeStatement, expect);
                 } else {
@@ -85,28 +89,52 @@ impl ClientHalf {
             }
             Frontend::Execute { portal, .. } => {
                 self.copy_in = copy_state(plan.as_deref());
-                // Each Execute needs a description right before it: a portal described once
-                // and executed in several row-limited steps gets one per step.
-                if self.forget_described(portal) {
-                    self.push(Request::Execute, Expect::default());
-                } else {
-                    let hidden = Expect {
-                        plan: None,
-                        hidden: true,
-                    };
-                    self.push(Request::DescribePortal, hidden);
-                    self.push(Request::Execute, Expect::default());
-                    let mut out = BytesMut::new();
-                    out.extend_from_slice(&build::describe(b'P', portal));
-                    out.extend_from_slice(message.raw());
-                    return Ok(Some(out.freeze()));
-                }
+                let rows = statement.and_then(|s| s.rows.as_ref());
+                return Ok(self.execute(message, portal, rows));
             }
             Frontend::Close(_) => self.push(Request::Close, Expect::default()),
             Frontend::Sync => self.push(Request::Sync, Expect::default()),
             Frontend::Flush | Frontend::Terminate | Frontend::Other(_) => {}
         }
         Ok(None)
+    }
+
+    /// Execute: each needs a description of its portal right before it (a portal described
+    /// once and executed in several row-limited steps needs one per step): the client's, the
+    /// one learned for the portal's statement and result formats (`rows`, when the statement's
+    /// result columns are fixed), or a Describe pgward sends first and keeps the answer of
+    /// (which teaches `rows`).
+    fn execute(
+        &mut self,
+        message: &Message,
+        portal: &str,
+        rows: Option<&Arc<StatementRows>>,
+    ) -> Option<Bytes> {
+        if self.forget_described(portal) {
+            self.push(Request::Execute, Expect::default());
+            return None;
+        }
+        // Only the portal just bound is known to have the statement's description.
+        let rows = rows.filter(|_| self.last_bind.0 == portal);
+        if let Some(plan) = rows.and_then(|r| r.plan_for(&self.last_bind.1)) {
+            let learned = Expect {
+                rows: plan,
+                ..Expect::default()
+            };
+            self.push(Request::Execute, learned);
+            return None;
+        }
+        let hidden = Expect {
+            hidden: true,
+            learn: rows.map(|r| (r.clone(), self.last_bind.1.as_slice().into())),
+            ..Expect::default()
+        };
+        self.push(Request::DescribePortal, hidden);
+        self.push(Request::Execute, Expect::default());
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&build::describe(b'P', portal));
+        out.extend_from_slice(message.raw());
+        Some(out.freeze())
     }
 
     /// CopyData of a COPY into encrypted columns: complete rows encrypted, the rest kept.
@@ -189,6 +217,11 @@ impl ClientHalf {
         plan: Option<Arc<ParamPlan>>,
     ) -> Result<Option<Bytes>, ClientError> {
         self.forget_described(bind.portal);
+        let (portal, formats) = &mut self.last_bind;
+        portal.clear();
+        portal.push_str(bind.portal);
+        formats.clear();
+        formats.extend_from_slice(bind.results);
         self.push(Request::Bind, Expect::default());
         let Some(plan) = plan else {
             return Ok(None);

@@ -265,8 +265,8 @@ async fn the_answer_to_pgwards_own_describe_never_reaches_the_client() {
     client.push(
         Request::DescribePortal,
         Expect {
-            plan: None,
             hidden: true,
+            ..Expect::default()
         },
     );
     client.push(Request::Execute, Expect::default());
@@ -354,4 +354,103 @@ async fn after_a_value_fails_to_decrypt_the_tracker_still_reads_what_the_server_
         .await;
     assert_eq!(tags(&incoming.client), b"CZ");
     assert!(incoming.tracked.is_none());
+}
+
+/// A Bind of the unnamed portal to `statement` with no parameters and the result-format
+/// section `results`.
+fn bind_message(statement: &str, results: &[u8]) -> Message {
+    let mut body = b"\0".to_vec();
+    body.extend_from_slice(statement.as_bytes());
+    body.extend_from_slice(&[0, 0, 0, 0, 0]);
+    body.extend_from_slice(results);
+    Message::from_raw(Bytes::from(framed(b'B', &body))).unwrap()
+}
+
+/// Bind and Execute of the unnamed portal as field encryption sends them: what replaces the
+/// Execute (`Some`: a Describe of the portal goes first).
+async fn bind_and_execute(
+    client: &mut ClientHalf,
+    statement: &Statement,
+    results: &[u8],
+) -> Option<Bytes> {
+    let bind = bind_message(&statement.name, results);
+    let view = Frontend::decode(&bind).unwrap();
+    client
+        .outgoing(&bind, &view, Some(statement))
+        .await
+        .unwrap();
+    let execute = Message::from_raw(Bytes::from(framed(b'E', b"\0\0\0\0\0"))).unwrap();
+    let view = Frontend::decode(&execute).unwrap();
+    client
+        .outgoing(&execute, &view, Some(statement))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_statement_with_fixed_result_columns_is_described_once_per_result_formats() {
+    let ssn = ColumnRef {
+        table: "public.customers".into(),
+        column: "ssn".into(),
+        ty: ClientType::Text,
+    };
+    let columns = HashMap::from([((20, 1), FieldRole::EncryptedViaView(ssn))]);
+    let queue: Expected = Arc::default();
+    let mut client = ClientHalf::new(ssn_encryption(), queue.clone(), KeyScope::default());
+    let mut upstream = UpstreamHalf::new(ssn_encryption(), queue, columns, KeyScope::default());
+    let statement = Statement {
+        name: "s".into(),
+        plan: None,
+        audit: None,
+        rows: Some(Arc::default()),
+    };
+    let text = [0, 1, 0, 0];
+    let tags = |batch: &Batch| batch.messages().map(|m| m.tag()).collect::<Vec<_>>();
+    let server = |description: bool| {
+        let mut bytes = framed(b'2', b"");
+        if description {
+            bytes.extend(framed(b'T', &row_description(&[("ssn", 20, 1, 17, 0)])));
+        }
+        bytes.extend(one_value_row(b"not a ciphertext"));
+        bytes.extend(framed(b'C', b"SELECT 1\0"));
+        bytes.extend(framed(b'Z', b"I"));
+        Batch::from_whole_messages(Bytes::from(bytes))
+    };
+    let sync = Message::from_raw(build::sync()).unwrap();
+    let sync_view = Frontend::decode(&sync).unwrap();
+    for round in 0..3 {
+        let sent = bind_and_execute(&mut client, &statement, &text).await;
+        // The first Execute is described by pgward; the ones after it need not be.
+        assert_eq!(
+            sent.as_ref().map(|b| b[0]),
+            (round == 0).then_some(b'D'),
+            "round {round}"
+        );
+        client.outgoing(&sync, &sync_view, None).await.unwrap();
+        let incoming = upstream.incoming(server(round == 0)).await;
+        // Each time the row is decrypted by the plan of the statement's rows (here it
+        // fails: the client gets the error instead of the stored bytes).
+        assert_eq!(tags(&incoming.client), b"2EZ", "round {round}");
+        assert_eq!(client.awaited(), 0);
+    }
+    // Other result formats: described by the server each time.
+    let binary = [0, 1, 0, 1];
+    for _ in 0..2 {
+        let sent = bind_and_execute(&mut client, &statement, &binary).await;
+        assert_eq!(sent.map(|b| b[0]), Some(b'D'));
+        client.outgoing(&sync, &sync_view, None).await.unwrap();
+        upstream.incoming(server(true)).await;
+    }
+    // A statement whose result columns are not fixed (a FETCH) gets a Describe every time.
+    let fetch = Statement {
+        rows: None,
+        ..statement
+    };
+    for _ in 0..2 {
+        let sent = bind_and_execute(&mut client, &fetch, &text).await;
+        assert_eq!(sent.map(|b| b[0]), Some(b'D'));
+        client.outgoing(&sync, &sync_view, None).await.unwrap();
+        upstream.incoming(server(true)).await;
+    }
+    assert_eq!(client.awaited(), 0);
 }

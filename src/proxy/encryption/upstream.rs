@@ -11,6 +11,9 @@ pub struct UpstreamHalf {
     columns: HashMap<(u32, i16), FieldRole>,
     /// How DataRows of the running query or portal are decoded (`None`: unchanged).
     current: Option<Arc<RowPlan>>,
+    /// `current` is what it is for the running answer: set by its description, or looked up
+    /// on the Execute it answers (one pgward sent no Describe before) at its first row.
+    current_known: bool,
     /// The last row description seen and what it became: a session repeating a statement
     /// gets the same description every time, planned once.
     last_description: Option<Described>,
@@ -110,6 +113,39 @@ impl Tracking {
     }
 }
 
+/// What field encryption learned of one prepared statement's rows: how the rows of its
+/// portals bound with one set of result formats are transformed, from the first description
+/// of such a portal that pgward asked for. PostgreSQL fixes the result columns of a query or
+/// data change when it is prepared ([`crate::sql::StatementKind::has_fixed_result`]), so every
+/// portal of it bound with the same formats is described alike: their Executes need no
+/// Describe of their own, and the server no RowDescription per Execute.
+#[derive(Debug, Default)]
+pub struct StatementRows(std::sync::OnceLock<LearnedRows>);
+
+/// [`StatementRows`], once learned.
+#[derive(Debug)]
+struct LearnedRows {
+    /// The client's result-format section of the Bind the description answered for.
+    formats: Box<[u8]>,
+    /// `None`: nothing to transform.
+    plan: Option<Arc<RowPlan>>,
+}
+
+impl StatementRows {
+    /// The plan of the rows of a portal bound with the result-format section `formats`, if
+    /// learned (`Some(None)`: nothing to transform).
+    pub(super) fn plan_for(&self, formats: &[u8]) -> Option<Option<Arc<RowPlan>>> {
+        let learned = self.0.get().filter(|l| *l.formats == *formats)?;
+        Some(learned.plan.clone())
+    }
+
+    /// A portal bound with `formats` is described by `plan`. The first description learned
+    /// stays: a portal bound with other formats is described by the server each time.
+    fn learn(&self, formats: Box<[u8]>, plan: Option<Arc<RowPlan>>) {
+        let _first_stays = self.0.set(LearnedRows { formats, plan });
+    }
+}
+
 /// A row description (its body), the plan of its rows and the description the client gets
 /// (`None`: no field is transformed).
 struct Described {
@@ -160,6 +196,7 @@ impl UpstreamHalf {
             queue,
             columns,
             current: None,
+            current_known: false,
             last_description: None,
             failed: false,
         }
@@ -228,7 +265,7 @@ impl UpstreamHalf {
         let relayed = self.track(message).await;
         if tag == backend::READY_FOR_QUERY {
             self.failed = false;
-            self.current = None;
+            self.answer_ended();
             return relayed;
         }
         match relayed {
@@ -266,8 +303,24 @@ impl UpstreamHalf {
             }
             ROW_DESCRIPTION => self.row_description(body),
             NO_DATA => {
-                let hidden = self.answer(NO_DATA).is_some_and(|(_, e)| e.hidden);
-                self.current = None;
+                let hidden = match self.answer(NO_DATA) {
+                    Some((
+                        _,
+                        Expect {
+                            hidden: true,
+                            learn,
+                            ..
+                        },
+                    )) => {
+                        // The statement returns no rows: nothing to transform, ever.
+                        if let Some((rows, formats)) = learn {
+                            rows.learn(formats, None);
+                        }
+                        true
+                    }
+                    _ => false,
+                };
+                self.answer_ended();
                 match hidden {
                     true => Relayed::Hidden,
                     false => Relayed::Unchanged,
@@ -275,7 +328,7 @@ impl UpstreamHalf {
             }
             backend::DATA_ROW => {
                 // After a failure the rest of the response is withheld: nothing to decrypt.
-                let Some(plan) = self.current.clone().filter(|_| !self.failed) else {
+                let Some(plan) = self.rows_plan().filter(|_| !self.failed) else {
                     return Relayed::Unchanged;
                 };
                 match self.data_row(body, &plan).await {
@@ -294,7 +347,7 @@ impl UpstreamHalf {
                         | PORTAL_SUSPENDED
                         | backend::ERROR_RESPONSE
                 ) {
-                    self.current = None;
+                    self.answer_ended();
                 }
                 self.answer(tag);
                 Relayed::Unchanged
@@ -314,16 +367,52 @@ impl UpstreamHalf {
         };
         match answered {
             Some((Request::DescribeStatement, _)) => Relayed::replaced(rewritten),
-            Some((_, Expect { hidden: true, .. })) => {
-                self.current = plan;
+            Some((
+                _,
+                Expect {
+                    hidden: true,
+                    learn,
+                    ..
+                },
+            )) => {
+                if let Some((rows, formats)) = learn {
+                    rows.learn(formats, plan.clone());
+                }
+                self.set_current(plan);
                 Relayed::Hidden
             }
             _ => {
                 // A Describe of a portal, or a simple query's (or FETCH's) own description.
-                self.current = plan;
+                self.set_current(plan);
                 Relayed::replaced(rewritten)
             }
         }
+    }
+
+    /// The rows that follow are decoded by `plan`.
+    fn set_current(&mut self, plan: Option<Arc<RowPlan>>) {
+        self.current = plan;
+        self.current_known = true;
+    }
+
+    /// The running answer ended (or one without rows came): the next rows are another's.
+    fn answer_ended(&mut self) {
+        self.current = None;
+        self.current_known = false;
+    }
+
+    /// How the running answer's rows are decoded: by its description, or, for an Execute
+    /// pgward sent no Describe before, by the plan learned for its statement (looked up on
+    /// the request once, at the first row).
+    fn rows_plan(&mut self) -> Option<Arc<RowPlan>> {
+        if !self.current_known {
+            self.current = match self.queue.lock().front() {
+                Some((Request::Execute, expect)) => expect.rows.clone(),
+                _ => None,
+            };
+            self.current_known = true;
+        }
+        self.current.clone()
     }
 
     /// The plan and the client's description of a row description body (`None`: it does
