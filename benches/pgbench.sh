@@ -13,9 +13,12 @@
 # billing's invoice lookup — with each feature added in turn, up to everything on, against
 # PgBouncer), and pooling (transaction pooling: 200 clients through pgward and through PgBouncer,
 # both in pool_mode = transaction with 20 server connections, the server connections counted
-# in pg_stat_activity), and instructions (the demo's instructions per transaction in pgward's
-# own process, counted by callgrind under valgrind: repeatable on a busy machine, for comparing
-# two builds with PGWARD=…); all but policy and instructions by default.
+# in pg_stat_activity), bindexec (the demo's statement through asyncpg, a driver that prepares
+# once and then only binds and executes — no Describe per call, unlike pgbench — against
+# PgBouncer, with the proxy's CPU time per transaction; skipped without asyncpg), and
+# instructions (the demo's instructions per transaction in pgward's own process, counted by
+# callgrind under valgrind: repeatable on a busy machine, for comparing two builds with
+# PGWARD=…); all but policy and instructions by default.
 #
 # Installs pgbouncer (Debian package) when missing and running as root. Everything it starts
 # (PostgreSQL in a temp dir, PgBouncer, pgward) listens on 127.0.0.1 only and is stopped at exit.
@@ -27,7 +30,7 @@ ROUNDS=3
 CLIENTS=8
 THREADS=2
 SCALE=10
-ONLY=proxies,features,rls,encryption,demo,pooling
+ONLY=proxies,features,rls,encryption,demo,bindexec,pooling
 POOL_CLIENTS=200
 POOL_SIZE=20
 while [ $# -gt 0 ]; do
@@ -445,6 +448,56 @@ for mode in simple prepared; do
   done
 done
 echo "demo audit log: $(cat "$WORK"/demo-audit/*.jsonl 2>/dev/null | wc -l) records written"
+fi
+
+# The demo's statement through asyncpg (benches/bind_execute.py: 2 processes of 4 connections,
+# the statement prepared once per connection, then Bind/Execute/Sync per call), against
+# PgBouncer, alternating targets each round; with the CPU time the proxy's process spent per
+# transaction (user + system, from /proc), which the client's own CPU cost does not blur.
+if want bindexec; then
+if ! python3 -c 'import asyncpg' 2>/dev/null; then
+  echo "== bindexec: skipped (asyncpg is not installed: pip install asyncpg)"
+else
+seed_demo
+read -r ENC_PID NOSYNC_PID ALL_PID <<<"$DEMO_PIDS"
+BOUNCER_REAL_PID=$(pgrep -f "^$PGBOUNCER -q $WORK/pgbouncer.ini" | head -1)
+BIND=("pgbouncer:$BOUNCER_PORT:postgres:$TOKEN:$BOUNCER_REAL_PID"
+      "policy+enc:$DEMO_ENC_PORT:billing:$BILLING_TOKEN:$ENC_PID"
+      "all-nosync:$DEMO_NOSYNC_PORT:billing:$BILLING_TOKEN:$NOSYNC_PID"
+      "all-on:$DEMO_ALL_PORT:billing:$BILLING_TOKEN:$ALL_PID")
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+declare -A BIND_TPS BIND_CPU
+for round in $(seq 1 "$ROUNDS"); do
+  order=("${BIND[@]}")
+  if [ $((round % 2)) -eq 0 ]; then
+    order=(); for ((k=${#BIND[@]}-1; k>=0; k--)); do order+=("${BIND[k]}"); done
+  fi
+  for target in "${order[@]}"; do
+    IFS=: read -r name port user token pid <<<"$target"
+    sync
+    before=$(cpu_ticks "$pid")
+    read -r count tps < <(python3 benches/bind_execute.py --port "$port" --user "$user" \
+      --password "$token" --seconds "$DURATION")
+    after=$(cpu_ticks "$pid")
+    cpu=$(( (after - before) * TICK_US / (count > 0 ? count : 1) ))
+    BIND_TPS[$name]="${BIND_TPS[$name]:-} $tps"
+    BIND_CPU[$name]="${BIND_CPU[$name]:-} $cpu"
+    printf '  round %s %-12s %10s tps %6s us cpu/tx\n' "$round" "$name" "$tps" "$cpu"
+  done
+done
+echo
+echo "== demo statement through asyncpg (prepared once, then Bind/Execute/Sync), 8 connections,"
+echo "   ${DURATION}s x $ROUNDS rounds; median TPS, ratio to PgBouncer, the proxy's CPU per transaction"
+printf '%-12s %12s %12s %14s\n' config tps /pgbouncer 'cpu us/tx'
+b=$(echo "${BIND_TPS[pgbouncer]}" | median)
+for target in "${BIND[@]}"; do
+  name=${target%%:*}
+  t=$(echo "${BIND_TPS[$name]}" | median)
+  c=$(echo "${BIND_CPU[$name]}" | median)
+  awk -v n="$name" -v t="$t" -v b="$b" -v c="$c" 'BEGIN { printf "%-12s %12.0f %12.2f %14.0f\n", n, t, t / b, c }'
+done
+fi
 fi
 
 if want pooling; then
