@@ -305,8 +305,9 @@ fn one_value_row(value: &[u8]) -> Vec<u8> {
     framed(b'D', &body)
 }
 
-#[tokio::test]
-async fn after_a_value_fails_to_decrypt_the_tracker_still_reads_what_the_server_ran() {
+/// Both halves of a session where table OID 20's first column is `customers.ssn` read
+/// through a view (decrypted without a row key).
+fn ssn_via_view_halves() -> (ClientHalf, UpstreamHalf) {
     let ssn = ColumnRef {
         table: "public.customers".into(),
         column: "ssn".into(),
@@ -315,7 +316,13 @@ async fn after_a_value_fails_to_decrypt_the_tracker_still_reads_what_the_server_
     let columns = HashMap::from([((20, 1), FieldRole::EncryptedViaView(ssn))]);
     let queue: Expected = Arc::default();
     let client = ClientHalf::new(ssn_encryption(), queue.clone(), KeyScope::default());
-    let mut upstream = UpstreamHalf::new(ssn_encryption(), queue, columns, KeyScope::default());
+    let upstream = UpstreamHalf::new(ssn_encryption(), queue, columns, KeyScope::default());
+    (client, upstream)
+}
+
+#[tokio::test]
+async fn after_a_value_fails_to_decrypt_the_tracker_still_reads_what_the_server_ran() {
+    let (client, mut upstream) = ssn_via_view_halves();
     // `SELECT ssn FROM customers_view; INSERT …`: the first statement's row is not a
     // ciphertext, the server goes on and runs the INSERT.
     client.push(Request::Query, Expect::default());
@@ -389,15 +396,7 @@ async fn bind_and_execute(
 
 #[tokio::test]
 async fn a_statement_with_fixed_result_columns_is_described_once_per_result_formats() {
-    let ssn = ColumnRef {
-        table: "public.customers".into(),
-        column: "ssn".into(),
-        ty: ClientType::Text,
-    };
-    let columns = HashMap::from([((20, 1), FieldRole::EncryptedViaView(ssn))]);
-    let queue: Expected = Arc::default();
-    let mut client = ClientHalf::new(ssn_encryption(), queue.clone(), KeyScope::default());
-    let mut upstream = UpstreamHalf::new(ssn_encryption(), queue, columns, KeyScope::default());
+    let (mut client, mut upstream) = ssn_via_view_halves();
     let statement = Statement {
         name: "s".into(),
         plan: None,

@@ -122,6 +122,16 @@ impl Tracking {
 #[derive(Debug, Default)]
 pub struct StatementRows(std::sync::OnceLock<LearnedRows>);
 
+impl Expect {
+    /// This answered pgward's own Describe, which describes its portal by `plan`: the
+    /// statement it was sent for learns it (when its rows are fixed, see [`StatementRows`]).
+    fn teach(self, plan: Option<Arc<RowPlan>>) {
+        if let Some((rows, formats)) = self.learn {
+            rows.learn(formats, plan);
+        }
+    }
+}
+
 /// [`StatementRows`], once learned.
 #[derive(Debug)]
 struct LearnedRows {
@@ -303,23 +313,12 @@ impl UpstreamHalf {
             }
             ROW_DESCRIPTION => self.row_description(body),
             NO_DATA => {
-                let hidden = match self.answer(NO_DATA) {
-                    Some((
-                        _,
-                        Expect {
-                            hidden: true,
-                            learn,
-                            ..
-                        },
-                    )) => {
-                        // The statement returns no rows: nothing to transform, ever.
-                        if let Some((rows, formats)) = learn {
-                            rows.learn(formats, None);
-                        }
-                        true
-                    }
-                    _ => false,
-                };
+                let answered = self.answer(NO_DATA);
+                let hidden = answered.as_ref().is_some_and(|(_, e)| e.hidden);
+                // The statement returns no rows: nothing to transform, ever.
+                if let Some((_, expect)) = answered {
+                    expect.teach(None);
+                }
                 self.answer_ended();
                 match hidden {
                     true => Relayed::Hidden,
@@ -367,17 +366,8 @@ impl UpstreamHalf {
         };
         match answered {
             Some((Request::DescribeStatement, _)) => Relayed::replaced(rewritten),
-            Some((
-                _,
-                Expect {
-                    hidden: true,
-                    learn,
-                    ..
-                },
-            )) => {
-                if let Some((rows, formats)) = learn {
-                    rows.learn(formats, plan.clone());
-                }
+            Some((_, expect)) if expect.hidden => {
+                expect.teach(plan.clone());
                 self.set_current(plan);
                 Relayed::Hidden
             }
