@@ -122,16 +122,6 @@ impl Tracking {
 #[derive(Debug, Default)]
 pub struct StatementRows(std::sync::OnceLock<LearnedRows>);
 
-impl Expect {
-    /// This answered pgward's own Describe, which describes its portal by `plan`: the
-    /// statement it was sent for learns it (when its rows are fixed, see [`StatementRows`]).
-    fn teach(self, plan: Option<Arc<RowPlan>>) {
-        if let Some((rows, formats)) = self.learn {
-            rows.learn(formats, plan);
-        }
-    }
-}
-
 /// [`StatementRows`], once learned.
 #[derive(Debug)]
 struct LearnedRows {
@@ -153,6 +143,16 @@ impl StatementRows {
     /// stays: a portal bound with other formats is described by the server each time.
     fn learn(&self, formats: Box<[u8]>, plan: Option<Arc<RowPlan>>) {
         let _first_stays = self.0.set(LearnedRows { formats, plan });
+    }
+}
+
+impl Expect {
+    /// This answered pgward's own Describe, which describes its portal by `plan`: the
+    /// statement it was sent for learns it (when its rows are fixed, see [`StatementRows`]).
+    fn teach(self, plan: Option<Arc<RowPlan>>) {
+        if let Some((rows, formats)) = self.learn {
+            rows.learn(formats, plan);
+        }
     }
 }
 
