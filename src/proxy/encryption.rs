@@ -44,10 +44,9 @@ mod views;
 pub use client::ClientHalf;
 use client::*;
 use upstream::*;
-pub use upstream::{relay, Incoming, StatementRows, Tracked, UpstreamHalf};
+pub use upstream::{relay, Incoming, StatementCrypto, StatementRows, Tracked, UpstreamHalf};
 
 use super::copy_in::CopyIn;
-use super::statements::Statement;
 use crate::config::Config;
 use crate::crypto::error::KeyFailure;
 use crate::crypto::manager::KeyManager;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 
 use super::audit::{Awaiting, BatchRecords, Observed, Registered, SessionAudit};
-use super::encryption::{ClientHalf, StatementRows};
+use super::encryption::{ClientHalf, StatementCrypto, StatementRows};
 use super::intercept::{Interceptor, Verdict};
 use super::replies::{Awaited, Sent};
 use super::state::SessionState;
@@ -218,7 +218,7 @@ fn register(
                 Registered::Statement(prepared) => Some(prepared),
                 _ => None,
             };
-            let entry = statements.parsed(parse.name, plan, audit, rows);
+            let entry = statements.parsed(parse.name, StatementCrypto { plan, rows }, audit);
             return (!parse.name.is_empty()).then_some(entry);
         }
         Frontend::Bind(bind) => {
@@ -332,7 +332,7 @@ async fn assemble(
         .zip(decided.statements);
     for ((message, view), ((verdict, plan), statement)) in messages.iter().zip(views).zip(decisions)
     {
-        let statement = statement.as_deref();
+        let statement = statement.as_deref().map(|s| &s.crypto);
         let len = message.raw().len();
         state.series.judged(message.tag(), (&verdict).into());
         if let Some(crypto) = crypto.as_deref_mut() {
@@ -392,7 +392,7 @@ async fn encrypt_outgoing(
     shared: &Shared,
     state: &SessionState,
     crypto: &mut ClientHalf,
-    (message, view, statement): (&Message, &Frontend<'_>, Option<&Statement>),
+    (message, view, statement): (&Message, &Frontend<'_>, Option<&StatementCrypto>),
 ) -> Option<Bytes> {
     match crypto.outgoing(message, view, statement).await {
         Ok(replacement) => replacement,

@@ -2,7 +2,8 @@
 //! every stage reads, kept by the pipeline in message order.
 //!
 //! A Parse registers what each stage needs of its statement — field encryption's parameter
-//! plan, the audit's analysis shared by the records of its Executes — in one entry; a Bind
+//! plan and what it learns of the statement's rows, the audit's analysis shared by the
+//! records of its Executes — in one entry; a Bind
 //! binds a portal to that entry (so a later Parse under the same name does not change what
 //! the portal runs, as in PostgreSQL); a Close drops it. The pipeline looks each message's
 //! statement up once, in order, before any stage acts, and hands the entry to the stages
@@ -20,9 +21,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
-use super::encryption::StatementRows;
+use super::encryption::StatementCrypto;
 use crate::audit::{BoundParam, SqlText, Touched};
-use crate::crypto::sql::ParamPlan;
 use crate::protocol::view::Frontend;
 
 /// PostgreSQL's `duplicate_prepared_statement`.
@@ -53,13 +53,10 @@ pub struct Prepared {
 pub struct Statement {
     /// The client's name for it, as records name it.
     pub name: Arc<str>,
-    /// Field encryption's plan for its parameters (`None`: nothing to encrypt).
-    pub plan: Option<Arc<ParamPlan>>,
+    /// What field encryption keeps of it: its parameters' plan, what it learns of its rows.
+    pub crypto: StatementCrypto,
     /// The audit's view of it (`None` when the session is not audited).
     pub audit: Option<Arc<Prepared>>,
-    /// What field encryption learns of its rows, for the Executes of its portals (`None`:
-    /// no field encryption, or a statement whose result columns are not fixed at Parse).
-    pub rows: Option<Arc<StatementRows>>,
 }
 
 /// One bound portal.
@@ -97,15 +94,13 @@ impl SessionStatements {
     pub fn parsed(
         &mut self,
         name: &str,
-        plan: Option<Arc<ParamPlan>>,
+        crypto: StatementCrypto,
         audit: Option<Arc<Prepared>>,
-        rows: Option<Arc<StatementRows>>,
     ) -> Arc<Statement> {
         let statement = Arc::new(Statement {
             name: name.into(),
-            plan,
+            crypto,
             audit,
-            rows,
         });
         self.statements.insert(name.to_owned(), statement.clone());
         statement
@@ -221,6 +216,7 @@ impl SessionStatements {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::sql::ParamPlan;
     use crate::protocol::Message;
 
     /// A frontend message of `tag` with `body`.
@@ -253,20 +249,24 @@ mod tests {
     }
 
     fn plan_marker(statement: &Statement) -> bool {
-        statement.plan.is_some()
+        statement.crypto.plan.is_some()
     }
 
     #[test]
     fn a_portal_keeps_the_statement_it_was_bound_to_when_the_name_is_parsed_again() {
         let mut registry = SessionStatements::default();
-        registry.parsed("s1", Some(Arc::new(ParamPlan::default())), None, None);
+        let crypto = StatementCrypto {
+            plan: Some(Arc::new(ParamPlan::default())),
+            rows: None,
+        };
+        registry.parsed("s1", crypto, None);
         let bind_p1 = bind("p1", "s1");
         let bind_view = Frontend::decode(&bind_p1).unwrap();
         let statement = registry.resolve(&bind_view);
         assert!(statement.as_deref().is_some_and(plan_marker));
         registry.bound("p1", statement.as_ref().unwrap(), Vec::new());
         registry.closed(b'S', "s1");
-        registry.parsed("s1", None, None, None);
+        registry.parsed("s1", StatementCrypto::default(), None);
         let execute = execute("p1");
         let resolved = registry.resolve(&Frontend::decode(&execute).unwrap());
         assert!(
@@ -286,7 +286,7 @@ mod tests {
     fn a_session_cannot_register_statements_without_bound() {
         let mut registry = SessionStatements::default();
         for i in 0..MAX_STATEMENTS {
-            registry.parsed(&format!("s{i}"), None, None, None);
+            registry.parsed(&format!("s{i}"), StatementCrypto::default(), None);
         }
         let new = parse("one_more");
         assert!(registry.would_overflow(&Frontend::decode(&new).unwrap()));
@@ -304,7 +304,7 @@ mod tests {
     #[test]
     fn a_parse_of_a_held_name_and_a_bind_of_an_unknown_one_are_what_postgres_refuses() {
         let mut registry = SessionStatements::default();
-        registry.parsed("s1", None, None, None);
+        registry.parsed("s1", StatementCrypto::default(), None);
         let again = parse("s1");
         let (code, _) = registry
             .conflict(&Frontend::decode(&again).unwrap(), None)

@@ -45,13 +45,14 @@ impl ClientHalf {
     }
 
     /// Record one message on its way upstream (decoded once by the relay); returns the bytes
-    /// to send instead, if any. `statement` is the prepared statement the message refers to
-    /// (a Bind's, an Execute's portal's, a described one), looked up by the pipeline.
+    /// to send instead, if any. `statement` is what field encryption keeps of the prepared
+    /// statement the message refers to (a Bind's, an Execute's portal's, a described one),
+    /// looked up by the pipeline.
     pub async fn outgoing(
         &mut self,
         message: &Message,
         view: &Frontend<'_>,
-        statement: Option<&Statement>,
+        statement: Option<&StatementCrypto>,
     ) -> Result<Option<Bytes>, ClientError> {
         let plan = statement.and_then(|s| s.plan.clone());
         match view {

@@ -377,10 +377,10 @@ fn bind_message(statement: &str, results: &[u8]) -> Message {
 /// Execute (`Some`: a Describe of the portal goes first).
 async fn bind_and_execute(
     client: &mut ClientHalf,
-    statement: &Statement,
+    (name, statement): (&str, &StatementCrypto),
     results: &[u8],
 ) -> Option<Bytes> {
-    let bind = bind_message(&statement.name, results);
+    let bind = bind_message(name, results);
     let view = Frontend::decode(&bind).unwrap();
     client
         .outgoing(&bind, &view, Some(statement))
@@ -397,10 +397,8 @@ async fn bind_and_execute(
 #[tokio::test]
 async fn a_statement_with_fixed_result_columns_is_described_once_per_result_formats() {
     let (mut client, mut upstream) = ssn_via_view_halves();
-    let statement = Statement {
-        name: "s".into(),
+    let statement = StatementCrypto {
         plan: None,
-        audit: None,
         rows: Some(Arc::default()),
     };
     let text = [0, 1, 0, 0];
@@ -418,7 +416,7 @@ async fn a_statement_with_fixed_result_columns_is_described_once_per_result_form
     let sync = Message::from_raw(build::sync()).unwrap();
     let sync_view = Frontend::decode(&sync).unwrap();
     for round in 0..3 {
-        let sent = bind_and_execute(&mut client, &statement, &text).await;
+        let sent = bind_and_execute(&mut client, ("s", &statement), &text).await;
         // The first Execute is described by pgward; the ones after it need not be.
         assert_eq!(
             sent.as_ref().map(|b| b[0]),
@@ -435,18 +433,15 @@ async fn a_statement_with_fixed_result_columns_is_described_once_per_result_form
     // Other result formats: described by the server each time.
     let binary = [0, 1, 0, 1];
     for _ in 0..2 {
-        let sent = bind_and_execute(&mut client, &statement, &binary).await;
+        let sent = bind_and_execute(&mut client, ("s", &statement), &binary).await;
         assert_eq!(sent.map(|b| b[0]), Some(b'D'));
         client.outgoing(&sync, &sync_view, None).await.unwrap();
         upstream.incoming(server(true)).await;
     }
     // A statement whose result columns are not fixed (a FETCH) gets a Describe every time.
-    let fetch = Statement {
-        rows: None,
-        ..statement
-    };
+    let fetch = StatementCrypto::default();
     for _ in 0..2 {
-        let sent = bind_and_execute(&mut client, &fetch, &text).await;
+        let sent = bind_and_execute(&mut client, ("s", &fetch), &text).await;
         assert_eq!(sent.map(|b| b[0]), Some(b'D'));
         client.outgoing(&sync, &sync_view, None).await.unwrap();
         upstream.incoming(server(true)).await;

@@ -113,6 +113,17 @@ impl Tracking {
     }
 }
 
+/// What field encryption keeps of one prepared statement, on the session's registry entry for
+/// it (`proxy::statements`).
+#[derive(Debug, Default)]
+pub struct StatementCrypto {
+    /// The plan of its parameters (`None`: nothing to encrypt).
+    pub plan: Option<Arc<ParamPlan>>,
+    /// What it learns of its rows (`None`: its result columns are not fixed when it is
+    /// prepared, or the session encrypts nothing).
+    pub rows: Option<Arc<StatementRows>>,
+}
+
 /// What field encryption learned of one prepared statement's rows: how the rows of its
 /// portals bound with one set of result formats are transformed, from the first description
 /// of such a portal that pgward asked for. PostgreSQL fixes the result columns of a query or

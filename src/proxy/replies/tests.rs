@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::protocol::view::Frontend;
+use crate::proxy::encryption::StatementCrypto;
 use crate::proxy::statements::SessionStatements;
 
 /// A backend message of `tag` with an empty body (ReadyForQuery: idle).
@@ -46,7 +47,7 @@ fn a_named_parse_the_server_rejects_or_skips_is_forgotten_and_one_it_completes_i
     let mut registry = SessionStatements::default();
     let replies = SessionReplies::default();
     let named_parse = |registry: &mut SessionStatements, name: &str| {
-        let entry = registry.parsed(name, None, None, None);
+        let entry = registry.parsed(name, StatementCrypto::default(), None);
         let awaited = Awaited::new(Some(Arc::downgrade(&entry)), None);
         Sent::Request(Request::Parse, awaited)
     };
@@ -106,7 +107,7 @@ fn syncs_a_copy_ignores_do_not_shift_later_answers() {
     );
     assert!(replies.is_empty());
     // Then a Parse that fails: forgotten at its own error, not one segment late.
-    let entry = registry.parsed("x", None, None, None);
+    let entry = registry.parsed("x", StatementCrypto::default(), None);
     replies.sent([
         Sent::Request(
             Request::Parse,
@@ -149,7 +150,7 @@ fn a_named_parse_sent_after_an_error_before_any_sync_is_forgotten_at_once() {
     replies.sent([request(Request::Execute)]);
     answer(&replies, &[backend::ERROR_RESPONSE]);
     // The client goes on without reading the error: the server skips this Parse.
-    let entry = registry.parsed("late", None, None, None);
+    let entry = registry.parsed("late", StatementCrypto::default(), None);
     replies.sent([Sent::Request(
         Request::Parse,
         Awaited::new(Some(Arc::downgrade(&entry)), None),
