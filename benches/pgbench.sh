@@ -113,8 +113,6 @@ chmod 644 "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
 "${RUN_AS[@]}" "$PGBOUNCER" -q "$WORK/pgbouncer.ini" &
 BOUNCER_PID=$!
 
-TOKEN=$("$PGWARD" token mint --service postgres --dir "$WORK/keys" --create-key --ttl 2h)
-TENANT_TOKEN=$("$PGWARD" token mint --service tenant --claim bid=1 --dir "$WORK/keys" --ttl 2h)
 AUDIT_PORT=$(free_port); AUDIT_NOSYNC_PORT=$(free_port); AUDIT_FWD_PORT=$(free_port); CRYPT_PORT=$(free_port)
 mkdir -p "$WORK/policies"
 cat > "$WORK/policies/tenant.toml" <<TOML
@@ -153,11 +151,15 @@ dir = "$WORK/policies"
 database = "bench"
 catalog_service = "postgres"
 TOML
+# Tokens checked against the lifetime this configuration allows.
+mint() { "$PGWARD" token mint --dir "$WORK/keys" --config "$WORK/pgward.toml" --ttl 2h "$@"; }
+TOKEN=$(mint --service postgres --create-key)
+TENANT_TOKEN=$(mint --service tenant --claim bid=1)
 # The demo workload: the demo schema and billing's policy (its invoices filtered by tenant).
 "${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -f migrations/0001_demo_schema.sql >/dev/null
 "${RUN_AS[@]}" "$BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -q bench -c "INSERT INTO tenants VALUES (1, 'one'), (2, 'two')"
 cp policies/billing.toml "$WORK/policies/billing.toml"
-BILLING_TOKEN=$("$PGWARD" token mint --service billing --claim tenant_id=1 --dir "$WORK/keys" --ttl 2h)
+BILLING_TOKEN=$(mint --service billing --claim tenant_id=1)
 sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$AUDIT_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-audit.toml"
 printf '[audit]\ndir = "%s"\n' "$WORK/audit" >> "$WORK/pgward-audit.toml"
 sed -e "s/127.0.0.1:$WARD_PORT/127.0.0.1:$AUDIT_NOSYNC_PORT/" "$WORK/pgward.toml" > "$WORK/pgward-audit-nosync.toml"
@@ -552,7 +554,7 @@ pool_mode = "transaction"
 pool_size = $POOL_SIZE
 pool_timeout = "60s"
 TOML
-POOL_TOKEN=$("$PGWARD" token mint --service pool_bench --dir "$WORK/keys" --ttl 2h)
+POOL_TOKEN=$(mint --service pool_bench)
 "$PGWARD" serve --config "$WORK/pgward-pool.toml" --log warn &
 POOL_WARD_PID=$!
 sleep 1

@@ -106,6 +106,10 @@ pub struct MintArgs {
     /// missing key is an error: a new key silently minted tokens no running pgward accepts.
     #[arg(long)]
     pub create_key: bool,
+    /// The pgward.toml the token is for: `--ttl` is checked against its
+    /// `auth.max_token_lifetime` (default: the pgward.toml in DIR, else the default 1h).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 /// `key=value` → a typed JSON claim: integers, floats and booleans keep their type.
@@ -192,7 +196,7 @@ fn mint(args: &MintArgs) -> anyhow::Result<String> {
             args.dir.display()
         );
     }
-    let max = max_token_lifetime(&args.dir);
+    let max = max_token_lifetime(&args.dir, args.config.as_deref())?;
     if args.ttl > max {
         eprintln!(
             "pgward token mint: warning: --ttl {} exceeds auth.max_token_lifetime ({}): pgward will refuse this token",
@@ -211,11 +215,18 @@ fn mint(args: &MintArgs) -> anyhow::Result<String> {
     )?)
 }
 
-/// The token lifetime the dev configuration in `dir` accepts (the default without one).
-fn max_token_lifetime(dir: &std::path::Path) -> Duration {
-    Config::from_file(&dir.join("pgward.toml"))
+/// The token lifetime the configuration accepts: `config`'s (which must load), else the dev
+/// configuration's in `dir`, else the default.
+fn max_token_lifetime(
+    dir: &std::path::Path,
+    config: Option<&std::path::Path>,
+) -> anyhow::Result<Duration> {
+    if let Some(path) = config {
+        return Ok(Config::from_file(path)?.auth.max_token_lifetime);
+    }
+    Ok(Config::from_file(&dir.join("pgward.toml"))
         .map(|config| config.auth.max_token_lifetime)
-        .unwrap_or_else(|_| crate::auth::AuthConfig::default().max_token_lifetime)
+        .unwrap_or_else(|_| crate::auth::AuthConfig::default().max_token_lifetime))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -267,6 +267,27 @@ fn token_mint_creates_a_key_only_when_asked() {
     let again = mint(&["--ttl", "2h"]);
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("exceeds auth.max_token_lifetime (1h)"));
+    // Checked against the configuration the token is for, when given one.
+    let config = dir.path().join("other.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[listen]\naddress = \"127.0.0.1:6432\"\nallow_plaintext_loopback = true\n[upstream]\nhost = \"127.0.0.1\"\n[auth]\njwks_file = {:?}\nmax_token_lifetime = \"3h\"\n",
+            keys.join("jwks.json")
+        ),
+    )
+    .unwrap();
+    let fits = mint(&["--ttl", "2h", "--config", config.to_str().unwrap()]);
+    assert!(fits.status.success());
+    assert!(
+        !String::from_utf8_lossy(&fits.stderr).contains("exceeds"),
+        "{fits:?}"
+    );
+    let missing = mint(&["--config", "/nonexistent/pgward.toml"]);
+    assert!(
+        !missing.status.success(),
+        "a configuration that does not load is an error"
+    );
 }
 
 /// `pgward dev --rls`: the policies are also PostgreSQL row-level security on the throwaway
