@@ -70,7 +70,9 @@ impl From<&KeysConfig> for CachePolicy {
 pub struct KeyManager {
     provider: Arc<dyn KeyProvider>,
     vault: Option<Arc<VaultClient>>,
-    columns: HashMap<(String, String), ColumnSpec>,
+    /// Encrypted columns by qualified table, then column: looked up for every value sealed or
+    /// opened, by borrowed names (no key built per lookup).
+    columns: HashMap<String, HashMap<String, ColumnSpec>>,
     /// The configured key names of columns without a key context (polled, prefetched).
     key_names: BTreeSet<String>,
     /// Per-context key names in use (see [`super::scope`]), with their configured key name:
@@ -124,10 +126,9 @@ impl KeyManager {
                 table: table.clone(),
                 key_id,
             };
-            if by_column
-                .insert((table.clone(), c.column.clone()), spec)
-                .is_some()
-            {
+            let of_table: &mut HashMap<String, ColumnSpec> =
+                by_column.entry(table.clone()).or_default();
+            if of_table.insert(c.column.clone(), spec).is_some() {
                 return Err(CryptoError::Config(format!(
                     "column {table}.{} configured twice",
                     c.column
@@ -211,17 +212,26 @@ impl KeyManager {
     }
 
     pub fn columns(&self) -> impl Iterator<Item = &ColumnSpec> {
-        self.columns.values()
+        self.columns.values().flat_map(HashMap::values)
     }
 
     /// The configuration of `table.column`, if it is encrypted.
     pub fn column(&self, table: &str, column: &str) -> Result<&ColumnSpec, CryptoError> {
-        let table = qualify_table(table);
+        // Names from the SQL side arrive qualified: only a bare name is qualified here.
+        let qualified;
+        let table = match table.contains('.') {
+            true => table,
+            false => {
+                qualified = qualify_table(table);
+                &qualified
+            }
+        };
         self.columns
-            .get(&(table.clone(), column.to_string()))
+            .get(table)
+            .and_then(|of_table| of_table.get(column))
             .ok_or_else(|| CryptoError::UnknownColumn {
-                table,
-                column: column.to_string(),
+                table: table.to_owned(),
+                column: column.to_owned(),
             })
     }
 
@@ -447,8 +457,7 @@ impl KeyManager {
             }
         }
         for spec in self
-            .columns
-            .values()
+            .columns()
             .filter(|s| s.column.searchable && s.column.context_claim.is_none())
         {
             if let Err(e) = self.index_key(spec, &spec.column.key).await {

@@ -187,7 +187,7 @@ impl KeyManager {
             Some(base) => (base.clone(), true),
             None => (key_name.to_string(), false),
         };
-        self.columns.values().filter(move |s| {
+        self.columns().filter(move |s| {
             s.column.key == base && s.column.context_claim.is_some() == per_context
         })
     }
@@ -198,11 +198,7 @@ impl KeyManager {
     /// needing a missing key fail closed.
     pub async fn prefetch_scope(&self, scope: &KeyScope) -> Vec<CryptoError> {
         let mut errors = Vec::new();
-        for spec in self
-            .columns
-            .values()
-            .filter(|s| s.column.context_claim.is_some())
-        {
+        for spec in self.columns().filter(|s| s.column.context_claim.is_some()) {
             let name = match self.resolve(spec, scope) {
                 Ok(key) => key.name,
                 // A session without the claim cannot use the column; it is refused there.

@@ -48,6 +48,27 @@ fn manager() -> KeyManager {
     .unwrap()
 }
 
+#[test]
+fn columns_are_found_by_bare_or_qualified_table_and_unknown_ones_named() {
+    let m = manager();
+    for (table, column) in [
+        ("users", "email"),
+        ("public.users", "email"),
+        ("users", "ssn"),
+    ] {
+        assert_eq!(m.column(table, column).unwrap().column.column, column);
+    }
+    assert_eq!(m.column("orders", "card").unwrap().table, "public.orders");
+    assert_eq!(m.columns().count(), 3);
+    match m.column("users", "name") {
+        Err(CryptoError::UnknownColumn { table, column }) => {
+            assert_eq!((table.as_str(), column.as_str()), ("public.users", "name"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(m.column("other.users", "email").is_err());
+}
+
 #[tokio::test]
 async fn round_trip_binding_and_index() {
     let m = manager();
