@@ -50,7 +50,8 @@ pub(crate) struct CachedIndex {
 }
 
 /// Cached DEKs by (key name, DEK version).
-type DekMap = HashMap<(String, u32), Cached<Arc<Dek>>>;
+/// DEKs by key name, then version: looked up for every value opened, by the borrowed name.
+type DekMap = HashMap<String, HashMap<u32, Cached<Arc<Dek>>>>;
 
 pub(crate) struct KeyCache {
     /// DEK version new writes use, per key name.
@@ -112,7 +113,7 @@ impl KeyCache {
             newly
         };
         self.current.write().remove(key_name);
-        self.deks.write().retain(|(k, _), _| k != key_name);
+        self.deks.write().remove(key_name);
         self.index_keys
             .write()
             .retain(|_, c| c.value.key_name != key_name);
@@ -144,19 +145,24 @@ impl KeyCache {
     pub fn dek(&self, key_name: &str, version: u32, max_age: Duration) -> Option<Arc<Dek>> {
         self.deks
             .read()
-            .get(&(key_name.to_string(), version))
+            .get(key_name)?
+            .get(&version)
             .filter(|c| c.fetched.elapsed() < max_age)
             .map(|c| c.value.clone())
     }
 
     pub fn insert_dek(&self, key_name: &str, version: u32, dek: Arc<Dek>) {
-        self.deks.write().insert(
-            (key_name.to_string(), version),
-            Cached {
-                value: dek,
-                fetched: Instant::now(),
-            },
-        );
+        self.deks
+            .write()
+            .entry(key_name.to_owned())
+            .or_default()
+            .insert(
+                version,
+                Cached {
+                    value: dek,
+                    fetched: Instant::now(),
+                },
+            );
         self.failures
             .lock()
             .remove(&(key_name.to_string(), Slot::Dek(version)));
@@ -166,10 +172,13 @@ impl KeyCache {
     pub fn deks_of(&self, key_name: &str) -> Vec<(u32, Arc<Dek>)> {
         self.deks
             .read()
-            .iter()
-            .filter(|((k, _), _)| k == key_name)
-            .map(|((_, v), c)| (*v, c.value.clone()))
-            .collect()
+            .get(key_name)
+            .map_or_else(Vec::new, |versions| {
+                versions
+                    .iter()
+                    .map(|(v, c)| (*v, c.value.clone()))
+                    .collect()
+            })
     }
 
     /// The DEK version new writes of `key_name` use, if known.
@@ -178,17 +187,27 @@ impl KeyCache {
     }
 
     pub fn evict_dek(&self, key_name: &str, version: u32) {
-        self.deks.write().remove(&(key_name.to_string(), version));
+        let mut deks = self.deks.write();
+        if let Some(versions) = deks.get_mut(key_name) {
+            versions.remove(&version);
+            if versions.is_empty() {
+                deks.remove(key_name);
+            }
+        }
     }
 
     /// Cached DEK versions of `key_name` fetched at least `ttl` ago (to revalidate).
     pub fn aged_deks(&self, key_name: &str, ttl: Duration) -> Vec<u32> {
         self.deks
             .read()
-            .iter()
-            .filter(|((k, _), c)| k == key_name && c.fetched.elapsed() >= ttl)
-            .map(|((_, v), _)| *v)
-            .collect()
+            .get(key_name)
+            .map_or_else(Vec::new, |versions| {
+                versions
+                    .iter()
+                    .filter(|(_, c)| c.fetched.elapsed() >= ttl)
+                    .map(|(v, _)| *v)
+                    .collect()
+            })
     }
 
     pub fn set_current(&self, key_name: &str, version: u32) {
@@ -205,10 +224,11 @@ impl KeyCache {
     pub fn newest(&self, key_name: &str, max_age: Duration) -> Option<(u32, Arc<Dek>)> {
         self.deks
             .read()
+            .get(key_name)?
             .iter()
-            .filter(|((k, _), c)| k == key_name && c.fetched.elapsed() < max_age)
-            .max_by_key(|((_, v), _)| *v)
-            .map(|((_, v), c)| (*v, c.value.clone()))
+            .filter(|(_, c)| c.fetched.elapsed() < max_age)
+            .max_by_key(|(v, _)| **v)
+            .map(|(v, c)| (*v, c.value.clone()))
     }
 
     pub fn index_key(
