@@ -1795,3 +1795,65 @@ async fn reads_through_views_and_materialized_views_decrypt() {
         "{replies:?}"
     );
 }
+
+/// Field encryption under transaction pooling: prepared statements that read and write
+/// encrypted columns follow their client across server connections (prepared again on one
+/// that never saw them), and every execution encrypts its parameters and decrypts its rows,
+/// whichever connection runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_encrypted_reads_and_writes_follow_their_client_across_pooled_connections() {
+    let fx = fixture_with(|_| {
+        format!(
+            "{}unrestricted = true\npool_mode = \"transaction\"\npool_size = 2\npool_timeout = \"20s\"\n",
+            harness::superuser_service("pooled")
+        )
+    })
+    .await;
+    for i in 0..3 {
+        fx.seed_directly(i as i32, i).await;
+    }
+    let owner = fx.proxy.connect("pooled", &fx.database).await;
+    let holder = fx.proxy.connect("pooled", &fx.database).await;
+    let read = owner
+        .prepare("SELECT pg_backend_pid(), c_text FROM vault_items WHERE id = $1")
+        .await
+        .unwrap();
+    let write = owner
+        .prepare("INSERT INTO vault_items (id, c_text) VALUES ($1, $2)")
+        .await
+        .unwrap();
+    let mut pids = std::collections::HashSet::new();
+    for round in 0..6i32 {
+        let i = (round % 3) as usize;
+        let row = owner.query_one(&read, &[&(i as i32)]).await.unwrap();
+        let text: Option<String> = row.get(1);
+        assert_eq!(
+            text.as_deref(),
+            samples(ClientType::Text)[i],
+            "round {round}"
+        );
+        pids.insert(row.get::<_, i32>(0));
+        // Another client holds a connection in a transaction: the owner's next statements
+        // run on the other one.
+        holder.batch_execute("BEGIN").await.unwrap();
+        let held: i32 = holder
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let secret = format!("pooled secret {round}");
+        owner
+            .execute(&write, &[&(100 + round), &secret])
+            .await
+            .unwrap();
+        let row = owner.query_one(&read, &[&(100 + round)]).await.unwrap();
+        assert_eq!(row.get::<_, String>(1), secret);
+        assert_ne!(row.get::<_, i32>(0), held, "round {round}");
+        pids.insert(row.get::<_, i32>(0));
+        holder.batch_execute("COMMIT").await.unwrap();
+    }
+    assert!(pids.len() >= 2, "ran on {pids:?}");
+    for round in 0..6 {
+        assert_absent_upstream(&fx.database, &format!("pooled secret {round}")).await;
+    }
+}
