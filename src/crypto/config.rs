@@ -305,10 +305,16 @@ fn check_vault_path(what: &str, path: &str) -> Result<(), String> {
 
 /// `users` -> `public.users`; qualified names are kept as written (Postgres' stored case).
 pub fn qualify_table(table: &str) -> String {
+    qualified_table(table).into_owned()
+}
+
+/// [`qualify_table`] without a copy when the name is qualified already (lookups on the data
+/// path, whose names the SQL side qualified).
+pub fn qualified_table(table: &str) -> std::borrow::Cow<'_, str> {
     if table.contains('.') {
-        table.to_string()
+        table.into()
     } else {
-        format!("public.{table}")
+        format!("public.{table}").into()
     }
 }
 

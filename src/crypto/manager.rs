@@ -8,7 +8,7 @@ use std::time::Duration;
 use zeroize::Zeroizing;
 
 use super::config::DEFAULT_MAX_ENCRYPTIONS;
-use super::config::{qualify_table, CryptoConfig, EncryptColumn, KeysConfig};
+use super::config::{qualified_table, qualify_table, CryptoConfig, EncryptColumn, KeysConfig};
 use super::envelope::{key_name_id, peek_key_ref, Dek, KeyRef};
 use super::error::{CryptoError, KeyFailure};
 use super::keycache::{KeyCache, Slot};
@@ -217,20 +217,12 @@ impl KeyManager {
 
     /// The configuration of `table.column`, if it is encrypted.
     pub fn column(&self, table: &str, column: &str) -> Result<&ColumnSpec, CryptoError> {
-        // Names from the SQL side arrive qualified: only a bare name is qualified here.
-        let qualified;
-        let table = match table.contains('.') {
-            true => table,
-            false => {
-                qualified = qualify_table(table);
-                &qualified
-            }
-        };
+        let table = qualified_table(table);
         self.columns
-            .get(table)
+            .get(&*table)
             .and_then(|of_table| of_table.get(column))
             .ok_or_else(|| CryptoError::UnknownColumn {
-                table: table.to_owned(),
+                table: table.into_owned(),
                 column: column.to_owned(),
             })
     }
