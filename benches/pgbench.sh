@@ -10,8 +10,9 @@
 # SECTIONS is a comma-separated subset of proxies (direct / PgBouncer / pgward and p99),
 # features (policy and auditing against pass-through), policy (the policy part of features
 # alone), rls (the server's RLS reference), encryption, and demo (the demo workload —
-# billing's invoice lookup — with each feature added in turn, up to everything on, against
-# PgBouncer), and pooling (transaction pooling: 200 clients through pgward and through PgBouncer,
+# billing's invoice lookup — with each feature added in turn, up to everything on, and
+# everything on again with its audit log in RAM where /dev/shm is a tmpfs, against PgBouncer;
+# with what one fdatasync costs each log's filesystem), and pooling (transaction pooling: 200 clients through pgward and through PgBouncer,
 # both in pool_mode = transaction with 20 server connections, the server connections counted
 # in pg_stat_activity), bindexec (the demo's statement through asyncpg, a driver that prepares
 # once and then only binds and executes — no Describe per call, unlike pgbench — against
@@ -79,11 +80,13 @@ cleanup() {
   [ -n "${AUDIT_FWD_PID:-}" ] && kill "$AUDIT_FWD_PID" 2>/dev/null || true
   [ -n "${CRYPT_PID:-}" ] && kill "$CRYPT_PID" 2>/dev/null || true
   for pid in ${DEMO_PIDS:-}; do kill "$pid" 2>/dev/null || true; done
+  [ -n "${DEMO_RAM_PID:-}" ] && kill "$DEMO_RAM_PID" 2>/dev/null || true
   [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
   [ -n "${POOL_WARD_PID:-}" ] && kill "$POOL_WARD_PID" 2>/dev/null || true
   [ -n "${POOL_BOUNCER_PID:-}" ] && kill "$POOL_BOUNCER_PID" 2>/dev/null || true
   "${RUN_AS[@]}" "$BINDIR/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
+  [ -z "${RAM_DIR:-}" ] || rm -rf "$RAM_DIR"
 }
 trap cleanup EXIT
 
@@ -222,6 +225,17 @@ for c in demo-enc demo-nosync demo-all; do
   "$PGWARD" serve --config "$WORK/$c.toml" --log warn &
   DEMO_PIDS="$DEMO_PIDS $!"
 done
+# Everything on again, its log in RAM (tmpfs), where an fdatasync returns at once: the same
+# group commit, waits and wake-ups without the disk's flush, which separates what the disk
+# costs from what pgward does.
+RAM_DIR=""
+if [ -d /dev/shm ] && [ "$(stat -f -c %T /dev/shm 2>/dev/null)" = tmpfs ]; then
+  RAM_DIR=$(mktemp -d /dev/shm/pgward-bench.XXXXXX)
+  DEMO_RAM_PORT=$(free_port)
+  demo_config "$DEMO_RAM_PORT" "[audit]\ndir = \"$RAM_DIR/audit\"" > "$WORK/demo-ram.toml"
+  "$PGWARD" serve --config "$WORK/demo-ram.toml" --log warn &
+  DEMO_RAM_PID=$!
+fi
 sleep 1
 
 # 5 000 invoices of tenant 1 and 5 000 of tenant 2, card numbers encrypted by pgward itself;
@@ -248,6 +262,26 @@ run_pgbench() { # target-port mode clients [user token] -> tps
 }
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# Median µs of a 300-byte append followed by fdatasync, 1 000 times, in a scratch file in $1:
+# the floor of what a statement waits for its record to be durable there.
+fdatasync_us() {
+  python3 - "$1" <<'PY'
+import os, statistics, sys, time
+path = os.path.join(sys.argv[1], "fdatasync-probe")
+os.makedirs(sys.argv[1], exist_ok=True)
+fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+samples = []
+for _ in range(1000):
+    start = time.perf_counter()
+    os.write(fd, b"x" * 300)
+    os.fdatasync(fd)
+    samples.append(time.perf_counter() - start)
+os.close(fd)
+os.unlink(path)
+print(round(statistics.median(samples) * 1e6))
+PY
+}
 
 if want proxies; then
 declare -A TPS
@@ -417,6 +451,10 @@ seed_demo
 DEMO=("pgbouncer:$BOUNCER_PORT:postgres:$TOKEN" "passthrough:$WARD_PORT:postgres:$TOKEN"
       "policy:$WARD_PORT:billing:$BILLING_TOKEN" "policy+enc:$DEMO_ENC_PORT:billing:$BILLING_TOKEN"
       "all-nosync:$DEMO_NOSYNC_PORT:billing:$BILLING_TOKEN" "all-on:$DEMO_ALL_PORT:billing:$BILLING_TOKEN")
+[ -z "$RAM_DIR" ] || DEMO+=("all-on-ram:$DEMO_RAM_PORT:billing:$BILLING_TOKEN")
+# What one fdatasync costs each log's filesystem, before the rounds (the machine otherwise idle).
+DISK_SYNC_US=$(fdatasync_us "$WORK")
+[ -z "$RAM_DIR" ] || RAM_SYNC_US=$(fdatasync_us "$RAM_DIR")
 declare -A DEMO_TPS
 for mode in simple prepared; do
   for round in $(seq 1 "$ROUNDS"); do
@@ -440,6 +478,8 @@ echo "== demo workload: billing's SELECT id, status, amount_cents, card_number F
 echo "   $CLIENTS clients, ${DURATION}s x $ROUNDS rounds; median TPS and ratio to PgBouncer (session mode)"
 echo "   policy = tenant filter; +enc = card_number encrypted; all-nosync = + audit, fsync = false;"
 echo "   all-on = + audit with the default durability (fsync'ed before results reach the client)"
+echo "   all-on-ram = all-on with the log in RAM (tmpfs): the group commit without the disk's flush"
+echo "   an append + fdatasync, alone: ${DISK_SYNC_US} us median on the log's disk${RAM_DIR:+, ${RAM_SYNC_US} us in RAM}"
 printf '%-9s %-12s %12s %14s\n' mode config tps /pgbouncer
 for mode in simple prepared; do
   b=$(echo "${DEMO_TPS[$mode,pgbouncer]}" | median)
