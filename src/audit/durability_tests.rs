@@ -238,3 +238,51 @@ async fn an_append_waiting_for_durability_gets_an_answer_when_the_log_shuts_down
     durable.await.unwrap().unwrap();
     assert!(log_text(tmp.path()).contains("FROM three"));
 }
+
+/// Records, when the durability answer wakes its waiter, whether the log's lock was held.
+struct LockSeenAtWake {
+    log: Arc<dyn super::handle::InlineLog>,
+    seen: std::sync::Mutex<Option<bool>>,
+}
+
+impl std::task::Wake for LockSeenAtWake {
+    fn wake(self: Arc<Self>) {
+        let locked = self.log.is_locked();
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.get_or_insert(locked);
+        }
+    }
+}
+
+#[tokio::test]
+async fn sessions_are_woken_by_the_fsync_that_covers_them_after_the_lock_is_released() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, handle) = AuditLog::open(AuditConfig::new(tmp.path())).await.unwrap();
+    let inline = handle.inner.inline.clone().unwrap();
+    inline.delay_syncs(std::time::Duration::from_millis(100));
+    let (_, receipt) = handle
+        .append_staged(vec![statement("SELECT d FROM four")], false)
+        .await
+        .unwrap();
+    assert!(receipt.is_pending());
+    let waker = Arc::new(LockSeenAtWake {
+        log: inline,
+        seen: std::sync::Mutex::new(None),
+    });
+    let mut durable = Box::pin(receipt.wait());
+    let wake_handle = std::task::Waker::from(waker.clone());
+    let mut cx = std::task::Context::from_waker(&wake_handle);
+    assert!(std::future::Future::poll(durable.as_mut(), &mut cx).is_pending());
+    // The answer wakes this waker on the writer thread, as it would a session's worker.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while waker.seen.lock().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        *waker.seen.lock().unwrap(),
+        Some(false),
+        "the session was woken while the writer held the log's lock (or never)"
+    );
+    assert!(std::future::Future::poll(durable.as_mut(), &mut cx).is_ready());
+    log.shutdown().await.unwrap();
+}

@@ -160,6 +160,10 @@ pub(super) trait InlineLog: Send + Sync {
     /// Holds the writer thread this long before each fsync (tests of the overlap).
     #[cfg(test)]
     fn delay_syncs(&self, by: std::time::Duration);
+
+    /// Whether someone holds the log's lock right now.
+    #[cfg(test)]
+    fn is_locked(&self) -> bool;
 }
 
 /// What an inline commit did: the sequence number of the first record of the batch's last

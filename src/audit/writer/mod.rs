@@ -5,7 +5,8 @@
 //! pgward), are answered "written" at once, and leave their durability acknowledgement on
 //! the writer's queue. The writer thread makes what was written durable: it notes how far
 //! the file was written, releases the lock, runs one `fdatasync` while sessions go on
-//! writing, and then answers everyone whose records that fsync covered. Records written
+//! writing, and then answers everyone whose records that fsync covered (outside the lock:
+//! each answer may wake a thread). Records written
 //! during an fsync are covered by the next one, so batches grow with load, the number of
 //! fsyncs stays far below the number of records, and a statement is forwarded without
 //! waiting behind an fsync in flight. With `fsync = false` written is as durable as the log
@@ -649,6 +650,11 @@ impl InlineLog for parking_lot::Mutex<Writer> {
     #[cfg(test)]
     fn delay_syncs(&self, by: Duration) {
         self.lock().test_sync_delay = by;
+    }
+
+    #[cfg(test)]
+    fn is_locked(&self) -> bool {
+        parking_lot::Mutex::is_locked(self)
     }
 }
 

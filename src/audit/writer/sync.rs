@@ -41,8 +41,24 @@ pub(super) fn sync_written_outside_lock(
     #[cfg(test)]
     std::thread::sleep(target.delay);
     let result = target.file.sync_data();
-    writer.lock().synced(target, result);
+    let answered = writer.lock().synced(target, result);
+    // Each answer may wake a session's worker thread (a futex call): not while sessions
+    // wait for the lock to write their records.
+    answered.send();
     true
+}
+
+/// The durability acknowledgements an fsync answered, to be sent once the log's lock is
+/// released. Dropped unsent, each waiter learns the log closed (never that it is durable).
+#[must_use = "the sessions waiting for these records are answered only by `send`"]
+pub(super) struct Answered(Vec<super::Unsynced>);
+
+impl Answered {
+    pub(super) fn send(self) {
+        for done in self.0 {
+            let _ = done.ack.send(Ok(done.first));
+        }
+    }
 }
 
 impl Writer {
@@ -72,18 +88,18 @@ impl Writer {
     /// The outcome of the fsync of `target`. One begun on a segment since rotated or
     /// abandoned says nothing about the current one (a rotation made everything durable
     /// under the lock; an abandonment failed everyone waiting).
-    fn synced(&mut self, target: SyncTarget, result: std::io::Result<()>) {
+    fn synced(&mut self, target: SyncTarget, result: std::io::Result<()>) -> Answered {
         if target.generation != self.generation || target.seq <= self.durable.0 {
             if let Err(e) = result {
                 tracing::error!(file = %target.path.display(), error = %e,
                     "fsync of an audit segment already closed failed");
             }
-            return;
+            return Answered(Vec::new());
         }
         match result {
             Ok(()) => {
                 self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
-                self.mark_durable(target.seq, target.prev, target.len, target.backlog);
+                self.mark_durable(target.seq, target.prev, target.len, target.backlog)
             }
             Err(e) => {
                 let error = AuditError::io(&target.path, e);
@@ -91,6 +107,7 @@ impl Writer {
                 tracing::error!(error = %error, "audit fsync failed");
                 self.count_outage(&error, &[]);
                 self.abandon_segment(&error);
+                Answered(Vec::new())
             }
         }
     }
@@ -108,24 +125,27 @@ impl Writer {
             self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         }
         let len = seg.written;
-        self.mark_durable(self.next_seq, self.prev, len, self.sink_backlog.len());
+        // Rare (start, rotation, shutdown, or no fsync: nobody waits), so answered here.
+        self.mark_durable(self.next_seq, self.prev, len, self.sink_backlog.len())
+            .send();
         Ok(())
     }
 
-    /// The chain is durable up to `seq`: answer the appends that ends, and copy the
-    /// newly durable bytes to the sinks.
-    fn mark_durable(&mut self, seq: u64, prev: Hash, len: u64, backlog: usize) {
+    /// The chain is durable up to `seq`: copy the newly durable bytes to the sinks, and
+    /// return the appends that ends, to be answered.
+    fn mark_durable(&mut self, seq: u64, prev: Hash, len: u64, backlog: usize) -> Answered {
         let records = seq.saturating_sub(self.durable.0);
         self.counters.records.fetch_add(records, Ordering::Relaxed);
         self.durable = (seq, prev);
         if let Some(seg) = self.seg.as_mut() {
             seg.len = len;
         }
-        while self.unsynced.front().is_some_and(|u| u.end_seq <= seq) {
-            if let Some(done) = self.unsynced.pop_front() {
-                let _ = done.ack.send(Ok(done.first));
-            }
-        }
+        let covered = self
+            .unsynced
+            .iter()
+            .take_while(|u| u.end_seq <= seq)
+            .count();
+        let answered = Answered(self.unsynced.drain(..covered).collect());
         if self.recovery.is_none() {
             // The recovery, and with it the outage record, is durable.
             self.outage = None;
@@ -136,6 +156,7 @@ impl Writer {
             .split_off(backlog.min(self.sink_backlog.len()));
         let durable_bytes = std::mem::replace(&mut self.sink_backlog, rest);
         self.copy_to_sinks(&durable_bytes);
+        answered
     }
 
     /// Everyone still waiting for an fsync learns it failed (what they wrote is being cut).
