@@ -10,10 +10,26 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-/// Upper bounds (seconds) of the statement latency histogram buckets.
-const LATENCY_BUCKETS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
-];
+pub mod histogram;
+
+use histogram::{Buckets, Histogram};
+
+/// The buckets of request latencies (globally and per service).
+#[derive(Debug)]
+pub struct RequestLatency;
+
+impl Buckets for RequestLatency {
+    const BOUNDS: &'static [f64] = &[
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    ];
+}
+
+/// Series another module keeps and renders itself (the key manager's, the audit log's),
+/// rendered into `/metrics` with the others: that module depends on this one, not the reverse.
+pub trait MetricSet: Send + Sync + std::fmt::Debug {
+    /// Appends the set's series, `# HELP` and `# TYPE` lines included, to `out`.
+    fn render(&self, out: &mut String);
+}
 
 /// How the policy engine's rewrite cache answered (shared by the engine and `/metrics`).
 #[derive(Debug, Default)]
@@ -54,14 +70,10 @@ pub struct Metrics {
     /// Starts that found the audit log behind its externally anchored checkpoint.
     pub audit_truncations_detected: AtomicU64,
     pub policy_reload_failures: AtomicU64,
-    /// Key and Vault series of the field-encryption key manager, when one runs.
-    keys: std::sync::OnceLock<std::sync::Arc<crate::keys::metrics::KeyMetrics>>,
-    /// The audit log's own counters (SIEM delivery), when one runs.
-    audit: std::sync::OnceLock<crate::audit::AuditHandle>,
+    /// The series of the key manager and the audit log, when they run.
+    sets: Mutex<Vec<std::sync::Arc<dyn MetricSet>>>,
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    latency_count: AtomicU64,
-    latency_sum_micros: AtomicU64,
+    latency: Histogram<RequestLatency>,
     /// Per-service statement series (operations block below).
     services: ServiceTable,
 }
@@ -72,14 +84,9 @@ pub fn inc(counter: &AtomicU64) {
 }
 
 impl Metrics {
-    /// Render the key manager's series (see `keys::metrics`) with the others.
-    pub fn set_key_metrics(&self, keys: std::sync::Arc<crate::keys::metrics::KeyMetrics>) {
-        let _ = self.keys.set(keys);
-    }
-
-    /// Render the audit log's delivery series with the others.
-    pub fn set_audit(&self, handle: crate::audit::AuditHandle) {
-        let _ = self.audit.set(handle);
+    /// Renders `set` with the other series from now on.
+    pub fn add_set(&self, set: std::sync::Arc<dyn MetricSet>) {
+        self.sets.lock().push(set);
     }
 
     /// Count a failed authentication under a fixed reason label.
@@ -94,15 +101,7 @@ impl Metrics {
 
     /// Record the time from a request batch reaching upstream to its ReadyForQuery.
     pub fn observe_latency(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|&le| secs <= le) {
-            self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros.fetch_add(
-            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.latency.observe(elapsed);
     }
 
     /// The Prometheus text exposition.
@@ -238,37 +237,10 @@ impl Metrics {
             out,
             "# HELP pgward_request_duration_seconds Time from a request reaching upstream to its ReadyForQuery.\n# TYPE pgward_request_duration_seconds histogram"
         );
-        let mut cumulative = 0;
-        for (le, bucket) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
-            cumulative += load(bucket);
-            let _ = writeln!(
-                out,
-                "pgward_request_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let count = load(&self.latency_count);
-        let _ = writeln!(
-            out,
-            "pgward_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "pgward_request_duration_seconds_sum {}\npgward_request_duration_seconds_count {count}",
-            load(&self.latency_sum_micros) as f64 / 1e6
-        );
-        if let Some(keys) = self.keys.get() {
-            keys.render(&mut out);
-        }
-        if let Some(audit) = self.audit.get() {
-            let stats = audit.stats();
-            let _ = writeln!(
-                out,
-                "# HELP pgward_audit_siem_sent_total Audit records delivered to the syslog-over-TLS collector.\n\
-                 # TYPE pgward_audit_siem_sent_total counter\npgward_audit_siem_sent_total {}\n\
-                 # HELP pgward_audit_siem_dropped_total Audit record copies dropped for the syslog-over-TLS collector (queue full or collector down; the files keep them).\n\
-                 # TYPE pgward_audit_siem_dropped_total counter\npgward_audit_siem_dropped_total {}",
-                stats.siem_sent, stats.siem_dropped
-            );
+        self.latency
+            .render(&mut out, "pgward_request_duration_seconds", "");
+        for set in self.sets.lock().iter() {
+            set.render(&mut out);
         }
         self.render_operations(&mut out);
         out
@@ -306,43 +278,6 @@ impl StatementDecision {
     }
 }
 
-/// A latency histogram over [`LATENCY_BUCKETS`].
-#[derive(Debug, Default)]
-struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|&le| secs <= le) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(
-            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        for (le, bucket) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
-            cumulative += bucket.load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {count}"
-        );
-    }
-}
-
 /// One service's statement series; a session holds its service's, so the hot path does no
 /// lookup.
 #[derive(Debug, Default)]
@@ -351,7 +286,7 @@ pub struct ServiceSeries {
     texts: AtomicU64,
     rewritten: AtomicU64,
     refused: AtomicU64,
-    latency: Histogram,
+    latency: Histogram<RequestLatency>,
     /// Queries run: simple Queries, Executes and function calls (a share of
     /// `pgward_statements_total`).
     queries: AtomicU64,
@@ -445,8 +380,8 @@ impl ServiceSeries {
             refused: load(&self.refused),
             queries: load(&self.queries),
             transactions: load(&self.transactions),
-            requests: load(&self.latency.count),
-            request_micros: load(&self.latency.sum_micros),
+            requests: self.latency.count(),
+            request_micros: self.latency.sum_micros(),
             received: load(&self.received),
             sent: load(&self.sent),
             waits: load(&self.waits),

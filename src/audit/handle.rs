@@ -2,6 +2,7 @@
 //! [`InlineLog`], under the log's lock) and waits for the stage it needs — written to the
 //! file, or durable ([`DurableReceipt`], answered by the writer thread's fsync); records
 //! nobody waits for go on the [`Deferred`] queue.
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use tokio::sync::oneshot;
 use super::config::{Durability, OnFailure};
 use super::event::AuditEvent;
 use super::AuditError;
+use crate::metrics::histogram::{Buckets, Histogram};
+use crate::metrics::MetricSet;
 
 /// The `[audit]` settings that apply per append, so a SIGHUP can change them live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +101,9 @@ impl DurableReceipt {
 pub(super) struct Counters {
     pub(super) records: AtomicU64,
     pub(super) batches: AtomicU64,
-    pub(super) fsyncs: AtomicU64,
+    /// Each successful fdatasync of a segment and how long it took (its count is the
+    /// number of fsyncs).
+    pub(super) fsync_seconds: Histogram<FsyncLatency>,
     pub(super) failures: AtomicU64,
     pub(super) dropped_nowait: AtomicU64,
     /// Starts that found the log behind (or different from) its external anchor.
@@ -106,6 +111,17 @@ pub(super) struct Counters {
     /// Records delivered to / dropped for the syslog-over-TLS collector.
     pub(super) siem_sent: AtomicU64,
     pub(super) siem_dropped: AtomicU64,
+}
+
+/// The buckets of audit fsync durations: from what a flush costs a disk with power-loss
+/// protection (tens of µs) to a stalled one.
+#[derive(Debug)]
+pub(super) struct FsyncLatency;
+
+impl Buckets for FsyncLatency {
+    const BOUNDS: &'static [f64] = &[
+        0.000_025, 0.000_05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+    ];
 }
 
 /// A snapshot of the writer's counters.
@@ -385,7 +401,7 @@ impl AuditHandle {
         AuditStats {
             records: c.records.load(Ordering::Relaxed),
             batches: c.batches.load(Ordering::Relaxed),
-            fsyncs: c.fsyncs.load(Ordering::Relaxed),
+            fsyncs: c.fsync_seconds.count(),
             failures: c.failures.load(Ordering::Relaxed),
             dropped_nowait: c.dropped_nowait.load(Ordering::Relaxed),
             siem_sent: c.siem_sent.load(Ordering::Relaxed),
@@ -397,5 +413,33 @@ impl AuditHandle {
         let mut body = Vec::with_capacity(512);
         event.write_json(self.inner.live.read().record_values, &mut body)?;
         Ok(body)
+    }
+}
+
+/// The log's series in `/metrics`.
+impl MetricSet for AuditHandle {
+    fn render(&self, out: &mut String) {
+        let counters = &self.inner.counters;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP pgward_audit_records_total Audit records made durable (fdatasync'ed, or written when fsync = false), checkpoints included.\n\
+             # TYPE pgward_audit_records_total counter\npgward_audit_records_total {}\n\
+             # HELP pgward_audit_fsync_duration_seconds Each group commit's fdatasync of the audit log; with durability = \"before_response\" every statement's results wait for one.\n\
+             # TYPE pgward_audit_fsync_duration_seconds histogram",
+            load(&counters.records)
+        );
+        counters
+            .fsync_seconds
+            .render(out, "pgward_audit_fsync_duration_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP pgward_audit_siem_sent_total Audit records delivered to the syslog-over-TLS collector.\n\
+             # TYPE pgward_audit_siem_sent_total counter\npgward_audit_siem_sent_total {}\n\
+             # HELP pgward_audit_siem_dropped_total Audit record copies dropped for the syslog-over-TLS collector (queue full or collector down; the files keep them).\n\
+             # TYPE pgward_audit_siem_dropped_total counter\npgward_audit_siem_dropped_total {}",
+            load(&counters.siem_sent),
+            load(&counters.siem_dropped)
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Key and Vault metrics, rendered into `/metrics` by [`crate::metrics::Metrics`].
+//! Key and Vault metrics, rendered into `/metrics` with the others (a
+//! [`crate::metrics::MetricSet`]).
 //!
 //! Labels are fixed sets (`&'static str`) or configured key names (bounded by the
 //! configuration, never by traffic or tenants).
@@ -9,8 +10,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
-/// Upper bounds (seconds) of the Vault request latency histogram.
-const VAULT_BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
+use crate::metrics::histogram::{Buckets, Histogram};
+use crate::metrics::MetricSet;
+
+/// The buckets of Vault request latencies.
+#[derive(Debug)]
+pub struct VaultLatency;
+
+impl Buckets for VaultLatency {
+    const BOUNDS: &'static [f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
+}
 
 /// How a Vault request ended (the `outcome` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,9 +55,7 @@ impl VaultOutcome {
 #[derive(Debug, Default)]
 pub struct KeyMetrics {
     vault_requests: [AtomicU64; 5],
-    vault_buckets: [AtomicU64; VAULT_BUCKETS.len()],
-    vault_count: AtomicU64,
-    vault_sum_micros: AtomicU64,
+    vault_latency: Histogram<VaultLatency>,
     /// Data-path key lookups answered from memory / that had to fetch.
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
@@ -72,15 +79,7 @@ impl KeyMetrics {
             .position(|o| *o == outcome)
             .unwrap_or(0);
         self.vault_requests[i].fetch_add(1, Ordering::Relaxed);
-        let secs = elapsed.as_secs_f64();
-        if let Some(b) = VAULT_BUCKETS.iter().position(|&le| secs <= le) {
-            self.vault_buckets[b].fetch_add(1, Ordering::Relaxed);
-        }
-        self.vault_count.fetch_add(1, Ordering::Relaxed);
-        self.vault_sum_micros.fetch_add(
-            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.vault_latency.observe(elapsed);
     }
 
     /// Count a refresh of `key_name` (the poller's access check and rotation detection).
@@ -103,9 +102,10 @@ impl KeyMetrics {
             .position(|o| *o == outcome)
             .map_or(0, |i| self.vault_requests[i].load(Ordering::Relaxed))
     }
+}
 
-    /// Append the Prometheus text of these series to `out`.
-    pub fn render(&self, out: &mut String) {
+impl MetricSet for KeyMetrics {
+    fn render(&self, out: &mut String) {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let _ = writeln!(out, "# HELP pgward_vault_requests_total Vault requests by outcome (ok, unreachable incl. timeouts, refused, sealed, error).\n# TYPE pgward_vault_requests_total counter");
         for (o, c) in VaultOutcome::ALL.iter().zip(&self.vault_requests) {
@@ -117,16 +117,8 @@ impl KeyMetrics {
             );
         }
         let _ = writeln!(out, "# HELP pgward_vault_request_duration_seconds Vault request latency.\n# TYPE pgward_vault_request_duration_seconds histogram");
-        let mut cumulative = 0;
-        for (le, b) in VAULT_BUCKETS.iter().zip(&self.vault_buckets) {
-            cumulative += load(b);
-            let _ = writeln!(
-                out,
-                "pgward_vault_request_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let count = load(&self.vault_count);
-        let _ = writeln!(out, "pgward_vault_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}\npgward_vault_request_duration_seconds_sum {}\npgward_vault_request_duration_seconds_count {count}", load(&self.vault_sum_micros) as f64 / 1e6);
+        self.vault_latency
+            .render(out, "pgward_vault_request_duration_seconds", "");
         let _ = writeln!(out, "# HELP pgward_key_refreshes_total Key refreshes (access check, rotation detection) by result.\n# TYPE pgward_key_refreshes_total counter\npgward_key_refreshes_total{{result=\"ok\"}} {}\npgward_key_refreshes_total{{result=\"failed\"}} {}", load(&self.refresh_ok), load(&self.refresh_failed));
         let _ = writeln!(out, "# HELP pgward_key_refresh_last_success_timestamp_seconds Unix time of the last successful refresh of each key name.\n# TYPE pgward_key_refresh_last_success_timestamp_seconds gauge");
         for (key, at) in self.last_refresh.lock().iter() {
@@ -154,7 +146,7 @@ mod tests {
         m.refresh("pii", true);
         m.cache_hits.fetch_add(3, Ordering::Relaxed);
         let mut out = String::new();
-        m.render(&mut out);
+        MetricSet::render(&m, &mut out);
         assert!(out.contains("pgward_vault_requests_total{outcome=\"sealed\"} 1"));
         assert!(out.contains("pgward_vault_request_duration_seconds_bucket{le=\"0.0025\"} 1"));
         assert!(out.contains("pgward_vault_request_duration_seconds_count 2"));

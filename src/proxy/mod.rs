@@ -151,7 +151,7 @@ impl Proxy {
                 if handle.truncation_detected() {
                     inc(&metrics.audit_truncations_detected);
                 }
-                metrics.set_audit(handle.clone());
+                metrics.add_set(Arc::new(handle.clone()));
                 tracing::info!(dir = %audit.dir.display(), "audit log open");
                 (Some(log), Some(handle))
             }
@@ -163,7 +163,7 @@ impl Proxy {
         let encryption =
             encryption::Encryption::start(&config, &upstream, upstream_passwords).await?;
         if let Some(encryption) = &encryption {
-            metrics.set_key_metrics(encryption.manager.metrics());
+            metrics.add_set(encryption.manager.metrics());
         }
         if let (Some(policies), Some(encryption)) = (&policies, &encryption) {
             policies.engine().set_encryption(encryption.sql.clone());

@@ -9,6 +9,7 @@ use pgward::keys::metrics::VaultOutcome;
 use pgward::keys::store::{PgKeyStore, WrappedKeyStore};
 use pgward::keys::transit::TransitProvider;
 use pgward::keys::vault::{VaultAuth, VaultClient, VaultClientConfig};
+use pgward::metrics::MetricSet;
 use zeroize::Zeroizing;
 
 use crate::harness;

@@ -1,5 +1,5 @@
-//! Operations: `/readyz` distinct from `/healthz`, and the per-service, build and process series
-//! of `/metrics`.
+//! Operations: `/readyz` distinct from `/healthz`, and the per-service, build, process and
+//! audit series of `/metrics`.
 
 use crate::harness::{self, ProxyOptions};
 
@@ -58,11 +58,7 @@ async fn metrics_carry_per_service_decisions_latency_build_and_process_series() 
     client.simple_query("select 1").await.unwrap();
     client.query("select $1::int", &[&1i32]).await.unwrap();
     let page = harness::http_get(proxy.admin.unwrap(), "/metrics").await;
-    let value = |series: &str| -> f64 {
-        page.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("{series} not in {page}"))
-    };
+    let value = |series: &str| series_value(&page, series);
     // The simple query and the driver's Parse.
     assert!(
         value("pgward_service_statements_total{service=\"app\",decision=\"forwarded\"}") >= 2.0
@@ -92,6 +88,56 @@ async fn metrics_carry_per_service_decisions_latency_build_and_process_series() 
     // Only services that connected have series: the label set is the configuration's.
     assert!(!page.contains("service=\"md5svc\""));
     proxy.shutdown().await;
+}
+
+/// The value of the first line of `page` that starts with `series`.
+fn series_value(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{series} not in {page}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_how_long_the_audit_fsyncs_take_and_how_many_records_they_cover() {
+    let synced_dir = tempfile::tempdir().unwrap();
+    let synced = harness::audited_proxy(synced_dir.path(), "").await;
+    let client = synced.connect("app", "postgres").await;
+    for i in 0..20 {
+        client.simple_query(&format!("select {i}")).await.unwrap();
+    }
+    let page = harness::http_get(synced.admin.unwrap(), "/metrics").await;
+    let value = |series: &str| series_value(&page, series);
+    let fsyncs = value("pgward_audit_fsync_duration_seconds_count");
+    // Every statement's results waited for an fsync covering its record.
+    assert!(fsyncs >= 1.0, "{page}");
+    assert!(value("pgward_audit_records_total") >= 20.0, "{page}");
+    assert_eq!(
+        value("pgward_audit_fsync_duration_seconds_bucket{le=\"+Inf\"}"),
+        fsyncs
+    );
+    assert!(
+        value("pgward_audit_fsync_duration_seconds_sum") > 0.0,
+        "{page}"
+    );
+    drop(client);
+    synced.shutdown().await;
+
+    // Without fsync the records are counted and no fsync is.
+    let unsynced_dir = tempfile::tempdir().unwrap();
+    let unsynced = harness::audited_proxy(unsynced_dir.path(), "fsync = false").await;
+    let client = unsynced.connect("app", "postgres").await;
+    client.simple_query("select 1").await.unwrap();
+    let page = harness::http_get(unsynced.admin.unwrap(), "/metrics").await;
+    assert_eq!(
+        series_value(&page, "pgward_audit_fsync_duration_seconds_count"),
+        0.0
+    );
+    assert!(
+        series_value(&page, "pgward_audit_records_total") >= 1.0,
+        "{page}"
+    );
+    drop(client);
+    unsynced.shutdown().await;
 }
 
 fn free_port() -> u16 {

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Writer;
 use crate::audit::record::Hash;
@@ -40,8 +40,10 @@ pub(super) fn sync_written_outside_lock(
     };
     #[cfg(test)]
     std::thread::sleep(target.delay);
+    let started = Instant::now();
     let result = target.file.sync_data();
-    let answered = writer.lock().synced(target, result);
+    let took = started.elapsed();
+    let answered = writer.lock().synced(target, result, took);
     // Each answer may wake a session's worker thread (a futex call): not while sessions
     // wait for the lock to write their records.
     answered.send();
@@ -88,7 +90,12 @@ impl Writer {
     /// The outcome of the fsync of `target`. One begun on a segment since rotated or
     /// abandoned says nothing about the current one (a rotation made everything durable
     /// under the lock; an abandonment failed everyone waiting).
-    fn synced(&mut self, target: SyncTarget, result: std::io::Result<()>) -> Answered {
+    fn synced(
+        &mut self,
+        target: SyncTarget,
+        result: std::io::Result<()>,
+        took: Duration,
+    ) -> Answered {
         if target.generation != self.generation || target.seq <= self.durable.0 {
             if let Err(e) = result {
                 tracing::error!(file = %target.path.display(), error = %e,
@@ -98,7 +105,7 @@ impl Writer {
         }
         match result {
             Ok(()) => {
-                self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.counters.fsync_seconds.observe(took);
                 self.mark_durable(target.seq, target.prev, target.len, target.backlog)
             }
             Err(e) => {
@@ -119,10 +126,11 @@ impl Writer {
             return Err(AuditError::Closed);
         };
         if self.fsync {
+            let started = Instant::now();
             seg.file
                 .sync_data()
                 .map_err(|e| AuditError::io(&seg.path, e))?;
-            self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+            self.counters.fsync_seconds.observe(started.elapsed());
         }
         let len = seg.written;
         // Rare (start, rotation, shutdown, or no fsync: nobody waits), so answered here.
