@@ -24,6 +24,17 @@ impl Buckets for RequestLatency {
     ];
 }
 
+/// Finer buckets, for what takes tens of microseconds when all is well: an audit fsync on a
+/// disk with power-loss protection, the wait for one.
+#[derive(Debug)]
+pub struct FlushLatency;
+
+impl Buckets for FlushLatency {
+    const BOUNDS: &'static [f64] = &[
+        0.000_025, 0.000_05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
+    ];
+}
+
 /// Series another module keeps and renders itself (the key manager's, the audit log's),
 /// rendered into `/metrics` with the others: that module depends on this one, not the reverse.
 pub trait MetricSet: Send + Sync + std::fmt::Debug {
@@ -74,6 +85,8 @@ pub struct Metrics {
     sets: Mutex<Vec<std::sync::Arc<dyn MetricSet>>>,
     auth_failures: Mutex<BTreeMap<&'static str, u64>>,
     latency: Histogram<RequestLatency>,
+    /// How long responses were held for audit records to become durable.
+    durability_wait: Histogram<FlushLatency>,
     /// Per-service statement series (operations block below).
     services: ServiceTable,
 }
@@ -102,6 +115,12 @@ impl Metrics {
     /// Record the time from a request batch reaching upstream to its ReadyForQuery.
     pub fn observe_latency(&self, elapsed: Duration) {
         self.latency.observe(elapsed);
+    }
+
+    /// Responses were held this long for the audit records of their statements to become
+    /// durable (`durability = "before_response"`).
+    pub fn observe_durability_wait(&self, elapsed: Duration) {
+        self.durability_wait.observe(elapsed);
     }
 
     /// The Prometheus text exposition.
@@ -239,6 +258,12 @@ impl Metrics {
         );
         self.latency
             .render(&mut out, "pgward_request_duration_seconds", "");
+        let _ = writeln!(
+            out,
+            "# HELP pgward_audit_durability_wait_seconds Time responses were held for their statements' audit records to become durable (durability = \"before_response\"), per batch of responses held.\n# TYPE pgward_audit_durability_wait_seconds histogram"
+        );
+        self.durability_wait
+            .render(&mut out, "pgward_audit_durability_wait_seconds", "");
         for set in self.sets.lock().iter() {
             set.render(&mut out);
         }

@@ -12,8 +12,8 @@ use tokio::sync::oneshot;
 use super::config::{Durability, OnFailure};
 use super::event::AuditEvent;
 use super::AuditError;
-use crate::metrics::histogram::{Buckets, Histogram};
-use crate::metrics::MetricSet;
+use crate::metrics::histogram::Histogram;
+use crate::metrics::{FlushLatency, MetricSet};
 
 /// The `[audit]` settings that apply per append, so a SIGHUP can change them live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +103,7 @@ pub(super) struct Counters {
     pub(super) batches: AtomicU64,
     /// Each successful fdatasync of a segment and how long it took (its count is the
     /// number of fsyncs).
-    pub(super) fsync_seconds: Histogram<FsyncLatency>,
+    pub(super) fsync_seconds: Histogram<FlushLatency>,
     pub(super) failures: AtomicU64,
     pub(super) dropped_nowait: AtomicU64,
     /// Starts that found the log behind (or different from) its external anchor.
@@ -111,17 +111,6 @@ pub(super) struct Counters {
     /// Records delivered to / dropped for the syslog-over-TLS collector.
     pub(super) siem_sent: AtomicU64,
     pub(super) siem_dropped: AtomicU64,
-}
-
-/// The buckets of audit fsync durations: from what a flush costs a disk with power-loss
-/// protection (tens of µs) to a stalled one.
-#[derive(Debug)]
-pub(super) struct FsyncLatency;
-
-impl Buckets for FsyncLatency {
-    const BOUNDS: &'static [f64] = &[
-        0.000_025, 0.000_05, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
-    ];
 }
 
 /// A snapshot of the writer's counters.

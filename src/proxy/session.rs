@@ -482,7 +482,12 @@ pub(super) async fn await_durable_records(
     shared: &Shared,
     state: &SessionState,
 ) -> Result<(), End> {
-    for receipt in state.take_undurable() {
+    let receipts = state.take_undurable();
+    if receipts.is_empty() {
+        return Ok(());
+    }
+    let held = Instant::now();
+    for receipt in receipts {
         let Err(e) = receipt.wait().await else {
             continue;
         };
@@ -502,6 +507,7 @@ pub(super) async fn await_durable_records(
             ));
         }
     }
+    shared.metrics.observe_durability_wait(held.elapsed());
     Ok(())
 }
 

@@ -98,7 +98,7 @@ fn series_value(page: &str, series: &str) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_show_how_long_the_audit_fsyncs_take_and_how_many_records_they_cover() {
+async fn metrics_show_the_audit_fsyncs_the_records_they_cover_and_the_results_held_for_them() {
     let synced_dir = tempfile::tempdir().unwrap();
     let synced = harness::audited_proxy(synced_dir.path(), "").await;
     let client = synced.connect("app", "postgres").await;
@@ -119,6 +119,10 @@ async fn metrics_show_how_long_the_audit_fsyncs_take_and_how_many_records_they_c
         value("pgward_audit_fsync_duration_seconds_sum") > 0.0,
         "{page}"
     );
+    // Results held for their records' fsync (durability = "before_response"), each time
+    // something was still to be made durable.
+    let held = value("pgward_audit_durability_wait_seconds_count");
+    assert!(held >= 1.0, "{page}");
     drop(client);
     synced.shutdown().await;
 
@@ -135,6 +139,11 @@ async fn metrics_show_how_long_the_audit_fsyncs_take_and_how_many_records_they_c
     assert!(
         series_value(&page, "pgward_audit_records_total") >= 1.0,
         "{page}"
+    );
+    // Written is as durable as that log gets: no result is held for it.
+    assert_eq!(
+        series_value(&page, "pgward_audit_durability_wait_seconds_count"),
+        0.0
     );
     drop(client);
     unsynced.shutdown().await;
