@@ -80,6 +80,13 @@ pub struct AuditConfig {
     /// batching happens naturally while an fsync is in flight.
     #[serde(default, deserialize_with = "de_duration")]
     pub group_commit_max_delay: Duration,
+    /// The longest a statement's results (or, `before_forward`, the statement itself) wait
+    /// for its record's fsync before that counts as a failure of the log (`on_failure`).
+    #[serde(
+        default = "default_durability_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub durability_timeout: Duration,
 }
 
 /// `[audit.syslog_tls]`: where and how to reach the collector.
@@ -119,6 +126,9 @@ fn default_rotate_interval() -> Duration {
 fn default_checkpoint_interval() -> Duration {
     Duration::from_secs(60)
 }
+fn default_durability_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 
 impl AuditConfig {
     /// A configuration with every default and the given directory.
@@ -139,6 +149,7 @@ impl AuditConfig {
             syslog_socket: None,
             syslog_tls: None,
             group_commit_max_delay: Duration::ZERO,
+            durability_timeout: default_durability_timeout(),
         }
     }
 
@@ -211,6 +222,7 @@ mod tests {
         assert!(!c.record_values);
         assert_eq!(c.group_commit_max_delay, Duration::ZERO);
         assert_eq!(c.durability, Durability::BeforeResponse);
+        assert_eq!(c.durability_timeout, Duration::from_secs(10));
         let c: AuditConfig =
             toml::from_str("dir = \"a\"\ndurability = \"before_forward\"").unwrap();
         assert_eq!(c.durability, Durability::BeforeForward);

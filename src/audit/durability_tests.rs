@@ -286,3 +286,47 @@ async fn sessions_are_woken_by_the_fsync_that_covers_them_after_the_lock_is_rele
     assert!(std::future::Future::poll(durable.as_mut(), &mut cx).is_ready());
     log.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_stalled_fsync_fails_the_wait_after_the_durability_timeout_and_answers_later_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = AuditConfig::new(tmp.path());
+    config.durability_timeout = std::time::Duration::from_millis(150);
+    let (log, handle) = AuditLog::open(config).await.unwrap();
+    let inline = handle.inner.inline.clone().unwrap();
+    // The disk "stalls": each fsync takes far longer than the timeout.
+    inline.delay_syncs(std::time::Duration::from_millis(1500));
+    let (_, receipt) = handle
+        .append_staged(vec![statement("SELECT e FROM five")], false)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let waited = receipt.wait().await;
+    assert!(
+        matches!(waited, Err(AuditError::DurabilityTimeout(_))),
+        "{waited:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_millis(1000));
+    // Written all the same: it becomes durable once the disk answers.
+    assert!(log_text(tmp.path()).contains("FROM five"));
+    // With the disk back, waits succeed again.
+    inline.delay_syncs(std::time::Duration::ZERO);
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    let (_, receipt) = handle
+        .append_staged(vec![statement("SELECT f FROM six")], false)
+        .await
+        .unwrap();
+    receipt.wait().await.unwrap();
+    log.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_zero_durability_timeout_is_refused_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = AuditConfig::new(tmp.path());
+    config.durability_timeout = std::time::Duration::ZERO;
+    assert!(matches!(
+        AuditLog::open(config).await.err(),
+        Some(AuditError::Config(_))
+    ));
+}

@@ -19,6 +19,10 @@ pub enum AuditError {
     /// The external anchor (checkpoint table or syslog copy) could not be read.
     #[error("audit anchor: {0}")]
     Anchor(String),
+    /// An fsync did not answer within `durability_timeout`: the disk is stalled (or far
+    /// slower than any statement may wait); the records may still become durable later.
+    #[error("audit log: the records were not made durable within {0:?} (durability_timeout): the disk's fsync is stalled")]
+    DurabilityTimeout(std::time::Duration),
     /// The writer has stopped (shutdown or panic); nothing more can be made durable.
     #[error("audit log is closed")]
     Closed,

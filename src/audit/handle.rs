@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -73,12 +74,17 @@ pub(super) enum Cmd {
 #[derive(Debug)]
 pub struct DurableReceipt {
     done: Option<oneshot::Receiver<Result<u64, AuditError>>>,
+    /// How long [`DurableReceipt::wait`] waits (`durability_timeout`).
+    timeout: Duration,
 }
 
 impl DurableReceipt {
     /// A receipt for records that were already durable when it was issued.
     pub fn already_durable() -> Self {
-        Self { done: None }
+        Self {
+            done: None,
+            timeout: Duration::ZERO,
+        }
     }
 
     /// Whether the records may still be waiting for their fsync.
@@ -87,11 +93,15 @@ impl DurableReceipt {
     }
 
     /// Resolves once the records are durable; an error means they never will be (the write
-    /// or the fsync failed and the file was cut back to its last durable byte).
+    /// or the fsync failed and the file was cut back to its last durable byte), or not within
+    /// `durability_timeout` (a disk whose fsync hangs holds no session longer than that).
     pub async fn wait(self) -> Result<(), AuditError> {
-        match self.done {
-            None => Ok(()),
-            Some(done) => done.await.map_err(|_| AuditError::Closed)?.map(|_| ()),
+        let Some(done) = self.done else {
+            return Ok(());
+        };
+        match tokio::time::timeout(self.timeout, done).await {
+            Ok(answer) => answer.map_err(|_| AuditError::Closed)?.map(|_| ()),
+            Err(_) => Err(AuditError::DurabilityTimeout(self.timeout)),
         }
     }
 }
@@ -152,6 +162,8 @@ pub(super) struct HandleInner {
     pub(super) inline: Option<Arc<dyn InlineLog>>,
     /// The log fsyncs (`AuditConfig::fsync`): appends wait for durability after the write.
     pub(super) fsync: bool,
+    /// The longest a receipt waits for its fsync (`AuditConfig::durability_timeout`).
+    pub(super) durability_timeout: Duration,
     /// The settings a SIGHUP may change while the log runs.
     pub(super) live: parking_lot::RwLock<LiveSettings>,
     pub(super) counters: Arc<Counters>,
@@ -287,6 +299,7 @@ impl AuditHandle {
             Ok(done) => done.map(|_| DurableReceipt::already_durable())?,
             Err(oneshot::error::TryRecvError::Empty) => DurableReceipt {
                 done: Some(durable_rx),
+                timeout: self.inner.durability_timeout,
             },
             Err(oneshot::error::TryRecvError::Closed) => return Err(AuditError::Closed),
         };

@@ -49,6 +49,11 @@ impl AuditLog {
     /// Recovers the chain from the existing files, opens a new segment (writing a recovery
     /// record if the last run did not shut down cleanly) and starts the writer.
     pub async fn open(config: AuditConfig) -> Result<(Self, AuditHandle), AuditError> {
+        if config.durability_timeout.is_zero() {
+            return Err(AuditError::Config(
+                "durability_timeout must be above zero (every wait for an fsync would fail)".into(),
+            ));
+        }
         let counters = Arc::new(Counters::default());
         if !config.enabled {
             let handle = AuditHandle {
@@ -57,6 +62,7 @@ impl AuditLog {
                     deferred: Arc::default(),
                     inline: None,
                     fsync: config.fsync,
+                    durability_timeout: config.durability_timeout,
                     live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                     counters,
                 }),
@@ -106,6 +112,7 @@ impl AuditLog {
                 deferred,
                 inline: Some(inline),
                 fsync: config.fsync,
+                durability_timeout: config.durability_timeout,
                 live: parking_lot::RwLock::new(LiveSettings::of(&config)),
                 counters,
             }),
