@@ -330,3 +330,31 @@ async fn a_zero_durability_timeout_is_refused_at_open() {
         Some(AuditError::Config(_))
     ));
 }
+
+#[tokio::test]
+async fn a_stalled_fsync_cannot_hold_the_shutdown_longer_than_the_durability_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = AuditConfig::new(tmp.path());
+    config.durability_timeout = std::time::Duration::from_millis(150);
+    let (log, handle) = AuditLog::open(config).await.unwrap();
+    handle
+        .inner
+        .inline
+        .as_ref()
+        .unwrap()
+        .delay_syncs(std::time::Duration::from_secs(3));
+    let (_, receipt) = handle
+        .append_staged(vec![statement("SELECT g FROM seven")], false)
+        .await
+        .unwrap();
+    assert!(receipt.is_pending());
+    // The writer thread is now in a (slow) fsync.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    let stopped = log.shutdown().await;
+    assert!(
+        matches!(stopped, Err(AuditError::DurabilityTimeout(_))),
+        "{stopped:?}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}

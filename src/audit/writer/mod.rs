@@ -43,6 +43,8 @@ mod sync;
 pub struct AuditLog {
     tx: Option<Sender<Cmd>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// How long shutdown waits for the writer's final fsync (`durability_timeout`).
+    durability_timeout: Duration,
 }
 
 impl AuditLog {
@@ -71,6 +73,7 @@ impl AuditLog {
                 AuditLog {
                     tx: None,
                     thread: None,
+                    durability_timeout: config.durability_timeout,
                 },
                 handle,
             ));
@@ -121,13 +124,16 @@ impl AuditLog {
             AuditLog {
                 tx: Some(tx),
                 thread: Some(thread),
+                durability_timeout: config.durability_timeout,
             },
             handle,
         ))
     }
 
     /// Writes everything queued before this call, a final signed `shutdown` checkpoint, and
-    /// stops the writer.
+    /// stops the writer. A writer stuck in an fsync of a stalled disk is left behind after
+    /// `durability_timeout` (the process may exit; the next start finds no `shutdown`
+    /// checkpoint and writes a recovery record), so a stalled disk cannot hold a shutdown.
     pub async fn shutdown(mut self) -> Result<(), AuditError> {
         let Some(tx) = self.tx.take() else {
             return Ok(());
@@ -135,7 +141,10 @@ impl AuditLog {
         let (done_tx, done_rx) = oneshot::channel();
         tx.send(Cmd::Shutdown(done_tx))
             .map_err(|_| AuditError::Closed)?;
-        let result = done_rx.await.map_err(|_| AuditError::Closed)?;
+        let result = match tokio::time::timeout(self.durability_timeout, done_rx).await {
+            Ok(answer) => answer.map_err(|_| AuditError::Closed)?,
+            Err(_) => return Err(AuditError::DurabilityTimeout(self.durability_timeout)),
+        };
         if let Some(thread) = self.thread.take() {
             // The writer returns right after answering; joining cannot block for long.
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
