@@ -23,6 +23,23 @@ fn statement(sql: &str) -> AuditEvent {
     )))
 }
 
+/// Holds the writer thread this long before each fsync: a slow or stalled disk.
+fn slow_fsyncs(handle: &AuditHandle, by: std::time::Duration) {
+    if let Some(log) = &handle.inner.inline {
+        log.delay_syncs(by);
+    }
+}
+
+/// A log in `dir` whose receipts wait at most `timeout` for their fsync.
+async fn log_with_timeout(
+    dir: &std::path::Path,
+    timeout: std::time::Duration,
+) -> (AuditLog, AuditHandle) {
+    let mut config = AuditConfig::new(dir);
+    config.durability_timeout = timeout;
+    AuditLog::open(config).await.unwrap()
+}
+
 fn log_text(dir: &std::path::Path) -> String {
     let mut text = String::new();
     for file in record::list_segments(dir).unwrap() {
@@ -189,7 +206,7 @@ async fn a_statement_is_written_while_an_earlier_fsync_is_in_flight_and_waits_fo
     let tmp = tempfile::tempdir().unwrap();
     let (log, handle) = AuditLog::open(AuditConfig::new(tmp.path())).await.unwrap();
     let slow = std::time::Duration::from_millis(400);
-    handle.inner.inline.as_ref().unwrap().delay_syncs(slow);
+    slow_fsyncs(&handle, slow);
     let fsyncs = handle.stats().fsyncs;
     let (first, first_receipt) = handle
         .append_staged(vec![statement("SELECT a FROM one")], false)
@@ -222,12 +239,7 @@ async fn a_statement_is_written_while_an_earlier_fsync_is_in_flight_and_waits_fo
 async fn an_append_waiting_for_durability_gets_an_answer_when_the_log_shuts_down() {
     let tmp = tempfile::tempdir().unwrap();
     let (log, handle) = AuditLog::open(AuditConfig::new(tmp.path())).await.unwrap();
-    handle
-        .inner
-        .inline
-        .as_ref()
-        .unwrap()
-        .delay_syncs(std::time::Duration::from_millis(200));
+    slow_fsyncs(&handle, std::time::Duration::from_millis(200));
     let (_, receipt) = handle
         .append_staged(vec![statement("SELECT c FROM three")], false)
         .await
@@ -259,7 +271,7 @@ async fn sessions_are_woken_by_the_fsync_that_covers_them_after_the_lock_is_rele
     let tmp = tempfile::tempdir().unwrap();
     let (log, handle) = AuditLog::open(AuditConfig::new(tmp.path())).await.unwrap();
     let inline = handle.inner.inline.clone().unwrap();
-    inline.delay_syncs(std::time::Duration::from_millis(100));
+    slow_fsyncs(&handle, std::time::Duration::from_millis(100));
     let (_, receipt) = handle
         .append_staged(vec![statement("SELECT d FROM four")], false)
         .await
@@ -290,12 +302,9 @@ async fn sessions_are_woken_by_the_fsync_that_covers_them_after_the_lock_is_rele
 #[tokio::test]
 async fn a_stalled_fsync_fails_the_wait_after_the_durability_timeout_and_answers_later_ones() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut config = AuditConfig::new(tmp.path());
-    config.durability_timeout = std::time::Duration::from_millis(150);
-    let (log, handle) = AuditLog::open(config).await.unwrap();
-    let inline = handle.inner.inline.clone().unwrap();
+    let (log, handle) = log_with_timeout(tmp.path(), std::time::Duration::from_millis(150)).await;
     // The disk "stalls": each fsync takes far longer than the timeout.
-    inline.delay_syncs(std::time::Duration::from_millis(1500));
+    slow_fsyncs(&handle, std::time::Duration::from_millis(1500));
     let (_, receipt) = handle
         .append_staged(vec![statement("SELECT e FROM five")], false)
         .await
@@ -310,7 +319,7 @@ async fn a_stalled_fsync_fails_the_wait_after_the_durability_timeout_and_answers
     // Written all the same: it becomes durable once the disk answers.
     assert!(log_text(tmp.path()).contains("FROM five"));
     // With the disk back, waits succeed again.
-    inline.delay_syncs(std::time::Duration::ZERO);
+    slow_fsyncs(&handle, std::time::Duration::ZERO);
     tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
     let (_, receipt) = handle
         .append_staged(vec![statement("SELECT f FROM six")], false)
@@ -334,15 +343,8 @@ async fn a_zero_durability_timeout_is_refused_at_open() {
 #[tokio::test]
 async fn a_stalled_fsync_cannot_hold_the_shutdown_longer_than_the_durability_timeout() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut config = AuditConfig::new(tmp.path());
-    config.durability_timeout = std::time::Duration::from_millis(150);
-    let (log, handle) = AuditLog::open(config).await.unwrap();
-    handle
-        .inner
-        .inline
-        .as_ref()
-        .unwrap()
-        .delay_syncs(std::time::Duration::from_secs(3));
+    let (log, handle) = log_with_timeout(tmp.path(), std::time::Duration::from_millis(150)).await;
+    slow_fsyncs(&handle, std::time::Duration::from_secs(3));
     let (_, receipt) = handle
         .append_staged(vec![statement("SELECT g FROM seven")], false)
         .await
