@@ -294,7 +294,12 @@ declare -A TPS
 TARGETS=(direct:$PG_PORT pgbouncer:$BOUNCER_PORT pgward:$WARD_PORT)
 for mode in simple prepared; do
   for round in $(seq 1 "$ROUNDS"); do
-    for target in "${TARGETS[@]}"; do
+    order=("${TARGETS[@]}")
+    # Alternate the order each round, as the other sections do, so drift falls on no one side.
+    if [ $((round % 2)) -eq 0 ]; then
+      order=(); for ((k=${#TARGETS[@]}-1; k>=0; k--)); do order+=("${TARGETS[k]}"); done
+    fi
+    for target in "${order[@]}"; do
       name=${target%%:*}; port=${target##*:}
       tps=$(run_pgbench "$port" "$mode" "$CLIENTS")
       TPS[$mode,$name]="${TPS[$mode,$name]:-} $tps"
