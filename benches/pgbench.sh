@@ -264,6 +264,18 @@ run_pgbench() { # target-port mode clients [user token] -> tps
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
+# The targets (the arguments after the round number), one per line, in reverse order every
+# other round: drift over a run (the machine, the disk's writeback) falls on no one side.
+round_order() {
+  local round=$1 k
+  shift
+  if [ $((round % 2)) -eq 0 ]; then
+    for ((k = $#; k >= 1; k--)); do printf '%s\n' "${!k}"; done
+  else
+    printf '%s\n' "$@"
+  fi
+}
+
 # Deletes every segment of the audit log in $1 but the newest (the one pgward writes to).
 prune_closed_segments() {
   find "$1" -maxdepth 1 -name 'audit-*.jsonl' | sort | head -n -1 | xargs -r rm -f
@@ -294,11 +306,7 @@ declare -A TPS
 TARGETS=(direct:$PG_PORT pgbouncer:$BOUNCER_PORT pgward:$WARD_PORT)
 for mode in simple prepared; do
   for round in $(seq 1 "$ROUNDS"); do
-    order=("${TARGETS[@]}")
-    # Alternate the order each round, as the other sections do, so drift falls on no one side.
-    if [ $((round % 2)) -eq 0 ]; then
-      order=(); for ((k=${#TARGETS[@]}-1; k>=0; k--)); do order+=("${TARGETS[k]}"); done
-    fi
+    mapfile -t order < <(round_order "$round" "${TARGETS[@]}")
     for target in "${order[@]}"; do
       name=${target%%:*}; port=${target##*:}
       tps=$(run_pgbench "$port" "$mode" "$CLIENTS")
@@ -469,11 +477,7 @@ DISK_SYNC_US=$(fdatasync_us "$WORK")
 declare -A DEMO_TPS
 for mode in simple prepared; do
   for round in $(seq 1 "$ROUNDS"); do
-    order=("${DEMO[@]}")
-    # Alternate the order each round so drift does not fall on one side.
-    if [ $((round % 2)) -eq 0 ]; then
-      order=(); for ((k=${#DEMO[@]}-1; k>=0; k--)); do order+=("${DEMO[k]}"); done
-    fi
+    mapfile -t order < <(round_order "$round" "${DEMO[@]}")
     for target in "${order[@]}"; do
       IFS=: read -r name port user token <<<"$target"
       sync
@@ -523,10 +527,7 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICK_US=$((1000000 / $(getconf CLK_TCK)))
 declare -A BIND_TPS BIND_CPU
 for round in $(seq 1 "$ROUNDS"); do
-  order=("${BIND[@]}")
-  if [ $((round % 2)) -eq 0 ]; then
-    order=(); for ((k=${#BIND[@]}-1; k>=0; k--)); do order+=("${BIND[k]}"); done
-  fi
+  mapfile -t order < <(round_order "$round" "${BIND[@]}")
   for target in "${order[@]}"; do
     IFS=: read -r name port user token pid <<<"$target"
     sync
@@ -618,9 +619,8 @@ echo
 echo "== transaction pooling: $POOL_CLIENTS clients, pool of $POOL_SIZE server connections, ${DURATION}s x $ROUNDS rounds (select-only)"
 declare -A POOL_TPS POOL_MAX
 for ((round = 1; round <= ROUNDS; round++)); do
-  # Alternate which pooler goes first each round, so drift does not fall on one side.
-  targets=("pgbouncer:$POOL_BOUNCER_PORT:pool_bouncer:" "pgward:$POOL_WARD_PORT:pool_bench:$POOL_TOKEN")
-  [ $((round % 2)) -eq 0 ] && targets=("${targets[1]}" "${targets[0]}")
+  mapfile -t targets < <(round_order "$round" "pgbouncer:$POOL_BOUNCER_PORT:pool_bouncer:" \
+    "pgward:$POOL_WARD_PORT:pool_bench:$POOL_TOKEN")
   for mode in simple prepared; do
     for target in "${targets[@]}"; do
       IFS=: read -r name port role token <<<"$target"
