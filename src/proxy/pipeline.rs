@@ -213,7 +213,9 @@ fn register(
     match view {
         Frontend::Parse(parse) => {
             let refused = matches!(verdict, Verdict::Refuse(_));
+            // A refused Parse keeps nothing of field encryption: its marker runs instead.
             let plan = plan.clone().filter(|p| !refused && p.is_active());
+            let rows = rows.filter(|_| !refused);
             let audit = match registered {
                 Registered::Statement(prepared) => Some(prepared),
                 _ => None,
