@@ -30,6 +30,13 @@ fn slow_fsyncs(handle: &AuditHandle, by: std::time::Duration) {
     }
 }
 
+/// Whoever next takes the log's lock keeps it this long: a write blocked on a stalled disk.
+fn stall_next_lock_holder(handle: &AuditHandle, by: std::time::Duration) {
+    if let Some(log) = &handle.inner.inline {
+        log.stall_next_holder(by);
+    }
+}
+
 /// A log in `dir` whose receipts wait at most `timeout` for their fsync.
 async fn log_with_timeout(
     dir: &std::path::Path,
@@ -359,4 +366,60 @@ async fn a_stalled_fsync_cannot_hold_the_shutdown_longer_than_the_durability_tim
         "{stopped:?}"
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_stalled_under_the_log_lock_costs_other_statements_bounded_time_not_their_worker() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let (log, handle) = log_with_timeout(tmp.path(), Duration::from_millis(300)).await;
+    let stall = Duration::from_secs(3);
+    let stalled_at = Instant::now();
+    stall_next_lock_holder(&handle, stall);
+    // Takes the lock (unless the writer thread's loop took it first) and keeps it: the
+    // holder is stuck in a write, its worker with it.
+    let stuck = handle.clone();
+    let stuck = tokio::spawn(async move {
+        let _ = stuck
+            .append_staged(vec![statement("SELECT a FROM stuck")], false)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A completion queued during the stall: whoever takes it must not lose it.
+    handle.append_nowait(statement("SELECT q FROM queued"));
+    let started = Instant::now();
+    let behind = handle.clone();
+    let behind = tokio::spawn(async move {
+        behind
+            .append_staged(vec![statement("SELECT b FROM behind")], false)
+            .await
+            .map(|_| ())
+    });
+    let behind = tokio::time::timeout(Duration::from_secs(2), behind)
+        .await
+        .expect("a statement waited behind the stalled write past its durability_timeout")
+        .unwrap();
+    assert!(
+        matches!(behind, Err(AuditError::DurabilityTimeout(_))),
+        "{behind:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let stalled = &handle.inner.counters.stalled_appends;
+    assert!(stalled.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    // The disk answers again: appends go on as before.
+    tokio::time::sleep_until((stalled_at + stall + Duration::from_millis(100)).into()).await;
+    stuck.await.unwrap();
+    let (_, receipt) = handle
+        .append_staged(vec![statement("SELECT c FROM after")], false)
+        .await
+        .unwrap();
+    receipt.wait().await.unwrap();
+    log.shutdown().await.unwrap();
+    let text = log_text(tmp.path());
+    assert!(
+        !text.contains("FROM behind"),
+        "the record of a statement refused for the stall was written after all"
+    );
+    assert!(text.contains("FROM queued"), "a queued record was lost");
+    assert!(text.contains("FROM after"));
 }

@@ -121,6 +121,9 @@ pub(super) struct Counters {
     /// Records delivered to / dropped for the syslog-over-TLS collector.
     pub(super) siem_sent: AtomicU64,
     pub(super) siem_dropped: AtomicU64,
+    /// Appends that found the log's lock held by a stalled holder (a write blocked on the
+    /// disk) and were committed off the runtime, or refused after `durability_timeout`.
+    pub(super) stalled_appends: AtomicU64,
 }
 
 /// A snapshot of the writer's counters.
@@ -172,7 +175,19 @@ pub(super) struct HandleInner {
 /// The log as sessions append to it directly: frame and write a batch on the caller's
 /// thread; durable acks are answered by the fsync that covers them.
 pub(super) trait InlineLog: Send + Sync {
-    fn commit_inline(&self, batch: &mut Vec<Pending>) -> InlineCommit;
+    /// Commits `batch` under the log's lock, waiting for it only while its holder is not
+    /// stalled: `None` (the batch untouched) once the holder has kept it for longer than any
+    /// write takes (2 ms), so that a session's worker never blocks behind a stalled disk.
+    fn commit_unless_stalled(&self, batch: &mut Vec<Pending>) -> Option<InlineCommit>;
+
+    /// Off the runtime: waits up to `within` for the lock and commits `batch` unless its
+    /// session abandoned it first (`None` then, or when the lock did not come).
+    fn commit_claimed(
+        &self,
+        batch: &mut Vec<Pending>,
+        claim: &super::writer::Claim,
+        within: std::time::Duration,
+    ) -> Option<InlineCommit>;
 
     /// Holds the writer thread this long before each fsync (tests of the overlap).
     #[cfg(test)]
@@ -181,6 +196,10 @@ pub(super) trait InlineLog: Send + Sync {
     /// Whether someone holds the log's lock right now.
     #[cfg(test)]
     fn is_locked(&self) -> bool;
+
+    /// The next holder of the log's lock keeps it this long: a write to a stalled disk.
+    #[cfg(test)]
+    fn stall_next_holder(&self, by: std::time::Duration);
 }
 
 /// What an inline commit did: the sequence number of the first record of the batch's last
@@ -213,6 +232,14 @@ impl Deferred {
         let mut bodies = self.bodies.lock();
         bodies.push(body);
         bodies.len()
+    }
+
+    /// Puts back, ahead of anything queued since, records taken for a commit that did not
+    /// happen.
+    fn restore(&self, pending: Pending) {
+        let mut bodies = self.bodies.lock();
+        let later = std::mem::replace(&mut *bodies, pending.bodies);
+        bodies.extend(later);
     }
 
     /// Everything queued so far, as one batch entry nobody waits for (`None` when empty).
@@ -254,7 +281,7 @@ impl AuditHandle {
             .iter()
             .map(|event| self.serialise(event))
             .collect::<Result<Vec<_>, _>>()?;
-        let (first, receipt) = self.append_inline(tx, log, bodies)?;
+        let (first, receipt) = self.append_inline(tx, log, bodies).await?;
         let seqs = (first..first + count).collect();
         if wait_durable || self.durability() == Durability::BeforeForward {
             receipt.wait().await?;
@@ -266,7 +293,8 @@ impl AuditHandle {
     /// Frames and writes `bodies` (after the deferred records) on this thread: one write to
     /// the page cache under the log's lock, no hand-off to the writer thread and back. The
     /// receipt resolves once the writer thread's fsync covers them (at once without fsync).
-    fn append_inline(
+    /// Behind a stalled holder of the lock, the write is done off the runtime instead.
+    async fn append_inline(
         &self,
         tx: &Sender<Cmd>,
         log: &Arc<dyn InlineLog>,
@@ -285,7 +313,10 @@ impl AuditHandle {
             awaited: true,
             durable,
         });
-        let commit = log.commit_inline(&mut batch);
+        let commit = match log.commit_unless_stalled(&mut batch) {
+            Some(commit) => commit,
+            None => self.commit_behind_stall(log, batch).await?,
+        };
         if commit.wake {
             // A closed channel means the thread is gone, and with it answered every waiter.
             let _ = tx.send(Cmd::Sync);
@@ -304,6 +335,41 @@ impl AuditHandle {
             Err(oneshot::error::TryRecvError::Closed) => return Err(AuditError::Closed),
         };
         Ok((first, receipt))
+    }
+
+    /// Commits the batch's own entry (the last) on a blocking thread when the log's lock is
+    /// held by a stalled holder, within `durability_timeout`; the deferred records taken with
+    /// it go back to their queue. Past the timeout the commit is abandoned — its record is
+    /// then never written — unless its write had already begun, which gets one more timeout.
+    async fn commit_behind_stall(
+        &self,
+        log: &Arc<dyn InlineLog>,
+        mut batch: Vec<Pending>,
+    ) -> Result<InlineCommit, AuditError> {
+        self.inner
+            .counters
+            .stalled_appends
+            .fetch_add(1, Ordering::Relaxed);
+        let own = batch.pop().ok_or(AuditError::Closed)?;
+        for deferred in batch {
+            self.inner.deferred.restore(deferred);
+        }
+        let within = self.inner.durability_timeout;
+        let claim = Arc::new(super::writer::Claim::default());
+        let (log, claimed) = (log.clone(), claim.clone());
+        let mut commit = tokio::task::spawn_blocking(move || {
+            log.commit_claimed(&mut vec![own], &claimed, within)
+        });
+        let timed_out = AuditError::DurabilityTimeout(within);
+        let joined = match tokio::time::timeout(within, &mut commit).await {
+            Ok(joined) => joined,
+            Err(_) if claim.abandon() => return Err(timed_out),
+            // Its write had begun when the wait ran out.
+            Err(_) => tokio::time::timeout(within, commit)
+                .await
+                .map_err(|_| timed_out.clone())?,
+        };
+        joined.map_err(|_| AuditError::Closed)?.ok_or(timed_out)
     }
 
     /// Whether records are written at all (`enabled = false` gives a handle that drops them).
@@ -436,10 +502,13 @@ impl MetricSet for AuditHandle {
             .render(out, "pgward_audit_fsync_duration_seconds", "");
         let _ = writeln!(
             out,
-            "# HELP pgward_audit_siem_sent_total Audit records delivered to the syslog-over-TLS collector.\n\
+            "# HELP pgward_audit_stalled_appends_total Statements whose audit record found the log's lock held by a write stalled on the audit disk (committed off the runtime, or failed after durability_timeout).\n\
+             # TYPE pgward_audit_stalled_appends_total counter\npgward_audit_stalled_appends_total {}\n\
+             # HELP pgward_audit_siem_sent_total Audit records delivered to the syslog-over-TLS collector.\n\
              # TYPE pgward_audit_siem_sent_total counter\npgward_audit_siem_sent_total {}\n\
              # HELP pgward_audit_siem_dropped_total Audit record copies dropped for the syslog-over-TLS collector (queue full or collector down; the files keep them).\n\
              # TYPE pgward_audit_siem_dropped_total counter\npgward_audit_siem_dropped_total {}",
+            load(&counters.stalled_appends),
             load(&counters.siem_sent),
             load(&counters.siem_dropped)
         );

@@ -123,6 +123,8 @@ async fn metrics_show_the_audit_fsyncs_the_records_they_cover_and_the_results_he
     // something was still to be made durable.
     let held = value("pgward_audit_durability_wait_seconds_count");
     assert!(held >= 1.0, "{page}");
+    // A healthy disk never holds the log's lock long enough to count as stalled.
+    assert_eq!(value("pgward_audit_stalled_appends_total"), 0.0, "{page}");
     drop(client);
     synced.shutdown().await;
 

@@ -36,7 +36,10 @@ use super::signing::SigningKey;
 use super::AuditError;
 
 mod frame;
+mod held;
 mod sync;
+
+pub(super) use held::Claim;
 
 /// Owns the writer thread. Dropping it without [`AuditLog::shutdown`] still stops the writer
 /// once every handle is gone, but without waiting for it.
@@ -101,7 +104,7 @@ impl AuditLog {
         let (tx, rx) = std::sync::mpsc::channel();
         let deferred = Arc::new(Deferred::default());
         let queue = deferred.clone();
-        let writer = Arc::new(parking_lot::Mutex::new(writer));
+        let writer = Arc::new(held::LogLock::new(writer));
         // Sessions write their records themselves under the log's lock: no hand-off to the
         // thread and back before a statement may be forwarded.
         let inline = writer.clone() as Arc<dyn InlineLog>;
@@ -611,7 +614,7 @@ impl Writer {
 /// The writer thread: makes what sessions wrote durable (one fsync at a time, outside the
 /// log's lock, each covering everything written before it began), writes deferred records
 /// at least every [`DEFERRED_MAX_DELAY`] and a checkpoint every interval.
-fn run(writer: &parking_lot::Mutex<Writer>, rx: Receiver<Cmd>, deferred: &Deferred) {
+fn run(writer: &held::LogLock, rx: Receiver<Cmd>, deferred: &Deferred) {
     // However the thread ends, no one may wait for an fsync that will never come.
     let _stop = StopOnExit(writer);
     let gather = writer.lock().max_delay;
@@ -647,7 +650,7 @@ fn run(writer: &parking_lot::Mutex<Writer>, rx: Receiver<Cmd>, deferred: &Deferr
 
 /// Ends the log when the writer thread ends, even by a panic: later appends are refused and
 /// everyone waiting for an fsync is told it will not come, instead of waiting forever.
-struct StopOnExit<'a>(&'a parking_lot::Mutex<Writer>);
+struct StopOnExit<'a>(&'a held::LogLock);
 
 impl Drop for StopOnExit<'_> {
     fn drop(&mut self) {
@@ -655,22 +658,6 @@ impl Drop for StopOnExit<'_> {
         writer.stopped = true;
         writer.fail_unsynced(&AuditError::Closed);
         writer.dir_lock = None;
-    }
-}
-
-impl InlineLog for parking_lot::Mutex<Writer> {
-    fn commit_inline(&self, batch: &mut Vec<Pending>) -> InlineCommit {
-        self.lock().commit_inline(batch)
-    }
-
-    #[cfg(test)]
-    fn delay_syncs(&self, by: Duration) {
-        self.lock().test_sync_delay = by;
-    }
-
-    #[cfg(test)]
-    fn is_locked(&self) -> bool {
-        parking_lot::Mutex::is_locked(self)
     }
 }
 

@@ -27,10 +27,7 @@ pub(super) struct SyncTarget {
 /// One fsync of everything written so far, if anything waits for one: the lock is taken to
 /// note how far to sync and again to record the outcome, not during the fsync, so sessions
 /// keep writing (their records wait for the next fsync). Returns whether it synced.
-pub(super) fn sync_written_outside_lock(
-    writer: &parking_lot::Mutex<Writer>,
-    gather: Duration,
-) -> bool {
+pub(super) fn sync_written_outside_lock(writer: &super::held::LogLock, gather: Duration) -> bool {
     if !gather.is_zero() && writer.lock().has_unsynced() {
         // `group_commit_max_delay`: let more records join this fsync.
         std::thread::sleep(gather);

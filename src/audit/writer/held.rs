@@ -1,0 +1,192 @@
+//! The log's lock, which knows since when its holder has held it.
+//!
+//! Sessions write their records on their tokio worker under this lock, and a write to the
+//! page cache takes microseconds — unless the audit disk stalls: then `write(2)` can block
+//! (dirty-page throttling, a journal waiting on the device) with the lock held, and every
+//! worker that queued behind it would block too, taking the whole proxy down with the disk.
+//! So a worker waits for the lock only while its holder is making progress; once the holder
+//! has held it for [`STALLED_AFTER`], the caller is told so and commits off the runtime,
+//! within the `durability_timeout` it is owed. The one worker stuck in the write is the price
+//! of a stalled disk; the proxy goes on answering (statements refused or run unaudited as
+//! `on_failure` says, health checks, metrics).
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use super::Writer;
+use crate::audit::handle::{InlineCommit, InlineLog, Pending};
+
+/// How long a holder may keep the lock before its waiters stop blocking their worker for it.
+/// A write of a batch takes microseconds; a rotation's fsync under the lock, a millisecond or
+/// so on a slow disk. Beyond this, waiting is the disk's outage, not contention.
+const STALLED_AFTER: Duration = Duration::from_millis(2);
+
+/// How long a worker parks on the lock before it looks again at how long it has been held.
+const RECHECK: Duration = Duration::from_micros(250);
+
+/// An off-runtime commit's claim on its batch: the session that gave up waiting abandons it,
+/// the thread that got the lock takes it — whichever comes first, atomically, so an
+/// abandoned statement's record is never written behind its back.
+#[derive(Debug, Default)]
+pub(in crate::audit) struct Claim(AtomicU8);
+
+const WAITING: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
+
+impl Claim {
+    /// The session gives up on the commit; false when its write has already begun.
+    pub(in crate::audit) fn abandon(&self) -> bool {
+        self.0
+            .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn take(&self) -> bool {
+        self.0
+            .compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+/// The writer behind its lock.
+pub(super) struct LogLock {
+    writer: parking_lot::Mutex<Writer>,
+    /// When the current holder took the lock: microseconds since `epoch`, plus one (zero
+    /// while nobody holds it).
+    held_since: AtomicU64,
+    epoch: Instant,
+    /// Tests: the next holder of the lock keeps it this long (µs), as a write to a stalled
+    /// disk would.
+    #[cfg(test)]
+    stall_next: AtomicU64,
+}
+
+/// The writer, locked; records its holder's start while it lives.
+pub(super) struct Held<'a> {
+    guard: parking_lot::MutexGuard<'a, Writer>,
+    lock: &'a LogLock,
+}
+
+impl std::ops::Deref for Held<'_> {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Writer {
+        &mut self.guard
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Before the guard's own drop releases the lock.
+        self.lock.held_since.store(0, Ordering::Release);
+    }
+}
+
+impl LogLock {
+    pub(super) fn new(writer: Writer) -> Self {
+        LogLock {
+            writer: parking_lot::Mutex::new(writer),
+            held_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+            #[cfg(test)]
+            stall_next: AtomicU64::new(0),
+        }
+    }
+
+    /// Waits for the lock however long it takes: for the writer thread, which nothing else
+    /// runs on.
+    pub(super) fn lock(&self) -> Held<'_> {
+        self.held(self.writer.lock())
+    }
+
+    /// Waits for the lock as long as its holder is not stalled; `None` once it has held the
+    /// lock for [`STALLED_AFTER`].
+    fn lock_unless_stalled(&self) -> Option<Held<'_>> {
+        loop {
+            if let Some(guard) = self.writer.try_lock_for(RECHECK) {
+                return Some(self.held(guard));
+            }
+            if self.held_for() >= STALLED_AFTER {
+                return None;
+            }
+        }
+    }
+
+    fn held<'a>(&'a self, guard: parking_lot::MutexGuard<'a, Writer>) -> Held<'a> {
+        let since = self.epoch.elapsed().as_micros() as u64 + 1;
+        self.held_since.store(since, Ordering::Release);
+        let held = Held { guard, lock: self };
+        #[cfg(test)]
+        {
+            let stall = self.stall_next.swap(0, Ordering::AcqRel);
+            std::thread::sleep(Duration::from_micros(stall));
+        }
+        held
+    }
+
+    /// How long the current holder has held the lock (zero when free or just taken).
+    fn held_for(&self) -> Duration {
+        match self.held_since.load(Ordering::Acquire) {
+            0 => Duration::ZERO,
+            since => self
+                .epoch
+                .elapsed()
+                .saturating_sub(Duration::from_micros(since - 1)),
+        }
+    }
+}
+
+impl InlineLog for LogLock {
+    fn commit_unless_stalled(&self, batch: &mut Vec<Pending>) -> Option<InlineCommit> {
+        Some(self.lock_unless_stalled()?.commit_inline(batch))
+    }
+
+    fn commit_claimed(
+        &self,
+        batch: &mut Vec<Pending>,
+        claim: &Claim,
+        within: Duration,
+    ) -> Option<InlineCommit> {
+        let mut writer = self.held(self.writer.try_lock_for(within)?);
+        claim.take().then(|| writer.commit_inline(batch))
+    }
+
+    #[cfg(test)]
+    fn delay_syncs(&self, by: Duration) {
+        self.lock().test_sync_delay = by;
+    }
+
+    #[cfg(test)]
+    fn is_locked(&self) -> bool {
+        self.writer.is_locked()
+    }
+
+    #[cfg(test)]
+    fn stall_next_holder(&self, by: Duration) {
+        self.stall_next
+            .store(by.as_micros() as u64, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Claim;
+
+    #[test]
+    fn a_claim_is_either_abandoned_by_its_session_or_taken_by_the_writer_never_both() {
+        let abandoned = Claim::default();
+        assert!(abandoned.abandon());
+        assert!(!abandoned.take(), "an abandoned record was written");
+        let taken = Claim::default();
+        assert!(taken.take());
+        assert!(
+            !taken.abandon(),
+            "a record being written was reported abandoned"
+        );
+    }
+}
