@@ -14,7 +14,9 @@
 //!
 //! The lock is held for a write, never for an fsync — except the rare ones that must
 //! complete before anything else is written (start, rotation, shutdown). Records nobody
-//! waits for wait on the deferred queue for the next append or the 20 ms tick.
+//! waits for wait on the deferred queue for the next append or the 20 ms tick. A session
+//! waits for the lock on its worker only while the holder makes progress (`held`): behind a
+//! write stalled on the disk it commits off the runtime, within `durability_timeout`.
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
