@@ -388,24 +388,31 @@ async fn a_write_stalled_under_the_log_lock_costs_other_statements_bounded_time_
     // A completion queued during the stall: whoever takes it must not lose it.
     handle.append_nowait(statement("SELECT q FROM queued"));
     let started = Instant::now();
-    let behind = handle.clone();
-    let behind = tokio::spawn(async move {
-        behind
-            .append_staged(vec![statement("SELECT b FROM behind")], false)
+    let behind: Vec<_> = (0..8)
+        .map(|i| {
+            let behind = handle.clone();
+            tokio::spawn(async move {
+                let sql = format!("SELECT b FROM behind_{i}");
+                behind.append_staged(vec![statement(&sql)], false).await
+            })
+        })
+        .collect();
+    for statement in behind {
+        let appended = tokio::time::timeout(Duration::from_secs(2), statement)
             .await
-            .map(|_| ())
-    });
-    let behind = tokio::time::timeout(Duration::from_secs(2), behind)
-        .await
-        .expect("a statement waited behind the stalled write past its durability_timeout")
-        .unwrap();
-    assert!(
-        matches!(behind, Err(AuditError::DurabilityTimeout(_))),
-        "{behind:?}"
-    );
+            .expect("a statement waited behind the stalled write past its durability_timeout")
+            .unwrap();
+        assert!(
+            matches!(appended, Err(AuditError::DurabilityTimeout(_))),
+            "{appended:?}"
+        );
+    }
     assert!(started.elapsed() < Duration::from_secs(1));
     let stalled = &handle.inner.counters.stalled_appends;
-    assert!(stalled.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(stalled.load(std::sync::atomic::Ordering::Relaxed) >= 8);
+    // One blocking thread waited for the lock; the others waited their turn on the runtime.
+    let log_lock = handle.inner.inline.as_ref().unwrap();
+    assert_eq!(log_lock.most_claim_waiters(), 1);
     // The disk answers again: appends go on as before.
     tokio::time::sleep_until((stalled_at + stall + Duration::from_millis(100)).into()).await;
     stuck.await.unwrap();

@@ -167,6 +167,8 @@ pub(super) struct HandleInner {
     pub(super) fsync: bool,
     /// The longest a receipt waits for its fsync (`AuditConfig::durability_timeout`).
     pub(super) durability_timeout: Duration,
+    /// The one turn at waiting for the log's lock off the runtime, behind a stalled holder.
+    pub(super) stall_turn: Arc<tokio::sync::Semaphore>,
     /// The settings a SIGHUP may change while the log runs.
     pub(super) live: parking_lot::RwLock<LiveSettings>,
     pub(super) counters: Arc<Counters>,
@@ -200,6 +202,10 @@ pub(super) trait InlineLog: Send + Sync {
     /// The next holder of the log's lock keeps it this long: a write to a stalled disk.
     #[cfg(test)]
     fn stall_next_holder(&self, by: std::time::Duration);
+
+    /// The most threads that waited for the lock off the runtime at once.
+    #[cfg(test)]
+    fn most_claim_waiters(&self) -> usize;
 }
 
 /// What an inline commit did: the sequence number of the first record of the batch's last
@@ -339,8 +345,11 @@ impl AuditHandle {
 
     /// Commits the batch's own entry (the last) on a blocking thread when the log's lock is
     /// held by a stalled holder, within `durability_timeout`; the deferred records taken with
-    /// it go back to their queue. Past the timeout the commit is abandoned — its record is
-    /// then never written — unless its write had already begun, which gets one more timeout.
+    /// it go back to their queue. One blocking thread at a time waits for the lock (the
+    /// others wait for their turn on the runtime), so a long stall cannot fill the blocking
+    /// pool that the rest of the proxy shares. Past the timeout the commit is abandoned — its
+    /// record is then never written — unless its write had already begun, which gets one
+    /// more timeout.
     async fn commit_behind_stall(
         &self,
         log: &Arc<dyn InlineLog>,
@@ -355,13 +364,21 @@ impl AuditHandle {
             self.inner.deferred.restore(deferred);
         }
         let within = self.inner.durability_timeout;
+        let timed_out = AuditError::DurabilityTimeout(within);
+        let deadline = tokio::time::Instant::now() + within;
+        let turn = self.inner.stall_turn.clone().acquire_owned();
+        let turn = tokio::time::timeout_at(deadline, turn)
+            .await
+            .map_err(|_| timed_out.clone())?
+            .map_err(|_| AuditError::Closed)?;
         let claim = Arc::new(super::writer::Claim::default());
         let (log, claimed) = (log.clone(), claim.clone());
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut commit = tokio::task::spawn_blocking(move || {
-            log.commit_claimed(&mut vec![own], &claimed, within)
+            let _turn = turn;
+            log.commit_claimed(&mut vec![own], &claimed, left)
         });
-        let timed_out = AuditError::DurabilityTimeout(within);
-        let joined = match tokio::time::timeout(within, &mut commit).await {
+        let joined = match tokio::time::timeout_at(deadline, &mut commit).await {
             Ok(joined) => joined,
             Err(_) if claim.abandon() => return Err(timed_out),
             // Its write had begun when the wait ran out.

@@ -59,6 +59,12 @@ pub(super) struct LogLock {
     /// disk would.
     #[cfg(test)]
     stall_next: AtomicU64,
+    /// Tests: threads waiting for the lock off the runtime now, and the most there were.
+    #[cfg(test)]
+    claim_waiters: (
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    ),
 }
 
 /// The writer, locked; records its holder's start while it lives.
@@ -95,6 +101,8 @@ impl LogLock {
             epoch: Instant::now(),
             #[cfg(test)]
             stall_next: AtomicU64::new(0),
+            #[cfg(test)]
+            claim_waiters: Default::default(),
         }
     }
 
@@ -152,6 +160,8 @@ impl InlineLog for LogLock {
         claim: &Claim,
         within: Duration,
     ) -> Option<InlineCommit> {
+        #[cfg(test)]
+        let _waiting = self.count_claim_waiter();
         let mut writer = self.held(self.writer.try_lock_for(within)?);
         claim.take().then(|| writer.commit_inline(batch))
     }
@@ -170,6 +180,27 @@ impl InlineLog for LogLock {
     fn stall_next_holder(&self, by: Duration) {
         self.stall_next
             .store(by.as_micros() as u64, Ordering::Release);
+    }
+
+    #[cfg(test)]
+    fn most_claim_waiters(&self) -> usize {
+        self.claim_waiters.1.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+impl LogLock {
+    /// Counts a thread waiting for the lock off the runtime until the guard drops.
+    fn count_claim_waiter(&self) -> impl Drop + '_ {
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let (now, most) = &self.claim_waiters;
+        most.fetch_max(now.fetch_add(1, Ordering::AcqRel) + 1, Ordering::AcqRel);
+        Waiting(now)
     }
 }
 
