@@ -430,3 +430,16 @@ async fn a_write_stalled_under_the_log_lock_costs_other_statements_bounded_time_
     assert!(text.contains("FROM queued"), "a queued record was lost");
     assert!(text.contains("FROM after"));
 }
+
+#[test]
+fn a_claim_is_either_abandoned_by_its_session_or_taken_by_the_writer_never_both() {
+    let abandoned = handle::Claim::default();
+    assert!(abandoned.abandon());
+    assert!(!abandoned.take(), "an abandoned record was written");
+    let taken = handle::Claim::default();
+    assert!(taken.take());
+    assert!(
+        !taken.abandon(),
+        "a record being written was reported abandoned"
+    );
+}

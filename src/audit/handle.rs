@@ -3,7 +3,7 @@
 //! file, or durable ([`DurableReceipt`], answered by the writer thread's fsync); records
 //! nobody waits for go on the [`Deferred`] queue.
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Duration;
@@ -187,7 +187,7 @@ pub(super) trait InlineLog: Send + Sync {
     fn commit_claimed(
         &self,
         batch: &mut Vec<Pending>,
-        claim: &super::writer::Claim,
+        claim: &Claim,
         within: std::time::Duration,
     ) -> Option<InlineCommit>;
 
@@ -206,6 +206,35 @@ pub(super) trait InlineLog: Send + Sync {
     /// The most threads that waited for the lock off the runtime at once.
     #[cfg(test)]
     fn most_claim_waiters(&self) -> usize;
+}
+
+/// An off-runtime commit's claim on its batch: the session that gave up waiting abandons it,
+/// the thread that got the lock takes it — whichever comes first, atomically, so an
+/// abandoned statement's record is never written behind its back.
+#[derive(Debug, Default)]
+pub(super) struct Claim(AtomicU8);
+
+impl Claim {
+    const WAITING: u8 = 0;
+    const TAKEN: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    /// The session gives up on the commit; false when its write has already begun.
+    pub(super) fn abandon(&self) -> bool {
+        self.settle(Self::ABANDONED)
+    }
+
+    /// The thread holding the log's lock begins the write; false when the session gave up.
+    pub(super) fn take(&self) -> bool {
+        self.settle(Self::TAKEN)
+    }
+
+    fn settle(&self, outcome: u8) -> bool {
+        let settled =
+            self.0
+                .compare_exchange(Self::WAITING, outcome, Ordering::AcqRel, Ordering::Acquire);
+        settled.is_ok()
+    }
 }
 
 /// What an inline commit did: the sequence number of the first record of the batch's last
@@ -371,7 +400,7 @@ impl AuditHandle {
             .await
             .map_err(|_| timed_out.clone())?
             .map_err(|_| AuditError::Closed)?;
-        let claim = Arc::new(super::writer::Claim::default());
+        let claim = Arc::new(Claim::default());
         let (log, claimed) = (log.clone(), claim.clone());
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut commit = tokio::task::spawn_blocking(move || {

@@ -9,11 +9,11 @@
 //! within the `durability_timeout` it is owed. The one worker stuck in the write is the price
 //! of a stalled disk; the proxy goes on answering (statements refused or run unaudited as
 //! `on_failure` says, health checks, metrics).
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Writer;
-use crate::audit::handle::{InlineCommit, InlineLog, Pending};
+use crate::audit::handle::{Claim, InlineCommit, InlineLog, Pending};
 
 /// How long a holder may keep the lock before its waiters stop blocking their worker for it.
 /// A write of a batch takes microseconds; a rotation's fsync under the lock, a millisecond or
@@ -22,31 +22,6 @@ const STALLED_AFTER: Duration = Duration::from_millis(2);
 
 /// How long a worker parks on the lock before it looks again at how long it has been held.
 const RECHECK: Duration = Duration::from_micros(250);
-
-/// An off-runtime commit's claim on its batch: the session that gave up waiting abandons it,
-/// the thread that got the lock takes it — whichever comes first, atomically, so an
-/// abandoned statement's record is never written behind its back.
-#[derive(Debug, Default)]
-pub(in crate::audit) struct Claim(AtomicU8);
-
-const WAITING: u8 = 0;
-const TAKEN: u8 = 1;
-const ABANDONED: u8 = 2;
-
-impl Claim {
-    /// The session gives up on the commit; false when its write has already begun.
-    pub(in crate::audit) fn abandon(&self) -> bool {
-        self.0
-            .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    fn take(&self) -> bool {
-        self.0
-            .compare_exchange(WAITING, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-}
 
 /// The writer behind its lock.
 pub(super) struct LogLock {
@@ -201,23 +176,5 @@ impl LogLock {
         let (now, most) = &self.claim_waiters;
         most.fetch_max(now.fetch_add(1, Ordering::AcqRel) + 1, Ordering::AcqRel);
         Waiting(now)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Claim;
-
-    #[test]
-    fn a_claim_is_either_abandoned_by_its_session_or_taken_by_the_writer_never_both() {
-        let abandoned = Claim::default();
-        assert!(abandoned.abandon());
-        assert!(!abandoned.take(), "an abandoned record was written");
-        let taken = Claim::default();
-        assert!(taken.take());
-        assert!(
-            !taken.abandon(),
-            "a record being written was reported abandoned"
-        );
     }
 }

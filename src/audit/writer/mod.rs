@@ -41,8 +41,6 @@ mod frame;
 mod held;
 mod sync;
 
-pub(super) use held::Claim;
-
 /// Owns the writer thread. Dropping it without [`AuditLog::shutdown`] still stops the writer
 /// once every handle is gone, but without waiting for it.
 pub struct AuditLog {
