@@ -83,6 +83,34 @@ fn render_metrics(shared: &Shared) -> String {
 /// Time one readiness item may take (the whole page must answer a load balancer promptly).
 const ITEM_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Whether a file can be written in the audit directory, asked off the runtime: on a stalled
+/// disk creating or removing a file can block for good, and a load balancer asks every few
+/// seconds, so a blocked probe must cost neither a worker thread nor an unanswered page. One
+/// probe at a time: while one still waits for the disk, the next reports that at once rather
+/// than leaving another thread behind it.
+async fn probe_audit_dir(shared: &Shared, dir: &std::path::Path) -> (bool, String) {
+    let Ok(turn) = shared.audit_probe.clone().try_acquire_owned() else {
+        return (
+            false,
+            "an earlier write probe is still waiting for the disk".into(),
+        );
+    };
+    let dir = dir.to_path_buf();
+    let probe = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
+        crate::audit::probe_writable(&dir)
+    });
+    match tokio::time::timeout(ITEM_TIMEOUT, probe).await {
+        Ok(Ok(Ok(()))) => (true, "writable".into()),
+        Ok(Ok(Err(e))) => (false, e.to_string()),
+        Ok(Err(_)) => (false, "the write probe failed".into()),
+        Err(_) => (
+            false,
+            "a write probe got no answer in time (is the disk stalled?)".into(),
+        ),
+    }
+}
+
 /// Each readiness item as `ok|fail <item>: detail`, and whether all are ok.
 pub async fn readiness(shared: &Shared) -> (bool, String) {
     let mut items: Vec<(bool, &str, String)> = Vec::new();
@@ -93,10 +121,10 @@ pub async fn readiness(shared: &Shared) -> (bool, String) {
         Err(_) => (false, "upstream", "no answer in time".into()),
     });
     items.push(match &shared.config.audit {
-        Some(audit) if audit.enabled => match crate::audit::probe_writable(&audit.dir) {
-            Ok(()) => (true, "audit", "writable".into()),
-            Err(e) => (false, "audit", e.to_string()),
-        },
+        Some(audit) if audit.enabled => {
+            let (ok, detail) = probe_audit_dir(shared, &audit.dir).await;
+            (ok, "audit", detail)
+        }
         _ => (true, "audit", "not configured".into()),
     });
     let token_keys = shared.verifier.key_count();

@@ -98,6 +98,9 @@ pub struct Shared {
     pub pools: crate::pool::Pools,
     /// The live client sessions (admin console, client gauges).
     pub registry: registry::Registry,
+    /// The one `/readyz` write probe of the audit directory allowed in flight (see
+    /// [`admin::readiness`]).
+    audit_probe: Arc<tokio::sync::Semaphore>,
 }
 
 /// A bound, ready-to-run proxy.
@@ -183,6 +186,7 @@ impl Proxy {
                 encryption,
                 pools: crate::pool::Pools::default(),
                 registry: registry::Registry::default(),
+                audit_probe: Arc::new(tokio::sync::Semaphore::new(1)),
             }),
             audit_log,
             listener,

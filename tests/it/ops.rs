@@ -51,6 +51,109 @@ async fn readyz_reports_each_item_and_fails_when_upstream_is_unreachable() {
     proxy.shutdown().await;
 }
 
+/// Opens a FIFO's reading end, so that a write blocked on it goes through, when dropped or
+/// after 15 s, whichever comes first: a test whose proxy blocks on the FIFO fails instead of
+/// hanging.
+struct FifoReader {
+    dropped: Option<std::sync::mpsc::Sender<()>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FifoReader {
+    fn new(path: std::path::PathBuf) -> Self {
+        let (dropped, wait) = std::sync::mpsc::channel::<()>();
+        let reader = std::thread::spawn(move || {
+            let _ = wait.recv_timeout(std::time::Duration::from_secs(15));
+            drain_fifo(&path);
+        });
+        FifoReader {
+            dropped: Some(dropped),
+            reader: Some(reader),
+        }
+    }
+}
+
+impl Drop for FifoReader {
+    fn drop(&mut self) {
+        drop(self.dropped.take());
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// Reads what a writer blocked on the FIFO writes, until it closes (or a second has passed).
+fn drain_fifo(path: &std::path::Path) {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
+    let Ok(mut fifo) = opened else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline {
+        match fifo.read_to_end(&mut seen) {
+            Ok(_) if !seen.is_empty() => break,
+            _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_answers_in_bounded_time_while_the_audit_directory_blocks_its_write_probe() {
+    use std::time::Duration;
+    let audit_dir = tempfile::tempdir().unwrap();
+    let proxy = harness::audited_proxy(audit_dir.path(), "").await;
+    let admin = proxy.admin.unwrap();
+    // The probe's file is a FIFO nobody reads: creating it for writing blocks, as a file
+    // operation on a stalled disk does.
+    let probe = audit_dir
+        .path()
+        .join(format!(".pgward-check-{}", std::process::id()));
+    let made = std::process::Command::new("mkfifo").arg(&probe).status();
+    assert!(made.unwrap().success());
+    let reader = FifoReader::new(probe.clone());
+    let readyz =
+        || tokio::time::timeout(Duration::from_secs(8), harness::http_get(admin, "/readyz"));
+    let page = readyz()
+        .await
+        .expect("/readyz hung behind the blocked probe");
+    assert!(status_line(&page).contains("503"), "{page}");
+    assert!(
+        page.contains("fail audit: a write probe got no answer in time"),
+        "{page}"
+    );
+    // While that probe still waits, the next page says so at once, and sessions are served.
+    let started = std::time::Instant::now();
+    let page = readyz()
+        .await
+        .expect("/readyz hung behind the blocked probe");
+    assert!(
+        page.contains("fail audit: an earlier write probe is still waiting for the disk"),
+        "{page}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let client = proxy.connect("app", "postgres").await;
+    client.simple_query("select 1").await.unwrap();
+    // The "disk" answers: the probe's write goes through, and the directory is ready again.
+    drop(reader);
+    let mut page = String::new();
+    for _ in 0..50 {
+        page = readyz().await.expect("/readyz hung");
+        if status_line(&page).contains("200") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(page.contains("ok audit: writable"), "{page}");
+    drop(client);
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_carry_per_service_decisions_latency_build_and_process_series() {
     let proxy = harness::start_proxy(ProxyOptions::default()).await;
