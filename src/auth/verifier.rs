@@ -126,12 +126,28 @@ async fn fetch_jwks(url: &str) -> Result<Vec<u8>, AuthSetupError> {
     Ok(body.to_vec())
 }
 
+/// The longest the key files may take to read.
+const KEY_FILES_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads the key files off the runtime, within [`KEY_FILES_TIMEOUT`]: a refresh is set off by
+/// a client's token (an unknown `kid`), and a stalled disk must cost that login bounded time,
+/// not a worker thread of the proxy.
 async fn load_all(config: &AuthConfig) -> Result<Keys, AuthSetupError> {
     let fetched = match &config.jwks_url {
         Some(url) => Some(fetch_jwks(url).await?),
         None => None,
     };
-    load_keys(config, fetched.as_deref())
+    let unanswered = |detail: &str| AuthSetupError::Read {
+        path: "the key files".into(),
+        detail: detail.into(),
+    };
+    let config = config.clone();
+    let load = tokio::task::spawn_blocking(move || load_keys(&config, fetched.as_deref()));
+    match tokio::time::timeout(KEY_FILES_TIMEOUT, load).await {
+        Ok(Ok(loaded)) => loaded,
+        Ok(Err(_)) => Err(unanswered("the read failed")),
+        Err(_) => Err(unanswered("no answer in time (is the disk stalled?)")),
+    }
 }
 
 fn load_keys(config: &AuthConfig, fetched_jwks: Option<&[u8]>) -> Result<Keys, AuthSetupError> {
@@ -474,6 +490,7 @@ mod tests {
     use super::*;
     use jsonwebtoken::{encode, EncodingKey, Header};
     use serde_json::json;
+    use std::os::unix::fs::OpenOptionsExt;
 
     const SECRET: &[u8] = b"unit-test-secret-that-is-32-bytes-long";
 
@@ -644,6 +661,51 @@ mod tests {
             .mint("billing", &Map::new(), Duration::from_secs(60), None, None)
             .unwrap();
         assert!(v.verify(&old_token, "billing", None).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_jwks_file_that_does_not_answer_costs_the_unknown_kid_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        super::super::DevSigningKey::load_or_create(&dir.path().join("old")).unwrap();
+        let new = super::super::DevSigningKey::load_or_create(&dir.path().join("new")).unwrap();
+        let jwks = dir.path().join("jwks.json");
+        let old_jwks = super::super::DevSigningKey::jwks_path(&dir.path().join("old"));
+        std::fs::copy(old_jwks, &jwks).unwrap();
+        let config = AuthConfig {
+            jwks_file: Some(jwks.clone()),
+            jwks_refresh_min_interval: Duration::ZERO,
+            ..AuthConfig::default()
+        };
+        let v = TokenVerifier::new(config).await.unwrap();
+        // The file becomes a FIFO nobody writes: reading it blocks, as on a stalled disk.
+        std::fs::remove_file(&jwks).unwrap();
+        let made = std::process::Command::new("mkfifo").arg(&jwks).status();
+        assert!(made.unwrap().success());
+        let token = new
+            .mint("billing", &Map::new(), Duration::from_secs(60), None, None)
+            .unwrap();
+        // The blocked read ends when a writer opens the FIFO and closes it: once the login
+        // is answered, or after 10 s if it never is (the test then fails instead of hanging).
+        let (answered, wait) = std::sync::mpsc::channel::<()>();
+        let fifo = jwks.clone();
+        let unblock = std::thread::spawn(move || {
+            let _ = wait.recv_timeout(Duration::from_secs(10));
+            let writer = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&fifo);
+            drop(writer);
+        });
+        let started = std::time::Instant::now();
+        let verified = v.verify(&token, "billing", None).await;
+        let waited = started.elapsed();
+        drop(answered);
+        unblock.join().unwrap();
+        assert_eq!(verified.unwrap_err().reason(), "unknown_key");
+        assert!(
+            waited < KEY_FILES_TIMEOUT + Duration::from_secs(1),
+            "the login waited {waited:?} for the stalled key file"
+        );
     }
 
     /// Serves `body()` over HTTP on loopback and counts requests.
