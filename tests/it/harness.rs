@@ -751,6 +751,56 @@ pub async fn audited_proxy(dir: &Path, extra: &str) -> TestProxy {
     .await
 }
 
+/// A FIFO standing in for a file on a stalled disk: opening it blocks whoever opens it (for
+/// reading or for writing) until the other side comes. The other side comes when this is
+/// dropped, or after 15 s — so a proxy that blocks on it fails its test instead of hanging it.
+pub struct StalledFile {
+    released: Option<std::sync::mpsc::Sender<()>>,
+    release: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StalledFile {
+    pub fn at(path: &Path) -> Self {
+        let made = std::process::Command::new("mkfifo").arg(path).status();
+        assert!(made.expect("mkfifo runs").success(), "mkfifo {path:?}");
+        let (released, wait) = std::sync::mpsc::channel::<()>();
+        let path = path.to_path_buf();
+        let release = std::thread::spawn(move || {
+            let _ = wait.recv_timeout(Duration::from_secs(15));
+            answer_fifo(&path);
+        });
+        StalledFile {
+            released: Some(released),
+            release: Some(release),
+        }
+    }
+}
+
+impl Drop for StalledFile {
+    fn drop(&mut self) {
+        drop(self.released.take());
+        if let Some(release) = self.release.take() {
+            let _ = release.join();
+        }
+    }
+}
+
+/// Opens both ends of the FIFO at once (never blocks on Linux), which lets a blocked opener
+/// through; takes what a writer writes and closes, which gives a reader its end of file.
+fn answer_fifo(path: &Path) {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
+    if let Ok(mut fifo) = opened {
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = fifo.read_to_end(&mut Vec::new());
+    }
+}
+
 /// Every record of the audit log in `dir`, in file order (lines that are not JSON skipped).
 pub fn audit_records(dir: &Path) -> Vec<serde_json::Value> {
     let mut files: Vec<_> = std::fs::read_dir(dir)

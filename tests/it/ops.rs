@@ -51,58 +51,6 @@ async fn readyz_reports_each_item_and_fails_when_upstream_is_unreachable() {
     proxy.shutdown().await;
 }
 
-/// Opens a FIFO's reading end, so that a write blocked on it goes through, when dropped or
-/// after 15 s, whichever comes first: a test whose proxy blocks on the FIFO fails instead of
-/// hanging.
-struct FifoReader {
-    dropped: Option<std::sync::mpsc::Sender<()>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl FifoReader {
-    fn new(path: std::path::PathBuf) -> Self {
-        let (dropped, wait) = std::sync::mpsc::channel::<()>();
-        let reader = std::thread::spawn(move || {
-            let _ = wait.recv_timeout(std::time::Duration::from_secs(15));
-            drain_fifo(&path);
-        });
-        FifoReader {
-            dropped: Some(dropped),
-            reader: Some(reader),
-        }
-    }
-}
-
-impl Drop for FifoReader {
-    fn drop(&mut self) {
-        drop(self.dropped.take());
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-    }
-}
-
-/// Reads what a writer blocked on the FIFO writes, until it closes (or a second has passed).
-fn drain_fifo(path: &std::path::Path) {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path);
-    let Ok(mut fifo) = opened else {
-        return;
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    let mut seen = Vec::new();
-    while std::time::Instant::now() < deadline {
-        match fifo.read_to_end(&mut seen) {
-            Ok(_) if !seen.is_empty() => break,
-            _ => std::thread::sleep(std::time::Duration::from_millis(10)),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_answers_in_bounded_time_while_the_audit_directory_blocks_its_write_probe() {
     use std::time::Duration;
@@ -114,9 +62,7 @@ async fn readyz_answers_in_bounded_time_while_the_audit_directory_blocks_its_wri
     let probe = audit_dir
         .path()
         .join(format!(".pgward-check-{}", std::process::id()));
-    let made = std::process::Command::new("mkfifo").arg(&probe).status();
-    assert!(made.unwrap().success());
-    let reader = FifoReader::new(probe.clone());
+    let stalled = harness::StalledFile::at(&probe);
     let readyz =
         || tokio::time::timeout(Duration::from_secs(8), harness::http_get(admin, "/readyz"));
     let page = readyz()
@@ -140,7 +86,7 @@ async fn readyz_answers_in_bounded_time_while_the_audit_directory_blocks_its_wri
     let client = proxy.connect("app", "postgres").await;
     client.simple_query("select 1").await.unwrap();
     // The "disk" answers: the probe's write goes through, and the directory is ready again.
-    drop(reader);
+    drop(stalled);
     let mut page = String::new();
     for _ in 0..50 {
         page = readyz().await.expect("/readyz hung");
