@@ -322,7 +322,7 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy, config_path: PathBuf) -> anyhow::Re
             if let Some(policies) = &policies {
                 // The catalog too: DDL run around pgward (views, new tables) becomes known.
                 policies.refresh_catalog().await;
-                if policies.reload_files().is_ok() {
+                if policies.reload_files().await.is_ok() {
                     tracing::info!("SIGHUP: catalog and policies reloaded");
                 }
             }

@@ -212,10 +212,17 @@ impl Policies {
         self.engine.rewrite_in_session(memo, &who, sql)
     }
 
-    /// Re-read the policy files; an invalid set keeps the old one and says why.
-    pub fn reload_files(&self) -> Result<(), String> {
-        *self.files_seen.lock() = policy_files(&self.config.dir);
-        self.swap_in(self.engine.reload_files())
+    /// Re-read the policy files; an invalid set keeps the old one and says why. The files are
+    /// read and the set compiled on a blocking thread: a stalled disk holds this reload, not a
+    /// worker of the runtime.
+    pub async fn reload_files(self: &Arc<Self>) -> Result<(), String> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            *this.files_seen.lock() = policy_files(&this.config.dir);
+            this.swap_in(this.engine.reload_files())
+        })
+        .await
+        .map_err(|e| format!("the policy reload stopped: {e}"))?
     }
 
     fn swap_in(&self, result: Result<(), Vec<PolicyError>>) -> Result<(), String> {
@@ -302,14 +309,14 @@ impl Policies {
         }))
     }
 
-    async fn reload_if_files_changed(&self) {
+    async fn reload_if_files_changed(self: &Arc<Self>) {
         let now = tokio::task::spawn_blocking({
             let dir = self.config.dir.clone();
             move || policy_files(&dir)
         })
         .await
         .unwrap_or_default();
-        if *self.files_seen.lock() != now && self.reload_files().is_ok() {
+        if *self.files_seen.lock() != now && self.reload_files().await.is_ok() {
             tracing::info!(dir = %self.config.dir.display(), "policy files changed: reloaded");
         }
     }
