@@ -37,6 +37,15 @@ fn stall_next_lock_holder(handle: &AuditHandle, by: std::time::Duration) {
     }
 }
 
+/// Appends a statement record and waits until it is durable.
+async fn append_durably(handle: &AuditHandle, sql: &str) {
+    let (_, receipt) = handle
+        .append_staged(vec![statement(sql)], false)
+        .await
+        .unwrap();
+    receipt.wait().await.unwrap();
+}
+
 /// A log in `dir` whose receipts wait at most `timeout` for their fsync.
 async fn log_with_timeout(
     dir: &std::path::Path,
@@ -328,11 +337,7 @@ async fn a_stalled_fsync_fails_the_wait_after_the_durability_timeout_and_answers
     // With the disk back, waits succeed again.
     slow_fsyncs(&handle, std::time::Duration::ZERO);
     tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
-    let (_, receipt) = handle
-        .append_staged(vec![statement("SELECT f FROM six")], false)
-        .await
-        .unwrap();
-    receipt.wait().await.unwrap();
+    append_durably(&handle, "SELECT f FROM six").await;
     log.shutdown().await.unwrap();
 }
 
@@ -416,11 +421,7 @@ async fn a_write_stalled_under_the_log_lock_costs_other_statements_bounded_time_
     // The disk answers again: appends go on as before.
     tokio::time::sleep_until((stalled_at + stall + Duration::from_millis(100)).into()).await;
     stuck.await.unwrap();
-    let (_, receipt) = handle
-        .append_staged(vec![statement("SELECT c FROM after")], false)
-        .await
-        .unwrap();
-    receipt.wait().await.unwrap();
+    append_durably(&handle, "SELECT c FROM after").await;
     log.shutdown().await.unwrap();
     let text = log_text(tmp.path());
     assert!(
