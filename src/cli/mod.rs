@@ -291,7 +291,7 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy, config_path: PathBuf) -> anyhow::Re
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             notify::notify("RELOADING=1");
-            let config = match Config::from_file(&config_path) {
+            let config = match read_config_off_runtime(&config_path).await {
                 Ok(config) => config,
                 Err(e) => {
                     tracing::error!(error = %e, "SIGHUP: the configuration file is invalid; nothing reloaded, the running configuration stays");
@@ -307,11 +307,15 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy, config_path: PathBuf) -> anyhow::Re
             tracing::info!(
                 "SIGHUP: services, upstream passwords, token settings and keys reloaded"
             );
-            match crate::tls::reload_server_certificates() {
-                Ok(0) => {}
-                Ok(_) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
-                Err(e) => {
+            // Files again: read on a blocking thread.
+            match tokio::task::spawn_blocking(crate::tls::reload_server_certificates).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(_)) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                Ok(Err(e)) => {
                     tracing::error!(error = %e, "SIGHUP: TLS reload failed, keeping the previous certificate")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS reload stopped, keeping the previous certificate")
                 }
             }
             if let Some(encryption) = &encryption {
@@ -330,6 +334,13 @@ pub fn spawn_reload_on_sighup(proxy: &Proxy, config_path: PathBuf) -> anyhow::Re
         }
     });
     Ok(())
+}
+
+/// Reads and validates the configuration file on a blocking thread: a stalled disk holds the
+/// reload, not a worker of the runtime that the sessions run on.
+async fn read_config_off_runtime(path: &std::path::Path) -> anyhow::Result<Config> {
+    let path = path.to_path_buf();
+    Ok(tokio::task::spawn_blocking(move || Config::from_file(&path)).await??)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -142,7 +142,12 @@ fn connects_with(port: u16, secret: &[u8]) -> bool {
             .user("app")
             .password(token)
             .dbname("postgres");
-        config.connect(tokio_postgres::NoTls).await.is_ok()
+        // A proxy that accepts and never answers would hang the test.
+        let connected = tokio::time::timeout(
+            Duration::from_secs(10),
+            config.connect(tokio_postgres::NoTls),
+        );
+        matches!(connected.await, Ok(Ok(_)))
     })
 }
 
@@ -189,4 +194,48 @@ fn sighup_reloads_the_token_keys() {
     sighup(&child.0);
     assert!(connects_with(port, &second), "the new key is accepted");
     assert!(!connects_with(port, &first), "the old key is not");
+}
+
+#[test]
+fn a_configuration_file_that_does_not_answer_holds_the_reload_not_the_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let text = harness::proxy_config_text(&ProxyOptions::default()).replacen(
+        "address = \"127.0.0.1:0\"",
+        &format!("address = \"127.0.0.1:{port}\""),
+        1,
+    );
+    let config = dir.path().join("pgward.toml");
+    std::fs::write(&config, &text).unwrap();
+    // One worker thread: a reload blocking it would hold every session.
+    let child = Child(
+        Command::new(env!("CARGO_BIN_EXE_pgward"))
+            .args(["--worker-threads", "1", "serve", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let secret = harness::fixtures().secret.clone();
+    let up = (0..100).any(|_| {
+        connects_with(port, &secret) || {
+            std::thread::sleep(Duration::from_millis(100));
+            false
+        }
+    });
+    assert!(up, "pgward serves");
+    // The file becomes one whose read never answers, as on a stalled disk; SIGHUP reads it.
+    std::fs::remove_file(&config).unwrap();
+    let stalled = harness::StalledFile::at(&config);
+    let started = std::time::Instant::now();
+    sighup(&child.0);
+    assert!(connects_with(port, &secret), "a login after the SIGHUP");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "sessions waited {:?} behind a reload stuck on its file",
+        started.elapsed()
+    );
+    drop(stalled);
 }
