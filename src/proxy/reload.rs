@@ -115,6 +115,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error("token keys: {0}")]
     Auth(#[from] crate::auth::AuthSetupError),
+    #[error("reading the upstream passwords stopped: {0}")]
+    Stopped(#[from] tokio::task::JoinError),
 }
 
 /// Applies new configurations to one running proxy.
@@ -134,7 +136,10 @@ impl Reloader {
     /// that changed but need a restart (already logged). On error nothing was changed.
     pub async fn apply(&self, new: &Config) -> Result<Vec<&'static str>, ReloadError> {
         let shared = &self.shared;
-        let services = Services::resolve(new)?;
+        // Password files are read on a blocking thread: a stalled disk holds the reload, not
+        // a worker of the runtime.
+        let resolving = new.clone();
+        let services = tokio::task::spawn_blocking(move || Services::resolve(&resolving)).await??;
         // Peers reload only while the node id stays (a new id, or joining or leaving a fleet,
         // needs a restart: keys already handed out name the running one).
         let peers = match (&shared.cluster, &new.cluster) {
