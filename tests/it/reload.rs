@@ -46,6 +46,35 @@ impl Drop for Child {
     }
 }
 
+/// Runs `pgward [global_args] serve` on a free port of 127.0.0.1 with `text` as its
+/// configuration file (in `dir`); returns the process, its port and the file.
+fn serve(
+    dir: &std::path::Path,
+    text: &str,
+    global_args: &[&str],
+) -> (Child, u16, std::path::PathBuf) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let text = text.replacen(
+        "address = \"127.0.0.1:0\"",
+        &format!("address = \"127.0.0.1:{port}\""),
+        1,
+    );
+    let config = dir.join("pgward.toml");
+    std::fs::write(&config, text).unwrap();
+    let child = Child(
+        Command::new(env!("CARGO_BIN_EXE_pgward"))
+            .args(global_args)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    (child, port, config)
+}
+
 #[test]
 fn sighup_reloads_the_certificate_and_rejects_a_bad_file_as_a_whole() {
     if Command::new("openssl").arg("version").output().is_err() {
@@ -58,28 +87,13 @@ fn sighup_reloads_the_certificate_and_rejects_a_bad_file_as_a_whole() {
     let (first_cert, first_key) = self_signed("first.example");
     std::fs::write(&cert, first_cert).unwrap();
     std::fs::write(&key, first_key).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
     let fx = harness::fixtures();
     let text = harness::proxy_config_text(&ProxyOptions::default())
         .replace(&format!("{:?}", fx.cert_file), &format!("{cert:?}"))
-        .replace(&format!("{:?}", fx.key_file), &format!("{key:?}"))
-        .replacen(
-            "address = \"127.0.0.1:0\"",
-            &format!("address = \"127.0.0.1:{port}\""),
-            1,
-        );
-    let config = dir.path().join("pgward.toml");
-    std::fs::write(&config, &text).unwrap();
-    let child = Child(
-        Command::new(env!("CARGO_BIN_EXE_pgward"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+        .replace(&format!("{:?}", fx.key_file), &format!("{key:?}"));
+    let (child, port, config) = serve(dir.path(), &text, &[]);
+    // As written, with its port: the steps below rewrite it.
+    let text = std::fs::read_to_string(&config).unwrap();
     let mut subject = String::new();
     for _ in 0..100 {
         subject = presented_subject(port);
@@ -157,29 +171,11 @@ fn sighup_reloads_the_token_keys() {
     let secret_file = dir.path().join("hs256.secret");
     let first = harness::fixtures().secret.clone();
     std::fs::write(&secret_file, &first).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    let text = harness::proxy_config_text(&ProxyOptions::default())
-        .replace(
-            &format!("{:?}", harness::fixtures().secret_file),
-            &format!("{secret_file:?}"),
-        )
-        .replacen(
-            "address = \"127.0.0.1:0\"",
-            &format!("address = \"127.0.0.1:{port}\""),
-            1,
-        );
-    let config = dir.path().join("pgward.toml");
-    std::fs::write(&config, &text).unwrap();
-    let child = Child(
-        Command::new(env!("CARGO_BIN_EXE_pgward"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
+    let text = harness::proxy_config_text(&ProxyOptions::default()).replace(
+        &format!("{:?}", harness::fixtures().secret_file),
+        &format!("{secret_file:?}"),
     );
+    let (child, port, _) = serve(dir.path(), &text, &[]);
     let mut up = false;
     for _ in 0..100 {
         if connects_with(port, &first) {
@@ -199,25 +195,9 @@ fn sighup_reloads_the_token_keys() {
 #[test]
 fn a_configuration_file_that_does_not_answer_holds_the_reload_not_the_sessions() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(listener);
-    let text = harness::proxy_config_text(&ProxyOptions::default()).replacen(
-        "address = \"127.0.0.1:0\"",
-        &format!("address = \"127.0.0.1:{port}\""),
-        1,
-    );
-    let config = dir.path().join("pgward.toml");
-    std::fs::write(&config, &text).unwrap();
+    let text = harness::proxy_config_text(&ProxyOptions::default());
     // One worker thread: a reload blocking it would hold every session.
-    let child = Child(
-        Command::new(env!("CARGO_BIN_EXE_pgward"))
-            .args(["--worker-threads", "1", "serve", "--config"])
-            .arg(&config)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (child, port, config) = serve(dir.path(), &text, &["--worker-threads", "1"]);
     let secret = harness::fixtures().secret.clone();
     let up = (0..100).any(|_| {
         connects_with(port, &secret) || {
