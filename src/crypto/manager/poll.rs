@@ -9,6 +9,9 @@ use crate::crypto::error::KeyFailure;
 use crate::crypto::providers::read_secret_file;
 use crate::keys::KeyError;
 
+/// The longest a poll waits for the Vault token file.
+const TOKEN_FILE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl KeyManager {
     /// Poll KEK versions and maintain the Vault token every `interval`, until the manager is dropped.
     pub fn spawn_poller(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
@@ -33,22 +36,35 @@ impl KeyManager {
         self.poll_once().await;
     }
 
-    /// Re-read `token_file` and hand a changed token to the Vault client.
-    fn reload_token_file(&self) {
+    /// Re-read `token_file` and hand a changed token to the Vault client. Read on a blocking
+    /// thread and within [`TOKEN_FILE_TIMEOUT`]: a stalled disk must hold neither a worker of
+    /// the runtime nor the poll (token maintenance and rotation checks go on meanwhile).
+    async fn reload_token_file(&self) {
         let (Some(path), Some(vault)) = (&self.token_file, &self.vault) else {
             return;
         };
-        match read_secret_file(path) {
-            Ok(token) if !token.is_empty() => {
+        let read = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || read_secret_file(&path)
+        });
+        let Ok(read) = tokio::time::timeout(TOKEN_FILE_TIMEOUT, read).await else {
+            tracing::warn!(file = %path.display(), "the Vault token file did not answer in time; keeping the current token");
+            return;
+        };
+        match read {
+            Ok(Ok(token)) if !token.is_empty() => {
                 if vault.replace_token(token) {
                     tracing::info!(file = %path.display(), "Vault token file changed; using the new token");
                 }
             }
-            Ok(_) => {
+            Ok(Ok(_)) => {
                 tracing::warn!(file = %path.display(), "Vault token file is empty; keeping the current token")
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot re-read the Vault token file; keeping the current token")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-reading the Vault token file stopped; keeping the current token")
             }
         }
     }
@@ -58,7 +74,7 @@ impl KeyManager {
     /// logged; refusals block the key name (see [`KeyManager::refresh_key`]).
     pub async fn poll_once(&self) {
         let _one_at_a_time = self.poll_lock.lock().await;
-        self.reload_token_file();
+        self.reload_token_file().await;
         if let Some(vault) = &self.vault {
             if let Err(e) = vault.maintain_token().await {
                 tracing::warn!(error = %e, "Vault token maintenance failed");
