@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -137,17 +137,15 @@ async fn load_all(config: &AuthConfig) -> Result<Keys, AuthSetupError> {
         Some(url) => Some(fetch_jwks(url).await?),
         None => None,
     };
-    let unanswered = |detail: &str| AuthSetupError::Read {
-        path: "the key files".into(),
-        detail: detail.into(),
-    };
     let config = config.clone();
-    let load = tokio::task::spawn_blocking(move || load_keys(&config, fetched.as_deref()));
-    match tokio::time::timeout(KEY_FILES_TIMEOUT, load).await {
-        Ok(Ok(loaded)) => loaded,
-        Ok(Err(_)) => Err(unanswered("the read failed")),
-        Err(_) => Err(unanswered("no answer in time (is the disk stalled?)")),
-    }
+    crate::blocking::within(KEY_FILES_TIMEOUT, move || {
+        load_keys(&config, fetched.as_deref())
+    })
+    .await
+    .map_err(|e| AuthSetupError::Read {
+        path: "the key files".into(),
+        detail: e.to_string(),
+    })?
 }
 
 fn load_keys(config: &AuthConfig, fetched_jwks: Option<&[u8]>) -> Result<Keys, AuthSetupError> {

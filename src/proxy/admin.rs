@@ -96,18 +96,18 @@ async fn probe_audit_dir(shared: &Shared, dir: &std::path::Path) -> (bool, Strin
         );
     };
     let dir = dir.to_path_buf();
-    let probe = tokio::task::spawn_blocking(move || {
+    let probe = crate::blocking::within(ITEM_TIMEOUT, move || {
         let _turn = turn;
         crate::audit::probe_writable(&dir)
     });
-    match tokio::time::timeout(ITEM_TIMEOUT, probe).await {
-        Ok(Ok(Ok(()))) => (true, "writable".into()),
-        Ok(Ok(Err(e))) => (false, e.to_string()),
-        Ok(Err(_)) => (false, "the write probe failed".into()),
-        Err(_) => (
+    match probe.await {
+        Ok(Ok(())) => (true, "writable".into()),
+        Ok(Err(e)) => (false, e.to_string()),
+        Err(crate::blocking::Unanswered::TimedOut(_)) => (
             false,
             "a write probe got no answer in time (is the disk stalled?)".into(),
         ),
+        Err(e) => (false, format!("the write probe failed: {e}")),
     }
 }
 

@@ -43,15 +43,11 @@ impl KeyManager {
         let (Some(path), Some(vault)) = (&self.token_file, &self.vault) else {
             return;
         };
-        let read = tokio::task::spawn_blocking({
+        let read = crate::blocking::within(TOKEN_FILE_TIMEOUT, {
             let path = path.clone();
             move || read_secret_file(&path)
         });
-        let Ok(read) = tokio::time::timeout(TOKEN_FILE_TIMEOUT, read).await else {
-            tracing::warn!(file = %path.display(), "the Vault token file did not answer in time; keeping the current token");
-            return;
-        };
-        match read {
+        match read.await {
             Ok(Ok(token)) if !token.is_empty() => {
                 if vault.replace_token(token) {
                     tracing::info!(file = %path.display(), "Vault token file changed; using the new token");
@@ -64,7 +60,7 @@ impl KeyManager {
                 tracing::warn!(error = %e, "cannot re-read the Vault token file; keeping the current token")
             }
             Err(e) => {
-                tracing::warn!(error = %e, "re-reading the Vault token file stopped; keeping the current token")
+                tracing::warn!(file = %path.display(), error = %e, "the Vault token file did not answer; keeping the current token")
             }
         }
     }
