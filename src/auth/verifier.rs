@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{AuthError, AuthSetupError};
+use crate::blocking::OneAtATime;
 
 /// `[auth]` in `pgward.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +91,8 @@ pub struct TokenVerifier {
     config: RwLock<Arc<AuthConfig>>,
     keys: RwLock<Keys>,
     last_refresh: parking_lot::Mutex<Instant>,
+    /// The key files' reads, one at a time ([`load_all`]).
+    key_files: OneAtATime,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, AuthSetupError> {
@@ -129,16 +132,17 @@ async fn fetch_jwks(url: &str) -> Result<Vec<u8>, AuthSetupError> {
 /// The longest the key files may take to read.
 const KEY_FILES_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Reads the key files off the runtime, within [`KEY_FILES_TIMEOUT`]: a refresh is set off by
-/// a client's token (an unknown `kid`), and a stalled disk must cost that login bounded time,
-/// not a worker thread of the proxy.
-async fn load_all(config: &AuthConfig) -> Result<Keys, AuthSetupError> {
+/// Reads the key files off the runtime, within [`KEY_FILES_TIMEOUT`], one read at a time: a
+/// refresh is set off by a client's token (an unknown `kid`), and a stalled disk must cost that
+/// login bounded time, not a worker thread of the proxy — nor, refresh after refresh, one more
+/// blocked thread each time.
+async fn load_all(config: &AuthConfig, lane: &OneAtATime) -> Result<Keys, AuthSetupError> {
     let fetched = match &config.jwks_url {
         Some(url) => Some(fetch_jwks(url).await?),
         None => None,
     };
     let config = config.clone();
-    crate::blocking::within(KEY_FILES_TIMEOUT, move || {
+    lane.within(KEY_FILES_TIMEOUT, move || {
         load_keys(&config, fetched.as_deref())
     })
     .await
@@ -221,11 +225,13 @@ fn now_secs() -> i64 {
 impl TokenVerifier {
     /// Load the configured key material.
     pub async fn new(config: AuthConfig) -> Result<Self, AuthSetupError> {
-        let keys = load_all(&config).await?;
+        let key_files = OneAtATime::default();
+        let keys = load_all(&config, &key_files).await?;
         Ok(Self {
             config: RwLock::new(Arc::new(config)),
             keys: RwLock::new(keys),
             last_refresh: parking_lot::Mutex::new(Instant::now()),
+            key_files,
         })
     }
 
@@ -243,7 +249,7 @@ impl TokenVerifier {
     /// SIGHUP with a changed `[auth]`: the new settings and their keys, or (keys that do not
     /// load) nothing changes. Tokens verified from then on use the new settings.
     pub async fn reconfigure(&self, config: AuthConfig) -> Result<(), AuthSetupError> {
-        let keys = load_all(&config).await?;
+        let keys = load_all(&config, &self.key_files).await?;
         *self.config.write() = Arc::new(config);
         *self.keys.write() = keys;
         Ok(())
@@ -251,7 +257,7 @@ impl TokenVerifier {
 
     /// Re-read key files (SIGHUP); keeps the old keys if the new ones are invalid.
     pub async fn reload(&self) -> Result<(), AuthSetupError> {
-        let keys = load_all(&self.config()).await?;
+        let keys = load_all(&self.config(), &self.key_files).await?;
         *self.keys.write() = keys;
         Ok(())
     }
@@ -267,7 +273,7 @@ impl TokenVerifier {
             }
             *last = Instant::now();
         }
-        match load_all(&self.config()).await {
+        match load_all(&self.config(), &self.key_files).await {
             Ok(keys) => {
                 *self.keys.write() = keys;
                 true

@@ -211,12 +211,22 @@ async fn a_jwks_file_that_does_not_answer_costs_the_unknown_kid_bounded_time() {
     let started = std::time::Instant::now();
     let verified = v.verify(&token, "billing", None).await;
     let waited = started.elapsed();
+    // The first read still waits on its thread: the next refresh is refused at once rather
+    // than leaving a second thread behind it.
+    let again = std::time::Instant::now();
+    let verified_again = v.verify(&token, "billing", None).await;
+    let waited_again = again.elapsed();
     drop(answered);
     unblock.join().unwrap();
     assert_eq!(verified.unwrap_err().reason(), "unknown_key");
     assert!(
         waited < KEY_FILES_TIMEOUT + Duration::from_secs(1),
         "the login waited {waited:?} for the stalled key file"
+    );
+    assert_eq!(verified_again.unwrap_err().reason(), "unknown_key");
+    assert!(
+        waited_again < Duration::from_millis(500),
+        "the second login waited {waited_again:?} behind the read still blocked"
     );
 }
 

@@ -82,6 +82,9 @@ pub struct KeyManager {
     cache: KeyCache,
     /// `[vault] token_file`, re-read at every poll and on SIGHUP.
     token_file: Option<PathBuf>,
+    /// The token file's reads, one at a time: while one waits on a stalled disk, the next
+    /// poll skips the read rather than leaving another thread behind it.
+    token_file_reads: crate::blocking::OneAtATime,
     /// One poll at a time (the timer and SIGHUP).
     poll_lock: tokio::sync::Mutex<()>,
     metrics: Arc<KeyMetrics>,
@@ -153,6 +156,7 @@ impl KeyManager {
             columns: by_column,
             policy,
             token_file: None,
+            token_file_reads: crate::blocking::OneAtATime::default(),
             poll_lock: tokio::sync::Mutex::new(()),
         })
     }

@@ -89,23 +89,20 @@ const ITEM_TIMEOUT: Duration = Duration::from_secs(3);
 /// probe at a time: while one still waits for the disk, the next reports that at once rather
 /// than leaving another thread behind it.
 async fn probe_audit_dir(shared: &Shared, dir: &std::path::Path) -> (bool, String) {
-    let Ok(turn) = shared.audit_probe.clone().try_acquire_owned() else {
-        return (
-            false,
-            "an earlier write probe is still waiting for the disk".into(),
-        );
-    };
     let dir = dir.to_path_buf();
-    let probe = crate::blocking::within(ITEM_TIMEOUT, move || {
-        let _turn = turn;
-        crate::audit::probe_writable(&dir)
-    });
+    let probe = shared
+        .audit_probe
+        .within(ITEM_TIMEOUT, move || crate::audit::probe_writable(&dir));
     match probe.await {
         Ok(Ok(())) => (true, "writable".into()),
         Ok(Err(e)) => (false, e.to_string()),
         Err(crate::blocking::Unanswered::TimedOut(_)) => (
             false,
             "a write probe got no answer in time (is the disk stalled?)".into(),
+        ),
+        Err(crate::blocking::Unanswered::StillBusy) => (
+            false,
+            "an earlier write probe is still waiting for the disk".into(),
         ),
         Err(e) => (false, format!("the write probe failed: {e}")),
     }

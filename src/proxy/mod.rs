@@ -100,7 +100,7 @@ pub struct Shared {
     pub registry: registry::Registry,
     /// The one `/readyz` write probe of the audit directory allowed in flight (see
     /// [`admin::readiness`]).
-    audit_probe: Arc<tokio::sync::Semaphore>,
+    audit_probe: crate::blocking::OneAtATime,
 }
 
 /// A bound, ready-to-run proxy.
@@ -186,7 +186,7 @@ impl Proxy {
                 encryption,
                 pools: crate::pool::Pools::default(),
                 registry: registry::Registry::default(),
-                audit_probe: Arc::new(tokio::sync::Semaphore::new(1)),
+                audit_probe: crate::blocking::OneAtATime::default(),
             }),
             audit_log,
             listener,

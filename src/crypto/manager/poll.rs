@@ -37,13 +37,13 @@ impl KeyManager {
     }
 
     /// Re-read `token_file` and hand a changed token to the Vault client. Read on a blocking
-    /// thread and within [`TOKEN_FILE_TIMEOUT`]: a stalled disk must hold neither a worker of
+    /// thread, one read at a time, within [`TOKEN_FILE_TIMEOUT`]: a stalled disk must hold neither a worker of
     /// the runtime nor the poll (token maintenance and rotation checks go on meanwhile).
     async fn reload_token_file(&self) {
         let (Some(path), Some(vault)) = (&self.token_file, &self.vault) else {
             return;
         };
-        let read = crate::blocking::within(TOKEN_FILE_TIMEOUT, {
+        let read = self.token_file_reads.within(TOKEN_FILE_TIMEOUT, {
             let path = path.clone();
             move || read_secret_file(&path)
         });
