@@ -182,12 +182,30 @@ pub fn load_dir(
             source: e,
         }]
     })?;
-    let mut paths: Vec<_> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    paths.sort();
     let mut errors = Vec::new();
+    let mut paths = Vec::new();
+    for entry in entries {
+        match entry {
+            Ok(entry) => paths.push(entry.path()),
+            Err(e) => errors.push(PolicyError::Io {
+                path: dir.display().to_string(),
+                source: e,
+            }),
+        }
+    }
+    paths.retain(|p| p.extension().is_some_and(|x| x == "toml"));
+    paths.sort();
+    // Symlinks are followed (a policy may live elsewhere); what they lead to must be a file.
+    // A path whose metadata cannot be read stays: reading it reports why.
+    paths.retain(|p| match std::fs::metadata(p) {
+        Ok(meta) if !meta.is_file() => {
+            errors.push(PolicyError::NotAFile {
+                path: p.display().to_string(),
+            });
+            false
+        }
+        _ => true,
+    });
     let mut out: HashMap<String, ServicePolicy> = HashMap::new();
     for path in paths {
         let text = match std::fs::read_to_string(&path) {

@@ -59,6 +59,11 @@ pub enum PolicyError {
         #[source]
         source: std::io::Error,
     },
+    /// A `*.toml` entry of the policy directory that is a directory, FIFO, socket or device:
+    /// refused rather than skipped, so the policy meant to be in it is not silently missing
+    /// (and nothing blocks reading a FIFO).
+    #[error("{path}: not a regular file (a policy file must be one)")]
+    NotAFile { path: String },
 }
 
 /// A refusal, sent to the client as an ErrorResponse.

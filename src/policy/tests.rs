@@ -1315,3 +1315,29 @@ fn long_statements_are_not_kept_by_the_shared_caches() {
     }
     assert_eq!(misses(), before + 1);
 }
+
+#[test]
+fn a_policy_entry_that_is_not_a_regular_file_fails_the_load_rather_than_going_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy("policies/billing.toml", dir.path().join("billing.toml")).unwrap();
+    let e = PolicyEngine::load(dir.path(), Arc::new(demo_catalog()), &[]).unwrap();
+    // `support.toml` as a directory (a botched copy, a config-management mistake) and
+    // `analytics.toml` as a FIFO: neither may be skipped in silence, nor block the reload.
+    std::fs::create_dir(dir.path().join("support.toml")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.path().join("analytics.toml"))
+        .status();
+    assert!(made.unwrap().success());
+    let errors = e.reload_files().unwrap_err();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    for name in ["support.toml", "analytics.toml"] {
+        assert!(
+            text.iter()
+                .any(|t| t.contains(name) && t.contains("not a regular file")),
+            "{text:?}"
+        );
+    }
+    // The reload failed as a whole: billing keeps its policy.
+    let mut memo = SessionMemo::default();
+    session_rewrite(&e, &mut memo, 1, "SELECT id FROM invoices").unwrap();
+}
