@@ -1,5 +1,5 @@
 //! Vault failures through the proxy, in bounded time: a hung OpenBao (SIGSTOP), a revoked
-//! token, a sealed OpenBao, and a rotated token file. Real OpenBao, real PostgreSQL.
+//! token, a sealed OpenBao, a rotated token file, and a token file that does not answer. Real OpenBao, real PostgreSQL.
 use pgward::crypto::scope::KeyScope;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -337,4 +337,68 @@ async fn reload_rereads_the_token_file() {
             .unwrap(),
         b"v"
     );
+}
+
+/// A token file that does not answer (a stalled disk) costs the poll a bounded wait on a
+/// blocking thread: the runtime serves keys meanwhile (one thread here: a read on it would hold
+/// everything), and the next poll skips the read rather than leave a second thread behind the
+/// first.
+#[tokio::test(flavor = "current_thread")]
+async fn a_token_file_that_does_not_answer_holds_neither_the_runtime_nor_the_next_poll() {
+    use pgward::crypto::manager::KeyManager;
+    use pgward::crypto::{ClientType, CryptoConfig, EncryptColumn};
+    use pgward::keys::store::{MemoryKeyStore, WrappedKeyStore};
+
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("vault-token");
+    write_token(&token_file, &bao.token);
+    let config: CryptoConfig = toml::from_str(&format!(
+        "[vault]\naddress = {:?}\ntoken_file = {token_file:?}\n[keys]\npoll_interval = \"1h\"\n",
+        bao.addr
+    ))
+    .unwrap();
+    let config = CryptoConfig {
+        encrypt: vec![EncryptColumn {
+            table: "t".into(),
+            column: "c".into(),
+            key: harness::unique_name("stall"),
+            ty: ClientType::Text,
+            searchable: false,
+            context_claim: None,
+            bind_primary_key: false,
+        }],
+        ..config
+    };
+    let store: Arc<dyn WrappedKeyStore> = Arc::new(MemoryKeyStore::default());
+    let m = KeyManager::from_config(&config, Some(store)).unwrap();
+    let scope = KeyScope::default();
+    let ct = m.encrypt("t", "c", &scope, b"v").await.unwrap();
+    std::fs::remove_file(&token_file).unwrap();
+    let stalled = harness::StalledFile::at(&token_file);
+    let started = Instant::now();
+    let ((), (plain, served_after)) = tokio::join!(m.reload(), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let plain = m.decrypt("t", "c", &scope, &ct).await;
+        (plain, started.elapsed())
+    });
+    let poll_took = started.elapsed();
+    assert_eq!(plain.unwrap(), b"v");
+    assert!(
+        served_after < Duration::from_secs(2),
+        "a decryption waited {served_after:?} behind the poll's read"
+    );
+    assert!(
+        poll_took < Duration::from_secs(7),
+        "the poll waited {poll_took:?} for the token file"
+    );
+    // The first read still waits on its thread: this poll goes on without reading the file.
+    let again = Instant::now();
+    m.reload().await;
+    assert!(
+        again.elapsed() < Duration::from_secs(2),
+        "the next poll waited {:?} behind the read still blocked",
+        again.elapsed()
+    );
+    drop(stalled);
 }
