@@ -1,5 +1,6 @@
 //! Vault failures through the proxy, in bounded time: a hung OpenBao (SIGSTOP), a revoked
-//! token, a sealed OpenBao, a rotated token file, and a token file that does not answer. Real OpenBao, real PostgreSQL.
+//! token, a sealed OpenBao, a rotated token file, and a token file that does not answer.
+//! Real OpenBao, real PostgreSQL.
 use pgward::crypto::scope::KeyScope;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
