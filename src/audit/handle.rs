@@ -548,7 +548,7 @@ impl MetricSet for AuditHandle {
             .render(out, "pgward_audit_fsync_duration_seconds", "");
         let _ = writeln!(
             out,
-            "# HELP pgward_audit_stalled_appends_total Statements whose audit record found the log's lock held by a write stalled on the audit disk (committed off the runtime, or failed after durability_timeout).\n\
+            "# HELP pgward_audit_stalled_appends_total Statements whose audit record found the log's lock held over 2 ms by a stalled write or a slow rotation fsync (committed off the runtime, or failed after durability_timeout).\n\
              # TYPE pgward_audit_stalled_appends_total counter\npgward_audit_stalled_appends_total {}\n\
              # HELP pgward_audit_siem_sent_total Audit records delivered to the syslog-over-TLS collector.\n\
              # TYPE pgward_audit_siem_sent_total counter\npgward_audit_siem_sent_total {}\n\
