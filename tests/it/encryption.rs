@@ -1857,3 +1857,53 @@ async fn prepared_encrypted_reads_and_writes_follow_their_client_across_pooled_c
         assert_absent_upstream(&fx.database, &format!("pooled secret {round}")).await;
     }
 }
+
+/// A Bind carrying as many values as the statement has upstream (the client's parameters plus
+/// the blind index pgward derives) instead of the client's count: refused with PostgreSQL's
+/// own error, never forwarded — forwarded, the server's count check would pass and store the
+/// plaintext in the encrypted column, beside an index of the client's choosing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_with_the_upstream_parameter_count_is_refused_not_forwarded_in_clear() {
+    use harness::msg;
+    let (proxy, database, _dir) = demo_proxy().await;
+    let mut raw = harness::raw_tcp(proxy.addr).await;
+    let token = harness::token("billing", serde_json::json!({ "tenant_id": 1 }));
+    let startup = raw.startup_with("billing", &database, &token).await;
+    assert_eq!(startup.last().map(|m| m.0), Some(b'Z'), "{startup:?}");
+    let marker = "plain-bind-marker@example.com";
+    raw.send(&msg::batch(&[
+        msg::parse("u", "UPDATE customers SET email = $1 WHERE id = 1"),
+        msg::bind("", "u", &[Some(marker), Some("\\x00")], false),
+        msg::execute("", 0),
+        msg::sync(),
+    ]))
+    .await;
+    let replies = raw.until_ready(1).await;
+    let errors = harness::error_texts(&replies);
+    assert_eq!(errors.len(), 1, "{replies:?}");
+    assert!(
+        errors[0].contains("08P01")
+            && errors[0].contains("bind message supplies 2 parameters")
+            && !errors[0].contains(marker),
+        "{errors:?}"
+    );
+    let stored: Vec<u8> = direct(&database)
+        .await
+        .query_one("SELECT email FROM customers WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !String::from_utf8_lossy(&stored).contains(marker),
+        "the plaintext reached the table"
+    );
+    // The session goes on, and the right count still works.
+    raw.send(&msg::batch(&[
+        msg::bind("", "u", &[Some(marker)], false),
+        msg::execute("", 0),
+        msg::sync(),
+    ]))
+    .await;
+    let replies = raw.until_ready(1).await;
+    assert!(harness::error_texts(&replies).is_empty(), "{replies:?}");
+}

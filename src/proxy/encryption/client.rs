@@ -228,8 +228,15 @@ impl ClientHalf {
             return Ok(None);
         };
         if bind.values.len() != plan.client_count {
-            // The server reports the count mismatch itself.
-            return Ok(None);
+            // Refused here, never forwarded for the server to judge: the statement upstream
+            // has more parameters than the client's (the derived blind indexes), so a Bind
+            // with exactly the upstream count would pass the server's check with the
+            // client's plaintext in the encrypted column's place.
+            return Err(parameter_count_mismatch(
+                bind.values.len(),
+                bind.statement,
+                plan.client_count,
+            ));
         }
         let manager = &self.encryption.manager;
         let mut formats = Vec::with_capacity(plan.params.len());
@@ -529,6 +536,16 @@ pub(super) fn rebuild_bind(
     }
     out.extend_from_slice(results);
     Ok(finish(out))
+}
+
+/// PostgreSQL's own error for a Bind whose value count is not the statement's.
+fn parameter_count_mismatch(supplied: usize, statement: &str, required: usize) -> ClientError {
+    ClientError::error(
+        "08P01",
+        format!(
+            "bind message supplies {supplied} parameters, but prepared statement \"{statement}\" requires {required}"
+        ),
+    )
 }
 
 fn too_many_parameters() -> ClientError {
