@@ -47,7 +47,7 @@ impl CopyIn {
         self.pending.extend_from_slice(chunk);
         let mut out = Vec::with_capacity(self.pending.len() * 2);
         let mut start = 0;
-        while let Some(end) = self.row_end(start) {
+        while let Some(end) = self.row_end(start)? {
             let line = self.pending[start..end].to_vec();
             self.line(manager, scope, &line, &mut out).await?;
             start = end + 1;
@@ -69,42 +69,64 @@ impl CopyIn {
     ) -> Result<Vec<u8>, CopyError> {
         let mut out = Vec::new();
         if !self.pending.is_empty() && !self.ended {
+            if self.pending.last() == Some(&b'\r') {
+                return Err(self.bare_carriage_return());
+            }
             let line = std::mem::take(&mut self.pending);
             self.line(manager, scope, &line, &mut out).await?;
         }
         Ok(out)
     }
 
-    /// Index of the LF ending the row that starts at `start`, outside quotes and escapes.
-    fn row_end(&self, start: usize) -> Option<usize> {
+    /// Index of the LF ending the row that starts at `start`, found as the server finds it
+    /// (`CopyReadLineText`): in CSV, outside quotes — an escape inside quotes escapes the next
+    /// escape or quote, toggling as the server's does; in text, outside backslash escapes.
+    /// A bare carriage return (one not followed by LF) is refused: the server would end the
+    /// row there (CR line endings), which this relay does not split on.
+    fn row_end(&self, start: usize) -> Result<Option<usize>, CopyError> {
         let bytes = &self.pending[start..];
+        // The server ignores the escape when it is the quote (`""` is then two toggles).
+        let escape = (self.plan.escape != self.plan.quote).then_some(self.plan.escape);
+        let (mut in_quote, mut last_was_escape) = (false, false);
         let mut i = 0;
-        let mut quoted = false;
         while i < bytes.len() {
             let b = bytes[i];
             if self.plan.csv {
-                if quoted
-                    && b == self.plan.escape
-                    && bytes.get(i + 1) == Some(&self.plan.quote)
-                    && self.plan.escape != self.plan.quote
-                {
-                    i += 2;
-                    continue;
+                if in_quote && Some(b) == escape {
+                    last_was_escape = !last_was_escape;
                 }
-                if b == self.plan.quote {
-                    quoted = !quoted;
-                } else if b == b'\n' && !quoted {
-                    return Some(start + i);
+                if b == self.plan.quote && !last_was_escape {
+                    in_quote = !in_quote;
+                }
+                if Some(b) != escape {
+                    last_was_escape = false;
+                }
+                if in_quote {
+                    i += 1;
+                    continue;
                 }
             } else if b == b'\\' {
                 i += 2;
                 continue;
-            } else if b == b'\n' {
-                return Some(start + i);
+            }
+            match b {
+                b'\n' => return Ok(Some(start + i)),
+                b'\r' => match bytes.get(i + 1) {
+                    Some(b'\n') | None => {}
+                    Some(_) => return Err(self.bare_carriage_return()),
+                },
+                _ => {}
             }
             i += 1;
         }
-        None
+        Ok(None)
+    }
+
+    fn bare_carriage_return(&self) -> CopyError {
+        CopyError(format!(
+            "pgward: COPY row {}: a carriage return outside a quoted field must be followed by a newline (rows end with LF or CRLF)",
+            self.row + 1
+        ))
     }
 
     async fn line(
@@ -135,7 +157,11 @@ impl CopyIn {
             return Ok(());
         }
         self.row += 1;
-        let fields = self.split(line);
+        let fields = if self.plan.csv {
+            self.csv_fields(line)?
+        } else {
+            self.text_fields(line)
+        };
         if fields.len() != self.plan.fields.len() {
             return Err(CopyError(format!(
                 "pgward: COPY row {} has {} fields, the column list has {}",
@@ -145,16 +171,16 @@ impl CopyIn {
             )));
         }
         let mut canonicals: Vec<Option<zeroize::Zeroizing<Vec<u8>>>> = Vec::new();
-        for (i, (raw, target)) in fields.iter().zip(&self.plan.fields).enumerate() {
+        for (i, (field, target)) in fields.iter().zip(&self.plan.fields).enumerate() {
             if i > 0 {
                 out.push(self.plan.delimiter);
             }
             let Some(c) = target else {
-                out.extend_from_slice(raw);
+                out.extend_from_slice(field.raw);
                 canonicals.push(None);
                 continue;
             };
-            match self.value(raw) {
+            match self.value(field) {
                 None => {
                     out.extend_from_slice(self.plan.null.as_bytes());
                     canonicals.push(None);
@@ -211,70 +237,101 @@ impl CopyIn {
         out.extend_from_slice(hex::encode(bytes).as_bytes());
     }
 
-    /// The raw fields of a row (still escaped or quoted).
-    fn split<'a>(&self, line: &'a [u8]) -> Vec<&'a [u8]> {
+    /// A text-format row's fields: split at unescaped delimiters, decoded lazily.
+    fn text_fields<'a>(&self, line: &'a [u8]) -> Vec<Field<'a>> {
         let mut fields = Vec::new();
-        let (mut start, mut i, mut quoted) = (0, 0, false);
+        let (mut start, mut i) = (0, 0);
         while i < line.len() {
-            let b = line[i];
-            if self.plan.csv {
-                if quoted
-                    && b == self.plan.escape
-                    && self.plan.escape != self.plan.quote
-                    && line.get(i + 1) == Some(&self.plan.quote)
-                {
+            match line[i] {
+                b'\\' => {
                     i += 2;
                     continue;
                 }
-                if b == self.plan.quote {
-                    quoted = !quoted;
-                } else if b == self.plan.delimiter && !quoted {
-                    fields.push(&line[start..i]);
+                b if b == self.plan.delimiter => {
+                    fields.push(self.text_field(&line[start..i]));
                     start = i + 1;
                 }
-            } else if b == b'\\' {
-                i += 2;
-                continue;
-            } else if b == self.plan.delimiter {
-                fields.push(&line[start..i]);
-                start = i + 1;
+                _ => {}
             }
             i += 1;
         }
-        fields.push(&line[start..line.len().min(line.len())]);
+        fields.push(self.text_field(&line[start..]));
         fields
     }
 
-    /// The value of a raw field; `None` for NULL.
-    fn value(&self, raw: &[u8]) -> Option<Vec<u8>> {
-        if self.plan.csv {
-            if raw == self.plan.null.as_bytes() {
-                return None;
-            }
-            let Some(inner) = raw
-                .strip_prefix(&[self.plan.quote])
-                .and_then(|r| r.strip_suffix(&[self.plan.quote]))
-            else {
-                return Some(raw.to_vec());
-            };
-            let mut v = Vec::with_capacity(inner.len());
-            let mut i = 0;
-            while i < inner.len() {
-                if inner[i] == self.plan.escape && inner.get(i + 1) == Some(&self.plan.quote) {
-                    v.push(self.plan.quote);
-                    i += 2;
+    fn text_field<'a>(&self, raw: &'a [u8]) -> Field<'a> {
+        Field {
+            raw,
+            csv_value: None,
+        }
+    }
+
+    /// A field's value (`None`: NULL).
+    fn value<'f>(&self, field: &'f Field<'_>) -> Option<std::borrow::Cow<'f, [u8]>> {
+        match &field.csv_value {
+            Some(csv) => csv.as_deref().map(std::borrow::Cow::Borrowed),
+            None => (field.raw != self.plan.null.as_bytes())
+                .then(|| std::borrow::Cow::Owned(unescape_text(field.raw))),
+        }
+    }
+
+    /// A CSV row's fields, read as the server reads them (`CopyReadAttributesCSV`): quotes may
+    /// open and close anywhere in a field; inside them the escape makes a following escape or
+    /// quote literal; an unquoted field equal to the NULL string is NULL.
+    fn csv_fields<'a>(&self, line: &'a [u8]) -> Result<Vec<Field<'a>>, CopyError> {
+        let (delimiter, quote, escape) = (self.plan.delimiter, self.plan.quote, self.plan.escape);
+        let mut fields = Vec::new();
+        let mut i = 0;
+        loop {
+            let start = i;
+            let (mut value, mut saw_quote, mut in_quote) = (Vec::new(), false, false);
+            while i < line.len() {
+                let b = line[i];
+                i += 1;
+                if in_quote {
+                    if b == escape && matches!(line.get(i), Some(&n) if n == escape || n == quote) {
+                        value.push(line[i]);
+                        i += 1;
+                    } else if b == quote {
+                        in_quote = false;
+                    } else {
+                        value.push(b);
+                    }
+                } else if b == delimiter {
+                    i -= 1;
+                    break;
+                } else if b == quote {
+                    (saw_quote, in_quote) = (true, true);
                 } else {
-                    v.push(inner[i]);
-                    i += 1;
+                    value.push(b);
                 }
             }
-            return Some(v);
+            if in_quote {
+                return Err(CopyError(format!(
+                    "pgward: COPY row {}: unterminated CSV quoted field",
+                    self.row
+                )));
+            }
+            let raw = &line[start..i];
+            let null = !saw_quote && raw == self.plan.null.as_bytes();
+            fields.push(Field {
+                raw,
+                csv_value: Some((!null).then_some(value)),
+            });
+            if i >= line.len() {
+                return Ok(fields);
+            }
+            i += 1; // the delimiter
         }
-        if raw == self.plan.null.as_bytes() {
-            return None;
-        }
-        Some(unescape_text(raw))
     }
+}
+
+/// One field of a COPY row: its bytes as sent (passed on as is for a column that is not
+/// encrypted) and, read in CSV, its value (`None`: NULL); a text field's value is decoded
+/// only when its column is encrypted.
+struct Field<'a> {
+    raw: &'a [u8],
+    csv_value: Option<Option<Vec<u8>>>,
 }
 
 /// COPY text-format escapes: `\b \f \n \r \t \v \\`, octal `\ooo`, hex `\xhh`, else the char.
@@ -331,6 +388,113 @@ fn unescape_text(raw: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn csv(escape: u8) -> CopyIn {
+        CopyIn::new(CopyPlan {
+            csv: true,
+            delimiter: b',',
+            null: String::new(),
+            header: false,
+            quote: b'"',
+            escape,
+            fields: Vec::new(),
+            blind_indexes: Vec::new(),
+            appended_names: Vec::new(),
+        })
+    }
+
+    /// The rows and field values of `data` as the relay reads them (`None`: NULL).
+    fn read(copy: &mut CopyIn, data: &[u8]) -> Result<Vec<Vec<Option<String>>>, CopyError> {
+        copy.pending = data.to_vec();
+        let mut rows = Vec::new();
+        let mut start = 0;
+        while let Some(end) = copy.row_end(start)? {
+            let line = copy.pending[start..end].to_vec();
+            let fields = if copy.plan.csv {
+                copy.csv_fields(&line)?
+            } else {
+                copy.text_fields(&line)
+            };
+            rows.push(
+                fields
+                    .iter()
+                    .map(|f| {
+                        copy.value(f)
+                            .map(|v| String::from_utf8_lossy(&v).into_owned())
+                    })
+                    .collect(),
+            );
+            start = end + 1;
+        }
+        Ok(rows)
+    }
+
+    fn row(fields: &[Option<&str>]) -> Vec<Option<String>> {
+        fields.iter().map(|f| f.map(str::to_string)).collect()
+    }
+
+    #[test]
+    fn a_csv_escape_escapes_itself_inside_quotes_as_the_server_reads_it() {
+        // ESCAPE '\': `"\\"` is one backslash and the quote closes after it, so the row
+        // ends at the first newline, with the third field on it — not inside a quote that
+        // swallows the next row.
+        let mut copy = csv(b'\\');
+        let rows = read(&mut copy, b"1,\"\\\\\",ZZ\n1,\\\"\",x\n").unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                row(&[Some("1"), Some("\\"), Some("ZZ")]),
+                // Outside quotes the escape is data; `""` opens and closes an empty quote.
+                row(&[Some("1"), Some("\\"), Some("x")]),
+            ]
+        );
+        // A quote reopened after an escaped escape holds the newline and an end-of-data
+        // line: one row, whose third field is the one after it.
+        let rows = read(&mut copy, b"1,\"\\\\\"\",x\n\\.\n\",ZZ\n").unwrap();
+        assert_eq!(
+            rows,
+            vec![row(&[Some("1"), Some("\\,x\n\\.\n"), Some("ZZ")])]
+        );
+    }
+
+    #[test]
+    fn csv_fields_read_like_postgres() {
+        let mut copy = csv(b'"');
+        let rows = read(
+            &mut copy,
+            b"\"a\"\"b\",c\na\"b,c\"d,e\n,\"\"\n\"multi\nline\",x\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                row(&[Some("a\"b"), Some("c")]),
+                row(&[Some("ab,cd"), Some("e")]),
+                row(&[None, Some("")]),
+                row(&[Some("multi\nline"), Some("x\r")]),
+            ]
+        );
+        assert!(copy.csv_fields(b"\"open,x").is_err());
+    }
+
+    #[test]
+    fn a_bare_carriage_return_is_refused_not_read_as_data() {
+        let mut copy = csv(b'"');
+        assert!(read(&mut copy, b"a,b\rc,d\n").is_err());
+        assert!(
+            read(&mut copy, b"\"a\rb\",c\n").is_ok(),
+            "quoted CR is data"
+        );
+        copy.plan.csv = false;
+        copy.plan.delimiter = b'\t';
+        copy.plan.null = "\\N".into();
+        assert!(read(&mut copy, b"a\tb\rc\n").is_err());
+        assert_eq!(
+            read(&mut copy, b"a\\\rb\t\\N\n").unwrap(),
+            vec![row(&[Some("a\rb"), None])],
+            "an escaped CR is data"
+        );
+    }
 
     #[test]
     fn text_escapes_decode_like_postgres() {

@@ -935,6 +935,50 @@ async fn a_copy_portal_keeps_its_statement_when_the_name_is_parsed_again_before_
     assert_eq!(row.get::<_, String>(0), "reparsed-copy-secret");
 }
 
+/// CSV with an escape of its own (`ESCAPE '\\'`): rows and fields are read as the server
+/// reads them, so no row can hide inside what the relay took for a quoted field and reach
+/// the table in clear — neither after an escaped escape (`"\\\\"` closes its quote) nor after
+/// an end-of-data line the server reads as data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_csv_with_an_escape_is_read_as_the_server_reads_it() {
+    let fx = fixture().await;
+    let client = fx.client().await;
+    let sql = "COPY vault_items (id, note, c_text) FROM STDIN WITH (FORMAT csv, ESCAPE '\\')";
+    let n = copy_rows(
+        &client,
+        sql,
+        &[b"5,\"\\\\\",csv-escape-secret\n6,\\\"\",x\n"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 2);
+    let n = copy_rows(
+        &client,
+        sql,
+        &[b"7,\"\\\\\"\",x\n\\.\n\",csv-escape-secret-2\n8,n,csv-escape-secret-3\n"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 2);
+    let dump = table_dump(&fx.database).await;
+    assert!(!dump.contains("csv-escape-secret"), "{dump}");
+    let rows = simple_rows(
+        &client,
+        "SELECT id, note, c_text FROM vault_items ORDER BY id",
+    )
+    .await;
+    let s = |v: &str| Some(v.to_string());
+    assert_eq!(
+        rows,
+        vec![
+            vec![s("5"), s("\\"), s("csv-escape-secret")],
+            vec![s("6"), s("\\"), s("x")],
+            vec![s("7"), s("\\,x\n\\.\n"), s("csv-escape-secret-2")],
+            vec![s("8"), s("n"), s("csv-escape-secret-3")],
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_from_stdin_encrypts_text_and_csv_rows() {
     let fx = fixture().await;
