@@ -199,7 +199,12 @@ impl VisitorMut for Sanitizer {
             Some('"') if !id.value.contains('"') && !id.value.contains('\0') => {
                 ControlFlow::Continue(())
             }
-            _ => ControlFlow::Break(Unsafe(format!("unsupported identifier {:?}", id.value))),
+            // Never the identifier's text: a string literal parsed in a name's place
+            // (`SET NAMES 'x'`) would carry a value into the refusal, the log and the audit.
+            _ => ControlFlow::Break(Unsafe(match id.quote_style {
+                Some(q) if q != '"' => format!("an identifier quoted with {q}"),
+                _ => "an identifier holding a double quote or NUL".to_string(),
+            })),
         }
     }
 }
@@ -207,6 +212,21 @@ impl VisitorMut for Sanitizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_identifier_is_never_quoted_back() {
+        for sql in [
+            "SET NAMES 'secret-value'",
+            "SET ROLE 'secret-value'",
+            "SET SESSION AUTHORIZATION 'secret-value'",
+        ] {
+            let mut statements = parse_statements(sql).unwrap();
+            let Err(Unsafe(why)) = sanitize(&mut statements[0]) else {
+                panic!("{sql}: the string in a name's place passed");
+            };
+            assert!(!why.contains("secret"), "{sql}: {why}");
+        }
+    }
 
     #[test]
     fn parse_errors_never_carry_the_literal_they_stopped_at() {
