@@ -270,6 +270,24 @@ async fn information_schema_and_pg_catalog_hide_what_the_policy_hides() {
     assert!(row
         .get::<_, Option<String>>(1)
         .is_some_and(|d| d.contains("customers")));
+    // The service's own conditions run only on the rows it may see: no error names a hidden
+    // column or table, and none tells whether one exists.
+    for probe in [
+        "SELECT 1 FROM pg_attribute WHERE attrelid = 'customers'::regclass AND attnum > 0 \
+         AND attname NOT IN ('id', 'tenant_id', 'name', 'email', 'email_bidx', 'created_at') \
+         AND CAST(attname AS int) = 0",
+        "SELECT table_name FROM information_schema.tables WHERE CAST(table_name AS int) = 1",
+        "SELECT attname FROM pg_attribute WHERE 1 / (CASE WHEN attname = 'ssn' THEN 0 ELSE 1 END) = 1",
+        "SELECT relname FROM pg_class WHERE 1 / (CASE WHEN relname = 'tenants' THEN 0 ELSE 1 END) = 1",
+    ] {
+        if let Err(e) = support.query(probe, &[]).await {
+            let message = e.as_db_error().map(|d| d.message().to_string());
+            let message = message.unwrap_or_else(|| e.to_string());
+            for hidden in ["ssn", "tenants", "division by zero"] {
+                assert!(!message.contains(hidden), "{probe}: {message}");
+            }
+        }
+    }
     // Statistics stay hidden.
     for (sql, needle) in [
         ("SELECT * FROM pg_stats", "statistics"),

@@ -228,8 +228,12 @@ impl<'a> Rewriter<'a> {
             .filter(|c| allowed.is_none_or(|cols| cols.contains(&c.name.as_str())))
             .map(|c| quote_ident(&c.name))
             .collect();
+        // OFFSET 0 keeps the server from pushing the service's own conditions into the
+        // stand-in, where they would run on the rows the filter hides: `CAST(attname AS int)`
+        // would quote a hidden column's name in its error, a division by zero would tell
+        // whether a hidden name exists.
         let text = format!(
-            "(SELECT {} FROM {}.{}{}) AS {alias_text}",
+            "(SELECT {} FROM {}.{}{} OFFSET 0) AS {alias_text}",
             list.join(", "),
             quote_ident(&info.schema),
             quote_ident(&info.name),
