@@ -9,6 +9,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     let cli = pgward::cli::Cli::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // Statements are analysed on the runtime's threads, and walking a syntax tree recurses
+    // once per level: a deeper stack than the 2 MiB default keeps a wide margin under the
+    // depth pgward parses at all (`sql::depth`). Reserved address space; pages are touched
+    // only as deep as a walk goes.
+    builder.thread_stack_size(8 * 1024 * 1024);
     if let Some(threads) = cli.worker_threads {
         builder.worker_threads(threads.max(1));
     }

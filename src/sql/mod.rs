@@ -2,12 +2,14 @@
 //! sqlparser cannot parse faithfully, named or normalised first: `unsupported`), the upstream
 //! catalog (`catalog`; `routines`: which built-in functions, operators and types are safe),
 //! the one lexer (`lex`) and what the audit makes of a text with it — redaction, fingerprint,
-//! statement split (`fingerprint`) —, what kind of statement a text is (`kind`), which columns it names (`columns`), and the
+//! statement split (`fingerprint`) —, how deep a statement's tree would grow (`depth`, checked
+//! before parsing), what kind of statement a text is (`kind`), which columns it names (`columns`), and the
 //! interface of a transform that runs beside the policy rewrite (`stage`). The policy engine
 //! (`crate::policy`) and field encryption's SQL transform (`crate::crypto::sql`) both build on
 //! this module; it depends on neither.
 pub mod catalog;
 pub mod columns;
+pub mod depth;
 pub mod fingerprint;
 pub mod kind;
 pub mod lex;

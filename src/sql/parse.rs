@@ -13,6 +13,9 @@ use sqlparser::parser::{Parser, ParserError};
 /// the server (`U&"…"` identifiers) is an error, and the bare `TABLE name` form, which sqlparser
 /// lacks, is read as the `SELECT * FROM name` PostgreSQL defines it to be.
 pub fn parse_statements(sql: &str) -> Result<Vec<Statement>, ParserError> {
+    if let Some(why) = super::depth::too_deep(sql) {
+        return Err(ParserError::ParserError(why));
+    }
     if let Some(what) = super::unsupported::misread_construct(sql) {
         return Err(ParserError::ParserError(what.to_string()));
     }

@@ -135,6 +135,9 @@ pub fn table_statement_as_select(sql: &str) -> Option<String> {
 /// The message of a statement pgward cannot parse: the construct in plain words when known,
 /// else where the parser stopped (line and column only: the token could be a literal).
 pub fn describe_unparsable(sql: &str, error: &ParserError) -> String {
+    if let Some(why) = super::depth::too_deep(sql) {
+        return why;
+    }
     if let Some(what) = misread_construct(sql).or_else(|| unparsable_construct(sql)) {
         return format!("{what} is not supported by pgward's SQL parser");
     }

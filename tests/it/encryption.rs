@@ -1951,3 +1951,41 @@ async fn a_bind_with_the_upstream_parameter_count_is_refused_not_forwarded_in_cl
     let replies = raw.until_ready(1).await;
     assert!(harness::error_texts(&replies).is_empty(), "{replies:?}");
 }
+
+/// A long chain of one operator parses into a tree as deep as the chain; walking it recursed
+/// past a worker's stack and aborted the whole proxy (a 4 KB `SELECT 1+1+…`). Past pgward's
+/// depth limit it is refused for that client before it is parsed; the proxy goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_chained_too_deep_is_refused_not_a_crash() {
+    let (proxy, database, _dir) = demo_proxy().await;
+    let billing = demo_client(&proxy, &database, "billing").await;
+    for sql in [
+        format!("SELECT 1{}", "+1".repeat(5000)),
+        format!(
+            "SELECT id FROM invoices WHERE id = 1{}",
+            " AND id = 1".repeat(5000)
+        ),
+        format!(
+            "SELECT card_number FROM invoices WHERE card_number = 'x'{}",
+            " || 'x'".repeat(5000)
+        ),
+        "SELECT 1 UNION ALL ".repeat(5000) + "SELECT 1",
+    ] {
+        let e = billing.simple_query(&sql).await.expect_err("refused");
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+        assert_eq!(db.code().code(), "42501", "{db:?}");
+        assert!(db.message().contains("operators deep"), "{db:?}");
+    }
+    // A chain within the limit still runs, and so does the session.
+    let sum = billing
+        .simple_query(&format!("SELECT 1{}", "+1".repeat(200)))
+        .await
+        .unwrap();
+    let value = sum.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("201"));
+    let other = demo_client(&proxy, &database, "support").await;
+    other.simple_query("SELECT 1").await.unwrap();
+}
