@@ -83,28 +83,59 @@ fn render_metrics(shared: &Shared) -> String {
 /// Time one readiness item may take (the whole page must answer a load balancer promptly).
 const ITEM_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Whether a file can be written in the audit directory, asked off the runtime: on a stalled
-/// disk creating or removing a file can block for good, and a load balancer asks every few
-/// seconds, so a blocked probe must cost neither a worker thread nor an unanswered page. One
-/// probe at a time: while one still waits for the disk, the next reports that at once rather
-/// than leaving another thread behind it.
-async fn probe_audit_dir(shared: &Shared, dir: &std::path::Path) -> (bool, String) {
-    let dir = dir.to_path_buf();
-    let probe = shared
-        .audit_probe
-        .within(ITEM_TIMEOUT, move || crate::audit::probe_writable(&dir));
-    match probe.await {
-        Ok(Ok(())) => (true, "writable".into()),
-        Ok(Err(e)) => (false, e.to_string()),
-        Err(crate::blocking::Unanswered::TimedOut(_)) => (
-            false,
-            "a write probe got no answer in time (is the disk stalled?)".into(),
-        ),
-        Err(crate::blocking::Unanswered::StillBusy) => (
-            false,
-            "an earlier write probe is still waiting for the disk".into(),
-        ),
-        Err(e) => (false, format!("the write probe failed: {e}")),
+/// How long one write probe's answer serves the pages asked for meanwhile.
+const PROBE_FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// The audit directory's write probe, shared by every `/readyz` page: one probe at a time
+/// (off the runtime), and pages asked for while it runs, or within [`PROBE_FRESH_FOR`] of
+/// its answer, get that answer — so two health checkers asking at once never see each other
+/// as a failure, and a flood of pages costs one probe a second.
+#[derive(Default)]
+pub(super) struct AuditProbe {
+    lane: crate::blocking::OneAtATime,
+    last: tokio::sync::Mutex<Option<(std::time::Instant, (bool, String))>>,
+}
+
+impl AuditProbe {
+    /// Whether a file can be written in `dir`. On a stalled disk creating or removing a file
+    /// can block for good: the probe then costs a timeout, never a worker thread, and while
+    /// it still waits the next one reports that at once rather than leaving another thread
+    /// behind it.
+    async fn ask(&self, dir: &std::path::Path) -> (bool, String) {
+        let Ok(mut last) = tokio::time::timeout(ITEM_TIMEOUT, self.last.lock()).await else {
+            return (
+                false,
+                "a write probe got no answer in time (is the disk stalled?)".into(),
+            );
+        };
+        if let Some((at, answer)) = last.as_ref() {
+            if at.elapsed() < PROBE_FRESH_FOR {
+                return answer.clone();
+            }
+        }
+        let answer = self.probe(dir).await;
+        *last = Some((std::time::Instant::now(), answer.clone()));
+        answer
+    }
+
+    async fn probe(&self, dir: &std::path::Path) -> (bool, String) {
+        let dir = dir.to_path_buf();
+        let probe = self
+            .lane
+            .within(ITEM_TIMEOUT, move || crate::audit::probe_writable(&dir));
+        match probe.await {
+            Ok(Ok(())) => (true, "writable".into()),
+            Ok(Err(e)) => (false, e.to_string()),
+            Err(crate::blocking::Unanswered::TimedOut(_)) => (
+                false,
+                "a write probe got no answer in time (is the disk stalled?)".into(),
+            ),
+            Err(crate::blocking::Unanswered::StillBusy) => (
+                false,
+                "an earlier write probe is still waiting for the disk".into(),
+            ),
+            Err(e) => (false, format!("the write probe failed: {e}")),
+        }
     }
 }
 
@@ -119,7 +150,7 @@ pub async fn readiness(shared: &Shared) -> (bool, String) {
     });
     items.push(match &shared.config.audit {
         Some(audit) if audit.enabled => {
-            let (ok, detail) = probe_audit_dir(shared, &audit.dir).await;
+            let (ok, detail) = shared.audit_probe.ask(&audit.dir).await;
             (ok, "audit", detail)
         }
         _ => (true, "audit", "not configured".into()),

@@ -98,9 +98,9 @@ pub struct Shared {
     pub pools: crate::pool::Pools,
     /// The live client sessions (admin console, client gauges).
     pub registry: registry::Registry,
-    /// The one `/readyz` write probe of the audit directory allowed in flight (see
-    /// [`admin::readiness`]).
-    audit_probe: crate::blocking::OneAtATime,
+    /// The `/readyz` write probe of the audit directory, one at a time, its answer shared
+    /// (see [`admin::AuditProbe`]).
+    audit_probe: admin::AuditProbe,
 }
 
 /// A bound, ready-to-run proxy.
@@ -186,7 +186,7 @@ impl Proxy {
                 encryption,
                 pools: crate::pool::Pools::default(),
                 registry: registry::Registry::default(),
-                audit_probe: crate::blocking::OneAtATime::default(),
+                audit_probe: admin::AuditProbe::default(),
             }),
             audit_log,
             listener,

@@ -73,7 +73,9 @@ async fn readyz_answers_in_bounded_time_while_the_audit_directory_blocks_its_wri
         page.contains("fail audit: a write probe got no answer in time"),
         "{page}"
     );
-    // While that probe still waits, the next page says so at once, and sessions are served.
+    // While that probe still waits, the next page past the first's answer (which serves
+    // the pages of the next second) says so at once, and sessions are served.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let started = std::time::Instant::now();
     let page = readyz()
         .await
@@ -97,6 +99,25 @@ async fn readyz_answers_in_bounded_time_while_the_audit_directory_blocks_its_wri
     }
     assert!(page.contains("ok audit: writable"), "{page}");
     drop(client);
+    proxy.shutdown().await;
+}
+
+/// Health checkers asking at once share the probe in flight: none of them sees the other's
+/// probe as a failure (the one-at-a-time probe once answered the second "still waiting").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_asked_by_many_at_once_answers_ready_to_all() {
+    let audit_dir = tempfile::tempdir().unwrap();
+    let proxy = harness::audited_proxy(audit_dir.path(), "").await;
+    let admin = proxy.admin.unwrap();
+    for _ in 0..5 {
+        let pages =
+            futures_util::future::join_all((0..16).map(|_| harness::http_get(admin, "/readyz")))
+                .await;
+        for page in pages {
+            assert!(status_line(&page).contains("200"), "{page}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
     proxy.shutdown().await;
 }
 
