@@ -424,12 +424,16 @@ impl TokenVerifier {
             .get("exp")
             .and_then(Value::as_i64)
             .ok_or(AuthError::MissingExpiry)?;
+        let now = now_secs();
+        // Counted from the issue time, or from now if that is earlier: an `iat` set in the
+        // future (a token minted for a century with `iat` a minute before `exp`) must not
+        // shorten what is left of it.
         let start = claims
             .get("iat")
             .or_else(|| claims.get("nbf"))
             .and_then(Value::as_i64)
-            .unwrap_or_else(now_secs);
-        let lifetime = exp - start;
+            .map_or(now, |issued| issued.min(now));
+        let lifetime = exp.saturating_sub(start);
         let max = self.config().max_token_lifetime.as_secs();
         if lifetime > max as i64 {
             return Err(AuthError::LifetimeTooLong {

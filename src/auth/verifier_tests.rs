@@ -89,6 +89,25 @@ async fn each_failure_has_its_reason_and_never_echoes_the_token() {
             "billing",
             "lifetime_too_long",
         ),
+        // An `iat` in the future cannot shorten the lifetime: what counts is from now on.
+        (
+            hs(with(
+                with(good(), "exp", json!(now + 100 * 365 * 86_400)),
+                "iat",
+                json!(now + 100 * 365 * 86_400 - 60),
+            )),
+            "billing",
+            "lifetime_too_long",
+        ),
+        (
+            hs(with(
+                with(good(), "exp", json!(i64::MAX)),
+                "iat",
+                json!(i64::MIN),
+            )),
+            "billing",
+            "lifetime_too_long",
+        ),
         (hs(good()), "support", "identity_mismatch"),
         ("not.a.jwt".to_string(), "billing", "malformed"),
     ];
