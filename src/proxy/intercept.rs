@@ -120,8 +120,13 @@ impl Interceptor {
     pub fn client_message(&mut self, view: &Frontend<'_>) -> Verdict {
         self.param_plan = None;
         match (&self.policy, view) {
-            (SessionPolicy::Bound(_), Frontend::Query { sql })
-            | (SessionPolicy::Bound(_), Frontend::Parse(ParseView { sql, .. })) => self.rewrite(sql),
+            (SessionPolicy::Bound(_), Frontend::Query { sql }) => self.rewrite(sql),
+            (SessionPolicy::Bound(_), Frontend::Parse(parse)) => {
+                match name_resolving_parameter(parse) {
+                    Some(ty) => self.refuse_declared_type(parse.sql, ty),
+                    None => self.rewrite(parse.sql),
+                }
+            }
             (SessionPolicy::Bound(_), Frontend::FunctionCall) => {
                 Verdict::Refuse(Refusal::new(
                     RefusalKind::Policy,
@@ -148,6 +153,24 @@ impl Interceptor {
             }
             _ => Verdict::Forward,
         }
+    }
+
+    /// A Parse declaring a parameter of a name-resolving type: refused as a cast to it is.
+    fn refuse_declared_type(&mut self, sql: &str, ty: &str) -> Verdict {
+        let catalog = match &self.policy {
+            SessionPolicy::Bound(p) | SessionPolicy::WatchDdl(p) => Some(p.engine().catalog()),
+            SessionPolicy::Unrestricted => None,
+        };
+        let analysis = crate::policy::refused_analysis(sql, catalog.as_deref());
+        self.last_analysis = Some(Arc::new(analysis));
+        Verdict::Refuse(Refusal::new(
+            RefusalKind::Policy,
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            format!(
+                "pgward: service {:?} may not declare a parameter of type {ty}: its input resolves names the policy may hide",
+                self.identity.service
+            ),
+        ))
     }
 
     /// An unrestricted, unencrypted statement forwarded as it is: what it touches, for its
@@ -248,4 +271,14 @@ impl Interceptor {
         self.last_analysis = Some(rewritten);
         verdict
     }
+}
+
+/// The first declared parameter type of `parse` that resolves names (`regclass`, `regrole`, …).
+fn name_resolving_parameter(parse: &ParseView<'_>) -> Option<&'static str> {
+    parse.param_types().find_map(|oid| {
+        crate::sql::routines::NAME_RESOLVING_TYPE_OIDS
+            .iter()
+            .find(|(known, _)| *known == oid)
+            .map(|(_, name)| *name)
+    })
 }

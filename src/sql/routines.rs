@@ -77,6 +77,22 @@ const UNSAFE_ARG_TYPES: &[&str] = &[
 
 /// OID-alias types a cast may still name: their input resolves type, function or text-search
 /// configuration or schema names only (drivers use `'…'::regtype` and `'pg_catalog.array_in'::regproc`).
+/// The types (and their arrays) whose input resolves a name the policy may hide — a relation,
+/// a role, an operator, a collation: a parameter declared as one answers the name's existence
+/// and OID, whatever the statement's text says.
+pub const NAME_RESOLVING_TYPE_OIDS: [(u32, &str); 10] = [
+    (2205, "regclass"),
+    (2210, "regclass[]"),
+    (4096, "regrole"),
+    (4097, "regrole[]"),
+    (2203, "regoper"),
+    (2207, "regoper[]"),
+    (2204, "regoperator"),
+    (2208, "regoperator[]"),
+    (4191, "regcollation"),
+    (4192, "regcollation[]"),
+];
+
 const SAFE_REG_TYPES: &[&str] = &[
     "regtype",
     "regnamespace",

@@ -427,3 +427,46 @@ async fn django_orm_runs_as_billing_without_refusals() {
         "Django ORM failed:\n{output}"
     );
 }
+
+/// A parameter declared in the Parse message as `regclass` or `regrole` resolves a name the
+/// policy hides just as a cast to it does: refused the same way, with nothing forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parameter_declared_as_a_name_resolving_type_is_refused() {
+    use crate::harness::{self, msg};
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let mut raw = harness::raw_tcp(proxy.addr).await;
+    let token = harness::token("support", serde_json::json!({ "tenant_id": 1 }));
+    let startup = raw.startup_with("support", &database, &token).await;
+    assert_eq!(startup.last().map(|m| m.0), Some(b'Z'), "{startup:?}");
+    for (oid, name) in [(2205u32, "regclass"), (4096, "regrole")] {
+        let mut parse = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::parse("", "SELECT $1", [oid], &mut parse).unwrap();
+        raw.send(&msg::batch(&[
+            parse.freeze(),
+            msg::bind("", "", &[Some("tenants")], false),
+            msg::execute("", 0),
+            msg::sync(),
+        ]))
+        .await;
+        let replies = raw.until_ready(1).await;
+        let errors = harness::error_texts(&replies);
+        assert_eq!(errors.len(), 1, "{replies:?}");
+        assert!(
+            errors[0].contains("42501") && errors[0].contains(name),
+            "{errors:?}"
+        );
+        assert!(!replies.iter().any(|(tag, _)| *tag == b'D'), "{replies:?}");
+    }
+    // An ordinary declared type still works.
+    let mut parse = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::parse("", "SELECT $1", [25u32], &mut parse).unwrap();
+    raw.send(&msg::batch(&[
+        parse.freeze(),
+        msg::bind("", "", &[Some("tenants")], false),
+        msg::execute("", 0),
+        msg::sync(),
+    ]))
+    .await;
+    let replies = raw.until_ready(1).await;
+    assert!(harness::error_texts(&replies).is_empty(), "{replies:?}");
+}
