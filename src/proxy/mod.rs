@@ -347,12 +347,15 @@ async fn deliver_cancel(shared: &Shared, process_id: u32, secret_key: u32) {
         inc(&shared.metrics.cancels_dropped);
         return;
     };
-    let generation_at_arrival = state.generation();
-    let _gate = state.cancel_gate.lock().await;
-    if state.generation() != generation_at_arrival {
+    // The gate is held by a cancel being delivered (which already stops what runs now), or
+    // for a moment while a new request is forwarded (which a cancel that waited for it would
+    // have to be dropped for anyway): either way this one is dropped at once. Waiting its
+    // turn instead let a flood of cancels with a session's own key queue up behind the gate,
+    // each holding a client connection slot, until no one else could connect.
+    let Ok(_gate) = state.cancel_gate.try_lock() else {
         inc(&shared.metrics.cancels_dropped);
         return;
-    }
+    };
     let Some((process_id, secret_key)) = state.cancel_target() else {
         // Transaction pooling, and the session holds no server connection: nothing runs.
         inc(&shared.metrics.cancels_dropped);

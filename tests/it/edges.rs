@@ -216,6 +216,44 @@ async fn too_many_connections_get_53300() {
     assert_alive(&a).await;
 }
 
+/// A flood of cancels carrying a session's own key: one is delivered at a time and the rest
+/// are dropped at once, so they never pile up behind each other holding connection slots (they
+/// once queued on the session's cancel gate until no one else could connect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_cancels_with_a_sessions_own_key_is_not_queued() {
+    let proxy = harness::start_proxy(ProxyOptions {
+        extra_listen: "max_client_connections = 200".into(),
+        ..ProxyOptions::default()
+    })
+    .await;
+    let victim = proxy.connect("app", "postgres").await;
+    let token = victim.cancel_token();
+    let flood = (0..150).map(|_| {
+        let token = token.clone();
+        tokio::spawn(async move {
+            let _ = token.cancel_query(tokio_postgres::NoTls).await;
+        })
+    });
+    futures_util::future::join_all(flood).await;
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let settled =
+        || count(&proxy.metrics.cancels_forwarded) + count(&proxy.metrics.cancels_dropped);
+    for _ in 0..100 {
+        if settled() >= 150 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let forwarded = count(&proxy.metrics.cancels_forwarded);
+    let dropped = count(&proxy.metrics.cancels_dropped);
+    // All at once, most find one in flight; queued, every one was forwarded in turn.
+    assert!(
+        dropped > 0 && forwarded < 150,
+        "{forwarded} cancels forwarded one after another, {dropped} dropped"
+    );
+    assert_alive(&victim).await;
+}
+
 #[tokio::test]
 async fn idle_sessions_are_closed_but_open_transactions_are_not() {
     let proxy = harness::start_proxy(ProxyOptions {
