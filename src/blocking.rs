@@ -30,6 +30,19 @@ pub async fn within<T: Send + 'static>(
     }
 }
 
+/// Runs `work` — CPU-bound and long (the analysis of a statement of megabytes) — on this
+/// worker thread after handing the worker's other tasks to the runtime, so no session queued
+/// behind it waits for it. Inline where the runtime cannot hand over (a current-thread one).
+pub fn hand_over_worker<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// A lane for calls that repeat (a refresh, a poll, a probe): at most one runs at a time.
 /// A call that outlasts its bound keeps its turn until it really ends, so while the disk stays
 /// stalled every later call is refused at once ([`Unanswered::StillBusy`]) instead of leaving

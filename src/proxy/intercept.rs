@@ -148,7 +148,11 @@ impl Interceptor {
                 if self.encryption.is_some() {
                     return self.rewrite(sql);
                 }
-                self.analyse_for_audit(sql);
+                if sql.len() > LARGE_STATEMENT {
+                    crate::blocking::hand_over_worker(|| self.analyse_for_audit(sql));
+                } else {
+                    self.analyse_for_audit(sql);
+                }
                 Verdict::Forward
             }
             _ => Verdict::Forward,
@@ -223,8 +227,17 @@ impl Interceptor {
     }
 
     /// Rewrite a Query or Parse: by the policy engine (which also applies field encryption)
-    /// when the session has one, else by field encryption alone.
+    /// when the session has one, else by field encryption alone. A text past
+    /// [`LARGE_STATEMENT`] is analysed with this worker's other sessions handed to the rest
+    /// of the runtime (its analysis can take seconds of CPU; those sessions must not wait).
     fn rewrite(&mut self, sql: &str) -> Verdict {
+        if sql.len() > LARGE_STATEMENT {
+            return crate::blocking::hand_over_worker(|| self.rewrite_now(sql));
+        }
+        self.rewrite_now(sql)
+    }
+
+    fn rewrite_now(&mut self, sql: &str) -> Verdict {
         let result = match &self.policy {
             SessionPolicy::Bound(policies) | SessionPolicy::WatchDdl(policies) => {
                 policies.rewrite(&mut self.memo, &self.identity, sql)
@@ -272,6 +285,9 @@ impl Interceptor {
         verdict
     }
 }
+
+/// Statement texts longer than this are analysed off the worker's queue (see `rewrite`).
+const LARGE_STATEMENT: usize = 64 * 1024;
 
 /// The first declared parameter type of `parse` that resolves names (`regclass`, `regrole`, …).
 fn name_resolving_parameter(parse: &ParseView<'_>) -> Option<&'static str> {

@@ -30,17 +30,34 @@ const CHAINING_WORDS: [&str; 12] = [
     "at",
 ];
 
-/// Why `sql` is not parsed, when its chains run deeper than [`MAX_DEPTH`].
+/// The most statements one message may hold. Each parsed statement costs kilobytes while it
+/// is analysed, so a text of a hundred thousand `SELECT 1;` would cost gigabytes.
+pub const MAX_STATEMENTS: usize = 10_000;
+
+/// Why `sql` is not parsed: its chains run deeper than [`MAX_DEPTH`], or it holds more than
+/// [`MAX_STATEMENTS`] statements.
 pub fn too_deep(sql: &str) -> Option<String> {
-    (estimate(sql) > MAX_DEPTH).then(|| {
-        format!(
+    let (depth, statements) = measure(sql);
+    if depth > MAX_DEPTH {
+        return Some(format!(
             "an expression or set operation chained more than {MAX_DEPTH} operators deep (pgward's limit; split it, or use IN (…) or = ANY($1) for long lists)"
-        )
+        ));
+    }
+    (statements > MAX_STATEMENTS).then(|| {
+        format!("more than {MAX_STATEMENTS} statements in one message (pgward's limit; send them in batches)")
     })
 }
 
 /// The estimated depth of the deepest operator chain in `sql`.
 pub fn estimate(sql: &str) -> usize {
+    measure(sql).0
+}
+
+/// The estimated depth of the deepest operator chain, and how many statements the text
+/// holds (separators outside brackets, plus one for a last statement without its `;`).
+fn measure(sql: &str) -> (usize, usize) {
+    let mut statements = 0;
+    let mut pending = false;
     // Per open bracket: the depth carried into it and the run it interrupted.
     let mut open: Vec<(usize, usize)> = Vec::new();
     let (mut carried, mut run, mut deepest) = (0usize, 0usize, 0usize);
@@ -57,20 +74,31 @@ pub fn estimate(sql: &str) -> usize {
                         (carried, run) = (outer_carried, outer_run);
                     }
                 }
-                "," | ";" => run = 0,
-                _ => run += 1,
+                "," => run = 0,
+                ";" => {
+                    run = 0;
+                    if std::mem::take(&mut pending) {
+                        statements += 1;
+                    }
+                }
+                _ => {
+                    run += 1;
+                    pending = true;
+                }
             },
             Kind::Word => {
+                pending = true;
                 let word = token.text(sql);
                 if CHAINING_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
                     run += 1;
                 }
             }
-            _ => {}
+            Kind::Space | Kind::Comment { .. } => {}
+            _ => pending = true,
         }
         deepest = deepest.max(carried + run);
     }
-    deepest
+    (deepest, statements + usize::from(pending))
 }
 
 #[cfg(test)]
@@ -98,6 +126,17 @@ mod tests {
             vec!["($1::int, $2::text, $3::numeric)"; 1000].join(", ")
         );
         assert!(estimate(&rows) < 10, "{}", estimate(&rows));
+    }
+
+    #[test]
+    fn statements_are_counted_by_their_separators() {
+        assert_eq!(measure("SELECT 1").1, 1);
+        assert_eq!(measure("SELECT 1; SELECT 2;").1, 2);
+        assert_eq!(measure(";;  ; -- nothing").1, 0);
+        assert_eq!(measure("SELECT ';'; SELECT 2 /* ; */").1, 2);
+        assert!(too_deep(&"SELECT 1;".repeat(MAX_STATEMENTS)).is_none());
+        let many = too_deep(&"SELECT 1;".repeat(MAX_STATEMENTS + 1));
+        assert!(many.is_some_and(|why| why.contains("statements")));
     }
 
     #[test]

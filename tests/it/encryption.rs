@@ -1989,3 +1989,44 @@ async fn a_statement_chained_too_deep_is_refused_not_a_crash() {
     let other = demo_client(&proxy, &database, "support").await;
     other.simple_query("SELECT 1").await.unwrap();
 }
+
+/// A statement of megabytes takes its session's analysis seconds of CPU: the other sessions
+/// on that worker are handed to the rest of the runtime meanwhile, and answer as usual. A
+/// message of more statements than pgward analyses is refused before it is parsed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_huge_statement_costs_its_own_session_not_the_others() {
+    // One worker: whatever waits behind the analysis on it shows at once.
+    let (proxy, database, _dir) = demo_proxy().await;
+    let heavy = demo_client(&proxy, &database, "billing").await;
+    let list: Vec<String> = (0..60_000).map(|i| i.to_string()).collect();
+    let huge = format!(
+        "SELECT id FROM invoices WHERE id IN ({}) AND card_number = 'x'",
+        list.join(",")
+    );
+    let others: Vec<Client> =
+        futures_util::future::join_all((0..4).map(|_| demo_client(&proxy, &database, "support")))
+            .await;
+    let started = std::time::Instant::now();
+    let running = tokio::spawn(async move { heavy.simple_query(&huge).await.map(|_| heavy) });
+    let mut slowest = Duration::ZERO;
+    while !running.is_finished() {
+        for other in &others {
+            let asked = std::time::Instant::now();
+            other.simple_query("SELECT 1").await.unwrap();
+            slowest = slowest.max(asked.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let heavy = running.await.unwrap().unwrap();
+    assert!(
+        slowest < took / 2 && slowest < Duration::from_secs(1),
+        "the huge statement took {took:?}; another session waited up to {slowest:?}"
+    );
+    let e = heavy
+        .simple_query(&"SELECT 1;".repeat(10_001))
+        .await
+        .expect_err("refused");
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+    assert!(db.message().contains("statements in one message"), "{db:?}");
+}
