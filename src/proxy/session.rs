@@ -22,7 +22,7 @@ use crate::audit::{AuditEvent, OnFailure, SessionInfo};
 use crate::auth::Identity;
 use crate::config::ServiceConfig;
 use crate::crypto::scope::KeyScope;
-use crate::error::{sqlstate, ClientError};
+use crate::error::{sqlstate, ClientError, REFUSAL_MARKER_PREFIX};
 use crate::metrics::inc;
 use crate::net::{Conn, ConnReader, ConnWriter};
 use crate::protocol::fields::ErrorFields;
@@ -543,13 +543,13 @@ pub(super) fn account_upstream_batch(
             }
             backend::ERROR_RESPONSE => {
                 inc(&shared.metrics.upstream_error_responses);
-                if state.has_pending_refusals() {
+                if state.has_pending_refusals() || names_a_refusal_marker(message.body()) {
                     let fields = ErrorFields::parse(message.body()).unwrap_or_default();
-                    if let Some(refusal) = fields
-                        .message
-                        .as_deref()
-                        .and_then(|m| state.take_refusal(m))
-                    {
+                    if let Some(refusal) = fields.message.as_deref().and_then(|m| {
+                        state
+                            .take_refusal(m)
+                            .or_else(|| m.contains(REFUSAL_MARKER_PREFIX).then(forgotten_refusal))
+                    }) {
                         if offset > run_start {
                             out.push(all.slice(run_start..offset));
                         }
@@ -567,6 +567,21 @@ pub(super) fn account_upstream_batch(
     }
     state.series.sent(out.iter().map(Bytes::len).sum());
     out
+}
+
+/// Whether an upstream error names one of pgward's stand-ins for a refused statement.
+fn names_a_refusal_marker(body: &[u8]) -> bool {
+    body.windows(REFUSAL_MARKER_PREFIX.len())
+        .any(|w| w == REFUSAL_MARKER_PREFIX.as_bytes())
+}
+
+/// A refused statement's error when its reason is no longer kept (a client had more
+/// refusals in flight than the session remembers): the marker never reaches the client.
+fn forgotten_refusal() -> ClientError {
+    ClientError::error(
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        "pgward: statement refused; more refused statements were awaiting their answers than pgward remembers, so its reason was not kept",
+    )
 }
 
 /// The server's answers, to the session's tracker: the client got an error in place of a row
