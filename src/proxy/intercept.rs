@@ -111,6 +111,12 @@ impl Interceptor {
         &self.identity
     }
 
+    /// True when the policy engine rewrites every statement (and refuses, among others, the
+    /// settings that would make the server read SQL differently).
+    pub fn is_policy_bound(&self) -> bool {
+        matches!(self.policy, SessionPolicy::Bound(_))
+    }
+
     /// True when no layer needs to see individual messages.
     pub fn is_passthrough(&self) -> bool {
         matches!(self.policy, SessionPolicy::Unrestricted) && self.encryption.is_none()

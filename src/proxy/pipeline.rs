@@ -25,7 +25,7 @@ use crate::error::{sqlstate, ClientError, Refusal, RefusalKind};
 use crate::metrics::inc;
 use crate::policy::Rewritten;
 use crate::protocol::replies::Request;
-use crate::protocol::view::Frontend;
+use crate::protocol::view::{Frontend, ParseView};
 use crate::protocol::{build, frontend, Batch, Message, ProtocolError};
 
 /// Run every message of a batch through the stages, make its audit records durable,
@@ -58,6 +58,13 @@ pub(super) async fn run_batch(
         let registrable = registry_refusal.is_none();
         let verdict = match (view, registry_refusal) {
             (_, Some(refusal)) => Verdict::Refuse(refusal),
+            (Ok(Frontend::Query { sql } | Frontend::Parse(ParseView { sql, .. })), None)
+                if state.reads_sql_differently()
+                    || (!interceptor.is_policy_bound()
+                        && crate::sql::settings::may_set_unsafely(sql)) =>
+            {
+                Verdict::Refuse(read_differently(state))
+            }
             (Ok(view), None) => interceptor.client_message(view),
             (Err(e), None) => malformed_message(state, e),
         };
@@ -291,6 +298,21 @@ fn malformed_message(state: &SessionState, error: &ProtocolError) -> Verdict {
         sqlstate::PROTOCOL_VIOLATION,
         format!("pgward: {error}"),
     ))
+}
+
+/// A statement the server would read differently from pgward's analysis (see
+/// `sql::settings`), or one that would make it do so.
+fn read_differently(state: &SessionState) -> Refusal {
+    let why = if state.reads_sql_differently() {
+        "this session's standard_conforming_strings is off or its client_encoding embeds ASCII bytes in its characters (SJIS, BIG5, GBK, UHC, GB18030, JOHAB), so the server would read statements differently from pgward's analysis; reconnect with the defaults"
+    } else {
+        "a statement may not turn standard_conforming_strings off or set an ASCII-embedding client_encoding (SJIS, BIG5, GBK, UHC, GB18030, JOHAB): the server would then read SQL differently from pgward's analysis"
+    };
+    Refusal::new(
+        RefusalKind::Protocol,
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        format!("pgward: {why}"),
+    )
 }
 
 /// Unaudited statements must not run: every message of the batch that would start one is

@@ -175,6 +175,11 @@ pub(super) async fn run(shared: Arc<Shared>, admitted: Admitted, shutdown: watch
         SessionState::new(session_id, upstream.process_id, upstream.secret_key)
             .with_series(shared.metrics.service_series(&identity.service)),
     );
+    for message in &upstream.startup_messages {
+        if message.first() == Some(&backend::PARAMETER_STATUS) {
+            state.note_parameter_status(message.get(5..).unwrap_or_default());
+        }
+    }
     client.attach(state.clone());
     let key = shared.cancels.register(state.clone());
     inc(&shared.metrics.sessions_established);
@@ -541,6 +546,7 @@ pub(super) fn account_upstream_batch(
                 }
                 state.ready_for_query(status, offset + len == total);
             }
+            backend::PARAMETER_STATUS => state.note_parameter_status(message.body()),
             backend::ERROR_RESPONSE => {
                 inc(&shared.metrics.upstream_error_responses);
                 if state.has_pending_refusals() || names_a_refusal_marker(message.body()) {

@@ -47,6 +47,9 @@ pub struct SessionState {
     /// transaction; cancels go to the one it holds now (`None`: dropped).
     pooled: bool,
     held: Mutex<Option<(u32, u32)>>,
+    /// The server reports `standard_conforming_strings = off` or an ASCII-embedding client
+    /// encoding: it reads SQL differently from pgward's analysis (`sql::settings`).
+    reads_sql_differently: AtomicBool,
 }
 
 /// Most refusals remembered while their markers are in flight.
@@ -71,6 +74,7 @@ impl SessionState {
             series: Arc::default(),
             pooled: false,
             held: Mutex::new(None),
+            reads_sql_differently: AtomicBool::new(false),
         }
     }
 
@@ -143,6 +147,35 @@ impl SessionState {
     /// The receipts every response from now on must wait for (taken: each is awaited once).
     pub fn take_undurable(&self) -> Vec<DurableReceipt> {
         std::mem::take(&mut *self.undurable.lock())
+    }
+
+    /// A ParameterStatus from the server (at login or after a statement): notes whether the
+    /// server now reads SQL differently from pgward.
+    pub fn note_parameter_status(&self, body: &[u8]) {
+        let mut fields = body.split(|b| *b == 0);
+        let (Some(name), Some(value)) = (fields.next(), fields.next()) else {
+            return;
+        };
+        let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
+            return;
+        };
+        if let Some(differently) = crate::sql::settings::reads_differently(name, value) {
+            if differently {
+                tracing::warn!(
+                    session = self.id,
+                    setting = name,
+                    value,
+                    "the server now reads SQL differently from pgward: statements are refused"
+                );
+            }
+            self.reads_sql_differently
+                .store(differently, Ordering::Release);
+        }
+    }
+
+    /// Whether the server reads SQL differently from pgward (see `note_parameter_status`).
+    pub fn reads_sql_differently(&self) -> bool {
+        self.reads_sql_differently.load(Ordering::Acquire)
     }
 
     /// Register a refusal; returns the marker statement to send upstream in its place.

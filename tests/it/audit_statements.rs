@@ -616,3 +616,46 @@ async fn a_psycopg_server_side_cursor_is_recorded_fetch_by_fetch() {
         "the fetches' completions account for every row psycopg read"
     );
 }
+
+/// With `standard_conforming_strings` off the server reads `'\' …'` as one string where
+/// pgward reads a string and more SQL: an unrestricted service could hide a statement inside
+/// a "literal" from the audit. Turning it off is refused, and a session the server reports it
+/// off for (a database default) has every statement refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_server_reads_sql_differently_is_refused_not_misread() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = harness::audited_proxy(dir.path(), "").await;
+    let database = harness::fresh_database("scsoff", false).await;
+    let app = proxy.connect("app", &database).await;
+    for sql in [
+        "SET standard_conforming_strings = off",
+        "SELECT set_config('standard_conforming_strings', 'off', false)",
+        "SET client_encoding = 'SJIS'",
+    ] {
+        let e = app.simple_query(sql).await.expect_err(sql);
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+        assert_eq!(db.code().code(), "0A000", "{sql}: {db:?}");
+    }
+    app.simple_query("SET client_encoding = 'UTF8'")
+        .await
+        .unwrap();
+    drop(app);
+    harness::direct(&database)
+        .await
+        .simple_query(&format!(
+            "ALTER DATABASE {database} SET standard_conforming_strings = off"
+        ))
+        .await
+        .unwrap();
+    let app = proxy.connect("app", &database).await;
+    let e = app
+        .simple_query("SELECT '\\' AS a, ' ; SELECT 1; SELECT ' AS b")
+        .await
+        .expect_err("refused");
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{e:?}"));
+    assert_eq!(db.code().code(), "0A000", "{db:?}");
+    assert!(
+        db.message().contains("standard_conforming_strings"),
+        "{db:?}"
+    );
+}

@@ -75,6 +75,9 @@ fn check_setting(name: &str, value: &str, rules: &StartupRules) -> Result<(), Cl
     if IDENTITY_PARAMETERS.contains(&normalized.as_str()) {
         return refuse("it would change the session's identity");
     }
+    if crate::sql::settings::reads_differently(&normalized, value) == Some(true) {
+        return refuse("the server would read SQL differently from pgward's analysis (standard_conforming_strings must stay on, and the client_encoding must not embed ASCII bytes in its characters)");
+    }
     match rules {
         StartupRules::Open { search_path: false } if normalized == "search_path" => {
             refuse("it would change the session's name resolution")
@@ -237,7 +240,18 @@ mod tests {
             let err = check_startup_parameters(&bad, &bound).unwrap_err();
             assert_eq!(err.sqlstate, sqlstate::INSUFFICIENT_PRIVILEGE, "{bad:?}");
         }
-        // The same parameters are fine for a service no policy binds.
-        assert!(check_startup_parameters(&startup(&[("client_encoding", "SJIS")]), &OPEN).is_ok());
+        // A service no policy binds may choose other encodings, but not one in which the
+        // server reads SQL differently from pgward, nor turn standard_conforming_strings off.
+        assert!(
+            check_startup_parameters(&startup(&[("client_encoding", "LATIN1")]), &OPEN).is_ok()
+        );
+        for bad in [
+            startup(&[("client_encoding", "SJIS")]),
+            startup(&[("options", "-c client_encoding=BIG5")]),
+            startup(&[("standard_conforming_strings", "off")]),
+        ] {
+            let err = check_startup_parameters(&bad, &OPEN).unwrap_err();
+            assert_eq!(err.sqlstate, sqlstate::INSUFFICIENT_PRIVILEGE, "{bad:?}");
+        }
     }
 }
