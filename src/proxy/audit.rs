@@ -23,6 +23,7 @@ use crate::protocol::replies::{Outcome, Request};
 use crate::protocol::view::{BindView, Frontend, ParseView};
 use crate::protocol::{backend, Message};
 use crate::sql::fingerprint::split_statements;
+use crate::sql::NameKind;
 
 mod names;
 mod reuse;
@@ -168,11 +169,28 @@ impl SessionAudit {
                 batch.push(observed.position, record, observed.refused.is_none());
             }
             Frontend::Parse(parse) => {
-                return Registered::Statement(self.parse(parse, &observed, batch));
+                let prepared = self.parse(parse, &observed, batch);
+                if !prepared.refused {
+                    self.names
+                        .remember(NameKind::Prepared, parse.name, &prepared.touched);
+                }
+                return Registered::Statement(prepared);
             }
             Frontend::Bind(bind) => {
                 let prepared = statement.and_then(|s| s.audit.as_deref());
+                if let Some(prepared) = prepared.filter(|p| !p.refused) {
+                    self.names
+                        .remember(NameKind::Cursor, bind.portal, &prepared.touched);
+                }
                 return Registered::Params(self.bound_params(bind, prepared));
+            }
+            Frontend::Close(target) => {
+                let kind = if target.is_statement() {
+                    NameKind::Prepared
+                } else {
+                    NameKind::Cursor
+                };
+                self.names.forget(kind, target.name);
             }
             Frontend::Execute { portal, .. } => {
                 self.execute(&observed, statements.portal(portal), batch)

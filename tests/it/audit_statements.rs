@@ -659,3 +659,55 @@ async fn a_session_whose_server_reads_sql_differently_is_refused_not_misread() {
         "{db:?}"
     );
 }
+
+/// A statement prepared and a portal bound through the protocol share their names with SQL's:
+/// `EXECUTE` runs the one, `FETCH` reads the other, and their records name what the statement
+/// reads (they named nothing, so a search for the column missed them).
+#[tokio::test]
+async fn an_execute_or_fetch_of_a_protocol_name_names_what_its_statement_reads() {
+    use harness::msg;
+    let log = tempfile::tempdir().unwrap();
+    let (proxy, client) = support_audited(log.path(), "auditprotoname").await;
+    let database: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut raw = harness::raw_tcp(proxy.addr).await;
+    let token = harness::token("support", json!({"tenant_id": 1, "email": "a@b"}));
+    let startup = raw.startup_with("support", &database, &token).await;
+    assert_eq!(startup.last().map(|m| m.0), Some(b'Z'), "{startup:?}");
+    raw.send(&msg::batch(&[
+        msg::query("BEGIN"),
+        msg::parse("sx", "SELECT name FROM customers ORDER BY id"),
+        msg::bind("px", "sx", &[], false),
+        msg::sync(),
+        msg::query("FETCH ALL FROM px"),
+        msg::query("EXECUTE sx"),
+        msg::query("COMMIT"),
+    ]))
+    .await;
+    let replies = raw.until_ready(5).await;
+    assert!(harness::error_texts(&replies).is_empty(), "{replies:?}");
+    drop(raw);
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.shutdown().await;
+    let all = records(log.path());
+    for start in ["FETCH ALL FROM px", "EXECUTE sx"] {
+        let record = all
+            .iter()
+            .find(|r| r["kind"] == "statement" && r["sql"].as_str() == Some(start))
+            .unwrap_or_else(|| panic!("no record of {start}"));
+        assert_eq!(
+            record["tables_read"],
+            json!(["public.customers"]),
+            "{record}"
+        );
+        let columns = record["columns_read"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(columns.contains(&json!("customers.name")), "{record}");
+    }
+}

@@ -69,6 +69,31 @@ impl SessionNames {
         }
     }
 
+    /// A statement prepared or a portal bound through the protocol: the same names as SQL's
+    /// (`EXECUTE` runs a protocol-prepared statement, `FETCH` reads a bound portal), so their
+    /// records name what it touches too.
+    pub(super) fn remember(&mut self, kind: NameKind, name: &str, touched: &Touched) {
+        if name.is_empty() {
+            return;
+        }
+        let key = (kind, name.to_string());
+        if self.created.len() >= MAX_SESSION_NAMES && !self.created.contains_key(&key) {
+            self.forget_oldest();
+        }
+        self.count += 1;
+        let named = self.created.entry(key).or_insert_with(|| NamedTouch {
+            order: 0,
+            touched: Touched::default(),
+        });
+        named.order = self.count;
+        add_touched(&mut named.touched, &touched.into());
+    }
+
+    /// A protocol Close of a statement or portal.
+    pub(super) fn forget(&mut self, kind: NameKind, name: &str) {
+        self.created.remove(&(kind, name.to_string()));
+    }
+
     fn forget_oldest(&mut self) {
         let oldest = self.created.iter().min_by_key(|(_, t)| t.order);
         if let Some(key) = oldest.map(|(key, _)| key.clone()) {
