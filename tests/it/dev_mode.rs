@@ -15,7 +15,17 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
     let admin = format!("127.0.0.1:{}", free_port());
     // Run from an empty directory: the demo migrations and policies come from the binary.
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgward"))
-        .args(["dev", "--listen", &listen, "--admin", &admin])
+        // The database client's debug events print statements with their parameters: asked
+        // for, they must still never show (the roles' passwords below).
+        .args([
+            "--log",
+            "info,tokio_postgres=debug",
+            "dev",
+            "--listen",
+            &listen,
+            "--admin",
+            &admin,
+        ])
         .current_dir(workdir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -215,6 +225,18 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("throwaway PostgreSQL removed"), "{stderr}");
+    let pgward_dir = workdir.path().join(".pgward");
+    for entry in std::fs::read_dir(&pgward_dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("upstream-password") {
+            let password = std::fs::read_to_string(entry.path()).unwrap();
+            let password = password.trim();
+            assert!(
+                password.len() >= 16 && !stderr.contains(password),
+                "{name} reached pgward's log"
+            );
+        }
+    }
     // With OpenBao installed the demo keys live in its transit engine, else in a local file.
     let config = std::fs::read_to_string(workdir.path().join(".pgward/pgward.toml")).unwrap();
     let bao_installed = std::env::var_os("PATH")
