@@ -134,7 +134,16 @@ pub fn parse_claim(text: &str) -> Result<(String, serde_json::Value), String> {
 
 /// Set up logging once.
 pub fn init_tracing(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+    // Directives naming the quieted targets are dropped: EnvFilter keeps the more verbose of
+    // two directives for one target, so `sqlparser=debug` would otherwise win over ours.
+    let filter: Vec<&str> = filter
+        .split(',')
+        .filter(|directive| {
+            let target = directive.trim();
+            !(target.starts_with("sqlparser") || target.starts_with("tokio_postgres"))
+        })
+        .collect();
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.join(","))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         .add_directive(quiet_sql_parser());
     // Colour codes only for a person at a terminal: in journald, files and pipes they are noise.

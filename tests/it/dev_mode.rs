@@ -233,7 +233,12 @@ fn dev_mode_prints_working_psql_commands_and_cleans_up_on_interrupt() {
             let password = password.trim();
             assert!(
                 password.len() >= 16 && !stderr.contains(password),
-                "{name} reached pgward's log"
+                "{name} reached pgward's log: {}",
+                stderr
+                    .lines()
+                    .filter(|l| l.contains(password))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
         }
     }
