@@ -145,7 +145,8 @@ pub fn init_tracing(filter: &str, json: bool) {
         .collect();
     let filter = tracing_subscriber::EnvFilter::try_new(filter.join(","))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        .add_directive(quiet_sql_parser());
+        .add_directive(quiet_sql_parser())
+        .add_directive(quiet_postgres_client());
     // Colour codes only for a person at a terminal: in journald, files and pipes they are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -157,6 +158,15 @@ pub fn init_tracing(filter: &str, json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// pgward's own database connections (the catalog, the data key store, `pgward dev`'s role
+/// setup) go through tokio-postgres, whose debug events print each statement with its
+/// parameters — role passwords, wrapped keys: never above info, whatever `--log` asks for.
+fn quiet_postgres_client() -> tracing_subscriber::filter::Directive {
+    "tokio_postgres=info"
+        .parse()
+        .unwrap_or_else(|_| tracing_subscriber::filter::LevelFilter::INFO.into())
 }
 
 /// sqlparser logs every statement it parses (literals included) at debug level: those may be
