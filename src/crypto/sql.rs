@@ -188,8 +188,8 @@ impl SqlEncryption {
                 continue;
             }
             outcome.touched = true;
-            outcome.accessed.push(t.accessed_columns(st));
             t.collect_derived(st)?;
+            outcome.accessed.push(t.accessed_columns(st));
             // Schema changes may name blind indexes (`CREATE UNIQUE INDEX … (email_bidx)`).
             if crate::sql::StatementKind::of(st) != crate::sql::StatementKind::Ddl {
                 t.refuse_blind_index_names(st)?;

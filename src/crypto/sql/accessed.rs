@@ -3,16 +3,16 @@
 //! anything (`email = …` becomes `email_bidx = …`), with the transform's own name resolution:
 //! a column named as `col`, `rel.col` or `schema.table.col` anywhere in the statement (a
 //! derived table's or CTE's column by the table column it carries); every encrypted column of
-//! a table read whole (`*`, `rel.*`, `RETURNING *`, INSERT or COPY without a column list); the
-//! targets of INSERT, UPDATE, upsert and COPY. When in doubt it names a column rather than
+//! a table read whole (`*`, `rel.*`, `TABLE t`, `RETURNING *`, INSERT or COPY without a column
+//! list); the targets of INSERT, UPDATE, upsert and COPY. When in doubt it names a column rather than
 //! leave it out: an auditor asking "who could have seen ssn" must not miss a statement.
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    AssignmentTarget, CopySource, Expr, Insert, ObjectName, OnConflictAction, OnInsert, Select,
-    SelectItem, SelectItemQualifiedWildcardKind, Statement, TableFactor, TableObject, Update,
-    Visit, Visitor,
+    AssignmentTarget, CopySource, Expr, Insert, ObjectName, OnConflictAction, OnInsert, Query,
+    Select, SelectItem, SelectItemQualifiedWildcardKind, Statement, TableFactor, TableObject,
+    Update, Visit, Visitor,
 };
 
 use super::Transform;
@@ -219,6 +219,16 @@ impl Visitor for Accessed<'_, '_> {
         ControlFlow::Continue(())
     }
 
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        // `TABLE t` reads every column of t.
+        let mut tables = Vec::new();
+        self.t.table_branches(&q.body, &mut tables);
+        for c in tables {
+            self.whole_table(&c.table);
+        }
+        ControlFlow::Continue(())
+    }
+
     fn pre_visit_statement(&mut self, st: &Statement) -> ControlFlow<()> {
         // Data-modifying CTEs and other nested writes.
         self.statement_targets(st);
@@ -293,6 +303,7 @@ mod tests {
                 "SELECT y.e FROM (SELECT email AS e FROM customers) y",
                 &["customers.email"],
             ),
+            ("SELECT x.id FROM (TABLE customers) x", &both),
             ("INSERT INTO customers (name, ssn) VALUES ('n', '123')", &["customers.ssn"]),
             ("UPDATE customers SET email = 'b@example.com' WHERE id = 1", &["customers.email"]),
             ("UPDATE customers SET name = 'x' WHERE id = 1 RETURNING *", &both),
