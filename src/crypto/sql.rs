@@ -15,15 +15,21 @@
 //!   parameter whose value the relay turns into its blind index); `a.col = b.col` on the same
 //!   searchable column compares blind indexes. `col IS [NOT] NULL` stays as is.
 //! * **Reads** — a column selected as is (`SELECT col`, `SELECT col AS x`, `*`, `RETURNING
-//!   col`) is left alone: the relay decrypts it by its RowDescription origin.
-//! * Everything else that mentions an encrypted column would compute on ciphertext (ORDER
-//!   BY, GROUP BY, DISTINCT, ranges, LIKE, functions, casts, joins of different columns, set
-//!   operations) and is refused with 0A000 naming the column.
+//!   col`) in a result the relay sees it in (the statement's own, through derived tables,
+//!   CTEs and parentheses: see `outputs`) is left alone: the relay decrypts it by its
+//!   RowDescription origin.
+//! * Everything else that mentions an encrypted column would compute on ciphertext or hand it
+//!   over undecrypted (ORDER BY and GROUP BY, also by position or output name, DISTINCT,
+//!   ranges, LIKE, functions, casts, joins of different columns, set operations, subqueries
+//!   used as values, whole-row references such as `to_jsonb(c)` or `c.to_jsonb`) and is
+//!   refused with 0A000 naming the column. So is any mention of a blind-index column outside
+//!   DDL: pgward alone writes and searches them.
 //!
 //! Name resolution is deliberately conservative: an unqualified column name that is an
 //! encrypted column of any table the statement mentions is treated as that column (fail
 //! closed); when two different encrypted columns share the name, the reference must be
-//! qualified.
+//! qualified. A qualifier stands for every relation of its name in the statement, whatever
+//! the scope, and one that names none is refused (see `relations`).
 //!
 //! Literal encryption needs keys synchronously: it uses the DEKs the key manager keeps cached
 //! ([`KeyManager::encrypt_now`]) and fails closed when none is. A statement with encrypted
@@ -41,7 +47,10 @@ use sqlparser::ast::{
 
 mod accessed;
 mod derived;
+mod names;
+mod outputs;
 mod params;
+mod relations;
 mod rowkey;
 mod search;
 mod write;
@@ -96,7 +105,7 @@ pub struct Outcome {
     pub accessed: Vec<Vec<String>>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct EncCol {
     col: ColumnRef,
     searchable: bool,
@@ -169,6 +178,7 @@ impl SqlEncryption {
                 aliases: HashMap::new(),
                 tables: Vec::new(),
                 derived: HashMap::new(),
+                output_columns: HashMap::new(),
                 params: &mut params,
                 literals: false,
                 scope,
@@ -178,8 +188,12 @@ impl SqlEncryption {
                 continue;
             }
             outcome.touched = true;
-            outcome.accessed.push(t.accessed_columns(st));
             t.collect_derived(st)?;
+            outcome.accessed.push(t.accessed_columns(st));
+            // Schema changes may name blind indexes (`CREATE UNIQUE INDEX … (email_bidx)`).
+            if crate::sql::StatementKind::of(st) != crate::sql::StatementKind::Ddl {
+                t.refuse_blind_index_names(st)?;
+            }
             t.statement(st)?;
             t.add_row_keys(st)?;
             outcome.encrypted_literals |= t.literals;
@@ -232,13 +246,19 @@ fn refuse_writes_through_views(st: &Statement, catalog: Option<&Catalog>) -> Res
 struct Transform<'a> {
     enc: &'a SqlEncryption,
     catalog: Option<&'a Catalog>,
-    /// Relation name or alias (as PostgreSQL folds it) → `schema.table`.
-    aliases: HashMap<String, String>,
+    /// Relation name or alias (as PostgreSQL folds it) → the keys of the relations it names
+    /// somewhere in the statement (`schema.table`, or a derived table's, join's or CTE's key;
+    /// see `relations`). One name can stand for different relations in different scopes: a
+    /// reference through it is held to the rules of every one of them.
+    aliases: HashMap<String, Vec<String>>,
     /// Every table the statement mentions (`schema.table`), and the keys of its derived
     /// tables and CTEs that carry encrypted columns.
     tables: Vec<String>,
     /// Encrypted columns exposed by derived tables and CTEs, by key (see `derived`).
     derived: HashMap<String, HashMap<String, EncCol>>,
+    /// Every column name of a derived table, CTE or aliased join, by key, where it can be
+    /// known (see `names`).
+    output_columns: HashMap<String, std::collections::HashSet<String>>,
     params: &'a mut Params,
     literals: bool,
     scope: &'a KeyScope,
@@ -283,18 +303,11 @@ impl Transform<'_> {
         impl VisitorMut for Collect<'_, '_> {
             type Break = ();
             fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
-                if let TableFactor::Table { name, alias, .. } = tf {
-                    if let Some(q) = self.t.qualify(name) {
-                        let key = match alias {
-                            Some(a) => ident_name(&a.name),
-                            None => object_name_parts(name)
-                                .and_then(|p| p.last().cloned())
-                                .unwrap_or_default(),
-                        };
-                        self.t.aliases.insert(key, q.clone());
-                        self.t.tables.push(q);
-                    }
-                }
+                self.t.register_factor(tf);
+                ControlFlow::Continue(())
+            }
+            fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
+                self.t.register_table_bodies(&q.body);
                 ControlFlow::Continue(())
             }
             fn pre_visit_relation(&mut self, name: &mut ObjectName) -> ControlFlow<()> {
@@ -311,21 +324,8 @@ impl Transform<'_> {
                 ControlFlow::Continue(())
             }
         }
-        if let Statement::Insert(Insert {
-            table: TableObject::TableName(name),
-            table_alias,
-            ..
-        }) = &*st
-        {
-            if let Some(q) = self.qualify(name) {
-                let key = match table_alias {
-                    Some(a) => ident_name(&a.alias),
-                    None => object_name_parts(name)
-                        .and_then(|p| p.last().cloned())
-                        .unwrap_or_default(),
-                };
-                self.aliases.insert(key, q);
-            }
+        if let Statement::Insert(i) = &*st {
+            self.register_insert(i);
         }
         // COPY's table is not visited as a relation by sqlparser.
         if let Statement::Copy {
@@ -368,6 +368,12 @@ impl Transform<'_> {
             Statement::Copy { .. } => {
                 return Err(refuse(format!(
                     "pgward: only COPY … FROM STDIN (text or CSV) works on {}, which has encrypted columns; COPY TO would return ciphertext (use SELECT)",
+                    self.first_encrypted_table()
+                )))
+            }
+            Statement::CreateTable(ct) if ct.query.is_some() => {
+                return Err(refuse(format!(
+                    "pgward: CREATE TABLE … AS on {}, which has encrypted columns, is not supported through pgward: it would store ciphertext, or values computed from it, where pgward does not decrypt them",
                     self.first_encrypted_table()
                 )))
             }
@@ -420,29 +426,14 @@ impl Transform<'_> {
                 let mut found: Option<EncCol> = None;
                 for t in &self.tables {
                     if let Some(c) = self.enc_table(t).and_then(|cols| cols.get(&name)) {
-                        match &found {
-                            Some(f) if f.col != c.col => {
-                                return Err(refuse(format!(
-                                    "pgward: column {name} is encrypted in both {} and {}; qualify it with its table",
-                                    f.col.table, c.col.table
-                                )))
-                            }
-                            _ => found = Some(c.clone()),
-                        }
+                        merge_found(&mut found, c, &name)?;
                     }
                 }
                 Ok(found)
             }
             Expr::CompoundIdentifier(parts) => {
                 let names: Vec<String> = parts.iter().map(ident_name).collect();
-                let (table, column) = match names.as_slice() {
-                    [q, c] => (self.aliases.get(q).cloned(), c),
-                    [s, t, c] => (Some(format!("{s}.{t}")), c),
-                    _ => return Ok(None),
-                };
-                Ok(table
-                    .and_then(|t| self.enc_table(&t).and_then(|cols| cols.get(column)))
-                    .cloned())
+                self.qualified_column(&names)
             }
             _ => Ok(None),
         }
@@ -561,6 +552,25 @@ impl Transform<'_> {
                     .is_ok_and(|s| s.column.context_claim.is_some());
                 Ok(bytea_literal(&index))
             }
+        }
+    }
+}
+
+/// Add `c` to what a name was found to stand for: the same column (searchable only if it is
+/// searchable everywhere it is found), or refused as ambiguous.
+fn merge_found(found: &mut Option<EncCol>, c: &EncCol, name: &str) -> Result<(), Refused> {
+    match found {
+        Some(f) if f.col != c.col => Err(refuse(format!(
+            "pgward: column {name} is encrypted in both {} and {}; qualify it with its table",
+            f.col.table, c.col.table
+        ))),
+        Some(f) => {
+            f.searchable &= c.searchable;
+            Ok(())
+        }
+        None => {
+            *found = Some(c.clone());
+            Ok(())
         }
     }
 }
@@ -692,3 +702,5 @@ impl StatementTransform for SqlEncryption {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod tests_reads;

@@ -1397,6 +1397,125 @@ async fn demo_schema_encrypted_behind_the_demo_policies() {
     assert!(leaked.is_empty());
 }
 
+/// Reads that would hand back ciphertext, a blind index or something computed from them in
+/// another form — a whole-row value, a parenthesised set operation, a join alias, an ARRAY
+/// subquery, a sort by position or output name, the blind-index column itself — are refused
+/// in both protocols; the plain forms next to them still decrypt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_that_would_return_ciphertext_in_another_form_are_refused() {
+    let (proxy, database, _dir) = demo_proxy().await;
+    let billing = demo_client(&proxy, &database, "billing").await;
+    // What the database holds for the tenant: none of it may come back.
+    let mut stored: Vec<Vec<u8>> = Vec::new();
+    for row in direct(&database)
+        .await
+        .query(
+            "SELECT email, email_bidx, ssn FROM customers WHERE tenant_id = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        for i in 0..3 {
+            stored.push(row.get(i));
+        }
+    }
+    assert_eq!(stored.len(), 15);
+    let leaks = |text: &str| {
+        stored.iter().any(|v| {
+            let hex = hex::encode(v);
+            text.contains(&hex[..32]) || contains(text.as_bytes(), v)
+        }) || text.contains("\\x")
+            || text.contains("@tenant1.example")
+    };
+    for (sql, named) in [
+        ("SELECT c FROM customers c", "customers.email"),
+        (
+            "SELECT id, length(to_jsonb(c)->>'email') FROM customers c",
+            "customers.email",
+        ),
+        (
+            "(SELECT email FROM customers) UNION ALL (SELECT email FROM customers)",
+            "customers.email",
+        ),
+        (
+            "SELECT octet_length(j.email), j.email FROM (customers CROSS JOIN (SELECT 1 AS one) o) AS j",
+            "customers.email",
+        ),
+        (
+            "SELECT length(array_to_string(ARRAY(SELECT email FROM customers WHERE id = 4), ''))",
+            "customers.email",
+        ),
+        ("SELECT id, email FROM customers ORDER BY 2", "customers.email"),
+        (
+            "SELECT email AS name FROM customers ORDER BY name",
+            "customers.email",
+        ),
+        ("SELECT ssn FROM customers ORDER BY 1", "customers.ssn"),
+        (
+            "SELECT encode(email_bidx, 'hex') FROM customers",
+            "blind index of encrypted column public.customers.email",
+        ),
+        (
+            "SELECT id FROM customers c WHERE EXISTS (SELECT 1 FROM customers d WHERE d.email_bidx = c.email_bidx AND d.id <> c.id)",
+            "blind index",
+        ),
+    ] {
+        let e = billing.simple_query(sql).await.unwrap_err();
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+        assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
+        assert!(db.message().contains(named), "{sql}: {}", db.message());
+        assert!(!leaks(db.message()), "{sql}: {}", db.message());
+        let e = billing.query(sql, &[]).await.unwrap_err();
+        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+        assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
+    }
+
+    // Still served: search and plain selection (decrypted), a qualified column, a whole-row
+    // value of a relation without encrypted columns, a derived table passing email through.
+    let r = billing
+        .query_one(
+            "SELECT email FROM customers WHERE email = 'customer2@tenant1.example'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "customer2@tenant1.example");
+    assert_eq!(
+        simple_rows(&billing, "SELECT c.id FROM customers c")
+            .await
+            .len(),
+        5
+    );
+    let rows = simple_rows(
+        &billing,
+        "SELECT x FROM (SELECT id, name FROM customers) x ORDER BY x.id",
+    )
+    .await;
+    assert_eq!(rows.len(), 5);
+    for r in &rows {
+        let text = r[0].as_deref().unwrap();
+        assert!(text.contains("Customer 1-"), "{text}");
+        assert!(!leaks(text), "{text}");
+    }
+    let mut emails: Vec<String> = billing
+        .query(
+            "SELECT x.e FROM (SELECT email AS e FROM customers) x WHERE x.e IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    emails.sort();
+    assert_eq!(emails.len(), 5);
+    assert!(
+        emails.iter().all(|e| e.ends_with("@tenant1.example")),
+        "{emails:?}"
+    );
+}
+
 /// Simple-protocol reads of encrypted columns that differ only in their literals share one
 /// rewrite template (the transform decided on the columns, not the values), and still
 /// decrypt, bind and filter per row; a literal that is sealed or blind-indexed never takes a

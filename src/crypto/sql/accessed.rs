@@ -1,18 +1,18 @@
 //! Which encrypted columns a statement reads, searches or writes, for its audit record
 //! (`encrypted_columns`). Computed on the client's statement before the transform renames
 //! anything (`email = …` becomes `email_bidx = …`), with the transform's own name resolution:
-//! a column named as `col`, `rel.col` or `schema.table.col` anywhere in the statement; every
-//! encrypted column of a table read whole (`*`, `rel.*`, a whole-row reference such as
-//! `row_to_json(c)`, `RETURNING *`, INSERT or COPY without a column list); the targets of
-//! INSERT, UPDATE, upsert and COPY. When in doubt it names a column rather than leave it out:
-//! an auditor asking "who could have seen ssn" must not miss a statement.
+//! a column named as `col`, `rel.col` or `schema.table.col` anywhere in the statement (a
+//! derived table's or CTE's column by the table column it carries); every encrypted column of
+//! a table read whole (`*`, `rel.*`, `TABLE t`, `RETURNING *`, INSERT or COPY without a column
+//! list); the targets of INSERT, UPDATE, upsert and COPY. When in doubt it names a column rather than
+//! leave it out: an auditor asking "who could have seen ssn" must not miss a statement.
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    AssignmentTarget, CopySource, Expr, Insert, ObjectName, OnConflictAction, OnInsert, Select,
-    SelectItem, SelectItemQualifiedWildcardKind, Statement, TableFactor, TableObject, Update,
-    Visit, Visitor,
+    AssignmentTarget, CopySource, Expr, Insert, ObjectName, OnConflictAction, OnInsert, Query,
+    Select, SelectItem, SelectItemQualifiedWildcardKind, Statement, TableFactor, TableObject,
+    Update, Visit, Visitor,
 };
 
 use super::Transform;
@@ -45,10 +45,15 @@ struct Accessed<'b, 'c> {
 }
 
 impl Accessed<'_, '_> {
-    /// The encrypted table a relation name or alias (as the transform recorded it) stands for.
-    fn table_of_rel(&self, rel: &str) -> Option<String> {
-        let table = self.t.aliases.get(rel)?;
-        self.t.enc_table(table).map(|_| table.clone())
+    /// The encrypted relations a relation name or alias (as the transform recorded it) stands
+    /// for.
+    fn tables_of_rel(&self, rel: &str) -> Vec<String> {
+        self.t
+            .rel_keys(rel)
+            .iter()
+            .filter(|key| self.t.enc_table(key).is_some())
+            .cloned()
+            .collect()
     }
 
     fn table_of_name(&self, name: &ObjectName) -> Option<String> {
@@ -56,20 +61,20 @@ impl Accessed<'_, '_> {
         self.t.enc_table(&table).map(|_| table)
     }
 
+    /// Recorded as the table column it is (a derived table's or CTE's column by what it
+    /// carries).
     fn column(&mut self, table: &str, column: &str) {
-        if self
-            .t
-            .enc_table(table)
-            .is_some_and(|cols| cols.contains_key(column))
-        {
-            self.columns.insert((table.to_string(), column.to_string()));
+        if let Some(c) = self.t.enc_table(table).and_then(|cols| cols.get(column)) {
+            self.columns
+                .insert((c.col.table.clone(), c.col.column.clone()));
         }
     }
 
     fn whole_table(&mut self, table: &str) {
         if let Some(cols) = self.t.enc_table(table) {
-            for c in cols.keys() {
-                self.columns.insert((table.to_string(), c.clone()));
+            for c in cols.values() {
+                self.columns
+                    .insert((c.col.table.clone(), c.col.column.clone()));
             }
         }
     }
@@ -85,17 +90,14 @@ impl Accessed<'_, '_> {
     fn unqualified(&mut self, name: &str) {
         let mut named_column = false;
         for table in &self.t.tables {
-            if self
-                .t
-                .enc_table(table)
-                .is_some_and(|cols| cols.contains_key(name))
-            {
-                self.columns.insert((table.clone(), name.to_string()));
+            if let Some(c) = self.t.enc_table(table).and_then(|cols| cols.get(name)) {
+                self.columns
+                    .insert((c.col.table.clone(), c.col.column.clone()));
                 named_column = true;
             }
         }
         if !named_column {
-            if let Some(table) = self.table_of_rel(name) {
+            for table in self.tables_of_rel(name) {
                 self.whole_table(&table);
             }
         }
@@ -110,14 +112,16 @@ impl Accessed<'_, '_> {
                     _,
                 ) => {
                     let parts = object_name_parts(n).unwrap_or_default();
-                    let table = match parts.as_slice() {
-                        [rel] => self.table_of_rel(rel),
-                        _ => self.table_of_name(n),
+                    let tables = match parts.as_slice() {
+                        [rel] => self.tables_of_rel(rel),
+                        _ => self.table_of_name(n).into_iter().collect(),
                     };
-                    match table {
-                        Some(table) => self.whole_table(&table),
+                    if tables.is_empty() {
                         // Not resolvable here: count it as everything rather than nothing.
-                        None => self.every_table(),
+                        self.every_table();
+                    }
+                    for table in tables {
+                        self.whole_table(&table);
                     }
                 }
                 _ => {}
@@ -215,6 +219,16 @@ impl Visitor for Accessed<'_, '_> {
         ControlFlow::Continue(())
     }
 
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        // `TABLE t` reads every column of t.
+        let mut tables = Vec::new();
+        self.t.table_branches(&q.body, &mut tables);
+        for c in tables {
+            self.whole_table(&c.table);
+        }
+        ControlFlow::Continue(())
+    }
+
     fn pre_visit_statement(&mut self, st: &Statement) -> ControlFlow<()> {
         // Data-modifying CTEs and other nested writes.
         self.statement_targets(st);
@@ -228,7 +242,7 @@ impl Visitor for Accessed<'_, '_> {
                 let names: Vec<String> = parts.iter().map(ident_name).collect();
                 match names.as_slice() {
                     [rel, column] => {
-                        if let Some(table) = self.table_of_rel(rel) {
+                        for table in self.tables_of_rel(rel) {
                             self.column(&table, column);
                         }
                     }
@@ -281,7 +295,15 @@ mod tests {
                 "SELECT c.name FROM customers c WHERE c.id IN (SELECT customer_id FROM invoices WHERE card_number = '4111')",
                 &["invoices.card_number"],
             ),
-            ("SELECT row_to_json(c) FROM customers c", &both),
+            (
+                "WITH x AS (SELECT * FROM customers) SELECT x.ssn FROM x",
+                &both,
+            ),
+            (
+                "SELECT y.e FROM (SELECT email AS e FROM customers) y",
+                &["customers.email"],
+            ),
+            ("SELECT x.id FROM (TABLE customers) x", &both),
             ("INSERT INTO customers (name, ssn) VALUES ('n', '123')", &["customers.ssn"]),
             ("UPDATE customers SET email = 'b@example.com' WHERE id = 1", &["customers.email"]),
             ("UPDATE customers SET name = 'x' WHERE id = 1 RETURNING *", &both),

@@ -387,12 +387,12 @@ impl Transform<'_> {
         self.projection_keys(&mut select.projection, &rels, role)
     }
 
+    /// The relations of a FROM list a row key can be taken from: tables, derived tables and
+    /// CTEs (not a join in parentheses with an alias: a bound value read through one carries
+    /// no key, and fails closed).
     fn relations(&self, from: &[TableWithJoins]) -> Vec<Rel> {
-        let factors = from.iter().flat_map(|twj| {
-            std::iter::once(&twj.relation).chain(twj.joins.iter().map(|j| &j.relation))
-        });
         let mut rels = Vec::new();
-        for factor in factors {
+        for factor in super::relations::from_factors(from) {
             match factor {
                 TableFactor::Table { name, alias, .. } => {
                     let qualifier = alias
@@ -402,12 +402,10 @@ impl Transform<'_> {
                         rels.push(Rel { qualifier, key });
                     }
                 }
-                TableFactor::Derived { alias: Some(a), .. } => {
-                    let qualifier = ident_name(&a.name);
-                    if let Some(key) = self.aliases.get(&qualifier).cloned() {
-                        rels.push(Rel { qualifier, key });
-                    }
-                }
+                TableFactor::Derived { alias: Some(a), .. } => rels.push(Rel {
+                    qualifier: ident_name(&a.name),
+                    key: super::relations::derived_key(a),
+                }),
                 _ => {}
             }
         }

@@ -1,100 +1,147 @@
 //! Predicates on encrypted columns: equality through blind indexes, and the refusal of every
 //! other use that would compute on ciphertext.
 
+use super::write::is_excluded_copy;
 use super::*;
 
 impl Transform<'_> {
     /// Rewrite equality predicates to blind indexes, then refuse every remaining reference to
-    /// an encrypted column that is not a plain selection or an IS [NOT] NULL test.
+    /// an encrypted column that is not a plain selection in an output position (see
+    /// `outputs`), an IS [NOT] NULL test or an `EXCLUDED.col` copy into its own column.
     pub(super) fn predicates(&mut self, st: &mut Statement) -> Result<(), Refused> {
         struct Rewrite<'b, 'c> {
             t: &'b mut Transform<'c>,
-            /// References in allowed positions (IS NULL operands, plain select items).
+            /// References in allowed positions.
             allowed: usize,
-            /// Plain selections inside expression subqueries (counted in `allowed` by
-            /// `pre_visit_query`, taken back here).
-            penalty: usize,
-            /// Every reference to an encrypted column.
+            /// Every reference to an encrypted column (each wildcard or `TABLE t` reading
+            /// some counts once).
             total: usize,
             first: Option<ColumnRef>,
         }
+        impl Rewrite<'_, '_> {
+            fn count(&mut self, found: Vec<ColumnRef>) {
+                self.total += found.len();
+                if let Some(c) = found.into_iter().next() {
+                    self.first.get_or_insert(c);
+                }
+            }
+            fn query(&mut self, q: &Query) -> Result<(), Refused> {
+                // A CTE's SELECT list is an output position (references to the CTE are held
+                // to the rules of what it exposes, see `derived`).
+                for cte in q.with.iter().flat_map(|w| &w.cte_tables) {
+                    self.allowed += self.t.output_items(&cte.query)?;
+                }
+                let mut tables = Vec::new();
+                self.t.table_branches(&q.body, &mut tables);
+                self.count(tables);
+                self.t.refuse_sorted_outputs(q)
+            }
+            fn expr(&mut self, expr: &mut Expr) -> Result<(), Refused> {
+                // The values of an EXISTS subquery are never seen.
+                if let Expr::Exists { subquery, .. } = &*expr {
+                    self.allowed += self.t.output_items(subquery)?;
+                }
+                self.t.refuse_whole_row(expr)?;
+                if let Some(n) = self.t.rewrite_predicate(expr)? {
+                    self.allowed += n;
+                }
+                if let Some(c) = self.t.column_of(expr)? {
+                    self.count(vec![c.col]);
+                }
+                Ok(())
+            }
+        }
+        fn flow(r: Result<(), Refused>) -> ControlFlow<Refused> {
+            match r {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => ControlFlow::Break(e),
+            }
+        }
         impl VisitorMut for Rewrite<'_, '_> {
             type Break = Refused;
+            fn pre_visit_statement(&mut self, st: &mut Statement) -> ControlFlow<Refused> {
+                if let Statement::Insert(i) = &*st {
+                    self.allowed += self.t.excluded_copies(i);
+                }
+                ControlFlow::Continue(())
+            }
             fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<Refused> {
-                match self.t.plain_query_items(q) {
-                    Ok(n) => self.allowed += n,
-                    Err(e) => return ControlFlow::Break(e),
+                flow(self.query(q))
+            }
+            fn pre_visit_select(&mut self, s: &mut sqlparser::ast::Select) -> ControlFlow<Refused> {
+                let result = self.t.encrypted_wildcards(s).and_then(|found| {
+                    self.count(found);
+                    self.t.refuse_grouped_outputs(s)
+                });
+                flow(result)
+            }
+            fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<Refused> {
+                // A derived table's SELECT list is an output position.
+                if let TableFactor::Derived { subquery, .. } = tf {
+                    match self.t.output_items(subquery) {
+                        Ok(n) => self.allowed += n,
+                        Err(e) => return ControlFlow::Break(e),
+                    }
                 }
                 ControlFlow::Continue(())
             }
             fn pre_visit_expr(&mut self, expr: &mut Expr) -> ControlFlow<Refused> {
-                // A subquery used as a value loses the column's origin (its result would
-                // be ciphertext) or compares ciphertext (`IN (SELECT col …)`): its plain
-                // selections of encrypted columns do not count as allowed.
-                if let Expr::Subquery(q)
-                | Expr::In {
-                    target: sqlparser::ast::InTarget::Subquery(q),
-                    ..
-                } = &*expr
-                {
-                    match self.t.plain_query_items(q) {
-                        Ok(n) => self.penalty += n,
-                        Err(e) => return ControlFlow::Break(e),
-                    }
-                }
-                match self.t.rewrite_predicate(expr) {
-                    Ok(Some(n)) => self.allowed += n,
-                    Ok(None) => {}
-                    Err(e) => return ControlFlow::Break(e),
-                }
-                match self.t.column_of(expr) {
-                    Ok(Some(c)) => {
-                        self.total += 1;
-                        self.first.get_or_insert(c.col);
-                    }
-                    Ok(None) => {}
-                    Err(e) => return ControlFlow::Break(e),
-                }
-                ControlFlow::Continue(())
+                flow(self.expr(expr))
             }
         }
+        // The statement's own result.
+        let allowed = match &*st {
+            Statement::Query(q) => self.output_items(q)?,
+            Statement::Insert(i) => self.plain_items(i.returning.as_deref())?,
+            Statement::Update(u) => self.plain_items(u.returning.as_deref())?,
+            Statement::Delete(d) => self.plain_items(d.returning.as_deref())?,
+            _ => 0,
+        };
         let mut r = Rewrite {
             t: self,
-            allowed: 0,
-            penalty: 0,
+            allowed,
             total: 0,
             first: None,
         };
         if let ControlFlow::Break(e) = st.visit(&mut r) {
             return Err(e);
         }
-        let (allowed, total, first) = (r.allowed.saturating_sub(r.penalty), r.total, r.first);
-        let returning_allowed = match st {
-            Statement::Insert(i) => self.plain_items(i.returning.as_deref())?,
-            Statement::Update(u) => self.plain_items(u.returning.as_deref())?,
-            Statement::Delete(d) => self.plain_items(d.returning.as_deref())?,
-            _ => 0,
-        };
-        if total > allowed + returning_allowed {
-            let c = first.unwrap_or_else(|| ColumnRef {
+        if r.total > r.allowed {
+            let c = r.first.unwrap_or_else(|| ColumnRef {
                 table: String::new(),
                 column: String::new(),
                 ty: ClientType::Text,
             });
             return Err(refuse(format!(
-                "pgward: column {}.{} is encrypted; pgward can only select it, test it with IS [NOT] NULL, or compare it with =, <> or IN when it is searchable — not compute on it (ORDER BY, GROUP BY, DISTINCT, ranges, LIKE, functions, casts, set operations, joins with other columns)",
+                "pgward: column {}.{} is encrypted; pgward can only select it, test it with IS [NOT] NULL, or compare it with =, <> or IN when it is searchable — not compute on it (ORDER BY, GROUP BY, DISTINCT, ranges, LIKE, functions, casts, set operations, subqueries used as values, whole-row references, joins with other columns)",
                 c.table, c.column
             )));
         }
         Ok(())
     }
 
-    /// Plain selections of encrypted columns in a query's own (non-DISTINCT) SELECT list.
-    pub(super) fn plain_query_items(&self, q: &Query) -> Result<usize, Refused> {
-        match &*q.body {
-            SetExpr::Select(s) if s.distinct.is_none() => self.plain_items(Some(&s.projection)),
-            _ => Ok(0),
-        }
+    /// `SET col = EXCLUDED.col` copies of an upsert into its own encrypted columns: ciphertext
+    /// pgward sealed for this very statement, moved within its column.
+    fn excluded_copies(&self, i: &Insert) -> usize {
+        let (TableObject::TableName(name), Some(OnInsert::OnConflict(oc))) = (&i.table, &i.on)
+        else {
+            return 0;
+        };
+        let OnConflictAction::DoUpdate(du) = &oc.action else {
+            return 0;
+        };
+        let Some(cols) = self.qualify(name).and_then(|t| self.enc_table(&t)) else {
+            return 0;
+        };
+        du.assignments
+            .iter()
+            .filter(|a| match &a.target {
+                AssignmentTarget::ColumnName(n) => object_name_parts(n)
+                    .and_then(|p| p.last().cloned())
+                    .is_some_and(|c| cols.contains_key(&c) && is_excluded_copy(&a.value, &c)),
+                AssignmentTarget::Tuple(_) => false,
+            })
+            .count()
     }
 
     pub(super) fn plain_items(&self, items: Option<&[SelectItem]>) -> Result<usize, Refused> {

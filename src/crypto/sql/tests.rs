@@ -40,7 +40,7 @@ pub(crate) async fn enc() -> SqlEncryption {
     SqlEncryption::new(manager)
 }
 
-fn run(enc: &SqlEncryption, sql: &str) -> Result<(String, Outcome), Refused> {
+pub(super) fn run(enc: &SqlEncryption, sql: &str) -> Result<(String, Outcome), Refused> {
     let mut stmts = parse_statements(sql).unwrap();
     for st in &mut stmts {
         crate::sql::parse::sanitize(st).unwrap();
@@ -241,7 +241,7 @@ async fn computing_on_ciphertext_through_derived_tables_and_ctes_is_refused() {
 }
 
 /// `customers.ssn` bound to its row's primary key (`id bigint`), with the catalog that says so.
-async fn bound_enc() -> (SqlEncryption, Catalog) {
+pub(super) async fn bound_enc() -> (SqlEncryption, Catalog) {
     let col = |column: &str, searchable, bind| EncryptColumn {
         table: "customers".into(),
         column: column.into(),
@@ -288,7 +288,7 @@ async fn bound_enc() -> (SqlEncryption, Catalog) {
     (SqlEncryption::new(manager), catalog)
 }
 
-fn run_bound(
+pub(super) fn run_bound(
     enc: &SqlEncryption,
     catalog: &Catalog,
     sql: &str,

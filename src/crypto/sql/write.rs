@@ -439,7 +439,7 @@ fn refuse_bidx_targets<'a>(
     Ok(())
 }
 
-fn is_excluded_copy(value: &Expr, column: &str) -> bool {
+pub(super) fn is_excluded_copy(value: &Expr, column: &str) -> bool {
     matches!(value, Expr::CompoundIdentifier(p) if p.len() == 2
         && ident_name(&p[0]) == "excluded" && ident_name(&p[1]) == column)
 }
