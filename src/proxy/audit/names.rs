@@ -41,17 +41,7 @@ impl SessionNames {
     pub(super) fn apply(&mut self, info: &StatementInfo, runs: bool, touched: &mut Touched) {
         match &info.session_name {
             Some(SessionName::Create(kind, name)) if runs => {
-                let key = (*kind, name.clone());
-                if self.created.len() >= MAX_SESSION_NAMES && !self.created.contains_key(&key) {
-                    self.forget_oldest();
-                }
-                self.count += 1;
-                let named = self.created.entry(key).or_insert_with(|| NamedTouch {
-                    order: 0,
-                    touched: Touched::default(),
-                });
-                named.order = self.count;
-                add_touched(&mut named.touched, &info.into());
+                add_touched(self.created(*kind, name), &info.into());
             }
             Some(SessionName::Run(kind, name)) => {
                 if let Some(named) = self.created.get(&(*kind, name.clone())) {
@@ -73,9 +63,14 @@ impl SessionNames {
     /// (`EXECUTE` runs a protocol-prepared statement, `FETCH` reads a bound portal), so their
     /// records name what it touches too.
     pub(super) fn remember(&mut self, kind: NameKind, name: &str, touched: &Touched) {
-        if name.is_empty() {
-            return;
+        if !name.is_empty() {
+            add_touched(self.created(kind, name), &touched.into());
         }
+    }
+
+    /// What the name created now touches, to add to (a name still known keeps what it had;
+    /// past the cap the oldest name is forgotten first).
+    fn created(&mut self, kind: NameKind, name: &str) -> &mut Touched {
         let key = (kind, name.to_string());
         if self.created.len() >= MAX_SESSION_NAMES && !self.created.contains_key(&key) {
             self.forget_oldest();
@@ -86,7 +81,7 @@ impl SessionNames {
             touched: Touched::default(),
         });
         named.order = self.count;
-        add_touched(&mut named.touched, &touched.into());
+        &mut named.touched
     }
 
     /// A protocol Close of a statement or portal.
