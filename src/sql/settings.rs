@@ -64,6 +64,10 @@ pub fn reads_differently(name: &str, value: &str) -> Option<bool> {
 /// later in the text, by such a value. Refused before it runs, since a pipelined statement
 /// after it would be read by the server under the new setting before pgward learns of it.
 pub fn may_set_unsafely(sql: &str) -> bool {
+    // Most statements name neither setting: a byte scan spares them the lexer pass.
+    if !mentions_a_setting(sql) {
+        return false;
+    }
     let mut setting: Option<&str> = None;
     for token in Tokens::from(sql, 0) {
         let text = match token.kind {
@@ -86,6 +90,15 @@ pub fn may_set_unsafely(sql: &str) -> bool {
         }
     }
     false
+}
+
+/// Whether the text holds, in any case, a word of the settings' names (or `SET NAMES`).
+fn mentions_a_setting(sql: &str) -> bool {
+    ["conforming", "encoding", "names"].iter().any(|needle| {
+        sql.as_bytes()
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+    })
 }
 
 #[cfg(test)]
