@@ -174,12 +174,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Read more bytes: room for the whole pending frame once its length is known, else a
+    /// Read more bytes: room for more of the pending frame once its length is known — growing
+    /// with what has arrived (doubling), never by the length alone: a peer that declares a
+    /// message of a hundred megabytes and sends ten bytes must not make the proxy reserve them
+    /// (on a host with strict overcommit a failed reservation aborts the process) — else a
     /// chunk. `false` at a clean end of stream (between messages); a stream ending inside a
     /// message is `Truncated`.
     async fn fill(&mut self) -> Result<bool, ProtocolError> {
         if let Some(needed) = self.pending_frame_len()? {
-            self.buf.reserve(needed.saturating_sub(self.buf.len()));
+            let missing = needed.saturating_sub(self.buf.len());
+            self.buf
+                .reserve(missing.min(self.buf.len().max(READ_CHUNK)));
         } else if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_CHUNK);
         }
@@ -266,6 +271,27 @@ mod tests {
             reader.next_batch().await,
             Err(ProtocolError::Truncated)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_alone_reserves_nothing_near_it() {
+        let mut wire = vec![b'Q'];
+        wire.extend_from_slice(&100_000_000i32.to_be_bytes());
+        wire.extend_from_slice(b"select 1");
+        let mut reader = FrameReader::new(&wire[..], 128 << 20);
+        assert!(reader.fill().await.unwrap());
+        assert!(matches!(reader.fill().await, Err(ProtocolError::Truncated)));
+        assert!(
+            reader.buf.capacity() < 1 << 20,
+            "reserved {} bytes for 13 received",
+            reader.buf.capacity()
+        );
+        // A message that does arrive is still read whole.
+        let body = vec![b'x'; 3 << 20];
+        let whole = msg(b'd', &body);
+        let mut reader = FrameReader::new(&whole[..], 128 << 20);
+        let batch = reader.next_batch().await.unwrap().unwrap();
+        assert_eq!(batch.bytes().len(), whole.len());
     }
 
     #[tokio::test]
