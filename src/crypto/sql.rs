@@ -283,6 +283,10 @@ impl Transform<'_> {
         match parts.as_slice() {
             [table] => Some(format!("public.{table}")),
             [schema, table] => Some(format!("{schema}.{table}")),
+            // `database.schema.table`: PostgreSQL accepts only the current database there
+            // (any other is an error), so the table is `schema.table` — read otherwise, a
+            // value written through a three-part name went upstream in clear.
+            [_database, schema, table] => Some(format!("{schema}.{table}")),
             _ => None,
         }
     }

@@ -489,3 +489,20 @@ async fn reads_of_bound_columns_carry_the_row_key() {
         0,
     );
 }
+
+#[tokio::test]
+async fn a_three_part_name_is_the_table_it_names() {
+    let e = enc().await;
+    let (sql, out) = run(
+        &e,
+        "INSERT INTO app.public.customers (name, email) VALUES ('Ann', 'three-part@x.example')",
+    )
+    .unwrap();
+    assert!(out.touched && out.encrypted_literals, "{sql}");
+    assert!(!sql.contains("three-part@x"), "{sql}");
+    let refused = run(&e, "SELECT length(email) FROM app.public.customers");
+    assert!(
+        refused.is_err(),
+        "a computation on it is refused as on customers"
+    );
+}
