@@ -151,11 +151,33 @@ pub struct Unsafe(pub String);
 /// quote or backslash become `E'...'` literals (whose Display escapes both), exotic literal
 /// kinds are refused, identifiers containing `"` are refused.
 pub fn sanitize(stmt: &mut Statement) -> Result<(), Unsafe> {
+    if inserts_into_only(stmt) {
+        // sqlparser reads `INSERT INTO ONLY t` as a table named ONLY aliased t, so the
+        // statement's real target would go unseen (a value for an encrypted column in clear).
+        return Err(Unsafe(
+            "INSERT INTO ONLY (PostgreSQL does not accept it either)".into(),
+        ));
+    }
     let mut s = Sanitizer;
     match stmt.visit(&mut s) {
         ControlFlow::Continue(()) => Ok(()),
         ControlFlow::Break(e) => Err(e),
     }
+}
+
+/// Whether `stmt` is an INSERT whose target sqlparser read as a table named `ONLY`.
+fn inserts_into_only(stmt: &Statement) -> bool {
+    let Statement::Insert(insert) = stmt else {
+        return false;
+    };
+    let sqlparser::ast::TableObject::TableName(name) = &insert.table else {
+        return false;
+    };
+    matches!(
+        name.0.as_slice(),
+        [sqlparser::ast::ObjectNamePart::Identifier(id)]
+            if id.quote_style.is_none() && id.value.eq_ignore_ascii_case("only")
+    )
 }
 
 struct Sanitizer;
@@ -215,6 +237,18 @@ impl VisitorMut for Sanitizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn insert_into_only_is_refused_not_read_as_a_table_named_only() {
+        let mut statements =
+            parse_statements("INSERT INTO ONLY customers (email) VALUES ('x')").unwrap();
+        assert!(sanitize(&mut statements[0]).is_err());
+        let mut quoted = parse_statements("INSERT INTO \"only\" (a) VALUES (1)").unwrap();
+        assert!(
+            sanitize(&mut quoted[0]).is_ok(),
+            "a table really named only"
+        );
+    }
 
     #[test]
     fn a_refused_identifier_is_never_quoted_back() {
