@@ -128,7 +128,7 @@ impl Interceptor {
         match (&self.policy, view) {
             (SessionPolicy::Bound(_), Frontend::Query { sql }) => self.rewrite(sql),
             (SessionPolicy::Bound(_), Frontend::Parse(parse)) => {
-                match name_resolving_parameter(parse) {
+                match refused_parameter_type(parse) {
                     Some(ty) => self.refuse_declared_type(parse.sql, ty),
                     None => self.rewrite(parse.sql),
                 }
@@ -165,7 +165,7 @@ impl Interceptor {
         }
     }
 
-    /// A Parse declaring a parameter of a name-resolving type: refused as a cast to it is.
+    /// A Parse declaring a parameter of a refused type: refused as a cast to it is.
     fn refuse_declared_type(&mut self, sql: &str, ty: &str) -> Verdict {
         let catalog = match &self.policy {
             SessionPolicy::Bound(p) | SessionPolicy::WatchDdl(p) => Some(p.engine().catalog()),
@@ -177,7 +177,7 @@ impl Interceptor {
             RefusalKind::Policy,
             sqlstate::INSUFFICIENT_PRIVILEGE,
             format!(
-                "pgward: service {:?} may not declare a parameter of type {ty}: its input resolves names the policy may hide",
+                "pgward: service {:?} may not declare a parameter of type {ty}: its input resolves names the policy may hide or reads the transaction counter",
                 self.identity.service
             ),
         ))
@@ -295,10 +295,11 @@ impl Interceptor {
 /// Statement texts longer than this are analysed off the worker's queue (see `rewrite`).
 const LARGE_STATEMENT: usize = 64 * 1024;
 
-/// The first declared parameter type of `parse` that resolves names (`regclass`, `regrole`, …).
-fn name_resolving_parameter(parse: &ParseView<'_>) -> Option<&'static str> {
+/// The first declared parameter type of `parse` a bound service may not declare (`regclass`,
+/// `regrole`, `xid`, …).
+fn refused_parameter_type(parse: &ParseView<'_>) -> Option<&'static str> {
     parse.param_types().find_map(|oid| {
-        crate::sql::routines::NAME_RESOLVING_TYPE_OIDS
+        crate::sql::routines::REFUSED_PARAMETER_TYPE_OIDS
             .iter()
             .find(|(known, _)| *known == oid)
             .map(|(_, name)| *name)

@@ -77,10 +77,15 @@ const UNSAFE_ARG_TYPES: &[&str] = &[
 
 /// OID-alias types a cast may still name: their input resolves type, function or text-search
 /// configuration or schema names only (drivers use `'…'::regtype` and `'pg_catalog.array_in'::regproc`).
-/// The types (and their arrays) whose input resolves a name the policy may hide — a relation,
-/// a role, an operator, a collation: a parameter declared as one answers the name's existence
-/// and OID, whatever the statement's text says.
-pub const NAME_RESOLVING_TYPE_OIDS: [(u32, &str); 10] = [
+/// The types (and their arrays) a policy-bound service may not declare a parameter as: those
+/// whose input resolves a name the policy may hide — a relation, a role, an operator, a
+/// collation: a parameter declared as one answers the name's existence and OID, whatever the
+/// statement's text says — and the transaction counter's (`age($1)` with `$1` an `xid`).
+pub const REFUSED_PARAMETER_TYPE_OIDS: [(u32, &str); 14] = [
+    (28, "xid"),
+    (1011, "xid[]"),
+    (5069, "xid8"),
+    (271, "xid8[]"),
     (2205, "regclass"),
     (2210, "regclass[]"),
     (4096, "regrole"),
@@ -153,6 +158,10 @@ pub struct TypeRow {
     pub kind: char,
 }
 
+/// Types whose values read the server's transaction counter (`age('3'::xid)` counts every
+/// transaction since, every tenant's included: what the denied `txid_*` functions would tell).
+const TRANSACTION_COUNTER_TYPES: &[&str] = &["xid", "xid8", "cid", "txid_snapshot"];
+
 impl TypeRow {
     pub fn is_safe(&self) -> bool {
         let reg = self.name.starts_with("reg");
@@ -160,6 +169,7 @@ impl TypeRow {
             && !self.name.starts_with("pg_")
             && !self.name.starts_with('_')
             && (!reg || SAFE_REG_TYPES.contains(&self.name.as_str()))
+            && !TRANSACTION_COUNTER_TYPES.contains(&self.name.as_str())
     }
 }
 
@@ -391,7 +401,7 @@ mod tests {
     }
 
     #[test]
-    fn name_resolving_types_are_not_castable() {
+    fn name_resolving_and_transaction_counter_types_are_not_castable() {
         let t = |name: &str, kind| TypeRow {
             name: name.into(),
             kind,
@@ -409,6 +419,8 @@ mod tests {
             t("record", 'p'),
             t("pg_node_tree", 'b'),
             t("information_schema_stuff", 'd'),
+            t("xid", 'b'),
+            t("xid8", 'b'),
         ];
         let r = Routines::classify(&[], &[], &types);
         for ok in [
@@ -428,6 +440,8 @@ mod tests {
             "record",
             "pg_node_tree",
             "information_schema_stuff",
+            "xid",
+            "xid8",
         ] {
             assert!(!r.is_safe_type(bad), "{bad}");
         }

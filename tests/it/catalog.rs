@@ -429,7 +429,8 @@ async fn django_orm_runs_as_billing_without_refusals() {
 }
 
 /// A parameter declared in the Parse message as `regclass` or `regrole` resolves a name the
-/// policy hides just as a cast to it does: refused the same way, with nothing forwarded.
+/// policy hides just as a cast to it does, and one declared `xid` reads the transaction
+/// counter as `age('3'::xid)` would: refused the same way as the casts, nothing forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parameter_declared_as_a_name_resolving_type_is_refused() {
     use crate::harness::{self, msg};
@@ -438,7 +439,7 @@ async fn a_parameter_declared_as_a_name_resolving_type_is_refused() {
     let token = harness::token("support", serde_json::json!({ "tenant_id": 1 }));
     let startup = raw.startup_with("support", &database, &token).await;
     assert_eq!(startup.last().map(|m| m.0), Some(b'Z'), "{startup:?}");
-    for (oid, name) in [(2205u32, "regclass"), (4096, "regrole")] {
+    for (oid, name) in [(2205u32, "regclass"), (4096, "regrole"), (28, "xid")] {
         let mut parse = bytes::BytesMut::new();
         postgres_protocol::message::frontend::parse("", "SELECT $1", [oid], &mut parse).unwrap();
         raw.send(&msg::batch(&[
@@ -457,6 +458,13 @@ async fn a_parameter_declared_as_a_name_resolving_type_is_refused() {
         );
         assert!(!replies.iter().any(|(tag, _)| *tag == b'D'), "{replies:?}");
     }
+    raw.send(&msg::query("SELECT age('3'::xid)")).await;
+    let replies = raw.until_ready(1).await;
+    let errors = harness::error_texts(&replies);
+    assert!(
+        errors.len() == 1 && errors[0].contains("42501"),
+        "the transaction counter through a cast: {replies:?}"
+    );
     // An ordinary declared type still works.
     let mut parse = bytes::BytesMut::new();
     postgres_protocol::message::frontend::parse("", "SELECT $1", [25u32], &mut parse).unwrap();
