@@ -154,11 +154,7 @@ impl Interceptor {
                 if self.encryption.is_some() {
                     return self.rewrite(sql);
                 }
-                if sql.len() > LARGE_STATEMENT {
-                    crate::blocking::hand_over_worker(|| self.analyse_for_audit(sql));
-                } else {
-                    self.analyse_for_audit(sql);
-                }
+                sized_for_the_worker(sql, || self.analyse_for_audit(sql));
                 Verdict::Forward
             }
             _ => Verdict::Forward,
@@ -233,14 +229,9 @@ impl Interceptor {
     }
 
     /// Rewrite a Query or Parse: by the policy engine (which also applies field encryption)
-    /// when the session has one, else by field encryption alone. A text past
-    /// [`LARGE_STATEMENT`] is analysed with this worker's other sessions handed to the rest
-    /// of the runtime (its analysis can take seconds of CPU; those sessions must not wait).
+    /// when the session has one, else by field encryption alone.
     fn rewrite(&mut self, sql: &str) -> Verdict {
-        if sql.len() > LARGE_STATEMENT {
-            return crate::blocking::hand_over_worker(|| self.rewrite_now(sql));
-        }
-        self.rewrite_now(sql)
+        sized_for_the_worker(sql, || self.rewrite_now(sql))
     }
 
     fn rewrite_now(&mut self, sql: &str) -> Verdict {
@@ -292,8 +283,18 @@ impl Interceptor {
     }
 }
 
-/// Statement texts longer than this are analysed off the worker's queue (see `rewrite`).
+/// Statement texts longer than this are analysed with the worker's other tasks handed over.
 const LARGE_STATEMENT: usize = 64 * 1024;
+
+/// Runs the analysis of `sql`: past [`LARGE_STATEMENT`], with this worker's other sessions
+/// handed to the rest of the runtime (it can take seconds of CPU; they must not wait for it).
+fn sized_for_the_worker<T>(sql: &str, analyse: impl FnOnce() -> T) -> T {
+    if sql.len() > LARGE_STATEMENT {
+        crate::blocking::hand_over_worker(analyse)
+    } else {
+        analyse()
+    }
+}
 
 /// The first declared parameter type of `parse` a bound service may not declare (`regclass`,
 /// `regrole`, `xid`, …).

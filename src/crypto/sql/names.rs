@@ -10,7 +10,7 @@
 //! refused instead.
 use std::collections::HashSet;
 
-use sqlparser::ast::{SelectItemQualifiedWildcardKind, TableWithJoins};
+use sqlparser::ast::{SelectItemQualifiedWildcardKind, TableAlias, TableWithJoins};
 
 use super::relations::{derived_key, from_factors, join_key};
 use super::*;
@@ -173,12 +173,7 @@ impl Transform<'_> {
         match factor {
             TableFactor::Table { name, alias, .. } => {
                 let mut names = self.relation_columns(&self.qualify(name)?)?;
-                names.extend(
-                    alias
-                        .iter()
-                        .flat_map(|a| &a.columns)
-                        .map(|c| ident_name(&c.name)),
-                );
+                names.extend(alias_column_names(alias.as_ref()));
                 Some(names)
             }
             TableFactor::Derived {
@@ -188,18 +183,21 @@ impl Transform<'_> {
                     Some(a) => self.relation_columns(&derived_key(a)),
                     None => self.output_names(&subquery.body),
                 }?;
-                names.extend(
-                    alias
-                        .iter()
-                        .flat_map(|a| &a.columns)
-                        .map(|c| ident_name(&c.name)),
-                );
+                names.extend(alias_column_names(alias.as_ref()));
                 Some(names)
             }
             TableFactor::NestedJoin { alias: Some(a), .. } => self.relation_columns(&join_key(a)),
             _ => None,
         }
     }
+}
+
+/// The column names an alias gives its relation (`AS c(a, b)`).
+fn alias_column_names(alias: Option<&TableAlias>) -> impl Iterator<Item = String> + '_ {
+    alias
+        .into_iter()
+        .flat_map(|a| &a.columns)
+        .map(|c| ident_name(&c.name))
 }
 
 /// The name PostgreSQL gives an unaliased SELECT list item (`FigureColname`), as far as
