@@ -673,10 +673,8 @@ async fn an_execute_or_fetch_of_a_protocol_name_names_what_its_statement_reads()
         .await
         .unwrap()
         .get(0);
-    let mut raw = harness::raw_tcp(proxy.addr).await;
-    let token = harness::token("support", json!({"tenant_id": 1, "email": "a@b"}));
-    let startup = raw.startup_with("support", &database, &token).await;
-    assert_eq!(startup.last().map(|m| m.0), Some(b'Z'), "{startup:?}");
+    let claims = json!({"tenant_id": 1, "email": "a@b"});
+    let mut raw = harness::raw_as(&proxy, "support", &database, claims).await;
     raw.send(&msg::batch(&[
         msg::query("BEGIN"),
         msg::parse("sx", "SELECT name FROM customers ORDER BY id"),

@@ -435,20 +435,19 @@ async fn django_orm_runs_as_billing_without_refusals() {
 async fn a_parameter_declared_as_a_name_resolving_type_is_refused() {
     use crate::harness::{self, msg};
     let (proxy, database) = policy_proxy(&demo_policies(), "").await;
-    let mut raw = harness::raw_tcp(proxy.addr).await;
-    let token = harness::token("support", serde_json::json!({ "tenant_id": 1 }));
-    let startup = raw.startup_with("support", &database, &token).await;
-    assert_eq!(startup.last().map(|m| m.0), Some(b'Z'), "{startup:?}");
-    for (oid, name) in [(2205u32, "regclass"), (4096, "regrole"), (28, "xid")] {
-        let mut parse = bytes::BytesMut::new();
-        postgres_protocol::message::frontend::parse("", "SELECT $1", [oid], &mut parse).unwrap();
-        raw.send(&msg::batch(&[
-            parse.freeze(),
+    let claims = serde_json::json!({ "tenant_id": 1 });
+    let mut raw = harness::raw_as(&proxy, "support", &database, claims).await;
+    // A Parse with one declared type, bound and executed.
+    let declared = |oid: u32| {
+        msg::batch(&[
+            msg::parse_typed("", "SELECT $1", &[oid]),
             msg::bind("", "", &[Some("tenants")], false),
             msg::execute("", 0),
             msg::sync(),
-        ]))
-        .await;
+        ])
+    };
+    for (oid, name) in [(2205u32, "regclass"), (4096, "regrole"), (28, "xid")] {
+        raw.send(&declared(oid)).await;
         let replies = raw.until_ready(1).await;
         let errors = harness::error_texts(&replies);
         assert_eq!(errors.len(), 1, "{replies:?}");
@@ -466,15 +465,7 @@ async fn a_parameter_declared_as_a_name_resolving_type_is_refused() {
         "the transaction counter through a cast: {replies:?}"
     );
     // An ordinary declared type still works.
-    let mut parse = bytes::BytesMut::new();
-    postgres_protocol::message::frontend::parse("", "SELECT $1", [25u32], &mut parse).unwrap();
-    raw.send(&msg::batch(&[
-        parse.freeze(),
-        msg::bind("", "", &[Some("tenants")], false),
-        msg::execute("", 0),
-        msg::sync(),
-    ]))
-    .await;
+    raw.send(&declared(25)).await;
     let replies = raw.until_ready(1).await;
     assert!(harness::error_texts(&replies).is_empty(), "{replies:?}");
 }

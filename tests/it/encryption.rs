@@ -2029,10 +2029,8 @@ async fn prepared_encrypted_reads_and_writes_follow_their_client_across_pooled_c
 async fn a_bind_with_the_upstream_parameter_count_is_refused_not_forwarded_in_clear() {
     use harness::msg;
     let (proxy, database, _dir) = demo_proxy().await;
-    let mut raw = harness::raw_tcp(proxy.addr).await;
-    let token = harness::token("billing", serde_json::json!({ "tenant_id": 1 }));
-    let startup = raw.startup_with("billing", &database, &token).await;
-    assert_eq!(startup.last().map(|m| m.0), Some(b'Z'), "{startup:?}");
+    let claims = serde_json::json!({ "tenant_id": 1 });
+    let mut raw = harness::raw_as(&proxy, "billing", &database, claims).await;
     let marker = "plain-bind-marker@example.com";
     raw.send(&msg::batch(&[
         msg::parse("u", "UPDATE customers SET email = $1 WHERE id = 1"),

@@ -537,9 +537,20 @@ pub async fn raw_direct(database: &str) -> RawClient<UnixStream> {
 
 /// A raw session through pgward (plaintext loopback) as service `app`.
 pub async fn raw_proxied(proxy: &TestProxy, database: &str) -> RawClient<TcpStream> {
+    raw_as(proxy, "app", database, serde_json::json!({})).await
+}
+
+/// A raw session through pgward (plaintext loopback) as `service`, its token carrying
+/// `claims`.
+pub async fn raw_as(
+    proxy: &TestProxy,
+    service: &str,
+    database: &str,
+    claims: serde_json::Value,
+) -> RawClient<TcpStream> {
     let mut client = raw_tcp(proxy.addr).await;
     let startup = client
-        .startup("app", database, Some(&token("app", serde_json::json!({}))))
+        .startup(service, database, Some(&token(service, claims)))
         .await;
     assert_eq!(
         startup.last().map(|m| m.0),
@@ -582,6 +593,13 @@ pub mod msg {
 
     pub fn parse(name: &str, sql: &str) -> Bytes {
         pgward::protocol::build::parse(name, sql)
+    }
+
+    /// Parse with declared parameter types.
+    pub fn parse_typed(name: &str, sql: &str, types: &[u32]) -> Bytes {
+        let mut buf = BytesMut::new();
+        frontend::parse(name, sql, types.iter().copied(), &mut buf).expect("parse");
+        buf.freeze()
     }
 
     /// Bind text parameters; `binary_results` asks for binary result columns.

@@ -410,10 +410,7 @@ async fn refusals_keep_their_place_in_transactions_and_pipelines() {
     assert_refused(&err, "ssn");
 
     // Fast-path FunctionCall bypasses SQL: refused, and the session keeps working.
-    let mut raw = harness::raw_tcp(proxy.addr).await;
-    let token = harness::token("support", json!({"tenant_id": 1}));
-    let startup = raw.startup_with("support", &database, &token).await;
-    assert_eq!(startup.last().map(|m| m.0), Some(b'Z'));
+    let mut raw = harness::raw_as(&proxy, "support", &database, json!({"tenant_id": 1})).await;
     raw.send(&msg::function_call(1299, &[])).await; // 1299 = now()
     let got = raw.until_ready(1).await;
     let error = got.iter().find(|m| m.0 == b'E').expect("an error");
