@@ -285,20 +285,15 @@ async fn sealed_vault_stops_reads_and_writes() {
     assert!(text.contains("pgward_key_cache_lookups_total{result=\"hit\"}"));
 }
 
-/// SIGHUP's handler calls `KeyManager::reload`: the token file is re-read at once, without
-/// waiting for a poll (the poller is not even running here).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reload_rereads_the_token_file() {
-    use pgward::crypto::manager::KeyManager;
+/// A key manager on OpenBao's transit engine for column `t.c` (a fresh key named after
+/// `prefix`), its token read from `token_file`, polling only when told (`reload`).
+fn polled_manager(
+    bao: &Bao,
+    token_file: &Path,
+    prefix: &str,
+) -> pgward::crypto::manager::KeyManager {
     use pgward::crypto::{ClientType, CryptoConfig, EncryptColumn};
     use pgward::keys::store::{MemoryKeyStore, WrappedKeyStore};
-
-    let bao = Bao::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("vault-token");
-    let first = bao.transit_token().await;
-    write_token(&token_file, &first);
-    let key = harness::unique_name("hup");
     let config: CryptoConfig = toml::from_str(&format!(
         "[vault]\naddress = {:?}\ntoken_file = {token_file:?}\n[keys]\npoll_interval = \"1h\"\n",
         bao.addr
@@ -308,7 +303,7 @@ async fn reload_rereads_the_token_file() {
         encrypt: vec![EncryptColumn {
             table: "t".into(),
             column: "c".into(),
-            key,
+            key: harness::unique_name(prefix),
             ty: ClientType::Text,
             searchable: false,
             context_claim: None,
@@ -317,7 +312,19 @@ async fn reload_rereads_the_token_file() {
         ..config
     };
     let store: Arc<dyn WrappedKeyStore> = Arc::new(MemoryKeyStore::default());
-    let m = KeyManager::from_config(&config, Some(store)).unwrap();
+    pgward::crypto::manager::KeyManager::from_config(&config, Some(store)).unwrap()
+}
+
+/// SIGHUP's handler calls `KeyManager::reload`: the token file is re-read at once, without
+/// waiting for a poll (the poller is not even running here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rereads_the_token_file() {
+    let bao = Bao::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("vault-token");
+    let first = bao.transit_token().await;
+    write_token(&token_file, &first);
+    let m = polled_manager(&bao, &token_file, "hup");
     let ct = m
         .encrypt("t", "c", &KeyScope::default(), b"v")
         .await
@@ -346,33 +353,11 @@ async fn reload_rereads_the_token_file() {
 /// first.
 #[tokio::test(flavor = "current_thread")]
 async fn a_token_file_that_does_not_answer_holds_neither_the_runtime_nor_the_next_poll() {
-    use pgward::crypto::manager::KeyManager;
-    use pgward::crypto::{ClientType, CryptoConfig, EncryptColumn};
-    use pgward::keys::store::{MemoryKeyStore, WrappedKeyStore};
-
     let bao = Bao::start().await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("vault-token");
     write_token(&token_file, &bao.token);
-    let config: CryptoConfig = toml::from_str(&format!(
-        "[vault]\naddress = {:?}\ntoken_file = {token_file:?}\n[keys]\npoll_interval = \"1h\"\n",
-        bao.addr
-    ))
-    .unwrap();
-    let config = CryptoConfig {
-        encrypt: vec![EncryptColumn {
-            table: "t".into(),
-            column: "c".into(),
-            key: harness::unique_name("stall"),
-            ty: ClientType::Text,
-            searchable: false,
-            context_claim: None,
-            bind_primary_key: false,
-        }],
-        ..config
-    };
-    let store: Arc<dyn WrappedKeyStore> = Arc::new(MemoryKeyStore::default());
-    let m = KeyManager::from_config(&config, Some(store)).unwrap();
+    let m = polled_manager(&bao, &token_file, "stall");
     let scope = KeyScope::default();
     let ct = m.encrypt("t", "c", &scope, b"v").await.unwrap();
     std::fs::remove_file(&token_file).unwrap();
