@@ -17,7 +17,8 @@
 //! * **Reads** — a column selected as is (`SELECT col`, `SELECT col AS x`, `*`, `RETURNING
 //!   col`) in a result the relay sees it in (the statement's own, through derived tables,
 //!   CTEs and parentheses: see `outputs`) is left alone: the relay decrypts it by its
-//!   RowDescription origin.
+//!   RowDescription origin. A cursor's query (`DECLARE … CURSOR FOR`) is transformed as the
+//!   same SELECT: its FETCH answers carry the same origins.
 //! * Everything else that mentions an encrypted column would compute on ciphertext or hand it
 //!   over undecrypted (ORDER BY and GROUP BY, also by position or output name, DISTINCT,
 //!   ranges, LIKE, functions, casts, joins of different columns, set operations, subqueries
@@ -171,36 +172,84 @@ impl SqlEncryption {
         let mut outcome = Outcome::default();
         let mut params = Params::default();
         for st in statements.iter_mut() {
-            refuse_writes_through_views(st, catalog)?;
-            let mut t = Transform {
-                enc: self,
-                catalog,
-                aliases: HashMap::new(),
-                tables: Vec::new(),
-                derived: HashMap::new(),
-                output_columns: HashMap::new(),
-                params: &mut params,
-                literals: false,
-                scope,
+            let accessed = match cursor_query(st) {
+                // A cursor's rows are its query's: FETCH answers carry the same column
+                // origins, which the relay decrypts by, so the query gets the transform a
+                // SELECT gets (searches, row keys, refusals) and the cursor keeps it.
+                Some(slot) => match slot.take() {
+                    Some(query) => {
+                        let mut inner = Statement::Query(query);
+                        let accessed = self.transform_one(
+                            &mut inner,
+                            catalog,
+                            scope,
+                            &mut params,
+                            &mut outcome,
+                        );
+                        if let Statement::Query(transformed) = inner {
+                            *slot = Some(transformed);
+                        }
+                        accessed?
+                    }
+                    None => Vec::new(),
+                },
+                None => self.transform_one(st, catalog, scope, &mut params, &mut outcome)?,
             };
-            if !t.collect_tables(st) {
-                outcome.accessed.push(Vec::new());
-                continue;
-            }
-            outcome.touched = true;
-            t.collect_derived(st)?;
-            outcome.accessed.push(t.accessed_columns(st));
-            // Schema changes may name blind indexes (`CREATE UNIQUE INDEX … (email_bidx)`).
-            if crate::sql::StatementKind::of(st) != crate::sql::StatementKind::Ddl {
-                t.refuse_blind_index_names(st)?;
-            }
-            t.statement(st)?;
-            t.add_row_keys(st)?;
-            outcome.encrypted_literals |= t.literals;
+            outcome.accessed.push(accessed);
         }
         outcome.params = params.plan()?;
         Ok(outcome)
     }
+
+    /// One statement's transform, in place; returns the encrypted columns it accesses.
+    fn transform_one(
+        &self,
+        st: &mut Statement,
+        catalog: Option<&Catalog>,
+        scope: &KeyScope,
+        params: &mut Params,
+        outcome: &mut Outcome,
+    ) -> Result<Vec<String>, Refused> {
+        refuse_writes_through_views(st, catalog)?;
+        let mut t = Transform {
+            enc: self,
+            catalog,
+            aliases: HashMap::new(),
+            tables: Vec::new(),
+            derived: HashMap::new(),
+            output_columns: HashMap::new(),
+            params,
+            literals: false,
+            scope,
+        };
+        if !t.collect_tables(st) {
+            return Ok(Vec::new());
+        }
+        outcome.touched = true;
+        t.collect_derived(st)?;
+        let accessed = t.accessed_columns(st);
+        // Schema changes may name blind indexes (`CREATE UNIQUE INDEX … (email_bidx)`).
+        if crate::sql::StatementKind::of(st) != crate::sql::StatementKind::Ddl {
+            t.refuse_blind_index_names(st)?;
+        }
+        t.statement(st)?;
+        t.add_row_keys(st)?;
+        outcome.encrypted_literals |= t.literals;
+        Ok(accessed)
+    }
+}
+
+/// The query of `DECLARE name CURSOR FOR query` (PostgreSQL declares one cursor per
+/// statement; anything else sqlparser reads as a DECLARE is left to the general rules).
+fn cursor_query(st: &mut Statement) -> Option<&mut Option<Box<Query>>> {
+    let Statement::Declare { stmts, .. } = st else {
+        return None;
+    };
+    let [declare] = stmts.as_mut_slice() else {
+        return None;
+    };
+    let is_cursor = declare.declare_type == Some(sqlparser::ast::DeclareType::Cursor);
+    (is_cursor && declare.for_query.is_some()).then_some(&mut declare.for_query)
 }
 
 /// Writes into a view (or a foreign or other non-plain relation) are refused while field

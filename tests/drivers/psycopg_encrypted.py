@@ -62,7 +62,32 @@ def main():
             check("vault_items.c_text" in str(e), f"refusal names the column: {e}")
         cur.execute("select 1")
         check(cur.fetchone() == (1,), "session usable after a refusal")
+    server_side_cursors(dsn, row)
     print("all checks passed")
+
+
+def server_side_cursors(dsn, row):
+    """Named cursors (DECLARE … FETCH in chunks of itersize, as Django's iterator() and
+    SQLAlchemy's stream_results use them): decrypted rows, searches by blind index."""
+    with psycopg.connect(dsn) as conn:
+        for binary in (False, True):
+            with conn.cursor(name=f"vault cursor {binary}", binary=binary) as cur:
+                cur.itersize = 1
+                cur.execute(f"select {COLUMNS} from vault_items where id in (%s, %s) order by id", (1000, 1001))
+                check(cur.description[0].type_code == 25, f"described as text: {cur.description}")
+                got = list(cur)
+                check(got == [row, (None,) * 10], f"server-side cursor (binary={binary}): {got!r}")
+            with conn.cursor(name=f"vault search {binary}", binary=binary) as cur:
+                cur.execute("select id, c_text from vault_items where c_text = %s", ("psycopg-secret ✓",))
+                check(cur.fetchall() == [(1000, "psycopg-secret ✓")], "search through a server-side cursor")
+        with conn.cursor(name="vault computed") as cur:
+            try:
+                cur.execute("select length(c_text) from vault_items")
+                cur.fetchall()
+                check(False, "a computation on ciphertext through a cursor was not refused")
+            except psycopg.errors.FeatureNotSupported as e:
+                check("vault_items.c_text" in str(e), f"refusal names the column: {e}")
+        conn.rollback()
 
 
 if __name__ == "__main__":

@@ -1293,6 +1293,19 @@ async fn demo_schema_encrypted_behind_the_demo_policies() {
         .await
         .unwrap();
     assert_eq!(r.get::<_, String>(0), "999-99-9999");
+    // Through a cursor (a server-side cursor's DECLARE and FETCH): searched by blind index,
+    // inside the tenant filter, and ssn — sealed to its row's key — decrypted from FETCH.
+    billing.batch_execute("BEGIN").await.unwrap();
+    billing
+        .batch_execute(
+            "DECLARE c CURSOR FOR SELECT name, ssn FROM customers WHERE email IN ('new@tenant1.example', 'customer2@tenant2.example')",
+        )
+        .await
+        .unwrap();
+    let fetched = simple_rows(&billing, "FETCH ALL FROM c").await;
+    let expected = vec![Some("New".to_string()), Some("999-99-9999".to_string())];
+    assert_eq!(fetched, vec![expected]);
+    billing.batch_execute("COMMIT").await.unwrap();
 
     // support: ssn and card_number hidden, and so are their blind indexes.
     let support = connect("support").await;

@@ -506,3 +506,37 @@ async fn a_three_part_name_is_the_table_it_names() {
         "a computation on it is refused as on customers"
     );
 }
+
+#[tokio::test]
+async fn a_cursors_query_gets_the_transform_a_select_gets() {
+    let e = enc().await;
+    // A search through a cursor compares blind indexes, as the SELECT would.
+    let (sql, out) = run(
+        &e,
+        "DECLARE c CURSOR WITH HOLD FOR SELECT id, email FROM customers WHERE email = 'ann@x.example'",
+    )
+    .unwrap();
+    assert!(out.touched, "{sql}");
+    assert!(!sql.contains("ann@x"), "no plaintext upstream: {sql}");
+    assert!(
+        sql.starts_with("DECLARE c CURSOR WITH HOLD FOR SELECT id, email FROM customers WHERE email_bidx = E'\\\\x"),
+        "{sql}"
+    );
+    assert_eq!(out.accessed, vec![vec!["customers.email".to_string()]]);
+    // A parameter searched through a cursor (psycopg's server-side cursors) is planned.
+    let (sql, out) = run(
+        &e,
+        "DECLARE c CURSOR FOR SELECT email FROM customers WHERE email = $1",
+    )
+    .unwrap();
+    assert!(sql.contains("email_bidx IN (CAST($1 AS BYTEA)"), "{sql}");
+    assert!(out.params.is_some(), "{sql}");
+    // Computations on ciphertext are refused in a cursor as in a SELECT.
+    for refused in [
+        "DECLARE c CURSOR FOR SELECT length(email) FROM customers",
+        "DECLARE c BINARY CURSOR FOR SELECT id FROM customers ORDER BY ssn",
+        "DECLARE c CURSOR FOR SELECT email_bidx FROM customers",
+    ] {
+        assert!(run(&e, refused).is_err(), "{refused}");
+    }
+}
