@@ -195,7 +195,7 @@ pub const SAFE_FUNCTIONS: &[&str] = &[
     "format_type",
     "pg_get_expr",
     "pg_get_userbyid",
-    // psycopg's TypeInfo.fetch; resolves a type name like a cast to regtype does
+    // psycopg's TypeInfo.fetch; answers for visible types only (guarded like a regtype cast)
     "to_regtype",
     // psql's `\d` footers; their arguments come from the filtered catalog stand-ins
     "pg_get_triggerdef",

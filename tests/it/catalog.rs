@@ -239,6 +239,50 @@ async fn information_schema_and_pg_catalog_hide_what_the_policy_hides() {
         Some("customers")
     );
     assert_eq!(row.get::<_, Option<String>>(1), None);
+    // So do regtype, to_regtype and pg_type: a hidden table's row type, and the array of it,
+    // would name the table.
+    let row = support
+        .query_one(
+            "SELECT 'customers'::regtype::text, 'tenants'::regtype::text, \
+             to_regtype('customers')::text, to_regtype('tenants')::text, to_regtype('_tenants')::text, \
+             'int4'::regtype::text, '23'::regtype::text, 'text[]'::regtype::text",
+            &[],
+        )
+        .await
+        .expect("guarded regtype");
+    let answers: Vec<Option<String>> = (0..8).map(|i| row.get(i)).collect();
+    let expected = [
+        Some("customers"),
+        None,
+        Some("customers"),
+        None,
+        None,
+        Some("integer"),
+        Some("integer"),
+        Some("text[]"),
+    ];
+    assert_eq!(answers, expected.map(|a| a.map(str::to_string)));
+    let tenant_types: i64 = support
+        .query_one(
+            "SELECT count(*) FROM pg_type WHERE typname IN ('tenants', '_tenants')",
+            &[],
+        )
+        .await
+        .expect("pg_type")
+        .get(0);
+    assert_eq!(tenant_types, 0, "hidden row types listed in pg_type");
+    let own_types: i64 = support
+        .query_one(
+            "SELECT count(*) FROM pg_type WHERE typname IN ('customers', '_customers', 'int4', '_int4')",
+            &[],
+        )
+        .await
+        .expect("pg_type")
+        .get(0);
+    assert_eq!(
+        own_types, 4,
+        "the service's own row types and built-ins stay listed"
+    );
     // Catalog helpers describe only what the policy shows: probing another table's index
     // (on tenants, outside support's policy) by OID yields NULL.
     let direct = crate::policy_proxy::direct(&database).await;

@@ -377,6 +377,17 @@ fn is_regclass(dt: &DataType) -> bool {
     }
 }
 
+/// `regtype` or `pg_catalog.regtype`, as sqlparser spells it.
+fn is_regtype(dt: &DataType) -> bool {
+    match dt {
+        DataType::Custom(name, mods) if mods.is_empty() => {
+            matches!(object_name_parts(name).as_deref(), Some([n]) if n == "regtype")
+                || matches!(object_name_parts(name).as_deref(), Some([s, n]) if s == "pg_catalog" && n == "regtype")
+        }
+        _ => false,
+    }
+}
+
 struct ExprChecker<'r, 'a> {
     rw: &'r mut Rewriter<'a>,
     scope: &'r mut Vec<String>,
@@ -427,11 +438,17 @@ impl VisitorMut for ExprChecker<'_, '_> {
             ..
         } = e
         {
-            if is_regclass(data_type) {
-                match self.rw.guarded_regclass(expr) {
-                    Ok(guarded) => *e = Expr::Nested(Box::new(guarded)),
-                    Err(err) => return ControlFlow::Break(err),
-                }
+            let guarded = if is_regclass(data_type) {
+                Some(self.rw.guarded_regclass(expr))
+            } else if is_regtype(data_type) {
+                Some(self.rw.guarded_regtype(expr))
+            } else {
+                None
+            };
+            match guarded {
+                Some(Ok(guarded)) => *e = Expr::Nested(Box::new(guarded)),
+                Some(Err(err)) => return ControlFlow::Break(err),
+                None => {}
             }
         } else if let Expr::Function(f) = e {
             if let Err(err) = self.rw.guard_catalog_helper(f) {

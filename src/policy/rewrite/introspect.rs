@@ -180,9 +180,8 @@ impl<'a> Rewriter<'a> {
                  AND pgward_a.attnum = objsubid \
                  AND (pgward_a.attrelid, pgward_a.attname::text) IN ({pairs}))))"
             ),
-            ("pg_catalog", "pg_type") => {
-                format!("typrelid = 0 OR typrelid IN ({oids}) OR typrelid IN {system_rel}")
-            }
+            // `pg_type.`: the stand-in reads the table unaliased.
+            ("pg_catalog", "pg_type") => self.type_visible("pg_type."),
             ("pg_catalog", n) if EMPTY.contains(&n) => "false".into(),
             ("information_schema", "tables") => format!(
                 "table_schema::text IN ('pg_catalog', 'information_schema') \
@@ -244,6 +243,48 @@ impl<'a> Rewriter<'a> {
             .map_err(|e| self.refuse(format!("(internal: catalog stand-in did not parse: {e})")))
     }
 
+    /// Whether the `pg_type` row `t` (a qualifier ending in a dot) is about what the service
+    /// may see: a type of no relation, of a visible or system relation, or an array of such
+    /// a type — the array of a hidden table's row type (`_tenants`) names that table.
+    fn type_visible(&self, t: &str) -> String {
+        let oids = self.visible_oids();
+        let sys = SYSTEM_NAMESPACES;
+        let relation_visible = |r: &str| {
+            format!(
+                "({r}typrelid = 0 OR {r}typrelid IN ({oids}) OR {r}typrelid IN \
+                 (SELECT pgward_c.oid FROM pg_catalog.pg_class AS pgward_c WHERE pgward_c.relnamespace IN {sys}))"
+            )
+        };
+        format!(
+            "{} AND ({t}typelem = 0 OR EXISTS (SELECT 1 FROM pg_catalog.pg_type AS pgward_e \
+             WHERE pgward_e.oid = {t}typelem AND {}))",
+            relation_visible(t),
+            relation_visible("pgward_e.")
+        )
+    }
+
+    /// The OIDs of the types the service may see (SQL subquery).
+    fn visible_types(&self) -> String {
+        format!(
+            "SELECT pgward_t.oid FROM pg_catalog.pg_type AS pgward_t WHERE {}",
+            self.type_visible("pgward_t.")
+        )
+    }
+
+    /// `X::regtype` names a type by OID or name: answered only for the types the service may
+    /// see (NULL otherwise), so no cast reveals a hidden table through its row type.
+    pub(super) fn guarded_regtype(&self, operand: &Expr) -> R<Expr> {
+        let types = self.visible_types();
+        let x = format!("CAST(({operand}) AS text)");
+        let text = format!(
+            "CASE WHEN {x} ~ '^[0-9]+$' THEN CASE WHEN CAST({x} AS oid) IN ({types}) \
+             THEN CAST(CAST({x} AS oid) AS regtype) END \
+             ELSE CASE WHEN CAST(to_regtype({x}) AS oid) IN ({types}) THEN to_regtype({x}) END END"
+        );
+        parse_expr(&text)
+            .map_err(|e| self.refuse(format!("(internal: regtype guard did not parse: {e})")))
+    }
+
     /// `X::regclass` names a relation by OID or name: answered only for the service's own
     /// tables (NULL otherwise), so no cast reveals a relation outside its policy.
     pub(super) fn guarded_regclass(&self, operand: &Expr) -> R<Expr> {
@@ -298,8 +339,10 @@ impl<'a> Rewriter<'a> {
             [s, n] if s == "pg_catalog" => n.as_str(),
             _ => return Ok(()),
         };
-        let by_name = name == "pg_get_serial_sequence";
-        let allowed = if by_name {
+        let by_name = matches!(name, "pg_get_serial_sequence" | "to_regtype");
+        let allowed = if name == "to_regtype" {
+            self.visible_types()
+        } else if by_name {
             self.visible_oids()
         } else {
             match self.oid_guard(name) {
@@ -313,10 +356,15 @@ impl<'a> Rewriter<'a> {
         let Some(FunctionArg::Unnamed(FunctionArgExpr::Expr(first))) = list.args.first_mut() else {
             return Err(self.refuse(format!("{name} with these arguments")));
         };
-        // pg_get_serial_sequence takes the table by name: resolved the way the server will.
+        // pg_get_serial_sequence and to_regtype take a name: resolved the way the server will.
         let text = if by_name {
+            let resolve = if name == "to_regtype" {
+                "to_regtype"
+            } else {
+                "to_regclass"
+            };
             format!(
-                "CASE WHEN CAST(to_regclass(CAST(({first}) AS text)) AS oid) IN ({allowed}) \
+                "CASE WHEN CAST({resolve}(CAST(({first}) AS text)) AS oid) IN ({allowed}) \
                  THEN CAST(({first}) AS text) END"
             )
         } else {
