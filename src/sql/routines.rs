@@ -75,13 +75,13 @@ const UNSAFE_ARG_TYPES: &[&str] = &[
     "tsm_handler",
 ];
 
-/// OID-alias types a cast may still name: their input resolves type, function or text-search
-/// configuration or schema names only (drivers use `'…'::regtype` and `'pg_catalog.array_in'::regproc`).
 /// The types (and their arrays) a policy-bound service may not declare a parameter as: those
 /// whose input resolves a name the policy may hide — a relation, a role, an operator, a
-/// collation: a parameter declared as one answers the name's existence and OID, whatever the
-/// statement's text says — and the transaction counter's (`age($1)` with `$1` an `xid`).
-pub const REFUSED_PARAMETER_TYPE_OIDS: [(u32, &str); 14] = [
+/// collation, a type (a table's row type): a parameter declared as one answers the name's
+/// existence and OID, whatever the statement's text says — and the transaction counter's
+/// (`age($1)` with `$1` an `xid`). In the statement's text, a cast to `regclass` or `regtype`
+/// is answered through the rewriter's guards instead (drivers use `'…'::regtype`).
+pub const REFUSED_PARAMETER_TYPE_OIDS: [(u32, &str); 16] = [
     (28, "xid"),
     (1011, "xid[]"),
     (5069, "xid8"),
@@ -96,6 +96,8 @@ pub const REFUSED_PARAMETER_TYPE_OIDS: [(u32, &str); 14] = [
     (2208, "regoperator[]"),
     (4191, "regcollation"),
     (4192, "regcollation[]"),
+    (2206, "regtype"),
+    (2211, "regtype[]"),
 ];
 
 const SAFE_REG_TYPES: &[&str] = &[

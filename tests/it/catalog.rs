@@ -283,6 +283,25 @@ async fn information_schema_and_pg_catalog_hide_what_the_policy_hides() {
         own_types, 4,
         "the service's own row types and built-ins stay listed"
     );
+    // By OID too: format_type and pg_type_is_visible name or confirm only visible types.
+    let direct_db = crate::policy_proxy::direct(&database).await;
+    let hidden: u32 = direct_db
+        .query_one("SELECT '_tenants'::regtype::oid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let row = support
+        .query_one(
+            &format!(
+                "SELECT format_type({hidden}, NULL), pg_type_is_visible({hidden}), format_type(23, NULL)"
+            ),
+            &[],
+        )
+        .await
+        .expect("guarded format_type");
+    assert_eq!(row.get::<_, Option<String>>(0), None);
+    assert_eq!(row.get::<_, Option<bool>>(1), None);
+    assert_eq!(row.get::<_, Option<String>>(2).as_deref(), Some("integer"));
     // Catalog helpers describe only what the policy shows: probing another table's index
     // (on tenants, outside support's policy) by OID yields NULL.
     let direct = crate::policy_proxy::direct(&database).await;
@@ -490,7 +509,12 @@ async fn a_parameter_declared_as_a_name_resolving_type_is_refused() {
             msg::sync(),
         ])
     };
-    for (oid, name) in [(2205u32, "regclass"), (4096, "regrole"), (28, "xid")] {
+    for (oid, name) in [
+        (2205u32, "regclass"),
+        (4096, "regrole"),
+        (2206, "regtype"),
+        (28, "xid"),
+    ] {
         raw.send(&declared(oid)).await;
         let replies = raw.until_ready(1).await;
         let errors = harness::error_texts(&replies);

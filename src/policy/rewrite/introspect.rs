@@ -316,6 +316,8 @@ impl<'a> Rewriter<'a> {
                 "SELECT oid FROM pg_catalog.pg_constraint WHERE {}",
                 self.visible_constraint_condition()
             )),
+            // a hidden table's row type (or its array) would be named by its OID
+            "format_type" | "pg_type_is_visible" => Some(self.visible_types()),
             // triggers and extended statistics are answered empty
             "pg_get_triggerdef" | "pg_get_statisticsobjdef_columns" => Some("SELECT 0".into()),
             "pg_partition_ancestors"
