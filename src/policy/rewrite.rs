@@ -47,6 +47,7 @@ mod explain;
 mod exprs;
 mod introspect;
 mod read;
+mod references;
 mod write;
 
 /// Everything one rewrite needs.

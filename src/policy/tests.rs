@@ -43,19 +43,22 @@ pub(crate) fn demo_catalog() -> Catalog {
                 ("created_at", "timestamp with time zone"),
             ],
         ),
-        table(
-            "public",
-            "invoices",
-            &[
-                ("id", "bigint"),
-                ("tenant_id", "bigint"),
-                ("customer_id", "bigint"),
-                ("amount_cents", "bigint"),
-                ("card_number", "text"),
-                ("status", "text"),
-                ("issued_at", "date"),
-            ],
-        ),
+        TableInfo {
+            oid: INVOICES_OID,
+            ..table(
+                "public",
+                "invoices",
+                &[
+                    ("id", "bigint"),
+                    ("tenant_id", "bigint"),
+                    ("customer_id", "bigint"),
+                    ("amount_cents", "bigint"),
+                    ("card_number", "text"),
+                    ("status", "text"),
+                    ("issued_at", "date"),
+                ],
+            )
+        },
         table("public", "secrets", &[("id", "bigint"), ("value", "text")]),
         table(
             "pg_catalog",
@@ -78,6 +81,19 @@ pub(crate) fn demo_catalog() -> Catalog {
             &[("oid", "oid"), ("nspname", "name")],
         ),
     ])
+    .with_foreign_key(INVOICES_OID, reference("tenant_id", "tenants"))
+    .with_foreign_key(INVOICES_OID, reference("customer_id", "customers"))
+}
+
+const INVOICES_OID: u32 = 200;
+
+/// `column` references `table (id)`.
+fn reference(column: &str, table: &str) -> crate::sql::ForeignKey {
+    crate::sql::ForeignKey {
+        columns: vec![column.into()],
+        referenced: ("public".into(), table.into()),
+        referenced_columns: vec!["id".into()],
+    }
 }
 
 pub(crate) fn engine() -> PolicyEngine {
@@ -1340,4 +1356,39 @@ fn a_policy_entry_that_is_not_a_regular_file_fails_the_load_rather_than_going_mi
     // The reload failed as a whole: billing keeps its policy.
     let mut memo = SessionMemo::default();
     session_rewrite(&e, &mut memo, 1, "SELECT id FROM invoices").unwrap();
+}
+
+#[test]
+fn a_written_reference_must_name_a_row_the_service_can_see() {
+    // customer_id is checked against billing's own customers; tenant_id, a preset, is not.
+    let out = ok(
+        "billing",
+        "INSERT INTO invoices (customer_id, amount_cents) VALUES ($1, 5)",
+    );
+    assert!(
+        out.contains("CAST((CAST(pgward_v.\"customer_id\" AS BIGINT)) AS BIGINT) IS NULL OR EXISTS (SELECT 1 FROM (SELECT "),
+        "{out}"
+    );
+    assert!(
+        out.contains("FROM \"public\".\"customers\" WHERE ((\"tenant_id\") = (1)) OFFSET 0) AS pgward_ref WHERE pgward_ref.\"id\" = "),
+        "{out}"
+    );
+    assert!(
+        !out.contains("\"tenants\""),
+        "the preset's reference is not checked: {out}"
+    );
+    let out = ok(
+        "billing",
+        "UPDATE invoices SET customer_id = $1 WHERE id = 2",
+    );
+    assert!(
+        out.contains("pgward_ref.\"id\" = CAST((($1)) AS BIGINT)"),
+        "{out}"
+    );
+    // Not written: not checked.
+    let out = ok(
+        "billing",
+        "UPDATE invoices SET status = 'paid' WHERE id = 2",
+    );
+    assert!(!out.contains("pgward_ref"), "{out}");
 }

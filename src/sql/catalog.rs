@@ -72,10 +72,23 @@ impl TableInfo {
     }
 }
 
+/// A foreign key: `columns` of a table reference `referenced_columns` of `referenced`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForeignKey {
+    /// The referencing columns, in key order.
+    pub columns: Vec<String>,
+    /// The referenced relation's (schema, name).
+    pub referenced: (String, String),
+    /// The referenced columns, in the same order.
+    pub referenced_columns: Vec<String>,
+}
+
 /// The relations of the upstream database, keyed by (schema, name).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
     tables: HashMap<(String, String), TableInfo>,
+    /// Foreign keys by the OID of the referencing relation.
+    foreign_keys: HashMap<u32, Vec<ForeignKey>>,
     /// `pg_catalog` functions, operators and types classified safe (`sql::routines`).
     routines: Routines,
 }
@@ -99,6 +112,21 @@ JOIN pg_catalog.pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY (k.
 WHERE k.contype = 'p'
 ORDER BY k.conrelid, array_position(k.conkey, a.attnum)";
 
+/// Every foreign key's columns and referenced columns, in key order.
+const FOREIGN_KEYS_SQL: &str = "
+SELECT k.conrelid, rn.nspname::text, r.relname::text,
+       ARRAY(SELECT a.attname::text FROM unnest(k.conkey) WITH ORDINALITY AS u(n, i)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n
+             ORDER BY u.i),
+       ARRAY(SELECT a.attname::text FROM unnest(k.confkey) WITH ORDINALITY AS u(n, i)
+             JOIN pg_catalog.pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n
+             ORDER BY u.i)
+FROM pg_catalog.pg_constraint k
+JOIN pg_catalog.pg_class r ON r.oid = k.confrelid
+JOIN pg_catalog.pg_namespace rn ON rn.oid = r.relnamespace
+WHERE k.contype = 'f'
+ORDER BY k.conrelid, k.conname";
+
 impl Catalog {
     /// Builds a catalog from known relations (tests, tools).
     pub fn from_tables(tables: Vec<TableInfo>) -> Self {
@@ -108,8 +136,20 @@ impl Catalog {
             .collect();
         Catalog {
             tables,
+            foreign_keys: HashMap::new(),
             routines: Routines::default(),
         }
+    }
+
+    /// The same relations with a foreign key of `table` (tests, tools).
+    pub fn with_foreign_key(mut self, table: u32, key: ForeignKey) -> Self {
+        self.foreign_keys.entry(table).or_default().push(key);
+        self
+    }
+
+    /// The foreign keys of `table` (empty: none, or a catalog built without them).
+    pub fn foreign_keys(&self, table: &TableInfo) -> &[ForeignKey] {
+        self.foreign_keys.get(&table.oid).map_or(&[], Vec::as_slice)
     }
 
     /// The same relations with classified routines (tests, tools).
@@ -128,8 +168,27 @@ impl Catalog {
     /// classifies the built-in routines.
     pub async fn load(client: &tokio_postgres::Client) -> Result<Self, CatalogError> {
         let tables = Self::load_tables(client).await?;
+        let foreign_keys = Self::load_foreign_keys(client).await?;
         let routines = routines::load(client).await?;
-        Ok(Catalog { tables, routines })
+        Ok(Catalog {
+            tables,
+            foreign_keys,
+            routines,
+        })
+    }
+
+    async fn load_foreign_keys(
+        client: &tokio_postgres::Client,
+    ) -> Result<HashMap<u32, Vec<ForeignKey>>, CatalogError> {
+        let mut keys: HashMap<u32, Vec<ForeignKey>> = HashMap::new();
+        for row in client.query(FOREIGN_KEYS_SQL, &[]).await? {
+            keys.entry(row.try_get(0)?).or_default().push(ForeignKey {
+                referenced: (row.try_get(1)?, row.try_get(2)?),
+                columns: row.try_get(3)?,
+                referenced_columns: row.try_get(4)?,
+            });
+        }
+        Ok(keys)
     }
 
     async fn load_tables(
@@ -184,6 +243,7 @@ impl Catalog {
     pub async fn refresh(&self, client: &tokio_postgres::Client) -> Result<Self, CatalogError> {
         Ok(Catalog {
             tables: Self::load_tables(client).await?,
+            foreign_keys: Self::load_foreign_keys(client).await?,
             routines: self.routines.clone(),
         })
     }

@@ -19,5 +19,5 @@ pub mod settings;
 pub mod stage;
 pub mod unsupported;
 
-pub use catalog::{Catalog, CatalogError, ColumnInfo, RelKind, TableInfo};
+pub use catalog::{Catalog, CatalogError, ColumnInfo, ForeignKey, RelKind, TableInfo};
 pub use kind::{CommandClass, NameKind, SessionName, StatementKind};

@@ -357,6 +357,92 @@ async fn writes_stay_inside_the_tenant() {
 }
 
 #[tokio::test]
+async fn a_reference_names_only_a_row_the_service_can_see() {
+    let (proxy, database) = policy_proxy(&demo_policies(), "").await;
+    let billing = connect_as(&proxy, "billing", &database, 1).await;
+    let db = direct(&database).await;
+    let customer_of = |tenant: i64| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT min(id) FROM customers WHERE tenant_id = $1",
+                &[&tenant],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    let (own, other) = (customer_of(1).await, customer_of(2).await);
+    let missing = 1_000_000i64;
+    let lock_holder = direct(&database).await;
+    // Another tenant's customer and one that does not exist get the same refusal: no answer
+    // tells whether the hidden row exists, and no foreign-key check locks it.
+    for id in [other, missing] {
+        let err = billing
+            .query(
+                "INSERT INTO invoices (customer_id, amount_cents, status) VALUES ($1, 1, 'open')",
+                &[&id],
+            )
+            .await
+            .unwrap_err();
+        assert_refused(&err, "a reference must name a row of customers it can see");
+        let err = billing
+            .simple_query(&format!(
+                "UPDATE invoices SET customer_id = {id} WHERE customer_id = {own}"
+            ))
+            .await
+            .unwrap_err();
+        assert_refused(&err, "invoices.(customer_id)");
+        let err = billing
+            .simple_query(&format!(
+                "INSERT INTO invoices (id, customer_id, amount_cents, status) VALUES (1, {own}, 1, 'open') \
+                 ON CONFLICT (id) DO UPDATE SET customer_id = {id}"
+            ))
+            .await
+            .unwrap_err();
+        assert_refused(&err, "customers it can see");
+    }
+    // The other tenant's row was never locked: it can be changed at once.
+    lock_holder
+        .batch_execute("SET lock_timeout = '1s'")
+        .await
+        .unwrap();
+    lock_holder
+        .execute("UPDATE customers SET id = id WHERE id = $1", &[&other])
+        .await
+        .unwrap();
+    // Its own customers, and no customer at all, are references it may write.
+    billing
+        .execute(
+            "INSERT INTO invoices (customer_id, amount_cents, status) VALUES ($1, 2, 'open'), (NULL, 3, 'open')",
+            &[&own],
+        )
+        .await
+        .unwrap();
+    let n = billing
+        .execute(
+            "UPDATE invoices SET customer_id = $1 WHERE amount_cents = 3",
+            &[&own],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let crossed: i64 = db
+        .query_one(
+            "SELECT count(*) FROM invoices i JOIN customers c ON c.id = i.customer_id WHERE i.tenant_id <> c.tenant_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        crossed, 0,
+        "an invoice references another tenant's customer"
+    );
+}
+
+#[tokio::test]
 async fn refusals_keep_their_place_in_transactions_and_pipelines() {
     let (proxy, database) = policy_proxy(&demo_policies(), "").await;
     let support = connect_as(&proxy, "support", &database, 1).await;

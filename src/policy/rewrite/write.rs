@@ -269,6 +269,15 @@ impl<'a> Rewriter<'a> {
             }
             None => None,
         };
+        let references = self.reference_checks(&tp, &|c| set_map.contains_key(c), &|c| {
+            Some(
+                set_map
+                    .get(c)
+                    .cloned()
+                    .unwrap_or_else(|| format!("{rel}.{}", quote_ident(c))),
+            )
+        })?;
+        let check = both(check, references);
         let target = (&tp, rel.as_str(), rel_norm.as_str());
         self.guard_target_rows(&mut u.selection, target, !has_from, filter, check)
     }
@@ -498,6 +507,17 @@ impl<'a> Rewriter<'a> {
                 self.assert_sql(&cond?, &self.write_message("insert this row into", &tp))
             ));
         }
+        let references = self.reference_checks(&tp, &|c| cols.iter().any(|x| x == c), &|c| {
+            value_of.get(c).cloned()
+        })?;
+        if let Some(references) = references {
+            let joiner = if tp.check.is_some() {
+                " AND "
+            } else {
+                " WHERE "
+            };
+            text.push_str(&format!("{joiner}{references}"));
+        }
         i.source = Some(parse_query(&text).map_err(|e| self.refuse(format!("(internal: {e})")))?);
         i.columns = out_cols
             .iter()
@@ -542,6 +562,16 @@ impl<'a> Rewriter<'a> {
                             }
                             None => None,
                         };
+                    let references =
+                        self.reference_checks(&tp, &|c| set_map.contains_key(c), &|c| {
+                            Some(
+                                set_map
+                                    .get(c)
+                                    .cloned()
+                                    .unwrap_or_else(|| format!("{rel}.{}", quote_ident(c))),
+                            )
+                        })?;
+                    let check = both(check, references);
                     let body = self.guarded_where(
                         None,
                         Vec::new(),
@@ -642,6 +672,18 @@ impl<'a> Rewriter<'a> {
         for c in &cols {
             self.writable_column(&tp, c)?;
         }
+        // COPY's WHERE runs per row without subqueries: no reference can be checked there.
+        if let Some(key) = self.reference_written(&tp, &|c| cols.iter().any(|x| x == c)) {
+            return Err(self.deny(
+                format!(
+                    "may not COPY into {}.({}): it references {}, and COPY cannot check that each row names one it can see (use INSERT)",
+                    tp.info.name,
+                    key.columns.join(", "),
+                    key.referenced.1
+                ),
+                Some(&tp.table_rule),
+            ));
+        }
         self.note_columns_written(&tp.info, &cols);
         let mut text = st.to_string();
         if !crate::sql::parse::round_trips(&text) {
@@ -660,5 +702,13 @@ impl<'a> Rewriter<'a> {
         }
         self.note_write(&tp.info);
         Ok(text)
+    }
+}
+
+/// Two optional conditions, both required.
+fn both(a: Option<String>, b: Option<String>) -> Option<String> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(format!("{a} AND {b}")),
+        (a, b) => a.or(b),
     }
 }
