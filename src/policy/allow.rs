@@ -212,6 +212,9 @@ pub const SAFE_FUNCTIONS: &[&str] = &[
     "pg_ts_config_is_visible",
     "pg_get_constraintdef",
     "pg_get_indexdef",
+    // psql's `\df`: a function's signature, as pg_proc's readable columns already tell it
+    "pg_get_function_result",
+    "pg_get_function_arguments",
     "pg_table_is_visible",
     "pg_type_is_visible",
     "pg_function_is_visible",
@@ -407,6 +410,10 @@ pub const CATALOG_RELATIONS: &[(&str, &str, Option<&[&str]>)] = &[
             "attcollation",
             "attislocal",
             "attinhcount",
+            // psql's `\d+`: how a column is stored and its statistics target
+            "attstorage",
+            "attcompression",
+            "attstattarget",
         ]),
     ),
     (
@@ -472,6 +479,7 @@ pub const CATALOG_RELATIONS: &[(&str, &str, Option<&[&str]>)] = &[
     ("pg_catalog", "pg_trigger", None),
     ("pg_catalog", "pg_inherits", None),
     ("pg_catalog", "pg_roles", None),
+    ("pg_catalog", "pg_auth_members", None),
     ("pg_catalog", "pg_rewrite", None),
     ("pg_catalog", "pg_sequence", None),
     ("pg_catalog", "pg_partitioned_table", None),

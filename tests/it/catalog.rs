@@ -160,6 +160,23 @@ async fn psql_describes_only_what_the_policy_shows() {
             psql(proxy_ref, &db, "support", "\\d customers"),
         )
     });
+    // The verbose description, functions and roles work too (psql fails on any refusal).
+    let (d_plus, df, du) = tokio::task::block_in_place(|| {
+        (
+            psql(proxy_ref, &db, "support", "\\d+ customers"),
+            psql(proxy_ref, &db, "support", "\\df"),
+            psql(proxy_ref, &db, "support", "\\du"),
+        )
+    });
+    assert!(
+        d_plus.contains("Storage") && d_plus.contains("email") && !d_plus.contains("ssn"),
+        "{d_plus}"
+    );
+    assert!(df.contains("List of functions"), "{df}");
+    assert!(
+        du.contains("List of roles") && !du.contains("postgres"),
+        "roles are not listed: {du}"
+    );
     for listing in [&dt, &d] {
         assert!(
             listing.contains("customers") && listing.contains("invoices"),

@@ -21,6 +21,7 @@ const EMPTY: &[&str] = &[
     "pg_trigger",
     "pg_inherits",
     "pg_roles",
+    "pg_auth_members",
     "pg_rewrite",
     "pg_sequence",
     "pg_partitioned_table",
