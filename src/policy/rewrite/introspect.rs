@@ -275,29 +275,26 @@ impl<'a> Rewriter<'a> {
     /// `X::regtype` names a type by OID or name: answered only for the types the service may
     /// see (NULL otherwise), so no cast reveals a hidden table through its row type.
     pub(super) fn guarded_regtype(&self, operand: &Expr) -> R<Expr> {
-        let types = self.visible_types();
-        let x = format!("CAST(({operand}) AS text)");
-        let text = format!(
-            "CASE WHEN {x} ~ '^[0-9]+$' THEN CASE WHEN CAST({x} AS oid) IN ({types}) \
-             THEN CAST(CAST({x} AS oid) AS regtype) END \
-             ELSE CASE WHEN CAST(to_regtype({x}) AS oid) IN ({types}) THEN to_regtype({x}) END END"
-        );
-        parse_expr(&text)
-            .map_err(|e| self.refuse(format!("(internal: regtype guard did not parse: {e})")))
+        self.guarded_name_cast(operand, "regtype", &self.visible_types())
     }
 
     /// `X::regclass` names a relation by OID or name: answered only for the service's own
     /// tables (NULL otherwise), so no cast reveals a relation outside its policy.
     pub(super) fn guarded_regclass(&self, operand: &Expr) -> R<Expr> {
-        let oids = self.visible_oids();
+        self.guarded_name_cast(operand, "regclass", &self.visible_oids())
+    }
+
+    /// A cast of `operand` to the OID-alias type `ty` (by OID or by name, as its input reads
+    /// it), answered only when the object is among `allowed` (SQL subquery), NULL otherwise.
+    fn guarded_name_cast(&self, operand: &Expr, ty: &str, allowed: &str) -> R<Expr> {
         let x = format!("CAST(({operand}) AS text)");
         let text = format!(
-            "CASE WHEN {x} ~ '^[0-9]+$' THEN CASE WHEN CAST({x} AS oid) IN ({oids}) \
-             THEN CAST(CAST({x} AS oid) AS regclass) END \
-             ELSE CASE WHEN CAST(to_regclass({x}) AS oid) IN ({oids}) THEN to_regclass({x}) END END"
+            "CASE WHEN {x} ~ '^[0-9]+$' THEN CASE WHEN CAST({x} AS oid) IN ({allowed}) \
+             THEN CAST(CAST({x} AS oid) AS {ty}) END \
+             ELSE CASE WHEN CAST(to_{ty}({x}) AS oid) IN ({allowed}) THEN to_{ty}({x}) END END"
         );
         parse_expr(&text)
-            .map_err(|e| self.refuse(format!("(internal: regclass guard did not parse: {e})")))
+            .map_err(|e| self.refuse(format!("(internal: {ty} guard did not parse: {e})")))
     }
 
     /// For the catalog helpers that take the OID of an object and describe it: the set of

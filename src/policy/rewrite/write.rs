@@ -89,6 +89,34 @@ impl<'a> Rewriter<'a> {
         Ok(map)
     }
 
+    /// What the new row of an UPDATE or ON CONFLICT DO UPDATE must pass — the write check
+    /// and the references it writes — over the old row (`rel`) with the SET values
+    /// (`set_map`) substituted.
+    fn updated_row_checks(
+        &self,
+        tp: &TablePolicy,
+        set_map: &HashMap<String, String>,
+        rel: &str,
+    ) -> R<Option<String>> {
+        let new_value = |col: &str| {
+            Some(
+                set_map
+                    .get(col)
+                    .cloned()
+                    .unwrap_or_else(|| format!("{rel}.{}", quote_ident(col))),
+            )
+        };
+        let check = match &tp.check {
+            Some(c) => {
+                let cond = self.render(c, tp, &new_value)?;
+                Some(self.assert_sql(&cond, &self.write_message("write this row to", tp)))
+            }
+            None => None,
+        };
+        let references = self.reference_checks(tp, &|c| set_map.contains_key(c), &new_value)?;
+        Ok(both(check, references))
+    }
+
     pub(super) fn returning(
         &mut self,
         r: &mut Option<Vec<SelectItem>>,
@@ -255,29 +283,7 @@ impl<'a> Rewriter<'a> {
             .as_ref()
             .map(|f| self.render(f, &tp, &|c| Some(format!("{rel}.{}", quote_ident(c)))))
             .transpose()?;
-        let check = match &tp.check {
-            Some(c) => {
-                let cond = self.render(c, &tp, &|col| {
-                    Some(
-                        set_map
-                            .get(col)
-                            .cloned()
-                            .unwrap_or_else(|| format!("{rel}.{}", quote_ident(col))),
-                    )
-                })?;
-                Some(self.assert_sql(&cond, &self.write_message("write this row to", &tp)))
-            }
-            None => None,
-        };
-        let references = self.reference_checks(&tp, &|c| set_map.contains_key(c), &|c| {
-            Some(
-                set_map
-                    .get(c)
-                    .cloned()
-                    .unwrap_or_else(|| format!("{rel}.{}", quote_ident(c))),
-            )
-        })?;
-        let check = both(check, references);
+        let check = self.updated_row_checks(&tp, &set_map, &rel)?;
         let target = (&tp, rel.as_str(), rel_norm.as_str());
         self.guard_target_rows(&mut u.selection, target, !has_from, filter, check)
     }
@@ -546,32 +552,7 @@ impl<'a> Rewriter<'a> {
                     }
                     let set_map = self.assignments(&tp, &mut du.assignments, scope)?;
                     self.check_node(&mut du.selection, scope)?;
-                    let check =
-                        match &tp.check {
-                            Some(c) => {
-                                let cond =
-                                    self.render(c, &tp, &|col| {
-                                        Some(set_map.get(col).cloned().unwrap_or_else(|| {
-                                            format!("{rel}.{}", quote_ident(col))
-                                        }))
-                                    })?;
-                                Some(self.assert_sql(
-                                    &cond,
-                                    &self.write_message("write this row to", &tp),
-                                ))
-                            }
-                            None => None,
-                        };
-                    let references =
-                        self.reference_checks(&tp, &|c| set_map.contains_key(c), &|c| {
-                            Some(
-                                set_map
-                                    .get(c)
-                                    .cloned()
-                                    .unwrap_or_else(|| format!("{rel}.{}", quote_ident(c))),
-                            )
-                        })?;
-                    let check = both(check, references);
+                    let check = self.updated_row_checks(&tp, &set_map, &rel)?;
                     let body = self.guarded_where(
                         None,
                         Vec::new(),
