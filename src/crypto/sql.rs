@@ -173,32 +173,37 @@ impl SqlEncryption {
         let mut params = Params::default();
         for st in statements.iter_mut() {
             let accessed = match cursor_query(st) {
-                // A cursor's rows are its query's: FETCH answers carry the same column
-                // origins, which the relay decrypts by, so the query gets the transform a
-                // SELECT gets (searches, row keys, refusals) and the cursor keeps it.
-                Some(slot) => match slot.take() {
-                    Some(query) => {
-                        let mut inner = Statement::Query(query);
-                        let accessed = self.transform_one(
-                            &mut inner,
-                            catalog,
-                            scope,
-                            &mut params,
-                            &mut outcome,
-                        );
-                        if let Statement::Query(transformed) = inner {
-                            *slot = Some(transformed);
-                        }
-                        accessed?
-                    }
-                    None => Vec::new(),
-                },
+                Some(query) => {
+                    self.transform_cursor(query, catalog, scope, &mut params, &mut outcome)?
+                }
                 None => self.transform_one(st, catalog, scope, &mut params, &mut outcome)?,
             };
             outcome.accessed.push(accessed);
         }
         outcome.params = params.plan()?;
         Ok(outcome)
+    }
+
+    /// A cursor's rows are its query's: FETCH answers carry the same column origins, which
+    /// the relay decrypts by, so the query gets the transform a SELECT gets (searches, row
+    /// keys, refusals) and the cursor keeps it.
+    fn transform_cursor(
+        &self,
+        query: &mut Option<Box<Query>>,
+        catalog: Option<&Catalog>,
+        scope: &KeyScope,
+        params: &mut Params,
+        outcome: &mut Outcome,
+    ) -> Result<Vec<String>, Refused> {
+        let Some(taken) = query.take() else {
+            return Ok(Vec::new());
+        };
+        let mut inner = Statement::Query(taken);
+        let accessed = self.transform_one(&mut inner, catalog, scope, params, outcome);
+        if let Statement::Query(transformed) = inner {
+            *query = Some(transformed);
+        }
+        accessed
     }
 
     /// One statement's transform, in place; returns the encrypted columns it accesses.

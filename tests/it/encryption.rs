@@ -223,6 +223,19 @@ async fn simple_rows(client: &Client, sql: &str) -> Vec<Vec<Option<String>>> {
         .collect()
 }
 
+/// Asserts that `sql` is refused with `sqlstate` through the simple and the extended
+/// protocol; returns the simple protocol's message.
+async fn refused_in_both_protocols(client: &Client, sql: &str, sqlstate: &str) -> String {
+    let e = client.simple_query(sql).await.unwrap_err();
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+    assert_eq!(db.code().code(), sqlstate, "{sql}: {}", db.message());
+    let message = db.message().to_string();
+    let e = client.query(sql, &[]).await.unwrap_err();
+    let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
+    assert_eq!(db.code().code(), sqlstate, "{sql}: {}", db.message());
+    message
+}
+
 /// What PostgreSQL prints for a sample (the codec's canonical text output).
 fn expected_text(ty: ClientType, text: Option<&str>) -> Option<String> {
     let t = text?;
@@ -798,17 +811,9 @@ async fn blind_index_equality_search_and_refused_computations() {
         "COPY vault_items FROM STDIN",
         "SELECT id FROM vault_items WHERE c_text = c_varchar",
     ] {
-        let e = client.simple_query(sql).await.unwrap_err();
-        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
-        assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
-        assert!(
-            db.message().contains("vault_items"),
-            "{sql}: {}",
-            db.message()
-        );
-        assert!(!db.message().contains("secret-"), "{sql}: {}", db.message());
-        let e = client.query(sql, &[]).await.unwrap_err();
-        assert_eq!(e.as_db_error().unwrap().code().code(), "0A000", "{sql}");
+        let message = refused_in_both_protocols(&client, sql, "0A000").await;
+        assert!(message.contains("vault_items"), "{sql}: {message}");
+        assert!(!message.contains("secret-"), "{sql}: {message}");
     }
     // RETURNING decrypts too (PostgreSQL reports the column's origin).
     let r = client
@@ -1474,14 +1479,9 @@ async fn reads_that_would_return_ciphertext_in_another_form_are_refused() {
             "blind index",
         ),
     ] {
-        let e = billing.simple_query(sql).await.unwrap_err();
-        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
-        assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
-        assert!(db.message().contains(named), "{sql}: {}", db.message());
-        assert!(!leaks(db.message()), "{sql}: {}", db.message());
-        let e = billing.query(sql, &[]).await.unwrap_err();
-        let db = e.as_db_error().unwrap_or_else(|| panic!("{sql}: {e}"));
-        assert_eq!(db.code().code(), "0A000", "{sql}: {}", db.message());
+        let message = refused_in_both_protocols(&billing, sql, "0A000").await;
+        assert!(message.contains(named), "{sql}: {message}");
+        assert!(!leaks(&message), "{sql}: {message}");
     }
 
     // Still served: search and plain selection (decrypted), a qualified column, a whole-row
